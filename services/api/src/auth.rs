@@ -1,0 +1,113 @@
+//! Extractors for the two kinds of caller: producers (API keys) and users (JWTs, from the
+//! `Authorization` header or, for browsers, the `access_token` query parameter).
+
+use crate::error::AppError;
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use herald_auth::{ApiKey, ApiKeys, Scope, UserAuth};
+use herald_protocol::UserId;
+use std::sync::Arc;
+
+/// Verifies both kinds of credentials. Shared by the API and the gateway.
+#[derive(Clone, Debug)]
+pub struct Authenticator {
+    /// Producer keys.
+    pub keys: Arc<ApiKeys>,
+    /// User token verifier.
+    pub users: UserAuth,
+}
+
+/// A caller that presented a valid API key.
+#[derive(Debug, Clone)]
+pub struct Producer(pub ApiKey);
+
+impl Producer {
+    /// Fails with 403 unless the key has `scope`.
+    ///
+    /// # Errors
+    /// 403 naming the missing scope.
+    pub fn require(&self, scope: Scope) -> Result<(), AppError> {
+        if self.0.allows(scope) {
+            Ok(())
+        } else {
+            Err(AppError::forbidden(format!(
+                "this API key lacks the {} scope",
+                scope.as_str()
+            )))
+        }
+    }
+}
+
+/// A caller that presented a valid user token.
+#[derive(Debug, Clone)]
+pub struct User(pub UserId);
+
+/// Something that holds an [`Authenticator`].
+pub trait HasAuth {
+    /// The authenticator.
+    fn authenticator(&self) -> &Authenticator;
+}
+
+impl Authenticator {
+    /// The user a request's credentials name.
+    ///
+    /// # Errors
+    /// 401 when no token is present or it does not verify.
+    pub fn user_from_parts(&self, parts: &Parts) -> Result<UserId, AppError> {
+        let token = header_token(parts)
+            .or_else(|| query_token(parts.uri.query()))
+            .ok_or_else(|| {
+                AppError::unauthorized(
+                    "a user token is required: Authorization: Bearer <jwt> or ?access_token=<jwt>",
+                )
+            })?;
+        self.users
+            .verify(&token)
+            .map_err(|e| AppError::unauthorized(e.to_string()))
+    }
+
+    /// The producer a request's API key names.
+    ///
+    /// # Errors
+    /// 401 when no key is present or it is unknown.
+    pub fn producer_from_parts(&self, parts: &Parts) -> Result<ApiKey, AppError> {
+        let key = header_token(parts)
+            .ok_or_else(|| AppError::unauthorized("an API key is required: Authorization: Bearer <key>"))?;
+        self.keys
+            .verify(&key)
+            .cloned()
+            .ok_or_else(|| AppError::unauthorized("unknown API key"))
+    }
+}
+
+fn header_token(parts: &Parts) -> Option<String> {
+    let value = parts.headers.get(axum::http::header::AUTHORIZATION)?;
+    herald_auth::bearer(value.to_str().ok()?).map(str::to_string)
+}
+
+fn query_token(query: Option<&str>) -> Option<String> {
+    url_param(query?, "access_token")
+}
+
+/// The first value of a query parameter, percent-decoded.
+pub fn url_param(query: &str, name: &str) -> Option<String> {
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
+impl<S: HasAuth + Send + Sync> FromRequestParts<S> for Producer {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        state.authenticator().producer_from_parts(parts).map(Producer)
+    }
+}
+
+impl<S: HasAuth + Send + Sync> FromRequestParts<S> for User {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        state.authenticator().user_from_parts(parts).map(User)
+    }
+}

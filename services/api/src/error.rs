@@ -1,0 +1,106 @@
+//! One error type for every HTTP handler. Client errors are answered plainly and logged
+//! at debug; internal detail is logged and never sent.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use herald_protocol::{ErrorBody, FieldError};
+
+/// An HTTP error with its JSON body.
+#[derive(Debug)]
+pub struct AppError {
+    status: StatusCode,
+    body: ErrorBody,
+    retry_after: Option<u64>,
+}
+
+impl AppError {
+    /// An error with a status, code and message.
+    pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            body: ErrorBody::new(code, message),
+            retry_after: None,
+        }
+    }
+
+    /// 400 naming a field.
+    pub fn field(e: FieldError) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            body: e.into(),
+            retry_after: None,
+        }
+    }
+
+    /// 401.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+
+    /// 403.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
+    /// 404.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    /// 413.
+    pub fn too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the body is over the {limit}-byte limit"),
+        )
+    }
+
+    /// 503: NATS is unreachable. Logged here, once, with the cause.
+    pub fn unavailable(cause: &dyn std::error::Error) -> Self {
+        tracing::warn!(error = %error_chain(cause), "answering 503");
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            body: ErrorBody::new(
+                "unavailable",
+                "the message store is unreachable; nothing was accepted, retry with the same Idempotency-Key",
+            ),
+            retry_after: Some(1),
+        }
+    }
+
+    /// The JSON body.
+    pub fn into_body(self) -> ErrorBody {
+        self.body
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, Json(self.body)).into_response();
+        if let Some(secs) = self.retry_after
+            && let Ok(v) = HeaderValue::from_str(&secs.to_string())
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        response
+    }
+}
+
+/// `a: b: c` from an error and its sources.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

@@ -1,0 +1,68 @@
+//! HTTP routes of the API service. `fn routes(state) -> Router`, so tests drive it with
+//! `oneshot` or bind it to port 0.
+
+mod inbox;
+mod notify;
+mod reads;
+
+use crate::accept::Acceptor;
+use crate::auth::{Authenticator, HasAuth};
+use axum::Router;
+use axum::routing::{get, post};
+use herald_store::ReadPositions;
+
+pub use inbox::{PageQuery, read_page};
+
+/// Limits of the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApiConfig {
+    /// Largest notify body, bytes (SPEC: 64 KiB by default).
+    pub body_limit: usize,
+    /// Largest batch body, bytes.
+    pub batch_body_limit: usize,
+    /// Most items in one batch.
+    pub batch_max_items: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            body_limit: 64 * 1024,
+            batch_body_limit: 4 * 1024 * 1024,
+            batch_max_items: 1000,
+        }
+    }
+}
+
+/// Everything the API handlers share.
+#[derive(Clone, Debug)]
+pub struct ApiState {
+    /// Writes notifications.
+    pub acceptor: Acceptor,
+    /// Verifies callers.
+    pub auth: Authenticator,
+    /// Read positions.
+    pub reads: ReadPositions,
+    /// Limits.
+    pub config: ApiConfig,
+}
+
+impl HasAuth for ApiState {
+    fn authenticator(&self) -> &Authenticator {
+        &self.auth
+    }
+}
+
+/// The API's routes.
+pub fn routes(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/notify", post(notify::notify))
+        .route("/v1/notify/batch", post(notify::batch))
+        .route(
+            "/v1/users/{user_id}/notifications",
+            get(inbox::producer_page),
+        )
+        .route("/v1/me/read", post(reads::mark_read))
+        .route("/v1/me/unread", get(reads::unread))
+        .with_state(state)
+}

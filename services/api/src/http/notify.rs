@@ -1,0 +1,156 @@
+//! `POST /v1/notify` and `POST /v1/notify/batch`.
+
+use super::ApiState;
+use crate::accept::{AcceptError, Accepted};
+use crate::auth::Producer;
+use crate::error::AppError;
+use axum::Json;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use herald_auth::Scope;
+use herald_protocol::pages;
+use herald_protocol::{ErrorBody, FieldError};
+use herald_store::InboxError;
+use serde_json::Value;
+
+/// Reads a body up to `limit` bytes, answering 413 past it.
+pub(crate) async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, AppError> {
+    axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| AppError::too_large(limit))
+}
+
+fn idempotency_header(headers: &HeaderMap) -> Result<Option<&str>, AppError> {
+    match headers.get("idempotency-key") {
+        None => Ok(None),
+        Some(v) => v.to_str().map(Some).map_err(|_| {
+            AppError::field(FieldError::new(
+                "Idempotency-Key",
+                "must be printable ASCII",
+            ))
+        }),
+    }
+}
+
+fn store_error(e: AcceptError) -> AppError {
+    match e {
+        AcceptError::Invalid(f) => AppError::field(f),
+        AcceptError::Store(InboxError::TooLarge) => AppError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "the notification is larger than the inbox accepts",
+        ),
+        AcceptError::Store(e) => AppError::unavailable(&e),
+    }
+}
+
+fn accepted_body(a: Accepted) -> pages::Accepted {
+    pages::Accepted {
+        id: a.id,
+        status: "accepted".into(),
+        seq: a.seq,
+    }
+}
+
+pub(super) async fn notify(
+    State(state): State<ApiState>,
+    producer: Producer,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<pages::Accepted>), AppError> {
+    producer.require(Scope::Notify)?;
+    let bytes = read_body(body, state.config.body_limit).await?;
+    let key = idempotency_header(&headers)?;
+    let prepared = state
+        .acceptor
+        .prepare(&bytes, &producer.0.producer, key)
+        .map_err(AppError::field)?;
+    let accepted = state.acceptor.commit(prepared).await.map_err(store_error)?;
+    metrics::counter!("herald_notify_accepted_total", "path" => "http").increment(1);
+    Ok((StatusCode::ACCEPTED, Json(accepted_body(accepted))))
+}
+
+/// One item's outcome in a batch.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum ItemResult {
+    Accepted(pages::Accepted),
+    Rejected { status: &'static str, error: herald_protocol::error::ErrorDetail },
+}
+
+pub(super) async fn batch(
+    State(state): State<ApiState>,
+    producer: Producer,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<Value>), AppError> {
+    producer.require(Scope::Notify)?;
+    let bytes = read_body(body, state.config.batch_body_limit).await?;
+    let batch_key = idempotency_header(&headers)?;
+    #[derive(serde::Deserialize)]
+    struct Batch {
+        notifications: Vec<Box<serde_json::value::RawValue>>,
+    }
+    let parsed: Batch = serde_json::from_slice(&bytes).map_err(|e| {
+        AppError::field(FieldError::new(
+            "notifications",
+            format!("expected {{\"notifications\": [...]}}: {e}"),
+        ))
+    })?;
+    let max = state.config.batch_max_items;
+    if parsed.notifications.is_empty() || parsed.notifications.len() > max {
+        return Err(AppError::field(FieldError::new(
+            "notifications",
+            format!("must hold 1 to {max} items"),
+        )));
+    }
+    // Validate everything, send every valid append, then collect acks: one round trip of
+    // latency for the whole batch.
+    let mut results: Vec<Option<ItemResult>> = Vec::with_capacity(parsed.notifications.len());
+    let mut pending = Vec::new();
+    for (i, raw) in parsed.notifications.iter().enumerate() {
+        let key = batch_key.map(|k| format!("{k}:{i}"));
+        match state
+            .acceptor
+            .prepare(raw.get().as_bytes(), &producer.0.producer, key.as_deref())
+        {
+            Err(e) => results.push(Some(rejected(ErrorBody::from(e)))),
+            Ok(prepared) => match state.acceptor.send(&prepared).await {
+                Ok(ack) => {
+                    results.push(None);
+                    pending.push((i, prepared, ack));
+                }
+                Err(e) => return Err(store_error(e)),
+            },
+        }
+    }
+    for (i, prepared, ack) in pending {
+        results[i] = Some(match crate::Acceptor::finish(prepared, ack).await {
+            Ok(a) => ItemResult::Accepted(accepted_body(a)),
+            Err(e) => rejected(ErrorBody::from(store_error(e))),
+        });
+    }
+    let accepted = results
+        .iter()
+        .filter(|r| matches!(r, Some(ItemResult::Accepted(_))))
+        .count();
+    metrics::counter!("herald_notify_accepted_total", "path" => "batch").increment(accepted as u64);
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "accepted": accepted, "results": results })),
+    ))
+}
+
+fn rejected(body: ErrorBody) -> ItemResult {
+    ItemResult::Rejected {
+        status: "rejected",
+        error: body.error,
+    }
+}
+
+impl From<AppError> for ErrorBody {
+    fn from(e: AppError) -> Self {
+        e.into_body()
+    }
+}

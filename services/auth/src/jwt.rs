@@ -1,0 +1,239 @@
+//! End-user JWTs: `sub` is the user id. HS256 with a shared secret by default; EdDSA,
+//! RS256 or ES256 with a configured public key. `exp` is required; `aud` and `iss` are
+//! checked when configured.
+
+use herald_protocol::{UserId, UserIdError};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+/// Claims Herald reads and writes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UserClaims {
+    /// The user id.
+    pub sub: String,
+    /// Expiry, seconds since the epoch.
+    pub exp: u64,
+    /// Issued at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
+    /// Audience.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
+    /// Issuer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+}
+
+/// How tokens are verified (and, with a secret, minted).
+#[derive(Clone, Default)]
+pub struct JwtConfig {
+    /// HS256 shared secret.
+    pub hs256_secret: Option<Vec<u8>>,
+    /// A PEM public key and its algorithm (RS256, ES256 or EdDSA).
+    pub public_key: Option<(Algorithm, Vec<u8>)>,
+    /// Required audience.
+    pub audience: Option<String>,
+    /// Required issuer.
+    pub issuer: Option<String>,
+}
+
+impl std::fmt::Debug for JwtConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtConfig")
+            .field("hs256_secret", &self.hs256_secret.as_ref().map(|_| "<redacted>"))
+            .field("public_key", &self.public_key.as_ref().map(|(a, _)| a))
+            .field("audience", &self.audience)
+            .field("issuer", &self.issuer)
+            .finish()
+    }
+}
+
+/// Why a token was refused. Messages are safe to show the caller.
+#[derive(Debug, thiserror::Error)]
+pub enum JwtError {
+    /// No verification key configured for the token's algorithm.
+    #[error("tokens signed with {0:?} are not accepted here")]
+    Algorithm(Algorithm),
+    /// Expired, malformed, wrongly signed, wrong audience or issuer.
+    #[error("invalid token: {0}")]
+    Invalid(String),
+    /// `sub` is not a valid user id.
+    #[error("invalid token subject: {0}")]
+    Subject(#[from] UserIdError),
+    /// A key in the configuration could not be parsed.
+    #[error("unusable key: {0}")]
+    Key(String),
+}
+
+/// Verifies user tokens.
+#[derive(Clone)]
+pub struct UserAuth {
+    hs256: Option<(EncodingKey, DecodingKey)>,
+    public: Option<(Algorithm, DecodingKey)>,
+    audience: Option<String>,
+    issuer: Option<String>,
+}
+
+impl std::fmt::Debug for UserAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UserAuth")
+    }
+}
+
+/// Tolerated clock skew, seconds.
+const LEEWAY: u64 = 30;
+
+impl UserAuth {
+    /// Builds a verifier from configuration.
+    ///
+    /// # Errors
+    /// [`JwtError::Key`] when a PEM key does not parse or nothing is configured.
+    pub fn new(config: &JwtConfig) -> Result<Self, JwtError> {
+        let hs256 = config
+            .hs256_secret
+            .as_ref()
+            .map(|s| (EncodingKey::from_secret(s), DecodingKey::from_secret(s)));
+        let public = match &config.public_key {
+            None => None,
+            Some((alg, pem)) => {
+                let key = match alg {
+                    Algorithm::RS256 | Algorithm::RS384 | Algorithm::RS512 => {
+                        DecodingKey::from_rsa_pem(pem)
+                    }
+                    Algorithm::ES256 | Algorithm::ES384 => DecodingKey::from_ec_pem(pem),
+                    Algorithm::EdDSA => DecodingKey::from_ed_pem(pem),
+                    other => return Err(JwtError::Key(format!("{other:?} is not a public-key algorithm"))),
+                }
+                .map_err(|e| JwtError::Key(e.to_string()))?;
+                Some((*alg, key))
+            }
+        };
+        if hs256.is_none() && public.is_none() {
+            return Err(JwtError::Key(
+                "configure a JWT secret or a public key".into(),
+            ));
+        }
+        Ok(Self {
+            hs256,
+            public,
+            audience: config.audience.clone(),
+            issuer: config.issuer.clone(),
+        })
+    }
+
+    /// Verifies a token and returns its user.
+    ///
+    /// # Errors
+    /// [`JwtError`] for anything but a valid, unexpired token from a configured key.
+    pub fn verify(&self, token: &str) -> Result<UserId, JwtError> {
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| JwtError::Invalid(e.to_string()))?;
+        let key = match (header.alg, &self.hs256, &self.public) {
+            (Algorithm::HS256, Some((_, key)), _) => key,
+            (alg, _, Some((want, key))) if alg == *want => key,
+            (alg, _, _) => return Err(JwtError::Algorithm(alg)),
+        };
+        let mut validation = Validation::new(header.alg);
+        validation.leeway = LEEWAY;
+        match &self.audience {
+            Some(aud) => {
+                validation.set_required_spec_claims(&["exp", "sub", "aud"]);
+                validation.set_audience(&[aud]);
+            }
+            None => {
+                validation.set_required_spec_claims(&["exp", "sub"]);
+                validation.validate_aud = false;
+            }
+        }
+        if let Some(iss) = &self.issuer {
+            validation.set_issuer(&[iss]);
+        }
+        let data = jsonwebtoken::decode::<UserClaims>(token, key, &validation)
+            .map_err(|e| JwtError::Invalid(e.to_string()))?;
+        Ok(UserId::new(data.claims.sub)?)
+    }
+
+    /// Mints an HS256 token for `user`, valid for `ttl_secs`.
+    ///
+    /// # Errors
+    /// [`JwtError::Key`] when no HS256 secret is configured.
+    pub fn mint(&self, user: &UserId, ttl_secs: u64) -> Result<String, JwtError> {
+        let (key, _) = self
+            .hs256
+            .as_ref()
+            .ok_or_else(|| JwtError::Key("minting needs the HS256 secret".into()))?;
+        let now = time::OffsetDateTime::now_utc().unix_timestamp().max(0) as u64;
+        let claims = UserClaims {
+            sub: user.as_str().to_string(),
+            exp: now + ttl_secs,
+            iat: Some(now),
+            aud: self.audience.clone(),
+            iss: self.issuer.clone(),
+        };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, key)
+            .map_err(|e| JwtError::Key(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth(secret: &[u8]) -> UserAuth {
+        UserAuth::new(&JwtConfig {
+            hs256_secret: Some(secret.to_vec()),
+            ..Default::default()
+        })
+        .expect("config")
+    }
+
+    #[test]
+    fn minted_tokens_verify() {
+        let a = auth(b"secret");
+        let user = UserId::new("a.b *").expect("valid");
+        let token = a.mint(&user, 60).expect("mint");
+        assert_eq!(a.verify(&token).expect("verify"), user);
+    }
+
+    #[test]
+    fn forged_expired_and_garbage_tokens_are_refused() {
+        let a = auth(b"secret");
+        let user = UserId::new("alice").expect("valid");
+        let forged = auth(b"other").mint(&user, 60).expect("mint");
+        assert!(matches!(a.verify(&forged), Err(JwtError::Invalid(_))));
+        let claims = UserClaims {
+            sub: "alice".into(),
+            exp: 1_000,
+            iat: None,
+            aud: None,
+            iss: None,
+        };
+        let expired = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(b"secret"),
+        )
+        .expect("encode");
+        assert!(matches!(a.verify(&expired), Err(JwtError::Invalid(_))));
+        assert!(a.verify("not.a.token").is_err());
+        assert!(a.verify("").is_err());
+        // `alg: none` must never pass.
+        let none = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJhbGljZSIsImV4cCI6OTk5OTk5OTk5OX0.";
+        assert!(a.verify(none).is_err());
+    }
+
+    #[test]
+    fn audience_is_enforced_when_configured() {
+        let strict = UserAuth::new(&JwtConfig {
+            hs256_secret: Some(b"s".to_vec()),
+            audience: Some("herald".into()),
+            ..Default::default()
+        })
+        .expect("config");
+        let user = UserId::new("u").expect("valid");
+        let good = strict.mint(&user, 60).expect("mint");
+        assert!(strict.verify(&good).is_ok());
+        let no_aud = auth(b"s").mint(&user, 60).expect("mint");
+        assert!(strict.verify(&no_aud).is_err());
+    }
+}

@@ -1,0 +1,165 @@
+//! The delivery core shared by every transport: replay after a position, then live, with
+//! no gap and no duplicate.
+
+use futures::StreamExt as _;
+use herald_protocol::{Notification, StoredNotification, UserId};
+use herald_store::direct::header_u64;
+use herald_store::{Inbox, InboxError};
+use std::collections::VecDeque;
+
+/// Notifications read from the inbox per replay step.
+const REPLAY_PAGE: usize = 200;
+
+/// Why a feed stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum FeedError {
+    /// The live subscription could not be made or ended.
+    #[error("live subscription failed")]
+    Subscribe(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The live subscription closed (NATS connection gone for good).
+    #[error("live subscription closed")]
+    Closed,
+    /// Reading the inbox failed.
+    #[error(transparent)]
+    Inbox(#[from] InboxError),
+}
+
+/// One user's ordered stream of notifications.
+#[derive(Debug)]
+pub struct Feed {
+    inbox: Inbox,
+    user: UserId,
+    live: async_nats::Subscriber,
+    /// Highest seq handed out (or the starting position).
+    last_sent: u64,
+    /// Read position at open, for the `read` flag.
+    read_up_to: u64,
+    /// Whether the inbox may hold notifications after `last_sent` not yet handed out.
+    catching_up: bool,
+    ready: VecDeque<Notification>,
+}
+
+impl Feed {
+    /// Opens a feed. With `after`, replays everything after it first; without, starts at
+    /// the newest notification (live only).
+    ///
+    /// # Errors
+    /// [`FeedError`] when NATS cannot answer.
+    pub async fn open(
+        inbox: Inbox,
+        user: UserId,
+        after: Option<u64>,
+        read_up_to: u64,
+    ) -> Result<Self, FeedError> {
+        // Subscribe before reading anything: whatever is stored from now on is either in
+        // the replay or arrives live, and the seq check drops the overlap.
+        let live = inbox
+            .nats()
+            .consume
+            .subscribe(inbox.subjects().live(&user))
+            .await
+            .map_err(|e| FeedError::Subscribe(Box::new(e)))?;
+        let (last_sent, catching_up) = match after {
+            Some(after) => (after, true),
+            None => (inbox.last_seq(&user).await?, false),
+        };
+        Ok(Self {
+            inbox,
+            user,
+            live,
+            last_sent,
+            read_up_to,
+            catching_up,
+            ready: VecDeque::new(),
+        })
+    }
+
+    /// The highest seq handed out so far (the resume position).
+    pub fn position(&self) -> u64 {
+        self.last_sent
+    }
+
+    /// The user this feed belongs to.
+    pub fn user(&self) -> &UserId {
+        &self.user
+    }
+
+    /// Waits for the next notifications, in `seq` order. Cancel-safe: a notification is
+    /// only counted as sent once returned.
+    ///
+    /// # Errors
+    /// [`FeedError`] when NATS cannot answer or the subscription ends.
+    pub async fn next(&mut self) -> Result<Vec<Notification>, FeedError> {
+        loop {
+            if !self.ready.is_empty() {
+                return Ok(self.ready.drain(..).collect());
+            }
+            if self.catching_up {
+                self.catch_up_step().await?;
+                continue;
+            }
+            let msg = self.live.next().await.ok_or(FeedError::Closed)?;
+            self.on_live(msg);
+        }
+    }
+
+    /// Notifications already available without waiting on the network for live ones
+    /// (replay pages still count as available). Empty when caught up.
+    ///
+    /// # Errors
+    /// [`FeedError`] when NATS cannot answer.
+    pub async fn next_ready(&mut self) -> Result<Vec<Notification>, FeedError> {
+        if self.catching_up && self.ready.is_empty() {
+            self.catch_up_step().await?;
+        }
+        Ok(self.ready.drain(..).collect())
+    }
+
+    async fn catch_up_step(&mut self) -> Result<(), FeedError> {
+        let page = self
+            .inbox
+            .after(&self.user, self.last_sent, REPLAY_PAGE)
+            .await?;
+        if page.items.is_empty() {
+            self.catching_up = false;
+        }
+        for (seq, stored) in page.items {
+            self.push(seq, stored);
+        }
+        Ok(())
+    }
+
+    fn on_live(&mut self, msg: async_nats::Message) {
+        let Some(headers) = msg.headers.as_ref() else {
+            return;
+        };
+        let Some(seq) = header_u64(headers, "Nats-Sequence") else {
+            return;
+        };
+        if seq <= self.last_sent {
+            return; // already replayed
+        }
+        let previous = header_u64(headers, "Nats-Last-Sequence").unwrap_or(0);
+        if previous > self.last_sent {
+            // A live message was lost (or arrived before the replay saw its predecessor):
+            // read the gap, this one included, from the inbox.
+            metrics::counter!("herald_gateway_gap_repairs_total").increment(1);
+            self.catching_up = true;
+            return;
+        }
+        match serde_json::from_slice::<StoredNotification>(&msg.payload) {
+            Ok(stored) if stored.user_id == self.user => self.push(seq, stored),
+            Ok(_) => tracing::error!(seq, "live message for another user; dropped"),
+            Err(e) => tracing::warn!(seq, error = %e, "undecodable live message; dropped"),
+        }
+    }
+
+    fn push(&mut self, seq: u64, stored: StoredNotification) {
+        if seq <= self.last_sent {
+            return;
+        }
+        self.last_sent = seq;
+        self.ready
+            .push_back(Notification::from_stored(stored, seq, seq <= self.read_up_to));
+    }
+}

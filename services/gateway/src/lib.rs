@@ -1,0 +1,72 @@
+//! Real-time delivery to connected users over WebSocket, SSE and long-poll.
+//!
+//! All three transports sit on one delivery core, [`feed::Feed`]: it subscribes to the
+//! user's live subject *before* replaying the inbox from the client's position, then
+//! forwards live messages, dropping any `seq` already sent and repairing any gap from the
+//! inbox (each live message carries the previous `seq` of its subject). So replay and live
+//! meet with no gap and no duplicate, whatever arrives during the replay.
+
+pub mod feed;
+mod longpoll;
+mod sse;
+mod ws;
+
+use axum::Router;
+use axum::routing::get;
+use herald_api::Authenticator;
+use herald_api::auth::HasAuth;
+use herald_store::{Inbox, ReadPositions};
+use std::time::Duration;
+
+pub use feed::{Feed, FeedError};
+
+/// Gateway tunables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GatewayConfig {
+    /// Interval of WebSocket pings and SSE keep-alives.
+    pub heartbeat: Duration,
+    /// Frames queued for one connection before it counts as too slow (close 4008).
+    pub queue_frames: usize,
+    /// Largest client frame, bytes.
+    pub max_client_frame: usize,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_secs(30),
+            queue_frames: 1024,
+            max_client_frame: 16 * 1024,
+        }
+    }
+}
+
+/// What the gateway's handlers share.
+#[derive(Clone, Debug)]
+pub struct GatewayState {
+    /// Inbox reads and the live subjects.
+    pub inbox: Inbox,
+    /// Read positions.
+    pub reads: ReadPositions,
+    /// Verifies user tokens at upgrade.
+    pub auth: Authenticator,
+    /// Tunables.
+    pub config: GatewayConfig,
+}
+
+impl HasAuth for GatewayState {
+    fn authenticator(&self) -> &Authenticator {
+        &self.auth
+    }
+}
+
+/// The gateway's routes: `/v1/ws` (alias `/ws/connect`), `/v1/sse`, and the long-polling
+/// inbox read `GET /v1/me/notifications`.
+pub fn routes(state: GatewayState) -> Router {
+    Router::new()
+        .route("/v1/ws", get(ws::upgrade))
+        .route("/ws/connect", get(ws::upgrade))
+        .route("/v1/sse", get(sse::stream))
+        .route("/v1/me/notifications", get(longpoll::page))
+        .with_state(state)
+}

@@ -1,0 +1,78 @@
+//! `GET /v1/sse`: Server-Sent Events. `id:` is the seq, so a browser's automatic
+//! reconnect sends `Last-Event-ID` and resumes exactly after it.
+
+use crate::GatewayState;
+use crate::feed::Feed;
+use axum::extract::{RawQuery, State};
+use axum::http::request::Parts;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::stream::{self, StreamExt as _};
+use herald_api::AppError;
+use herald_protocol::{FieldError, ServerFrame};
+use std::convert::Infallible;
+
+pub(crate) async fn stream(
+    State(state): State<GatewayState>,
+    RawQuery(query): RawQuery,
+    parts: Parts,
+) -> Result<Response, AppError> {
+    let user = state.auth.user_from_parts(&parts)?;
+    let after = match parts.headers.get("last-event-id") {
+        Some(v) => Some(v.to_str().ok().and_then(|s| s.trim().parse().ok()).ok_or_else(|| {
+            AppError::field(FieldError::new("Last-Event-ID", "must be a seq"))
+        })?),
+        None => match query.as_deref().and_then(|q| herald_api::auth::url_param(q, "after")) {
+            Some(v) => Some(v.parse().map_err(|_| {
+                AppError::field(FieldError::new("after", "must be a whole number (a seq)"))
+            })?),
+            None => None,
+        },
+    };
+    let unavailable = |e: &dyn std::error::Error| AppError::unavailable(e);
+    let read_up_to = state.reads.get(&user).await.map_err(|e| unavailable(&e))?;
+    let feed = Feed::open(state.inbox.clone(), user.clone(), after, read_up_to)
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let unread = state.inbox.count_after(&user, read_up_to).await.map_err(|e| unavailable(&e))?;
+    let last_seq = state.inbox.last_seq(&user).await.map_err(|e| unavailable(&e))?;
+    let hello = ServerFrame::Hello {
+        user_id: user,
+        last_seq,
+        unread,
+        heartbeat_s: state.config.heartbeat.as_secs(),
+    };
+    let hello = Event::default()
+        .event("hello")
+        .data(serde_json::to_string(&hello).unwrap_or_default());
+    let live = stream::unfold(feed, |mut feed| async move {
+        match feed.next().await {
+            Ok(items) => {
+                let events: Vec<Result<Event, Infallible>> = items
+                    .into_iter()
+                    .map(|n| {
+                        metrics::counter!("herald_gateway_frames_out_total", "transport" => "sse").increment(1);
+                        let seq = n.seq;
+                        Ok(Event::default()
+                            .id(seq.to_string())
+                            .event("notification")
+                            .data(
+                                serde_json::to_string(&ServerFrame::Notification(n))
+                                    .unwrap_or_default(),
+                            ))
+                    })
+                    .collect();
+                Some((stream::iter(events), feed))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "sse feed failed; ending stream");
+                None
+            }
+        }
+    })
+    .flatten();
+    let events = stream::once(async move { Ok::<_, Infallible>(hello) }).chain(live);
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(state.config.heartbeat))
+        .into_response())
+}

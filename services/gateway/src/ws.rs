@@ -1,0 +1,237 @@
+//! `GET /v1/ws`: WebSocket transport.
+//!
+//! Authenticated at the upgrade (header or `access_token`); `?after=<seq>` resumes.
+//! A writer task drains a bounded queue to the socket, so a client that reads too slowly
+//! fills only its own queue and is closed with 4008, never slowing anyone else.
+
+use crate::GatewayState;
+use crate::feed::Feed;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{RawQuery, State};
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
+use futures::{SinkExt as _, StreamExt as _};
+use herald_api::AppError;
+use herald_protocol::{ClientFrame, FieldError, ServerFrame, UserId};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// How long a closing handshake may take.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+use tokio::time::{Instant, interval_at};
+
+/// Close codes (RFC 6455 and Herald's own 4xxx).
+pub mod close {
+    /// Binary frames are not part of the protocol.
+    pub const UNSUPPORTED: u16 = 1003;
+    /// Not JSON or not UTF-8.
+    pub const INVALID_PAYLOAD: u16 = 1007;
+    /// A frame that parses but breaks the protocol.
+    pub const POLICY: u16 = 1008;
+    /// A frame over the size limit.
+    pub const TOO_BIG: u16 = 1009;
+    /// Server error (NATS unavailable): reconnect with backoff.
+    pub const INTERNAL: u16 = 1011;
+    /// Server going away.
+    pub const GOING_AWAY: u16 = 1001;
+    /// The client read too slowly; resume from the last seq.
+    pub const SLOW_CONSUMER: u16 = 4008;
+    /// Missed heartbeats.
+    pub const HEARTBEAT: u16 = 4000;
+}
+
+pub(crate) async fn upgrade(
+    State(state): State<GatewayState>,
+    RawQuery(query): RawQuery,
+    parts: Parts,
+    ws: WebSocketUpgrade,
+) -> Result<Response, AppError> {
+    let user = state.auth.user_from_parts(&parts)?;
+    let after = parse_after(query.as_deref())?;
+    let read_up_to = state
+        .reads
+        .get(&user)
+        .await
+        .map_err(|e| AppError::unavailable(&e))?;
+    // Open the feed before upgrading so NATS trouble is a clean 503, not a dead socket.
+    let feed = Feed::open(state.inbox.clone(), user.clone(), after, read_up_to)
+        .await
+        .map_err(|e| AppError::unavailable(&e))?;
+    let unread = state
+        .inbox
+        .count_after(&user, read_up_to)
+        .await
+        .map_err(|e| AppError::unavailable(&e))?;
+    let last_seq = state
+        .inbox
+        .last_seq(&user)
+        .await
+        .map_err(|e| AppError::unavailable(&e))?;
+    let hello = ServerFrame::Hello {
+        user_id: user.clone(),
+        last_seq,
+        unread,
+        heartbeat_s: state.config.heartbeat.as_secs(),
+    };
+    Ok(ws
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_message_size(state.config.max_client_frame)
+        .max_frame_size(state.config.max_client_frame)
+        .on_upgrade(move |socket| serve(socket, state, user, feed, hello))
+        .into_response())
+}
+
+fn parse_after(query: Option<&str>) -> Result<Option<u64>, AppError> {
+    match query.and_then(|q| herald_api::auth::url_param(q, "after")) {
+        None => Ok(None),
+        Some(v) => v.parse().map(Some).map_err(|_| {
+            AppError::field(FieldError::new("after", "must be a whole number (a seq)"))
+        }),
+    }
+}
+
+enum Outcome {
+    Close(u16, &'static str),
+    Gone,
+}
+
+async fn serve(socket: WebSocket, state: GatewayState, user: UserId, mut feed: Feed, hello: ServerFrame) {
+    metrics::gauge!("herald_gateway_connections", "transport" => "ws").increment(1.0);
+    let (mut sink, mut stream) = socket.split();
+    let (tx, mut rx) = mpsc::channel::<Message>(state.config.queue_frames);
+    let (close_tx, mut close_rx) = oneshot::channel::<(u16, &'static str)>();
+    let writer = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                biased;
+                close = &mut close_rx => {
+                    if let Ok((code, reason)) = close {
+                        let _ = tokio::time::timeout(CLOSE_GRACE, sink.send(close_frame(code, reason))).await;
+                    }
+                    break;
+                }
+                msg = rx.recv() => match msg {
+                    Some(msg) => if sink.send(msg).await.is_err() { break },
+                    None => break,
+                },
+            }
+        }
+        let _ = tokio::time::timeout(CLOSE_GRACE, sink.close()).await;
+    });
+    let heartbeat = state.config.heartbeat;
+    let mut ping = interval_at(Instant::now() + heartbeat, heartbeat);
+    let mut last_heard = Instant::now();
+    let outcome = 'conn: {
+        if tx.try_send(text(&hello)).is_err() {
+            break 'conn Outcome::Gone;
+        }
+        loop {
+            tokio::select! {
+                batch = feed.next() => match batch {
+                    Ok(items) => {
+                        for n in items {
+                            metrics::counter!("herald_gateway_frames_out_total", "transport" => "ws").increment(1);
+                            match tx.try_send(text(&ServerFrame::Notification(n))) {
+                                Ok(()) => {}
+                                Err(mpsc::error::TrySendError::Full(_)) => {
+                                    metrics::counter!("herald_gateway_slow_consumer_closes_total").increment(1);
+                                    break 'conn Outcome::Close(close::SLOW_CONSUMER, "slow consumer: resume from your last seq");
+                                }
+                                Err(mpsc::error::TrySendError::Closed(_)) => break 'conn Outcome::Gone,
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "feed failed; closing connection");
+                        break 'conn Outcome::Close(close::INTERNAL, "delivery interrupted: reconnect with after=<last seq>");
+                    }
+                },
+                incoming = stream.next() => {
+                    last_heard = Instant::now();
+                    match incoming {
+                        None | Some(Ok(Message::Close(_))) => break 'conn Outcome::Gone,
+                        Some(Err(e)) => {
+                            break 'conn if is_too_big(&e) {
+                                Outcome::Close(close::TOO_BIG, "frame too large")
+                            } else {
+                                Outcome::Gone
+                            };
+                        }
+                        Some(Ok(Message::Binary(_))) => break 'conn Outcome::Close(close::UNSUPPORTED, "binary frames are not supported; send JSON text"),
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                        Some(Ok(Message::Text(t))) => {
+                            if let Err(outcome) = on_client_frame(&state, &user, t.as_str()).await {
+                                break 'conn outcome;
+                            }
+                        }
+                    }
+                },
+                _ = ping.tick() => {
+                    if last_heard.elapsed() > heartbeat * 2 {
+                        break 'conn Outcome::Close(close::HEARTBEAT, "missed heartbeats");
+                    }
+                    if tx.try_send(Message::Ping(Default::default())).is_err() {
+                        break 'conn Outcome::Gone;
+                    }
+                },
+            }
+        }
+    };
+    if let Outcome::Close(code, reason) = outcome {
+        tracing::debug!(user = %user, code, reason, "closing websocket");
+        let _ = close_tx.send((code, reason));
+    }
+    drop(tx);
+    // A writer stuck on a peer that does not read is given a grace period, then dropped.
+    let abort = writer.abort_handle();
+    if tokio::time::timeout(CLOSE_GRACE * 2, writer).await.is_err() {
+        abort.abort();
+    }
+    metrics::gauge!("herald_gateway_connections", "transport" => "ws").decrement(1.0);
+}
+
+async fn on_client_frame(state: &GatewayState, user: &UserId, text: &str) -> Result<(), Outcome> {
+    let value: serde_json::Value = serde_json::from_str(text)
+        .map_err(|_| Outcome::Close(close::INVALID_PAYLOAD, "frames must be JSON"))?;
+    let frame: ClientFrame = serde_json::from_value(value)
+        .map_err(|_| Outcome::Close(close::POLICY, "unknown or malformed frame"))?;
+    match frame {
+        ClientFrame::Read { up_to } => {
+            let last = state.inbox.last_seq(user).await.map_err(|_| {
+                Outcome::Close(close::INTERNAL, "store unavailable")
+            })?;
+            state
+                .reads
+                .advance(user, up_to.min(last))
+                .await
+                .map_err(|_| Outcome::Close(close::INTERNAL, "store unavailable"))?;
+        }
+        ClientFrame::Ack { up_to } => {
+            tracing::trace!(user = %user, up_to, "seen live");
+            metrics::counter!("herald_gateway_acks_total").increment(1);
+        }
+        // Topics are joined through the topic service; the frame is accepted so clients
+        // can send it, and acted on once topics exist.
+        ClientFrame::Subscribe { .. } | ClientFrame::Unsubscribe { .. } => {}
+    }
+    Ok(())
+}
+
+fn is_too_big(e: &axum::Error) -> bool {
+    let text = e.to_string();
+    text.contains("too long") || text.contains("too big") || text.contains("Space limit")
+}
+
+fn text(frame: &ServerFrame) -> Message {
+    Message::Text(Utf8Bytes::from(
+        serde_json::to_string(frame).unwrap_or_else(|_| String::from("{}")),
+    ))
+}
+
+fn close_frame(code: u16, reason: &'static str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(reason),
+    }))
+}

@@ -1,0 +1,34 @@
+//! Herald's wire contract, with no I/O and no async: what users, producers and the
+//! other Herald crates agree on.
+//!
+//! The subject tree (prefix `herald` by default, see [`Subjects`]):
+//!
+//! ```text
+//! herald.notify                      native ingest (request/reply, answered with a JetStream ack)
+//! herald.inbox.<part>.<user-token>   INBOX stream: one subject per user; stream seq = inbox `seq`
+//! herald.live.<part>.<user-token>    republished by INBOX after each store, carries Nats-Sequence
+//! herald.work.<channel>.<lane>     WORK stream: channel jobs, lanes high/normal/low
+//! herald.rejected                    REJECTED stream: native messages that failed validation
+//! herald.events.<id>                 EVENTS stream: delivery status of one notification
+//! ```
+//!
+//! `<user-token>` is the unpadded base64url encoding of the user id's bytes ([`UserToken`]):
+//! injective, and never `*`, `>` or a `.`, so no id reaches another user's subject.
+//! `<part>` is a stable hash of the id modulo the partition count, so one router owns a user.
+
+pub mod error;
+pub mod frames;
+pub mod notification;
+pub mod pages;
+pub mod streams;
+pub mod subjects;
+pub mod user;
+
+pub use error::{ErrorBody, FieldError};
+pub use frames::{ClientFrame, ServerFrame};
+pub use notification::{
+    Channel, ChannelJob, Notification, NotifyRequest, Priority, StoredNotification, ValidatedNotify,
+};
+pub use streams::StreamSpec;
+pub use subjects::Subjects;
+pub use user::{UserId, UserIdError, UserToken};

@@ -1,0 +1,514 @@
+//! Notifications: what producers send ([`NotifyRequest`]), what the INBOX stream stores
+//! ([`StoredNotification`]) and what users receive ([`Notification`]).
+
+use crate::error::FieldError;
+use crate::user::{UserId, UserIdError};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+/// Longest title, in bytes.
+pub const MAX_TITLE_BYTES: usize = 1024;
+/// Longest body, in bytes.
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+/// Longest category, idempotency key or collapse key, in bytes.
+pub const MAX_KEY_BYTES: usize = 256;
+/// Longest time to live: the inbox keeps 30 days.
+pub const MAX_TTL_SECONDS: u64 = 30 * 24 * 3600;
+
+/// Delivery lane. `high` never waits behind the others.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    /// OTPs, security alerts.
+    High,
+    /// Everything else by default.
+    #[default]
+    Normal,
+    /// Marketing, digests.
+    Low,
+}
+
+impl Priority {
+    /// The lane name used in subjects and headers.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::High => "high",
+            Self::Normal => "normal",
+            Self::Low => "low",
+        }
+    }
+}
+
+/// A delivery channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Channel {
+    /// The durable inbox, and live delivery to connected clients.
+    Inbox,
+    /// APNs / FCM / web push.
+    Push,
+    /// SMTP.
+    Email,
+    /// SMS providers.
+    Sms,
+    /// Signed HTTP callbacks.
+    Webhook,
+}
+
+impl Channel {
+    /// Every channel, in a stable order.
+    pub const ALL: [Channel; 5] = [
+        Self::Inbox,
+        Self::Push,
+        Self::Email,
+        Self::Sms,
+        Self::Webhook,
+    ];
+
+    /// The channel's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Inbox => "inbox",
+            Self::Push => "push",
+            Self::Email => "email",
+            Self::Sms => "sms",
+            Self::Webhook => "webhook",
+        }
+    }
+
+    fn parse(raw: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.as_str() == raw)
+    }
+}
+
+/// The body of `POST /v1/notify` and of a native publish on `herald.notify`, as sent.
+///
+/// Fields are loosely typed here on purpose: [`NotifyRequest::validate`] turns it into a
+/// [`ValidatedNotify`] and names the first field at fault.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct NotifyRequest {
+    /// Recipient.
+    pub user_id: Option<String>,
+    /// Category, used by preferences.
+    pub category: Option<String>,
+    /// `high`, `normal` (default) or `low`.
+    pub priority: Option<String>,
+    /// Title line.
+    pub title: Option<String>,
+    /// Body text.
+    pub body: Option<String>,
+    /// Free-form data passed through to clients.
+    pub data: Option<Value>,
+    /// Template name.
+    pub template: Option<String>,
+    /// Template variables.
+    pub vars: Option<Value>,
+    /// Channels to use; default: inbox only.
+    pub channels: Option<Vec<String>>,
+    /// How long the notification stays relevant.
+    pub ttl_seconds: Option<u64>,
+    /// Replaces an earlier notification with the same key on push providers.
+    pub collapse_key: Option<String>,
+    /// Deliver later (RFC 3339).
+    pub send_at: Option<String>,
+    /// Same as the `Idempotency-Key` header.
+    pub idempotency_key: Option<String>,
+}
+
+/// A notification request that passed validation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidatedNotify {
+    /// Recipient.
+    pub user_id: UserId,
+    /// Category.
+    pub category: Option<String>,
+    /// Lane.
+    pub priority: Priority,
+    /// Title.
+    pub title: Option<String>,
+    /// Body.
+    pub body: Option<String>,
+    /// Data object (`{}` when absent).
+    pub data: Map<String, Value>,
+    /// Channels, inbox first when present, without duplicates.
+    pub channels: Vec<Channel>,
+    /// Time to live.
+    pub ttl_seconds: Option<u64>,
+    /// Push collapse key.
+    pub collapse_key: Option<String>,
+    /// Idempotency key from the body.
+    pub idempotency_key: Option<String>,
+}
+
+impl NotifyRequest {
+    /// Parses a JSON body, naming the field whose type is wrong.
+    ///
+    /// # Errors
+    /// A [`FieldError`] with field `body` for malformed JSON, or the path of the bad field.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, FieldError> {
+        // serde would read a struct from a JSON array too; the contract is an object.
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(FieldError::new("body", "must be a JSON object"));
+        }
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let parsed: Self = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if path == "." || path.is_empty() {
+                FieldError::new("body", format!("not a JSON object: {inner}"))
+            } else {
+                FieldError::new(path, strip_position(&inner.to_string()))
+            }
+        })?;
+        de.end()
+            .map_err(|e| FieldError::new("body", format!("trailing data after JSON: {e}")))?;
+        Ok(parsed)
+    }
+
+    /// Checks every field against the contract.
+    ///
+    /// # Errors
+    /// The first [`FieldError`] found.
+    pub fn validate(self) -> Result<ValidatedNotify, FieldError> {
+        let user_id = match self.user_id {
+            None => return Err(FieldError::new("user_id", "is required")),
+            Some(raw) => UserId::new(raw).map_err(|e: UserIdError| FieldError::new("user_id", e.to_string()))?,
+        };
+        let priority = match self.priority.as_deref() {
+            None => Priority::Normal,
+            Some("high") => Priority::High,
+            Some("normal") => Priority::Normal,
+            Some("low") => Priority::Low,
+            Some(other) => {
+                return Err(FieldError::new(
+                    "priority",
+                    format!("must be high, normal or low, not {other:?}"),
+                ));
+            }
+        };
+        if let Some(category) = &self.category {
+            check_key("category", category)?;
+        }
+        check_len("title", self.title.as_deref(), MAX_TITLE_BYTES)?;
+        check_len("body", self.body.as_deref(), MAX_BODY_BYTES)?;
+        if let Some(template) = &self.template {
+            // Templates are configured by the policy layer; until one is, none exists.
+            return Err(FieldError::new(
+                "template",
+                format!("no template named {template:?} is configured"),
+            ));
+        }
+        if self.title.as_deref().is_none_or(str::is_empty)
+            && self.body.as_deref().is_none_or(str::is_empty)
+        {
+            return Err(FieldError::new(
+                "title",
+                "one of title, body or template is required",
+            ));
+        }
+        let data = match self.data {
+            None | Some(Value::Null) => Map::new(),
+            Some(Value::Object(map)) => map,
+            Some(_) => return Err(FieldError::new("data", "must be a JSON object")),
+        };
+        if !matches!(self.vars, None | Some(Value::Null) | Some(Value::Object(_))) {
+            return Err(FieldError::new("vars", "must be a JSON object"));
+        }
+        let channels = parse_channels(self.channels)?;
+        if let Some(ttl) = self.ttl_seconds
+            && (ttl == 0 || ttl > MAX_TTL_SECONDS)
+        {
+            return Err(FieldError::new(
+                "ttl_seconds",
+                format!("must be between 1 and {MAX_TTL_SECONDS}"),
+            ));
+        }
+        if let Some(key) = &self.collapse_key {
+            check_key("collapse_key", key)?;
+        }
+        if let Some(key) = &self.idempotency_key {
+            check_idempotency_key("idempotency_key", key)?;
+        }
+        if let Some(at) = &self.send_at {
+            let when = OffsetDateTime::parse(at, &Rfc3339)
+                .map_err(|e| FieldError::new("send_at", format!("not an RFC 3339 time: {e}")))?;
+            if when > OffsetDateTime::now_utc() + time::Duration::seconds(1) {
+                return Err(FieldError::new(
+                    "send_at",
+                    "scheduled sends are not enabled on this server yet; omit send_at",
+                ));
+            }
+        }
+        Ok(ValidatedNotify {
+            user_id,
+            category: self.category,
+            priority,
+            title: self.title,
+            body: self.body,
+            data,
+            channels,
+            ttl_seconds: self.ttl_seconds,
+            collapse_key: self.collapse_key,
+            idempotency_key: self.idempotency_key,
+        })
+    }
+}
+
+/// Validates an idempotency key (header or field): 1–256 printable ASCII bytes.
+///
+/// # Errors
+/// A [`FieldError`] naming `field`.
+pub fn check_idempotency_key(field: &str, key: &str) -> Result<(), FieldError> {
+    if key.is_empty() || key.len() > MAX_KEY_BYTES {
+        return Err(FieldError::new(field, "must be 1 to 256 bytes"));
+    }
+    if !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(FieldError::new(
+            field,
+            "must be printable ASCII without spaces",
+        ));
+    }
+    Ok(())
+}
+
+fn check_key(field: &str, value: &str) -> Result<(), FieldError> {
+    if value.is_empty() || value.len() > MAX_KEY_BYTES {
+        return Err(FieldError::new(field, "must be 1 to 256 bytes"));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(FieldError::new(field, "must not contain control characters"));
+    }
+    Ok(())
+}
+
+fn check_len(field: &str, value: Option<&str>, max: usize) -> Result<(), FieldError> {
+    match value {
+        Some(v) if v.len() > max => Err(FieldError::new(
+            field,
+            format!("is {} bytes; the limit is {max}", v.len()),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn parse_channels(raw: Option<Vec<String>>) -> Result<Vec<Channel>, FieldError> {
+    let Some(raw) = raw else {
+        return Ok(vec![Channel::Inbox]);
+    };
+    if raw.is_empty() {
+        return Err(FieldError::new("channels", "must name at least one channel"));
+    }
+    let mut channels = Vec::with_capacity(raw.len());
+    for (i, name) in raw.iter().enumerate() {
+        let channel = Channel::parse(name).ok_or_else(|| {
+            FieldError::new(
+                format!("channels[{i}]"),
+                format!("unknown channel {name:?}; use inbox, push, email, sms or webhook"),
+            )
+        })?;
+        if !channels.contains(&channel) {
+            channels.push(channel);
+        }
+    }
+    Ok(channels)
+}
+
+/// serde_json appends "at line 1 column 9"; the field path already says where.
+fn strip_position(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(i) => message[..i].to_string(),
+        None => message.to_string(),
+    }
+}
+
+/// What the INBOX stream stores for one notification. Its stream sequence is its `seq`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredNotification {
+    /// Globally unique id.
+    pub id: String,
+    /// Recipient.
+    pub user_id: UserId,
+    /// Category.
+    #[serde(default)]
+    pub category: Option<String>,
+    /// Lane.
+    #[serde(default)]
+    pub priority: Priority,
+    /// Title.
+    #[serde(default)]
+    pub title: Option<String>,
+    /// Body.
+    #[serde(default)]
+    pub body: Option<String>,
+    /// Data object.
+    #[serde(default)]
+    pub data: Map<String, Value>,
+    /// Topic it came from, if any.
+    #[serde(default)]
+    pub topic: Option<String>,
+    /// Acceptance time, RFC 3339.
+    pub created_at: String,
+    /// Channels requested.
+    #[serde(default)]
+    pub channels: Vec<Channel>,
+    /// Push collapse key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collapse_key: Option<String>,
+    /// End of relevance, RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+}
+
+impl StoredNotification {
+    /// Builds the stored form of a validated request accepted at `now` under `id`.
+    pub fn from_request(req: ValidatedNotify, id: String, now: OffsetDateTime) -> Self {
+        let expires_at = req
+            .ttl_seconds
+            .map(|ttl| format_time(now + time::Duration::seconds(ttl as i64)));
+        Self {
+            id,
+            user_id: req.user_id,
+            category: req.category,
+            priority: req.priority,
+            title: req.title,
+            body: req.body,
+            data: req.data,
+            topic: None,
+            created_at: format_time(now),
+            channels: req.channels,
+            collapse_key: req.collapse_key,
+            expires_at,
+        }
+    }
+}
+
+/// RFC 3339 with second precision... and a `Z`, as every Herald timestamp.
+pub fn format_time(t: OffsetDateTime) -> String {
+    t.to_offset(time::UtcOffset::UTC)
+        .format(&Rfc3339)
+        .unwrap_or_else(|_| t.unix_timestamp().to_string())
+}
+
+/// A job for a channel worker: which notification, for whom, on which channel. Workers
+/// read the content from the inbox by `seq`, so the inbox stays the one source of truth.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelJob {
+    /// Notification id.
+    pub id: String,
+    /// Its inbox position.
+    pub seq: u64,
+    /// Recipient.
+    pub user_id: UserId,
+    /// Channel to deliver on.
+    pub channel: Channel,
+    /// Lane.
+    pub priority: Priority,
+}
+
+impl ChannelJob {
+    /// The `Nats-Msg-Id` of this job: one job per (notification, channel), whatever the
+    /// number of router replays.
+    pub fn msg_id(&self) -> String {
+        format!("{}:{}", self.id, self.channel.as_str())
+    }
+}
+
+/// The notification object of SPEC §4, as returned and as delivered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Notification {
+    /// Globally unique id.
+    pub id: String,
+    /// Position in the user's inbox.
+    pub seq: u64,
+    /// Recipient.
+    pub user_id: UserId,
+    /// Category.
+    pub category: Option<String>,
+    /// Lane.
+    pub priority: Priority,
+    /// Title.
+    pub title: Option<String>,
+    /// Body.
+    pub body: Option<String>,
+    /// Data object.
+    pub data: Map<String, Value>,
+    /// Topic it came from.
+    pub topic: Option<String>,
+    /// Acceptance time.
+    pub created_at: String,
+    /// Whether the user has read it.
+    pub read: bool,
+}
+
+impl Notification {
+    /// The delivered form of a stored notification at inbox position `seq`.
+    pub fn from_stored(stored: StoredNotification, seq: u64, read: bool) -> Self {
+        Self {
+            id: stored.id,
+            seq,
+            user_id: stored.user_id,
+            category: stored.category,
+            priority: stored.priority,
+            title: stored.title,
+            body: stored.body,
+            data: stored.data,
+            topic: stored.topic,
+            created_at: stored.created_at,
+            read,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn validate(json: &str) -> Result<ValidatedNotify, FieldError> {
+        NotifyRequest::from_json(json.as_bytes())?.validate()
+    }
+
+    #[test]
+    fn minimal_request_is_valid() {
+        let v = validate(r#"{"user_id":"u1","title":"hi"}"#).expect("valid");
+        assert_eq!(v.user_id.as_str(), "u1");
+        assert_eq!(v.priority, Priority::Normal);
+        assert_eq!(v.channels, vec![Channel::Inbox]);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (r#"{"title":"x"}"#, "user_id"),
+            (r#"{"user_id":"","title":"x"}"#, "user_id"),
+            (r#"{"user_id":5,"title":"x"}"#, "user_id"),
+            (r#"{"user_id":"u","title":7}"#, "title"),
+            (r#"{"user_id":"u"}"#, "title"),
+            (r#"{"user_id":"u","title":"x","priority":"urgent"}"#, "priority"),
+            (r#"{"user_id":"u","title":"x","channels":["inbox","pigeon"]}"#, "channels[1]"),
+            (r#"{"user_id":"u","title":"x","data":[1]}"#, "data"),
+            (r#"{"user_id":"u","title":"x","ttl_seconds":-1}"#, "ttl_seconds"),
+            (r#"{"user_id":"u","title":"x","send_at":"tomorrow"}"#, "send_at"),
+            (r#"not json"#, "body"),
+            (r#"[1,2]"#, "body"),
+            (r#"{"user_id":"u","title":"x"} trailing"#, "body"),
+        ];
+        for (json, field) in cases {
+            let err = validate(json).expect_err(json);
+            assert_eq!(err.field, field, "{json}: {err}");
+        }
+    }
+
+    #[test]
+    fn stored_round_trips_into_delivered() {
+        let v = validate(r#"{"user_id":"a.b","title":"t","data":{"k":1}}"#).expect("valid");
+        let stored = StoredNotification::from_request(v, "id1".into(), OffsetDateTime::UNIX_EPOCH);
+        let bytes = serde_json::to_vec(&stored).expect("serialize");
+        let back: StoredNotification = serde_json::from_slice(&bytes).expect("deserialize");
+        let n = Notification::from_stored(back, 42, false);
+        assert_eq!(n.seq, 42);
+        assert_eq!(n.created_at, "1970-01-01T00:00:00Z");
+        assert_eq!(n.data["k"], 1);
+    }
+}

@@ -1,0 +1,140 @@
+//! Stream and KV bucket definitions as plain data. `herald-store` turns them into
+//! JetStream configs and provisions them.
+
+use crate::subjects::Subjects;
+use std::time::Duration;
+
+/// Name of the per-user inbox stream.
+pub const INBOX: &str = "HERALD_INBOX";
+/// Name of the stream of rejected native messages.
+pub const REJECTED: &str = "HERALD_REJECTED";
+/// KV bucket of read positions (key: user token, value: seq as decimal text).
+pub const READS_BUCKET: &str = "herald_reads";
+/// Stream metadata key recording the partition count the subjects were built with.
+pub const PARTITIONS_METADATA: &str = "herald.partitions";
+
+/// How a stream keeps messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retention {
+    /// Keep until limits.
+    Limits,
+    /// Delete once acked by a consumer.
+    WorkQueue,
+}
+
+/// A stream as Herald wants it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamSpec {
+    /// Stream name.
+    pub name: &'static str,
+    /// Captured subjects.
+    pub subjects: Vec<String>,
+    /// Retention policy.
+    pub retention: Retention,
+    /// Oldest message kept.
+    pub max_age: Duration,
+    /// Messages kept per subject (-1: unlimited).
+    pub max_msgs_per_subject: i64,
+    /// Largest message, bytes.
+    pub max_msg_size: i32,
+    /// Dedup window for `Nats-Msg-Id`.
+    pub duplicate_window: Duration,
+    /// Allow direct get from any replica.
+    pub allow_direct: bool,
+    /// Republish (source, destination) after each store.
+    pub republish: Option<(String, String)>,
+    /// Replica count.
+    pub replicas: usize,
+    /// Metadata recorded on the stream (and checked on re-provisioning).
+    pub metadata: Vec<(String, String)>,
+}
+
+/// Tunables for provisioning.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamSettings {
+    /// Replica count for every stream (1 on a laptop, 3 on a cluster).
+    pub replicas: usize,
+    /// How long the inbox keeps notifications.
+    pub inbox_max_age: Duration,
+    /// How many notifications the inbox keeps per user.
+    pub inbox_max_per_user: i64,
+    /// How long the same idempotency key is recognised.
+    pub dedup_window: Duration,
+}
+
+impl Default for StreamSettings {
+    fn default() -> Self {
+        Self {
+            replicas: 1,
+            inbox_max_age: Duration::from_secs(30 * 24 * 3600),
+            inbox_max_per_user: 10_000,
+            dedup_window: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Every stream Herald needs, in creation order.
+pub fn streams(subjects: &Subjects, settings: &StreamSettings) -> Vec<StreamSpec> {
+    vec![
+        StreamSpec {
+            name: INBOX,
+            subjects: vec![subjects.inbox_all()],
+            retention: Retention::Limits,
+            max_age: settings.inbox_max_age,
+            max_msgs_per_subject: settings.inbox_max_per_user,
+            max_msg_size: 128 * 1024,
+            duplicate_window: settings.dedup_window,
+            allow_direct: true,
+            republish: Some((subjects.inbox_all(), subjects.live_all())),
+            replicas: settings.replicas,
+            metadata: vec![(
+                PARTITIONS_METADATA.into(),
+                subjects.partitions().to_string(),
+            )],
+        },
+        StreamSpec {
+            name: REJECTED,
+            subjects: vec![subjects.rejected()],
+            retention: Retention::Limits,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            max_msgs_per_subject: 100_000,
+            max_msg_size: 1024 * 1024,
+            duplicate_window: Duration::from_secs(120),
+            allow_direct: true,
+            republish: None,
+            replicas: settings.replicas,
+            metadata: Vec::new(),
+        },
+        work_stream(subjects, settings),
+    ]
+}
+
+/// Durable name of the router consumer of one partition.
+pub fn router_consumer(partition: u16) -> String {
+    format!("herald-router-p{partition}")
+}
+
+/// The priority group router consumers pin one client in.
+pub const ROUTER_GROUP: &str = "router";
+
+/// Name of the channel work-queue stream.
+pub const WORK: &str = "HERALD_WORK";
+
+/// The WORK stream: one work-queue subject per channel and lane, consumed by the channel
+/// workers. Discard-new with a size limit: a full queue pushes back on the router (which
+/// retries later) instead of silently dropping jobs.
+pub fn work_stream(subjects: &Subjects, settings: &StreamSettings) -> StreamSpec {
+    StreamSpec {
+        name: WORK,
+        subjects: vec![subjects.work_all()],
+        retention: Retention::WorkQueue,
+        max_age: Duration::from_secs(7 * 24 * 3600),
+        max_msgs_per_subject: -1,
+        max_msg_size: 64 * 1024,
+        duplicate_window: settings.dedup_window,
+        allow_direct: false,
+        republish: None,
+        replicas: settings.replicas,
+        metadata: Vec::new(),
+    }
+}

@@ -1,0 +1,148 @@
+//! Subject names. Every subject Herald uses is built here and nowhere else.
+
+use crate::user::UserId;
+
+/// The default subject prefix.
+pub const DEFAULT_PREFIX: &str = "herald";
+/// The default number of INBOX partitions (router ownership units).
+pub const DEFAULT_PARTITIONS: u16 = 16;
+
+/// Builds subjects under one prefix for one partition count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subjects {
+    prefix: String,
+    partitions: u16,
+}
+
+/// A prefix that is not a plain dotted subject.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("subject prefix {0:?} must be dot-separated tokens of letters, digits, '-' and '_'")]
+pub struct BadPrefix(pub String);
+
+impl Default for Subjects {
+    fn default() -> Self {
+        Self {
+            prefix: DEFAULT_PREFIX.into(),
+            partitions: DEFAULT_PARTITIONS,
+        }
+    }
+}
+
+impl Subjects {
+    /// Subjects under `prefix` with `partitions` partitions (at least 1).
+    ///
+    /// # Errors
+    /// [`BadPrefix`] when the prefix holds wildcards, spaces or empty tokens.
+    pub fn new(prefix: &str, partitions: u16) -> Result<Self, BadPrefix> {
+        let ok = !prefix.is_empty()
+            && prefix.split('.').all(|t| {
+                !t.is_empty()
+                    && t.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            });
+        if !ok {
+            return Err(BadPrefix(prefix.into()));
+        }
+        Ok(Self {
+            prefix: prefix.into(),
+            partitions: partitions.max(1),
+        })
+    }
+
+    /// The prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The partition count.
+    pub fn partitions(&self) -> u16 {
+        self.partitions
+    }
+
+    /// Native ingest: producers publish notify bodies here.
+    pub fn notify(&self) -> String {
+        format!("{}.notify", self.prefix)
+    }
+
+    /// A user's inbox subject.
+    pub fn inbox(&self, user: &UserId) -> String {
+        format!(
+            "{}.inbox.{}.{}",
+            self.prefix,
+            user.partition(self.partitions),
+            user.token()
+        )
+    }
+
+    /// Every inbox subject (the INBOX stream's filter).
+    pub fn inbox_all(&self) -> String {
+        format!("{}.inbox.>", self.prefix)
+    }
+
+    /// Every inbox subject of one partition (a router consumer's filter).
+    pub fn inbox_partition(&self, partition: u16) -> String {
+        format!("{}.inbox.{partition}.*", self.prefix)
+    }
+
+    /// A user's live subject: INBOX republishes each stored message here.
+    pub fn live(&self, user: &UserId) -> String {
+        format!(
+            "{}.live.{}.{}",
+            self.prefix,
+            user.partition(self.partitions),
+            user.token()
+        )
+    }
+
+    /// Every live subject (the republish destination).
+    pub fn live_all(&self) -> String {
+        format!("{}.live.>", self.prefix)
+    }
+
+    /// The work queue of one channel and lane.
+    pub fn work(&self, channel: crate::Channel, lane: crate::Priority) -> String {
+        format!("{}.work.{}.{}", self.prefix, channel.as_str(), lane.as_str())
+    }
+
+    /// Every work subject (the WORK stream's filter).
+    pub fn work_all(&self) -> String {
+        format!("{}.work.>", self.prefix)
+    }
+
+    /// Where rejected native messages are recorded.
+    pub fn rejected(&self) -> String {
+        format!("{}.rejected", self.prefix)
+    }
+
+    /// Which user an inbox or live subject belongs to.
+    pub fn user_of(&self, subject: &str) -> Option<UserId> {
+        let token = subject.rsplit('.').next()?;
+        crate::user::UserToken::decode(token).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_ids_stay_in_their_own_subject() {
+        let s = Subjects::default();
+        for raw in ["*", ">", "a.b", "bob.*", " ", "$JS.API.STREAM.DELETE.INBOX"] {
+            let id = UserId::new(raw).expect("valid");
+            let subject = s.inbox(&id);
+            let tokens: Vec<_> = subject.split('.').collect();
+            assert_eq!(tokens.len(), 4, "{subject}");
+            assert!(!subject.contains('*') && !subject.contains('>') && !subject.contains(' '));
+            assert_eq!(s.user_of(&subject), Some(id));
+        }
+    }
+
+    #[test]
+    fn prefix_is_validated() {
+        assert!(Subjects::new("acme.herald", 4).is_ok());
+        for bad in ["", "a..b", "a.*", "a b", ">"] {
+            assert!(Subjects::new(bad, 4).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! The router: consumes the INBOX stream partition by partition and turns each stored
+//! notification into channel jobs (push, email, SMS, webhook) on the WORK stream.
+//!
+//! Live delivery needs no router hop — INBOX republishes every stored message to the
+//! user's live subject. What the router owns is everything after the inbox, and for that
+//! per-user order matters: each partition has one durable consumer whose priority group
+//! pins a single client, so exactly one router process owns a partition (and so a user)
+//! at a time; a standby takes over when the owner stops pulling.
+
+use async_nats::jetstream::AckKind;
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::message::PublishMessage;
+use futures::StreamExt as _;
+use herald_protocol::streams::{self, INBOX, WORK};
+use herald_protocol::{Channel, ChannelJob, StoredNotification};
+use herald_store::Nats;
+use herald_protocol::Subjects;
+use std::future::Future;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Pull expiry: well under the consumers' pin timeout, so an idle owner keeps its pin.
+const PULL_EXPIRY: Duration = Duration::from_secs(2);
+
+/// Why the router stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    /// A partition consumer could not be opened.
+    #[error("opening router consumer for partition {partition}")]
+    Consumer {
+        /// The partition.
+        partition: u16,
+        /// The NATS error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// Runs one router over every partition until `shutdown`, then finishes in-flight work.
+///
+/// # Errors
+/// [`RouterError`] when a partition consumer cannot be opened.
+pub async fn run(
+    nats: Nats,
+    subjects: Subjects,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), RouterError> {
+    let stop = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    for partition in 0..subjects.partitions() {
+        let consumer = open(&nats, partition).await?;
+        tasks.spawn(partition_loop(
+            nats.clone(),
+            subjects.clone(),
+            partition,
+            consumer,
+            stop.clone(),
+        ));
+    }
+    tracing::info!(partitions = subjects.partitions(), "router running");
+    shutdown.await;
+    stop.cancel();
+    while tasks.join_next().await.is_some() {}
+    Ok(())
+}
+
+async fn open(nats: &Nats, partition: u16) -> Result<PullConsumer, RouterError> {
+    fn err(partition: u16, e: impl std::error::Error + Send + Sync + 'static) -> RouterError {
+        RouterError::Consumer {
+            partition,
+            source: Box::new(e),
+        }
+    }
+    let stream = nats
+        .js_consume
+        .get_stream_no_info(INBOX)
+        .await
+        .map_err(|e| err(partition, e))?;
+    stream
+        .get_consumer(&streams::router_consumer(partition))
+        .await
+        .map_err(|e| err(partition, e))
+}
+
+async fn partition_loop(
+    nats: Nats,
+    subjects: Subjects,
+    partition: u16,
+    consumer: PullConsumer,
+    stop: CancellationToken,
+) {
+    while !stop.is_cancelled() {
+        let messages = consumer
+            .stream()
+            .group(streams::ROUTER_GROUP)
+            .expires(PULL_EXPIRY)
+            .max_messages_per_batch(256)
+            .messages()
+            .await;
+        let mut messages = match messages {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(partition, error = %e, "router pull failed; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                _ = stop.cancelled() => return,
+                next = messages.next() => next,
+            };
+            match next {
+                Some(Ok(msg)) => route(&nats, &subjects, msg).await,
+                Some(Err(e)) => {
+                    tracing::debug!(partition, error = %e, "router stream error");
+                }
+                None => break,
+            }
+        }
+    }
+}
+
+/// Routes one stored notification: enqueue one job per non-inbox channel, then ack.
+/// A failed enqueue naks with a delay; `Nats-Msg-Id` per (id, channel) makes the retry
+/// harmless for the jobs that did land.
+async fn route(nats: &Nats, subjects: &Subjects, msg: async_nats::jetstream::Message) {
+    let seq = match msg.info() {
+        Ok(info) => info.stream_sequence,
+        Err(e) => {
+            tracing::warn!(error = %e, "router message without metadata; terminating it");
+            let _ = msg.ack_with(AckKind::Term).await;
+            return;
+        }
+    };
+    let stored: StoredNotification = match serde_json::from_slice(&msg.payload) {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(seq, error = %e, "undecodable inbox message; skipping");
+            let _ = msg.ack_with(AckKind::Term).await;
+            return;
+        }
+    };
+    let mut acks = Vec::new();
+    for channel in stored.channels.iter().copied().filter(|c| *c != Channel::Inbox) {
+        let job = ChannelJob {
+            id: stored.id.clone(),
+            seq,
+            user_id: stored.user_id.clone(),
+            channel,
+            priority: stored.priority,
+        };
+        let Ok(payload) = serde_json::to_vec(&job) else {
+            continue;
+        };
+        let publish = PublishMessage::build()
+            .payload(payload.into())
+            .message_id(job.msg_id())
+            .expected_stream(WORK);
+        match nats
+            .js
+            .send_publish(subjects.work(channel, stored.priority), publish)
+            .await
+        {
+            Ok(ack) => acks.push(ack),
+            Err(e) => {
+                tracing::warn!(seq, error = %e, "enqueue failed; will retry");
+                let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                return;
+            }
+        }
+    }
+    for ack in acks {
+        if let Err(e) = ack.await {
+            tracing::warn!(seq, error = %e, "enqueue not acked; will retry");
+            let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            return;
+        }
+    }
+    metrics::counter!("herald_router_routed_total").increment(1);
+    if let Err(e) = msg.ack().await {
+        tracing::warn!(seq, error = %e, "router ack failed; message will be redelivered");
+    }
+}

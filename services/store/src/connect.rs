@@ -1,0 +1,76 @@
+//! Connections. Publishing and consuming use separate connections: heavy async publishing
+//! on one connection starves the consumers that share it (ARCHITECTURE.md).
+
+use async_nats::jetstream;
+use std::time::Duration;
+
+/// How long a JetStream request (publish ack included) may take before the caller is told
+/// NATS is unavailable. Short, because an HTTP producer is waiting behind it.
+pub const JETSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The connections one Herald process uses.
+#[derive(Clone, Debug)]
+pub struct Nats {
+    /// For JetStream publishes (inbox appends).
+    pub publish: async_nats::Client,
+    /// For subscriptions, consumers and direct gets.
+    pub consume: async_nats::Client,
+    /// JetStream on the publish connection.
+    pub js: jetstream::Context,
+    /// JetStream on the consume connection.
+    pub js_consume: jetstream::Context,
+}
+
+impl Nats {
+    /// True while the publish connection is up: a publish now can be acked.
+    pub fn is_connected(&self) -> bool {
+        matches!(
+            self.publish.connection_state(),
+            async_nats::connection::State::Connected
+        )
+    }
+}
+
+/// Connects to `url` (comma-separated for a cluster) as `name`.
+///
+/// Retries the first connection in the background, so a service can start before NATS
+/// and answer 503 until it is there; reconnects forever afterwards.
+///
+/// # Errors
+/// When the URL does not parse.
+pub async fn connect(url: &str, name: &str) -> Result<Nats, async_nats::ConnectError> {
+    let publish = options(name, "pub").connect(url).await?;
+    let consume = options(name, "sub").connect(url).await?;
+    let js = jetstream::ContextBuilder::new()
+        .timeout(JETSTREAM_TIMEOUT)
+        .max_ack_inflight(16_384)
+        .build(publish.clone());
+    let js_consume = jetstream::ContextBuilder::new()
+        .timeout(JETSTREAM_TIMEOUT)
+        .build(consume.clone());
+    Ok(Nats {
+        publish,
+        consume,
+        js,
+        js_consume,
+    })
+}
+
+fn options(name: &str, role: &str) -> async_nats::ConnectOptions {
+    async_nats::ConnectOptions::new()
+        .name(format!("{name}-{role}"))
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .subscription_capacity(65_536)
+        .client_capacity(65_536)
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
+                async_nats::Event::SlowConsumer(sid) => {
+                    tracing::warn!(sid, "NATS slow consumer: messages were dropped");
+                }
+                other => tracing::info!(%other, "NATS event"),
+            }
+        })
+}

@@ -1,0 +1,169 @@
+//! Batched direct gets (`$JS.API.DIRECT.GET.<stream>` with `batch`, NATS 2.11+).
+//!
+//! async-nats 0.51 has no helper for batches, so this sends the raw request and reads the
+//! replies until the server's end-of-batch status. Direct gets read from any replica and
+//! need no consumer: the right tool for paging one user's subject out of a big stream.
+
+use async_nats::{HeaderMap, StatusCode};
+use bytes::Bytes;
+use futures::StreamExt as _;
+use serde::Serialize;
+use std::time::Duration;
+
+/// One stored message returned by a direct get.
+#[derive(Debug, Clone)]
+pub struct DirectMessage {
+    /// Stream sequence.
+    pub seq: u64,
+    /// Messages after this one that match the request (from `Nats-Num-Pending`).
+    pub pending: Option<u64>,
+    /// Stored headers.
+    pub headers: HeaderMap,
+    /// Stored payload.
+    pub payload: Bytes,
+}
+
+/// Why a direct get failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DirectGetError {
+    /// Sending the request failed (NATS unreachable).
+    #[error("direct get request failed")]
+    Request(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// No complete answer in time.
+    #[error("direct get timed out")]
+    Timeout,
+    /// The server answered with an error status.
+    #[error("direct get failed with status {0}: {1}")]
+    Status(u16, String),
+    /// A reply lacked its sequence header.
+    #[error("direct get reply without a Nats-Sequence header")]
+    Malformed,
+}
+
+#[derive(Serialize)]
+struct Request<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_by_subj: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_by_subj: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    batch: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    multi_last: Option<[&'a str; 1]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    up_to_seq: Option<u64>,
+}
+
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Up to `batch` messages of `subject` with sequence ≥ `from`, in order.
+///
+/// # Errors
+/// [`DirectGetError`] when NATS is unreachable or answers with an error.
+pub async fn next_batch(
+    client: &async_nats::Client,
+    stream: &str,
+    subject: &str,
+    from: u64,
+    batch: usize,
+) -> Result<Vec<DirectMessage>, DirectGetError> {
+    let req = Request {
+        seq: Some(from.max(1)),
+        next_by_subj: Some(subject),
+        last_by_subj: None,
+        batch: Some(batch.max(1)),
+        multi_last: None,
+        up_to_seq: None,
+    };
+    request(client, stream, &req).await
+}
+
+/// The newest message of `subject`, at or below `up_to` when given.
+///
+/// # Errors
+/// [`DirectGetError`] when NATS is unreachable or answers with an error.
+pub async fn last(
+    client: &async_nats::Client,
+    stream: &str,
+    subject: &str,
+    up_to: Option<u64>,
+) -> Result<Option<DirectMessage>, DirectGetError> {
+    let req = match up_to {
+        None => Request {
+            seq: None,
+            next_by_subj: None,
+            last_by_subj: Some(subject),
+            batch: None,
+            multi_last: None,
+            up_to_seq: None,
+        },
+        // `last_by_subj` cannot be bounded; `multi_last` with one subject can.
+        Some(up_to) => Request {
+            seq: None,
+            next_by_subj: None,
+            last_by_subj: None,
+            batch: None,
+            multi_last: Some([subject]),
+            up_to_seq: Some(up_to),
+        },
+    };
+    Ok(request(client, stream, &req).await?.pop())
+}
+
+async fn request(
+    client: &async_nats::Client,
+    stream: &str,
+    req: &Request<'_>,
+) -> Result<Vec<DirectMessage>, DirectGetError> {
+    let body = serde_json::to_vec(req).map_err(|e| DirectGetError::Request(Box::new(e)))?;
+    let inbox = client.new_inbox();
+    let mut replies = client
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|e| DirectGetError::Request(Box::new(e)))?;
+    client
+        .publish_with_reply(format!("$JS.API.DIRECT.GET.{stream}"), inbox, body.into())
+        .await
+        .map_err(|e| DirectGetError::Request(Box::new(e)))?;
+    let batched = req.batch.is_some() || req.multi_last.is_some();
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let msg = tokio::time::timeout_at(deadline, replies.next())
+            .await
+            .map_err(|_| DirectGetError::Timeout)?
+            .ok_or(DirectGetError::Timeout)?;
+        match msg.status {
+            None | Some(StatusCode::OK) => {}
+            // End of batch, or nothing matched: done either way.
+            Some(status) if status.as_u16() == 204 || status == StatusCode::NOT_FOUND => break,
+            Some(status) => {
+                return Err(DirectGetError::Status(
+                    status.as_u16(),
+                    msg.description.unwrap_or_default(),
+                ));
+            }
+        }
+        let headers = msg.headers.unwrap_or_default();
+        let seq = header_u64(&headers, "Nats-Sequence").ok_or(DirectGetError::Malformed)?;
+        let pending = header_u64(&headers, "Nats-Num-Pending");
+        out.push(DirectMessage {
+            seq,
+            pending,
+            headers,
+            payload: msg.payload,
+        });
+        if !batched {
+            break;
+        }
+    }
+    let _ = replies.unsubscribe().await;
+    Ok(out)
+}
+
+/// A numeric header, if present and numeric.
+pub fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
+    headers.get(name)?.as_str().parse().ok()
+}

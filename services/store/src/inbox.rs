@@ -1,0 +1,226 @@
+//! The INBOX stream: one subject per user, the stream sequence is the user's `seq`.
+//!
+//! Appends carry `Nats-Msg-Id` = notification id, so a retried append is deduplicated by
+//! JetStream within the dedup window. Reads use direct gets, never a consumer per user.
+
+use crate::connect::Nats;
+use crate::direct::{self, DirectGetError, DirectMessage};
+use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
+use async_nats::jetstream::message::PublishMessage;
+use herald_protocol::streams::INBOX;
+use herald_protocol::{StoredNotification, Subjects, UserId};
+
+/// Largest page a reader may ask for.
+pub const MAX_PAGE: usize = 500;
+
+/// What JetStream said about an append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendAck {
+    /// Inbox position.
+    pub seq: u64,
+    /// True when the id was already stored: `seq` is the first copy's.
+    pub duplicate: bool,
+}
+
+/// A page of a user's inbox, oldest first.
+#[derive(Debug, Clone, Default)]
+pub struct InboxPage {
+    /// `(seq, notification)` pairs in ascending `seq`.
+    pub items: Vec<(u64, StoredNotification)>,
+    /// More messages exist past the page in the direction read.
+    pub has_more: bool,
+}
+
+/// Why an inbox operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum InboxError {
+    /// NATS did not take or confirm the write: the notification is not accepted.
+    #[error("NATS is unavailable")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The message is larger than the server accepts.
+    #[error("notification too large for the inbox stream")]
+    TooLarge,
+    /// A read failed.
+    #[error("inbox read failed")]
+    Read(#[from] DirectGetError),
+}
+
+/// Reads and appends one user's notifications.
+#[derive(Clone, Debug)]
+pub struct Inbox {
+    nats: Nats,
+    subjects: Subjects,
+}
+
+impl Inbox {
+    /// An inbox over these connections and subjects.
+    pub fn new(nats: Nats, subjects: Subjects) -> Self {
+        Self { nats, subjects }
+    }
+
+    /// The subject scheme in use.
+    pub fn subjects(&self) -> &Subjects {
+        &self.subjects
+    }
+
+    /// The connections in use.
+    pub fn nats(&self) -> &Nats {
+        &self.nats
+    }
+
+    /// Sends an append and returns the pending ack, so callers can pipeline many.
+    ///
+    /// # Errors
+    /// [`InboxError::Unavailable`] when the publish cannot be sent.
+    pub async fn send(&self, n: &StoredNotification) -> Result<PublishAckFuture, InboxError> {
+        let payload = serde_json::to_vec(n).map_err(|e| InboxError::Unavailable(Box::new(e)))?;
+        let publish = PublishMessage::build()
+            .payload(payload.into())
+            .message_id(&n.id)
+            .expected_stream(INBOX)
+            .header("Herald-Priority", n.priority.as_str());
+        self.nats
+            .js
+            .send_publish(self.subjects.inbox(&n.user_id), publish)
+            .await
+            .map_err(|e| match e.kind() {
+                PublishErrorKind::MaxPayloadExceeded => InboxError::TooLarge,
+                _ => InboxError::Unavailable(Box::new(e)),
+            })
+    }
+
+    /// Appends and waits until JetStream has it durable.
+    ///
+    /// # Errors
+    /// [`InboxError::Unavailable`] unless JetStream confirmed the write.
+    pub async fn append(&self, n: &StoredNotification) -> Result<AppendAck, InboxError> {
+        if !self.nats.is_connected() {
+            // Publishing now would queue in the client and might land after we answered 503.
+            return Err(InboxError::Unavailable("not connected to NATS".into()));
+        }
+        let ack = self
+            .send(n)
+            .await?
+            .await
+            .map_err(|e| InboxError::Unavailable(Box::new(e)))?;
+        Ok(AppendAck {
+            seq: ack.sequence,
+            duplicate: ack.duplicate,
+        })
+    }
+
+    /// Up to `limit` notifications with `seq > after`, oldest first.
+    ///
+    /// # Errors
+    /// [`InboxError::Read`] when NATS cannot answer.
+    pub async fn after(
+        &self,
+        user: &UserId,
+        after: u64,
+        limit: usize,
+    ) -> Result<InboxPage, InboxError> {
+        let limit = limit.clamp(1, MAX_PAGE);
+        let msgs = direct::next_batch(
+            &self.nats.consume,
+            INBOX,
+            &self.subjects.inbox(user),
+            after.saturating_add(1),
+            limit,
+        )
+        .await?;
+        let has_more = msgs.last().and_then(|m| m.pending).is_some_and(|p| p > 0);
+        Ok(InboxPage {
+            items: decode_all(user, msgs),
+            has_more,
+        })
+    }
+
+    /// Up to `limit` of the newest notifications with `seq < before` (all when `None`),
+    /// returned oldest first.
+    ///
+    /// # Errors
+    /// [`InboxError::Read`] when NATS cannot answer.
+    pub async fn before(
+        &self,
+        user: &UserId,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<InboxPage, InboxError> {
+        let limit = limit.clamp(1, MAX_PAGE);
+        let subject = self.subjects.inbox(user);
+        let mut bound = match before {
+            Some(0 | 1) => return Ok(InboxPage::default()),
+            Some(b) => Some(b - 1),
+            None => None,
+        };
+        let mut newest_first = Vec::with_capacity(limit);
+        let mut has_more = false;
+        // Walk back one message at a time: JetStream has no reverse batch. Pages are small.
+        while newest_first.len() <= limit {
+            let Some(msg) = direct::last(&self.nats.consume, INBOX, &subject, bound).await? else {
+                break;
+            };
+            if newest_first.len() == limit {
+                has_more = true;
+                break;
+            }
+            bound = Some(msg.seq.saturating_sub(1));
+            let done = msg.seq <= 1;
+            newest_first.push(msg);
+            if done {
+                break;
+            }
+        }
+        newest_first.reverse();
+        Ok(InboxPage {
+            items: decode_all(user, newest_first),
+            has_more,
+        })
+    }
+
+    /// The newest `seq` in the user's inbox, 0 when empty.
+    ///
+    /// # Errors
+    /// [`InboxError::Read`] when NATS cannot answer.
+    pub async fn last_seq(&self, user: &UserId) -> Result<u64, InboxError> {
+        let subject = self.subjects.inbox(user);
+        Ok(direct::last(&self.nats.consume, INBOX, &subject, None)
+            .await?
+            .map_or(0, |m| m.seq))
+    }
+
+    /// How many notifications the user has with `seq > after`.
+    ///
+    /// # Errors
+    /// [`InboxError::Read`] when NATS cannot answer.
+    pub async fn count_after(&self, user: &UserId, after: u64) -> Result<u64, InboxError> {
+        let msgs = direct::next_batch(
+            &self.nats.consume,
+            INBOX,
+            &self.subjects.inbox(user),
+            after.saturating_add(1),
+            1,
+        )
+        .await?;
+        Ok(msgs.first().map_or(0, |m| 1 + m.pending.unwrap_or(0)))
+    }
+}
+
+/// Decodes stored payloads, skipping (and logging) any that are not ours or not this
+/// user's: only Herald writes INBOX, but a misconfigured NATS permission must not turn
+/// into another user's data or a failed page.
+fn decode_all(user: &UserId, msgs: Vec<DirectMessage>) -> Vec<(u64, StoredNotification)> {
+    msgs.into_iter()
+        .filter_map(|m| match serde_json::from_slice::<StoredNotification>(&m.payload) {
+            Ok(n) if &n.user_id == user => Some((m.seq, n)),
+            Ok(_) => {
+                tracing::error!(seq = m.seq, "inbox message addressed to another user; skipped");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(seq = m.seq, error = %e, "undecodable inbox message; skipped");
+                None
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,18 @@
+//! Herald's JetStream layer: the only crate that knows how Herald's data sits in NATS.
+//!
+//! - [`connect`]: client connections with the options every service wants.
+//! - [`provision`]: streams, buckets and consumers as code, idempotent.
+//! - [`inbox`]: appending to and reading from the per-user INBOX stream.
+//! - [`direct`]: batched direct gets (`$JS.API.DIRECT.GET`), which async-nats lacks.
+//! - [`reads`]: per-user read positions.
+
+pub mod connect;
+pub mod direct;
+pub mod inbox;
+pub mod provision;
+pub mod reads;
+
+pub use connect::{Nats, connect};
+pub use inbox::{AppendAck, Inbox, InboxError, InboxPage};
+pub use provision::{ProvisionError, ProvisionReport, provision};
+pub use reads::ReadPositions;

@@ -1,0 +1,279 @@
+//! Provisioning as code: Herald's streams, KV buckets and router consumers.
+//!
+//! Idempotent: creates what is missing, applies compatible changes (limits, replicas,
+//! dedup window), and refuses incompatible ones (subjects, retention, partition count)
+//! with a message that says what to do, since applying them would strand stored data.
+
+use async_nats::jetstream::{self, consumer, kv, stream};
+use herald_protocol::Subjects;
+use herald_protocol::streams::{self, Retention, StreamSettings, StreamSpec};
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// What provisioning did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ProvisionReport {
+    /// Streams and buckets created.
+    pub created: Vec<String>,
+    /// Streams updated in place.
+    pub updated: Vec<String>,
+    /// Already as wanted.
+    pub unchanged: Vec<String>,
+}
+
+/// Why provisioning stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    /// NATS refused or did not answer.
+    #[error("{what}: {source}")]
+    Nats {
+        /// What was being done.
+        what: String,
+        /// The NATS error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The existing stream differs in a way that cannot be changed in place.
+    #[error("stream {stream} exists with {field} = {existing}, but this Herald wants {wanted}; {advice}")]
+    Incompatible {
+        /// Stream name.
+        stream: String,
+        /// The differing setting.
+        field: &'static str,
+        /// What the server has.
+        existing: String,
+        /// What we want.
+        wanted: String,
+        /// What to do about it.
+        advice: &'static str,
+    },
+}
+
+fn nats_err(what: impl Into<String>) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> ProvisionError {
+    let what = what.into();
+    move |source| ProvisionError::Nats { what, source }
+}
+
+/// Provisions everything Herald needs.
+///
+/// # Errors
+/// [`ProvisionError`] when NATS fails or an existing stream is incompatible.
+pub async fn provision(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    settings: &StreamSettings,
+) -> Result<ProvisionReport, ProvisionError> {
+    let mut report = ProvisionReport::default();
+    for spec in streams::streams(subjects, settings) {
+        ensure_stream(js, &spec, &mut report).await?;
+    }
+    ensure_reads_bucket(js, settings, &mut report).await?;
+    for partition in 0..subjects.partitions() {
+        ensure_router_consumer(js, subjects, partition).await?;
+    }
+    Ok(report)
+}
+
+fn stream_config(spec: &StreamSpec) -> stream::Config {
+    stream::Config {
+        name: spec.name.to_string(),
+        subjects: spec.subjects.clone(),
+        retention: match spec.retention {
+            Retention::Limits => stream::RetentionPolicy::Limits,
+            Retention::WorkQueue => stream::RetentionPolicy::WorkQueue,
+        },
+        storage: stream::StorageType::File,
+        max_age: spec.max_age,
+        max_messages_per_subject: spec.max_msgs_per_subject,
+        max_message_size: spec.max_msg_size,
+        duplicate_window: spec.duplicate_window,
+        allow_direct: spec.allow_direct,
+        republish: spec.republish.as_ref().map(|(src, dest)| stream::Republish {
+            source: src.clone(),
+            destination: dest.clone(),
+            headers_only: false,
+        }),
+        num_replicas: spec.replicas,
+        discard: stream::DiscardPolicy::Old,
+        metadata: spec.metadata.iter().cloned().collect::<HashMap<_, _>>(),
+        ..Default::default()
+    }
+}
+
+async fn ensure_stream(
+    js: &jetstream::Context,
+    spec: &StreamSpec,
+    report: &mut ProvisionReport,
+) -> Result<(), ProvisionError> {
+    let wanted = stream_config(spec);
+    let existing = match js.get_stream(spec.name).await {
+        Ok(mut s) => Some(
+            s.info()
+                .await
+                .map_err(|e| nats_err(format!("reading stream {}", spec.name))(Box::new(e)))?
+                .config
+                .clone(),
+        ),
+        Err(e)
+            if matches!(
+                e.kind(),
+                jetstream::context::GetStreamErrorKind::JetStream(ref js_err)
+                    if js_err.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+            ) =>
+        {
+            None
+        }
+        Err(e) => return Err(nats_err(format!("looking up stream {}", spec.name))(Box::new(e))),
+    };
+    let Some(existing) = existing else {
+        js.create_stream(wanted)
+            .await
+            .map_err(|e| nats_err(format!("creating stream {}", spec.name))(Box::new(e)))?;
+        report.created.push(spec.name.to_string());
+        return Ok(());
+    };
+    check_compatible(spec.name, &existing, &wanted)?;
+    let mut merged = wanted.clone();
+    // Keep metadata the server or an operator added; ours wins on our keys.
+    let mut metadata = existing.metadata.clone();
+    metadata.extend(wanted.metadata.clone());
+    merged.metadata = metadata;
+    if same_tunables(&existing, &merged) {
+        report.unchanged.push(spec.name.to_string());
+        return Ok(());
+    }
+    js.update_stream(&merged)
+        .await
+        .map_err(|e| nats_err(format!("updating stream {}", spec.name))(Box::new(e)))?;
+    report.updated.push(spec.name.to_string());
+    Ok(())
+}
+
+fn check_compatible(
+    name: &str,
+    existing: &stream::Config,
+    wanted: &stream::Config,
+) -> Result<(), ProvisionError> {
+    let incompatible = |field, existing: String, wanted: String, advice| {
+        Err(ProvisionError::Incompatible {
+            stream: name.to_string(),
+            field,
+            existing,
+            wanted,
+            advice,
+        })
+    };
+    if existing.subjects != wanted.subjects {
+        return incompatible(
+            "subjects",
+            format!("{:?}", existing.subjects),
+            format!("{:?}", wanted.subjects),
+            "the subject prefix changed; set the prefix the data was written with, or delete the stream (losing its data)",
+        );
+    }
+    if existing.retention != wanted.retention {
+        return incompatible(
+            "retention",
+            format!("{:?}", existing.retention),
+            format!("{:?}", wanted.retention),
+            "retention cannot change in place; delete the stream or keep its retention",
+        );
+    }
+    if existing.storage != wanted.storage {
+        return incompatible(
+            "storage",
+            format!("{:?}", existing.storage),
+            format!("{:?}", wanted.storage),
+            "storage cannot change in place; delete the stream",
+        );
+    }
+    let key = streams::PARTITIONS_METADATA;
+    if let (Some(have), Some(want)) = (existing.metadata.get(key), wanted.metadata.get(key))
+        && have != want
+    {
+        return incompatible(
+            "partitions",
+            have.clone(),
+            want.clone(),
+            "stored subjects embed the partition count; start Herald with --partitions set to the stored value",
+        );
+    }
+    Ok(())
+}
+
+fn same_tunables(a: &stream::Config, b: &stream::Config) -> bool {
+    a.max_age == b.max_age
+        && a.max_messages_per_subject == b.max_messages_per_subject
+        && a.max_message_size == b.max_message_size
+        && a.duplicate_window == b.duplicate_window
+        && a.allow_direct == b.allow_direct
+        && a.republish == b.republish
+        && a.num_replicas == b.num_replicas
+        && a.metadata.iter().all(|(k, v)| b.metadata.get(k) == Some(v))
+        && b.metadata.iter().all(|(k, v)| a.metadata.get(k) == Some(v))
+}
+
+async fn ensure_reads_bucket(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+    report: &mut ProvisionReport,
+) -> Result<(), ProvisionError> {
+    let bucket = streams::READS_BUCKET;
+    match js.get_key_value(bucket).await {
+        Ok(_) => {
+            report.unchanged.push(bucket.to_string());
+            Ok(())
+        }
+        Err(_) => {
+            js.create_key_value(kv::Config {
+                bucket: bucket.to_string(),
+                description: "Herald read positions: user token -> highest seq read".into(),
+                history: 1,
+                max_value_size: 32,
+                storage: stream::StorageType::File,
+                num_replicas: settings.replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| nats_err(format!("creating bucket {bucket}"))(Box::new(e)))?;
+            report.created.push(bucket.to_string());
+            Ok(())
+        }
+    }
+}
+
+/// The router consumer of one partition: one pinned client at a time, so one router owns
+/// each user; a standby router takes over when the pinned one stops pulling.
+pub fn router_consumer_config(subjects: &Subjects, partition: u16) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(streams::router_consumer(partition)),
+        filter_subject: subjects.inbox_partition(partition),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(30),
+        max_ack_pending: 20_000,
+        deliver_policy: consumer::DeliverPolicy::New,
+        priority_policy: consumer::PriorityPolicy::PinnedClient,
+        priority_groups: vec![streams::ROUTER_GROUP.to_string()],
+        priority_timeout: Duration::from_secs(10),
+        ..Default::default()
+    }
+}
+
+async fn ensure_router_consumer(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    partition: u16,
+) -> Result<(), ProvisionError> {
+    let stream = js
+        .get_stream_no_info(streams::INBOX)
+        .await
+        .map_err(|e| nats_err("opening the inbox stream")(Box::new(e)))?;
+    stream
+        .get_or_create_consumer::<consumer::pull::Config>(
+            &streams::router_consumer(partition),
+            router_consumer_config(subjects, partition),
+        )
+        .await
+        .map_err(|e| nats_err(format!("creating router consumer p{partition}"))(Box::new(e)))?;
+    Ok(())
+}

@@ -1,0 +1,96 @@
+//! Read positions: per user, the highest `seq` marked read. Stored in a KV bucket and only
+//! ever moved forward (compare-and-set), so concurrent devices cannot move it back.
+
+use async_nats::jetstream::kv;
+use herald_protocol::UserId;
+
+/// Read positions in the `herald_reads` bucket.
+#[derive(Clone)]
+pub struct ReadPositions {
+    store: kv::Store,
+}
+
+impl std::fmt::Debug for ReadPositions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReadPositions")
+    }
+}
+
+/// A read position could not be read or written.
+#[derive(Debug, thiserror::Error)]
+#[error("read position store unavailable")]
+pub struct ReadsError(#[source] Box<dyn std::error::Error + Send + Sync>);
+
+impl ReadPositions {
+    /// Opens the bucket (provisioning creates it).
+    ///
+    /// # Errors
+    /// [`ReadsError`] when the bucket is missing or NATS is unreachable.
+    pub async fn open(js: &async_nats::jetstream::Context) -> Result<Self, ReadsError> {
+        let store = js
+            .get_key_value(herald_protocol::streams::READS_BUCKET)
+            .await
+            .map_err(|e| ReadsError(Box::new(e)))?;
+        Ok(Self { store })
+    }
+
+    /// The user's read position, 0 when none.
+    ///
+    /// # Errors
+    /// [`ReadsError`] when NATS cannot answer.
+    pub async fn get(&self, user: &UserId) -> Result<u64, ReadsError> {
+        let value = self
+            .store
+            .get(user.token().as_str())
+            .await
+            .map_err(|e| ReadsError(Box::new(e)))?;
+        Ok(value
+            .and_then(|v| std::str::from_utf8(&v).ok()?.parse().ok())
+            .unwrap_or(0))
+    }
+
+    /// Moves the read position forward to `up_to`; a lower value changes nothing.
+    /// Returns the position now stored.
+    ///
+    /// # Errors
+    /// [`ReadsError`] when NATS cannot answer.
+    pub async fn advance(&self, user: &UserId, up_to: u64) -> Result<u64, ReadsError> {
+        let key = user.token();
+        loop {
+            let entry = self
+                .store
+                .entry(key.as_str())
+                .await
+                .map_err(|e| ReadsError(Box::new(e)))?;
+            let (current, revision) = match &entry {
+                Some(e) if e.operation == kv::Operation::Put => (
+                    std::str::from_utf8(&e.value)
+                        .ok()
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(0),
+                    e.revision,
+                ),
+                Some(e) => (0, e.revision),
+                None => (0, 0),
+            };
+            if up_to <= current {
+                return Ok(current);
+            }
+            let value: bytes::Bytes = up_to.to_string().into_bytes().into();
+            if revision == 0 {
+                match self.store.create(key.as_str(), value).await {
+                    Ok(_) => return Ok(up_to),
+                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(ReadsError(Box::new(e))),
+                }
+            } else {
+                match self.store.update(key.as_str(), value, revision).await {
+                    Ok(_) => return Ok(up_to),
+                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {}
+                    Err(e) => return Err(ReadsError(Box::new(e))),
+                }
+            }
+            // Lost a race with another device: read again and retry.
+        }
+    }
+}
