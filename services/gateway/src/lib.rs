@@ -52,6 +52,8 @@ pub struct GatewayState {
     pub auth: Authenticator,
     /// Tunables.
     pub config: GatewayConfig,
+    /// Cancelled at shutdown: connections get a `reconnect` frame and close.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 impl HasAuth for GatewayState {

@@ -71,7 +71,9 @@ pub(crate) async fn stream(
         }
     })
     .flatten();
-    let events = stream::once(async move { Ok::<_, Infallible>(hello) }).chain(live);
+    let events = stream::once(async move { Ok::<_, Infallible>(hello) })
+        .chain(live)
+        .take_until(state.shutdown.clone().cancelled_owned());
     Ok(Sse::new(events)
         .keep_alive(KeepAlive::new().interval(state.config.heartbeat))
         .into_response())

@@ -167,6 +167,12 @@ async fn serve(socket: WebSocket, state: GatewayState, user: UserId, mut feed: F
                         }
                     }
                 },
+                _ = state.shutdown.cancelled() => {
+                    // Spread reconnects so a restart is not a thundering herd.
+                    let after_ms = rand::random_range(0..5_000);
+                    let _ = tx.try_send(text(&ServerFrame::Reconnect { after_ms }));
+                    break 'conn Outcome::Close(close::GOING_AWAY, "server restarting; reconnect with after=<last seq>");
+                }
                 _ = ping.tick() => {
                     if last_heard.elapsed() > heartbeat * 2 {
                         break 'conn Outcome::Close(close::HEARTBEAT, "missed heartbeats");

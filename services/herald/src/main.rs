@@ -1,1 +1,146 @@
-fn main() {}
+//! `herald`: tracing → config → run → drain. Invalid configuration exits with code 2.
+
+use clap::Parser as _;
+use herald::cli::{Cli, Command, Common};
+use herald::config::{ConfigError, Settings};
+use herald::mesh::{Mesh, MeshOptions, Roles};
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("herald: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(cli))
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("HERALD_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn,tower_http=warn"));
+    let json = std::env::var("HERALD_LOG_FORMAT").is_ok_and(|v| v == "json");
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn settings(common: &Common) -> Result<Settings, ConfigError> {
+    Settings::load(common.config.as_deref(), common)
+}
+
+async fn run(cli: Cli) -> ExitCode {
+    let result: Result<(), Failure> = match cli.command {
+        Command::Up(common) => match settings(&common) {
+            Ok(s) => herald::up::run(s, herald::shutdown::on_signal())
+                .await
+                .map_err(|e| match e {
+                    herald::up::UpError::Config(c) => Failure::Config(c),
+                    other => Failure::Run(Box::new(other)),
+                }),
+            Err(e) => Err(Failure::Config(e)),
+        },
+        Command::Api(c) => service(&c, Roles { api: true, ingest: true, gateway: false, router: false }, "herald-api").await,
+        Command::Gateway(c) => service(&c, Roles { gateway: true, api: false, ingest: false, router: false }, "herald-gateway").await,
+        Command::Router(c) => service(&c, Roles { router: true, api: false, ingest: false, gateway: false }, "herald-router").await,
+        Command::Provision(c) => provision(&c).await,
+        Command::Token(t) => token(&t),
+        Command::Bench(b) => herald::bench::run(b).await.map_err(|e| Failure::Run(e.into())),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Config(e)) => {
+            eprintln!("herald: {e}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Run(e)) => {
+            eprintln!("herald: {}", herald_api::error::error_chain(e.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+enum Failure {
+    Config(ConfigError),
+    Run(Box<dyn std::error::Error + Send + Sync>),
+}
+
+async fn service(common: &Common, roles: Roles, name: &str) -> Result<(), Failure> {
+    let s = settings(common).map_err(Failure::Config)?;
+    let v = s.validate().map_err(Failure::Config)?;
+    let Some(nats_url) = s.nats_url.clone() else {
+        return Err(Failure::Config(ConfigError(vec![
+            "nats_url is required (--nats-url or HERALD_NATS_URL); `herald up` starts its own".into(),
+        ])));
+    };
+    let listener = tokio::net::TcpListener::bind(v.http_addr)
+        .await
+        .map_err(|e| Failure::Run(format!("binding {}: {e}", v.http_addr).into()))?;
+    let mesh = Mesh::start(
+        MeshOptions {
+            nats_url,
+            name: name.into(),
+            subjects: v.subjects,
+            streams: v.streams,
+            provision: false,
+            api_keys: v.api_keys,
+            jwt: v.jwt,
+            api: herald_api::ApiConfig { body_limit: s.body_limit, ..Default::default() },
+            gateway: herald_gateway::GatewayConfig {
+                heartbeat: std::time::Duration::from_secs(s.heartbeat_s),
+                ..Default::default()
+            },
+            roles,
+            dev_mode: s.dev_mode,
+        },
+        listener,
+    )
+    .await
+    .map_err(|e| Failure::Run(Box::new(e)))?;
+    mesh.run_until(herald::shutdown::on_signal())
+        .await
+        .map_err(|e| Failure::Run(Box::new(e)))
+}
+
+async fn provision(common: &Common) -> Result<(), Failure> {
+    let mut s = settings(common).map_err(Failure::Config)?;
+    // Provisioning needs no user-token settings; don't demand them.
+    s.jwt_secret.get_or_insert_with(|| "x".repeat(32));
+    let v = s.validate().map_err(Failure::Config)?;
+    let url = s.nats_url.clone().ok_or_else(|| {
+        Failure::Config(ConfigError(vec!["nats_url is required (--nats-url or HERALD_NATS_URL)".into()]))
+    })?;
+    let nats = herald_store::connect(&url, "herald-provision")
+        .await
+        .map_err(|e| Failure::Run(Box::new(e)))?;
+    let report = herald_store::provision(&nats.js_consume, &v.subjects, &v.streams)
+        .await
+        .map_err(|e| Failure::Run(Box::new(e)))?;
+    println!(
+        "provisioned: created {:?}, updated {:?}, unchanged {:?}",
+        report.created, report.updated, report.unchanged
+    );
+    Ok(())
+}
+
+fn token(args: &herald::cli::TokenArgs) -> Result<(), Failure> {
+    let mut s = settings(&args.common).map_err(Failure::Config)?;
+    if s.jwt_secret.is_none() {
+        s.jwt_secret = herald::up::dev_jwt_secret(&s.data_dir);
+    }
+    let v = s.validate().map_err(Failure::Config)?;
+    let auth = herald_auth::UserAuth::new(&v.jwt).map_err(|e| Failure::Run(Box::new(e)))?;
+    let user = herald_protocol::UserId::new(args.user.clone()).map_err(|e| {
+        Failure::Config(ConfigError(vec![format!("--user: {e}")]))
+    })?;
+    let token = auth.mint(&user, args.ttl).map_err(|e| Failure::Run(Box::new(e)))?;
+    println!("{token}");
+    Ok(())
+}

@@ -79,7 +79,7 @@ async fn open(nats: &Nats, partition: u16) -> Result<PullConsumer, RouterError> 
     stream
         .get_consumer(&streams::router_consumer(partition))
         .await
-        .map_err(|e| err(partition, e))
+        .map_err(|source| RouterError::Consumer { partition, source })
 }
 
 async fn partition_loop(

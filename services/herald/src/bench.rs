@@ -1,0 +1,358 @@
+//! `herald bench notify`: durable notifications per second through the native path and
+//! through HTTP, and notify→frame latency at a fixed rate to connected WebSocket clients —
+//! with, in the same run and on the same nats-server, the raw ceilings Herald is built
+//! on (JetStream async publish with `Nats-Msg-Id`, core pub/sub), so figures read as ratios.
+//!
+//! Without `--nats-url` it starts its own nats-server in a temp dir. Herald runs in this
+//! process, so client and server share the machine's cores, as a laptop would.
+
+use crate::mesh::{Mesh, MeshOptions, Roles};
+use async_nats::jetstream::{self, stream};
+use clap::{Args, Subcommand};
+use futures::{SinkExt as _, StreamExt as _};
+use hdrhistogram::Histogram;
+use herald_auth::{ApiKey, ApiKeys, JwtConfig, Scope, UserAuth};
+use herald_protocol::streams::StreamSettings;
+use herald_protocol::{Subjects, UserId};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+
+/// `herald bench`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Which benchmark.
+    #[command(subcommand)]
+    pub which: Which,
+}
+
+/// Benchmarks.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Which {
+    /// Notify throughput (native, HTTP) and notify→frame latency, with raw NATS ceilings.
+    Notify(NotifyArgs),
+}
+
+/// `herald bench notify`.
+#[derive(Debug, Clone, Args)]
+pub struct NotifyArgs {
+    /// Use this nats-server instead of starting one.
+    #[arg(long)]
+    pub nats_url: Option<String>,
+    /// Messages per throughput phase.
+    #[arg(long, default_value_t = 100_000)]
+    pub count: u64,
+    /// Concurrent HTTP requests in the HTTP phase.
+    #[arg(long, default_value_t = 64)]
+    pub http_concurrency: usize,
+    /// Notifications per second in the latency phase.
+    #[arg(long, default_value_t = 2_000)]
+    pub rate: u64,
+    /// Seconds of the latency phase.
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Connected WebSocket users in the latency phase.
+    #[arg(long, default_value_t = 200)]
+    pub users: usize,
+}
+
+/// A benchmark failure.
+pub type BenchError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Runs the chosen benchmark and prints a report.
+///
+/// # Errors
+/// When NATS or Herald cannot be started.
+pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
+    match args.which {
+        Which::Notify(a) => notify(a).await,
+    }
+}
+
+const BODY_TEXT: &str = "Jane liked your photo. Tap to see it and 3 other new reactions from people you follow.";
+
+async fn notify(args: NotifyArgs) -> Result<(), BenchError> {
+    let tmp = tempfile::tempdir()?;
+    let mut own_server = None;
+    let url = match &args.nats_url {
+        Some(u) => u.clone(),
+        None => {
+            let s = herald_natsd::NatsServer::start(herald_natsd::NatsServerOptions::dev(
+                tmp.path().join("nats"),
+            ))
+            .await?;
+            let u = s.client_url();
+            own_server = Some(s);
+            u
+        }
+    };
+    eprintln!("bench: nats-server at {url}; {} messages per phase", args.count);
+    let payload = sample_payload("u-00001");
+    let raw_js = raw_jetstream(&url, args.count, payload.len()).await?;
+    let raw_core = raw_core(&url, args.count, payload.len()).await?;
+    eprintln!("bench: raw ceilings measured; starting Herald");
+
+    let api_key = herald_auth::api_keys::generate();
+    let mut keys = ApiKeys::new();
+    keys.insert(&api_key, ApiKey { producer: "bench".into(), scopes: Scope::ALL.to_vec() });
+    let jwt = JwtConfig { hs256_secret: Some(b"bench-secret-bench-secret-bench-secret".to_vec()), ..Default::default() };
+    let users_auth = UserAuth::new(&jwt)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let mesh = Mesh::start(
+        MeshOptions {
+            nats_url: url.clone(),
+            name: "herald-bench".into(),
+            subjects: Subjects::new("hbench", 16)?,
+            streams: StreamSettings::default(),
+            provision: true,
+            api_keys: keys,
+            jwt,
+            api: Default::default(),
+            gateway: Default::default(),
+            roles: Roles::ALL,
+            dev_mode: false,
+        },
+        listener,
+    )
+    .await?;
+    let base = format!("http://{}", mesh.addr());
+    let native = native_throughput(&url, args.count).await?;
+    let http = http_throughput(&base, &api_key, args.count, args.http_concurrency).await?;
+    let latency = latency(&base, &api_key, &users_auth, &args).await?;
+    mesh.shutdown().await?;
+    drop(own_server);
+
+    let ratio = |x: f64| 100.0 * x / raw_js;
+    println!("\n## herald bench notify ({} msgs/phase, payload {} B)\n", args.count, payload.len());
+    println!("| measure | result | vs raw JetStream publish + Nats-Msg-Id |");
+    println!("|---|---|---|");
+    println!("| raw JetStream async publish, Nats-Msg-Id, R1 file | {raw_js:.0} msgs/s | 100% |");
+    println!("| raw core NATS pub/sub, separate connections | {raw_core:.0} msgs/s | — |");
+    println!("| Herald native path (`herald.notify`, acked) | {native:.0} notifications/s | {:.0}% |", ratio(native));
+    println!("| Herald HTTP `POST /v1/notify` ({} concurrent) | {http:.0} notifications/s | {:.0}% |", args.http_concurrency, ratio(http));
+    println!(
+        "| notify→frame latency at {}/s to {} WebSocket users ({} samples) | p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms, max {:.2} ms | — |",
+        args.rate, args.users, latency.len(),
+        ms(latency.value_at_quantile(0.5)), ms(latency.value_at_quantile(0.99)),
+        ms(latency.value_at_quantile(0.999)), ms(latency.max())
+    );
+    Ok(())
+}
+
+fn ms(us: u64) -> f64 {
+    us as f64 / 1000.0
+}
+
+fn sample_payload(user: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "user_id": user, "category": "like", "title": "New like", "body": BODY_TEXT,
+        "data": {"photo": "p-9"}
+    }))
+    .unwrap_or_default()
+}
+
+fn rate(count: u64, elapsed: Duration) -> f64 {
+    count as f64 / elapsed.as_secs_f64()
+}
+
+/// JetStream async publish with Nats-Msg-Id, 4,096 in flight, into a stream of many
+/// subjects (like the inbox).
+async fn raw_jetstream(url: &str, count: u64, size: usize) -> Result<f64, BenchError> {
+    let client = async_nats::connect(url).await?;
+    let js = jetstream::ContextBuilder::new().max_ack_inflight(4096).build(client);
+    let _ = js.delete_stream("RAWBENCH").await;
+    js.create_stream(stream::Config {
+        name: "RAWBENCH".into(),
+        subjects: vec!["rawbench.>".into()],
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await?;
+    let body = bytes::Bytes::from(vec![b'x'; size]);
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4096);
+    let waiter = tokio::spawn(async move {
+        while let Some(ack) = rx.recv().await {
+            let ack: jetstream::context::PublishAckFuture = ack;
+            ack.await?;
+        }
+        Ok::<_, BenchError>(())
+    });
+    let start = Instant::now();
+    for i in 0..count {
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(body.clone())
+            .message_id(format!("raw-{i}"));
+        let ack = js.send_publish(format!("rawbench.{}", i % 10_000), publish).await?;
+        tx.send(ack).await?;
+    }
+    drop(tx);
+    waiter.await??;
+    let r = rate(count, start.elapsed());
+    js.delete_stream("RAWBENCH").await?;
+    Ok(r)
+}
+
+/// Core publish → subscribe across two connections.
+async fn raw_core(url: &str, count: u64, size: usize) -> Result<f64, BenchError> {
+    let sub_client = async_nats::ConnectOptions::new().subscription_capacity(1 << 20).connect(url).await?;
+    let pub_client = async_nats::connect(url).await?;
+    let mut sub = sub_client.subscribe("rawcore.bench").await?;
+    sub_client.flush().await?;
+    let body = bytes::Bytes::from(vec![b'x'; size]);
+    let start = Instant::now();
+    let publisher = tokio::spawn(async move {
+        for _ in 0..count {
+            pub_client.publish("rawcore.bench", body.clone()).await?;
+        }
+        pub_client.flush().await?;
+        Ok::<_, BenchError>(())
+    });
+    let mut got = 0;
+    while got < count {
+        match tokio::time::timeout(Duration::from_secs(5), sub.next()).await {
+            Ok(Some(_)) => got += 1,
+            _ => break, // slow consumer drops count against the rate
+        }
+    }
+    publisher.await??;
+    Ok(rate(got, start.elapsed()))
+}
+
+/// Native path: JetStream-style publishes to `hbench.notify`, 4,096 awaiting answers.
+async fn native_throughput(url: &str, count: u64) -> Result<f64, BenchError> {
+    let client = async_nats::connect(url).await?;
+    let permits = Arc::new(Semaphore::new(4096));
+    let failures = Arc::new(AtomicU64::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    let start = Instant::now();
+    for i in 0..count {
+        let permit = permits.clone().acquire_owned().await?;
+        let inbox = client.new_inbox();
+        let mut sub = client.subscribe(inbox.clone()).await?;
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", format!("native-{i}"));
+        let body = sample_payload(&format!("u-{:05}", i % 10_000));
+        client.publish_with_reply_and_headers("hbench.notify", inbox, headers, body.into()).await?;
+        let failures = failures.clone();
+        tasks.spawn(async move {
+            match tokio::time::timeout(Duration::from_secs(10), sub.next()).await {
+                Ok(Some(m)) if serde_json::from_slice::<serde_json::Value>(&m.payload).is_ok_and(|v| v["seq"].is_u64()) => {}
+                _ => {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            drop(permit);
+        });
+        while tasks.try_join_next().is_some() {}
+    }
+    while tasks.join_next().await.is_some() {}
+    let failed = failures.load(Ordering::Relaxed);
+    if failed > 0 {
+        eprintln!("bench: native path: {failed} publishes not acked");
+    }
+    Ok(rate(count - failed, start.elapsed()))
+}
+
+/// HTTP path: `concurrency` keep-alive connections posting notifications.
+async fn http_throughput(base: &str, key: &str, count: u64, concurrency: usize) -> Result<f64, BenchError> {
+    let client = reqwest::Client::builder().pool_max_idle_per_host(concurrency).build()?;
+    let next = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let (client, next, failures) = (client.clone(), next.clone(), failures.clone());
+        let url = format!("{base}/v1/notify");
+        let auth = format!("Bearer {key}");
+        tasks.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= count {
+                    break;
+                }
+                let body = sample_payload(&format!("u-{:05}", i % 10_000));
+                let ok = client
+                    .post(&url)
+                    .header("authorization", &auth)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status() == reqwest::StatusCode::ACCEPTED);
+                if !ok {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let failed = failures.load(Ordering::Relaxed);
+    if failed > 0 {
+        eprintln!("bench: http path: {failed} requests not accepted");
+    }
+    Ok(rate(count - failed, start.elapsed()))
+}
+
+/// Fixed-rate notifications over HTTP to connected WebSocket users; each carries its send
+/// time, each client records arrival − send in microseconds.
+async fn latency(base: &str, key: &str, auth: &UserAuth, args: &NotifyArgs) -> Result<Histogram<u64>, BenchError> {
+    let epoch = Instant::now();
+    let hist = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
+    let total = args.rate * args.seconds;
+    let received = Arc::new(AtomicU64::new(0));
+    let ws_base = base.replacen("http://", "ws://", 1);
+    let mut clients = tokio::task::JoinSet::new();
+    for u in 0..args.users {
+        let user = UserId::new(format!("lat-{u}"))?;
+        let token = auth.mint(&user, 3600)?;
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("{ws_base}/v1/ws?access_token={token}")).await?;
+        // Wait for hello so the subscription exists before sending.
+        let _ = ws.next().await;
+        let (hist, received) = (hist.clone(), received.clone());
+        clients.spawn(async move {
+            while let Some(Ok(msg)) = ws.next().await {
+                if let tokio_tungstenite::tungstenite::Message::Text(t) = msg {
+                    let now = epoch.elapsed().as_micros() as u64;
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&t)
+                        && let Some(sent) = v["data"]["sent_us"].as_u64()
+                    {
+                        if let Ok(mut h) = hist.lock() {
+                            let _ = h.record(now.saturating_sub(sent).max(1));
+                        }
+                        received.fetch_add(1, Ordering::Relaxed);
+                    }
+                } else if let tokio_tungstenite::tungstenite::Message::Ping(p) = msg {
+                    let _ = ws.send(tokio_tungstenite::tungstenite::Message::Pong(p)).await;
+                }
+            }
+        });
+    }
+    let client = reqwest::Client::new();
+    let interval = Duration::from_secs_f64(1.0 / args.rate as f64);
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut sends = tokio::task::JoinSet::new();
+    for i in 0..total {
+        ticker.tick().await;
+        let body = serde_json::json!({
+            "user_id": format!("lat-{}", i as usize % args.users), "title": "latency",
+            "body": BODY_TEXT, "data": {"sent_us": epoch.elapsed().as_micros() as u64}
+        });
+        let req = client.post(format!("{base}/v1/notify")).bearer_auth(key).json(&body);
+        sends.spawn(async move { req.send().await.is_ok_and(|r| r.status().as_u16() == 202) });
+        while sends.try_join_next().is_some() {}
+    }
+    while sends.join_next().await.is_some() {}
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while received.load(Ordering::Relaxed) < total && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let got = received.load(Ordering::Relaxed);
+    if got < total {
+        eprintln!("bench: latency phase: {got} of {total} frames arrived");
+    }
+    clients.abort_all();
+    let h = hist.lock().map_err(|_| "histogram poisoned")?.clone();
+    Ok(h)
+}

@@ -1,0 +1,332 @@
+//! Configuration: flags > environment (`HERALD_*`) > TOML file (`--config`) > defaults.
+//!
+//! Everything is read into [`Settings`], then [`Settings::validate`] checks it whole and
+//! reports every problem at once; `main` exits with code 2 on any. Tests build the typed
+//! configs directly and never touch process environment.
+
+use figment::Figment;
+use figment::providers::{Env, Format as _, Serialized, Toml};
+use herald_auth::{ApiKey, ApiKeys, JwtConfig, Scope};
+use herald_protocol::Subjects;
+use herald_protocol::streams::StreamSettings;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A producer key in the TOML file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ApiKeyEntry {
+    /// Producer name.
+    pub producer: String,
+    /// The key in clear text (or give `key_sha256`).
+    #[serde(default)]
+    pub key: Option<String>,
+    /// Hex SHA-256 of the key.
+    #[serde(default)]
+    pub key_sha256: Option<String>,
+    /// Scopes; default `["notify"]`.
+    #[serde(default)]
+    pub scopes: Option<Vec<String>>,
+}
+
+/// Every setting, as read from all sources.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Settings {
+    /// HTTP listen address.
+    pub http_addr: String,
+    /// Where `herald up` keeps the nats-server store and its generated credentials.
+    pub data_dir: PathBuf,
+    /// NATS server URL(s), comma-separated. `herald up` starts its own when absent.
+    pub nats_url: Option<String>,
+    /// A producer key with every scope (the development key).
+    pub api_key: Option<String>,
+    /// More producer keys, with scopes.
+    pub api_keys: Vec<ApiKeyEntry>,
+    /// HS256 secret for user tokens.
+    pub jwt_secret: Option<String>,
+    /// PEM public key for RS256/ES256/EdDSA user tokens.
+    pub jwt_public_key: Option<PathBuf>,
+    /// Algorithm of `jwt_public_key`: RS256, ES256 or EdDSA.
+    pub jwt_algorithm: Option<String>,
+    /// Required `aud` of user tokens.
+    pub jwt_audience: Option<String>,
+    /// Required `iss` of user tokens.
+    pub jwt_issuer: Option<String>,
+    /// Subject prefix.
+    pub subject_prefix: String,
+    /// INBOX partitions (fixed once data exists).
+    pub partitions: u16,
+    /// Stream replicas: 1, or 3 on a cluster.
+    pub replicas: usize,
+    /// Idempotency window, seconds.
+    pub dedup_window_s: u64,
+    /// Inbox retention, days.
+    pub inbox_days: u64,
+    /// WebSocket ping / SSE keep-alive interval, seconds.
+    pub heartbeat_s: u64,
+    /// Largest notify body, bytes.
+    pub body_limit: usize,
+    /// Development mode: the demo page may mint tokens for any user.
+    pub dev_mode: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            http_addr: "127.0.0.1:8080".into(),
+            data_dir: PathBuf::from(".herald"),
+            nats_url: None,
+            api_key: None,
+            api_keys: Vec::new(),
+            jwt_secret: None,
+            jwt_public_key: None,
+            jwt_algorithm: None,
+            jwt_audience: None,
+            jwt_issuer: None,
+            subject_prefix: herald_protocol::subjects::DEFAULT_PREFIX.into(),
+            partitions: herald_protocol::subjects::DEFAULT_PARTITIONS,
+            replicas: 1,
+            dedup_window_s: 120,
+            inbox_days: 30,
+            heartbeat_s: 30,
+            body_limit: 64 * 1024,
+            dev_mode: false,
+        }
+    }
+}
+
+/// Configuration that failed to load or validate: every problem found.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+pub struct ConfigError(pub Vec<String>);
+
+/// The validated, typed configuration.
+#[derive(Debug, Clone)]
+pub struct Validated {
+    /// Listen address.
+    pub http_addr: SocketAddr,
+    /// Subjects.
+    pub subjects: Subjects,
+    /// Stream settings.
+    pub streams: StreamSettings,
+    /// Producer keys.
+    pub api_keys: ApiKeys,
+    /// User token settings.
+    pub jwt: JwtConfig,
+}
+
+impl Settings {
+    /// Loads settings: defaults, then `file`, then `HERALD_*` environment, then `flags`.
+    ///
+    /// # Errors
+    /// [`ConfigError`] when a source cannot be read or a value has the wrong type.
+    pub fn load(file: Option<&std::path::Path>, flags: &impl Serialize) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(ConfigError(vec![format!(
+                    "config file {} does not exist",
+                    file.display()
+                )]));
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        figment = figment
+            .merge(Env::prefixed("HERALD_").only(&ENV_KEYS))
+            .merge(Serialized::defaults(flags));
+        figment
+            .extract()
+            .map_err(|e| ConfigError(e.into_iter().map(|e| e.to_string()).collect()))
+    }
+
+    /// Checks everything and builds the typed configuration.
+    ///
+    /// # Errors
+    /// [`ConfigError`] listing every problem.
+    pub fn validate(&self) -> Result<Validated, ConfigError> {
+        let mut errors = Vec::new();
+        let http_addr = self
+            .http_addr
+            .parse::<SocketAddr>()
+            .map_err(|e| errors.push(format!("http_addr {:?}: {e}", self.http_addr)))
+            .ok();
+        if self.partitions == 0 || self.partitions > 1024 {
+            errors.push(format!("partitions must be 1 to 1024, not {}", self.partitions));
+        }
+        if ![1, 3, 5].contains(&self.replicas) {
+            errors.push(format!("replicas must be 1, 3 or 5, not {}", self.replicas));
+        }
+        let subjects = Subjects::new(&self.subject_prefix, self.partitions)
+            .map_err(|e| errors.push(e.to_string()))
+            .ok();
+        if self.heartbeat_s == 0 {
+            errors.push("heartbeat_s must be at least 1".into());
+        }
+        if self.body_limit < 1024 {
+            errors.push("body_limit must be at least 1024 bytes".into());
+        }
+        if self.dedup_window_s == 0 {
+            errors.push("dedup_window_s must be at least 1".into());
+        }
+        let api_keys = self.api_keys(&mut errors);
+        let jwt = self.jwt(&mut errors);
+        if let Some(url) = &self.nats_url
+            && url.trim().is_empty()
+        {
+            errors.push("nats_url is empty".into());
+        }
+        match (http_addr, subjects) {
+            (Some(http_addr), Some(subjects)) if errors.is_empty() => Ok(Validated {
+                http_addr,
+                subjects,
+                streams: StreamSettings {
+                    replicas: self.replicas,
+                    inbox_max_age: Duration::from_secs(self.inbox_days.max(1) * 24 * 3600),
+                    dedup_window: Duration::from_secs(self.dedup_window_s),
+                    ..StreamSettings::default()
+                },
+                api_keys,
+                jwt,
+            }),
+            _ => Err(ConfigError(errors)),
+        }
+    }
+
+    fn api_keys(&self, errors: &mut Vec<String>) -> ApiKeys {
+        let mut keys = ApiKeys::new();
+        if let Some(key) = &self.api_key {
+            if key.len() < 16 {
+                errors.push("api_key must be at least 16 characters".into());
+            }
+            keys.insert(
+                key,
+                ApiKey {
+                    producer: "default".into(),
+                    scopes: Scope::ALL.to_vec(),
+                },
+            );
+        }
+        for (i, entry) in self.api_keys.iter().enumerate() {
+            let mut scopes = Vec::new();
+            for name in entry.scopes.clone().unwrap_or_else(|| vec!["notify".into()]) {
+                match Scope::ALL.iter().find(|s| s.as_str() == name) {
+                    Some(s) => scopes.push(*s),
+                    None => errors.push(format!(
+                        "api_keys[{i}].scopes: unknown scope {name:?} (notify, publish, read, admin)"
+                    )),
+                }
+            }
+            let api_key = ApiKey {
+                producer: entry.producer.clone(),
+                scopes,
+            };
+            match (&entry.key, &entry.key_sha256) {
+                (Some(k), None) => keys.insert(k, api_key),
+                (None, Some(d)) => {
+                    if let Err(e) = keys.insert_digest(d, api_key) {
+                        errors.push(format!("api_keys[{i}].key_sha256: {e}"));
+                    }
+                }
+                _ => errors.push(format!("api_keys[{i}]: give exactly one of key, key_sha256")),
+            }
+        }
+        keys
+    }
+
+    fn jwt(&self, errors: &mut Vec<String>) -> JwtConfig {
+        let mut jwt = JwtConfig {
+            hs256_secret: self.jwt_secret.as_ref().map(|s| s.as_bytes().to_vec()),
+            audience: self.jwt_audience.clone(),
+            issuer: self.jwt_issuer.clone(),
+            ..JwtConfig::default()
+        };
+        if let Some(s) = &self.jwt_secret
+            && s.len() < 32
+        {
+            errors.push("jwt_secret must be at least 32 characters".into());
+        }
+        match (&self.jwt_public_key, &self.jwt_algorithm) {
+            (None, None) => {}
+            (Some(path), Some(alg)) => {
+                let alg = match alg.as_str() {
+                    "RS256" => Some(jsonwebtoken::Algorithm::RS256),
+                    "ES256" => Some(jsonwebtoken::Algorithm::ES256),
+                    "EdDSA" => Some(jsonwebtoken::Algorithm::EdDSA),
+                    other => {
+                        errors.push(format!("jwt_algorithm {other:?}: use RS256, ES256 or EdDSA"));
+                        None
+                    }
+                };
+                match std::fs::read(path) {
+                    Ok(pem) => jwt.public_key = alg.map(|a| (a, pem)),
+                    Err(e) => errors.push(format!("jwt_public_key {}: {e}", path.display())),
+                }
+            }
+            _ => errors.push("jwt_public_key and jwt_algorithm go together".into()),
+        }
+        if jwt.hs256_secret.is_none() && jwt.public_key.is_none() {
+            errors.push("no way to verify user tokens: set jwt_secret (HERALD_JWT_SECRET) or jwt_public_key".into());
+        }
+        if let Err(e) = herald_auth::UserAuth::new(&jwt)
+            && jwt.public_key.is_some()
+        {
+            errors.push(format!("jwt_public_key: {e}"));
+        }
+        jwt
+    }
+}
+
+/// Environment keys read (as `HERALD_<KEY>`). Others, like `HERALD_NATS_SERVER`, belong
+/// to other parts and are not configuration errors.
+const ENV_KEYS: [&str; 18] = [
+    "http_addr",
+    "data_dir",
+    "nats_url",
+    "api_key",
+    "jwt_secret",
+    "jwt_public_key",
+    "jwt_algorithm",
+    "jwt_audience",
+    "jwt_issuer",
+    "subject_prefix",
+    "partitions",
+    "replicas",
+    "dedup_window_s",
+    "inbox_days",
+    "heartbeat_s",
+    "body_limit",
+    "dev_mode",
+    "api_keys",
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let s = Settings {
+            http_addr: "nowhere".into(),
+            partitions: 0,
+            replicas: 2,
+            jwt_secret: Some("short".into()),
+            ..Settings::default()
+        };
+        let err = s.validate().expect_err("invalid");
+        assert_eq!(err.0.len(), 4, "{err}");
+    }
+
+    #[test]
+    fn a_valid_config_builds() {
+        let s = Settings {
+            api_key: Some("hk_0123456789abcdef".into()),
+            jwt_secret: Some("x".repeat(32)),
+            ..Settings::default()
+        };
+        let v = s.validate().expect("valid");
+        assert_eq!(v.http_addr.port(), 8080);
+        assert_eq!(v.api_keys.len(), 1);
+    }
+}

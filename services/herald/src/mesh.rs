@@ -1,0 +1,259 @@
+//! Assembles Herald's services into one running process: any mix of api, gateway, router
+//! and native ingest over one set of NATS connections, served on one listener.
+
+use crate::ops;
+use axum::Router;
+use herald_api::{Acceptor, ApiConfig, ApiState, Authenticator};
+use herald_auth::{ApiKeys, JwtConfig, UserAuth};
+use herald_gateway::{GatewayConfig, GatewayState};
+use herald_protocol::Subjects;
+use herald_protocol::streams::StreamSettings;
+use herald_store::{Inbox, ReadPositions};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Which services this process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Roles {
+    /// Producer API and user writes.
+    pub api: bool,
+    /// WebSocket, SSE, long-poll.
+    pub gateway: bool,
+    /// INBOX → channel jobs.
+    pub router: bool,
+    /// Native `herald.notify` responder.
+    pub ingest: bool,
+}
+
+impl Roles {
+    /// Everything: what `herald up` runs.
+    pub const ALL: Roles = Roles {
+        api: true,
+        gateway: true,
+        router: true,
+        ingest: true,
+    };
+}
+
+/// Everything needed to run a mesh process.
+#[derive(Debug, Clone)]
+pub struct MeshOptions {
+    /// NATS URL(s).
+    pub nats_url: String,
+    /// Connection name prefix (shows in NATS monitoring).
+    pub name: String,
+    /// Subject scheme.
+    pub subjects: Subjects,
+    /// Stream settings, for provisioning.
+    pub streams: StreamSettings,
+    /// Provision streams before serving.
+    pub provision: bool,
+    /// Producer keys.
+    pub api_keys: ApiKeys,
+    /// User token verification.
+    pub jwt: JwtConfig,
+    /// API limits.
+    pub api: ApiConfig,
+    /// Gateway tunables.
+    pub gateway: GatewayConfig,
+    /// Services to run.
+    pub roles: Roles,
+    /// Serve the demo page and its token minting.
+    pub dev_mode: bool,
+}
+
+/// Why the mesh could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    /// Bad NATS URL.
+    #[error("connecting to NATS at {url}")]
+    Connect {
+        /// The URL.
+        url: String,
+        /// Cause.
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    /// NATS did not become reachable in time.
+    #[error("NATS at {0} did not answer within {1:?}; is nats-server running? (`herald up` starts one)")]
+    NatsTimeout(String, Duration),
+    /// Provisioning failed.
+    #[error(transparent)]
+    Provision(#[from] herald_store::ProvisionError),
+    /// The read-position bucket is missing.
+    #[error("opening read positions (run `herald provision`)")]
+    Reads(#[source] herald_store::reads::ReadsError),
+    /// User auth misconfigured.
+    #[error("user token configuration")]
+    Jwt(#[from] herald_auth::JwtError),
+    /// The HTTP server failed.
+    #[error("http server")]
+    Http(#[source] std::io::Error),
+    /// The router failed.
+    #[error(transparent)]
+    Router(#[from] herald_router::RouterError),
+    /// Native ingest failed.
+    #[error("native ingest")]
+    Ingest(#[source] async_nats::SubscribeError),
+}
+
+/// A running mesh process.
+#[derive(Debug)]
+pub struct Mesh {
+    addr: SocketAddr,
+    stop: CancellationToken,
+    tasks: JoinSet<Result<(), MeshError>>,
+}
+
+/// How long to wait for NATS at start.
+const NATS_WAIT: Duration = Duration::from_secs(30);
+/// How long in-flight HTTP requests get to finish at shutdown.
+const DRAIN_GRACE: Duration = Duration::from_secs(10);
+
+impl Mesh {
+    /// Connects, provisions if asked, and starts serving on `listener`.
+    ///
+    /// # Errors
+    /// [`MeshError`] when NATS is unreachable or misprovisioned, or auth is misconfigured.
+    pub async fn start(opts: MeshOptions, listener: TcpListener) -> Result<Mesh, MeshError> {
+        let addr = listener.local_addr().map_err(MeshError::Http)?;
+        let nats = herald_store::connect(&opts.nats_url, &opts.name)
+            .await
+            .map_err(|source| MeshError::Connect {
+                url: opts.nats_url.clone(),
+                source,
+            })?;
+        wait_connected(&nats, &opts.nats_url).await?;
+        if opts.provision {
+            let report =
+                herald_store::provision(&nats.js_consume, &opts.subjects, &opts.streams).await?;
+            tracing::info!(created = ?report.created, updated = ?report.updated, "provisioned");
+        }
+        let reads = ReadPositions::open(&nats.js_consume)
+            .await
+            .map_err(MeshError::Reads)?;
+        let inbox = Inbox::new(nats.clone(), opts.subjects.clone());
+        let acceptor = Acceptor::new(inbox.clone());
+        let auth = Authenticator {
+            keys: Arc::new(opts.api_keys.clone()),
+            users: UserAuth::new(&opts.jwt)?,
+        };
+        let stop = CancellationToken::new();
+        let mut app = Router::new().merge(ops::routes(nats.clone()));
+        if opts.roles.api {
+            app = app.merge(herald_api::routes(ApiState {
+                acceptor: acceptor.clone(),
+                auth: auth.clone(),
+                reads: reads.clone(),
+                config: opts.api,
+            }));
+        }
+        if opts.roles.gateway {
+            app = app.merge(herald_gateway::routes(GatewayState {
+                inbox: inbox.clone(),
+                reads: reads.clone(),
+                auth: auth.clone(),
+                config: opts.gateway,
+                shutdown: stop.clone(),
+            }));
+        }
+        if opts.dev_mode {
+            app = app.merge(crate::page::routes(acceptor.clone(), auth.clone()));
+        }
+        let app = app.layer(tower_http::trace::TraceLayer::new_for_http());
+        let mut tasks = JoinSet::new();
+        let http_stop = stop.clone();
+        tasks.spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { http_stop.cancelled().await })
+                .await
+                .map_err(MeshError::Http)
+        });
+        if opts.roles.router {
+            let (nats, subjects, stop) = (nats.clone(), opts.subjects.clone(), stop.clone());
+            tasks.spawn(async move {
+                herald_router::run(nats, subjects, stop.cancelled_owned())
+                    .await
+                    .map_err(MeshError::from)
+            });
+        }
+        if opts.roles.ingest {
+            let stop = stop.clone();
+            tasks.spawn(async move {
+                herald_api::ingest::run(acceptor, stop.cancelled_owned())
+                    .await
+                    .map_err(MeshError::Ingest)
+            });
+        }
+        tracing::info!(%addr, roles = ?opts.roles, "herald serving");
+        Ok(Mesh { addr, stop, tasks })
+    }
+
+    /// The address served.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// A token that stops the mesh when cancelled.
+    pub fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+
+    /// Runs until `shutdown` is cancelled or a service fails, then drains.
+    ///
+    /// # Errors
+    /// The first service error.
+    pub async fn run_until(mut self, shutdown: CancellationToken) -> Result<(), MeshError> {
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => None,
+            done = self.tasks.join_next() => done,
+        };
+        self.stop.cancel();
+        let mut result = match first {
+            Some(Ok(Err(e))) => Err(e),
+            _ => Ok(()),
+        };
+        let drain = async {
+            while let Some(done) = self.tasks.join_next().await {
+                if let (Ok(Err(e)), Ok(())) = (done, &result) {
+                    result = Err(e);
+                }
+            }
+        };
+        if tokio::time::timeout(DRAIN_GRACE, drain).await.is_err() {
+            tracing::warn!("drain grace period over; stopping the rest");
+            self.tasks.abort_all();
+        }
+        result
+    }
+
+    /// Stops and drains.
+    ///
+    /// # Errors
+    /// The first service error.
+    pub async fn shutdown(self) -> Result<(), MeshError> {
+        let token = CancellationToken::new();
+        token.cancel();
+        self.run_until(token).await
+    }
+}
+
+async fn wait_connected(nats: &herald_store::Nats, url: &str) -> Result<(), MeshError> {
+    let deadline = tokio::time::Instant::now() + NATS_WAIT;
+    let mut logged = false;
+    while !nats.is_connected() {
+        if tokio::time::Instant::now() > deadline {
+            return Err(MeshError::NatsTimeout(url.to_string(), NATS_WAIT));
+        }
+        if !logged {
+            tracing::info!(url, "waiting for NATS");
+            logged = true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}

@@ -1,0 +1,198 @@
+//! `herald up`: the whole mesh in one process for a laptop.
+//!
+//! Starts a child nats-server (unless `--nats-url` is given) with its store under the
+//! data dir, generates the development API key and JWT secret on first run and keeps them
+//! in `<data-dir>/credentials.toml` so a second start reuses both the data and the keys,
+//! provisions, serves every service, and on Ctrl-C stops everything, the child included.
+
+use crate::config::Settings;
+use crate::mesh::{Mesh, MeshOptions, Roles};
+use herald_natsd::{NatsServer, NatsServerOptions};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use tokio_util::sync::CancellationToken;
+
+/// Credentials generated for development.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct DevCredentials {
+    api_key: String,
+    jwt_secret: String,
+}
+
+/// Why `herald up` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpError {
+    /// Reading or writing the data dir failed.
+    #[error("data dir {path}: {source}")]
+    DataDir {
+        /// The path.
+        path: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// nats-server could not be found or started.
+    #[error(transparent)]
+    Nats(#[from] herald_natsd::NatsdError),
+    /// Configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The mesh failed.
+    #[error(transparent)]
+    Mesh(#[from] crate::mesh::MeshError),
+    /// Binding the HTTP address failed.
+    #[error("binding {addr}: {source} (is another herald running? use --http-addr)")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Runs `herald up` until `shutdown`.
+///
+/// # Errors
+/// [`UpError`] when anything needed cannot be started.
+pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> Result<(), UpError> {
+    let data_dir = settings.data_dir.clone();
+    std::fs::create_dir_all(&data_dir).map_err(|source| UpError::DataDir {
+        path: data_dir.display().to_string(),
+        source,
+    })?;
+    let creds = load_or_create_credentials(&data_dir)?;
+    let mut generated = Vec::new();
+    if settings.api_key.is_none() {
+        settings.api_key = Some(creds.api_key.clone());
+        generated.push("api key");
+    }
+    if settings.jwt_secret.is_none() {
+        settings.jwt_secret = Some(creds.jwt_secret.clone());
+        generated.push("jwt secret");
+    }
+    settings.dev_mode = true;
+    let valid = settings.validate()?;
+
+    let mut child: Option<NatsServer> = None;
+    let nats_url = match &settings.nats_url {
+        Some(url) => url.clone(),
+        None => {
+            let store = data_dir.join("nats");
+            let server = NatsServer::start(NatsServerOptions::dev(store)).await?;
+            tracing::info!(pid = server.pid(), url = %server.client_url(), "started nats-server");
+            let url = server.client_url();
+            child = Some(server);
+            url
+        }
+    };
+    let listener = tokio::net::TcpListener::bind(valid.http_addr)
+        .await
+        .map_err(|source| UpError::Bind {
+            addr: valid.http_addr.to_string(),
+            source,
+        })?;
+    let mesh = Mesh::start(
+        MeshOptions {
+            nats_url: nats_url.clone(),
+            name: "herald-up".into(),
+            subjects: valid.subjects.clone(),
+            streams: valid.streams.clone(),
+            provision: true,
+            api_keys: valid.api_keys.clone(),
+            jwt: valid.jwt.clone(),
+            api: herald_api::ApiConfig {
+                body_limit: settings.body_limit,
+                ..Default::default()
+            },
+            gateway: herald_gateway::GatewayConfig {
+                heartbeat: std::time::Duration::from_secs(settings.heartbeat_s),
+                ..Default::default()
+            },
+            roles: Roles::ALL,
+            dev_mode: true,
+        },
+        listener,
+    )
+    .await?;
+    print_banner(&mesh, &settings, &nats_url, &generated, &data_dir);
+    let result = mesh.run_until(shutdown).await;
+    if let Some(mut server) = child {
+        if let Err(e) = server.stop().await {
+            tracing::warn!(error = %e, "stopping nats-server");
+        }
+    }
+    eprintln!("herald stopped.");
+    Ok(result?)
+}
+
+fn load_or_create_credentials(dir: &Path) -> Result<DevCredentials, UpError> {
+    let path = dir.join("credentials.toml");
+    let io = |source| UpError::DataDir {
+        path: path.display().to_string(),
+        source,
+    };
+    if let Ok(text) = std::fs::read_to_string(&path)
+        && let Ok(creds) = parse_credentials(&text)
+    {
+        return Ok(creds);
+    }
+    let creds = DevCredentials {
+        api_key: herald_auth::api_keys::generate(),
+        jwt_secret: hex::encode(rand::random::<[u8; 32]>()),
+    };
+    let text = format!(
+        "# Generated by `herald up` for development. Delete to regenerate.\napi_key = \"{}\"\njwt_secret = \"{}\"\n",
+        creds.api_key, creds.jwt_secret
+    );
+    std::fs::write(&path, text).map_err(io)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+    }
+    Ok(creds)
+}
+
+fn parse_credentials(text: &str) -> Result<DevCredentials, figment::Error> {
+    use figment::providers::{Format as _, Toml};
+    figment::Figment::from(Toml::string(text)).extract()
+}
+
+fn print_banner(
+    mesh: &Mesh,
+    settings: &Settings,
+    nats_url: &str,
+    generated: &[&str],
+    data_dir: &Path,
+) {
+    let addr = mesh.addr();
+    let key = settings.api_key.as_deref().unwrap_or_default();
+    let origin = if generated.is_empty() {
+        "as configured"
+    } else {
+        "development credentials, kept in <data-dir>/credentials.toml"
+    };
+    println!(
+        "\n  Herald is up.\n\n  \
+         demo page    http://{addr}/\n  \
+         API          http://{addr}/v1/notify\n  \
+         NATS         {nats_url}\n  \
+         data dir     {}\n  \
+         API key      {key}   ({origin})\n\n  \
+         Try it:\n    \
+         TOKEN=$(herald token --user alice --data-dir {})\n    \
+         websocat \"ws://{addr}/v1/ws?access_token=$TOKEN\"      # or open the demo page\n    \
+         curl -X POST http://{addr}/v1/notify -H 'Authorization: Bearer {key}' \\\n      \
+         -H 'Content-Type: application/json' -d '{{\"user_id\":\"alice\",\"title\":\"Hello\"}}'\n\n  \
+         Ctrl-C stops everything.\n",
+        data_dir.display(),
+        data_dir.display()
+    );
+}
+
+/// Reads the development credentials, for `herald token` without `--jwt-secret`.
+pub fn dev_jwt_secret(data_dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(data_dir.join("credentials.toml")).ok()?;
+    parse_credentials(&text).ok().map(|c| c.jwt_secret)
+}
