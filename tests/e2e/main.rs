@@ -1,1 +1,13 @@
-fn main(){}
+//! Herald end to end: real nats-server processes, Herald meshes in-process, real clients.
+//! One binary; each module is one area of the contract (SPEC.md), each test owns its
+//! nats-server(s) and ports, so they run in parallel.
+
+mod cluster;
+mod durability;
+mod errors;
+mod frames;
+mod isolation;
+mod native;
+mod notify;
+mod routers;
+mod transports;

@@ -1,1 +1,46 @@
-//! placeholder
+//! The end-to-end harness: real nats-server processes, Herald meshes in-process, and
+//! small clients for every transport. Everything cleans up on `Drop`.
+//!
+//! - [`nats`]: [`Nats::single`] and [`Nats::cluster`], on random ports in a temp dir.
+//! - [`herald`]: [`Herald::builder`] runs `herald::mesh::Mesh` on `127.0.0.1:0` with a
+//!   fresh API key and JWT secret, and wraps the HTTP calls tests make.
+//! - [`ws`] and [`sse`]: a WebSocket client and a Server-Sent Events reader.
+//! - [`wait`]: bounded waiting ([`eventually`], [`within`]); tests never sleep to
+//!   synchronise.
+
+pub mod herald;
+pub mod nats;
+pub mod sse;
+pub mod wait;
+pub mod ws;
+
+pub use herald::{Accepted, Herald, HeraldBuilder, Resume};
+pub use nats::Nats;
+pub use sse::{SseClient, SseEvent};
+pub use wait::{eventually, within};
+pub use ws::WsClient;
+
+/// Percent-encodes `raw` as one URL path segment or query value: every byte outside the
+/// RFC 3986 unreserved set is escaped, so `/`, `*`, `>`, spaces and unicode survive.
+pub fn encode(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len() * 3);
+    for byte in raw.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// Installs a test-friendly tracing subscriber once (`RUST_LOG` filters it; silent by
+/// default).
+pub fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("off"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}

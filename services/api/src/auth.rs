@@ -71,8 +71,9 @@ impl Authenticator {
     /// # Errors
     /// 401 when no key is present or it is unknown.
     pub fn producer_from_parts(&self, parts: &Parts) -> Result<ApiKey, AppError> {
-        let key = header_token(parts)
-            .ok_or_else(|| AppError::unauthorized("an API key is required: Authorization: Bearer <key>"))?;
+        let key = header_token(parts).ok_or_else(|| {
+            AppError::unauthorized("an API key is required: Authorization: Bearer <key>")
+        })?;
         self.keys
             .verify(&key)
             .cloned()
@@ -100,7 +101,10 @@ impl<S: HasAuth + Send + Sync> FromRequestParts<S> for Producer {
     type Rejection = AppError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        state.authenticator().producer_from_parts(parts).map(Producer)
+        state
+            .authenticator()
+            .producer_from_parts(parts)
+            .map(Producer)
     }
 }
 

@@ -73,8 +73,10 @@ pub async fn run(
                     Ok(a) => {
                         metrics::counter!("herald_notify_accepted_total", "path" => "nats")
                             .increment(1);
-                        Some(json!({"stream": herald_protocol::streams::INBOX, "seq": a.seq,
-                                    "duplicate": a.duplicate, "id": a.id}))
+                        Some(
+                            json!({"stream": herald_protocol::streams::INBOX, "seq": a.seq,
+                                    "duplicate": a.duplicate, "id": a.id}),
+                        )
                     }
                     // No answer: the producer's client times out and retries with the
                     // same Nats-Msg-Id, which the inbox deduplicates.
@@ -84,7 +86,14 @@ pub async fn run(
                     }
                 },
                 Err(AcceptError::Invalid(e)) => {
-                    reject(&nats, &rejected_subject, &msg.payload, msg.headers.as_ref(), &e.to_string()).await
+                    reject(
+                        &nats,
+                        &rejected_subject,
+                        &msg.payload,
+                        msg.headers.as_ref(),
+                        &e.to_string(),
+                    )
+                    .await
                 }
                 Err(AcceptError::Store(e)) => {
                     tracing::warn!(error = %e, "native notify not sent");
@@ -92,10 +101,7 @@ pub async fn run(
                 }
             };
             if let (Some(reply), Some(answer)) = (reply, answer) {
-                let _ = nats
-                    .publish
-                    .publish(reply, answer.to_string().into())
-                    .await;
+                let _ = nats.publish.publish(reply, answer.to_string().into()).await;
             }
             drop(permit);
         });
@@ -124,9 +130,17 @@ async fn reject(
         .payload(payload.to_vec().into())
         .headers(headers)
         .expected_stream(REJECTED);
-    let ack = nats.js.send_publish(subject.to_string(), publish).await.ok()?.await.ok()?;
-    Some(json!({"stream": REJECTED, "seq": ack.sequence, "duplicate": false,
-                "rejected": reason}))
+    let ack = nats
+        .js
+        .send_publish(subject.to_string(), publish)
+        .await
+        .ok()?
+        .await
+        .ok()?;
+    Some(
+        json!({"stream": REJECTED, "seq": ack.sequence, "duplicate": false,
+                "rejected": reason}),
+    )
 }
 
 /// Header values must not carry CR/LF.

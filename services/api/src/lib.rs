@@ -14,7 +14,7 @@ pub mod error;
 pub mod http;
 pub mod ingest;
 
-pub use accept::{Acceptor, Accepted, AcceptError};
+pub use accept::{AcceptError, Accepted, Acceptor};
 pub use auth::{Authenticator, Producer, User};
 pub use error::AppError;
 pub use http::{ApiConfig, ApiState, routes};

@@ -40,7 +40,10 @@ pub struct JwtConfig {
 impl std::fmt::Debug for JwtConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JwtConfig")
-            .field("hs256_secret", &self.hs256_secret.as_ref().map(|_| "<redacted>"))
+            .field(
+                "hs256_secret",
+                &self.hs256_secret.as_ref().map(|_| "<redacted>"),
+            )
             .field("public_key", &self.public_key.as_ref().map(|(a, _)| a))
             .field("audience", &self.audience)
             .field("issuer", &self.issuer)
@@ -102,7 +105,11 @@ impl UserAuth {
                     }
                     Algorithm::ES256 | Algorithm::ES384 => DecodingKey::from_ec_pem(pem),
                     Algorithm::EdDSA => DecodingKey::from_ed_pem(pem),
-                    other => return Err(JwtError::Key(format!("{other:?} is not a public-key algorithm"))),
+                    other => {
+                        return Err(JwtError::Key(format!(
+                            "{other:?} is not a public-key algorithm"
+                        )));
+                    }
                 }
                 .map_err(|e| JwtError::Key(e.to_string()))?;
                 Some((*alg, key))

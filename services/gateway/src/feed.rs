@@ -159,7 +159,10 @@ impl Feed {
             return;
         }
         self.last_sent = seq;
-        self.ready
-            .push_back(Notification::from_stored(stored, seq, seq <= self.read_up_to));
+        self.ready.push_back(Notification::from_stored(
+            stored,
+            seq,
+            seq <= self.read_up_to,
+        ));
     }
 }

@@ -5,9 +5,9 @@ use crate::GatewayState;
 use crate::feed::Feed;
 use axum::Json;
 use axum::extract::{RawQuery, State};
+use herald_api::AppError;
 use herald_api::auth::User;
 use herald_api::http::{PageQuery, read_page};
-use herald_api::AppError;
 use herald_protocol::pages::InboxPageBody;
 use std::time::Duration;
 
@@ -18,14 +18,23 @@ pub(crate) async fn page(
 ) -> Result<Json<InboxPageBody>, AppError> {
     let query = PageQuery::parse(query.as_deref())?;
     let (Some(after), true) = (query.after, query.wait > 0) else {
-        return Ok(Json(read_page(&state.inbox, &state.reads, &user, &query).await?));
+        return Ok(Json(
+            read_page(&state.inbox, &state.reads, &user, &query).await?,
+        ));
     };
     // Open a feed at `after`: it replays what is there, or waits for the next one live.
-    let read_up_to = state.reads.get(&user).await.map_err(|e| AppError::unavailable(&e))?;
+    let read_up_to = state
+        .reads
+        .get(&user)
+        .await
+        .map_err(|e| AppError::unavailable(&e))?;
     let mut feed = Feed::open(state.inbox.clone(), user.clone(), Some(after), read_up_to)
         .await
         .map_err(|e| AppError::unavailable(&e))?;
-    let first = feed.next_ready().await.map_err(|e| AppError::unavailable(&e))?;
+    let first = feed
+        .next_ready()
+        .await
+        .map_err(|e| AppError::unavailable(&e))?;
     if first.is_empty() {
         let waited = tokio::time::timeout(Duration::from_secs(query.wait), feed.next()).await;
         if let Ok(Err(e)) = waited {
@@ -33,5 +42,7 @@ pub(crate) async fn page(
         }
     }
     // Whatever arrived, answer with a proper page from the inbox (limit, has_more, read).
-    Ok(Json(read_page(&state.inbox, &state.reads, &user, &query).await?))
+    Ok(Json(
+        read_page(&state.inbox, &state.reads, &user, &query).await?,
+    ))
 }

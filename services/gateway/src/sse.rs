@@ -19,10 +19,18 @@ pub(crate) async fn stream(
 ) -> Result<Response, AppError> {
     let user = state.auth.user_from_parts(&parts)?;
     let after = match parts.headers.get("last-event-id") {
-        Some(v) => Some(v.to_str().ok().and_then(|s| s.trim().parse().ok()).ok_or_else(|| {
-            AppError::field(FieldError::new("Last-Event-ID", "must be a seq"))
-        })?),
-        None => match query.as_deref().and_then(|q| herald_api::auth::url_param(q, "after")) {
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .ok_or_else(|| {
+                    AppError::field(FieldError::new("Last-Event-ID", "must be a seq"))
+                })?,
+        ),
+        None => match query
+            .as_deref()
+            .and_then(|q| herald_api::auth::url_param(q, "after"))
+        {
             Some(v) => Some(v.parse().map_err(|_| {
                 AppError::field(FieldError::new("after", "must be a whole number (a seq)"))
             })?),
@@ -34,8 +42,16 @@ pub(crate) async fn stream(
     let feed = Feed::open(state.inbox.clone(), user.clone(), after, read_up_to)
         .await
         .map_err(|e| unavailable(&e))?;
-    let unread = state.inbox.count_after(&user, read_up_to).await.map_err(|e| unavailable(&e))?;
-    let last_seq = state.inbox.last_seq(&user).await.map_err(|e| unavailable(&e))?;
+    let unread = state
+        .inbox
+        .count_after(&user, read_up_to)
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let last_seq = state
+        .inbox
+        .last_seq(&user)
+        .await
+        .map_err(|e| unavailable(&e))?;
     let hello = ServerFrame::Hello {
         user_id: user,
         last_seq,
@@ -51,7 +67,8 @@ pub(crate) async fn stream(
                 let events: Vec<Result<Event, Infallible>> = items
                     .into_iter()
                     .map(|n| {
-                        metrics::counter!("herald_gateway_frames_out_total", "transport" => "sse").increment(1);
+                        metrics::counter!("herald_gateway_frames_out_total", "transport" => "sse")
+                            .increment(1);
                         let seq = n.seq;
                         Ok(Event::default()
                             .id(seq.to_string())

@@ -96,7 +96,13 @@ enum Outcome {
     Gone,
 }
 
-async fn serve(socket: WebSocket, state: GatewayState, user: UserId, mut feed: Feed, hello: ServerFrame) {
+async fn serve(
+    socket: WebSocket,
+    state: GatewayState,
+    user: UserId,
+    mut feed: Feed,
+    hello: ServerFrame,
+) {
     metrics::gauge!("herald_gateway_connections", "transport" => "ws").increment(1.0);
     let (mut sink, mut stream) = socket.split();
     let (tx, mut rx) = mpsc::channel::<Message>(state.config.queue_frames);
@@ -204,9 +210,11 @@ async fn on_client_frame(state: &GatewayState, user: &UserId, text: &str) -> Res
         .map_err(|_| Outcome::Close(close::POLICY, "unknown or malformed frame"))?;
     match frame {
         ClientFrame::Read { up_to } => {
-            let last = state.inbox.last_seq(user).await.map_err(|_| {
-                Outcome::Close(close::INTERNAL, "store unavailable")
-            })?;
+            let last = state
+                .inbox
+                .last_seq(user)
+                .await
+                .map_err(|_| Outcome::Close(close::INTERNAL, "store unavailable"))?;
             state
                 .reads
                 .advance(user, up_to.min(last))

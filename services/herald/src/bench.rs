@@ -70,7 +70,8 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     }
 }
 
-const BODY_TEXT: &str = "Jane liked your photo. Tap to see it and 3 other new reactions from people you follow.";
+const BODY_TEXT: &str =
+    "Jane liked your photo. Tap to see it and 3 other new reactions from people you follow.";
 
 async fn notify(args: NotifyArgs) -> Result<(), BenchError> {
     let tmp = tempfile::tempdir()?;
@@ -87,7 +88,10 @@ async fn notify(args: NotifyArgs) -> Result<(), BenchError> {
             u
         }
     };
-    eprintln!("bench: nats-server at {url}; {} messages per phase", args.count);
+    eprintln!(
+        "bench: nats-server at {url}; {} messages per phase",
+        args.count
+    );
     let payload = sample_payload("u-00001");
     let raw_js = raw_jetstream(&url, args.count, payload.len()).await?;
     let raw_core = raw_core(&url, args.count, payload.len()).await?;
@@ -95,8 +99,17 @@ async fn notify(args: NotifyArgs) -> Result<(), BenchError> {
 
     let api_key = herald_auth::api_keys::generate();
     let mut keys = ApiKeys::new();
-    keys.insert(&api_key, ApiKey { producer: "bench".into(), scopes: Scope::ALL.to_vec() });
-    let jwt = JwtConfig { hs256_secret: Some(b"bench-secret-bench-secret-bench-secret".to_vec()), ..Default::default() };
+    keys.insert(
+        &api_key,
+        ApiKey {
+            producer: "bench".into(),
+            scopes: Scope::ALL.to_vec(),
+        },
+    );
+    let jwt = JwtConfig {
+        hs256_secret: Some(b"bench-secret-bench-secret-bench-secret".to_vec()),
+        ..Default::default()
+    };
     let users_auth = UserAuth::new(&jwt)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let mesh = Mesh::start(
@@ -124,18 +137,33 @@ async fn notify(args: NotifyArgs) -> Result<(), BenchError> {
     drop(own_server);
 
     let ratio = |x: f64| 100.0 * x / raw_js;
-    println!("\n## herald bench notify ({} msgs/phase, payload {} B)\n", args.count, payload.len());
+    println!(
+        "\n## herald bench notify ({} msgs/phase, payload {} B)\n",
+        args.count,
+        payload.len()
+    );
     println!("| measure | result | vs raw JetStream publish + Nats-Msg-Id |");
     println!("|---|---|---|");
     println!("| raw JetStream async publish, Nats-Msg-Id, R1 file | {raw_js:.0} msgs/s | 100% |");
     println!("| raw core NATS pub/sub, separate connections | {raw_core:.0} msgs/s | — |");
-    println!("| Herald native path (`herald.notify`, acked) | {native:.0} notifications/s | {:.0}% |", ratio(native));
-    println!("| Herald HTTP `POST /v1/notify` ({} concurrent) | {http:.0} notifications/s | {:.0}% |", args.http_concurrency, ratio(http));
+    println!(
+        "| Herald native path (`herald.notify`, acked) | {native:.0} notifications/s | {:.0}% |",
+        ratio(native)
+    );
+    println!(
+        "| Herald HTTP `POST /v1/notify` ({} concurrent) | {http:.0} notifications/s | {:.0}% |",
+        args.http_concurrency,
+        ratio(http)
+    );
     println!(
         "| notify→frame latency at {}/s to {} WebSocket users ({} samples) | p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms, max {:.2} ms | — |",
-        args.rate, args.users, latency.len(),
-        ms(latency.value_at_quantile(0.5)), ms(latency.value_at_quantile(0.99)),
-        ms(latency.value_at_quantile(0.999)), ms(latency.max())
+        args.rate,
+        args.users,
+        latency.len(),
+        ms(latency.value_at_quantile(0.5)),
+        ms(latency.value_at_quantile(0.99)),
+        ms(latency.value_at_quantile(0.999)),
+        ms(latency.max())
     );
     Ok(())
 }
@@ -160,7 +188,9 @@ fn rate(count: u64, elapsed: Duration) -> f64 {
 /// subjects (like the inbox).
 async fn raw_jetstream(url: &str, count: u64, size: usize) -> Result<f64, BenchError> {
     let client = async_nats::connect(url).await?;
-    let js = jetstream::ContextBuilder::new().max_ack_inflight(4096).build(client);
+    let js = jetstream::ContextBuilder::new()
+        .max_ack_inflight(4096)
+        .build(client);
     let _ = js.delete_stream("RAWBENCH").await;
     js.create_stream(stream::Config {
         name: "RAWBENCH".into(),
@@ -183,7 +213,9 @@ async fn raw_jetstream(url: &str, count: u64, size: usize) -> Result<f64, BenchE
         let publish = jetstream::message::PublishMessage::build()
             .payload(body.clone())
             .message_id(format!("raw-{i}"));
-        let ack = js.send_publish(format!("rawbench.{}", i % 10_000), publish).await?;
+        let ack = js
+            .send_publish(format!("rawbench.{}", i % 10_000), publish)
+            .await?;
         tx.send(ack).await?;
     }
     drop(tx);
@@ -195,7 +227,10 @@ async fn raw_jetstream(url: &str, count: u64, size: usize) -> Result<f64, BenchE
 
 /// Core publish → subscribe across two connections.
 async fn raw_core(url: &str, count: u64, size: usize) -> Result<f64, BenchError> {
-    let sub_client = async_nats::ConnectOptions::new().subscription_capacity(1 << 20).connect(url).await?;
+    let sub_client = async_nats::ConnectOptions::new()
+        .subscription_capacity(1 << 20)
+        .connect(url)
+        .await?;
     let pub_client = async_nats::connect(url).await?;
     let mut sub = sub_client.subscribe("rawcore.bench").await?;
     sub_client.flush().await?;
@@ -233,11 +268,15 @@ async fn native_throughput(url: &str, count: u64) -> Result<f64, BenchError> {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", format!("native-{i}"));
         let body = sample_payload(&format!("u-{:05}", i % 10_000));
-        client.publish_with_reply_and_headers("hbench.notify", inbox, headers, body.into()).await?;
+        client
+            .publish_with_reply_and_headers("hbench.notify", inbox, headers, body.into())
+            .await?;
         let failures = failures.clone();
         tasks.spawn(async move {
             match tokio::time::timeout(Duration::from_secs(10), sub.next()).await {
-                Ok(Some(m)) if serde_json::from_slice::<serde_json::Value>(&m.payload).is_ok_and(|v| v["seq"].is_u64()) => {}
+                Ok(Some(m))
+                    if serde_json::from_slice::<serde_json::Value>(&m.payload)
+                        .is_ok_and(|v| v["seq"].is_u64()) => {}
                 _ => {
                     failures.fetch_add(1, Ordering::Relaxed);
                 }
@@ -255,8 +294,15 @@ async fn native_throughput(url: &str, count: u64) -> Result<f64, BenchError> {
 }
 
 /// HTTP path: `concurrency` keep-alive connections posting notifications.
-async fn http_throughput(base: &str, key: &str, count: u64, concurrency: usize) -> Result<f64, BenchError> {
-    let client = reqwest::Client::builder().pool_max_idle_per_host(concurrency).build()?;
+async fn http_throughput(
+    base: &str,
+    key: &str,
+    count: u64,
+    concurrency: usize,
+) -> Result<f64, BenchError> {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .build()?;
     let next = Arc::new(AtomicU64::new(0));
     let failures = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
@@ -296,9 +342,16 @@ async fn http_throughput(base: &str, key: &str, count: u64, concurrency: usize) 
 
 /// Fixed-rate notifications over HTTP to connected WebSocket users; each carries its send
 /// time, each client records arrival − send in microseconds.
-async fn latency(base: &str, key: &str, auth: &UserAuth, args: &NotifyArgs) -> Result<Histogram<u64>, BenchError> {
+async fn latency(
+    base: &str,
+    key: &str,
+    auth: &UserAuth,
+    args: &NotifyArgs,
+) -> Result<Histogram<u64>, BenchError> {
     let epoch = Instant::now();
-    let hist = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
+    let hist = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(
+        1, 60_000_000, 3,
+    )?));
     let total = args.rate * args.seconds;
     let received = Arc::new(AtomicU64::new(0));
     let ws_base = base.replacen("http://", "ws://", 1);
@@ -306,7 +359,9 @@ async fn latency(base: &str, key: &str, auth: &UserAuth, args: &NotifyArgs) -> R
     for u in 0..args.users {
         let user = UserId::new(format!("lat-{u}"))?;
         let token = auth.mint(&user, 3600)?;
-        let (mut ws, _) = tokio_tungstenite::connect_async(format!("{ws_base}/v1/ws?access_token={token}")).await?;
+        let (mut ws, _) =
+            tokio_tungstenite::connect_async(format!("{ws_base}/v1/ws?access_token={token}"))
+                .await?;
         // Wait for hello so the subscription exists before sending.
         let _ = ws.next().await;
         let (hist, received) = (hist.clone(), received.clone());
@@ -323,7 +378,9 @@ async fn latency(base: &str, key: &str, auth: &UserAuth, args: &NotifyArgs) -> R
                         received.fetch_add(1, Ordering::Relaxed);
                     }
                 } else if let tokio_tungstenite::tungstenite::Message::Ping(p) = msg {
-                    let _ = ws.send(tokio_tungstenite::tungstenite::Message::Pong(p)).await;
+                    let _ = ws
+                        .send(tokio_tungstenite::tungstenite::Message::Pong(p))
+                        .await;
                 }
             }
         });
@@ -339,7 +396,10 @@ async fn latency(base: &str, key: &str, auth: &UserAuth, args: &NotifyArgs) -> R
             "user_id": format!("lat-{}", i as usize % args.users), "title": "latency",
             "body": BODY_TEXT, "data": {"sent_us": epoch.elapsed().as_micros() as u64}
         });
-        let req = client.post(format!("{base}/v1/notify")).bearer_auth(key).json(&body);
+        let req = client
+            .post(format!("{base}/v1/notify"))
+            .bearer_auth(key)
+            .json(&body);
         sends.spawn(async move { req.send().await.is_ok_and(|r| r.status().as_u16() == 202) });
         while sends.try_join_next().is_some() {}
     }

@@ -122,7 +122,10 @@ impl Settings {
     ///
     /// # Errors
     /// [`ConfigError`] when a source cannot be read or a value has the wrong type.
-    pub fn load(file: Option<&std::path::Path>, flags: &impl Serialize) -> Result<Self, ConfigError> {
+    pub fn load(
+        file: Option<&std::path::Path>,
+        flags: &impl Serialize,
+    ) -> Result<Self, ConfigError> {
         let mut figment = Figment::from(Serialized::defaults(Settings::default()));
         if let Some(file) = file {
             if !file.exists() {
@@ -153,7 +156,10 @@ impl Settings {
             .map_err(|e| errors.push(format!("http_addr {:?}: {e}", self.http_addr)))
             .ok();
         if self.partitions == 0 || self.partitions > 1024 {
-            errors.push(format!("partitions must be 1 to 1024, not {}", self.partitions));
+            errors.push(format!(
+                "partitions must be 1 to 1024, not {}",
+                self.partitions
+            ));
         }
         if ![1, 3, 5].contains(&self.replicas) {
             errors.push(format!("replicas must be 1, 3 or 5, not {}", self.replicas));
@@ -210,7 +216,11 @@ impl Settings {
         }
         for (i, entry) in self.api_keys.iter().enumerate() {
             let mut scopes = Vec::new();
-            for name in entry.scopes.clone().unwrap_or_else(|| vec!["notify".into()]) {
+            for name in entry
+                .scopes
+                .clone()
+                .unwrap_or_else(|| vec!["notify".into()])
+            {
                 match Scope::ALL.iter().find(|s| s.as_str() == name) {
                     Some(s) => scopes.push(*s),
                     None => errors.push(format!(
@@ -229,7 +239,9 @@ impl Settings {
                         errors.push(format!("api_keys[{i}].key_sha256: {e}"));
                     }
                 }
-                _ => errors.push(format!("api_keys[{i}]: give exactly one of key, key_sha256")),
+                _ => errors.push(format!(
+                    "api_keys[{i}]: give exactly one of key, key_sha256"
+                )),
             }
         }
         keys
@@ -255,7 +267,9 @@ impl Settings {
                     "ES256" => Some(jsonwebtoken::Algorithm::ES256),
                     "EdDSA" => Some(jsonwebtoken::Algorithm::EdDSA),
                     other => {
-                        errors.push(format!("jwt_algorithm {other:?}: use RS256, ES256 or EdDSA"));
+                        errors.push(format!(
+                            "jwt_algorithm {other:?}: use RS256, ES256 or EdDSA"
+                        ));
                         None
                     }
                 };

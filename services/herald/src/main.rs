@@ -24,7 +24,9 @@ fn init_tracing() {
     let filter = EnvFilter::try_from_env("HERALD_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn,tower_http=warn"));
     let json = std::env::var("HERALD_LOG_FORMAT").is_ok_and(|v| v == "json");
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -47,12 +49,48 @@ async fn run(cli: Cli) -> ExitCode {
                 }),
             Err(e) => Err(Failure::Config(e)),
         },
-        Command::Api(c) => service(&c, Roles { api: true, ingest: true, gateway: false, router: false }, "herald-api").await,
-        Command::Gateway(c) => service(&c, Roles { gateway: true, api: false, ingest: false, router: false }, "herald-gateway").await,
-        Command::Router(c) => service(&c, Roles { router: true, api: false, ingest: false, gateway: false }, "herald-router").await,
+        Command::Api(c) => {
+            service(
+                &c,
+                Roles {
+                    api: true,
+                    ingest: true,
+                    gateway: false,
+                    router: false,
+                },
+                "herald-api",
+            )
+            .await
+        }
+        Command::Gateway(c) => {
+            service(
+                &c,
+                Roles {
+                    gateway: true,
+                    api: false,
+                    ingest: false,
+                    router: false,
+                },
+                "herald-gateway",
+            )
+            .await
+        }
+        Command::Router(c) => {
+            service(
+                &c,
+                Roles {
+                    router: true,
+                    api: false,
+                    ingest: false,
+                    gateway: false,
+                },
+                "herald-router",
+            )
+            .await
+        }
         Command::Provision(c) => provision(&c).await,
         Command::Token(t) => token(&t),
-        Command::Bench(b) => herald::bench::run(b).await.map_err(|e| Failure::Run(e.into())),
+        Command::Bench(b) => herald::bench::run(b).await.map_err(Failure::Run),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -77,7 +115,8 @@ async fn service(common: &Common, roles: Roles, name: &str) -> Result<(), Failur
     let v = s.validate().map_err(Failure::Config)?;
     let Some(nats_url) = s.nats_url.clone() else {
         return Err(Failure::Config(ConfigError(vec![
-            "nats_url is required (--nats-url or HERALD_NATS_URL); `herald up` starts its own".into(),
+            "nats_url is required (--nats-url or HERALD_NATS_URL); `herald up` starts its own"
+                .into(),
         ])));
     };
     let listener = tokio::net::TcpListener::bind(v.http_addr)
@@ -92,7 +131,10 @@ async fn service(common: &Common, roles: Roles, name: &str) -> Result<(), Failur
             provision: false,
             api_keys: v.api_keys,
             jwt: v.jwt,
-            api: herald_api::ApiConfig { body_limit: s.body_limit, ..Default::default() },
+            api: herald_api::ApiConfig {
+                body_limit: s.body_limit,
+                ..Default::default()
+            },
             gateway: herald_gateway::GatewayConfig {
                 heartbeat: std::time::Duration::from_secs(s.heartbeat_s),
                 ..Default::default()
@@ -115,7 +157,9 @@ async fn provision(common: &Common) -> Result<(), Failure> {
     s.jwt_secret.get_or_insert_with(|| "x".repeat(32));
     let v = s.validate().map_err(Failure::Config)?;
     let url = s.nats_url.clone().ok_or_else(|| {
-        Failure::Config(ConfigError(vec!["nats_url is required (--nats-url or HERALD_NATS_URL)".into()]))
+        Failure::Config(ConfigError(vec![
+            "nats_url is required (--nats-url or HERALD_NATS_URL)".into(),
+        ]))
     })?;
     let nats = herald_store::connect(&url, "herald-provision")
         .await
@@ -137,10 +181,11 @@ fn token(args: &herald::cli::TokenArgs) -> Result<(), Failure> {
     }
     let v = s.validate().map_err(Failure::Config)?;
     let auth = herald_auth::UserAuth::new(&v.jwt).map_err(|e| Failure::Run(Box::new(e)))?;
-    let user = herald_protocol::UserId::new(args.user.clone()).map_err(|e| {
-        Failure::Config(ConfigError(vec![format!("--user: {e}")]))
-    })?;
-    let token = auth.mint(&user, args.ttl).map_err(|e| Failure::Run(Box::new(e)))?;
+    let user = herald_protocol::UserId::new(args.user.clone())
+        .map_err(|e| Failure::Config(ConfigError(vec![format!("--user: {e}")])))?;
+    let token = auth
+        .mint(&user, args.ttl)
+        .map_err(|e| Failure::Run(Box::new(e)))?;
     println!("{token}");
     Ok(())
 }

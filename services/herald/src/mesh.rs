@@ -79,7 +79,9 @@ pub enum MeshError {
         source: async_nats::ConnectError,
     },
     /// NATS did not become reachable in time.
-    #[error("NATS at {0} did not answer within {1:?}; is nats-server running? (`herald up` starts one)")]
+    #[error(
+        "NATS at {0} did not answer within {1:?}; is nats-server running? (`herald up` starts one)"
+    )]
     NatsTimeout(String, Duration),
     /// Provisioning failed.
     #[error(transparent)]

@@ -22,7 +22,10 @@ pub fn prometheus() -> Option<&'static PrometheusHandle> {
 pub fn routes(nats: herald_store::Nats) -> Router {
     let _ = prometheus();
     Router::new()
-        .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+        .route(
+            "/healthz",
+            get(|| async { Json(serde_json::json!({"status": "ok"})) }),
+        )
         .route(
             "/readyz",
             get(move || {
@@ -42,7 +45,9 @@ pub fn routes(nats: herald_store::Nats) -> Router {
         .route(
             "/metrics",
             get(|| async {
-                let body = prometheus().map(PrometheusHandle::render).unwrap_or_default();
+                let body = prometheus()
+                    .map(PrometheusHandle::render)
+                    .unwrap_or_default();
                 ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
             }),
         )

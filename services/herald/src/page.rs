@@ -53,11 +53,10 @@ async fn token(
         .map_err(|e| AppError::field(FieldError::new("user_id", e.to_string())))?;
     let user = UserId::new(req.user_id)
         .map_err(|e| AppError::field(FieldError::new("user_id", e.to_string())))?;
-    let token = state
-        .auth
-        .users
-        .mint(&user, DEV_TOKEN_TTL)
-        .map_err(|e| AppError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    let token =
+        state.auth.users.mint(&user, DEV_TOKEN_TTL).map_err(|e| {
+            AppError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })?;
     Ok(Json(serde_json::json!({ "token": token, "user_id": user })))
 }
 

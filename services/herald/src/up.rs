@@ -117,10 +117,10 @@ pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> Result<
     .await?;
     print_banner(&mesh, &settings, &nats_url, &generated, &data_dir);
     let result = mesh.run_until(shutdown).await;
-    if let Some(mut server) = child {
-        if let Err(e) = server.stop().await {
-            tracing::warn!(error = %e, "stopping nats-server");
-        }
+    if let Some(mut server) = child
+        && let Err(e) = server.stop().await
+    {
+        tracing::warn!(error = %e, "stopping nats-server");
     }
     eprintln!("herald stopped.");
     Ok(result?)
@@ -133,7 +133,7 @@ fn load_or_create_credentials(dir: &Path) -> Result<DevCredentials, UpError> {
         source,
     };
     if let Ok(text) = std::fs::read_to_string(&path)
-        && let Ok(creds) = parse_credentials(&text)
+        && let Some(creds) = parse_credentials(&text)
     {
         return Ok(creds);
     }
@@ -154,9 +154,9 @@ fn load_or_create_credentials(dir: &Path) -> Result<DevCredentials, UpError> {
     Ok(creds)
 }
 
-fn parse_credentials(text: &str) -> Result<DevCredentials, figment::Error> {
+fn parse_credentials(text: &str) -> Option<DevCredentials> {
     use figment::providers::{Format as _, Toml};
-    figment::Figment::from(Toml::string(text)).extract()
+    figment::Figment::from(Toml::string(text)).extract().ok()
 }
 
 fn print_banner(
@@ -194,5 +194,5 @@ fn print_banner(
 /// Reads the development credentials, for `herald token` without `--jwt-secret`.
 pub fn dev_jwt_secret(data_dir: &Path) -> Option<String> {
     let text = std::fs::read_to_string(data_dir.join("credentials.toml")).ok()?;
-    parse_credentials(&text).ok().map(|c| c.jwt_secret)
+    parse_credentials(&text).map(|c| c.jwt_secret)
 }

@@ -174,7 +174,8 @@ impl NotifyRequest {
     pub fn validate(self) -> Result<ValidatedNotify, FieldError> {
         let user_id = match self.user_id {
             None => return Err(FieldError::new("user_id", "is required")),
-            Some(raw) => UserId::new(raw).map_err(|e: UserIdError| FieldError::new("user_id", e.to_string()))?,
+            Some(raw) => UserId::new(raw)
+                .map_err(|e: UserIdError| FieldError::new("user_id", e.to_string()))?,
         };
         let priority = match self.priority.as_deref() {
             None => Priority::Normal,
@@ -278,7 +279,10 @@ fn check_key(field: &str, value: &str) -> Result<(), FieldError> {
         return Err(FieldError::new(field, "must be 1 to 256 bytes"));
     }
     if value.chars().any(char::is_control) {
-        return Err(FieldError::new(field, "must not contain control characters"));
+        return Err(FieldError::new(
+            field,
+            "must not contain control characters",
+        ));
     }
     Ok(())
 }
@@ -298,7 +302,10 @@ fn parse_channels(raw: Option<Vec<String>>) -> Result<Vec<Channel>, FieldError> 
         return Ok(vec![Channel::Inbox]);
     };
     if raw.is_empty() {
-        return Err(FieldError::new("channels", "must name at least one channel"));
+        return Err(FieldError::new(
+            "channels",
+            "must name at least one channel",
+        ));
     }
     let mut channels = Vec::with_capacity(raw.len());
     for (i, name) in raw.iter().enumerate() {
@@ -485,11 +492,23 @@ mod tests {
             (r#"{"user_id":5,"title":"x"}"#, "user_id"),
             (r#"{"user_id":"u","title":7}"#, "title"),
             (r#"{"user_id":"u"}"#, "title"),
-            (r#"{"user_id":"u","title":"x","priority":"urgent"}"#, "priority"),
-            (r#"{"user_id":"u","title":"x","channels":["inbox","pigeon"]}"#, "channels[1]"),
+            (
+                r#"{"user_id":"u","title":"x","priority":"urgent"}"#,
+                "priority",
+            ),
+            (
+                r#"{"user_id":"u","title":"x","channels":["inbox","pigeon"]}"#,
+                "channels[1]",
+            ),
             (r#"{"user_id":"u","title":"x","data":[1]}"#, "data"),
-            (r#"{"user_id":"u","title":"x","ttl_seconds":-1}"#, "ttl_seconds"),
-            (r#"{"user_id":"u","title":"x","send_at":"tomorrow"}"#, "send_at"),
+            (
+                r#"{"user_id":"u","title":"x","ttl_seconds":-1}"#,
+                "ttl_seconds",
+            ),
+            (
+                r#"{"user_id":"u","title":"x","send_at":"tomorrow"}"#,
+                "send_at",
+            ),
             (r#"not json"#, "body"),
             (r#"[1,2]"#, "body"),
             (r#"{"user_id":"u","title":"x"} trailing"#, "body"),

@@ -101,7 +101,12 @@ impl Subjects {
 
     /// The work queue of one channel and lane.
     pub fn work(&self, channel: crate::Channel, lane: crate::Priority) -> String {
-        format!("{}.work.{}.{}", self.prefix, channel.as_str(), lane.as_str())
+        format!(
+            "{}.work.{}.{}",
+            self.prefix,
+            channel.as_str(),
+            lane.as_str()
+        )
     }
 
     /// Every work subject (the WORK stream's filter).

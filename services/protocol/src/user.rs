@@ -115,7 +115,16 @@ mod tests {
 
     #[test]
     fn hostile_ids_become_plain_tokens() {
-        for raw in ["*", ">", "a.b", "bob.*", "bob.>", "with space", "ünïcødé 🚀", "$JS.API.>"] {
+        for raw in [
+            "*",
+            ">",
+            "a.b",
+            "bob.*",
+            "bob.>",
+            "with space",
+            "ünïcødé 🚀",
+            "$JS.API.>",
+        ] {
             let id = UserId::new(raw).expect("valid id");
             let token = id.token();
             assert!(

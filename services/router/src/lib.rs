@@ -11,10 +11,10 @@ use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::message::PublishMessage;
 use futures::StreamExt as _;
+use herald_protocol::Subjects;
 use herald_protocol::streams::{self, INBOX, WORK};
 use herald_protocol::{Channel, ChannelJob, StoredNotification};
 use herald_store::Nats;
-use herald_protocol::Subjects;
 use std::future::Future;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -144,7 +144,12 @@ async fn route(nats: &Nats, subjects: &Subjects, msg: async_nats::jetstream::Mes
         }
     };
     let mut acks = Vec::new();
-    for channel in stored.channels.iter().copied().filter(|c| *c != Channel::Inbox) {
+    for channel in stored
+        .channels
+        .iter()
+        .copied()
+        .filter(|c| *c != Channel::Inbox)
+    {
         let job = ChannelJob {
             id: stored.id.clone(),
             seq,
@@ -167,7 +172,9 @@ async fn route(nats: &Nats, subjects: &Subjects, msg: async_nats::jetstream::Mes
             Ok(ack) => acks.push(ack),
             Err(e) => {
                 tracing::warn!(seq, error = %e, "enqueue failed; will retry");
-                let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                let _ = msg
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
                 return;
             }
         }
@@ -175,7 +182,9 @@ async fn route(nats: &Nats, subjects: &Subjects, msg: async_nats::jetstream::Mes
     for ack in acks {
         if let Err(e) = ack.await {
             tracing::warn!(seq, error = %e, "enqueue not acked; will retry");
-            let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
             return;
         }
     }

@@ -211,16 +211,21 @@ impl Inbox {
 /// into another user's data or a failed page.
 fn decode_all(user: &UserId, msgs: Vec<DirectMessage>) -> Vec<(u64, StoredNotification)> {
     msgs.into_iter()
-        .filter_map(|m| match serde_json::from_slice::<StoredNotification>(&m.payload) {
-            Ok(n) if &n.user_id == user => Some((m.seq, n)),
-            Ok(_) => {
-                tracing::error!(seq = m.seq, "inbox message addressed to another user; skipped");
-                None
-            }
-            Err(e) => {
-                tracing::warn!(seq = m.seq, error = %e, "undecodable inbox message; skipped");
-                None
-            }
-        })
+        .filter_map(
+            |m| match serde_json::from_slice::<StoredNotification>(&m.payload) {
+                Ok(n) if &n.user_id == user => Some((m.seq, n)),
+                Ok(_) => {
+                    tracing::error!(
+                        seq = m.seq,
+                        "inbox message addressed to another user; skipped"
+                    );
+                    None
+                }
+                Err(e) => {
+                    tracing::warn!(seq = m.seq, error = %e, "undecodable inbox message; skipped");
+                    None
+                }
+            },
+        )
         .collect()
 }

@@ -34,7 +34,9 @@ pub enum ProvisionError {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The existing stream differs in a way that cannot be changed in place.
-    #[error("stream {stream} exists with {field} = {existing}, but this Herald wants {wanted}; {advice}")]
+    #[error(
+        "stream {stream} exists with {field} = {existing}, but this Herald wants {wanted}; {advice}"
+    )]
     Incompatible {
         /// Stream name.
         stream: String,
@@ -49,7 +51,9 @@ pub enum ProvisionError {
     },
 }
 
-fn nats_err(what: impl Into<String>) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> ProvisionError {
+fn nats_err(
+    what: impl Into<String>,
+) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> ProvisionError {
     let what = what.into();
     move |source| ProvisionError::Nats { what, source }
 }
@@ -88,11 +92,14 @@ fn stream_config(spec: &StreamSpec) -> stream::Config {
         max_message_size: spec.max_msg_size,
         duplicate_window: spec.duplicate_window,
         allow_direct: spec.allow_direct,
-        republish: spec.republish.as_ref().map(|(src, dest)| stream::Republish {
-            source: src.clone(),
-            destination: dest.clone(),
-            headers_only: false,
-        }),
+        republish: spec
+            .republish
+            .as_ref()
+            .map(|(src, dest)| stream::Republish {
+                source: src.clone(),
+                destination: dest.clone(),
+                headers_only: false,
+            }),
         num_replicas: spec.replicas,
         discard: stream::DiscardPolicy::Old,
         metadata: spec.metadata.iter().cloned().collect::<HashMap<_, _>>(),
@@ -123,7 +130,11 @@ async fn ensure_stream(
         {
             None
         }
-        Err(e) => return Err(nats_err(format!("looking up stream {}", spec.name))(Box::new(e))),
+        Err(e) => {
+            return Err(nats_err(format!("looking up stream {}", spec.name))(
+                Box::new(e),
+            ));
+        }
     };
     let Some(existing) = existing else {
         js.create_stream(wanted)

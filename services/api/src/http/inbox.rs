@@ -79,15 +79,16 @@ pub async fn read_page(
         None => inbox.before(user, query.before, query.limit).await,
     }
     .map_err(|e| AppError::unavailable(&e))?;
-    let read_up_to = reads.get(user).await.map_err(|e| AppError::unavailable(&e))?;
+    let read_up_to = reads
+        .get(user)
+        .await
+        .map_err(|e| AppError::unavailable(&e))?;
     let items: Vec<Notification> = page
         .items
         .into_iter()
         .map(|(seq, n)| Notification::from_stored(n, seq, seq <= read_up_to))
         .collect();
-    let next_after = items
-        .last()
-        .map_or(query.after.unwrap_or(0), |n| n.seq);
+    let next_after = items.last().map_or(query.after.unwrap_or(0), |n| n.seq);
     let prev_before = items.first().map(|n| n.seq);
     Ok(InboxPageBody {
         items,
@@ -104,7 +105,8 @@ pub(super) async fn producer_page(
     RawQuery(query): RawQuery,
 ) -> Result<Json<InboxPageBody>, AppError> {
     producer.require(Scope::Read)?;
-    let user = UserId::new(user_id).map_err(|e| AppError::field(FieldError::new("user_id", e.to_string())))?;
+    let user = UserId::new(user_id)
+        .map_err(|e| AppError::field(FieldError::new("user_id", e.to_string())))?;
     let query = PageQuery::parse(query.as_deref())?;
     let reads = &state.reads;
     Ok(Json(

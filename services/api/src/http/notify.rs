@@ -76,7 +76,10 @@ pub(super) async fn notify(
 #[serde(untagged)]
 enum ItemResult {
     Accepted(pages::Accepted),
-    Rejected { status: &'static str, error: herald_protocol::error::ErrorDetail },
+    Rejected {
+        status: &'static str,
+        error: herald_protocol::error::ErrorDetail,
+    },
 }
 
 pub(super) async fn batch(

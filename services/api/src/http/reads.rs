@@ -28,7 +28,10 @@ pub(super) async fn mark_read(
         ))
     })?;
     let inbox = state.acceptor.inbox();
-    let last_seq = inbox.last_seq(&user).await.map_err(|e| AppError::unavailable(&e))?;
+    let last_seq = inbox
+        .last_seq(&user)
+        .await
+        .map_err(|e| AppError::unavailable(&e))?;
     // Never past the newest notification: a read position ahead of the inbox would hide
     // notifications that arrive later.
     let position = state
@@ -48,8 +51,13 @@ pub(super) async fn unread(
     User(user): User,
 ) -> Result<Json<Unread>, AppError> {
     let inbox = state.acceptor.inbox();
-    let position = state.reads.get(&user).await.map_err(|e| AppError::unavailable(&e))?;
-    let (unread, last_seq) = tokio::try_join!(inbox.count_after(&user, position), inbox.last_seq(&user))
+    let position = state
+        .reads
+        .get(&user)
+        .await
         .map_err(|e| AppError::unavailable(&e))?;
+    let (unread, last_seq) =
+        tokio::try_join!(inbox.count_after(&user, position), inbox.last_seq(&user))
+            .map_err(|e| AppError::unavailable(&e))?;
     Ok(Json(Unread { unread, last_seq }))
 }

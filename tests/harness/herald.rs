@@ -1,0 +1,395 @@
+//! A Herald mesh running in this process against a test's nats-server, with its own API
+//! key and JWT secret, and the HTTP calls tests make against it.
+
+use crate::nats::Nats;
+use crate::sse::SseClient;
+use crate::ws::WsClient;
+use anyhow::{Context as _, bail, ensure};
+use herald::mesh::{Mesh, MeshOptions, Roles};
+use herald_auth::{ApiKey, ApiKeys, JwtConfig, Scope, UserAuth};
+use herald_protocol::streams::StreamSettings;
+use herald_protocol::{Subjects, UserId};
+use reqwest::{Method, RequestBuilder, StatusCode};
+use serde_json::{Value, json};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+/// Bound on one ordinary HTTP call.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// What a 202 said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    /// The notification id.
+    pub id: String,
+    /// Its inbox position.
+    pub seq: u64,
+}
+
+/// Where a WebSocket or SSE connection starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resume {
+    /// Live only: no replay.
+    Live,
+    /// `?after=<seq>`: replay everything after it, then live.
+    After(u64),
+    /// SSE only: the `Last-Event-ID` header.
+    LastEventId(u64),
+}
+
+/// Configures a [`Herald`] before it starts.
+#[derive(Debug)]
+pub struct HeraldBuilder {
+    nats_url: String,
+    partitions: u16,
+    replicas: usize,
+    roles: Roles,
+    keys: Vec<(String, Vec<Scope>)>,
+}
+
+/// A running Herald mesh. Dropping it aborts the mesh; [`Herald::shutdown`] drains it.
+#[derive(Debug)]
+pub struct Herald {
+    mesh: Option<Mesh>,
+    base: String,
+    api_key: String,
+    users: UserAuth,
+    http: reqwest::Client,
+    subjects: Subjects,
+}
+
+static INSTANCES: AtomicU64 = AtomicU64::new(0);
+
+impl Herald {
+    /// A builder for a mesh on `nats`: 4 partitions, 1 replica, every role.
+    pub fn builder(nats: &Nats) -> HeraldBuilder {
+        HeraldBuilder {
+            nats_url: nats.url(),
+            partitions: 4,
+            replicas: 1,
+            roles: Roles::ALL,
+            keys: Vec::new(),
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    /// The API key with every scope.
+    pub fn api_key(&self) -> &str {
+        &self.api_key
+    }
+
+    /// The subject scheme this mesh uses.
+    pub fn subjects(&self) -> &Subjects {
+        &self.subjects
+    }
+
+    /// The shared HTTP client.
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// A valid user token for `user` (one hour).
+    ///
+    /// # Panics
+    /// When `user` is not a valid user id (1–128 bytes).
+    pub fn token(&self, user: &str) -> String {
+        let id = UserId::new(user).expect("a valid user id");
+        self.users
+            .mint(&id, 3600)
+            .expect("minting with the HS256 secret")
+    }
+
+    /// A request to `path` with no credentials.
+    pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.base))
+            .timeout(HTTP_TIMEOUT)
+    }
+
+    /// A request to `path` as the producer (the all-scopes API key).
+    pub fn producer(&self, method: Method, path: &str) -> RequestBuilder {
+        self.request(method, path).bearer_auth(&self.api_key)
+    }
+
+    /// A request to `path` as `user` (a fresh token in `Authorization`).
+    pub fn user(&self, method: Method, path: &str, user: &str) -> RequestBuilder {
+        self.request(method, path).bearer_auth(self.token(user))
+    }
+
+    /// `POST /v1/notify` with `body`, whatever the answer.
+    ///
+    /// # Errors
+    /// When the request cannot be sent.
+    pub async fn notify(&self, body: &Value) -> anyhow::Result<reqwest::Response> {
+        self.producer(Method::POST, "/v1/notify")
+            .json(body)
+            .send()
+            .await
+            .context("POST /v1/notify")
+    }
+
+    /// `POST /v1/notify` that must answer 202; returns its id and seq.
+    ///
+    /// # Errors
+    /// Any other answer.
+    pub async fn accept(&self, body: &Value) -> anyhow::Result<Accepted> {
+        accepted(self.notify(body).await?).await
+    }
+
+    /// Sends `{"user_id": user, "title": title}` and expects 202.
+    ///
+    /// # Errors
+    /// Any answer but 202.
+    pub async fn send(&self, user: &str, title: &str) -> anyhow::Result<Accepted> {
+        self.accept(&json!({"user_id": user, "title": title})).await
+    }
+
+    /// `GET /v1/users/{user}/notifications?{query}` as the producer; must answer 200.
+    ///
+    /// # Errors
+    /// Any other answer.
+    pub async fn page(&self, user: &str, query: &str) -> anyhow::Result<Value> {
+        let path = format!("/v1/users/{}/notifications?{query}", crate::encode(user));
+        json_ok(self.producer(Method::GET, &path).send().await?).await
+    }
+
+    /// `GET /v1/me/notifications?{query}` as `user`; must answer 200.
+    ///
+    /// # Errors
+    /// Any other answer.
+    pub async fn my_page(&self, user: &str, query: &str) -> anyhow::Result<Value> {
+        let path = format!("/v1/me/notifications?{query}");
+        json_ok(self.user(Method::GET, &path, user).send().await?).await
+    }
+
+    /// The whole inbox of `user`, oldest first, read page by page with `after`.
+    ///
+    /// # Errors
+    /// When a page cannot be read.
+    pub async fn inbox(&self, user: &str) -> anyhow::Result<Vec<Value>> {
+        let mut items = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self.page(user, &format!("after={after}&limit=500")).await?;
+            let batch = page["items"].as_array().context("page without items")?;
+            items.extend(batch.iter().cloned());
+            after = page["next_after"]
+                .as_u64()
+                .context("page without next_after")?;
+            if !page["has_more"]
+                .as_bool()
+                .context("page without has_more")?
+            {
+                return Ok(items);
+            }
+            ensure!(!batch.is_empty(), "has_more with an empty page: {page}");
+        }
+    }
+
+    /// `ws://127.0.0.1:PORT{path_and_query}`.
+    pub fn ws_url(&self, path_and_query: &str) -> String {
+        format!(
+            "{}{path_and_query}",
+            self.base.replacen("http://", "ws://", 1)
+        )
+    }
+
+    /// A WebSocket as `user` (token in `Authorization`), resuming as asked; the `hello`
+    /// frame is left for the caller to read.
+    ///
+    /// # Errors
+    /// When the upgrade fails.
+    pub async fn ws(&self, user: &str, resume: Resume) -> anyhow::Result<WsClient> {
+        let query = match resume {
+            Resume::Live => String::new(),
+            Resume::After(after) => format!("?after={after}"),
+            Resume::LastEventId(_) => bail!("Last-Event-ID is an SSE header"),
+        };
+        WsClient::connect(
+            &self.ws_url(&format!("/v1/ws{query}")),
+            Some(&self.token(user)),
+        )
+        .await
+    }
+
+    /// An SSE stream as `user`, resuming as asked.
+    ///
+    /// # Errors
+    /// When the request fails or is not answered with 200.
+    pub async fn sse(&self, user: &str, resume: Resume) -> anyhow::Result<SseClient> {
+        let mut request = self
+            .http
+            .get(format!("{}/v1/sse", self.base))
+            .bearer_auth(self.token(user));
+        request = match resume {
+            Resume::Live => request,
+            Resume::After(after) => request.query(&[("after", after)]),
+            Resume::LastEventId(seq) => request.header("Last-Event-ID", seq.to_string()),
+        };
+        SseClient::open(request).await
+    }
+
+    /// Stops the mesh and drains it (open connections are told to reconnect).
+    ///
+    /// # Errors
+    /// The first service error of the mesh.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        if let Some(mesh) = self.mesh.take() {
+            crate::within(
+                Duration::from_secs(20),
+                "draining the mesh",
+                mesh.shutdown(),
+            )
+            .await?
+            .context("mesh shutdown")?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Herald {
+    fn drop(&mut self) {
+        // Connection tasks live outside the mesh's task set; the token ends them too.
+        if let Some(mesh) = &self.mesh {
+            mesh.stop_token().cancel();
+        }
+    }
+}
+
+impl HeraldBuilder {
+    /// INBOX partitions (router ownership units).
+    pub fn partitions(mut self, partitions: u16) -> Self {
+        self.partitions = partitions;
+        self
+    }
+
+    /// Replicas of every stream (3 on a cluster).
+    pub fn replicas(mut self, replicas: usize) -> Self {
+        self.replicas = replicas;
+        self
+    }
+
+    /// Which services run.
+    pub fn roles(mut self, roles: Roles) -> Self {
+        self.roles = roles;
+        self
+    }
+
+    /// Also accepts `key` with only `scopes`.
+    pub fn key(mut self, key: &str, scopes: &[Scope]) -> Self {
+        self.keys.push((key.to_string(), scopes.to_vec()));
+        self
+    }
+
+    /// Provisions and starts the mesh on `127.0.0.1:0`.
+    ///
+    /// # Errors
+    /// When the mesh does not start within 60 s.
+    pub async fn start(self) -> anyhow::Result<Herald> {
+        let n = INSTANCES.fetch_add(1, Ordering::Relaxed);
+        let api_key = herald_auth::api_keys::generate();
+        let mut keys = ApiKeys::new();
+        keys.insert(
+            &api_key,
+            ApiKey {
+                producer: format!("test-{n}"),
+                scopes: Scope::ALL.to_vec(),
+            },
+        );
+        for (i, (key, scopes)) in self.keys.iter().enumerate() {
+            let producer = format!("test-{n}-extra-{i}");
+            keys.insert(
+                key,
+                ApiKey {
+                    producer,
+                    scopes: scopes.clone(),
+                },
+            );
+        }
+        let jwt = JwtConfig {
+            hs256_secret: Some(herald_auth::api_keys::generate().into_bytes()),
+            ..JwtConfig::default()
+        };
+        let users = UserAuth::new(&jwt).context("user auth")?;
+        let subjects = Subjects::new("herald", self.partitions)?;
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("binding 127.0.0.1:0")?;
+        let options = MeshOptions {
+            nats_url: self.nats_url,
+            name: format!("herald-test-{n}"),
+            subjects: subjects.clone(),
+            streams: StreamSettings {
+                replicas: self.replicas,
+                ..StreamSettings::default()
+            },
+            provision: true,
+            api_keys: keys,
+            jwt,
+            api: herald_api::ApiConfig::default(),
+            gateway: herald_gateway::GatewayConfig::default(),
+            roles: self.roles,
+            dev_mode: false,
+        };
+        let mesh = crate::within(
+            Duration::from_secs(60),
+            "starting the mesh",
+            Mesh::start(options, listener),
+        )
+        .await?
+        .context("Mesh::start")?;
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .context("http client")?;
+        Ok(Herald {
+            base: format!("http://{}", mesh.addr()),
+            mesh: Some(mesh),
+            api_key,
+            users,
+            http,
+            subjects,
+        })
+    }
+}
+
+/// Reads a 202 answer into [`Accepted`].
+///
+/// # Errors
+/// Any status but 202, or a body without `id` and `seq`.
+pub async fn accepted(response: reqwest::Response) -> anyhow::Result<Accepted> {
+    let status = response.status();
+    let body: Value = response.json().await.context("notify answer is not JSON")?;
+    ensure!(
+        status == StatusCode::ACCEPTED,
+        "expected 202, got {status}: {body}"
+    );
+    ensure!(
+        body["status"] == "accepted",
+        "202 without status accepted: {body}"
+    );
+    Ok(Accepted {
+        id: body["id"].as_str().context("202 without id")?.to_string(),
+        seq: body["seq"].as_u64().context("202 without seq")?,
+    })
+}
+
+/// The JSON body of a 200 answer.
+///
+/// # Errors
+/// Any other status, or a body that is not JSON.
+pub async fn json_ok(response: reqwest::Response) -> anyhow::Result<Value> {
+    let status = response.status();
+    let url = response.url().path().to_string();
+    let text = response.text().await.context("reading the body")?;
+    ensure!(
+        status == StatusCode::OK,
+        "{url}: expected 200, got {status}: {text}"
+    );
+    serde_json::from_str(&text).with_context(|| format!("{url}: body is not JSON: {text}"))
+}

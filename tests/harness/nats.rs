@@ -1,0 +1,143 @@
+//! Real nats-server processes for one test: a single dev server or a three-node cluster,
+//! from the repository's own `nats/*.conf`, on random ports in a temp dir.
+
+use anyhow::{Context as _, bail};
+use herald_natsd::{NatsCluster, NatsServer, NatsServerOptions};
+use std::time::Duration;
+use tempfile::TempDir;
+
+/// The nats-server(s) one test owns. Dropping it kills them and removes their stores.
+#[derive(Debug)]
+pub struct Nats {
+    // Declared before `dir`, so the servers die before their store is removed.
+    servers: Servers,
+    dir: TempDir,
+}
+
+#[derive(Debug)]
+enum Servers {
+    Single(NatsServer),
+    Cluster(NatsCluster),
+}
+
+impl Nats {
+    /// One dev nats-server (`nats/dev.conf`) on random ports.
+    ///
+    /// # Errors
+    /// When the pinned nats-server is missing or does not start.
+    pub async fn single() -> anyhow::Result<Nats> {
+        crate::init_tracing();
+        let dir = tempfile::tempdir().context("creating a temp dir for nats-server")?;
+        let server = NatsServer::start(NatsServerOptions::dev(dir.path().join("nats")))
+            .await
+            .context("starting nats-server (run scripts/install-nats-server.sh?)")?;
+        Ok(Nats {
+            servers: Servers::Single(server),
+            dir,
+        })
+    }
+
+    /// Three nodes from `nats/cluster.conf`, routed, with a JetStream meta leader.
+    ///
+    /// # Errors
+    /// When the cluster does not form.
+    pub async fn cluster() -> anyhow::Result<Nats> {
+        crate::init_tracing();
+        let dir = tempfile::tempdir().context("creating a temp dir for the cluster")?;
+        let cluster = NatsCluster::start(None, dir.path())
+            .await
+            .context("starting a 3-node nats cluster")?;
+        Ok(Nats {
+            servers: Servers::Cluster(cluster),
+            dir,
+        })
+    }
+
+    /// The client URL(s), comma-separated for a cluster.
+    pub fn url(&self) -> String {
+        match &self.servers {
+            Servers::Single(s) => s.client_url(),
+            Servers::Cluster(c) => c.client_urls().join(","),
+        }
+    }
+
+    /// The temp dir holding every store (for messages on failure).
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// A plain NATS client connected to the server(s), for native-path tests.
+    ///
+    /// # Errors
+    /// When no server answers within 10 s.
+    pub async fn client(&self) -> anyhow::Result<async_nats::Client> {
+        let url = self.url();
+        crate::within(
+            Duration::from_secs(10),
+            "connecting a test NATS client",
+            async_nats::ConnectOptions::new().connect(url.as_str()),
+        )
+        .await?
+        .with_context(|| format!("connecting to {url}"))
+    }
+
+    /// SIGKILLs the single server (a crash). On a cluster, use [`Nats::kill_node`].
+    ///
+    /// # Panics
+    /// On a cluster.
+    pub fn kill(&mut self) {
+        match &mut self.servers {
+            Servers::Single(s) => s.kill(),
+            Servers::Cluster(_) => panic!("Nats::kill is for a single server; use kill_node"),
+        }
+    }
+
+    /// Starts the single server again on the same ports and store.
+    ///
+    /// # Errors
+    /// When it does not come back, or on a cluster.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        match &mut self.servers {
+            Servers::Single(s) => s.restart().await.context("restarting nats-server"),
+            Servers::Cluster(_) => bail!("Nats::restart is for a single server"),
+        }
+    }
+
+    /// SIGKILLs node `index` (0-based) of the cluster.
+    ///
+    /// # Errors
+    /// On a single server or an index out of range.
+    pub fn kill_node(&mut self, index: usize) -> anyhow::Result<()> {
+        match &mut self.servers {
+            Servers::Cluster(c) => {
+                let node = c
+                    .nodes
+                    .get_mut(index)
+                    .with_context(|| format!("no cluster node {index}"))?;
+                node.kill();
+                Ok(())
+            }
+            Servers::Single(_) => bail!("Nats::kill_node is for a cluster"),
+        }
+    }
+
+    /// Whether some client of the single server subscribes to exactly `subject` (read
+    /// from the monitoring endpoint `/subsz`). Lets a test wait until a gateway listens.
+    ///
+    /// # Errors
+    /// When monitoring cannot be read, or on a cluster.
+    pub async fn has_subscription(&self, subject: &str) -> anyhow::Result<bool> {
+        let Servers::Single(s) = &self.servers else {
+            bail!("has_subscription reads a single server's monitoring");
+        };
+        let subsz = s
+            .monitor(&format!("/subsz?subs=1&limit=100000&test={subject}"))
+            .await
+            .context("reading /subsz")?;
+        let list = subsz["subscriptions_list"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        Ok(list.iter().any(|sub| sub["subject"] == subject))
+    }
+}
