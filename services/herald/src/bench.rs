@@ -17,7 +17,6 @@ use herald_protocol::{Subjects, UserId};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tokio::sync::Semaphore;
 
 /// `herald bench`.
 #[derive(Debug, Clone, Args)]
@@ -55,6 +54,9 @@ pub struct NotifyArgs {
     /// Connected WebSocket users in the latency phase.
     #[arg(long, default_value_t = 200)]
     pub users: usize,
+    /// Run Herald without the router, to see what routing costs.
+    #[arg(long)]
+    pub no_router: bool,
 }
 
 /// A benchmark failure.
@@ -123,7 +125,10 @@ async fn notify(args: NotifyArgs) -> Result<(), BenchError> {
             jwt,
             api: Default::default(),
             gateway: Default::default(),
-            roles: Roles::ALL,
+            roles: Roles {
+                router: !args.no_router,
+                ..Roles::ALL
+            },
             dev_mode: false,
         },
         listener,
@@ -254,39 +259,34 @@ async fn raw_core(url: &str, count: u64, size: usize) -> Result<f64, BenchError>
     Ok(rate(got, start.elapsed()))
 }
 
-/// Native path: JetStream-style publishes to `hbench.notify`, 4,096 awaiting answers.
+/// Native path: what a producer does — a JetStream client publishing on `hbench.notify`
+/// with `Nats-Msg-Id`, 4,096 acks in flight.
 async fn native_throughput(url: &str, count: u64) -> Result<f64, BenchError> {
     let client = async_nats::connect(url).await?;
-    let permits = Arc::new(Semaphore::new(4096));
-    let failures = Arc::new(AtomicU64::new(0));
-    let mut tasks = tokio::task::JoinSet::new();
+    let js = jetstream::ContextBuilder::new()
+        .max_ack_inflight(4096)
+        .timeout(Duration::from_secs(10))
+        .build(client);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<jetstream::context::PublishAckFuture>(4096);
+    let waiter = tokio::spawn(async move {
+        let mut failed = 0u64;
+        while let Some(ack) = rx.recv().await {
+            if ack.await.is_err() {
+                failed += 1;
+            }
+        }
+        failed
+    });
     let start = Instant::now();
     for i in 0..count {
-        let permit = permits.clone().acquire_owned().await?;
-        let inbox = client.new_inbox();
-        let mut sub = client.subscribe(inbox.clone()).await?;
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", format!("native-{i}"));
-        let body = sample_payload(&format!("u-{:05}", i % 10_000));
-        client
-            .publish_with_reply_and_headers("hbench.notify", inbox, headers, body.into())
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(sample_payload(&format!("u-{:05}", i % 10_000)).into())
+            .message_id(format!("native-{i}"));
+        tx.send(js.send_publish("hbench.notify", publish).await?)
             .await?;
-        let failures = failures.clone();
-        tasks.spawn(async move {
-            match tokio::time::timeout(Duration::from_secs(10), sub.next()).await {
-                Ok(Some(m))
-                    if serde_json::from_slice::<serde_json::Value>(&m.payload)
-                        .is_ok_and(|v| v["seq"].is_u64()) => {}
-                _ => {
-                    failures.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            drop(permit);
-        });
-        while tasks.try_join_next().is_some() {}
     }
-    while tasks.join_next().await.is_some() {}
-    let failed = failures.load(Ordering::Relaxed);
+    drop(tx);
+    let failed = waiter.await?;
     if failed > 0 {
         eprintln!("bench: native path: {failed} publishes not acked");
     }
