@@ -1,1 +1,130 @@
-//! frames
+//! Client frames on the WebSocket: garbage is closed with the right code without
+//! disturbing anyone else, and `read` frames move the read position.
+
+use anyhow::ensure;
+use herald_tests::{Herald, Nats, Resume, eventually};
+use reqwest::Method;
+use serde_json::{Value, json};
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_frames_close_only_their_own_connection() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    let mut bystander = herald.ws("wendy", Resume::Live).await?;
+    bystander.hello().await?;
+
+    let oversized = json!({"type": "ack", "up_to": 1, "pad": "x".repeat(17 * 1024)}).to_string();
+    let cases = [
+        ("binary", Message::binary(vec![1u8, 2, 3]), 1003),
+        ("not JSON", Message::text("hello?"), 1007),
+        ("unknown type", Message::text(r#"{"type":"explode"}"#), 1008),
+        ("missing field", Message::text(r#"{"type":"read"}"#), 1008),
+        (
+            "negative seq",
+            Message::text(r#"{"type":"read","up_to":-1}"#),
+            1008,
+        ),
+        ("over 16 KiB", Message::text(oversized), 1009),
+    ];
+    for (what, frame, code) in cases {
+        let mut ws = herald.ws("mallory", Resume::Live).await?;
+        ws.hello().await?;
+        ws.send(frame).await?;
+        assert_eq!(ws.closed_with().await?, code, "{what} frame");
+    }
+
+    // Everyone else is still served, and mallory can come back.
+    let n = herald.send("wendy", "still here").await?;
+    assert_eq!(bystander.take(1).await?[0]["seq"], n.seq);
+    let mut again = herald.ws("mallory", Resume::Live).await?;
+    again.hello().await?;
+    let n = herald.send("mallory", "welcome back").await?;
+    assert_eq!(again.take(1).await?[0]["seq"], n.seq);
+    // Well-formed frames keep the connection open.
+    again
+        .send(Message::text(r#"{"type":"ack","up_to":1}"#))
+        .await?;
+    again
+        .send(Message::text(r#"{"type":"subscribe","topic":"news"}"#))
+        .await?;
+    let n = herald.send("mallory", "still open").await?;
+    assert_eq!(again.take(1).await?[0]["seq"], n.seq);
+    Ok(())
+}
+
+async fn unread(herald: &Herald, user: &str) -> anyhow::Result<Value> {
+    let response = herald
+        .user(Method::GET, "/v1/me/unread", user)
+        .send()
+        .await?;
+    herald_tests::herald::json_ok(response).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_frame_moves_the_unread_count() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    let mut seqs = Vec::new();
+    for i in 0..3 {
+        seqs.push(herald.send("xena", &format!("n{i}")).await?.seq);
+    }
+    assert_eq!(
+        unread(&herald, "xena").await?,
+        json!({"unread": 3, "last_seq": seqs[2]})
+    );
+    let mut ws = herald.ws("xena", Resume::After(0)).await?;
+    assert_eq!(ws.hello().await?["unread"], 3);
+    ws.take(3).await?;
+
+    ws.send(Message::text(
+        json!({"type": "read", "up_to": seqs[1]}).to_string(),
+    ))
+    .await?;
+    // The connection stays open after a read frame.
+    let n = herald.send("xena", "n3").await?;
+    assert_eq!(ws.take(1).await?[0]["seq"], n.seq);
+    seqs.push(n.seq);
+    eventually(Duration::from_secs(5), "unread drops to 2", || async {
+        let now = unread(&herald, "xena").await?;
+        ensure!(now == json!({"unread": 2, "last_seq": seqs[3]}), "{now}");
+        Ok(())
+    })
+    .await?;
+    let page = herald.my_page("xena", "after=0").await?;
+    let read: Vec<&Value> = page["items"]
+        .as_array()
+        .map(|i| i.iter().map(|n| &n["read"]).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        read,
+        [&json!(true), &json!(true), &json!(false), &json!(false)],
+        "{page}"
+    );
+    // Reading never moves backwards.
+    ws.send(Message::text(
+        json!({"type": "read", "up_to": seqs[0]}).to_string(),
+    ))
+    .await?;
+    // A read past the newest notification stops at the newest, so later ones stay unread.
+    ws.send(Message::text(
+        json!({"type": "read", "up_to": 1_000_000}).to_string(),
+    ))
+    .await?;
+    eventually(Duration::from_secs(5), "everything read", || async {
+        let now = unread(&herald, "xena").await?;
+        ensure!(now["unread"] == 0, "{now}");
+        Ok(())
+    })
+    .await?;
+    let n = herald.send("xena", "new").await?;
+    assert_eq!(
+        unread(&herald, "xena").await?,
+        json!({"unread": 1, "last_seq": n.seq})
+    );
+    // Another user's read position is untouched.
+    herald.send("yuri", "hi").await?;
+    assert_eq!(unread(&herald, "yuri").await?["unread"], 1);
+    Ok(())
+}

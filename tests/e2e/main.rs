@@ -9,5 +9,6 @@ mod frames;
 mod isolation;
 mod native;
 mod notify;
+mod replay;
 mod routers;
 mod transports;

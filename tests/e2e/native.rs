@@ -1,1 +1,126 @@
-//! native
+//! The native path: JetStream publishes on `herald.notify`, answered with a PubAck.
+
+use anyhow::Context as _;
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, context::PublishAckFuture};
+use herald_tests::{Herald, Nats, Resume};
+use serde_json::json;
+
+const INBOX: &str = "HERALD_INBOX";
+const REJECTED: &str = "HERALD_REJECTED";
+
+async fn publish(
+    js: &jetstream::Context,
+    msg_id: Option<&str>,
+    body: &str,
+) -> anyhow::Result<jetstream::publish::PublishAck> {
+    let mut headers = HeaderMap::new();
+    if let Some(id) = msg_id {
+        headers.insert("Nats-Msg-Id", id);
+    }
+    let ack: PublishAckFuture = js
+        .publish_with_headers("herald.notify", headers, body.to_string().into())
+        .await
+        .context("publishing on herald.notify")?;
+    ack.await.with_context(|| format!("no PubAck for {body:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_publish_is_acked_once_durable_and_delivered() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    let js = jetstream::new(herald.nats_client().await?);
+    let mut ws = herald.ws("nina", Resume::Live).await?;
+    ws.hello().await?;
+
+    let body =
+        json!({"user_id": "nina", "title": "from a service", "priority": "high"}).to_string();
+    let ack = publish(&js, Some("order-7-paid"), &body).await?;
+    assert_eq!(ack.stream, INBOX);
+    assert!(ack.sequence > 0 && !ack.duplicate, "{ack:?}");
+    let got = ws.take(1).await?;
+    assert_eq!(got[0]["seq"], ack.sequence);
+    assert_eq!(got[0]["title"], "from a service");
+    assert_eq!(got[0]["priority"], "high");
+
+    // The same Nats-Msg-Id again: the first answer, one inbox entry.
+    let again = publish(&js, Some("order-7-paid"), &body).await?;
+    assert_eq!(again.sequence, ack.sequence, "{again:?}");
+    assert!(again.duplicate, "{again:?}");
+    let inbox = herald.inbox("nina").await?;
+    assert_eq!(inbox.len(), 1, "{inbox:?}");
+    assert_eq!(
+        inbox[0]["id"], got[0]["id"],
+        "same id on the native path and the WebSocket"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_bad_input_is_acked_recorded_and_never_blocks() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    let js = jetstream::new(herald.nats_client().await?);
+    let mut ws = herald.ws("olga", Resume::Live).await?;
+    ws.hello().await?;
+    let rejected = js
+        .get_stream(REJECTED)
+        .await
+        .context("the REJECTED stream")?;
+
+    let cases = [
+        ("bad-json", "this is not JSON", "body"),
+        ("no-user", r#"{"title":"who is this for?"}"#, "user_id"),
+        ("wrong-type", r#"{"user_id":"olga","title":7}"#, "title"),
+    ];
+    for (msg_id, body, field) in cases {
+        let ack = publish(&js, Some(msg_id), body).await?;
+        assert_eq!(
+            ack.stream, REJECTED,
+            "{msg_id}: acked by the REJECTED stream: {ack:?}"
+        );
+        let stored = rejected
+            .get_raw_message(ack.sequence)
+            .await
+            .context("reading the rejected message")?;
+        assert_eq!(
+            &stored.payload[..],
+            body.as_bytes(),
+            "{msg_id}: recorded as sent"
+        );
+        let reason = stored
+            .headers
+            .get("Herald-Reason")
+            .with_context(|| format!("{msg_id}: no Herald-Reason header"))?
+            .as_str()
+            .to_string();
+        assert!(
+            reason.contains(field),
+            "{msg_id}: the reason {reason:?} names {field}"
+        );
+        assert_eq!(
+            stored.headers.get("Herald-Msg-Id").map(|v| v.as_str()),
+            Some(msg_id)
+        );
+
+        // The next valid message goes through at once: bad input never blocks the path.
+        let good = json!({"user_id": "olga", "title": format!("after {msg_id}")}).to_string();
+        let ack = publish(&js, Some(&format!("good-after-{msg_id}")), &good).await?;
+        assert_eq!(ack.stream, INBOX);
+        let got = ws.take(1).await?;
+        assert_eq!(got[0]["seq"], ack.sequence);
+        assert_eq!(got[0]["title"], format!("after {msg_id}"));
+    }
+    let mut rejected = rejected;
+    assert_eq!(
+        rejected.info().await?.state.messages,
+        3,
+        "each bad message recorded once"
+    );
+    assert_eq!(
+        herald.inbox("olga").await?.len(),
+        3,
+        "only the good ones reached the inbox"
+    );
+    Ok(())
+}

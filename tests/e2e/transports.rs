@@ -1,1 +1,178 @@
-//! transports
+//! WebSocket, SSE and long-poll: hello, live delivery, resume, authentication at upgrade.
+
+use anyhow::ensure;
+use herald_protocol::UserId;
+use herald_tests::{Herald, Nats, Resume, WsClient, eventually};
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+fn seqs(items: &[Value]) -> Vec<u64> {
+    items.iter().filter_map(|n| n["seq"].as_u64()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_says_hello_then_delivers_live() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    herald.send("gina", "before 1").await?;
+    let before = herald.send("gina", "before 2").await?;
+
+    let mut by_header = herald.ws("gina", Resume::Live).await?;
+    let hello = by_header.hello().await?;
+    assert_eq!(hello["user_id"], "gina", "{hello}");
+    assert_eq!(hello["last_seq"], before.seq, "{hello}");
+    assert_eq!(hello["unread"], 2, "{hello}");
+    assert_eq!(hello["heartbeat_s"], 30, "{hello}");
+
+    // Browsers cannot set headers: the token in the query works the same.
+    let url = herald.ws_url(&format!("/v1/ws?access_token={}", herald.token("gina")));
+    let mut by_query = WsClient::connect(&url, None).await?;
+    assert_eq!(by_query.hello().await?["user_id"], "gina");
+    // The alias path serves the same protocol.
+    let url = herald.ws_url(&format!(
+        "/ws/connect?access_token={}",
+        herald.token("gina")
+    ));
+    let mut by_alias = WsClient::connect(&url, None).await?;
+    by_alias.hello().await?;
+
+    let live = herald.send("gina", "live").await?;
+    for ws in [&mut by_header, &mut by_query, &mut by_alias] {
+        let got = ws.take(1).await?;
+        assert_eq!(
+            got.len(),
+            1,
+            "live only: nothing from before the connection: {got:?}"
+        );
+        assert_eq!(got[0]["type"], "notification");
+        assert_eq!(got[0]["id"], live.id.as_str());
+        assert_eq!(got[0]["seq"], live.seq);
+        assert_eq!(got[0]["title"], "live");
+        assert_eq!(got[0]["user_id"], "gina");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_resumes_after_a_seq_then_goes_live() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    let mut sent = Vec::new();
+    for i in 1..=5 {
+        sent.push(herald.send("hank", &format!("offline {i}")).await?);
+    }
+    let mut ws = herald.ws("hank", Resume::After(sent[1].seq)).await?;
+    let hello = ws.hello().await?;
+    assert_eq!(hello["last_seq"], sent[4].seq);
+    let replayed = ws.take(3).await?;
+    assert_eq!(seqs(&replayed), [sent[2].seq, sent[3].seq, sent[4].seq]);
+    assert_eq!(replayed[0]["id"], sent[2].id.as_str());
+    let live = herald.send("hank", "online").await?;
+    let got = ws.take(1).await?;
+    assert_eq!(
+        seqs(&got),
+        [live.seq],
+        "after the replay comes the live one, nothing else"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_poll_returns_as_soon_as_a_notification_arrives() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    let last = herald.send("ida", "first").await?.seq;
+    let live = herald.subjects().live(&UserId::new("ida")?);
+
+    // Nothing new: the poll waits out its `wait` and answers an empty page.
+    let started = Instant::now();
+    let page = herald
+        .my_page("ida", &format!("after={last}&wait=1"))
+        .await?;
+    ensure!(
+        page["items"].as_array().is_some_and(Vec::is_empty),
+        "{page}"
+    );
+    ensure!(
+        started.elapsed() >= Duration::from_millis(900),
+        "wait=1 answered after {:?}",
+        started.elapsed()
+    );
+    eventually(
+        Duration::from_secs(5),
+        "the first poll's subscription is gone",
+        || async {
+            ensure!(!nats.has_subscription(&live).await?);
+            Ok(())
+        },
+    )
+    .await?;
+
+    let h = std::sync::Arc::new(herald);
+    let poller = h.clone();
+    let poll = tokio::spawn(async move {
+        let page = poller
+            .my_page("ida", &format!("after={last}&wait=10"))
+            .await;
+        (page, Instant::now())
+    });
+    eventually(
+        Duration::from_secs(5),
+        "the long-poll is waiting on ida's live subject",
+        || async {
+            ensure!(nats.has_subscription(&live).await?);
+            Ok(())
+        },
+    )
+    .await?;
+    let sent_at = Instant::now();
+    let n = h.send("ida", "wake up").await?;
+    let (page, answered_at) = poll.await?;
+    let page = page?;
+    let latency = answered_at.duration_since(sent_at);
+    ensure!(
+        latency < Duration::from_secs(5),
+        "the long-poll answered {latency:?} after the send"
+    );
+    let items = page["items"].as_array().cloned().unwrap_or_default();
+    assert_eq!(seqs(&items), [n.seq], "{page}");
+    assert_eq!(items[0]["id"], n.id.as_str());
+    assert_eq!(page["next_after"], n.seq);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_resumes_from_last_event_id_without_duplicates() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    let mut sent = Vec::new();
+    for i in 1..=5 {
+        sent.push(herald.send("ivy", &format!("n{i}")).await?.seq);
+    }
+    let mut sse = herald.sse("ivy", Resume::After(0)).await?;
+    let hello = sse.next_event().await?;
+    assert_eq!(hello.event, "hello", "{hello:?}");
+    let hello = hello.json()?;
+    assert_eq!(hello["user_id"], "ivy");
+    assert_eq!(hello["last_seq"], sent[4]);
+    assert_eq!(seqs(&sse.take(3).await?), sent[..3]);
+    drop(sse);
+
+    // What a browser does on reconnect: Last-Event-ID = the last id it processed.
+    let mut sse = herald.sse("ivy", Resume::LastEventId(sent[1])).await?;
+    assert_eq!(seqs(&sse.take(3).await?), sent[2..]);
+    let live = herald.send("ivy", "n6").await?;
+    let next = sse.next_notification().await?;
+    assert_eq!(
+        next["seq"], live.seq,
+        "the next event after the replay is the live one, not a repeat"
+    );
+    assert_eq!(next["id"], live.id.as_str());
+
+    // Without a position, SSE starts live.
+    let mut fresh = herald.sse("ivy", Resume::Live).await?;
+    assert_eq!(fresh.next_event().await?.event, "hello");
+    let live = herald.send("ivy", "n7").await?;
+    assert_eq!(fresh.next_notification().await?["seq"], live.seq);
+    Ok(())
+}

@@ -55,8 +55,10 @@ pub struct Herald {
     base: String,
     api_key: String,
     users: UserAuth,
+    jwt_secret: Vec<u8>,
     http: reqwest::Client,
     subjects: Subjects,
+    nats_url: String,
 }
 
 static INSTANCES: AtomicU64 = AtomicU64::new(0);
@@ -88,6 +90,22 @@ impl Herald {
         &self.subjects
     }
 
+    /// A plain NATS client on the server(s) this mesh uses.
+    ///
+    /// # Errors
+    /// When none answers within 10 s.
+    pub async fn nats_client(&self) -> anyhow::Result<async_nats::Client> {
+        let urls: Vec<&str> = self.nats_url.split(',').collect();
+        let connect = async_nats::ConnectOptions::new().connect(urls.as_slice());
+        crate::within(
+            Duration::from_secs(10),
+            "connecting a test NATS client",
+            connect,
+        )
+        .await?
+        .with_context(|| format!("connecting to {}", self.nats_url))
+    }
+
     /// The shared HTTP client.
     pub fn http(&self) -> &reqwest::Client {
         &self.http
@@ -102,6 +120,11 @@ impl Herald {
         self.users
             .mint(&id, 3600)
             .expect("minting with the HS256 secret")
+    }
+
+    /// The HS256 secret user tokens are signed with, to forge bad tokens.
+    pub fn jwt_secret(&self) -> &[u8] {
+        &self.jwt_secret
     }
 
     /// A request to `path` with no credentials.
@@ -311,8 +334,9 @@ impl HeraldBuilder {
                 },
             );
         }
+        let jwt_secret = herald_auth::api_keys::generate().into_bytes();
         let jwt = JwtConfig {
-            hs256_secret: Some(herald_auth::api_keys::generate().into_bytes()),
+            hs256_secret: Some(jwt_secret.clone()),
             ..JwtConfig::default()
         };
         let users = UserAuth::new(&jwt).context("user auth")?;
@@ -321,7 +345,7 @@ impl HeraldBuilder {
             .await
             .context("binding 127.0.0.1:0")?;
         let options = MeshOptions {
-            nats_url: self.nats_url,
+            nats_url: self.nats_url.clone(),
             name: format!("herald-test-{n}"),
             subjects: subjects.clone(),
             streams: StreamSettings {
@@ -352,8 +376,10 @@ impl HeraldBuilder {
             mesh: Some(mesh),
             api_key,
             users,
+            jwt_secret,
             http,
             subjects,
+            nats_url: self.nats_url,
         })
     }
 }

@@ -16,7 +16,7 @@ pub struct Nats {
 
 #[derive(Debug)]
 enum Servers {
-    Single(NatsServer),
+    Single(Box<NatsServer>),
     Cluster(NatsCluster),
 }
 
@@ -32,7 +32,7 @@ impl Nats {
             .await
             .context("starting nats-server (run scripts/install-nats-server.sh?)")?;
         Ok(Nats {
-            servers: Servers::Single(server),
+            servers: Servers::Single(Box::new(server)),
             dir,
         })
     }
@@ -72,10 +72,12 @@ impl Nats {
     /// When no server answers within 10 s.
     pub async fn client(&self) -> anyhow::Result<async_nats::Client> {
         let url = self.url();
+        let urls: Vec<&str> = url.split(',').collect();
+        let connect = async_nats::ConnectOptions::new().connect(urls.as_slice());
         crate::within(
             Duration::from_secs(10),
             "connecting a test NATS client",
-            async_nats::ConnectOptions::new().connect(url.as_str()),
+            connect,
         )
         .await?
         .with_context(|| format!("connecting to {url}"))

@@ -18,17 +18,26 @@ where
     Fut: Future<Output = anyhow::Result<T>>,
 {
     let deadline = Instant::now() + timeout;
+    let mut last_error = None;
     loop {
         let attempt = match tokio::time::timeout_at(deadline, check()).await {
             Ok(attempt) => attempt,
-            Err(_) => Err(anyhow!("the last attempt was still running")),
+            Err(_) => Err(match last_error.take() {
+                Some(previous) => {
+                    anyhow!("the last attempt was still running; the one before: {previous:#}")
+                }
+                None => anyhow!("the first attempt was still running"),
+            }),
         };
         match attempt {
             Ok(value) => return Ok(value),
             Err(e) if Instant::now() >= deadline => {
                 return Err(e.context(format!("{what}: did not hold within {timeout:?}")));
             }
-            Err(_) => tokio::time::sleep(POLL).await,
+            Err(e) => {
+                last_error = Some(e);
+                tokio::time::sleep(POLL).await;
+            }
         }
     }
 }

@@ -64,7 +64,7 @@ impl AppError {
             status: StatusCode::SERVICE_UNAVAILABLE,
             body: ErrorBody::new(
                 "unavailable",
-                "the message store is unreachable; nothing was accepted, retry with the same Idempotency-Key",
+                "the message store did not confirm the request; retry it (for a notify, with the same Idempotency-Key so a retry can never deliver twice)",
             ),
             retry_after: Some(1),
         }

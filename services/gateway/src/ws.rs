@@ -113,7 +113,16 @@ async fn serve(
                 biased;
                 close = &mut close_rx => {
                     if let Ok((code, reason)) = close {
-                        let _ = tokio::time::timeout(CLOSE_GRACE, sink.send(close_frame(code, reason))).await;
+                        // Flush what is queued (a `reconnect` frame, say) unless the peer is
+                        // the problem, then close; all within the grace period.
+                        let flush = code != close::SLOW_CONSUMER;
+                        let _ = tokio::time::timeout(CLOSE_GRACE, async {
+                            while flush && let Ok(msg) = rx.try_recv() {
+                                sink.send(msg).await?;
+                            }
+                            sink.send(close_frame(code, reason)).await
+                        })
+                        .await;
                     }
                     break;
                 }

@@ -39,8 +39,13 @@ impl Nats {
 /// # Errors
 /// When the URL does not parse.
 pub async fn connect(url: &str, name: &str) -> Result<Nats, async_nats::ConnectError> {
-    let publish = options(name, "pub").connect(url).await?;
-    let consume = options(name, "sub").connect(url).await?;
+    let urls: Vec<&str> = url
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect();
+    let publish = options(name, "pub").connect(urls.as_slice()).await?;
+    let consume = options(name, "sub").connect(urls.as_slice()).await?;
     let js = jetstream::ContextBuilder::new()
         .timeout(JETSTREAM_TIMEOUT)
         .max_ack_inflight(16_384)

@@ -224,6 +224,9 @@ fn same_tunables(a: &stream::Config, b: &stream::Config) -> bool {
         && b.metadata.iter().all(|(k, v)| a.metadata.get(k) == Some(v))
 }
 
+/// Largest read-position message: NATS counts the CAS headers against the value limit.
+const READS_VALUE_LIMIT: i32 = 1024;
+
 async fn ensure_reads_bucket(
     js: &jetstream::Context,
     settings: &StreamSettings,
@@ -232,7 +235,27 @@ async fn ensure_reads_bucket(
     let bucket = streams::READS_BUCKET;
     match js.get_key_value(bucket).await {
         Ok(_) => {
-            report.unchanged.push(bucket.to_string());
+            // Early versions capped values at 32 bytes, which the CAS headers overflow.
+            let stream_name = format!("KV_{bucket}");
+            let mut stream = js
+                .get_stream(&stream_name)
+                .await
+                .map_err(|e| nats_err(format!("opening bucket {bucket}"))(Box::new(e)))?;
+            let mut config = stream
+                .info()
+                .await
+                .map_err(|e| nats_err(format!("reading bucket {bucket}"))(Box::new(e)))?
+                .config
+                .clone();
+            if config.max_message_size >= 0 && config.max_message_size < READS_VALUE_LIMIT {
+                config.max_message_size = READS_VALUE_LIMIT;
+                js.update_stream(&config)
+                    .await
+                    .map_err(|e| nats_err(format!("updating bucket {bucket}"))(Box::new(e)))?;
+                report.updated.push(bucket.to_string());
+            } else {
+                report.unchanged.push(bucket.to_string());
+            }
             Ok(())
         }
         Err(_) => {
@@ -240,7 +263,7 @@ async fn ensure_reads_bucket(
                 bucket: bucket.to_string(),
                 description: "Herald read positions: user token -> highest seq read".into(),
                 history: 1,
-                max_value_size: 32,
+                max_value_size: READS_VALUE_LIMIT,
                 storage: stream::StorageType::File,
                 num_replicas: settings.replicas,
                 ..Default::default()
