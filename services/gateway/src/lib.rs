@@ -62,6 +62,35 @@ impl HasAuth for GatewayState {
     }
 }
 
+/// Opens a user's feed and builds the `hello` frame that starts every connection.
+///
+/// # Errors
+/// 503 when NATS cannot answer.
+pub(crate) async fn open_session(
+    state: &GatewayState,
+    user: &herald_protocol::UserId,
+    after: Option<u64>,
+) -> Result<(Feed, herald_protocol::ServerFrame), herald_api::AppError> {
+    let unavailable = |e: &dyn std::error::Error| herald_api::AppError::unavailable(e);
+    let read_up_to = state.reads.get(user).await.map_err(|e| unavailable(&e))?;
+    // Open the feed first so NATS trouble is a clean 503, not a dead socket.
+    let feed = Feed::open(state.inbox.clone(), user.clone(), after, read_up_to)
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let (unread, last_seq) = tokio::try_join!(
+        state.inbox.count_after(user, read_up_to),
+        state.inbox.last_seq(user)
+    )
+    .map_err(|e| unavailable(&e))?;
+    let hello = herald_protocol::ServerFrame::Hello {
+        user_id: user.clone(),
+        last_seq,
+        unread,
+        heartbeat_s: state.config.heartbeat.as_secs(),
+    };
+    Ok((feed, hello))
+}
+
 /// The gateway's routes: `/v1/ws` (alias `/ws/connect`), `/v1/sse`, and the long-polling
 /// inbox read `GET /v1/me/notifications`.
 pub fn routes(state: GatewayState) -> Router {

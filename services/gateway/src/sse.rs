@@ -2,7 +2,6 @@
 //! reconnect sends `Last-Event-ID` and resumes exactly after it.
 
 use crate::GatewayState;
-use crate::feed::Feed;
 use axum::extract::{RawQuery, State};
 use axum::http::request::Parts;
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -37,27 +36,7 @@ pub(crate) async fn stream(
             None => None,
         },
     };
-    let unavailable = |e: &dyn std::error::Error| AppError::unavailable(e);
-    let read_up_to = state.reads.get(&user).await.map_err(|e| unavailable(&e))?;
-    let feed = Feed::open(state.inbox.clone(), user.clone(), after, read_up_to)
-        .await
-        .map_err(|e| unavailable(&e))?;
-    let unread = state
-        .inbox
-        .count_after(&user, read_up_to)
-        .await
-        .map_err(|e| unavailable(&e))?;
-    let last_seq = state
-        .inbox
-        .last_seq(&user)
-        .await
-        .map_err(|e| unavailable(&e))?;
-    let hello = ServerFrame::Hello {
-        user_id: user,
-        last_seq,
-        unread,
-        heartbeat_s: state.config.heartbeat.as_secs(),
-    };
+    let (feed, hello) = crate::open_session(&state, &user, after).await?;
     let hello = Event::default()
         .event("hello")
         .data(serde_json::to_string(&hello).unwrap_or_default());

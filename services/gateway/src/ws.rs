@@ -48,31 +48,7 @@ pub(crate) async fn upgrade(
 ) -> Result<Response, AppError> {
     let user = state.auth.user_from_parts(&parts)?;
     let after = parse_after(query.as_deref())?;
-    let read_up_to = state
-        .reads
-        .get(&user)
-        .await
-        .map_err(|e| AppError::unavailable(&e))?;
-    // Open the feed before upgrading so NATS trouble is a clean 503, not a dead socket.
-    let feed = Feed::open(state.inbox.clone(), user.clone(), after, read_up_to)
-        .await
-        .map_err(|e| AppError::unavailable(&e))?;
-    let unread = state
-        .inbox
-        .count_after(&user, read_up_to)
-        .await
-        .map_err(|e| AppError::unavailable(&e))?;
-    let last_seq = state
-        .inbox
-        .last_seq(&user)
-        .await
-        .map_err(|e| AppError::unavailable(&e))?;
-    let hello = ServerFrame::Hello {
-        user_id: user.clone(),
-        last_seq,
-        unread,
-        heartbeat_s: state.config.heartbeat.as_secs(),
-    };
+    let (feed, hello) = crate::open_session(&state, &user, after).await?;
     Ok(ws
         .read_buffer_size(4096)
         .write_buffer_size(0)
