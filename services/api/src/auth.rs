@@ -48,6 +48,12 @@ pub trait HasAuth {
     fn authenticator(&self) -> &Authenticator;
 }
 
+impl<T: HasAuth> HasAuth for Arc<T> {
+    fn authenticator(&self) -> &Authenticator {
+        (**self).authenticator()
+    }
+}
+
 impl Authenticator {
     /// The user a request's credentials name.
     ///

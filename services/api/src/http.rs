@@ -10,6 +10,7 @@ use crate::auth::{Authenticator, HasAuth};
 use axum::Router;
 use axum::routing::{get, post};
 use herald_store::ReadPositions;
+use std::sync::Arc;
 
 pub use inbox::{PageQuery, read_page};
 
@@ -64,5 +65,5 @@ pub fn routes(state: ApiState) -> Router {
         )
         .route("/v1/me/read", post(reads::mark_read))
         .route("/v1/me/unread", get(reads::unread))
-        .with_state(state)
+        .with_state(Arc::new(state))
 }

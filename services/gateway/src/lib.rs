@@ -16,6 +16,7 @@ use axum::routing::get;
 use herald_api::Authenticator;
 use herald_api::auth::HasAuth;
 use herald_store::{Inbox, ReadPositions};
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use feed::{Feed, FeedError};
@@ -99,5 +100,5 @@ pub fn routes(state: GatewayState) -> Router {
         .route("/ws/connect", get(ws::upgrade))
         .route("/v1/sse", get(sse::stream))
         .route("/v1/me/notifications", get(longpoll::page))
-        .with_state(state)
+        .with_state(Arc::new(state))
 }

@@ -9,10 +9,11 @@ use herald_api::AppError;
 use herald_api::auth::User;
 use herald_api::http::{PageQuery, read_page};
 use herald_protocol::pages::InboxPageBody;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub(crate) async fn page(
-    State(state): State<GatewayState>,
+    State(state): State<Arc<GatewayState>>,
     User(user): User,
     RawQuery(query): RawQuery,
 ) -> Result<Json<InboxPageBody>, AppError> {

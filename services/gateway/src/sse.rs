@@ -10,9 +10,10 @@ use futures::stream::{self, StreamExt as _};
 use herald_api::AppError;
 use herald_protocol::{FieldError, ServerFrame};
 use std::convert::Infallible;
+use std::sync::Arc;
 
 pub(crate) async fn stream(
-    State(state): State<GatewayState>,
+    State(state): State<Arc<GatewayState>>,
     RawQuery(query): RawQuery,
     parts: Parts,
 ) -> Result<Response, AppError> {

@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use futures::{SinkExt as _, StreamExt as _};
 use herald_api::AppError;
 use herald_protocol::{ClientFrame, FieldError, ServerFrame, UserId};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
@@ -41,7 +42,7 @@ pub mod close {
 }
 
 pub(crate) async fn upgrade(
-    State(state): State<GatewayState>,
+    State(state): State<Arc<GatewayState>>,
     RawQuery(query): RawQuery,
     parts: Parts,
     ws: WebSocketUpgrade,
@@ -74,7 +75,7 @@ enum Outcome {
 
 async fn serve(
     socket: WebSocket,
-    state: GatewayState,
+    state: Arc<GatewayState>,
     user: UserId,
     mut feed: Feed,
     hello: ServerFrame,

@@ -54,6 +54,9 @@ pub struct NotifyArgs {
     /// Connected WebSocket users in the latency phase.
     #[arg(long, default_value_t = 200)]
     pub users: usize,
+    /// INBOX partitions (router consumers).
+    #[arg(long, default_value_t = 16)]
+    pub partitions: u16,
     /// Run Herald without the router, to see what routing costs.
     #[arg(long)]
     pub no_router: bool,
@@ -118,7 +121,7 @@ async fn notify(args: NotifyArgs) -> Result<(), BenchError> {
         MeshOptions {
             nats_url: url.clone(),
             name: "herald-bench".into(),
-            subjects: Subjects::new("hbench", 16)?,
+            subjects: Subjects::new("hbench", args.partitions)?,
             streams: StreamSettings::default(),
             provision: true,
             api_keys: keys,
@@ -137,6 +140,7 @@ async fn notify(args: NotifyArgs) -> Result<(), BenchError> {
     let base = format!("http://{}", mesh.addr());
     let native = native_throughput(&url, args.count).await?;
     let http = http_throughput(&base, &api_key, args.count, args.http_concurrency).await?;
+    let batch = batch_throughput(&base, &api_key, args.count).await?;
     let latency = latency(&base, &api_key, &users_auth, &args).await?;
     mesh.shutdown().await?;
     drop(own_server);
@@ -159,6 +163,10 @@ async fn notify(args: NotifyArgs) -> Result<(), BenchError> {
         "| Herald HTTP `POST /v1/notify` ({} concurrent) | {http:.0} notifications/s | {:.0}% |",
         args.http_concurrency,
         ratio(http)
+    );
+    println!(
+        "| Herald HTTP `POST /v1/notify/batch` ({BATCH} per request, {BATCH_CONCURRENCY} concurrent) | {batch:.0} notifications/s | {:.0}% |",
+        ratio(batch)
     );
     println!(
         "| notify→frame latency at {}/s to {} WebSocket users ({} samples) | p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms, max {:.2} ms | — |",
@@ -338,6 +346,59 @@ async fn http_throughput(
         eprintln!("bench: http path: {failed} requests not accepted");
     }
     Ok(rate(count - failed, start.elapsed()))
+}
+
+const BATCH: u64 = 100;
+const BATCH_CONCURRENCY: usize = 8;
+
+/// HTTP batch path: `BATCH_CONCURRENCY` clients posting `BATCH` notifications per request.
+async fn batch_throughput(base: &str, key: &str, count: u64) -> Result<f64, BenchError> {
+    let client = reqwest::Client::new();
+    let next = Arc::new(AtomicU64::new(0));
+    let accepted = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..BATCH_CONCURRENCY {
+        let (client, next, accepted) = (client.clone(), next.clone(), accepted.clone());
+        let url = format!("{base}/v1/notify/batch");
+        let auth = format!("Bearer {key}");
+        tasks.spawn(async move {
+            loop {
+                let first = next.fetch_add(BATCH, Ordering::Relaxed);
+                if first >= count {
+                    break;
+                }
+                let items: Vec<serde_json::Value> = (first..(first + BATCH).min(count))
+                    .map(|i| {
+                        serde_json::from_slice(&sample_payload(&format!("u-{:05}", i % 10_000)))
+                            .unwrap_or_default()
+                    })
+                    .collect();
+                let body = serde_json::json!({ "notifications": items });
+                let Ok(resp) = client
+                    .post(&url)
+                    .header("authorization", &auth)
+                    .json(&body)
+                    .send()
+                    .await
+                else {
+                    continue;
+                };
+                if let Ok(v) = resp.json::<serde_json::Value>().await {
+                    accepted.fetch_add(v["accepted"].as_u64().unwrap_or(0), Ordering::Relaxed);
+                }
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let done = accepted.load(Ordering::Relaxed);
+    if done < count {
+        eprintln!(
+            "bench: batch path: {} notifications not accepted",
+            count - done
+        );
+    }
+    Ok(rate(done, start.elapsed()))
 }
 
 /// Fixed-rate notifications over HTTP to connected WebSocket users; each carries its send

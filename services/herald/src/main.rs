@@ -6,6 +6,11 @@ use herald::config::{ConfigError, Settings};
 use herald::mesh::{Mesh, MeshOptions, Roles};
 use std::process::ExitCode;
 
+// glibc malloc showed up as the top cost under load (fragmented, lock-heavy frees);
+// mimalloc is made for many small short-lived allocations across threads.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();

@@ -169,6 +169,13 @@ impl Mesh {
         let app = app.layer(tower_http::trace::TraceLayer::new_for_http());
         let mut tasks = JoinSet::new();
         let http_stop = stop.clone();
+        // Small frames must leave at once: without TCP_NODELAY, Nagle's algorithm holds
+        // a WebSocket frame back until the previous one is acked (tens of milliseconds).
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY not set");
+            }
+        });
         tasks.spawn(async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(async move { http_stop.cancelled().await })

@@ -11,6 +11,7 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use herald_api::{Acceptor, AppError, Authenticator};
 use herald_protocol::{FieldError, UserId};
+use std::sync::Arc;
 
 #[derive(Clone)]
 struct DevState {
@@ -27,7 +28,7 @@ pub fn routes(acceptor: Acceptor, auth: Authenticator) -> Router {
         .route("/", get(index))
         .route("/dev/token", post(token))
         .route("/dev/notify", post(notify_self))
-        .with_state(DevState { acceptor, auth })
+        .with_state(Arc::new(DevState { acceptor, auth }))
 }
 
 async fn index() -> impl IntoResponse {
@@ -43,7 +44,7 @@ struct TokenRequest {
 }
 
 async fn token(
-    State(state): State<DevState>,
+    State(state): State<Arc<DevState>>,
     body: Body,
 ) -> Result<Json<serde_json::Value>, AppError> {
     let bytes = axum::body::to_bytes(body, 4096)
@@ -62,7 +63,7 @@ async fn token(
 
 /// Sends the calling user a notification: `{"title","body"}`.
 async fn notify_self(
-    State(state): State<DevState>,
+    State(state): State<Arc<DevState>>,
     parts: Parts,
     body: Body,
 ) -> Result<(StatusCode, Json<serde_json::Value>), AppError> {

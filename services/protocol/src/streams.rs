@@ -114,6 +114,9 @@ pub fn router_consumer(partition: u16) -> String {
     format!("herald-router-p{partition}")
 }
 
+/// Header on inbox messages that ask for channels beyond the inbox (value `1`).
+pub const ROUTE_HEADER: &str = "Herald-Route";
+
 /// The priority group router consumers pin one client in.
 pub const ROUTER_GROUP: &str = "router";
 

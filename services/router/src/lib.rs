@@ -82,6 +82,9 @@ async fn open(nats: &Nats, partition: u16) -> Result<PullConsumer, RouterError> 
         .map_err(|source| RouterError::Consumer { partition, source })
 }
 
+/// Most messages processed before an ack is sent even while more keep arriving.
+const ACK_EVERY: usize = 512;
+
 async fn partition_loop(
     nats: Nats,
     subjects: Subjects,
@@ -94,7 +97,7 @@ async fn partition_loop(
             .stream()
             .group(streams::ROUTER_GROUP)
             .expires(PULL_EXPIRY)
-            .max_messages_per_batch(256)
+            .max_messages_per_batch(1024)
             .messages()
             .await;
         let mut messages = match messages {
@@ -107,40 +110,91 @@ async fn partition_loop(
                 }
             }
         };
+        // The last message routed and not yet acknowledged; acking it (AckAll) acknowledges
+        // every earlier one. Sent when the stream has nothing ready, every ACK_EVERY
+        // messages, and before stopping.
+        let mut unacked: Option<async_nats::jetstream::Message> = None;
+        let mut since_ack = 0usize;
         loop {
-            let next = tokio::select! {
-                _ = stop.cancelled() => return,
-                next = messages.next() => next,
+            let next = match futures::FutureExt::now_or_never(messages.next()) {
+                Some(next) => next,
+                None => {
+                    ack(&mut unacked, &mut since_ack).await;
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        next = messages.next() => next,
+                    }
+                }
             };
             match next {
-                Some(Ok(msg)) => route(&nats, &subjects, msg).await,
+                Some(Ok(msg)) => match route(&nats, &subjects, &msg).await {
+                    Routed::Done => {
+                        unacked = Some(msg);
+                        since_ack += 1;
+                        if since_ack >= ACK_EVERY {
+                            ack(&mut unacked, &mut since_ack).await;
+                        }
+                    }
+                    Routed::Retry => {
+                        // Ack what is done, then ask for this one again; later ones that
+                        // were already delivered come back after their ack wait.
+                        ack(&mut unacked, &mut since_ack).await;
+                        let _ = msg
+                            .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                            .await;
+                        break;
+                    }
+                },
                 Some(Err(e)) => {
                     tracing::debug!(partition, error = %e, "router stream error");
                 }
                 None => break,
             }
         }
+        ack(&mut unacked, &mut since_ack).await;
     }
 }
 
-/// Routes one stored notification: enqueue one job per non-inbox channel, then ack.
-/// A failed enqueue naks with a delay; `Nats-Msg-Id` per (id, channel) makes the retry
-/// harmless for the jobs that did land.
-async fn route(nats: &Nats, subjects: &Subjects, msg: async_nats::jetstream::Message) {
+async fn ack(unacked: &mut Option<async_nats::jetstream::Message>, since_ack: &mut usize) {
+    if let Some(msg) = unacked.take() {
+        *since_ack = 0;
+        if let Err(e) = msg.ack().await {
+            tracing::warn!(error = %e, "router ack failed; messages will be redelivered");
+        }
+    }
+}
+
+enum Routed {
+    /// Nothing left to do for this message.
+    Done,
+    /// Enqueueing failed; deliver it again.
+    Retry,
+}
+
+/// Routes one stored notification: one job per channel beyond the inbox.
+/// `Nats-Msg-Id` per (id, channel) makes a retry harmless for the jobs that did land.
+async fn route(nats: &Nats, subjects: &Subjects, msg: &async_nats::jetstream::Message) -> Routed {
+    let needs_routing = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(streams::ROUTE_HEADER))
+        .is_some();
+    if !needs_routing {
+        metrics::counter!("herald_router_skipped_total").increment(1);
+        return Routed::Done;
+    }
     let seq = match msg.info() {
         Ok(info) => info.stream_sequence,
         Err(e) => {
-            tracing::warn!(error = %e, "router message without metadata; terminating it");
-            let _ = msg.ack_with(AckKind::Term).await;
-            return;
+            tracing::warn!(error = %e, "router message without metadata; skipping it");
+            return Routed::Done;
         }
     };
     let stored: StoredNotification = match serde_json::from_slice(&msg.payload) {
         Ok(n) => n,
         Err(e) => {
             tracing::warn!(seq, error = %e, "undecodable inbox message; skipping");
-            let _ = msg.ack_with(AckKind::Term).await;
-            return;
+            return Routed::Done;
         }
     };
     let mut acks = Vec::new();
@@ -172,24 +226,16 @@ async fn route(nats: &Nats, subjects: &Subjects, msg: async_nats::jetstream::Mes
             Ok(ack) => acks.push(ack),
             Err(e) => {
                 tracing::warn!(seq, error = %e, "enqueue failed; will retry");
-                let _ = msg
-                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                    .await;
-                return;
+                return Routed::Retry;
             }
         }
     }
     for ack in acks {
         if let Err(e) = ack.await {
             tracing::warn!(seq, error = %e, "enqueue not acked; will retry");
-            let _ = msg
-                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                .await;
-            return;
+            return Routed::Retry;
         }
     }
     metrics::counter!("herald_router_routed_total").increment(1);
-    if let Err(e) = msg.ack().await {
-        tracing::warn!(seq, error = %e, "router ack failed; message will be redelivered");
-    }
+    Routed::Done
 }

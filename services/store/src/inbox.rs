@@ -74,11 +74,17 @@ impl Inbox {
     /// [`InboxError::Unavailable`] when the publish cannot be sent.
     pub async fn send(&self, n: &StoredNotification) -> Result<PublishAckFuture, InboxError> {
         let payload = serde_json::to_vec(n).map_err(|e| InboxError::Unavailable(Box::new(e)))?;
-        let publish = PublishMessage::build()
+        let mut publish = PublishMessage::build()
             .payload(payload.into())
             .message_id(&n.id)
-            .expected_stream(INBOX)
-            .header("Herald-Priority", n.priority.as_str());
+            .expected_stream(INBOX);
+        if n.channels
+            .iter()
+            .any(|c| *c != herald_protocol::Channel::Inbox)
+        {
+            // Lets the router skip, without decoding, the many that need nothing but the inbox.
+            publish = publish.header(herald_protocol::streams::ROUTE_HEADER, "1");
+        }
         self.nats
             .js
             .send_publish(self.subjects.inbox(&n.user_id), publish)

@@ -10,6 +10,7 @@ use herald_auth::Scope;
 use herald_protocol::pages::InboxPageBody;
 use herald_protocol::{FieldError, Notification, UserId};
 use herald_store::{Inbox, ReadPositions};
+use std::sync::Arc;
 
 /// Default page size.
 pub const DEFAULT_LIMIT: usize = 50;
@@ -99,7 +100,7 @@ pub async fn read_page(
 }
 
 pub(super) async fn producer_page(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     producer: Producer,
     Path(user_id): Path<String>,
     RawQuery(query): RawQuery,

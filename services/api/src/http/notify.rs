@@ -13,6 +13,7 @@ use herald_protocol::pages;
 use herald_protocol::{ErrorBody, FieldError};
 use herald_store::InboxError;
 use serde_json::Value;
+use std::sync::Arc;
 
 /// Reads a body up to `limit` bytes, answering 413 past it.
 pub(crate) async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, AppError> {
@@ -54,7 +55,7 @@ fn accepted_body(a: Accepted) -> pages::Accepted {
 }
 
 pub(super) async fn notify(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     producer: Producer,
     headers: HeaderMap,
     body: Body,
@@ -83,7 +84,7 @@ enum ItemResult {
 }
 
 pub(super) async fn batch(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     producer: Producer,
     headers: HeaderMap,
     body: Body,

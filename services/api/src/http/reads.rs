@@ -9,6 +9,7 @@ use axum::body::Body;
 use axum::extract::State;
 use herald_protocol::FieldError;
 use herald_protocol::pages::Unread;
+use std::sync::Arc;
 
 #[derive(serde::Deserialize)]
 struct ReadBody {
@@ -16,7 +17,7 @@ struct ReadBody {
 }
 
 pub(super) async fn mark_read(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     User(user): User,
     body: Body,
 ) -> Result<Json<Unread>, AppError> {
@@ -47,7 +48,7 @@ pub(super) async fn mark_read(
 }
 
 pub(super) async fn unread(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     User(user): User,
 ) -> Result<Json<Unread>, AppError> {
     let inbox = state.acceptor.inbox();
