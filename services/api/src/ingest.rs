@@ -10,13 +10,13 @@
 
 use crate::accept::{AcceptError, Acceptor};
 use async_nats::HeaderMap;
+use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::message::PublishMessage;
 use futures::StreamExt as _;
 use herald_protocol::streams::REJECTED;
-use serde_json::json;
 use std::future::Future;
-use std::sync::Arc;
-use tokio::sync::Semaphore;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 
 /// Queue group shared by every ingest responder.
 pub const QUEUE_GROUP: &str = "herald-ingest";
@@ -35,29 +35,30 @@ pub async fn run(
 ) -> Result<(), async_nats::SubscribeError> {
     let nats = acceptor.inbox().nats().clone();
     let subject = acceptor.inbox().subjects().notify();
-    let rejected_subject = acceptor.inbox().subjects().rejected();
     let mut sub = nats
         .consume
         .queue_subscribe(subject.clone(), QUEUE_GROUP.into())
         .await?;
     tracing::info!(%subject, "native ingest listening");
-    let permits = Arc::new(Semaphore::new(IN_FLIGHT));
+    // Appends are sent here in arrival order (keeping a producer's order per user); one
+    // task awaits their acks concurrently and answers, so no task is spawned per message.
+    let (tx, rx) = mpsc::channel::<Pending>(IN_FLIGHT);
+    let answerer = tokio::spawn(answer_all(
+        rx,
+        nats.clone(),
+        acceptor.inbox().subjects().rejected(),
+    ));
     tokio::pin!(shutdown);
     loop {
         let msg = tokio::select! {
             _ = &mut shutdown => break,
             msg = sub.next() => match msg { Some(m) => m, None => break },
         };
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            break;
-        };
-        // Send in arrival order (keeps a producer's order per user), await acks concurrently.
         let key = msg
             .headers
             .as_ref()
             .and_then(|h| h.get("Nats-Msg-Id"))
             .map(|v| v.as_str().to_string());
-        let reply = msg.reply.clone();
         let outcome = match acceptor.prepare(&msg.payload, NATIVE_PRODUCER, key.as_deref()) {
             Ok(prepared) => match acceptor.send(&prepared).await {
                 Ok(ack) => Ok((prepared, ack)),
@@ -65,60 +66,104 @@ pub async fn run(
             },
             Err(e) => Err(AcceptError::Invalid(e)),
         };
-        let nats = nats.clone();
-        let rejected_subject = rejected_subject.clone();
-        tokio::spawn(async move {
-            let answer = match outcome {
-                Ok((prepared, ack)) => match Acceptor::finish(prepared, ack).await {
-                    Ok(a) => {
-                        metrics::counter!("herald_notify_accepted_total", "path" => "nats")
-                            .increment(1);
-                        Some(
-                            json!({"stream": herald_protocol::streams::INBOX, "seq": a.seq,
-                                    "duplicate": a.duplicate, "id": a.id}),
-                        )
-                    }
-                    // No answer: the producer's client times out and retries with the
-                    // same Nats-Msg-Id, which the inbox deduplicates.
-                    Err(e) => {
-                        tracing::warn!(error = %e, "native notify not acked");
-                        None
-                    }
-                },
-                Err(AcceptError::Invalid(e)) => {
-                    reject(
-                        &nats,
-                        &rejected_subject,
-                        &msg.payload,
-                        msg.headers.as_ref(),
-                        &e.to_string(),
-                    )
-                    .await
-                }
-                Err(AcceptError::Store(e)) => {
-                    tracing::warn!(error = %e, "native notify not sent");
-                    None
-                }
-            };
-            if let (Some(reply), Some(answer)) = (reply, answer) {
-                let _ = nats.publish.publish(reply, answer.to_string().into()).await;
-            }
-            drop(permit);
-        });
+        if tx.send(Pending { msg, outcome }).await.is_err() {
+            break;
+        }
     }
-    // Drain: wait until every spawned append has answered.
-    let _ = permits.acquire_many(IN_FLIGHT as u32).await;
+    // Drain: every append sent gets its answer before we return.
+    drop(tx);
+    let _ = answerer.await;
     Ok(())
 }
 
-/// Records a rejected message with its reason; returns the ack to answer with.
+/// A native message whose append was sent (or refused) and still needs its answer.
+struct Pending {
+    msg: async_nats::Message,
+    outcome: Result<(crate::accept::Prepared, PublishAckFuture), AcceptError>,
+}
+
+/// The PubAck-shaped answer to a producer.
+#[derive(serde::Serialize)]
+struct Answer<'a> {
+    stream: &'a str,
+    seq: u64,
+    duplicate: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rejected: Option<&'a str>,
+}
+
+async fn answer_all(rx: mpsc::Receiver<Pending>, nats: herald_store::Nats, rejected: String) {
+    let accepted = metrics::counter!("herald_notify_accepted_total", "path" => "nats");
+    let (nats, rejected, accepted) = (&nats, rejected.as_str(), &accepted);
+    ReceiverStream::new(rx)
+        .map(|p| async move {
+            let reply = p.msg.reply.clone();
+            let answer = answer(nats, rejected, accepted, p).await;
+            if let (Some(reply), Some(answer)) = (reply, answer) {
+                let _ = nats.publish.publish(reply, answer.into()).await;
+            }
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .for_each(|()| async {})
+        .await;
+}
+
+async fn answer(
+    nats: &herald_store::Nats,
+    rejected: &str,
+    accepted: &metrics::Counter,
+    pending: Pending,
+) -> Option<Vec<u8>> {
+    match pending.outcome {
+        Ok((prepared, ack)) => match Acceptor::finish(prepared, ack).await {
+            Ok(a) => {
+                accepted.increment(1);
+                serde_json::to_vec(&Answer {
+                    stream: herald_protocol::streams::INBOX,
+                    seq: a.seq,
+                    duplicate: a.duplicate,
+                    id: Some(&a.id),
+                    rejected: None,
+                })
+                .ok()
+            }
+            // No answer: the producer's client times out and retries with the same
+            // Nats-Msg-Id, which the inbox deduplicates.
+            Err(e) => {
+                tracing::warn!(error = %e, "native notify not acked");
+                None
+            }
+        },
+        Err(AcceptError::Invalid(e)) => {
+            let reason = e.to_string();
+            let msg = &pending.msg;
+            let seq = reject(nats, rejected, &msg.payload, msg.headers.as_ref(), &reason).await?;
+            serde_json::to_vec(&Answer {
+                stream: REJECTED,
+                seq,
+                duplicate: false,
+                id: None,
+                rejected: Some(&reason),
+            })
+            .ok()
+        }
+        Err(AcceptError::Store(e)) => {
+            tracing::warn!(error = %e, "native notify not sent");
+            None
+        }
+    }
+}
+
+/// Records a rejected message with its reason; returns its REJECTED stream sequence.
 async fn reject(
     nats: &herald_store::Nats,
     subject: &str,
     payload: &[u8],
     original: Option<&HeaderMap>,
     reason: &str,
-) -> Option<serde_json::Value> {
+) -> Option<u64> {
     metrics::counter!("herald_notify_rejected_total", "path" => "nats").increment(1);
     tracing::info!(reason, "native notify rejected");
     let mut headers = HeaderMap::new();
@@ -137,10 +182,7 @@ async fn reject(
         .ok()?
         .await
         .ok()?;
-    Some(
-        json!({"stream": REJECTED, "seq": ack.sequence, "duplicate": false,
-                "rejected": reason}),
-    )
+    Some(ack.sequence)
 }
 
 /// Header values must not carry CR/LF.
