@@ -100,6 +100,7 @@ async fn notify(args: NotifyArgs) -> Result<(), BenchError> {
     let payload = sample_payload("u-00001");
     let raw_js = raw_jetstream(&url, args.count, payload.len()).await?;
     let raw_core = raw_core(&url, args.count, payload.len()).await?;
+    let raw_ack = raw_ack_latency(&url, args.rate, args.seconds, payload.len()).await?;
     eprintln!("bench: raw ceilings measured; starting Herald");
 
     let api_key = herald_auth::api_keys::generate();
@@ -141,7 +142,7 @@ async fn notify(args: NotifyArgs) -> Result<(), BenchError> {
     let native = native_throughput(&url, args.count).await?;
     let http = http_throughput(&base, &api_key, args.count, args.http_concurrency).await?;
     let batch = batch_throughput(&base, &api_key, args.count).await?;
-    let latency = latency(&base, &api_key, &users_auth, &args).await?;
+    let (latency, accept_latency) = latency(&base, &api_key, &users_auth, &args).await?;
     mesh.shutdown().await?;
     drop(own_server);
 
@@ -177,6 +178,21 @@ async fn notify(args: NotifyArgs) -> Result<(), BenchError> {
         ms(latency.value_at_quantile(0.99)),
         ms(latency.value_at_quantile(0.999)),
         ms(latency.max())
+    );
+    println!(
+        "| raw JetStream publish→ack at {}/s (ceiling of notify→202) | p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms, max {:.2} ms | — |",
+        args.rate,
+        ms(raw_ack.value_at_quantile(0.5)),
+        ms(raw_ack.value_at_quantile(0.99)),
+        ms(raw_ack.value_at_quantile(0.999)),
+        ms(raw_ack.max())
+    );
+    println!(
+        "| notify→202 in the same phase | p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms, max {:.2} ms | — |",
+        ms(accept_latency.value_at_quantile(0.5)),
+        ms(accept_latency.value_at_quantile(0.99)),
+        ms(accept_latency.value_at_quantile(0.999)),
+        ms(accept_latency.max())
     );
     Ok(())
 }
@@ -236,6 +252,52 @@ async fn raw_jetstream(url: &str, count: u64, size: usize) -> Result<f64, BenchE
     let r = rate(count, start.elapsed());
     js.delete_stream("RAWBENCH").await?;
     Ok(r)
+}
+
+/// Publish→ack latency of raw JetStream at the latency phase's rate, one ack awaited per
+/// message, into a stream of many subjects.
+async fn raw_ack_latency(
+    url: &str,
+    rate: u64,
+    seconds: u64,
+    size: usize,
+) -> Result<Histogram<u64>, BenchError> {
+    let js = jetstream::new(async_nats::connect(url).await?);
+    let _ = js.delete_stream("RAWLAT").await;
+    js.create_stream(stream::Config {
+        name: "RAWLAT".into(),
+        subjects: vec!["rawlat.>".into()],
+        ..Default::default()
+    })
+    .await?;
+    let hist = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(
+        1, 60_000_000, 3,
+    )?));
+    let body = bytes::Bytes::from(vec![b'x'; size]);
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut acks = tokio::task::JoinSet::new();
+    for i in 0..rate * seconds {
+        ticker.tick().await;
+        let (js, body, hist) = (js.clone(), body.clone(), hist.clone());
+        acks.spawn(async move {
+            let sent = Instant::now();
+            let publish = jetstream::message::PublishMessage::build()
+                .payload(body)
+                .message_id(format!("lat-{i}"));
+            if let Ok(ack) = js.send_publish(format!("rawlat.{}", i % 200), publish).await
+                && ack.await.is_ok()
+                && let Ok(mut h) = hist.lock()
+            {
+                let _ = h.record((sent.elapsed().as_micros() as u64).max(1));
+            }
+        });
+        while acks.try_join_next().is_some() {}
+    }
+    while acks.join_next().await.is_some() {}
+    js.delete_stream("RAWLAT").await?;
+    let h = hist.lock().map_err(|_| "histogram poisoned")?.clone();
+    Ok(h)
 }
 
 /// Core publish → subscribe across two connections.
@@ -408,7 +470,7 @@ async fn latency(
     key: &str,
     auth: &UserAuth,
     args: &NotifyArgs,
-) -> Result<Histogram<u64>, BenchError> {
+) -> Result<(Histogram<u64>, Histogram<u64>), BenchError> {
     let epoch = Instant::now();
     let hist = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(
         1, 60_000_000, 3,
@@ -447,6 +509,10 @@ async fn latency(
         });
     }
     let client = reqwest::Client::new();
+    // Time to the 202, to tell a slow write from a slow live path.
+    let accept_hist = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(
+        1, 60_000_000, 3,
+    )?));
     let interval = Duration::from_secs_f64(1.0 / args.rate as f64);
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -461,7 +527,15 @@ async fn latency(
             .post(format!("{base}/v1/notify"))
             .bearer_auth(key)
             .json(&body);
-        sends.spawn(async move { req.send().await.is_ok_and(|r| r.status().as_u16() == 202) });
+        let accept_hist = accept_hist.clone();
+        sends.spawn(async move {
+            let sent = Instant::now();
+            let ok = req.send().await.is_ok_and(|r| r.status().as_u16() == 202);
+            if let Ok(mut h) = accept_hist.lock() {
+                let _ = h.record((sent.elapsed().as_micros() as u64).max(1));
+            }
+            ok
+        });
         while sends.try_join_next().is_some() {}
     }
     while sends.join_next().await.is_some() {}
@@ -475,5 +549,6 @@ async fn latency(
     }
     clients.abort_all();
     let h = hist.lock().map_err(|_| "histogram poisoned")?.clone();
-    Ok(h)
+    let a = accept_hist.lock().map_err(|_| "histogram poisoned")?.clone();
+    Ok((h, a))
 }
