@@ -3,6 +3,7 @@
 //! live and the router consumes it for the other channels.
 
 use async_nats::jetstream::context::PublishAckFuture;
+use bytes::Bytes;
 use herald_protocol::notification::check_idempotency_key;
 use herald_protocol::{FieldError, NotifyRequest, StoredNotification, ValidatedNotify};
 use herald_store::{AppendAck, Inbox, InboxError};
@@ -42,12 +43,15 @@ pub struct Acceptor {
 
 /// A validated notification with its id, ready to append.
 #[derive(Debug, Clone)]
-pub struct Prepared(StoredNotification);
+pub struct Prepared {
+    stored: StoredNotification,
+    bytes: Bytes,
+}
 
 impl Prepared {
     /// Its id.
     pub fn id(&self) -> &str {
-        &self.0.id
+        &self.stored.id
     }
 }
 
@@ -83,11 +87,10 @@ impl Acceptor {
             Some(k) => idempotent_id(producer, k),
             None => Uuid::now_v7(),
         };
-        Ok(Prepared(StoredNotification::from_request(
-            validated,
-            id.to_string(),
-            OffsetDateTime::now_utc(),
-        )))
+        let stored =
+            StoredNotification::from_request(validated, id.to_string(), OffsetDateTime::now_utc());
+        let bytes = Inbox::encode(&stored).map_err(|e| FieldError::new("body", e.to_string()))?;
+        Ok(Prepared { stored, bytes })
     }
 
     /// Appends and waits for the ack.
@@ -95,7 +98,10 @@ impl Acceptor {
     /// # Errors
     /// [`AcceptError::Store`] unless JetStream confirmed the write.
     pub async fn commit(&self, prepared: Prepared) -> Result<Accepted, AcceptError> {
-        let ack = self.inbox.append(&prepared.0).await?;
+        let ack = self
+            .inbox
+            .append(&prepared.stored, prepared.bytes.clone())
+            .await?;
         Ok(accepted(prepared, ack))
     }
 
@@ -104,7 +110,10 @@ impl Acceptor {
     /// # Errors
     /// [`AcceptError::Store`] when the publish cannot be sent.
     pub async fn send(&self, prepared: &Prepared) -> Result<PublishAckFuture, AcceptError> {
-        Ok(self.inbox.send(&prepared.0).await?)
+        Ok(self
+            .inbox
+            .send(&prepared.stored, prepared.bytes.clone())
+            .await?)
     }
 
     /// Waits for a pipelined append's ack.
@@ -130,7 +139,7 @@ impl Acceptor {
 
 fn accepted(prepared: Prepared, ack: AppendAck) -> Accepted {
     Accepted {
-        id: prepared.0.id,
+        id: prepared.stored.id,
         seq: ack.seq,
         duplicate: ack.duplicate,
     }

@@ -22,6 +22,8 @@ use tokio_stream::wrappers::ReceiverStream;
 pub const QUEUE_GROUP: &str = "herald-ingest";
 /// Producer name native idempotency keys are namespaced under.
 pub const NATIVE_PRODUCER: &str = "nats";
+/// Bytes of a rejected body kept in the REJECTED stream.
+const REJECTED_KEEP: usize = 64 * 1024;
 /// Appends awaiting their ack at once, per process.
 const IN_FLIGHT: usize = 8192;
 
@@ -47,6 +49,7 @@ pub async fn run(
         rx,
         nats.clone(),
         acceptor.inbox().subjects().rejected(),
+        format!("{}.", acceptor.inbox().subjects().prefix()),
     ));
     tokio::pin!(shutdown);
     loop {
@@ -94,12 +97,18 @@ struct Answer<'a> {
     rejected: Option<&'a str>,
 }
 
-async fn answer_all(rx: mpsc::Receiver<Pending>, nats: herald_store::Nats, rejected: String) {
+async fn answer_all(
+    rx: mpsc::Receiver<Pending>,
+    nats: herald_store::Nats,
+    rejected: String,
+    own_prefix: String,
+) {
+    let own_prefix = own_prefix.as_str();
     let accepted = metrics::counter!("herald_notify_accepted_total", "path" => "nats");
     let (nats, rejected, accepted) = (&nats, rejected.as_str(), &accepted);
     ReceiverStream::new(rx)
         .map(|p| async move {
-            let reply = p.msg.reply.clone();
+            let reply = p.msg.reply.clone().filter(|r| safe_reply(r, own_prefix));
             let answer = answer(nats, rejected, accepted, p).await;
             if let (Some(reply), Some(answer)) = (reply, answer) {
                 let _ = nats.publish.publish(reply, answer.into()).await;
@@ -171,8 +180,13 @@ async fn reject(
     if let Some(id) = original.and_then(|h| h.get("Nats-Msg-Id")) {
         headers.insert("Herald-Msg-Id", sanitize(id.as_str()));
     }
+    // Keep enough to diagnose; the stream must accept the record whatever was sent.
+    let kept = &payload[..payload.len().min(REJECTED_KEEP)];
+    if kept.len() < payload.len() {
+        headers.insert("Herald-Truncated", payload.len().to_string());
+    }
     let publish = PublishMessage::build()
-        .payload(payload.to_vec().into())
+        .payload(kept.to_vec().into())
         .headers(headers)
         .expected_stream(REJECTED);
     let ack = nats
@@ -183,6 +197,21 @@ async fn reject(
         .await
         .ok()?;
     Some(ack.sequence)
+}
+
+/// Whether Herald may publish its answer to `reply`. The reply subject is the caller's
+/// choice and Herald publishes with its own permissions, so answers never go to system
+/// subjects (`$JS.`, `$KV.`, `$SYS.`, …) or Herald's own: a producer must not be able to
+/// make Herald write into a stream, a bucket or another user's inbox.
+fn safe_reply(reply: &str, own_prefix: &str) -> bool {
+    let safe = !reply.starts_with('$') && !reply.starts_with(own_prefix);
+    if !safe {
+        tracing::warn!(
+            reply,
+            "refusing to answer a native notify on a protected subject"
+        );
+    }
+    safe
 }
 
 /// Header values must not carry CR/LF.

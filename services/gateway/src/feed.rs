@@ -36,6 +36,9 @@ pub struct Feed {
     read_up_to: u64,
     /// Whether the inbox may hold notifications after `last_sent` not yet handed out.
     catching_up: bool,
+    /// A live notification that revealed a gap, delivered once the gap is read (kept in
+    /// case the replica that answers the catch-up has not stored it yet).
+    held: Option<(u64, StoredNotification)>,
     ready: VecDeque<Notification>,
 }
 
@@ -70,6 +73,7 @@ impl Feed {
             last_sent,
             read_up_to,
             catching_up,
+            held: None,
             ready: VecDeque::new(),
         })
     }
@@ -120,11 +124,18 @@ impl Feed {
             .inbox
             .after(&self.user, self.last_sent, REPLAY_PAGE)
             .await?;
-        if page.items.is_empty() {
-            self.catching_up = false;
-        }
         for (seq, stored) in page.items {
             self.push(seq, stored);
+        }
+        match page.read_span {
+            // Step past messages that did not decode, too.
+            Some((_, last)) => self.last_sent = self.last_sent.max(last),
+            None => {
+                self.catching_up = false;
+                if let Some((seq, stored)) = self.held.take() {
+                    self.push(seq, stored);
+                }
+            }
         }
         Ok(())
     }
@@ -139,19 +150,23 @@ impl Feed {
         if seq <= self.last_sent {
             return; // already replayed
         }
+        let stored = match serde_json::from_slice::<StoredNotification>(&msg.payload) {
+            Ok(stored) if stored.user_id == self.user => stored,
+            Ok(_) => return tracing::error!(seq, "live message for another user; dropped"),
+            Err(e) => return tracing::warn!(seq, error = %e, "undecodable live message; dropped"),
+        };
         let previous = header_u64(headers, "Nats-Last-Sequence").unwrap_or(0);
         if previous > self.last_sent {
             // A live message was lost (or arrived before the replay saw its predecessor):
-            // read the gap, this one included, from the inbox.
+            // read the gap from the inbox, then this one.
             metrics::counter!("herald_gateway_gap_repairs_total").increment(1);
             self.catching_up = true;
+            if self.held.as_ref().is_none_or(|(held, _)| *held < seq) {
+                self.held = Some((seq, stored));
+            }
             return;
         }
-        match serde_json::from_slice::<StoredNotification>(&msg.payload) {
-            Ok(stored) if stored.user_id == self.user => self.push(seq, stored),
-            Ok(_) => tracing::error!(seq, "live message for another user; dropped"),
-            Err(e) => tracing::warn!(seq, error = %e, "undecodable live message; dropped"),
-        }
+        self.push(seq, stored);
     }
 
     fn push(&mut self, seq: u64, stored: StoredNotification) {
@@ -164,5 +179,46 @@ impl Feed {
             seq,
             seq <= self.read_up_to,
         ));
+    }
+}
+
+/// How a [`pump`] ended.
+#[derive(Debug)]
+pub enum PumpEnd {
+    /// The connection's queue was full: the client reads too slowly.
+    Slow,
+    /// The connection went away.
+    Closed,
+    /// The feed failed (NATS trouble).
+    Failed(FeedError),
+}
+
+/// Moves a feed into a connection's bounded queue until the queue fills up (a slow
+/// client), the connection goes away, or the feed fails. Runs as its own task, so a
+/// connection's other work (client frames, pings) never cancels an inbox read halfway.
+pub async fn pump<T>(
+    mut feed: Feed,
+    queue: tokio::sync::mpsc::Sender<T>,
+    frame: impl Fn(Notification) -> T,
+) -> PumpEnd {
+    use tokio::sync::mpsc::error::TrySendError;
+    loop {
+        let items = tokio::select! {
+            items = feed.next() => match items {
+                Ok(items) => items,
+                Err(e) => return PumpEnd::Failed(e),
+            },
+            () = queue.closed() => return PumpEnd::Closed,
+        };
+        for n in items {
+            match queue.try_send(frame(n)) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_)) => {
+                    metrics::counter!("herald_gateway_slow_consumer_closes_total").increment(1);
+                    return PumpEnd::Slow;
+                }
+                Err(TrySendError::Closed(_)) => return PumpEnd::Closed,
+            }
+        }
     }
 }

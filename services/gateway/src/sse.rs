@@ -41,33 +41,26 @@ pub(crate) async fn stream(
     let hello = Event::default()
         .event("hello")
         .data(serde_json::to_string(&hello).unwrap_or_default());
-    let live = stream::unfold(feed, |mut feed| async move {
-        match feed.next().await {
-            Ok(items) => {
-                let events: Vec<Result<Event, Infallible>> = items
-                    .into_iter()
-                    .map(|n| {
-                        metrics::counter!("herald_gateway_frames_out_total", "transport" => "sse")
-                            .increment(1);
-                        let seq = n.seq;
-                        Ok(Event::default()
-                            .id(seq.to_string())
-                            .event("notification")
-                            .data(
-                                serde_json::to_string(&ServerFrame::Notification(n))
-                                    .unwrap_or_default(),
-                            ))
-                    })
-                    .collect();
-                Some((stream::iter(events), feed))
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "sse feed failed; ending stream");
-                None
-            }
+    // A bounded queue per connection: a client that stops reading fills only its own
+    // queue, and its stream ends (it resumes with Last-Event-ID).
+    let (tx, rx) = tokio::sync::mpsc::channel(state.config.queue_frames);
+    tokio::spawn(async move {
+        let end = crate::feed::pump(feed, tx, |n| {
+            metrics::counter!("herald_gateway_frames_out_total", "transport" => "sse").increment(1);
+            let seq = n.seq;
+            Ok::<_, Infallible>(
+                Event::default()
+                    .id(seq.to_string())
+                    .event("notification")
+                    .data(serde_json::to_string(&ServerFrame::Notification(n)).unwrap_or_default()),
+            )
+        })
+        .await;
+        if let crate::feed::PumpEnd::Failed(e) = end {
+            tracing::warn!(error = %e, "sse feed failed; ending stream");
         }
-    })
-    .flatten();
+    });
+    let live = tokio_stream::wrappers::ReceiverStream::new(rx);
     let events = stream::once(async move { Ok::<_, Infallible>(hello) })
         .chain(live)
         .take_until(state.shutdown.clone().cancelled_owned());

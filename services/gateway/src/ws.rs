@@ -5,7 +5,7 @@
 //! fills only its own queue and is closed with 4008, never slowing anyone else.
 
 use crate::GatewayState;
-use crate::feed::Feed;
+use crate::feed::{Feed, PumpEnd};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{RawQuery, State};
 use axum::http::request::Parts;
@@ -77,7 +77,7 @@ async fn serve(
     socket: WebSocket,
     state: Arc<GatewayState>,
     user: UserId,
-    mut feed: Feed,
+    feed: Feed,
     hello: ServerFrame,
 ) {
     metrics::gauge!("herald_gateway_connections", "transport" => "ws").increment(1.0);
@@ -118,43 +118,37 @@ async fn serve(
         if tx.try_send(text(&hello)).is_err() {
             break 'conn Outcome::Gone;
         }
-        loop {
+        let mut pump = tokio::spawn(crate::feed::pump(feed, tx.clone(), |n| {
+            metrics::counter!("herald_gateway_frames_out_total", "transport" => "ws").increment(1);
+            text(&ServerFrame::Notification(n))
+        }));
+        let outcome = loop {
             tokio::select! {
-                batch = feed.next() => match batch {
-                    Ok(items) => {
-                        for n in items {
-                            metrics::counter!("herald_gateway_frames_out_total", "transport" => "ws").increment(1);
-                            match tx.try_send(text(&ServerFrame::Notification(n))) {
-                                Ok(()) => {}
-                                Err(mpsc::error::TrySendError::Full(_)) => {
-                                    metrics::counter!("herald_gateway_slow_consumer_closes_total").increment(1);
-                                    break 'conn Outcome::Close(close::SLOW_CONSUMER, "slow consumer: resume from your last seq");
-                                }
-                                Err(mpsc::error::TrySendError::Closed(_)) => break 'conn Outcome::Gone,
-                            }
-                        }
-                    }
-                    Err(e) => {
+                end = &mut pump => break match end {
+                    Ok(PumpEnd::Slow) => Outcome::Close(close::SLOW_CONSUMER, "slow consumer: resume from your last seq"),
+                    Ok(PumpEnd::Closed) => Outcome::Gone,
+                    Ok(PumpEnd::Failed(e)) => {
                         tracing::warn!(error = %e, "feed failed; closing connection");
-                        break 'conn Outcome::Close(close::INTERNAL, "delivery interrupted: reconnect with after=<last seq>");
+                        Outcome::Close(close::INTERNAL, "delivery interrupted: reconnect with after=<last seq>")
                     }
+                    Err(_) => Outcome::Close(close::INTERNAL, "delivery interrupted: reconnect with after=<last seq>"),
                 },
                 incoming = stream.next() => {
                     last_heard = Instant::now();
                     match incoming {
-                        None | Some(Ok(Message::Close(_))) => break 'conn Outcome::Gone,
+                        None | Some(Ok(Message::Close(_))) => break Outcome::Gone,
                         Some(Err(e)) => {
-                            break 'conn if is_too_big(&e) {
+                            break if is_too_big(&e) {
                                 Outcome::Close(close::TOO_BIG, "frame too large")
                             } else {
                                 Outcome::Gone
                             };
                         }
-                        Some(Ok(Message::Binary(_))) => break 'conn Outcome::Close(close::UNSUPPORTED, "binary frames are not supported; send JSON text"),
+                        Some(Ok(Message::Binary(_))) => break Outcome::Close(close::UNSUPPORTED, "binary frames are not supported; send JSON text"),
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                         Some(Ok(Message::Text(t))) => {
                             if let Err(outcome) = on_client_frame(&state, &user, t.as_str()).await {
-                                break 'conn outcome;
+                                break outcome;
                             }
                         }
                     }
@@ -163,18 +157,20 @@ async fn serve(
                     // Spread reconnects so a restart is not a thundering herd.
                     let after_ms = rand::random_range(0..5_000);
                     let _ = tx.try_send(text(&ServerFrame::Reconnect { after_ms }));
-                    break 'conn Outcome::Close(close::GOING_AWAY, "server restarting; reconnect with after=<last seq>");
+                    break Outcome::Close(close::GOING_AWAY, "server restarting; reconnect with after=<last seq>");
                 }
                 _ = ping.tick() => {
                     if last_heard.elapsed() > heartbeat * 2 {
-                        break 'conn Outcome::Close(close::HEARTBEAT, "missed heartbeats");
+                        break Outcome::Close(close::HEARTBEAT, "missed heartbeats");
                     }
                     if tx.try_send(Message::Ping(Default::default())).is_err() {
-                        break 'conn Outcome::Gone;
+                        break Outcome::Gone;
                     }
                 },
             }
-        }
+        };
+        pump.abort();
+        outcome
     };
     if let Outcome::Close(code, reason) = outcome {
         tracing::debug!(user = %user, code, reason, "closing websocket");

@@ -118,32 +118,45 @@ async fn notify(args: NotifyArgs) -> Result<(), BenchError> {
     };
     let users_auth = UserAuth::new(&jwt)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let mesh = Mesh::start(
-        MeshOptions {
-            nats_url: url.clone(),
-            name: "herald-bench".into(),
-            subjects: Subjects::new("hbench", args.partitions)?,
-            streams: StreamSettings::default(),
-            provision: true,
-            api_keys: keys,
-            jwt,
-            api: Default::default(),
-            gateway: Default::default(),
-            roles: Roles {
-                router: !args.no_router,
-                ..Roles::ALL
-            },
-            dev_mode: false,
+    let options = MeshOptions {
+        nats_url: url.clone(),
+        name: "herald-bench".into(),
+        subjects: Subjects::new("hbench", args.partitions)?,
+        streams: StreamSettings::default(),
+        provision: true,
+        api_keys: keys,
+        jwt,
+        api: Default::default(),
+        gateway: Default::default(),
+        roles: Roles {
+            router: !args.no_router,
+            ..Roles::ALL
         },
-        listener,
-    )
-    .await?;
+        dev_mode: false,
+    };
+    // Herald gets a runtime of its own, as in its own process: the benchmark's clients
+    // must not queue in front of the server's tasks on the same two workers.
+    let server = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("herald-server")
+        .enable_all()
+        .build()?;
+    let listener = listener.into_std()?;
+    let mesh = server
+        .spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            Mesh::start(options, listener)
+                .await
+                .map_err(BenchError::from)
+        })
+        .await??;
     let base = format!("http://{}", mesh.addr());
     let native = native_throughput(&url, args.count).await?;
     let http = http_throughput(&base, &api_key, args.count, args.http_concurrency).await?;
     let batch = batch_throughput(&base, &api_key, args.count).await?;
     let (latency, accept_latency) = latency(&base, &api_key, &users_auth, &args).await?;
-    mesh.shutdown().await?;
+    server.spawn(mesh.shutdown()).await??;
+    server.shutdown_background();
     drop(own_server);
 
     let ratio = |x: f64| 100.0 * x / raw_js;
@@ -285,7 +298,9 @@ async fn raw_ack_latency(
             let publish = jetstream::message::PublishMessage::build()
                 .payload(body)
                 .message_id(format!("lat-{i}"));
-            if let Ok(ack) = js.send_publish(format!("rawlat.{}", i % 200), publish).await
+            if let Ok(ack) = js
+                .send_publish(format!("rawlat.{}", i % 200), publish)
+                .await
                 && ack.await.is_ok()
                 && let Ok(mut h) = hist.lock()
             {
@@ -549,6 +564,9 @@ async fn latency(
     }
     clients.abort_all();
     let h = hist.lock().map_err(|_| "histogram poisoned")?.clone();
-    let a = accept_hist.lock().map_err(|_| "histogram poisoned")?.clone();
+    let a = accept_hist
+        .lock()
+        .map_err(|_| "histogram poisoned")?
+        .clone();
     Ok((h, a))
 }

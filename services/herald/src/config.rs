@@ -167,14 +167,35 @@ impl Settings {
         let subjects = Subjects::new(&self.subject_prefix, self.partitions)
             .map_err(|e| errors.push(e.to_string()))
             .ok();
-        if self.heartbeat_s == 0 {
-            errors.push("heartbeat_s must be at least 1".into());
+        if !(1..=3600).contains(&self.heartbeat_s) {
+            errors.push(format!(
+                "heartbeat_s must be 1 to 3600, not {}",
+                self.heartbeat_s
+            ));
+        }
+        if !(1..=3650).contains(&self.inbox_days) {
+            errors.push(format!(
+                "inbox_days must be 1 to 3650, not {}",
+                self.inbox_days
+            ));
+        }
+        if self.dedup_window_s > self.inbox_days.saturating_mul(24 * 3600) {
+            errors.push("dedup_window_s must not exceed the inbox retention (inbox_days)".into());
+        }
+        if self.body_limit > 120 * 1024 {
+            errors.push(format!(
+                "body_limit must be at most 122880 bytes (the inbox stores up to 127 KiB), not {}",
+                self.body_limit
+            ));
         }
         if self.body_limit < 1024 {
             errors.push("body_limit must be at least 1024 bytes".into());
         }
-        if self.dedup_window_s == 0 {
-            errors.push("dedup_window_s must be at least 1".into());
+        if !(1..=7 * 24 * 3600).contains(&self.dedup_window_s) {
+            errors.push(format!(
+                "dedup_window_s must be 1 to 604800 (a week), not {}",
+                self.dedup_window_s
+            ));
         }
         let api_keys = self.api_keys(&mut errors);
         let jwt = self.jwt(&mut errors);

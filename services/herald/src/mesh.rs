@@ -98,6 +98,9 @@ pub enum MeshError {
     /// The router failed.
     #[error(transparent)]
     Router(#[from] herald_router::RouterError),
+    /// The inbox stream is missing or was written with another layout.
+    #[error("{0}")]
+    Layout(String),
     /// Native ingest failed.
     #[error("native ingest")]
     Ingest(#[source] async_nats::SubscribeError),
@@ -135,6 +138,7 @@ impl Mesh {
                 herald_store::provision(&nats.js_consume, &opts.subjects, &opts.streams).await?;
             tracing::info!(created = ?report.created, updated = ?report.updated, "provisioned");
         }
+        check_layout(&nats, &opts.subjects).await?;
         let reads = ReadPositions::open(&nats.js_consume)
             .await
             .map_err(MeshError::Reads)?;
@@ -248,6 +252,37 @@ impl Mesh {
         let token = CancellationToken::new();
         token.cancel();
         self.run_until(token).await
+    }
+}
+
+/// Refuses to serve against an inbox written with another subject layout: users would be
+/// written where no gateway or router looks.
+async fn check_layout(nats: &herald_store::Nats, subjects: &Subjects) -> Result<(), MeshError> {
+    use herald_protocol::streams::{INBOX, PARTITIONS_METADATA};
+    let mut stream = nats.js_consume.get_stream(INBOX).await.map_err(|e| {
+        MeshError::Layout(format!(
+            "stream {INBOX} is not there ({e}); run `herald provision --nats-url …` first"
+        ))
+    })?;
+    let info = stream
+        .info()
+        .await
+        .map_err(|e| MeshError::Layout(format!("reading stream {INBOX}: {e}")))?;
+    let stored = info.config.metadata.get(PARTITIONS_METADATA);
+    let configured = subjects.partitions().to_string();
+    match stored {
+        Some(stored) if *stored != configured => Err(MeshError::Layout(format!(
+            "stream {INBOX} was provisioned with {stored} partitions but this process is \
+             configured with {configured}; start it with --partitions {stored}"
+        ))),
+        _ if !info.config.subjects.contains(&subjects.inbox_all()) => {
+            Err(MeshError::Layout(format!(
+                "stream {INBOX} captures {:?}, not {}; start with the subject prefix it was provisioned with",
+                info.config.subjects,
+                subjects.inbox_all()
+            )))
+        }
+        _ => Ok(()),
     }
 }
 

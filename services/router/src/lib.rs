@@ -7,7 +7,6 @@
 //! pins a single client, so exactly one router process owns a partition (and so a user)
 //! at a time; a standby takes over when the owner stops pulling.
 
-use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::message::PublishMessage;
 use futures::StreamExt as _;
@@ -82,8 +81,8 @@ async fn open(nats: &Nats, partition: u16) -> Result<PullConsumer, RouterError> 
         .map_err(|source| RouterError::Consumer { partition, source })
 }
 
-/// Most messages processed before an ack is sent even while more keep arriving.
-const ACK_EVERY: usize = 512;
+/// Back-off between attempts to enqueue one notification's jobs.
+const RETRY_BACKOFF: Duration = Duration::from_millis(500);
 
 async fn partition_loop(
     nats: Nats,
@@ -110,56 +109,30 @@ async fn partition_loop(
                 }
             }
         };
-        // The last message routed and not yet acknowledged; acking it (AckAll) acknowledges
-        // every earlier one. Sent when the stream has nothing ready, every ACK_EVERY
-        // messages, and before stopping.
-        let mut unacked: Option<async_nats::jetstream::Message> = None;
-        let mut since_ack = 0usize;
         loop {
-            let next = match futures::FutureExt::now_or_never(messages.next()) {
-                Some(next) => next,
-                None => {
-                    ack(&mut unacked, &mut since_ack).await;
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        next = messages.next() => next,
-                    }
-                }
+            let next = tokio::select! {
+                _ = stop.cancelled() => return,
+                next = messages.next() => next,
             };
             match next {
-                Some(Ok(msg)) => match route(&nats, &subjects, &msg).await {
-                    Routed::Done => {
-                        unacked = Some(msg);
-                        since_ack += 1;
-                        if since_ack >= ACK_EVERY {
-                            ack(&mut unacked, &mut since_ack).await;
+                Some(Ok(msg)) => {
+                    // Retry in place: moving on would break per-user order.
+                    while let Routed::Retry = route(&nats, &subjects, &msg).await {
+                        tokio::select! {
+                            // Unacked: redelivered to whichever router owns the partition next.
+                            _ = stop.cancelled() => return,
+                            _ = tokio::time::sleep(RETRY_BACKOFF) => {}
                         }
                     }
-                    Routed::Retry => {
-                        // Ack what is done, then ask for this one again; later ones that
-                        // were already delivered come back after their ack wait.
-                        ack(&mut unacked, &mut since_ack).await;
-                        let _ = msg
-                            .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                            .await;
-                        break;
+                    if let Err(e) = msg.ack().await {
+                        tracing::warn!(partition, error = %e, "router ack failed; message will be redelivered");
                     }
-                },
+                }
                 Some(Err(e)) => {
                     tracing::debug!(partition, error = %e, "router stream error");
                 }
                 None => break,
             }
-        }
-        ack(&mut unacked, &mut since_ack).await;
-    }
-}
-
-async fn ack(unacked: &mut Option<async_nats::jetstream::Message>, since_ack: &mut usize) {
-    if let Some(msg) = unacked.take() {
-        *since_ack = 0;
-        if let Err(e) = msg.ack().await {
-            tracing::warn!(error = %e, "router ack failed; messages will be redelivered");
         }
     }
 }
@@ -167,7 +140,7 @@ async fn ack(unacked: &mut Option<async_nats::jetstream::Message>, since_ack: &m
 enum Routed {
     /// Nothing left to do for this message.
     Done,
-    /// Enqueueing failed; deliver it again.
+    /// Enqueueing failed; try again.
     Retry,
 }
 

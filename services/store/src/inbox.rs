@@ -7,8 +7,12 @@ use crate::connect::Nats;
 use crate::direct::{self, DirectGetError, DirectMessage};
 use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
+use bytes::Bytes;
 use herald_protocol::streams::INBOX;
 use herald_protocol::{StoredNotification, Subjects, UserId};
+
+/// Largest encoded notification: the stream's message limit less room for headers.
+pub const MAX_STORED_BYTES: usize = 127 * 1024;
 
 /// Largest page a reader may ask for.
 pub const MAX_PAGE: usize = 500;
@@ -29,6 +33,9 @@ pub struct InboxPage {
     pub items: Vec<(u64, StoredNotification)>,
     /// More messages exist past the page in the direction read.
     pub has_more: bool,
+    /// The seqs of the first and last messages read, decodable or not, so a cursor moves
+    /// past messages that were skipped.
+    pub read_span: Option<(u64, u64)>,
 }
 
 /// Why an inbox operation failed.
@@ -37,9 +44,9 @@ pub enum InboxError {
     /// NATS did not take or confirm the write: the notification is not accepted.
     #[error("NATS is unavailable")]
     Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
-    /// The message is larger than the server accepts.
-    #[error("notification too large for the inbox stream")]
-    TooLarge,
+    /// The encoded notification is larger than the inbox stores.
+    #[error("the notification takes {0} bytes stored; the limit is {MAX_STORED_BYTES}")]
+    TooLarge(usize),
     /// A read failed.
     #[error("inbox read failed")]
     Read(#[from] DirectGetError),
@@ -68,14 +75,29 @@ impl Inbox {
         &self.nats
     }
 
-    /// Sends an append and returns the pending ack, so callers can pipeline many.
+    /// Encodes a notification for the inbox, refusing what the stream would not store.
+    ///
+    /// # Errors
+    /// [`InboxError::TooLarge`] with the encoded size.
+    pub fn encode(n: &StoredNotification) -> Result<Bytes, InboxError> {
+        let bytes = serde_json::to_vec(n).map_err(|e| InboxError::Unavailable(Box::new(e)))?;
+        if bytes.len() > MAX_STORED_BYTES {
+            return Err(InboxError::TooLarge(bytes.len()));
+        }
+        Ok(bytes.into())
+    }
+
+    /// Sends an append (of [`Inbox::encode`]d bytes) and returns the pending ack, so callers can pipeline many.
     ///
     /// # Errors
     /// [`InboxError::Unavailable`] when the publish cannot be sent.
-    pub async fn send(&self, n: &StoredNotification) -> Result<PublishAckFuture, InboxError> {
-        let payload = serde_json::to_vec(n).map_err(|e| InboxError::Unavailable(Box::new(e)))?;
+    pub async fn send(
+        &self,
+        n: &StoredNotification,
+        payload: Bytes,
+    ) -> Result<PublishAckFuture, InboxError> {
         let mut publish = PublishMessage::build()
-            .payload(payload.into())
+            .payload(payload)
             .message_id(&n.id)
             .expected_stream(INBOX);
         if n.channels
@@ -90,7 +112,7 @@ impl Inbox {
             .send_publish(self.subjects.inbox(&n.user_id), publish)
             .await
             .map_err(|e| match e.kind() {
-                PublishErrorKind::MaxPayloadExceeded => InboxError::TooLarge,
+                PublishErrorKind::MaxPayloadExceeded => InboxError::TooLarge(0),
                 _ => InboxError::Unavailable(Box::new(e)),
             })
     }
@@ -99,13 +121,17 @@ impl Inbox {
     ///
     /// # Errors
     /// [`InboxError::Unavailable`] unless JetStream confirmed the write.
-    pub async fn append(&self, n: &StoredNotification) -> Result<AppendAck, InboxError> {
+    pub async fn append(
+        &self,
+        n: &StoredNotification,
+        payload: Bytes,
+    ) -> Result<AppendAck, InboxError> {
         if !self.nats.is_connected() {
             // Publishing now would queue in the client and might land after we answered 503.
             return Err(InboxError::Unavailable("not connected to NATS".into()));
         }
         let ack = self
-            .send(n)
+            .send(n, payload)
             .await?
             .await
             .map_err(|e| InboxError::Unavailable(Box::new(e)))?;
@@ -135,9 +161,11 @@ impl Inbox {
         )
         .await?;
         let has_more = msgs.last().and_then(|m| m.pending).is_some_and(|p| p > 0);
+        let read_span = span(&msgs);
         Ok(InboxPage {
             items: decode_all(user, msgs),
             has_more,
+            read_span,
         })
     }
 
@@ -178,9 +206,11 @@ impl Inbox {
             }
         }
         newest_first.reverse();
+        let read_span = span(&newest_first);
         Ok(InboxPage {
             items: decode_all(user, newest_first),
             has_more,
+            read_span,
         })
     }
 
@@ -210,6 +240,10 @@ impl Inbox {
         .await?;
         Ok(msgs.first().map_or(0, |m| 1 + m.pending.unwrap_or(0)))
     }
+}
+
+fn span(msgs: &[DirectMessage]) -> Option<(u64, u64)> {
+    Some((msgs.first()?.seq, msgs.last()?.seq))
 }
 
 /// Decodes stored payloads, skipping (and logging) any that are not ours or not this

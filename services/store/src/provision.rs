@@ -282,9 +282,9 @@ pub fn router_consumer_config(subjects: &Subjects, partition: u16) -> consumer::
     consumer::pull::Config {
         durable_name: Some(streams::router_consumer(partition)),
         filter_subject: subjects.inbox_partition(partition),
-        // One pinned client consumes a partition in order, so acking the last message
-        // processed acknowledges everything before it: one ack per batch, not per message.
-        ack_policy: consumer::AckPolicy::All,
+        // Explicit, per message: with AckAll, a router taking over a partition would ack
+        // the messages its crashed predecessor had pulled but not routed.
+        ack_policy: consumer::AckPolicy::Explicit,
         ack_wait: Duration::from_secs(30),
         max_ack_pending: 20_000,
         deliver_policy: consumer::DeliverPolicy::New,

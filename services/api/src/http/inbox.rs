@@ -84,13 +84,15 @@ pub async fn read_page(
         .get(user)
         .await
         .map_err(|e| AppError::unavailable(&e))?;
+    let read_span = page.read_span;
     let items: Vec<Notification> = page
         .items
         .into_iter()
         .map(|(seq, n)| Notification::from_stored(n, seq, seq <= read_up_to))
         .collect();
-    let next_after = items.last().map_or(query.after.unwrap_or(0), |n| n.seq);
-    let prev_before = items.first().map(|n| n.seq);
+    // From what was read, not what decoded: a skipped message must not pin the cursor.
+    let next_after = read_span.map_or(query.after.unwrap_or(0), |(_, last)| last);
+    let prev_before = read_span.map(|(first, _)| first);
     Ok(InboxPageBody {
         items,
         next_after,

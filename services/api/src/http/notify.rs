@@ -37,10 +37,10 @@ fn idempotency_header(headers: &HeaderMap) -> Result<Option<&str>, AppError> {
 fn store_error(e: AcceptError) -> AppError {
     match e {
         AcceptError::Invalid(f) => AppError::field(f),
-        AcceptError::Store(InboxError::TooLarge) => AppError::new(
+        AcceptError::Store(e @ InboxError::TooLarge(_)) => AppError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
-            "the notification is larger than the inbox accepts",
+            e.to_string(),
         ),
         AcceptError::Store(e) => AppError::unavailable(&e),
     }
@@ -125,7 +125,8 @@ pub(super) async fn batch(
                     results.push(None);
                     pending.push((i, prepared, ack));
                 }
-                Err(e) => return Err(store_error(e)),
+                // Items already sent stay sent: report this one, carry on with the rest.
+                Err(e) => results.push(Some(rejected(ErrorBody::from(store_error(e))))),
             },
         }
     }
