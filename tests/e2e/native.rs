@@ -124,3 +124,49 @@ async fn native_bad_input_is_acked_recorded_and_never_blocks() -> anyhow::Result
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_answers_never_go_to_system_or_herald_subjects() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    let client = herald.nats_client().await?;
+    let victim = herald_protocol::UserId::new("victim")?;
+    // A producer names the victim's read position and inbox as reply subjects.
+    let read_key = format!("$KV.herald_reads.{}", victim.token());
+    let victim_inbox = herald.subjects().inbox(&victim);
+    let mut watch_kv = client.subscribe(read_key.clone()).await?;
+    let mut watch_inbox = client.subscribe(victim_inbox.clone()).await?;
+    let body = json!({"user_id": "mallory", "title": "x"}).to_string();
+    for reply in [read_key, victim_inbox] {
+        client
+            .publish_with_reply("herald.notify", reply, body.clone().into())
+            .await?;
+    }
+    // A proper request after them is answered: the two before it were processed.
+    let js = jetstream::new(client.clone());
+    publish(&js, None, &body).await?;
+    assert_eq!(herald.inbox("mallory").await?.len(), 3);
+    assert!(herald.inbox("victim").await?.is_empty());
+    client.flush().await?;
+    use futures::FutureExt as _;
+    use futures::StreamExt as _;
+    assert!(watch_kv.next().now_or_never().is_none(), "answered on $KV");
+    assert!(
+        watch_inbox.next().now_or_never().is_none(),
+        "answered on an inbox subject"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_oversized_notification_is_rejected_not_retried() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    let js = jetstream::new(herald.nats_client().await?);
+    let big = "x".repeat(200 * 1024);
+    let body = json!({"user_id": "olga", "title": "big", "data": {"blob": big}}).to_string();
+    let ack = publish(&js, Some("too-big-1"), &body).await?;
+    assert_eq!(ack.stream, REJECTED, "{ack:?}");
+    assert!(herald.inbox("olga").await?.is_empty());
+    Ok(())
+}

@@ -144,3 +144,35 @@ async fn inbox_pages_forward_with_after_and_backward_with_before() -> anyhow::Re
     assert_eq!(seqs(&page), sent);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_and_live_step_past_undecodable_inbox_messages() -> anyhow::Result<()> {
+    let nats = herald_tests::Nats::single().await?;
+    let herald = herald_tests::Herald::builder(&nats).start().await?;
+    let first = herald.send("quinn", "before junk").await?;
+    // Junk written straight into the user's inbox subject (a misconfigured permission).
+    let user = herald_protocol::UserId::new("quinn")?;
+    let js = async_nats::jetstream::new(herald.nats_client().await?);
+    for _ in 0..3 {
+        js.publish(herald.subjects().inbox(&user), "not a notification".into())
+            .await?
+            .await?;
+    }
+    let mut ws = herald
+        .ws("quinn", herald_tests::Resume::After(first.seq))
+        .await?;
+    ws.hello().await?;
+    let after = herald.send("quinn", "after junk").await?;
+    let got = ws.take(1).await?;
+    assert_eq!(got[0]["seq"], after.seq, "the live path skipped the junk");
+    // A page that holds only junk still moves the cursor on.
+    let page = herald
+        .page("quinn", &format!("after={}&limit=3", first.seq))
+        .await?;
+    assert_eq!(page["items"].as_array().map(Vec::len), Some(0), "{page}");
+    let next = page["next_after"].as_u64().unwrap_or_default();
+    assert!(next > first.seq, "cursor moved: {page}");
+    let rest = herald.page("quinn", &format!("after={next}")).await?;
+    assert_eq!(rest["items"][0]["seq"], after.seq, "{rest}");
+    Ok(())
+}
