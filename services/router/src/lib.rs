@@ -96,7 +96,7 @@ async fn partition_loop(
             .stream()
             .group(streams::ROUTER_GROUP)
             .expires(PULL_EXPIRY)
-            .max_messages_per_batch(1024)
+            .max_messages_per_batch(256)
             .messages()
             .await;
         let mut messages = match messages {
@@ -111,7 +111,16 @@ async fn partition_loop(
         };
         loop {
             let next = tokio::select! {
-                _ = stop.cancelled() => return,
+                _ = stop.cancelled() => {
+                    // Route what this process already holds, so a successor need not wait
+                    // for those messages' ack wait to run out.
+                    while let Some(Some(Ok(msg))) = futures::FutureExt::now_or_never(messages.next()) {
+                        if let Routed::Done = route(&nats, &subjects, &msg).await {
+                            let _ = msg.ack().await;
+                        }
+                    }
+                    return;
+                }
                 next = messages.next() => next,
             };
             match next {

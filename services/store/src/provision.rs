@@ -285,7 +285,8 @@ pub fn router_consumer_config(subjects: &Subjects, partition: u16) -> consumer::
         // Explicit, per message: with AckAll, a router taking over a partition would ack
         // the messages its crashed predecessor had pulled but not routed.
         ack_policy: consumer::AckPolicy::Explicit,
-        ack_wait: Duration::from_secs(30),
+        // A crashed router's messages go to its successor after this long.
+        ack_wait: Duration::from_secs(10),
         max_ack_pending: 20_000,
         deliver_policy: consumer::DeliverPolicy::New,
         priority_policy: consumer::PriorityPolicy::PinnedClient,
