@@ -128,3 +128,27 @@ async fn read_frame_moves_the_unread_count() -> anyhow::Result<()> {
     assert_eq!(unread(&herald, "yuri").await?["unread"], 1);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_flood_closes_only_the_flooding_connection() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    let mut calm = herald.ws("xena", Resume::Live).await?;
+    calm.hello().await?;
+    let mut flood = herald.ws("yuri", Resume::Live).await?;
+    flood.hello().await?;
+    // Far past the default 50 frames/s (bursts of 100).
+    for _ in 0..300 {
+        if flood
+            .send(Message::text(r#"{"type":"ack","up_to":0}"#))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    assert_eq!(flood.closed_with().await?, 1008);
+    let n = herald.send("xena", "unaffected").await?;
+    assert_eq!(calm.take(1).await?[0]["seq"], n.seq);
+    Ok(())
+}

@@ -70,6 +70,18 @@ impl AppError {
         }
     }
 
+    /// Adds a `Retry-After` of `secs` seconds.
+    #[must_use]
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
+    }
+
+    /// The `Retry-After` seconds, if any.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        self.retry_after
+    }
+
     /// The JSON body.
     pub fn into_body(self) -> ErrorBody {
         self.body

@@ -6,6 +6,7 @@
 //! inbox (each live message carries the previous `seq` of its subject). So replay and live
 //! meet with no gap and no duplicate, whatever arrives during the replay.
 
+pub mod admission;
 pub mod feed;
 mod longpoll;
 mod sse;
@@ -30,6 +31,8 @@ pub struct GatewayConfig {
     pub queue_frames: usize,
     /// Largest client frame, bytes.
     pub max_client_frame: usize,
+    /// Admission limits.
+    pub limits: admission::Limits,
 }
 
 impl Default for GatewayConfig {
@@ -38,6 +41,7 @@ impl Default for GatewayConfig {
             heartbeat: Duration::from_secs(30),
             queue_frames: 1024,
             max_client_frame: 16 * 1024,
+            limits: admission::Limits::default(),
         }
     }
 }
@@ -55,6 +59,28 @@ pub struct GatewayState {
     pub config: GatewayConfig,
     /// Cancelled at shutdown: connections get a `reconnect` frame and close.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// Who may connect now.
+    pub admission: Arc<admission::Admission>,
+}
+
+impl GatewayState {
+    /// The gateway's state.
+    pub fn new(
+        inbox: Inbox,
+        reads: ReadPositions,
+        auth: Authenticator,
+        config: GatewayConfig,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Self {
+        Self {
+            inbox,
+            reads,
+            auth,
+            admission: Arc::new(admission::Admission::new(config.limits)),
+            config,
+            shutdown,
+        }
+    }
 }
 
 impl HasAuth for GatewayState {

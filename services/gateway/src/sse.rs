@@ -37,6 +37,7 @@ pub(crate) async fn stream(
             None => None,
         },
     };
+    let ticket = state.admission.admit(&user)?;
     let (feed, hello) = crate::open_session(&state, &user, after).await?;
     let hello = Event::default()
         .event("hello")
@@ -59,6 +60,7 @@ pub(crate) async fn stream(
         if let crate::feed::PumpEnd::Failed(e) = end {
             tracing::warn!(error = %e, "sse feed failed; ending stream");
         }
+        drop(ticket);
     });
     let live = tokio_stream::wrappers::ReceiverStream::new(rx);
     let events = stream::once(async move { Ok::<_, Infallible>(hello) })

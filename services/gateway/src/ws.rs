@@ -49,13 +49,17 @@ pub(crate) async fn upgrade(
 ) -> Result<Response, AppError> {
     let user = state.auth.user_from_parts(&parts)?;
     let after = parse_after(query.as_deref())?;
+    let ticket = state.admission.admit(&user)?;
     let (feed, hello) = crate::open_session(&state, &user, after).await?;
     Ok(ws
         .read_buffer_size(4096)
         .write_buffer_size(0)
         .max_message_size(state.config.max_client_frame)
         .max_frame_size(state.config.max_client_frame)
-        .on_upgrade(move |socket| serve(socket, state, user, feed, hello))
+        .on_upgrade(move |socket| async move {
+            serve(socket, state, user, feed, hello).await;
+            drop(ticket);
+        })
         .into_response())
 }
 
@@ -114,6 +118,7 @@ async fn serve(
     let heartbeat = state.config.heartbeat;
     let mut ping = interval_at(Instant::now() + heartbeat, heartbeat);
     let mut last_heard = Instant::now();
+    let frames = state.admission.frame_limiter();
     let outcome = 'conn: {
         if tx.try_send(text(&hello)).is_err() {
             break 'conn Outcome::Gone;
@@ -146,6 +151,9 @@ async fn serve(
                         }
                         Some(Ok(Message::Binary(_))) => break Outcome::Close(close::UNSUPPORTED, "binary frames are not supported; send JSON text"),
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                        Some(Ok(Message::Text(_))) if frames.check().is_err() => {
+                            break Outcome::Close(close::POLICY, "too many frames; slow down");
+                        }
                         Some(Ok(Message::Text(t))) => {
                             if let Err(outcome) = on_client_frame(&state, &user, t.as_str()).await {
                                 break outcome;

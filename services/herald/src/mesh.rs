@@ -159,13 +159,13 @@ impl Mesh {
             }));
         }
         if opts.roles.gateway {
-            app = app.merge(herald_gateway::routes(GatewayState {
-                inbox: inbox.clone(),
-                reads: reads.clone(),
-                auth: auth.clone(),
-                config: opts.gateway,
-                shutdown: stop.clone(),
-            }));
+            app = app.merge(herald_gateway::routes(GatewayState::new(
+                inbox.clone(),
+                reads.clone(),
+                auth.clone(),
+                opts.gateway,
+                stop.clone(),
+            )));
         }
         if opts.dev_mode {
             app = app.merge(crate::page::routes(acceptor.clone(), auth.clone()));

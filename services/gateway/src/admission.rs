@@ -1,0 +1,178 @@
+//! Admission control: whether a connection may open now, and how fast a client may talk.
+//!
+//! - Upgrades pass a token bucket per gateway process; over it, 503 with a jittered
+//!   `Retry-After`, so a reconnect storm spreads itself out instead of piling up.
+//! - Each user holds at most `max_per_user` connections at once (429 beyond), so one
+//!   account cannot exhaust a gateway's file descriptors.
+//! - Each connection's client frames pass a token bucket of their own (close 1008 beyond).
+
+use axum::http::StatusCode;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use herald_api::AppError;
+use herald_protocol::UserId;
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+
+/// Admission limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Upgrades per second per gateway process (the bucket's refill).
+    pub upgrades_per_sec: u32,
+    /// Connections one user may hold on this gateway.
+    pub max_per_user: u32,
+    /// Client frames per second per connection (bursts of twice that pass).
+    pub frames_per_sec: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            upgrades_per_sec: 2_000,
+            max_per_user: 32,
+            frames_per_sec: 50,
+        }
+    }
+}
+
+/// Admission state of one gateway process.
+#[derive(Debug)]
+pub struct Admission {
+    limits: Limits,
+    upgrades: DefaultDirectRateLimiter,
+    per_user: Mutex<HashMap<UserId, u32>>,
+}
+
+/// A user's admitted connection; dropping it frees the slot.
+#[derive(Debug)]
+pub struct Ticket {
+    admission: Arc<Admission>,
+    user: UserId,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if let Ok(mut map) = self.admission.per_user.lock()
+            && let Some(n) = map.get_mut(&self.user)
+        {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.user);
+            }
+        }
+    }
+}
+
+fn nonzero(n: u32) -> NonZeroU32 {
+    NonZeroU32::new(n.max(1)).unwrap_or(NonZeroU32::MIN)
+}
+
+impl Admission {
+    /// Admission with these limits.
+    pub fn new(limits: Limits) -> Self {
+        let upgrades = RateLimiter::direct(Quota::per_second(nonzero(limits.upgrades_per_sec)));
+        Self {
+            limits,
+            upgrades,
+            per_user: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Admits a connection of `user`, or says why not.
+    ///
+    /// # Errors
+    /// 503 with a jittered `Retry-After` over the upgrade rate; 429 over the per-user cap.
+    pub fn admit(self: &Arc<Self>, user: &UserId) -> Result<Ticket, AppError> {
+        if self.upgrades.check().is_err() {
+            metrics::counter!("herald_gateway_refused_total", "reason" => "rate").increment(1);
+            return Err(AppError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "too many connections are opening right now; retry after the Retry-After delay",
+            )
+            .retry_after(rand::random_range(1..=5)));
+        }
+        let mut map = self.per_user.lock().map_err(|_| {
+            AppError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal error",
+            )
+        })?;
+        let held = map.entry(user.clone()).or_insert(0);
+        if *held >= self.limits.max_per_user {
+            metrics::counter!("herald_gateway_refused_total", "reason" => "per_user").increment(1);
+            return Err(AppError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_connections",
+                format!(
+                    "this user already holds {} connections to this gateway; close one",
+                    self.limits.max_per_user
+                ),
+            ));
+        }
+        *held += 1;
+        Ok(Ticket {
+            admission: self.clone(),
+            user: user.clone(),
+        })
+    }
+
+    /// A fresh limiter for one connection's client frames.
+    pub fn frame_limiter(&self) -> DefaultDirectRateLimiter {
+        let rate = nonzero(self.limits.frames_per_sec);
+        RateLimiter::direct(
+            Quota::per_second(rate).allow_burst(nonzero(rate.get().saturating_mul(2))),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_user_cap_frees_slots_on_drop() {
+        let a = Arc::new(Admission::new(Limits {
+            max_per_user: 2,
+            ..Limits::default()
+        }));
+        let u = UserId::new("u").expect("id");
+        let t1 = a.admit(&u).expect("first");
+        let _t2 = a.admit(&u).expect("second");
+        let refused = a.admit(&u).expect_err("third");
+        assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+        // Other users are not affected.
+        assert!(a.admit(&UserId::new("v").expect("id")).is_ok());
+        drop(t1);
+        assert!(a.admit(&u).is_ok());
+    }
+
+    #[test]
+    fn upgrade_storms_get_503_with_retry_after() {
+        let a = Arc::new(Admission::new(Limits {
+            upgrades_per_sec: 3,
+            max_per_user: 1000,
+            ..Limits::default()
+        }));
+        let u = UserId::new("u").expect("id");
+        let mut tickets = Vec::new();
+        let mut refused = None;
+        for _ in 0..10 {
+            match a.admit(&u) {
+                Ok(t) => tickets.push(t),
+                Err(e) => {
+                    refused = Some(e);
+                    break;
+                }
+            }
+        }
+        let refused = refused.expect("the bucket runs dry");
+        assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            refused
+                .retry_after_secs()
+                .is_some_and(|s| (1..=5).contains(&s))
+        );
+    }
+}
