@@ -33,6 +33,9 @@ pub struct GatewayConfig {
     pub max_client_frame: usize,
     /// Admission limits.
     pub limits: admission::Limits,
+    /// Most notifications coalesced into one `batch` frame. Coalescing is opportunistic:
+    /// only what queued up while the previous write was in flight, so it adds no latency.
+    pub max_batch: usize,
 }
 
 impl Default for GatewayConfig {
@@ -42,6 +45,7 @@ impl Default for GatewayConfig {
             queue_frames: 1024,
             max_client_frame: 16 * 1024,
             limits: admission::Limits::default(),
+            max_batch: 100,
         }
     }
 }

@@ -72,6 +72,21 @@ fn parse_after(query: Option<&str>) -> Result<Option<u64>, AppError> {
     }
 }
 
+/// What a connection's writer sends: ready frames, or notifications it may coalesce.
+enum Out {
+    Msg(Message),
+    Note(herald_protocol::Notification),
+}
+
+impl Out {
+    fn into_message(self) -> Message {
+        match self {
+            Out::Msg(m) => m,
+            Out::Note(n) => text(&ServerFrame::Notification(n)),
+        }
+    }
+}
+
 enum Outcome {
     Close(u16, &'static str),
     Gone,
@@ -86,7 +101,8 @@ async fn serve(
 ) {
     metrics::gauge!("herald_gateway_connections", "transport" => "ws").increment(1.0);
     let (mut sink, mut stream) = socket.split();
-    let (tx, mut rx) = mpsc::channel::<Message>(state.config.queue_frames);
+    let (tx, mut rx) = mpsc::channel::<Out>(state.config.queue_frames);
+    let max_batch = state.config.max_batch.max(1);
     let (close_tx, mut close_rx) = oneshot::channel::<(u16, &'static str)>();
     let writer = tokio::spawn(async move {
         loop {
@@ -98,8 +114,8 @@ async fn serve(
                         // the problem, then close; all within the grace period.
                         let flush = code != close::SLOW_CONSUMER;
                         let _ = tokio::time::timeout(CLOSE_GRACE, async {
-                            while flush && let Ok(msg) = rx.try_recv() {
-                                sink.send(msg).await?;
+                            while flush && let Ok(out) = rx.try_recv() {
+                                sink.send(out.into_message()).await?;
                             }
                             sink.send(close_frame(code, reason)).await
                         })
@@ -107,8 +123,36 @@ async fn serve(
                     }
                     break;
                 }
-                msg = rx.recv() => match msg {
-                    Some(msg) => if sink.send(msg).await.is_err() { break },
+                out = rx.recv() => match out {
+                    Some(Out::Note(first)) => {
+                        // Coalesce: whatever queued up while the last write was in flight
+                        // goes out as one `batch` frame. No added latency when idle.
+                        let mut items = vec![first];
+                        let mut after = None;
+                        while items.len() < max_batch {
+                            match rx.try_recv() {
+                                Ok(Out::Note(n)) => items.push(n),
+                                Ok(Out::Msg(m)) => {
+                                    after = Some(m);
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        let frame = if items.len() == 1 {
+                            items.pop().map(ServerFrame::Notification)
+                        } else {
+                            metrics::counter!("herald_gateway_batches_total").increment(1);
+                            Some(ServerFrame::Batch { items })
+                        };
+                        if let Some(frame) = frame && sink.send(text(&frame)).await.is_err() {
+                            break;
+                        }
+                        if let Some(m) = after && sink.send(m).await.is_err() {
+                            break;
+                        }
+                    }
+                    Some(Out::Msg(m)) => if sink.send(m).await.is_err() { break },
                     None => break,
                 },
             }
@@ -120,12 +164,12 @@ async fn serve(
     let mut last_heard = Instant::now();
     let frames = state.admission.frame_limiter();
     let outcome = 'conn: {
-        if tx.try_send(text(&hello)).is_err() {
+        if tx.try_send(Out::Msg(text(&hello))).is_err() {
             break 'conn Outcome::Gone;
         }
         let mut pump = tokio::spawn(crate::feed::pump(feed, tx.clone(), |n| {
             metrics::counter!("herald_gateway_frames_out_total", "transport" => "ws").increment(1);
-            text(&ServerFrame::Notification(n))
+            Out::Note(n)
         }));
         let outcome = loop {
             tokio::select! {
@@ -164,14 +208,14 @@ async fn serve(
                 _ = state.shutdown.cancelled() => {
                     // Spread reconnects so a restart is not a thundering herd.
                     let after_ms = rand::random_range(0..5_000);
-                    let _ = tx.try_send(text(&ServerFrame::Reconnect { after_ms }));
+                    let _ = tx.try_send(Out::Msg(text(&ServerFrame::Reconnect { after_ms })));
                     break Outcome::Close(close::GOING_AWAY, "server restarting; reconnect with after=<last seq>");
                 }
                 _ = ping.tick() => {
                     if last_heard.elapsed() > heartbeat * 2 {
                         break Outcome::Close(close::HEARTBEAT, "missed heartbeats");
                     }
-                    if tx.try_send(Message::Ping(Default::default())).is_err() {
+                    if tx.try_send(Out::Msg(Message::Ping(Default::default()))).is_err() {
                         break Outcome::Gone;
                     }
                 },

@@ -507,13 +507,21 @@ async fn latency(
             while let Some(Ok(msg)) = ws.next().await {
                 if let tokio_tungstenite::tungstenite::Message::Text(t) = msg {
                     let now = epoch.elapsed().as_micros() as u64;
-                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&t)
-                        && let Some(sent) = v["data"]["sent_us"].as_u64()
-                    {
-                        if let Ok(mut h) = hist.lock() {
-                            let _ = h.record(now.saturating_sub(sent).max(1));
+                    let Ok(v) = serde_json::from_str::<serde_json::Value>(&t) else {
+                        continue;
+                    };
+                    // A `notification` frame, or each item of a coalesced `batch` frame.
+                    let items = match v["items"].as_array() {
+                        Some(items) => items.clone(),
+                        None => vec![v],
+                    };
+                    for item in items {
+                        if let Some(sent) = item["data"]["sent_us"].as_u64() {
+                            if let Ok(mut h) = hist.lock() {
+                                let _ = h.record(now.saturating_sub(sent).max(1));
+                            }
+                            received.fetch_add(1, Ordering::Relaxed);
                         }
-                        received.fetch_add(1, Ordering::Relaxed);
                     }
                 } else if let tokio_tungstenite::tungstenite::Message::Ping(p) = msg {
                     let _ = ws
