@@ -152,3 +152,43 @@ async fn a_frame_flood_closes_only_the_flooding_connection() -> anyhow::Result<(
     assert_eq!(calm.take(1).await?[0]["seq"], n.seq);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_on_one_device_reaches_the_others_live() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    let mut phone = herald.ws("zoe", Resume::Live).await?;
+    phone.hello().await?;
+    let mut laptop = herald.ws("zoe", Resume::Live).await?;
+    laptop.hello().await?;
+    let mut stranger = herald.ws("zed", Resume::Live).await?;
+    stranger.hello().await?;
+    let a = herald.send("zoe", "one").await?;
+    let b = herald.send("zoe", "two").await?;
+    assert_eq!(phone.take(2).await?.len(), 2);
+    assert_eq!(laptop.take(2).await?.len(), 2);
+
+    // Read on the phone: every device of the user is told, the phone included.
+    let read = json!({"type": "read", "up_to": a.seq}).to_string();
+    phone.send(Message::text(read)).await?;
+    for device in [&mut phone, &mut laptop] {
+        let frame = device.next_frame().await?;
+        assert_eq!(frame, json!({"type": "read", "up_to": a.seq}));
+    }
+
+    // Read over HTTP: both devices are told.
+    let resp = herald
+        .user(Method::POST, "/v1/me/read", "zoe")
+        .json(&json!({"up_to": b.seq}))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 200);
+    for device in [&mut phone, &mut laptop] {
+        let frame = device.next_frame().await?;
+        assert_eq!(frame, json!({"type": "read", "up_to": b.seq}));
+    }
+    // Another user hears nothing of it: the next frame they get is their own notification.
+    let own = herald.send("zed", "mine").await?;
+    assert_eq!(stranger.take(1).await?[0]["seq"], own.seq);
+    Ok(())
+}

@@ -40,6 +40,17 @@ pub struct Feed {
     /// case the replica that answers the catch-up has not stored it yet).
     held: Option<(u64, StoredNotification)>,
     ready: VecDeque<Notification>,
+    /// A read position announced since the last call, for other devices' `read` frames.
+    read_event: Option<u64>,
+}
+
+/// What a feed hands out.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Delivery {
+    /// A notification, in seq order.
+    Notification(Notification),
+    /// The user's read position moved to this seq.
+    Read(u64),
 }
 
 impl Feed {
@@ -75,6 +86,7 @@ impl Feed {
             catching_up,
             held: None,
             ready: VecDeque::new(),
+            read_event: None,
         })
     }
 
@@ -97,6 +109,9 @@ impl Feed {
         loop {
             if !self.ready.is_empty() {
                 return Ok(self.ready.drain(..).collect());
+            }
+            if self.read_event.is_some() {
+                return Ok(Vec::new());
             }
             if self.catching_up {
                 self.catch_up_step().await?;
@@ -140,11 +155,22 @@ impl Feed {
         Ok(())
     }
 
+    /// The read position announced since the last call, if any.
+    pub fn take_read(&mut self) -> Option<u64> {
+        self.read_event.take()
+    }
+
     fn on_live(&mut self, msg: async_nats::Message) {
         let Some(headers) = msg.headers.as_ref() else {
             return;
         };
         let Some(seq) = header_u64(headers, "Nats-Sequence") else {
+            if let Some(up_to) = header_u64(headers, herald_protocol::streams::READ_HEADER)
+                && up_to > self.read_up_to
+            {
+                self.read_up_to = up_to;
+                self.read_event = Some(up_to);
+            }
             return;
         };
         if seq <= self.last_sent {
@@ -199,7 +225,7 @@ pub enum PumpEnd {
 pub async fn pump<T>(
     mut feed: Feed,
     queue: tokio::sync::mpsc::Sender<T>,
-    frame: impl Fn(Notification) -> T,
+    frame: impl Fn(Delivery) -> T,
 ) -> PumpEnd {
     use tokio::sync::mpsc::error::TrySendError;
     loop {
@@ -210,8 +236,9 @@ pub async fn pump<T>(
             },
             () = queue.closed() => return PumpEnd::Closed,
         };
-        for n in items {
-            match queue.try_send(frame(n)) {
+        let read = feed.take_read().map(Delivery::Read);
+        for delivery in items.into_iter().map(Delivery::Notification).chain(read) {
+            match queue.try_send(frame(delivery)) {
                 Ok(()) => {}
                 Err(TrySendError::Full(_)) => {
                     metrics::counter!("herald_gateway_slow_consumer_closes_total").increment(1);

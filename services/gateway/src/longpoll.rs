@@ -37,7 +37,15 @@ pub(crate) async fn page(
         .await
         .map_err(|e| AppError::unavailable(&e))?;
     if first.is_empty() {
-        let waited = tokio::time::timeout(Duration::from_secs(query.wait), feed.next()).await;
+        // Wait for a notification; a read announcement alone does not end the wait.
+        let next_notification = async {
+            loop {
+                if !feed.next().await?.is_empty() {
+                    return Ok::<_, crate::feed::FeedError>(());
+                }
+            }
+        };
+        let waited = tokio::time::timeout(Duration::from_secs(query.wait), next_notification).await;
         if let Ok(Err(e)) = waited {
             return Err(AppError::unavailable(&e));
         }

@@ -46,15 +46,18 @@ pub(crate) async fn stream(
     // queue, and its stream ends (it resumes with Last-Event-ID).
     let (tx, rx) = tokio::sync::mpsc::channel(state.config.queue_frames);
     tokio::spawn(async move {
-        let end = crate::feed::pump(feed, tx, |n| {
+        let end = crate::feed::pump(feed, tx, |delivery| {
             metrics::counter!("herald_gateway_frames_out_total", "transport" => "sse").increment(1);
-            let seq = n.seq;
-            Ok::<_, Infallible>(
-                Event::default()
-                    .id(seq.to_string())
+            Ok::<_, Infallible>(match delivery {
+                crate::feed::Delivery::Notification(n) => Event::default()
+                    .id(n.seq.to_string())
                     .event("notification")
                     .data(serde_json::to_string(&ServerFrame::Notification(n)).unwrap_or_default()),
-            )
+                // No `id:`: a read event must not move the client's Last-Event-ID.
+                crate::feed::Delivery::Read(up_to) => Event::default()
+                    .event("read")
+                    .data(serde_json::to_string(&ServerFrame::Read { up_to }).unwrap_or_default()),
+            })
         })
         .await;
         if let crate::feed::PumpEnd::Failed(e) = end {

@@ -5,7 +5,7 @@
 //! fills only its own queue and is closed with 4008, never slowing anyone else.
 
 use crate::GatewayState;
-use crate::feed::{Feed, PumpEnd};
+use crate::feed::{Delivery, Feed, PumpEnd};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{RawQuery, State};
 use axum::http::request::Parts;
@@ -167,9 +167,12 @@ async fn serve(
         if tx.try_send(Out::Msg(text(&hello))).is_err() {
             break 'conn Outcome::Gone;
         }
-        let mut pump = tokio::spawn(crate::feed::pump(feed, tx.clone(), |n| {
+        let mut pump = tokio::spawn(crate::feed::pump(feed, tx.clone(), |delivery| {
             metrics::counter!("herald_gateway_frames_out_total", "transport" => "ws").increment(1);
-            Out::Note(n)
+            match delivery {
+                Delivery::Notification(n) => Out::Note(n),
+                Delivery::Read(up_to) => Out::Msg(text(&ServerFrame::Read { up_to })),
+            }
         }));
         let outcome = loop {
             tokio::select! {
@@ -249,11 +252,16 @@ async fn on_client_frame(state: &GatewayState, user: &UserId, text: &str) -> Res
                 .last_seq(user)
                 .await
                 .map_err(|_| Outcome::Close(close::INTERNAL, "store unavailable"))?;
-            state
+            let wanted = up_to.min(last);
+            let position = state
                 .reads
-                .advance(user, up_to.min(last))
+                .advance(user, wanted)
                 .await
                 .map_err(|_| Outcome::Close(close::INTERNAL, "store unavailable"))?;
+            if position == wanted && wanted > 0 {
+                // Best effort: devices that miss it see the position in their next hello.
+                let _ = state.inbox.announce_read(user, position).await;
+            }
         }
         ClientFrame::Ack { up_to } => {
             tracing::trace!(user = %user, up_to, "seen live");

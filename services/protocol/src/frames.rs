@@ -26,6 +26,12 @@ pub enum ServerFrame {
         /// The notifications.
         items: Vec<Notification>,
     },
+    /// The user's read position moved (on this or another device): everything up to and
+    /// including `up_to` is read.
+    Read {
+        /// Inbox position.
+        up_to: u64,
+    },
     /// The server asks the client to reconnect after `after_ms`.
     Reconnect {
         /// Delay before reconnecting, jittered per client.

@@ -114,6 +114,10 @@ pub fn router_consumer(partition: u16) -> String {
     format!("herald-router-p{partition}")
 }
 
+/// Header of the core message announcing a user's new read position on their live
+/// subject (value: the position). Gateways turn it into a `read` frame for every device.
+pub const READ_HEADER: &str = "Herald-Read";
+
 /// Header on inbox messages that ask for channels beyond the inbox (value `1`).
 pub const ROUTE_HEADER: &str = "Herald-Route";
 

@@ -141,6 +141,22 @@ impl Inbox {
         })
     }
 
+    /// Tells every connected device of `user` that the read position is now `up_to`
+    /// (a core message on the user's live subject; devices that miss it see the position
+    /// in their next `hello`).
+    ///
+    /// # Errors
+    /// [`InboxError::Unavailable`] when the message cannot be sent.
+    pub async fn announce_read(&self, user: &UserId, up_to: u64) -> Result<(), InboxError> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(herald_protocol::streams::READ_HEADER, up_to.to_string());
+        self.nats
+            .publish
+            .publish_with_headers(self.subjects.live(user), headers, Bytes::new())
+            .await
+            .map_err(|e| InboxError::Unavailable(Box::new(e)))
+    }
+
     /// Up to `limit` notifications with `seq > after`, oldest first.
     ///
     /// # Errors

@@ -35,11 +35,16 @@ pub(super) async fn mark_read(
         .map_err(|e| AppError::unavailable(&e))?;
     // Never past the newest notification: a read position ahead of the inbox would hide
     // notifications that arrive later.
+    let wanted = up_to.min(last_seq);
     let position = state
         .reads
-        .advance(&user, up_to.min(last_seq))
+        .advance(&user, wanted)
         .await
         .map_err(|e| AppError::unavailable(&e))?;
+    if position == wanted && wanted > 0 {
+        // Best effort: devices that miss it see the position in their next hello.
+        let _ = inbox.announce_read(&user, position).await;
+    }
     let unread = inbox
         .count_after(&user, position)
         .await
