@@ -95,15 +95,7 @@ impl Herald {
     /// # Errors
     /// When none answers within 10 s.
     pub async fn nats_client(&self) -> anyhow::Result<async_nats::Client> {
-        let urls: Vec<&str> = self.nats_url.split(',').collect();
-        let connect = async_nats::ConnectOptions::new().connect(urls.as_slice());
-        crate::within(
-            Duration::from_secs(10),
-            "connecting a test NATS client",
-            connect,
-        )
-        .await?
-        .with_context(|| format!("connecting to {}", self.nats_url))
+        crate::nats::connect_client(&self.nats_url).await
     }
 
     /// The shared HTTP client.

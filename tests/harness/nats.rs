@@ -71,16 +71,7 @@ impl Nats {
     /// # Errors
     /// When no server answers within 10 s.
     pub async fn client(&self) -> anyhow::Result<async_nats::Client> {
-        let url = self.url();
-        let urls: Vec<&str> = url.split(',').collect();
-        let connect = async_nats::ConnectOptions::new().connect(urls.as_slice());
-        crate::within(
-            Duration::from_secs(10),
-            "connecting a test NATS client",
-            connect,
-        )
-        .await?
-        .with_context(|| format!("connecting to {url}"))
+        connect_client(&self.url()).await
     }
 
     /// SIGKILLs the single server (a crash). On a cluster, use [`Nats::kill_node`].
@@ -142,4 +133,20 @@ impl Nats {
             .unwrap_or_default();
         Ok(list.iter().any(|sub| sub["subject"] == subject))
     }
+}
+
+/// A plain NATS client for `url` (comma-separated for a cluster), within 10 s.
+///
+/// # Errors
+/// When no server answers within 10 s.
+pub async fn connect_client(url: &str) -> anyhow::Result<async_nats::Client> {
+    let urls: Vec<&str> = url.split(',').collect();
+    let connect = async_nats::ConnectOptions::new().connect(urls.as_slice());
+    crate::within(
+        Duration::from_secs(10),
+        "connecting a test NATS client",
+        connect,
+    )
+    .await?
+    .with_context(|| format!("connecting to {url}"))
 }
