@@ -81,6 +81,11 @@ async fn open(nats: &Nats, partition: u16) -> Result<PullConsumer, RouterError> 
         .map_err(|source| RouterError::Consumer { partition, source })
 }
 
+/// At shutdown, stop once no message arrived for this long...
+const DRAIN_QUIET: Duration = Duration::from_millis(250);
+/// ...or after this long in all.
+const DRAIN_LIMIT: Duration = Duration::from_secs(3);
+
 /// Back-off between attempts to enqueue one notification's jobs.
 const RETRY_BACKOFF: Duration = Duration::from_millis(500);
 
@@ -112,9 +117,14 @@ async fn partition_loop(
         loop {
             let next = tokio::select! {
                 _ = stop.cancelled() => {
-                    // Route what this process already holds, so a successor need not wait
-                    // for those messages' ack wait to run out.
-                    while let Some(Some(Ok(msg))) = futures::FutureExt::now_or_never(messages.next()) {
+                    // Route what is already on its way to this process before letting go:
+                    // the server keeps delivering on our open pull until it goes quiet, and
+                    // anything left unacked would reach the next owner only after its ack
+                    // wait, behind newer messages.
+                    let deadline = tokio::time::Instant::now() + DRAIN_LIMIT;
+                    while let Ok(Some(Ok(msg))) =
+                        tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + DRAIN_QUIET), messages.next()).await
+                    {
                         if let Routed::Done = route(&nats, &subjects, &msg).await {
                             let _ = msg.ack().await;
                         }
