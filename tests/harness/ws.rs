@@ -91,15 +91,19 @@ impl WsClient {
     }
 
     /// The next notifications: a `notification` frame, or the items of a `batch` frame.
+    /// `read` frames (read-position announcements) in between are passed over.
     ///
     /// # Errors
-    /// When the next frame is neither.
+    /// When the next frame is anything else.
     pub async fn next_notifications(&mut self) -> anyhow::Result<Vec<Value>> {
-        let frame = self.next_frame().await?;
-        match frame["type"].as_str() {
-            Some("notification") => Ok(vec![frame]),
-            Some("batch") => Ok(frame["items"].as_array().cloned().unwrap_or_default()),
-            _ => bail!("expected a notification or batch frame, got {frame}"),
+        loop {
+            let frame = self.next_frame().await?;
+            match frame["type"].as_str() {
+                Some("notification") => return Ok(vec![frame]),
+                Some("batch") => return Ok(frame["items"].as_array().cloned().unwrap_or_default()),
+                Some("read") => continue,
+                _ => bail!("expected a notification or batch frame, got {frame}"),
+            }
         }
     }
 
