@@ -165,13 +165,30 @@ async fn node_state(node: &NatsServer, peers: usize) -> Result<(), String> {
     Ok(())
 }
 
-/// Reserves `n` distinct free loopback ports by binding port 0 (all at once, so they
-/// differ), then releases them for the nodes to bind.
+/// Reserves `n` distinct free loopback ports for the cluster routes, then releases them
+/// for the nodes to bind.
+///
+/// They are taken below Linux's ephemeral range (32768+), where port-0 binds — every other
+/// listener of every node and client on the machine — never land, so no other process can
+/// take one in the moment between our check and the node's bind.
 fn free_ports(n: usize) -> Result<Vec<u16>, NatsdError> {
-    let listeners = (0..n)
-        .map(|_| TcpListener::bind(("127.0.0.1", 0)))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(NatsdError::FreePort)?;
+    const LOW: u16 = 20_000;
+    const HIGH: u16 = 32_000;
+    let mut listeners = Vec::with_capacity(n);
+    let mut tried = 0;
+    while listeners.len() < n {
+        tried += 1;
+        if tried > 1_000 {
+            return Err(NatsdError::FreePort(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("no free port in {LOW}..{HIGH} for the cluster routes"),
+            )));
+        }
+        let port = rand::random_range(LOW..HIGH);
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
+            listeners.push(l);
+        }
+    }
     listeners
         .iter()
         .map(|l| l.local_addr().map(|a| a.port()))
