@@ -35,48 +35,76 @@ pub async fn run(
     acceptor: Acceptor,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), async_nats::SubscribeError> {
-    let nats = acceptor.inbox().nats().clone();
+    listen(acceptor).await?.run(shutdown).await;
+    Ok(())
+}
+
+/// The ingest subscription, made and confirmed by the server, not yet served.
+#[derive(Debug)]
+pub struct Listening {
+    acceptor: Acceptor,
+    sub: async_nats::Subscriber,
+}
+
+/// Subscribes to `herald.notify` and waits until the server has the subscription, so a
+/// producer publishing right after this returns finds a responder.
+///
+/// # Errors
+/// When the subscription cannot be made.
+pub async fn listen(acceptor: Acceptor) -> Result<Listening, async_nats::SubscribeError> {
+    let nats = acceptor.inbox().nats();
     let subject = acceptor.inbox().subjects().notify();
-    let mut sub = nats
+    let sub = nats
         .consume
         .queue_subscribe(subject.clone(), QUEUE_GROUP.into())
         .await?;
-    tracing::info!(%subject, "native ingest listening");
-    // Appends are sent here in arrival order (keeping a producer's order per user); one
-    // task awaits their acks concurrently and answers, so no task is spawned per message.
-    let (tx, rx) = mpsc::channel::<Pending>(IN_FLIGHT);
-    let answerer = tokio::spawn(answer_all(
-        rx,
-        nats.clone(),
-        acceptor.inbox().subjects().rejected(),
-        format!("{}.", acceptor.inbox().subjects().prefix()),
-    ));
-    tokio::pin!(shutdown);
-    loop {
-        let msg = tokio::select! {
-            _ = &mut shutdown => break,
-            msg = sub.next() => match msg { Some(m) => m, None => break },
-        };
-        let key = msg
-            .headers
-            .as_ref()
-            .and_then(|h| h.get("Nats-Msg-Id"))
-            .map(|v| v.as_str().to_string());
-        let outcome = match acceptor.prepare(&msg.payload, NATIVE_PRODUCER, key.as_deref()) {
-            Ok(prepared) => match acceptor.send(&prepared).await {
-                Ok(ack) => Ok((prepared, ack)),
-                Err(e) => Err(e),
-            },
-            Err(e) => Err(AcceptError::Invalid(e)),
-        };
-        if tx.send(Pending { msg, outcome }).await.is_err() {
-            break;
-        }
+    if let Err(e) = nats.consume.flush().await {
+        tracing::warn!(error = %e, "could not confirm the ingest subscription");
     }
-    // Drain: every append sent gets its answer before we return.
-    drop(tx);
-    let _ = answerer.await;
-    Ok(())
+    tracing::info!(%subject, "native ingest listening");
+    Ok(Listening { acceptor, sub })
+}
+
+impl Listening {
+    /// Serves until `shutdown` resolves, then drains in-flight appends.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let Listening { acceptor, mut sub } = self;
+        let nats = acceptor.inbox().nats().clone();
+        // Appends are sent here in arrival order (keeping a producer's order per user); one
+        // task awaits their acks concurrently and answers, so no task is spawned per message.
+        let (tx, rx) = mpsc::channel::<Pending>(IN_FLIGHT);
+        let answerer = tokio::spawn(answer_all(
+            rx,
+            nats.clone(),
+            acceptor.inbox().subjects().rejected(),
+            format!("{}.", acceptor.inbox().subjects().prefix()),
+        ));
+        tokio::pin!(shutdown);
+        loop {
+            let msg = tokio::select! {
+                _ = &mut shutdown => break,
+                msg = sub.next() => match msg { Some(m) => m, None => break },
+            };
+            let key = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Nats-Msg-Id"))
+                .map(|v| v.as_str().to_string());
+            let outcome = match acceptor.prepare(&msg.payload, NATIVE_PRODUCER, key.as_deref()) {
+                Ok(prepared) => match acceptor.send(&prepared).await {
+                    Ok(ack) => Ok((prepared, ack)),
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(AcceptError::Invalid(e)),
+            };
+            if tx.send(Pending { msg, outcome }).await.is_err() {
+                break;
+            }
+        }
+        // Drain: every append sent gets its answer before we return.
+        drop(tx);
+        let _ = answerer.await;
+    }
 }
 
 /// A native message whose append was sent (or refused) and still needs its answer.

@@ -196,10 +196,13 @@ impl Mesh {
         }
         if opts.roles.ingest {
             let stop = stop.clone();
+            // Subscribed before `start` returns: a producer may publish at once.
+            let listening = herald_api::ingest::listen(acceptor)
+                .await
+                .map_err(MeshError::Ingest)?;
             tasks.spawn(async move {
-                herald_api::ingest::run(acceptor, stop.cancelled_owned())
-                    .await
-                    .map_err(MeshError::Ingest)
+                listening.run(stop.cancelled_owned()).await;
+                Ok(())
             });
         }
         tracing::info!(%addr, roles = ?opts.roles, "herald serving");
