@@ -210,6 +210,13 @@ async fn notify(args: NotifyArgs) -> Result<(), BenchError> {
     Ok(())
 }
 
+/// A histogram of microseconds (1 µs to 60 s) that many tasks record into.
+fn shared_histogram() -> Result<Arc<std::sync::Mutex<Histogram<u64>>>, BenchError> {
+    Ok(Arc::new(std::sync::Mutex::new(Histogram::new_with_bounds(
+        1, 60_000_000, 3,
+    )?)))
+}
+
 fn ms(us: u64) -> f64 {
     us as f64 / 1000.0
 }
@@ -283,9 +290,7 @@ async fn raw_ack_latency(
         ..Default::default()
     })
     .await?;
-    let hist = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(
-        1, 60_000_000, 3,
-    )?));
+    let hist = shared_histogram()?;
     let body = bytes::Bytes::from(vec![b'x'; size]);
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -487,9 +492,7 @@ async fn latency(
     args: &NotifyArgs,
 ) -> Result<(Histogram<u64>, Histogram<u64>), BenchError> {
     let epoch = Instant::now();
-    let hist = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(
-        1, 60_000_000, 3,
-    )?));
+    let hist = shared_histogram()?;
     let total = args.rate * args.seconds;
     let received = Arc::new(AtomicU64::new(0));
     let ws_base = base.replacen("http://", "ws://", 1);
@@ -533,9 +536,7 @@ async fn latency(
     }
     let client = reqwest::Client::new();
     // Time to the 202, to tell a slow write from a slow live path.
-    let accept_hist = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(
-        1, 60_000_000, 3,
-    )?));
+    let accept_hist = shared_histogram()?;
     let interval = Duration::from_secs_f64(1.0 / args.rate as f64);
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);

@@ -115,6 +115,10 @@ pub struct Validated {
     pub api_keys: ApiKeys,
     /// User token settings.
     pub jwt: JwtConfig,
+    /// API limits.
+    pub api: herald_api::ApiConfig,
+    /// Gateway tunables.
+    pub gateway: herald_gateway::GatewayConfig,
 }
 
 impl Settings {
@@ -216,6 +220,14 @@ impl Settings {
                 },
                 api_keys,
                 jwt,
+                api: herald_api::ApiConfig {
+                    body_limit: self.body_limit,
+                    ..Default::default()
+                },
+                gateway: herald_gateway::GatewayConfig {
+                    heartbeat: Duration::from_secs(self.heartbeat_s),
+                    ..Default::default()
+                },
             }),
             _ => Err(ConfigError(errors)),
         }

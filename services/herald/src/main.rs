@@ -136,14 +136,8 @@ async fn service(common: &Common, roles: Roles, name: &str) -> Result<(), Failur
             provision: false,
             api_keys: v.api_keys,
             jwt: v.jwt,
-            api: herald_api::ApiConfig {
-                body_limit: s.body_limit,
-                ..Default::default()
-            },
-            gateway: herald_gateway::GatewayConfig {
-                heartbeat: std::time::Duration::from_secs(s.heartbeat_s),
-                ..Default::default()
-            },
+            api: v.api,
+            gateway: v.gateway,
             roles,
             dev_mode: s.dev_mode,
         },

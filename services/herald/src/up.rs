@@ -101,14 +101,8 @@ pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> Result<
             provision: true,
             api_keys: valid.api_keys.clone(),
             jwt: valid.jwt.clone(),
-            api: herald_api::ApiConfig {
-                body_limit: settings.body_limit,
-                ..Default::default()
-            },
-            gateway: herald_gateway::GatewayConfig {
-                heartbeat: std::time::Duration::from_secs(settings.heartbeat_s),
-                ..Default::default()
-            },
+            api: valid.api,
+            gateway: valid.gateway,
             roles: Roles::ALL,
             dev_mode: true,
         },
