@@ -9,6 +9,7 @@ mod frames;
 mod isolation;
 mod native;
 mod notify;
+mod preferences;
 mod replay;
 mod routers;
 mod transports;

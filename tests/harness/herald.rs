@@ -8,9 +8,10 @@ use anyhow::{Context as _, bail, ensure};
 use herald::mesh::{Mesh, MeshOptions, Roles};
 use herald_auth::{ApiKey, ApiKeys, JwtConfig, Scope, UserAuth};
 use herald_protocol::streams::StreamSettings;
-use herald_protocol::{Subjects, UserId};
+use herald_protocol::{Policy, Subjects, UserId};
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde_json::{Value, json};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -46,6 +47,7 @@ pub struct HeraldBuilder {
     replicas: usize,
     roles: Roles,
     keys: Vec<(String, Vec<Scope>)>,
+    policy: Policy,
 }
 
 /// A running Herald mesh. Dropping it aborts the mesh; [`Herald::shutdown`] drains it.
@@ -72,6 +74,7 @@ impl Herald {
             replicas: 1,
             roles: Roles::ALL,
             keys: Vec::new(),
+            policy: Policy::default(),
         }
     }
 
@@ -289,6 +292,12 @@ impl HeraldBuilder {
         self
     }
 
+    /// Configured categories (default: none, so any category goes).
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
+        self
+    }
+
     /// Which services run.
     pub fn roles(mut self, roles: Roles) -> Self {
         self.roles = roles;
@@ -351,6 +360,7 @@ impl HeraldBuilder {
             gateway: herald_gateway::GatewayConfig::default(),
             roles: self.roles,
             dev_mode: false,
+            policy: Arc::new(self.policy.clone()),
         };
         let mesh = crate::within(
             Duration::from_secs(60),

@@ -5,8 +5,9 @@
 use async_nats::jetstream::context::PublishAckFuture;
 use bytes::Bytes;
 use herald_protocol::notification::check_idempotency_key;
-use herald_protocol::{FieldError, NotifyRequest, StoredNotification, ValidatedNotify};
+use herald_protocol::{FieldError, NotifyRequest, Policy, StoredNotification, ValidatedNotify};
 use herald_store::{AppendAck, Inbox, InboxError};
+use std::sync::Arc;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -39,6 +40,7 @@ pub enum AcceptError {
 #[derive(Clone, Debug)]
 pub struct Acceptor {
     inbox: Inbox,
+    policy: Arc<Policy>,
 }
 
 /// A validated notification with its id, ready to append.
@@ -56,9 +58,19 @@ impl Prepared {
 }
 
 impl Acceptor {
-    /// An acceptor appending to `inbox`.
+    /// An acceptor appending to `inbox`, accepting any category.
     pub fn new(inbox: Inbox) -> Self {
-        Self { inbox }
+        Self::with_policy(inbox, Arc::new(Policy::default()))
+    }
+
+    /// An acceptor that also checks categories against the configured `policy`.
+    pub fn with_policy(inbox: Inbox, policy: Arc<Policy>) -> Self {
+        Self { inbox, policy }
+    }
+
+    /// The configured categories.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.clone()
     }
 
     /// The inbox it appends to.
@@ -82,6 +94,9 @@ impl Acceptor {
             check_idempotency_key("Idempotency-Key", k)?;
         }
         let validated: ValidatedNotify = request.validate()?;
+        if let Some(category) = &validated.category {
+            self.policy.check_category("category", category)?;
+        }
         let key = key.or(validated.idempotency_key.as_deref());
         let id = match key {
             Some(k) => idempotent_id(producer, k),

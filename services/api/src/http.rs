@@ -3,13 +3,14 @@
 
 mod inbox;
 mod notify;
+mod preferences;
 mod reads;
 
 use crate::accept::Acceptor;
 use crate::auth::{Authenticator, HasAuth};
 use axum::Router;
 use axum::routing::{get, post};
-use herald_store::ReadPositions;
+use herald_store::{PreferenceStore, ReadPositions};
 use std::sync::Arc;
 
 pub use inbox::{PageQuery, read_page};
@@ -44,6 +45,8 @@ pub struct ApiState {
     pub auth: Authenticator,
     /// Read positions.
     pub reads: ReadPositions,
+    /// User preferences.
+    pub preferences: PreferenceStore,
     /// Limits.
     pub config: ApiConfig,
 }
@@ -65,5 +68,13 @@ pub fn routes(state: ApiState) -> Router {
         )
         .route("/v1/me/read", post(reads::mark_read))
         .route("/v1/me/unread", get(reads::unread))
+        .route(
+            "/v1/me/preferences",
+            get(preferences::get_mine).put(preferences::put_mine),
+        )
+        .route(
+            "/v1/users/{user_id}/preferences",
+            get(preferences::get_users).put(preferences::put_users),
+        )
         .with_state(Arc::new(state))
 }

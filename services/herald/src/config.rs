@@ -7,9 +7,11 @@
 use figment::Figment;
 use figment::providers::{Env, Format as _, Serialized, Toml};
 use herald_auth::{ApiKey, ApiKeys, JwtConfig, Scope};
-use herald_protocol::Subjects;
+use herald_protocol::preferences::CategoryRule;
 use herald_protocol::streams::StreamSettings;
+use herald_protocol::{Policy, Subjects};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -70,6 +72,9 @@ pub struct Settings {
     pub body_limit: usize,
     /// Development mode: the demo page may mint tokens for any user.
     pub dev_mode: bool,
+    /// Notification categories: `[categories.security] critical = true`,
+    /// `[categories.marketing.defaults] sms = false`. None configured: any name goes.
+    pub categories: BTreeMap<String, CategoryRule>,
 }
 
 impl Default for Settings {
@@ -93,6 +98,7 @@ impl Default for Settings {
             heartbeat_s: 30,
             body_limit: 64 * 1024,
             dev_mode: false,
+            categories: BTreeMap::new(),
         }
     }
 }
@@ -119,6 +125,8 @@ pub struct Validated {
     pub api: herald_api::ApiConfig,
     /// Gateway tunables.
     pub gateway: herald_gateway::GatewayConfig,
+    /// Categories, for notify validation and preferences.
+    pub policy: Policy,
 }
 
 impl Settings {
@@ -201,6 +209,17 @@ impl Settings {
                 self.dedup_window_s
             ));
         }
+        for (name, rule) in &self.categories {
+            if name.is_empty() || name.len() > herald_protocol::notification::MAX_KEY_BYTES {
+                errors.push(format!("categories: name {name:?} must be 1 to 256 bytes"));
+            }
+            if rule.defaults.get(&herald_protocol::Channel::Inbox) == Some(&false) {
+                errors.push(format!(
+                    "categories.{name}.defaults.inbox: the inbox cannot be off by default; \
+                     turn off the interrupting channels instead"
+                ));
+            }
+        }
         let api_keys = self.api_keys(&mut errors);
         let jwt = self.jwt(&mut errors);
         if let Some(url) = &self.nats_url
@@ -228,6 +247,7 @@ impl Settings {
                     heartbeat: Duration::from_secs(self.heartbeat_s),
                     ..Default::default()
                 },
+                policy: Policy::new(self.categories.clone()),
             }),
             _ => Err(ConfigError(errors)),
         }

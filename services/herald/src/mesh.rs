@@ -6,9 +6,9 @@ use axum::Router;
 use herald_api::{Acceptor, ApiConfig, ApiState, Authenticator};
 use herald_auth::{ApiKeys, JwtConfig, UserAuth};
 use herald_gateway::{GatewayConfig, GatewayState};
-use herald_protocol::Subjects;
 use herald_protocol::streams::StreamSettings;
-use herald_store::{Inbox, ReadPositions};
+use herald_protocol::{Policy, Subjects};
+use herald_store::{Inbox, PreferenceStore, ReadPositions};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,6 +64,8 @@ pub struct MeshOptions {
     pub roles: Roles,
     /// Serve the demo page and its token minting.
     pub dev_mode: bool,
+    /// Configured categories, applied with each user's preferences.
+    pub policy: Arc<Policy>,
 }
 
 /// Why the mesh could not start or stopped with an error.
@@ -89,6 +91,9 @@ pub enum MeshError {
     /// The read-position bucket is missing.
     #[error("opening read positions (run `herald provision`)")]
     Reads(#[source] herald_store::reads::ReadsError),
+    /// The preferences bucket could not be opened.
+    #[error("opening the preferences bucket; run `herald provision`")]
+    Preferences(#[source] herald_store::PreferencesError),
     /// User auth misconfigured.
     #[error("user token configuration")]
     Jwt(#[from] herald_auth::JwtError),
@@ -143,7 +148,10 @@ impl Mesh {
             .await
             .map_err(MeshError::Reads)?;
         let inbox = Inbox::new(nats.clone(), opts.subjects.clone());
-        let acceptor = Acceptor::new(inbox.clone());
+        let acceptor = Acceptor::with_policy(inbox.clone(), opts.policy.clone());
+        let preferences = PreferenceStore::open(&nats.js_consume)
+            .await
+            .map_err(MeshError::Preferences)?;
         let auth = Authenticator {
             keys: Arc::new(opts.api_keys.clone()),
             users: UserAuth::new(&opts.jwt)?,
@@ -155,6 +163,7 @@ impl Mesh {
                 acceptor: acceptor.clone(),
                 auth: auth.clone(),
                 reads: reads.clone(),
+                preferences: preferences.clone(),
                 config: opts.api,
             }));
         }
@@ -188,8 +197,9 @@ impl Mesh {
         });
         if opts.roles.router {
             let (nats, subjects, stop) = (nats.clone(), opts.subjects.clone(), stop.clone());
+            let policy = opts.policy.clone();
             tasks.spawn(async move {
-                herald_router::run(nats, subjects, stop.cancelled_owned())
+                herald_router::run(nats, subjects, policy, stop.cancelled_owned())
                     .await
                     .map_err(MeshError::from)
             });

@@ -20,6 +20,7 @@ pub mod error;
 pub mod frames;
 pub mod notification;
 pub mod pages;
+pub mod preferences;
 pub mod streams;
 pub mod subjects;
 pub mod user;
@@ -29,6 +30,7 @@ pub use frames::{ClientFrame, ServerFrame};
 pub use notification::{
     Channel, ChannelJob, Notification, NotifyRequest, Priority, StoredNotification, ValidatedNotify,
 };
+pub use preferences::{Policy, Preferences, PreferencesPatch};
 pub use streams::StreamSpec;
 pub use subjects::Subjects;
 pub use user::{UserId, UserIdError, UserToken};

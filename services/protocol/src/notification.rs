@@ -42,7 +42,7 @@ impl Priority {
 }
 
 /// A delivery channel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Channel {
     /// The durable inbox, and live delivery to connected clients.
@@ -78,7 +78,8 @@ impl Channel {
         }
     }
 
-    fn parse(raw: &str) -> Option<Self> {
+    /// The channel of that name, if any.
+    pub fn parse(raw: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|c| c.as_str() == raw)
     }
 }

@@ -10,6 +10,8 @@ pub const INBOX: &str = "HERALD_INBOX";
 pub const REJECTED: &str = "HERALD_REJECTED";
 /// KV bucket of read positions (key: user token, value: seq as decimal text).
 pub const READS_BUCKET: &str = "herald_reads";
+/// KV bucket of user preferences (key: user token, value: the sparse preferences JSON).
+pub const PREFS_BUCKET: &str = "herald_prefs";
 /// KV bucket of "seen live" positions (key: user token, value: seq as decimal text),
 /// written from client `ack` frames. Channel workers read it to skip push for what the
 /// user already saw on a live connection (escalation driven by real acks).

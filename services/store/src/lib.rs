@@ -5,14 +5,17 @@
 //! - [`inbox`]: appending to and reading from the per-user INBOX stream.
 //! - [`direct`]: batched direct gets (`$JS.API.DIRECT.GET`), which async-nats lacks.
 //! - [`reads`]: per-user read positions.
+//! - [`preferences`]: per-user preferences.
 
 pub mod connect;
 pub mod direct;
 pub mod inbox;
+pub mod preferences;
 pub mod provision;
 pub mod reads;
 
 pub use connect::{Nats, connect};
 pub use inbox::{AppendAck, Inbox, InboxError, InboxPage};
+pub use preferences::{PreferenceStore, PreferencesError};
 pub use provision::{ProvisionError, ProvisionReport, provision};
 pub use reads::ReadPositions;

@@ -72,6 +72,20 @@ pub async fn provision(
         ensure_stream(js, &spec, &mut report).await?;
     }
     ensure_reads_bucket(js, settings, &mut report).await?;
+    ensure_bucket(
+        js,
+        kv::Config {
+            bucket: streams::PREFS_BUCKET.to_string(),
+            description: "Herald preferences: user token -> sparse preferences JSON".into(),
+            history: 1,
+            max_value_size: 64 * 1024,
+            storage: stream::StorageType::File,
+            num_replicas: settings.replicas,
+            ..Default::default()
+        },
+        &mut report,
+    )
+    .await?;
     for partition in 0..subjects.partitions() {
         ensure_router_consumer(js, subjects, partition).await?;
     }
@@ -274,6 +288,25 @@ async fn ensure_reads_bucket(
             Ok(())
         }
     }
+}
+
+/// Creates a KV bucket when missing; an existing one is left as it is (its limits are
+/// not data-bearing, and changing history would drop revisions).
+async fn ensure_bucket(
+    js: &jetstream::Context,
+    config: kv::Config,
+    report: &mut ProvisionReport,
+) -> Result<(), ProvisionError> {
+    let bucket = config.bucket.clone();
+    if js.get_key_value(&bucket).await.is_ok() {
+        report.unchanged.push(bucket);
+        return Ok(());
+    }
+    js.create_key_value(config)
+        .await
+        .map_err(|e| nats_err(format!("creating bucket {bucket}"))(Box::new(e)))?;
+    report.created.push(bucket);
+    Ok(())
 }
 
 /// The router consumer of one partition: one pinned client at a time, so one router owns
