@@ -12,4 +12,6 @@ mod notify;
 mod preferences;
 mod replay;
 mod routers;
+mod scheduled;
+mod templates;
 mod transports;

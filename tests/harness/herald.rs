@@ -48,6 +48,7 @@ pub struct HeraldBuilder {
     roles: Roles,
     keys: Vec<(String, Vec<Scope>)>,
     policy: Policy,
+    templates: Arc<herald_templates::Templates>,
 }
 
 /// A running Herald mesh. Dropping it aborts the mesh; [`Herald::shutdown`] drains it.
@@ -75,6 +76,7 @@ impl Herald {
             roles: Roles::ALL,
             keys: Vec::new(),
             policy: Policy::default(),
+            templates: Arc::new(herald_templates::Templates::none()),
         }
     }
 
@@ -298,6 +300,12 @@ impl HeraldBuilder {
         self
     }
 
+    /// Templates to render.
+    pub fn templates(mut self, templates: herald_templates::Templates) -> Self {
+        self.templates = Arc::new(templates);
+        self
+    }
+
     /// Which services run.
     pub fn roles(mut self, roles: Roles) -> Self {
         self.roles = roles;
@@ -361,6 +369,7 @@ impl HeraldBuilder {
             roles: self.roles,
             dev_mode: false,
             policy: Arc::new(self.policy.clone()),
+            templates: self.templates.clone(),
         };
         let mesh = crate::within(
             Duration::from_secs(60),

@@ -5,11 +5,12 @@ mod inbox;
 mod notify;
 mod preferences;
 mod reads;
+mod templates;
 
 use crate::accept::Acceptor;
 use crate::auth::{Authenticator, HasAuth};
 use axum::Router;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use herald_store::{PreferenceStore, ReadPositions};
 use std::sync::Arc;
 
@@ -62,10 +63,13 @@ pub fn routes(state: ApiState) -> Router {
     Router::new()
         .route("/v1/notify", post(notify::notify))
         .route("/v1/notify/batch", post(notify::batch))
+        .route("/v1/notifications/{id}", delete(notify::cancel))
         .route(
             "/v1/users/{user_id}/notifications",
             get(inbox::producer_page),
         )
+        .route("/v1/admin/templates", get(templates::list))
+        .route("/v1/admin/templates/reload", post(templates::reload))
         .route("/v1/me/read", post(reads::mark_read))
         .route("/v1/me/unread", get(reads::unread))
         .route(

@@ -134,6 +134,7 @@ async fn notify(args: NotifyArgs) -> Result<(), BenchError> {
         },
         dev_mode: false,
         policy: Default::default(),
+        templates: Default::default(),
     };
     // Herald gets a runtime of its own, as in its own process: the benchmark's clients
     // must not queue in front of the server's tasks on the same two workers.

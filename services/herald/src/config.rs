@@ -10,10 +10,12 @@ use herald_auth::{ApiKey, ApiKeys, JwtConfig, Scope};
 use herald_protocol::preferences::CategoryRule;
 use herald_protocol::streams::StreamSettings;
 use herald_protocol::{Policy, Subjects};
+use herald_templates::Templates;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A producer key in the TOML file.
@@ -72,6 +74,8 @@ pub struct Settings {
     pub body_limit: usize,
     /// Development mode: the demo page may mint tokens for any user.
     pub dev_mode: bool,
+    /// Folder of notification templates (`<name>.toml`); none when unset.
+    pub templates_dir: Option<PathBuf>,
     /// Notification categories: `[categories.security] critical = true`,
     /// `[categories.marketing.defaults] sms = false`. None configured: any name goes.
     pub categories: BTreeMap<String, CategoryRule>,
@@ -99,6 +103,7 @@ impl Default for Settings {
             body_limit: 64 * 1024,
             dev_mode: false,
             categories: BTreeMap::new(),
+            templates_dir: None,
         }
     }
 }
@@ -127,6 +132,8 @@ pub struct Validated {
     pub gateway: herald_gateway::GatewayConfig,
     /// Categories, for notify validation and preferences.
     pub policy: Policy,
+    /// Loaded templates.
+    pub templates: Arc<Templates>,
 }
 
 impl Settings {
@@ -220,6 +227,16 @@ impl Settings {
                 ));
             }
         }
+        let templates = match &self.templates_dir {
+            None => Templates::none(),
+            Some(dir) => Templates::load(dir).unwrap_or_else(|e| {
+                errors.extend(
+                    e.0.into_iter()
+                        .map(|m| format!("templates_dir {}: {m}", dir.display())),
+                );
+                Templates::none()
+            }),
+        };
         let api_keys = self.api_keys(&mut errors);
         let jwt = self.jwt(&mut errors);
         if let Some(url) = &self.nats_url
@@ -248,6 +265,7 @@ impl Settings {
                     ..Default::default()
                 },
                 policy: Policy::new(self.categories.clone()),
+                templates: Arc::new(templates),
             }),
             _ => Err(ConfigError(errors)),
         }

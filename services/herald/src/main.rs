@@ -142,6 +142,7 @@ async fn service(common: &Common, roles: Roles, name: &str) -> Result<(), Failur
             roles,
             dev_mode: s.dev_mode,
             policy: Arc::new(v.policy),
+            templates: v.templates,
         },
         listener,
     )

@@ -9,6 +9,7 @@ use herald_gateway::{GatewayConfig, GatewayState};
 use herald_protocol::streams::StreamSettings;
 use herald_protocol::{Policy, Subjects};
 use herald_store::{Inbox, PreferenceStore, ReadPositions};
+use herald_templates::Templates;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -66,6 +67,8 @@ pub struct MeshOptions {
     pub dev_mode: bool,
     /// Configured categories, applied with each user's preferences.
     pub policy: Arc<Policy>,
+    /// Notification templates.
+    pub templates: Arc<Templates>,
 }
 
 /// Why the mesh could not start or stopped with an error.
@@ -148,10 +151,12 @@ impl Mesh {
             .await
             .map_err(MeshError::Reads)?;
         let inbox = Inbox::new(nats.clone(), opts.subjects.clone());
-        let acceptor = Acceptor::with_policy(inbox.clone(), opts.policy.clone());
         let preferences = PreferenceStore::open(&nats.js_consume)
             .await
             .map_err(MeshError::Preferences)?;
+        let acceptor = Acceptor::new(inbox.clone())
+            .with_policy(opts.policy.clone())
+            .with_templates(opts.templates.clone(), preferences.clone());
         let auth = Authenticator {
             keys: Arc::new(opts.api_keys.clone()),
             users: UserAuth::new(&opts.jwt)?,

@@ -107,6 +107,7 @@ pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> Result<
             roles: Roles::ALL,
             dev_mode: true,
             policy: Arc::new(valid.policy.clone()),
+            templates: valid.templates.clone(),
         },
         listener,
     )

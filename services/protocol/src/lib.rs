@@ -28,7 +28,8 @@ pub mod user;
 pub use error::{ErrorBody, FieldError};
 pub use frames::{ClientFrame, ServerFrame};
 pub use notification::{
-    Channel, ChannelJob, Notification, NotifyRequest, Priority, StoredNotification, ValidatedNotify,
+    Channel, ChannelJob, Notification, NotifyRequest, Priority, Rendered, StoredNotification,
+    ValidatedNotify,
 };
 pub use preferences::{Policy, Preferences, PreferencesPatch};
 pub use streams::StreamSpec;

@@ -53,6 +53,8 @@ pub struct StreamSpec {
     pub replicas: usize,
     /// Metadata recorded on the stream (and checked on re-provisioning).
     pub metadata: Vec<(String, String)>,
+    /// Message schedules (`Nats-Schedule`, nats-server 2.12+) are allowed.
+    pub allow_schedules: bool,
 }
 
 /// Tunables for provisioning.
@@ -84,7 +86,7 @@ pub fn streams(subjects: &Subjects, settings: &StreamSettings) -> Vec<StreamSpec
     vec![
         StreamSpec {
             name: INBOX,
-            subjects: vec![subjects.inbox_all()],
+            subjects: vec![subjects.inbox_all(), subjects.scheduled_all()],
             retention: Retention::Limits,
             max_age: settings.inbox_max_age,
             max_msgs_per_subject: settings.inbox_max_per_user,
@@ -97,6 +99,7 @@ pub fn streams(subjects: &Subjects, settings: &StreamSettings) -> Vec<StreamSpec
                 PARTITIONS_METADATA.into(),
                 subjects.partitions().to_string(),
             )],
+            allow_schedules: true,
         },
         StreamSpec {
             name: REJECTED,
@@ -110,6 +113,7 @@ pub fn streams(subjects: &Subjects, settings: &StreamSettings) -> Vec<StreamSpec
             republish: None,
             replicas: settings.replicas,
             metadata: Vec::new(),
+            allow_schedules: false,
         },
         work_stream(subjects, settings),
     ]
@@ -123,6 +127,9 @@ pub fn router_consumer(partition: u16) -> String {
 /// Header of the core message announcing a user's new read position on their live
 /// subject (value: the position). Gateways turn it into a `read` frame for every device.
 pub const READ_HEADER: &str = "Herald-Read";
+
+/// Header on a scheduled notification naming the producer that may cancel it.
+pub const PRODUCER_HEADER: &str = "Herald-Producer";
 
 /// Header on inbox messages that ask for channels beyond the inbox (value `1`).
 pub const ROUTE_HEADER: &str = "Herald-Route";
@@ -149,5 +156,6 @@ pub fn work_stream(subjects: &Subjects, settings: &StreamSettings) -> StreamSpec
         republish: None,
         replicas: settings.replicas,
         metadata: Vec::new(),
+        allow_schedules: false,
     }
 }

@@ -84,6 +84,18 @@ impl Subjects {
         format!("{}.inbox.{partition}.*", self.prefix)
     }
 
+    /// Where a scheduled notification waits until its `send_at` (one subject per
+    /// notification: JetStream keeps one schedule per subject). `id` is a UUID.
+    pub fn scheduled(&self, id: &str) -> String {
+        format!("{}.sched.{id}", self.prefix)
+    }
+
+    /// Every schedule subject (captured by the INBOX stream, whose scheduler fires them
+    /// into the users' inbox subjects).
+    pub fn scheduled_all(&self) -> String {
+        format!("{}.sched.>", self.prefix)
+    }
+
     /// A user's live subject: INBOX republishes each stored message here.
     pub fn live(&self, user: &UserId) -> String {
         format!(

@@ -6,6 +6,7 @@
 //! - [`direct`]: batched direct gets (`$JS.API.DIRECT.GET`), which async-nats lacks.
 //! - [`reads`]: per-user read positions.
 //! - [`preferences`]: per-user preferences.
+//! - [`scheduled`]: `send_at`, held by JetStream's message scheduler.
 
 pub mod connect;
 pub mod direct;
@@ -13,9 +14,11 @@ pub mod inbox;
 pub mod preferences;
 pub mod provision;
 pub mod reads;
+pub mod scheduled;
 
 pub use connect::{Nats, connect};
 pub use inbox::{AppendAck, Inbox, InboxError, InboxPage};
 pub use preferences::{PreferenceStore, PreferencesError};
 pub use provision::{ProvisionError, ProvisionReport, provision};
 pub use reads::ReadPositions;
+pub use scheduled::Cancelled;

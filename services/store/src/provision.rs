@@ -117,6 +117,7 @@ fn stream_config(spec: &StreamSpec) -> stream::Config {
         num_replicas: spec.replicas,
         discard: stream::DiscardPolicy::Old,
         metadata: spec.metadata.iter().cloned().collect::<HashMap<_, _>>(),
+        allow_message_schedules: spec.allow_schedules,
         ..Default::default()
     }
 }
@@ -188,12 +189,17 @@ fn check_compatible(
             advice,
         })
     };
-    if existing.subjects != wanted.subjects {
+    // Adding subjects is compatible (new kinds of data); dropping one would strand data.
+    if !existing
+        .subjects
+        .iter()
+        .all(|s| wanted.subjects.contains(s))
+    {
         return incompatible(
             "subjects",
             format!("{:?}", existing.subjects),
             format!("{:?}", wanted.subjects),
-            "the subject prefix changed; set the prefix the data was written with, or delete the stream (losing its data)",
+            "the subject prefix changed, or this Herald is older than the one that provisioned it; set the prefix the data was written with, run the newer Herald, or delete the stream (losing its data)",
         );
     }
     if existing.retention != wanted.retention {
@@ -233,6 +239,8 @@ fn same_tunables(a: &stream::Config, b: &stream::Config) -> bool {
         && a.duplicate_window == b.duplicate_window
         && a.allow_direct == b.allow_direct
         && a.republish == b.republish
+        && a.subjects == b.subjects
+        && a.allow_message_schedules == b.allow_message_schedules
         && a.num_replicas == b.num_replicas
         && a.metadata.iter().all(|(k, v)| b.metadata.get(k) == Some(v))
         && b.metadata.iter().all(|(k, v)| a.metadata.get(k) == Some(v))
