@@ -49,6 +49,7 @@ pub struct HeraldBuilder {
     keys: Vec<(String, Vec<Scope>)>,
     policy: Policy,
     templates: Arc<herald_templates::Templates>,
+    rates: herald_api::RateConfig,
 }
 
 /// A running Herald mesh. Dropping it aborts the mesh; [`Herald::shutdown`] drains it.
@@ -77,6 +78,7 @@ impl Herald {
             keys: Vec::new(),
             policy: Policy::default(),
             templates: Arc::new(herald_templates::Templates::none()),
+            rates: herald_api::RateConfig::default(),
         }
     }
 
@@ -306,6 +308,12 @@ impl HeraldBuilder {
         self
     }
 
+    /// Producer request rates (the all-scopes key's producer is `test-<n>`).
+    pub fn rates(mut self, rates: herald_api::RateConfig) -> Self {
+        self.rates = rates;
+        self
+    }
+
     /// Which services run.
     pub fn roles(mut self, roles: Roles) -> Self {
         self.roles = roles;
@@ -370,6 +378,7 @@ impl HeraldBuilder {
             dev_mode: false,
             policy: Arc::new(self.policy.clone()),
             templates: self.templates.clone(),
+            rates: self.rates.clone(),
         };
         let mesh = crate::within(
             Duration::from_secs(60),

@@ -48,6 +48,8 @@ pub struct ApiState {
     pub reads: ReadPositions,
     /// User preferences.
     pub preferences: PreferenceStore,
+    /// Producer request rates.
+    pub rates: Arc<crate::ProducerRates>,
     /// Limits.
     pub config: ApiConfig,
 }

@@ -14,6 +14,7 @@ use herald_templates::Templates;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,6 +33,8 @@ pub struct ApiKeyEntry {
     /// Scopes; default `["notify"]`.
     #[serde(default)]
     pub scopes: Option<Vec<String>>,
+    /// Notifications per second this producer may send (per api instance).
+    pub rate_per_s: Option<u32>,
 }
 
 /// Every setting, as read from all sources.
@@ -74,6 +77,9 @@ pub struct Settings {
     pub body_limit: usize,
     /// Development mode: the demo page may mint tokens for any user.
     pub dev_mode: bool,
+    /// Notifications per second a producer may send (per api instance) unless its key
+    /// sets its own `rate_per_s`; unlimited when unset.
+    pub producer_rate_per_s: Option<u32>,
     /// Folder of notification templates (`<name>.toml`); none when unset.
     pub templates_dir: Option<PathBuf>,
     /// Notification categories: `[categories.security] critical = true`,
@@ -104,6 +110,7 @@ impl Default for Settings {
             dev_mode: false,
             categories: BTreeMap::new(),
             templates_dir: None,
+            producer_rate_per_s: None,
         }
     }
 }
@@ -134,6 +141,8 @@ pub struct Validated {
     pub policy: Policy,
     /// Loaded templates.
     pub templates: Arc<Templates>,
+    /// Producer request rates.
+    pub rates: herald_api::RateConfig,
 }
 
 impl Settings {
@@ -237,6 +246,7 @@ impl Settings {
                 Templates::none()
             }),
         };
+        let rates = self.rates(&mut errors);
         let api_keys = self.api_keys(&mut errors);
         let jwt = self.jwt(&mut errors);
         if let Some(url) = &self.nats_url
@@ -266,9 +276,29 @@ impl Settings {
                 },
                 policy: Policy::new(self.categories.clone()),
                 templates: Arc::new(templates),
+                rates,
             }),
             _ => Err(ConfigError(errors)),
         }
+    }
+
+    fn rates(&self, errors: &mut Vec<String>) -> herald_api::RateConfig {
+        let mut rates = herald_api::RateConfig::default();
+        match self.producer_rate_per_s.map(NonZeroU32::new) {
+            Some(None) => errors.push("producer_rate_per_s must be at least 1".into()),
+            Some(Some(r)) => rates.default_per_s = Some(r),
+            None => {}
+        }
+        for (i, entry) in self.api_keys.iter().enumerate() {
+            match entry.rate_per_s.map(NonZeroU32::new) {
+                Some(None) => errors.push(format!("api_keys[{i}].rate_per_s must be at least 1")),
+                Some(Some(r)) => {
+                    rates.per_producer.insert(entry.producer.clone(), r);
+                }
+                None => {}
+            }
+        }
+        rates
     }
 
     fn api_keys(&self, errors: &mut Vec<String>) -> ApiKeys {

@@ -143,6 +143,7 @@ async fn service(common: &Common, roles: Roles, name: &str) -> Result<(), Failur
             dev_mode: s.dev_mode,
             policy: Arc::new(v.policy),
             templates: v.templates,
+            rates: v.rates,
         },
         listener,
     )

@@ -69,6 +69,8 @@ pub struct MeshOptions {
     pub policy: Arc<Policy>,
     /// Notification templates.
     pub templates: Arc<Templates>,
+    /// Producer request rates.
+    pub rates: herald_api::RateConfig,
 }
 
 /// Why the mesh could not start or stopped with an error.
@@ -169,6 +171,7 @@ impl Mesh {
                 auth: auth.clone(),
                 reads: reads.clone(),
                 preferences: preferences.clone(),
+                rates: Arc::new(herald_api::ProducerRates::new(opts.rates.clone())),
                 config: opts.api,
             }));
         }

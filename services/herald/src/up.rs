@@ -108,6 +108,7 @@ pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> Result<
             dev_mode: true,
             policy: Arc::new(valid.policy.clone()),
             templates: valid.templates.clone(),
+            rates: valid.rates.clone(),
         },
         listener,
     )

@@ -68,6 +68,7 @@ pub(super) async fn notify(
     body: Body,
 ) -> Result<(StatusCode, Json<pages::Accepted>), AppError> {
     producer.require(Scope::Notify)?;
+    state.rates.check(&producer.0.producer, 1)?;
     let bytes = read_body(body, state.config.body_limit).await?;
     let key = idempotency_header(&headers)?;
     let prepared = state
@@ -117,6 +118,9 @@ pub(super) async fn batch(
             format!("must hold 1 to {max} items"),
         )));
     }
+    state
+        .rates
+        .check(&producer.0.producer, parsed.notifications.len() as u32)?;
     // Validate everything, send every valid append, then collect acks: one round trip of
     // latency for the whole batch.
     let mut results: Vec<Option<ItemResult>> = Vec::with_capacity(parsed.notifications.len());
