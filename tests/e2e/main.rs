@@ -4,6 +4,7 @@
 
 mod cluster;
 mod durability;
+mod erase;
 mod errors;
 mod frames;
 mod isolation;

@@ -6,6 +6,7 @@ mod notify;
 mod preferences;
 mod reads;
 mod templates;
+mod users;
 
 use crate::accept::Acceptor;
 use crate::auth::{Authenticator, HasAuth};
@@ -72,6 +73,7 @@ pub fn routes(state: ApiState) -> Router {
         )
         .route("/v1/admin/templates", get(templates::list))
         .route("/v1/admin/templates/reload", post(templates::reload))
+        .route("/v1/users/{user_id}", delete(users::erase))
         .route("/v1/me/read", post(reads::mark_read))
         .route("/v1/me/unread", get(reads::unread))
         .route(

@@ -2,7 +2,7 @@
 //! (nats-server 2.12+, ADR-51) rather than by any Herald process.
 //!
 //! A scheduled notification is stored once, in the INBOX stream, on a subject of its own
-//! (`herald.sched.<id>`) with `Nats-Schedule: @at <send_at>` and
+//! (`herald.sched.<part>.<user-token>.<id>`) with `Nats-Schedule: @at <send_at>` and
 //! `Nats-Schedule-Target: <the user's inbox subject>`. At that time the server writes it
 //! into the user's inbox — where it gets its `seq`, is republished live and reaches the
 //! router like any other — and removes the schedule. Nothing polls, and a restart of any
@@ -63,7 +63,7 @@ impl Inbox {
         }
         self.nats()
             .js
-            .send_publish(self.subjects().scheduled(&n.id), publish)
+            .send_publish(self.subjects().scheduled(&n.user_id, &n.id), publish)
             .await
             .map_err(|e| match e.kind() {
                 PublishErrorKind::MaxPayloadExceeded => InboxError::TooLarge(0),
@@ -80,7 +80,7 @@ impl Inbox {
         id: &str,
         producer: &str,
     ) -> Result<Cancelled, InboxError> {
-        let subject = self.subjects().scheduled(id);
+        let subject = self.subjects().scheduled_by_id(id);
         let Some(pending) = direct::last(&self.nats().consume, INBOX, &subject, None).await? else {
             return Ok(Cancelled::NotPending);
         };
@@ -105,5 +105,34 @@ impl Inbox {
         } else {
             Cancelled::NotPending
         })
+    }
+
+    /// Removes everything of `user` in the INBOX stream — stored notifications and
+    /// pending schedules (GDPR erase). Returns how many of each were removed.
+    ///
+    /// # Errors
+    /// [`InboxError::Unavailable`] when NATS fails.
+    pub async fn erase(&self, user: &herald_protocol::UserId) -> Result<(u64, u64), InboxError> {
+        let stream = self
+            .nats()
+            .js
+            .get_stream_no_info(INBOX)
+            .await
+            .map_err(|e| InboxError::Unavailable(Box::new(e)))?;
+        let purge = |filter: String| {
+            let stream = stream.clone();
+            async move {
+                stream
+                    .purge()
+                    .filter(filter)
+                    .await
+                    .map(|r| r.purged)
+                    .map_err(|e| InboxError::Unavailable(Box::new(e)))
+            }
+        };
+        // Schedules first: one firing during the erase must not land after the inbox purge.
+        let scheduled = purge(self.subjects().scheduled_of(user)).await?;
+        let stored = purge(self.subjects().inbox(user)).await?;
+        Ok((stored, scheduled))
     }
 }
