@@ -80,6 +80,8 @@ pub struct Settings {
     /// Notifications per second a producer may send (per api instance) unless its key
     /// sets its own `rate_per_s`; unlimited when unset.
     pub producer_rate_per_s: Option<u32>,
+    /// Topics users may subscribe to themselves: exact names or prefixes ending in `*`.
+    pub self_subscribe_topics: Vec<String>,
     /// Folder of notification templates (`<name>.toml`); none when unset.
     pub templates_dir: Option<PathBuf>,
     /// Notification categories: `[categories.security] critical = true`,
@@ -111,6 +113,7 @@ impl Default for Settings {
             categories: BTreeMap::new(),
             templates_dir: None,
             producer_rate_per_s: None,
+            self_subscribe_topics: Vec::new(),
         }
     }
 }
@@ -143,6 +146,8 @@ pub struct Validated {
     pub templates: Arc<Templates>,
     /// Producer request rates.
     pub rates: herald_api::RateConfig,
+    /// Topic rules.
+    pub topics: herald_api::TopicSettings,
 }
 
 impl Settings {
@@ -277,6 +282,9 @@ impl Settings {
                 policy: Policy::new(self.categories.clone()),
                 templates: Arc::new(templates),
                 rates,
+                topics: herald_api::TopicSettings {
+                    self_subscribe: self.self_subscribe_topics.clone(),
+                },
             }),
             _ => Err(ConfigError(errors)),
         }

@@ -144,6 +144,7 @@ async fn service(common: &Common, roles: Roles, name: &str) -> Result<(), Failur
             policy: Arc::new(v.policy),
             templates: v.templates,
             rates: v.rates,
+            topics: v.topics,
         },
         listener,
     )

@@ -8,7 +8,7 @@ use herald_auth::{ApiKeys, JwtConfig, UserAuth};
 use herald_gateway::{GatewayConfig, GatewayState};
 use herald_protocol::streams::StreamSettings;
 use herald_protocol::{Policy, Subjects};
-use herald_store::{Inbox, PreferenceStore, ReadPositions};
+use herald_store::{FanoutLog, Inbox, PreferenceStore, ReadPositions, Subscriptions};
 use herald_templates::Templates;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -71,6 +71,8 @@ pub struct MeshOptions {
     pub templates: Arc<Templates>,
     /// Producer request rates.
     pub rates: herald_api::RateConfig,
+    /// Topic rules.
+    pub topics: herald_api::TopicSettings,
 }
 
 /// Why the mesh could not start or stopped with an error.
@@ -108,6 +110,12 @@ pub enum MeshError {
     /// The router failed.
     #[error(transparent)]
     Router(#[from] herald_router::RouterError),
+    /// The fan-out worker failed.
+    #[error(transparent)]
+    Fanout(#[from] herald_fanout::FanoutError),
+    /// The fan-out progress bucket could not be opened.
+    #[error("opening the fan-out progress bucket; run `herald provision`")]
+    FanoutLog(#[source] herald_store::TopicsError),
     /// The inbox stream is missing or was written with another layout.
     #[error("{0}")]
     Layout(String),
@@ -153,6 +161,7 @@ impl Mesh {
             .await
             .map_err(MeshError::Reads)?;
         let inbox = Inbox::new(nats.clone(), opts.subjects.clone());
+        let subscriptions = Subscriptions::new(nats.clone(), opts.subjects.clone());
         let preferences = PreferenceStore::open(&nats.js_consume)
             .await
             .map_err(MeshError::Preferences)?;
@@ -172,6 +181,11 @@ impl Mesh {
                 reads: reads.clone(),
                 preferences: preferences.clone(),
                 rates: Arc::new(herald_api::ProducerRates::new(opts.rates.clone())),
+                subscriptions: subscriptions.clone(),
+                fanouts: FanoutLog::open(&nats.js_consume)
+                    .await
+                    .map_err(MeshError::FanoutLog)?,
+                topics: Arc::new(opts.topics.clone()),
                 config: opts.api,
             }));
         }
@@ -204,10 +218,22 @@ impl Mesh {
                 .map_err(MeshError::Http)
         });
         if opts.roles.router {
-            let (nats, subjects, stop) = (nats.clone(), opts.subjects.clone(), stop.clone());
+            let (router_nats, subjects, router_stop) =
+                (nats.clone(), opts.subjects.clone(), stop.clone());
             let policy = opts.policy.clone();
             tasks.spawn(async move {
-                herald_router::run(nats, subjects, policy, stop.cancelled_owned())
+                herald_router::run(router_nats, subjects, policy, router_stop.cancelled_owned())
+                    .await
+                    .map_err(MeshError::from)
+            });
+            let (nats, inbox, subscriptions, stop) = (
+                nats.clone(),
+                inbox.clone(),
+                subscriptions.clone(),
+                stop.clone(),
+            );
+            tasks.spawn(async move {
+                herald_fanout::run(nats, inbox, subscriptions, stop.cancelled_owned())
                     .await
                     .map_err(MeshError::from)
             });

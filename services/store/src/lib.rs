@@ -6,6 +6,7 @@
 //! - [`direct`]: batched direct gets (`$JS.API.DIRECT.GET`), which async-nats lacks.
 //! - [`reads`]: per-user read positions.
 //! - [`preferences`]: per-user preferences.
+//! - [`topics`]: topic subscriptions and fan-out progress.
 //! - [`scheduled`]: `send_at`, held by JetStream's message scheduler.
 
 pub mod connect;
@@ -15,6 +16,7 @@ pub mod preferences;
 pub mod provision;
 pub mod reads;
 pub mod scheduled;
+pub mod topics;
 
 pub use connect::{Nats, connect};
 pub use inbox::{AppendAck, Inbox, InboxError, InboxPage};
@@ -22,3 +24,4 @@ pub use preferences::{PreferenceStore, PreferencesError};
 pub use provision::{ProvisionError, ProvisionReport, provision};
 pub use reads::ReadPositions;
 pub use scheduled::Cancelled;
+pub use topics::{FanoutLog, Subscription, Subscriptions, TopicsError};
