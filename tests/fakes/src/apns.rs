@@ -107,6 +107,11 @@ impl ApnsFake {
         self.server.url()
     }
 
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.server.connections()
+    }
+
     /// The test CA the client must trust.
     pub fn ca_pem(&self) -> &str {
         self.ca.ca_pem()

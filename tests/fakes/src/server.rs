@@ -7,6 +7,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
@@ -16,6 +17,7 @@ use tokio_rustls::TlsAcceptor;
 pub struct Server {
     addr: SocketAddr,
     tls: bool,
+    connections: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
 
@@ -35,6 +37,8 @@ impl Server {
             .as_ref()
             .is_some_and(|c| c.alpn_protocols == [b"h2".to_vec()]);
         let acceptor = tls.clone().map(TlsAcceptor::from);
+        let connections_accepted = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&connections_accepted);
         let task = tokio::spawn(async move {
             // Connections live in this set, so aborting the accept loop ends them too.
             let mut connections = JoinSet::new();
@@ -49,6 +53,7 @@ impl Server {
                     },
                     Some(_) = connections.join_next(), if !connections.is_empty() => continue,
                 };
+                counter.fetch_add(1, Ordering::SeqCst);
                 let service = TowerToHyperService::new(router.clone());
                 let acceptor = acceptor.clone();
                 connections.spawn(async move {
@@ -79,6 +84,7 @@ impl Server {
         Ok(Self {
             addr,
             tls: tls.is_some(),
+            connections: connections_accepted,
             task,
         })
     }
@@ -87,6 +93,11 @@ impl Server {
     pub fn url(&self) -> String {
         let scheme = if self.tls { "https" } else { "http" };
         format!("{scheme}://{}", self.addr)
+    }
+
+    /// How many TCP connections were accepted (clients should reuse theirs).
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
     }
 
     /// The bound address.

@@ -67,6 +67,11 @@ impl TwilioFake {
         self.server.url()
     }
 
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.server.connections()
+    }
+
     /// The account SID.
     pub fn account_sid(&self) -> &str {
         &self.state.account_sid

@@ -88,6 +88,11 @@ async fn apns_push_goes_over_http2_with_token_auth_and_apple_headers() {
         received[1].headers.get("authorization"),
         "one cached provider token for both sends"
     );
+    assert_eq!(
+        fake.connections(),
+        1,
+        "both sends share one HTTP/2 connection"
+    );
 }
 
 #[tokio::test]

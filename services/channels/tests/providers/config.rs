@@ -14,6 +14,7 @@ use herald_protocol::Channel;
 use std::path::PathBuf;
 
 #[test]
+#[allow(clippy::result_large_err)] // figment's `Jail` closure type, not ours
 fn settings_come_from_herald_env_variables() {
     figment::Jail::expect_with(|jail| {
         jail.set_env("HERALD_APNS_URL", "https://api.sandbox.push.apple.com");

@@ -74,6 +74,15 @@ async fn twilio_sends_a_form_with_basic_auth_and_returns_the_sid() {
         form.get("Body").map(String::as_str),
         Some("New like\nAda liked your photo")
     );
+    provider
+        .send(&delivery(Channel::Sms, phone(TO)))
+        .await
+        .expect("accepted");
+    assert_eq!(
+        fake.connections(),
+        1,
+        "the connection is kept alive and reused"
+    );
 }
 
 #[tokio::test]
