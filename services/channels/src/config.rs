@@ -131,7 +131,7 @@ pub fn build(config: &ProvidersConfig) -> Result<Vec<Arc<dyn Provider>>, Provide
         extra_root_pem: config
             .provider_ca_file
             .as_deref()
-            .and_then(|p| read(p, "HERALD_PROVIDER_CA_FILE", &mut errors)),
+            .and_then(|p| read_ca(p, &mut errors)),
     };
     if config.provider_timeout_ms == Some(0) {
         errors.push("HERALD_PROVIDER_TIMEOUT_MS must be above 0".into());
@@ -139,7 +139,7 @@ pub fn build(config: &ProvidersConfig) -> Result<Vec<Arc<dyn Provider>>, Provide
     let mut add =
         |result: Result<Arc<dyn Provider>, SetupError>, errors: &mut Vec<String>| match result {
             Ok(p) => providers.push(p),
-            Err(e) => errors.push(e.to_string()),
+            Err(e) => errors.push(describe(&e)),
         };
 
     if let Some(apns) = apns_config(config, &http, &mut errors) {
@@ -232,9 +232,12 @@ pub fn build(config: &ProvidersConfig) -> Result<Vec<Arc<dyn Provider>>, Provide
         add(
             WebhookProvider::new(&webhook)
                 .map(|p| Arc::new(p) as _)
-                .map_err(|e| SetupError::Invalid {
-                    what: "HERALD_WEBHOOK_SECRET",
-                    reason: e.to_string(),
+                .map_err(|e| match e {
+                    SetupError::Invalid { reason, .. } => SetupError::Invalid {
+                        what: "HERALD_WEBHOOK_SECRET",
+                        reason,
+                    },
+                    other => other,
                 }),
             &mut errors,
         );
@@ -350,8 +353,43 @@ fn group<const N: usize>(
     Some(fields.map(|(_, v, _)| v.clone().unwrap_or_default().trim().to_owned()))
 }
 
+/// The extra trust roots, checked once here so a bad file is reported once, by its name.
+fn read_ca(path: &Path, errors: &mut Vec<String>) -> Option<Vec<u8>> {
+    let pem = read(path, "HERALD_PROVIDER_CA_FILE", errors)?;
+    match reqwest::Certificate::from_pem_bundle(&pem) {
+        Ok(certs) if !certs.is_empty() => Some(pem),
+        Ok(_) => {
+            errors.push(format!(
+                "HERALD_PROVIDER_CA_FILE {}: no PEM certificate in it",
+                path.display()
+            ));
+            None
+        }
+        Err(e) => {
+            errors.push(format!(
+                "HERALD_PROVIDER_CA_FILE {}: not PEM certificates: {}",
+                path.display(),
+                describe(&e)
+            ));
+            None
+        }
+    }
+}
+
 fn read(path: &Path, env: &str, errors: &mut Vec<String>) -> Option<Vec<u8>> {
     std::fs::read(path)
         .map_err(|e| errors.push(format!("{env} {}: cannot read: {e}", path.display())))
         .ok()
+}
+
+/// An error with its sources, for one line of the configuration report.
+fn describe(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }

@@ -240,3 +240,26 @@ async fn built_providers_come_in_failover_order_and_deliver() {
     assert_eq!(vonage.accepted().len(), 1);
     assert_eq!(receiver.received().len(), 1);
 }
+
+#[test]
+fn a_ca_file_that_is_not_pem_is_reported_by_its_variable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(
+        &ca,
+        "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n",
+    )
+    .expect("write");
+    let config = ProvidersConfig {
+        webhook_secret: Some("0123456789abcdef".into()),
+        provider_ca_file: Some(ca),
+        ..ProvidersConfig::default()
+    };
+    let errors = build(&config).err().expect("bad CA refused").0;
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].starts_with("HERALD_PROVIDER_CA_FILE")
+            && errors[0].contains("invalid certificate"),
+        "named by its variable, with the cause: {errors:?}"
+    );
+}
