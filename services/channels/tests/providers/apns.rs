@@ -197,3 +197,46 @@ async fn apns_takes_only_ios_tokens() {
         e164: "+4915112345678".into()
     }));
 }
+
+#[tokio::test]
+async fn apns_provider_token_is_reused_for_50_minutes_then_re_signed() {
+    use herald_channels::apns::token::{ProviderTokens, REFRESH_AFTER};
+    let fake = ApnsFake::start(TOPIC).await.expect("fake apns starts");
+    let tokens = ProviderTokens::new(fake.p8_pem().as_bytes(), fake.key_id(), fake.team_id())
+        .expect("key parses");
+    let t0 = 1_800_000_000;
+    let first = tokens.current_at(t0).expect("signed");
+    assert_eq!(
+        tokens.current_at(t0 + REFRESH_AFTER - 1).expect("cached"),
+        first
+    );
+    let second = tokens.current_at(t0 + REFRESH_AFTER).expect("re-signed");
+    assert_ne!(
+        second, first,
+        "re-signed after 50 minutes (Apple refuses tokens older than an hour)"
+    );
+    // A stale token reported by another request does not throw away the current one.
+    tokens.discard(&first);
+    assert_eq!(
+        tokens.current_at(t0 + REFRESH_AFTER + 1).expect("cached"),
+        second
+    );
+    tokens.discard(&second);
+    assert_ne!(
+        tokens
+            .current_at(t0 + REFRESH_AFTER + 2)
+            .expect("re-signed"),
+        second
+    );
+    const { assert!(REFRESH_AFTER >= 20 * 60 && REFRESH_AFTER < 60 * 60) };
+}
+
+#[test]
+fn apns_key_that_is_not_p8_is_refused_at_setup() {
+    let result = herald_channels::apns::token::ProviderTokens::new(
+        b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        "K",
+        "T",
+    );
+    assert!(result.is_err());
+}
