@@ -8,7 +8,15 @@
 //! back off with jitter, give up at once, or drop the dead target and give up.
 //!
 //! Providers know nothing of NATS; workers know nothing of HTTP. That keeps every
-//! provider testable against a local fake that speaks its protocol.
+//! provider testable against a local fake that speaks its protocol (crate `herald-fakes`).
+//!
+//! | module | provider |
+//! |---|---|
+//! | [`apns`] | iOS push: APNs over HTTP/2, ES256 provider tokens |
+//! | [`fcm`] | Android and web push: FCM HTTP v1, OAuth2 from a service-account key |
+//! | [`twilio`], [`vonage`] | SMS, primary and secondary; [`phone`] validates E.164 first |
+//! | [`webhook`] | HMAC-SHA256 signed callbacks; [`webhook::signature`] verifies them |
+//! | [`build`] | every configured provider from [`ProvidersConfig`], in failover order |
 
 mod config;
 mod delivery;

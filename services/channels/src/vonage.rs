@@ -123,7 +123,12 @@ impl Provider for VonageProvider {
             from: &self.from,
             to: to.trim_start_matches('+'),
             text: &text,
-            client_ref: &delivery.id,
+            // Vonage keeps at most 40 characters of a reference; our ids are 36.
+            client_ref: delivery
+                .id
+                .char_indices()
+                .nth(40)
+                .map_or(delivery.id.as_str(), |(end, _)| &delivery.id[..end]),
             kind,
         };
         let response = self
