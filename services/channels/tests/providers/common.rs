@@ -27,7 +27,7 @@ pub fn delivery(channel: Channel, target: Target) -> Delivery {
 /// Client options trusting `ca_pem`, with a short timeout so hangs are quick to detect.
 pub fn http(ca_pem: Option<&str>) -> HttpOptions {
     HttpOptions {
-        timeout: Duration::from_millis(1500),
+        timeout: Duration::from_millis(2500),
         extra_root_pem: ca_pem.map(|p| p.as_bytes().to_vec()),
     }
 }
