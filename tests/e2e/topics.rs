@@ -173,23 +173,10 @@ async fn users_join_only_topics_that_allow_it() -> anyhow::Result<()> {
     Ok(())
 }
 
-const API_ONLY: Roles = Roles {
-    api: true,
-    gateway: false,
-    router: false,
-    ingest: false,
-};
-const ROUTER_ONLY: Roles = Roles {
-    api: false,
-    gateway: false,
-    router: true,
-    ingest: false,
-};
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interrupted_fanout_resumes_from_its_cursor() -> anyhow::Result<()> {
     let nats = Nats::single().await?;
-    let api = Herald::builder(&nats).roles(API_ONLY).start().await?;
+    let api = Herald::builder(&nats).roles(Roles::API).start().await?;
     let topic = herald_protocol::TopicId::new("resume")?;
     let users: Vec<String> = (0..600).map(|i| format!("r{i}")).collect();
     ok(api
@@ -226,7 +213,7 @@ async fn an_interrupted_fanout_resumes_from_its_cursor() -> anyhow::Result<()> {
     )
     .await?;
 
-    let _router = Herald::builder(&nats).roles(ROUTER_ONLY).start().await?;
+    let _router = Herald::builder(&nats).roles(Roles::ROUTER).start().await?;
     let fanout = progress_done(&api, "resume", &id).await?;
     ensure!(fanout["done"] == 600, "{fanout}");
     let skipped = &first_page[0].1.user_id;

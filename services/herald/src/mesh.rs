@@ -38,6 +38,22 @@ impl Roles {
         router: true,
         ingest: true,
     };
+
+    /// The producer API alone (`herald api` without ingest).
+    pub const API: Roles = Roles {
+        api: true,
+        gateway: false,
+        router: false,
+        ingest: false,
+    };
+
+    /// The router (and fan-out worker) alone: `herald router`.
+    pub const ROUTER: Roles = Roles {
+        api: false,
+        gateway: false,
+        router: true,
+        ingest: false,
+    };
 }
 
 /// Everything needed to run a mesh process.
