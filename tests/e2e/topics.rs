@@ -229,3 +229,73 @@ async fn an_interrupted_fanout_resumes_from_its_cursor() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_applies_each_subscribers_preferences() -> anyhow::Result<()> {
+    use futures::StreamExt as _;
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    let users = ["keen-1", "opted-out", "keen-2"];
+    ok(herald
+        .producer(Method::POST, "/v1/topics/deals/subscribers")
+        .json(&json!({"user_ids": users}))
+        .send()
+        .await?)
+    .await?;
+    ok(herald
+        .user(Method::PUT, "/v1/me/preferences", "opted-out")
+        .json(&json!({"opt_out": true}))
+        .send()
+        .await?)
+    .await?;
+    let client = herald.nats_client().await?;
+    let mut jobs = client
+        .subscribe(format!("{}.work.>", herald.subjects().prefix()))
+        .await?;
+    client.flush().await?;
+    let response = herald
+        .producer(Method::POST, "/v1/topics/deals/publish")
+        .json(&json!({"title": "50% off", "channels": ["inbox", "push"]}))
+        .send()
+        .await?;
+    ensure!(
+        response.status() == StatusCode::ACCEPTED,
+        "publish: {}",
+        response.status()
+    );
+    let id = response.json::<Value>().await?["id"]
+        .as_str()
+        .context("id")?
+        .to_owned();
+    progress_done(&herald, "deals", &id).await?;
+    let mut pushed = Vec::new();
+    for _ in 0..2 {
+        let msg = within(Duration::from_secs(20), "a push job", jobs.next())
+            .await?
+            .context("job feed closed")?;
+        let job: herald_protocol::ChannelJob = serde_json::from_slice(&msg.payload)?;
+        pushed.push(job.user_id.as_str().to_owned());
+    }
+    pushed.sort();
+    ensure!(
+        pushed == ["keen-1", "keen-2"],
+        "push only for those who want it: {pushed:?}"
+    );
+    ensure!(
+        herald.inbox("opted-out").await?.len() == 1,
+        "the opted-out user's inbox still records"
+    );
+    // Nothing else is on its way: a later notification's job is the next one seen.
+    let marker = herald
+        .accept(&json!({"user_id": "keen-1", "title": "marker", "channels": ["inbox", "push"]}))
+        .await?;
+    let msg = within(Duration::from_secs(20), "the marker's job", jobs.next())
+        .await?
+        .context("job feed closed")?;
+    let job: herald_protocol::ChannelJob = serde_json::from_slice(&msg.payload)?;
+    ensure!(
+        job.id == marker.id,
+        "no job for the opted-out subscriber: {job:?}"
+    );
+    Ok(())
+}

@@ -9,8 +9,12 @@
 //! subscription done — goes to KV, and the job's ack deadline is pushed out. A worker that
 //! dies mid-way leaves the job unacked; it comes back to a worker after the ack wait and
 //! resumes from the recorded cursor, without starting over and, within the dedup window,
-//! without duplicates. Each copy is an ordinary inbox entry: live delivery, replay and the
-//! router's per-recipient policy apply to it unchanged.
+//! without duplicates. Each copy is an ordinary inbox entry: live delivery and replay
+//! apply to it unchanged.
+//!
+//! Policy per recipient: the preferences of a whole page of subscribers are read in one
+//! batched direct get, and each copy asks only for the channels that recipient allows
+//! (the inbox always records) — no storage round trip per recipient.
 
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::PullConsumer;
@@ -18,8 +22,11 @@ use futures::StreamExt as _;
 use herald_protocol::notification::format_time;
 use herald_protocol::streams::{FANOUT, FANOUT_CONSUMER};
 use herald_protocol::topic::{FanoutJob, FanoutProgress, copy_id};
-use herald_store::{FanoutLog, Inbox, Nats, Subscriptions, TopicsError};
+use herald_protocol::{Channel, Policy, UserId};
+use herald_store::{FanoutLog, Inbox, Nats, PreferenceStore, Subscriptions, TopicsError};
+use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 use time::OffsetDateTime;
 
@@ -40,6 +47,7 @@ pub async fn run(
     nats: Nats,
     inbox: Inbox,
     subscriptions: Subscriptions,
+    policy: Arc<Policy>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), FanoutError> {
     let open = |e: Box<dyn std::error::Error + Send + Sync>| FanoutError::Open(e);
@@ -54,10 +62,15 @@ pub async fn run(
     let log = FanoutLog::open(&nats.js_consume)
         .await
         .map_err(|e| open(Box::new(e)))?;
+    let preferences = PreferenceStore::open(&nats.js_consume)
+        .await
+        .map_err(|e| open(Box::new(e)))?;
     let worker = Worker {
         inbox,
         subscriptions,
         log,
+        preferences,
+        policy,
     };
     tokio::select! {
         () = worker.pull(consumer) => {}
@@ -70,6 +83,8 @@ struct Worker {
     inbox: Inbox,
     subscriptions: Subscriptions,
     log: FanoutLog,
+    preferences: PreferenceStore,
+    policy: Arc<Policy>,
 }
 
 impl Worker {
@@ -147,12 +162,33 @@ impl Worker {
             let Some(last) = page.last().map(|(seq, _)| *seq) else {
                 break;
             };
+            let users: Vec<UserId> = page.iter().map(|(_, s)| s.user_id.clone()).collect();
+            let prefs = if job
+                .notification
+                .channels
+                .iter()
+                .any(|c| *c != Channel::Inbox)
+            {
+                self.preferences
+                    .get_many(&users)
+                    .await
+                    .map_err(|e| TopicsError::Unavailable(Box::new(e)))?
+            } else {
+                HashMap::new()
+            };
             let mut acks = Vec::with_capacity(page.len());
             for (_, sub) in &page {
                 let mut copy = job.notification.clone();
                 copy.id = copy_id(&job.id, &sub.user_id);
                 copy.user_id = sub.user_id.clone();
                 copy.topic = Some(job.topic.as_str().to_owned());
+                if let Some(p) = prefs.get(&sub.user_id) {
+                    let category = copy.category.clone();
+                    copy.channels.retain(|c| {
+                        *c == Channel::Inbox
+                            || self.policy.decide(p, category.as_deref(), *c).is_ok()
+                    });
+                }
                 let bytes =
                     Inbox::encode(&copy).map_err(|e| TopicsError::Unavailable(Box::new(e)))?;
                 acks.push(

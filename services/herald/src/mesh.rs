@@ -248,8 +248,9 @@ impl Mesh {
                 subscriptions.clone(),
                 stop.clone(),
             );
+            let policy = opts.policy.clone();
             tasks.spawn(async move {
-                herald_fanout::run(nats, inbox, subscriptions, stop.cancelled_owned())
+                herald_fanout::run(nats, inbox, subscriptions, policy, stop.cancelled_owned())
                     .await
                     .map_err(MeshError::from)
             });
