@@ -146,6 +146,7 @@ impl Acceptor {
         let user = validated.user_id.clone();
         let mut stored =
             StoredNotification::from_request(validated, id.to_string(), OffsetDateTime::now_utc());
+        stored.producer = Some(producer.to_owned());
         if let Some(name) = template {
             let locale = match &self.preferences {
                 Some(prefs) => {

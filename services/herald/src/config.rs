@@ -7,7 +7,7 @@
 use figment::Figment;
 use figment::providers::{Env, Format as _, Serialized, Toml};
 use herald_auth::{ApiKey, ApiKeys, JwtConfig, Scope};
-use herald_protocol::preferences::CategoryRule;
+use herald_protocol::preferences::{CategoryRule, RateCap};
 use herald_protocol::streams::StreamSettings;
 use herald_protocol::{Policy, Subjects};
 use herald_templates::Templates;
@@ -80,6 +80,8 @@ pub struct Settings {
     /// Notifications per second a producer may send (per api instance) unless its key
     /// sets its own `rate_per_s`; unlimited when unset.
     pub producer_rate_per_s: Option<u32>,
+    /// Rate caps: `[[rate_caps]] category = "like"  limit = 10  window_s = 3600`.
+    pub rate_caps: Vec<RateCap>,
     /// Topics users may subscribe to themselves: exact names or prefixes ending in `*`.
     pub self_subscribe_topics: Vec<String>,
     /// Folder of notification templates (`<name>.toml`); none when unset.
@@ -114,6 +116,7 @@ impl Default for Settings {
             templates_dir: None,
             producer_rate_per_s: None,
             self_subscribe_topics: Vec::new(),
+            rate_caps: Vec::new(),
         }
     }
 }
@@ -251,6 +254,17 @@ impl Settings {
                 Templates::none()
             }),
         };
+        for (i, cap) in self.rate_caps.iter().enumerate() {
+            if cap.limit == 0 {
+                errors.push(format!("rate_caps[{i}].limit must be at least 1"));
+            }
+            if !(1..=86_400).contains(&cap.window_s) {
+                errors.push(format!(
+                    "rate_caps[{i}].window_s must be 1 to 86400 (a day), not {}",
+                    cap.window_s
+                ));
+            }
+        }
         let rates = self.rates(&mut errors);
         let api_keys = self.api_keys(&mut errors);
         let jwt = self.jwt(&mut errors);
@@ -279,7 +293,7 @@ impl Settings {
                     heartbeat: Duration::from_secs(self.heartbeat_s),
                     ..Default::default()
                 },
-                policy: Policy::new(self.categories.clone()),
+                policy: Policy::new(self.categories.clone()).with_caps(self.rate_caps.clone()),
                 templates: Arc::new(templates),
                 rates,
                 topics: herald_api::TopicSettings {

@@ -390,6 +390,9 @@ pub struct StoredNotification {
     /// Channel texts rendered from a template, when one was used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rendered: Option<Rendered>,
+    /// The producer that sent it (rate caps are per producer); never shown to users.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub producer: Option<String>,
 }
 
 /// The texts a template produced for each channel (the inbox's are `title`/`body` of the
@@ -444,6 +447,7 @@ impl StoredNotification {
             expires_at,
             send_at: req.send_at.map(format_time),
             rendered: None,
+            producer: None,
         }
     }
 }

@@ -93,6 +93,33 @@ pub struct CategoryRule {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Policy {
     categories: BTreeMap<String, CategoryRule>,
+    caps: Vec<RateCap>,
+}
+
+/// A rate cap: at most `limit` interrupting notifications per `window_s` seconds for each
+/// (producer, user, category). Over it the inbox still records; push, email, SMS and
+/// webhooks are suppressed with the rule `rate_cap`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateCap {
+    /// The category it applies to; every category when absent.
+    #[serde(default)]
+    pub category: Option<String>,
+    /// The producer it applies to; every producer when absent.
+    #[serde(default)]
+    pub producer: Option<String>,
+    /// Notifications allowed per window.
+    pub limit: u32,
+    /// Window length, seconds.
+    pub window_s: u64,
+}
+
+impl RateCap {
+    /// Whether this cap counts a notification of `category` from `producer`.
+    pub fn applies(&self, producer: Option<&str>, category: Option<&str>) -> bool {
+        self.category.as_deref().is_none_or(|c| Some(c) == category)
+            && self.producer.as_deref().is_none_or(|p| Some(p) == producer)
+    }
 }
 
 /// Why a channel was not used.
@@ -106,7 +133,22 @@ pub struct Suppressed {
 impl Policy {
     /// A policy over these configured categories.
     pub fn new(categories: BTreeMap<String, CategoryRule>) -> Self {
-        Self { categories }
+        Self {
+            categories,
+            caps: Vec::new(),
+        }
+    }
+
+    /// Adds rate caps.
+    #[must_use]
+    pub fn with_caps(mut self, caps: Vec<RateCap>) -> Self {
+        self.caps = caps;
+        self
+    }
+
+    /// The configured rate caps.
+    pub fn caps(&self) -> &[RateCap] {
+        &self.caps
     }
 
     /// Whether categories are restricted to the configured ones.

@@ -154,6 +154,8 @@ pub const SUBS: &str = "HERALD_SUBS";
 pub const FANOUT: &str = "HERALD_FANOUT";
 /// Durable consumer of the FANOUT stream.
 pub const FANOUT_CONSUMER: &str = "herald-fanout";
+/// KV bucket of rate cap counters (key: cap, window and a hash of the tuple).
+pub const CAPS_BUCKET: &str = "herald_caps";
 /// KV bucket of fan-out progress (key: publish id).
 pub const FANOUT_BUCKET: &str = "herald_fanout";
 

@@ -6,9 +6,11 @@
 //! - [`direct`]: batched direct gets (`$JS.API.DIRECT.GET`), which async-nats lacks.
 //! - [`reads`]: per-user read positions.
 //! - [`preferences`]: per-user preferences.
+//! - [`caps`]: rate caps counted across instances.
 //! - [`topics`]: topic subscriptions and fan-out progress.
 //! - [`scheduled`]: `send_at`, held by JetStream's message scheduler.
 
+pub mod caps;
 pub mod connect;
 pub mod direct;
 pub mod inbox;
@@ -18,6 +20,7 @@ pub mod reads;
 pub mod scheduled;
 pub mod topics;
 
+pub use caps::{CapDecision, CapsError, RateCaps};
 pub use connect::{Nats, connect};
 pub use inbox::{AppendAck, Inbox, InboxError, InboxPage};
 pub use preferences::{PreferenceStore, PreferencesError};

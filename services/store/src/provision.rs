@@ -105,6 +105,22 @@ pub async fn provision(
         ensure_router_consumer(js, subjects, partition).await?;
     }
     ensure_fanout_consumer(js).await?;
+    ensure_bucket(
+        js,
+        kv::Config {
+            bucket: streams::CAPS_BUCKET.to_string(),
+            description: "Herald rate cap counters: one key per cap, window and tuple".into(),
+            history: 1,
+            max_value_size: 1024,
+            // Longer than any sensible window (a day), so old windows expire.
+            max_age: Duration::from_secs(2 * 24 * 3600),
+            storage: stream::StorageType::File,
+            num_replicas: settings.replicas,
+            ..Default::default()
+        },
+        &mut report,
+    )
+    .await?;
     Ok(report)
 }
 
