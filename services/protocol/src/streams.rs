@@ -86,7 +86,11 @@ pub fn streams(subjects: &Subjects, settings: &StreamSettings) -> Vec<StreamSpec
     vec![
         StreamSpec {
             name: INBOX,
-            subjects: vec![subjects.inbox_all(), subjects.scheduled_all()],
+            subjects: vec![
+                subjects.inbox_all(),
+                subjects.scheduled_all(),
+                subjects.deferred_all(),
+            ],
             retention: Retention::Limits,
             max_age: settings.inbox_max_age,
             max_msgs_per_subject: settings.inbox_max_per_user,
@@ -167,6 +171,10 @@ pub fn router_consumer(partition: u16) -> String {
 /// Header of the core message announcing a user's new read position on their live
 /// subject (value: the position). Gateways turn it into a `read` frame for every device.
 pub const READ_HEADER: &str = "Herald-Read";
+
+/// Header on a deferred notification: its inbox position (the deferred copy has a
+/// sequence of its own).
+pub const SEQ_HEADER: &str = "Herald-Seq";
 
 /// Header on a scheduled notification naming the producer that may cancel it.
 pub const PRODUCER_HEADER: &str = "Herald-Producer";

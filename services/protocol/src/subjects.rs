@@ -100,6 +100,28 @@ impl Subjects {
         format!("{}.sched.*.*.{id}", self.prefix)
     }
 
+    /// Where a notification's channel work waits out the user's quiet hours: a schedule
+    /// (on [`Subjects::scheduled`], id `q-<id>`) fires into this subject, which the
+    /// router of the user's partition consumes. Not republished live, not in pages.
+    pub fn deferred(&self, user: &UserId) -> String {
+        format!(
+            "{}.defer.{}.{}",
+            self.prefix,
+            user.partition(self.partitions),
+            user.token()
+        )
+    }
+
+    /// Every deferred subject of one partition (a router consumer's second filter).
+    pub fn deferred_partition(&self, partition: u16) -> String {
+        format!("{}.defer.{partition}.*", self.prefix)
+    }
+
+    /// Every deferred subject (captured by INBOX).
+    pub fn deferred_all(&self) -> String {
+        format!("{}.defer.>", self.prefix)
+    }
+
     /// Every schedule of one user (a filter).
     pub fn scheduled_of(&self, user: &UserId) -> String {
         format!(
