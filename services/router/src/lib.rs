@@ -11,9 +11,11 @@ use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::message::PublishMessage;
 use futures::StreamExt as _;
 use herald_protocol::Subjects;
-use herald_protocol::streams::{self, INBOX, WORK};
+use herald_protocol::streams::{self, INBOX};
 use herald_protocol::{Channel, ChannelJob, StoredNotification};
-use herald_store::Nats;
+use herald_store::status::{State, Update};
+use herald_store::targets::target_id;
+use herald_store::{Nats, StatusStore, Targets};
 use std::future::Future;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -35,6 +37,15 @@ pub enum RouterError {
     },
 }
 
+/// What the router reads and writes besides streams.
+#[derive(Debug, Clone)]
+pub struct Routing {
+    /// Where users can be reached (one job per target).
+    pub targets: Targets,
+    /// Delivery status (`queued`, or `skipped` when a channel has no target).
+    pub status: StatusStore,
+}
+
 /// Runs one router over every partition until `shutdown`, then finishes in-flight work.
 ///
 /// # Errors
@@ -42,6 +53,7 @@ pub enum RouterError {
 pub async fn run(
     nats: Nats,
     subjects: Subjects,
+    routing: Routing,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), RouterError> {
     let stop = CancellationToken::new();
@@ -51,6 +63,7 @@ pub async fn run(
         tasks.spawn(partition_loop(
             nats.clone(),
             subjects.clone(),
+            routing.clone(),
             partition,
             consumer,
             stop.clone(),
@@ -92,6 +105,7 @@ const RETRY_BACKOFF: Duration = Duration::from_millis(500);
 async fn partition_loop(
     nats: Nats,
     subjects: Subjects,
+    routing: Routing,
     partition: u16,
     consumer: PullConsumer,
     stop: CancellationToken,
@@ -125,7 +139,7 @@ async fn partition_loop(
                     while let Ok(Some(Ok(msg))) =
                         tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + DRAIN_QUIET), messages.next()).await
                     {
-                        if let Routed::Done = route(&nats, &subjects, &msg).await {
+                        if let Routed::Done = route(&nats, &subjects, &routing, &msg).await {
                             let _ = msg.ack().await;
                         }
                     }
@@ -136,7 +150,7 @@ async fn partition_loop(
             match next {
                 Some(Ok(msg)) => {
                     // Retry in place: moving on would break per-user order.
-                    while let Routed::Retry = route(&nats, &subjects, &msg).await {
+                    while let Routed::Retry = route(&nats, &subjects, &routing, &msg).await {
                         tokio::select! {
                             // Unacked: redelivered to whichever router owns the partition next.
                             _ = stop.cancelled() => return,
@@ -163,9 +177,16 @@ enum Routed {
     Retry,
 }
 
-/// Routes one stored notification: one job per channel beyond the inbox.
-/// `Nats-Msg-Id` per (id, channel) makes a retry harmless for the jobs that did land.
-async fn route(nats: &Nats, subjects: &Subjects, msg: &async_nats::jetstream::Message) -> Routed {
+/// Routes one stored notification: one job per (channel beyond the inbox, target).
+/// `Nats-Msg-Id` per (id, channel, target) makes a retry or a replayed router harmless for
+/// the jobs that did land. A full work queue refuses the publish (discard-new), and the
+/// notification is retried in place: backpressure, never loss.
+async fn route(
+    nats: &Nats,
+    subjects: &Subjects,
+    routing: &Routing,
+    msg: &async_nats::jetstream::Message,
+) -> Routed {
     let needs_routing = msg
         .headers
         .as_ref()
@@ -190,42 +211,78 @@ async fn route(nats: &Nats, subjects: &Subjects, msg: &async_nats::jetstream::Me
         }
     };
     let mut acks = Vec::new();
+    let mut queued = Vec::new();
+    let mut untargeted = Vec::new();
     for channel in stored
         .channels
         .iter()
         .copied()
         .filter(|c| *c != Channel::Inbox)
     {
-        let job = ChannelJob {
-            id: stored.id.clone(),
-            seq,
-            user_id: stored.user_id.clone(),
-            channel,
-            priority: stored.priority,
-        };
-        let Ok(payload) = serde_json::to_vec(&job) else {
-            continue;
-        };
-        let publish = PublishMessage::build()
-            .payload(payload.into())
-            .message_id(job.msg_id())
-            .expected_stream(WORK);
-        match nats
-            .js
-            .send_publish(subjects.work(channel, stored.priority), publish)
-            .await
-        {
-            Ok(ack) => acks.push(ack),
+        let targets = match routing.targets.targets(&stored.user_id, channel).await {
+            Ok(t) => t,
             Err(e) => {
-                tracing::warn!(seq, error = %e, "enqueue failed; will retry");
+                tracing::warn!(seq, error = %e, "reading targets failed; will retry");
                 return Routed::Retry;
             }
+        };
+        if targets.is_empty() {
+            untargeted.push((channel, "none".to_string()));
+        }
+        for target in targets {
+            let job = ChannelJob {
+                id: stored.id.clone(),
+                seq,
+                user_id: stored.user_id.clone(),
+                channel,
+                priority: stored.priority,
+                target: target_id(&target),
+            };
+            let Ok(payload) = serde_json::to_vec(&job) else {
+                continue;
+            };
+            let publish = PublishMessage::build()
+                .payload(payload.into())
+                .message_id(job.msg_id())
+                .expected_stream(streams::work_stream_name(channel));
+            match nats
+                .js
+                .send_publish(subjects.work(channel, stored.priority), publish)
+                .await
+            {
+                Ok(ack) => acks.push(ack),
+                Err(e) => {
+                    tracing::warn!(seq, error = %e, "enqueue failed; will retry");
+                    return Routed::Retry;
+                }
+            }
+            queued.push((channel, job.target));
         }
     }
     for ack in acks {
         if let Err(e) = ack.await {
-            tracing::warn!(seq, error = %e, "enqueue not acked; will retry");
+            tracing::warn!(seq, error = %e, "enqueue not acked (queue full?); will retry");
+            metrics::counter!("herald_router_enqueue_refused_total").increment(1);
             return Routed::Retry;
+        }
+    }
+    // Status is for people; a failure to record it never holds delivery back.
+    for (targets, update) in [
+        (queued, Update::state(State::Queued)),
+        (
+            untargeted,
+            Update::state(State::Skipped).because("no target: the user has none on this channel"),
+        ),
+    ] {
+        if targets.is_empty() {
+            continue;
+        }
+        if let Err(e) = routing
+            .status
+            .record_many(&stored.id, &stored.user_id, seq, &targets, update)
+            .await
+        {
+            tracing::warn!(seq, error = %e, "recording delivery status failed");
         }
     }
     metrics::counter!("herald_router_routed_total").increment(1);

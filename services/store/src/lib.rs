@@ -5,14 +5,20 @@
 //! - [`inbox`]: appending to and reading from the per-user INBOX stream.
 //! - [`direct`]: batched direct gets (`$JS.API.DIRECT.GET`), which async-nats lacks.
 //! - [`reads`]: per-user read positions.
+//! - [`targets`]: push devices and encrypted contact data.
+//! - [`status`]: delivery status per notification, and sent markers.
 
 pub mod connect;
 pub mod direct;
 pub mod inbox;
 pub mod provision;
 pub mod reads;
+pub mod status;
+pub mod targets;
 
 pub use connect::{Nats, connect};
 pub use inbox::{AppendAck, Inbox, InboxError, InboxPage};
 pub use provision::{ProvisionError, ProvisionReport, provision};
 pub use reads::ReadPositions;
+pub use status::StatusStore;
+pub use targets::Targets;
