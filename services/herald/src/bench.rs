@@ -133,6 +133,7 @@ async fn notify(args: NotifyArgs) -> Result<(), BenchError> {
             ..Roles::ALL
         },
         dev_mode: false,
+        channels: crate::channels::ChannelSettings::new([0x42; 32]),
     };
     // Herald gets a runtime of its own, as in its own process: the benchmark's clients
     // must not queue in front of the server's tasks on the same two workers.

@@ -70,6 +70,23 @@ pub struct Settings {
     pub body_limit: usize,
     /// Development mode: the demo page may mint tokens for any user.
     pub dev_mode: bool,
+    /// SMTP server for the email channel: `smtp://user:pass@host:port` or `smtps://…`.
+    pub smtp_url: Option<String>,
+    /// Sender of emails (`Name <addr>` or `addr`).
+    pub email_from: Option<String>,
+    /// AES-256 key sealing contact data (64 hex characters or base64url); derived from
+    /// `jwt_secret` when absent (development only).
+    pub contact_key: Option<String>,
+    /// Earlier contact keys, still accepted for reading (key rotation).
+    pub contact_old_keys: Vec<String>,
+    /// Public origin of this Herald, for links in emails (`https://herald.example.com`).
+    pub public_url: Option<String>,
+    /// Jobs in flight per lane and channel in one worker process.
+    pub worker_concurrency: usize,
+    /// Push waits this long (ms) for a live `ack` before sending; 0 sends at once.
+    pub escalation_delay_ms: u64,
+    /// Sends per second per provider (0: unlimited).
+    pub provider_rate: u32,
 }
 
 impl Default for Settings {
@@ -93,6 +110,14 @@ impl Default for Settings {
             heartbeat_s: 30,
             body_limit: 64 * 1024,
             dev_mode: false,
+            smtp_url: None,
+            email_from: None,
+            contact_key: None,
+            contact_old_keys: Vec::new(),
+            public_url: None,
+            worker_concurrency: 64,
+            escalation_delay_ms: 5000,
+            provider_rate: 0,
         }
     }
 }
@@ -119,6 +144,8 @@ pub struct Validated {
     pub api: herald_api::ApiConfig,
     /// Gateway tunables.
     pub gateway: herald_gateway::GatewayConfig,
+    /// Targets, providers and workers.
+    pub channels: crate::channels::ChannelSettings,
 }
 
 impl Settings {
@@ -203,6 +230,7 @@ impl Settings {
         }
         let api_keys = self.api_keys(&mut errors);
         let jwt = self.jwt(&mut errors);
+        let channels = self.channels(&mut errors);
         if let Some(url) = &self.nats_url
             && url.trim().is_empty()
         {
@@ -228,9 +256,65 @@ impl Settings {
                     heartbeat: Duration::from_secs(self.heartbeat_s),
                     ..Default::default()
                 },
+                channels,
             }),
             _ => Err(ConfigError(errors)),
         }
+    }
+
+    fn channels(&self, errors: &mut Vec<String>) -> crate::channels::ChannelSettings {
+        use herald_store::targets::ContactKeys;
+        let key = match (&self.contact_key, &self.jwt_secret) {
+            (Some(raw), _) => ContactKeys::parse_key(raw)
+                .map_err(|e| errors.push(format!("contact_key: {e}")))
+                .unwrap_or_default(),
+            (None, secret) => {
+                // Development: stable across restarts with the same secret.
+                use sha2::Digest as _;
+                sha2::Sha256::new()
+                    .chain_update(b"herald contact key\0")
+                    .chain_update(secret.as_deref().unwrap_or_default())
+                    .finalize()
+                    .into()
+            }
+        };
+        let mut old = Vec::new();
+        for (i, raw) in self.contact_old_keys.iter().enumerate() {
+            match ContactKeys::parse_key(raw) {
+                Ok(k) => old.push(k),
+                Err(e) => errors.push(format!("contact_old_keys[{i}]: {e}")),
+            }
+        }
+        let mut channels = crate::channels::ChannelSettings::new(key);
+        channels.contact_keys = ContactKeys::new(key, &old);
+        channels.public_url = self.public_url.clone();
+        match (&self.smtp_url, &self.email_from) {
+            (Some(url), Some(from)) => {
+                if let Err(e) = herald_worker::email::SmtpProvider::check(url, from) {
+                    errors.push(e.to_string());
+                }
+                channels.smtp = Some(crate::channels::SmtpSettings {
+                    url: url.clone(),
+                    from: from.clone(),
+                    pool: u32::try_from(self.worker_concurrency.clamp(1, 64)).unwrap_or(8),
+                });
+            }
+            (None, None) => {}
+            _ => errors.push("smtp_url and email_from go together".into()),
+        }
+        if !(1..=10_000).contains(&self.worker_concurrency) {
+            errors.push(format!(
+                "worker_concurrency must be 1 to 10000, not {}",
+                self.worker_concurrency
+            ));
+        }
+        if self.escalation_delay_ms > 3_600_000 {
+            errors.push("escalation_delay_ms must be at most 3600000 (an hour)".into());
+        }
+        channels.concurrency = self.worker_concurrency.max(1);
+        channels.escalation_delay = Duration::from_millis(self.escalation_delay_ms);
+        channels.provider_limits.rate_per_second = std::num::NonZeroU32::new(self.provider_rate);
+        channels
     }
 
     fn api_keys(&self, errors: &mut Vec<String>) -> ApiKeys {
@@ -327,7 +411,7 @@ impl Settings {
 
 /// Environment keys read (as `HERALD_<KEY>`). Others, like `HERALD_NATS_SERVER`, belong
 /// to other parts and are not configuration errors.
-const ENV_KEYS: [&str; 18] = [
+const ENV_KEYS: [&str; 26] = [
     "http_addr",
     "data_dir",
     "nats_url",
@@ -346,6 +430,14 @@ const ENV_KEYS: [&str; 18] = [
     "body_limit",
     "dev_mode",
     "api_keys",
+    "smtp_url",
+    "email_from",
+    "contact_key",
+    "contact_old_keys",
+    "public_url",
+    "worker_concurrency",
+    "escalation_delay_ms",
+    "provider_rate",
 ];
 
 #[cfg(test)]

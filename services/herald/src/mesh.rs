@@ -64,6 +64,8 @@ pub struct MeshOptions {
     pub roles: Roles,
     /// Serve the demo page and its token minting.
     pub dev_mode: bool,
+    /// Targets, providers and workers.
+    pub channels: crate::channels::ChannelSettings,
 }
 
 /// Why the mesh could not start or stopped with an error.
@@ -104,6 +106,9 @@ pub enum MeshError {
     /// Native ingest failed.
     #[error("native ingest")]
     Ingest(#[source] async_nats::SubscribeError),
+    /// The channel layer (targets, providers, workers) failed.
+    #[error(transparent)]
+    Channels(#[from] crate::channels::ChannelsError),
 }
 
 /// A running mesh process.
@@ -148,6 +153,8 @@ impl Mesh {
             keys: Arc::new(opts.api_keys.clone()),
             users: UserAuth::new(&opts.jwt)?,
         };
+        let channels =
+            crate::channels::Channels::open(&nats, &opts.subjects, &opts.channels, addr).await?;
         let stop = CancellationToken::new();
         let mut app = Router::new().merge(ops::routes(nats.clone()));
         if opts.roles.api {
@@ -157,6 +164,7 @@ impl Mesh {
                 reads: reads.clone(),
                 config: opts.api,
             }));
+            app = app.merge(channels.routes(auth.clone()));
         }
         if opts.roles.gateway {
             app = app.merge(herald_gateway::routes(GatewayState::new(
@@ -188,11 +196,15 @@ impl Mesh {
         });
         if opts.roles.router {
             let (nats, subjects, stop) = (nats.clone(), opts.subjects.clone(), stop.clone());
+            let routing = channels.routing();
             tasks.spawn(async move {
-                herald_router::run(nats, subjects, stop.cancelled_owned())
+                herald_router::run(nats, subjects, routing, stop.cancelled_owned())
                     .await
                     .map_err(MeshError::from)
             });
+        }
+        for worker in channels.workers(stop.clone()) {
+            tasks.spawn(async move { worker.await.map_err(MeshError::from) });
         }
         if opts.roles.ingest {
             let stop = stop.clone();

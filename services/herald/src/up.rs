@@ -105,6 +105,7 @@ pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> Result<
             gateway: valid.gateway,
             roles: Roles::ALL,
             dev_mode: true,
+            channels: valid.channels.clone(),
         },
         listener,
     )

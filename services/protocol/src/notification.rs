@@ -432,7 +432,12 @@ impl ChannelJob {
     /// The key of this job's sent marker and status entry: `<id>.<channel>.<target>`
     /// (valid as a NATS KV key).
     pub fn key(&self) -> String {
-        format!("{}.{}.{}", kv_safe(&self.id), self.channel.as_str(), self.target)
+        format!(
+            "{}.{}.{}",
+            kv_safe(&self.id),
+            self.channel.as_str(),
+            self.target
+        )
     }
 }
 

@@ -73,7 +73,8 @@ pub struct StreamSettings {
     pub dedup_window: Duration,
     /// Most jobs one channel's work stream holds before publishers are refused.
     pub work_max_msgs: i64,
-    /// Most bytes one channel's work stream holds before publishers are refused.
+    /// Most bytes one channel's work stream holds before publishers are refused (-1: only
+    /// the message limit; a byte limit reserves that much JetStream storage up front).
     pub work_max_bytes: i64,
 }
 
@@ -85,7 +86,7 @@ impl Default for StreamSettings {
             inbox_max_per_user: 10_000,
             dedup_window: Duration::from_secs(120),
             work_max_msgs: 1_000_000,
-            work_max_bytes: 1024 * 1024 * 1024,
+            work_max_bytes: -1,
         }
     }
 }
@@ -157,8 +158,12 @@ pub const ROUTER_GROUP: &str = "router";
 pub const LEGACY_WORK: &str = "HERALD_WORK";
 
 /// Channels with a work queue (every channel but the inbox).
-pub const WORK_CHANNELS: [Channel; 4] =
-    [Channel::Push, Channel::Email, Channel::Sms, Channel::Webhook];
+pub const WORK_CHANNELS: [Channel; 4] = [
+    Channel::Push,
+    Channel::Email,
+    Channel::Sms,
+    Channel::Webhook,
+];
 
 /// Name of one channel's work-queue stream (`HERALD_WORK_PUSH`, ...).
 pub fn work_stream_name(channel: Channel) -> &'static str {

@@ -223,9 +223,10 @@ async fn ensure_worker_consumer(
         )
         .await
         .map_err(|e| {
-            nats_err(format!("creating worker consumer {}", streams::worker_consumer(channel, lane)))(
-                Box::new(e),
-            )
+            nats_err(format!(
+                "creating worker consumer {}",
+                streams::worker_consumer(channel, lane)
+            ))(Box::new(e))
         })?;
     Ok(())
 }

@@ -191,8 +191,14 @@ impl StatusStore {
     /// # Errors
     /// [`StatusError`] when NATS fails.
     pub async fn record(&self, job: &ChannelJob, update: Update) -> Result<(), StatusError> {
-        self.record_many(&job.id, &job.user_id, job.seq, &[(job.channel, job.target.clone())], update)
-            .await
+        self.record_many(
+            &job.id,
+            &job.user_id,
+            job.seq,
+            &[(job.channel, job.target.clone())],
+            update,
+        )
+        .await
     }
 
     /// Records `update` for several (channel, target) pairs of one notification at once.
@@ -226,7 +232,10 @@ impl StatusStore {
             });
             let at = now();
             for (channel, target) in targets {
-                let list = doc.channels.entry(channel.as_str().to_string()).or_default();
+                let list = doc
+                    .channels
+                    .entry(channel.as_str().to_string())
+                    .or_default();
                 let idx = match list.iter().position(|t| t.target == *target) {
                     Some(i) => i,
                     None => {
@@ -246,6 +255,10 @@ impl StatusStore {
                 let t = &mut list[idx];
                 // A late "queued" (a replayed router) never moves a job back.
                 if update.state == State::Queued && !t.history.is_empty() {
+                    continue;
+                }
+                // Recorded twice (a redelivery after a lost ack): once is the truth.
+                if update.state == State::Sent && t.state == State::Sent {
                     continue;
                 }
                 t.state = update.state;

@@ -158,7 +158,9 @@ impl ContactKeys {
             .iter()
             .find(|(kid, _)| *kid == sealed.kid)
             .ok_or_else(|| TargetsError::UnknownKey(sealed.kid.clone()))?;
-        let nonce = B64.decode(&sealed.nonce).map_err(|_| TargetsError::Corrupt)?;
+        let nonce = B64
+            .decode(&sealed.nonce)
+            .map_err(|_| TargetsError::Corrupt)?;
         let ct = B64.decode(&sealed.ct).map_err(|_| TargetsError::Corrupt)?;
         let nonce = <[u8; 12]>::try_from(nonce.as_slice()).map_err(|_| TargetsError::Corrupt)?;
         cipher
@@ -264,7 +266,10 @@ impl Targets {
         token: &str,
     ) -> Result<bool, TargetsError> {
         self.update_devices(user, |devices| {
-            if devices.iter().any(|d| d.platform == platform && d.token == token) {
+            if devices
+                .iter()
+                .any(|d| d.platform == platform && d.token == token)
+            {
                 return false;
             }
             devices.push(Device {
@@ -356,15 +361,24 @@ impl Targets {
                 .collect(),
             Channel::Email => {
                 let c = self.contact(user).await?;
-                c.email.map(|address| Target::Email { address }).into_iter().collect()
+                c.email
+                    .map(|address| Target::Email { address })
+                    .into_iter()
+                    .collect()
             }
             Channel::Sms => {
                 let c = self.contact(user).await?;
-                c.phone.map(|e164| Target::Phone { e164 }).into_iter().collect()
+                c.phone
+                    .map(|e164| Target::Phone { e164 })
+                    .into_iter()
+                    .collect()
             }
             Channel::Webhook => {
                 let c = self.contact(user).await?;
-                c.webhook.map(|url| Target::Webhook { url }).into_iter().collect()
+                c.webhook
+                    .map(|url| Target::Webhook { url })
+                    .into_iter()
+                    .collect()
             }
             Channel::Inbox => Vec::new(),
         })
@@ -416,7 +430,11 @@ impl Targets {
                 *field = None;
                 let plain = serde_json::to_vec(&contact).map_err(|_| TargetsError::Corrupt)?;
                 let sealed = self.keys.seal(user.token().as_str(), &plain)?;
-                match self.kv.update(contact_key(user), sealed.into(), revision).await {
+                match self
+                    .kv
+                    .update(contact_key(user), sealed.into(), revision)
+                    .await
+                {
                     Ok(_) => return Ok(true),
                     Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
                     Err(e) => return Err(nats(e)),
@@ -444,9 +462,14 @@ mod tests {
     fn sealed_contacts_open_only_for_their_user_and_with_a_known_key() {
         let old = [7u8; 32];
         let new = [9u8; 32];
-        let sealed_old = ContactKeys::new(old, &[]).seal("dXNlcg", b"secret").expect("seal");
+        let sealed_old = ContactKeys::new(old, &[])
+            .seal("dXNlcg", b"secret")
+            .expect("seal");
         let rotated = ContactKeys::new(new, &[old]);
-        assert_eq!(rotated.open("dXNlcg", &sealed_old).expect("open"), b"secret");
+        assert_eq!(
+            rotated.open("dXNlcg", &sealed_old).expect("open"),
+            b"secret"
+        );
         assert!(matches!(
             rotated.open("b3RoZXI", &sealed_old),
             Err(TargetsError::Corrupt)
@@ -463,7 +486,10 @@ mod tests {
     fn keys_parse_from_hex_or_base64() {
         let hex_key = "00".repeat(32);
         assert_eq!(ContactKeys::parse_key(&hex_key), Ok([0u8; 32]));
-        assert_eq!(ContactKeys::parse_key(&B64.encode([1u8; 32])), Ok([1u8; 32]));
+        assert_eq!(
+            ContactKeys::parse_key(&B64.encode([1u8; 32])),
+            Ok([1u8; 32])
+        );
         assert!(ContactKeys::parse_key("short").is_err());
     }
 

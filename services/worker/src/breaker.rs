@@ -221,7 +221,10 @@ mod tests {
         assert_eq!(b.state(), BreakerState::Closed);
         b.on_failure(t0);
         assert_eq!(b.state(), BreakerState::Open);
-        assert_eq!(b.admit(t0 + Duration::from_secs(4)), Admit::No(Duration::from_secs(6)));
+        assert_eq!(
+            b.admit(t0 + Duration::from_secs(4)),
+            Admit::No(Duration::from_secs(6))
+        );
         // One probe only.
         let later = t0 + Duration::from_secs(10);
         assert_eq!(b.admit(later), Admit::Probe);

@@ -121,25 +121,36 @@ impl Dlq {
         Ok(out)
     }
 
-    /// Puts dead letter `id` back on its work queue and removes it; returns its job.
+    /// Dead letter `id`.
     ///
     /// # Errors
     /// [`DlqError::NotFound`] when there is no such letter; [`DlqError::Nats`] otherwise.
-    pub async fn retry(&self, id: u64) -> Result<ChannelJob, DlqError> {
-        let stream = self.nats.js_consume.get_stream(DLQ).await.map_err(nats)?;
+    pub async fn get(&self, id: u64) -> Result<DeadLetter, DlqError> {
+        let stream = self
+            .nats
+            .js_consume
+            .get_stream_no_info(DLQ)
+            .await
+            .map_err(nats)?;
         let msg = match stream.get_raw_message(id).await {
             Ok(m) => m,
             Err(e)
-                if e.kind() == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound =>
+                if e.kind()
+                    == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound =>
             {
                 return Err(DlqError::NotFound(id));
             }
             Err(e) => return Err(nats(e)),
         };
-        let letter: DeadLetter =
-            serde_json::from_slice(&msg.payload).map_err(|_| DlqError::NotFound(id))?;
-        let job = letter.job;
-        let payload = serde_json::to_vec(&job).map_err(nats)?;
+        serde_json::from_slice(&msg.payload).map_err(|_| DlqError::NotFound(id))
+    }
+
+    /// Puts dead letter `id`'s job back on its work queue and removes the letter.
+    ///
+    /// # Errors
+    /// [`DlqError::Nats`] when NATS fails.
+    pub async fn requeue(&self, id: u64, job: &ChannelJob) -> Result<(), DlqError> {
+        let payload = serde_json::to_vec(job).map_err(nats)?;
         let publish = PublishMessage::build()
             .payload(payload.into())
             .message_id(format!("{}:retry:{id}", job.msg_id()))
@@ -151,7 +162,13 @@ impl Dlq {
             .map_err(nats)?
             .await
             .map_err(nats)?;
+        let stream = self
+            .nats
+            .js_consume
+            .get_stream_no_info(DLQ)
+            .await
+            .map_err(nats)?;
         stream.delete_message(id).await.map_err(nats)?;
-        Ok(job)
+        Ok(())
     }
 }

@@ -68,6 +68,18 @@ impl SmtpProvider {
         })
     }
 
+    /// Checks a configuration without connecting (and without a runtime).
+    ///
+    /// # Errors
+    /// [`SmtpConfigError`] when the URL or the sender is invalid.
+    pub fn check(url: &str, from: &str) -> Result<(), SmtpConfigError> {
+        from.parse::<Mailbox>()
+            .map_err(|e| SmtpConfigError::From(e.to_string()))?;
+        AsyncSmtpTransport::<Tokio1Executor>::from_url(url)
+            .map_err(|e| SmtpConfigError::Url(e.to_string()))?;
+        Ok(())
+    }
+
     /// The message for one delivery.
     ///
     /// # Errors
@@ -79,11 +91,13 @@ impl SmtpProvider {
                 detail: "the email provider only sends to email targets".into(),
             });
         };
-        let to: Mailbox = address.parse().map_err(|e: lettre::address::AddressError| {
-            SendError::InvalidTarget {
-                detail: format!("{address:?}: {e}"),
-            }
-        })?;
+        let to: Mailbox = address
+            .parse()
+            .map_err(
+                |e: lettre::address::AddressError| SendError::InvalidTarget {
+                    detail: format!("{address:?}: {e}"),
+                },
+            )?;
         let subject = delivery
             .title
             .clone()
@@ -155,9 +169,17 @@ pub fn classify(e: &lettre::transport::smtp::Error) -> SendError {
         let code = e.status().map(|c| c.to_string()).unwrap_or_default();
         let lower = detail.to_lowercase();
         let mailbox_unknown = matches!(code.as_str(), "550" | "551" | "553")
-            && ["5.1.1", "5.1.0", "unknown", "no such", "does not exist", "not found", "unavailable"]
-                .iter()
-                .any(|m| lower.contains(m));
+            && [
+                "5.1.1",
+                "5.1.0",
+                "unknown",
+                "no such",
+                "does not exist",
+                "not found",
+                "unavailable",
+            ]
+            .iter()
+            .any(|m| lower.contains(m));
         if mailbox_unknown {
             SendError::InvalidTarget { detail }
         } else {
@@ -227,17 +249,30 @@ mod tests {
 
     #[test]
     fn the_message_is_multipart_with_unsubscribe_headers_and_our_id() {
-        let p = SmtpProvider::new("smtp://127.0.0.1:2525", "Herald <noreply@herald.example>", 2)
-            .expect("config");
+        let p = SmtpProvider::new(
+            "smtp://127.0.0.1:2525",
+            "Herald <noreply@herald.example>",
+            2,
+        )
+        .expect("config");
         let m = p
             .message(&delivery(Target::Email {
                 address: "ann@example.com".into(),
             }))
             .expect("message");
         let raw = String::from_utf8(m.formatted()).expect("utf8");
-        assert!(raw.contains("Message-ID: <0193-abc@herald.example>"), "{raw}");
-        assert!(raw.contains("List-Unsubscribe: <https://h.example/v1/unsubscribe?token=a.b>"), "{raw}");
-        assert!(raw.contains("List-Unsubscribe-Post: List-Unsubscribe=One-Click"), "{raw}");
+        assert!(
+            raw.contains("Message-ID: <0193-abc@herald.example>"),
+            "{raw}"
+        );
+        assert!(
+            raw.contains("List-Unsubscribe: <https://h.example/v1/unsubscribe?token=a.b>"),
+            "{raw}"
+        );
+        assert!(
+            raw.contains("List-Unsubscribe-Post: List-Unsubscribe=One-Click"),
+            "{raw}"
+        );
         assert!(raw.contains("multipart/alternative"), "{raw}");
         assert!(raw.contains("Bob &lt;liked&gt; your photo"), "{raw}");
         assert!(raw.contains("Nice &amp; sunny<br>second line"), "{raw}");

@@ -55,7 +55,10 @@ type S = State<Arc<ChannelsState>>;
 pub fn routes(state: ChannelsState) -> Router {
     Router::new()
         .route("/v1/me/devices", post(add_device).delete(remove_device))
-        .route("/v1/users/{user_id}/contact", axum::routing::put(put_contact))
+        .route(
+            "/v1/users/{user_id}/contact",
+            axum::routing::put(put_contact),
+        )
         .route("/v1/notifications/{id}", get(status))
         .route("/v1/dlq", get(list_dlq))
         .route("/v1/dlq/{id}/retry", post(retry_dlq))
@@ -69,7 +72,11 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, AppError
     let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
-        let field = if path == "." { "body".to_string() } else { path };
+        let field = if path == "." {
+            "body".to_string()
+        } else {
+            path
+        };
         AppError::field(FieldError::new(field, e.inner().to_string()))
     })
 }
@@ -102,7 +109,11 @@ async fn add_device(State(s): S, User(user): User, body: Bytes) -> Result<Respon
         .add_device(&user, body.platform, &body.token)
         .await
         .map_err(unavailable)?;
-    let status = if added { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if added {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((
         status,
         Json(json!({"platform": body.platform, "token": body.token})),
@@ -118,8 +129,7 @@ struct TokenBody {
 async fn remove_device(State(s): S, User(user): User, body: Bytes) -> Result<StatusCode, AppError> {
     let body: TokenBody = json_body(&body)?;
     check_token(&body.token)?;
-    if s
-        .targets
+    if s.targets
         .remove_device(&user, &body.token)
         .await
         .map_err(unavailable)?
@@ -173,7 +183,9 @@ fn validate_contact(body: ContactBody) -> Result<Contact, AppError> {
     if let Some(locale) = &body.locale
         && (locale.is_empty()
             || locale.len() > 35
-            || !locale.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+            || !locale
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'))
     {
         return Err(field("locale", "not a BCP 47 language tag"));
     }
@@ -222,7 +234,11 @@ async fn put_contact(
     Ok(Json(out))
 }
 
-async fn status(State(s): S, producer: Producer, Path(id): Path<String>) -> Result<Json<Value>, AppError> {
+async fn status(
+    State(s): S,
+    producer: Producer,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, AppError> {
     if !producer.0.allows(Scope::Read) {
         producer.require(Scope::Notify)?;
     }
@@ -242,7 +258,11 @@ struct DlqQuery {
     limit: Option<usize>,
 }
 
-async fn list_dlq(State(s): S, producer: Producer, Query(q): Query<DlqQuery>) -> Result<Json<Value>, AppError> {
+async fn list_dlq(
+    State(s): S,
+    producer: Producer,
+    Query(q): Query<DlqQuery>,
+) -> Result<Json<Value>, AppError> {
     producer.require(Scope::Admin)?;
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     let items = s.dlq.list(q.after, limit).await.map_err(unavailable)?;
@@ -250,23 +270,34 @@ async fn list_dlq(State(s): S, producer: Producer, Query(q): Query<DlqQuery>) ->
     Ok(Json(json!({"items": items, "next_after": next_after})))
 }
 
-async fn retry_dlq(State(s): S, producer: Producer, Path(id): Path<String>) -> Result<Response, AppError> {
+async fn retry_dlq(
+    State(s): S,
+    producer: Producer,
+    Path(id): Path<String>,
+) -> Result<Response, AppError> {
     producer.require(Scope::Admin)?;
     let id: u64 = id
         .parse()
         .map_err(|_| AppError::field(FieldError::new("id", "a dead-letter id is a number")))?;
-    match s.dlq.retry(id).await {
-        Ok(job) => {
-            let update = herald_store::status::Update::state(herald_store::status::State::Retrying)
-                .because("retried from the dead-letter queue");
-            if let Err(e) = s.status.record(&job, update).await {
-                tracing::warn!(error = %e, "recording delivery status failed");
-            }
-            Ok((StatusCode::ACCEPTED, Json(json!({"requeued": true, "job": job}))).into_response())
+    let letter = match s.dlq.get(id).await {
+        Ok(letter) => letter,
+        Err(DlqError::NotFound(id)) => {
+            return Err(AppError::not_found(format!("no dead letter {id}")));
         }
-        Err(DlqError::NotFound(id)) => Err(AppError::not_found(format!("no dead letter {id}"))),
-        Err(e) => Err(unavailable(e)),
+        Err(e) => return Err(unavailable(e)),
+    };
+    // Recorded before the job is back on its queue, so it never lands after "sent".
+    let update = herald_store::status::Update::state(herald_store::status::State::Retrying)
+        .because("retried from the dead-letter queue");
+    if let Err(e) = s.status.record(&letter.job, update).await {
+        tracing::warn!(error = %e, "recording delivery status failed");
     }
+    s.dlq.requeue(id, &letter.job).await.map_err(unavailable)?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"requeued": true, "job": letter.job})),
+    )
+        .into_response())
 }
 
 fn work_channel(raw: &str) -> Result<Channel, AppError> {
@@ -296,9 +327,17 @@ async fn pause(
 ) -> Result<Json<Value>, AppError> {
     producer.require(Scope::Admin)?;
     let channel = work_channel(&channel)?;
-    let body: PauseBody = if body.is_empty() { PauseBody::default() } else { json_body(&body)? };
+    let body: PauseBody = if body.is_empty() {
+        PauseBody::default()
+    } else {
+        json_body(&body)?
+    };
     // NATS pauses until a time; "until resumed" is a long time.
-    let for_ = Duration::from_secs(body.for_seconds.unwrap_or(365 * 24 * 3600).min(10 * 365 * 24 * 3600));
+    let for_ = Duration::from_secs(
+        body.for_seconds
+            .unwrap_or(365 * 24 * 3600)
+            .min(10 * 365 * 24 * 3600),
+    );
     let until = time::OffsetDateTime::now_utc() + for_;
     let stream = s
         .nats
@@ -319,7 +358,11 @@ async fn pause(
     })))
 }
 
-async fn resume(State(s): S, producer: Producer, Path(channel): Path<String>) -> Result<Json<Value>, AppError> {
+async fn resume(
+    State(s): S,
+    producer: Producer,
+    Path(channel): Path<String>,
+) -> Result<Json<Value>, AppError> {
     producer.require(Scope::Admin)?;
     let channel = work_channel(&channel)?;
     let stream = s
@@ -348,24 +391,35 @@ fn verify(links: &Links, q: &UnsubscribeQuery) -> Result<(UserId, Option<String>
         .token
         .as_deref()
         .ok_or_else(|| AppError::field(FieldError::new("token", "missing")))?;
-    links
-        .verify(token)
-        .map_err(|_| AppError::field(FieldError::new("token", "invalid or altered unsubscribe token")))
+    links.verify(token).map_err(|_| {
+        AppError::field(FieldError::new(
+            "token",
+            "invalid or altered unsubscribe token",
+        ))
+    })
 }
 
 /// RFC 8058 one-click: the mail client POSTs `List-Unsubscribe=One-Click` to the URL.
-async fn unsubscribe(State(s): S, Query(q): Query<UnsubscribeQuery>) -> Result<Json<Value>, AppError> {
+async fn unsubscribe(
+    State(s): S,
+    Query(q): Query<UnsubscribeQuery>,
+) -> Result<Json<Value>, AppError> {
     let (user, category) = verify(&s.links, &q)?;
     s.optout
         .unsubscribe_email(&user, category.as_deref())
         .await
         .map_err(unavailable)?;
-    Ok(Json(json!({"unsubscribed": true, "category": category, "channel": "email"})))
+    Ok(Json(
+        json!({"unsubscribed": true, "category": category, "channel": "email"}),
+    ))
 }
 
 /// A person who opens the link gets a confirmation button: a GET never changes anything
 /// (link scanners follow GETs).
-async fn unsubscribe_page(State(s): S, Query(q): Query<UnsubscribeQuery>) -> Result<Html<String>, AppError> {
+async fn unsubscribe_page(
+    State(s): S,
+    Query(q): Query<UnsubscribeQuery>,
+) -> Result<Html<String>, AppError> {
     let (_, category) = verify(&s.links, &q)?;
     let what = category.map_or_else(|| "all email".to_string(), |c| format!("{c} email"));
     let token = q.token.unwrap_or_default();
@@ -386,7 +440,14 @@ mod tests {
         for ok in ["+4915112345678", "+14155552671", "+12345678"] {
             assert!(is_e164(ok), "{ok}");
         }
-        for bad in ["4915112345678", "+0123456789", "+12 345 678", "+1234567", "+1234567890123456", "+"] {
+        for bad in [
+            "4915112345678",
+            "+0123456789",
+            "+12 345 678",
+            "+1234567",
+            "+1234567890123456",
+            "+",
+        ] {
             assert!(!is_e164(bad), "{bad}");
         }
     }

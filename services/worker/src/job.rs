@@ -110,7 +110,8 @@ impl Step<'_> {
     }
 
     async fn skip(&self, reason: &str) {
-        self.status(Update::state(State::Skipped).because(reason)).await;
+        self.status(Update::state(State::Skipped).because(reason))
+            .await;
         outcome(self.channel(), "skipped");
         settle(self.msg, AckKind::Ack).await;
     }
@@ -127,6 +128,10 @@ impl Step<'_> {
                 tracing::info!(id = %job.id, provider = %marker.provider, "already sent before a redelivery; acking without sending");
                 outcome(self.channel(), "duplicate_suppressed");
                 settle(self.msg, AckKind::Ack).await;
+                // The worker that sent it may have died before recording it.
+                let mut update = Update::state(State::Sent).by(marker.provider);
+                update.provider_message_id = marker.provider_message_id;
+                self.status(update).await;
                 return;
             }
             Ok(None) => {}
@@ -146,7 +151,9 @@ impl Step<'_> {
         }
         if job.channel == Channel::Push {
             match self.seen_up_to().await {
-                Ok(seen) if seen >= job.seq => return self.skip("seen: the user acked it live").await,
+                Ok(seen) if seen >= job.seq => {
+                    return self.skip("seen: the user acked it live").await;
+                }
                 Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(id = %job.id, error = %e, "seen positions unavailable; retrying later");
@@ -160,7 +167,8 @@ impl Step<'_> {
                 _ => return self.skip("expired: no longer in the inbox").await,
             },
             Err(e)
-                if e.kind() == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound =>
+                if e.kind()
+                    == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound =>
             {
                 return self.skip("expired: no longer in the inbox").await;
             }
@@ -183,7 +191,10 @@ impl Step<'_> {
             }
         };
         if let Some(optout) = &ctx.deps.optout {
-            match optout.allows(&job.user_id, job.channel, stored.category.as_deref()).await {
+            match optout
+                .allows(&job.user_id, job.channel, stored.category.as_deref())
+                .await
+            {
                 Ok(true) => {}
                 Ok(false) => return self.skip("opted out").await,
                 Err(e) => {
@@ -240,7 +251,8 @@ impl Step<'_> {
                 if self.last_attempt() {
                     return self.dead_letter(reason, None, None).await;
                 }
-                self.status(Update::state(State::Retrying).because(reason)).await;
+                self.status(Update::state(State::Retrying).because(reason))
+                    .await;
                 outcome(self.channel(), "deferred");
                 return self.later(wait.max(Duration::from_millis(100))).await;
             }
@@ -252,12 +264,15 @@ impl Step<'_> {
         };
         provider.ready().await;
         let started = Instant::now();
-        let result = match tokio::time::timeout(ctx.config.send_timeout, provider.provider.send(delivery)).await {
-            Ok(r) => r,
-            Err(_) => Err(SendError::Transient {
-                detail: format!("no answer within {:?}", ctx.config.send_timeout),
-            }),
-        };
+        let result =
+            match tokio::time::timeout(ctx.config.send_timeout, provider.provider.send(delivery))
+                .await
+            {
+                Ok(r) => r,
+                Err(_) => Err(SendError::Transient {
+                    detail: format!("no answer within {:?}", ctx.config.send_timeout),
+                }),
+            };
         let name = provider.name().to_string();
         metrics::histogram!("herald_provider_send_seconds", "provider" => name.clone())
             .record(started.elapsed().as_secs_f64());
@@ -293,7 +308,9 @@ impl Step<'_> {
                     marked = true;
                     break;
                 }
-                Err(e) => tracing::warn!(id = %self.job.id, error = %e, "writing the sent marker failed"),
+                Err(e) => {
+                    tracing::warn!(id = %self.job.id, error = %e, "writing the sent marker failed")
+                }
             }
         }
         if !marked {
@@ -330,14 +347,16 @@ impl Step<'_> {
             SendError::Throttled { retry_after, .. } => {
                 let attempt = u32::try_from(self.delivered).unwrap_or(u32::MAX);
                 let delay = retry_after.unwrap_or_else(|| self.ctx.config.backoff.delay(attempt));
-                self.status(Update::state(State::Retrying).because(detail).by(provider)).await;
+                self.status(Update::state(State::Retrying).because(detail).by(provider))
+                    .await;
                 outcome(self.channel(), "throttled");
                 self.later(delay).await;
             }
             SendError::Transient { .. } => {
                 let attempt = u32::try_from(self.delivered).unwrap_or(u32::MAX);
                 let delay = self.ctx.config.backoff.delay(attempt);
-                self.status(Update::state(State::Retrying).because(detail).by(provider)).await;
+                self.status(Update::state(State::Retrying).because(detail).by(provider))
+                    .await;
                 outcome(self.channel(), "retried");
                 self.later(delay).await;
             }
@@ -375,7 +394,12 @@ impl Step<'_> {
         }
     }
 
-    async fn dead_letter(&self, reason: &str, last_response: Option<String>, provider: Option<&str>) {
+    async fn dead_letter(
+        &self,
+        reason: &str,
+        last_response: Option<String>,
+        provider: Option<&str>,
+    ) {
         let letter = DeadLetter {
             job: self.job.clone(),
             reason: reason.to_string(),

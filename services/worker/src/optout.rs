@@ -106,7 +106,9 @@ impl OptOut {
             if !section.is_object() {
                 *section = Value::Object(Map::new());
             }
-            let section = section.as_object_mut().ok_or_else(|| err("not an object"))?;
+            let section = section
+                .as_object_mut()
+                .ok_or_else(|| err("not an object"))?;
             if category.is_some() {
                 let cat = section
                     .entry(name)

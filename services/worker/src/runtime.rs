@@ -219,7 +219,12 @@ pub async fn run(
 /// Pull expiry of one lane's fetch loop.
 const PULL_EXPIRY: Duration = Duration::from_secs(5);
 
-async fn lane_loop(ctx: Arc<Context>, lane: Priority, consumer: PullConsumer, stop: CancellationToken) {
+async fn lane_loop(
+    ctx: Arc<Context>,
+    lane: Priority,
+    consumer: PullConsumer,
+    stop: CancellationToken,
+) {
     let budget = ctx.config.budget.of(lane);
     let permits = Arc::new(Semaphore::new(budget));
     let mut in_flight = JoinSet::new();
@@ -272,8 +277,15 @@ async fn lane_loop(ctx: Arc<Context>, lane: Priority, consumer: PullConsumer, st
     }
     // Drain: finish what was started; unpulled jobs stay in the queue for the next worker.
     let drain = async { while in_flight.join_next().await.is_some() {} };
-    if tokio::time::timeout(ctx.config.drain_grace, drain).await.is_err() {
-        tracing::warn!(channel, lane = lane.as_str(), "drain grace over; unfinished jobs will be redelivered");
+    if tokio::time::timeout(ctx.config.drain_grace, drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            channel,
+            lane = lane.as_str(),
+            "drain grace over; unfinished jobs will be redelivered"
+        );
         in_flight.abort_all();
     }
 }

@@ -4,8 +4,8 @@
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
-use hmac::{Hmac, Mac};
 use herald_protocol::UserId;
+use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
@@ -29,7 +29,9 @@ pub struct Links {
 
 impl std::fmt::Debug for Links {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Links").field("base_url", &self.base_url).finish()
+        f.debug_struct("Links")
+            .field("base_url", &self.base_url)
+            .finish()
     }
 }
 
@@ -84,8 +86,8 @@ impl Links {
         let mut mac = self.mac();
         mac.update(body.as_bytes());
         mac.verify_slice(&sig).map_err(|_| BadToken)?;
-        let claims: Claims =
-            serde_json::from_slice(&B64.decode(body).map_err(|_| BadToken)?).map_err(|_| BadToken)?;
+        let claims: Claims = serde_json::from_slice(&B64.decode(body).map_err(|_| BadToken)?)
+            .map_err(|_| BadToken)?;
         let user = UserId::new(claims.u).map_err(|_| BadToken)?;
         Ok((user, claims.c))
     }
@@ -104,7 +106,11 @@ mod tests {
             links.verify(&token),
             Ok((user.clone(), Some("marketing".into())))
         );
-        assert!(links.url(&user, None).starts_with("http://h/v1/unsubscribe?token="));
+        assert!(
+            links
+                .url(&user, None)
+                .starts_with("http://h/v1/unsubscribe?token=")
+        );
         assert_eq!(Links::new(b"k2", "http://h").verify(&token), Err(BadToken));
         let forged = links.token(&UserId::new("bob").expect("valid"), Some("marketing"));
         let (_, sig) = token.split_once('.').expect("dot");
