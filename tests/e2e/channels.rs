@@ -575,3 +575,101 @@ async fn email_reaches_a_real_smtp_server_and_unsubscribe_opts_out() -> anyhow::
     assert_eq!(all.len(), 2, "the opted-out email was not sent");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_failing_every_delivery_ends_in_the_dlq_after_max_deliver() -> anyhow::Result<()>
+{
+    let nats = Nats::single().await?;
+    let apns = Arc::new(Scripted::new("apns", Channel::Push));
+    apns.fallback(Answer::Transient);
+    // A breaker that never opens: this is about delivery counts, not failover.
+    let limits = Limits {
+        rate_per_second: None,
+        breaker: BreakerConfig {
+            consecutive_failures: 1000,
+            error_rate: 1.0,
+            window: 1000,
+            open_for: Duration::from_secs(1),
+        },
+    };
+    let herald = Herald::builder(&nats)
+        .channels(with(settings(rand_key()), &apns, limits))
+        .start()
+        .await?;
+    device(&herald, "kim", "tok-k").await?;
+    let id = push(&herald, "kim", "doomed").await?;
+    let entry = reaches(&herald, &id, "push", "dead_lettered").await?;
+    assert_eq!(entry["retries"], 3, "{entry}");
+    assert_eq!(apns.calls_for(&id).len(), 4, "MaxDeliver is 4");
+    let list: Value = herald
+        .producer(Method::GET, "/v1/dlq")
+        .send()
+        .await?
+        .json()
+        .await?;
+    let letter = &list["items"][0];
+    assert_eq!(letter["job"]["id"], id.as_str(), "{list}");
+    assert_eq!(letter["reason"], "gave up after 4 deliveries");
+    assert_eq!(letter["attempts"], 4);
+    assert!(
+        letter["last_response"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("503"),
+        "{letter}"
+    );
+    // Admin only.
+    let r = Herald::builder(&nats)
+        .key("hk_notify_only_key_0001", &[herald_auth::Scope::Notify])
+        .start()
+        .await?;
+    let denied = r
+        .request(Method::GET, "/v1/dlq")
+        .bearer_auth("hk_notify_only_key_0001")
+        .send()
+        .await?;
+    assert_eq!(denied.status(), 403);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_channel_holds_its_jobs_until_resumed() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let apns = Arc::new(Scripted::new("apns", Channel::Push));
+    let herald = Herald::builder(&nats)
+        .channels(with(settings(rand_key()), &apns, Limits::default()))
+        .start()
+        .await?;
+    device(&herald, "lou", "tok-l").await?;
+    let r = herald
+        .producer(Method::POST, "/v1/channels/push/pause")
+        .json(&json!({"for_seconds": 600}))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 200);
+    let id = push(&herald, "lou", "during the outage").await?;
+    let js = async_nats::jetstream::new(nats.client().await?);
+    let stream = js.get_stream_no_info("HERALD_WORK_PUSH").await?;
+    eventually(WAIT, "the job waits on the paused consumer", || async {
+        let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+            stream.get_consumer("herald-worker-push-normal").await?;
+        let info = consumer.info().await?;
+        ensure!(info.paused, "not paused: {info:?}");
+        ensure!(info.num_pending == 1, "{} pending", info.num_pending);
+        Ok(())
+    })
+    .await?;
+    assert!(apns.calls_for(&id).is_empty(), "sent while paused");
+    let r = herald
+        .producer(Method::POST, "/v1/channels/push/resume")
+        .send()
+        .await?;
+    assert_eq!(r.status(), 200);
+    reaches(&herald, &id, "push", "sent").await?;
+    let bad = herald
+        .producer(Method::POST, "/v1/channels/inbox/pause")
+        .send()
+        .await?;
+    assert_eq!(bad.status(), 400);
+    Ok(())
+}

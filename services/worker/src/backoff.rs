@@ -52,11 +52,13 @@ mod tests {
             base: Duration::from_millis(100),
             max: Duration::from_secs(1),
         };
-        assert_eq!(b.ceiling(1), Duration::from_millis(100));
-        assert_eq!(b.ceiling(2), Duration::from_millis(200));
-        assert_eq!(b.ceiling(4), Duration::from_millis(800));
-        assert_eq!(b.ceiling(5), Duration::from_secs(1));
-        assert_eq!(b.ceiling(50), Duration::from_secs(1));
+        // backon multiplies in f32: compare whole milliseconds.
+        let ms = |attempt| b.ceiling(attempt).as_millis();
+        assert_eq!(ms(1), 100);
+        assert_eq!(ms(2), 200);
+        assert_eq!(ms(4), 800);
+        assert_eq!(ms(5), 1000);
+        assert_eq!(ms(50), 1000);
     }
 
     #[test]

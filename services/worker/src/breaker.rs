@@ -254,7 +254,7 @@ mod tests {
         let t0 = Instant::now();
         // Alternating: never 3 in a row, but 50 % over a full window.
         for i in 0..10 {
-            if i % 2 == 0 {
+            if i % 2 == 1 {
                 b.on_failure(t0);
             } else {
                 b.on_success();

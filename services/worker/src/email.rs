@@ -247,8 +247,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_message_is_multipart_with_unsubscribe_headers_and_our_id() {
+    // The pooled transport starts its pool on the runtime.
+    #[tokio::test]
+    async fn the_message_is_multipart_with_unsubscribe_headers_and_our_id() {
         let p = SmtpProvider::new(
             "smtp://127.0.0.1:2525",
             "Herald <noreply@herald.example>",
@@ -275,11 +276,19 @@ mod tests {
         );
         assert!(raw.contains("multipart/alternative"), "{raw}");
         assert!(raw.contains("Bob &lt;liked&gt; your photo"), "{raw}");
-        assert!(raw.contains("Nice &amp; sunny<br>second line"), "{raw}");
+        // The HTML part is quoted-printable (soft line breaks); check the rendering itself.
+        let (text, html) = render(&delivery(Target::Email {
+            address: "ann@example.com".into(),
+        }));
+        assert!(
+            html.contains("<p>Nice &amp; sunny<br>second line</p>"),
+            "{html}"
+        );
+        assert!(text.contains("Nice & sunny\nsecond line"), "{text}");
     }
 
-    #[test]
-    fn a_malformed_address_is_an_invalid_target() {
+    #[tokio::test]
+    async fn a_malformed_address_is_an_invalid_target() {
         let p = SmtpProvider::new("smtp://127.0.0.1:2525", "noreply@herald.example", 2)
             .expect("config");
         let err = p
@@ -290,8 +299,8 @@ mod tests {
         assert!(matches!(err, SendError::InvalidTarget { .. }), "{err:?}");
     }
 
-    #[test]
-    fn bad_configuration_is_reported() {
+    #[tokio::test]
+    async fn bad_configuration_is_reported() {
         assert!(SmtpProvider::new("http://x", "a@b.c", 1).is_err());
         assert!(SmtpProvider::new("smtp://x:25", "not-an-address", 1).is_err());
     }

@@ -14,21 +14,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How hard a provider may be driven.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Limits {
     /// Sends per second (token bucket; bursts up to the same number). `None`: unlimited.
     pub rate_per_second: Option<NonZeroU32>,
     /// When its circuit opens.
     pub breaker: BreakerConfig,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            rate_per_second: None,
-            breaker: BreakerConfig::default(),
-        }
-    }
 }
 
 /// A provider with its guards.
