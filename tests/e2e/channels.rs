@@ -651,8 +651,10 @@ async fn a_paused_channel_holds_its_jobs_until_resumed() -> anyhow::Result<()> {
     let js = async_nats::jetstream::new(nats.client().await?);
     let stream = js.get_stream_no_info("HERALD_WORK_PUSH").await?;
     eventually(WAIT, "the job waits on the paused consumer", || async {
-        let mut consumer: async_nats::jetstream::consumer::PullConsumer =
-            stream.get_consumer("herald-worker-push-normal").await?;
+        let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
+            .get_consumer("herald-worker-push-normal")
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         let info = consumer.info().await?;
         ensure!(info.paused, "not paused: {info:?}");
         ensure!(info.num_pending == 1, "{} pending", info.num_pending);
