@@ -5,11 +5,15 @@
 mod channels;
 mod cluster;
 mod durability;
+mod erase;
 mod errors;
 mod frames;
 mod isolation;
 mod native;
 mod notify;
+mod preferences;
 mod replay;
 mod routers;
+mod scheduled;
+mod templates;
 mod transports;

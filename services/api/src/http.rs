@@ -3,13 +3,16 @@
 
 mod inbox;
 mod notify;
+mod preferences;
 mod reads;
+mod templates;
+mod users;
 
 use crate::accept::Acceptor;
 use crate::auth::{Authenticator, HasAuth};
 use axum::Router;
-use axum::routing::{get, post};
-use herald_store::ReadPositions;
+use axum::routing::{delete, get, post};
+use herald_store::{PreferenceStore, ReadPositions};
 use std::sync::Arc;
 
 pub use inbox::{PageQuery, read_page};
@@ -44,6 +47,10 @@ pub struct ApiState {
     pub auth: Authenticator,
     /// Read positions.
     pub reads: ReadPositions,
+    /// User preferences.
+    pub preferences: PreferenceStore,
+    /// Producer request rates.
+    pub rates: Arc<crate::ProducerRates>,
     /// Limits.
     pub config: ApiConfig,
 }
@@ -59,11 +66,23 @@ pub fn routes(state: ApiState) -> Router {
     Router::new()
         .route("/v1/notify", post(notify::notify))
         .route("/v1/notify/batch", post(notify::batch))
+        .route("/v1/notifications/{id}", delete(notify::cancel))
         .route(
             "/v1/users/{user_id}/notifications",
             get(inbox::producer_page),
         )
+        .route("/v1/admin/templates", get(templates::list))
+        .route("/v1/admin/templates/reload", post(templates::reload))
+        .route("/v1/users/{user_id}", delete(users::erase))
         .route("/v1/me/read", post(reads::mark_read))
         .route("/v1/me/unread", get(reads::unread))
+        .route(
+            "/v1/me/preferences",
+            get(preferences::get_mine).put(preferences::put_mine),
+        )
+        .route(
+            "/v1/users/{user_id}/preferences",
+            get(preferences::get_users).put(preferences::put_users),
+        )
         .with_state(Arc::new(state))
 }

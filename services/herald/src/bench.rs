@@ -134,6 +134,9 @@ async fn notify(args: NotifyArgs) -> Result<(), BenchError> {
         },
         dev_mode: false,
         channels: crate::channels::ChannelSettings::new([0x42; 32]),
+        policy: Default::default(),
+        templates: Default::default(),
+        rates: Default::default(),
     };
     // Herald gets a runtime of its own, as in its own process: the benchmark's clients
     // must not queue in front of the server's tasks on the same two workers.

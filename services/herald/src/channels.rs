@@ -163,6 +163,7 @@ impl Channels {
         nats: &Nats,
         subjects: &Subjects,
         settings: &ChannelSettings,
+        policy: Arc<herald_protocol::Policy>,
         addr: SocketAddr,
     ) -> Result<Self, ChannelsError> {
         let js = &nats.js_consume;
@@ -172,7 +173,7 @@ impl Channels {
         let status = StatusStore::open(js)
             .await
             .map_err(|e| ChannelsError::Open("the status store", Box::new(e)))?;
-        let optout = OptOut::open(js)
+        let optout = OptOut::open(js, policy)
             .await
             .map_err(|e| ChannelsError::Open("the preference store", Box::new(e)))?;
         let base = settings

@@ -7,11 +7,16 @@
 use figment::Figment;
 use figment::providers::{Env, Format as _, Serialized, Toml};
 use herald_auth::{ApiKey, ApiKeys, JwtConfig, Scope};
-use herald_protocol::Subjects;
+use herald_protocol::preferences::CategoryRule;
 use herald_protocol::streams::StreamSettings;
+use herald_protocol::{Policy, Subjects};
+use herald_templates::Templates;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A producer key in the TOML file.
@@ -28,6 +33,8 @@ pub struct ApiKeyEntry {
     /// Scopes; default `["notify"]`.
     #[serde(default)]
     pub scopes: Option<Vec<String>>,
+    /// Notifications per second this producer may send (per api instance).
+    pub rate_per_s: Option<u32>,
 }
 
 /// Every setting, as read from all sources.
@@ -87,6 +94,14 @@ pub struct Settings {
     pub escalation_delay_ms: u64,
     /// Sends per second per provider (0: unlimited).
     pub provider_rate: u32,
+    /// Notifications per second a producer may send (per api instance) unless its key
+    /// sets its own `rate_per_s`; unlimited when unset.
+    pub producer_rate_per_s: Option<u32>,
+    /// Folder of notification templates (`<name>.toml`); none when unset.
+    pub templates_dir: Option<PathBuf>,
+    /// Notification categories: `[categories.security] critical = true`,
+    /// `[categories.marketing.defaults] sms = false`. None configured: any name goes.
+    pub categories: BTreeMap<String, CategoryRule>,
 }
 
 impl Default for Settings {
@@ -118,6 +133,9 @@ impl Default for Settings {
             worker_concurrency: 64,
             escalation_delay_ms: 5000,
             provider_rate: 0,
+            categories: BTreeMap::new(),
+            templates_dir: None,
+            producer_rate_per_s: None,
         }
     }
 }
@@ -146,6 +164,12 @@ pub struct Validated {
     pub gateway: herald_gateway::GatewayConfig,
     /// Targets, providers and workers.
     pub channels: crate::channels::ChannelSettings,
+    /// Categories, for notify validation and preferences.
+    pub policy: Policy,
+    /// Loaded templates.
+    pub templates: Arc<Templates>,
+    /// Producer request rates.
+    pub rates: herald_api::RateConfig,
 }
 
 impl Settings {
@@ -228,6 +252,28 @@ impl Settings {
                 self.dedup_window_s
             ));
         }
+        for (name, rule) in &self.categories {
+            if name.is_empty() || name.len() > herald_protocol::notification::MAX_KEY_BYTES {
+                errors.push(format!("categories: name {name:?} must be 1 to 256 bytes"));
+            }
+            if rule.defaults.get(&herald_protocol::Channel::Inbox) == Some(&false) {
+                errors.push(format!(
+                    "categories.{name}.defaults.inbox: the inbox cannot be off by default; \
+                     turn off the interrupting channels instead"
+                ));
+            }
+        }
+        let templates = match &self.templates_dir {
+            None => Templates::none(),
+            Some(dir) => Templates::load(dir).unwrap_or_else(|e| {
+                errors.extend(
+                    e.0.into_iter()
+                        .map(|m| format!("templates_dir {}: {m}", dir.display())),
+                );
+                Templates::none()
+            }),
+        };
+        let rates = self.rates(&mut errors);
         let api_keys = self.api_keys(&mut errors);
         let jwt = self.jwt(&mut errors);
         let channels = self.channels(&mut errors);
@@ -257,6 +303,9 @@ impl Settings {
                     ..Default::default()
                 },
                 channels,
+                policy: Policy::new(self.categories.clone()),
+                templates: Arc::new(templates),
+                rates,
             }),
             _ => Err(ConfigError(errors)),
         }
@@ -315,6 +364,25 @@ impl Settings {
         channels.escalation_delay = Duration::from_millis(self.escalation_delay_ms);
         channels.provider_limits.rate_per_second = std::num::NonZeroU32::new(self.provider_rate);
         channels
+    }
+
+    fn rates(&self, errors: &mut Vec<String>) -> herald_api::RateConfig {
+        let mut rates = herald_api::RateConfig::default();
+        match self.producer_rate_per_s.map(NonZeroU32::new) {
+            Some(None) => errors.push("producer_rate_per_s must be at least 1".into()),
+            Some(Some(r)) => rates.default_per_s = Some(r),
+            None => {}
+        }
+        for (i, entry) in self.api_keys.iter().enumerate() {
+            match entry.rate_per_s.map(NonZeroU32::new) {
+                Some(None) => errors.push(format!("api_keys[{i}].rate_per_s must be at least 1")),
+                Some(Some(r)) => {
+                    rates.per_producer.insert(entry.producer.clone(), r);
+                }
+                None => {}
+            }
+        }
+        rates
     }
 
     fn api_keys(&self, errors: &mut Vec<String>) -> ApiKeys {

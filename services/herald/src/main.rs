@@ -5,6 +5,7 @@ use herald::cli::{Cli, Command, Common};
 use herald::config::{ConfigError, Settings};
 use herald::mesh::{Mesh, MeshOptions, Roles};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 // glibc malloc showed up as the top cost under load (fragmented, lock-heavy frees);
 // mimalloc is made for many small short-lived allocations across threads.
@@ -174,6 +175,9 @@ async fn service(
             roles,
             dev_mode: s.dev_mode,
             channels: v.channels,
+            policy: Arc::new(v.policy),
+            templates: v.templates,
+            rates: v.rates,
         },
         listener,
     )

@@ -6,9 +6,10 @@ use axum::Router;
 use herald_api::{Acceptor, ApiConfig, ApiState, Authenticator};
 use herald_auth::{ApiKeys, JwtConfig, UserAuth};
 use herald_gateway::{GatewayConfig, GatewayState};
-use herald_protocol::Subjects;
 use herald_protocol::streams::StreamSettings;
-use herald_store::{Inbox, ReadPositions};
+use herald_protocol::{Policy, Subjects};
+use herald_store::{Inbox, PreferenceStore, ReadPositions};
+use herald_templates::Templates;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -66,6 +67,12 @@ pub struct MeshOptions {
     pub dev_mode: bool,
     /// Targets, providers and workers.
     pub channels: crate::channels::ChannelSettings,
+    /// Configured categories, applied with each user's preferences.
+    pub policy: Arc<Policy>,
+    /// Notification templates.
+    pub templates: Arc<Templates>,
+    /// Producer request rates.
+    pub rates: herald_api::RateConfig,
 }
 
 /// Why the mesh could not start or stopped with an error.
@@ -91,6 +98,9 @@ pub enum MeshError {
     /// The read-position bucket is missing.
     #[error("opening read positions (run `herald provision`)")]
     Reads(#[source] herald_store::reads::ReadsError),
+    /// The preferences bucket could not be opened.
+    #[error("opening the preferences bucket; run `herald provision`")]
+    Preferences(#[source] herald_store::PreferencesError),
     /// User auth misconfigured.
     #[error("user token configuration")]
     Jwt(#[from] herald_auth::JwtError),
@@ -148,13 +158,24 @@ impl Mesh {
             .await
             .map_err(MeshError::Reads)?;
         let inbox = Inbox::new(nats.clone(), opts.subjects.clone());
-        let acceptor = Acceptor::new(inbox.clone());
+        let preferences = PreferenceStore::open(&nats.js_consume)
+            .await
+            .map_err(MeshError::Preferences)?;
+        let acceptor = Acceptor::new(inbox.clone())
+            .with_policy(opts.policy.clone())
+            .with_templates(opts.templates.clone(), preferences.clone());
         let auth = Authenticator {
             keys: Arc::new(opts.api_keys.clone()),
             users: UserAuth::new(&opts.jwt)?,
         };
-        let channels =
-            crate::channels::Channels::open(&nats, &opts.subjects, &opts.channels, addr).await?;
+        let channels = crate::channels::Channels::open(
+            &nats,
+            &opts.subjects,
+            &opts.channels,
+            opts.policy.clone(),
+            addr,
+        )
+        .await?;
         let stop = CancellationToken::new();
         let mut app = Router::new().merge(ops::routes(nats.clone()));
         if opts.roles.api {
@@ -162,6 +183,8 @@ impl Mesh {
                 acceptor: acceptor.clone(),
                 auth: auth.clone(),
                 reads: reads.clone(),
+                preferences: preferences.clone(),
+                rates: Arc::new(herald_api::ProducerRates::new(opts.rates.clone())),
                 config: opts.api,
             }));
             app = app.merge(channels.routes(auth.clone()));
@@ -196,9 +219,10 @@ impl Mesh {
         });
         if opts.roles.router {
             let (nats, subjects, stop) = (nats.clone(), opts.subjects.clone(), stop.clone());
+            let policy = opts.policy.clone();
             let routing = channels.routing();
             tasks.spawn(async move {
-                herald_router::run(nats, subjects, routing, stop.cancelled_owned())
+                herald_router::run(nats, subjects, policy, routing, stop.cancelled_owned())
                     .await
                     .map_err(MeshError::from)
             });

@@ -10,6 +10,7 @@ use crate::mesh::{Mesh, MeshOptions, Roles};
 use herald_natsd::{NatsServer, NatsServerOptions};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 /// Credentials generated for development.
@@ -106,6 +107,9 @@ pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> Result<
             roles: Roles::ALL,
             dev_mode: true,
             channels: valid.channels.clone(),
+            policy: Arc::new(valid.policy.clone()),
+            templates: valid.templates.clone(),
+            rates: valid.rates.clone(),
         },
         listener,
     )

@@ -21,6 +21,7 @@ pub mod error;
 pub mod frames;
 pub mod notification;
 pub mod pages;
+pub mod preferences;
 pub mod streams;
 pub mod subjects;
 pub mod user;
@@ -28,8 +29,10 @@ pub mod user;
 pub use error::{ErrorBody, FieldError};
 pub use frames::{ClientFrame, ServerFrame};
 pub use notification::{
-    Channel, ChannelJob, Notification, NotifyRequest, Priority, StoredNotification, ValidatedNotify,
+    Channel, ChannelJob, Notification, NotifyRequest, Priority, Rendered, StoredNotification,
+    ValidatedNotify,
 };
+pub use preferences::{Policy, Preferences, PreferencesPatch};
 pub use streams::StreamSpec;
 pub use subjects::Subjects;
 pub use user::{UserId, UserIdError, UserToken};

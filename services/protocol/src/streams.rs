@@ -11,6 +11,8 @@ pub const INBOX: &str = "HERALD_INBOX";
 pub const REJECTED: &str = "HERALD_REJECTED";
 /// KV bucket of read positions (key: user token, value: seq as decimal text).
 pub const READS_BUCKET: &str = "herald_reads";
+/// KV bucket of user preferences (key: user token, value: the sparse preferences JSON).
+pub const PREFS_BUCKET: &str = "herald_prefs";
 /// KV bucket of "seen live" positions (key: user token, value: seq as decimal text),
 /// written from client `ack` frames. Channel workers read it to skip push for what the
 /// user already saw on a live connection (escalation driven by real acks).
@@ -58,6 +60,8 @@ pub struct StreamSpec {
     pub max_bytes: i64,
     /// When full, refuse new messages (publisher backpressure) instead of dropping old ones.
     pub discard_new: bool,
+    /// Message schedules (`Nats-Schedule`, nats-server 2.12+) are allowed.
+    pub allow_schedules: bool,
 }
 
 /// Tunables for provisioning.
@@ -96,7 +100,7 @@ pub fn streams(subjects: &Subjects, settings: &StreamSettings) -> Vec<StreamSpec
     let mut specs = vec![
         StreamSpec {
             name: INBOX,
-            subjects: vec![subjects.inbox_all()],
+            subjects: vec![subjects.inbox_all(), subjects.scheduled_all()],
             retention: Retention::Limits,
             max_age: settings.inbox_max_age,
             max_msgs_per_subject: settings.inbox_max_per_user,
@@ -112,6 +116,7 @@ pub fn streams(subjects: &Subjects, settings: &StreamSettings) -> Vec<StreamSpec
             max_msgs: -1,
             max_bytes: -1,
             discard_new: false,
+            allow_schedules: true,
         },
         StreamSpec {
             name: REJECTED,
@@ -128,6 +133,7 @@ pub fn streams(subjects: &Subjects, settings: &StreamSettings) -> Vec<StreamSpec
             max_msgs: -1,
             max_bytes: -1,
             discard_new: false,
+            allow_schedules: false,
         },
         dlq_stream(subjects, settings),
     ];
@@ -147,6 +153,9 @@ pub fn router_consumer(partition: u16) -> String {
 /// Header of the core message announcing a user's new read position on their live
 /// subject (value: the position). Gateways turn it into a `read` frame for every device.
 pub const READ_HEADER: &str = "Herald-Read";
+
+/// Header on a scheduled notification naming the producer that may cancel it.
+pub const PRODUCER_HEADER: &str = "Herald-Producer";
 
 /// Header on inbox messages that ask for channels beyond the inbox (value `1`).
 pub const ROUTE_HEADER: &str = "Herald-Route";
@@ -196,6 +205,7 @@ pub fn work_stream(subjects: &Subjects, settings: &StreamSettings, channel: Chan
         max_msgs: settings.work_max_msgs,
         max_bytes: settings.work_max_bytes,
         discard_new: true,
+        allow_schedules: false,
     }
 }
 
@@ -220,6 +230,7 @@ pub fn dlq_stream(subjects: &Subjects, settings: &StreamSettings) -> StreamSpec 
         max_msgs: 1_000_000,
         max_bytes: -1,
         discard_new: false,
+        allow_schedules: false,
     }
 }
 

@@ -84,6 +84,38 @@ impl Subjects {
         format!("{}.inbox.{partition}.*", self.prefix)
     }
 
+    /// Where a scheduled notification waits until its `send_at` (one subject per
+    /// notification: JetStream keeps one schedule per subject). `id` is a UUID.
+    pub fn scheduled(&self, user: &UserId, id: &str) -> String {
+        format!(
+            "{}.sched.{}.{}.{id}",
+            self.prefix,
+            user.partition(self.partitions),
+            user.token()
+        )
+    }
+
+    /// The schedule subject of notification `id`, whoever it is for (a filter).
+    pub fn scheduled_by_id(&self, id: &str) -> String {
+        format!("{}.sched.*.*.{id}", self.prefix)
+    }
+
+    /// Every schedule of one user (a filter).
+    pub fn scheduled_of(&self, user: &UserId) -> String {
+        format!(
+            "{}.sched.{}.{}.*",
+            self.prefix,
+            user.partition(self.partitions),
+            user.token()
+        )
+    }
+
+    /// Every schedule subject (captured by the INBOX stream, whose scheduler fires them
+    /// into the users' inbox subjects).
+    pub fn scheduled_all(&self) -> String {
+        format!("{}.sched.>", self.prefix)
+    }
+
     /// A user's live subject: INBOX republishes each stored message here.
     pub fn live(&self, user: &UserId) -> String {
         format!(

@@ -1,5 +1,6 @@
 //! The router: consumes the INBOX stream partition by partition and turns each stored
-//! notification into channel jobs (push, email, SMS, webhook) on the WORK stream.
+//! notification into channel jobs (push, email, SMS, webhook), one per target, on the
+//! channels' work streams.
 //!
 //! Live delivery needs no router hop — INBOX republishes every stored message to the
 //! user's live subject. What the router owns is everything after the inbox, and for that
@@ -12,11 +13,12 @@ use async_nats::jetstream::message::PublishMessage;
 use futures::StreamExt as _;
 use herald_protocol::Subjects;
 use herald_protocol::streams::{self, INBOX};
-use herald_protocol::{Channel, ChannelJob, StoredNotification};
+use herald_protocol::{Channel, ChannelJob, Policy, StoredNotification};
 use herald_store::status::{State, Update};
 use herald_store::targets::target_id;
-use herald_store::{Nats, StatusStore, Targets};
+use herald_store::{Nats, PreferenceStore, StatusStore, Targets};
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -26,6 +28,9 @@ const PULL_EXPIRY: Duration = Duration::from_secs(2);
 /// Why the router stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum RouterError {
+    /// The preferences bucket could not be opened.
+    #[error("opening the preferences bucket")]
+    Preferences(#[source] herald_store::PreferencesError),
     /// A partition consumer could not be opened.
     #[error("opening router consumer for partition {partition}")]
     Consumer {
@@ -37,12 +42,13 @@ pub enum RouterError {
     },
 }
 
-/// What the router reads and writes besides streams.
+/// What the router reads and writes besides streams and preferences.
 #[derive(Debug, Clone)]
 pub struct Routing {
     /// Where users can be reached (one job per target).
     pub targets: Targets,
-    /// Delivery status (`queued`, or `skipped` when a channel has no target).
+    /// Delivery status (`queued`, or `skipped` when a channel has no target or policy
+    /// suppresses it).
     pub status: StatusStore,
 }
 
@@ -53,17 +59,25 @@ pub struct Routing {
 pub async fn run(
     nats: Nats,
     subjects: Subjects,
+    policy: Arc<Policy>,
     routing: Routing,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), RouterError> {
+    let route = Route {
+        nats: nats.clone(),
+        subjects: subjects.clone(),
+        preferences: PreferenceStore::open(&nats.js_consume)
+            .await
+            .map_err(RouterError::Preferences)?,
+        policy,
+        routing,
+    };
     let stop = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
     for partition in 0..subjects.partitions() {
         let consumer = open(&nats, partition).await?;
         tasks.spawn(partition_loop(
-            nats.clone(),
-            subjects.clone(),
-            routing.clone(),
+            route.clone(),
             partition,
             consumer,
             stop.clone(),
@@ -102,10 +116,18 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(3);
 /// Back-off between attempts to enqueue one notification's jobs.
 const RETRY_BACKOFF: Duration = Duration::from_millis(500);
 
-async fn partition_loop(
+/// What routing one message needs.
+#[derive(Clone)]
+struct Route {
     nats: Nats,
     subjects: Subjects,
+    preferences: PreferenceStore,
+    policy: Arc<Policy>,
     routing: Routing,
+}
+
+async fn partition_loop(
+    route: Route,
     partition: u16,
     consumer: PullConsumer,
     stop: CancellationToken,
@@ -139,7 +161,7 @@ async fn partition_loop(
                     while let Ok(Some(Ok(msg))) =
                         tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + DRAIN_QUIET), messages.next()).await
                     {
-                        if let Routed::Done = route(&nats, &subjects, &routing, &msg).await {
+                        if let Routed::Done = route.message(&msg).await {
                             let _ = msg.ack().await;
                         }
                     }
@@ -150,7 +172,7 @@ async fn partition_loop(
             match next {
                 Some(Ok(msg)) => {
                     // Retry in place: moving on would break per-user order.
-                    while let Routed::Retry = route(&nats, &subjects, &routing, &msg).await {
+                    while let Routed::Retry = route.message(&msg).await {
                         tokio::select! {
                             // Unacked: redelivered to whichever router owns the partition next.
                             _ = stop.cancelled() => return,
@@ -177,114 +199,161 @@ enum Routed {
     Retry,
 }
 
-/// Routes one stored notification: one job per (channel beyond the inbox, target).
-/// `Nats-Msg-Id` per (id, channel, target) makes a retry or a replayed router harmless for
-/// the jobs that did land. A full work queue refuses the publish (discard-new), and the
-/// notification is retried in place: backpressure, never loss.
-async fn route(
-    nats: &Nats,
-    subjects: &Subjects,
-    routing: &Routing,
-    msg: &async_nats::jetstream::Message,
-) -> Routed {
-    let needs_routing = msg
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(streams::ROUTE_HEADER))
-        .is_some();
-    if !needs_routing {
-        metrics::counter!("herald_router_skipped_total").increment(1);
-        return Routed::Done;
-    }
-    let seq = match msg.info() {
-        Ok(info) => info.stream_sequence,
-        Err(e) => {
-            tracing::warn!(error = %e, "router message without metadata; skipping it");
+impl Route {
+    /// Routes one stored notification: one job per (channel beyond the inbox that the
+    /// user's preferences allow, target). `Nats-Msg-Id` per (id, channel, target) makes a
+    /// retry or a replayed router harmless for the jobs that did land. A full work queue
+    /// refuses the publish (discard-new) and the notification is retried in place:
+    /// backpressure, never loss.
+    async fn message(&self, msg: &async_nats::jetstream::Message) -> Routed {
+        let Route { nats, subjects, .. } = self;
+        let needs_routing = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(streams::ROUTE_HEADER))
+            .is_some();
+        if !needs_routing {
+            metrics::counter!("herald_router_skipped_total").increment(1);
             return Routed::Done;
         }
-    };
-    let stored: StoredNotification = match serde_json::from_slice(&msg.payload) {
-        Ok(n) => n,
-        Err(e) => {
-            tracing::warn!(seq, error = %e, "undecodable inbox message; skipping");
-            return Routed::Done;
-        }
-    };
-    let mut acks = Vec::new();
-    let mut queued = Vec::new();
-    let mut untargeted = Vec::new();
-    for channel in stored
-        .channels
-        .iter()
-        .copied()
-        .filter(|c| *c != Channel::Inbox)
-    {
-        let targets = match routing.targets.targets(&stored.user_id, channel).await {
-            Ok(t) => t,
+        let seq = match msg.info() {
+            Ok(info) => info.stream_sequence,
             Err(e) => {
-                tracing::warn!(seq, error = %e, "reading targets failed; will retry");
-                return Routed::Retry;
+                tracing::warn!(error = %e, "router message without metadata; skipping it");
+                return Routed::Done;
             }
         };
-        if targets.is_empty() {
-            untargeted.push((channel, "none".to_string()));
-        }
-        for target in targets {
-            let job = ChannelJob {
-                id: stored.id.clone(),
-                seq,
-                user_id: stored.user_id.clone(),
-                channel,
-                priority: stored.priority,
-                target: target_id(&target),
-            };
-            let Ok(payload) = serde_json::to_vec(&job) else {
-                continue;
-            };
-            let publish = PublishMessage::build()
-                .payload(payload.into())
-                .message_id(job.msg_id())
-                .expected_stream(streams::work_stream_name(channel));
-            match nats
-                .js
-                .send_publish(subjects.work(channel, stored.priority), publish)
-                .await
-            {
-                Ok(ack) => acks.push(ack),
+        let stored: StoredNotification = match serde_json::from_slice(&msg.payload) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(seq, error = %e, "undecodable inbox message; skipping");
+                return Routed::Done;
+            }
+        };
+        let Some((channels, suppressed)) = self.allowed_channels(&stored, seq).await else {
+            return Routed::Retry;
+        };
+        let mut acks = Vec::new();
+        let mut queued = Vec::new();
+        let mut untargeted = Vec::new();
+        for channel in channels {
+            let targets = match self.routing.targets.targets(&stored.user_id, channel).await {
+                Ok(t) => t,
                 Err(e) => {
-                    tracing::warn!(seq, error = %e, "enqueue failed; will retry");
+                    tracing::warn!(seq, error = %e, "reading targets failed; will retry");
                     return Routed::Retry;
                 }
+            };
+            if targets.is_empty() {
+                untargeted.push((channel, "none".to_string()));
             }
-            queued.push((channel, job.target));
+            for target in targets {
+                let job = ChannelJob {
+                    id: stored.id.clone(),
+                    seq,
+                    user_id: stored.user_id.clone(),
+                    channel,
+                    priority: stored.priority,
+                    target: target_id(&target),
+                };
+                let Ok(payload) = serde_json::to_vec(&job) else {
+                    continue;
+                };
+                let publish = PublishMessage::build()
+                    .payload(payload.into())
+                    .message_id(job.msg_id())
+                    .expected_stream(streams::work_stream_name(channel));
+                match nats
+                    .js
+                    .send_publish(subjects.work(channel, stored.priority), publish)
+                    .await
+                {
+                    Ok(ack) => acks.push(ack),
+                    Err(e) => {
+                        tracing::warn!(seq, error = %e, "enqueue failed; will retry");
+                        return Routed::Retry;
+                    }
+                }
+                queued.push((channel, job.target));
+            }
         }
+        for ack in acks {
+            if let Err(e) = ack.await {
+                tracing::warn!(seq, error = %e, "enqueue not acked (queue full?); will retry");
+                metrics::counter!("herald_router_enqueue_refused_total").increment(1);
+                return Routed::Retry;
+            }
+        }
+        // Status is for people; a failure to record it never holds delivery back.
+        let mut records = vec![
+            (queued, Update::state(State::Queued)),
+            (
+                untargeted,
+                Update::state(State::Skipped)
+                    .because("no target: the user has none on this channel"),
+            ),
+        ];
+        for (channel, rule) in suppressed {
+            records.push((
+                vec![(channel, "none".to_string())],
+                Update::state(State::Skipped).because(format!("opted out: {rule}")),
+            ));
+        }
+        for (targets, update) in records {
+            if targets.is_empty() {
+                continue;
+            }
+            if let Err(e) = self
+                .routing
+                .status
+                .record_many(&stored.id, &stored.user_id, seq, &targets, update)
+                .await
+            {
+                tracing::warn!(seq, error = %e, "recording delivery status failed");
+            }
+        }
+        metrics::counter!("herald_router_routed_total").increment(1);
+        Routed::Done
     }
-    for ack in acks {
-        if let Err(e) = ack.await {
-            tracing::warn!(seq, error = %e, "enqueue not acked (queue full?); will retry");
-            metrics::counter!("herald_router_enqueue_refused_total").increment(1);
-            return Routed::Retry;
+
+    /// The channels beyond the inbox that policy lets this notification use, read from the
+    /// user's preferences as they are now, and those it suppresses with the rule that did;
+    /// `None` when the preferences cannot be read.
+    async fn allowed_channels(
+        &self,
+        stored: &StoredNotification,
+        seq: u64,
+    ) -> Option<(Vec<Channel>, Vec<(Channel, String)>)> {
+        let wanted: Vec<Channel> = stored
+            .channels
+            .iter()
+            .copied()
+            .filter(|c| *c != Channel::Inbox)
+            .collect();
+        if wanted.is_empty() {
+            return Some((wanted, Vec::new()));
         }
+        let prefs = match self.preferences.get(&stored.user_id).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(seq, error = %e, "preferences unavailable; will retry");
+                return None;
+            }
+        };
+        let category = stored.category.as_deref();
+        let mut allowed = Vec::new();
+        let mut suppressed_by = Vec::new();
+        for channel in wanted {
+            match self.policy.decide(&prefs, category, channel) {
+                Ok(()) => allowed.push(channel),
+                Err(suppressed) => {
+                    metrics::counter!("herald_policy_suppressed_total", "channel" => channel.as_str())
+                        .increment(1);
+                    tracing::debug!(seq, id = %stored.id, channel = channel.as_str(), rule = %suppressed.rule, "suppressed by policy");
+                    suppressed_by.push((channel, suppressed.rule.to_string()));
+                }
+            }
+        }
+        Some((allowed, suppressed_by))
     }
-    // Status is for people; a failure to record it never holds delivery back.
-    for (targets, update) in [
-        (queued, Update::state(State::Queued)),
-        (
-            untargeted,
-            Update::state(State::Skipped).because("no target: the user has none on this channel"),
-        ),
-    ] {
-        if targets.is_empty() {
-            continue;
-        }
-        if let Err(e) = routing
-            .status
-            .record_many(&stored.id, &stored.user_id, seq, &targets, update)
-            .await
-        {
-            tracing::warn!(seq, error = %e, "recording delivery status failed");
-        }
-    }
-    metrics::counter!("herald_router_routed_total").increment(1);
-    Routed::Done
 }

@@ -7,18 +7,24 @@
 //! - [`reads`]: per-user read positions.
 //! - [`targets`]: push devices and encrypted contact data.
 //! - [`status`]: delivery status per notification, and sent markers.
+//! - [`preferences`]: per-user preferences.
+//! - [`scheduled`]: `send_at`, held by JetStream's message scheduler.
 
 pub mod connect;
 pub mod direct;
 pub mod inbox;
+pub mod preferences;
 pub mod provision;
 pub mod reads;
+pub mod scheduled;
 pub mod status;
 pub mod targets;
 
 pub use connect::{Nats, connect};
 pub use inbox::{AppendAck, Inbox, InboxError, InboxPage};
+pub use preferences::{PreferenceStore, PreferencesError};
 pub use provision::{ProvisionError, ProvisionReport, provision};
 pub use reads::ReadPositions;
+pub use scheduled::Cancelled;
 pub use status::StatusStore;
 pub use targets::Targets;

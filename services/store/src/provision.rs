@@ -73,6 +73,20 @@ pub async fn provision(
         ensure_stream(js, &spec, &mut report).await?;
     }
     ensure_reads_bucket(js, settings, &mut report).await?;
+    ensure_bucket(
+        js,
+        kv::Config {
+            bucket: streams::PREFS_BUCKET.to_string(),
+            description: "Herald preferences: user token -> sparse preferences JSON".into(),
+            history: 1,
+            max_value_size: 64 * 1024,
+            storage: stream::StorageType::File,
+            num_replicas: settings.replicas,
+            ..Default::default()
+        },
+        &mut report,
+    )
+    .await?;
     for (bucket, description, max_age) in [
         (
             streams::TARGETS_BUCKET,
@@ -95,7 +109,20 @@ pub async fn provision(
             Duration::ZERO,
         ),
     ] {
-        ensure_bucket(js, settings, bucket, description, max_age, &mut report).await?;
+        ensure_bucket(
+            js,
+            kv::Config {
+                bucket: bucket.to_string(),
+                description: description.to_string(),
+                history: 1,
+                max_age,
+                storage: stream::StorageType::File,
+                num_replicas: settings.replicas,
+                ..Default::default()
+            },
+            &mut report,
+        )
+        .await?;
     }
     for partition in 0..subjects.partitions() {
         ensure_router_consumer(js, subjects, partition).await?;
@@ -134,33 +161,6 @@ async fn remove_legacy_work_stream(
         .await
         .map_err(|e| nats_err("deleting the legacy work stream")(Box::new(e)))?;
     report.updated.push(streams::LEGACY_WORK.to_string());
-    Ok(())
-}
-
-async fn ensure_bucket(
-    js: &jetstream::Context,
-    settings: &StreamSettings,
-    bucket: &str,
-    description: &str,
-    max_age: Duration,
-    report: &mut ProvisionReport,
-) -> Result<(), ProvisionError> {
-    if js.get_key_value(bucket).await.is_ok() {
-        report.unchanged.push(bucket.to_string());
-        return Ok(());
-    }
-    js.create_key_value(kv::Config {
-        bucket: bucket.to_string(),
-        description: description.to_string(),
-        history: 1,
-        max_age,
-        storage: stream::StorageType::File,
-        num_replicas: settings.replicas,
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| nats_err(format!("creating bucket {bucket}"))(Box::new(e)))?;
-    report.created.push(bucket.to_string());
     Ok(())
 }
 
@@ -262,6 +262,7 @@ fn stream_config(spec: &StreamSpec) -> stream::Config {
         max_messages: spec.max_msgs,
         max_bytes: spec.max_bytes,
         metadata: spec.metadata.iter().cloned().collect::<HashMap<_, _>>(),
+        allow_message_schedules: spec.allow_schedules,
         ..Default::default()
     }
 }
@@ -333,12 +334,17 @@ fn check_compatible(
             advice,
         })
     };
-    if existing.subjects != wanted.subjects {
+    // Adding subjects is compatible (new kinds of data); dropping one would strand data.
+    if !existing
+        .subjects
+        .iter()
+        .all(|s| wanted.subjects.contains(s))
+    {
         return incompatible(
             "subjects",
             format!("{:?}", existing.subjects),
             format!("{:?}", wanted.subjects),
-            "the subject prefix changed; set the prefix the data was written with, or delete the stream (losing its data)",
+            "the subject prefix changed, or this Herald is older than the one that provisioned it; set the prefix the data was written with, run the newer Herald, or delete the stream (losing its data)",
         );
     }
     if existing.retention != wanted.retention {
@@ -378,6 +384,8 @@ fn same_tunables(a: &stream::Config, b: &stream::Config) -> bool {
         && a.duplicate_window == b.duplicate_window
         && a.allow_direct == b.allow_direct
         && a.republish == b.republish
+        && a.subjects == b.subjects
+        && a.allow_message_schedules == b.allow_message_schedules
         && a.num_replicas == b.num_replicas
         && a.max_messages == b.max_messages
         && a.max_bytes == b.max_bytes
@@ -436,6 +444,25 @@ async fn ensure_reads_bucket(
             Ok(())
         }
     }
+}
+
+/// Creates a KV bucket when missing; an existing one is left as it is (its limits are
+/// not data-bearing, and changing history would drop revisions).
+async fn ensure_bucket(
+    js: &jetstream::Context,
+    config: kv::Config,
+    report: &mut ProvisionReport,
+) -> Result<(), ProvisionError> {
+    let bucket = config.bucket.clone();
+    if js.get_key_value(&bucket).await.is_ok() {
+        report.unchanged.push(bucket);
+        return Ok(());
+    }
+    js.create_key_value(config)
+        .await
+        .map_err(|e| nats_err(format!("creating bucket {bucket}"))(Box::new(e)))?;
+    report.created.push(bucket);
+    Ok(())
 }
 
 /// The router consumer of one partition: one pinned client at a time, so one router owns

@@ -405,10 +405,11 @@ async fn unsubscribe(
     Query(q): Query<UnsubscribeQuery>,
 ) -> Result<Json<Value>, AppError> {
     let (user, category) = verify(&s.links, &q)?;
-    s.optout
-        .unsubscribe_email(&user, category.as_deref())
-        .await
-        .map_err(unavailable)?;
+    match s.optout.unsubscribe_email(&user, category.as_deref()).await {
+        Ok(()) => {}
+        Err(herald_store::PreferencesError::Invalid(e)) => return Err(AppError::field(e)),
+        Err(e) => return Err(unavailable(e)),
+    }
     Ok(Json(
         json!({"unsubscribed": true, "category": category, "channel": "email"}),
     ))
