@@ -152,6 +152,8 @@ pub struct Channels {
     optout: OptOut,
     links: Links,
     providers: Arc<Providers>,
+    seen: async_nats::jetstream::kv::Store,
+    reads: async_nats::jetstream::kv::Store,
 }
 
 impl Channels {
@@ -176,6 +178,14 @@ impl Channels {
         let optout = OptOut::open(js, policy)
             .await
             .map_err(|e| ChannelsError::Open("the preference store", Box::new(e)))?;
+        let seen = js
+            .get_key_value(herald_protocol::streams::SEEN_BUCKET)
+            .await
+            .map_err(|e| ChannelsError::Open("the seen positions", Box::new(e)))?;
+        let reads = js
+            .get_key_value(herald_protocol::streams::READS_BUCKET)
+            .await
+            .map_err(|e| ChannelsError::Open("the read positions", Box::new(e)))?;
         let base = settings
             .public_url
             .clone()
@@ -189,6 +199,8 @@ impl Channels {
             targets,
             status,
             optout,
+            seen,
+            reads,
         })
     }
 
@@ -202,6 +214,8 @@ impl Channels {
             dlq: Dlq::new(self.nats.clone(), self.subjects.clone()),
             optout: self.optout.clone(),
             links: self.links.clone(),
+            seen: self.seen.clone(),
+            reads: self.reads.clone(),
         })
     }
 

@@ -41,6 +41,10 @@ pub struct ChannelsState {
     pub optout: OptOut,
     /// Unsubscribe tokens.
     pub links: Links,
+    /// Seen-live positions (`herald_seen`).
+    pub seen: async_nats::jetstream::kv::Store,
+    /// Read positions (`herald_reads`).
+    pub reads: async_nats::jetstream::kv::Store,
 }
 
 impl HasAuth for ChannelsState {
@@ -243,11 +247,26 @@ async fn status(
         producer.require(Scope::Notify)?;
     }
     match s.status.get(&id).await.map_err(unavailable)? {
-        Some(doc) => Ok(Json(serde_json::to_value(doc).unwrap_or_default())),
+        Some(doc) => {
+            // Seen live (a client `ack`) and read, from the user's positions.
+            let token = doc.user_id.token();
+            let seen = position(&s.seen, token.as_str()).await;
+            let read = position(&s.reads, token.as_str()).await;
+            let mut out = serde_json::to_value(&doc).unwrap_or_default();
+            out["seen"] = json!(seen.is_some_and(|p| p >= doc.seq));
+            out["read"] = json!(read.is_some_and(|p| p >= doc.seq));
+            Ok(Json(out))
+        }
         None => Err(AppError::not_found(
             "no delivery status for this id (inbox-only notifications have none)",
         )),
     }
+}
+
+/// A position (seq as decimal text) from a KV bucket; `None` when absent or unreadable.
+async fn position(kv: &async_nats::jetstream::kv::Store, key: &str) -> Option<u64> {
+    let value = kv.get(key).await.ok()??;
+    std::str::from_utf8(&value).ok()?.trim().parse().ok()
 }
 
 #[derive(Deserialize)]

@@ -83,7 +83,8 @@ impl WorkerConfig {
             escalation_delay: Duration::from_secs(5),
             send_timeout: Duration::from_secs(15),
             backoff: Backoff::default(),
-            drain_grace: Duration::from_secs(20),
+            // Within the mesh's own 10 s drain, so in-flight jobs settle before it aborts.
+            drain_grace: Duration::from_secs(8),
         }
     }
 
@@ -207,6 +208,7 @@ pub async fn run(
             ))
             .await
             .map_err(|e| open_err(format!("consumer {name}"))(Box::new(e)))?;
+        lanes.spawn(report_depth(channel, lane, consumer.clone(), stop.clone()));
         lanes.spawn(lane_loop(ctx.clone(), lane, consumer, stop.clone()));
     }
     tracing::info!(channel = channel.as_str(), budget = ?config.budget, "worker running");
@@ -214,6 +216,32 @@ pub async fn run(
     stop.cancel();
     while lanes.join_next().await.is_some() {}
     Ok(())
+}
+
+/// How often queue depth is published as a metric.
+const DEPTH_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Publishes the lane's queue depth (jobs waiting, and delivered but not yet acked) as
+/// gauges for `/metrics`.
+async fn report_depth(
+    channel: Channel,
+    lane: Priority,
+    mut consumer: PullConsumer,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(DEPTH_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Ok(info) = consumer.info().await {
+            let labels = [("channel", channel.as_str()), ("lane", lane.as_str())];
+            metrics::gauge!("herald_worker_queue_pending", &labels).set(info.num_pending as f64);
+            metrics::gauge!("herald_worker_queue_ack_pending", &labels)
+                .set(info.num_ack_pending as f64);
+        }
+    }
 }
 
 /// Pull expiry of one lane's fetch loop.
