@@ -675,3 +675,47 @@ async fn a_paused_channel_holds_its_jobs_until_resumed() -> anyhow::Result<()> {
     assert_eq!(bad.status(), 400);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtp_answers_are_classified_unknown_mailbox_removed_and_4xx_retried() -> anyhow::Result<()>
+{
+    let smtp = SmtpServer::start_rejecting().await?;
+    let nats = Nats::single().await?;
+    let mut s = settings(rand_key());
+    s.smtp = Some(SmtpSettings {
+        url: smtp.url(),
+        from: "noreply@herald.test".into(),
+        pool: 2,
+    });
+    let herald = Herald::builder(&nats).channels(s).start().await?;
+    let email = |user: &'static str| {
+        let herald = &herald;
+        async move {
+            herald
+                .accept(&json!({"user_id": user, "title": "hi", "channels": ["email"]}))
+                .await
+        }
+    };
+    // 550 5.1.1: the address is invalid, removed, and the job ends.
+    contact(&herald, "gone", json!({"email": "gone@example.com"})).await?;
+    let first = email("gone").await?;
+    let entry = reaches(&herald, &first.id, "email", "failed").await?;
+    assert!(
+        entry["reason"].as_str().unwrap_or_default().contains("550"),
+        "{entry}"
+    );
+    let next = email("gone").await?;
+    let entry = reaches(&herald, &next.id, "email", "skipped").await?;
+    assert_eq!(entry["target"], "none", "the address was removed: {entry}");
+    // 451: transient, retried until MaxDeliver, then dead-lettered with the answer.
+    contact(&herald, "busy", json!({"email": "busy@example.com"})).await?;
+    let busy = email("busy").await?;
+    let entry = reaches(&herald, &busy.id, "email", "dead_lettered").await?;
+    assert_eq!(entry["retries"], 3, "{entry}");
+    assert!(
+        entry["reason"].as_str().unwrap_or_default().contains("451"),
+        "{entry}"
+    );
+    assert!(smtp.messages()?.is_empty(), "nothing was accepted");
+    Ok(())
+}

@@ -6,6 +6,21 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
+/// An aiosmtpd handler that stores mail like `Mailbox` but refuses some recipients the
+/// way real servers do.
+const REJECTING_HANDLER: &str = r#"
+from aiosmtpd.handlers import Mailbox
+
+class Rejecting(Mailbox):
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address.startswith("gone@"):
+            return "550 5.1.1 <%s>: Recipient address rejected: User unknown" % address
+        if address.startswith("busy@"):
+            return "451 4.3.0 Try again later"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+"#;
+
 /// A running aiosmtpd; killed on drop.
 #[derive(Debug)]
 pub struct SmtpServer {
@@ -22,7 +37,24 @@ impl SmtpServer {
     /// # Errors
     /// When Python or aiosmtpd is missing, or the server does not listen within 20 s.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::spawn("aiosmtpd.handlers.Mailbox", None).await
+    }
+
+    /// Like [`SmtpServer::start`], but the server answers `RCPT TO` for `gone@…` with
+    /// `550 5.1.1 User unknown` and for `busy@…` with `451 4.3.0 Try again later`.
+    ///
+    /// # Errors
+    /// As [`SmtpServer::start`].
+    pub async fn start_rejecting() -> anyhow::Result<Self> {
+        Self::spawn("herald_smtp_handler.Rejecting", Some(REJECTING_HANDLER)).await
+    }
+
+    async fn spawn(handler: &str, module: Option<&str>) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir().context("maildir")?;
+        if let Some(source) = module {
+            std::fs::write(dir.path().join("herald_smtp_handler.py"), source)
+                .context("writing the handler module")?;
+        }
         let python = std::env::var("HERALD_PYTHON").unwrap_or_else(|_| "python3".into());
         // The OS picks the port; aiosmtpd binds it right after.
         let port = {
@@ -31,9 +63,10 @@ impl SmtpServer {
         };
         let mailbox = dir.path().join("mail");
         let child = tokio::process::Command::new(&python)
+            .env("PYTHONPATH", dir.path())
             .args(["-m", "aiosmtpd", "-n", "-l"])
             .arg(format!("127.0.0.1:{port}"))
-            .args(["-c", "aiosmtpd.handlers.Mailbox"])
+            .args(["-c", handler])
             .arg(&mailbox)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
