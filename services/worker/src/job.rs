@@ -244,7 +244,7 @@ impl Step<'_> {
     async fn send(&self, delivery: &Delivery) {
         let ctx = self.ctx;
         let pick = ctx.deps.providers.pick(self.job.channel, &delivery.target);
-        let (provider, probe) = match pick {
+        let (provider, _probe) = match pick {
             crate::providers::Pick::Use(p, probe) => (p, probe),
             crate::providers::Pick::AllOpen(wait) => {
                 let reason = "every provider's circuit is open";
@@ -280,9 +280,7 @@ impl Step<'_> {
             Err(e) if e.counts_against_provider() => provider.breaker.on_failure(Instant::now()),
             _ => provider.breaker.on_success(),
         }
-        if probe {
-            provider.report();
-        }
+        // The breaker may have opened, closed, or (after a probe) changed state.
         provider.report();
         match result {
             Ok(sent) => self.sent(&name, sent.provider_message_id).await,
