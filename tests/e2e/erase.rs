@@ -3,16 +3,10 @@
 
 use anyhow::ensure;
 use herald_auth::Scope;
-use herald_tests::{Herald, Nats, eventually};
+use herald_tests::{Herald, Nats, eventually, send_at_in};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use std::time::Duration;
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
-
-fn in_ms(ms: i64) -> anyhow::Result<String> {
-    Ok((OffsetDateTime::now_utc() + time::Duration::milliseconds(ms)).format(&Rfc3339)?)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn erase_removes_everything_of_one_user_and_nothing_else() -> anyhow::Result<()> {
@@ -29,7 +23,7 @@ async fn erase_removes_everything_of_one_user_and_nothing_else() -> anyhow::Resu
         herald.send("zed", &format!("n{i}")).await?;
     }
     let scheduled = herald
-        .notify(&json!({"user_id": user, "title": "later", "send_at": in_ms(8000)?}))
+        .notify(&json!({"user_id": user, "title": "later", "send_at": send_at_in(8000).1}))
         .await?;
     ensure!(
         scheduled.status() == StatusCode::ACCEPTED,
@@ -113,7 +107,7 @@ async fn erase_removes_everything_of_one_user_and_nothing_else() -> anyhow::Resu
     // The erased schedule never fires: a notification scheduled after it arrives alone.
     // (The schedules are seconds away so that the erase surely comes first.)
     let sentinel = herald
-        .notify(&json!({"user_id": user, "title": "sentinel", "send_at": in_ms(9000)?}))
+        .notify(&json!({"user_id": user, "title": "sentinel", "send_at": send_at_in(9000).1}))
         .await?;
     ensure!(
         sentinel.status() == StatusCode::ACCEPTED,

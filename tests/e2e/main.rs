@@ -16,4 +16,5 @@ mod replay;
 mod routers;
 mod scheduled;
 mod templates;
+mod topics;
 mod transports;

@@ -5,18 +5,12 @@
 use anyhow::{Context as _, ensure};
 use herald_auth::Scope;
 use herald_tests::herald::Resume;
-use herald_tests::{Herald, Nats, WsClient, within};
+use herald_tests::{Herald, Nats, WsClient, send_at_in, within};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use std::time::Duration;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
-
-/// `send_at` this far from now, RFC 3339 with sub-second precision.
-fn in_ms(ms: i64) -> (OffsetDateTime, String) {
-    let at = OffsetDateTime::now_utc() + time::Duration::milliseconds(ms);
-    (at, at.format(&Rfc3339).expect("formats"))
-}
 
 async fn schedule(
     herald: &Herald,
@@ -60,7 +54,7 @@ async fn scheduled_notification_arrives_at_its_time_not_before() -> anyhow::Resu
     let herald = Herald::builder(&nats).start().await?;
     let mut ws = herald.ws("sam", Resume::After(0)).await?;
     ws.hello().await?;
-    let (at, send_at) = in_ms(1500);
+    let (at, send_at) = send_at_in(1500);
     let id = schedule(&herald, "sam", "later", &send_at).await?;
     ensure!(
         herald.inbox("sam").await?.is_empty(),
@@ -84,11 +78,11 @@ async fn scheduled_notification_arrives_at_its_time_not_before() -> anyhow::Resu
         "in the inbox once fired: {inbox:?}"
     );
     // A send_at in the past means now; too far ahead is refused.
-    let (_, past) = in_ms(-60_000);
+    let (_, past) = send_at_in(-60_000);
     herald
         .accept(&json!({"user_id": "sam", "title": "now", "send_at": past}))
         .await?;
-    let (far, _) = in_ms(31 * 24 * 3600 * 1000);
+    let (far, _) = send_at_in(31 * 24 * 3600 * 1000);
     let refused = herald
         .notify(&json!({"user_id": "sam", "title": "x", "send_at": far.format(&Rfc3339)?}))
         .await?;
@@ -110,8 +104,8 @@ async fn cancelled_schedule_never_fires_and_only_its_producer_may_cancel() -> an
         .await?;
     let mut ws = herald.ws("tess", Resume::After(0)).await?;
     ws.hello().await?;
-    let (_, first_at) = in_ms(1500);
-    let (_, second_at) = in_ms(2500);
+    let (_, first_at) = send_at_in(1500);
+    let (_, second_at) = send_at_in(2500);
     let cancelled = schedule(&herald, "tess", "cancelled", &first_at).await?;
     schedule(&herald, "tess", "kept", &second_at).await?;
 
@@ -160,7 +154,7 @@ async fn cancelled_schedule_never_fires_and_only_its_producer_may_cancel() -> an
 async fn schedule_survives_a_nats_restart() -> anyhow::Result<()> {
     let mut nats = Nats::single().await?;
     let herald = Herald::builder(&nats).start().await?;
-    let (_, send_at) = in_ms(4000);
+    let (_, send_at) = send_at_in(4000);
     let id = schedule(&herald, "uma", "after restart", &send_at).await?;
     nats.kill();
     nats.restart().await?;

@@ -51,6 +51,7 @@ pub struct HeraldBuilder {
     policy: Policy,
     templates: Arc<herald_templates::Templates>,
     rates: herald_api::RateConfig,
+    topics: herald_api::TopicSettings,
 }
 
 /// A running Herald mesh. Dropping it aborts the mesh; [`Herald::shutdown`] drains it.
@@ -81,6 +82,7 @@ impl Herald {
             policy: Policy::default(),
             templates: Arc::new(herald_templates::Templates::none()),
             rates: herald_api::RateConfig::default(),
+            topics: herald_api::TopicSettings::default(),
         }
     }
 
@@ -316,6 +318,12 @@ impl HeraldBuilder {
         self
     }
 
+    /// Topic rules (which topics users may join themselves).
+    pub fn topics(mut self, topics: herald_api::TopicSettings) -> Self {
+        self.topics = topics;
+        self
+    }
+
     /// Which services run.
     pub fn roles(mut self, roles: Roles) -> Self {
         self.roles = roles;
@@ -391,6 +399,7 @@ impl HeraldBuilder {
             policy: Arc::new(self.policy.clone()),
             templates: self.templates.clone(),
             rates: self.rates.clone(),
+            topics: self.topics.clone(),
         };
         let mesh = crate::within(
             Duration::from_secs(60),

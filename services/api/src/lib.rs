@@ -19,5 +19,5 @@ pub mod limits;
 pub use accept::{AcceptError, Accepted, Acceptor};
 pub use auth::{Authenticator, Producer, User};
 pub use error::AppError;
-pub use http::{ApiConfig, ApiState, routes};
+pub use http::{ApiConfig, ApiState, TopicSettings, routes};
 pub use limits::{ProducerRates, RateConfig};

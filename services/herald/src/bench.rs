@@ -137,6 +137,7 @@ async fn notify(args: NotifyArgs) -> Result<(), BenchError> {
         policy: Default::default(),
         templates: Default::default(),
         rates: Default::default(),
+        topics: Default::default(),
     };
     // Herald gets a runtime of its own, as in its own process: the benchmark's clients
     // must not queue in front of the server's tasks on the same two workers.

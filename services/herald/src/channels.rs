@@ -2,9 +2,9 @@
 //! routes, the router's routing data, and the workers of every channel that has a
 //! provider.
 //!
-//! Providers are registered in [`providers`]: each configured provider (SMTP today; APNs,
-//! FCM, SMS and webhooks plug in the same way) becomes an `Arc<dyn Provider>` registered
-//! with its [`Limits`] in failover order.
+//! Providers are registered in [`providers`]: SMTP, then those `herald_channels::build`
+//! makes from configuration (APNs, FCM, Twilio, Vonage, webhook), then any given by an
+//! embedder or test, each an `Arc<dyn Provider>` with its [`Limits`], in failover order.
 
 use futures::future::BoxFuture;
 use herald_channels::Provider;
@@ -45,6 +45,9 @@ pub struct ChannelSettings {
     pub smtp: Option<SmtpSettings>,
     /// Send rate per provider (token bucket), when limited.
     pub provider_limits: Limits,
+    /// Providers built from configuration (APNs, FCM, Twilio, Vonage, webhook), in
+    /// failover order, registered after SMTP.
+    pub configured: Vec<Arc<dyn Provider>>,
     /// Providers registered after the configured ones (embedders and tests).
     pub extra_providers: Vec<(Arc<dyn Provider>, Limits)>,
     /// Run workers in this process: for `channels` only, or every channel with a provider.
@@ -70,6 +73,14 @@ impl std::fmt::Debug for ChannelSettings {
         f.debug_struct("ChannelSettings")
             .field("public_url", &self.public_url)
             .field("smtp", &self.smtp.as_ref().map(|s| &s.from))
+            .field(
+                "configured",
+                &self
+                    .configured
+                    .iter()
+                    .map(|p| p.name().to_string())
+                    .collect::<Vec<_>>(),
+            )
             .field("extra_providers", &self.extra_providers.len())
             .field("run_workers", &self.run_workers)
             .field("channels", &self.channels)
@@ -94,6 +105,7 @@ impl ChannelSettings {
             public_url: None,
             smtp: None,
             provider_limits: Limits::default(),
+            configured: Vec::new(),
             extra_providers: Vec::new(),
             run_workers: true,
             channels: None,
@@ -134,6 +146,9 @@ pub fn providers(settings: &ChannelSettings) -> Result<Providers, ChannelsError>
     if let Some(smtp) = &settings.smtp {
         let provider = SmtpProvider::new(&smtp.url, &smtp.from, smtp.pool)?;
         providers.register(Arc::new(provider), settings.provider_limits);
+    }
+    for provider in &settings.configured {
+        providers.register(provider.clone(), settings.provider_limits);
     }
     for (provider, limits) in &settings.extra_providers {
         providers.register(provider.clone(), *limits);

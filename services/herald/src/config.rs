@@ -94,9 +94,14 @@ pub struct Settings {
     pub escalation_delay_ms: u64,
     /// Sends per second per provider (0: unlimited).
     pub provider_rate: u32,
+    /// APNs, FCM, SMS and webhook providers (`HERALD_APNS_*`, `HERALD_FCM_*`, ...).
+    #[serde(flatten)]
+    pub providers: herald_channels::ProvidersConfig,
     /// Notifications per second a producer may send (per api instance) unless its key
     /// sets its own `rate_per_s`; unlimited when unset.
     pub producer_rate_per_s: Option<u32>,
+    /// Topics users may subscribe to themselves: exact names or prefixes ending in `*`.
+    pub self_subscribe_topics: Vec<String>,
     /// Folder of notification templates (`<name>.toml`); none when unset.
     pub templates_dir: Option<PathBuf>,
     /// Notification categories: `[categories.security] critical = true`,
@@ -133,9 +138,11 @@ impl Default for Settings {
             worker_concurrency: 64,
             escalation_delay_ms: 5000,
             provider_rate: 0,
+            providers: herald_channels::ProvidersConfig::default(),
             categories: BTreeMap::new(),
             templates_dir: None,
             producer_rate_per_s: None,
+            self_subscribe_topics: Vec::new(),
         }
     }
 }
@@ -170,6 +177,8 @@ pub struct Validated {
     pub templates: Arc<Templates>,
     /// Producer request rates.
     pub rates: herald_api::RateConfig,
+    /// Topic rules.
+    pub topics: herald_api::TopicSettings,
 }
 
 impl Settings {
@@ -191,9 +200,16 @@ impl Settings {
             }
             figment = figment.merge(Toml::file(file));
         }
-        figment = figment
-            .merge(Env::prefixed("HERALD_").only(&ENV_KEYS))
-            .merge(Serialized::defaults(flags));
+        figment = figment.merge(Env::prefixed("HERALD_").only(&ENV_KEYS));
+        // Provider secrets and numbers stay exact strings (figment's Env would parse
+        // `+15005550006` as a number).
+        for (key, value) in Env::prefixed("HERALD_")
+            .only(&herald_channels::ENV_KEYS)
+            .iter()
+        {
+            figment = figment.merge(Serialized::default(key.as_str(), value));
+        }
+        figment = figment.merge(Serialized::defaults(flags));
         figment
             .extract()
             .map_err(|e| ConfigError(e.into_iter().map(|e| e.to_string()).collect()))
@@ -306,6 +322,9 @@ impl Settings {
                 policy: Policy::new(self.categories.clone()),
                 templates: Arc::new(templates),
                 rates,
+                topics: herald_api::TopicSettings {
+                    self_subscribe: self.self_subscribe_topics.clone(),
+                },
             }),
             _ => Err(ConfigError(errors)),
         }
@@ -359,6 +378,10 @@ impl Settings {
         }
         if self.escalation_delay_ms > 3_600_000 {
             errors.push("escalation_delay_ms must be at most 3600000 (an hour)".into());
+        }
+        match herald_channels::build(&self.providers) {
+            Ok(built) => channels.configured = built,
+            Err(e) => errors.extend(e.0),
         }
         channels.concurrency = self.worker_concurrency.max(1);
         channels.escalation_delay = Duration::from_millis(self.escalation_delay_ms);

@@ -178,6 +178,7 @@ async fn service(
             policy: Arc::new(v.policy),
             templates: v.templates,
             rates: v.rates,
+            topics: v.topics,
         },
         listener,
     )

@@ -8,7 +8,7 @@ use herald_auth::{ApiKeys, JwtConfig, UserAuth};
 use herald_gateway::{GatewayConfig, GatewayState};
 use herald_protocol::streams::StreamSettings;
 use herald_protocol::{Policy, Subjects};
-use herald_store::{Inbox, PreferenceStore, ReadPositions};
+use herald_store::{FanoutLog, Inbox, PreferenceStore, ReadPositions, Subscriptions};
 use herald_templates::Templates;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,6 +37,22 @@ impl Roles {
         gateway: true,
         router: true,
         ingest: true,
+    };
+
+    /// The producer API alone (`herald api` without ingest).
+    pub const API: Roles = Roles {
+        api: true,
+        gateway: false,
+        router: false,
+        ingest: false,
+    };
+
+    /// The router (and fan-out worker) alone: `herald router`.
+    pub const ROUTER: Roles = Roles {
+        api: false,
+        gateway: false,
+        router: true,
+        ingest: false,
     };
 }
 
@@ -73,6 +89,8 @@ pub struct MeshOptions {
     pub templates: Arc<Templates>,
     /// Producer request rates.
     pub rates: herald_api::RateConfig,
+    /// Topic rules.
+    pub topics: herald_api::TopicSettings,
 }
 
 /// Why the mesh could not start or stopped with an error.
@@ -110,6 +128,12 @@ pub enum MeshError {
     /// The router failed.
     #[error(transparent)]
     Router(#[from] herald_router::RouterError),
+    /// The fan-out worker failed.
+    #[error(transparent)]
+    Fanout(#[from] herald_fanout::FanoutError),
+    /// The fan-out progress bucket could not be opened.
+    #[error("opening the fan-out progress bucket; run `herald provision`")]
+    FanoutLog(#[source] herald_store::TopicsError),
     /// The inbox stream is missing or was written with another layout.
     #[error("{0}")]
     Layout(String),
@@ -158,6 +182,7 @@ impl Mesh {
             .await
             .map_err(MeshError::Reads)?;
         let inbox = Inbox::new(nats.clone(), opts.subjects.clone());
+        let subscriptions = Subscriptions::new(nats.clone(), opts.subjects.clone());
         let preferences = PreferenceStore::open(&nats.js_consume)
             .await
             .map_err(MeshError::Preferences)?;
@@ -185,6 +210,11 @@ impl Mesh {
                 reads: reads.clone(),
                 preferences: preferences.clone(),
                 rates: Arc::new(herald_api::ProducerRates::new(opts.rates.clone())),
+                subscriptions: subscriptions.clone(),
+                fanouts: FanoutLog::open(&nats.js_consume)
+                    .await
+                    .map_err(MeshError::FanoutLog)?,
+                topics: Arc::new(opts.topics.clone()),
                 config: opts.api,
             }));
             app = app.merge(channels.routes(auth.clone()));
@@ -218,11 +248,30 @@ impl Mesh {
                 .map_err(MeshError::Http)
         });
         if opts.roles.router {
-            let (nats, subjects, stop) = (nats.clone(), opts.subjects.clone(), stop.clone());
+            let (router_nats, subjects, router_stop) =
+                (nats.clone(), opts.subjects.clone(), stop.clone());
             let policy = opts.policy.clone();
             let routing = channels.routing();
             tasks.spawn(async move {
-                herald_router::run(nats, subjects, policy, routing, stop.cancelled_owned())
+                herald_router::run(
+                    router_nats,
+                    subjects,
+                    policy,
+                    routing,
+                    router_stop.cancelled_owned(),
+                )
+                .await
+                .map_err(MeshError::from)
+            });
+            let (nats, inbox, subscriptions, stop) = (
+                nats.clone(),
+                inbox.clone(),
+                subscriptions.clone(),
+                stop.clone(),
+            );
+            let policy = opts.policy.clone();
+            tasks.spawn(async move {
+                herald_fanout::run(nats, inbox, subscriptions, policy, stop.cancelled_owned())
                     .await
                     .map_err(MeshError::from)
             });

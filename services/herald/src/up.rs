@@ -110,6 +110,7 @@ pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> Result<
             policy: Arc::new(valid.policy.clone()),
             templates: valid.templates.clone(),
             rates: valid.rates.clone(),
+            topics: valid.topics.clone(),
         },
         listener,
     )

@@ -10,6 +10,10 @@
 //! herald.work.<channel>.<lane>       HERALD_WORK_<CHANNEL> streams: jobs, lanes high/normal/low
 //! herald.dlq.<channel>               HERALD_DLQ stream: dead-lettered jobs with the reason
 //! herald.rejected                    REJECTED stream: native messages that failed validation
+//! herald.sched.<part>.<user>.<id>    INBOX stream: a scheduled notification until its send_at
+//! herald.subs.<topic>.<user>         SUBS stream: one subscription (one message per subject)
+//! herald.usubs.<user>.<topic>        SUBS stream: the same, indexed by user
+//! herald.fanout                      FANOUT stream: topic publishes waiting to be fanned out
 //! herald.events.<id>                 EVENTS stream: delivery status of one notification
 //! ```
 //!
@@ -24,6 +28,7 @@ pub mod pages;
 pub mod preferences;
 pub mod streams;
 pub mod subjects;
+pub mod topic;
 pub mod user;
 
 pub use error::{ErrorBody, FieldError};
@@ -35,4 +40,5 @@ pub use notification::{
 pub use preferences::{Policy, Preferences, PreferencesPatch};
 pub use streams::StreamSpec;
 pub use subjects::Subjects;
+pub use topic::{FanoutJob, FanoutProgress, TopicId};
 pub use user::{UserId, UserIdError, UserToken};

@@ -136,6 +136,41 @@ pub fn streams(subjects: &Subjects, settings: &StreamSettings) -> Vec<StreamSpec
             allow_schedules: false,
         },
         dlq_stream(subjects, settings),
+        StreamSpec {
+            name: SUBS,
+            subjects: subjects.subscriptions_all(),
+            retention: Retention::Limits,
+            // Kept until unsubscribed.
+            max_age: Duration::ZERO,
+            max_msgs_per_subject: 1,
+            max_msg_size: 1024,
+            duplicate_window: Duration::from_secs(120),
+            allow_direct: true,
+            republish: None,
+            replicas: settings.replicas,
+            metadata: Vec::new(),
+            max_msgs: -1,
+            max_bytes: -1,
+            discard_new: false,
+            allow_schedules: false,
+        },
+        StreamSpec {
+            name: FANOUT,
+            subjects: vec![subjects.fanout()],
+            retention: Retention::WorkQueue,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            max_msgs_per_subject: -1,
+            max_msg_size: 128 * 1024,
+            duplicate_window: settings.dedup_window,
+            allow_direct: false,
+            republish: None,
+            replicas: settings.replicas,
+            metadata: Vec::new(),
+            max_msgs: -1,
+            max_bytes: -1,
+            discard_new: false,
+            allow_schedules: false,
+        },
     ];
     specs.extend(
         WORK_CHANNELS
@@ -144,6 +179,15 @@ pub fn streams(subjects: &Subjects, settings: &StreamSettings) -> Vec<StreamSpec
     );
     specs
 }
+
+/// Name of the topic subscriptions stream.
+pub const SUBS: &str = "HERALD_SUBS";
+/// Name of the work queue of topic publishes.
+pub const FANOUT: &str = "HERALD_FANOUT";
+/// Durable consumer of the FANOUT stream.
+pub const FANOUT_CONSUMER: &str = "herald-fanout";
+/// KV bucket of fan-out progress (key: publish id).
+pub const FANOUT_BUCKET: &str = "herald_fanout";
 
 /// Durable name of the router consumer of one partition.
 pub fn router_consumer(partition: u16) -> String {

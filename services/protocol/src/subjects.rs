@@ -116,6 +116,39 @@ impl Subjects {
         format!("{}.sched.>", self.prefix)
     }
 
+    /// One subscription, by topic (fan-out reads `subs.<topic>.*`).
+    pub fn subscription(&self, topic: &crate::TopicId, user: &UserId) -> String {
+        format!("{}.subs.{}.{}", self.prefix, topic.token(), user.token())
+    }
+
+    /// Every subscription of a topic (a filter).
+    pub fn subscribers_of(&self, topic: &crate::TopicId) -> String {
+        format!("{}.subs.{}.*", self.prefix, topic.token())
+    }
+
+    /// One subscription, by user (listing a user's topics reads `usubs.<user>.*`).
+    pub fn user_subscription(&self, user: &UserId, topic: &crate::TopicId) -> String {
+        format!("{}.usubs.{}.{}", self.prefix, user.token(), topic.token())
+    }
+
+    /// Every subscription of a user (a filter).
+    pub fn topics_of(&self, user: &UserId) -> String {
+        format!("{}.usubs.{}.*", self.prefix, user.token())
+    }
+
+    /// Every subscription subject (the SUBS stream's filters).
+    pub fn subscriptions_all(&self) -> Vec<String> {
+        vec![
+            format!("{}.subs.>", self.prefix),
+            format!("{}.usubs.>", self.prefix),
+        ]
+    }
+
+    /// Topic publishes waiting for fan-out.
+    pub fn fanout(&self) -> String {
+        format!("{}.fanout", self.prefix)
+    }
+
     /// A user's live subject: INBOX republishes each stored message here.
     pub fn live(&self, user: &UserId) -> String {
         format!(

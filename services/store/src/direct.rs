@@ -51,7 +51,7 @@ struct Request<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     batch: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    multi_last: Option<[&'a str; 1]>,
+    multi_last: Option<&'a [&'a str]>,
     #[serde(skip_serializing_if = "Option::is_none")]
     up_to_seq: Option<u64>,
 }
@@ -105,11 +105,36 @@ pub async fn last(
             next_by_subj: None,
             last_by_subj: None,
             batch: None,
-            multi_last: Some([subject]),
+            multi_last: Some(std::slice::from_ref(&subject)),
             up_to_seq: Some(up_to),
         },
     };
     Ok(request(client, stream, &req).await?.pop())
+}
+
+/// The newest message of each of `subjects` (at most a few hundred per call), in one
+/// round trip. Subjects with no message are absent from the answer; each message's
+/// subject is in its `Nats-Subject` header.
+///
+/// # Errors
+/// [`DirectGetError`] when NATS is unreachable or answers with an error.
+pub async fn last_of_many(
+    client: &async_nats::Client,
+    stream: &str,
+    subjects: &[&str],
+) -> Result<Vec<DirectMessage>, DirectGetError> {
+    if subjects.is_empty() {
+        return Ok(Vec::new());
+    }
+    let req = Request {
+        seq: None,
+        next_by_subj: None,
+        last_by_subj: None,
+        batch: None,
+        multi_last: Some(subjects),
+        up_to_seq: None,
+    };
+    request(client, stream, &req).await
 }
 
 async fn request(

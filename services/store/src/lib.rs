@@ -8,6 +8,7 @@
 //! - [`targets`]: push devices and encrypted contact data.
 //! - [`status`]: delivery status per notification, and sent markers.
 //! - [`preferences`]: per-user preferences.
+//! - [`topics`]: topic subscriptions and fan-out progress.
 //! - [`scheduled`]: `send_at`, held by JetStream's message scheduler.
 
 pub mod connect;
@@ -19,6 +20,7 @@ pub mod reads;
 pub mod scheduled;
 pub mod status;
 pub mod targets;
+pub mod topics;
 
 pub use connect::{Nats, connect};
 pub use inbox::{AppendAck, Inbox, InboxError, InboxPage};
@@ -28,3 +30,4 @@ pub use reads::ReadPositions;
 pub use scheduled::Cancelled;
 pub use status::StatusStore;
 pub use targets::Targets;
+pub use topics::{FanoutLog, Subscription, Subscriptions, TopicsError};

@@ -14,6 +14,7 @@ use herald_protocol::{FieldError, UserId};
 #[derive(Clone)]
 pub struct PreferenceStore {
     store: kv::Store,
+    client: async_nats::Client,
 }
 
 impl std::fmt::Debug for PreferenceStore {
@@ -37,6 +38,9 @@ fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> Preferences
     PreferencesError::Unavailable(Box::new(e))
 }
 
+/// Subjects per batched direct get.
+const MULTI_LAST_CHUNK: usize = 256;
+
 /// How often a compare-and-set update is retried against concurrent writers.
 const CAS_ATTEMPTS: usize = 16;
 
@@ -50,7 +54,53 @@ impl PreferenceStore {
             .get_key_value(herald_protocol::streams::PREFS_BUCKET)
             .await
             .map_err(unavailable)?;
-        Ok(Self { store })
+        Ok(Self {
+            store,
+            client: js.client(),
+        })
+    }
+
+    /// The preferences of many users in one round trip (a batched direct get of the
+    /// bucket's subjects) — what a fan-out uses instead of one read per recipient.
+    /// Users without stored preferences map to the empty document.
+    ///
+    /// # Errors
+    /// [`PreferencesError::Unavailable`] when NATS cannot answer.
+    pub async fn get_many(
+        &self,
+        users: &[UserId],
+    ) -> Result<std::collections::HashMap<UserId, Preferences>, PreferencesError> {
+        let bucket = herald_protocol::streams::PREFS_BUCKET;
+        let subjects: Vec<String> = users
+            .iter()
+            .map(|u| format!("$KV.{bucket}.{}", u.token()))
+            .collect();
+        let mut found = std::collections::HashMap::new();
+        for chunk in subjects.chunks(MULTI_LAST_CHUNK) {
+            let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+            let msgs = crate::direct::last_of_many(&self.client, &format!("KV_{bucket}"), &refs)
+                .await
+                .map_err(unavailable)?;
+            for msg in msgs {
+                let deleted = msg
+                    .headers
+                    .get("KV-Operation")
+                    .is_some_and(|op| op.as_str() != "PUT");
+                let user = msg
+                    .headers
+                    .get("Nats-Subject")
+                    .and_then(|s| s.as_str().rsplit('.').next().map(str::to_owned))
+                    .and_then(|token| herald_protocol::UserToken::decode(&token).ok());
+                if let (false, Some(user)) = (deleted, user) {
+                    let prefs = decode(&user, &msg.payload);
+                    found.insert(user, prefs);
+                }
+            }
+        }
+        Ok(users
+            .iter()
+            .map(|u| (u.clone(), found.remove(u).unwrap_or_default()))
+            .collect())
     }
 
     /// A user's stored preferences; the empty document when they never set any. A

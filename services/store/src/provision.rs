@@ -124,9 +124,25 @@ pub async fn provision(
         )
         .await?;
     }
+    ensure_bucket(
+        js,
+        kv::Config {
+            bucket: streams::FANOUT_BUCKET.to_string(),
+            description: "Herald fan-out progress: publish id -> progress JSON".into(),
+            history: 1,
+            max_value_size: 4 * 1024,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            storage: stream::StorageType::File,
+            num_replicas: settings.replicas,
+            ..Default::default()
+        },
+        &mut report,
+    )
+    .await?;
     for partition in 0..subjects.partitions() {
         ensure_router_consumer(js, subjects, partition).await?;
     }
+    ensure_fanout_consumer(js).await?;
     for channel in streams::WORK_CHANNELS {
         for lane in herald_protocol::Priority::ALL {
             ensure_worker_consumer(js, subjects, channel, lane).await?;
@@ -462,6 +478,30 @@ async fn ensure_bucket(
         .await
         .map_err(|e| nats_err(format!("creating bucket {bucket}"))(Box::new(e)))?;
     report.created.push(bucket);
+    Ok(())
+}
+
+/// The fan-out consumer: a publish is worked on by one process at a time; if it dies,
+/// the job comes back after `ack_wait` (the worker signals progress well within it) and
+/// resumes from its recorded cursor.
+async fn ensure_fanout_consumer(js: &jetstream::Context) -> Result<(), ProvisionError> {
+    let stream = js
+        .get_stream_no_info(streams::FANOUT)
+        .await
+        .map_err(|e| nats_err("opening the fan-out stream")(Box::new(e)))?;
+    stream
+        .get_or_create_consumer::<consumer::pull::Config>(
+            streams::FANOUT_CONSUMER,
+            consumer::pull::Config {
+                durable_name: Some(streams::FANOUT_CONSUMER.to_string()),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(30),
+                max_ack_pending: 64,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| nats_err("creating the fan-out consumer")(Box::new(e)))?;
     Ok(())
 }
 

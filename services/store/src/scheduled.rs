@@ -88,13 +88,9 @@ impl Inbox {
         if pending.headers.get(PRODUCER_HEADER).map(|v| v.as_str()) != Some(producer) {
             return Ok(Cancelled::NotPending);
         }
-        let stream = self
-            .nats()
-            .js
-            .get_stream_no_info(INBOX)
-            .await
-            .map_err(|e| InboxError::Unavailable(Box::new(e)))?;
-        let purged = stream
+        let purged = self
+            .inbox_stream()
+            .await?
             .purge()
             .filter(subject)
             .await
@@ -113,12 +109,7 @@ impl Inbox {
     /// # Errors
     /// [`InboxError::Unavailable`] when NATS fails.
     pub async fn erase(&self, user: &herald_protocol::UserId) -> Result<(u64, u64), InboxError> {
-        let stream = self
-            .nats()
-            .js
-            .get_stream_no_info(INBOX)
-            .await
-            .map_err(|e| InboxError::Unavailable(Box::new(e)))?;
+        let stream = self.inbox_stream().await?;
         let purge = |filter: String| {
             let stream = stream.clone();
             async move {
@@ -134,5 +125,13 @@ impl Inbox {
         let scheduled = purge(self.subjects().scheduled_of(user)).await?;
         let stored = purge(self.subjects().inbox(user)).await?;
         Ok((stored, scheduled))
+    }
+
+    async fn inbox_stream(&self) -> Result<async_nats::jetstream::stream::Stream<()>, InboxError> {
+        self.nats()
+            .js
+            .get_stream_no_info(INBOX)
+            .await
+            .map_err(|e| InboxError::Unavailable(Box::new(e)))
     }
 }
