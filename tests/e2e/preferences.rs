@@ -223,6 +223,19 @@ async fn next_job(jobs: &mut async_nats::Subscriber) -> anyhow::Result<ChannelJo
 async fn router_applies_preferences_to_the_next_notification() -> anyhow::Result<()> {
     let nats = Nats::single().await?;
     let herald = Herald::builder(&nats).policy(policy()).start().await?;
+    // Jobs are per target: give rae an address, a number and a device.
+    let r = herald
+        .producer(reqwest::Method::PUT, "/v1/users/rae/contact")
+        .json(&json!({"email": "rae@example.com", "phone": "+4915112345678"}))
+        .send()
+        .await?;
+    ensure!(r.status() == StatusCode::OK, "PUT contact {}", r.status());
+    let r = herald
+        .user(reqwest::Method::POST, "/v1/me/devices", "rae")
+        .json(&json!({"platform": "android", "token": "tok-rae"}))
+        .send()
+        .await?;
+    ensure!(r.status().is_success(), "POST device {}", r.status());
     let mut jobs = job_feed(&herald).await?;
     let send = |category: &'static str, channels: Value| {
         let herald = &herald;

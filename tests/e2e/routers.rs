@@ -24,6 +24,23 @@ async fn router(nats: &Nats) -> anyhow::Result<Herald> {
         .await
 }
 
+/// Gives every user one push device, so each notification makes one push job.
+async fn register_devices(api: &Herald) -> anyhow::Result<()> {
+    for user in USERS {
+        let response = api
+            .user(reqwest::Method::POST, "/v1/me/devices", user)
+            .json(&json!({"platform": "android", "token": format!("tok-{user}")}))
+            .send()
+            .await?;
+        ensure!(
+            response.status().is_success(),
+            "device for {user}: {}",
+            response.status()
+        );
+    }
+    Ok(())
+}
+
 /// Sends one notification per user on inbox and push.
 async fn send_round(
     api: &Herald,
@@ -37,9 +54,9 @@ async fn send_round(
     Ok(())
 }
 
-/// Every job in the WORK stream, in stream order, with its subject.
+/// Every job in the push work stream, in stream order, with its subject.
 async fn jobs(js: &async_nats::jetstream::Context) -> anyhow::Result<Vec<(String, ChannelJob)>> {
-    let mut stream = js.get_stream("HERALD_WORK").await?;
+    let mut stream = js.get_stream("HERALD_WORK_PUSH").await?;
     let state = stream.info().await?.state.clone();
     let mut out = Vec::new();
     if state.messages == 0 {
@@ -121,6 +138,7 @@ async fn routers_keep_per_user_order_and_a_standby_takes_over() -> anyhow::Resul
     let first = router(&nats).await?;
     let second = router(&nats).await?;
     let js = async_nats::jetstream::new(nats.client().await?);
+    register_devices(&api).await?;
     let mut sent = Vec::new();
     for round in 0..5 {
         send_round(&api, round, &mut sent).await?;

@@ -236,6 +236,15 @@ async fn fanout_applies_each_subscribers_preferences() -> anyhow::Result<()> {
     let nats = Nats::single().await?;
     let herald = Herald::builder(&nats).start().await?;
     let users = ["keen-1", "opted-out", "keen-2"];
+    // Jobs are per target: every subscriber has a push device.
+    for user in users {
+        let r = herald
+            .user(Method::POST, "/v1/me/devices", user)
+            .json(&json!({"platform": "ios", "token": format!("tok-{user}")}))
+            .send()
+            .await?;
+        ensure!(r.status().is_success(), "device for {user}: {}", r.status());
+    }
     ok(herald
         .producer(Method::POST, "/v1/topics/deals/subscribers")
         .json(&json!({"user_ids": users}))

@@ -47,6 +47,7 @@ pub struct HeraldBuilder {
     replicas: usize,
     roles: Roles,
     keys: Vec<(String, Vec<Scope>)>,
+    channels: Option<herald::channels::ChannelSettings>,
     policy: Policy,
     templates: Arc<herald_templates::Templates>,
     rates: herald_api::RateConfig,
@@ -77,6 +78,7 @@ impl Herald {
             replicas: 1,
             roles: Roles::ALL,
             keys: Vec::new(),
+            channels: None,
             policy: Policy::default(),
             templates: Arc::new(herald_templates::Templates::none()),
             rates: herald_api::RateConfig::default(),
@@ -328,6 +330,13 @@ impl HeraldBuilder {
         self
     }
 
+    /// Channel settings (providers, workers, escalation); by default a fresh contact key,
+    /// no providers, no workers.
+    pub fn channels(mut self, channels: herald::channels::ChannelSettings) -> Self {
+        self.channels = Some(channels);
+        self
+    }
+
     /// Also accepts `key` with only `scopes`.
     pub fn key(mut self, key: &str, scopes: &[Scope]) -> Self {
         self.keys.push((key.to_string(), scopes.to_vec()));
@@ -384,6 +393,9 @@ impl HeraldBuilder {
             gateway: herald_gateway::GatewayConfig::default(),
             roles: self.roles,
             dev_mode: false,
+            channels: self
+                .channels
+                .unwrap_or_else(|| herald::channels::ChannelSettings::new(rand_key())),
             policy: Arc::new(self.policy.clone()),
             templates: self.templates.clone(),
             rates: self.rates.clone(),
@@ -395,6 +407,7 @@ impl HeraldBuilder {
             Mesh::start(options, listener),
         )
         .await?
+        .map_err(|e| anyhow::anyhow!("{e:?}"))
         .context("Mesh::start")?;
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
@@ -411,6 +424,20 @@ impl HeraldBuilder {
             nats_url: self.nats_url,
         })
     }
+}
+
+/// A fresh 32-byte key.
+pub fn rand_key() -> [u8; 32] {
+    let mut key = [0u8; 32];
+    for (i, b) in uuid::Uuid::new_v4()
+        .as_bytes()
+        .iter()
+        .chain(uuid::Uuid::new_v4().as_bytes())
+        .enumerate()
+    {
+        key[i] = *b;
+    }
+    key
 }
 
 /// Reads a 202 answer into [`Accepted`].

@@ -5,11 +5,14 @@
 //! - [`herald`]: [`Herald::builder`] runs `herald::mesh::Mesh` on `127.0.0.1:0` with a
 //!   fresh API key and JWT secret, and wraps the HTTP calls tests make.
 //! - [`ws`] and [`sse`]: a WebSocket client and a Server-Sent Events reader.
+//! - [`scripted`]: a provider whose answers a test scripts; [`smtp`]: a real SMTP server.
 //! - [`wait`]: bounded waiting ([`eventually`], [`within`]); tests never sleep to
 //!   synchronise.
 
 pub mod herald;
 pub mod nats;
+pub mod scripted;
+pub mod smtp;
 pub mod sse;
 pub mod wait;
 pub mod ws;

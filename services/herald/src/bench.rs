@@ -133,6 +133,7 @@ async fn notify(args: NotifyArgs) -> Result<(), BenchError> {
             ..Roles::ALL
         },
         dev_mode: false,
+        channels: crate::channels::ChannelSettings::new([0x42; 32]),
         policy: Default::default(),
         templates: Default::default(),
         rates: Default::default(),

@@ -25,6 +25,8 @@ pub enum Command {
     Gateway(Common),
     /// Run the router (INBOX partitions → channel work queues).
     Router(Common),
+    /// Run the workers of one channel (push, email, sms, webhook) for its providers.
+    Worker(WorkerArgs),
     /// Create or update Herald's streams, buckets and consumers, then exit.
     Provision(Common),
     /// Mint a user token (JWT) with the configured secret.
@@ -72,6 +74,20 @@ pub struct Common {
     #[arg(long, value_name = "PREFIX")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub subject_prefix: Option<String>,
+}
+
+/// `herald worker`.
+#[derive(Debug, Clone, Args)]
+pub struct WorkerArgs {
+    /// The channel: push, email, sms or webhook.
+    #[arg(value_parser = ["push", "email", "sms", "webhook"])]
+    pub channel: String,
+    /// Jobs in flight per lane [env: HERALD_WORKER_CONCURRENCY] [default: 64]
+    #[arg(long, value_name = "N")]
+    pub concurrency: Option<usize>,
+    /// Configuration flags.
+    #[command(flatten)]
+    pub common: Common,
 }
 
 /// `herald token`.

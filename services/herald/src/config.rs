@@ -77,6 +77,26 @@ pub struct Settings {
     pub body_limit: usize,
     /// Development mode: the demo page may mint tokens for any user.
     pub dev_mode: bool,
+    /// SMTP server for the email channel: `smtp://user:pass@host:port` or `smtps://…`.
+    pub smtp_url: Option<String>,
+    /// Sender of emails (`Name <addr>` or `addr`).
+    pub email_from: Option<String>,
+    /// AES-256 key sealing contact data (64 hex characters or base64url); derived from
+    /// `jwt_secret` when absent (development only).
+    pub contact_key: Option<String>,
+    /// Earlier contact keys, still accepted for reading (key rotation).
+    pub contact_old_keys: Vec<String>,
+    /// Public origin of this Herald, for links in emails (`https://herald.example.com`).
+    pub public_url: Option<String>,
+    /// Jobs in flight per lane and channel in one worker process.
+    pub worker_concurrency: usize,
+    /// Push waits this long (ms) for a live `ack` before sending; 0 sends at once.
+    pub escalation_delay_ms: u64,
+    /// Sends per second per provider (0: unlimited).
+    pub provider_rate: u32,
+    /// APNs, FCM, SMS and webhook providers (`HERALD_APNS_*`, `HERALD_FCM_*`, ...).
+    #[serde(flatten)]
+    pub providers: herald_channels::ProvidersConfig,
     /// Notifications per second a producer may send (per api instance) unless its key
     /// sets its own `rate_per_s`; unlimited when unset.
     pub producer_rate_per_s: Option<u32>,
@@ -112,6 +132,15 @@ impl Default for Settings {
             heartbeat_s: 30,
             body_limit: 64 * 1024,
             dev_mode: false,
+            smtp_url: None,
+            email_from: None,
+            contact_key: None,
+            contact_old_keys: Vec::new(),
+            public_url: None,
+            worker_concurrency: 64,
+            escalation_delay_ms: 5000,
+            provider_rate: 0,
+            providers: herald_channels::ProvidersConfig::default(),
             categories: BTreeMap::new(),
             templates_dir: None,
             producer_rate_per_s: None,
@@ -143,6 +172,8 @@ pub struct Validated {
     pub api: herald_api::ApiConfig,
     /// Gateway tunables.
     pub gateway: herald_gateway::GatewayConfig,
+    /// Targets, providers and workers.
+    pub channels: crate::channels::ChannelSettings,
     /// Categories, for notify validation and preferences.
     pub policy: Policy,
     /// Loaded templates.
@@ -172,9 +203,16 @@ impl Settings {
             }
             figment = figment.merge(Toml::file(file));
         }
-        figment = figment
-            .merge(Env::prefixed("HERALD_").only(&ENV_KEYS))
-            .merge(Serialized::defaults(flags));
+        figment = figment.merge(Env::prefixed("HERALD_").only(&ENV_KEYS));
+        // Provider secrets and numbers stay exact strings (figment's Env would parse
+        // `+15005550006` as a number).
+        for (key, value) in Env::prefixed("HERALD_")
+            .only(&herald_channels::ENV_KEYS)
+            .iter()
+        {
+            figment = figment.merge(Serialized::default(key.as_str(), value));
+        }
+        figment = figment.merge(Serialized::defaults(flags));
         figment
             .extract()
             .map_err(|e| ConfigError(e.into_iter().map(|e| e.to_string()).collect()))
@@ -268,6 +306,7 @@ impl Settings {
         let rates = self.rates(&mut errors);
         let api_keys = self.api_keys(&mut errors);
         let jwt = self.jwt(&mut errors);
+        let channels = self.channels(&mut errors);
         if let Some(url) = &self.nats_url
             && url.trim().is_empty()
         {
@@ -293,6 +332,7 @@ impl Settings {
                     heartbeat: Duration::from_secs(self.heartbeat_s),
                     ..Default::default()
                 },
+                channels,
                 policy: Policy::new(self.categories.clone()).with_caps(self.rate_caps.clone()),
                 templates: Arc::new(templates),
                 rates,
@@ -302,6 +342,65 @@ impl Settings {
             }),
             _ => Err(ConfigError(errors)),
         }
+    }
+
+    fn channels(&self, errors: &mut Vec<String>) -> crate::channels::ChannelSettings {
+        use herald_store::targets::ContactKeys;
+        let key = match (&self.contact_key, &self.jwt_secret) {
+            (Some(raw), _) => ContactKeys::parse_key(raw)
+                .map_err(|e| errors.push(format!("contact_key: {e}")))
+                .unwrap_or_default(),
+            (None, secret) => {
+                // Development: stable across restarts with the same secret.
+                use sha2::Digest as _;
+                sha2::Sha256::new()
+                    .chain_update(b"herald contact key\0")
+                    .chain_update(secret.as_deref().unwrap_or_default())
+                    .finalize()
+                    .into()
+            }
+        };
+        let mut old = Vec::new();
+        for (i, raw) in self.contact_old_keys.iter().enumerate() {
+            match ContactKeys::parse_key(raw) {
+                Ok(k) => old.push(k),
+                Err(e) => errors.push(format!("contact_old_keys[{i}]: {e}")),
+            }
+        }
+        let mut channels = crate::channels::ChannelSettings::new(key);
+        channels.contact_keys = ContactKeys::new(key, &old);
+        channels.public_url = self.public_url.clone();
+        match (&self.smtp_url, &self.email_from) {
+            (Some(url), Some(from)) => {
+                if let Err(e) = herald_worker::email::SmtpProvider::check(url, from) {
+                    errors.push(e.to_string());
+                }
+                channels.smtp = Some(crate::channels::SmtpSettings {
+                    url: url.clone(),
+                    from: from.clone(),
+                    pool: u32::try_from(self.worker_concurrency.clamp(1, 64)).unwrap_or(8),
+                });
+            }
+            (None, None) => {}
+            _ => errors.push("smtp_url and email_from go together".into()),
+        }
+        if !(1..=10_000).contains(&self.worker_concurrency) {
+            errors.push(format!(
+                "worker_concurrency must be 1 to 10000, not {}",
+                self.worker_concurrency
+            ));
+        }
+        if self.escalation_delay_ms > 3_600_000 {
+            errors.push("escalation_delay_ms must be at most 3600000 (an hour)".into());
+        }
+        match herald_channels::build(&self.providers) {
+            Ok(built) => channels.configured = built,
+            Err(e) => errors.extend(e.0),
+        }
+        channels.concurrency = self.worker_concurrency.max(1);
+        channels.escalation_delay = Duration::from_millis(self.escalation_delay_ms);
+        channels.provider_limits.rate_per_second = std::num::NonZeroU32::new(self.provider_rate);
+        channels
     }
 
     fn rates(&self, errors: &mut Vec<String>) -> herald_api::RateConfig {
@@ -417,7 +516,7 @@ impl Settings {
 
 /// Environment keys read (as `HERALD_<KEY>`). Others, like `HERALD_NATS_SERVER`, belong
 /// to other parts and are not configuration errors.
-const ENV_KEYS: [&str; 18] = [
+const ENV_KEYS: [&str; 26] = [
     "http_addr",
     "data_dir",
     "nats_url",
@@ -436,6 +535,14 @@ const ENV_KEYS: [&str; 18] = [
     "body_limit",
     "dev_mode",
     "api_keys",
+    "smtp_url",
+    "email_from",
+    "contact_key",
+    "contact_old_keys",
+    "public_url",
+    "worker_concurrency",
+    "escalation_delay_ms",
+    "provider_rate",
 ];
 
 #[cfg(test)]

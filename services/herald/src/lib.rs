@@ -5,6 +5,7 @@
 //! assembly in-process ([`mesh::Mesh::start`]) against a real nats-server.
 
 pub mod bench;
+pub mod channels;
 pub mod cli;
 pub mod config;
 pub mod mesh;

@@ -65,6 +65,7 @@ async fn run(cli: Cli) -> ExitCode {
                     router: false,
                 },
                 "herald-api",
+                None,
             )
             .await
         }
@@ -78,6 +79,7 @@ async fn run(cli: Cli) -> ExitCode {
                     router: false,
                 },
                 "herald-gateway",
+                None,
             )
             .await
         }
@@ -91,6 +93,24 @@ async fn run(cli: Cli) -> ExitCode {
                     gateway: false,
                 },
                 "herald-router",
+                None,
+            )
+            .await
+        }
+        Command::Worker(w) => {
+            let channel = herald_protocol::streams::WORK_CHANNELS
+                .into_iter()
+                .find(|c| c.as_str() == w.channel);
+            service(
+                &w.common,
+                Roles {
+                    router: false,
+                    api: false,
+                    ingest: false,
+                    gateway: false,
+                },
+                "herald-worker",
+                channel.map(|c| (c, w.concurrency)),
             )
             .await
         }
@@ -116,9 +136,22 @@ enum Failure {
     Run(Box<dyn std::error::Error + Send + Sync>),
 }
 
-async fn service(common: &Common, roles: Roles, name: &str) -> Result<(), Failure> {
+async fn service(
+    common: &Common,
+    roles: Roles,
+    name: &str,
+    worker: Option<(herald_protocol::Channel, Option<usize>)>,
+) -> Result<(), Failure> {
     let s = settings(common).map_err(Failure::Config)?;
-    let v = s.validate().map_err(Failure::Config)?;
+    let mut v = s.validate().map_err(Failure::Config)?;
+    // Only `herald worker <channel>` runs workers, for that channel alone.
+    v.channels.run_workers = worker.is_some();
+    if let Some((channel, concurrency)) = worker {
+        v.channels.channels = Some(vec![channel]);
+        if let Some(n) = concurrency {
+            v.channels.concurrency = n.clamp(1, 10_000);
+        }
+    }
     let Some(nats_url) = s.nats_url.clone() else {
         return Err(Failure::Config(ConfigError(vec![
             "nats_url is required (--nats-url or HERALD_NATS_URL); `herald up` starts its own"
@@ -141,6 +174,7 @@ async fn service(common: &Common, roles: Roles, name: &str) -> Result<(), Failur
             gateway: v.gateway,
             roles,
             dev_mode: s.dev_mode,
+            channels: v.channels,
             policy: Arc::new(v.policy),
             templates: v.templates,
             rates: v.rates,

@@ -81,6 +81,8 @@ pub struct MeshOptions {
     pub roles: Roles,
     /// Serve the demo page and its token minting.
     pub dev_mode: bool,
+    /// Targets, providers and workers.
+    pub channels: crate::channels::ChannelSettings,
     /// Configured categories, applied with each user's preferences.
     pub policy: Arc<Policy>,
     /// Notification templates.
@@ -138,6 +140,9 @@ pub enum MeshError {
     /// Native ingest failed.
     #[error("native ingest")]
     Ingest(#[source] async_nats::SubscribeError),
+    /// The channel layer (targets, providers, workers) failed.
+    #[error(transparent)]
+    Channels(#[from] crate::channels::ChannelsError),
 }
 
 /// A running mesh process.
@@ -188,6 +193,14 @@ impl Mesh {
             keys: Arc::new(opts.api_keys.clone()),
             users: UserAuth::new(&opts.jwt)?,
         };
+        let channels = crate::channels::Channels::open(
+            &nats,
+            &opts.subjects,
+            &opts.channels,
+            opts.policy.clone(),
+            addr,
+        )
+        .await?;
         let stop = CancellationToken::new();
         let mut app = Router::new().merge(ops::routes(nats.clone()));
         if opts.roles.api {
@@ -204,6 +217,7 @@ impl Mesh {
                 topics: Arc::new(opts.topics.clone()),
                 config: opts.api,
             }));
+            app = app.merge(channels.routes(auth.clone()));
         }
         if opts.roles.gateway {
             app = app.merge(herald_gateway::routes(GatewayState::new(
@@ -237,10 +251,17 @@ impl Mesh {
             let (router_nats, subjects, router_stop) =
                 (nats.clone(), opts.subjects.clone(), stop.clone());
             let policy = opts.policy.clone();
+            let routing = channels.routing();
             tasks.spawn(async move {
-                herald_router::run(router_nats, subjects, policy, router_stop.cancelled_owned())
-                    .await
-                    .map_err(MeshError::from)
+                herald_router::run(
+                    router_nats,
+                    subjects,
+                    policy,
+                    routing,
+                    router_stop.cancelled_owned(),
+                )
+                .await
+                .map_err(MeshError::from)
             });
             let (nats, inbox, subscriptions, stop) = (
                 nats.clone(),
@@ -254,6 +275,9 @@ impl Mesh {
                     .await
                     .map_err(MeshError::from)
             });
+        }
+        for worker in channels.workers(stop.clone()) {
+            tasks.spawn(async move { worker.await.map_err(MeshError::from) });
         }
         if opts.roles.ingest {
             let stop = stop.clone();

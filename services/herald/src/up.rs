@@ -106,6 +106,7 @@ pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> Result<
             gateway: valid.gateway,
             roles: Roles::ALL,
             dev_mode: true,
+            channels: valid.channels.clone(),
             policy: Arc::new(valid.policy.clone()),
             templates: valid.templates.clone(),
             rates: valid.rates.clone(),

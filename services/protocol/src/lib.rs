@@ -7,7 +7,8 @@
 //! herald.notify                      native ingest (request/reply, answered with a JetStream ack)
 //! herald.inbox.<part>.<user-token>   INBOX stream: one subject per user; stream seq = inbox `seq`
 //! herald.live.<part>.<user-token>    republished by INBOX after each store, carries Nats-Sequence
-//! herald.work.<channel>.<lane>     WORK stream: channel jobs, lanes high/normal/low
+//! herald.work.<channel>.<lane>       HERALD_WORK_<CHANNEL> streams: jobs, lanes high/normal/low
+//! herald.dlq.<channel>               HERALD_DLQ stream: dead-lettered jobs with the reason
 //! herald.rejected                    REJECTED stream: native messages that failed validation
 //! herald.sched.<part>.<user>.<id>    INBOX stream: a scheduled notification until its send_at
 //! herald.subs.<topic>.<user>         SUBS stream: one subscription (one message per subject)

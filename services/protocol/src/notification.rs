@@ -33,6 +33,9 @@ pub enum Priority {
 }
 
 impl Priority {
+    /// Every lane, most urgent first (the order workers poll them in).
+    pub const ALL: [Priority; 3] = [Self::High, Self::Normal, Self::Low];
+
     /// The lane name used in subjects and headers.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -459,8 +462,9 @@ pub fn format_time(t: OffsetDateTime) -> String {
         .unwrap_or_else(|_| t.unix_timestamp().to_string())
 }
 
-/// A job for a channel worker: which notification, for whom, on which channel. Workers
-/// read the content from the inbox by `seq`, so the inbox stays the one source of truth.
+/// A job for a channel worker: which notification, for whom, on which channel, to which
+/// target. Workers read the content from the inbox by `seq` and the target from the target
+/// store by `target`, so neither content nor contact data is copied into work queues.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChannelJob {
     /// Notification id.
@@ -473,14 +477,43 @@ pub struct ChannelJob {
     pub channel: Channel,
     /// Lane.
     pub priority: Priority,
+    /// Opaque id of the target (a hash of the device token, address or number; see
+    /// `herald_store::targets::target_id`).
+    #[serde(default)]
+    pub target: String,
 }
 
 impl ChannelJob {
-    /// The `Nats-Msg-Id` of this job: one job per (notification, channel), whatever the
-    /// number of router replays.
+    /// The `Nats-Msg-Id` of this job: one job per (notification, channel, target),
+    /// whatever the number of router replays.
     pub fn msg_id(&self) -> String {
-        format!("{}:{}", self.id, self.channel.as_str())
+        format!("{}:{}:{}", self.id, self.channel.as_str(), self.target)
     }
+
+    /// The key of this job's sent marker and status entry: `<id>.<channel>.<target>`
+    /// (valid as a NATS KV key).
+    pub fn key(&self) -> String {
+        format!(
+            "{}.{}.{}",
+            kv_safe(&self.id),
+            self.channel.as_str(),
+            self.target
+        )
+    }
+}
+
+/// `raw` with every byte a KV key cannot hold replaced by `_` (ids are UUIDs; this is
+/// only a guard).
+pub fn kv_safe(raw: &str) -> String {
+    raw.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '=') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// The notification object of SPEC §4, as returned and as delivered.

@@ -2,6 +2,7 @@
 //! JetStream configs and provisions them.
 
 use crate::subjects::Subjects;
+use crate::{Channel, Priority};
 use std::time::Duration;
 
 /// Name of the per-user inbox stream.
@@ -53,6 +54,12 @@ pub struct StreamSpec {
     pub replicas: usize,
     /// Metadata recorded on the stream (and checked on re-provisioning).
     pub metadata: Vec<(String, String)>,
+    /// Most messages kept (-1: unlimited).
+    pub max_msgs: i64,
+    /// Most bytes kept (-1: unlimited).
+    pub max_bytes: i64,
+    /// When full, refuse new messages (publisher backpressure) instead of dropping old ones.
+    pub discard_new: bool,
     /// Message schedules (`Nats-Schedule`, nats-server 2.12+) are allowed.
     pub allow_schedules: bool,
 }
@@ -68,6 +75,11 @@ pub struct StreamSettings {
     pub inbox_max_per_user: i64,
     /// How long the same idempotency key is recognised.
     pub dedup_window: Duration,
+    /// Most jobs one channel's work stream holds before publishers are refused.
+    pub work_max_msgs: i64,
+    /// Most bytes one channel's work stream holds before publishers are refused (-1: only
+    /// the message limit; a byte limit reserves that much JetStream storage up front).
+    pub work_max_bytes: i64,
 }
 
 impl Default for StreamSettings {
@@ -77,13 +89,15 @@ impl Default for StreamSettings {
             inbox_max_age: Duration::from_secs(30 * 24 * 3600),
             inbox_max_per_user: 10_000,
             dedup_window: Duration::from_secs(120),
+            work_max_msgs: 1_000_000,
+            work_max_bytes: -1,
         }
     }
 }
 
 /// Every stream Herald needs, in creation order.
 pub fn streams(subjects: &Subjects, settings: &StreamSettings) -> Vec<StreamSpec> {
-    vec![
+    let mut specs = vec![
         StreamSpec {
             name: INBOX,
             subjects: vec![
@@ -103,6 +117,9 @@ pub fn streams(subjects: &Subjects, settings: &StreamSettings) -> Vec<StreamSpec
                 PARTITIONS_METADATA.into(),
                 subjects.partitions().to_string(),
             )],
+            max_msgs: -1,
+            max_bytes: -1,
+            discard_new: false,
             allow_schedules: true,
         },
         StreamSpec {
@@ -117,9 +134,12 @@ pub fn streams(subjects: &Subjects, settings: &StreamSettings) -> Vec<StreamSpec
             republish: None,
             replicas: settings.replicas,
             metadata: Vec::new(),
+            max_msgs: -1,
+            max_bytes: -1,
+            discard_new: false,
             allow_schedules: false,
         },
-        work_stream(subjects, settings),
+        dlq_stream(subjects, settings),
         StreamSpec {
             name: SUBS,
             subjects: subjects.subscriptions_all(),
@@ -133,6 +153,9 @@ pub fn streams(subjects: &Subjects, settings: &StreamSettings) -> Vec<StreamSpec
             republish: None,
             replicas: settings.replicas,
             metadata: Vec::new(),
+            max_msgs: -1,
+            max_bytes: -1,
+            discard_new: false,
             allow_schedules: false,
         },
         StreamSpec {
@@ -147,9 +170,18 @@ pub fn streams(subjects: &Subjects, settings: &StreamSettings) -> Vec<StreamSpec
             republish: None,
             replicas: settings.replicas,
             metadata: Vec::new(),
+            max_msgs: -1,
+            max_bytes: -1,
+            discard_new: false,
             allow_schedules: false,
         },
-    ]
+    ];
+    specs.extend(
+        WORK_CHANNELS
+            .iter()
+            .map(|c| work_stream(subjects, settings, *c)),
+    );
+    specs
 }
 
 /// Name of the topic subscriptions stream.
@@ -185,16 +217,36 @@ pub const ROUTE_HEADER: &str = "Herald-Route";
 /// The priority group router consumers pin one client in.
 pub const ROUTER_GROUP: &str = "router";
 
-/// Name of the channel work-queue stream.
-pub const WORK: &str = "HERALD_WORK";
+/// Name of the single work stream of earlier versions; provisioning removes it when empty.
+pub const LEGACY_WORK: &str = "HERALD_WORK";
 
-/// The WORK stream: one work-queue subject per channel and lane, consumed by the channel
-/// workers. Discard-new with a size limit: a full queue pushes back on the router (which
-/// retries later) instead of silently dropping jobs.
-pub fn work_stream(subjects: &Subjects, settings: &StreamSettings) -> StreamSpec {
+/// Channels with a work queue (every channel but the inbox).
+pub const WORK_CHANNELS: [Channel; 4] = [
+    Channel::Push,
+    Channel::Email,
+    Channel::Sms,
+    Channel::Webhook,
+];
+
+/// Name of one channel's work-queue stream (`HERALD_WORK_PUSH`, ...).
+pub fn work_stream_name(channel: Channel) -> &'static str {
+    match channel {
+        Channel::Push => "HERALD_WORK_PUSH",
+        Channel::Email => "HERALD_WORK_EMAIL",
+        Channel::Sms => "HERALD_WORK_SMS",
+        Channel::Webhook => "HERALD_WORK_WEBHOOK",
+        // The inbox has no work queue; the name is never provisioned.
+        Channel::Inbox => "HERALD_WORK_INBOX",
+    }
+}
+
+/// One channel's work stream: a work queue over its three lane subjects, consumed by that
+/// channel's workers. Discard-new with a size limit: a full queue refuses the router's
+/// publish (which retries later) instead of silently dropping jobs.
+pub fn work_stream(subjects: &Subjects, settings: &StreamSettings, channel: Channel) -> StreamSpec {
     StreamSpec {
-        name: WORK,
-        subjects: vec![subjects.work_all()],
+        name: work_stream_name(channel),
+        subjects: vec![subjects.work_channel(channel)],
         retention: Retention::WorkQueue,
         max_age: Duration::from_secs(7 * 24 * 3600),
         max_msgs_per_subject: -1,
@@ -204,6 +256,48 @@ pub fn work_stream(subjects: &Subjects, settings: &StreamSettings) -> StreamSpec
         republish: None,
         replicas: settings.replicas,
         metadata: Vec::new(),
+        max_msgs: settings.work_max_msgs,
+        max_bytes: settings.work_max_bytes,
+        discard_new: true,
         allow_schedules: false,
     }
 }
+
+/// Name of the dead-letter stream.
+pub const DLQ: &str = "HERALD_DLQ";
+
+/// The dead-letter stream: jobs that failed permanently or ran out of deliveries, with
+/// the reason and the provider's last answer, kept for 30 days or until retried.
+pub fn dlq_stream(subjects: &Subjects, settings: &StreamSettings) -> StreamSpec {
+    StreamSpec {
+        name: DLQ,
+        subjects: vec![subjects.dlq_all()],
+        retention: Retention::Limits,
+        max_age: Duration::from_secs(30 * 24 * 3600),
+        max_msgs_per_subject: -1,
+        max_msg_size: 256 * 1024,
+        duplicate_window: settings.dedup_window,
+        allow_direct: true,
+        republish: None,
+        replicas: settings.replicas,
+        metadata: Vec::new(),
+        max_msgs: 1_000_000,
+        max_bytes: -1,
+        discard_new: false,
+        allow_schedules: false,
+    }
+}
+
+/// Durable name of the worker consumer of one channel's lane.
+pub fn worker_consumer(channel: Channel, lane: Priority) -> String {
+    format!("herald-worker-{}-{}", channel.as_str(), lane.as_str())
+}
+
+/// KV bucket of delivery targets: device tokens (`d.<user-token>`) and encrypted contact
+/// data (`c.<user-token>`).
+pub const TARGETS_BUCKET: &str = "herald_targets";
+/// KV bucket of sent markers (key `<id>.<channel>.<target>`): written after a provider
+/// accepted and before the job is acked, checked before sending a redelivered job.
+pub const SENT_BUCKET: &str = "herald_sent";
+/// KV bucket of delivery status per notification (key: notification id).
+pub const STATUS_BUCKET: &str = "herald_status";

@@ -196,9 +196,24 @@ impl Subjects {
         )
     }
 
-    /// Every work subject (the WORK stream's filter).
+    /// Every work subject of one channel (that channel's work stream filter).
+    pub fn work_channel(&self, channel: crate::Channel) -> String {
+        format!("{}.work.{}.*", self.prefix, channel.as_str())
+    }
+
+    /// Every work subject.
     pub fn work_all(&self) -> String {
         format!("{}.work.>", self.prefix)
+    }
+
+    /// Where dead-lettered jobs of one channel go.
+    pub fn dlq(&self, channel: crate::Channel) -> String {
+        format!("{}.dlq.{}", self.prefix, channel.as_str())
+    }
+
+    /// Every dead-letter subject (the DLQ stream's filter).
+    pub fn dlq_all(&self) -> String {
+        format!("{}.dlq.>", self.prefix)
     }
 
     /// Where rejected native messages are recorded.

@@ -1,5 +1,6 @@
 //! The router: consumes the INBOX stream partition by partition and turns each stored
-//! notification into channel jobs (push, email, SMS, webhook) on the WORK stream.
+//! notification into channel jobs (push, email, SMS, webhook), one per target, on the
+//! channels' work streams.
 //!
 //! Live delivery needs no router hop — INBOX republishes every stored message to the
 //! user's live subject. What the router owns is everything after the inbox, and for that
@@ -11,9 +12,11 @@ use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::message::PublishMessage;
 use futures::StreamExt as _;
 use herald_protocol::Subjects;
-use herald_protocol::streams::{self, INBOX, WORK};
+use herald_protocol::streams::{self, INBOX};
 use herald_protocol::{Channel, ChannelJob, Policy, StoredNotification};
-use herald_store::{Nats, PreferenceStore};
+use herald_store::status::{State, Update};
+use herald_store::targets::target_id;
+use herald_store::{Nats, PreferenceStore, StatusStore, Targets};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +42,16 @@ pub enum RouterError {
     },
 }
 
+/// What the router reads and writes besides streams and preferences.
+#[derive(Debug, Clone)]
+pub struct Routing {
+    /// Where users can be reached (one job per target).
+    pub targets: Targets,
+    /// Delivery status (`queued`, or `skipped` when a channel has no target or policy
+    /// suppresses it).
+    pub status: StatusStore,
+}
+
 /// Runs one router over every partition until `shutdown`, then finishes in-flight work.
 ///
 /// # Errors
@@ -47,6 +60,7 @@ pub async fn run(
     nats: Nats,
     subjects: Subjects,
     policy: Arc<Policy>,
+    routing: Routing,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), RouterError> {
     let route = Route {
@@ -56,6 +70,7 @@ pub async fn run(
             .await
             .map_err(RouterError::Preferences)?,
         policy,
+        routing,
     };
     let stop = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
@@ -108,6 +123,7 @@ struct Route {
     subjects: Subjects,
     preferences: PreferenceStore,
     policy: Arc<Policy>,
+    routing: Routing,
 }
 
 async fn partition_loop(
@@ -184,9 +200,11 @@ enum Routed {
 }
 
 impl Route {
-    /// Routes one stored notification: one job per channel beyond the inbox that the
-    /// user's preferences allow. `Nats-Msg-Id` per (id, channel) makes a retry harmless
-    /// for the jobs that did land.
+    /// Routes one stored notification: one job per (channel beyond the inbox that the
+    /// user's preferences allow, target). `Nats-Msg-Id` per (id, channel, target) makes a
+    /// retry or a replayed router harmless for the jobs that did land. A full work queue
+    /// refuses the publish (discard-new) and the notification is retried in place:
+    /// backpressure, never loss.
     async fn message(&self, msg: &async_nats::jetstream::Message) -> Routed {
         let Route { nats, subjects, .. } = self;
         let needs_routing = msg
@@ -212,41 +230,86 @@ impl Route {
                 return Routed::Done;
             }
         };
-        let Some(channels) = self.allowed_channels(&stored, seq).await else {
+        let Some((channels, suppressed)) = self.allowed_channels(&stored, seq).await else {
             return Routed::Retry;
         };
         let mut acks = Vec::new();
+        let mut queued = Vec::new();
+        let mut untargeted = Vec::new();
         for channel in channels {
-            let job = ChannelJob {
-                id: stored.id.clone(),
-                seq,
-                user_id: stored.user_id.clone(),
-                channel,
-                priority: stored.priority,
-            };
-            let Ok(payload) = serde_json::to_vec(&job) else {
-                continue;
-            };
-            let publish = PublishMessage::build()
-                .payload(payload.into())
-                .message_id(job.msg_id())
-                .expected_stream(WORK);
-            match nats
-                .js
-                .send_publish(subjects.work(channel, stored.priority), publish)
-                .await
-            {
-                Ok(ack) => acks.push(ack),
+            let targets = match self.routing.targets.targets(&stored.user_id, channel).await {
+                Ok(t) => t,
                 Err(e) => {
-                    tracing::warn!(seq, error = %e, "enqueue failed; will retry");
+                    tracing::warn!(seq, error = %e, "reading targets failed; will retry");
                     return Routed::Retry;
                 }
+            };
+            if targets.is_empty() {
+                untargeted.push((channel, "none".to_string()));
+            }
+            for target in targets {
+                let job = ChannelJob {
+                    id: stored.id.clone(),
+                    seq,
+                    user_id: stored.user_id.clone(),
+                    channel,
+                    priority: stored.priority,
+                    target: target_id(&target),
+                };
+                let Ok(payload) = serde_json::to_vec(&job) else {
+                    continue;
+                };
+                let publish = PublishMessage::build()
+                    .payload(payload.into())
+                    .message_id(job.msg_id())
+                    .expected_stream(streams::work_stream_name(channel));
+                match nats
+                    .js
+                    .send_publish(subjects.work(channel, stored.priority), publish)
+                    .await
+                {
+                    Ok(ack) => acks.push(ack),
+                    Err(e) => {
+                        tracing::warn!(seq, error = %e, "enqueue failed; will retry");
+                        return Routed::Retry;
+                    }
+                }
+                queued.push((channel, job.target));
             }
         }
         for ack in acks {
             if let Err(e) = ack.await {
-                tracing::warn!(seq, error = %e, "enqueue not acked; will retry");
+                tracing::warn!(seq, error = %e, "enqueue not acked (queue full?); will retry");
+                metrics::counter!("herald_router_enqueue_refused_total").increment(1);
                 return Routed::Retry;
+            }
+        }
+        // Status is for people; a failure to record it never holds delivery back.
+        let mut records = vec![
+            (queued, Update::state(State::Queued)),
+            (
+                untargeted,
+                Update::state(State::Skipped)
+                    .because("no target: the user has none on this channel"),
+            ),
+        ];
+        for (channel, rule) in suppressed {
+            records.push((
+                vec![(channel, "none".to_string())],
+                Update::state(State::Skipped).because(format!("opted out: {rule}")),
+            ));
+        }
+        for (targets, update) in records {
+            if targets.is_empty() {
+                continue;
+            }
+            if let Err(e) = self
+                .routing
+                .status
+                .record_many(&stored.id, &stored.user_id, seq, &targets, update)
+                .await
+            {
+                tracing::warn!(seq, error = %e, "recording delivery status failed");
             }
         }
         metrics::counter!("herald_router_routed_total").increment(1);
@@ -254,12 +317,13 @@ impl Route {
     }
 
     /// The channels beyond the inbox that policy lets this notification use, read from the
-    /// user's preferences as they are now; `None` when the preferences cannot be read.
+    /// user's preferences as they are now, and those it suppresses with the rule that did;
+    /// `None` when the preferences cannot be read.
     async fn allowed_channels(
         &self,
         stored: &StoredNotification,
         seq: u64,
-    ) -> Option<Vec<Channel>> {
+    ) -> Option<(Vec<Channel>, Vec<(Channel, String)>)> {
         let wanted: Vec<Channel> = stored
             .channels
             .iter()
@@ -267,7 +331,7 @@ impl Route {
             .filter(|c| *c != Channel::Inbox)
             .collect();
         if wanted.is_empty() {
-            return Some(wanted);
+            return Some((wanted, Vec::new()));
         }
         let prefs = match self.preferences.get(&stored.user_id).await {
             Ok(p) => p,
@@ -277,19 +341,19 @@ impl Route {
             }
         };
         let category = stored.category.as_deref();
-        Some(
-        wanted
-            .into_iter()
-            .filter(|channel| match self.policy.decide(&prefs, category, *channel) {
-                Ok(()) => true,
+        let mut allowed = Vec::new();
+        let mut suppressed_by = Vec::new();
+        for channel in wanted {
+            match self.policy.decide(&prefs, category, channel) {
+                Ok(()) => allowed.push(channel),
                 Err(suppressed) => {
                     metrics::counter!("herald_policy_suppressed_total", "channel" => channel.as_str())
                         .increment(1);
                     tracing::debug!(seq, id = %stored.id, channel = channel.as_str(), rule = %suppressed.rule, "suppressed by policy");
-                    false
+                    suppressed_by.push((channel, suppressed.rule.to_string()));
                 }
-            })
-            .collect(),
-    )
+            }
+        }
+        Some((allowed, suppressed_by))
     }
 }

@@ -5,6 +5,8 @@
 //! - [`inbox`]: appending to and reading from the per-user INBOX stream.
 //! - [`direct`]: batched direct gets (`$JS.API.DIRECT.GET`), which async-nats lacks.
 //! - [`reads`]: per-user read positions.
+//! - [`targets`]: push devices and encrypted contact data.
+//! - [`status`]: delivery status per notification, and sent markers.
 //! - [`preferences`]: per-user preferences.
 //! - [`caps`]: rate caps counted across instances.
 //! - [`topics`]: topic subscriptions and fan-out progress.
@@ -18,6 +20,8 @@ pub mod preferences;
 pub mod provision;
 pub mod reads;
 pub mod scheduled;
+pub mod status;
+pub mod targets;
 pub mod topics;
 
 pub use caps::{CapDecision, CapsError, RateCaps};
@@ -27,4 +31,6 @@ pub use preferences::{PreferenceStore, PreferencesError};
 pub use provision::{ProvisionError, ProvisionReport, provision};
 pub use reads::ReadPositions;
 pub use scheduled::Cancelled;
+pub use status::StatusStore;
+pub use targets::Targets;
 pub use topics::{FanoutLog, Subscription, Subscriptions, TopicsError};

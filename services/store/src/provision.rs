@@ -68,6 +68,7 @@ pub async fn provision(
     settings: &StreamSettings,
 ) -> Result<ProvisionReport, ProvisionError> {
     let mut report = ProvisionReport::default();
+    remove_legacy_work_stream(js, &mut report).await?;
     for spec in streams::streams(subjects, settings) {
         ensure_stream(js, &spec, &mut report).await?;
     }
@@ -86,6 +87,43 @@ pub async fn provision(
         &mut report,
     )
     .await?;
+    for (bucket, description, max_age) in [
+        (
+            streams::TARGETS_BUCKET,
+            "Herald delivery targets: device tokens and encrypted contact data",
+            Duration::ZERO,
+        ),
+        (
+            streams::SENT_BUCKET,
+            "Herald sent markers: jobs a provider accepted",
+            Duration::from_secs(7 * 24 * 3600),
+        ),
+        (
+            streams::STATUS_BUCKET,
+            "Herald delivery status per notification",
+            Duration::from_secs(30 * 24 * 3600),
+        ),
+        (
+            streams::SEEN_BUCKET,
+            "Herald seen-live positions: user token -> highest seq acked on a live connection",
+            Duration::ZERO,
+        ),
+    ] {
+        ensure_bucket(
+            js,
+            kv::Config {
+                bucket: bucket.to_string(),
+                description: description.to_string(),
+                history: 1,
+                max_age,
+                storage: stream::StorageType::File,
+                num_replicas: settings.replicas,
+                ..Default::default()
+            },
+            &mut report,
+        )
+        .await?;
+    }
     ensure_bucket(
         js,
         kv::Config {
@@ -121,7 +159,108 @@ pub async fn provision(
         &mut report,
     )
     .await?;
+    for channel in streams::WORK_CHANNELS {
+        for lane in herald_protocol::Priority::ALL {
+            ensure_worker_consumer(js, subjects, channel, lane).await?;
+        }
+    }
     Ok(report)
+}
+
+/// Earlier versions kept every channel's jobs in one `HERALD_WORK` stream, whose subjects
+/// overlap the per-channel streams. Removed when empty; refused when it still holds jobs.
+async fn remove_legacy_work_stream(
+    js: &jetstream::Context,
+    report: &mut ProvisionReport,
+) -> Result<(), ProvisionError> {
+    let Ok(mut legacy) = js.get_stream(streams::LEGACY_WORK).await else {
+        return Ok(());
+    };
+    let info = legacy
+        .info()
+        .await
+        .map_err(|e| nats_err("reading the legacy work stream")(Box::new(e)))?;
+    if info.state.messages > 0 {
+        return Err(ProvisionError::Incompatible {
+            stream: streams::LEGACY_WORK.to_string(),
+            field: "messages",
+            existing: info.state.messages.to_string(),
+            wanted: "0".into(),
+            advice: "jobs are now kept per channel (HERALD_WORK_PUSH, ...); let an older worker drain HERALD_WORK, or delete it (losing its jobs)",
+        });
+    }
+    js.delete_stream(streams::LEGACY_WORK)
+        .await
+        .map_err(|e| nats_err("deleting the legacy work stream")(Box::new(e)))?;
+    report.updated.push(streams::LEGACY_WORK.to_string());
+    Ok(())
+}
+
+/// How a channel's worker consumers behave. Workers apply their own values at start
+/// (an update of the same durable consumer); provisioning creates them with the defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerQueue {
+    /// A job not acked within this long is redelivered (a crashed worker's jobs move on).
+    pub ack_wait: Duration,
+    /// Deliveries before the server gives up on a job; workers dead-letter it at the last.
+    pub max_deliver: i64,
+    /// Jobs delivered and not yet acked, per lane (in flight, plus naked with a delay).
+    pub max_ack_pending: i64,
+}
+
+impl Default for WorkerQueue {
+    fn default() -> Self {
+        Self {
+            ack_wait: Duration::from_secs(30),
+            max_deliver: 8,
+            max_ack_pending: 10_000,
+        }
+    }
+}
+
+/// The durable pull consumer of one channel's lane.
+pub fn worker_consumer_config(
+    subjects: &Subjects,
+    channel: herald_protocol::Channel,
+    lane: herald_protocol::Priority,
+    queue: WorkerQueue,
+) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(streams::worker_consumer(channel, lane)),
+        filter_subject: subjects.work(channel, lane),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: queue.ack_wait,
+        max_deliver: queue.max_deliver,
+        max_ack_pending: queue.max_ack_pending,
+        deliver_policy: consumer::DeliverPolicy::All,
+        ..Default::default()
+    }
+}
+
+async fn ensure_worker_consumer(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    channel: herald_protocol::Channel,
+    lane: herald_protocol::Priority,
+) -> Result<(), ProvisionError> {
+    let name = streams::work_stream_name(channel);
+    let stream = js
+        .get_stream_no_info(name)
+        .await
+        .map_err(|e| nats_err(format!("opening stream {name}"))(Box::new(e)))?;
+    stream
+        .get_or_create_consumer::<consumer::pull::Config>(
+            &streams::worker_consumer(channel, lane),
+            worker_consumer_config(subjects, channel, lane, WorkerQueue::default()),
+        )
+        .await
+        .map_err(|e| {
+            nats_err(format!(
+                "creating worker consumer {}",
+                streams::worker_consumer(channel, lane)
+            ))(Box::new(e))
+        })?;
+    Ok(())
 }
 
 fn stream_config(spec: &StreamSpec) -> stream::Config {
@@ -147,7 +286,13 @@ fn stream_config(spec: &StreamSpec) -> stream::Config {
                 headers_only: false,
             }),
         num_replicas: spec.replicas,
-        discard: stream::DiscardPolicy::Old,
+        discard: if spec.discard_new {
+            stream::DiscardPolicy::New
+        } else {
+            stream::DiscardPolicy::Old
+        },
+        max_messages: spec.max_msgs,
+        max_bytes: spec.max_bytes,
         metadata: spec.metadata.iter().cloned().collect::<HashMap<_, _>>(),
         allow_message_schedules: spec.allow_schedules,
         ..Default::default()
@@ -274,6 +419,9 @@ fn same_tunables(a: &stream::Config, b: &stream::Config) -> bool {
         && a.subjects == b.subjects
         && a.allow_message_schedules == b.allow_message_schedules
         && a.num_replicas == b.num_replicas
+        && a.max_messages == b.max_messages
+        && a.max_bytes == b.max_bytes
+        && a.discard == b.discard
         && a.metadata.iter().all(|(k, v)| b.metadata.get(k) == Some(v))
         && b.metadata.iter().all(|(k, v)| a.metadata.get(k) == Some(v))
 }

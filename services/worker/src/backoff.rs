@@ -1,0 +1,73 @@
+//! Retry delays for transient failures: exponential (from `backon`) with full jitter, so
+//! jobs that failed together do not come back together.
+
+use backon::{BackoffBuilder as _, ExponentialBuilder};
+use std::time::Duration;
+
+/// Bounds of the back-off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    /// Ceiling of the first retry's delay.
+    pub base: Duration,
+    /// Largest delay.
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            base: Duration::from_secs(1),
+            max: Duration::from_secs(300),
+        }
+    }
+}
+
+impl Backoff {
+    /// The exponential ceiling before retry number `attempt` (1 = first retry).
+    pub fn ceiling(&self, attempt: u32) -> Duration {
+        ExponentialBuilder::default()
+            .with_min_delay(self.base)
+            .with_max_delay(self.max)
+            .with_factor(2.0)
+            .without_max_times()
+            .build()
+            .nth(attempt.saturating_sub(1) as usize)
+            .unwrap_or(self.max)
+    }
+
+    /// The delay before retry number `attempt`: uniform in `[0, ceiling]` (full jitter).
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let ceiling = self.ceiling(attempt);
+        ceiling.mul_f64(rand::random::<f64>())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ceilings_double_up_to_the_max() {
+        let b = Backoff {
+            base: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+        };
+        // backon multiplies in f32: compare whole milliseconds.
+        let ms = |attempt| b.ceiling(attempt).as_millis();
+        assert_eq!(ms(1), 100);
+        assert_eq!(ms(2), 200);
+        assert_eq!(ms(4), 800);
+        assert_eq!(ms(5), 1000);
+        assert_eq!(ms(50), 1000);
+    }
+
+    #[test]
+    fn delays_stay_within_the_ceiling() {
+        let b = Backoff::default();
+        for attempt in 1..10 {
+            for _ in 0..50 {
+                assert!(b.delay(attempt) <= b.ceiling(attempt));
+            }
+        }
+    }
+}

@@ -1,0 +1,307 @@
+//! The email provider: SMTP through lettre's pooled async transport, configured by one
+//! URL (`smtp://user:pass@host:port`, `smtps://…`, `smtp://…?tls=required`) and a sender
+//! address.
+//!
+//! Each notification becomes one multipart/alternative message whose text and HTML parts
+//! come from the same title and body (HTML-escaped), with `Message-ID` derived from the
+//! notification id (so a resend is recognisable as the same message), and, when the worker
+//! provides an unsubscribe URL, `List-Unsubscribe` and `List-Unsubscribe-Post:
+//! List-Unsubscribe=One-Click` (RFC 8058).
+//!
+//! SMTP replies map onto the error classes: 4xx and connection trouble are transient,
+//! 5xx permanent, and 550/551/553 "mailbox unknown" answers mean the address is invalid.
+
+use herald_channels::{Delivery, Provider, SendError, Sent, Target};
+use herald_protocol::Channel;
+use lettre::message::header::{HeaderName, HeaderValue};
+use lettre::message::{Mailbox, MultiPart};
+use lettre::transport::smtp::PoolConfig;
+use lettre::{AsyncSmtpTransport, AsyncTransport as _, Message, Tokio1Executor};
+use std::time::Duration;
+
+/// The SMTP provider.
+#[derive(Clone)]
+pub struct SmtpProvider {
+    transport: AsyncSmtpTransport<Tokio1Executor>,
+    from: Mailbox,
+    domain: String,
+}
+
+impl std::fmt::Debug for SmtpProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SmtpProvider")
+            .field("from", &self.from.to_string())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Bad SMTP configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum SmtpConfigError {
+    /// The URL does not parse or names an unknown scheme.
+    #[error("smtp_url: {0}")]
+    Url(String),
+    /// The sender is not an email address.
+    #[error("email_from: {0}")]
+    From(String),
+}
+
+impl SmtpProvider {
+    /// A provider sending through `url` as `from`, with up to `pool_size` connections.
+    ///
+    /// # Errors
+    /// [`SmtpConfigError`] when the URL or the sender is invalid.
+    pub fn new(url: &str, from: &str, pool_size: u32) -> Result<Self, SmtpConfigError> {
+        let from: Mailbox = from
+            .parse()
+            .map_err(|e: lettre::address::AddressError| SmtpConfigError::From(e.to_string()))?;
+        let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(url)
+            .map_err(|e| SmtpConfigError::Url(e.to_string()))?
+            .timeout(Some(Duration::from_secs(10)))
+            .pool_config(PoolConfig::new().max_size(pool_size.max(1)))
+            .build();
+        let domain = from.email.domain().to_string();
+        Ok(Self {
+            transport,
+            from,
+            domain,
+        })
+    }
+
+    /// Checks a configuration without connecting (and without a runtime).
+    ///
+    /// # Errors
+    /// [`SmtpConfigError`] when the URL or the sender is invalid.
+    pub fn check(url: &str, from: &str) -> Result<(), SmtpConfigError> {
+        from.parse::<Mailbox>()
+            .map_err(|e| SmtpConfigError::From(e.to_string()))?;
+        AsyncSmtpTransport::<Tokio1Executor>::from_url(url)
+            .map_err(|e| SmtpConfigError::Url(e.to_string()))?;
+        Ok(())
+    }
+
+    /// The message for one delivery.
+    ///
+    /// # Errors
+    /// [`SendError::InvalidTarget`] when the address does not parse;
+    /// [`SendError::Permanent`] when the message cannot be built.
+    pub fn message(&self, delivery: &Delivery) -> Result<Message, SendError> {
+        let Target::Email { address } = &delivery.target else {
+            return Err(SendError::Permanent {
+                detail: "the email provider only sends to email targets".into(),
+            });
+        };
+        let to: Mailbox = address
+            .parse()
+            .map_err(
+                |e: lettre::address::AddressError| SendError::InvalidTarget {
+                    detail: format!("{address:?}: {e}"),
+                },
+            )?;
+        let subject = delivery
+            .title
+            .clone()
+            .or_else(|| delivery.body.as_ref().map(|b| b.chars().take(78).collect()))
+            .unwrap_or_else(|| "Notification".into());
+        let (text, html) = render(delivery);
+        let mut builder = Message::builder()
+            .from(self.from.clone())
+            .to(to)
+            .subject(subject)
+            .message_id(Some(format!("<{}@{}>", delivery.id, self.domain)));
+        if let Some(url) = &delivery.unsubscribe_url {
+            builder = builder
+                .raw_header(header("List-Unsubscribe", format!("<{url}>"))?)
+                .raw_header(header(
+                    "List-Unsubscribe-Post",
+                    "List-Unsubscribe=One-Click".into(),
+                )?);
+        }
+        builder
+            .multipart(MultiPart::alternative_plain_html(text, html))
+            .map_err(|e| SendError::Permanent {
+                detail: format!("building the message: {e}"),
+            })
+    }
+}
+
+fn header(name: &str, value: String) -> Result<HeaderValue, SendError> {
+    let name = HeaderName::new_from_ascii(name.to_string()).map_err(|e| SendError::Permanent {
+        detail: format!("header {name}: {e}"),
+    })?;
+    Ok(HeaderValue::new(name, value))
+}
+
+/// Text and HTML bodies from the same content.
+pub fn render(delivery: &Delivery) -> (String, String) {
+    let title = delivery.title.as_deref().unwrap_or_default();
+    let body = delivery.body.as_deref().unwrap_or_default();
+    let mut text = String::new();
+    let mut html = String::from("<!doctype html><html><body>");
+    if !title.is_empty() {
+        text.push_str(title);
+        text.push_str("\n\n");
+        html.push_str(&format!("<h1>{}</h1>", html_escape::encode_text(title)));
+    }
+    if !body.is_empty() {
+        text.push_str(body);
+        text.push('\n');
+        for para in body.split("\n\n") {
+            let escaped = html_escape::encode_text(para).replace('\n', "<br>");
+            html.push_str(&format!("<p>{escaped}</p>"));
+        }
+    }
+    if let Some(url) = &delivery.unsubscribe_url {
+        text.push_str(&format!("\n--\nUnsubscribe: {url}\n"));
+        html.push_str(&format!(
+            "<hr><p><a href=\"{}\">Unsubscribe</a></p>",
+            html_escape::encode_double_quoted_attribute(url)
+        ));
+    }
+    html.push_str("</body></html>");
+    (text, html)
+}
+
+/// The class of an SMTP failure.
+pub fn classify(e: &lettre::transport::smtp::Error) -> SendError {
+    let detail: String = e.to_string().chars().take(500).collect();
+    if e.is_permanent() {
+        let code = e.status().map(|c| c.to_string()).unwrap_or_default();
+        let lower = detail.to_lowercase();
+        let mailbox_unknown = matches!(code.as_str(), "550" | "551" | "553")
+            && [
+                "5.1.1",
+                "5.1.0",
+                "unknown",
+                "no such",
+                "does not exist",
+                "not found",
+                "unavailable",
+            ]
+            .iter()
+            .any(|m| lower.contains(m));
+        if mailbox_unknown {
+            SendError::InvalidTarget { detail }
+        } else {
+            SendError::Permanent { detail }
+        }
+    } else {
+        // 4xx, timeouts, refused connections, TLS trouble: may pass.
+        SendError::Transient { detail }
+    }
+}
+
+#[async_trait::async_trait]
+impl Provider for SmtpProvider {
+    fn name(&self) -> &str {
+        "smtp"
+    }
+
+    fn channel(&self) -> Channel {
+        Channel::Email
+    }
+
+    fn accepts(&self, target: &Target) -> bool {
+        matches!(target, Target::Email { .. })
+    }
+
+    async fn send(&self, delivery: &Delivery) -> Result<Sent, SendError> {
+        let message = self.message(delivery)?;
+        let response = self
+            .transport
+            .send(message)
+            .await
+            .map_err(|e| classify(&e))?;
+        // Servers answer "250 2.0.0 Ok: queued as <queue id>"; the queue id is their id.
+        let text = response.message().collect::<Vec<_>>().join(" ");
+        let provider_message_id = text
+            .rsplit_once("queued as ")
+            .map(|(_, id)| id.trim().to_string())
+            .or_else(|| Some(format!("<{}@{}>", delivery.id, self.domain)));
+        Ok(Sent {
+            provider_message_id,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herald_protocol::{Priority, UserId};
+
+    fn delivery(target: Target) -> Delivery {
+        Delivery {
+            id: "0193-abc".into(),
+            seq: 7,
+            user_id: UserId::new("ann").expect("valid"),
+            channel: Channel::Email,
+            priority: Priority::Normal,
+            category: Some("like".into()),
+            title: Some("Bob <liked> your photo".into()),
+            body: Some("Nice & sunny\nsecond line".into()),
+            data: Default::default(),
+            collapse_key: None,
+            expires_at: None,
+            target,
+            unsubscribe_url: Some("https://h.example/v1/unsubscribe?token=a.b".into()),
+        }
+    }
+
+    // The pooled transport starts its pool on the runtime.
+    #[tokio::test]
+    async fn the_message_is_multipart_with_unsubscribe_headers_and_our_id() {
+        let p = SmtpProvider::new(
+            "smtp://127.0.0.1:2525",
+            "Herald <noreply@herald.example>",
+            2,
+        )
+        .expect("config");
+        let m = p
+            .message(&delivery(Target::Email {
+                address: "ann@example.com".into(),
+            }))
+            .expect("message");
+        let raw = String::from_utf8(m.formatted()).expect("utf8");
+        assert!(
+            raw.contains("Message-ID: <0193-abc@herald.example>"),
+            "{raw}"
+        );
+        assert!(
+            raw.contains("List-Unsubscribe: <https://h.example/v1/unsubscribe?token=a.b>"),
+            "{raw}"
+        );
+        assert!(
+            raw.contains("List-Unsubscribe-Post: List-Unsubscribe=One-Click"),
+            "{raw}"
+        );
+        assert!(raw.contains("multipart/alternative"), "{raw}");
+        assert!(raw.contains("Bob &lt;liked&gt; your photo"), "{raw}");
+        // The HTML part is quoted-printable (soft line breaks); check the rendering itself.
+        let (text, html) = render(&delivery(Target::Email {
+            address: "ann@example.com".into(),
+        }));
+        assert!(
+            html.contains("<p>Nice &amp; sunny<br>second line</p>"),
+            "{html}"
+        );
+        assert!(text.contains("Nice & sunny\nsecond line"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_malformed_address_is_an_invalid_target() {
+        let p = SmtpProvider::new("smtp://127.0.0.1:2525", "noreply@herald.example", 2)
+            .expect("config");
+        let err = p
+            .message(&delivery(Target::Email {
+                address: "not an address".into(),
+            }))
+            .expect_err("invalid");
+        assert!(matches!(err, SendError::InvalidTarget { .. }), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn bad_configuration_is_reported() {
+        assert!(SmtpProvider::new("http://x", "a@b.c", 1).is_err());
+        assert!(SmtpProvider::new("smtp://x:25", "not-an-address", 1).is_err());
+    }
+}

@@ -1,0 +1,422 @@
+//! One job, from pull to ack: the decisions that make delivery exactly-once as far as a
+//! provider allows, and retries follow the error class.
+//!
+//! 1. A sent marker for the job means a provider accepted it before (the worker died
+//!    before its ack reached NATS): ack, do not send again.
+//! 2. Push waits `escalation_delay` after acceptance (a nak with that delay on the first
+//!    delivery, no polling), then skips the push if the user acked it as seen live.
+//! 3. Content from the inbox by `seq`, the target from the target store by id.
+//! 4. The first provider of the channel that accepts the target and whose circuit admits
+//!    a call, after a token of its bucket.
+//! 5. Accepted: sent marker, then ack. Throttled: nak with the provider's `Retry-After`.
+//!    Transient: nak with exponential back-off and full jitter. Permanent: dead letter and
+//!    term. Invalid target: remove the target and term. The last allowed delivery of a
+//!    retryable failure goes to the dead-letter queue instead.
+
+use crate::dlq::{DeadLetter, Dlq};
+use crate::runtime::{WorkerConfig, WorkerDeps};
+use async_nats::jetstream::AckKind;
+use async_nats::jetstream::Message;
+use async_nats::jetstream::kv;
+use async_nats::jetstream::stream::Stream;
+use herald_channels::{Delivery, SendError, Target};
+use herald_protocol::notification::format_time;
+use herald_protocol::{Channel, ChannelJob, StoredNotification};
+use herald_store::status::{State, Update};
+use std::time::{Duration, Instant};
+use time::OffsetDateTime;
+
+/// Everything a job handler shares.
+pub struct Context {
+    /// Configuration.
+    pub config: WorkerConfig,
+    /// Dependencies.
+    pub deps: WorkerDeps,
+    /// The inbox stream (content by `seq`).
+    pub inbox: Stream<()>,
+    /// Seen-live positions.
+    pub seen: kv::Store,
+    /// Dead letters.
+    pub dlq: Dlq,
+}
+
+/// Delay before retrying a job whose state could not be read (NATS trouble).
+const STORE_RETRY: Duration = Duration::from_secs(2);
+
+/// Handles one pulled job to its ack, nak or term.
+pub async fn handle(ctx: &Context, msg: Message) {
+    let channel = ctx.config.channel.as_str();
+    let (delivered, published) = match msg.info() {
+        Ok(info) => (info.delivered, info.published),
+        Err(_) => (1, OffsetDateTime::now_utc()),
+    };
+    let job: ChannelJob = match serde_json::from_slice(&msg.payload) {
+        Ok(job) => job,
+        Err(e) => {
+            // Never poison the queue: an undecodable job is dropped, loudly.
+            tracing::error!(channel, error = %e, "undecodable job; terminating it");
+            outcome(channel, "undecodable");
+            settle(&msg, AckKind::Term).await;
+            return;
+        }
+    };
+    let step = Step {
+        ctx,
+        msg: &msg,
+        job: &job,
+        delivered,
+        published,
+    };
+    step.run().await;
+}
+
+fn outcome(channel: &'static str, outcome: &'static str) {
+    metrics::counter!("herald_worker_jobs_total", "channel" => channel, "outcome" => outcome)
+        .increment(1);
+}
+
+async fn settle(msg: &Message, kind: AckKind) {
+    let result = match kind {
+        // Confirmed: the job must not come back once the marker says it was sent.
+        AckKind::Ack => msg.double_ack().await,
+        other => msg.ack_with(other).await,
+    };
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "settling a job failed; it will be redelivered");
+    }
+}
+
+struct Step<'a> {
+    ctx: &'a Context,
+    msg: &'a Message,
+    job: &'a ChannelJob,
+    delivered: i64,
+    published: OffsetDateTime,
+}
+
+impl Step<'_> {
+    fn channel(&self) -> &'static str {
+        self.ctx.config.channel.as_str()
+    }
+
+    fn last_attempt(&self) -> bool {
+        self.delivered >= self.ctx.config.queue.max_deliver
+    }
+
+    async fn status(&self, update: Update) {
+        if let Err(e) = self.ctx.deps.status.record(self.job, update).await {
+            tracing::warn!(id = %self.job.id, error = %e, "recording delivery status failed");
+        }
+    }
+
+    async fn skip(&self, reason: &str) {
+        self.status(Update::state(State::Skipped).because(reason))
+            .await;
+        outcome(self.channel(), "skipped");
+        settle(self.msg, AckKind::Ack).await;
+    }
+
+    async fn later(&self, delay: Duration) {
+        settle(self.msg, AckKind::Nak(Some(delay))).await;
+    }
+
+    async fn run(&self) {
+        let ctx = self.ctx;
+        let job = self.job;
+        match ctx.deps.status.sent_marker(job).await {
+            Ok(Some(marker)) => {
+                tracing::info!(id = %job.id, provider = %marker.provider, "already sent before a redelivery; acking without sending");
+                outcome(self.channel(), "duplicate_suppressed");
+                settle(self.msg, AckKind::Ack).await;
+                // The worker that sent it may have died before recording it.
+                let mut update = Update::state(State::Sent).by(marker.provider);
+                update.provider_message_id = marker.provider_message_id;
+                self.status(update).await;
+                return;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(id = %job.id, error = %e, "sent markers unavailable; retrying later");
+                return self.later(STORE_RETRY).await;
+            }
+        }
+        if job.channel == Channel::Push && !ctx.config.escalation_delay.is_zero() {
+            let age = (OffsetDateTime::now_utc() - self.published)
+                .try_into()
+                .unwrap_or(Duration::ZERO);
+            if self.delivered == 1 && age < ctx.config.escalation_delay {
+                // Give a live connection the chance to ack it first; back after the delay.
+                return self.later(ctx.config.escalation_delay - age).await;
+            }
+        }
+        if job.channel == Channel::Push {
+            match self.seen_up_to().await {
+                Ok(seen) if seen >= job.seq => {
+                    return self.skip("seen: the user acked it live").await;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(id = %job.id, error = %e, "seen positions unavailable; retrying later");
+                    return self.later(STORE_RETRY).await;
+                }
+            }
+        }
+        let stored = match ctx.inbox.get_raw_message(job.seq).await {
+            Ok(m) => match serde_json::from_slice::<StoredNotification>(&m.payload) {
+                Ok(n) if n.id == job.id => n,
+                _ => return self.skip("expired: no longer in the inbox").await,
+            },
+            Err(e)
+                if e.kind()
+                    == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound =>
+            {
+                return self.skip("expired: no longer in the inbox").await;
+            }
+            Err(e) => {
+                tracing::warn!(id = %job.id, error = %e, "inbox unavailable; retrying later");
+                return self.later(STORE_RETRY).await;
+            }
+        };
+        let target = match ctx
+            .deps
+            .targets
+            .find(&job.user_id, job.channel, &job.target)
+            .await
+        {
+            Ok(Some(t)) => t,
+            Ok(None) => return self.skip("target removed").await,
+            Err(e) => {
+                tracing::warn!(id = %job.id, error = %e, "target store unavailable; retrying later");
+                return self.later(STORE_RETRY).await;
+            }
+        };
+        if let Some(optout) = &ctx.deps.optout {
+            match optout
+                .allows(&job.user_id, job.channel, stored.category.as_deref())
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => return self.skip("opted out").await,
+                Err(e) => {
+                    tracing::warn!(id = %job.id, error = %e, "preferences unavailable; retrying later");
+                    return self.later(STORE_RETRY).await;
+                }
+            }
+        }
+        let delivery = self.delivery(stored, target);
+        self.send(&delivery).await;
+    }
+
+    async fn seen_up_to(&self) -> Result<u64, kv::EntryError> {
+        let value = self.ctx.seen.get(self.job.user_id.token().as_str()).await?;
+        Ok(value
+            .and_then(|v| std::str::from_utf8(&v).ok()?.trim().parse().ok())
+            .unwrap_or(0))
+    }
+
+    fn delivery(&self, stored: StoredNotification, target: Target) -> Delivery {
+        let expires_at = stored.expires_at.as_deref().and_then(|t| {
+            OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+        });
+        let unsubscribe_url = match (&self.ctx.deps.links, self.job.channel) {
+            (Some(links), Channel::Email) => {
+                Some(links.url(&self.job.user_id, stored.category.as_deref()))
+            }
+            _ => None,
+        };
+        Delivery {
+            id: stored.id,
+            seq: self.job.seq,
+            user_id: stored.user_id,
+            channel: self.job.channel,
+            priority: stored.priority,
+            category: stored.category,
+            title: stored.title,
+            body: stored.body,
+            data: stored.data,
+            collapse_key: stored.collapse_key,
+            expires_at,
+            target,
+            unsubscribe_url,
+        }
+    }
+
+    async fn send(&self, delivery: &Delivery) {
+        let ctx = self.ctx;
+        let pick = ctx.deps.providers.pick(self.job.channel, &delivery.target);
+        let (provider, _probe) = match pick {
+            crate::providers::Pick::Use(p, probe) => (p, probe),
+            crate::providers::Pick::AllOpen(wait) => {
+                let reason = "every provider's circuit is open";
+                if self.last_attempt() {
+                    return self.dead_letter(reason, None, None).await;
+                }
+                self.status(Update::state(State::Retrying).because(reason))
+                    .await;
+                outcome(self.channel(), "deferred");
+                return self.later(wait.max(Duration::from_millis(100))).await;
+            }
+            crate::providers::Pick::NoneAccepts => {
+                return self
+                    .dead_letter("no provider of the channel accepts this target", None, None)
+                    .await;
+            }
+        };
+        provider.ready().await;
+        let started = Instant::now();
+        let result =
+            match tokio::time::timeout(ctx.config.send_timeout, provider.provider.send(delivery))
+                .await
+            {
+                Ok(r) => r,
+                Err(_) => Err(SendError::Transient {
+                    detail: format!("no answer within {:?}", ctx.config.send_timeout),
+                }),
+            };
+        let name = provider.name().to_string();
+        metrics::histogram!("herald_provider_send_seconds", "provider" => name.clone())
+            .record(started.elapsed().as_secs_f64());
+        match &result {
+            Err(e) if e.counts_against_provider() => provider.breaker.on_failure(Instant::now()),
+            _ => provider.breaker.on_success(),
+        }
+        // The breaker may have opened, closed, or (after a probe) changed state.
+        provider.report();
+        match result {
+            Ok(sent) => self.sent(&name, sent.provider_message_id).await,
+            Err(e) => self.failed(&name, e).await,
+        }
+    }
+
+    async fn sent(&self, provider: &str, provider_message_id: Option<String>) {
+        metrics::counter!("herald_provider_sends_total", "provider" => provider.to_string(), "result" => "sent")
+            .increment(1);
+        // The marker goes first: if this process dies before the ack lands, the
+        // redelivered job finds it and is acked without a second send.
+        let mut marked = false;
+        for _ in 0..3 {
+            match self
+                .ctx
+                .deps
+                .status
+                .mark_sent(self.job, provider, provider_message_id.clone())
+                .await
+            {
+                Ok(()) => {
+                    marked = true;
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(id = %self.job.id, error = %e, "writing the sent marker failed")
+                }
+            }
+        }
+        if !marked {
+            tracing::error!(id = %self.job.id, "sent without a marker; a redelivery before the ack would send again");
+        }
+        self.ctx.deps.hooks.after_marked(self.job).await;
+        settle(self.msg, AckKind::Ack).await;
+        let mut update = Update::state(State::Sent).by(provider);
+        update.provider_message_id = provider_message_id;
+        self.status(update).await;
+        outcome(self.channel(), "sent");
+    }
+
+    async fn failed(&self, provider: &str, error: SendError) {
+        let class = match &error {
+            SendError::Throttled { .. } => "throttled",
+            SendError::Transient { .. } => "transient",
+            SendError::Permanent { .. } => "permanent",
+            SendError::InvalidTarget { .. } => "invalid_target",
+        };
+        metrics::counter!("herald_provider_sends_total", "provider" => provider.to_string(), "result" => class)
+            .increment(1);
+        let detail = error.to_string();
+        tracing::info!(id = %self.job.id, provider, attempt = self.delivered, %detail, "send failed");
+        match error {
+            SendError::Throttled { .. } | SendError::Transient { .. } if self.last_attempt() => {
+                self.dead_letter(
+                    &format!("gave up after {} deliveries", self.delivered),
+                    Some(detail),
+                    Some(provider),
+                )
+                .await;
+            }
+            SendError::Throttled { retry_after, .. } => {
+                let attempt = u32::try_from(self.delivered).unwrap_or(u32::MAX);
+                let delay = retry_after.unwrap_or_else(|| self.ctx.config.backoff.delay(attempt));
+                self.status(Update::state(State::Retrying).because(detail).by(provider))
+                    .await;
+                outcome(self.channel(), "throttled");
+                self.later(delay).await;
+            }
+            SendError::Transient { .. } => {
+                let attempt = u32::try_from(self.delivered).unwrap_or(u32::MAX);
+                let delay = self.ctx.config.backoff.delay(attempt);
+                self.status(Update::state(State::Retrying).because(detail).by(provider))
+                    .await;
+                outcome(self.channel(), "retried");
+                self.later(delay).await;
+            }
+            SendError::Permanent { .. } => {
+                self.dead_letter("permanent provider error", Some(detail), Some(provider))
+                    .await;
+            }
+            SendError::InvalidTarget { .. } => {
+                let removed = match self
+                    .ctx
+                    .deps
+                    .targets
+                    .find(&self.job.user_id, self.job.channel, &self.job.target)
+                    .await
+                {
+                    Ok(Some(target)) => self
+                        .ctx
+                        .deps
+                        .targets
+                        .remove(&self.job.user_id, &target)
+                        .await
+                        .unwrap_or(false),
+                    _ => false,
+                };
+                tracing::info!(id = %self.job.id, removed, "provider rejected the target; removed it");
+                self.status(
+                    Update::state(State::Failed)
+                        .because(format!("invalid target, removed: {detail}"))
+                        .by(provider),
+                )
+                .await;
+                outcome(self.channel(), "invalid_target");
+                settle(self.msg, AckKind::Term).await;
+            }
+        }
+    }
+
+    async fn dead_letter(
+        &self,
+        reason: &str,
+        last_response: Option<String>,
+        provider: Option<&str>,
+    ) {
+        let letter = DeadLetter {
+            job: self.job.clone(),
+            reason: reason.to_string(),
+            last_response: last_response.clone(),
+            provider: provider.map(str::to_string),
+            attempts: self.delivered,
+            failed_at: format_time(OffsetDateTime::now_utc()),
+        };
+        if let Err(e) = self.ctx.dlq.put(&letter).await {
+            tracing::error!(id = %self.job.id, error = %e, "dead-lettering failed; retrying the job");
+            return self.later(STORE_RETRY).await;
+        }
+        let mut update = Update::state(State::DeadLettered).because(match &last_response {
+            Some(r) => format!("{reason}: {r}"),
+            None => reason.to_string(),
+        });
+        update.provider = provider.map(str::to_string);
+        self.status(update).await;
+        outcome(self.channel(), "dead_lettered");
+        settle(self.msg, AckKind::Term).await;
+    }
+}

@@ -1,0 +1,319 @@
+//! The worker runtime of one channel: one durable pull consumer per lane, each with its
+//! own concurrency budget, so a backlog of `low` jobs never holds up a `high` one; each
+//! job handled by [`crate::job`]. On shutdown no new job is pulled and in-flight ones are
+//! finished (acked or naked) within a grace period.
+
+use crate::backoff::Backoff;
+use crate::dlq::Dlq;
+use crate::job::{self, Context};
+use crate::providers::Providers;
+use crate::unsubscribe::Links;
+use async_nats::jetstream::consumer::PullConsumer;
+use futures::StreamExt as _;
+use herald_protocol::streams::{self, SEEN_BUCKET};
+use herald_protocol::{Channel, Priority, Subjects};
+use herald_store::provision::{WorkerQueue, worker_consumer_config};
+use herald_store::{Nats, StatusStore, Targets};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Jobs handled at once, per lane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaneBudget {
+    /// `high` lane.
+    pub high: usize,
+    /// `normal` lane.
+    pub normal: usize,
+    /// `low` lane.
+    pub low: usize,
+}
+
+impl LaneBudget {
+    /// `n` for normal, and as much again for high (which is rarely busy but must never
+    /// wait), a quarter for low.
+    pub fn from_concurrency(n: usize) -> Self {
+        let n = n.max(1);
+        Self {
+            high: n,
+            normal: n,
+            low: (n / 4).max(1),
+        }
+    }
+
+    fn of(&self, lane: Priority) -> usize {
+        match lane {
+            Priority::High => self.high,
+            Priority::Normal => self.normal,
+            Priority::Low => self.low,
+        }
+        .max(1)
+    }
+}
+
+/// How one channel's workers behave.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// The channel.
+    pub channel: Channel,
+    /// Concurrency per lane.
+    pub budget: LaneBudget,
+    /// Consumer settings (ack wait, max deliver, max ack pending).
+    pub queue: WorkerQueue,
+    /// Push only: wait this long after acceptance for a live `ack` before pushing.
+    pub escalation_delay: Duration,
+    /// Longest a provider call may take before it counts as a transient failure.
+    pub send_timeout: Duration,
+    /// Back-off of transient failures.
+    pub backoff: Backoff,
+    /// How long in-flight jobs get at shutdown.
+    pub drain_grace: Duration,
+}
+
+impl WorkerConfig {
+    /// Defaults for `channel`.
+    pub fn new(channel: Channel) -> Self {
+        Self {
+            channel,
+            budget: LaneBudget::from_concurrency(64),
+            queue: WorkerQueue::default(),
+            escalation_delay: Duration::from_secs(5),
+            send_timeout: Duration::from_secs(15),
+            backoff: Backoff::default(),
+            // Within the mesh's own 10 s drain, so in-flight jobs settle before it aborts.
+            drain_grace: Duration::from_secs(8),
+        }
+    }
+
+    /// The consumer settings actually applied: ack pending sized for the pool (in-flight
+    /// jobs, plus room for jobs naked with a delay, which count until redelivered).
+    pub fn queue_for(&self, lane: Priority) -> WorkerQueue {
+        let in_flight = i64::try_from(self.budget.of(lane)).unwrap_or(i64::MAX);
+        WorkerQueue {
+            max_ack_pending: self.queue.max_ack_pending.max(in_flight * 4),
+            ..self.queue
+        }
+    }
+}
+
+/// Fault-injection points for tests of crash windows. Production uses [`NoHooks`].
+#[async_trait::async_trait]
+pub trait Hooks: Send + Sync {
+    /// Called after the sent marker is written and before the job is acked.
+    async fn after_marked(&self, _job: &herald_protocol::ChannelJob) {}
+}
+
+/// No hooks.
+#[derive(Debug, Default)]
+pub struct NoHooks;
+
+#[async_trait::async_trait]
+impl Hooks for NoHooks {}
+
+/// What a worker needs besides its configuration.
+#[derive(Clone)]
+pub struct WorkerDeps {
+    /// NATS connections.
+    pub nats: Nats,
+    /// Subject scheme.
+    pub subjects: Subjects,
+    /// Target store.
+    pub targets: Targets,
+    /// Delivery status and sent markers.
+    pub status: StatusStore,
+    /// The providers.
+    pub providers: Arc<Providers>,
+    /// Unsubscribe links for email.
+    pub links: Option<Links>,
+    /// Preferences (opt-out) checks.
+    pub optout: Option<crate::optout::OptOut>,
+    /// Fault injection.
+    pub hooks: Arc<dyn Hooks>,
+}
+
+impl std::fmt::Debug for WorkerDeps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerDeps")
+            .field("providers", &self.providers)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a worker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// A stream, consumer or bucket is missing or NATS failed.
+    #[error("opening {what} (run `herald provision`): {source}")]
+    Open {
+        /// What.
+        what: String,
+        /// Cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+fn open_err(
+    what: impl Into<String>,
+) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> WorkerError {
+    let what = what.into();
+    move |source| WorkerError::Open { what, source }
+}
+
+/// Runs the workers of `config.channel` until `shutdown`, then drains.
+///
+/// # Errors
+/// [`WorkerError`] when the channel's stream, consumers or buckets cannot be opened.
+pub async fn run(
+    config: WorkerConfig,
+    deps: WorkerDeps,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), WorkerError> {
+    let channel = config.channel;
+    let js = &deps.nats.js_consume;
+    let stream_name = streams::work_stream_name(channel);
+    let stream = js
+        .get_stream_no_info(stream_name)
+        .await
+        .map_err(|e| open_err(format!("stream {stream_name}"))(Box::new(e)))?;
+    let inbox = js
+        .get_stream_no_info(streams::INBOX)
+        .await
+        .map_err(|e| open_err("the inbox stream")(Box::new(e)))?;
+    let seen = js
+        .get_key_value(SEEN_BUCKET)
+        .await
+        .map_err(|e| open_err(format!("bucket {SEEN_BUCKET}"))(Box::new(e)))?;
+    let ctx = Arc::new(Context {
+        config: config.clone(),
+        inbox,
+        seen,
+        dlq: Dlq::new(deps.nats.clone(), deps.subjects.clone()),
+        deps,
+    });
+    let stop = CancellationToken::new();
+    let mut lanes = JoinSet::new();
+    // High first: its consumer is opened and pulling before the others.
+    for lane in Priority::ALL {
+        let name = streams::worker_consumer(channel, lane);
+        let consumer: PullConsumer = stream
+            .create_consumer(worker_consumer_config(
+                &ctx.deps.subjects,
+                channel,
+                lane,
+                config.queue_for(lane),
+            ))
+            .await
+            .map_err(|e| open_err(format!("consumer {name}"))(Box::new(e)))?;
+        lanes.spawn(report_depth(channel, lane, consumer.clone(), stop.clone()));
+        lanes.spawn(lane_loop(ctx.clone(), lane, consumer, stop.clone()));
+    }
+    tracing::info!(channel = channel.as_str(), budget = ?config.budget, "worker running");
+    shutdown.await;
+    stop.cancel();
+    while lanes.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// How often queue depth is published as a metric.
+const DEPTH_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Publishes the lane's queue depth (jobs waiting, and delivered but not yet acked) as
+/// gauges for `/metrics`.
+async fn report_depth(
+    channel: Channel,
+    lane: Priority,
+    mut consumer: PullConsumer,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(DEPTH_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Ok(info) = consumer.info().await {
+            let labels = [("channel", channel.as_str()), ("lane", lane.as_str())];
+            metrics::gauge!("herald_worker_queue_pending", &labels).set(info.num_pending as f64);
+            metrics::gauge!("herald_worker_queue_ack_pending", &labels)
+                .set(info.num_ack_pending as f64);
+        }
+    }
+}
+
+/// Pull expiry of one lane's fetch loop.
+const PULL_EXPIRY: Duration = Duration::from_secs(5);
+
+async fn lane_loop(
+    ctx: Arc<Context>,
+    lane: Priority,
+    consumer: PullConsumer,
+    stop: CancellationToken,
+) {
+    let budget = ctx.config.budget.of(lane);
+    let permits = Arc::new(Semaphore::new(budget));
+    let mut in_flight = JoinSet::new();
+    let channel = ctx.config.channel.as_str();
+    'pull: while !stop.is_cancelled() {
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(budget)
+            .expires(PULL_EXPIRY)
+            .messages()
+            .await;
+        let mut messages = match messages {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(channel, lane = lane.as_str(), error = %e, "worker pull failed; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => break 'pull,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue 'pull,
+                }
+            }
+        };
+        loop {
+            // A permit first: never hold a pulled job without a slot to run it.
+            let permit = tokio::select! {
+                _ = stop.cancelled() => break 'pull,
+                p = permits.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break 'pull,
+                },
+            };
+            let next = tokio::select! {
+                _ = stop.cancelled() => break 'pull,
+                next = messages.next() => next,
+            };
+            match next {
+                Some(Ok(msg)) => {
+                    let ctx = ctx.clone();
+                    in_flight.spawn(async move {
+                        job::handle(&ctx, msg).await;
+                        drop(permit);
+                    });
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(channel, lane = lane.as_str(), error = %e, "worker stream error");
+                }
+                None => break,
+            }
+            while in_flight.try_join_next().is_some() {}
+        }
+    }
+    // Drain: finish what was started; unpulled jobs stay in the queue for the next worker.
+    let drain = async { while in_flight.join_next().await.is_some() {} };
+    if tokio::time::timeout(ctx.config.drain_grace, drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            channel,
+            lane = lane.as_str(),
+            "drain grace over; unfinished jobs will be redelivered"
+        );
+        in_flight.abort_all();
+    }
+}

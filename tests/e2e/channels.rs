@@ -1,0 +1,721 @@
+//! Channel workers end to end: real nats-server, the whole mesh in-process, providers
+//! scripted per error class (a real `Provider` implementation), and a real SMTP server
+//! for email.
+
+use anyhow::{Context as _, ensure};
+use herald::channels::{ChannelSettings, SmtpSettings};
+use herald_channels::Provider;
+use herald_protocol::Channel;
+use herald_tests::herald::rand_key;
+use herald_tests::scripted::{Answer, Scripted};
+use herald_tests::smtp::SmtpServer;
+use herald_tests::{Herald, Nats, eventually};
+use herald_worker::Limits;
+use herald_worker::backoff::Backoff;
+use herald_worker::breaker::BreakerConfig;
+use reqwest::Method;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Fast retries, short ack wait, no escalation delay, small pools.
+fn settings(key: [u8; 32]) -> ChannelSettings {
+    let mut s = ChannelSettings::new(key);
+    s.escalation_delay = Duration::ZERO;
+    s.concurrency = 4;
+    s.backoff = Backoff {
+        base: Duration::from_millis(100),
+        max: Duration::from_millis(400),
+    };
+    s.queue.ack_wait = Duration::from_secs(3);
+    s.queue.max_deliver = 4;
+    s
+}
+
+fn with(mut s: ChannelSettings, provider: &Arc<Scripted>, limits: Limits) -> ChannelSettings {
+    let p: Arc<dyn Provider> = provider.clone();
+    s.extra_providers.push((p, limits));
+    s
+}
+
+async fn device(herald: &Herald, user: &str, token: &str) -> anyhow::Result<()> {
+    let r = herald
+        .user(Method::POST, "/v1/me/devices", user)
+        .json(&json!({"platform": "ios", "token": token}))
+        .send()
+        .await?;
+    ensure!(r.status().is_success(), "device: {}", r.status());
+    Ok(())
+}
+
+async fn contact(herald: &Herald, user: &str, body: Value) -> anyhow::Result<reqwest::Response> {
+    Ok(herald
+        .producer(Method::PUT, &format!("/v1/users/{user}/contact"))
+        .json(&body)
+        .send()
+        .await?)
+}
+
+async fn status(herald: &Herald, id: &str) -> anyhow::Result<Value> {
+    let r = herald
+        .producer(Method::GET, &format!("/v1/notifications/{id}"))
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "status of {id}: {}", r.status());
+    Ok(r.json().await?)
+}
+
+/// Waits until the one target of `channel` reaches `state`; returns its entry.
+async fn reaches(herald: &Herald, id: &str, channel: &str, state: &str) -> anyhow::Result<Value> {
+    eventually(WAIT, &format!("{id} {channel} {state}"), || async {
+        let s = status(herald, id).await?;
+        let entry = s["channels"][channel][0].clone();
+        ensure!(entry["state"] == state, "status now {s}");
+        Ok(entry)
+    })
+    .await
+}
+
+async fn push(herald: &Herald, user: &str, title: &str) -> anyhow::Result<String> {
+    Ok(herald
+        .accept(&json!({"user_id": user, "title": title, "channels": ["inbox", "push"]}))
+        .await?
+        .id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_failures_are_retried_and_delivered_once() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let apns = Arc::new(Scripted::new("apns", Channel::Push));
+    apns.script([Answer::Transient, Answer::Transient]);
+    let herald = Herald::builder(&nats)
+        .channels(with(settings(rand_key()), &apns, Limits::default()))
+        .start()
+        .await?;
+    device(&herald, "ann", "tok-1").await?;
+    let id = push(&herald, "ann", "hello").await?;
+    let entry = reaches(&herald, &id, "push", "sent").await?;
+    assert_eq!(entry["retries"], 2, "{entry}");
+    assert_eq!(entry["provider"], "apns");
+    assert_eq!(entry["provider_message_id"], format!("apns-{id}"));
+    let calls = apns.calls_for(&id);
+    assert_eq!(calls.len(), 3, "two failures and one success: {calls:?}");
+    assert_eq!(calls[2].delivery.title.as_deref(), Some("hello"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_honours_retry_after() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let apns = Arc::new(Scripted::new("apns", Channel::Push));
+    apns.script([Answer::Throttled(Duration::from_millis(1500))]);
+    let herald = Herald::builder(&nats)
+        .channels(with(settings(rand_key()), &apns, Limits::default()))
+        .start()
+        .await?;
+    device(&herald, "bo", "tok-b").await?;
+    let id = push(&herald, "bo", "otp").await?;
+    reaches(&herald, &id, "push", "sent").await?;
+    let calls = apns.calls_for(&id);
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    let waited = calls[1].at - calls[0].at;
+    ensure!(
+        waited >= Duration::from_millis(1400),
+        "retried after {waited:?}, before the provider's Retry-After of 1.5 s"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_errors_are_dead_lettered_and_can_be_retried() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let apns = Arc::new(Scripted::new("apns", Channel::Push));
+    apns.script([Answer::Permanent]);
+    let herald = Herald::builder(&nats)
+        .channels(with(settings(rand_key()), &apns, Limits::default()))
+        .start()
+        .await?;
+    device(&herald, "cy", "tok-c").await?;
+    let id = push(&herald, "cy", "bad payload").await?;
+    let entry = reaches(&herald, &id, "push", "dead_lettered").await?;
+    assert!(
+        entry["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("400 InvalidPayload"),
+        "{entry}"
+    );
+    assert_eq!(
+        apns.calls_for(&id).len(),
+        1,
+        "no retry of a permanent error"
+    );
+
+    let list: Value = herald
+        .producer(Method::GET, "/v1/dlq")
+        .send()
+        .await?
+        .json()
+        .await?;
+    let letter = list["items"]
+        .as_array()
+        .context("items")?
+        .iter()
+        .find(|l| l["job"]["id"] == id.as_str())
+        .with_context(|| format!("dead letter of {id} in {list}"))?
+        .clone();
+    assert_eq!(letter["reason"], "permanent provider error");
+    assert!(
+        letter["last_response"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("400"),
+        "{letter}"
+    );
+    assert_eq!(letter["provider"], "apns");
+
+    let dlq_id = letter["dlq_id"].as_u64().context("dlq_id")?;
+    let r = herald
+        .producer(Method::POST, &format!("/v1/dlq/{dlq_id}/retry"))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 202);
+    reaches(&herald, &id, "push", "sent").await?;
+    assert_eq!(apns.calls_for(&id).len(), 2);
+    let after: Value = herald
+        .producer(Method::GET, "/v1/dlq")
+        .send()
+        .await?
+        .json()
+        .await?;
+    ensure!(
+        !after["items"]
+            .as_array()
+            .context("items")?
+            .iter()
+            .any(|l| l["job"]["id"] == id.as_str()),
+        "retried letter still listed: {after}"
+    );
+    let again = herald
+        .producer(Method::POST, &format!("/v1/dlq/{dlq_id}/retry"))
+        .send()
+        .await?;
+    assert_eq!(again.status(), 404);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_token_is_removed() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let apns = Arc::new(Scripted::new("apns", Channel::Push));
+    apns.script([Answer::InvalidTarget]);
+    let herald = Herald::builder(&nats)
+        .channels(with(settings(rand_key()), &apns, Limits::default()))
+        .start()
+        .await?;
+    device(&herald, "di", "tok-dead").await?;
+    let id = push(&herald, "di", "one").await?;
+    let entry = reaches(&herald, &id, "push", "failed").await?;
+    assert!(
+        entry["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("invalid target"),
+        "{entry}"
+    );
+    // The token is gone: the next notification has no push target at all.
+    let next = push(&herald, "di", "two").await?;
+    let entry = reaches(&herald, &next, "push", "skipped").await?;
+    assert_eq!(entry["target"], "none", "{entry}");
+    assert_eq!(apns.calls().len(), 1);
+    // Deleting it again says it is not there.
+    let r = herald
+        .user(Method::DELETE, "/v1/me/devices", "di")
+        .json(&json!({"token": "tok-dead"}))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 404);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_breaker_fails_over_and_the_primary_comes_back() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let primary = Arc::new(Scripted::new("twilio", Channel::Sms));
+    let secondary = Arc::new(Scripted::new("vonage", Channel::Sms));
+    primary.fallback(Answer::Transient);
+    let limits = Limits {
+        rate_per_second: None,
+        breaker: BreakerConfig {
+            consecutive_failures: 2,
+            error_rate: 1.0,
+            window: 10,
+            open_for: Duration::from_secs(3),
+        },
+    };
+    let s = with(
+        with(settings(rand_key()), &primary, limits),
+        &secondary,
+        limits,
+    );
+    let herald = Herald::builder(&nats).channels(s).start().await?;
+    let r = contact(&herald, "eve", json!({"phone": "+4915112345678"})).await?;
+    assert_eq!(r.status(), 200);
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        ids.push(
+            herald
+                .accept(
+                    &json!({"user_id": "eve", "title": format!("code {i}"), "channels": ["sms"]}),
+                )
+                .await?
+                .id,
+        );
+    }
+    for id in &ids {
+        let entry = reaches(&herald, id, "sms", "sent").await?;
+        assert_eq!(entry["provider"], "vonage", "{entry}");
+    }
+    let failed = primary.calls().len();
+    ensure!(
+        failed <= 3,
+        "the primary kept getting traffic while its circuit was open: {failed} calls"
+    );
+    // The primary recovers; after the open period a probe reaches it and closes the circuit.
+    primary.fallback(Answer::Ok);
+    eventually(WAIT, "the primary takes traffic again", || async {
+        let id = herald
+            .accept(&json!({"user_id": "eve", "title": "probe", "channels": ["sms"]}))
+            .await?
+            .id;
+        let entry = reaches(&herald, &id, "sms", "sent").await?;
+        ensure!(
+            entry["provider"] == "twilio",
+            "sent by {}",
+            entry["provider"]
+        );
+        Ok(())
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn high_is_delivered_while_low_has_a_backlog() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let apns = Arc::new(Scripted::new("apns", Channel::Push));
+    apns.delay(Duration::from_millis(150));
+    let herald = Herald::builder(&nats)
+        .channels(with(settings(rand_key()), &apns, Limits::default()))
+        .start()
+        .await?;
+    device(&herald, "fay", "tok-f").await?;
+    let mut batch = Vec::new();
+    for i in 0..60 {
+        batch.push(json!({"user_id": "fay", "title": format!("promo {i}"), "priority": "low", "channels": ["push"]}));
+    }
+    let r = herald
+        .producer(Method::POST, "/v1/notify/batch")
+        .json(&json!({"notifications": batch}))
+        .send()
+        .await?;
+    ensure!(r.status().is_success(), "batch: {}", r.status());
+    // Low runs one at a time (a quarter of 4): 60 × 150 ms ≈ 9 s of backlog.
+    eventually(WAIT, "the low backlog started", || async {
+        ensure!(!apns.calls().is_empty());
+        Ok(())
+    })
+    .await?;
+    let otp = herald
+        .accept(&json!({"user_id": "fay", "title": "OTP 123456", "priority": "high", "channels": ["push"]}))
+        .await?
+        .id;
+    reaches(&herald, &otp, "push", "sent").await?;
+    let low_sent = apns
+        .calls()
+        .iter()
+        .filter(|c| c.delivery.priority == herald_protocol::Priority::Low)
+        .count();
+    ensure!(low_sent < 40, "high waited for {low_sent} of 60 low jobs");
+    Ok(())
+}
+
+/// Stalls forever after the first sent marker: the worker "dies" between the provider's
+/// acceptance and its ack.
+#[derive(Debug, Default)]
+struct DieBeforeAck {
+    fired: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl herald_worker::Hooks for DieBeforeAck {
+    async fn after_marked(&self, _job: &herald_protocol::ChannelJob) {
+        if !self.fired.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_dying_after_the_send_does_not_send_twice() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let apns = Arc::new(Scripted::new("apns", Channel::Push));
+    let key = rand_key();
+    let hook = Arc::new(DieBeforeAck::default());
+    let mut first = with(settings(key), &apns, Limits::default());
+    first.hooks = hook.clone();
+    let dying = Herald::builder(&nats).channels(first).start().await?;
+    device(&dying, "gus", "tok-g").await?;
+    let id = push(&dying, "gus", "once").await?;
+    eventually(WAIT, "the provider accepted", || async {
+        ensure!(
+            apns.calls_for(&id).len() == 1 && hook.fired.load(std::sync::atomic::Ordering::SeqCst)
+        );
+        Ok(())
+    })
+    .await?;
+    drop(dying);
+    // A new worker gets the unacked job after the ack wait, finds the marker, acks.
+    let second = Herald::builder(&nats)
+        .channels(with(settings(key), &apns, Limits::default()))
+        .start()
+        .await?;
+    let js = async_nats::jetstream::new(nats.client().await?);
+    eventually(WAIT, "the job is acked", || async {
+        let mut stream = js.get_stream("HERALD_WORK_PUSH").await?;
+        let n = stream.info().await?.state.messages;
+        ensure!(n == 0, "{n} jobs left");
+        Ok(())
+    })
+    .await?;
+    assert_eq!(
+        apns.calls_for(&id).len(),
+        1,
+        "sent again after the redelivery"
+    );
+    let s = status(&second, &id).await?;
+    assert_eq!(s["channels"]["push"][0]["state"], "sent", "{s}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_is_skipped_when_seen_live_within_the_escalation_delay() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let apns = Arc::new(Scripted::new("apns", Channel::Push));
+    let mut s = with(settings(rand_key()), &apns, Limits::default());
+    s.escalation_delay = Duration::from_secs(2);
+    let herald = Herald::builder(&nats).channels(s).start().await?;
+    device(&herald, "hal", "tok-h").await?;
+    let seen = herald
+        .accept(&json!({"user_id": "hal", "title": "seen", "channels": ["inbox", "push"]}))
+        .await?;
+    // What the gateway writes for {"type":"ack","up_to":seq}.
+    let js = async_nats::jetstream::new(nats.client().await?);
+    let kv = js
+        .get_key_value(herald_protocol::streams::SEEN_BUCKET)
+        .await?;
+    let token = herald_protocol::UserId::new("hal")?.token();
+    kv.put(token.as_str(), seen.seq.to_string().into()).await?;
+    let entry = reaches(&herald, &seen.id, "push", "skipped").await?;
+    assert!(
+        entry["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("seen"),
+        "{entry}"
+    );
+    // Not seen: pushed after the delay.
+    let unseen = herald
+        .accept(&json!({"user_id": "hal", "title": "unseen", "channels": ["inbox", "push"]}))
+        .await?;
+    reaches(&herald, &unseen.id, "push", "sent").await?;
+    let calls = apns.calls();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0].delivery.id, unseen.id);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contact_data_is_validated() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    for (body, field) in [
+        (json!({"email": "not-an-address"}), "email"),
+        (json!({"phone": "0151 1234"}), "phone"),
+        (json!({"timezone": "Europe/Berlin; drop"}), "timezone"),
+        (json!({"email": 5}), "email"),
+    ] {
+        let r = contact(&herald, "ivy", body.clone()).await?;
+        assert_eq!(r.status(), 400, "{body}");
+        let err: Value = r.json().await?;
+        assert_eq!(err["error"]["field"], field, "{err}");
+    }
+    let r = herald
+        .user(Method::POST, "/v1/me/devices", "ivy")
+        .json(&json!({"platform": "blackberry", "token": "x"}))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 400);
+    let ok = contact(&herald, "ivy", json!({"email": "ivy@example.com", "phone": "+14155552671", "locale": "en-US", "timezone": "America/New_York"})).await?;
+    assert_eq!(ok.status(), 200);
+    // Stored encrypted: the address is nowhere in the bucket's raw messages.
+    let js = async_nats::jetstream::new(nats.client().await?);
+    let mut stream = js.get_stream("KV_herald_targets").await?;
+    let last = stream.info().await?.state.last_sequence;
+    let raw = stream.get_raw_message(last).await?;
+    let text = String::from_utf8_lossy(&raw.payload);
+    ensure!(
+        !text.contains("ivy@example.com") && !text.contains("4155552671"),
+        "plaintext at rest: {text}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn email_reaches_a_real_smtp_server_and_unsubscribe_opts_out() -> anyhow::Result<()> {
+    let smtp = SmtpServer::start().await?;
+    let nats = Nats::single().await?;
+    let mut s = settings(rand_key());
+    s.smtp = Some(SmtpSettings {
+        url: smtp.url(),
+        from: "Herald <noreply@herald.test>".into(),
+        pool: 2,
+    });
+    let herald = Herald::builder(&nats).channels(s).start().await?;
+    let r = contact(&herald, "jo", json!({"email": "jo@example.com"})).await?;
+    assert_eq!(r.status(), 200);
+    let first = herald
+        .accept(
+            &json!({"user_id": "jo", "category": "marketing", "title": "Sale <today>",
+            "body": "50% off & more", "channels": ["inbox", "email"]}),
+        )
+        .await?;
+    reaches(&herald, &first.id, "email", "sent").await?;
+    let messages = eventually(WAIT, "one email received", || async {
+        let m = smtp.messages()?;
+        ensure!(!m.is_empty());
+        Ok(m)
+    })
+    .await?;
+    assert_eq!(messages.len(), 1);
+    let parsed = mail_parser::MessageParser::default()
+        .parse(&messages[0])
+        .context("MIME")?;
+    assert_eq!(parsed.subject(), Some("Sale <today>"));
+    assert_eq!(
+        parsed.message_id(),
+        Some(format!("{}@herald.test", first.id).as_str())
+    );
+    assert_eq!(parsed.text_body.len(), 1, "one text part");
+    assert_eq!(parsed.html_body.len(), 1, "one html part");
+    let text = parsed.body_text(0).context("text part")?;
+    assert!(text.contains("50% off & more"), "{text}");
+    let html = parsed.body_html(0).context("html part")?;
+    assert!(
+        html.contains("Sale &lt;today&gt;") && html.contains("50% off &amp; more"),
+        "{html}"
+    );
+    let header = |name: &str| {
+        parsed
+            .header_raw(name)
+            .map(|v| v.trim().to_string())
+            .with_context(|| format!("no {name} header"))
+    };
+    assert_eq!(
+        header("List-Unsubscribe-Post")?,
+        "List-Unsubscribe=One-Click"
+    );
+    let link = header("List-Unsubscribe")?;
+    let url = link
+        .trim_start_matches('<')
+        .trim_end_matches('>')
+        .replace(['\r', '\n', ' '], "");
+    ensure!(url.starts_with(herald.base_url()), "{url}");
+
+    // A tampered token is refused; the real one opts out of marketing email (RFC 8058 POST).
+    let tampered = herald
+        .http()
+        .post(format!("{url}x"))
+        .body("List-Unsubscribe=One-Click")
+        .send()
+        .await?;
+    assert_eq!(tampered.status(), 400);
+    let r = herald
+        .http()
+        .post(&url)
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body("List-Unsubscribe=One-Click")
+        .send()
+        .await?;
+    assert_eq!(r.status(), 200, "{}", r.text().await?);
+
+    let second = herald
+        .accept(&json!({"user_id": "jo", "category": "marketing", "title": "Another sale", "channels": ["inbox", "email"]}))
+        .await?;
+    let entry = reaches(&herald, &second.id, "email", "skipped").await?;
+    assert!(
+        entry["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("opted out"),
+        "{entry}"
+    );
+    let other = herald
+        .accept(&json!({"user_id": "jo", "category": "security", "title": "New login", "channels": ["email"]}))
+        .await?;
+    reaches(&herald, &other.id, "email", "sent").await?;
+    let all = eventually(WAIT, "the security email", || async {
+        let m = smtp.messages()?;
+        ensure!(m.len() >= 2, "{} messages", m.len());
+        Ok(m)
+    })
+    .await?;
+    assert_eq!(all.len(), 2, "the opted-out email was not sent");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_failing_every_delivery_ends_in_the_dlq_after_max_deliver() -> anyhow::Result<()>
+{
+    let nats = Nats::single().await?;
+    let apns = Arc::new(Scripted::new("apns", Channel::Push));
+    apns.fallback(Answer::Transient);
+    // A breaker that never opens: this is about delivery counts, not failover.
+    let limits = Limits {
+        rate_per_second: None,
+        breaker: BreakerConfig {
+            consecutive_failures: 1000,
+            error_rate: 1.0,
+            window: 1000,
+            open_for: Duration::from_secs(1),
+        },
+    };
+    let herald = Herald::builder(&nats)
+        .channels(with(settings(rand_key()), &apns, limits))
+        .start()
+        .await?;
+    device(&herald, "kim", "tok-k").await?;
+    let id = push(&herald, "kim", "doomed").await?;
+    let entry = reaches(&herald, &id, "push", "dead_lettered").await?;
+    assert_eq!(entry["retries"], 3, "{entry}");
+    assert_eq!(apns.calls_for(&id).len(), 4, "MaxDeliver is 4");
+    let list: Value = herald
+        .producer(Method::GET, "/v1/dlq")
+        .send()
+        .await?
+        .json()
+        .await?;
+    let letter = &list["items"][0];
+    assert_eq!(letter["job"]["id"], id.as_str(), "{list}");
+    assert_eq!(letter["reason"], "gave up after 4 deliveries");
+    assert_eq!(letter["attempts"], 4);
+    assert!(
+        letter["last_response"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("503"),
+        "{letter}"
+    );
+    // Admin only.
+    let r = Herald::builder(&nats)
+        .key("hk_notify_only_key_0001", &[herald_auth::Scope::Notify])
+        .start()
+        .await?;
+    let denied = r
+        .request(Method::GET, "/v1/dlq")
+        .bearer_auth("hk_notify_only_key_0001")
+        .send()
+        .await?;
+    assert_eq!(denied.status(), 403);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_channel_holds_its_jobs_until_resumed() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let apns = Arc::new(Scripted::new("apns", Channel::Push));
+    let herald = Herald::builder(&nats)
+        .channels(with(settings(rand_key()), &apns, Limits::default()))
+        .start()
+        .await?;
+    device(&herald, "lou", "tok-l").await?;
+    let r = herald
+        .producer(Method::POST, "/v1/channels/push/pause")
+        .json(&json!({"for_seconds": 600}))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 200);
+    let id = push(&herald, "lou", "during the outage").await?;
+    let js = async_nats::jetstream::new(nats.client().await?);
+    let stream = js.get_stream_no_info("HERALD_WORK_PUSH").await?;
+    eventually(WAIT, "the job waits on the paused consumer", || async {
+        let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
+            .get_consumer("herald-worker-push-normal")
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let info = consumer.info().await?;
+        ensure!(info.paused, "not paused: {info:?}");
+        ensure!(info.num_pending == 1, "{} pending", info.num_pending);
+        Ok(())
+    })
+    .await?;
+    assert!(apns.calls_for(&id).is_empty(), "sent while paused");
+    let r = herald
+        .producer(Method::POST, "/v1/channels/push/resume")
+        .send()
+        .await?;
+    assert_eq!(r.status(), 200);
+    reaches(&herald, &id, "push", "sent").await?;
+    let bad = herald
+        .producer(Method::POST, "/v1/channels/inbox/pause")
+        .send()
+        .await?;
+    assert_eq!(bad.status(), 400);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtp_answers_are_classified_unknown_mailbox_removed_and_4xx_retried() -> anyhow::Result<()>
+{
+    let smtp = SmtpServer::start_rejecting().await?;
+    let nats = Nats::single().await?;
+    let mut s = settings(rand_key());
+    s.smtp = Some(SmtpSettings {
+        url: smtp.url(),
+        from: "noreply@herald.test".into(),
+        pool: 2,
+    });
+    let herald = Herald::builder(&nats).channels(s).start().await?;
+    let email = |user: &'static str| {
+        let herald = &herald;
+        async move {
+            herald
+                .accept(&json!({"user_id": user, "title": "hi", "channels": ["email"]}))
+                .await
+        }
+    };
+    // 550 5.1.1: the address is invalid, removed, and the job ends.
+    contact(&herald, "gone", json!({"email": "gone@example.com"})).await?;
+    let first = email("gone").await?;
+    let entry = reaches(&herald, &first.id, "email", "failed").await?;
+    assert!(
+        entry["reason"].as_str().unwrap_or_default().contains("550"),
+        "{entry}"
+    );
+    let next = email("gone").await?;
+    let entry = reaches(&herald, &next.id, "email", "skipped").await?;
+    assert_eq!(entry["target"], "none", "the address was removed: {entry}");
+    // 451: transient, retried until MaxDeliver, then dead-lettered with the answer.
+    contact(&herald, "busy", json!({"email": "busy@example.com"})).await?;
+    let busy = email("busy").await?;
+    let entry = reaches(&herald, &busy.id, "email", "dead_lettered").await?;
+    assert_eq!(entry["retries"], 3, "{entry}");
+    assert!(
+        entry["reason"].as_str().unwrap_or_default().contains("451"),
+        "{entry}"
+    );
+    assert!(smtp.messages()?.is_empty(), "nothing was accepted");
+    Ok(())
+}
