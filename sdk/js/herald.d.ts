@@ -60,7 +60,8 @@ export interface ConnectOptions {
   backoffBaseMs?: number;
   /** Largest backoff ceiling, ms (default 30000). The wait is uniform in [0, ceiling]. */
   backoffMaxMs?: number;
-  /** WebSocket failures before ever opening after which `'auto'` moves to SSE (default 3). */
+  /** WebSocket failures before opening, while the server answers HTTP (`/healthz`), after
+   *  which `'auto'` moves to SSE for good (default 3). */
   wsFailuresBeforeFallback?: number;
   /** A WebSocket that has not opened after this long counts as failed (default 10000). */
   openTimeoutMs?: number;

@@ -224,10 +224,11 @@ export class HeraldConnection {
     this.#current = conn;
     // Some WebSocket implementations (Node 20's) report a refused upgrade with `error`
     // and never `close`; a hung upgrade reports nothing. Either counts as a failure.
+    let failed = false;
     const fail = (why) => {
-      if (this.#current !== conn || opened) return;
+      if (this.#current !== conn || opened || failed) return;
+      failed = true;
       clearTimeout(openTimer);
-      this.#current = null;
       try { socket.close(); } catch { /* not open */ }
       this.#wsFailed(new Error(why));
     };
@@ -261,17 +262,34 @@ export class HeraldConnection {
   }
 
   #wsFailed(err) {
-    this.#current = null;
-    this.#wsFailures += 1;
     // A failed upgrade looks the same to a browser whatever the status (401, 404, a
     // proxy): a fresh token costs little and rules out expiry.
     this.#refreshToken = true;
-    if (this.#opts.transport === 'auto' && this.#wsFailures >= this.#opts.wsFailuresBeforeFallback) {
-      this.#useSse = true;
-      this.#nextDelayMs = 0;
-      this.#emit('onError', new Error(`herald: WebSocket failed ${this.#wsFailures} times before opening; falling back to SSE`));
+    // Only a WebSocket failure while the server answers plain HTTP says "WebSocket is
+    // blocked"; a server that is down (a restart) must not push us onto SSE.
+    const probe = { kind: 'probe', close() {} };
+    this.#current = probe;
+    this.#reachable().then((up) => {
+      if (this.#closed || this.#current !== probe) return;
+      this.#current = null;
+      if (up) this.#wsFailures += 1;
+      if (this.#opts.transport === 'auto' && this.#wsFailures >= this.#opts.wsFailuresBeforeFallback) {
+        this.#useSse = true;
+        this.#nextDelayMs = 0;
+        this.#emit('onError', new Error(`herald: WebSocket failed ${this.#wsFailures} times before opening while HTTP works; falling back to SSE`));
+      }
+      this.#schedule({ reason: err.message });
+    });
+  }
+
+  async #reachable() {
+    try {
+      // `no-cors`: an opaque answer is enough to know the server is there, cross-origin too.
+      await fetch(this.#opts.url + '/healthz', { mode: 'no-cors', cache: 'no-store', signal: AbortSignal.timeout(5_000) });
+      return true;
+    } catch {
+      return false;
     }
-    this.#schedule({ reason: err.message });
   }
 
   #openSse(token) {

@@ -54,3 +54,22 @@ test("transport 'ws' never falls back", async () => {
     conn.close();
   }
 });
+
+test('a server that is down (a restart) does not count as WebSocket being blocked', async () => {
+  const rec = recorder();
+  // Port 1 refuses everything: WebSocket and /healthz alike.
+  const conn = connect({
+    url: 'http://127.0.0.1:1',
+    token: 'unused',
+    wsFailuresBeforeFallback: 1,
+    backoffBaseMs: 10,
+    backoffMaxMs: 20,
+    ...rec.options,
+  });
+  try {
+    await conn.until(() => rec.states.filter((s) => s.s === 'reconnecting').length >= 3);
+    assert.ok(!rec.errors.some((e) => /falling back/.test(e.message)), 'still on WebSocket');
+  } finally {
+    conn.close();
+  }
+});
