@@ -79,6 +79,7 @@ export class HeraldConnection {
   #unread = 0;
   #topics = new Set();
   #waiters = new Set();
+  #generation = 0; // bumped whenever a pending attempt must not go ahead
 
   constructor(options) {
     if (!options || (options.token == null && typeof options.getToken !== 'function')) {
@@ -186,15 +187,18 @@ export class HeraldConnection {
 
   async #open() {
     if (this.#closed) return;
+    const generation = this.#generation;
     let token;
     try {
       token = await this.#currentToken();
     } catch (err) {
+      if (generation !== this.#generation) return;
       this.#emit('onError', err);
       this.#schedule({ reason: 'token unavailable' });
       return;
     }
-    if (this.#closed) return;
+    // reconnect() or close() while the token was on its way: that attempt is void.
+    if (this.#closed || generation !== this.#generation) return;
     if (this.#useSse) this.#openSse(token);
     else this.#openWs(token);
   }
@@ -408,6 +412,7 @@ export class HeraldConnection {
 
   #schedule(detail) {
     if (this.#closed) return;
+    this.#generation += 1;
     clearTimeout(this.#timer);
     let delayMs = this.#nextDelayMs;
     this.#nextDelayMs = null;
@@ -421,6 +426,7 @@ export class HeraldConnection {
   }
 
   #teardown() {
+    this.#generation += 1;
     const current = this.#current;
     this.#current = null;
     this.#transport = null;

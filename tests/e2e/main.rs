@@ -9,6 +9,8 @@ mod frames;
 mod isolation;
 mod native;
 mod notify;
+mod page;
 mod replay;
 mod routers;
+mod sdk_js;
 mod transports;
