@@ -186,7 +186,7 @@ impl Driver {
                             server_delay = Some(self.settings.backoff_base.mul_f64(rand::random::<f64>()));
                         }
                         if let Some(c) = close {
-                            self.note_error(&format!("server closed the websocket: {} {}", u16::from(c.code), c.reason));
+                            self.note_error(&format!("server closed the websocket: {} {}", u16::from(c.code), c.reason.as_str()));
                         }
                     }
                     Some(Ok(_)) => {} // pings are answered by tungstenite; binary is not ours

@@ -365,9 +365,9 @@ impl Client {
     }
 
     /// Closes the connection and waits for the task to end.
-    pub async fn close(self) {
+    pub async fn close(mut self) {
         let _ = self.commands.send(driver::Command::Close);
-        let _ = self.task.await;
+        let _ = (&mut self.task).await;
     }
 
     /// Sends `frame` on an open WebSocket; false when there is none.
