@@ -56,7 +56,9 @@ impl Chromium {
             .request_timeout(Duration::from_secs(15))
             .build()
             .map_err(anyhow::Error::msg)?;
-        let (browser, mut handler) = Browser::launch(config).await.context("launching chromium")?;
+        let (browser, mut handler) = Browser::launch(config)
+            .await
+            .context("launching chromium")?;
         // The handler drives the DevTools connection; events it cannot parse are not fatal.
         let handler = tokio::spawn(async move { while handler.next().await.is_some() {} });
         Ok(Chromium {
@@ -67,8 +69,18 @@ impl Chromium {
     }
 
     async fn close(mut self) {
-        let _ = within(Duration::from_secs(10), "closing chromium", self.browser.close()).await;
-        let _ = within(Duration::from_secs(10), "chromium exit", self.browser.wait()).await;
+        let _ = within(
+            Duration::from_secs(10),
+            "closing chromium",
+            self.browser.close(),
+        )
+        .await;
+        let _ = within(
+            Duration::from_secs(10),
+            "chromium exit",
+            self.browser.wait(),
+        )
+        .await;
         self.handler.abort();
     }
 }
@@ -100,7 +112,12 @@ async fn snapshot(page: &Page) -> anyhow::Result<Value> {
 fn ids(snapshot: &Value) -> Vec<String> {
     snapshot["items"]
         .as_array()
-        .map(|items| items.iter().filter_map(|i| i["id"].as_str().map(String::from)).collect())
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|i| i["id"].as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -123,7 +140,11 @@ async fn page_receives_marks_read_and_survives_a_restart_in_chromium() -> anyhow
     let chromium = Chromium::launch().await?;
     let result = async {
         let url = format!("{}/?user={}", herald.base_url(), herald_tests::encode(user));
-        let page = chromium.browser.new_page(url.as_str()).await.context("opening the page")?;
+        let page = chromium
+            .browser
+            .new_page(url.as_str())
+            .await
+            .context("opening the page")?;
         eventually(PAGE_WAIT, "the page goes live", || async {
             let s = snapshot(&page).await?;
             ensure!(s["state"] == "live", "{s}");
@@ -152,8 +173,16 @@ async fn page_receives_marks_read_and_survives_a_restart_in_chromium() -> anyhow
         })
         .await?;
         eventually(PAGE_WAIT, "GET /v1/me/unread agrees", || async {
-            let body: Value = herald.user(Method::GET, "/v1/me/unread", user).send().await?.json().await?;
-            ensure!(body["unread"] == 0 && body["last_seq"] == first.seq, "{body}");
+            let body: Value = herald
+                .user(Method::GET, "/v1/me/unread", user)
+                .send()
+                .await?
+                .json()
+                .await?;
+            ensure!(
+                body["unread"] == 0 && body["last_seq"] == first.seq,
+                "{body}"
+            );
             Ok(())
         })
         .await?;
@@ -163,18 +192,31 @@ async fn page_receives_marks_read_and_survives_a_restart_in_chromium() -> anyhow
         sent.push(producer.send(user, "just before the restart").await?);
         herald.stop().await?;
         for i in 0..5 {
-            sent.push(producer.send(user, &format!("during the restart {i}")).await?);
+            sent.push(
+                producer
+                    .send(user, &format!("during the restart {i}"))
+                    .await?,
+            );
         }
         herald.start_again().await?;
         for i in 0..3 {
-            sent.push(producer.send(user, &format!("after the restart {i}")).await?);
+            sent.push(
+                producer
+                    .send(user, &format!("after the restart {i}"))
+                    .await?,
+            );
         }
         sent.push(herald.send(user, "through the restarted one").await?);
 
         let shown = eventually(RESTART_WAIT, "every notification shown", || async {
             let s = snapshot(&page).await?;
             let shown = ids(&s);
-            ensure!(shown.len() >= sent.len() && s["state"] == "live", "{} of {} shown: {s}", shown.len(), sent.len());
+            ensure!(
+                shown.len() >= sent.len() && s["state"] == "live",
+                "{} of {} shown: {s}",
+                shown.len(),
+                sent.len()
+            );
             Ok(s)
         })
         .await?;
@@ -183,11 +225,22 @@ async fn page_receives_marks_read_and_survives_a_restart_in_chromium() -> anyhow
             *counts.entry(id).or_default() += 1;
         }
         for n in &sent {
-            assert_eq!(counts.get(&n.id), Some(&1), "{} (seq {}) shown exactly once: {shown}", n.id, n.seq);
+            assert_eq!(
+                counts.get(&n.id),
+                Some(&1),
+                "{} (seq {}) shown exactly once: {shown}",
+                n.id,
+                n.seq
+            );
         }
         assert_eq!(counts.len(), sent.len(), "nothing else shown: {shown}");
         // Newest first, strictly by seq.
-        let seqs: Vec<u64> = shown["items"].as_array().context("items")?.iter().filter_map(|i| i["seq"].as_u64()).collect();
+        let seqs: Vec<u64> = shown["items"]
+            .as_array()
+            .context("items")?
+            .iter()
+            .filter_map(|i| i["seq"].as_u64())
+            .collect();
         let mut expected: Vec<u64> = sent.iter().map(|n| n.seq).collect();
         expected.sort_unstable_by(|a, b| b.cmp(a));
         assert_eq!(seqs, expected);

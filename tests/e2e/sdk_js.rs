@@ -25,7 +25,10 @@ pub(crate) async fn node() -> anyhow::Result<(PathBuf, Vec<&'static str>)> {
             )
         })?;
     let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let mut parts = version.trim_start_matches('v').split('.').map(str::parse::<u32>);
+    let mut parts = version
+        .trim_start_matches('v')
+        .split('.')
+        .map(str::parse::<u32>);
     let (Some(Ok(major)), Some(Ok(minor))) = (parts.next(), parts.next()) else {
         bail!("{} --version said {version:?}", node.display());
     };
@@ -56,7 +59,10 @@ async fn javascript_sdk_suite_passes_against_a_running_herald() -> anyhow::Resul
         .filter(|p| p.to_string_lossy().ends_with(".test.mjs"))
         .collect();
     files.sort();
-    ensure!(files.len() >= 4, "expected the SDK's test files, found {files:?}");
+    ensure!(
+        files.len() >= 4,
+        "expected the SDK's test files, found {files:?}"
+    );
 
     let run = tokio::process::Command::new(&node)
         .args(&flags)

@@ -280,13 +280,20 @@ impl Herald {
     /// When it is still running, the address cannot be bound again within 10 s, or the
     /// mesh does not start.
     pub async fn start_again(&mut self) -> anyhow::Result<()> {
-        ensure!(self.mesh.is_none(), "the mesh is still running; stop it first");
+        ensure!(
+            self.mesh.is_none(),
+            "the mesh is still running; stop it first"
+        );
         let addr = self.addr;
-        let listener = crate::eventually(Duration::from_secs(10), "binding the address again", || async move {
-            TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding {addr}"))
-        })
+        let listener = crate::eventually(
+            Duration::from_secs(10),
+            "binding the address again",
+            || async move {
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding {addr}"))
+            },
+        )
         .await?;
         let mesh = crate::within(
             Duration::from_secs(60),

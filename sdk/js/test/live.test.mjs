@@ -29,6 +29,13 @@ for (const transport of ['ws', 'sse']) {
       assert.equal(n.type, undefined, 'the frame tag is not part of the notification');
       assert.equal(conn.unread, 2);
       assert.equal(conn.lastSeq, live.seq);
+      // `ack` is a WebSocket frame; SSE has no way to send it.
+      assert.equal(conn.ack(), transport === 'ws');
+      // The connection survives its own frames (the server would close on a bad one).
+      const more = await send(user, 'after ack');
+      await conn.until(() => rec.notifications.length === 2 && conn.state === 'live');
+      assert.equal(rec.notifications[1].id, more.id);
+      assert.equal(rec.states.filter((s) => s.s === 'reconnecting').length, 0);
     } finally {
       conn.close();
     }

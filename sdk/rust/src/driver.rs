@@ -217,7 +217,9 @@ impl Driver {
     /// towards the SSE fallback only when the server answers plain HTTP.
     async fn ws_failed(&mut self, error: Option<tungstenite::Error>) -> Next {
         let counts = match &error {
-            Some(tungstenite::Error::Http(response)) if response.status() == StatusCode::UNAUTHORIZED => {
+            Some(tungstenite::Error::Http(response))
+                if response.status() == StatusCode::UNAUTHORIZED =>
+            {
                 self.refresh_token = true;
                 if !self.tokens.can_refresh() {
                     self.note_error("the token was refused (401) and there is no token provider");
@@ -229,12 +231,17 @@ impl Driver {
             Some(tungstenite::Error::Http(_)) => true,
             _ => self.http.reachable().await,
         };
-        let message = error.map_or_else(|| "websocket did not open in time".to_string(), |e| e.to_string());
+        let message = error.map_or_else(
+            || "websocket did not open in time".to_string(),
+            |e| e.to_string(),
+        );
         self.note_error(&message);
         if counts {
             self.ws_failures += 1;
         }
-        if self.settings.mode == Mode::Auto && self.ws_failures >= self.settings.ws_failures_before_fallback {
+        if self.settings.mode == Mode::Auto
+            && self.ws_failures >= self.settings.ws_failures_before_fallback
+        {
             self.use_sse = true;
             self.note_error(&format!(
                 "WebSocket failed {} times while HTTP works ({message}); falling back to SSE",
@@ -353,7 +360,11 @@ impl Driver {
                     self.tracker.unread = 0;
                 } else {
                     // Read up to somewhere in the middle: only the server knows what is left.
-                    match self.http.json(reqwest::Method::GET, "/v1/me/unread", None).await {
+                    match self
+                        .http
+                        .json(reqwest::Method::GET, "/v1/me/unread", None)
+                        .await
+                    {
                         Ok(body) => {
                             if let Some(n) = body["unread"].as_u64() {
                                 self.tracker.unread = n;
@@ -364,7 +375,9 @@ impl Driver {
                 }
                 self.publish_counts();
             }
-            ServerFrame::Reconnect { after_ms } => return Ok(Some(Duration::from_millis(after_ms))),
+            ServerFrame::Reconnect { after_ms } => {
+                return Ok(Some(Duration::from_millis(after_ms)));
+            }
         }
         Ok(None)
     }
@@ -384,7 +397,11 @@ impl Driver {
     }
 
     fn publish_counts(&self) {
-        let (position, latest, unread) = (self.tracker.position, self.tracker.latest, self.tracker.unread);
+        let (position, latest, unread) = (
+            self.tracker.position,
+            self.tracker.latest,
+            self.tracker.unread,
+        );
         self.status.send_modify(|s| {
             s.last_seq = position;
             s.latest_seq = latest;
@@ -400,7 +417,9 @@ impl Driver {
 }
 
 fn text_frame(frame: &ClientFrame) -> Message {
-    Message::Text(Utf8Bytes::from(serde_json::to_string(frame).unwrap_or_default()))
+    Message::Text(Utf8Bytes::from(
+        serde_json::to_string(frame).unwrap_or_default(),
+    ))
 }
 
 async fn close_ws<S>(sink: &mut S) -> Result<(), tungstenite::Error>

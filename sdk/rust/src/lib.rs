@@ -203,7 +203,10 @@ impl ClientBuilder {
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (notes_tx, notes) = mpsc::channel(self.queue);
         let driver = driver::Driver {
-            ws_url: self.ws_url.clone().unwrap_or_else(|| format!("{ws_base}/v1/ws")),
+            ws_url: self
+                .ws_url
+                .clone()
+                .unwrap_or_else(|| format!("{ws_base}/v1/ws")),
             sse_url: format!("{base}/v1/sse"),
             settings: self.clone(),
             http: http.clone(),

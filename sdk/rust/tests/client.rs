@@ -12,7 +12,11 @@ use std::time::Duration;
 /// Bound on one expected event.
 const WAIT: Duration = Duration::from_secs(15);
 
-async fn until(client: &Client, what: &str, pred: impl Fn(&Status) -> bool) -> anyhow::Result<Status> {
+async fn until(
+    client: &Client,
+    what: &str,
+    pred: impl Fn(&Status) -> bool,
+) -> anyhow::Result<Status> {
     let mut watch = client.watch();
     let status = within(WAIT, what, watch.wait_for(|s| pred(s)))
         .await?
@@ -25,9 +29,13 @@ async fn until(client: &Client, what: &str, pred: impl Fn(&Status) -> bool) -> a
 async fn take(client: &mut Client, n: usize) -> anyhow::Result<Vec<herald_client::Notification>> {
     let mut got = Vec::with_capacity(n);
     while got.len() < n {
-        let note = within(WAIT, &format!("notification {} of {n}", got.len() + 1), client.next())
-            .await?
-            .context("client closed")?;
+        let note = within(
+            WAIT,
+            &format!("notification {} of {n}", got.len() + 1),
+            client.next(),
+        )
+        .await?
+        .context("client closed")?;
         got.push(note);
     }
     Ok(got)
@@ -41,7 +49,10 @@ fn seqs(sent: &[Accepted]) -> Vec<u64> {
 async fn live_delivery_over_both_transports() -> anyhow::Result<()> {
     let nats = Nats::single().await?;
     let herald = Herald::builder(&nats).start().await?;
-    for (mode, transport) in [(Mode::WebSocket, Transport::WebSocket), (Mode::Sse, Transport::Sse)] {
+    for (mode, transport) in [
+        (Mode::WebSocket, Transport::WebSocket),
+        (Mode::Sse, Transport::Sse),
+    ] {
         let user = format!("rust-live-{mode:?}");
         let before = herald.send(&user, "before").await?;
         let mut client = Client::builder(herald.base_url())
@@ -51,7 +62,11 @@ async fn live_delivery_over_both_transports() -> anyhow::Result<()> {
         let status = until(&client, "live", |s| s.state == State::Live).await?;
         assert_eq!(status.transport, Some(transport));
         assert_eq!(status.unread, 1);
-        assert_eq!(status.last_seq, Some(before.seq), "live only: resumes from where it started");
+        assert_eq!(
+            status.last_seq,
+            Some(before.seq),
+            "live only: resumes from where it started"
+        );
         let live = herald.send(&user, "live").await?;
         let got = take(&mut client, 1).await?;
         assert_eq!(got[0].id, live.id);
@@ -84,9 +99,16 @@ async fn forced_reconnects_lose_nothing_and_repeat_nothing() -> anyhow::Result<(
             }
         }
         let got = take(&mut client, sent.len()).await?;
-        assert_eq!(got.iter().map(|n| n.seq).collect::<Vec<_>>(), seqs(&sent), "{mode:?}");
+        assert_eq!(
+            got.iter().map(|n| n.seq).collect::<Vec<_>>(),
+            seqs(&sent),
+            "{mode:?}"
+        );
         let status = client.status();
-        assert!(status.reconnects >= 4, "{mode:?}: it reconnected: {status:?}");
+        assert!(
+            status.reconnects >= 4,
+            "{mode:?}: it reconnected: {status:?}"
+        );
         // Nothing more is pending: one more live one is the very next.
         let last = herald.send(&user, "last").await?;
         assert_eq!(take(&mut client, 1).await?[0].id, last.id);
@@ -100,7 +122,12 @@ async fn a_server_restart_loses_nothing_and_repeats_nothing() -> anyhow::Result<
     let nats = Nats::single().await?;
     let mut herald = Herald::builder(&nats).start().await?;
     let producer = Herald::builder(&nats)
-        .roles(Roles { api: true, gateway: false, router: false, ingest: false })
+        .roles(Roles {
+            api: true,
+            gateway: false,
+            router: false,
+            ingest: false,
+        })
         .start()
         .await?;
     let user = "rust-restart";
@@ -120,7 +147,11 @@ async fn a_server_restart_loses_nothing_and_repeats_nothing() -> anyhow::Result<
     let got = take(&mut client, sent.len()).await?;
     assert_eq!(got.iter().map(|n| n.seq).collect::<Vec<_>>(), seqs(&sent));
     let status = until(&client, "live again", |s| s.state == State::Live).await?;
-    assert_eq!(status.transport, Some(Transport::WebSocket), "a restart is not a reason to leave WebSocket");
+    assert_eq!(
+        status.transport,
+        Some(Transport::WebSocket),
+        "a restart is not a reason to leave WebSocket"
+    );
     assert!(status.reconnects >= 1);
     client.close().await;
     Ok(())
@@ -155,7 +186,10 @@ async fn mark_read_reaches_the_server_and_other_devices() -> anyhow::Result<()> 
     let herald = Herald::builder(&nats).start().await?;
     for mode in [Mode::WebSocket, Mode::Sse] {
         let user = format!("rust-read-{mode:?}");
-        let mut phone = Client::builder(herald.base_url()).token(herald.token(&user)).mode(mode).connect()?;
+        let mut phone = Client::builder(herald.base_url())
+            .token(herald.token(&user))
+            .mode(mode)
+            .connect()?;
         let laptop = Client::connect(herald.base_url(), herald.token(&user), None)?;
         until(&phone, "phone live", |s| s.state == State::Live).await?;
         until(&laptop, "laptop live", |s| s.state == State::Live).await?;
@@ -169,11 +203,21 @@ async fn mark_read_reaches_the_server_and_other_devices() -> anyhow::Result<()> 
 
         phone.mark_read(sent[2].seq).await?;
         until(&phone, "0 unread", |s| s.unread == 0).await?;
-        until(&laptop, "the laptop hears of it", |s| s.unread == 0 && s.read_up_to == Some(sent[2].seq)).await?;
+        until(&laptop, "the laptop hears of it", |s| {
+            s.unread == 0 && s.read_up_to == Some(sent[2].seq)
+        })
+        .await?;
         eventually(WAIT, "GET /v1/me/unread agrees", || async {
-            let body: serde_json::Value =
-                herald.user(Method::GET, "/v1/me/unread", &user).send().await?.json().await?;
-            ensure!(body["unread"] == 0 && body["last_seq"] == sent[2].seq, "{body}");
+            let body: serde_json::Value = herald
+                .user(Method::GET, "/v1/me/unread", &user)
+                .send()
+                .await?
+                .json()
+                .await?;
+            ensure!(
+                body["unread"] == 0 && body["last_seq"] == sent[2].seq,
+                "{body}"
+            );
             Ok(())
         })
         .await?;
