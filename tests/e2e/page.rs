@@ -1,6 +1,8 @@
 //! The demo page at `/` in a real headless Chromium (Debian's `chromium`, driven over the
-//! DevTools protocol): log in, receive a notification sent through the API, mark it read,
-//! and survive a restart of the Herald serving it without losing or repeating one.
+//! DevTools protocol), in two tabs of one user — WebSocket and SSE (EventSource): log in,
+//! receive a notification sent through the API, mark it read in one tab and see both
+//! badges go to 0, and survive a restart of the Herald serving the page without losing or
+//! repeating one.
 
 use anyhow::{Context as _, ensure};
 use chromiumoxide::browser::{Browser, BrowserConfig};
@@ -94,12 +96,14 @@ async fn eval(page: &Page, expression: &str) -> anyhow::Result<Value> {
         .context("result is not JSON")
 }
 
-/// What the page shows: `{state, unread, items: [{id, seq, unread}]}`.
+/// What the page shows: `{state, transport, reconnects, badge, items: [{id, seq, unread}]}`.
 async fn snapshot(page: &Page) -> anyhow::Result<Value> {
     eval(
         page,
         r#"({
             state: document.getElementById('state').dataset.state ?? null,
+            transport: document.getElementById('state').dataset.transport ?? null,
+            reconnects: Number(document.getElementById('state').dataset.reconnects ?? 0),
             badge: document.getElementById('badge').hidden ? 0 : Number(document.getElementById('badge').textContent),
             items: [...document.querySelectorAll('#list li')].map((li) => ({
                 id: li.dataset.id, seq: Number(li.dataset.seq), unread: li.classList.contains('unread'),
@@ -139,39 +143,54 @@ async fn page_receives_marks_read_and_survives_a_restart_in_chromium() -> anyhow
     let user = "page user ✓";
     let chromium = Chromium::launch().await?;
     let result = async {
-        let url = format!("{}/?user={}", herald.base_url(), herald_tests::encode(user));
-        let page = chromium
-            .browser
-            .new_page(url.as_str())
-            .await
-            .context("opening the page")?;
-        eventually(PAGE_WAIT, "the page goes live", || async {
-            let s = snapshot(&page).await?;
-            ensure!(s["state"] == "live", "{s}");
-            Ok(())
-        })
-        .await?;
+        // Two tabs of the same user: one on WebSocket (the default), one on SSE (the
+        // browser's EventSource, token in the query).
+        let base = format!("{}/?user={}", herald.base_url(), herald_tests::encode(user));
+        let mut tabs = Vec::new();
+        for (url, transport) in [
+            (base.clone(), "ws"),
+            (format!("{base}&transport=sse"), "sse"),
+        ] {
+            let tab = chromium
+                .browser
+                .new_page(url.as_str())
+                .await
+                .context("opening the page")?;
+            eventually(PAGE_WAIT, "the page goes live", || async {
+                let s = snapshot(&tab).await?;
+                ensure!(s["state"] == "live" && s["transport"] == transport, "{s}");
+                Ok(())
+            })
+            .await?;
+            tabs.push((tab, transport));
+        }
 
-        // A notification through the API appears, unread.
+        // A notification through the API appears, unread, in both.
         let first = herald.send(user, "hello from the API").await?;
-        eventually(PAGE_WAIT, "the notification is shown, unread", || async {
-            let s = snapshot(&page).await?;
-            ensure!(ids(&s) == [first.id.clone()], "{s}");
-            ensure!(s["items"][0]["unread"] == true && s["badge"] == 1, "{s}");
-            Ok(())
-        })
-        .await?;
-        let title = eval(&page, "document.querySelector('#list li .t').textContent").await?;
-        assert_eq!(title, "hello from the API");
+        for (tab, _) in &tabs {
+            eventually(PAGE_WAIT, "the notification is shown, unread", || async {
+                let s = snapshot(tab).await?;
+                ensure!(ids(&s) == [first.id.clone()], "{s}");
+                ensure!(s["items"][0]["unread"] == true && s["badge"] == 1, "{s}");
+                Ok(())
+            })
+            .await?;
+            let title = eval(tab, "document.querySelector('#list li .t').textContent").await?;
+            assert_eq!(title, "hello from the API");
+        }
 
-        // Mark read: the badge goes to 0 here and the server agrees.
+        // Mark read in the first tab: the badge goes to 0 there, in the other tab (a read
+        // event), and the server agrees.
+        let (page, _) = &tabs[0];
         page.find_element("#mark-read").await?.click().await?;
-        eventually(PAGE_WAIT, "the badge goes to 0", || async {
-            let s = snapshot(&page).await?;
-            ensure!(s["badge"] == 0 && s["items"][0]["unread"] == false, "{s}");
-            Ok(())
-        })
-        .await?;
+        for (tab, _) in &tabs {
+            eventually(PAGE_WAIT, "the badge goes to 0", || async {
+                let s = snapshot(tab).await?;
+                ensure!(s["badge"] == 0 && s["items"][0]["unread"] == false, "{s}");
+                Ok(())
+            })
+            .await?;
+        }
         eventually(PAGE_WAIT, "GET /v1/me/unread agrees", || async {
             let body: Value = herald
                 .user(Method::GET, "/v1/me/unread", user)
@@ -208,44 +227,58 @@ async fn page_receives_marks_read_and_survives_a_restart_in_chromium() -> anyhow
         }
         sent.push(herald.send(user, "through the restarted one").await?);
 
-        let shown = eventually(RESTART_WAIT, "every notification shown", || async {
-            let s = snapshot(&page).await?;
-            let shown = ids(&s);
-            ensure!(
-                shown.len() >= sent.len() && s["state"] == "live",
-                "{} of {} shown: {s}",
-                shown.len(),
-                sent.len()
-            );
-            Ok(s)
-        })
-        .await?;
-        let mut counts: HashMap<String, usize> = HashMap::new();
-        for id in ids(&shown) {
-            *counts.entry(id).or_default() += 1;
-        }
-        for n in &sent {
-            assert_eq!(
-                counts.get(&n.id),
-                Some(&1),
-                "{} (seq {}) shown exactly once: {shown}",
-                n.id,
-                n.seq
-            );
-        }
-        assert_eq!(counts.len(), sent.len(), "nothing else shown: {shown}");
-        // Newest first, strictly by seq.
-        let seqs: Vec<u64> = shown["items"]
-            .as_array()
-            .context("items")?
-            .iter()
-            .filter_map(|i| i["seq"].as_u64())
-            .collect();
         let mut expected: Vec<u64> = sent.iter().map(|n| n.seq).collect();
         expected.sort_unstable_by(|a, b| b.cmp(a));
-        assert_eq!(seqs, expected);
-        // Everything after the read position is unread, and the badge says so.
-        assert_eq!(shown["badge"], sent.len() - 1, "{shown}");
+        for (tab, transport) in &tabs {
+            let shown = eventually(RESTART_WAIT, "every notification shown", || async {
+                let s = snapshot(tab).await?;
+                let shown = ids(&s);
+                ensure!(
+                    shown.len() >= sent.len() && s["state"] == "live",
+                    "{} of {} shown: {s}",
+                    shown.len(),
+                    sent.len()
+                );
+                Ok(s)
+            })
+            .await?;
+            assert_eq!(
+                shown["transport"], *transport,
+                "a restart is no reason to change transport: {shown}"
+            );
+            assert!(
+                shown["reconnects"].as_u64() >= Some(1),
+                "the page really reconnected: {shown}"
+            );
+            let mut counts: HashMap<String, usize> = HashMap::new();
+            for id in ids(&shown) {
+                *counts.entry(id).or_default() += 1;
+            }
+            for n in &sent {
+                assert_eq!(
+                    counts.get(&n.id),
+                    Some(&1),
+                    "{transport}: {} (seq {}) shown exactly once: {shown}",
+                    n.id,
+                    n.seq
+                );
+            }
+            assert_eq!(
+                counts.len(),
+                sent.len(),
+                "{transport}: nothing else shown: {shown}"
+            );
+            // Newest first, strictly by seq.
+            let seqs: Vec<u64> = shown["items"]
+                .as_array()
+                .context("items")?
+                .iter()
+                .filter_map(|i| i["seq"].as_u64())
+                .collect();
+            assert_eq!(seqs, expected, "{transport}");
+            // Everything after the read position is unread, and the badge says so.
+            assert_eq!(shown["badge"], sent.len() - 1, "{transport}: {shown}");
+        }
         anyhow::Ok(())
     }
     .await;
