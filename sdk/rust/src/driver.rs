@@ -144,11 +144,26 @@ impl Driver {
         if let Ok(value) = HeaderValue::from_str(&format!("Bearer {token}")) {
             request.headers_mut().insert(header::AUTHORIZATION, value);
         }
-        let connect = tokio_tungstenite::connect_async(request);
-        let socket = match tokio::time::timeout(self.settings.open_timeout, connect).await {
-            Ok(Ok((socket, _))) => socket,
-            Ok(Err(e)) => return self.ws_failed(Some(e)).await,
-            Err(_) => return self.ws_failed(None).await,
+        let connect = tokio::time::timeout(
+            self.settings.open_timeout,
+            tokio_tungstenite::connect_async(request),
+        );
+        tokio::pin!(connect);
+        // The upgrade may take a while: keep answering the client meanwhile.
+        let socket = loop {
+            tokio::select! {
+                opened = &mut connect => match opened {
+                    Ok(Ok((socket, _))) => break socket,
+                    Ok(Err(e)) => return self.ws_failed(Some(e)).await,
+                    Err(_) => return self.ws_failed(None).await,
+                },
+                cmd = self.commands.recv() => match cmd {
+                    Some(Command::Frame(_, reply)) => { let _ = reply.send(false); }
+                    Some(Command::Unread(n)) => self.set_unread(n),
+                    Some(Command::Reconnect) => return Next::Retry(Some(Duration::ZERO)),
+                    None | Some(Command::Close) => return Next::Stop,
+                },
+            }
         };
         let (mut sink, mut stream) = socket.split();
         let mut server_delay = None;
