@@ -406,9 +406,19 @@ impl Driver {
         self.notes.send(n).await.map_err(|_| ())
     }
 
+    /// The new state and the counts in one change, so no watcher sees one without the other.
     fn publish(&self, state: State) {
-        self.status.send_modify(|s| s.state = state);
-        self.publish_counts();
+        let (position, latest, unread) = (
+            self.tracker.position,
+            self.tracker.latest,
+            self.tracker.unread,
+        );
+        self.status.send_modify(|s| {
+            s.state = state;
+            s.last_seq = position;
+            s.latest_seq = latest;
+            s.unread = unread;
+        });
     }
 
     fn publish_counts(&self) {

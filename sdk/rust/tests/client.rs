@@ -18,7 +18,7 @@ async fn until(
     pred: impl Fn(&Status) -> bool,
 ) -> anyhow::Result<Status> {
     let mut watch = client.watch();
-    let status = within(WAIT, what, watch.wait_for(|s| pred(s)))
+    let status = within(WAIT, what, watch.wait_for(pred))
         .await?
         .context("client task ended")?
         .clone();
