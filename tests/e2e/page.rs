@@ -182,6 +182,8 @@ async fn page_receives_marks_read_and_survives_a_restart_in_chromium() -> anyhow
         // Mark read in the first tab: the badge goes to 0 there, in the other tab (a read
         // event), and the server agrees.
         let (page, _) = &tabs[0];
+        // Real input goes to the tab in front (the SSE tab was opened last).
+        page.bring_to_front().await?;
         page.find_element("#mark-read").await?.click().await?;
         for (tab, _) in &tabs {
             eventually(PAGE_WAIT, "the badge goes to 0", || async {
