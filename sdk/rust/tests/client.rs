@@ -226,3 +226,53 @@ async fn mark_read_reaches_the_server_and_other_devices() -> anyhow::Result<()> 
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_token_is_replaced_by_the_provider() -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    for mode in [Mode::WebSocket, Mode::Sse] {
+        let user = format!("rust-token-{mode:?}");
+        let calls = Arc::new(AtomicUsize::new(0));
+        let provider: herald_client::TokenProvider = {
+            let (calls, good) = (calls.clone(), herald.token(&user));
+            Arc::new(move || {
+                // The first token is garbage: the server refuses it (401).
+                let n = calls.fetch_add(1, Ordering::SeqCst);
+                let token = if n == 0 {
+                    "not-a-jwt".to_string()
+                } else {
+                    good.clone()
+                };
+                Box::pin(async move { Ok(token) })
+            })
+        };
+        let mut client = Client::builder(herald.base_url())
+            .token_provider(provider)
+            .mode(mode)
+            .backoff(Duration::from_millis(10), Duration::from_millis(50))
+            .connect()?;
+        until(&client, "live with the second token", |s| {
+            s.state == State::Live
+        })
+        .await?;
+        assert!(calls.load(Ordering::SeqCst) >= 2, "{mode:?}: asked again");
+        let n = herald.send(&user, "after the refresh").await?;
+        assert_eq!(take(&mut client, 1).await?[0].id, n.id);
+        client.close().await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_fixed_token_stops_the_client() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    let client = Client::connect(herald.base_url(), "not-a-jwt", None)?;
+    let status = until(&client, "closed", |s| s.state == State::Closed).await?;
+    let error = status.last_error.unwrap_or_default();
+    assert!(error.contains("401"), "{error}");
+    Ok(())
+}
