@@ -52,12 +52,16 @@ pub struct HeraldBuilder {
     templates: Arc<herald_templates::Templates>,
     rates: herald_api::RateConfig,
     topics: herald_api::TopicSettings,
+    dev_mode: bool,
 }
 
 /// A running Herald mesh. Dropping it aborts the mesh; [`Herald::shutdown`] drains it.
 #[derive(Debug)]
 pub struct Herald {
     mesh: Option<Mesh>,
+    /// What started the mesh, to start it again on the same address ([`Herald::start_again`]).
+    options: MeshOptions,
+    addr: std::net::SocketAddr,
     base: String,
     api_key: String,
     users: UserAuth,
@@ -83,6 +87,7 @@ impl Herald {
             templates: Arc::new(herald_templates::Templates::none()),
             rates: herald_api::RateConfig::default(),
             topics: herald_api::TopicSettings::default(),
+            dev_mode: false,
         }
     }
 
@@ -260,6 +265,58 @@ impl Herald {
         SseClient::open(request).await
     }
 
+    /// Stops the mesh and drains it (open connections are told to reconnect), keeping
+    /// its address, keys and secret for [`Herald::start_again`]: a restart as clients see
+    /// it. Tokens minted before stay valid.
+    ///
+    /// # Errors
+    /// The first service error of the mesh.
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(mesh) = self.mesh.take() {
+            crate::within(
+                Duration::from_secs(20),
+                "draining the mesh",
+                mesh.shutdown(),
+            )
+            .await?
+            .context("mesh shutdown")?;
+        }
+        Ok(())
+    }
+
+    /// Starts a stopped mesh again on the same address, with the same keys and secret
+    /// (provisioning is idempotent).
+    ///
+    /// # Errors
+    /// When it is still running, the address cannot be bound again within 10 s, or the
+    /// mesh does not start.
+    pub async fn start_again(&mut self) -> anyhow::Result<()> {
+        ensure!(
+            self.mesh.is_none(),
+            "the mesh is still running; stop it first"
+        );
+        let addr = self.addr;
+        let listener = crate::eventually(
+            Duration::from_secs(10),
+            "binding the address again",
+            || async move {
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding {addr}"))
+            },
+        )
+        .await?;
+        let mesh = crate::within(
+            Duration::from_secs(60),
+            "starting the mesh again",
+            Mesh::start(self.options.clone(), listener),
+        )
+        .await?
+        .context("Mesh::start")?;
+        self.mesh = Some(mesh);
+        Ok(())
+    }
+
     /// Stops the mesh and drains it (open connections are told to reconnect).
     ///
     /// # Errors
@@ -343,6 +400,13 @@ impl HeraldBuilder {
         self
     }
 
+    /// Development mode: the demo page at `/`, `/sdk/herald.js`, `/dev/token` and
+    /// `/dev/notify`.
+    pub fn dev_mode(mut self) -> Self {
+        self.dev_mode = true;
+        self
+    }
+
     /// Provisions and starts the mesh on `127.0.0.1:0`.
     ///
     /// # Errors
@@ -392,7 +456,7 @@ impl HeraldBuilder {
             api: herald_api::ApiConfig::default(),
             gateway: herald_gateway::GatewayConfig::default(),
             roles: self.roles,
-            dev_mode: false,
+            dev_mode: self.dev_mode,
             channels: self
                 .channels
                 .unwrap_or_else(|| herald::channels::ChannelSettings::new(rand_key())),
@@ -404,7 +468,7 @@ impl HeraldBuilder {
         let mesh = crate::within(
             Duration::from_secs(60),
             "starting the mesh",
-            Mesh::start(options, listener),
+            Mesh::start(options.clone(), listener),
         )
         .await?
         .map_err(|e| anyhow::anyhow!("{e:?}"))
@@ -415,6 +479,8 @@ impl HeraldBuilder {
             .context("http client")?;
         Ok(Herald {
             base: format!("http://{}", mesh.addr()),
+            addr: mesh.addr(),
+            options,
             mesh: Some(mesh),
             api_key,
             users,

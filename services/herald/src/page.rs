@@ -1,5 +1,6 @@
-//! Development mode only: the demo page at `/`, token minting for any user name, and a
-//! "send me a test notification" endpoint. Never mounted outside `dev_mode`.
+//! Development mode only: the demo page at `/`, the JavaScript SDK it is built on
+//! (`/sdk/herald.js`, compiled in from `sdk/js/herald.js`), token minting for any user
+//! name, and a "send me a test notification" endpoint. Never mounted outside `dev_mode`.
 
 use axum::Json;
 use axum::Router;
@@ -26,6 +27,7 @@ const DEV_TOKEN_TTL: u64 = 24 * 3600;
 pub fn routes(acceptor: Acceptor, auth: Authenticator) -> Router {
     Router::new()
         .route("/", get(index))
+        .route("/sdk/herald.js", get(sdk))
         .route("/dev/token", post(token))
         .route("/dev/notify", post(notify_self))
         .with_state(Arc::new(DevState { acceptor, auth }))
@@ -35,6 +37,17 @@ async fn index() -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
         include_str!("../assets/index.html"),
+    )
+}
+
+/// The SDK the page imports: the very file published as the JavaScript client.
+async fn sdk() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        include_str!("../../../sdk/js/herald.js"),
     )
 }
 

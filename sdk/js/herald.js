@@ -1,0 +1,565 @@
+// Herald client SDK: one plain ES module, no build step, for browsers and Node (>= 22, or
+// 20.10+ with --experimental-websocket for the WebSocket transport).
+//
+// Why it is shaped like this (SPEC.md §5):
+// - Delivery is at-least-once across reconnects, so the client resumes from the last seq
+//   it delivered (`?after=` on WebSocket, `after` on SSE) and drops anything it has
+//   already delivered (by seq, and by id as a second line of defence).
+// - Reconnect storms are the server's worst case, so every retry waits a random time in
+//   [0, min(cap, base * 2^attempt)] ("full jitter"), and a `reconnect` frame's `after_ms`
+//   (already jittered by the server) replaces that wait.
+// - Some networks refuse WebSocket upgrades; after `wsFailuresBeforeFallback` failures
+//   before a socket ever opened, the connection moves to Server-Sent Events for good.
+// - Browsers' WebSocket and EventSource cannot set headers, so the token travels as
+//   `access_token` (SPEC §2); the fetch-based SSE reader (Node, or `sse: 'fetch'`) and the
+//   HTTP calls use `Authorization: Bearer`.
+
+/** Close codes the gateway uses (RFC 6455 and Herald's own). */
+export const CloseCode = Object.freeze({
+  GOING_AWAY: 1001,
+  UNSUPPORTED: 1003,
+  INVALID_PAYLOAD: 1007,
+  POLICY: 1008,
+  TOO_BIG: 1009,
+  INTERNAL: 1011,
+  HEARTBEAT: 4000,
+  SLOW_CONSUMER: 4008,
+});
+
+const DEFAULTS = Object.freeze({
+  transport: 'auto',
+  sse: 'auto',
+  backoffBaseMs: 500,
+  backoffMaxMs: 30_000,
+  wsFailuresBeforeFallback: 3,
+  dedupWindow: 2048,
+  openTimeoutMs: 10_000,
+});
+
+/** Close codes after which the token may be the problem: fetch a fresh one first. */
+const AUTH_CLOSE_CODES = new Set([CloseCode.POLICY, 4001, 4003, 4401, 4403]);
+
+/** HTTP statuses that will not get better by retrying with the same credentials. */
+class HttpError extends Error {
+  constructor(status, body) {
+    super(`HTTP ${status}${body ? `: ${body}` : ''}`);
+    this.name = 'HttpError';
+    this.status = status;
+  }
+}
+
+/**
+ * Opens a connection and keeps it open until `close()`.
+ * @param {import('./herald').ConnectOptions} options
+ * @returns {HeraldConnection}
+ */
+export function connect(options) {
+  return new HeraldConnection(options);
+}
+
+/** A self-healing real-time connection to Herald. */
+export class HeraldConnection {
+  #opts;
+  #token = null;
+  #state = 'connecting';
+  #transport = null;
+  #closed = false;
+  #attempt = 0;
+  #wsFailures = 0;
+  #useSse = false;
+  #refreshToken = false;
+  #nextDelayMs = null;
+  #timer = null;
+  #current = null; // { kind, close(), send?(obj) }
+  #position; // resume point: everything up to it has been delivered or skipped on purpose
+  #deliveredMax = 0; // highest seq handed to the application
+  #recentIds = new Set();
+  #latestSeq = 0; // newest seq known to exist
+  #countedUpTo = 0; // notifications up to this seq are already in #unread (from hello)
+  #unread = 0;
+  #topics = new Set();
+  #waiters = new Set();
+  #generation = 0; // bumped whenever a pending attempt must not go ahead
+
+  constructor(options) {
+    if (!options || (options.token == null && typeof options.getToken !== 'function')) {
+      throw new TypeError('herald: connect() needs `token` or `getToken`');
+    }
+    const url = options.url ?? globalThis.location?.origin;
+    if (!url) throw new TypeError('herald: connect() needs `url` outside a browser page');
+    this.#opts = { ...DEFAULTS, ...options, url: String(url).replace(/\/+$/, '') };
+    if (!['auto', 'ws', 'sse'].includes(this.#opts.transport)) {
+      throw new TypeError(`herald: unknown transport ${this.#opts.transport}`);
+    }
+    this.#token = options.token ?? null;
+    this.#position = Number.isSafeInteger(options.after) ? options.after : null;
+    if (this.#position != null) this.#deliveredMax = this.#position;
+    this.#useSse = this.#opts.transport === 'sse' || (this.#opts.transport === 'auto' && !this.#WebSocket());
+    queueMicrotask(() => this.#open());
+  }
+
+  /** `'connecting' | 'live' | 'reconnecting' | 'closed'`. */
+  get state() { return this.#state; }
+  /** `'ws' | 'sse'` while connected, else `null`. */
+  get transport() { return this.#transport; }
+  /** The seq the next connection resumes after (`null` before the first hello). */
+  get lastSeq() { return this.#position; }
+  /** Unread notifications, from `hello`, live notifications and `read` frames. */
+  get unread() { return this.#unread; }
+  /** The newest seq known to exist in the user's inbox. */
+  get latestSeq() { return this.#latestSeq; }
+
+  /**
+   * Marks everything up to and including `upTo` (default: the newest known) as read.
+   * Over WebSocket a `read` frame; otherwise `POST /v1/me/read`.
+   * @returns {Promise<number>} the unread count as this client now knows it.
+   */
+  async markRead(upTo = this.#latestSeq) {
+    if (!Number.isSafeInteger(upTo) || upTo < 0) throw new TypeError('herald: markRead(upTo) needs a seq');
+    if (this.#current?.kind === 'ws' && this.#current.send({ type: 'read', up_to: upTo })) {
+      if (upTo >= this.#latestSeq) this.#setUnread(0);
+      return this.#unread;
+    }
+    const body = await this.#http('POST', '/v1/me/read', { up_to: upTo });
+    if (typeof body?.unread === 'number') this.#setUnread(body.unread);
+    if (typeof body?.last_seq === 'number') this.#latestSeq = Math.max(this.#latestSeq, body.last_seq);
+    return this.#unread;
+  }
+
+  /**
+   * Records that the user has seen everything up to `upTo` live (SPEC: drives escalation
+   * to push). WebSocket only; returns whether the frame was sent.
+   */
+  ack(upTo = this.#deliveredMax) {
+    if (!Number.isSafeInteger(upTo) || upTo < 0) throw new TypeError('herald: ack(upTo) needs a seq');
+    return this.#current?.kind === 'ws' ? this.#current.send({ type: 'ack', up_to: upTo }) : false;
+  }
+
+  /** Joins a topic: a `subscribe` frame now and on every reconnect (WebSocket), or
+   *  `POST /v1/me/subscriptions` (SSE). */
+  async subscribe(topic) {
+    this.#topics.add(String(topic));
+    if (this.#current?.kind === 'ws') { this.#current.send({ type: 'subscribe', topic: String(topic) }); return; }
+    await this.#http('POST', '/v1/me/subscriptions', { topic: String(topic) });
+  }
+
+  /** Leaves a topic. */
+  async unsubscribe(topic) {
+    this.#topics.delete(String(topic));
+    if (this.#current?.kind === 'ws') { this.#current.send({ type: 'unsubscribe', topic: String(topic) }); return; }
+    await this.#http('DELETE', '/v1/me/subscriptions', { topic: String(topic) });
+  }
+
+  /** Drops the current connection and reconnects at once, resuming from `lastSeq`. */
+  reconnect() {
+    if (this.#closed) return;
+    this.#nextDelayMs = 0;
+    this.#teardown();
+    this.#schedule({ reason: 'reconnect requested' });
+  }
+
+  /** Resolves when `predicate(this)` holds (checked after every event), or rejects after
+   *  `timeoutMs`. Handy for tests and UIs that await a state. */
+  until(predicate, timeoutMs = 10_000) {
+    if (predicate(this)) return Promise.resolve(this);
+    return new Promise((resolve, reject) => {
+      const waiter = { predicate, resolve, reject };
+      waiter.timer = setTimeout(() => {
+        this.#waiters.delete(waiter);
+        reject(new Error(`herald: condition not met within ${timeoutMs} ms (state ${this.#state})`));
+      }, timeoutMs);
+      this.#waiters.add(waiter);
+    });
+  }
+
+  /** Closes for good. */
+  close() {
+    if (this.#closed) return;
+    this.#closed = true;
+    clearTimeout(this.#timer);
+    this.#teardown();
+    this.#setState('closed', {});
+    for (const w of this.#waiters) { clearTimeout(w.timer); w.reject(new Error('herald: connection closed')); }
+    this.#waiters.clear();
+  }
+
+  // ---- connection lifecycle ------------------------------------------------------------
+
+  async #open() {
+    if (this.#closed) return;
+    const generation = this.#generation;
+    let token;
+    try {
+      token = await this.#currentToken();
+    } catch (err) {
+      if (generation !== this.#generation) return;
+      this.#emit('onError', err);
+      this.#schedule({ reason: 'token unavailable' });
+      return;
+    }
+    // reconnect() or close() while the token was on its way: that attempt is void.
+    if (this.#closed || generation !== this.#generation) return;
+    if (this.#useSse) this.#openSse(token);
+    else this.#openWs(token);
+  }
+
+  #openWs(token) {
+    const WS = this.#WebSocket();
+    const url = new URL(this.#opts.wsUrl ?? this.#opts.url.replace(/^http/, 'ws') + '/v1/ws');
+    if (this.#position != null) url.searchParams.set('after', String(this.#position));
+    url.searchParams.set('access_token', token);
+    let opened = false;
+    let socket;
+    try {
+      socket = new WS(url.toString());
+    } catch (err) {
+      this.#wsFailed(err);
+      return;
+    }
+    const conn = {
+      kind: 'ws',
+      close: () => { try { socket.close(1000, 'client closing'); } catch { /* already closed */ } },
+      send: (frame) => {
+        if (socket.readyState !== 1) return false;
+        socket.send(JSON.stringify(frame));
+        return true;
+      },
+    };
+    this.#current = conn;
+    // Some WebSocket implementations (Node 20's) report a refused upgrade with `error`
+    // and never `close`; a hung upgrade reports nothing. Either counts as a failure.
+    let failed = false;
+    const fail = (why) => {
+      if (this.#current !== conn || opened || failed) return;
+      failed = true;
+      clearTimeout(openTimer);
+      try { socket.close(); } catch { /* not open */ }
+      this.#wsFailed(new Error(why));
+    };
+    const openTimer = setTimeout(() => fail('websocket did not open in time'), this.#opts.openTimeoutMs);
+    socket.onopen = () => { opened = true; clearTimeout(openTimer); };
+    socket.onmessage = (event) => {
+      if (this.#current !== conn) return;
+      if (typeof event.data !== 'string') return;
+      let frame;
+      try { frame = JSON.parse(event.data); } catch { return; }
+      if (frame.type === 'hello') {
+        this.#wsFailures = 0;
+        this.#transport = 'ws';
+        for (const topic of this.#topics) conn.send({ type: 'subscribe', topic });
+      }
+      this.#onFrame(frame);
+    };
+    socket.onerror = () => fail('websocket failed before opening'); // once open, onclose follows
+    socket.onclose = (event) => {
+      if (!opened) { fail(`websocket closed before opening (code ${event.code})`); return; }
+      if (this.#current !== conn) return;
+      this.#current = null;
+      this.#transport = null;
+      if (AUTH_CLOSE_CODES.has(event.code)) this.#refreshToken = true;
+      if (event.code === CloseCode.SLOW_CONSUMER && this.#nextDelayMs == null) {
+        // Resume right away (jittered a little): we were only slow, nothing is wrong.
+        this.#nextDelayMs = Math.random() * this.#opts.backoffBaseMs;
+      }
+      this.#schedule({ code: event.code, reason: event.reason });
+    };
+  }
+
+  #wsFailed(err) {
+    // A failed upgrade looks the same to a browser whatever the status (401, 404, a
+    // proxy): a fresh token costs little and rules out expiry.
+    this.#refreshToken = true;
+    // Only a WebSocket failure while the server answers plain HTTP says "WebSocket is
+    // blocked"; a server that is down (a restart) must not push us onto SSE.
+    const probe = { kind: 'probe', close() {} };
+    this.#current = probe;
+    this.#reachable().then((up) => {
+      if (this.#closed || this.#current !== probe) return;
+      this.#current = null;
+      if (up) this.#wsFailures += 1;
+      if (this.#opts.transport === 'auto' && this.#wsFailures >= this.#opts.wsFailuresBeforeFallback) {
+        this.#useSse = true;
+        this.#nextDelayMs = 0;
+        this.#emit('onError', new Error(`herald: WebSocket failed ${this.#wsFailures} times before opening while HTTP works; falling back to SSE`));
+      }
+      this.#schedule({ reason: err.message });
+    });
+  }
+
+  async #reachable() {
+    try {
+      // `no-cors`: an opaque answer is enough to know the server is there, cross-origin too.
+      await fetch(this.#opts.url + '/healthz', { mode: 'no-cors', cache: 'no-store', signal: AbortSignal.timeout(5_000) });
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  #openSse(token) {
+    const ES = globalThis.EventSource;
+    const useEventSource = this.#opts.sse === 'eventsource' || (this.#opts.sse === 'auto' && typeof ES === 'function');
+    if (useEventSource) this.#openEventSource(ES, token);
+    else this.#openFetchSse(token);
+  }
+
+  #sseUrl() {
+    const url = new URL(this.#opts.sseUrl ?? this.#opts.url + '/v1/sse');
+    if (this.#position != null) url.searchParams.set('after', String(this.#position));
+    return url;
+  }
+
+  #openEventSource(ES, token) {
+    const url = this.#sseUrl();
+    url.searchParams.set('access_token', token);
+    const source = new ES(url.toString());
+    const conn = { kind: 'sse', close: () => source.close() };
+    this.#current = conn;
+    const onEvent = (event) => {
+      if (this.#current !== conn) return;
+      let frame;
+      try { frame = JSON.parse(event.data); } catch { return; }
+      if (frame.type === 'hello') this.#transport = 'sse';
+      this.#onFrame(frame);
+    };
+    for (const name of ['message', 'hello', 'notification', 'batch', 'read', 'reconnect']) {
+      source.addEventListener(name, onEvent);
+    }
+    source.onerror = () => {
+      // EventSource would retry by itself, with the old URL (old `after`, old token).
+      // Take over: close it and reconnect on our own schedule.
+      if (this.#current !== conn) return;
+      source.close();
+      this.#refreshToken = true;
+      this.#current = null;
+      this.#transport = null;
+      this.#schedule({ reason: 'event stream interrupted' });
+    };
+  }
+
+  #openFetchSse(token) {
+    const abort = new AbortController();
+    const conn = { kind: 'sse', close: () => abort.abort() };
+    this.#current = conn;
+    let watchdog = null;
+    const arm = (seconds) => {
+      clearTimeout(watchdog);
+      // Keep-alive comments arrive every heartbeat_s: silence for 2.5 beats means dead.
+      if (seconds > 0) watchdog = setTimeout(() => abort.abort(new Error('no keep-alive from server')), seconds * 2500);
+    };
+    let heartbeatS = 0;
+    const run = async () => {
+      const response = await fetch(this.#sseUrl(), {
+        headers: { authorization: `Bearer ${token}`, accept: 'text/event-stream' },
+        signal: abort.signal,
+        cache: 'no-store',
+      });
+      if (!response.ok) throw new HttpError(response.status, await response.text().catch(() => ''));
+      const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buffer = '';
+      let data = [];
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) return;
+        arm(heartbeatS);
+        buffer += value;
+        let newline;
+        while ((newline = buffer.search(/\r\n|\r|\n/)) >= 0) {
+          const line = buffer.slice(0, newline);
+          buffer = buffer.slice(newline + (buffer.startsWith('\r\n', newline) ? 2 : 1));
+          if (line === '') {
+            // End of one event.
+            if (data.length > 0 && this.#current === conn) {
+              let frame = null;
+              try { frame = JSON.parse(data.join('\n')); } catch { /* not ours */ }
+              if (frame?.type === 'hello') {
+                this.#transport = 'sse';
+                heartbeatS = Number(frame.heartbeat_s) || 0;
+                arm(heartbeatS);
+              }
+              if (frame) this.#onFrame(frame);
+            }
+            data = [];
+          } else if (line.startsWith('data:')) {
+            data.push(line.slice(line.startsWith('data: ') ? 6 : 5));
+          }
+          // `event:`, `id:`, `retry:` and `:` comments: the frame's own `type` and `seq`
+          // carry everything needed.
+        }
+      }
+    };
+    run().then(
+      () => this.#sseEnded(conn, null),
+      (err) => this.#sseEnded(conn, err),
+    ).finally(() => clearTimeout(watchdog));
+  }
+
+  #sseEnded(conn, err) {
+    if (this.#current !== conn) return;
+    this.#current = null;
+    this.#transport = null;
+    if (err instanceof HttpError && (err.status === 401 || err.status === 403)) {
+      if (typeof this.#opts.getToken !== 'function') {
+        this.#emit('onError', err);
+        this.close();
+        return;
+      }
+      this.#refreshToken = true;
+    }
+    if (err) this.#emit('onError', err);
+    this.#schedule({ reason: err ? err.message : 'event stream ended' });
+  }
+
+  #schedule(detail) {
+    if (this.#closed) return;
+    this.#generation += 1;
+    clearTimeout(this.#timer);
+    let delayMs = this.#nextDelayMs;
+    this.#nextDelayMs = null;
+    if (delayMs == null) {
+      const ceiling = Math.min(this.#opts.backoffMaxMs, this.#opts.backoffBaseMs * 2 ** this.#attempt);
+      delayMs = Math.random() * ceiling; // full jitter
+    }
+    this.#attempt = Math.min(this.#attempt + 1, 30);
+    this.#setState('reconnecting', { ...detail, delayMs, attempt: this.#attempt });
+    this.#timer = setTimeout(() => this.#open(), delayMs);
+  }
+
+  #teardown() {
+    this.#generation += 1;
+    const current = this.#current;
+    this.#current = null;
+    this.#transport = null;
+    current?.close();
+  }
+
+  async #currentToken() {
+    if (typeof this.#opts.getToken === 'function' && (this.#token == null || this.#refreshToken)) {
+      this.#token = await this.#opts.getToken();
+      this.#refreshToken = false;
+    }
+    return this.#token;
+  }
+
+  // ---- frames ---------------------------------------------------------------------------
+
+  #onFrame(frame) {
+    switch (frame.type) {
+      case 'hello':
+        this.#attempt = 0;
+        this.#latestSeq = Math.max(this.#latestSeq, frame.last_seq ?? 0);
+        // A live-only start resumes, next time, from where this connection started.
+        if (this.#position == null) this.#position = frame.last_seq ?? 0;
+        // `unread` counts the replay that follows too: do not count those twice.
+        this.#countedUpTo = frame.last_seq ?? 0;
+        this.#setUnread(frame.unread ?? 0);
+        this.#emit('onHello', frame);
+        this.#setState('live', { transport: this.#transport });
+        break;
+      case 'notification':
+        this.#deliver(frame);
+        break;
+      case 'batch':
+        for (const item of frame.items ?? []) this.#deliver(item);
+        break;
+      case 'read':
+        this.#onRead(frame.up_to);
+        break;
+      case 'reconnect':
+        // The server spreads its clients over a window; use its delay, not ours.
+        this.#nextDelayMs = Math.max(0, Number(frame.after_ms) || 0);
+        break;
+      default:
+        break; // frames this SDK does not know yet
+    }
+    this.#checkWaiters();
+  }
+
+  #deliver(raw) {
+    const { type: _type, ...n } = raw;
+    if (!Number.isSafeInteger(n.seq)) return;
+    if (n.seq <= this.#deliveredMax || this.#recentIds.has(n.id)) return; // duplicate
+    this.#deliveredMax = n.seq;
+    this.#position = Math.max(this.#position ?? 0, n.seq);
+    this.#latestSeq = Math.max(this.#latestSeq, n.seq);
+    this.#recentIds.add(n.id);
+    if (this.#recentIds.size > this.#opts.dedupWindow) {
+      this.#recentIds.delete(this.#recentIds.values().next().value);
+    }
+    if (n.seq > this.#countedUpTo) {
+      this.#countedUpTo = n.seq;
+      if (!n.read) this.#setUnread(this.#unread + 1);
+    }
+    this.#emit('onNotification', n);
+  }
+
+  #onRead(upTo) {
+    if (!Number.isSafeInteger(upTo)) return;
+    this.#emit('onRead', upTo);
+    if (upTo >= this.#latestSeq) {
+      this.#setUnread(0);
+    } else {
+      // Read up to somewhere in the middle: only the server knows how many are left.
+      this.#http('GET', '/v1/me/unread').then(
+        (body) => { if (typeof body?.unread === 'number') { this.#setUnread(body.unread); this.#checkWaiters(); } },
+        (err) => this.#emit('onError', err),
+      );
+    }
+  }
+
+  #setUnread(n) {
+    if (n === this.#unread) return;
+    this.#unread = n;
+    this.#emit('onUnread', n);
+  }
+
+  #setState(state, detail) {
+    this.#state = state;
+    this.#emit('onState', state, detail);
+    this.#checkWaiters();
+  }
+
+  #checkWaiters() {
+    for (const w of this.#waiters) {
+      let ok = false;
+      try { ok = w.predicate(this); } catch (err) { this.#waiters.delete(w); clearTimeout(w.timer); w.reject(err); continue; }
+      if (ok) { this.#waiters.delete(w); clearTimeout(w.timer); w.resolve(this); }
+    }
+  }
+
+  #emit(name, ...args) {
+    const handler = this.#opts[name];
+    if (typeof handler !== 'function') return;
+    try { handler(...args); } catch (err) {
+      // An application bug must not break delivery.
+      if (name !== 'onError') this.#emit('onError', err);
+    }
+  }
+
+  // ---- HTTP -----------------------------------------------------------------------------
+
+  async #http(method, path, body) {
+    for (let tries = 0; ; tries += 1) {
+      const token = await this.#currentToken();
+      const response = await fetch(this.#opts.url + path, {
+        method,
+        headers: {
+          authorization: `Bearer ${token}`,
+          ...(body === undefined ? {} : { 'content-type': 'application/json' }),
+        },
+        body: body === undefined ? undefined : JSON.stringify(body),
+      });
+      if (response.status === 401 && tries === 0 && typeof this.#opts.getToken === 'function') {
+        this.#refreshToken = true;
+        continue;
+      }
+      const text = await response.text();
+      if (!response.ok) throw new HttpError(response.status, text);
+      return text ? JSON.parse(text) : null;
+    }
+  }
+
+  #WebSocket() {
+    return this.#opts.WebSocket ?? globalThis.WebSocket;
+  }
+}

@@ -1,0 +1,278 @@
+//! herald-client against a real Herald (real nats-server, the mesh in-process): live
+//! delivery on both transports, resume across forced reconnects and a server restart
+//! with nothing lost or repeated, the SSE fallback, and read positions.
+
+use anyhow::{Context as _, ensure};
+use herald::mesh::Roles;
+use herald_client::{Client, Mode, State, Status, Transport};
+use herald_tests::{Accepted, Herald, Nats, eventually, within};
+use reqwest::Method;
+use std::time::Duration;
+
+/// Bound on one expected event.
+const WAIT: Duration = Duration::from_secs(15);
+
+async fn until(
+    client: &Client,
+    what: &str,
+    pred: impl Fn(&Status) -> bool,
+) -> anyhow::Result<Status> {
+    let mut watch = client.watch();
+    let status = within(WAIT, what, watch.wait_for(pred))
+        .await?
+        .context("client task ended")?
+        .clone();
+    Ok(status)
+}
+
+/// The next `n` notifications, each within [`WAIT`].
+async fn take(client: &mut Client, n: usize) -> anyhow::Result<Vec<herald_client::Notification>> {
+    let mut got = Vec::with_capacity(n);
+    while got.len() < n {
+        let note = within(
+            WAIT,
+            &format!("notification {} of {n}", got.len() + 1),
+            client.next(),
+        )
+        .await?
+        .context("client closed")?;
+        got.push(note);
+    }
+    Ok(got)
+}
+
+fn seqs(sent: &[Accepted]) -> Vec<u64> {
+    sent.iter().map(|a| a.seq).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_delivery_over_both_transports() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    for (mode, transport) in [
+        (Mode::WebSocket, Transport::WebSocket),
+        (Mode::Sse, Transport::Sse),
+    ] {
+        let user = format!("rust-live-{mode:?}");
+        let before = herald.send(&user, "before").await?;
+        let mut client = Client::builder(herald.base_url())
+            .token(herald.token(&user))
+            .mode(mode)
+            .connect()?;
+        let status = until(&client, "live", |s| s.state == State::Live).await?;
+        assert_eq!(status.transport, Some(transport));
+        assert_eq!(status.unread, 1);
+        assert_eq!(
+            status.last_seq,
+            Some(before.seq),
+            "live only: resumes from where it started"
+        );
+        let live = herald.send(&user, "live").await?;
+        let got = take(&mut client, 1).await?;
+        assert_eq!(got[0].id, live.id);
+        assert_eq!(got[0].seq, live.seq);
+        assert_eq!(got[0].title.as_deref(), Some("live"));
+        let status = until(&client, "counted", |s| s.unread == 2).await?;
+        assert_eq!(status.last_seq, Some(live.seq));
+        client.close().await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_reconnects_lose_nothing_and_repeat_nothing() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    for mode in [Mode::WebSocket, Mode::Sse] {
+        let user = format!("rust-resume-{mode:?}");
+        let mut client = Client::builder(herald.base_url())
+            .token(herald.token(&user))
+            .mode(mode)
+            .backoff(Duration::from_millis(20), Duration::from_millis(200))
+            .connect()?;
+        until(&client, "live", |s| s.state == State::Live).await?;
+        let mut sent = Vec::new();
+        for i in 0..30 {
+            sent.push(herald.send(&user, &format!("n{i}")).await?);
+            if i % 7 == 3 {
+                client.reconnect();
+            }
+        }
+        let got = take(&mut client, sent.len()).await?;
+        assert_eq!(
+            got.iter().map(|n| n.seq).collect::<Vec<_>>(),
+            seqs(&sent),
+            "{mode:?}"
+        );
+        let status = client.status();
+        assert!(
+            status.reconnects >= 4,
+            "{mode:?}: it reconnected: {status:?}"
+        );
+        // Nothing more is pending: one more live one is the very next.
+        let last = herald.send(&user, "last").await?;
+        assert_eq!(take(&mut client, 1).await?[0].id, last.id);
+        client.close().await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_restart_loses_nothing_and_repeats_nothing() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let mut herald = Herald::builder(&nats).start().await?;
+    let producer = Herald::builder(&nats)
+        .roles(Roles {
+            api: true,
+            gateway: false,
+            router: false,
+            ingest: false,
+        })
+        .start()
+        .await?;
+    let user = "rust-restart";
+    let mut client = Client::builder(herald.base_url())
+        .token(herald.token(user))
+        .after(Some(0))
+        .backoff(Duration::from_millis(50), Duration::from_millis(500))
+        .connect()?;
+    until(&client, "live", |s| s.state == State::Live).await?;
+    let mut sent = vec![producer.send(user, "before").await?];
+    herald.stop().await?;
+    for i in 0..5 {
+        sent.push(producer.send(user, &format!("while down {i}")).await?);
+    }
+    herald.start_again().await?;
+    sent.push(producer.send(user, "after").await?);
+    let got = take(&mut client, sent.len()).await?;
+    assert_eq!(got.iter().map(|n| n.seq).collect::<Vec<_>>(), seqs(&sent));
+    let status = until(&client, "live again", |s| s.state == State::Live).await?;
+    assert_eq!(
+        status.transport,
+        Some(Transport::WebSocket),
+        "a restart is not a reason to leave WebSocket"
+    );
+    assert!(status.reconnects >= 1);
+    client.close().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn falls_back_to_sse_when_websocket_is_refused() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    let user = "rust-fallback";
+    let earlier = herald.send(user, "earlier").await?;
+    let mut client = Client::builder(herald.base_url())
+        .token(herald.token(user))
+        .after(Some(0))
+        .ws_url(herald.ws_url("/no-websocket-here"))
+        .ws_failures_before_fallback(2)
+        .backoff(Duration::from_millis(10), Duration::from_millis(50))
+        .connect()?;
+    let status = until(&client, "live over SSE", |s| s.state == State::Live).await?;
+    assert_eq!(status.transport, Some(Transport::Sse));
+    assert!(status.reconnects >= 2, "{status:?}");
+    assert_eq!(take(&mut client, 1).await?[0].id, earlier.id);
+    let live = herald.send(user, "live over sse").await?;
+    assert_eq!(take(&mut client, 1).await?[0].id, live.id);
+    client.close().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mark_read_reaches_the_server_and_other_devices() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    for mode in [Mode::WebSocket, Mode::Sse] {
+        let user = format!("rust-read-{mode:?}");
+        let mut phone = Client::builder(herald.base_url())
+            .token(herald.token(&user))
+            .mode(mode)
+            .connect()?;
+        let laptop = Client::connect(herald.base_url(), herald.token(&user), None)?;
+        until(&phone, "phone live", |s| s.state == State::Live).await?;
+        until(&laptop, "laptop live", |s| s.state == State::Live).await?;
+        let mut sent = Vec::new();
+        for i in 0..3 {
+            sent.push(herald.send(&user, &format!("r{i}")).await?);
+        }
+        take(&mut phone, 3).await?;
+        until(&phone, "3 unread", |s| s.unread == 3).await?;
+        until(&laptop, "3 unread on the laptop", |s| s.unread == 3).await?;
+
+        phone.mark_read(sent[2].seq).await?;
+        until(&phone, "0 unread", |s| s.unread == 0).await?;
+        until(&laptop, "the laptop hears of it", |s| {
+            s.unread == 0 && s.read_up_to == Some(sent[2].seq)
+        })
+        .await?;
+        eventually(WAIT, "GET /v1/me/unread agrees", || async {
+            let body: serde_json::Value = herald
+                .user(Method::GET, "/v1/me/unread", &user)
+                .send()
+                .await?
+                .json()
+                .await?;
+            ensure!(
+                body["unread"] == 0 && body["last_seq"] == sent[2].seq,
+                "{body}"
+            );
+            Ok(())
+        })
+        .await?;
+        phone.close().await;
+        laptop.close().await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_token_is_replaced_by_the_provider() -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    for mode in [Mode::WebSocket, Mode::Sse] {
+        let user = format!("rust-token-{mode:?}");
+        let calls = Arc::new(AtomicUsize::new(0));
+        let provider: herald_client::TokenProvider = {
+            let (calls, good) = (calls.clone(), herald.token(&user));
+            Arc::new(move || {
+                // The first token is garbage: the server refuses it (401).
+                let n = calls.fetch_add(1, Ordering::SeqCst);
+                let token = if n == 0 {
+                    "not-a-jwt".to_string()
+                } else {
+                    good.clone()
+                };
+                Box::pin(async move { Ok(token) })
+            })
+        };
+        let mut client = Client::builder(herald.base_url())
+            .token_provider(provider)
+            .mode(mode)
+            .backoff(Duration::from_millis(10), Duration::from_millis(50))
+            .connect()?;
+        until(&client, "live with the second token", |s| {
+            s.state == State::Live
+        })
+        .await?;
+        assert!(calls.load(Ordering::SeqCst) >= 2, "{mode:?}: asked again");
+        let n = herald.send(&user, "after the refresh").await?;
+        assert_eq!(take(&mut client, 1).await?[0].id, n.id);
+        client.close().await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_fixed_token_stops_the_client() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    let client = Client::connect(herald.base_url(), "not-a-jwt", None)?;
+    let status = until(&client, "closed", |s| s.state == State::Closed).await?;
+    let error = status.last_error.unwrap_or_default();
+    assert!(error.contains("401"), "{error}");
+    Ok(())
+}
