@@ -12,6 +12,7 @@ mod isolation;
 mod native;
 mod notify;
 mod page;
+mod policy;
 mod preferences;
 mod replay;
 mod routers;

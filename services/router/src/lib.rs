@@ -7,16 +7,25 @@
 //! per-user order matters: each partition has one durable consumer whose priority group
 //! pins a single client, so exactly one router process owns a partition (and so a user)
 //! at a time; a standby takes over when the owner stops pulling.
+//!
+//! Policy is applied here, per notification, from the user's preferences as they are now:
+//! opted-out channels are skipped; below `high`, a notification that arrives during the
+//! user's quiet hours keeps its inbox entry (already written) while its channel work is
+//! handed to JetStream's scheduler (see [`deferral`]) and comes back to this router when
+//! they end; rate caps, counted across instances, suppress the interrupting channels of
+//! what goes over them.
+
+mod deferral;
 
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::message::PublishMessage;
 use futures::StreamExt as _;
 use herald_protocol::Subjects;
 use herald_protocol::streams::{self, INBOX};
-use herald_protocol::{Channel, ChannelJob, Policy, StoredNotification};
+use herald_protocol::{Channel, ChannelJob, Policy, Preferences, StoredNotification};
 use herald_store::status::{State, Update};
 use herald_store::targets::target_id;
-use herald_store::{Nats, PreferenceStore, StatusStore, Targets};
+use herald_store::{CapDecision, Nats, PreferenceStore, RateCaps, StatusStore, Targets};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +40,9 @@ pub enum RouterError {
     /// The preferences bucket could not be opened.
     #[error("opening the preferences bucket")]
     Preferences(#[source] herald_store::PreferencesError),
+    /// The rate cap bucket could not be opened.
+    #[error("opening the rate cap bucket")]
+    Caps(#[source] herald_store::CapsError),
     /// A partition consumer could not be opened.
     #[error("opening router consumer for partition {partition}")]
     Consumer {
@@ -69,6 +81,9 @@ pub async fn run(
         preferences: PreferenceStore::open(&nats.js_consume)
             .await
             .map_err(RouterError::Preferences)?,
+        caps: RateCaps::open(&nats.js_consume, policy.caps().to_vec())
+            .await
+            .map_err(RouterError::Caps)?,
         policy,
         routing,
     };
@@ -122,6 +137,7 @@ struct Route {
     nats: Nats,
     subjects: Subjects,
     preferences: PreferenceStore,
+    caps: RateCaps,
     policy: Arc<Policy>,
     routing: Routing,
 }
@@ -216,9 +232,18 @@ impl Route {
             metrics::counter!("herald_router_skipped_total").increment(1);
             return Routed::Done;
         }
-        let seq = match msg.info() {
-            Ok(info) => info.stream_sequence,
-            Err(e) => {
+        // A notification back from quiet hours carries its inbox position in a header.
+        let deferred = deferral::is_deferred(subjects, &msg.subject);
+        let seq = match (deferred, msg.info()) {
+            (true, _) => match deferral::inbox_seq(msg) {
+                Some(seq) => seq,
+                None => {
+                    tracing::warn!(subject = %msg.subject, "deferred notification without its inbox seq; skipping it");
+                    return Routed::Done;
+                }
+            },
+            (false, Ok(info)) => info.stream_sequence,
+            (false, Err(e)) => {
                 tracing::warn!(error = %e, "router message without metadata; skipping it");
                 return Routed::Done;
             }
@@ -230,8 +255,59 @@ impl Route {
                 return Routed::Done;
             }
         };
-        let Some((channels, suppressed)) = self.allowed_channels(&stored, seq).await else {
+        let Some((channels, mut suppressed, prefs)) = self.allowed_channels(&stored, seq).await
+        else {
             return Routed::Retry;
+        };
+        let now = jiff::Timestamp::now();
+        // Quiet hours: below `high`, the channel work waits; the inbox entry is already there.
+        if !deferred
+            && !channels.is_empty()
+            && stored.priority != herald_protocol::Priority::High
+            && let Some(until) = prefs.quiet_until(now)
+        {
+            if let Err(e) = deferral::defer(nats, subjects, &stored, seq, until).await {
+                tracing::warn!(seq, error = %e, "deferring for quiet hours failed; will retry");
+                return Routed::Retry;
+            }
+            metrics::counter!("herald_router_deferred_total").increment(1);
+            let waiting: Vec<(Channel, String)> =
+                channels.iter().map(|c| (*c, "none".to_string())).collect();
+            self.record(
+                &stored,
+                seq,
+                waiting,
+                Update::state(State::Deferred).because(format!("quiet_hours: until {until}")),
+            )
+            .await;
+            return Routed::Done;
+        }
+        let channels = if channels.is_empty() || self.caps.is_empty() {
+            channels
+        } else {
+            let unix = u64::try_from(now.as_second()).unwrap_or(0);
+            match self
+                .caps
+                .admit(
+                    stored.producer.as_deref(),
+                    &stored.user_id,
+                    stored.category.as_deref(),
+                    unix,
+                )
+                .await
+            {
+                Ok(CapDecision::Within) => channels,
+                Ok(CapDecision::Over(cap)) => {
+                    metrics::counter!("herald_rate_capped_total").increment(1);
+                    let rule = format!("rate_cap: {} per {} s", cap.limit, cap.window_s);
+                    suppressed.extend(channels.into_iter().map(|c| (c, rule.clone())));
+                    Vec::new()
+                }
+                Err(e) => {
+                    tracing::warn!(seq, error = %e, "rate caps unavailable; will retry");
+                    return Routed::Retry;
+                }
+            }
         };
         let mut acks = Vec::new();
         let mut queued = Vec::new();
@@ -294,36 +370,53 @@ impl Route {
             ),
         ];
         for (channel, rule) in suppressed {
+            let reason = if rule.starts_with("rate_cap") {
+                rule
+            } else {
+                format!("opted out: {rule}")
+            };
             records.push((
                 vec![(channel, "none".to_string())],
-                Update::state(State::Skipped).because(format!("opted out: {rule}")),
+                Update::state(State::Skipped).because(reason),
             ));
         }
         for (targets, update) in records {
-            if targets.is_empty() {
-                continue;
-            }
-            if let Err(e) = self
-                .routing
-                .status
-                .record_many(&stored.id, &stored.user_id, seq, &targets, update)
-                .await
-            {
-                tracing::warn!(seq, error = %e, "recording delivery status failed");
-            }
+            self.record(&stored, seq, targets, update).await;
         }
         metrics::counter!("herald_router_routed_total").increment(1);
         Routed::Done
     }
 
+    /// Records delivery status. Status is for people; a failure to record it never holds
+    /// delivery back.
+    async fn record(
+        &self,
+        stored: &StoredNotification,
+        seq: u64,
+        targets: Vec<(Channel, String)>,
+        update: Update,
+    ) {
+        if targets.is_empty() {
+            return;
+        }
+        if let Err(e) = self
+            .routing
+            .status
+            .record_many(&stored.id, &stored.user_id, seq, &targets, update)
+            .await
+        {
+            tracing::warn!(seq, error = %e, "recording delivery status failed");
+        }
+    }
+
     /// The channels beyond the inbox that policy lets this notification use, read from the
-    /// user's preferences as they are now, and those it suppresses with the rule that did;
-    /// `None` when the preferences cannot be read.
+    /// user's preferences as they are now, those it suppresses with the rule that did, and
+    /// the preferences; `None` when the preferences cannot be read.
     async fn allowed_channels(
         &self,
         stored: &StoredNotification,
         seq: u64,
-    ) -> Option<(Vec<Channel>, Vec<(Channel, String)>)> {
+    ) -> Option<(Vec<Channel>, Vec<(Channel, String)>, Preferences)> {
         let wanted: Vec<Channel> = stored
             .channels
             .iter()
@@ -331,7 +424,7 @@ impl Route {
             .filter(|c| *c != Channel::Inbox)
             .collect();
         if wanted.is_empty() {
-            return Some((wanted, Vec::new()));
+            return Some((wanted, Vec::new(), Preferences::default()));
         }
         let prefs = match self.preferences.get(&stored.user_id).await {
             Ok(p) => p,
@@ -354,6 +447,6 @@ impl Route {
                 }
             }
         }
-        Some((allowed, suppressed_by))
+        Some((allowed, suppressed_by, prefs))
     }
 }

@@ -526,7 +526,11 @@ async fn ensure_fanout_consumer(js: &jetstream::Context) -> Result<(), Provision
 pub fn router_consumer_config(subjects: &Subjects, partition: u16) -> consumer::pull::Config {
     consumer::pull::Config {
         durable_name: Some(streams::router_consumer(partition)),
-        filter_subject: subjects.inbox_partition(partition),
+        // The partition's inboxes, and its notifications coming back from quiet hours.
+        filter_subjects: vec![
+            subjects.inbox_partition(partition),
+            subjects.deferred_partition(partition),
+        ],
         // Explicit, per message: with AckAll, a router taking over a partition would ack
         // the messages its crashed predecessor had pulled but not routed.
         ack_policy: consumer::AckPolicy::Explicit,
@@ -550,12 +554,25 @@ async fn ensure_router_consumer(
         .get_stream_no_info(streams::INBOX)
         .await
         .map_err(|e| nats_err("opening the inbox stream")(Box::new(e)))?;
-    stream
-        .get_or_create_consumer::<consumer::pull::Config>(
-            &streams::router_consumer(partition),
-            router_consumer_config(subjects, partition),
-        )
-        .await
-        .map_err(|e| nats_err(format!("creating router consumer p{partition}"))(Box::new(e)))?;
+    let wanted = router_consumer_config(subjects, partition);
+    let name = streams::router_consumer(partition);
+    match stream.get_consumer::<consumer::pull::Config>(&name).await {
+        Ok(mut existing) => {
+            let info = existing.info().await.map_err(|e| {
+                nats_err(format!("reading router consumer p{partition}"))(Box::new(e))
+            })?;
+            // Consumers from before quiet-hours deferral filter the inboxes only.
+            if info.config.filter_subjects != wanted.filter_subjects {
+                stream.update_consumer(wanted).await.map_err(|e| {
+                    nats_err(format!("updating router consumer p{partition}"))(Box::new(e))
+                })?;
+            }
+        }
+        Err(_) => {
+            stream.create_consumer(wanted).await.map_err(|e| {
+                nats_err(format!("creating router consumer p{partition}"))(Box::new(e))
+            })?;
+        }
+    }
     Ok(())
 }

@@ -26,8 +26,10 @@ pub enum State {
     Failed,
     /// Moved to the dead-letter queue.
     DeadLettered,
-    /// Not sent on purpose (seen live, opted out, no target, expired).
+    /// Not sent on purpose (seen live, opted out, rate capped, no target, expired).
     Skipped,
+    /// Waiting for the user's quiet hours to end.
+    Deferred,
 }
 
 /// One step in a job's history.
