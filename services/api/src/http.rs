@@ -9,7 +9,7 @@ use crate::accept::Acceptor;
 use crate::auth::{Authenticator, HasAuth};
 use axum::Router;
 use axum::routing::{get, post};
-use herald_store::ReadPositions;
+use herald_store::{ReadPositions, Receipts};
 use std::sync::Arc;
 
 pub use inbox::{PageQuery, read_page};
@@ -44,6 +44,10 @@ pub struct ApiState {
     pub auth: Authenticator,
     /// Read positions.
     pub reads: ReadPositions,
+    /// Seen positions (`ack` frames).
+    pub seen: ReadPositions,
+    /// The batcher read receipts go through.
+    pub receipts: Receipts,
     /// Limits.
     pub config: ApiConfig,
 }

@@ -1,7 +1,7 @@
 //! The delivery core shared by every transport: replay after a position, then live, with
 //! no gap and no duplicate.
 
-use futures::StreamExt as _;
+use crate::hub::{Hub, Tap};
 use herald_protocol::{Notification, StoredNotification, UserId};
 use herald_store::direct::header_u64;
 use herald_store::{Inbox, InboxError};
@@ -29,7 +29,9 @@ pub enum FeedError {
 pub struct Feed {
     inbox: Inbox,
     user: UserId,
-    live: async_nats::Subscriber,
+    live: Tap,
+    /// Notifications handed out by the initial replay, until it ends (then recorded).
+    replayed: Option<u64>,
     /// Highest seq handed out (or the starting position).
     last_sent: u64,
     /// Read position at open, for the `read` flag.
@@ -60,18 +62,16 @@ impl Feed {
     /// # Errors
     /// [`FeedError`] when NATS cannot answer.
     pub async fn open(
+        hub: &Hub,
         inbox: Inbox,
         user: UserId,
         after: Option<u64>,
         read_up_to: u64,
     ) -> Result<Self, FeedError> {
-        // Subscribe before reading anything: whatever is stored from now on is either in
-        // the replay or arrives live, and the seq check drops the overlap.
-        let live = inbox
-            .nats()
-            .consume
-            .subscribe(inbox.subjects().live(&user))
-            .await
+        // Tap the live subject before reading anything: whatever is stored from now on is
+        // either in the replay or arrives live, and the seq check drops the overlap.
+        let live = hub
+            .tap(inbox.subjects().live(&user))
             .map_err(|e| FeedError::Subscribe(Box::new(e)))?;
         let (last_sent, catching_up) = match after {
             Some(after) => (after, true),
@@ -81,6 +81,7 @@ impl Feed {
             inbox,
             user,
             live,
+            replayed: catching_up.then_some(0),
             last_sent,
             read_up_to,
             catching_up,
@@ -117,8 +118,13 @@ impl Feed {
                 self.catch_up_step().await?;
                 continue;
             }
-            let msg = self.live.next().await.ok_or(FeedError::Closed)?;
-            self.on_live(msg);
+            let msg = self.live.recv().await.ok_or(FeedError::Closed)?;
+            self.on_live(&msg);
+            if self.live.take_lagged() {
+                // The hub dropped live messages for this connection: read them from the
+                // inbox (the next live one may be long in coming).
+                self.catching_up = true;
+            }
         }
     }
 
@@ -147,6 +153,9 @@ impl Feed {
             Some((_, last)) => self.last_sent = self.last_sent.max(last),
             None => {
                 self.catching_up = false;
+                if let Some(replayed) = self.replayed.take() {
+                    metrics::histogram!("herald_gateway_replay_size").record(replayed as f64);
+                }
                 if let Some((seq, stored)) = self.held.take() {
                     self.push(seq, stored);
                 }
@@ -160,7 +169,7 @@ impl Feed {
         self.read_event.take()
     }
 
-    fn on_live(&mut self, msg: async_nats::Message) {
+    fn on_live(&mut self, msg: &async_nats::Message) {
         let Some(headers) = msg.headers.as_ref() else {
             return;
         };
@@ -177,7 +186,10 @@ impl Feed {
             return; // already replayed
         }
         let stored = match serde_json::from_slice::<StoredNotification>(&msg.payload) {
-            Ok(stored) if stored.user_id == self.user => stored,
+            Ok(stored) if stored.user_id == self.user => {
+                record_live_delay(&stored.created_at);
+                stored
+            }
             Ok(_) => return tracing::error!(seq, "live message for another user; dropped"),
             Err(e) => return tracing::warn!(seq, error = %e, "undecodable live message; dropped"),
         };
@@ -200,11 +212,24 @@ impl Feed {
             return;
         }
         self.last_sent = seq;
+        if let Some(replayed) = &mut self.replayed {
+            *replayed += 1;
+        }
         self.ready.push_back(Notification::from_stored(
             stored,
             seq,
             seq <= self.read_up_to,
         ));
+    }
+}
+
+/// Accepted → live at this gateway (the router's republish and the hub included; the
+/// write to the socket follows at once unless the client is slow).
+fn record_live_delay(created_at: &str) {
+    let format = &time::format_description::well_known::Rfc3339;
+    if let Ok(created) = time::OffsetDateTime::parse(created_at, format) {
+        let delay = (time::OffsetDateTime::now_utc() - created).as_seconds_f64();
+        metrics::histogram!("herald_gateway_live_delay_seconds").record(delay.max(0.0));
     }
 }
 

@@ -29,9 +29,15 @@ pub(crate) async fn page(
         .get(&user)
         .await
         .map_err(|e| AppError::unavailable(&e))?;
-    let mut feed = Feed::open(state.inbox.clone(), user.clone(), Some(after), read_up_to)
-        .await
-        .map_err(|e| AppError::unavailable(&e))?;
+    let mut feed = Feed::open(
+        &state.hub,
+        state.inbox.clone(),
+        user.clone(),
+        Some(after),
+        read_up_to,
+    )
+    .await
+    .map_err(|e| AppError::unavailable(&e))?;
     let first = feed
         .next_ready()
         .await

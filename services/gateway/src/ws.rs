@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use futures::{SinkExt as _, StreamExt as _};
 use herald_api::AppError;
 use herald_protocol::{ClientFrame, FieldError, ServerFrame, UserId};
+use herald_store::Mark;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -246,27 +247,17 @@ async fn on_client_frame(state: &GatewayState, user: &UserId, text: &str) -> Res
     let frame: ClientFrame = serde_json::from_value(value)
         .map_err(|_| Outcome::Close(close::POLICY, "unknown or malformed frame"))?;
     match frame {
-        ClientFrame::Read { up_to } => {
-            let last = state
-                .inbox
-                .last_seq(user)
-                .await
-                .map_err(|_| Outcome::Close(close::INTERNAL, "store unavailable"))?;
-            let wanted = up_to.min(last);
-            let position = state
-                .reads
-                .advance(user, wanted)
-                .await
-                .map_err(|_| Outcome::Close(close::INTERNAL, "store unavailable"))?;
-            if position == wanted && wanted > 0 {
-                // Best effort: devices that miss it see the position in their next hello.
-                let _ = state.inbox.announce_read(user, position).await;
-            }
-        }
-        ClientFrame::Ack { up_to } => {
-            tracing::trace!(user = %user, up_to, "seen live");
-            metrics::counter!("herald_gateway_acks_total").increment(1);
-        }
+        // Batched: one KV write per user per flush, however many frames.
+        ClientFrame::Read { up_to } => state
+            .receipts
+            .mark(Mark::Read, user, up_to)
+            .await
+            .map_err(|_| Outcome::Close(close::GOING_AWAY, "server restarting"))?,
+        ClientFrame::Ack { up_to } => state
+            .receipts
+            .mark(Mark::Seen, user, up_to)
+            .await
+            .map_err(|_| Outcome::Close(close::GOING_AWAY, "server restarting"))?,
         // Topics are joined through the topic service; the frame is accepted so clients
         // can send it, and acted on once topics exist.
         ClientFrame::Subscribe { .. } | ClientFrame::Unsubscribe { .. } => {}

@@ -101,6 +101,9 @@ pub enum MeshError {
     /// The inbox stream is missing or was written with another layout.
     #[error("{0}")]
     Layout(String),
+    /// The gateway could not subscribe to live subjects.
+    #[error(transparent)]
+    Hub(#[from] herald_gateway::HubError),
     /// Native ingest failed.
     #[error("native ingest")]
     Ingest(#[source] async_nats::SubscribeError),
@@ -142,6 +145,9 @@ impl Mesh {
         let reads = ReadPositions::open(&nats.js_consume)
             .await
             .map_err(MeshError::Reads)?;
+        let seen = ReadPositions::open_seen(&nats.js_consume)
+            .await
+            .map_err(MeshError::Reads)?;
         let inbox = Inbox::new(nats.clone(), opts.subjects.clone());
         let acceptor = Acceptor::new(inbox.clone());
         let auth = Authenticator {
@@ -149,19 +155,43 @@ impl Mesh {
             users: UserAuth::new(&opts.jwt)?,
         };
         let stop = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        // One receipt batcher per process; at shutdown it writes what it holds before the
+        // mesh reports stopped.
+        let sink = herald_store::receipts::KvSink {
+            inbox: inbox.clone(),
+            reads: reads.clone(),
+            seen: seen.clone(),
+        };
+        let (receipts, batcher) = herald_store::Receipts::start(
+            sink,
+            opts.gateway.receipts,
+            stop.clone().cancelled_owned(),
+        );
+        tasks.spawn(async move {
+            if let Err(e) = batcher.await {
+                tracing::error!(error = %e, "receipt batcher failed");
+            }
+            Ok(())
+        });
         let mut app = Router::new().merge(ops::routes(nats.clone()));
         if opts.roles.api {
             app = app.merge(herald_api::routes(ApiState {
                 acceptor: acceptor.clone(),
                 auth: auth.clone(),
                 reads: reads.clone(),
+                seen,
+                receipts: receipts.clone(),
                 config: opts.api,
             }));
         }
         if opts.roles.gateway {
+            let hub = herald_gateway::Hub::start(&nats.consume, &opts.subjects).await?;
             app = app.merge(herald_gateway::routes(GatewayState::new(
                 inbox.clone(),
                 reads.clone(),
+                receipts,
+                hub,
                 auth.clone(),
                 opts.gateway,
                 stop.clone(),
@@ -171,7 +201,6 @@ impl Mesh {
             app = app.merge(crate::page::routes(acceptor.clone(), auth.clone()));
         }
         let app = app.layer(tower_http::trace::TraceLayer::new_for_http());
-        let mut tasks = JoinSet::new();
         let http_stop = stop.clone();
         // Small frames must leave at once: without TCP_NODELAY, Nagle's algorithm holds
         // a WebSocket frame back until the previous one is acked (tens of milliseconds).

@@ -4,15 +4,18 @@
 //! - [`provision`]: streams, buckets and consumers as code, idempotent.
 //! - [`inbox`]: appending to and reading from the per-user INBOX stream.
 //! - [`direct`]: batched direct gets (`$JS.API.DIRECT.GET`), which async-nats lacks.
-//! - [`reads`]: per-user read positions.
+//! - [`reads`]: per-user read and seen positions.
+//! - [`receipts`]: the batcher that writes them (one KV write per user per flush).
 
 pub mod connect;
 pub mod direct;
 pub mod inbox;
 pub mod provision;
 pub mod reads;
+pub mod receipts;
 
 pub use connect::{Nats, connect};
 pub use inbox::{AppendAck, Inbox, InboxError, InboxPage};
 pub use provision::{ProvisionError, ProvisionReport, provision};
 pub use reads::ReadPositions;
+pub use receipts::{Mark, Receipts, ReceiptsConfig};
