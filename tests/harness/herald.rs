@@ -46,6 +46,7 @@ pub struct HeraldBuilder {
     replicas: usize,
     roles: Roles,
     keys: Vec<(String, Vec<Scope>)>,
+    gateway: herald_gateway::GatewayConfig,
 }
 
 /// A running Herald mesh. Dropping it aborts the mesh; [`Herald::shutdown`] drains it.
@@ -72,6 +73,7 @@ impl Herald {
             replicas: 1,
             roles: Roles::ALL,
             keys: Vec::new(),
+            gateway: herald_gateway::GatewayConfig::default(),
         }
     }
 
@@ -96,6 +98,15 @@ impl Herald {
     /// When none answers within 10 s.
     pub async fn nats_client(&self) -> anyhow::Result<async_nats::Client> {
         crate::nats::connect_client(&self.nats_url).await
+    }
+
+    /// Whether the gateway holds a live registration for `subject` (a connection or a
+    /// waiting long-poll of that user).
+    pub fn is_tapped(&self, subject: &str) -> bool {
+        self.mesh
+            .as_ref()
+            .and_then(Mesh::hub)
+            .is_some_and(|hub| hub.is_tapped(subject))
     }
 
     /// The shared HTTP client.
@@ -295,6 +306,12 @@ impl HeraldBuilder {
         self
     }
 
+    /// Gateway tunables (heartbeat, limits, receipt batching).
+    pub fn gateway(mut self, config: herald_gateway::GatewayConfig) -> Self {
+        self.gateway = config;
+        self
+    }
+
     /// Also accepts `key` with only `scopes`.
     pub fn key(mut self, key: &str, scopes: &[Scope]) -> Self {
         self.keys.push((key.to_string(), scopes.to_vec()));
@@ -348,7 +365,7 @@ impl HeraldBuilder {
             api_keys: keys,
             jwt,
             api: herald_api::ApiConfig::default(),
-            gateway: herald_gateway::GatewayConfig::default(),
+            gateway: self.gateway,
             roles: self.roles,
             dev_mode: false,
         };

@@ -150,6 +150,11 @@ impl Hub {
     pub fn subjects_tapped(&self) -> usize {
         self.inner.routes.len()
     }
+
+    /// Whether a local connection is registered for `subject`.
+    pub fn is_tapped(&self, subject: &str) -> bool {
+        self.inner.routes.contains_key(subject)
+    }
 }
 
 async fn dispatch(mut sub: async_nats::Subscriber, inner: Arc<Inner>) {

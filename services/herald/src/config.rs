@@ -68,6 +68,10 @@ pub struct Settings {
     pub heartbeat_s: u64,
     /// Largest notify body, bytes.
     pub body_limit: usize,
+    /// WebSocket/SSE upgrades admitted per second per gateway (over it: 503 + Retry-After).
+    pub upgrades_per_s: u32,
+    /// Longest a read receipt or ack waits before its batched KV write, milliseconds.
+    pub receipts_flush_ms: u64,
     /// Development mode: the demo page may mint tokens for any user.
     pub dev_mode: bool,
 }
@@ -92,6 +96,10 @@ impl Default for Settings {
             inbox_days: 30,
             heartbeat_s: 30,
             body_limit: 64 * 1024,
+            upgrades_per_s: herald_gateway::admission::Limits::default().upgrades_per_sec,
+            receipts_flush_ms: herald_store::ReceiptsConfig::default()
+                .flush_every
+                .as_millis() as u64,
             dev_mode: false,
         }
     }
@@ -177,6 +185,15 @@ impl Settings {
                 self.heartbeat_s
             ));
         }
+        if self.upgrades_per_s == 0 {
+            errors.push("upgrades_per_s must be at least 1".into());
+        }
+        if !(1..=60_000).contains(&self.receipts_flush_ms) {
+            errors.push(format!(
+                "receipts_flush_ms must be 1 to 60000, not {}",
+                self.receipts_flush_ms
+            ));
+        }
         if !(1..=3650).contains(&self.inbox_days) {
             errors.push(format!(
                 "inbox_days must be 1 to 3650, not {}",
@@ -226,6 +243,14 @@ impl Settings {
                 },
                 gateway: herald_gateway::GatewayConfig {
                     heartbeat: Duration::from_secs(self.heartbeat_s),
+                    limits: herald_gateway::admission::Limits {
+                        upgrades_per_sec: self.upgrades_per_s,
+                        ..Default::default()
+                    },
+                    receipts: herald_store::ReceiptsConfig {
+                        flush_every: Duration::from_millis(self.receipts_flush_ms),
+                        ..Default::default()
+                    },
                     ..Default::default()
                 },
             }),
@@ -327,7 +352,7 @@ impl Settings {
 
 /// Environment keys read (as `HERALD_<KEY>`). Others, like `HERALD_NATS_SERVER`, belong
 /// to other parts and are not configuration errors.
-const ENV_KEYS: [&str; 18] = [
+const ENV_KEYS: [&str; 20] = [
     "http_addr",
     "data_dir",
     "nats_url",
@@ -344,6 +369,8 @@ const ENV_KEYS: [&str; 18] = [
     "inbox_days",
     "heartbeat_s",
     "body_limit",
+    "upgrades_per_s",
+    "receipts_flush_ms",
     "dev_mode",
     "api_keys",
 ];

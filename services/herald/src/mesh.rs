@@ -113,6 +113,7 @@ pub enum MeshError {
 #[derive(Debug)]
 pub struct Mesh {
     addr: SocketAddr,
+    hub: Option<herald_gateway::Hub>,
     stop: CancellationToken,
     tasks: JoinSet<Result<(), MeshError>>,
 }
@@ -185,8 +186,10 @@ impl Mesh {
                 config: opts.api,
             }));
         }
+        let mut gateway_hub = None;
         if opts.roles.gateway {
             let hub = herald_gateway::Hub::start(&nats.consume, &opts.subjects).await?;
+            gateway_hub = Some(hub.clone());
             app = app.merge(herald_gateway::routes(GatewayState::new(
                 inbox.clone(),
                 reads.clone(),
@@ -235,12 +238,22 @@ impl Mesh {
             });
         }
         tracing::info!(%addr, roles = ?opts.roles, "herald serving");
-        Ok(Mesh { addr, stop, tasks })
+        Ok(Mesh {
+            addr,
+            hub: gateway_hub,
+            stop,
+            tasks,
+        })
     }
 
     /// The address served.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The gateway's live hub, when this process runs the gateway.
+    pub fn hub(&self) -> Option<&herald_gateway::Hub> {
+        self.hub.as_ref()
     }
 
     /// A token that stops the mesh when cancelled.
