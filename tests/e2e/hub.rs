@@ -57,10 +57,10 @@ async fn an_overflowing_tap_catches_up_from_the_inbox() -> anyhow::Result<()> {
     let nats = Nats::single().await?;
     let herald = Herald::builder(&nats).start().await?;
     let store = herald_store::connect(&nats.url(), "hub-test").await?;
-    let hub = Hub::start(&store.consume, herald.subjects()).await?;
-    let inbox = herald_store::Inbox::new(store.clone(), herald.subjects().clone());
+    let inbox = herald_store::Inbox::new(store, herald.subjects().clone());
+    let hub = Hub::start(inbox).await?;
     let user = UserId::new("yara")?;
-    let mut feed = Feed::open(&hub, inbox, user.clone(), None, 0).await?;
+    let mut feed = Feed::open(&hub, user.clone(), None, 0).await?;
     assert_eq!(hub.subjects_tapped(), 1);
 
     // 300 notifications while the feed is not read: far more than a tap queues.

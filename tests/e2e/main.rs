@@ -9,6 +9,7 @@ mod frames;
 mod heartbeats;
 mod hub;
 mod isolation;
+mod metrics;
 mod native;
 mod notify;
 mod receipts;

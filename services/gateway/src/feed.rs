@@ -3,8 +3,8 @@
 
 use crate::hub::{Hub, Tap};
 use herald_protocol::{Notification, StoredNotification, UserId};
+use herald_store::InboxError;
 use herald_store::direct::header_u64;
-use herald_store::{Inbox, InboxError};
 use std::collections::VecDeque;
 
 /// Notifications read from the inbox per replay step.
@@ -27,7 +27,8 @@ pub enum FeedError {
 /// One user's ordered stream of notifications.
 #[derive(Debug)]
 pub struct Feed {
-    inbox: Inbox,
+    /// The hub, for its inbox (one per process: a feed stays small).
+    hub: Hub,
     user: UserId,
     live: Tap,
     /// Notifications handed out by the initial replay, until it ends (then recorded).
@@ -40,7 +41,7 @@ pub struct Feed {
     catching_up: bool,
     /// A live notification that revealed a gap, delivered once the gap is read (kept in
     /// case the replica that answers the catch-up has not stored it yet).
-    held: Option<(u64, StoredNotification)>,
+    held: Option<Box<(u64, StoredNotification)>>,
     ready: VecDeque<Notification>,
     /// A read position announced since the last call, for other devices' `read` frames.
     read_event: Option<u64>,
@@ -63,13 +64,13 @@ impl Feed {
     /// [`FeedError`] when NATS cannot answer.
     pub async fn open(
         hub: &Hub,
-        inbox: Inbox,
         user: UserId,
         after: Option<u64>,
         read_up_to: u64,
     ) -> Result<Self, FeedError> {
         // Tap the live subject before reading anything: whatever is stored from now on is
         // either in the replay or arrives live, and the seq check drops the overlap.
+        let inbox = hub.inbox();
         let live = hub
             .tap(inbox.subjects().live(&user))
             .map_err(|e| FeedError::Subscribe(Box::new(e)))?;
@@ -78,7 +79,7 @@ impl Feed {
             None => (inbox.last_seq(&user).await?, false),
         };
         Ok(Self {
-            inbox,
+            hub: hub.clone(),
             user,
             live,
             replayed: catching_up.then_some(0),
@@ -109,7 +110,7 @@ impl Feed {
     pub async fn next(&mut self) -> Result<Vec<Notification>, FeedError> {
         loop {
             if !self.ready.is_empty() {
-                return Ok(self.ready.drain(..).collect());
+                return Ok(self.take_ready());
             }
             if self.read_event.is_some() {
                 return Ok(Vec::new());
@@ -137,12 +138,18 @@ impl Feed {
         if self.catching_up && self.ready.is_empty() {
             self.catch_up_step().await?;
         }
-        Ok(self.ready.drain(..).collect())
+        Ok(self.take_ready())
+    }
+
+    /// What is ready, leaving no buffer behind (an idle feed holds no capacity).
+    fn take_ready(&mut self) -> Vec<Notification> {
+        Vec::from(std::mem::take(&mut self.ready))
     }
 
     async fn catch_up_step(&mut self) -> Result<(), FeedError> {
         let page = self
-            .inbox
+            .hub
+            .inbox()
             .after(&self.user, self.last_sent, REPLAY_PAGE)
             .await?;
         for (seq, stored) in page.items {
@@ -156,7 +163,8 @@ impl Feed {
                 if let Some(replayed) = self.replayed.take() {
                     metrics::histogram!("herald_gateway_replay_size").record(replayed as f64);
                 }
-                if let Some((seq, stored)) = self.held.take() {
+                if let Some(held) = self.held.take() {
+                    let (seq, stored) = *held;
                     self.push(seq, stored);
                 }
             }
@@ -199,8 +207,8 @@ impl Feed {
             // read the gap from the inbox, then this one.
             metrics::counter!("herald_gateway_gap_repairs_total").increment(1);
             self.catching_up = true;
-            if self.held.as_ref().is_none_or(|(held, _)| *held < seq) {
-                self.held = Some((seq, stored));
+            if self.held.as_ref().is_none_or(|held| held.0 < seq) {
+                self.held = Some(Box::new((seq, stored)));
             }
             return;
         }

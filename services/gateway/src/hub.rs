@@ -16,7 +16,7 @@
 use async_nats::Message;
 use dashmap::DashMap;
 use futures::StreamExt as _;
-use herald_protocol::Subjects;
+use herald_store::Inbox;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tokio::sync::mpsc;
@@ -32,6 +32,8 @@ pub struct Hub {
 
 #[derive(Debug)]
 struct Inner {
+    /// The inbox feeds replay from (one copy per process, not per connection).
+    inbox: Inbox,
     /// Live subject → connections that want it.
     routes: DashMap<String, Vec<Slot>>,
     next_id: AtomicU64,
@@ -91,13 +93,16 @@ impl Drop for Tap {
 }
 
 impl Hub {
-    /// Subscribes to every partition's live subjects on `client` and starts dispatching.
-    /// Returns once the server has confirmed the subscriptions.
+    /// Subscribes to every partition's live subjects on the inbox's consume connection and
+    /// starts dispatching. Returns once the server has confirmed the subscriptions.
     ///
     /// # Errors
     /// [`HubError`] when NATS refuses or does not answer.
-    pub async fn start(client: &async_nats::Client, subjects: &Subjects) -> Result<Hub, HubError> {
+    pub async fn start(inbox: Inbox) -> Result<Hub, HubError> {
+        let client = inbox.nats().consume.clone();
+        let subjects = inbox.subjects().clone();
         let inner = Arc::new(Inner {
+            inbox,
             routes: DashMap::new(),
             next_id: AtomicU64::new(0),
             closed: AtomicBool::new(false),
@@ -115,6 +120,11 @@ impl Hub {
             tokio::spawn(dispatch(sub, inner.clone()));
         }
         Ok(Hub { inner })
+    }
+
+    /// The inbox feeds read from.
+    pub fn inbox(&self) -> &Inbox {
+        &self.inner.inbox
     }
 
     /// Registers a connection for `subject`; messages published from now on reach the tap.

@@ -110,6 +110,24 @@ impl HasAuth for GatewayState {
     }
 }
 
+/// Counts an open connection in `herald_gateway_connections{transport}` (and the connect
+/// in `herald_gateway_connects_total`) for as long as it lives, however it ends.
+pub(crate) struct Connected(&'static str);
+
+impl Connected {
+    pub(crate) fn new(transport: &'static str) -> Self {
+        metrics::gauge!("herald_gateway_connections", "transport" => transport).increment(1.0);
+        metrics::counter!("herald_gateway_connects_total", "transport" => transport).increment(1);
+        Connected(transport)
+    }
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        metrics::gauge!("herald_gateway_connections", "transport" => self.0).decrement(1.0);
+    }
+}
+
 /// Opens a user's feed and builds the `hello` frame that starts every connection.
 ///
 /// # Errors
@@ -122,15 +140,9 @@ pub(crate) async fn open_session(
     let unavailable = |e: &dyn std::error::Error| herald_api::AppError::unavailable(e);
     let read_up_to = state.reads.get(user).await.map_err(|e| unavailable(&e))?;
     // Open the feed first so NATS trouble is a clean 503, not a dead socket.
-    let feed = Feed::open(
-        &state.hub,
-        state.inbox.clone(),
-        user.clone(),
-        after,
-        read_up_to,
-    )
-    .await
-    .map_err(|e| unavailable(&e))?;
+    let feed = Feed::open(&state.hub, user.clone(), after, read_up_to)
+        .await
+        .map_err(|e| unavailable(&e))?;
     let (unread, last_seq) = tokio::try_join!(
         state.inbox.count_after(user, read_up_to),
         state.inbox.last_seq(user)

@@ -29,20 +29,15 @@ pub(crate) async fn page(
         .get(&user)
         .await
         .map_err(|e| AppError::unavailable(&e))?;
-    let mut feed = Feed::open(
-        &state.hub,
-        state.inbox.clone(),
-        user.clone(),
-        Some(after),
-        read_up_to,
-    )
-    .await
-    .map_err(|e| AppError::unavailable(&e))?;
+    let mut feed = Feed::open(&state.hub, user.clone(), Some(after), read_up_to)
+        .await
+        .map_err(|e| AppError::unavailable(&e))?;
     let first = feed
         .next_ready()
         .await
         .map_err(|e| AppError::unavailable(&e))?;
     if first.is_empty() {
+        let _waiting = crate::Connected::new("longpoll");
         // Wait for a notification; a read announcement alone does not end the wait.
         let next_notification = async {
             loop {

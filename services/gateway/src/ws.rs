@@ -53,7 +53,8 @@ pub(crate) async fn upgrade(
     let ticket = state.admission.admit(&user)?;
     let (feed, hello) = crate::open_session(&state, &user, after).await?;
     Ok(ws
-        .read_buffer_size(4096)
+        // Client frames are tiny (`read`, `ack`): a small read buffer, grown on demand.
+        .read_buffer_size(1024)
         .write_buffer_size(0)
         .max_message_size(state.config.max_client_frame)
         .max_frame_size(state.config.max_client_frame)
@@ -74,16 +75,18 @@ fn parse_after(query: Option<&str>) -> Result<Option<u64>, AppError> {
 }
 
 /// What a connection's writer sends: ready frames, or notifications it may coalesce.
+/// Notifications are boxed: an idle connection's queue holds one block of these, so the
+/// element stays small (48 bytes instead of 208).
 enum Out {
     Msg(Message),
-    Note(herald_protocol::Notification),
+    Note(Box<herald_protocol::Notification>),
 }
 
 impl Out {
     fn into_message(self) -> Message {
         match self {
             Out::Msg(m) => m,
-            Out::Note(n) => text(&ServerFrame::Notification(n)),
+            Out::Note(n) => text(&ServerFrame::Notification(*n)),
         }
     }
 }
@@ -100,7 +103,7 @@ async fn serve(
     feed: Feed,
     hello: ServerFrame,
 ) {
-    metrics::gauge!("herald_gateway_connections", "transport" => "ws").increment(1.0);
+    let _connected = crate::Connected::new("ws");
     let (mut sink, mut stream) = socket.split();
     let (tx, mut rx) = mpsc::channel::<Out>(state.config.queue_frames);
     let max_batch = state.config.max_batch.max(1);
@@ -128,11 +131,11 @@ async fn serve(
                     Some(Out::Note(first)) => {
                         // Coalesce: whatever queued up while the last write was in flight
                         // goes out as one `batch` frame. No added latency when idle.
-                        let mut items = vec![first];
+                        let mut items = vec![*first];
                         let mut after = None;
                         while items.len() < max_batch {
                             match rx.try_recv() {
-                                Ok(Out::Note(n)) => items.push(n),
+                                Ok(Out::Note(n)) => items.push(*n),
                                 Ok(Out::Msg(m)) => {
                                     after = Some(m);
                                     break;
@@ -171,7 +174,7 @@ async fn serve(
         let mut pump = tokio::spawn(crate::feed::pump(feed, tx.clone(), |delivery| {
             metrics::counter!("herald_gateway_frames_out_total", "transport" => "ws").increment(1);
             match delivery {
-                Delivery::Notification(n) => Out::Note(n),
+                Delivery::Notification(n) => Out::Note(Box::new(n)),
                 Delivery::Read(up_to) => Out::Msg(text(&ServerFrame::Read { up_to })),
             }
         }));
@@ -238,7 +241,6 @@ async fn serve(
     if tokio::time::timeout(CLOSE_GRACE * 2, writer).await.is_err() {
         abort.abort();
     }
-    metrics::gauge!("herald_gateway_connections", "transport" => "ws").decrement(1.0);
 }
 
 async fn on_client_frame(state: &GatewayState, user: &UserId, text: &str) -> Result<(), Outcome> {

@@ -188,7 +188,7 @@ impl Mesh {
         }
         let mut gateway_hub = None;
         if opts.roles.gateway {
-            let hub = herald_gateway::Hub::start(&nats.consume, &opts.subjects).await?;
+            let hub = herald_gateway::Hub::start(inbox.clone()).await?;
             gateway_hub = Some(hub.clone());
             app = app.merge(herald_gateway::routes(GatewayState::new(
                 inbox.clone(),
