@@ -116,7 +116,9 @@ impl Feed {
                 return Ok(Vec::new());
             }
             if self.catching_up {
-                self.catch_up_step().await?;
+                // Boxed: the inbox read's state exists only while catching up, so an
+                // idle feed (waiting on live) stays small.
+                Box::pin(self.catch_up_step()).await?;
                 continue;
             }
             let msg = self.live.recv().await.ok_or(FeedError::Closed)?;
@@ -136,7 +138,7 @@ impl Feed {
     /// [`FeedError`] when NATS cannot answer.
     pub async fn next_ready(&mut self) -> Result<Vec<Notification>, FeedError> {
         if self.catching_up && self.ready.is_empty() {
-            self.catch_up_step().await?;
+            Box::pin(self.catch_up_step()).await?;
         }
         Ok(self.take_ready())
     }
