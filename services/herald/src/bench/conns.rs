@@ -15,6 +15,7 @@
 //! 4. **Slow consumer:** fast clients receive at a fixed rate, first alone, then beside
 //!    one client that never reads and is flooded; the fast clients' p99 both times, and
 //!    the slow one's close code (4008 expected).
+//! 5. **Side by side:** the same N clients on nats-server's own WebSocket listener.
 
 use super::fleet::{self, Fleet, GatewayProcess};
 use super::{BenchError, ms};
@@ -51,6 +52,9 @@ pub struct ConnsArgs {
     /// Seconds of each slow-consumer half.
     #[arg(long, default_value_t = 5)]
     pub seconds: u64,
+    /// Skip the side-by-side on nats-server's own WebSocket listener.
+    #[arg(long)]
+    pub no_nats_ws: bool,
 }
 
 const SECRET: &str = "bench-secret-bench-secret-bench-secret";
@@ -251,11 +255,24 @@ pub(super) async fn run(args: ConnsArgs) -> Result<(), BenchError> {
     if !args.no_slow {
         let fast = args.fast.min(n);
         let alone = paced(&http, &api, &api_key, &fleet, fast, &args).await?;
+        // Control: the same flood to a client that reads, to tell the flood's own cost
+        // (JetStream writes, routing, the hub) from the slow client's.
+        let token = users.mint(&UserId::new("flood-reader")?, 3600)?;
+        let url = format!("{ws_base}?access_token={token}");
+        clients.spawn(fleet::client(fleet.clone(), url, None));
+        let flooding = tokio::spawn(flood(
+            http.clone(),
+            api.clone(),
+            api_key.clone(),
+            "flood-reader",
+        ));
+        let control = paced(&http, &api, &api_key, &fleet, fast, &args).await?;
+        flooding.await??;
         let token = users.mint(&UserId::new("slow")?, 3600)?;
         let slow = fleet::stalled_client(format!("{ws_base}?access_token={token}")).await?;
-        let flood = tokio::spawn(flood_slow(http.clone(), api.clone(), api_key.clone()));
+        let flooding = tokio::spawn(flood(http.clone(), api.clone(), api_key.clone(), "slow"));
         let beside = paced(&http, &api, &api_key, &fleet, fast, &args).await?;
-        flood.await??;
+        flooding.await??;
         let code = fleet::close_code(slow).await;
         println!(
             "| {fast} fast clients at {}/s, alone | p50 {:.1} ms, p99 {:.1} ms |",
@@ -264,7 +281,12 @@ pub(super) async fn run(args: ConnsArgs) -> Result<(), BenchError> {
             ms(alone.value_at_quantile(0.99))
         );
         println!(
-            "| the same beside one client that never reads (flooded with 10,000) | p50 {:.1} ms, p99 {:.1} ms; the slow one closed with {} |",
+            "| the same while a client that reads gets 10,000 × 2 KiB (control) | p50 {:.1} ms, p99 {:.1} ms |",
+            ms(control.value_at_quantile(0.5)),
+            ms(control.value_at_quantile(0.99))
+        );
+        println!(
+            "| the same while a client that never reads gets 10,000 × 2 KiB | p50 {:.1} ms, p99 {:.1} ms; the slow one closed with {} |",
             ms(beside.value_at_quantile(0.5)),
             ms(beside.value_at_quantile(0.99)),
             code.map_or("no close frame within 60 s".to_string(), |c| c.to_string())
@@ -274,13 +296,30 @@ pub(super) async fn run(args: ConnsArgs) -> Result<(), BenchError> {
     fleet.stop.cancel();
     while clients.join_next().await.is_some() {}
     gateway.kill().await?;
+
+    // 5. The side-by-side: the same N on nats-server's WebSocket listener.
+    if !args.no_nats_ws {
+        let side = super::natsws::run(n, tmp.path()).await?;
+        println!(
+            "| side by side: {n} idle clients on nats-server's own WebSocket listener (one SUB each) | {:.0} connects/s; **{:.2} KiB per connection** of nats-server RSS; one core message to each: p50 {:.1} ms, p99 {:.1} ms, all after {:.0} ms |",
+            side.connects_per_sec,
+            side.rss_per_conn / 1024.0,
+            ms(side.delivery.value_at_quantile(0.5)),
+            ms(side.delivery.value_at_quantile(0.99)),
+            side.all_ms
+        );
+    }
     server.spawn(mesh.shutdown()).await??;
     server.shutdown_background();
     drop(nats);
     Ok(())
 }
 
-async fn wait_for(done: impl Fn() -> bool, secs: u64, what: &str) -> Result<(), BenchError> {
+pub(super) async fn wait_for(
+    done: impl Fn() -> bool,
+    secs: u64,
+    what: &str,
+) -> Result<(), BenchError> {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while !done() {
         if Instant::now() > deadline {
@@ -342,7 +381,7 @@ async fn paced(
 ) -> Result<hdrhistogram::Histogram<u64>, BenchError> {
     Fleet::reset(&fleet.delivery);
     let total = args.rate * args.seconds;
-    let want = fleet.received.load(Ordering::Relaxed) + total;
+    let want = fleet.timed.load(Ordering::Relaxed) + total;
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate as f64));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut sends = tokio::task::JoinSet::new();
@@ -359,7 +398,7 @@ async fn paced(
     }
     while sends.join_next().await.is_some() {}
     let _ = wait_for(
-        || fleet.received.load(Ordering::Relaxed) >= want,
+        || fleet.timed.load(Ordering::Relaxed) >= want,
         30,
         "paced delivered",
     )
@@ -367,12 +406,17 @@ async fn paced(
     Fleet::snapshot(&fleet.delivery)
 }
 
-/// 10,000 notifications of ~2 KiB to the user that never reads.
-async fn flood_slow(http: reqwest::Client, api: String, key: String) -> Result<(), BenchError> {
+/// 10,000 notifications of ~2 KiB to `user`.
+async fn flood(
+    http: reqwest::Client,
+    api: String,
+    key: String,
+    user: &'static str,
+) -> Result<(), BenchError> {
     let body_text = "x".repeat(2000);
     for _ in 0..20 {
         let items: Vec<serde_json::Value> = (0..500)
-            .map(|_| serde_json::json!({"user_id": "slow", "title": "flood", "body": body_text}))
+            .map(|_| serde_json::json!({"user_id": user, "title": "flood", "body": body_text}))
             .collect();
         http.post(format!("{api}/v1/notify/batch"))
             .bearer_auth(&key)

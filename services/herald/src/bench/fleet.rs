@@ -112,6 +112,8 @@ pub(super) struct Fleet {
     pub(super) connected: AtomicU64,
     /// Notifications received (first time only).
     pub(super) received: AtomicU64,
+    /// Of those, notifications that carried a send time (the measured ones).
+    pub(super) timed: AtomicU64,
     /// Notifications received again (a seq at or below the client's last).
     pub(super) duplicates: AtomicU64,
     /// Upgrades refused with 503.
@@ -131,6 +133,7 @@ impl Fleet {
             epoch: Instant::now(),
             connected: AtomicU64::new(0),
             received: AtomicU64::new(0),
+            timed: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             slow_closes: AtomicU64::new(0),
@@ -279,6 +282,7 @@ fn on_item(fleet: &Fleet, item: &serde_json::Value, last_seq: &mut Option<u64>) 
     fleet.received.fetch_add(1, Ordering::Relaxed);
     if let Some(sent) = item["data"]["sent_us"].as_u64() {
         Fleet::record(&fleet.delivery, fleet.now_us().saturating_sub(sent));
+        fleet.timed.fetch_add(1, Ordering::Relaxed);
     }
 }
 
