@@ -114,12 +114,12 @@ async fn client(
                 fleet.connected.fetch_add(1, Ordering::Relaxed);
             } else if line == "PING" {
                 let _ = ws.send(Message::binary(b"PONG\r\n".to_vec())).await;
-            } else if line.starts_with("MSG ") {
-                if let Some(sent) = lines.next().and_then(|p| p.parse::<u64>().ok()) {
-                    fleet.received.fetch_add(1, Ordering::Relaxed);
-                    if let Ok(mut h) = fleet.delivery.lock() {
-                        let _ = h.record(fleet.now_us().saturating_sub(sent).max(1));
-                    }
+            } else if line.starts_with("MSG ")
+                && let Some(sent) = lines.next().and_then(|p| p.parse::<u64>().ok())
+            {
+                fleet.received.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut h) = fleet.delivery.lock() {
+                    let _ = h.record(fleet.now_us().saturating_sub(sent).max(1));
                 }
             }
         }
