@@ -12,6 +12,7 @@
 
 mod conns;
 mod fleet;
+mod load;
 mod natsws;
 
 pub use conns::ConnsArgs;

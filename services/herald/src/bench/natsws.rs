@@ -36,7 +36,7 @@ pub(super) async fn run(n: usize, dir: &std::path::Path) -> Result<NatsWs, Bench
         let permit = connecting.clone().acquire_owned().await?;
         clients.spawn(client(fleet.clone(), ws_url.clone(), i, permit));
     }
-    super::conns::wait_for(
+    super::load::wait_for(
         || fleet.connected.load(Ordering::Relaxed) >= n as u64,
         300,
         "nats ws clients connected",
@@ -55,7 +55,7 @@ pub(super) async fn run(n: usize, dir: &std::path::Path) -> Result<NatsWs, Bench
             .await?;
     }
     publisher.flush().await?;
-    let _ = super::conns::wait_for(
+    let _ = super::load::wait_for(
         || fleet.received.load(Ordering::Relaxed) >= n as u64,
         60,
         "nats ws delivered",
