@@ -295,18 +295,37 @@ pub(super) async fn stalled_client(url: String) -> Result<Socket, BenchError> {
     Ok(ws)
 }
 
-/// Reads a stalled client's backlog until the close frame; its code.
-pub(super) async fn close_code(mut ws: Socket) -> Option<u16> {
+/// Reads a stalled client's backlog to its end: how the server ended it.
+pub(super) async fn how_it_ended(mut ws: Socket) -> String {
     let read = async {
-        while let Some(Ok(msg)) = ws.next().await {
-            if let Message::Close(frame) = msg {
-                return frame.map(|f| u16::from(f.code));
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    return format!("close frame {}", u16::from(frame.code));
+                }
+                Some(Ok(Message::Close(None))) => return "close frame without a code".into(),
+                Some(Ok(_)) => {}
+                // The server gave up writing to a full socket and dropped it.
+                Some(Err(_)) | None => {
+                    return "dropped by the server (its socket was full: no room for the close frame)".into();
+                }
             }
         }
-        None
     };
     tokio::time::timeout(Duration::from_secs(60), read)
         .await
-        .ok()
-        .flatten()
+        .unwrap_or_else(|_| "still open after 60 s".into())
+}
+
+/// A counter from a Herald process's `/metrics` (0 when absent).
+pub(super) async fn metric(addr: SocketAddr, name: &str) -> Result<f64, BenchError> {
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
 }
