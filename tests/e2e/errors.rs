@@ -258,3 +258,49 @@ async fn bad_user_tokens_get_401_on_every_user_path() -> anyhow::Result<()> {
     assert_eq!(status.map(|s| s.as_u16()), Some(401));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_over_its_rate_gets_429_with_retry_after() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats)
+        .rates(herald_api::RateConfig {
+            default_per_s: std::num::NonZeroU32::new(1),
+            per_producer: Default::default(),
+        })
+        .start()
+        .await?;
+    // One per second: back-to-back sends hit the limit within a few tries.
+    let mut throttled = None;
+    for i in 0..5 {
+        let response = herald
+            .notify(&json!({"user_id": "yara", "title": format!("n{i}")}))
+            .await?;
+        if response.status() == StatusCode::TOO_MANY_REQUESTS {
+            throttled = Some(response);
+            break;
+        }
+        ensure!(
+            response.status() == StatusCode::ACCEPTED,
+            "send {i}: {}",
+            response.status()
+        );
+    }
+    let response = throttled.context("no 429 in five back-to-back sends at 1/s")?;
+    let retry_after: u64 = response
+        .headers()
+        .get("retry-after")
+        .context("429 without Retry-After")?
+        .to_str()?
+        .parse()?;
+    ensure!((1..=2).contains(&retry_after), "Retry-After {retry_after}");
+    let error = error_of(response, StatusCode::TOO_MANY_REQUESTS).await?;
+    ensure!(error["code"] == "rate_limited", "{error}");
+    // A batch larger than the bucket can ever hold is refused as a whole.
+    let batch = herald
+        .producer(Method::POST, "/v1/notify/batch")
+        .json(&json!({"notifications": [{"user_id": "yara", "title": "a"}, {"user_id": "yara", "title": "b"}]}))
+        .send()
+        .await?;
+    error_of(batch, StatusCode::TOO_MANY_REQUESTS).await?;
+    Ok(())
+}

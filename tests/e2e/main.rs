@@ -4,6 +4,7 @@
 
 mod cluster;
 mod durability;
+mod erase;
 mod errors;
 mod frames;
 mod heartbeats;
@@ -12,7 +13,11 @@ mod isolation;
 mod metrics;
 mod native;
 mod notify;
+mod preferences;
 mod receipts;
 mod replay;
 mod routers;
+mod scheduled;
+mod templates;
+mod topics;
 mod transports;

@@ -16,23 +16,10 @@ const USERS: [&str; 4] = ["ann", "ben", "cat.*", "dan >"];
 /// Router consumers unpin a silent owner after 10 s; allow for that and a pull cycle.
 const TAKEOVER: Duration = Duration::from_secs(30);
 
-const API_ONLY: Roles = Roles {
-    api: true,
-    gateway: false,
-    router: false,
-    ingest: false,
-};
-const ROUTER_ONLY: Roles = Roles {
-    api: false,
-    gateway: false,
-    router: true,
-    ingest: false,
-};
-
 async fn router(nats: &Nats) -> anyhow::Result<Herald> {
     Herald::builder(nats)
         .partitions(PARTITIONS)
-        .roles(ROUTER_ONLY)
+        .roles(Roles::ROUTER)
         .start()
         .await
 }
@@ -128,7 +115,7 @@ async fn routers_keep_per_user_order_and_a_standby_takes_over() -> anyhow::Resul
     let nats = Nats::single().await?;
     let api = Herald::builder(&nats)
         .partitions(PARTITIONS)
-        .roles(API_ONLY)
+        .roles(Roles::API)
         .start()
         .await?;
     let first = router(&nats).await?;

@@ -8,9 +8,10 @@ use anyhow::{Context as _, bail, ensure};
 use herald::mesh::{Mesh, MeshOptions, Roles};
 use herald_auth::{ApiKey, ApiKeys, JwtConfig, Scope, UserAuth};
 use herald_protocol::streams::StreamSettings;
-use herald_protocol::{Subjects, UserId};
+use herald_protocol::{Policy, Subjects, UserId};
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde_json::{Value, json};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -47,6 +48,10 @@ pub struct HeraldBuilder {
     roles: Roles,
     keys: Vec<(String, Vec<Scope>)>,
     gateway: herald_gateway::GatewayConfig,
+    policy: Policy,
+    templates: Arc<herald_templates::Templates>,
+    rates: herald_api::RateConfig,
+    topics: herald_api::TopicSettings,
 }
 
 /// A running Herald mesh. Dropping it aborts the mesh; [`Herald::shutdown`] drains it.
@@ -74,6 +79,10 @@ impl Herald {
             roles: Roles::ALL,
             keys: Vec::new(),
             gateway: herald_gateway::GatewayConfig::default(),
+            policy: Policy::default(),
+            templates: Arc::new(herald_templates::Templates::none()),
+            rates: herald_api::RateConfig::default(),
+            topics: herald_api::TopicSettings::default(),
         }
     }
 
@@ -300,6 +309,30 @@ impl HeraldBuilder {
         self
     }
 
+    /// Configured categories (default: none, so any category goes).
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Templates to render.
+    pub fn templates(mut self, templates: herald_templates::Templates) -> Self {
+        self.templates = Arc::new(templates);
+        self
+    }
+
+    /// Producer request rates (the all-scopes key's producer is `test-<n>`).
+    pub fn rates(mut self, rates: herald_api::RateConfig) -> Self {
+        self.rates = rates;
+        self
+    }
+
+    /// Topic rules (which topics users may join themselves).
+    pub fn topics(mut self, topics: herald_api::TopicSettings) -> Self {
+        self.topics = topics;
+        self
+    }
+
     /// Which services run.
     pub fn roles(mut self, roles: Roles) -> Self {
         self.roles = roles;
@@ -368,6 +401,10 @@ impl HeraldBuilder {
             gateway: self.gateway,
             roles: self.roles,
             dev_mode: false,
+            policy: Arc::new(self.policy.clone()),
+            templates: self.templates.clone(),
+            rates: self.rates.clone(),
+            topics: self.topics.clone(),
         };
         let mesh = crate::within(
             Duration::from_secs(60),

@@ -44,3 +44,16 @@ pub fn init_tracing() {
         .with_test_writer()
         .try_init();
 }
+
+/// A `send_at` `ms` milliseconds from now: the instant and its RFC 3339 text (with
+/// sub-second precision, which the scheduler honours).
+///
+/// # Panics
+/// Never in practice: formatting a UTC time as RFC 3339 cannot fail.
+pub fn send_at_in(ms: i64) -> (time::OffsetDateTime, String) {
+    let at = time::OffsetDateTime::now_utc() + time::Duration::milliseconds(ms);
+    let text = at
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("a UTC time formats as RFC 3339");
+    (at, text)
+}

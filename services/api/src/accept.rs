@@ -5,8 +5,10 @@
 use async_nats::jetstream::context::PublishAckFuture;
 use bytes::Bytes;
 use herald_protocol::notification::check_idempotency_key;
-use herald_protocol::{FieldError, NotifyRequest, StoredNotification, ValidatedNotify};
-use herald_store::{AppendAck, Inbox, InboxError};
+use herald_protocol::{FieldError, NotifyRequest, Policy, StoredNotification, ValidatedNotify};
+use herald_store::{AppendAck, Cancelled, Inbox, InboxError, PreferenceStore};
+use herald_templates::Templates;
+use std::sync::Arc;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -18,10 +20,15 @@ const IDEMPOTENT_NAMESPACE: Uuid = Uuid::from_u128(0x6a1f_3c52_9d0e_4b7a_8e21_55
 pub struct Accepted {
     /// Its id (the first copy's, for a repeated idempotency key).
     pub id: String,
-    /// Its inbox position.
-    pub seq: u64,
+    /// Its inbox position; `None` while it is scheduled (it gets one when it fires).
+    pub seq: Option<u64>,
     /// True when this was a repeat of an earlier request.
     pub duplicate: bool,
+    /// When it will be sent, RFC 3339, if scheduled.
+    pub send_at: Option<String>,
+    /// The INBOX stream sequence of what was stored: the inbox position, or the
+    /// schedule's message (what a native producer's JetStream ack reports).
+    pub stream_seq: u64,
 }
 
 /// Why a notification was not accepted.
@@ -39,6 +46,9 @@ pub enum AcceptError {
 #[derive(Clone, Debug)]
 pub struct Acceptor {
     inbox: Inbox,
+    policy: Arc<Policy>,
+    templates: Arc<Templates>,
+    preferences: Option<PreferenceStore>,
 }
 
 /// A validated notification with its id, ready to append.
@@ -46,6 +56,8 @@ pub struct Acceptor {
 pub struct Prepared {
     stored: StoredNotification,
     bytes: Bytes,
+    send_at: Option<OffsetDateTime>,
+    producer: String,
 }
 
 impl Prepared {
@@ -53,12 +65,49 @@ impl Prepared {
     pub fn id(&self) -> &str {
         &self.stored.id
     }
+
+    /// The notification as it would be stored.
+    pub fn into_stored(self) -> StoredNotification {
+        self.stored
+    }
 }
 
 impl Acceptor {
-    /// An acceptor appending to `inbox`.
+    /// An acceptor appending to `inbox`, accepting any category, with no templates.
     pub fn new(inbox: Inbox) -> Self {
-        Self { inbox }
+        Self {
+            inbox,
+            policy: Arc::new(Policy::default()),
+            templates: Arc::new(Templates::none()),
+            preferences: None,
+        }
+    }
+
+    /// Checks categories against the configured `policy`.
+    pub fn with_policy(mut self, policy: Arc<Policy>) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Renders `template`s, in each recipient's locale from `preferences`.
+    pub fn with_templates(
+        mut self,
+        templates: Arc<Templates>,
+        preferences: PreferenceStore,
+    ) -> Self {
+        self.templates = templates;
+        self.preferences = Some(preferences);
+        self
+    }
+
+    /// The loaded templates.
+    pub fn templates(&self) -> &Arc<Templates> {
+        &self.templates
+    }
+
+    /// The configured categories.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.clone()
     }
 
     /// The inbox it appends to.
@@ -66,31 +115,70 @@ impl Acceptor {
         &self.inbox
     }
 
-    /// Validates a JSON body and assigns its id. `key` (header) wins over the body's
-    /// `idempotency_key`; `producer` namespaces the key.
+    /// Validates a JSON body, renders its template, and assigns its id. `key` (header)
+    /// wins over the body's `idempotency_key`; `producer` namespaces the key.
     ///
     /// # Errors
-    /// [`FieldError`] naming the bad field.
-    pub fn prepare(
+    /// [`AcceptError::Invalid`] naming the bad field; [`AcceptError::Store`] when the
+    /// recipient's locale cannot be read for a template.
+    pub async fn prepare(
         &self,
         body: &[u8],
         producer: &str,
         key: Option<&str>,
-    ) -> Result<Prepared, FieldError> {
+    ) -> Result<Prepared, AcceptError> {
         let request = NotifyRequest::from_json(body)?;
         if let Some(k) = key {
             check_idempotency_key("Idempotency-Key", k)?;
         }
-        let validated: ValidatedNotify = request.validate()?;
+        let mut validated: ValidatedNotify = request.validate()?;
+        if let Some(category) = &validated.category {
+            self.policy.check_category("category", category)?;
+        }
         let key = key.or(validated.idempotency_key.as_deref());
         let id = match key {
             Some(k) => idempotent_id(producer, k),
             None => Uuid::now_v7(),
         };
-        let stored =
+        let send_at = validated.send_at;
+        let template = validated.template.clone();
+        let vars = std::mem::take(&mut validated.vars);
+        let user = validated.user_id.clone();
+        let mut stored =
             StoredNotification::from_request(validated, id.to_string(), OffsetDateTime::now_utc());
+        if let Some(name) = template {
+            let locale = match &self.preferences {
+                Some(prefs) => {
+                    prefs
+                        .get(&user)
+                        .await
+                        .map_err(|e| InboxError::Unavailable(Box::new(e)))?
+                        .locale
+                }
+                None => None,
+            };
+            let texts = self.templates.render(&name, locale.as_deref(), &vars)?;
+            // Texts the producer sent themselves win over the template's.
+            stored.title = stored.title.or(texts.title);
+            stored.body = stored.body.or(texts.body);
+            stored.rendered = Some(texts.channels);
+            if stored.title.as_deref().is_none_or(str::is_empty)
+                && stored.body.as_deref().is_none_or(str::is_empty)
+            {
+                return Err(FieldError::new(
+                    "template",
+                    format!("template {name:?} defines neither title nor body"),
+                )
+                .into());
+            }
+        }
         let bytes = Inbox::encode(&stored).map_err(|e| FieldError::new("body", e.to_string()))?;
-        Ok(Prepared { stored, bytes })
+        Ok(Prepared {
+            stored,
+            bytes,
+            send_at,
+            producer: producer.to_owned(),
+        })
     }
 
     /// Appends and waits for the ack.
@@ -98,6 +186,13 @@ impl Acceptor {
     /// # Errors
     /// [`AcceptError::Store`] unless JetStream confirmed the write.
     pub async fn commit(&self, prepared: Prepared) -> Result<Accepted, AcceptError> {
+        if prepared.send_at.is_some() {
+            if !self.inbox.nats().is_connected() {
+                return Err(InboxError::Unavailable("not connected to NATS".into()).into());
+            }
+            let ack = self.send(&prepared).await?;
+            return Self::finish(prepared, ack).await;
+        }
         let ack = self
             .inbox
             .append(&prepared.stored, prepared.bytes.clone())
@@ -105,15 +200,52 @@ impl Acceptor {
         Ok(accepted(prepared, ack))
     }
 
+    /// Queues a topic publish for fan-out (deduplicated by its id) and waits until
+    /// JetStream has it.
+    ///
+    /// # Errors
+    /// [`InboxError`] unless JetStream confirmed the write.
+    pub async fn enqueue_fanout(&self, job: &herald_protocol::FanoutJob) -> Result<(), InboxError> {
+        let nats = self.inbox.nats();
+        if !nats.is_connected() {
+            return Err(InboxError::Unavailable("not connected to NATS".into()));
+        }
+        let payload = serde_json::to_vec(job).map_err(|e| InboxError::Unavailable(Box::new(e)))?;
+        let publish = async_nats::jetstream::message::PublishMessage::build()
+            .payload(payload.into())
+            .message_id(&job.id)
+            .expected_stream(herald_protocol::streams::FANOUT);
+        nats.js
+            .send_publish(self.inbox.subjects().fanout(), publish)
+            .await
+            .map_err(|e| InboxError::Unavailable(Box::new(e)))?
+            .await
+            .map_err(|e| InboxError::Unavailable(Box::new(e)))?;
+        Ok(())
+    }
+
+    /// Cancels a scheduled notification of `producer` before it fires.
+    ///
+    /// # Errors
+    /// [`AcceptError::Store`] when NATS cannot answer.
+    pub async fn cancel(&self, id: &str, producer: &str) -> Result<Cancelled, AcceptError> {
+        Ok(self.inbox.cancel_scheduled(id, producer).await?)
+    }
+
     /// Sends the append without waiting, for pipelining; pair with [`Acceptor::finish`].
     ///
     /// # Errors
     /// [`AcceptError::Store`] when the publish cannot be sent.
     pub async fn send(&self, prepared: &Prepared) -> Result<PublishAckFuture, AcceptError> {
-        Ok(self
-            .inbox
-            .send(&prepared.stored, prepared.bytes.clone())
-            .await?)
+        let (stored, bytes) = (&prepared.stored, prepared.bytes.clone());
+        Ok(match prepared.send_at {
+            Some(at) => {
+                self.inbox
+                    .send_scheduled(stored, bytes, at, &prepared.producer)
+                    .await?
+            }
+            None => self.inbox.send(stored, bytes).await?,
+        })
     }
 
     /// Waits for a pipelined append's ack.
@@ -138,10 +270,14 @@ impl Acceptor {
 }
 
 fn accepted(prepared: Prepared, ack: AppendAck) -> Accepted {
+    let scheduled = prepared.send_at.is_some();
     Accepted {
         id: prepared.stored.id,
-        seq: ack.seq,
+        // A schedule's stream sequence is not an inbox position.
+        seq: (!scheduled).then_some(ack.seq),
         duplicate: ack.duplicate,
+        send_at: prepared.stored.send_at,
+        stream_seq: ack.seq,
     }
 }
 

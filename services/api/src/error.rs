@@ -70,6 +70,16 @@ impl AppError {
         }
     }
 
+    /// 500: a bug or a crashed task. Logged with the cause; clients see no detail.
+    pub fn internal(cause: &dyn std::error::Error) -> Self {
+        tracing::error!(error = %error_chain(cause), "answering 500");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "an internal error occurred; it has been logged",
+        )
+    }
+
     /// Adds a `Retry-After` of `secs` seconds.
     #[must_use]
     pub fn retry_after(mut self, secs: u64) -> Self {

@@ -3,16 +3,21 @@
 
 mod inbox;
 mod notify;
+mod preferences;
 mod reads;
+mod templates;
+mod topics;
+mod users;
 
 use crate::accept::Acceptor;
 use crate::auth::{Authenticator, HasAuth};
 use axum::Router;
-use axum::routing::{get, post};
-use herald_store::{ReadPositions, Receipts};
+use axum::routing::{delete, get, post};
+use herald_store::{FanoutLog, PreferenceStore, ReadPositions, Receipts, Subscriptions};
 use std::sync::Arc;
 
 pub use inbox::{PageQuery, read_page};
+pub use topics::TopicSettings;
 
 /// Limits of the API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +53,16 @@ pub struct ApiState {
     pub seen: ReadPositions,
     /// The batcher read receipts go through.
     pub receipts: Receipts,
+    /// User preferences.
+    pub preferences: PreferenceStore,
+    /// Producer request rates.
+    pub rates: Arc<crate::ProducerRates>,
+    /// Topic subscriptions.
+    pub subscriptions: Subscriptions,
+    /// Fan-out progress.
+    pub fanouts: FanoutLog,
+    /// Topic rules.
+    pub topics: Arc<TopicSettings>,
     /// Limits.
     pub config: ApiConfig,
 }
@@ -63,11 +78,40 @@ pub fn routes(state: ApiState) -> Router {
     Router::new()
         .route("/v1/notify", post(notify::notify))
         .route("/v1/notify/batch", post(notify::batch))
+        .route("/v1/notifications/{id}", delete(notify::cancel))
         .route(
             "/v1/users/{user_id}/notifications",
             get(inbox::producer_page),
         )
+        .route("/v1/admin/templates", get(templates::list))
+        .route("/v1/admin/templates/reload", post(templates::reload))
+        .route("/v1/users/{user_id}", delete(users::erase))
+        .route("/v1/topics/{topic}", get(topics::describe))
+        .route("/v1/topics/{topic}/publish", post(topics::publish))
+        .route("/v1/topics/{topic}/publishes/{id}", get(topics::progress))
+        .route(
+            "/v1/topics/{topic}/subscribers",
+            post(topics::subscribe_many),
+        )
+        .route(
+            "/v1/topics/{topic}/subscribers/{user_id}",
+            axum::routing::put(topics::subscribe).delete(topics::unsubscribe),
+        )
+        .route(
+            "/v1/me/subscriptions",
+            get(topics::my_topics)
+                .post(topics::my_subscribe)
+                .delete(topics::my_unsubscribe),
+        )
         .route("/v1/me/read", post(reads::mark_read))
         .route("/v1/me/unread", get(reads::unread))
+        .route(
+            "/v1/me/preferences",
+            get(preferences::get_mine).put(preferences::put_mine),
+        )
+        .route(
+            "/v1/users/{user_id}/preferences",
+            get(preferences::get_users).put(preferences::put_users),
+        )
         .with_state(Arc::new(state))
 }

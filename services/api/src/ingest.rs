@@ -90,12 +90,15 @@ impl Listening {
                 .as_ref()
                 .and_then(|h| h.get("Nats-Msg-Id"))
                 .map(|v| v.as_str().to_string());
-            let outcome = match acceptor.prepare(&msg.payload, NATIVE_PRODUCER, key.as_deref()) {
+            let outcome = match acceptor
+                .prepare(&msg.payload, NATIVE_PRODUCER, key.as_deref())
+                .await
+            {
                 Ok(prepared) => match acceptor.send(&prepared).await {
                     Ok(ack) => Ok((prepared, ack)),
                     Err(e) => Err(e),
                 },
-                Err(e) => Err(AcceptError::Invalid(e)),
+                Err(e) => Err(e),
             };
             if tx.send(Pending { msg, outcome }).await.is_err() {
                 break;
@@ -123,6 +126,8 @@ struct Answer<'a> {
     id: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     rejected: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    send_at: Option<&'a str>,
 }
 
 async fn answer_all(
@@ -159,10 +164,11 @@ async fn answer(
                 accepted.increment(1);
                 serde_json::to_vec(&Answer {
                     stream: herald_protocol::streams::INBOX,
-                    seq: a.seq,
+                    seq: a.stream_seq,
                     duplicate: a.duplicate,
                     id: Some(&a.id),
                     rejected: None,
+                    send_at: a.send_at.as_deref(),
                 })
                 .ok()
             }
@@ -183,6 +189,7 @@ async fn answer(
                 duplicate: false,
                 id: None,
                 rejected: Some(&reason),
+                send_at: None,
             })
             .ok()
         }

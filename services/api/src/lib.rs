@@ -6,6 +6,7 @@
 //!   read receipts, ops endpoints).
 //! - [`ingest`]: the native path: a responder on `herald.notify` that answers with the
 //!   JetStream ack of the inbox write, so a native publish costs one durable write.
+//! - [`limits`]: a token bucket per producer (429 with `Retry-After`).
 //! - [`auth`] and [`error`]: extractors for callers, and the one error type.
 
 pub mod accept;
@@ -13,8 +14,10 @@ pub mod auth;
 pub mod error;
 pub mod http;
 pub mod ingest;
+pub mod limits;
 
 pub use accept::{AcceptError, Accepted, Acceptor};
 pub use auth::{Authenticator, Producer, User};
 pub use error::AppError;
-pub use http::{ApiConfig, ApiState, routes};
+pub use http::{ApiConfig, ApiState, TopicSettings, routes};
+pub use limits::{ProducerRates, RateConfig};

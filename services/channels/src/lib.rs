@@ -8,13 +8,33 @@
 //! back off with jitter, give up at once, or drop the dead target and give up.
 //!
 //! Providers know nothing of NATS; workers know nothing of HTTP. That keeps every
-//! provider testable against a local fake that speaks its protocol.
+//! provider testable against a local fake that speaks its protocol (crate `herald-fakes`).
+//!
+//! | module | provider |
+//! |---|---|
+//! | [`apns`] | iOS push: APNs over HTTP/2, ES256 provider tokens |
+//! | [`fcm`] | Android and web push: FCM HTTP v1, OAuth2 from a service-account key |
+//! | [`twilio`], [`vonage`] | SMS, primary and secondary; [`phone`] validates E.164 first |
+//! | [`webhook`] | HMAC-SHA256 signed callbacks; [`webhook::signature`] verifies them |
+//! | [`build`] | every configured provider from [`ProvidersConfig`], in failover order |
 
+mod config;
 mod delivery;
 mod error;
+mod http;
 
+pub mod apns;
+pub mod fcm;
+pub mod phone;
+pub mod sms;
+pub mod twilio;
+pub mod vonage;
+pub mod webhook;
+
+pub use config::{ENV_KEYS, ProvidersConfig, ProvidersConfigError, build};
 pub use delivery::{Delivery, Platform, Sent, Target};
 pub use error::SendError;
+pub use http::{HttpOptions, SetupError};
 
 use herald_protocol::Channel;
 
@@ -41,4 +61,29 @@ pub trait Provider: Send + Sync {
     /// # Errors
     /// A [`SendError`] classified by what the provider answered (see its variants).
     async fn send(&self, delivery: &Delivery) -> Result<Sent, SendError>;
+}
+
+#[cfg(test)]
+mod testing {
+    use super::*;
+    use herald_protocol::{Priority, UserId};
+
+    /// A delivery with a title and body, for unit tests.
+    pub(crate) fn delivery(target: Target) -> Delivery {
+        Delivery {
+            id: "0195f5a2-7c1e-7d3a-9b1e-2f6a1c3d4e5f".into(),
+            seq: 1,
+            user_id: UserId::new("u1").unwrap_or_else(|_| unreachable!()),
+            channel: Channel::Push,
+            priority: Priority::Normal,
+            category: None,
+            title: Some("Hello".into()),
+            body: Some("World".into()),
+            data: serde_json::Map::new(),
+            collapse_key: None,
+            expires_at: None,
+            target,
+            unsubscribe_url: None,
+        }
+    }
 }

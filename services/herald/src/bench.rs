@@ -148,6 +148,10 @@ async fn notify(args: NotifyArgs) -> Result<(), BenchError> {
             ..Roles::ALL
         },
         dev_mode: false,
+        policy: Default::default(),
+        templates: Default::default(),
+        rates: Default::default(),
+        topics: Default::default(),
     };
     // Herald gets a runtime of its own, as in its own process: the benchmark's clients
     // must not queue in front of the server's tasks on the same two workers.

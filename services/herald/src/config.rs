@@ -7,11 +7,16 @@
 use figment::Figment;
 use figment::providers::{Env, Format as _, Serialized, Toml};
 use herald_auth::{ApiKey, ApiKeys, JwtConfig, Scope};
-use herald_protocol::Subjects;
+use herald_protocol::preferences::CategoryRule;
 use herald_protocol::streams::StreamSettings;
+use herald_protocol::{Policy, Subjects};
+use herald_templates::Templates;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A producer key in the TOML file.
@@ -28,6 +33,8 @@ pub struct ApiKeyEntry {
     /// Scopes; default `["notify"]`.
     #[serde(default)]
     pub scopes: Option<Vec<String>>,
+    /// Notifications per second this producer may send (per api instance).
+    pub rate_per_s: Option<u32>,
 }
 
 /// Every setting, as read from all sources.
@@ -74,6 +81,16 @@ pub struct Settings {
     pub receipts_flush_ms: u64,
     /// Development mode: the demo page may mint tokens for any user.
     pub dev_mode: bool,
+    /// Notifications per second a producer may send (per api instance) unless its key
+    /// sets its own `rate_per_s`; unlimited when unset.
+    pub producer_rate_per_s: Option<u32>,
+    /// Topics users may subscribe to themselves: exact names or prefixes ending in `*`.
+    pub self_subscribe_topics: Vec<String>,
+    /// Folder of notification templates (`<name>.toml`); none when unset.
+    pub templates_dir: Option<PathBuf>,
+    /// Notification categories: `[categories.security] critical = true`,
+    /// `[categories.marketing.defaults] sms = false`. None configured: any name goes.
+    pub categories: BTreeMap<String, CategoryRule>,
 }
 
 impl Default for Settings {
@@ -101,6 +118,10 @@ impl Default for Settings {
                 .flush_every
                 .as_millis() as u64,
             dev_mode: false,
+            categories: BTreeMap::new(),
+            templates_dir: None,
+            producer_rate_per_s: None,
+            self_subscribe_topics: Vec::new(),
         }
     }
 }
@@ -127,6 +148,14 @@ pub struct Validated {
     pub api: herald_api::ApiConfig,
     /// Gateway tunables.
     pub gateway: herald_gateway::GatewayConfig,
+    /// Categories, for notify validation and preferences.
+    pub policy: Policy,
+    /// Loaded templates.
+    pub templates: Arc<Templates>,
+    /// Producer request rates.
+    pub rates: herald_api::RateConfig,
+    /// Topic rules.
+    pub topics: herald_api::TopicSettings,
 }
 
 impl Settings {
@@ -218,6 +247,28 @@ impl Settings {
                 self.dedup_window_s
             ));
         }
+        for (name, rule) in &self.categories {
+            if name.is_empty() || name.len() > herald_protocol::notification::MAX_KEY_BYTES {
+                errors.push(format!("categories: name {name:?} must be 1 to 256 bytes"));
+            }
+            if rule.defaults.get(&herald_protocol::Channel::Inbox) == Some(&false) {
+                errors.push(format!(
+                    "categories.{name}.defaults.inbox: the inbox cannot be off by default; \
+                     turn off the interrupting channels instead"
+                ));
+            }
+        }
+        let templates = match &self.templates_dir {
+            None => Templates::none(),
+            Some(dir) => Templates::load(dir).unwrap_or_else(|e| {
+                errors.extend(
+                    e.0.into_iter()
+                        .map(|m| format!("templates_dir {}: {m}", dir.display())),
+                );
+                Templates::none()
+            }),
+        };
+        let rates = self.rates(&mut errors);
         let api_keys = self.api_keys(&mut errors);
         let jwt = self.jwt(&mut errors);
         if let Some(url) = &self.nats_url
@@ -253,9 +304,34 @@ impl Settings {
                     },
                     ..Default::default()
                 },
+                policy: Policy::new(self.categories.clone()),
+                templates: Arc::new(templates),
+                rates,
+                topics: herald_api::TopicSettings {
+                    self_subscribe: self.self_subscribe_topics.clone(),
+                },
             }),
             _ => Err(ConfigError(errors)),
         }
+    }
+
+    fn rates(&self, errors: &mut Vec<String>) -> herald_api::RateConfig {
+        let mut rates = herald_api::RateConfig::default();
+        match self.producer_rate_per_s.map(NonZeroU32::new) {
+            Some(None) => errors.push("producer_rate_per_s must be at least 1".into()),
+            Some(Some(r)) => rates.default_per_s = Some(r),
+            None => {}
+        }
+        for (i, entry) in self.api_keys.iter().enumerate() {
+            match entry.rate_per_s.map(NonZeroU32::new) {
+                Some(None) => errors.push(format!("api_keys[{i}].rate_per_s must be at least 1")),
+                Some(Some(r)) => {
+                    rates.per_producer.insert(entry.producer.clone(), r);
+                }
+                None => {}
+            }
+        }
+        rates
     }
 
     fn api_keys(&self, errors: &mut Vec<String>) -> ApiKeys {

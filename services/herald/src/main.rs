@@ -5,6 +5,7 @@ use herald::cli::{Cli, Command, Common};
 use herald::config::{ConfigError, Settings};
 use herald::mesh::{Mesh, MeshOptions, Roles};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 // glibc malloc showed up as the top cost under load (fragmented, lock-heavy frees);
 // mimalloc is made for many small short-lived allocations across threads.
@@ -140,6 +141,10 @@ async fn service(common: &Common, roles: Roles, name: &str) -> Result<(), Failur
             gateway: v.gateway,
             roles,
             dev_mode: s.dev_mode,
+            policy: Arc::new(v.policy),
+            templates: v.templates,
+            rates: v.rates,
+            topics: v.topics,
         },
         listener,
     )

@@ -6,9 +6,10 @@ use axum::Router;
 use herald_api::{Acceptor, ApiConfig, ApiState, Authenticator};
 use herald_auth::{ApiKeys, JwtConfig, UserAuth};
 use herald_gateway::{GatewayConfig, GatewayState};
-use herald_protocol::Subjects;
 use herald_protocol::streams::StreamSettings;
-use herald_store::{Inbox, ReadPositions};
+use herald_protocol::{Policy, Subjects};
+use herald_store::{FanoutLog, Inbox, PreferenceStore, ReadPositions, Subscriptions};
+use herald_templates::Templates;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +38,22 @@ impl Roles {
         router: true,
         ingest: true,
     };
+
+    /// The producer API alone (`herald api` without ingest).
+    pub const API: Roles = Roles {
+        api: true,
+        gateway: false,
+        router: false,
+        ingest: false,
+    };
+
+    /// The router (and fan-out worker) alone: `herald router`.
+    pub const ROUTER: Roles = Roles {
+        api: false,
+        gateway: false,
+        router: true,
+        ingest: false,
+    };
 }
 
 /// Everything needed to run a mesh process.
@@ -64,6 +81,14 @@ pub struct MeshOptions {
     pub roles: Roles,
     /// Serve the demo page and its token minting.
     pub dev_mode: bool,
+    /// Configured categories, applied with each user's preferences.
+    pub policy: Arc<Policy>,
+    /// Notification templates.
+    pub templates: Arc<Templates>,
+    /// Producer request rates.
+    pub rates: herald_api::RateConfig,
+    /// Topic rules.
+    pub topics: herald_api::TopicSettings,
 }
 
 /// Why the mesh could not start or stopped with an error.
@@ -89,6 +114,9 @@ pub enum MeshError {
     /// The read-position bucket is missing.
     #[error("opening read positions (run `herald provision`)")]
     Reads(#[source] herald_store::reads::ReadsError),
+    /// The preferences bucket could not be opened.
+    #[error("opening the preferences bucket; run `herald provision`")]
+    Preferences(#[source] herald_store::PreferencesError),
     /// User auth misconfigured.
     #[error("user token configuration")]
     Jwt(#[from] herald_auth::JwtError),
@@ -98,6 +126,12 @@ pub enum MeshError {
     /// The router failed.
     #[error(transparent)]
     Router(#[from] herald_router::RouterError),
+    /// The fan-out worker failed.
+    #[error(transparent)]
+    Fanout(#[from] herald_fanout::FanoutError),
+    /// The fan-out progress bucket could not be opened.
+    #[error("opening the fan-out progress bucket; run `herald provision`")]
+    FanoutLog(#[source] herald_store::TopicsError),
     /// The inbox stream is missing or was written with another layout.
     #[error("{0}")]
     Layout(String),
@@ -150,7 +184,13 @@ impl Mesh {
             .await
             .map_err(MeshError::Reads)?;
         let inbox = Inbox::new(nats.clone(), opts.subjects.clone());
-        let acceptor = Acceptor::new(inbox.clone());
+        let subscriptions = Subscriptions::new(nats.clone(), opts.subjects.clone());
+        let preferences = PreferenceStore::open(&nats.js_consume)
+            .await
+            .map_err(MeshError::Preferences)?;
+        let acceptor = Acceptor::new(inbox.clone())
+            .with_policy(opts.policy.clone())
+            .with_templates(opts.templates.clone(), preferences.clone());
         let auth = Authenticator {
             keys: Arc::new(opts.api_keys.clone()),
             users: UserAuth::new(&opts.jwt)?,
@@ -183,6 +223,13 @@ impl Mesh {
                 reads: reads.clone(),
                 seen,
                 receipts: receipts.clone(),
+                preferences: preferences.clone(),
+                rates: Arc::new(herald_api::ProducerRates::new(opts.rates.clone())),
+                subscriptions: subscriptions.clone(),
+                fanouts: FanoutLog::open(&nats.js_consume)
+                    .await
+                    .map_err(MeshError::FanoutLog)?,
+                topics: Arc::new(opts.topics.clone()),
                 config: opts.api,
             }));
         }
@@ -219,9 +266,22 @@ impl Mesh {
                 .map_err(MeshError::Http)
         });
         if opts.roles.router {
-            let (nats, subjects, stop) = (nats.clone(), opts.subjects.clone(), stop.clone());
+            let (router_nats, subjects, router_stop) =
+                (nats.clone(), opts.subjects.clone(), stop.clone());
+            let policy = opts.policy.clone();
             tasks.spawn(async move {
-                herald_router::run(nats, subjects, stop.cancelled_owned())
+                herald_router::run(router_nats, subjects, policy, router_stop.cancelled_owned())
+                    .await
+                    .map_err(MeshError::from)
+            });
+            let (nats, inbox, subscriptions, stop) = (
+                nats.clone(),
+                inbox.clone(),
+                subscriptions.clone(),
+                stop.clone(),
+            );
+            tasks.spawn(async move {
+                herald_fanout::run(nats, inbox, subscriptions, stop.cancelled_owned())
                     .await
                     .map_err(MeshError::from)
             });

@@ -80,7 +80,11 @@ async fn notify_self(
     let prepared = state
         .acceptor
         .prepare(&raw, "dev-page", None)
-        .map_err(AppError::field)?;
+        .await
+        .map_err(|e| match e {
+            herald_api::AcceptError::Invalid(f) => AppError::field(f),
+            herald_api::AcceptError::Store(e) => AppError::unavailable(&e),
+        })?;
     let accepted = state.acceptor.commit(prepared).await.map_err(|e| match e {
         herald_api::AcceptError::Invalid(f) => AppError::field(f),
         herald_api::AcceptError::Store(e) => AppError::unavailable(&e),

@@ -10,6 +10,7 @@ use crate::mesh::{Mesh, MeshOptions, Roles};
 use herald_natsd::{NatsServer, NatsServerOptions};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 /// Credentials generated for development.
@@ -105,6 +106,10 @@ pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> Result<
             gateway: valid.gateway,
             roles: Roles::ALL,
             dev_mode: true,
+            policy: Arc::new(valid.policy.clone()),
+            templates: valid.templates.clone(),
+            rates: valid.rates.clone(),
+            topics: valid.topics.clone(),
         },
         listener,
     )

@@ -9,6 +9,10 @@
 //! herald.live.<part>.<user-token>    republished by INBOX after each store, carries Nats-Sequence
 //! herald.work.<channel>.<lane>     WORK stream: channel jobs, lanes high/normal/low
 //! herald.rejected                    REJECTED stream: native messages that failed validation
+//! herald.sched.<part>.<user>.<id>    INBOX stream: a scheduled notification until its send_at
+//! herald.subs.<topic>.<user>         SUBS stream: one subscription (one message per subject)
+//! herald.usubs.<user>.<topic>        SUBS stream: the same, indexed by user
+//! herald.fanout                      FANOUT stream: topic publishes waiting to be fanned out
 //! herald.events.<id>                 EVENTS stream: delivery status of one notification
 //! ```
 //!
@@ -20,15 +24,20 @@ pub mod error;
 pub mod frames;
 pub mod notification;
 pub mod pages;
+pub mod preferences;
 pub mod streams;
 pub mod subjects;
+pub mod topic;
 pub mod user;
 
 pub use error::{ErrorBody, FieldError};
 pub use frames::{ClientFrame, ServerFrame};
 pub use notification::{
-    Channel, ChannelJob, Notification, NotifyRequest, Priority, StoredNotification, ValidatedNotify,
+    Channel, ChannelJob, Notification, NotifyRequest, Priority, Rendered, StoredNotification,
+    ValidatedNotify,
 };
+pub use preferences::{Policy, Preferences, PreferencesPatch};
 pub use streams::StreamSpec;
 pub use subjects::Subjects;
+pub use topic::{FanoutJob, FanoutProgress, TopicId};
 pub use user::{UserId, UserIdError, UserToken};

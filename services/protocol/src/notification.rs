@@ -16,6 +16,8 @@ pub const MAX_BODY_BYTES: usize = 16 * 1024;
 pub const MAX_KEY_BYTES: usize = 256;
 /// Longest time to live: the inbox keeps 30 days.
 pub const MAX_TTL_SECONDS: u64 = 30 * 24 * 3600;
+/// Furthest `send_at` ahead: the inbox stream, which holds the schedule, keeps 30 days.
+pub const MAX_SCHEDULE_AHEAD: time::Duration = time::Duration::days(30);
 
 /// Delivery lane. `high` never waits behind the others.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -42,7 +44,7 @@ impl Priority {
 }
 
 /// A delivery channel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Channel {
     /// The durable inbox, and live delivery to connected clients.
@@ -78,7 +80,8 @@ impl Channel {
         }
     }
 
-    fn parse(raw: &str) -> Option<Self> {
+    /// The channel of that name, if any.
+    pub fn parse(raw: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|c| c.as_str() == raw)
     }
 }
@@ -138,6 +141,12 @@ pub struct ValidatedNotify {
     pub ttl_seconds: Option<u64>,
     /// Push collapse key.
     pub collapse_key: Option<String>,
+    /// Deliver at this time instead of now.
+    pub send_at: Option<OffsetDateTime>,
+    /// Template to render (by the acceptor, which knows the templates and the locale).
+    pub template: Option<String>,
+    /// Template variables.
+    pub vars: Map<String, Value>,
     /// Idempotency key from the body.
     pub idempotency_key: Option<String>,
 }
@@ -195,13 +204,10 @@ impl NotifyRequest {
         check_len("title", self.title.as_deref(), MAX_TITLE_BYTES)?;
         check_len("body", self.body.as_deref(), MAX_BODY_BYTES)?;
         if let Some(template) = &self.template {
-            // Templates are configured by the policy layer; until one is, none exists.
-            return Err(FieldError::new(
-                "template",
-                format!("no template named {template:?} is configured"),
-            ));
+            check_key("template", template)?;
         }
-        if self.title.as_deref().is_none_or(str::is_empty)
+        if self.template.is_none()
+            && self.title.as_deref().is_none_or(str::is_empty)
             && self.body.as_deref().is_none_or(str::is_empty)
         {
             return Err(FieldError::new(
@@ -214,9 +220,11 @@ impl NotifyRequest {
             Some(Value::Object(map)) => map,
             Some(_) => return Err(FieldError::new("data", "must be a JSON object")),
         };
-        if !matches!(self.vars, None | Some(Value::Null) | Some(Value::Object(_))) {
-            return Err(FieldError::new("vars", "must be a JSON object"));
-        }
+        let vars = match self.vars {
+            None | Some(Value::Null) => Map::new(),
+            Some(Value::Object(map)) => map,
+            Some(_) => return Err(FieldError::new("vars", "must be a JSON object")),
+        };
         let channels = parse_channels(self.channels)?;
         if let Some(ttl) = self.ttl_seconds
             && (ttl == 0 || ttl > MAX_TTL_SECONDS)
@@ -232,16 +240,23 @@ impl NotifyRequest {
         if let Some(key) = &self.idempotency_key {
             check_idempotency_key("idempotency_key", key)?;
         }
-        if let Some(at) = &self.send_at {
-            let when = OffsetDateTime::parse(at, &Rfc3339)
-                .map_err(|e| FieldError::new("send_at", format!("not an RFC 3339 time: {e}")))?;
-            if when > OffsetDateTime::now_utc() + time::Duration::seconds(1) {
-                return Err(FieldError::new(
-                    "send_at",
-                    "scheduled sends are not enabled on this server yet; omit send_at",
-                ));
+        let send_at = match &self.send_at {
+            None => None,
+            Some(at) => {
+                let when = OffsetDateTime::parse(at, &Rfc3339).map_err(|e| {
+                    FieldError::new("send_at", format!("not an RFC 3339 time: {e}"))
+                })?;
+                let now = OffsetDateTime::now_utc();
+                if when > now + MAX_SCHEDULE_AHEAD {
+                    return Err(FieldError::new(
+                        "send_at",
+                        "must be at most 30 days ahead (the inbox's retention)",
+                    ));
+                }
+                // A time already past (or this very moment) means "now".
+                (when > now).then_some(when)
             }
-        }
+        };
         Ok(ValidatedNotify {
             user_id,
             category: self.category,
@@ -252,6 +267,9 @@ impl NotifyRequest {
             channels,
             ttl_seconds: self.ttl_seconds,
             collapse_key: self.collapse_key,
+            send_at,
+            template: self.template,
+            vars,
             idempotency_key: self.idempotency_key,
         })
     }
@@ -366,14 +384,51 @@ pub struct StoredNotification {
     /// End of relevance, RFC 3339.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<String>,
+    /// The time it was scheduled for, RFC 3339, when it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_at: Option<String>,
+    /// Channel texts rendered from a template, when one was used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rendered: Option<Rendered>,
+}
+
+/// The texts a template produced for each channel (the inbox's are `title`/`body` of the
+/// notification itself). Rendered once, at acceptance, in the recipient's locale, so every
+/// channel shows the same words and a retry never renders differently.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rendered {
+    /// Template name.
+    pub template: String,
+    /// Locale the texts are in (`default` when none matched).
+    pub locale: String,
+    /// Push title.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push_title: Option<String>,
+    /// Push body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push_body: Option<String>,
+    /// Email subject.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email_subject: Option<String>,
+    /// Email plain text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email_text: Option<String>,
+    /// Email HTML (escaped by the template engine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email_html: Option<String>,
+    /// SMS text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sms_text: Option<String>,
 }
 
 impl StoredNotification {
     /// Builds the stored form of a validated request accepted at `now` under `id`.
     pub fn from_request(req: ValidatedNotify, id: String, now: OffsetDateTime) -> Self {
+        // Relevance starts when the notification goes out.
+        let start = req.send_at.unwrap_or(now);
         let expires_at = req
             .ttl_seconds
-            .map(|ttl| format_time(now + time::Duration::seconds(ttl as i64)));
+            .map(|ttl| format_time(start + time::Duration::seconds(ttl as i64)));
         Self {
             id,
             user_id: req.user_id,
@@ -387,6 +442,8 @@ impl StoredNotification {
             channels: req.channels,
             collapse_key: req.collapse_key,
             expires_at,
+            send_at: req.send_at.map(format_time),
+            rendered: None,
         }
     }
 }

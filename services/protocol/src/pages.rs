@@ -8,10 +8,14 @@ use serde::{Deserialize, Serialize};
 pub struct Accepted {
     /// The notification id (the first one's, for a repeated idempotency key).
     pub id: String,
-    /// Always `accepted`.
+    /// `accepted`, or `scheduled` when it waits for its `send_at`.
     pub status: String,
-    /// Inbox position.
-    pub seq: u64,
+    /// Inbox position (absent while scheduled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    /// When a scheduled notification will be sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_at: Option<String>,
 }
 
 /// A page of an inbox, oldest first.

@@ -10,6 +10,8 @@ pub const INBOX: &str = "HERALD_INBOX";
 pub const REJECTED: &str = "HERALD_REJECTED";
 /// KV bucket of read positions (key: user token, value: seq as decimal text).
 pub const READS_BUCKET: &str = "herald_reads";
+/// KV bucket of user preferences (key: user token, value: the sparse preferences JSON).
+pub const PREFS_BUCKET: &str = "herald_prefs";
 /// KV bucket of "seen live" positions (key: user token, value: seq as decimal text),
 /// written from client `ack` frames. Channel workers read it to skip push for what the
 /// user already saw on a live connection (escalation driven by real acks).
@@ -51,6 +53,8 @@ pub struct StreamSpec {
     pub replicas: usize,
     /// Metadata recorded on the stream (and checked on re-provisioning).
     pub metadata: Vec<(String, String)>,
+    /// Message schedules (`Nats-Schedule`, nats-server 2.12+) are allowed.
+    pub allow_schedules: bool,
 }
 
 /// Tunables for provisioning.
@@ -82,7 +86,7 @@ pub fn streams(subjects: &Subjects, settings: &StreamSettings) -> Vec<StreamSpec
     vec![
         StreamSpec {
             name: INBOX,
-            subjects: vec![subjects.inbox_all()],
+            subjects: vec![subjects.inbox_all(), subjects.scheduled_all()],
             retention: Retention::Limits,
             max_age: settings.inbox_max_age,
             max_msgs_per_subject: settings.inbox_max_per_user,
@@ -95,6 +99,7 @@ pub fn streams(subjects: &Subjects, settings: &StreamSettings) -> Vec<StreamSpec
                 PARTITIONS_METADATA.into(),
                 subjects.partitions().to_string(),
             )],
+            allow_schedules: true,
         },
         StreamSpec {
             name: REJECTED,
@@ -108,10 +113,49 @@ pub fn streams(subjects: &Subjects, settings: &StreamSettings) -> Vec<StreamSpec
             republish: None,
             replicas: settings.replicas,
             metadata: Vec::new(),
+            allow_schedules: false,
         },
         work_stream(subjects, settings),
+        StreamSpec {
+            name: SUBS,
+            subjects: subjects.subscriptions_all(),
+            retention: Retention::Limits,
+            // Kept until unsubscribed.
+            max_age: Duration::ZERO,
+            max_msgs_per_subject: 1,
+            max_msg_size: 1024,
+            duplicate_window: Duration::from_secs(120),
+            allow_direct: true,
+            republish: None,
+            replicas: settings.replicas,
+            metadata: Vec::new(),
+            allow_schedules: false,
+        },
+        StreamSpec {
+            name: FANOUT,
+            subjects: vec![subjects.fanout()],
+            retention: Retention::WorkQueue,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            max_msgs_per_subject: -1,
+            max_msg_size: 128 * 1024,
+            duplicate_window: settings.dedup_window,
+            allow_direct: false,
+            republish: None,
+            replicas: settings.replicas,
+            metadata: Vec::new(),
+            allow_schedules: false,
+        },
     ]
 }
+
+/// Name of the topic subscriptions stream.
+pub const SUBS: &str = "HERALD_SUBS";
+/// Name of the work queue of topic publishes.
+pub const FANOUT: &str = "HERALD_FANOUT";
+/// Durable consumer of the FANOUT stream.
+pub const FANOUT_CONSUMER: &str = "herald-fanout";
+/// KV bucket of fan-out progress (key: publish id).
+pub const FANOUT_BUCKET: &str = "herald_fanout";
 
 /// Durable name of the router consumer of one partition.
 pub fn router_consumer(partition: u16) -> String {
@@ -121,6 +165,9 @@ pub fn router_consumer(partition: u16) -> String {
 /// Header of the core message announcing a user's new read position on their live
 /// subject (value: the position). Gateways turn it into a `read` frame for every device.
 pub const READ_HEADER: &str = "Herald-Read";
+
+/// Header on a scheduled notification naming the producer that may cancel it.
+pub const PRODUCER_HEADER: &str = "Herald-Producer";
 
 /// Header on inbox messages that ask for channels beyond the inbox (value `1`).
 pub const ROUTE_HEADER: &str = "Herald-Route";
@@ -147,5 +194,6 @@ pub fn work_stream(subjects: &Subjects, settings: &StreamSettings) -> StreamSpec
         republish: None,
         replicas: settings.replicas,
         metadata: Vec::new(),
+        allow_schedules: false,
     }
 }

@@ -84,6 +84,71 @@ impl Subjects {
         format!("{}.inbox.{partition}.*", self.prefix)
     }
 
+    /// Where a scheduled notification waits until its `send_at` (one subject per
+    /// notification: JetStream keeps one schedule per subject). `id` is a UUID.
+    pub fn scheduled(&self, user: &UserId, id: &str) -> String {
+        format!(
+            "{}.sched.{}.{}.{id}",
+            self.prefix,
+            user.partition(self.partitions),
+            user.token()
+        )
+    }
+
+    /// The schedule subject of notification `id`, whoever it is for (a filter).
+    pub fn scheduled_by_id(&self, id: &str) -> String {
+        format!("{}.sched.*.*.{id}", self.prefix)
+    }
+
+    /// Every schedule of one user (a filter).
+    pub fn scheduled_of(&self, user: &UserId) -> String {
+        format!(
+            "{}.sched.{}.{}.*",
+            self.prefix,
+            user.partition(self.partitions),
+            user.token()
+        )
+    }
+
+    /// Every schedule subject (captured by the INBOX stream, whose scheduler fires them
+    /// into the users' inbox subjects).
+    pub fn scheduled_all(&self) -> String {
+        format!("{}.sched.>", self.prefix)
+    }
+
+    /// One subscription, by topic (fan-out reads `subs.<topic>.*`).
+    pub fn subscription(&self, topic: &crate::TopicId, user: &UserId) -> String {
+        format!("{}.subs.{}.{}", self.prefix, topic.token(), user.token())
+    }
+
+    /// Every subscription of a topic (a filter).
+    pub fn subscribers_of(&self, topic: &crate::TopicId) -> String {
+        format!("{}.subs.{}.*", self.prefix, topic.token())
+    }
+
+    /// One subscription, by user (listing a user's topics reads `usubs.<user>.*`).
+    pub fn user_subscription(&self, user: &UserId, topic: &crate::TopicId) -> String {
+        format!("{}.usubs.{}.{}", self.prefix, user.token(), topic.token())
+    }
+
+    /// Every subscription of a user (a filter).
+    pub fn topics_of(&self, user: &UserId) -> String {
+        format!("{}.usubs.{}.*", self.prefix, user.token())
+    }
+
+    /// Every subscription subject (the SUBS stream's filters).
+    pub fn subscriptions_all(&self) -> Vec<String> {
+        vec![
+            format!("{}.subs.>", self.prefix),
+            format!("{}.usubs.>", self.prefix),
+        ]
+    }
+
+    /// Topic publishes waiting for fan-out.
+    pub fn fanout(&self) -> String {
+        format!("{}.fanout", self.prefix)
+    }
+
     /// A user's live subject: INBOX republishes each stored message here.
     pub fn live(&self, user: &UserId) -> String {
         format!(

@@ -6,16 +6,25 @@
 //! - [`direct`]: batched direct gets (`$JS.API.DIRECT.GET`), which async-nats lacks.
 //! - [`reads`]: per-user read and seen positions.
 //! - [`receipts`]: the batcher that writes them (one KV write per user per flush).
+//! - [`preferences`]: per-user preferences.
+//! - [`topics`]: topic subscriptions and fan-out progress.
+//! - [`scheduled`]: `send_at`, held by JetStream's message scheduler.
 
 pub mod connect;
 pub mod direct;
 pub mod inbox;
+pub mod preferences;
 pub mod provision;
 pub mod reads;
 pub mod receipts;
+pub mod scheduled;
+pub mod topics;
 
 pub use connect::{Nats, connect};
 pub use inbox::{AppendAck, Inbox, InboxError, InboxPage};
+pub use preferences::{PreferenceStore, PreferencesError};
 pub use provision::{ProvisionError, ProvisionReport, provision};
 pub use reads::ReadPositions;
 pub use receipts::{Mark, Receipts, ReceiptsConfig};
+pub use scheduled::Cancelled;
+pub use topics::{FanoutLog, Subscription, Subscriptions, TopicsError};

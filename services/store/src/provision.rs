@@ -87,9 +87,39 @@ pub async fn provision(
         "Herald seen positions (ack frames): user token -> highest seq seen live",
     )
     .await?;
+    ensure_bucket(
+        js,
+        kv::Config {
+            bucket: streams::PREFS_BUCKET.to_string(),
+            description: "Herald preferences: user token -> sparse preferences JSON".into(),
+            history: 1,
+            max_value_size: 64 * 1024,
+            storage: stream::StorageType::File,
+            num_replicas: settings.replicas,
+            ..Default::default()
+        },
+        &mut report,
+    )
+    .await?;
+    ensure_bucket(
+        js,
+        kv::Config {
+            bucket: streams::FANOUT_BUCKET.to_string(),
+            description: "Herald fan-out progress: publish id -> progress JSON".into(),
+            history: 1,
+            max_value_size: 4 * 1024,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            storage: stream::StorageType::File,
+            num_replicas: settings.replicas,
+            ..Default::default()
+        },
+        &mut report,
+    )
+    .await?;
     for partition in 0..subjects.partitions() {
         ensure_router_consumer(js, subjects, partition).await?;
     }
+    ensure_fanout_consumer(js).await?;
     Ok(report)
 }
 
@@ -118,6 +148,7 @@ fn stream_config(spec: &StreamSpec) -> stream::Config {
         num_replicas: spec.replicas,
         discard: stream::DiscardPolicy::Old,
         metadata: spec.metadata.iter().cloned().collect::<HashMap<_, _>>(),
+        allow_message_schedules: spec.allow_schedules,
         ..Default::default()
     }
 }
@@ -189,12 +220,17 @@ fn check_compatible(
             advice,
         })
     };
-    if existing.subjects != wanted.subjects {
+    // Adding subjects is compatible (new kinds of data); dropping one would strand data.
+    if !existing
+        .subjects
+        .iter()
+        .all(|s| wanted.subjects.contains(s))
+    {
         return incompatible(
             "subjects",
             format!("{:?}", existing.subjects),
             format!("{:?}", wanted.subjects),
-            "the subject prefix changed; set the prefix the data was written with, or delete the stream (losing its data)",
+            "the subject prefix changed, or this Herald is older than the one that provisioned it; set the prefix the data was written with, run the newer Herald, or delete the stream (losing its data)",
         );
     }
     if existing.retention != wanted.retention {
@@ -234,6 +270,8 @@ fn same_tunables(a: &stream::Config, b: &stream::Config) -> bool {
         && a.duplicate_window == b.duplicate_window
         && a.allow_direct == b.allow_direct
         && a.republish == b.republish
+        && a.subjects == b.subjects
+        && a.allow_message_schedules == b.allow_message_schedules
         && a.num_replicas == b.num_replicas
         && a.metadata.iter().all(|(k, v)| b.metadata.get(k) == Some(v))
         && b.metadata.iter().all(|(k, v)| a.metadata.get(k) == Some(v))
@@ -290,6 +328,49 @@ async fn ensure_positions_bucket(
             Ok(())
         }
     }
+}
+
+/// Creates a KV bucket when missing; an existing one is left as it is (its limits are
+/// not data-bearing, and changing history would drop revisions).
+async fn ensure_bucket(
+    js: &jetstream::Context,
+    config: kv::Config,
+    report: &mut ProvisionReport,
+) -> Result<(), ProvisionError> {
+    let bucket = config.bucket.clone();
+    if js.get_key_value(&bucket).await.is_ok() {
+        report.unchanged.push(bucket);
+        return Ok(());
+    }
+    js.create_key_value(config)
+        .await
+        .map_err(|e| nats_err(format!("creating bucket {bucket}"))(Box::new(e)))?;
+    report.created.push(bucket);
+    Ok(())
+}
+
+/// The fan-out consumer: a publish is worked on by one process at a time; if it dies,
+/// the job comes back after `ack_wait` (the worker signals progress well within it) and
+/// resumes from its recorded cursor.
+async fn ensure_fanout_consumer(js: &jetstream::Context) -> Result<(), ProvisionError> {
+    let stream = js
+        .get_stream_no_info(streams::FANOUT)
+        .await
+        .map_err(|e| nats_err("opening the fan-out stream")(Box::new(e)))?;
+    stream
+        .get_or_create_consumer::<consumer::pull::Config>(
+            streams::FANOUT_CONSUMER,
+            consumer::pull::Config {
+                durable_name: Some(streams::FANOUT_CONSUMER.to_string()),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(30),
+                max_ack_pending: 64,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| nats_err("creating the fan-out consumer")(Box::new(e)))?;
+    Ok(())
 }
 
 /// The router consumer of one partition: one pinned client at a time, so one router owns

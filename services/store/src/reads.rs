@@ -66,6 +66,27 @@ impl ReadPositions {
             .unwrap_or(0))
     }
 
+    /// Removes the user's read position (GDPR erase). Returns whether there was one.
+    ///
+    /// # Errors
+    /// [`ReadsError`] when NATS cannot answer.
+    pub async fn erase(&self, user: &UserId) -> Result<bool, ReadsError> {
+        let key = user.token();
+        let existed = self
+            .store
+            .get(key.as_str())
+            .await
+            .map_err(|e| ReadsError(Box::new(e)))?
+            .is_some();
+        if existed {
+            self.store
+                .purge(key.as_str())
+                .await
+                .map_err(|e| ReadsError(Box::new(e)))?;
+        }
+        Ok(existed)
+    }
+
     /// Moves the read position forward to `up_to`; a lower value changes nothing.
     /// Returns the position now stored.
     ///

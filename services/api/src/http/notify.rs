@@ -1,4 +1,5 @@
-//! `POST /v1/notify` and `POST /v1/notify/batch`.
+//! `POST /v1/notify`, `POST /v1/notify/batch`, and `DELETE /v1/notifications/{id}`
+//! (cancelling a scheduled one).
 
 use super::ApiState;
 use crate::accept::{AcceptError, Accepted};
@@ -6,12 +7,12 @@ use crate::auth::Producer;
 use crate::error::AppError;
 use axum::Json;
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use herald_auth::Scope;
 use herald_protocol::pages;
 use herald_protocol::{ErrorBody, FieldError};
-use herald_store::InboxError;
+use herald_store::{Cancelled, InboxError};
 use serde_json::Value;
 use std::sync::Arc;
 
@@ -49,8 +50,14 @@ fn store_error(e: AcceptError) -> AppError {
 fn accepted_body(a: Accepted) -> pages::Accepted {
     pages::Accepted {
         id: a.id,
-        status: "accepted".into(),
+        status: if a.send_at.is_some() {
+            "scheduled"
+        } else {
+            "accepted"
+        }
+        .into(),
         seq: a.seq,
+        send_at: a.send_at,
     }
 }
 
@@ -61,12 +68,14 @@ pub(super) async fn notify(
     body: Body,
 ) -> Result<(StatusCode, Json<pages::Accepted>), AppError> {
     producer.require(Scope::Notify)?;
+    state.rates.check(&producer.0.producer, 1)?;
     let bytes = read_body(body, state.config.body_limit).await?;
     let key = idempotency_header(&headers)?;
     let prepared = state
         .acceptor
         .prepare(&bytes, &producer.0.producer, key)
-        .map_err(AppError::field)?;
+        .await
+        .map_err(store_error)?;
     let accepted = state.acceptor.commit(prepared).await.map_err(store_error)?;
     metrics::counter!("herald_notify_accepted_total", "path" => "http").increment(1);
     Ok((StatusCode::ACCEPTED, Json(accepted_body(accepted))))
@@ -109,6 +118,9 @@ pub(super) async fn batch(
             format!("must hold 1 to {max} items"),
         )));
     }
+    state
+        .rates
+        .check(&producer.0.producer, parsed.notifications.len() as u32)?;
     // Validate everything, send every valid append, then collect acks: one round trip of
     // latency for the whole batch.
     let mut results: Vec<Option<ItemResult>> = Vec::with_capacity(parsed.notifications.len());
@@ -118,8 +130,9 @@ pub(super) async fn batch(
         match state
             .acceptor
             .prepare(raw.get().as_bytes(), &producer.0.producer, key.as_deref())
+            .await
         {
-            Err(e) => results.push(Some(rejected(ErrorBody::from(e)))),
+            Err(e) => results.push(Some(rejected(ErrorBody::from(store_error(e))))),
             Ok(prepared) => match state.acceptor.send(&prepared).await {
                 Ok(ack) => {
                     results.push(None);
@@ -157,5 +170,37 @@ fn rejected(body: ErrorBody) -> ItemResult {
 impl From<AppError> for ErrorBody {
     fn from(e: AppError) -> Self {
         e.into_body()
+    }
+}
+
+/// `DELETE /v1/notifications/{id}`: cancels a scheduled notification before it fires.
+pub(super) async fn cancel(
+    State(state): State<Arc<ApiState>>,
+    producer: Producer,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, AppError> {
+    producer.require(Scope::Notify)?;
+    if uuid::Uuid::parse_str(&id).is_err() {
+        return Err(AppError::field(FieldError::new(
+            "id",
+            "not a notification id (a UUID)",
+        )));
+    }
+    match state
+        .acceptor
+        .cancel(&id, &producer.0.producer)
+        .await
+        .map_err(store_error)?
+    {
+        Cancelled::Cancelled => {
+            metrics::counter!("herald_scheduled_cancelled_total").increment(1);
+            Ok(Json(serde_json::json!({"id": id, "status": "cancelled"})))
+        }
+        Cancelled::NotPending => Err(AppError::new(
+            StatusCode::NOT_FOUND,
+            "not_pending",
+            "no scheduled notification with this id is pending for this producer: it was sent \
+             already, cancelled already, or never scheduled",
+        )),
     }
 }

@@ -110,6 +110,10 @@ pub(super) async fn run(args: ConnsArgs) -> Result<(), BenchError> {
             ..Roles::ALL
         },
         dev_mode: false,
+        policy: Default::default(),
+        templates: Default::default(),
+        rates: Default::default(),
+        topics: Default::default(),
     };
     let server = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

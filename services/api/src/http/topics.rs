@@ -1,0 +1,279 @@
+//! Topics: producers (un)subscribe users and publish; users manage their own
+//! subscriptions where the topic allows it. A publish is fanned out on write by the
+//! fan-out workers; its progress is readable while it runs.
+
+use super::ApiState;
+use crate::accept::AcceptError;
+use crate::auth::{Producer, User};
+use crate::error::AppError;
+use crate::http::notify::read_body;
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use herald_auth::Scope;
+use herald_protocol::{FanoutJob, FieldError, TopicId, UserId};
+use herald_store::TopicsError;
+use serde_json::{Value, json};
+use std::sync::Arc;
+
+/// Most users in one bulk subscribe.
+const BULK_MAX: usize = 10_000;
+
+/// Which topics users may join by themselves: exact names, or prefixes ending in `*`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TopicSettings {
+    /// Patterns of self-subscribable topics.
+    pub self_subscribe: Vec<String>,
+}
+
+impl TopicSettings {
+    fn allows_self(&self, topic: &TopicId) -> bool {
+        self.self_subscribe
+            .iter()
+            .any(|p| match p.strip_suffix('*') {
+                Some(prefix) => topic.as_str().starts_with(prefix),
+                None => p == topic.as_str(),
+            })
+    }
+}
+
+fn topic(raw: String) -> Result<TopicId, AppError> {
+    TopicId::new(raw).map_err(|e| AppError::field(FieldError::new("topic", e.to_string())))
+}
+
+fn user(raw: String) -> Result<UserId, AppError> {
+    UserId::new(raw).map_err(|e| AppError::field(FieldError::new("user_id", e.to_string())))
+}
+
+fn unavailable(e: TopicsError) -> AppError {
+    AppError::unavailable(&e)
+}
+
+pub(super) async fn subscribe(
+    State(state): State<Arc<ApiState>>,
+    producer: Producer,
+    Path((t, u)): Path<(String, String)>,
+) -> Result<Json<Value>, AppError> {
+    producer.require(Scope::Publish)?;
+    let (t, u) = (topic(t)?, user(u)?);
+    state
+        .subscriptions
+        .subscribe(&t, std::slice::from_ref(&u), &producer.0.producer)
+        .await
+        .map_err(unavailable)?;
+    Ok(Json(json!({"topic": t, "user_id": u, "subscribed": true})))
+}
+
+pub(super) async fn unsubscribe(
+    State(state): State<Arc<ApiState>>,
+    producer: Producer,
+    Path((t, u)): Path<(String, String)>,
+) -> Result<Json<Value>, AppError> {
+    producer.require(Scope::Publish)?;
+    let (t, u) = (topic(t)?, user(u)?);
+    let was = state
+        .subscriptions
+        .unsubscribe(&t, &u)
+        .await
+        .map_err(unavailable)?;
+    Ok(Json(
+        json!({"topic": t, "user_id": u, "subscribed": false, "was_subscribed": was}),
+    ))
+}
+
+pub(super) async fn subscribe_many(
+    State(state): State<Arc<ApiState>>,
+    producer: Producer,
+    Path(t): Path<String>,
+    body: Body,
+) -> Result<Json<Value>, AppError> {
+    producer.require(Scope::Publish)?;
+    let t = topic(t)?;
+    let bytes = read_body(body, 4 * 1024 * 1024).await?;
+    #[derive(serde::Deserialize)]
+    struct Bulk {
+        user_ids: Vec<String>,
+    }
+    let bulk: Bulk = serde_json::from_slice(&bytes).map_err(|e| {
+        AppError::field(FieldError::new(
+            "user_ids",
+            format!("expected {{\"user_ids\": [...]}}: {e}"),
+        ))
+    })?;
+    if bulk.user_ids.is_empty() || bulk.user_ids.len() > BULK_MAX {
+        return Err(AppError::field(FieldError::new(
+            "user_ids",
+            format!("must hold 1 to {BULK_MAX} user ids"),
+        )));
+    }
+    let users = bulk
+        .user_ids
+        .into_iter()
+        .enumerate()
+        .map(|(i, u)| {
+            UserId::new(u).map_err(|e| {
+                AppError::field(FieldError::new(format!("user_ids[{i}]"), e.to_string()))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let n = state
+        .subscriptions
+        .subscribe(&t, &users, &producer.0.producer)
+        .await
+        .map_err(unavailable)?;
+    Ok(Json(json!({"topic": t, "subscribed": n})))
+}
+
+pub(super) async fn describe(
+    State(state): State<Arc<ApiState>>,
+    producer: Producer,
+    Path(t): Path<String>,
+) -> Result<Json<Value>, AppError> {
+    producer.require(Scope::Read)?;
+    let t = topic(t)?;
+    let n = state.subscriptions.count(&t).await.map_err(unavailable)?;
+    Ok(Json(json!({"topic": t, "subscribers": n})))
+}
+
+pub(super) async fn publish(
+    State(state): State<Arc<ApiState>>,
+    producer: Producer,
+    Path(t): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<Value>), AppError> {
+    producer.require(Scope::Publish)?;
+    state.rates.check(&producer.0.producer, 1)?;
+    let t = topic(t)?;
+    let bytes = read_body(body, state.config.body_limit).await?;
+    let mut doc: serde_json::Map<String, Value> = serde_json::from_slice(&bytes).map_err(|e| {
+        AppError::field(FieldError::new(
+            "body",
+            format!("expected a JSON object: {e}"),
+        ))
+    })?;
+    for (field, why) in [
+        (
+            "user_id",
+            "a topic publish goes to the topic's subscribers; omit user_id",
+        ),
+        (
+            "send_at",
+            "scheduled topic publishes are not supported; omit send_at",
+        ),
+    ] {
+        if doc.contains_key(field) {
+            return Err(AppError::field(FieldError::new(field, why)));
+        }
+    }
+    // Validated like a notify to one user; each copy gets its recipient at fan-out.
+    doc.insert("user_id".into(), Value::String(format!("topic:{t}")));
+    let raw = serde_json::to_vec(&doc).map_err(|e| AppError::internal(&e))?;
+    let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok());
+    let prepared = state
+        .acceptor
+        .prepare(&raw, &producer.0.producer, key)
+        .await
+        .map_err(|e| match e {
+            AcceptError::Invalid(f) => AppError::field(f),
+            AcceptError::Store(e) => AppError::unavailable(&e),
+        })?;
+    let job = FanoutJob {
+        id: prepared.id().to_owned(),
+        topic: t.clone(),
+        notification: prepared.into_stored(),
+    };
+    let subscribers = state.subscriptions.count(&t).await.map_err(unavailable)?;
+    state
+        .acceptor
+        .enqueue_fanout(&job)
+        .await
+        .map_err(|e| AppError::unavailable(&e))?;
+    metrics::counter!("herald_topic_publishes_total").increment(1);
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"id": job.id, "status": "accepted", "topic": t, "subscribers": subscribers})),
+    ))
+}
+
+pub(super) async fn progress(
+    State(state): State<Arc<ApiState>>,
+    producer: Producer,
+    Path((t, id)): Path<(String, String)>,
+) -> Result<Json<Value>, AppError> {
+    producer.require(Scope::Read)?;
+    let t = topic(t)?;
+    match state.fanouts.get(&id).await.map_err(unavailable)? {
+        Some(p) => Ok(Json(json!({"id": id, "topic": t, "fanout": p}))),
+        None => Ok(Json(
+            json!({"id": id, "topic": t, "fanout": {"state": "queued"}}),
+        )),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct TopicBody {
+    topic: String,
+}
+
+async fn topic_body(body: Body) -> Result<TopicId, AppError> {
+    let bytes = read_body(body, 4096).await?;
+    let b: TopicBody = serde_json::from_slice(&bytes).map_err(|e| {
+        AppError::field(FieldError::new(
+            "topic",
+            format!("expected {{\"topic\": \"...\"}}: {e}"),
+        ))
+    })?;
+    topic(b.topic)
+}
+
+pub(super) async fn my_subscribe(
+    State(state): State<Arc<ApiState>>,
+    User(user): User,
+    body: Body,
+) -> Result<Json<Value>, AppError> {
+    let t = topic_body(body).await?;
+    if !state.topics.allows_self(&t) {
+        return Err(AppError::new(
+            StatusCode::FORBIDDEN,
+            "not_self_subscribable",
+            "this topic does not allow users to subscribe themselves",
+        ));
+    }
+    state
+        .subscriptions
+        .subscribe(&t, std::slice::from_ref(&user), "self")
+        .await
+        .map_err(unavailable)?;
+    Ok(Json(json!({"topic": t, "subscribed": true})))
+}
+
+pub(super) async fn my_unsubscribe(
+    State(state): State<Arc<ApiState>>,
+    User(user): User,
+    body: Body,
+) -> Result<Json<Value>, AppError> {
+    let t = topic_body(body).await?;
+    // Leaving is always allowed, whoever subscribed the user.
+    let was = state
+        .subscriptions
+        .unsubscribe(&t, &user)
+        .await
+        .map_err(unavailable)?;
+    Ok(Json(
+        json!({"topic": t, "subscribed": false, "was_subscribed": was}),
+    ))
+}
+
+pub(super) async fn my_topics(
+    State(state): State<Arc<ApiState>>,
+    User(user): User,
+) -> Result<Json<Value>, AppError> {
+    let topics = state
+        .subscriptions
+        .topics_of(&user)
+        .await
+        .map_err(unavailable)?;
+    Ok(Json(json!({"topics": topics})))
+}

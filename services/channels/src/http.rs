@@ -1,0 +1,212 @@
+//! HTTP plumbing every provider shares: one pooled client per provider (connections are
+//! reused across sends), and the parts of answer classification that do not depend on the
+//! provider — transport failures, `Retry-After`, shortening answers for error details.
+
+use crate::SendError;
+use std::time::{Duration, SystemTime};
+
+/// How a provider's HTTP client is built.
+#[derive(Debug, Clone)]
+pub struct HttpOptions {
+    /// Whole-request timeout (connect + send + answer). A timeout is a transient failure.
+    pub timeout: Duration,
+    /// Extra PEM root certificates to trust besides the public web PKI (a test CA, or a
+    /// corporate proxy in front of the provider).
+    pub extra_root_pem: Option<Vec<u8>>,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(10),
+            extra_root_pem: None,
+        }
+    }
+}
+
+/// A provider could not be set up from its configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// A configured value is unusable (a key that does not parse, a malformed URL, ...).
+    #[error("{what}: {reason}")]
+    Invalid {
+        /// Which setting.
+        what: &'static str,
+        /// Why it is unusable.
+        reason: String,
+    },
+    /// The HTTP client could not be built (e.g. the extra root certificate is not PEM).
+    #[error("http client")]
+    Client(#[source] reqwest::Error),
+}
+
+/// Builds a pooled client. `http2_only` forces HTTP/2 (ALPN `h2` over TLS, prior knowledge
+/// over cleartext), as APNs requires.
+pub(crate) fn client(
+    options: &HttpOptions,
+    http2_only: bool,
+) -> Result<reqwest::Client, SetupError> {
+    let mut builder = reqwest::Client::builder()
+        .timeout(options.timeout)
+        .connect_timeout(options.timeout.min(Duration::from_secs(5)))
+        .pool_idle_timeout(Duration::from_secs(300))
+        // Provider answers are classified by status; a redirect is an answer, not a hop.
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("herald/", env!("CARGO_PKG_VERSION")));
+    if http2_only {
+        builder = builder
+            .http2_prior_knowledge()
+            .http2_keep_alive_interval(Duration::from_secs(60))
+            .http2_keep_alive_while_idle(true);
+    }
+    if let Some(pem) = &options.extra_root_pem {
+        for cert in reqwest::Certificate::from_pem_bundle(pem).map_err(SetupError::Client)? {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    builder.build().map_err(SetupError::Client)
+}
+
+/// Checks a base URL and strips its trailing slash.
+pub(crate) fn base_url(what: &'static str, url: &str) -> Result<String, SetupError> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| SetupError::Invalid {
+        what,
+        reason: format!("{url:?} is not a URL: {e}"),
+    })?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(SetupError::Invalid {
+            what,
+            reason: format!("{url:?} must be an http:// or https:// URL"),
+        });
+    }
+    Ok(url.trim_end_matches('/').to_owned())
+}
+
+/// A request that got no answer: refused, reset, timed out. Always worth a retry.
+pub(crate) fn transport(provider: &str, error: &reqwest::Error) -> SendError {
+    // Never echo the URL: webhook URLs may carry secrets in their query.
+    let what = if error.is_timeout() {
+        "timed out"
+    } else if error.is_connect() {
+        "could not connect"
+    } else if error.is_body() || error.is_decode() {
+        "failed reading the answer"
+    } else {
+        "request failed"
+    };
+    let mut detail = format!("{provider}: {what}");
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        detail.push_str(": ");
+        detail.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    SendError::Transient {
+        detail: shorten(&detail),
+    }
+}
+
+/// The `Retry-After` header: delta-seconds or an HTTP date.
+pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let value = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+/// At most 300 characters of a provider's answer, for error details and logs.
+pub(crate) fn shorten(text: &str) -> String {
+    const MAX: usize = 300;
+    let text = text.trim();
+    match text.char_indices().nth(MAX) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_owned(),
+    }
+}
+
+/// An answer body as text for details (lossy: providers may send garbage).
+pub(crate) fn body_text(body: &[u8]) -> String {
+    shorten(&String::from_utf8_lossy(body))
+}
+
+/// A 2xx whose body we cannot read. The provider probably accepted the message, so a retry
+/// could send it twice; it is not retried but dead-lettered, where an operator sees it.
+pub(crate) fn unreadable_success(provider: &str, status: u16, body: &[u8]) -> SendError {
+    SendError::Permanent {
+        detail: format!(
+            "{provider}: answered {status} with an unreadable body (not retried, it may have been accepted): {}",
+            body_text(body)
+        ),
+    }
+}
+
+/// The classes every REST provider shares for statuses it has no specific reason for.
+pub(crate) fn by_status(
+    provider: &str,
+    status: u16,
+    headers: &reqwest::header::HeaderMap,
+    body: &[u8],
+) -> SendError {
+    class_for(
+        status,
+        headers,
+        format!("{provider}: {status}: {}", body_text(body)),
+    )
+}
+
+/// The class of a status with no more specific reason: 429 throttled, 408/5xx transient,
+/// anything else permanent.
+pub(crate) fn class_for(
+    status: u16,
+    headers: &reqwest::header::HeaderMap,
+    detail: String,
+) -> SendError {
+    match status {
+        429 => SendError::Throttled {
+            retry_after: retry_after(headers),
+            detail,
+        },
+        408 | 500..=599 => SendError::Transient { detail },
+        _ => SendError::Permanent { detail },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        let mut headers = HeaderMap::new();
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("7"));
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(7)));
+        let later = SystemTime::now() + Duration::from_secs(120);
+        let date = httpdate::fmt_http_date(later);
+        headers.insert(RETRY_AFTER, HeaderValue::from_str(&date).expect("header"));
+        let got = retry_after(&headers).expect("a date parses");
+        assert!(
+            got > Duration::from_secs(100) && got <= Duration::from_secs(120),
+            "{got:?}"
+        );
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
+        assert_eq!(retry_after(&headers), None);
+    }
+
+    #[test]
+    fn shorten_cuts_on_a_char_boundary() {
+        let long = "é".repeat(400);
+        let short = shorten(&long);
+        assert_eq!(short.chars().count(), 301);
+        assert_eq!(shorten(" ok "), "ok");
+    }
+}

@@ -1,0 +1,183 @@
+//! Fan-out on write: a topic publish becomes one inbox entry per subscriber.
+//!
+//! `POST /v1/topics/{topic}/publish` stores one [`FanoutJob`] in the FANOUT work queue
+//! and answers 202. A fan-out worker (in every router process) pulls jobs one at a time
+//! per process; for each it reads the topic's subscriptions page by page in stream order
+//! and appends a copy to each subscriber's inbox, pipelined. Every copy has an id derived
+//! from (publish, user) and is appended with that `Nats-Msg-Id`, so replays are harmless.
+//! After each page is acked, the progress — including the stream sequence of the last
+//! subscription done — goes to KV, and the job's ack deadline is pushed out. A worker that
+//! dies mid-way leaves the job unacked; it comes back to a worker after the ack wait and
+//! resumes from the recorded cursor, without starting over and, within the dedup window,
+//! without duplicates. Each copy is an ordinary inbox entry: live delivery, replay and the
+//! router's per-recipient policy apply to it unchanged.
+
+use async_nats::jetstream::AckKind;
+use async_nats::jetstream::consumer::PullConsumer;
+use futures::StreamExt as _;
+use herald_protocol::notification::format_time;
+use herald_protocol::streams::{FANOUT, FANOUT_CONSUMER};
+use herald_protocol::topic::{FanoutJob, FanoutProgress, copy_id};
+use herald_store::{FanoutLog, Inbox, Nats, Subscriptions, TopicsError};
+use std::future::Future;
+use std::time::Duration;
+use time::OffsetDateTime;
+
+/// Why the fan-out worker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum FanoutError {
+    /// The FANOUT consumer or the progress bucket is missing.
+    #[error("opening the fan-out queue; run `herald provision`")]
+    Open(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Runs the fan-out worker until `shutdown`. A job in progress simply stops: its progress
+/// is recorded after every page and it is not acked, so the next owner resumes it.
+///
+/// # Errors
+/// [`FanoutError`] when the queue cannot be opened.
+pub async fn run(
+    nats: Nats,
+    inbox: Inbox,
+    subscriptions: Subscriptions,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), FanoutError> {
+    let open = |e: Box<dyn std::error::Error + Send + Sync>| FanoutError::Open(e);
+    let consumer: PullConsumer = nats
+        .js_consume
+        .get_stream_no_info(FANOUT)
+        .await
+        .map_err(|e| open(Box::new(e)))?
+        .get_consumer(FANOUT_CONSUMER)
+        .await
+        .map_err(open)?;
+    let log = FanoutLog::open(&nats.js_consume)
+        .await
+        .map_err(|e| open(Box::new(e)))?;
+    let worker = Worker {
+        inbox,
+        subscriptions,
+        log,
+    };
+    tokio::select! {
+        () = worker.pull(consumer) => {}
+        () = shutdown => {}
+    }
+    Ok(())
+}
+
+struct Worker {
+    inbox: Inbox,
+    subscriptions: Subscriptions,
+    log: FanoutLog,
+}
+
+impl Worker {
+    async fn pull(&self, consumer: PullConsumer) {
+        loop {
+            let batch = consumer
+                .fetch()
+                .max_messages(1)
+                .expires(Duration::from_secs(5))
+                .messages()
+                .await;
+            let mut batch = match batch {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(error = %e, "fan-out pull failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            while let Some(msg) = batch.next().await {
+                match msg {
+                    Ok(msg) => self.job(msg).await,
+                    Err(e) => tracing::debug!(error = %e, "fan-out stream error"),
+                }
+            }
+        }
+    }
+
+    async fn job(&self, msg: async_nats::jetstream::Message) {
+        let job: FanoutJob = match serde_json::from_slice(&msg.payload) {
+            Ok(j) => j,
+            Err(e) => {
+                tracing::error!(error = %e, "undecodable fan-out job; dropping it");
+                let _ = msg.ack_with(AckKind::Term).await;
+                return;
+            }
+        };
+        match self.fan_out(&job, &msg).await {
+            Ok(()) => {
+                if let Err(e) = msg.double_ack().await {
+                    tracing::warn!(id = %job.id, error = %e, "fan-out ack failed; it will be resumed and find itself done");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(id = %job.id, error = %e, "fan-out interrupted; will resume");
+                let _ = msg
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(2))))
+                    .await;
+            }
+        }
+    }
+
+    /// Fans out from the recorded cursor to the end.
+    async fn fan_out(
+        &self,
+        job: &FanoutJob,
+        msg: &async_nats::jetstream::Message,
+    ) -> Result<(), TopicsError> {
+        let mut progress = match self.log.get(&job.id).await? {
+            Some(p) if p.state == "done" => return Ok(()),
+            Some(p) => p,
+            None => FanoutProgress {
+                state: "running".into(),
+                total: self.subscriptions.count(&job.topic).await?,
+                started_at: format_time(OffsetDateTime::now_utc()),
+                ..FanoutProgress::default()
+            },
+        };
+        self.log.put(&job.id, &progress).await?;
+        loop {
+            let page = self
+                .subscriptions
+                .page(&job.topic, progress.cursor + 1)
+                .await?;
+            let Some(last) = page.last().map(|(seq, _)| *seq) else {
+                break;
+            };
+            let mut acks = Vec::with_capacity(page.len());
+            for (_, sub) in &page {
+                let mut copy = job.notification.clone();
+                copy.id = copy_id(&job.id, &sub.user_id);
+                copy.user_id = sub.user_id.clone();
+                copy.topic = Some(job.topic.as_str().to_owned());
+                let bytes =
+                    Inbox::encode(&copy).map_err(|e| TopicsError::Unavailable(Box::new(e)))?;
+                acks.push(
+                    self.inbox
+                        .send(&copy, bytes)
+                        .await
+                        .map_err(|e| TopicsError::Unavailable(Box::new(e)))?,
+                );
+            }
+            for ack in acks {
+                ack.await
+                    .map_err(|e| TopicsError::Unavailable(Box::new(e)))?;
+            }
+            progress.done += page.len() as u64;
+            progress.cursor = last;
+            progress.total = progress.total.max(progress.done);
+            self.log.put(&job.id, &progress).await?;
+            metrics::counter!("herald_fanout_copies_total").increment(page.len() as u64);
+            // Still working: push the job's ack deadline out.
+            let _ = msg.ack_with(AckKind::Progress).await;
+        }
+        progress.state = "done".into();
+        progress.finished_at = Some(format_time(OffsetDateTime::now_utc()));
+        self.log.put(&job.id, &progress).await?;
+        tracing::info!(id = %job.id, topic = %job.topic, copies = progress.done, "fan-out done");
+        Ok(())
+    }
+}

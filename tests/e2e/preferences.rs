@@ -1,0 +1,277 @@
+//! Preferences (SPEC §3): the document round-trips and merges, bad fields are named, and
+//! the router applies them — with critical categories ignoring opt-outs — to the very
+//! next notification.
+
+use anyhow::{Context as _, ensure};
+use futures::StreamExt as _;
+use herald_protocol::preferences::CategoryRule;
+use herald_protocol::{Channel, ChannelJob, Policy};
+use herald_tests::{Herald, Nats, within};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+async fn put(herald: &Herald, user: &str, body: Value) -> anyhow::Result<reqwest::Response> {
+    Ok(herald
+        .user(Method::PUT, "/v1/me/preferences", user)
+        .json(&body)
+        .send()
+        .await?)
+}
+
+async fn field_of_400(response: reqwest::Response) -> anyhow::Result<String> {
+    let status = response.status();
+    let body: Value = response.json().await.context("error body is JSON")?;
+    ensure!(
+        status == StatusCode::BAD_REQUEST,
+        "expected 400, got {status}: {body}"
+    );
+    body["error"]["field"]
+        .as_str()
+        .map(str::to_owned)
+        .with_context(|| format!("no error.field: {body}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preferences_merge_and_bad_fields_are_named() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+
+    let fresh: Value = herald
+        .user(Method::GET, "/v1/me/preferences", "pia")
+        .send()
+        .await?
+        .json()
+        .await?;
+    ensure!(
+        fresh["channels"]
+            == json!({"inbox":true,"push":true,"email":true,"sms":true,"webhook":true}),
+        "defaults: {fresh}"
+    );
+    ensure!(
+        fresh["opt_out"] == json!(false) && fresh["digest"] == json!("off"),
+        "defaults: {fresh}"
+    );
+
+    let first = put(
+        &herald,
+        "pia",
+        json!({
+            "channels": {"sms": false},
+            "categories": {"like": {"email": false}},
+            "quiet_hours": {"start": "22:00", "end": "07:00"},
+            "timezone": "Europe/Berlin", "locale": "de-DE", "digest": "daily"
+        }),
+    )
+    .await?;
+    ensure!(first.status() == StatusCode::OK, "PUT: {}", first.status());
+    // A second PUT merges; the producer view shows the same document.
+    let second = put(
+        &herald,
+        "pia",
+        json!({"categories": {"like": {"push": false}}}),
+    )
+    .await?;
+    ensure!(
+        second.status() == StatusCode::OK,
+        "PUT: {}",
+        second.status()
+    );
+    let seen: Value = herald
+        .producer(Method::GET, "/v1/users/pia/preferences")
+        .send()
+        .await?
+        .json()
+        .await?;
+    ensure!(
+        seen["categories"]["like"] == json!({"push": false, "email": false}),
+        "merged: {seen}"
+    );
+    ensure!(
+        seen["channels"]["sms"] == json!(false) && seen["channels"]["push"] == json!(true),
+        "{seen}"
+    );
+    ensure!(
+        seen["quiet_hours"] == json!({"start":"22:00","end":"07:00"}),
+        "{seen}"
+    );
+    ensure!(
+        seen["timezone"] == json!("Europe/Berlin") && seen["digest"] == json!("daily"),
+        "{seen}"
+    );
+    // Another user's document is untouched.
+    let other: Value = herald
+        .user(Method::GET, "/v1/me/preferences", "pia2")
+        .send()
+        .await?
+        .json()
+        .await?;
+    ensure!(other == fresh, "isolation: {other}");
+
+    for (body, field) in [
+        (json!({"channels": {"pigeon": true}}), "channels.pigeon"),
+        (json!({"timezone": "Mars/Olympus_Mons"}), "timezone"),
+        (
+            json!({"quiet_hours": {"start": "24:30", "end": "07:00"}}),
+            "quiet_hours.start",
+        ),
+        (json!({"digest": "weekly"}), "digest"),
+        (
+            json!({"categories": {"like": {"email": "no"}}}),
+            "categories.like.email",
+        ),
+    ] {
+        let got = field_of_400(put(&herald, "pia", body.clone()).await?).await?;
+        ensure!(got == field, "{body} named {got:?}, not {field:?}");
+    }
+    let garbage = herald
+        .user(Method::PUT, "/v1/me/preferences", "pia")
+        .body("{not json")
+        .send()
+        .await?;
+    ensure!(
+        garbage.status() == StatusCode::BAD_REQUEST,
+        "garbage: {}",
+        garbage.status()
+    );
+    // A failed PUT changed nothing.
+    let after: Value = herald
+        .producer(Method::GET, "/v1/users/pia/preferences")
+        .send()
+        .await?
+        .json()
+        .await?;
+    ensure!(after == seen, "unchanged after bad PUTs: {after}");
+    let anonymous = herald
+        .request(Method::GET, "/v1/me/preferences")
+        .send()
+        .await?;
+    ensure!(
+        anonymous.status() == StatusCode::UNAUTHORIZED,
+        "anonymous: {}",
+        anonymous.status()
+    );
+    Ok(())
+}
+
+fn policy() -> Policy {
+    let mut categories = BTreeMap::new();
+    categories.insert(
+        "security".to_owned(),
+        CategoryRule {
+            critical: true,
+            ..Default::default()
+        },
+    );
+    categories.insert(
+        "marketing".to_owned(),
+        CategoryRule {
+            critical: false,
+            defaults: [(Channel::Sms, false)].into_iter().collect(),
+        },
+    );
+    categories.insert("social".to_owned(), CategoryRule::default());
+    Policy::new(categories)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_categories_are_enforced() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).policy(policy()).start().await?;
+    let unknown = herald
+        .notify(&json!({"user_id": "quinn", "title": "hi", "category": "spam"}))
+        .await?;
+    ensure!(
+        field_of_400(unknown).await? == "category",
+        "unknown category on notify"
+    );
+    let prefs = put(
+        &herald,
+        "quinn",
+        json!({"categories": {"spam": {"email": false}}}),
+    )
+    .await?;
+    ensure!(
+        field_of_400(prefs).await? == "categories.spam",
+        "unknown category on PUT"
+    );
+    herald
+        .accept(&json!({"user_id": "quinn", "title": "hi", "category": "social"}))
+        .await?;
+    Ok(())
+}
+
+/// Jobs the router enqueues, as they pass through NATS (whatever the work streams).
+async fn job_feed(herald: &Herald) -> anyhow::Result<async_nats::Subscriber> {
+    let client = herald.nats_client().await?;
+    let sub = client
+        .subscribe(format!("{}.work.>", herald.subjects().prefix()))
+        .await?;
+    client.flush().await?;
+    Ok(sub)
+}
+
+async fn next_job(jobs: &mut async_nats::Subscriber) -> anyhow::Result<ChannelJob> {
+    let msg = within(Duration::from_secs(20), "the next channel job", jobs.next())
+        .await?
+        .context("job subscription closed")?;
+    Ok(serde_json::from_slice(&msg.payload)?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_applies_preferences_to_the_next_notification() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).policy(policy()).start().await?;
+    let mut jobs = job_feed(&herald).await?;
+    let send = |category: &'static str, channels: Value| {
+        let herald = &herald;
+        async move {
+            herald
+                .accept(&json!({"user_id": "rae", "title": category, "category": category, "channels": channels}))
+                .await
+        }
+    };
+
+    // Opted out of marketing email: the marketing job is dropped, the social one goes.
+    let r = put(
+        &herald,
+        "rae",
+        json!({"categories": {"marketing": {"email": false}}}),
+    )
+    .await?;
+    ensure!(r.status() == StatusCode::OK, "PUT {}", r.status());
+    send("marketing", json!(["inbox", "email"])).await?;
+    let social = send("social", json!(["inbox", "email"])).await?;
+    let job = next_job(&mut jobs).await?;
+    ensure!(
+        job.id == social.id && job.channel == Channel::Email,
+        "first job is social's: {job:?}"
+    );
+
+    // The configured default keeps marketing SMS off; push is on.
+    send("marketing", json!(["sms", "push"])).await?;
+    let job = next_job(&mut jobs).await?;
+    ensure!(
+        job.channel == Channel::Push,
+        "marketing sms suppressed by default: {job:?}"
+    );
+
+    // Global opt-out: nothing interrupting, except critical categories.
+    let r = put(&herald, "rae", json!({"opt_out": true})).await?;
+    ensure!(r.status() == StatusCode::OK, "PUT {}", r.status());
+    let quiet = send("social", json!(["inbox", "push", "email"])).await?;
+    let alert = send("security", json!(["inbox", "sms"])).await?;
+    let job = next_job(&mut jobs).await?;
+    ensure!(
+        job.id == alert.id && job.channel == Channel::Sms,
+        "only the critical job: {job:?}"
+    );
+    // The suppressed notification is still in the inbox.
+    let inbox = herald.inbox("rae").await?;
+    ensure!(
+        inbox.iter().any(|n| n["id"] == json!(quiet.id)),
+        "opted-out notification kept in the inbox"
+    );
+    Ok(())
+}

@@ -1,0 +1,231 @@
+//! Topics, small-topic path: subscriptions (producer, bulk, self), publish fanned out on
+//! write to every subscriber on every transport, progress, and a fan-out that resumes
+//! from where it stopped.
+
+use anyhow::{Context as _, ensure};
+use herald::mesh::Roles;
+use herald_tests::herald::Resume;
+use herald_tests::{Herald, Nats, eventually, within};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use std::time::Duration;
+
+async fn ok(response: reqwest::Response) -> anyhow::Result<Value> {
+    let status = response.status();
+    let body: Value = response.json().await?;
+    ensure!(status.is_success(), "{status}: {body}");
+    Ok(body)
+}
+
+async fn publish(herald: &Herald, topic: &str, title: &str) -> anyhow::Result<Value> {
+    let response = herald
+        .producer(Method::POST, &format!("/v1/topics/{topic}/publish"))
+        .json(&json!({"title": title, "channels": ["inbox"]}))
+        .send()
+        .await?;
+    ensure!(
+        response.status() == StatusCode::ACCEPTED,
+        "publish: {}",
+        response.status()
+    );
+    Ok(response.json().await?)
+}
+
+async fn progress_done(herald: &Herald, topic: &str, id: &str) -> anyhow::Result<Value> {
+    eventually(Duration::from_secs(30), "the fan-out finished", || async {
+        let p = ok(herald
+            .producer(Method::GET, &format!("/v1/topics/{topic}/publishes/{id}"))
+            .send()
+            .await?)
+        .await?;
+        ensure!(p["fanout"]["state"] == "done", "{p}");
+        Ok(p["fanout"].clone())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_reaches_every_subscriber_once_on_every_transport() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    let topic = "launch.news";
+    for user in ["ws-user", "sse-user", "offline *"] {
+        let path = format!(
+            "/v1/topics/{topic}/subscribers/{}",
+            herald_tests::encode(user)
+        );
+        ok(herald.producer(Method::PUT, &path).send().await?).await?;
+    }
+    let bulk: Vec<String> = (0..300).map(|i| format!("bulk-{i}")).collect();
+    let answer = ok(herald
+        .producer(Method::POST, &format!("/v1/topics/{topic}/subscribers"))
+        .json(&json!({"user_ids": bulk}))
+        .send()
+        .await?)
+    .await?;
+    ensure!(answer["subscribed"] == 300, "{answer}");
+    let described = ok(herald
+        .producer(Method::GET, &format!("/v1/topics/{topic}"))
+        .send()
+        .await?)
+    .await?;
+    ensure!(described["subscribers"] == 303, "{described}");
+
+    let mut ws = herald.ws("ws-user", Resume::After(0)).await?;
+    ws.hello().await?;
+    let mut sse = herald.sse("sse-user", Resume::After(0)).await?;
+    let published = publish(&herald, topic, "we launched").await?;
+    ensure!(published["subscribers"] == 303, "{published}");
+    let id = published["id"].as_str().context("id")?;
+
+    let live = within(Duration::from_secs(20), "the WebSocket copy", ws.take(1)).await??;
+    ensure!(
+        live[0]["title"] == "we launched" && live[0]["topic"] == topic,
+        "{live:?}"
+    );
+    let event = within(
+        Duration::from_secs(20),
+        "the SSE copy",
+        sse.next_notification(),
+    )
+    .await??;
+    ensure!(event["topic"] == topic, "{event}");
+    let fanout = progress_done(&herald, topic, id).await?;
+    ensure!(fanout["done"] == 303 && fanout["total"] == 303, "{fanout}");
+    let offline = herald.inbox("offline *").await?;
+    ensure!(
+        offline.len() == 1 && offline[0]["topic"] == topic,
+        "{offline:?}"
+    );
+    ensure!(
+        offline[0]["id"] != json!(id),
+        "each copy has an id of its own"
+    );
+
+    // Unsubscribed users get the next publish no more.
+    let path = format!(
+        "/v1/topics/{topic}/subscribers/{}",
+        herald_tests::encode("offline *")
+    );
+    let gone = ok(herald.producer(Method::DELETE, &path).send().await?).await?;
+    ensure!(gone["was_subscribed"] == true, "{gone}");
+    let second = publish(&herald, topic, "second").await?;
+    progress_done(&herald, topic, second["id"].as_str().context("id")?).await?;
+    ensure!(
+        herald.inbox("offline *").await?.len() == 1,
+        "unsubscribed: no second copy"
+    );
+    ensure!(herald.inbox("bulk-7").await?.len() == 2, "subscribed: both");
+    let bad = herald
+        .producer(Method::POST, &format!("/v1/topics/{topic}/publish"))
+        .json(&json!({"user_id": "x", "title": "t"}))
+        .send()
+        .await?;
+    ensure!(
+        bad.status() == StatusCode::BAD_REQUEST,
+        "user_id on a topic publish: {}",
+        bad.status()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_join_only_topics_that_allow_it() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats)
+        .topics(herald_api::TopicSettings {
+            self_subscribe: vec!["public.*".into()],
+        })
+        .start()
+        .await?;
+    let join = |topic: &str| {
+        herald
+            .user(Method::POST, "/v1/me/subscriptions", "ivy")
+            .json(&json!({"topic": topic}))
+            .send()
+    };
+    ok(join("public.sports").await?).await?;
+    let refused = join("staff-only").await?;
+    ensure!(
+        refused.status() == StatusCode::FORBIDDEN,
+        "private topic: {}",
+        refused.status()
+    );
+    let mine = ok(herald
+        .user(Method::GET, "/v1/me/subscriptions", "ivy")
+        .send()
+        .await?)
+    .await?;
+    ensure!(mine["topics"] == json!(["public.sports"]), "{mine}");
+    let left = ok(herald
+        .user(Method::DELETE, "/v1/me/subscriptions", "ivy")
+        .json(&json!({"topic": "public.sports"}))
+        .send()
+        .await?)
+    .await?;
+    ensure!(left["was_subscribed"] == true, "{left}");
+    let mine = ok(herald
+        .user(Method::GET, "/v1/me/subscriptions", "ivy")
+        .send()
+        .await?)
+    .await?;
+    ensure!(mine["topics"] == json!([]), "{mine}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_fanout_resumes_from_its_cursor() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let api = Herald::builder(&nats).roles(Roles::API).start().await?;
+    let topic = herald_protocol::TopicId::new("resume")?;
+    let users: Vec<String> = (0..600).map(|i| format!("r{i}")).collect();
+    ok(api
+        .producer(Method::POST, "/v1/topics/resume/subscribers")
+        .json(&json!({"user_ids": users}))
+        .send()
+        .await?)
+    .await?;
+    // No router runs yet: the publish waits in the queue.
+    let id = publish(&api, "resume", "resumed").await?["id"]
+        .as_str()
+        .context("id")?
+        .to_owned();
+
+    // As if a worker had done the first page and then died: its progress is recorded.
+    let client = nats.client().await?;
+    let js = async_nats::jetstream::new(client.clone());
+    let subjects = api.subjects().clone();
+    let store = herald_store::connect(&nats.url(), "test").await?;
+    let subs = herald_store::Subscriptions::new(store.clone(), subjects);
+    let first_page = subs.page(&topic, 1).await?;
+    let (cursor, _) = *first_page.last().context("a first page")?;
+    let log = herald_store::FanoutLog::open(&js).await?;
+    log.put(
+        &id,
+        &herald_protocol::FanoutProgress {
+            state: "running".into(),
+            total: 600,
+            done: first_page.len() as u64,
+            cursor,
+            started_at: "2026-01-01T00:00:00Z".into(),
+            finished_at: None,
+        },
+    )
+    .await?;
+
+    let _router = Herald::builder(&nats).roles(Roles::ROUTER).start().await?;
+    let fanout = progress_done(&api, "resume", &id).await?;
+    ensure!(fanout["done"] == 600, "{fanout}");
+    let skipped = &first_page[0].1.user_id;
+    ensure!(
+        api.inbox(skipped.as_str()).await?.is_empty(),
+        "the recorded page was not redone"
+    );
+    let last = &users[599];
+    let inbox = api.inbox(last).await?;
+    ensure!(
+        inbox.len() == 1 && inbox[0]["title"] == "resumed",
+        "{inbox:?}"
+    );
+    Ok(())
+}

@@ -1,0 +1,116 @@
+//! Scripted answers: a queue of replies a fake gives before its normal behaviour.
+
+use axum::body::Body;
+use axum::response::Response;
+use http::{HeaderName, HeaderValue, StatusCode};
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+/// One scripted answer.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// Answer with this status, headers and body.
+    Respond {
+        /// HTTP status.
+        status: u16,
+        /// Extra headers.
+        headers: Vec<(String, String)>,
+        /// Raw body.
+        body: Vec<u8>,
+    },
+    /// Never answer (the client's timeout must fire).
+    Hang,
+}
+
+impl Reply {
+    /// A status with an empty body.
+    pub fn status(status: u16) -> Self {
+        Self::raw(status, Vec::new())
+    }
+
+    /// A status with a raw body (e.g. garbage).
+    pub fn raw(status: u16, body: impl Into<Vec<u8>>) -> Self {
+        Self::Respond {
+            status,
+            headers: Vec::new(),
+            body: body.into(),
+        }
+    }
+
+    /// A status with a JSON body.
+    pub fn json(status: u16, body: &serde_json::Value) -> Self {
+        Self::raw(status, body.to_string()).header("content-type", "application/json")
+    }
+
+    /// Adds a header.
+    #[must_use]
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        if let Self::Respond { headers, .. } = &mut self {
+            headers.push((name.to_owned(), value.to_owned()));
+        }
+        self
+    }
+
+    /// Turns the reply into a response, or waits forever for [`Reply::Hang`].
+    pub async fn into_response(self) -> Response {
+        match self {
+            Self::Hang => std::future::pending().await,
+            Self::Respond {
+                status,
+                headers,
+                body,
+            } => {
+                let mut response = Response::new(Body::from(body));
+                *response.status_mut() =
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                for (name, value) in headers {
+                    if let (Ok(n), Ok(v)) =
+                        (HeaderName::try_from(name), HeaderValue::try_from(value))
+                    {
+                        response.headers_mut().append(n, v);
+                    }
+                }
+                response
+            }
+        }
+    }
+}
+
+/// The queue of scripted replies of one fake.
+#[derive(Debug, Default)]
+pub struct Script(Mutex<VecDeque<Reply>>);
+
+impl Script {
+    /// Answers the next `times` requests with `reply`.
+    pub fn push(&self, times: usize, reply: Reply) {
+        let mut queue = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        queue.extend(std::iter::repeat_n(reply, times));
+    }
+
+    /// The reply for the current request, if one is scripted.
+    pub fn take(&self) -> Option<Reply> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).pop_front()
+    }
+}
+
+/// What a fake received, in order.
+#[derive(Debug)]
+pub struct Log<T>(Mutex<Vec<T>>);
+
+impl<T> Default for Log<T> {
+    fn default() -> Self {
+        Self(Mutex::new(Vec::new()))
+    }
+}
+
+impl<T: Clone> Log<T> {
+    /// Appends one request.
+    pub fn push(&self, item: T) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(item);
+    }
+
+    /// Everything so far.
+    pub fn all(&self) -> Vec<T> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}

@@ -1,0 +1,113 @@
+//! Serving a fake's axum router on a port-0 listener, in cleartext (HTTP/1.1 and h2c) or
+//! over TLS. Dropping the [`Server`] stops it and every connection it holds.
+
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use tokio::net::TcpListener;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_rustls::TlsAcceptor;
+
+/// A running fake server.
+#[derive(Debug)]
+pub struct Server {
+    addr: SocketAddr,
+    tls: bool,
+    connections: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Server {
+    /// Serves `router` on `127.0.0.1:0`; with `tls`, HTTPS with the ALPN the config offers
+    /// (HTTP/2 only if it offers only `h2`).
+    ///
+    /// # Errors
+    /// When the listener cannot be bound.
+    pub async fn start(
+        router: Router,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let h2_only = tls
+            .as_ref()
+            .is_some_and(|c| c.alpn_protocols == [b"h2".to_vec()]);
+        let acceptor = tls.clone().map(TlsAcceptor::from);
+        let connections_accepted = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&connections_accepted);
+        let task = tokio::spawn(async move {
+            // Connections live in this set, so aborting the accept loop ends them too.
+            let mut connections = JoinSet::new();
+            loop {
+                let (stream, _) = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok(a) => a,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "fake server accept failed");
+                            continue;
+                        }
+                    },
+                    Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+                };
+                counter.fetch_add(1, Ordering::SeqCst);
+                let service = TowerToHyperService::new(router.clone());
+                let acceptor = acceptor.clone();
+                connections.spawn(async move {
+                    let mut builder = auto::Builder::new(TokioExecutor::new());
+                    if h2_only {
+                        builder = builder.http2_only();
+                    }
+                    let result = match acceptor {
+                        Some(acceptor) => match acceptor.accept(stream).await {
+                            Ok(tls) => builder.serve_connection(TokioIo::new(tls), service).await,
+                            Err(e) => {
+                                tracing::debug!(error = %e, "fake server tls handshake failed");
+                                return;
+                            }
+                        },
+                        None => {
+                            builder
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await
+                        }
+                    };
+                    if let Err(e) = result {
+                        tracing::debug!(error = %e, "fake server connection ended");
+                    }
+                });
+            }
+        });
+        Ok(Self {
+            addr,
+            tls: tls.is_some(),
+            connections: connections_accepted,
+            task,
+        })
+    }
+
+    /// `http://127.0.0.1:<port>` or `https://…`.
+    pub fn url(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// How many TCP connections were accepted (clients should reuse theirs).
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
