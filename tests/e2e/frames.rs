@@ -72,7 +72,7 @@ async fn read_frame_moves_the_unread_count() -> anyhow::Result<()> {
     }
     assert_eq!(
         unread(&herald, "xena").await?,
-        json!({"unread": 3, "last_seq": seqs[2]})
+        json!({"unread": 3, "last_seq": seqs[2], "seen_seq": 0})
     );
     let mut ws = herald.ws("xena", Resume::After(0)).await?;
     assert_eq!(ws.hello().await?["unread"], 3);
@@ -88,7 +88,10 @@ async fn read_frame_moves_the_unread_count() -> anyhow::Result<()> {
     seqs.push(n.seq);
     eventually(Duration::from_secs(5), "unread drops to 2", || async {
         let now = unread(&herald, "xena").await?;
-        ensure!(now == json!({"unread": 2, "last_seq": seqs[3]}), "{now}");
+        ensure!(
+            now == json!({"unread": 2, "last_seq": seqs[3], "seen_seq": 0}),
+            "{now}"
+        );
         Ok(())
     })
     .await?;
@@ -121,7 +124,7 @@ async fn read_frame_moves_the_unread_count() -> anyhow::Result<()> {
     let n = herald.send("xena", "new").await?;
     assert_eq!(
         unread(&herald, "xena").await?,
-        json!({"unread": 1, "last_seq": n.seq})
+        json!({"unread": 1, "last_seq": n.seq, "seen_seq": 0})
     );
     // Another user's read position is untouched.
     herald.send("yuri", "hi").await?;

@@ -48,6 +48,7 @@ pub struct HeraldBuilder {
     roles: Roles,
     keys: Vec<(String, Vec<Scope>)>,
     channels: Option<herald::channels::ChannelSettings>,
+    gateway: herald_gateway::GatewayConfig,
     policy: Policy,
     templates: Arc<herald_templates::Templates>,
     rates: herald_api::RateConfig,
@@ -83,6 +84,7 @@ impl Herald {
             roles: Roles::ALL,
             keys: Vec::new(),
             channels: None,
+            gateway: herald_gateway::GatewayConfig::default(),
             policy: Policy::default(),
             templates: Arc::new(herald_templates::Templates::none()),
             rates: herald_api::RateConfig::default(),
@@ -112,6 +114,15 @@ impl Herald {
     /// When none answers within 10 s.
     pub async fn nats_client(&self) -> anyhow::Result<async_nats::Client> {
         crate::nats::connect_client(&self.nats_url).await
+    }
+
+    /// Whether the gateway holds a live registration for `subject` (a connection or a
+    /// waiting long-poll of that user).
+    pub fn is_tapped(&self, subject: &str) -> bool {
+        self.mesh
+            .as_ref()
+            .and_then(Mesh::hub)
+            .is_some_and(|hub| hub.is_tapped(subject))
     }
 
     /// The shared HTTP client.
@@ -394,6 +405,12 @@ impl HeraldBuilder {
         self
     }
 
+    /// Gateway tunables (heartbeat, limits, receipt batching).
+    pub fn gateway(mut self, config: herald_gateway::GatewayConfig) -> Self {
+        self.gateway = config;
+        self
+    }
+
     /// Also accepts `key` with only `scopes`.
     pub fn key(mut self, key: &str, scopes: &[Scope]) -> Self {
         self.keys.push((key.to_string(), scopes.to_vec()));
@@ -454,7 +471,7 @@ impl HeraldBuilder {
             api_keys: keys,
             jwt,
             api: herald_api::ApiConfig::default(),
-            gateway: herald_gateway::GatewayConfig::default(),
+            gateway: self.gateway,
             roles: self.roles,
             dev_mode: self.dev_mode,
             channels: self

@@ -120,8 +120,21 @@ impl Nats {
     /// # Errors
     /// When monitoring cannot be read, or on a cluster.
     pub async fn has_subscription(&self, subject: &str) -> anyhow::Result<bool> {
+        Ok(self
+            .subscriptions_matching(subject)
+            .await?
+            .iter()
+            .any(|s| s == subject))
+    }
+
+    /// The subjects (wildcards included) of every subscription on the single server that
+    /// a message on the literal `subject` would reach.
+    ///
+    /// # Errors
+    /// When monitoring cannot be read, or on a cluster.
+    pub async fn subscriptions_matching(&self, subject: &str) -> anyhow::Result<Vec<String>> {
         let Servers::Single(s) = &self.servers else {
-            bail!("has_subscription reads a single server's monitoring");
+            bail!("subscriptions_matching reads a single server's monitoring");
         };
         let subsz = s
             .monitor(&format!("/subsz?subs=1&limit=100000&test={subject}"))
@@ -131,7 +144,10 @@ impl Nats {
             .as_array()
             .cloned()
             .unwrap_or_default();
-        Ok(list.iter().any(|sub| sub["subject"] == subject))
+        Ok(list
+            .iter()
+            .filter_map(|sub| sub["subject"].as_str().map(str::to_string))
+            .collect())
     }
 }
 

@@ -137,6 +137,20 @@ impl SseClient {
         Ok(out)
     }
 
+    /// The next comment line (`: ...`, keep-alives included), skipping everything else.
+    ///
+    /// # Errors
+    /// On timeout or when the stream ends.
+    pub async fn next_comment(&mut self) -> anyhow::Result<String> {
+        loop {
+            if let Some(line) = self.next_line().await?
+                && let Some(comment) = line.strip_prefix(':')
+            {
+                return Ok(comment.trim().to_string());
+            }
+        }
+    }
+
     /// One line without its terminator, or `None` when more bytes were needed and read.
     async fn next_line(&mut self) -> anyhow::Result<Option<String>> {
         if let Some(end) = self.pending.iter().position(|b| *b == b'\n') {

@@ -127,6 +127,33 @@ impl WsClient {
         self.socket.send(msg).await.context("websocket send")
     }
 
+    /// Sends a ping and reads until its pong: every frame sent before has then been read
+    /// and handled by the server (it handles a connection's frames in order). Frames that
+    /// arrive meanwhile are returned.
+    ///
+    /// # Errors
+    /// On timeout or a close.
+    pub async fn round_trip(&mut self) -> anyhow::Result<Vec<Value>> {
+        let token = uuid::Uuid::new_v4().to_string();
+        self.send(Message::Ping(token.clone().into_bytes().into()))
+            .await?;
+        let mut frames = Vec::new();
+        loop {
+            let msg = crate::within(FRAME_TIMEOUT, "pong", self.socket.next())
+                .await?
+                .ok_or_else(|| anyhow!("websocket ended"))?
+                .context("websocket read")?;
+            match msg {
+                Message::Pong(payload) if payload.as_ref() == token.as_bytes() => {
+                    return Ok(frames);
+                }
+                Message::Text(text) => frames.push(serde_json::from_str(text.as_str())?),
+                Message::Close(frame) => bail!("websocket closed by the server: {frame:?}"),
+                _ => {}
+            }
+        }
+    }
+
     /// Reads until the server closes the connection and returns the close code.
     ///
     /// # Errors

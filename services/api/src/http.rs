@@ -13,7 +13,7 @@ use crate::accept::Acceptor;
 use crate::auth::{Authenticator, HasAuth};
 use axum::Router;
 use axum::routing::{delete, get, post};
-use herald_store::{FanoutLog, PreferenceStore, ReadPositions, Subscriptions};
+use herald_store::{FanoutLog, PreferenceStore, ReadPositions, Receipts, Subscriptions};
 use std::sync::Arc;
 
 pub use inbox::{PageQuery, read_page};
@@ -49,6 +49,10 @@ pub struct ApiState {
     pub auth: Authenticator,
     /// Read positions.
     pub reads: ReadPositions,
+    /// Seen positions (`ack` frames).
+    pub seen: ReadPositions,
+    /// The batcher read receipts go through.
+    pub receipts: Receipts,
     /// User preferences.
     pub preferences: PreferenceStore,
     /// Producer request rates.

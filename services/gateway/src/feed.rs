@@ -1,10 +1,10 @@
 //! The delivery core shared by every transport: replay after a position, then live, with
 //! no gap and no duplicate.
 
-use futures::StreamExt as _;
+use crate::hub::{Hub, Tap};
 use herald_protocol::{Notification, StoredNotification, UserId};
+use herald_store::InboxError;
 use herald_store::direct::header_u64;
-use herald_store::{Inbox, InboxError};
 use std::collections::VecDeque;
 
 /// Notifications read from the inbox per replay step.
@@ -27,9 +27,12 @@ pub enum FeedError {
 /// One user's ordered stream of notifications.
 #[derive(Debug)]
 pub struct Feed {
-    inbox: Inbox,
+    /// The hub, for its inbox (one per process: a feed stays small).
+    hub: Hub,
     user: UserId,
-    live: async_nats::Subscriber,
+    live: Tap,
+    /// Notifications handed out by the initial replay, until it ends (then recorded).
+    replayed: Option<u64>,
     /// Highest seq handed out (or the starting position).
     last_sent: u64,
     /// Read position at open, for the `read` flag.
@@ -38,7 +41,7 @@ pub struct Feed {
     catching_up: bool,
     /// A live notification that revealed a gap, delivered once the gap is read (kept in
     /// case the replica that answers the catch-up has not stored it yet).
-    held: Option<(u64, StoredNotification)>,
+    held: Option<Box<(u64, StoredNotification)>>,
     ready: VecDeque<Notification>,
     /// A read position announced since the last call, for other devices' `read` frames.
     read_event: Option<u64>,
@@ -60,27 +63,26 @@ impl Feed {
     /// # Errors
     /// [`FeedError`] when NATS cannot answer.
     pub async fn open(
-        inbox: Inbox,
+        hub: &Hub,
         user: UserId,
         after: Option<u64>,
         read_up_to: u64,
     ) -> Result<Self, FeedError> {
-        // Subscribe before reading anything: whatever is stored from now on is either in
-        // the replay or arrives live, and the seq check drops the overlap.
-        let live = inbox
-            .nats()
-            .consume
-            .subscribe(inbox.subjects().live(&user))
-            .await
+        // Tap the live subject before reading anything: whatever is stored from now on is
+        // either in the replay or arrives live, and the seq check drops the overlap.
+        let inbox = hub.inbox();
+        let live = hub
+            .tap(inbox.subjects().live(&user))
             .map_err(|e| FeedError::Subscribe(Box::new(e)))?;
         let (last_sent, catching_up) = match after {
             Some(after) => (after, true),
             None => (inbox.last_seq(&user).await?, false),
         };
         Ok(Self {
-            inbox,
+            hub: hub.clone(),
             user,
             live,
+            replayed: catching_up.then_some(0),
             last_sent,
             read_up_to,
             catching_up,
@@ -108,17 +110,24 @@ impl Feed {
     pub async fn next(&mut self) -> Result<Vec<Notification>, FeedError> {
         loop {
             if !self.ready.is_empty() {
-                return Ok(self.ready.drain(..).collect());
+                return Ok(self.take_ready());
             }
             if self.read_event.is_some() {
                 return Ok(Vec::new());
             }
             if self.catching_up {
-                self.catch_up_step().await?;
+                // Boxed: the inbox read's state exists only while catching up, so an
+                // idle feed (waiting on live) stays small.
+                Box::pin(self.catch_up_step()).await?;
                 continue;
             }
-            let msg = self.live.next().await.ok_or(FeedError::Closed)?;
-            self.on_live(msg);
+            let msg = self.live.recv().await.ok_or(FeedError::Closed)?;
+            self.on_live(&msg);
+            if self.live.take_lagged() {
+                // The hub dropped live messages for this connection: read them from the
+                // inbox (the next live one may be long in coming).
+                self.catching_up = true;
+            }
         }
     }
 
@@ -129,14 +138,20 @@ impl Feed {
     /// [`FeedError`] when NATS cannot answer.
     pub async fn next_ready(&mut self) -> Result<Vec<Notification>, FeedError> {
         if self.catching_up && self.ready.is_empty() {
-            self.catch_up_step().await?;
+            Box::pin(self.catch_up_step()).await?;
         }
-        Ok(self.ready.drain(..).collect())
+        Ok(self.take_ready())
+    }
+
+    /// What is ready, leaving no buffer behind (an idle feed holds no capacity).
+    fn take_ready(&mut self) -> Vec<Notification> {
+        Vec::from(std::mem::take(&mut self.ready))
     }
 
     async fn catch_up_step(&mut self) -> Result<(), FeedError> {
         let page = self
-            .inbox
+            .hub
+            .inbox()
             .after(&self.user, self.last_sent, REPLAY_PAGE)
             .await?;
         for (seq, stored) in page.items {
@@ -147,7 +162,11 @@ impl Feed {
             Some((_, last)) => self.last_sent = self.last_sent.max(last),
             None => {
                 self.catching_up = false;
-                if let Some((seq, stored)) = self.held.take() {
+                if let Some(replayed) = self.replayed.take() {
+                    metrics::histogram!("herald_gateway_replay_size").record(replayed as f64);
+                }
+                if let Some(held) = self.held.take() {
+                    let (seq, stored) = *held;
                     self.push(seq, stored);
                 }
             }
@@ -160,7 +179,7 @@ impl Feed {
         self.read_event.take()
     }
 
-    fn on_live(&mut self, msg: async_nats::Message) {
+    fn on_live(&mut self, msg: &async_nats::Message) {
         let Some(headers) = msg.headers.as_ref() else {
             return;
         };
@@ -177,7 +196,10 @@ impl Feed {
             return; // already replayed
         }
         let stored = match serde_json::from_slice::<StoredNotification>(&msg.payload) {
-            Ok(stored) if stored.user_id == self.user => stored,
+            Ok(stored) if stored.user_id == self.user => {
+                record_live_delay(&stored.created_at);
+                stored
+            }
             Ok(_) => return tracing::error!(seq, "live message for another user; dropped"),
             Err(e) => return tracing::warn!(seq, error = %e, "undecodable live message; dropped"),
         };
@@ -187,8 +209,8 @@ impl Feed {
             // read the gap from the inbox, then this one.
             metrics::counter!("herald_gateway_gap_repairs_total").increment(1);
             self.catching_up = true;
-            if self.held.as_ref().is_none_or(|(held, _)| *held < seq) {
-                self.held = Some((seq, stored));
+            if self.held.as_ref().is_none_or(|held| held.0 < seq) {
+                self.held = Some(Box::new((seq, stored)));
             }
             return;
         }
@@ -200,11 +222,24 @@ impl Feed {
             return;
         }
         self.last_sent = seq;
+        if let Some(replayed) = &mut self.replayed {
+            *replayed += 1;
+        }
         self.ready.push_back(Notification::from_stored(
             stored,
             seq,
             seq <= self.read_up_to,
         ));
+    }
+}
+
+/// Accepted → live at this gateway (the router's republish and the hub included; the
+/// write to the socket follows at once unless the client is slow).
+fn record_live_delay(created_at: &str) {
+    let format = &time::format_description::well_known::Rfc3339;
+    if let Ok(created) = time::OffsetDateTime::parse(created_at, format) {
+        let delay = (time::OffsetDateTime::now_utc() - created).as_seconds_f64();
+        metrics::histogram!("herald_gateway_live_delay_seconds").record(delay.max(0.0));
     }
 }
 

@@ -5,9 +5,14 @@
 //! forwards live messages, dropping any `seq` already sent and repairing any gap from the
 //! inbox (each live message carries the previous `seq` of its subject). So replay and live
 //! meet with no gap and no duplicate, whatever arrives during the replay.
+//!
+//! Live messages reach feeds through the [`hub::Hub`]: one NATS subscription per partition
+//! for the whole process, dispatched to connections by subject. Read receipts and acks go
+//! through the process's batcher ([`herald_store::receipts`]).
 
 pub mod admission;
 pub mod feed;
+pub mod hub;
 mod longpoll;
 mod sse;
 mod ws;
@@ -16,11 +21,12 @@ use axum::Router;
 use axum::routing::get;
 use herald_api::Authenticator;
 use herald_api::auth::HasAuth;
-use herald_store::{Inbox, ReadPositions};
+use herald_store::{Inbox, ReadPositions, Receipts, ReceiptsConfig};
 use std::sync::Arc;
 use std::time::Duration;
 
 pub use feed::{Feed, FeedError};
+pub use hub::{Hub, HubError};
 
 /// Gateway tunables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +42,8 @@ pub struct GatewayConfig {
     /// Most notifications coalesced into one `batch` frame. Coalescing is opportunistic:
     /// only what queued up while the previous write was in flight, so it adds no latency.
     pub max_batch: usize,
+    /// Batching of read receipts and acks (the process's batcher, shared with the API).
+    pub receipts: ReceiptsConfig,
 }
 
 impl Default for GatewayConfig {
@@ -46,6 +54,7 @@ impl Default for GatewayConfig {
             max_client_frame: 16 * 1024,
             limits: admission::Limits::default(),
             max_batch: 100,
+            receipts: ReceiptsConfig::default(),
         }
     }
 }
@@ -57,6 +66,10 @@ pub struct GatewayState {
     pub inbox: Inbox,
     /// Read positions.
     pub reads: ReadPositions,
+    /// Where `read` and `ack` frames go (batched KV writes).
+    pub receipts: Receipts,
+    /// Live messages for every local connection.
+    pub hub: Hub,
     /// Verifies user tokens at upgrade.
     pub auth: Authenticator,
     /// Tunables.
@@ -72,6 +85,8 @@ impl GatewayState {
     pub fn new(
         inbox: Inbox,
         reads: ReadPositions,
+        receipts: Receipts,
+        hub: Hub,
         auth: Authenticator,
         config: GatewayConfig,
         shutdown: tokio_util::sync::CancellationToken,
@@ -79,6 +94,8 @@ impl GatewayState {
         Self {
             inbox,
             reads,
+            receipts,
+            hub,
             auth,
             admission: Arc::new(admission::Admission::new(config.limits)),
             config,
@@ -90,6 +107,24 @@ impl GatewayState {
 impl HasAuth for GatewayState {
     fn authenticator(&self) -> &Authenticator {
         &self.auth
+    }
+}
+
+/// Counts an open connection in `herald_gateway_connections{transport}` (and the connect
+/// in `herald_gateway_connects_total`) for as long as it lives, however it ends.
+pub(crate) struct Connected(&'static str);
+
+impl Connected {
+    pub(crate) fn new(transport: &'static str) -> Self {
+        metrics::gauge!("herald_gateway_connections", "transport" => transport).increment(1.0);
+        metrics::counter!("herald_gateway_connects_total", "transport" => transport).increment(1);
+        Connected(transport)
+    }
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        metrics::gauge!("herald_gateway_connections", "transport" => self.0).decrement(1.0);
     }
 }
 
@@ -105,7 +140,7 @@ pub(crate) async fn open_session(
     let unavailable = |e: &dyn std::error::Error| herald_api::AppError::unavailable(e);
     let read_up_to = state.reads.get(user).await.map_err(|e| unavailable(&e))?;
     // Open the feed first so NATS trouble is a clean 503, not a dead socket.
-    let feed = Feed::open(state.inbox.clone(), user.clone(), after, read_up_to)
+    let feed = Feed::open(&state.hub, user.clone(), after, read_up_to)
         .await
         .map_err(|e| unavailable(&e))?;
     let (unread, last_seq) = tokio::try_join!(

@@ -29,7 +29,7 @@ pub(crate) async fn page(
         .get(&user)
         .await
         .map_err(|e| AppError::unavailable(&e))?;
-    let mut feed = Feed::open(state.inbox.clone(), user.clone(), Some(after), read_up_to)
+    let mut feed = Feed::open(&state.hub, user.clone(), Some(after), read_up_to)
         .await
         .map_err(|e| AppError::unavailable(&e))?;
     let first = feed
@@ -37,6 +37,7 @@ pub(crate) async fn page(
         .await
         .map_err(|e| AppError::unavailable(&e))?;
     if first.is_empty() {
+        let _waiting = crate::Connected::new("longpoll");
         // Wait for a notification; a read announcement alone does not end the wait.
         let next_notification = async {
             loop {

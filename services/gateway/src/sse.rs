@@ -45,6 +45,7 @@ pub(crate) async fn stream(
     // A bounded queue per connection: a client that stops reading fills only its own
     // queue, and its stream ends (it resumes with Last-Event-ID).
     let (tx, rx) = tokio::sync::mpsc::channel(state.config.queue_frames);
+    let connected = crate::Connected::new("sse");
     tokio::spawn(async move {
         let end = crate::feed::pump(feed, tx, |delivery| {
             metrics::counter!("herald_gateway_frames_out_total", "transport" => "sse").increment(1);
@@ -60,9 +61,15 @@ pub(crate) async fn stream(
             })
         })
         .await;
-        if let crate::feed::PumpEnd::Failed(e) = end {
-            tracing::warn!(error = %e, "sse feed failed; ending stream");
+        match end {
+            crate::feed::PumpEnd::Failed(e) => {
+                tracing::warn!(error = %e, "sse feed failed; ending stream");
+            }
+            // The stream simply ends; the browser resumes with Last-Event-ID.
+            crate::feed::PumpEnd::Slow => tracing::debug!("sse client too slow; ending stream"),
+            crate::feed::PumpEnd::Closed => {}
         }
+        drop(connected);
         drop(ticket);
     });
     let live = tokio_stream::wrappers::ReceiverStream::new(rx);

@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use futures::{SinkExt as _, StreamExt as _};
 use herald_api::AppError;
 use herald_protocol::{ClientFrame, FieldError, ServerFrame, UserId};
+use herald_store::Mark;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -52,14 +53,14 @@ pub(crate) async fn upgrade(
     let ticket = state.admission.admit(&user)?;
     let (feed, hello) = crate::open_session(&state, &user, after).await?;
     Ok(ws
-        .read_buffer_size(4096)
+        // Client frames are tiny (`read`, `ack`): a small read buffer, grown on demand.
+        .read_buffer_size(256)
         .write_buffer_size(0)
         .max_message_size(state.config.max_client_frame)
         .max_frame_size(state.config.max_client_frame)
-        .on_upgrade(move |socket| async move {
-            serve(socket, state, user, feed, hello).await;
-            drop(ticket);
-        })
+        // The connection's future is `serve` itself (no wrapper holding a second copy of
+        // its arguments); the hello is serialized before the upgrade.
+        .on_upgrade(move |socket| serve(socket, state, user, feed, text(&hello), ticket))
         .into_response())
 }
 
@@ -73,18 +74,103 @@ fn parse_after(query: Option<&str>) -> Result<Option<u64>, AppError> {
 }
 
 /// What a connection's writer sends: ready frames, or notifications it may coalesce.
+/// What a connection's writer sends: ready frames, or notifications it may coalesce.
+/// Both boxed: an idle connection's queue holds one block of 32 of these, so each stays
+/// a pointer and a tag (16 bytes, not 208).
 enum Out {
-    Msg(Message),
-    Note(herald_protocol::Notification),
+    Msg(Box<Message>),
+    Note(Box<herald_protocol::Notification>),
 }
 
 impl Out {
+    fn msg(m: Message) -> Self {
+        Out::Msg(Box::new(m))
+    }
+
     fn into_message(self) -> Message {
         match self {
-            Out::Msg(m) => m,
-            Out::Note(n) => text(&ServerFrame::Notification(n)),
+            Out::Msg(m) => *m,
+            Out::Note(n) => text(&ServerFrame::Notification(*n)),
         }
     }
+}
+
+type Sink = futures::stream::SplitSink<WebSocket, Message>;
+
+/// Drains a connection's queue to its socket until told to close or the queue ends.
+async fn write_loop(
+    mut sink: Sink,
+    mut rx: mpsc::Receiver<Out>,
+    mut close_rx: oneshot::Receiver<(u16, &'static str)>,
+    max_batch: usize,
+) {
+    loop {
+        tokio::select! {
+            biased;
+            close = &mut close_rx => {
+                if let Ok((code, reason)) = close {
+                    // Boxed: the closing path's timer is only allocated when closing, so
+                    // an idle writer stays small.
+                    Box::pin(close_with(&mut sink, &mut rx, code, reason)).await;
+                }
+                break;
+            }
+            out = rx.recv() => match out {
+                Some(Out::Note(first)) => {
+                    // Coalesce: whatever queued up while the last write was in flight
+                    // goes out as one `batch` frame. No added latency when idle.
+                    let mut items = vec![*first];
+                    let mut after = None;
+                    while items.len() < max_batch {
+                        match rx.try_recv() {
+                            Ok(Out::Note(n)) => items.push(*n),
+                            Ok(Out::Msg(m)) => {
+                                after = Some(*m);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    let frame = if items.len() == 1 {
+                        items.pop().map(ServerFrame::Notification)
+                    } else {
+                        metrics::counter!("herald_gateway_batches_total").increment(1);
+                        Some(ServerFrame::Batch { items })
+                    };
+                    if let Some(frame) = frame && sink.send(text(&frame)).await.is_err() {
+                        break;
+                    }
+                    if let Some(m) = after && sink.send(m).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Out::Msg(m)) => if sink.send(*m).await.is_err() { break },
+                None => break,
+            },
+        }
+    }
+    Box::pin(async {
+        let _ = tokio::time::timeout(CLOSE_GRACE, sink.close()).await;
+    })
+    .await;
+}
+
+/// Flushes what is queued (a `reconnect` frame, say) unless the peer is the problem, then
+/// sends the close frame; all within the grace period.
+async fn close_with(
+    sink: &mut Sink,
+    rx: &mut mpsc::Receiver<Out>,
+    code: u16,
+    reason: &'static str,
+) {
+    let flush = code != close::SLOW_CONSUMER;
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        while flush && let Ok(out) = rx.try_recv() {
+            sink.send(out.into_message()).await?;
+        }
+        sink.send(close_frame(code, reason)).await
+    })
+    .await;
 }
 
 enum Outcome {
@@ -97,81 +183,28 @@ async fn serve(
     state: Arc<GatewayState>,
     user: UserId,
     feed: Feed,
-    hello: ServerFrame,
+    hello: Message,
+    _ticket: crate::admission::Ticket,
 ) {
-    metrics::gauge!("herald_gateway_connections", "transport" => "ws").increment(1.0);
-    let (mut sink, mut stream) = socket.split();
-    let (tx, mut rx) = mpsc::channel::<Out>(state.config.queue_frames);
+    let _connected = crate::Connected::new("ws");
+    let (sink, mut stream) = socket.split();
+    let (tx, rx) = mpsc::channel::<Out>(state.config.queue_frames);
     let max_batch = state.config.max_batch.max(1);
-    let (close_tx, mut close_rx) = oneshot::channel::<(u16, &'static str)>();
-    let writer = tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                biased;
-                close = &mut close_rx => {
-                    if let Ok((code, reason)) = close {
-                        // Flush what is queued (a `reconnect` frame, say) unless the peer is
-                        // the problem, then close; all within the grace period.
-                        let flush = code != close::SLOW_CONSUMER;
-                        let _ = tokio::time::timeout(CLOSE_GRACE, async {
-                            while flush && let Ok(out) = rx.try_recv() {
-                                sink.send(out.into_message()).await?;
-                            }
-                            sink.send(close_frame(code, reason)).await
-                        })
-                        .await;
-                    }
-                    break;
-                }
-                out = rx.recv() => match out {
-                    Some(Out::Note(first)) => {
-                        // Coalesce: whatever queued up while the last write was in flight
-                        // goes out as one `batch` frame. No added latency when idle.
-                        let mut items = vec![first];
-                        let mut after = None;
-                        while items.len() < max_batch {
-                            match rx.try_recv() {
-                                Ok(Out::Note(n)) => items.push(n),
-                                Ok(Out::Msg(m)) => {
-                                    after = Some(m);
-                                    break;
-                                }
-                                Err(_) => break,
-                            }
-                        }
-                        let frame = if items.len() == 1 {
-                            items.pop().map(ServerFrame::Notification)
-                        } else {
-                            metrics::counter!("herald_gateway_batches_total").increment(1);
-                            Some(ServerFrame::Batch { items })
-                        };
-                        if let Some(frame) = frame && sink.send(text(&frame)).await.is_err() {
-                            break;
-                        }
-                        if let Some(m) = after && sink.send(m).await.is_err() {
-                            break;
-                        }
-                    }
-                    Some(Out::Msg(m)) => if sink.send(m).await.is_err() { break },
-                    None => break,
-                },
-            }
-        }
-        let _ = tokio::time::timeout(CLOSE_GRACE, sink.close()).await;
-    });
+    let (close_tx, close_rx) = oneshot::channel::<(u16, &'static str)>();
+    let writer = tokio::spawn(write_loop(sink, rx, close_rx, max_batch));
     let heartbeat = state.config.heartbeat;
     let mut ping = interval_at(Instant::now() + heartbeat, heartbeat);
     let mut last_heard = Instant::now();
     let frames = state.admission.frame_limiter();
     let outcome = 'conn: {
-        if tx.try_send(Out::Msg(text(&hello))).is_err() {
+        if tx.try_send(Out::msg(hello)).is_err() {
             break 'conn Outcome::Gone;
         }
         let mut pump = tokio::spawn(crate::feed::pump(feed, tx.clone(), |delivery| {
             metrics::counter!("herald_gateway_frames_out_total", "transport" => "ws").increment(1);
             match delivery {
-                Delivery::Notification(n) => Out::Note(n),
-                Delivery::Read(up_to) => Out::Msg(text(&ServerFrame::Read { up_to })),
+                Delivery::Notification(n) => Out::Note(Box::new(n)),
+                Delivery::Read(up_to) => Out::msg(text(&ServerFrame::Read { up_to })),
             }
         }));
         let outcome = loop {
@@ -202,7 +235,9 @@ async fn serve(
                             break Outcome::Close(close::POLICY, "too many frames; slow down");
                         }
                         Some(Ok(Message::Text(t))) => {
-                            if let Err(outcome) = on_client_frame(&state, &user, t.as_str()).await {
+                            // Boxed: allocated per client frame, so an idle connection
+                            // does not carry this future's state.
+                            if let Err(outcome) = Box::pin(on_client_frame(&state, &user, t.as_str())).await {
                                 break outcome;
                             }
                         }
@@ -211,14 +246,14 @@ async fn serve(
                 _ = state.shutdown.cancelled() => {
                     // Spread reconnects so a restart is not a thundering herd.
                     let after_ms = rand::random_range(0..5_000);
-                    let _ = tx.try_send(Out::Msg(text(&ServerFrame::Reconnect { after_ms })));
+                    let _ = tx.try_send(Out::msg(text(&ServerFrame::Reconnect { after_ms })));
                     break Outcome::Close(close::GOING_AWAY, "server restarting; reconnect with after=<last seq>");
                 }
                 _ = ping.tick() => {
                     if last_heard.elapsed() > heartbeat * 2 {
                         break Outcome::Close(close::HEARTBEAT, "missed heartbeats");
                     }
-                    if tx.try_send(Out::Msg(Message::Ping(Default::default()))).is_err() {
+                    if tx.try_send(Out::msg(Message::Ping(Default::default()))).is_err() {
                         break Outcome::Gone;
                     }
                 },
@@ -233,11 +268,14 @@ async fn serve(
     }
     drop(tx);
     // A writer stuck on a peer that does not read is given a grace period, then dropped.
+    // (Boxed, like every timer used only at the end, to keep idle connections small.)
     let abort = writer.abort_handle();
-    if tokio::time::timeout(CLOSE_GRACE * 2, writer).await.is_err() {
+    if Box::pin(tokio::time::timeout(CLOSE_GRACE * 2, writer))
+        .await
+        .is_err()
+    {
         abort.abort();
     }
-    metrics::gauge!("herald_gateway_connections", "transport" => "ws").decrement(1.0);
 }
 
 async fn on_client_frame(state: &GatewayState, user: &UserId, text: &str) -> Result<(), Outcome> {
@@ -246,27 +284,17 @@ async fn on_client_frame(state: &GatewayState, user: &UserId, text: &str) -> Res
     let frame: ClientFrame = serde_json::from_value(value)
         .map_err(|_| Outcome::Close(close::POLICY, "unknown or malformed frame"))?;
     match frame {
-        ClientFrame::Read { up_to } => {
-            let last = state
-                .inbox
-                .last_seq(user)
-                .await
-                .map_err(|_| Outcome::Close(close::INTERNAL, "store unavailable"))?;
-            let wanted = up_to.min(last);
-            let position = state
-                .reads
-                .advance(user, wanted)
-                .await
-                .map_err(|_| Outcome::Close(close::INTERNAL, "store unavailable"))?;
-            if position == wanted && wanted > 0 {
-                // Best effort: devices that miss it see the position in their next hello.
-                let _ = state.inbox.announce_read(user, position).await;
-            }
-        }
-        ClientFrame::Ack { up_to } => {
-            tracing::trace!(user = %user, up_to, "seen live");
-            metrics::counter!("herald_gateway_acks_total").increment(1);
-        }
+        // Batched: one KV write per user per flush, however many frames.
+        ClientFrame::Read { up_to } => state
+            .receipts
+            .mark(Mark::Read, user, up_to)
+            .await
+            .map_err(|_| Outcome::Close(close::GOING_AWAY, "server restarting"))?,
+        ClientFrame::Ack { up_to } => state
+            .receipts
+            .mark(Mark::Seen, user, up_to)
+            .await
+            .map_err(|_| Outcome::Close(close::GOING_AWAY, "server restarting"))?,
         // Topics are joined through the topic service; the frame is accepted so clients
         // can send it, and acted on once topics exist.
         ClientFrame::Subscribe { .. } | ClientFrame::Unsubscribe { .. } => {}

@@ -5,6 +5,17 @@
 //!
 //! Without `--nats-url` it starts its own nats-server in a temp dir. Herald runs in this
 //! process, so client and server share the machine's cores, as a laptop would.
+//!
+//! `herald bench conns` ([`conns`]) holds many idle WebSocket connections on a gateway
+//! child process and measures its memory per connection, a broadcast, a reconnect storm
+//! and a slow consumer.
+
+mod conns;
+mod fleet;
+mod load;
+mod natsws;
+
+pub use conns::ConnsArgs;
 
 use crate::mesh::{Mesh, MeshOptions, Roles};
 use async_nats::jetstream::{self, stream};
@@ -31,6 +42,9 @@ pub struct BenchArgs {
 pub enum Which {
     /// Notify throughput (native, HTTP) and notify→frame latency, with raw NATS ceilings.
     Notify(NotifyArgs),
+    /// Idle WebSocket connections on one gateway process: memory per connection, connect
+    /// rate, broadcast delivery, a reconnect storm and a slow consumer.
+    Conns(ConnsArgs),
 }
 
 /// `herald bench notify`.
@@ -72,6 +86,7 @@ pub type BenchError = Box<dyn std::error::Error + Send + Sync>;
 pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     match args.which {
         Which::Notify(a) => notify(a).await,
+        Which::Conns(a) => conns::run(a).await,
     }
 }
 

@@ -75,6 +75,10 @@ pub struct Settings {
     pub heartbeat_s: u64,
     /// Largest notify body, bytes.
     pub body_limit: usize,
+    /// WebSocket/SSE upgrades admitted per second per gateway (over it: 503 + Retry-After).
+    pub upgrades_per_s: u32,
+    /// Longest a read receipt or ack waits before its batched KV write, milliseconds.
+    pub receipts_flush_ms: u64,
     /// Development mode: the demo page may mint tokens for any user.
     pub dev_mode: bool,
     /// SMTP server for the email channel: `smtp://user:pass@host:port` or `smtps://…`.
@@ -131,6 +135,10 @@ impl Default for Settings {
             inbox_days: 30,
             heartbeat_s: 30,
             body_limit: 64 * 1024,
+            upgrades_per_s: herald_gateway::admission::Limits::default().upgrades_per_sec,
+            receipts_flush_ms: herald_store::ReceiptsConfig::default()
+                .flush_every
+                .as_millis() as u64,
             dev_mode: false,
             smtp_url: None,
             email_from: None,
@@ -247,6 +255,15 @@ impl Settings {
                 self.heartbeat_s
             ));
         }
+        if self.upgrades_per_s == 0 {
+            errors.push("upgrades_per_s must be at least 1".into());
+        }
+        if !(1..=60_000).contains(&self.receipts_flush_ms) {
+            errors.push(format!(
+                "receipts_flush_ms must be 1 to 60000, not {}",
+                self.receipts_flush_ms
+            ));
+        }
         if !(1..=3650).contains(&self.inbox_days) {
             errors.push(format!(
                 "inbox_days must be 1 to 3650, not {}",
@@ -330,6 +347,14 @@ impl Settings {
                 },
                 gateway: herald_gateway::GatewayConfig {
                     heartbeat: Duration::from_secs(self.heartbeat_s),
+                    limits: herald_gateway::admission::Limits {
+                        upgrades_per_sec: self.upgrades_per_s,
+                        ..Default::default()
+                    },
+                    receipts: herald_store::ReceiptsConfig {
+                        flush_every: Duration::from_millis(self.receipts_flush_ms),
+                        ..Default::default()
+                    },
                     ..Default::default()
                 },
                 channels,
@@ -516,7 +541,7 @@ impl Settings {
 
 /// Environment keys read (as `HERALD_<KEY>`). Others, like `HERALD_NATS_SERVER`, belong
 /// to other parts and are not configuration errors.
-const ENV_KEYS: [&str; 26] = [
+const ENV_KEYS: [&str; 31] = [
     "http_addr",
     "data_dir",
     "nats_url",
@@ -533,6 +558,8 @@ const ENV_KEYS: [&str; 26] = [
     "inbox_days",
     "heartbeat_s",
     "body_limit",
+    "upgrades_per_s",
+    "receipts_flush_ms",
     "dev_mode",
     "api_keys",
     "smtp_url",
@@ -543,6 +570,9 @@ const ENV_KEYS: [&str; 26] = [
     "worker_concurrency",
     "escalation_delay_ms",
     "provider_rate",
+    "templates_dir",
+    "producer_rate_per_s",
+    "self_subscribe_topics",
 ];
 
 #[cfg(test)]

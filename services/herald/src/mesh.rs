@@ -137,6 +137,9 @@ pub enum MeshError {
     /// The inbox stream is missing or was written with another layout.
     #[error("{0}")]
     Layout(String),
+    /// The gateway could not subscribe to live subjects.
+    #[error(transparent)]
+    Hub(#[from] herald_gateway::HubError),
     /// Native ingest failed.
     #[error("native ingest")]
     Ingest(#[source] async_nats::SubscribeError),
@@ -149,6 +152,7 @@ pub enum MeshError {
 #[derive(Debug)]
 pub struct Mesh {
     addr: SocketAddr,
+    hub: Option<herald_gateway::Hub>,
     stop: CancellationToken,
     tasks: JoinSet<Result<(), MeshError>>,
 }
@@ -181,6 +185,9 @@ impl Mesh {
         let reads = ReadPositions::open(&nats.js_consume)
             .await
             .map_err(MeshError::Reads)?;
+        let seen = ReadPositions::open_seen(&nats.js_consume)
+            .await
+            .map_err(MeshError::Reads)?;
         let inbox = Inbox::new(nats.clone(), opts.subjects.clone());
         let subscriptions = Subscriptions::new(nats.clone(), opts.subjects.clone());
         let preferences = PreferenceStore::open(&nats.js_consume)
@@ -202,12 +209,33 @@ impl Mesh {
         )
         .await?;
         let stop = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        // One receipt batcher per process; at shutdown it writes what it holds before the
+        // mesh reports stopped.
+        let sink = herald_store::receipts::KvSink {
+            inbox: inbox.clone(),
+            reads: reads.clone(),
+            seen: seen.clone(),
+        };
+        let (receipts, batcher) = herald_store::Receipts::start(
+            sink,
+            opts.gateway.receipts,
+            stop.clone().cancelled_owned(),
+        );
+        tasks.spawn(async move {
+            if let Err(e) = batcher.await {
+                tracing::error!(error = %e, "receipt batcher failed");
+            }
+            Ok(())
+        });
         let mut app = Router::new().merge(ops::routes(nats.clone()));
         if opts.roles.api {
             app = app.merge(herald_api::routes(ApiState {
                 acceptor: acceptor.clone(),
                 auth: auth.clone(),
                 reads: reads.clone(),
+                seen,
+                receipts: receipts.clone(),
                 preferences: preferences.clone(),
                 rates: Arc::new(herald_api::ProducerRates::new(opts.rates.clone())),
                 subscriptions: subscriptions.clone(),
@@ -219,10 +247,15 @@ impl Mesh {
             }));
             app = app.merge(channels.routes(auth.clone()));
         }
+        let mut gateway_hub = None;
         if opts.roles.gateway {
+            let hub = herald_gateway::Hub::start(inbox.clone()).await?;
+            gateway_hub = Some(hub.clone());
             app = app.merge(herald_gateway::routes(GatewayState::new(
                 inbox.clone(),
                 reads.clone(),
+                receipts,
+                hub,
                 auth.clone(),
                 opts.gateway,
                 stop.clone(),
@@ -232,7 +265,6 @@ impl Mesh {
             app = app.merge(crate::page::routes(acceptor.clone(), auth.clone()));
         }
         let app = app.layer(tower_http::trace::TraceLayer::new_for_http());
-        let mut tasks = JoinSet::new();
         let http_stop = stop.clone();
         // Small frames must leave at once: without TCP_NODELAY, Nagle's algorithm holds
         // a WebSocket frame back until the previous one is acked (tens of milliseconds).
@@ -291,12 +323,22 @@ impl Mesh {
             });
         }
         tracing::info!(%addr, roles = ?opts.roles, "herald serving");
-        Ok(Mesh { addr, stop, tasks })
+        Ok(Mesh {
+            addr,
+            hub: gateway_hub,
+            stop,
+            tasks,
+        })
     }
 
     /// The address served.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The gateway's live hub, when this process runs the gateway.
+    pub fn hub(&self) -> Option<&herald_gateway::Hub> {
+        self.hub.as_ref()
     }
 
     /// A token that stops the mesh when cancelled.

@@ -38,4 +38,7 @@ pub struct Unread {
     pub unread: u64,
     /// Newest seq in the inbox.
     pub last_seq: u64,
+    /// Highest seq the user acknowledged seeing live (`ack` frames); 0 when none.
+    #[serde(default)]
+    pub seen_seq: u64,
 }

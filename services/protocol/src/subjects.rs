@@ -181,6 +181,11 @@ impl Subjects {
         )
     }
 
+    /// Every live subject of one partition (a gateway hub subscribes to each).
+    pub fn live_partition(&self, partition: u16) -> String {
+        format!("{}.live.{partition}.*", self.prefix)
+    }
+
     /// Every live subject (the republish destination).
     pub fn live_all(&self) -> String {
         format!("{}.live.>", self.prefix)

@@ -4,7 +4,8 @@
 //! - [`provision`]: streams, buckets and consumers as code, idempotent.
 //! - [`inbox`]: appending to and reading from the per-user INBOX stream.
 //! - [`direct`]: batched direct gets (`$JS.API.DIRECT.GET`), which async-nats lacks.
-//! - [`reads`]: per-user read positions.
+//! - [`reads`]: per-user read and seen positions.
+//! - [`receipts`]: the batcher that writes them (one KV write per user per flush).
 //! - [`targets`]: push devices and encrypted contact data.
 //! - [`status`]: delivery status per notification, and sent markers.
 //! - [`preferences`]: per-user preferences.
@@ -19,6 +20,7 @@ pub mod inbox;
 pub mod preferences;
 pub mod provision;
 pub mod reads;
+pub mod receipts;
 pub mod scheduled;
 pub mod status;
 pub mod targets;
@@ -30,6 +32,7 @@ pub use inbox::{AppendAck, Inbox, InboxError, InboxPage};
 pub use preferences::{PreferenceStore, PreferencesError};
 pub use provision::{ProvisionError, ProvisionReport, provision};
 pub use reads::ReadPositions;
+pub use receipts::{Mark, Receipts, ReceiptsConfig};
 pub use scheduled::Cancelled;
 pub use status::StatusStore;
 pub use targets::Targets;

@@ -72,7 +72,22 @@ pub async fn provision(
     for spec in streams::streams(subjects, settings) {
         ensure_stream(js, &spec, &mut report).await?;
     }
-    ensure_reads_bucket(js, settings, &mut report).await?;
+    ensure_positions_bucket(
+        js,
+        settings,
+        &mut report,
+        streams::READS_BUCKET,
+        "Herald read positions: user token -> highest seq read",
+    )
+    .await?;
+    ensure_positions_bucket(
+        js,
+        settings,
+        &mut report,
+        streams::SEEN_BUCKET,
+        "Herald seen positions (ack frames): user token -> highest seq seen live",
+    )
+    .await?;
     ensure_bucket(
         js,
         kv::Config {
@@ -429,12 +444,13 @@ fn same_tunables(a: &stream::Config, b: &stream::Config) -> bool {
 /// Largest read-position message: NATS counts the CAS headers against the value limit.
 const READS_VALUE_LIMIT: i32 = 1024;
 
-async fn ensure_reads_bucket(
+async fn ensure_positions_bucket(
     js: &jetstream::Context,
     settings: &StreamSettings,
     report: &mut ProvisionReport,
+    bucket: &str,
+    description: &str,
 ) -> Result<(), ProvisionError> {
-    let bucket = streams::READS_BUCKET;
     match js.get_key_value(bucket).await {
         Ok(_) => {
             // Early versions capped values at 32 bytes, which the CAS headers overflow.
@@ -463,7 +479,7 @@ async fn ensure_reads_bucket(
         Err(_) => {
             js.create_key_value(kv::Config {
                 bucket: bucket.to_string(),
-                description: "Herald read positions: user token -> highest seq read".into(),
+                description: description.into(),
                 history: 1,
                 max_value_size: READS_VALUE_LIMIT,
                 storage: stream::StorageType::File,

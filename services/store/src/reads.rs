@@ -1,18 +1,20 @@
-//! Read positions: per user, the highest `seq` marked read. Stored in a KV bucket and only
-//! ever moved forward (compare-and-set), so concurrent devices cannot move it back.
+//! Positions per user in a KV bucket: the highest `seq` marked read (`herald_reads`) or
+//! seen live (`herald_seen`, from `ack` frames). Only ever moved forward (compare-and-set),
+//! so concurrent devices cannot move one back. Writes are batched by [`crate::receipts`].
 
 use async_nats::jetstream::kv;
 use herald_protocol::UserId;
 
-/// Read positions in the `herald_reads` bucket.
+/// Per-user positions in one KV bucket (`herald_reads` or `herald_seen`).
 #[derive(Clone)]
 pub struct ReadPositions {
     store: kv::Store,
+    bucket: &'static str,
 }
 
 impl std::fmt::Debug for ReadPositions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ReadPositions")
+        write!(f, "ReadPositions({})", self.bucket)
     }
 }
 
@@ -22,16 +24,31 @@ impl std::fmt::Debug for ReadPositions {
 pub struct ReadsError(#[source] Box<dyn std::error::Error + Send + Sync>);
 
 impl ReadPositions {
-    /// Opens the bucket (provisioning creates it).
+    /// Opens the read-position bucket (provisioning creates it).
     ///
     /// # Errors
     /// [`ReadsError`] when the bucket is missing or NATS is unreachable.
     pub async fn open(js: &async_nats::jetstream::Context) -> Result<Self, ReadsError> {
+        Self::open_bucket(js, herald_protocol::streams::READS_BUCKET).await
+    }
+
+    /// Opens the seen-position bucket (`ack` frames; provisioning creates it).
+    ///
+    /// # Errors
+    /// [`ReadsError`] when the bucket is missing or NATS is unreachable.
+    pub async fn open_seen(js: &async_nats::jetstream::Context) -> Result<Self, ReadsError> {
+        Self::open_bucket(js, herald_protocol::streams::SEEN_BUCKET).await
+    }
+
+    async fn open_bucket(
+        js: &async_nats::jetstream::Context,
+        bucket: &'static str,
+    ) -> Result<Self, ReadsError> {
         let store = js
-            .get_key_value(herald_protocol::streams::READS_BUCKET)
+            .get_key_value(bucket)
             .await
             .map_err(|e| ReadsError(Box::new(e)))?;
-        Ok(Self { store })
+        Ok(Self { store, bucket })
     }
 
     /// The user's read position, 0 when none.
@@ -100,18 +117,23 @@ impl ReadPositions {
             let value: bytes::Bytes = up_to.to_string().into_bytes().into();
             if revision == 0 {
                 match self.store.create(key.as_str(), value).await {
-                    Ok(_) => return Ok(up_to),
+                    Ok(_) => return Ok(self.written(up_to)),
                     Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
                     Err(e) => return Err(ReadsError(Box::new(e))),
                 }
             } else {
                 match self.store.update(key.as_str(), value, revision).await {
-                    Ok(_) => return Ok(up_to),
+                    Ok(_) => return Ok(self.written(up_to)),
                     Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {}
                     Err(e) => return Err(ReadsError(Box::new(e))),
                 }
             }
             // Lost a race with another device: read again and retry.
         }
+    }
+
+    fn written(&self, up_to: u64) -> u64 {
+        metrics::counter!("herald_positions_kv_writes_total", "bucket" => self.bucket).increment(1);
+        up_to
     }
 }

@@ -1,4 +1,9 @@
 //! `POST /v1/me/read` and `GET /v1/me/unread`.
+//!
+//! A read goes through the process's receipt batcher, and the answer waits for the flush
+//! of its batch: whoever gets the answer may immediately ask `GET /v1/me/unread` or open a
+//! connection (`hello`) and see the new position (read-your-writes), while many receipts
+//! still cost one KV write per user per flush.
 
 use super::ApiState;
 use crate::auth::User;
@@ -7,8 +12,9 @@ use crate::http::notify::read_body;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::State;
-use herald_protocol::FieldError;
 use herald_protocol::pages::Unread;
+use herald_protocol::{FieldError, UserId};
+use herald_store::Mark;
 use std::sync::Arc;
 
 #[derive(serde::Deserialize)]
@@ -28,42 +34,54 @@ pub(super) async fn mark_read(
             format!("expected {{\"up_to\": <seq>}}: {e}"),
         ))
     })?;
-    let inbox = state.acceptor.inbox();
-    let last_seq = inbox
-        .last_seq(&user)
-        .await
-        .map_err(|e| AppError::unavailable(&e))?;
-    // Never past the newest notification: a read position ahead of the inbox would hide
-    // notifications that arrive later.
-    let wanted = up_to.min(last_seq);
+    // The batcher clamps to the newest notification (a read position ahead of the inbox
+    // would hide later ones) and announces the new position to the user's other devices.
     let position = state
-        .reads
-        .advance(&user, wanted)
+        .receipts
+        .mark_and_wait(Mark::Read, &user, up_to)
         .await
         .map_err(|e| AppError::unavailable(&e))?;
-    if position == wanted && wanted > 0 {
-        // Best effort: devices that miss it see the position in their next hello.
-        let _ = inbox.announce_read(&user, position).await;
-    }
-    let unread = inbox
-        .count_after(&user, position)
-        .await
-        .map_err(|e| AppError::unavailable(&e))?;
-    Ok(Json(Unread { unread, last_seq }))
+    counts(&state, &user, position).await.map(Json)
 }
 
 pub(super) async fn unread(
     State(state): State<Arc<ApiState>>,
     User(user): User,
 ) -> Result<Json<Unread>, AppError> {
-    let inbox = state.acceptor.inbox();
     let position = state
         .reads
         .get(&user)
         .await
         .map_err(|e| AppError::unavailable(&e))?;
-    let (unread, last_seq) =
-        tokio::try_join!(inbox.count_after(&user, position), inbox.last_seq(&user))
-            .map_err(|e| AppError::unavailable(&e))?;
-    Ok(Json(Unread { unread, last_seq }))
+    counts(&state, &user, position).await.map(Json)
+}
+
+async fn counts(state: &ApiState, user: &UserId, read_up_to: u64) -> Result<Unread, AppError> {
+    let inbox = state.acceptor.inbox();
+    let (unread, last_seq, seen_seq) = tokio::try_join!(
+        async {
+            inbox
+                .count_after(user, read_up_to)
+                .await
+                .map_err(|e| AppError::unavailable(&e))
+        },
+        async {
+            inbox
+                .last_seq(user)
+                .await
+                .map_err(|e| AppError::unavailable(&e))
+        },
+        async {
+            state
+                .seen
+                .get(user)
+                .await
+                .map_err(|e| AppError::unavailable(&e))
+        },
+    )?;
+    Ok(Unread {
+        unread,
+        last_seq,
+        seen_seq,
+    })
 }

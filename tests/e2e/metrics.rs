@@ -1,0 +1,76 @@
+//! The gateway's metrics reach `/metrics`: connections by transport, connects, replay
+//! sizes, live delay, receipts and the KV writes they cost. (Metrics are process-wide and
+//! tests run in parallel, so this checks presence and lower bounds, not exact values.)
+
+use anyhow::Context as _;
+use herald_tests::{Herald, Nats, Resume, eventually};
+use reqwest::Method;
+use serde_json::json;
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::Message;
+
+/// The value of the first sample line that starts with `prefix`.
+fn sample(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_metrics_are_exported() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    let a = herald.send("mia", "one").await?;
+    let mut ws = herald.ws("mia", Resume::After(0)).await?;
+    ws.hello().await?;
+    assert_eq!(ws.take(1).await?[0]["seq"], a.seq);
+    let mut sse = herald.sse("mia", Resume::Live).await?;
+    sse.next_event().await?;
+    let b = herald.send("mia", "two").await?;
+    assert_eq!(ws.take(1).await?[0]["seq"], b.seq);
+    ws.send(Message::text(
+        json!({"type": "read", "up_to": b.seq}).to_string(),
+    ))
+    .await?;
+    ws.send(Message::text(
+        json!({"type": "ack", "up_to": b.seq}).to_string(),
+    ))
+    .await?;
+    let text = eventually(Duration::from_secs(10), "receipts written", || async {
+        let text = herald
+            .request(Method::GET, "/metrics")
+            .send()
+            .await?
+            .text()
+            .await?;
+        let writes = sample(
+            &text,
+            "herald_positions_kv_writes_total{bucket=\"herald_seen\"}",
+        )
+        .context("no seen writes yet")?;
+        anyhow::ensure!(writes >= 1.0);
+        Ok(text)
+    })
+    .await?;
+    for (prefix, at_least) in [
+        ("herald_gateway_connections{transport=\"ws\"}", 1.0),
+        ("herald_gateway_connections{transport=\"sse\"}", 1.0),
+        ("herald_gateway_connects_total{transport=\"ws\"}", 1.0),
+        ("herald_gateway_connects_total{transport=\"sse\"}", 1.0),
+        ("herald_receipts_total{kind=\"read\"}", 1.0),
+        ("herald_receipts_total{kind=\"seen\"}", 1.0),
+        ("herald_receipts_flushes_total", 1.0),
+        (
+            "herald_positions_kv_writes_total{bucket=\"herald_reads\"}",
+            1.0,
+        ),
+        ("herald_gateway_replay_size_count", 1.0),
+        ("herald_gateway_live_delay_seconds_count", 1.0),
+    ] {
+        let value = sample(&text, prefix).with_context(|| format!("{prefix} missing"))?;
+        anyhow::ensure!(value >= at_least, "{prefix} = {value}");
+    }
+    Ok(())
+}
