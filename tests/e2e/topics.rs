@@ -308,3 +308,63 @@ async fn fanout_applies_each_subscribers_preferences() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_frames_join_and_leave_topics() -> anyhow::Result<()> {
+    use tokio_tungstenite::tungstenite::Message;
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats)
+        .topics(herald_api::TopicSettings {
+            self_subscribe: vec!["public.*".into()],
+        })
+        .start()
+        .await?;
+    let mut ws = herald.ws("jon", Resume::After(0)).await?;
+    ws.hello().await?;
+    let frame = |kind: &str, topic: &str| {
+        Message::Text(json!({"type": kind, "topic": topic}).to_string().into())
+    };
+    ws.send(frame("subscribe", "public.weather")).await?;
+    let answer = ws.next_frame().await?;
+    ensure!(
+        answer == json!({"type": "subscription", "topic": "public.weather", "subscribed": true}),
+        "{answer}"
+    );
+    ws.send(frame("subscribe", "staff-only")).await?;
+    let refused = ws.next_frame().await?;
+    ensure!(
+        refused["subscribed"] == false && refused["error"].is_string(),
+        "{refused}"
+    );
+    let mine = ok(herald
+        .user(Method::GET, "/v1/me/subscriptions", "jon")
+        .send()
+        .await?)
+    .await?;
+    ensure!(mine["topics"] == json!(["public.weather"]), "{mine}");
+
+    // The connection receives what is published to the topic it joined.
+    let published = publish(&herald, "public.weather", "storm warning").await?;
+    let live = within(Duration::from_secs(20), "the topic copy", ws.take(1)).await??;
+    ensure!(live[0]["title"] == "storm warning", "{live:?}");
+    progress_done(
+        &herald,
+        "public.weather",
+        published["id"].as_str().context("id")?,
+    )
+    .await?;
+
+    ws.send(frame("unsubscribe", "public.weather")).await?;
+    let left = ws.next_frame().await?;
+    ensure!(
+        left["subscribed"] == false && left.get("error").is_none(),
+        "{left}"
+    );
+    let mine = ok(herald
+        .user(Method::GET, "/v1/me/subscriptions", "jon")
+        .send()
+        .await?)
+    .await?;
+    ensure!(mine["topics"] == json!([]), "{mine}");
+    Ok(())
+}

@@ -393,6 +393,11 @@ impl Driver {
             ServerFrame::Reconnect { after_ms } => {
                 return Ok(Some(Duration::from_millis(after_ms)));
             }
+            ServerFrame::Subscription { topic, error, .. } => {
+                if let Some(error) = error {
+                    self.note_error(&format!("topic {topic:?}: {error}"));
+                }
+            }
         }
         Ok(None)
     }

@@ -78,6 +78,17 @@ pub struct GatewayState {
     pub shutdown: tokio_util::sync::CancellationToken,
     /// Who may connect now.
     pub admission: Arc<admission::Admission>,
+    /// Topic subscriptions, for `subscribe`/`unsubscribe` frames.
+    pub topics: Option<Topics>,
+}
+
+/// What `subscribe`/`unsubscribe` frames need: the store and the rules.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    /// Subscriptions.
+    pub subscriptions: herald_store::Subscriptions,
+    /// Which topics users may join themselves.
+    pub settings: Arc<herald_api::TopicSettings>,
 }
 
 impl GatewayState {
@@ -100,7 +111,15 @@ impl GatewayState {
             admission: Arc::new(admission::Admission::new(config.limits)),
             config,
             shutdown,
+            topics: None,
         }
+    }
+
+    /// Lets connections join and leave topics with frames.
+    #[must_use]
+    pub fn with_topics(mut self, topics: Topics) -> Self {
+        self.topics = Some(topics);
+        self
     }
 }
 

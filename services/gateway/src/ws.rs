@@ -237,8 +237,15 @@ async fn serve(
                         Some(Ok(Message::Text(t))) => {
                             // Boxed: allocated per client frame, so an idle connection
                             // does not carry this future's state.
-                            if let Err(outcome) = Box::pin(on_client_frame(&state, &user, t.as_str())).await {
-                                break outcome;
+                            match Box::pin(on_client_frame(&state, &user, t.as_str())).await {
+                                Err(outcome) => break outcome,
+                                // An answer waits in the same bounded queue as notifications.
+                                Ok(Some(answer)) => {
+                                    if tx.try_send(Out::msg(text(&answer))).is_err() {
+                                        break Outcome::Close(close::SLOW_CONSUMER, "slow consumer: resume from your last seq");
+                                    }
+                                }
+                                Ok(None) => {}
                             }
                         }
                     }
@@ -278,7 +285,11 @@ async fn serve(
     }
 }
 
-async fn on_client_frame(state: &GatewayState, user: &UserId, text: &str) -> Result<(), Outcome> {
+async fn on_client_frame(
+    state: &GatewayState,
+    user: &UserId,
+    text: &str,
+) -> Result<Option<ServerFrame>, Outcome> {
     let value: serde_json::Value = serde_json::from_str(text)
         .map_err(|_| Outcome::Close(close::INVALID_PAYLOAD, "frames must be JSON"))?;
     let frame: ClientFrame = serde_json::from_value(value)
@@ -295,11 +306,70 @@ async fn on_client_frame(state: &GatewayState, user: &UserId, text: &str) -> Res
             .mark(Mark::Seen, user, up_to)
             .await
             .map_err(|_| Outcome::Close(close::GOING_AWAY, "server restarting"))?,
-        // Topics are joined through the topic service; the frame is accepted so clients
-        // can send it, and acted on once topics exist.
-        ClientFrame::Subscribe { .. } | ClientFrame::Unsubscribe { .. } => {}
+        ClientFrame::Subscribe { topic } => {
+            return Ok(Some(subscription(state, user, topic, true).await));
+        }
+        ClientFrame::Unsubscribe { topic } => {
+            return Ok(Some(subscription(state, user, topic, false).await));
+        }
     }
-    Ok(())
+    Ok(None)
+}
+
+/// Joins or leaves a topic for a `subscribe`/`unsubscribe` frame; the answer says how it
+/// went (a refusal is an answer, not a reason to drop the connection).
+async fn subscription(
+    state: &GatewayState,
+    user: &UserId,
+    topic: String,
+    join: bool,
+) -> ServerFrame {
+    let refuse = |topic: String, error: &str| ServerFrame::Subscription {
+        topic,
+        subscribed: false,
+        error: Some(error.to_owned()),
+    };
+    let Some(topics) = &state.topics else {
+        return refuse(topic, "topics are not served by this gateway");
+    };
+    let id = match herald_protocol::TopicId::new(topic.clone()) {
+        Ok(id) => id,
+        Err(e) => return refuse(topic, &e.to_string()),
+    };
+    if join && !topics.settings.allows_self(&id) {
+        return refuse(
+            topic,
+            "this topic does not allow users to subscribe themselves",
+        );
+    }
+    let done = if join {
+        topics
+            .subscriptions
+            .subscribe(&id, std::slice::from_ref(user), "self")
+            .await
+            .map(|_| ())
+    } else {
+        topics
+            .subscriptions
+            .unsubscribe(&id, user)
+            .await
+            .map(|_| ())
+    };
+    match done {
+        Ok(()) => ServerFrame::Subscription {
+            topic,
+            subscribed: join,
+            error: None,
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "topic subscription failed");
+            ServerFrame::Subscription {
+                topic,
+                subscribed: !join,
+                error: Some("the subscription store is unavailable; try again".into()),
+            }
+        }
+    }
 }
 
 fn is_too_big(e: &axum::Error) -> bool {

@@ -251,15 +251,21 @@ impl Mesh {
         if opts.roles.gateway {
             let hub = herald_gateway::Hub::start(inbox.clone()).await?;
             gateway_hub = Some(hub.clone());
-            app = app.merge(herald_gateway::routes(GatewayState::new(
-                inbox.clone(),
-                reads.clone(),
-                receipts,
-                hub,
-                auth.clone(),
-                opts.gateway,
-                stop.clone(),
-            )));
+            app = app.merge(herald_gateway::routes(
+                GatewayState::new(
+                    inbox.clone(),
+                    reads.clone(),
+                    receipts,
+                    hub,
+                    auth.clone(),
+                    opts.gateway,
+                    stop.clone(),
+                )
+                .with_topics(herald_gateway::Topics {
+                    subscriptions: subscriptions.clone(),
+                    settings: Arc::new(opts.topics.clone()),
+                }),
+            ));
         }
         if opts.dev_mode {
             app = app.merge(crate::page::routes(acceptor.clone(), auth.clone()));

@@ -37,6 +37,17 @@ pub enum ServerFrame {
         /// Delay before reconnecting, jittered per client.
         after_ms: u64,
     },
+    /// The answer to a `subscribe`/`unsubscribe` frame: the topic's state for this user,
+    /// and why, when the request was refused.
+    Subscription {
+        /// The topic.
+        topic: String,
+        /// Whether the user is now subscribed.
+        subscribed: bool,
+        /// Why the request was refused.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
 }
 
 /// Frames a client may send.

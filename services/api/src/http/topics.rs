@@ -28,7 +28,8 @@ pub struct TopicSettings {
 }
 
 impl TopicSettings {
-    fn allows_self(&self, topic: &TopicId) -> bool {
+    /// Whether users may join `topic` themselves.
+    pub fn allows_self(&self, topic: &TopicId) -> bool {
         self.self_subscribe
             .iter()
             .any(|p| match p.strip_suffix('*') {
