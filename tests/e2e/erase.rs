@@ -84,7 +84,10 @@ async fn erase_removes_everything_of_one_user_and_nothing_else() -> anyhow::Resu
         .await?;
     ensure!(
         answer["removed"]
-            == json!({"notifications": 3, "scheduled": 1, "preferences": true, "read_position": true}),
+            == json!({
+                "notifications": 3, "scheduled": 1, "preferences": true, "read_position": true,
+                "seen_position": false, "devices_and_contact": true
+            }),
         "{answer}"
     );
     ensure!(herald.inbox(user).await?.is_empty(), "inbox erased");

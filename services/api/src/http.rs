@@ -59,6 +59,8 @@ pub struct ApiState {
     pub rates: Arc<crate::ProducerRates>,
     /// Topic subscriptions.
     pub subscriptions: Subscriptions,
+    /// Devices and contacts (erased with the user).
+    pub targets: herald_store::Targets,
     /// Fan-out progress.
     pub fanouts: FanoutLog,
     /// Topic rules.

@@ -234,6 +234,11 @@ impl Channels {
         })
     }
 
+    /// Where users can be reached (devices and sealed contacts).
+    pub fn targets(&self) -> &Targets {
+        &self.targets
+    }
+
     /// What the router needs.
     pub fn routing(&self) -> herald_router::Routing {
         herald_router::Routing {

@@ -239,6 +239,7 @@ impl Mesh {
                 preferences: preferences.clone(),
                 rates: Arc::new(herald_api::ProducerRates::new(opts.rates.clone())),
                 subscriptions: subscriptions.clone(),
+                targets: channels.targets().clone(),
                 fanouts: FanoutLog::open(&nats.js_consume)
                     .await
                     .map_err(MeshError::FanoutLog)?,

@@ -1,7 +1,7 @@
 //! `DELETE /v1/users/{user_id}` (scope admin): the GDPR erase. Removes the user's
-//! notifications and pending schedules, preferences and read position, and answers with
-//! what it removed. Channel jobs already queued find their notification gone and are
-//! dropped by the workers.
+//! notifications and pending schedules, preferences, read and seen positions, devices
+//! and contact data, and answers with what it removed. Channel jobs already queued find
+//! their notification gone and are dropped by the workers.
 
 use super::ApiState;
 use crate::auth::Producer;
@@ -37,6 +37,16 @@ pub(super) async fn erase(
         .erase(&user)
         .await
         .map_err(|e| AppError::unavailable(&e))?;
+    let seen_position = state
+        .seen
+        .erase(&user)
+        .await
+        .map_err(|e| AppError::unavailable(&e))?;
+    state
+        .targets
+        .erase(&user)
+        .await
+        .map_err(|e| AppError::unavailable(&e))?;
     tracing::info!(producer = %producer.0.producer, notifications, scheduled, "user erased");
     metrics::counter!("herald_users_erased_total").increment(1);
     Ok(Json(json!({
@@ -47,6 +57,8 @@ pub(super) async fn erase(
             "scheduled": scheduled,
             "preferences": preferences,
             "read_position": read_position,
+            "seen_position": seen_position,
+            "devices_and_contact": true,
         }
     })))
 }
