@@ -3,11 +3,10 @@
 //! scheduler holds it) unless the notification is `high`; over a cap it is skipped with
 //! the rule, visible in the delivery status.
 
-use anyhow::{Context as _, ensure};
-use futures::StreamExt as _;
+use anyhow::ensure;
+use herald_protocol::Policy;
 use herald_protocol::preferences::RateCap;
-use herald_protocol::{ChannelJob, Policy};
-use herald_tests::{Herald, Nats, eventually, within};
+use herald_tests::{Herald, JobFeed, Nats, eventually};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -20,22 +19,6 @@ async fn with_device(herald: &Herald, user: &str) -> anyhow::Result<()> {
         .await?;
     ensure!(r.status().is_success(), "device: {}", r.status());
     Ok(())
-}
-
-async fn job_feed(herald: &Herald) -> anyhow::Result<async_nats::Subscriber> {
-    let client = herald.nats_client().await?;
-    let sub = client
-        .subscribe(format!("{}.work.>", herald.subjects().prefix()))
-        .await?;
-    client.flush().await?;
-    Ok(sub)
-}
-
-async fn next_job(jobs: &mut async_nats::Subscriber, wait: Duration) -> anyhow::Result<ChannelJob> {
-    let msg = within(wait, "the next channel job", jobs.next())
-        .await?
-        .context("job feed closed")?;
-    Ok(serde_json::from_slice(&msg.payload)?)
 }
 
 /// The push entry of a notification's delivery status, once it has one.
@@ -76,7 +59,7 @@ async fn quiet_hours_hold_channel_work_until_they_end_except_for_high() -> anyho
         .send()
         .await?;
     ensure!(r.status() == StatusCode::OK, "prefs: {}", r.status());
-    let mut jobs = job_feed(&herald).await?;
+    let mut jobs = JobFeed::open(&herald).await?;
 
     let quiet = herald
         .accept(&json!({"user_id": "quinn", "title": "later", "channels": ["inbox", "push"]}))
@@ -90,7 +73,7 @@ async fn quiet_hours_hold_channel_work_until_they_end_except_for_high() -> anyho
         "inbox records during quiet hours"
     );
     // The high one's job comes first, while the normal one waits.
-    let first = next_job(&mut jobs, Duration::from_secs(20)).await?;
+    let first = jobs.next(Duration::from_secs(20)).await?;
     ensure!(first.id == urgent.id, "high is not held: {first:?}");
     let waiting = push_status(&herald, &quiet.id).await?;
     ensure!(
@@ -104,7 +87,7 @@ async fn quiet_hours_hold_channel_work_until_they_end_except_for_high() -> anyho
         "with the rule: {waiting}"
     );
     // When quiet hours end, JetStream hands it back and the router enqueues it.
-    let job = next_job(&mut jobs, Duration::from_secs(150)).await?;
+    let job = jobs.next(Duration::from_secs(150)).await?;
     let released = jiff::Timestamp::now();
     ensure!(
         job.id == quiet.id && job.seq == quiet.seq,
@@ -132,7 +115,7 @@ async fn rate_caps_skip_interrupting_channels_over_the_cap() -> anyhow::Result<(
     }]);
     let herald = Herald::builder(&nats).policy(policy).start().await?;
     with_device(&herald, "rae").await?;
-    let mut jobs = job_feed(&herald).await?;
+    let mut jobs = JobFeed::open(&herald).await?;
     let like = |n: u32| json!({"user_id": "rae", "title": format!("like {n}"), "category": "like", "channels": ["inbox", "push"]});
     let first = herald.accept(&like(1)).await?;
     let second = herald.accept(&like(2)).await?;
@@ -142,7 +125,7 @@ async fn rate_caps_skip_interrupting_channels_over_the_cap() -> anyhow::Result<(
         .await?;
     let mut ids = Vec::new();
     for _ in 0..3 {
-        ids.push(next_job(&mut jobs, Duration::from_secs(20)).await?.id);
+        ids.push(jobs.next(Duration::from_secs(20)).await?.id);
     }
     ensure!(
         ids == [first.id.clone(), second.id.clone(), other.id.clone()],

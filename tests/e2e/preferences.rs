@@ -3,10 +3,9 @@
 //! next notification.
 
 use anyhow::{Context as _, ensure};
-use futures::StreamExt as _;
 use herald_protocol::preferences::CategoryRule;
-use herald_protocol::{Channel, ChannelJob, Policy};
-use herald_tests::{Herald, Nats, within};
+use herald_protocol::{Channel, Policy};
+use herald_tests::{Herald, JobFeed, Nats};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -203,22 +202,6 @@ async fn configured_categories_are_enforced() -> anyhow::Result<()> {
 }
 
 /// Jobs the router enqueues, as they pass through NATS (whatever the work streams).
-async fn job_feed(herald: &Herald) -> anyhow::Result<async_nats::Subscriber> {
-    let client = herald.nats_client().await?;
-    let sub = client
-        .subscribe(format!("{}.work.>", herald.subjects().prefix()))
-        .await?;
-    client.flush().await?;
-    Ok(sub)
-}
-
-async fn next_job(jobs: &mut async_nats::Subscriber) -> anyhow::Result<ChannelJob> {
-    let msg = within(Duration::from_secs(20), "the next channel job", jobs.next())
-        .await?
-        .context("job subscription closed")?;
-    Ok(serde_json::from_slice(&msg.payload)?)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn router_applies_preferences_to_the_next_notification() -> anyhow::Result<()> {
     let nats = Nats::single().await?;
@@ -236,7 +219,7 @@ async fn router_applies_preferences_to_the_next_notification() -> anyhow::Result
         .send()
         .await?;
     ensure!(r.status().is_success(), "POST device {}", r.status());
-    let mut jobs = job_feed(&herald).await?;
+    let mut jobs = JobFeed::open(&herald).await?;
     let send = |category: &'static str, channels: Value| {
         let herald = &herald;
         async move {
@@ -256,7 +239,7 @@ async fn router_applies_preferences_to_the_next_notification() -> anyhow::Result
     ensure!(r.status() == StatusCode::OK, "PUT {}", r.status());
     send("marketing", json!(["inbox", "email"])).await?;
     let social = send("social", json!(["inbox", "email"])).await?;
-    let job = next_job(&mut jobs).await?;
+    let job = jobs.next(Duration::from_secs(20)).await?;
     ensure!(
         job.id == social.id && job.channel == Channel::Email,
         "first job is social's: {job:?}"
@@ -264,7 +247,7 @@ async fn router_applies_preferences_to_the_next_notification() -> anyhow::Result
 
     // The configured default keeps marketing SMS off; push is on.
     send("marketing", json!(["sms", "push"])).await?;
-    let job = next_job(&mut jobs).await?;
+    let job = jobs.next(Duration::from_secs(20)).await?;
     ensure!(
         job.channel == Channel::Push,
         "marketing sms suppressed by default: {job:?}"
@@ -275,7 +258,7 @@ async fn router_applies_preferences_to_the_next_notification() -> anyhow::Result
     ensure!(r.status() == StatusCode::OK, "PUT {}", r.status());
     let quiet = send("social", json!(["inbox", "push", "email"])).await?;
     let alert = send("security", json!(["inbox", "sms"])).await?;
-    let job = next_job(&mut jobs).await?;
+    let job = jobs.next(Duration::from_secs(20)).await?;
     ensure!(
         job.id == alert.id && job.channel == Channel::Sms,
         "only the critical job: {job:?}"

@@ -10,6 +10,7 @@
 //!   synchronise.
 
 pub mod herald;
+pub mod jobs;
 pub mod nats;
 pub mod scripted;
 pub mod smtp;
@@ -18,6 +19,7 @@ pub mod wait;
 pub mod ws;
 
 pub use herald::{Accepted, Herald, HeraldBuilder, Resume};
+pub use jobs::JobFeed;
 pub use nats::Nats;
 pub use sse::{SseClient, SseEvent};
 pub use wait::{eventually, within};
