@@ -116,6 +116,7 @@ async fn preferences_merge_and_bad_fields_are_named() -> anyhow::Result<()> {
             "quiet_hours.start",
         ),
         (json!({"digest": "weekly"}), "digest"),
+        (json!({"channels": {"inbox": false}}), "channels.inbox"),
         (
             json!({"categories": {"like": {"email": "no"}}}),
             "categories.like.email",

@@ -411,6 +411,14 @@ fn switches(field: &str, value: Value) -> Result<ChannelSwitches, FieldError> {
         let on = on
             .as_bool()
             .ok_or_else(|| FieldError::new(&field, "expected true or false"))?;
+        if channel == Channel::Inbox && !on {
+            // The inbox is the record and the replay cursor; hiding entries from it would
+            // break resume-by-position. Preferences silence the interrupting channels.
+            return Err(FieldError::new(
+                &field,
+                "the inbox always records; turn off push, email, sms or webhook instead",
+            ));
+        }
         out.insert(channel, on);
     }
     Ok(out)
@@ -583,6 +591,11 @@ mod tests {
         );
         assert_eq!(field(json!({"digest":"weekly"})), "digest");
         assert_eq!(field(json!({"locale":"de DE"})), "locale");
+        assert_eq!(field(json!({"channels":{"inbox":false}})), "channels.inbox");
+        assert_eq!(
+            field(json!({"categories":{"like":{"inbox":false}}})),
+            "categories.like.inbox"
+        );
         assert_eq!(field(json!({"colour":"blue"})), "colour");
         let strict = PreferencesPatch::from_json(br#"{"categories":{"spam":{}}}"#, &strict());
         assert_eq!(strict.expect_err("unknown").field, "categories.spam");
