@@ -126,3 +126,20 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     }
     out
 }
+
+impl From<crate::accept::AcceptError> for AppError {
+    /// 400 naming the field, 413 for a notification too large to store, 503 otherwise.
+    fn from(e: crate::accept::AcceptError) -> Self {
+        use crate::accept::AcceptError;
+        use herald_store::InboxError;
+        match e {
+            AcceptError::Invalid(f) => Self::field(f),
+            AcceptError::Store(e @ InboxError::TooLarge(_)) => Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                e.to_string(),
+            ),
+            AcceptError::Store(e) => Self::unavailable(&e),
+        }
+    }
+}

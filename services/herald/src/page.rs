@@ -94,14 +94,12 @@ async fn notify_self(
         .acceptor
         .prepare(&raw, "dev-page", None)
         .await
-        .map_err(|e| match e {
-            herald_api::AcceptError::Invalid(f) => AppError::field(f),
-            herald_api::AcceptError::Store(e) => AppError::unavailable(&e),
-        })?;
-    let accepted = state.acceptor.commit(prepared).await.map_err(|e| match e {
-        herald_api::AcceptError::Invalid(f) => AppError::field(f),
-        herald_api::AcceptError::Store(e) => AppError::unavailable(&e),
-    })?;
+        .map_err(AppError::from)?;
+    let accepted = state
+        .acceptor
+        .commit(prepared)
+        .await
+        .map_err(AppError::from)?;
     Ok((
         StatusCode::ACCEPTED,
         Json(serde_json::json!({"id": accepted.id, "status": "accepted", "seq": accepted.seq})),

@@ -2,7 +2,7 @@
 //! (cancelling a scheduled one).
 
 use super::ApiState;
-use crate::accept::{AcceptError, Accepted};
+use crate::accept::Accepted;
 use crate::auth::Producer;
 use crate::error::AppError;
 use axum::Json;
@@ -12,7 +12,7 @@ use axum::http::{HeaderMap, StatusCode};
 use herald_auth::Scope;
 use herald_protocol::pages;
 use herald_protocol::{ErrorBody, FieldError};
-use herald_store::{Cancelled, InboxError};
+use herald_store::Cancelled;
 use serde_json::Value;
 use std::sync::Arc;
 
@@ -32,18 +32,6 @@ fn idempotency_header(headers: &HeaderMap) -> Result<Option<&str>, AppError> {
                 "must be printable ASCII",
             ))
         }),
-    }
-}
-
-fn store_error(e: AcceptError) -> AppError {
-    match e {
-        AcceptError::Invalid(f) => AppError::field(f),
-        AcceptError::Store(e @ InboxError::TooLarge(_)) => AppError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            e.to_string(),
-        ),
-        AcceptError::Store(e) => AppError::unavailable(&e),
     }
 }
 
@@ -75,8 +63,12 @@ pub(super) async fn notify(
         .acceptor
         .prepare(&bytes, &producer.0.producer, key)
         .await
-        .map_err(store_error)?;
-    let accepted = state.acceptor.commit(prepared).await.map_err(store_error)?;
+        .map_err(AppError::from)?;
+    let accepted = state
+        .acceptor
+        .commit(prepared)
+        .await
+        .map_err(AppError::from)?;
     metrics::counter!("herald_notify_accepted_total", "path" => "http").increment(1);
     Ok((StatusCode::ACCEPTED, Json(accepted_body(accepted))))
 }
@@ -132,21 +124,21 @@ pub(super) async fn batch(
             .prepare(raw.get().as_bytes(), &producer.0.producer, key.as_deref())
             .await
         {
-            Err(e) => results.push(Some(rejected(ErrorBody::from(store_error(e))))),
+            Err(e) => results.push(Some(rejected(ErrorBody::from(AppError::from(e))))),
             Ok(prepared) => match state.acceptor.send(&prepared).await {
                 Ok(ack) => {
                     results.push(None);
                     pending.push((i, prepared, ack));
                 }
                 // Items already sent stay sent: report this one, carry on with the rest.
-                Err(e) => results.push(Some(rejected(ErrorBody::from(store_error(e))))),
+                Err(e) => results.push(Some(rejected(ErrorBody::from(AppError::from(e))))),
             },
         }
     }
     for (i, prepared, ack) in pending {
         results[i] = Some(match crate::Acceptor::finish(prepared, ack).await {
             Ok(a) => ItemResult::Accepted(accepted_body(a)),
-            Err(e) => rejected(ErrorBody::from(store_error(e))),
+            Err(e) => rejected(ErrorBody::from(AppError::from(e))),
         });
     }
     let accepted = results
@@ -190,7 +182,7 @@ pub(super) async fn cancel(
         .acceptor
         .cancel(&id, &producer.0.producer)
         .await
-        .map_err(store_error)?
+        .map_err(AppError::from)?
     {
         Cancelled::Cancelled => {
             metrics::counter!("herald_scheduled_cancelled_total").increment(1);

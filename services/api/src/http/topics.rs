@@ -3,7 +3,6 @@
 //! fan-out workers; its progress is readable while it runs.
 
 use super::ApiState;
-use crate::accept::AcceptError;
 use crate::auth::{Producer, User};
 use crate::error::AppError;
 use crate::http::notify::read_body;
@@ -176,10 +175,7 @@ pub(super) async fn publish(
         .acceptor
         .prepare(&raw, &producer.0.producer, key)
         .await
-        .map_err(|e| match e {
-            AcceptError::Invalid(f) => AppError::field(f),
-            AcceptError::Store(e) => AppError::unavailable(&e),
-        })?;
+        .map_err(AppError::from)?;
     let job = FanoutJob {
         id: prepared.id().to_owned(),
         topic: t.clone(),
