@@ -126,6 +126,18 @@ async fn a_publish_reaches_every_subscriber_once_on_every_transport() -> anyhow:
         "user_id on a topic publish: {}",
         bad.status()
     );
+    let hostile = herald
+        .producer(
+            Method::GET,
+            &format!("/v1/topics/{topic}/publishes/a%20*%3E"),
+        )
+        .send()
+        .await?;
+    ensure!(
+        hostile.status() == StatusCode::BAD_REQUEST,
+        "a publish id that is not a UUID: {}",
+        hostile.status()
+    );
     Ok(())
 }
 

@@ -201,6 +201,12 @@ pub(super) async fn progress(
 ) -> Result<Json<Value>, AppError> {
     producer.require(Scope::Read)?;
     let t = topic(t)?;
+    if uuid::Uuid::parse_str(&id).is_err() {
+        return Err(AppError::field(FieldError::new(
+            "id",
+            "not a publish id (a UUID)",
+        )));
+    }
     match state.fanouts.get(&id).await.map_err(unavailable)? {
         Some(p) => Ok(Json(json!({"id": id, "topic": t, "fanout": p}))),
         None => Ok(Json(
