@@ -11,6 +11,7 @@ mod frames;
 mod heartbeats;
 mod hub;
 mod isolation;
+mod lanes;
 mod metrics;
 mod native;
 mod notify;

@@ -133,7 +133,9 @@ async fn native_answers_never_go_to_system_or_herald_subjects() -> anyhow::Resul
     let victim = herald_protocol::UserId::new("victim")?;
     // A producer names the victim's read position and inbox as reply subjects.
     let read_key = format!("$KV.herald_reads.{}", victim.token());
-    let victim_inbox = herald.subjects().inbox(&victim);
+    let victim_inbox = herald
+        .subjects()
+        .inbox_entry(&victim, herald_protocol::Priority::Normal);
     let mut watch_kv = client.subscribe(read_key.clone()).await?;
     let mut watch_inbox = client.subscribe(victim_inbox.clone()).await?;
     let body = json!({"user_id": "mallory", "title": "x"}).to_string();

@@ -154,9 +154,14 @@ async fn pages_and_live_step_past_undecodable_inbox_messages() -> anyhow::Result
     let user = herald_protocol::UserId::new("quinn")?;
     let js = async_nats::jetstream::new(herald.nats_client().await?);
     for _ in 0..3 {
-        js.publish(herald.subjects().inbox(&user), "not a notification".into())
-            .await?
-            .await?;
+        js.publish(
+            herald
+                .subjects()
+                .inbox_entry(&user, herald_protocol::Priority::Normal),
+            "not a notification".into(),
+        )
+        .await?
+        .await?;
     }
     let mut ws = herald
         .ws("quinn", herald_tests::Resume::After(first.seq))

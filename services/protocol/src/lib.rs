@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! herald.notify                      native ingest (request/reply, answered with a JetStream ack)
-//! herald.inbox.<part>.<user-token>   INBOX stream: one subject per user; stream seq = inbox `seq`
+//! herald.inbox.<part>.<user-token>.<lane>  INBOX stream: a user's inbox is their three lane
+//!                                    subjects (high/normal/low); stream seq = inbox `seq`
 //! herald.live.<part>.<user-token>    republished by INBOX after each store, carries Nats-Sequence
 //! herald.work.<channel>.<lane>       HERALD_WORK_<CHANNEL> streams: jobs, lanes high/normal/low
 //! herald.dlq.<channel>               HERALD_DLQ stream: dead-lettered jobs with the reason
@@ -19,7 +20,8 @@
 //!
 //! `<user-token>` is the unpadded base64url encoding of the user id's bytes ([`UserToken`]):
 //! injective, and never `*`, `>` or a `.`, so no id reaches another user's subject.
-//! `<part>` is a stable hash of the id modulo the partition count, so one router owns a user.
+//! `<part>` is a stable hash of the id modulo the partition count, so one router owns a user
+//! (per lane: routing has lanes, so `high` never waits behind a backlog of `low`).
 
 pub mod error;
 pub mod frames;

@@ -71,7 +71,7 @@ pub struct StreamSettings {
     pub replicas: usize,
     /// How long the inbox keeps notifications.
     pub inbox_max_age: Duration,
-    /// How many notifications the inbox keeps per user.
+    /// How many notifications the inbox keeps per user and lane (the per-subject limit).
     pub inbox_max_per_user: i64,
     /// How long the same idempotency key is recognised.
     pub dedup_window: Duration,
@@ -111,7 +111,7 @@ pub fn streams(subjects: &Subjects, settings: &StreamSettings) -> Vec<StreamSpec
             max_msg_size: 128 * 1024,
             duplicate_window: settings.dedup_window,
             allow_direct: true,
-            republish: Some((subjects.inbox_all(), subjects.live_all())),
+            republish: Some(subjects.republish()),
             replicas: settings.replicas,
             metadata: vec![(
                 PARTITIONS_METADATA.into(),
@@ -195,10 +195,20 @@ pub const CAPS_BUCKET: &str = "herald_caps";
 /// KV bucket of fan-out progress (key: publish id).
 pub const FANOUT_BUCKET: &str = "herald_fanout";
 
-/// Durable name of the router consumer of one partition.
-pub fn router_consumer(partition: u16) -> String {
+/// Durable name of the router consumer of one lane of one partition.
+pub fn router_consumer(partition: u16, lane: crate::Priority) -> String {
+    format!("herald-router-p{partition}-{}", lane.as_str())
+}
+
+/// Durable name of the single router consumer per partition of earlier versions, before
+/// routing had lanes; provisioning removes it.
+pub fn legacy_router_consumer(partition: u16) -> String {
     format!("herald-router-p{partition}")
 }
+
+/// The lane whose router consumer also takes a partition's notifications coming back
+/// from quiet hours (only notifications below `high` are ever deferred).
+pub const DEFERRED_LANE: crate::Priority = crate::Priority::Normal;
 
 /// Header of the core message announcing a user's new read position on their live
 /// subject (value: the position). Gateways turn it into a `read` frame for every device.

@@ -64,10 +64,27 @@ impl Subjects {
         format!("{}.notify", self.prefix)
     }
 
-    /// A user's inbox subject.
+    /// Where one notification of `user` at priority `lane` is stored:
+    /// `inbox.<partition>.<user token>.<lane>`.
+    ///
+    /// The lane is part of the subject so that routing has lanes too: each partition has
+    /// one router consumer per lane, and a `high` notification never waits behind a
+    /// backlog of `low` ones. The user's inbox is the union of their three lane subjects
+    /// ([`Subjects::inbox`]), read in stream order, so `seq` stays one position per user.
+    pub fn inbox_entry(&self, user: &UserId, lane: crate::Priority) -> String {
+        format!(
+            "{}.inbox.{}.{}.{}",
+            self.prefix,
+            user.partition(self.partitions),
+            user.token(),
+            lane.as_str()
+        )
+    }
+
+    /// A user's whole inbox, every lane (a filter: read it, never publish to it).
     pub fn inbox(&self, user: &UserId) -> String {
         format!(
-            "{}.inbox.{}.{}",
+            "{}.inbox.{}.{}.*",
             self.prefix,
             user.partition(self.partitions),
             user.token()
@@ -79,9 +96,21 @@ impl Subjects {
         format!("{}.inbox.>", self.prefix)
     }
 
-    /// Every inbox subject of one partition (a router consumer's filter).
-    pub fn inbox_partition(&self, partition: u16) -> String {
-        format!("{}.inbox.{partition}.*", self.prefix)
+    /// The entries of one lane of one partition (a router consumer's filter).
+    pub fn inbox_lane(&self, partition: u16, lane: crate::Priority) -> String {
+        format!("{}.inbox.{partition}.*.{}", self.prefix, lane.as_str())
+    }
+
+    /// What INBOX republishes, as `(source, destination)`: every entry to its user's live
+    /// subject, the lane token dropped, so a gateway listens to one subject per user.
+    pub fn republish(&self) -> (String, String) {
+        (
+            format!("{}.inbox.*.*.*", self.prefix),
+            format!(
+                "{}.live.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}",
+                self.prefix
+            ),
+        )
     }
 
     /// Where a scheduled notification waits until its `send_at` (one subject per
@@ -226,9 +255,25 @@ impl Subjects {
         format!("{}.rejected", self.prefix)
     }
 
-    /// Which user an inbox or live subject belongs to.
+    /// Which user an inbox entry or live subject belongs to.
     pub fn user_of(&self, subject: &str) -> Option<UserId> {
-        let token = subject.rsplit('.').next()?;
+        let rest = subject
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix('.')?;
+        let mut tokens = rest.split('.');
+        let kind = tokens.next()?;
+        let _partition = tokens.next()?;
+        let token = tokens.next()?;
+        let shape_ok = match kind {
+            "inbox" => tokens
+                .next()
+                .is_some_and(|lane| crate::Priority::ALL.iter().any(|p| p.as_str() == lane)),
+            "live" => true,
+            _ => false,
+        };
+        if !shape_ok || tokens.next().is_some() {
+            return None;
+        }
         crate::user::UserToken::decode(token).ok()
     }
 }
@@ -242,12 +287,32 @@ mod tests {
         let s = Subjects::default();
         for raw in ["*", ">", "a.b", "bob.*", " ", "$JS.API.STREAM.DELETE.INBOX"] {
             let id = UserId::new(raw).expect("valid");
-            let subject = s.inbox(&id);
-            let tokens: Vec<_> = subject.split('.').collect();
-            assert_eq!(tokens.len(), 4, "{subject}");
-            assert!(!subject.contains('*') && !subject.contains('>') && !subject.contains(' '));
-            assert_eq!(s.user_of(&subject), Some(id));
+            for lane in crate::Priority::ALL {
+                let subject = s.inbox_entry(&id, lane);
+                let tokens: Vec<_> = subject.split('.').collect();
+                assert_eq!(tokens.len(), 5, "{subject}");
+                assert!(!subject.contains('*') && !subject.contains('>') && !subject.contains(' '));
+                assert_eq!(s.user_of(&subject), Some(id.clone()));
+            }
+            let live = s.live(&id);
+            assert_eq!(live.split('.').count(), 4, "{live}");
+            assert_eq!(s.user_of(&live), Some(id.clone()));
+            // The read filter is the entry subjects with the lane as its only wildcard.
+            assert_eq!(s.inbox(&id).matches('*').count(), 1);
+            assert!(s.inbox(&id).ends_with(".*"));
         }
+    }
+
+    #[test]
+    fn republish_drops_the_lane() {
+        let s = Subjects::new("acme.herald", 4).expect("valid");
+        let (src, dest) = s.republish();
+        assert_eq!(src, "acme.herald.inbox.*.*.*");
+        assert_eq!(dest, "acme.herald.live.{{wildcard(1)}}.{{wildcard(2)}}");
+        assert_eq!(
+            s.inbox_lane(3, crate::Priority::High),
+            "acme.herald.inbox.3.*.high"
+        );
     }
 
     #[test]

@@ -22,7 +22,7 @@ use async_nats::jetstream::message::PublishMessage;
 use futures::StreamExt as _;
 use herald_protocol::Subjects;
 use herald_protocol::streams::{self, INBOX};
-use herald_protocol::{Channel, ChannelJob, Policy, Preferences, StoredNotification};
+use herald_protocol::{Channel, ChannelJob, Policy, Preferences, Priority, StoredNotification};
 use herald_store::status::{State, Update};
 use herald_store::targets::target_id;
 use herald_store::{CapDecision, Nats, PreferenceStore, RateCaps, StatusStore, Targets};
@@ -44,10 +44,12 @@ pub enum RouterError {
     #[error("opening the rate cap bucket")]
     Caps(#[source] herald_store::CapsError),
     /// A partition consumer could not be opened.
-    #[error("opening router consumer for partition {partition}")]
+    #[error("opening router consumer for partition {partition}, lane {}", .lane.as_str())]
     Consumer {
         /// The partition.
         partition: u16,
+        /// The lane.
+        lane: Priority,
         /// The NATS error.
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
@@ -90,13 +92,16 @@ pub async fn run(
     let stop = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
     for partition in 0..subjects.partitions() {
-        let consumer = open(&nats, partition).await?;
-        tasks.spawn(partition_loop(
-            route.clone(),
-            partition,
-            consumer,
-            stop.clone(),
-        ));
+        // A consumer per lane: a backlog of `low` never delays the routing of `high`.
+        for lane in Priority::ALL {
+            let consumer = open(&nats, partition, lane).await?;
+            tasks.spawn(partition_loop(
+                route.clone(),
+                partition,
+                consumer,
+                stop.clone(),
+            ));
+        }
     }
     tracing::info!(partitions = subjects.partitions(), "router running");
     shutdown.await;
@@ -105,22 +110,21 @@ pub async fn run(
     Ok(())
 }
 
-async fn open(nats: &Nats, partition: u16) -> Result<PullConsumer, RouterError> {
-    fn err(partition: u16, e: impl std::error::Error + Send + Sync + 'static) -> RouterError {
-        RouterError::Consumer {
-            partition,
-            source: Box::new(e),
-        }
-    }
+async fn open(nats: &Nats, partition: u16, lane: Priority) -> Result<PullConsumer, RouterError> {
+    let err = |source| RouterError::Consumer {
+        partition,
+        lane,
+        source,
+    };
     let stream = nats
         .js_consume
         .get_stream_no_info(INBOX)
         .await
-        .map_err(|e| err(partition, e))?;
+        .map_err(|e| err(Box::new(e)))?;
     stream
-        .get_consumer(&streams::router_consumer(partition))
+        .get_consumer(&streams::router_consumer(partition, lane))
         .await
-        .map_err(|source| RouterError::Consumer { partition, source })
+        .map_err(err)
 }
 
 /// At shutdown, stop once no message arrived for this long...
@@ -263,7 +267,7 @@ impl Route {
         // Quiet hours: below `high`, the channel work waits; the inbox entry is already there.
         if !deferred
             && !channels.is_empty()
-            && stored.priority != herald_protocol::Priority::High
+            && stored.priority != Priority::High
             && let Some(until) = prefs.quiet_until(now)
         {
             if let Err(e) = deferral::defer(nats, subjects, &stored, seq, until).await {

@@ -80,7 +80,8 @@ pub async fn next_batch(
     request(client, stream, &req).await
 }
 
-/// The newest message of `subject`, at or below `up_to` when given.
+/// The newest message of `subject` (which may hold wildcards: the newest of every subject
+/// it matches), at or below `up_to` when given.
 ///
 /// # Errors
 /// [`DirectGetError`] when NATS is unreachable or answers with an error.
@@ -99,7 +100,8 @@ pub async fn last(
             multi_last: None,
             up_to_seq: None,
         },
-        // `last_by_subj` cannot be bounded; `multi_last` with one subject can.
+        // `last_by_subj` cannot be bounded; `multi_last` with one filter can. It answers
+        // the newest message of each subject the filter matches: the newest of those wins.
         Some(up_to) => Request {
             seq: None,
             next_by_subj: None,
@@ -109,7 +111,10 @@ pub async fn last(
             up_to_seq: Some(up_to),
         },
     };
-    Ok(request(client, stream, &req).await?.pop())
+    Ok(request(client, stream, &req)
+        .await?
+        .into_iter()
+        .max_by_key(|m| m.seq))
 }
 
 /// The newest message of each of `subjects` (at most a few hundred per call), in one

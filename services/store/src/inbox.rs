@@ -109,7 +109,7 @@ impl Inbox {
         }
         self.nats
             .js
-            .send_publish(self.subjects.inbox(&n.user_id), publish)
+            .send_publish(self.subjects.inbox_entry(&n.user_id, n.priority), publish)
             .await
             .map_err(|e| match e.kind() {
                 PublishErrorKind::MaxPayloadExceeded => InboxError::TooLarge(0),

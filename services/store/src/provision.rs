@@ -5,8 +5,8 @@
 //! with a message that says what to do, since applying them would strand stored data.
 
 use async_nats::jetstream::{self, consumer, kv, stream};
-use herald_protocol::Subjects;
 use herald_protocol::streams::{self, Retention, StreamSettings, StreamSpec};
+use herald_protocol::{Priority, Subjects};
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -155,7 +155,10 @@ pub async fn provision(
     )
     .await?;
     for partition in 0..subjects.partitions() {
-        ensure_router_consumer(js, subjects, partition).await?;
+        for lane in Priority::ALL {
+            ensure_router_consumer(js, subjects, partition, lane).await?;
+        }
+        remove_legacy_router_consumer(js, partition).await?;
     }
     ensure_fanout_consumer(js).await?;
     ensure_bucket(
@@ -537,16 +540,22 @@ async fn ensure_fanout_consumer(js: &jetstream::Context) -> Result<(), Provision
     Ok(())
 }
 
-/// The router consumer of one partition: one pinned client at a time, so one router owns
-/// each user; a standby router takes over when the pinned one stops pulling.
-pub fn router_consumer_config(subjects: &Subjects, partition: u16) -> consumer::pull::Config {
+/// The router consumer of one lane of one partition: one pinned client at a time, so one
+/// router owns each user's lane; a standby router takes over when the pinned one stops
+/// pulling. A lane has its own consumer so that `high` never waits behind `low`.
+pub fn router_consumer_config(
+    subjects: &Subjects,
+    partition: u16,
+    lane: Priority,
+) -> consumer::pull::Config {
+    let mut filter_subjects = vec![subjects.inbox_lane(partition, lane)];
+    if lane == streams::DEFERRED_LANE {
+        // Notifications coming back from quiet hours (never `high`).
+        filter_subjects.push(subjects.deferred_partition(partition));
+    }
     consumer::pull::Config {
-        durable_name: Some(streams::router_consumer(partition)),
-        // The partition's inboxes, and its notifications coming back from quiet hours.
-        filter_subjects: vec![
-            subjects.inbox_partition(partition),
-            subjects.deferred_partition(partition),
-        ],
+        durable_name: Some(streams::router_consumer(partition, lane)),
+        filter_subjects,
         // Explicit, per message: with AckAll, a router taking over a partition would ack
         // the messages its crashed predecessor had pulled but not routed.
         ack_policy: consumer::AckPolicy::Explicit,
@@ -561,32 +570,67 @@ pub fn router_consumer_config(subjects: &Subjects, partition: u16) -> consumer::
     }
 }
 
-async fn ensure_router_consumer(
+/// Removes the lane-less router consumer of earlier versions: its filter no longer
+/// matches the inbox subjects, and nobody pulls it.
+async fn remove_legacy_router_consumer(
     js: &jetstream::Context,
-    subjects: &Subjects,
     partition: u16,
 ) -> Result<(), ProvisionError> {
     let stream = js
         .get_stream_no_info(streams::INBOX)
         .await
         .map_err(|e| nats_err("opening the inbox stream")(Box::new(e)))?;
-    let wanted = router_consumer_config(subjects, partition);
-    let name = streams::router_consumer(partition);
+    let name = streams::legacy_router_consumer(partition);
+    if stream.consumer_info(&name).await.is_ok() {
+        stream.delete_consumer(&name).await.map_err(|e| {
+            nats_err(format!(
+                "removing the lane-less router consumer p{partition}"
+            ))(Box::new(e))
+        })?;
+        tracing::info!(
+            partition,
+            "removed the lane-less router consumer of an earlier version"
+        );
+    }
+    Ok(())
+}
+
+async fn ensure_router_consumer(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    partition: u16,
+    lane: Priority,
+) -> Result<(), ProvisionError> {
+    let stream = js
+        .get_stream_no_info(streams::INBOX)
+        .await
+        .map_err(|e| nats_err("opening the inbox stream")(Box::new(e)))?;
+    let wanted = router_consumer_config(subjects, partition, lane);
+    let name = streams::router_consumer(partition, lane);
     match stream.get_consumer::<consumer::pull::Config>(&name).await {
         Ok(mut existing) => {
             let info = existing.info().await.map_err(|e| {
-                nats_err(format!("reading router consumer p{partition}"))(Box::new(e))
+                nats_err(format!(
+                    "reading router consumer p{partition}-{}",
+                    lane.as_str()
+                ))(Box::new(e))
             })?;
-            // Consumers from before quiet-hours deferral filter the inboxes only.
+            // Filters change between versions (quiet-hours deferral added one).
             if info.config.filter_subjects != wanted.filter_subjects {
                 stream.update_consumer(wanted).await.map_err(|e| {
-                    nats_err(format!("updating router consumer p{partition}"))(Box::new(e))
+                    nats_err(format!(
+                        "updating router consumer p{partition}-{}",
+                        lane.as_str()
+                    ))(Box::new(e))
                 })?;
             }
         }
         Err(_) => {
             stream.create_consumer(wanted).await.map_err(|e| {
-                nats_err(format!("creating router consumer p{partition}"))(Box::new(e))
+                nats_err(format!(
+                    "creating router consumer p{partition}-{}",
+                    lane.as_str()
+                ))(Box::new(e))
             })?;
         }
     }

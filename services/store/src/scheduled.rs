@@ -54,7 +54,7 @@ impl Inbox {
             .header("Nats-Schedule", format!("@at {at}").as_str())
             .header(
                 "Nats-Schedule-Target",
-                self.subjects().inbox(&n.user_id).as_str(),
+                self.subjects().inbox_entry(&n.user_id, n.priority).as_str(),
             )
             .header(PRODUCER_HEADER, producer);
         if n.channels.iter().any(|c| *c != Channel::Inbox) {

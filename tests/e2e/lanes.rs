@@ -1,0 +1,110 @@
+//! Priority lanes in routing. The router has a consumer per partition *and lane*, so a
+//! `high` notification is routed while every `low` consumer is stalled behind a backlog:
+//! it does not wait for its turn in a shared queue, it is in another one. The test stalls
+//! the `low` lane for real (JetStream consumer pause), so it proves the isolation without
+//! racing the router.
+
+use anyhow::{Context as _, ensure};
+use async_nats::jetstream;
+use herald_protocol::Priority;
+use herald_protocol::streams::{INBOX, router_consumer};
+use herald_tests::{Herald, JobFeed, Nats};
+use reqwest::Method;
+use serde_json::json;
+use std::collections::HashSet;
+use std::time::Duration;
+
+const BACKLOG: usize = 1_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn high_is_routed_while_the_low_lane_is_stalled_behind_a_backlog() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    let r = herald
+        .user(Method::POST, "/v1/me/devices", "omar")
+        .json(&json!({"platform": "ios", "token": "a".repeat(64)}))
+        .send()
+        .await?;
+    ensure!(r.status().is_success(), "device: {}", r.status());
+    let js = jetstream::new(herald.nats_client().await?);
+    let inbox = js.get_stream(INBOX).await?;
+    let partitions = herald.subjects().partitions();
+    let until = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
+    for p in 0..partitions {
+        inbox
+            .pause_consumer(&router_consumer(p, Priority::Low), until)
+            .await?;
+    }
+    let mut jobs = JobFeed::open(&herald).await?;
+
+    // A marketing blast for the same user: stored at once, its routing stalled.
+    let blast: Vec<_> = (0..BACKLOG)
+        .map(|i| json!({"user_id": "omar", "title": format!("promo {i}"), "priority": "low", "channels": ["inbox", "push"]}))
+        .collect();
+    let r = herald
+        .producer(Method::POST, "/v1/notify/batch")
+        .json(&json!({"notifications": blast}))
+        .send()
+        .await?;
+    ensure!(r.status().is_success(), "batch: {}", r.status());
+    let low: HashSet<String> = r.json::<serde_json::Value>().await?["results"]
+        .as_array()
+        .context("batch results")?
+        .iter()
+        .filter_map(|item| item["id"].as_str().map(str::to_owned))
+        .collect();
+    ensure!(
+        low.len() == BACKLOG,
+        "every low one accepted: {}",
+        low.len()
+    );
+
+    // The OTP behind it is routed, and enqueued on the high lane of the push queue.
+    let otp = herald
+        .accept(&json!({"user_id": "omar", "title": "OTP 123456", "priority": "high", "channels": ["inbox", "push"]}))
+        .await?;
+    let job = jobs.next(Duration::from_secs(20)).await?;
+    ensure!(job.id == otp.id, "the first job is the OTP: {job:?}");
+    ensure!(job.priority == Priority::High, "on the high lane: {job:?}");
+
+    // ...while the whole blast still waits in the low lane, none of it routed.
+    let mut waiting = 0;
+    for p in 0..partitions {
+        let info = inbox
+            .consumer_info(&router_consumer(p, Priority::Low))
+            .await?;
+        waiting += info.num_pending + info.num_ack_pending as u64;
+    }
+    ensure!(
+        waiting == BACKLOG as u64,
+        "the low lane still holds the blast: {waiting}"
+    );
+
+    // The inbox is one sequence across lanes: the blast in order, then the OTP.
+    let stored = herald.inbox("omar").await?;
+    ensure!(stored.len() == BACKLOG + 1, "inbox: {}", stored.len());
+    let seqs: Vec<u64> = stored
+        .iter()
+        .map(|n| n["seq"].as_u64().context("seq"))
+        .collect::<Result<_, _>>()?;
+    ensure!(seqs.windows(2).all(|w| w[0] < w[1]), "seq strictly rises");
+    ensure!(stored[BACKLOG]["id"] == otp.id.as_str(), "the OTP is last");
+
+    // Resumed, the low lane routes every one of the blast, once.
+    for p in 0..partitions {
+        inbox
+            .resume_consumer(&router_consumer(p, Priority::Low))
+            .await?;
+    }
+    let mut routed = HashSet::new();
+    while routed.len() < BACKLOG {
+        let job = jobs.next(Duration::from_secs(30)).await?;
+        ensure!(
+            job.priority == Priority::Low,
+            "only the blast is left: {job:?}"
+        );
+        ensure!(low.contains(&job.id), "a job of the blast: {job:?}");
+        ensure!(routed.insert(job.id.clone()), "routed twice: {job:?}");
+    }
+    Ok(())
+}
