@@ -6,16 +6,20 @@
 //! Without `--nats-url` it starts its own nats-server in a temp dir. Herald runs in this
 //! process, so client and server share the machine's cores, as a laptop would.
 //!
+//! `herald bench lanes` ([`lanes`]) shows `high` overtaking a queued blast of `low`.
+//!
 //! `herald bench conns` ([`conns`]) holds many idle WebSocket connections on a gateway
 //! child process and measures its memory per connection, a broadcast, a reconnect storm
 //! and a slow consumer.
 
 mod conns;
 mod fleet;
+mod lanes;
 mod load;
 mod natsws;
 
 pub use conns::ConnsArgs;
+pub use lanes::LanesArgs;
 
 use crate::mesh::{Mesh, MeshOptions, Roles};
 use async_nats::jetstream::{self, stream};
@@ -45,6 +49,9 @@ pub enum Which {
     /// Idle WebSocket connections on one gateway process: memory per connection, connect
     /// rate, broadcast delivery, a reconnect storm and a slow consumer.
     Conns(ConnsArgs),
+    /// `high` while a blast of `low` is queued: a high notification's time to its
+    /// WebSocket frame and to the APNs fake, beside the backlog it overtook.
+    Lanes(LanesArgs),
 }
 
 /// `herald bench notify`.
@@ -87,6 +94,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     match args.which {
         Which::Notify(a) => notify(a).await,
         Which::Conns(a) => conns::run(a).await,
+        Which::Lanes(a) => lanes::run(a).await,
     }
 }
 
