@@ -12,6 +12,7 @@
 
 mod conns;
 mod fleet;
+pub mod jobs;
 mod load;
 mod natsws;
 
