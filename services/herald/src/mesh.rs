@@ -245,6 +245,7 @@ impl Mesh {
                 rates: Arc::new(herald_api::ProducerRates::new(opts.rates.clone())),
                 subscriptions: subscriptions.clone(),
                 targets: channels.targets().clone(),
+                status: channels.status().clone(),
                 fanouts: FanoutLog::open(&nats.js_consume)
                     .await
                     .map_err(MeshError::FanoutLog)?,
