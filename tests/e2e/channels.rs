@@ -342,6 +342,87 @@ async fn high_is_delivered_while_low_has_a_backlog() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Low jobs waiting in [`high_is_delivered_while_100k_low_jobs_wait`].
+const LOW_BACKLOG: usize = 100_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn high_is_delivered_while_100k_low_jobs_wait() -> anyhow::Result<()> {
+    use herald_protocol::streams::worker_consumer;
+    use herald_protocol::{Priority, UserId};
+    let nats = Nats::single().await?;
+    let apns = Arc::new(Scripted::new("apns", Channel::Push));
+    // Slow enough that the backlog cannot drain while the test runs.
+    apns.delay(Duration::from_millis(5));
+    let herald = Herald::builder(&nats)
+        .channels(with(settings(rand_key()), &apns, Limits::default()))
+        .start()
+        .await?;
+    // The inbox keeps 10,000 per user: spread the backlog over enough users.
+    let mut users = Vec::new();
+    for i in 0..20 {
+        let user = format!("backlog-{i}");
+        device(&herald, &user, "tok-backlog").await?;
+        users.push(UserId::new(user)?);
+    }
+    let target = herald_store::targets::target_id(&herald_channels::Target::Device {
+        platform: herald_channels::Platform::Ios,
+        token: "tok-backlog".into(),
+    });
+    let store = herald_store::connect(&nats.url(), "backlog-loader").await?;
+    let load = herald::bench::jobs::JobLoad {
+        users,
+        channel: Channel::Push,
+        lane: Priority::Low,
+        target,
+        count: LOW_BACKLOG,
+        title: "promo".into(),
+    };
+    herald::bench::jobs::enqueue(&store, herald.subjects(), &load)
+        .await
+        .map_err(|e| anyhow::anyhow!("enqueue: {e}"))?;
+    eventually(WAIT, "the low backlog is being worked", || async {
+        ensure!(!apns.calls().is_empty());
+        Ok(())
+    })
+    .await?;
+
+    // The OTP goes the whole way: API, inbox, router, high lane.
+    let otp = herald
+        .accept(&json!({"user_id": "backlog-0", "title": "OTP 123456", "priority": "high", "channels": ["push"]}))
+        .await?
+        .id;
+    reaches(&herald, &otp, "push", "sent").await?;
+    let calls = apns.calls();
+    let at = calls
+        .iter()
+        .position(|c| c.delivery.id == otp)
+        .context("the OTP reached the provider")?;
+    let low_before = calls[..at]
+        .iter()
+        .filter(|c| c.delivery.priority == Priority::Low)
+        .count();
+    let js = async_nats::jetstream::new(nats.client().await?);
+    let mut low = js
+        .get_stream("HERALD_WORK_PUSH")
+        .await?
+        .get_consumer::<async_nats::jetstream::consumer::pull::Config>(&worker_consumer(
+            Channel::Push,
+            Priority::Low,
+        ))
+        .await
+        .map_err(|e| anyhow::anyhow!("low consumer: {e}"))?;
+    let waiting = low.info().await?.num_pending;
+    ensure!(
+        low_before < LOW_BACKLOG && waiting > 0,
+        "the OTP came after {low_before} low jobs; {waiting} low still waiting"
+    );
+    ensure!(
+        waiting as usize + low_before >= LOW_BACKLOG - 1_000,
+        "the backlog was not there: {waiting} waiting, {low_before} sent"
+    );
+    Ok(())
+}
+
 /// Stalls forever after the first sent marker: the worker "dies" between the provider's
 /// acceptance and its ack.
 #[derive(Debug, Default)]

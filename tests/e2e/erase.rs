@@ -1,11 +1,20 @@
 //! GDPR erase: `DELETE /v1/users/{id}` removes the user's notifications, pending
-//! schedules, preferences and read position, says what it removed, and touches no one else.
+//! schedules, preferences and read position, delivery status, sent markers and queued
+//! channel jobs, says what it removed, and touches no one else.
 
 use anyhow::ensure;
+use futures::TryStreamExt as _;
+use herald::channels::ChannelSettings;
 use herald_auth::Scope;
+use herald_channels::Provider;
+use herald_protocol::Channel;
+use herald_tests::herald::rand_key;
+use herald_tests::scripted::Scripted;
 use herald_tests::{Herald, Nats, eventually, send_at_in};
+use herald_worker::Limits;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
+use std::sync::Arc;
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,7 +95,7 @@ async fn erase_removes_everything_of_one_user_and_nothing_else() -> anyhow::Resu
         answer["removed"]
             == json!({
                 "notifications": 3, "scheduled": 1, "preferences": true, "read_position": true,
-                "seen_position": false, "devices_and_contact": true
+                "seen_position": false, "devices_and_contact": true, "delivery_status": 0
             }),
         "{answer}"
     );
@@ -126,6 +135,147 @@ async fn erase_removes_everything_of_one_user_and_nothing_else() -> anyhow::Resu
     ensure!(
         inbox.len() == 1 && inbox[0]["title"] == "sentinel",
         "{inbox:?}"
+    );
+    Ok(())
+}
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn push_status(herald: &Herald, id: &str) -> anyhow::Result<(StatusCode, Value)> {
+    let r = herald
+        .producer(Method::GET, &format!("/v1/notifications/{id}"))
+        .send()
+        .await?;
+    let status = r.status();
+    Ok((status, r.json().await.unwrap_or(Value::Null)))
+}
+
+async fn sent_markers(nats: &Nats) -> anyhow::Result<Vec<String>> {
+    let js = async_nats::jetstream::new(nats.client().await?);
+    let kv = js
+        .get_key_value(herald_protocol::streams::SENT_BUCKET)
+        .await?;
+    Ok(kv.keys().await?.try_collect().await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erase_removes_delivery_status_sent_markers_and_queued_jobs() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let apns = Arc::new(Scripted::new("apns", Channel::Push));
+    let mut settings = ChannelSettings::new(rand_key());
+    settings.escalation_delay = Duration::ZERO;
+    let provider: Arc<dyn Provider> = apns.clone();
+    settings.extra_providers.push((provider, Limits::default()));
+    let herald = Herald::builder(&nats).channels(settings).start().await?;
+    for user in ["erin", "ezra"] {
+        let r = herald
+            .user(Method::POST, "/v1/me/devices", user)
+            .json(&json!({"platform": "ios", "token": format!("tok-{user}")}))
+            .send()
+            .await?;
+        ensure!(r.status().is_success(), "device: {}", r.status());
+    }
+    let push = |user: &'static str, title: &'static str| {
+        let herald = &herald;
+        async move {
+            anyhow::Ok(
+                herald
+                    .accept(&json!({"user_id": user, "title": title, "channels": ["push"]}))
+                    .await?
+                    .id,
+            )
+        }
+    };
+    let sent = push("erin", "delivered").await?;
+    let other = push("ezra", "delivered").await?;
+    for id in [&sent, &other] {
+        eventually(WAIT, "pushed", || async {
+            let (code, s) = push_status(&herald, id).await?;
+            ensure!(
+                code == 200 && s["channels"]["push"][0]["state"] == "sent",
+                "{s}"
+            );
+            Ok(())
+        })
+        .await?;
+    }
+    ensure!(
+        sent_markers(&nats)
+            .await?
+            .iter()
+            .any(|k| k.starts_with(&sent)),
+        "a sent marker for the delivered push"
+    );
+
+    // A job waiting on the queue while the channel is paused.
+    let r = herald
+        .producer(Method::POST, "/v1/channels/push/pause")
+        .json(&json!({"for_seconds": 600}))
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "pause: {}", r.status());
+    let queued = push("erin", "still queued").await?;
+    eventually(WAIT, "the job is queued", || async {
+        let (code, s) = push_status(&herald, &queued).await?;
+        ensure!(
+            code == 200 && s["channels"]["push"][0]["state"] == "queued",
+            "{s}"
+        );
+        Ok(())
+    })
+    .await?;
+
+    let answer: Value = herald
+        .producer(Method::DELETE, "/v1/users/erin")
+        .send()
+        .await?
+        .json()
+        .await?;
+    ensure!(
+        answer["removed"]["delivery_status"] == 2 && answer["removed"]["notifications"] == 2,
+        "{answer}"
+    );
+    for id in [&sent, &queued] {
+        let (code, s) = push_status(&herald, id).await?;
+        ensure!(code == 404, "status of an erased notification: {code} {s}");
+    }
+    let markers = sent_markers(&nats).await?;
+    ensure!(
+        !markers.iter().any(|k| k.starts_with(&sent)),
+        "sent marker left: {markers:?}"
+    );
+    ensure!(
+        markers.iter().any(|k| k.starts_with(&other)),
+        "another user's marker removed: {markers:?}"
+    );
+    let (code, s) = push_status(&herald, &other).await?;
+    ensure!(
+        code == 200 && s["channels"]["push"][0]["state"] == "sent",
+        "{s}"
+    );
+
+    // Resumed, the queued job is dropped: never sent, no status written back.
+    let r = herald
+        .producer(Method::POST, "/v1/channels/push/resume")
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "resume: {}", r.status());
+    let js = async_nats::jetstream::new(nats.client().await?);
+    eventually(WAIT, "the queued job is off the queue", || async {
+        let mut stream = js.get_stream("HERALD_WORK_PUSH").await?;
+        let n = stream.info().await?.state.messages;
+        ensure!(n == 0, "{n} jobs left");
+        Ok(())
+    })
+    .await?;
+    ensure!(
+        apns.calls_for(&queued).is_empty(),
+        "an erased user's job was sent"
+    );
+    let (code, s) = push_status(&herald, &queued).await?;
+    ensure!(
+        code == 404,
+        "status written back after the erase: {code} {s}"
     );
     Ok(())
 }

@@ -61,6 +61,8 @@ pub struct ApiState {
     pub subscriptions: Subscriptions,
     /// Devices and contacts (erased with the user).
     pub targets: herald_store::Targets,
+    /// Delivery status and sent markers (erased with the user).
+    pub status: herald_store::StatusStore,
     /// Fan-out progress.
     pub fanouts: FanoutLog,
     /// Topic rules.

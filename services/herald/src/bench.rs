@@ -14,6 +14,7 @@
 
 mod conns;
 mod fleet;
+pub mod jobs;
 mod lanes;
 mod load;
 mod natsws;

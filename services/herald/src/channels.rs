@@ -239,6 +239,11 @@ impl Channels {
         &self.targets
     }
 
+    /// Delivery status and sent markers.
+    pub fn status(&self) -> &StatusStore {
+        &self.status
+    }
+
     /// What the router needs.
     pub fn routing(&self) -> herald_router::Routing {
         herald_router::Routing {

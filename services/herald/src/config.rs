@@ -96,6 +96,9 @@ pub struct Settings {
     pub worker_concurrency: usize,
     /// Push waits this long (ms) for a live `ack` before sending; 0 sends at once.
     pub escalation_delay_ms: u64,
+    /// A channel job not acked within this many seconds goes to another worker (how soon
+    /// a crashed worker's jobs move on; must exceed the provider timeout).
+    pub worker_ack_wait_s: u64,
     /// Sends per second per provider (0: unlimited).
     pub provider_rate: u32,
     /// APNs, FCM, SMS and webhook providers (`HERALD_APNS_*`, `HERALD_FCM_*`, ...).
@@ -147,6 +150,7 @@ impl Default for Settings {
             public_url: None,
             worker_concurrency: 64,
             escalation_delay_ms: 5000,
+            worker_ack_wait_s: 30,
             provider_rate: 0,
             providers: herald_channels::ProvidersConfig::default(),
             categories: BTreeMap::new(),
@@ -418,6 +422,13 @@ impl Settings {
         if self.escalation_delay_ms > 3_600_000 {
             errors.push("escalation_delay_ms must be at most 3600000 (an hour)".into());
         }
+        if !(1..=3600).contains(&self.worker_ack_wait_s) {
+            errors.push(format!(
+                "worker_ack_wait_s must be 1 to 3600, not {}",
+                self.worker_ack_wait_s
+            ));
+        }
+        channels.queue.ack_wait = Duration::from_secs(self.worker_ack_wait_s.clamp(1, 3600));
         match herald_channels::build(&self.providers) {
             Ok(built) => channels.configured = built,
             Err(e) => errors.extend(e.0),
@@ -541,7 +552,7 @@ impl Settings {
 
 /// Environment keys read (as `HERALD_<KEY>`). Others, like `HERALD_NATS_SERVER`, belong
 /// to other parts and are not configuration errors.
-const ENV_KEYS: [&str; 31] = [
+const ENV_KEYS: [&str; 32] = [
     "http_addr",
     "data_dir",
     "nats_url",
@@ -569,6 +580,7 @@ const ENV_KEYS: [&str; 31] = [
     "public_url",
     "worker_concurrency",
     "escalation_delay_ms",
+    "worker_ack_wait_s",
     "provider_rate",
     "templates_dir",
     "producer_rate_per_s",

@@ -222,10 +222,15 @@ impl Mesh {
             opts.gateway.receipts,
             stop.clone().cancelled_owned(),
         );
+        let batcher_stop = stop.clone();
         tasks.spawn(async move {
             if let Err(e) = batcher.await {
                 tracing::error!(error = %e, "receipt batcher failed");
             }
+            // The batcher also ends when nothing in this process can send receipts (a
+            // worker or router process drops every handle at once); the first task to end
+            // stops the mesh, so this one must only end with it.
+            batcher_stop.cancelled().await;
             Ok(())
         });
         let mut app = Router::new().merge(ops::routes(nats.clone()));
@@ -240,6 +245,7 @@ impl Mesh {
                 rates: Arc::new(herald_api::ProducerRates::new(opts.rates.clone())),
                 subscriptions: subscriptions.clone(),
                 targets: channels.targets().clone(),
+                status: channels.status().clone(),
                 fanouts: FanoutLog::open(&nats.js_consume)
                     .await
                     .map_err(MeshError::FanoutLog)?,

@@ -215,6 +215,33 @@ impl StatusStore {
         targets: &[(Channel, String)],
         update: Update,
     ) -> Result<(), StatusError> {
+        self.write(id, user, seq, targets, update, true).await
+    }
+
+    /// Records `update` only if the notification has a status document already: a job
+    /// whose notification is gone (expired, or its user erased) must not bring one back.
+    ///
+    /// # Errors
+    /// [`StatusError`] when NATS fails.
+    pub async fn record_if_present(
+        &self,
+        job: &ChannelJob,
+        update: Update,
+    ) -> Result<(), StatusError> {
+        let targets = [(job.channel, job.target.clone())];
+        self.write(&job.id, &job.user_id, job.seq, &targets, update, false)
+            .await
+    }
+
+    async fn write(
+        &self,
+        id: &str,
+        user: &UserId,
+        seq: u64,
+        targets: &[(Channel, String)],
+        update: Update,
+        create: bool,
+    ) -> Result<(), StatusError> {
         let key = herald_protocol::notification::kv_safe(id);
         loop {
             let entry = self.status.entry(&key).await.map_err(err)?;
@@ -226,6 +253,9 @@ impl StatusStore {
                 Some(e) => (None, e.revision),
                 None => (None, 0),
             };
+            if doc.is_none() && !create {
+                return Ok(());
+            }
             let doc = doc.get_or_insert_with(|| DeliveryStatus {
                 id: id.to_string(),
                 user_id: user.clone(),
@@ -333,6 +363,46 @@ impl StatusStore {
         let value = Bytes::from(serde_json::to_vec(&marker).map_err(err)?);
         self.sent.put(job.key(), value).await.map_err(err)?;
         Ok(())
+    }
+
+    /// GDPR erase: removes the status documents of `user`'s notifications `ids`, and the
+    /// sent markers of every target they list. A document of another user under one of
+    /// the ids is left alone. Returns how many documents were removed.
+    ///
+    /// # Errors
+    /// [`StatusError`] when NATS fails.
+    pub async fn erase(&self, user: &UserId, ids: &[String]) -> Result<u64, StatusError> {
+        use futures::StreamExt as _;
+        let removed = futures::stream::iter(ids.iter().cloned())
+            .map(|id| async move { self.erase_one(user, &id).await })
+            .buffer_unordered(32)
+            .collect::<Vec<_>>()
+            .await;
+        let mut count = 0;
+        for r in removed {
+            count += u64::from(r?);
+        }
+        Ok(count)
+    }
+
+    async fn erase_one(&self, user: &UserId, id: &str) -> Result<bool, StatusError> {
+        let key = herald_protocol::notification::kv_safe(id);
+        let Some(doc) = self.get(id).await? else {
+            return Ok(false);
+        };
+        if doc.user_id != *user {
+            return Ok(false);
+        }
+        for (channel, list) in &doc.channels {
+            for t in list {
+                self.sent
+                    .purge(format!("{key}.{channel}.{}", t.target))
+                    .await
+                    .map_err(err)?;
+            }
+        }
+        self.status.purge(&key).await.map_err(err)?;
+        Ok(true)
     }
 
     /// Forgets a sent marker (a dead letter retried by an operator is sent again).

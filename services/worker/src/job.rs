@@ -116,6 +116,24 @@ impl Step<'_> {
         settle(self.msg, AckKind::Ack).await;
     }
 
+    /// The notification is no longer in the inbox (expired, or its user was erased):
+    /// drop the job, and note it only where a status document still exists, so an erased
+    /// user's status is not written back.
+    async fn gone(&self) {
+        let update = Update::state(State::Skipped).because("expired: no longer in the inbox");
+        if let Err(e) = self
+            .ctx
+            .deps
+            .status
+            .record_if_present(self.job, update)
+            .await
+        {
+            tracing::warn!(id = %self.job.id, error = %e, "recording delivery status failed");
+        }
+        outcome(self.channel(), "skipped");
+        settle(self.msg, AckKind::Ack).await;
+    }
+
     async fn later(&self, delay: Duration) {
         settle(self.msg, AckKind::Nak(Some(delay))).await;
     }
@@ -164,13 +182,13 @@ impl Step<'_> {
         let stored = match ctx.inbox.get_raw_message(job.seq).await {
             Ok(m) => match serde_json::from_slice::<StoredNotification>(&m.payload) {
                 Ok(n) if n.id == job.id => n,
-                _ => return self.skip("expired: no longer in the inbox").await,
+                _ => return self.gone().await,
             },
             Err(e)
                 if e.kind()
                     == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound =>
             {
-                return self.skip("expired: no longer in the inbox").await;
+                return self.gone().await;
             }
             Err(e) => {
                 tracing::warn!(id = %job.id, error = %e, "inbox unavailable; retrying later");

@@ -230,6 +230,7 @@ async fn push(
         Reply::Hang => "hang".into(),
     };
     apns.log.push(record);
+    apns.script.latency().await;
     reply.into_response().await
 }
 

@@ -253,6 +253,7 @@ async fn send(
         bearer,
         status,
     });
+    fcm.script.latency().await;
     reply.into_response().await
 }
 

@@ -5,6 +5,8 @@ use axum::response::Response;
 use http::{HeaderName, HeaderValue, StatusCode};
 use std::collections::VecDeque;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 /// One scripted answer.
 #[derive(Debug, Clone)]
@@ -76,20 +78,41 @@ impl Reply {
     }
 }
 
-/// The queue of scripted replies of one fake.
+/// The queue of scripted replies of one fake, and how long it takes to answer.
 #[derive(Debug, Default)]
-pub struct Script(Mutex<VecDeque<Reply>>);
+pub struct Script {
+    queue: Mutex<VecDeque<Reply>>,
+    latency_us: AtomicU64,
+}
 
 impl Script {
     /// Answers the next `times` requests with `reply`.
     pub fn push(&self, times: usize, reply: Reply) {
-        let mut queue = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         queue.extend(std::iter::repeat_n(reply, times));
     }
 
     /// The reply for the current request, if one is scripted.
     pub fn take(&self) -> Option<Reply> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).pop_front()
+        self.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front()
+    }
+
+    /// Every answer from now on takes `latency` (a provider's processing time: requests
+    /// are still received and recorded at once, only the answer waits).
+    pub fn set_latency(&self, latency: Duration) {
+        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        self.latency_us.store(us, Ordering::Relaxed);
+    }
+
+    /// Waits out the configured latency (none by default).
+    pub async fn latency(&self) {
+        let us = self.latency_us.load(Ordering::Relaxed);
+        if us > 0 {
+            tokio::time::sleep(Duration::from_micros(us)).await;
+        }
     }
 }
 

@@ -122,6 +122,7 @@ async fn create(
         Reply::Hang => 0,
     };
     twilio.log.push(TwilioRequest { form, status });
+    twilio.script.latency().await;
     reply.into_response().await
 }
 

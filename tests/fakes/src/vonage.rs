@@ -144,5 +144,6 @@ async fn sms(State(vonage): State<Arc<Vonage>>, headers: HeaderMap, body: Bytes)
         (Reply::json(200, &ok), Some(0))
     };
     vonage.log.push(VonageRequest { params, status });
+    vonage.script.latency().await;
     reply.into_response().await
 }

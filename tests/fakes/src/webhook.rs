@@ -135,5 +135,6 @@ async fn receive(
         signature_valid,
         status,
     });
+    receiver.script.latency().await;
     reply.into_response().await
 }

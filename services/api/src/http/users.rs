@@ -1,7 +1,9 @@
 //! `DELETE /v1/users/{user_id}` (scope admin): the GDPR erase. Removes the user's
-//! notifications and pending schedules, preferences, read and seen positions, devices
-//! and contact data, and answers with what it removed. Channel jobs already queued find
-//! their notification gone and are dropped by the workers.
+//! notifications and pending schedules, their delivery status and sent markers,
+//! preferences, read and seen positions, devices and contact data, and answers with what
+//! it removed. Channel jobs already queued carry only ids (notification, user, an opaque
+//! target hash); a worker that pulls one finds the notification gone, drops it without
+//! sending and without writing status back, and acks it off the queue.
 
 use super::ApiState;
 use crate::auth::Producer;
@@ -21,6 +23,10 @@ pub(super) async fn erase(
     producer.require(Scope::Admin)?;
     let user = UserId::new(user_id)
         .map_err(|e| AppError::field(FieldError::new("user_id", e.to_string())))?;
+    // The ids name the delivery status documents; read them before the inbox is purged.
+    let ids = notification_ids(state.acceptor.inbox(), &user)
+        .await
+        .map_err(|e| AppError::unavailable(&e))?;
     let (notifications, scheduled) = state
         .acceptor
         .inbox()
@@ -47,6 +53,11 @@ pub(super) async fn erase(
         .erase(&user)
         .await
         .map_err(|e| AppError::unavailable(&e))?;
+    let delivery_status = state
+        .status
+        .erase(&user, &ids)
+        .await
+        .map_err(|e| AppError::unavailable(&e))?;
     tracing::info!(producer = %producer.0.producer, notifications, scheduled, "user erased");
     metrics::counter!("herald_users_erased_total").increment(1);
     Ok(Json(json!({
@@ -59,6 +70,24 @@ pub(super) async fn erase(
             "read_position": read_position,
             "seen_position": seen_position,
             "devices_and_contact": true,
+            "delivery_status": delivery_status,
         }
     })))
+}
+
+/// Every notification id in `user`'s inbox.
+async fn notification_ids(
+    inbox: &herald_store::Inbox,
+    user: &UserId,
+) -> Result<Vec<String>, herald_store::InboxError> {
+    let mut ids = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = inbox.after(user, after, 1_000).await?;
+        ids.extend(page.items.into_iter().map(|(_, n)| n.id));
+        match page.read_span {
+            Some((_, last)) if page.has_more => after = last,
+            _ => return Ok(ids),
+        }
+    }
 }
