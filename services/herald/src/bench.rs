@@ -6,6 +6,9 @@
 //! Without `--nats-url` it starts its own nats-server in a temp dir. Herald runs in this
 //! process, so client and server share the machine's cores, as a laptop would.
 //!
+//! `herald bench workers` ([`workers`], `--features bench`) measures channel workers
+//! against provider fakes.
+//!
 //! `herald bench conns` ([`conns`]) holds many idle WebSocket connections on a gateway
 //! child process and measures its memory per connection, a broadcast, a reconnect storm
 //! and a slow consumer.
@@ -15,6 +18,8 @@ mod fleet;
 pub mod jobs;
 mod load;
 mod natsws;
+#[cfg(feature = "bench")]
+pub mod workers;
 
 pub use conns::ConnsArgs;
 
@@ -46,6 +51,10 @@ pub enum Which {
     /// Idle WebSocket connections on one gateway process: memory per connection, connect
     /// rate, broadcast delivery, a reconnect storm and a slow consumer.
     Conns(ConnsArgs),
+    /// Channel jobs per second through one worker process against provider fakes, with
+    /// the raw pull-consumer ceiling (built with `--features bench`).
+    #[cfg(feature = "bench")]
+    Workers(workers::WorkersArgs),
 }
 
 /// `herald bench notify`.
@@ -88,6 +97,8 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     match args.which {
         Which::Notify(a) => notify(a).await,
         Which::Conns(a) => conns::run(a).await,
+        #[cfg(feature = "bench")]
+        Which::Workers(a) => workers::run(a).await,
     }
 }
 
