@@ -8,6 +8,8 @@
 //!
 //! `herald bench lanes` ([`lanes`]) shows `high` overtaking a queued blast of `low`.
 //!
+//! `herald bench workers` ([`workers`]) measures channel workers against provider fakes.
+//!
 //! `herald bench conns` ([`conns`]) holds many idle WebSocket connections on a gateway
 //! child process and measures its memory per connection, a broadcast, a reconnect storm
 //! and a slow consumer.
@@ -18,6 +20,7 @@ pub mod jobs;
 mod lanes;
 mod load;
 mod natsws;
+pub mod workers;
 
 pub use conns::ConnsArgs;
 pub use lanes::LanesArgs;
@@ -53,6 +56,9 @@ pub enum Which {
     /// `high` while a blast of `low` is queued: a high notification's time to its
     /// WebSocket frame and to the APNs fake, beside the backlog it overtook.
     Lanes(LanesArgs),
+    /// Channel jobs per second through one worker process against provider fakes, with
+    /// the raw pull-consumer ceiling.
+    Workers(workers::WorkersArgs),
 }
 
 /// `herald bench notify`.
@@ -96,6 +102,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         Which::Notify(a) => notify(a).await,
         Which::Conns(a) => conns::run(a).await,
         Which::Lanes(a) => lanes::run(a).await,
+        Which::Workers(a) => workers::run(a).await,
     }
 }
 

@@ -142,6 +142,11 @@ impl ApnsFake {
         self.state.log.all()
     }
 
+    /// How many requests so far (cheap enough to poll).
+    pub fn received_count(&self) -> usize {
+        self.state.log.len()
+    }
+
     /// Marks a device token as unregistered (410 from now on).
     pub fn unregister(&self, device_token: &str) {
         lock(&self.state.unregistered).insert(device_token.to_owned());

@@ -147,6 +147,11 @@ impl FcmFake {
     pub fn received(&self) -> Vec<FcmRequest> {
         self.state.log.all()
     }
+
+    /// How many requests so far (cheap enough to poll).
+    pub fn received_count(&self) -> usize {
+        self.state.log.len()
+    }
 }
 
 /// A Google API error answer with an `FcmError` detail.

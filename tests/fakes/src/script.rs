@@ -132,6 +132,16 @@ impl<T: Clone> Log<T> {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).push(item);
     }
 
+    /// How many so far (without copying them).
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Nothing so far.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Everything so far.
     pub fn all(&self) -> Vec<T> {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()

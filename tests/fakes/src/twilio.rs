@@ -92,6 +92,11 @@ impl TwilioFake {
         self.state.log.all()
     }
 
+    /// How many requests so far (cheap enough to poll).
+    pub fn received_count(&self) -> usize {
+        self.state.log.len()
+    }
+
     /// Messages accepted (201) so far.
     pub fn accepted(&self) -> Vec<TwilioRequest> {
         self.received()

@@ -80,6 +80,11 @@ impl WebhookReceiver {
     pub fn received(&self) -> Vec<WebhookRequest> {
         self.state.log.all()
     }
+
+    /// How many requests so far (cheap enough to poll).
+    pub fn received_count(&self) -> usize {
+        self.state.log.len()
+    }
 }
 
 fn valid(secret: &[u8], header: Option<&str>, body: &[u8]) -> bool {
