@@ -14,8 +14,11 @@ mod conns;
 mod fleet;
 mod load;
 mod natsws;
+mod scale;
+mod worker;
 
 pub use conns::ConnsArgs;
+pub use worker::WorkerArgs;
 
 use crate::mesh::{Mesh, MeshOptions, Roles};
 use async_nats::jetstream::{self, stream};
@@ -45,6 +48,9 @@ pub enum Which {
     /// Idle WebSocket connections on one gateway process: memory per connection, connect
     /// rate, broadcast delivery, a reconnect storm and a slow consumer.
     Conns(ConnsArgs),
+    /// A client process of the multi-process `conns` run (started by it).
+    #[command(hide = true)]
+    ConnsWorker(WorkerArgs),
 }
 
 /// `herald bench notify`.
@@ -87,6 +93,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     match args.which {
         Which::Notify(a) => notify(a).await,
         Which::Conns(a) => conns::run(a).await,
+        Which::ConnsWorker(a) => worker::run(a).await,
     }
 }
 
