@@ -8,7 +8,9 @@
 //!
 //! `herald bench conns` ([`conns`]) holds many idle WebSocket connections on a gateway
 //! child process and measures its memory per connection, a broadcast, a reconnect storm
-//! and a slow consumer.
+//! and a slow consumer. With `--gateways`/`--client-procs` (`scale`) it spreads N
+//! connections over several gateway and client processes (`worker`), since one process
+//! may hold only 20,000 open files.
 
 mod conns;
 mod fleet;
