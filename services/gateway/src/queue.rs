@@ -148,7 +148,7 @@ mod tests {
     #[tokio::test]
     async fn close_drains_then_ends() {
         let q = Arc::new(Queue::new(4));
-        q.try_push("a").unwrap();
+        assert_eq!(q.try_push("a"), Ok(()));
         q.close();
         assert_eq!(q.try_push("b"), Err(PushError::Closed));
         assert_eq!(q.pop().await, Some("a"));
@@ -167,9 +167,9 @@ mod tests {
             let q = q.clone();
             async move { q.closed().await }
         });
-        q.try_push(7).unwrap();
+        assert_eq!(q.try_push(7), Ok(()));
         q.close();
-        assert_eq!(consumer.await.unwrap(), (Some(7), None));
-        closer.await.unwrap();
+        assert!(matches!(consumer.await, Ok((Some(7), None))));
+        assert!(closer.await.is_ok());
     }
 }
