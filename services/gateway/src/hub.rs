@@ -13,13 +13,13 @@
 //! re-reads the inbox from its position (the inbox holds everything live delivers), so a
 //! busy user costs a catch-up read, never a lost notification or a stalled dispatcher.
 
+use crate::queue::{PushError, Queue};
 use async_nats::Message;
 use dashmap::DashMap;
 use futures::StreamExt as _;
 use herald_store::Inbox;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use tokio::sync::mpsc;
 
 /// Live messages queued per connection before it counts as lagged.
 const TAP_QUEUE: usize = 64;
@@ -44,8 +44,22 @@ struct Inner {
 #[derive(Debug)]
 struct Slot {
     id: u64,
-    tx: mpsc::Sender<Arc<Message>>,
-    lagged: Arc<AtomicBool>,
+    tap: Arc<TapQueue>,
+}
+
+impl Drop for Slot {
+    /// The hub let go of this connection (its subscriptions ended): its feed sees the end.
+    fn drop(&mut self) {
+        self.tap.queue.close();
+    }
+}
+
+/// What the hub and one connection share: a light queue (an idle connection holds tens
+/// of thousands of these, see [`crate::queue`]) and the lagged mark.
+#[derive(Debug)]
+struct TapQueue {
+    queue: Queue<Arc<Message>>,
+    lagged: AtomicBool,
 }
 
 /// The hub could not subscribe.
@@ -56,8 +70,7 @@ pub struct HubError(#[source] Box<dyn std::error::Error + Send + Sync>);
 /// One connection's view of its user's live subject.
 #[derive(Debug)]
 pub struct Tap {
-    rx: mpsc::Receiver<Arc<Message>>,
-    lagged: Arc<AtomicBool>,
+    shared: Arc<TapQueue>,
     inner: Arc<Inner>,
     key: String,
     id: u64,
@@ -66,12 +79,12 @@ pub struct Tap {
 impl Tap {
     /// The next live message; `None` when the hub's subscriptions ended.
     pub async fn recv(&mut self) -> Option<Arc<Message>> {
-        self.rx.recv().await
+        self.shared.queue.pop().await
     }
 
     /// Whether messages were dropped since the last call (then re-read the inbox).
     pub fn take_lagged(&self) -> bool {
-        self.lagged.swap(false, Ordering::AcqRel)
+        self.shared.lagged.swap(false, Ordering::AcqRel)
     }
 }
 
@@ -135,8 +148,10 @@ impl Hub {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(HubError("live subscriptions ended".into()));
         }
-        let (tx, rx) = mpsc::channel(TAP_QUEUE);
-        let lagged = Arc::new(AtomicBool::new(false));
+        let shared = Arc::new(TapQueue {
+            queue: Queue::new(TAP_QUEUE),
+            lagged: AtomicBool::new(false),
+        });
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         self.inner
             .routes
@@ -144,12 +159,10 @@ impl Hub {
             .or_default()
             .push(Slot {
                 id,
-                tx,
-                lagged: lagged.clone(),
+                tap: shared.clone(),
             });
         Ok(Tap {
-            rx,
-            lagged,
+            shared,
             inner: self.inner.clone(),
             key: subject,
             id,
@@ -174,8 +187,8 @@ async fn dispatch(mut sub: async_nats::Subscriber, inner: Arc<Inner>) {
         };
         let msg = Arc::new(msg);
         for slot in slots.iter() {
-            if let Err(mpsc::error::TrySendError::Full(_)) = slot.tx.try_send(msg.clone()) {
-                slot.lagged.store(true, Ordering::Release);
+            if let Err(PushError::Full) = slot.tap.queue.try_push(msg.clone()) {
+                slot.tap.lagged.store(true, Ordering::Release);
                 metrics::counter!("herald_gateway_hub_drops_total").increment(1);
             }
         }

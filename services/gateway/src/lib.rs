@@ -14,6 +14,7 @@ pub mod admission;
 pub mod feed;
 pub mod hub;
 mod longpoll;
+pub mod queue;
 mod sse;
 mod ws;
 

@@ -12,17 +12,22 @@
 //!
 //! `herald bench conns` ([`conns`]) holds many idle WebSocket connections on a gateway
 //! child process and measures its memory per connection, a broadcast, a reconnect storm
-//! and a slow consumer.
+//! and a slow consumer. With `--gateways`/`--client-procs` (`scale`) it spreads N
+//! connections over several gateway and client processes (`conns_client`), since one process
+//! may hold only 20,000 open files.
 
 mod conns;
+mod conns_client;
 mod fleet;
 pub mod jobs;
 mod lanes;
 mod load;
 mod natsws;
+mod scale;
 pub mod workers;
 
 pub use conns::ConnsArgs;
+pub use conns_client::ConnsClientArgs;
 pub use lanes::LanesArgs;
 
 use crate::mesh::{Mesh, MeshOptions, Roles};
@@ -59,6 +64,9 @@ pub enum Which {
     /// Channel jobs per second through one worker process against provider fakes, with
     /// the raw pull-consumer ceiling.
     Workers(workers::WorkersArgs),
+    /// A client process of the multi-process `conns` run (started by it).
+    #[command(hide = true)]
+    ConnsWorker(ConnsClientArgs),
 }
 
 /// `herald bench notify`.
@@ -103,6 +111,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         Which::Conns(a) => conns::run(a).await,
         Which::Lanes(a) => lanes::run(a).await,
         Which::Workers(a) => workers::run(a).await,
+        Which::ConnsWorker(a) => conns_client::run(a).await,
     }
 }
 

@@ -8,7 +8,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 // glibc malloc showed up as the top cost under load (fragmented, lock-heavy frees);
-// mimalloc is made for many small short-lived allocations across threads.
+// mimalloc is made for many small short-lived allocations across threads. The
+// `system-alloc` feature builds with glibc's malloc instead, to compare memory per
+// connection (`herald bench conns`) and to profile with heaptrack.
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -57,13 +57,38 @@ pub struct ConnsArgs {
     /// Skip the side-by-side on nats-server's own WebSocket listener.
     #[arg(long)]
     pub no_nats_ws: bool,
+    /// Gateway processes (user `c-i` connects to gateway `i mod K`). Above 1, or with
+    /// several client processes, the run is the multi-process one: idle, broadcast, storm
+    /// and side by side, without the slow-consumer phase.
+    #[arg(long, default_value_t = 1)]
+    pub gateways: usize,
+    /// Client worker processes holding the connections (each at most ~19k).
+    #[arg(long, default_value_t = 1)]
+    pub client_procs: usize,
+    /// Gateways killed in the multi-process storm (default: half of them, rounded up).
+    #[arg(long)]
+    pub kill: Option<usize>,
 }
 
-const SECRET: &str = "bench-secret-bench-secret-bench-secret";
+/// The environment of a `herald gateway` child on `url`'s NATS.
+pub(super) fn gateway_env(url: &str, upgrades_per_sec: u32) -> Vec<(&'static str, String)> {
+    vec![
+        ("HERALD_NATS_URL", url.to_string()),
+        ("HERALD_JWT_SECRET", SECRET.to_string()),
+        ("HERALD_SUBJECT_PREFIX", PREFIX.to_string()),
+        ("HERALD_PARTITIONS", PARTITIONS.to_string()),
+        ("HERALD_UPGRADES_PER_S", upgrades_per_sec.to_string()),
+    ]
+}
+
+pub(super) const SECRET: &str = "bench-secret-bench-secret-bench-secret";
 const PREFIX: &str = "hbench";
 const PARTITIONS: u16 = 16;
 
 pub(super) async fn run(args: ConnsArgs) -> Result<(), BenchError> {
+    if args.gateways > 1 || args.client_procs > 1 {
+        return super::scale::run(args).await;
+    }
     let soft = rlimit::increase_nofile_limit(u64::MAX)?;
     let n = args.conns;
     if (soft as usize) < n + 500 {
@@ -82,66 +107,12 @@ pub(super) async fn run(args: ConnsArgs) -> Result<(), BenchError> {
     let raw_core = super::raw_core(&url, 100_000, 177).await?;
     eprintln!("bench: raw core pub/sub {raw_core:.0}/s; starting Herald");
 
-    // The API, router and ingest in this process, on a runtime of their own.
-    let api_key = herald_auth::api_keys::generate();
-    let mut keys = ApiKeys::new();
-    let key = ApiKey {
-        producer: "bench".into(),
-        scopes: Scope::ALL.to_vec(),
-    };
-    keys.insert(&api_key, key);
-    let jwt = JwtConfig {
-        hs256_secret: Some(SECRET.as_bytes().to_vec()),
-        ..Default::default()
-    };
-    let users = UserAuth::new(&jwt)?;
-    let options = MeshOptions {
-        nats_url: url.clone(),
-        name: "herald-bench-api".into(),
-        subjects: Subjects::new(PREFIX, PARTITIONS)?,
-        streams: StreamSettings::default(),
-        provision: true,
-        api_keys: keys,
-        jwt,
-        api: Default::default(),
-        gateway: Default::default(),
-        roles: Roles {
-            gateway: false,
-            ..Roles::ALL
-        },
-        dev_mode: false,
-        policy: Default::default(),
-        templates: Default::default(),
-        rates: Default::default(),
-        topics: Default::default(),
-        channels: crate::channels::ChannelSettings::new([0x42; 32]),
-    };
-    let server = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("herald-api")
-        .enable_all()
-        .build()?;
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    listener.set_nonblocking(true)?;
-    let mesh = server
-        .spawn(async move {
-            let listener = tokio::net::TcpListener::from_std(listener)?;
-            Mesh::start(options, listener)
-                .await
-                .map_err(BenchError::from)
-        })
-        .await??;
-    let api = format!("http://{}", mesh.addr());
+    let herald = Herald::start(&url).await?;
+    let (api, api_key, users) = (herald.api.clone(), herald.api_key.clone(), &herald.users);
 
     // The gateway in its own process.
     let gateway_addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let env = [
-        ("HERALD_NATS_URL", url.clone()),
-        ("HERALD_JWT_SECRET", SECRET.to_string()),
-        ("HERALD_SUBJECT_PREFIX", PREFIX.to_string()),
-        ("HERALD_PARTITIONS", PARTITIONS.to_string()),
-        ("HERALD_UPGRADES_PER_S", args.upgrades_per_sec.to_string()),
-    ];
+    let env = gateway_env(&url, args.upgrades_per_sec);
     let log = tmp.path().join("gateway.log");
     let mut gateway = GatewayProcess::start(gateway_addr, &env, &log).await?;
     let pid = gateway.pid().ok_or("gateway child has no pid")?;
@@ -317,8 +288,93 @@ pub(super) async fn run(args: ConnsArgs) -> Result<(), BenchError> {
             side.all_ms
         );
     }
-    server.spawn(mesh.shutdown()).await??;
-    server.shutdown_background();
+    herald.stop().await?;
     drop(nats);
     Ok(())
+}
+
+/// The API, router and native ingest, in this process on a runtime of their own: what
+/// takes the benchmark's notifications (the gateways run as child processes).
+pub(super) struct Herald {
+    server: tokio::runtime::Runtime,
+    mesh: Mesh,
+    /// `http://…` of the API.
+    pub(super) api: String,
+    /// An API key with every scope.
+    pub(super) api_key: String,
+    /// Mints the users' tokens.
+    pub(super) users: UserAuth,
+}
+
+impl Herald {
+    /// Starts it on `url`'s NATS (provisioning the streams).
+    pub(super) async fn start(url: &str) -> Result<Self, BenchError> {
+        let url = url.to_string();
+        // The API, router and ingest in this process, on a runtime of their own.
+        let api_key = herald_auth::api_keys::generate();
+        let mut keys = ApiKeys::new();
+        let key = ApiKey {
+            producer: "bench".into(),
+            scopes: Scope::ALL.to_vec(),
+        };
+        keys.insert(&api_key, key);
+        let jwt = JwtConfig {
+            hs256_secret: Some(SECRET.as_bytes().to_vec()),
+            ..Default::default()
+        };
+        let users = UserAuth::new(&jwt)?;
+        let options = MeshOptions {
+            nats_url: url.clone(),
+            name: "herald-bench-api".into(),
+            subjects: Subjects::new(PREFIX, PARTITIONS)?,
+            streams: StreamSettings::default(),
+            provision: true,
+            api_keys: keys,
+            jwt,
+            api: Default::default(),
+            gateway: Default::default(),
+            roles: Roles {
+                gateway: false,
+                ..Roles::ALL
+            },
+            dev_mode: false,
+            policy: Default::default(),
+            templates: Default::default(),
+            rates: Default::default(),
+            topics: Default::default(),
+            channels: crate::channels::ChannelSettings::new([0x42; 32]),
+        };
+        let server = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("herald-api")
+            .enable_all()
+            .build()?;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let mesh = server
+            .spawn(async move {
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                Mesh::start(options, listener)
+                    .await
+                    .map_err(BenchError::from)
+            })
+            .await??;
+
+        let api = format!("http://{}", mesh.addr());
+        Ok(Herald {
+            server,
+            mesh,
+            api,
+            api_key,
+            users,
+        })
+    }
+
+    /// Shuts it down.
+    pub(super) async fn stop(self) -> Result<(), BenchError> {
+        let Herald { server, mesh, .. } = self;
+        server.spawn(mesh.shutdown()).await??;
+        server.shutdown_background();
+        Ok(())
+    }
 }

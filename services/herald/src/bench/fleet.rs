@@ -107,7 +107,6 @@ pub(super) fn cpu_seconds(pid: u32) -> Result<f64, BenchError> {
 
 /// What every client of the fleet reports into.
 pub(super) struct Fleet {
-    pub(super) epoch: Instant,
     /// Clients holding a connection that said hello.
     pub(super) connected: AtomicU64,
     /// Notifications received (first time only).
@@ -130,7 +129,6 @@ pub(super) struct Fleet {
 impl Fleet {
     pub(super) fn new() -> Result<Arc<Self>, BenchError> {
         Ok(Arc::new(Fleet {
-            epoch: Instant::now(),
             connected: AtomicU64::new(0),
             received: AtomicU64::new(0),
             timed: AtomicU64::new(0),
@@ -143,9 +141,12 @@ impl Fleet {
         }))
     }
 
-    /// Microseconds since the fleet's epoch (what senders put in `data.sent_us`).
+    /// Wall-clock microseconds (what senders put in `data.sent_us`): the clients may run
+    /// in other processes, so the clock is the machine's, not one process's.
     pub(super) fn now_us(&self) -> u64 {
-        self.epoch.elapsed().as_micros() as u64
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64)
     }
 
     /// Clears a histogram for the next phase.
@@ -160,7 +161,7 @@ impl Fleet {
         Ok(hist.lock().map_err(|_| "histogram poisoned")?.clone())
     }
 
-    fn record(hist: &Mutex<Histogram<u64>>, us: u64) {
+    pub(super) fn record(hist: &Mutex<Histogram<u64>>, us: u64) {
         if let Ok(mut h) = hist.lock() {
             let _ = h.record(us.max(1));
         }

@@ -31,10 +31,23 @@ pub(super) async fn send_one_each(
     fleet: &Fleet,
     n: usize,
 ) -> Result<(), BenchError> {
-    let chunks: Vec<std::ops::Range<usize>> =
-        (0..n).step_by(1000).map(|s| s..(s + 1000).min(n)).collect();
+    send_to(http, api, key, fleet, 0..n).await
+}
+
+/// One notification to each user `c-i` for `i` in `users`, 1,000 per batch request, 4 at
+/// once.
+pub(super) async fn send_to(
+    http: &reqwest::Client,
+    api: &str,
+    key: &str,
+    fleet: &Fleet,
+    users: impl IntoIterator<Item = usize>,
+) -> Result<(), BenchError> {
+    let users: Vec<usize> = users.into_iter().collect();
+    let chunks: Vec<&[usize]> = users.chunks(1000).collect();
     let sends = chunks.into_iter().map(|range| {
         let items: Vec<serde_json::Value> = range
+            .iter()
             .map(|i| {
                 serde_json::json!({"user_id": format!("c-{i}"), "title": "broadcast",
                 "data": {"sent_us": fleet.now_us()}})

@@ -74,7 +74,9 @@ pub(super) async fn run(n: usize, dir: &std::path::Path) -> Result<NatsWs, Bench
     })
 }
 
-async fn client(
+/// One client of the side-by-side: subscribes to `live.c-{i}` and counts what arrives
+/// (also run by the client worker processes of the multi-process run).
+pub(super) async fn client(
     fleet: Arc<Fleet>,
     url: String,
     i: usize,
