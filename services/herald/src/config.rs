@@ -292,6 +292,13 @@ impl Settings {
             if name.is_empty() || name.len() > herald_protocol::notification::MAX_KEY_BYTES {
                 errors.push(format!("categories: name {name:?} must be 1 to 256 bytes"));
             }
+            if let Some(w) = rule.group_window_s
+                && !(1..=herald_protocol::group::MAX_GROUP_WINDOW_S).contains(&w)
+            {
+                errors.push(format!(
+                    "categories.{name}.group_window_s must be 1 to 86400 seconds, not {w}"
+                ));
+            }
             if rule.defaults.get(&herald_protocol::Channel::Inbox) == Some(&false) {
                 errors.push(format!(
                     "categories.{name}.defaults.inbox: the inbox cannot be off by default; \
