@@ -356,3 +356,57 @@ async fn a_group_spans_two_meshes_and_survives_a_restart_mid_window() -> anyhow:
     two.shutdown().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_group_fields_are_a_400_naming_the_field() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).policy(policy(60)).start().await?;
+    let (_, send_at) = herald_tests::send_at_in(60_000);
+    let cases = [
+        (
+            json!({"user_id": "u", "title": "x", "group_key": ""}),
+            "group_key",
+        ),
+        (
+            json!({"user_id": "u", "title": "x", "group_key": "k".repeat(257)}),
+            "group_key",
+        ),
+        (
+            json!({"user_id": "u", "title": "x", "group_key": "like:1", "send_at": send_at}),
+            "group_key",
+        ),
+        (
+            json!({"user_id": "u", "title": "x", "group_key": "like:1", "group_actor": "a\nb"}),
+            "group_actor",
+        ),
+        (
+            json!({"user_id": "u", "title": "x", "group_key": 5}),
+            "group_key",
+        ),
+    ];
+    for (body, field) in cases {
+        let r = herald.notify(&body).await?;
+        let status = r.status();
+        let error: Value = r.json().await?;
+        ensure!(
+            status == 400 && error["error"]["field"] == field,
+            "{body}: {status} {error}"
+        );
+    }
+    let r = herald
+        .producer(Method::POST, "/v1/topics/news/publish")
+        .json(&json!({"title": "x", "group_key": "like:1"}))
+        .send()
+        .await?;
+    let status = r.status();
+    let error: Value = r.json().await?;
+    ensure!(
+        status == 400 && error["error"]["field"] == "group_key",
+        "topic publish: {status} {error}"
+    );
+    ensure!(
+        herald.inbox("u").await?.is_empty(),
+        "nothing was stored for a refused notify"
+    );
+    Ok(())
+}

@@ -600,6 +600,32 @@ mod tests {
     }
 
     #[test]
+    fn group_windows_outside_a_day_are_refused() {
+        let mut s = Settings {
+            api_key: Some("hk_0123456789abcdef".into()),
+            jwt_secret: Some("x".repeat(32)),
+            ..Settings::default()
+        };
+        for (name, window) in [("like", 0), ("follow", 86_401), ("ok", 60)] {
+            s.categories.insert(
+                name.into(),
+                CategoryRule {
+                    group_window_s: Some(window),
+                    ..CategoryRule::default()
+                },
+            );
+        }
+        let err = s.validate().expect_err("invalid windows");
+        assert_eq!(err.0.len(), 2, "{err}");
+        assert!(
+            err.0
+                .iter()
+                .all(|e| e.contains("group_window_s") && !e.contains("categories.ok")),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn a_valid_config_builds() {
         let s = Settings {
             api_key: Some("hk_0123456789abcdef".into()),

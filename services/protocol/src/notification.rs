@@ -587,9 +587,10 @@ pub struct Notification {
     pub created_at: String,
     /// Whether the user has read it.
     pub read: bool,
-    /// Its aggregation group, when it has one (additive to SPEC §4).
+    /// Its aggregation group, when it has one (additive to SPEC §4; boxed, as few
+    /// notifications have one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub group: Option<crate::group::Group>,
+    pub group: Option<Box<crate::group::Group>>,
 }
 
 impl Notification {
@@ -607,7 +608,7 @@ impl Notification {
             topic: stored.topic,
             created_at: stored.created_at,
             read,
-            group: stored.group,
+            group: stored.group.map(Box::new),
         }
     }
 }

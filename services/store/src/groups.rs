@@ -54,6 +54,9 @@ impl Groups {
     ///
     /// # Errors
     /// [`GroupsError`] when NATS fails or writers keep colliding.
+    // The member (id, actor), its group (user, key) and the clock (now, window) are
+    // each a pair; a struct for them would only be unpacked again here.
+    #[allow(clippy::too_many_arguments)]
     pub async fn join<E>(
         &self,
         user: &UserId,
