@@ -35,6 +35,11 @@ title = "{{ actor }} liked your photo"
 group.title = "{{ actor }} and {{ others }} others liked your photo"
 "#;
 
+/// An accepted APNs push: alert title, `apns-collapse-id`.
+type ApnsSent = (Value, Option<String>);
+/// An accepted FCM message: notification title, `android.collapse_key`.
+type FcmSent = (Value, Value);
+
 /// Real push providers against the fakes.
 struct Push {
     apns: ApnsFake,
@@ -79,7 +84,7 @@ impl Push {
     }
 
     /// Pushes the fakes accepted so far: (APNs title, collapse id), (FCM title, collapse key).
-    fn sent(&self) -> (Vec<(Value, Option<String>)>, Vec<(Value, Value)>) {
+    fn sent(&self) -> (Vec<ApnsSent>, Vec<FcmSent>) {
         let apns = self
             .apns
             .received()
