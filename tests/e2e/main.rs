@@ -8,6 +8,7 @@ mod durability;
 mod erase;
 mod errors;
 mod frames;
+mod groups;
 mod heartbeats;
 mod hub;
 mod isolation;

@@ -169,6 +169,7 @@ fn policy() -> Policy {
         CategoryRule {
             critical: false,
             defaults: [(Channel::Sms, false)].into_iter().collect(),
+            ..Default::default()
         },
     );
     categories.insert("social".to_owned(), CategoryRule::default());

@@ -6,7 +6,7 @@ use async_nats::jetstream::context::PublishAckFuture;
 use bytes::Bytes;
 use herald_protocol::notification::check_idempotency_key;
 use herald_protocol::{FieldError, NotifyRequest, Policy, StoredNotification, ValidatedNotify};
-use herald_store::{AppendAck, Cancelled, Inbox, InboxError, PreferenceStore};
+use herald_store::{AppendAck, Cancelled, Groups, Inbox, InboxError, PreferenceStore};
 use herald_templates::Templates;
 use std::sync::Arc;
 use time::OffsetDateTime;
@@ -49,6 +49,7 @@ pub struct Acceptor {
     policy: Arc<Policy>,
     templates: Arc<Templates>,
     preferences: Option<PreferenceStore>,
+    groups: Option<Groups>,
 }
 
 /// A validated notification with its id, ready to append.
@@ -80,7 +81,14 @@ impl Acceptor {
             policy: Arc::new(Policy::default()),
             templates: Arc::new(Templates::none()),
             preferences: None,
+            groups: None,
         }
+    }
+
+    /// Folds notifications that carry a `group_key` (see [`herald_protocol::group`]).
+    pub fn with_groups(mut self, groups: Groups) -> Self {
+        self.groups = Some(groups);
+        self
     }
 
     /// Checks categories against the configured `policy`.
@@ -127,11 +135,44 @@ impl Acceptor {
         producer: &str,
         key: Option<&str>,
     ) -> Result<Prepared, AcceptError> {
+        self.prepare_for(body, producer, key, false).await
+    }
+
+    /// Prepares the notification of a topic publish (its `user_id` a placeholder): a
+    /// template renders in the default locale — the recipients' locales are not read
+    /// one by one on the publish path — and `group_key` is refused, since aggregation
+    /// is per recipient.
+    ///
+    /// # Errors
+    /// As [`Acceptor::prepare`].
+    pub async fn prepare_topic(
+        &self,
+        body: &[u8],
+        producer: &str,
+        key: Option<&str>,
+    ) -> Result<Prepared, AcceptError> {
+        self.prepare_for(body, producer, key, true).await
+    }
+
+    async fn prepare_for(
+        &self,
+        body: &[u8],
+        producer: &str,
+        key: Option<&str>,
+        topic: bool,
+    ) -> Result<Prepared, AcceptError> {
         let request = NotifyRequest::from_json(body)?;
         if let Some(k) = key {
             check_idempotency_key("Idempotency-Key", k)?;
         }
         let mut validated: ValidatedNotify = request.validate()?;
+        if topic && validated.group_key.is_some() {
+            return Err(FieldError::new(
+                "group_key",
+                "aggregation is per recipient; not supported on topic publishes",
+            )
+            .into());
+        }
         if let Some(category) = &validated.category {
             self.policy.check_category("category", category)?;
         }
@@ -144,11 +185,15 @@ impl Acceptor {
         let template = validated.template.clone();
         let vars = std::mem::take(&mut validated.vars);
         let user = validated.user_id.clone();
+        let group_key = validated.group_key.take();
+        let group_actor = validated.group_actor.take();
         let mut stored =
             StoredNotification::from_request(validated, id.to_string(), OffsetDateTime::now_utc());
         stored.producer = Some(producer.to_owned());
-        if let Some(name) = template {
-            let locale = match &self.preferences {
+        let mut locale = None;
+        if let Some(name) = &template {
+            locale = match &self.preferences {
+                Some(_) if topic => None,
                 Some(prefs) => {
                     prefs
                         .get(&user)
@@ -158,7 +203,7 @@ impl Acceptor {
                 }
                 None => None,
             };
-            let texts = self.templates.render(&name, locale.as_deref(), &vars)?;
+            let texts = self.templates.render(name, locale.as_deref(), &vars)?;
             // Texts the producer sent themselves win over the template's.
             stored.title = stored.title.or(texts.title);
             stored.body = stored.body.or(texts.body);
@@ -173,6 +218,20 @@ impl Acceptor {
                 .into());
             }
         }
+        if let Some(key) = group_key {
+            let group = self
+                .join_group(
+                    &stored,
+                    &key,
+                    group_actor.as_deref(),
+                    template.as_deref(),
+                    locale.as_deref(),
+                    &vars,
+                )
+                .await?;
+            stored.collapse_key = stored.collapse_key.or(Some(key));
+            stored.group = Some(group);
+        }
         let bytes = Inbox::encode(&stored).map_err(|e| FieldError::new("body", e.to_string()))?;
         Ok(Prepared {
             stored,
@@ -180,6 +239,63 @@ impl Acceptor {
             send_at,
             producer: producer.to_owned(),
         })
+    }
+
+    /// Adds `stored` to its aggregation group (compare-and-set in the group bucket) and
+    /// returns the group as it stands with it: count, actors, and the folded text from
+    /// the template's `group.title`/`group.body` or [`herald_protocol::group::default_folded`].
+    async fn join_group(
+        &self,
+        stored: &StoredNotification,
+        key: &str,
+        actor: Option<&str>,
+        template: Option<&str>,
+        locale: Option<&str>,
+        vars: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<herald_protocol::group::Group, AcceptError> {
+        let Some(groups) = &self.groups else {
+            return Err(
+                InboxError::Unavailable("aggregation groups are not configured".into()).into(),
+            );
+        };
+        let window = self.policy.group_window_s(stored.category.as_deref());
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let joined = groups
+            .join(
+                &stored.user_id,
+                key,
+                &stored.id,
+                actor,
+                now,
+                window,
+                |state| {
+                    let (title, body) = (stored.title.as_deref(), stored.body.as_deref());
+                    let mut folded = (None, None);
+                    if state.count > 1
+                        && let Some(name) = template
+                    {
+                        let mut all = vars.clone();
+                        all.extend(herald_protocol::group::group_vars(
+                            state.count,
+                            &state.actors,
+                        ));
+                        folded = self.templates.render_group(name, locale, &all)?;
+                    }
+                    if folded == (None, None) {
+                        folded = herald_protocol::group::default_folded(
+                            title,
+                            body,
+                            state.count,
+                            &state.actors,
+                        );
+                    }
+                    (state.title, state.body) = folded;
+                    Ok::<(), FieldError>(())
+                },
+            )
+            .await
+            .map_err(|e| InboxError::Unavailable(Box::new(e)))??;
+        Ok(joined.state().snapshot())
     }
 
     /// Appends and waits for the ack.

@@ -167,7 +167,8 @@ impl Provider for ApnsProvider {
             .header("apns-id", id.to_string())
             .json(&payload(delivery));
         if let Some(collapse) = &delivery.collapse_key {
-            request = request.header("apns-collapse-id", collapse);
+            let id = crate::delivery::collapse_id(collapse, 64, |c| c.is_ascii_graphic());
+            request = request.header("apns-collapse-id", id);
         }
         if let Some(expires) = delivery.expires_at {
             let at = expires

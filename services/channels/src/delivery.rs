@@ -95,3 +95,37 @@ pub struct Sent {
     /// The provider's id for the message (APNs `apns-id`, FCM message name, Twilio SID).
     pub provider_message_id: Option<String>,
 }
+
+/// `key` as a provider's collapse identifier: unchanged when it is at most `max` bytes
+/// of characters `allowed` accepts, otherwise the first `max` hex digits of its SHA-256
+/// (the same key always maps to the same identifier, so collapsing still works). APNs
+/// takes 64 bytes in `apns-collapse-id`; a Web Push `Topic` 32 URL-safe base64 chars;
+/// group keys such as `like:photo-9` or long ones would otherwise be refused.
+pub fn collapse_id(key: &str, max: usize, allowed: fn(char) -> bool) -> String {
+    if !key.is_empty() && key.len() <= max && key.chars().all(allowed) {
+        return key.to_owned();
+    }
+    use sha2::Digest as _;
+    let mut hex = hex::encode(sha2::Sha256::digest(key.as_bytes()));
+    hex.truncate(max);
+    hex
+}
+
+#[cfg(test)]
+mod collapse_tests {
+    use super::collapse_id;
+
+    #[test]
+    fn collapse_ids_fit_the_provider_or_are_hashed_stably() {
+        let graphic = |c: char| c.is_ascii_graphic();
+        assert_eq!(collapse_id("like:photo-9", 64, graphic), "like:photo-9");
+        let long = "x".repeat(100);
+        assert_eq!(collapse_id(&long, 64, graphic).len(), 64);
+        assert_eq!(
+            collapse_id(&long, 64, graphic),
+            collapse_id(&long, 64, graphic)
+        );
+        let web = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+        assert_eq!(collapse_id("like:photo-9", 32, web).len(), 32);
+    }
+}

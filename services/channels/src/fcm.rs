@@ -95,6 +95,10 @@ pub fn message(delivery: &Delivery, platform: Platform, token: &str) -> Value {
                 headers.insert("TTL".into(), json!(ttl.to_string()));
             }
             if let Some(topic) = &delivery.collapse_key {
+                // Web Push topics are at most 32 URL-safe base64 characters (RFC 8030).
+                let topic = crate::delivery::collapse_id(topic, 32, |c| {
+                    c.is_ascii_alphanumeric() || c == '-' || c == '_'
+                });
                 headers.insert("Topic".into(), json!(topic));
             }
             message.insert(

@@ -296,6 +296,13 @@ impl Settings {
             if name.is_empty() || name.len() > herald_protocol::notification::MAX_KEY_BYTES {
                 errors.push(format!("categories: name {name:?} must be 1 to 256 bytes"));
             }
+            if let Some(w) = rule.group_window_s
+                && !(1..=herald_protocol::group::MAX_GROUP_WINDOW_S).contains(&w)
+            {
+                errors.push(format!(
+                    "categories.{name}.group_window_s must be 1 to 86400 seconds, not {w}"
+                ));
+            }
             if rule.defaults.get(&herald_protocol::Channel::Inbox) == Some(&false) {
                 errors.push(format!(
                     "categories.{name}.defaults.inbox: the inbox cannot be off by default; \
@@ -602,6 +609,32 @@ mod tests {
         };
         let err = s.validate().expect_err("invalid");
         assert_eq!(err.0.len(), 4, "{err}");
+    }
+
+    #[test]
+    fn group_windows_outside_a_day_are_refused() {
+        let mut s = Settings {
+            api_key: Some("hk_0123456789abcdef".into()),
+            jwt_secret: Some("x".repeat(32)),
+            ..Settings::default()
+        };
+        for (name, window) in [("like", 0), ("follow", 86_401), ("ok", 60)] {
+            s.categories.insert(
+                name.into(),
+                CategoryRule {
+                    group_window_s: Some(window),
+                    ..CategoryRule::default()
+                },
+            );
+        }
+        let err = s.validate().expect_err("invalid windows");
+        assert_eq!(err.0.len(), 2, "{err}");
+        assert!(
+            err.0
+                .iter()
+                .all(|e| e.contains("group_window_s") && !e.contains("categories.ok")),
+            "{err}"
+        );
     }
 
     #[test]

@@ -119,6 +119,9 @@ pub enum MeshError {
     /// The preferences bucket could not be opened.
     #[error("opening the preferences bucket; run `herald provision`")]
     Preferences(#[source] herald_store::PreferencesError),
+    /// The aggregation group bucket could not be opened.
+    #[error("opening the aggregation group bucket; run `herald provision`")]
+    Groups(#[source] herald_store::GroupsError),
     /// User auth misconfigured.
     #[error("user token configuration")]
     Jwt(#[from] herald_auth::JwtError),
@@ -195,7 +198,12 @@ impl Mesh {
             .map_err(MeshError::Preferences)?;
         let acceptor = Acceptor::new(inbox.clone())
             .with_policy(opts.policy.clone())
-            .with_templates(opts.templates.clone(), preferences.clone());
+            .with_templates(opts.templates.clone(), preferences.clone())
+            .with_groups(
+                herald_store::Groups::open(&nats.js_consume)
+                    .await
+                    .map_err(MeshError::Groups)?,
+            );
         let auth = Authenticator {
             keys: Arc::new(opts.api_keys.clone()),
             users: UserAuth::new(&opts.jwt)?,

@@ -12,6 +12,7 @@
 //! herald.dlq.<channel>               HERALD_DLQ stream: dead-lettered jobs with the reason
 //! herald.rejected                    REJECTED stream: native messages that failed validation
 //! herald.sched.<part>.<user>.<id>    INBOX stream: a scheduled notification until its send_at
+//!                                    (`q-<id>`: quiet hours, `g-<id>`: a group's window)
 //! herald.subs.<topic>.<user>         SUBS stream: one subscription (one message per subject)
 //! herald.usubs.<user>.<topic>        SUBS stream: the same, indexed by user
 //! herald.fanout                      FANOUT stream: topic publishes waiting to be fanned out
@@ -25,6 +26,7 @@
 
 pub mod error;
 pub mod frames;
+pub mod group;
 pub mod notification;
 pub mod pages;
 pub mod preferences;
@@ -36,8 +38,8 @@ pub mod user;
 pub use error::{ErrorBody, FieldError};
 pub use frames::{ClientFrame, ServerFrame};
 pub use notification::{
-    Channel, ChannelJob, Notification, NotifyRequest, Priority, Rendered, StoredNotification,
-    ValidatedNotify,
+    Channel, ChannelJob, Folded, Notification, NotifyRequest, Priority, Rendered,
+    StoredNotification, ValidatedNotify,
 };
 pub use preferences::{Policy, Preferences, PreferencesPatch};
 pub use streams::StreamSpec;

@@ -121,6 +121,11 @@ pub struct NotifyRequest {
     pub send_at: Option<String>,
     /// Same as the `Idempotency-Key` header.
     pub idempotency_key: Option<String>,
+    /// Folds notifications with the same key for the same user within the category's
+    /// window into one (see [`crate::group`]).
+    pub group_key: Option<String>,
+    /// Who caused it ("Jane"), named in the folded text.
+    pub group_actor: Option<String>,
 }
 
 /// A notification request that passed validation.
@@ -152,6 +157,10 @@ pub struct ValidatedNotify {
     pub vars: Map<String, Value>,
     /// Idempotency key from the body.
     pub idempotency_key: Option<String>,
+    /// Aggregation key.
+    pub group_key: Option<String>,
+    /// Who caused it, for the folded text.
+    pub group_actor: Option<String>,
 }
 
 impl NotifyRequest {
@@ -243,6 +252,18 @@ impl NotifyRequest {
         if let Some(key) = &self.idempotency_key {
             check_idempotency_key("idempotency_key", key)?;
         }
+        if let Some(key) = &self.group_key {
+            check_key("group_key", key)?;
+            if self.send_at.is_some() {
+                return Err(FieldError::new(
+                    "group_key",
+                    "cannot be combined with send_at: a group folds what arrives now",
+                ));
+            }
+        }
+        if let Some(actor) = &self.group_actor {
+            check_key("group_actor", actor)?;
+        }
         let send_at = match &self.send_at {
             None => None,
             Some(at) => {
@@ -274,6 +295,8 @@ impl NotifyRequest {
             template: self.template,
             vars,
             idempotency_key: self.idempotency_key,
+            group_key: self.group_key,
+            group_actor: self.group_actor,
         })
     }
 }
@@ -396,6 +419,9 @@ pub struct StoredNotification {
     /// The producer that sent it (rate caps are per producer); never shown to users.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub producer: Option<String>,
+    /// Its aggregation group as it stood when this one joined.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<crate::group::Group>,
 }
 
 /// The texts a template produced for each channel (the inbox's are `title`/`body` of the
@@ -451,6 +477,7 @@ impl StoredNotification {
             send_at: req.send_at.map(format_time),
             rendered: None,
             producer: None,
+            group: None,
         }
     }
 }
@@ -481,6 +508,25 @@ pub struct ChannelJob {
     /// `herald_store::targets::target_id`).
     #[serde(default)]
     pub target: String,
+    /// The folded text of an aggregation group, sent instead of the notification's own
+    /// (the group is closed when this job is made, so its text is final).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub folded: Option<Folded>,
+}
+
+/// What a folded group's one push, email or SMS says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Folded {
+    /// Group key (the default collapse key).
+    pub key: String,
+    /// Notifications folded into it.
+    pub count: u64,
+    /// Folded title.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    /// Folded body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
 }
 
 impl ChannelJob {
@@ -541,6 +587,10 @@ pub struct Notification {
     pub created_at: String,
     /// Whether the user has read it.
     pub read: bool,
+    /// Its aggregation group, when it has one (additive to SPEC §4; boxed, as few
+    /// notifications have one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<Box<crate::group::Group>>,
 }
 
 impl Notification {
@@ -558,6 +608,7 @@ impl Notification {
             topic: stored.topic,
             created_at: stored.created_at,
             read,
+            group: stored.group.map(Box::new),
         }
     }
 }

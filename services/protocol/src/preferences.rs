@@ -85,6 +85,10 @@ pub struct CategoryRule {
     /// Channel defaults for users who did not choose.
     #[serde(default)]
     pub defaults: ChannelSwitches,
+    /// Aggregation window for notifications of this category that carry a `group_key`,
+    /// seconds ([`crate::group::DEFAULT_GROUP_WINDOW_S`] when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_window_s: Option<u64>,
 }
 
 /// The configured categories. Empty means "any category name is accepted, with no
@@ -154,6 +158,14 @@ impl Policy {
     /// Whether categories are restricted to the configured ones.
     pub fn is_strict(&self) -> bool {
         !self.categories.is_empty()
+    }
+
+    /// The aggregation window of `category`, seconds.
+    pub fn group_window_s(&self, category: Option<&str>) -> u64 {
+        category
+            .and_then(|c| self.categories.get(c))
+            .and_then(|r| r.group_window_s)
+            .unwrap_or(crate::group::DEFAULT_GROUP_WINDOW_S)
     }
 
     /// The rule of a category, if configured.
@@ -538,6 +550,7 @@ mod tests {
             CategoryRule {
                 critical: true,
                 defaults: ChannelSwitches::new(),
+                group_window_s: None,
             },
         );
         cats.insert(
@@ -545,6 +558,7 @@ mod tests {
             CategoryRule {
                 critical: false,
                 defaults: [(Channel::Sms, false)].into_iter().collect(),
+                group_window_s: None,
             },
         );
         Policy::new(cats)

@@ -221,6 +221,12 @@ pub const SEQ_HEADER: &str = "Herald-Seq";
 /// Header on a scheduled notification naming the producer that may cancel it.
 pub const PRODUCER_HEADER: &str = "Herald-Producer";
 
+/// KV bucket of aggregation groups (key: `g<hash of user and group key>`).
+pub const GROUPS_BUCKET: &str = "herald_groups";
+
+/// Header on a deferred message that closes an aggregation window (value: the group key).
+pub const GROUP_HEADER: &str = "Herald-Group";
+
 /// Header on inbox messages that ask for channels beyond the inbox (value `1`).
 pub const ROUTE_HEADER: &str = "Herald-Route";
 

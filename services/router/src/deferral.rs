@@ -9,9 +9,12 @@
 //! a restart of anything, and is routed then (preferences and caps applied afresh). The
 //! inbox entry itself was written at once; the `Herald-Seq` header carries its position
 //! so the jobs point at it.
+//!
+//! The end of an aggregation window travels the same way (`g-<id>`, with the
+//! `Herald-Group` header), so it too survives restarts and reaches the partition's owner.
 
 use async_nats::jetstream::message::PublishMessage;
-use herald_protocol::streams::{INBOX, ROUTE_HEADER, SEQ_HEADER};
+use herald_protocol::streams::{GROUP_HEADER, INBOX, ROUTE_HEADER, SEQ_HEADER};
 use herald_protocol::{StoredNotification, Subjects};
 use herald_store::Nats;
 
@@ -36,14 +39,63 @@ pub(crate) async fn defer(
     subjects: &Subjects,
     stored: &StoredNotification,
     seq: u64,
-    until: jiff::Timestamp,
+    until: &str,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    schedule(
+        nats,
+        subjects,
+        stored,
+        seq,
+        until,
+        &format!("q-{}", stored.id),
+        None,
+    )
+    .await
+}
+
+/// Schedules the end of `stored`'s aggregation window (its group `key`) for `until`:
+/// the message comes back with the [`GROUP_HEADER`], and the router then closes the
+/// group and sends its folded text. `again` marks a second schedule (a window that
+/// ended during quiet hours), which needs an id of its own.
+///
+/// # Errors
+/// The NATS error when the schedule is not stored.
+pub(crate) async fn close_window_at(
+    nats: &Nats,
+    subjects: &Subjects,
+    stored: &StoredNotification,
+    seq: u64,
+    key: &str,
+    until: &str,
+    again: bool,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let id = if again {
+        format!("gq-{}", stored.id)
+    } else {
+        format!("g-{}", stored.id)
+    };
+    schedule(nats, subjects, stored, seq, until, &id, Some(key)).await
+}
+
+/// The group key a window-closing message names, if it is one.
+pub(crate) fn closes_window(msg: &async_nats::jetstream::Message) -> Option<String> {
+    Some(msg.headers.as_ref()?.get(GROUP_HEADER)?.as_str().to_owned())
+}
+
+async fn schedule(
+    nats: &Nats,
+    subjects: &Subjects,
+    stored: &StoredNotification,
+    seq: u64,
+    until: &str,
+    schedule_id: &str,
+    group: Option<&str>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let payload = serde_json::to_vec(stored)?;
-    let schedule_id = format!("q-{}", stored.id);
-    let publish = PublishMessage::build()
+    let mut publish = PublishMessage::build()
         .payload(payload.into())
         // A replayed router schedules once.
-        .message_id(&schedule_id)
+        .message_id(schedule_id)
         .expected_stream(INBOX)
         .header("Nats-Schedule", format!("@at {until}").as_str())
         .header(
@@ -52,8 +104,11 @@ pub(crate) async fn defer(
         )
         .header(ROUTE_HEADER, "1")
         .header(SEQ_HEADER, seq.to_string().as_str());
+    if let Some(key) = group {
+        publish = publish.header(GROUP_HEADER, key);
+    }
     nats.js
-        .send_publish(subjects.scheduled(&stored.user_id, &schedule_id), publish)
+        .send_publish(subjects.scheduled(&stored.user_id, schedule_id), publish)
         .await?
         .await?;
     Ok(())

@@ -14,8 +14,16 @@
 //! handed to JetStream's scheduler (see [`deferral`]) and comes back to this router when
 //! they end; rate caps, counted across instances, suppress the interrupting channels of
 //! what goes over them.
+//!
+//! Aggregation (see [`herald_protocol::group`]): a notification whose `group` says it
+//! opened a window holds its channel work until the window ends (a schedule, like quiet
+//! hours); one that joined an open window is recorded as `folded` into the first. When
+//! the window ends the router closes the group (compare-and-set, so no member is lost to a
+//! race with a late joiner) and enqueues the first notification's jobs with the group's
+//! final folded text.
 
 mod deferral;
+mod grouping;
 
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::message::PublishMessage;
@@ -25,7 +33,7 @@ use herald_protocol::streams::{self, INBOX};
 use herald_protocol::{Channel, ChannelJob, Policy, Preferences, Priority, StoredNotification};
 use herald_store::status::{State, Update};
 use herald_store::targets::target_id;
-use herald_store::{CapDecision, Nats, PreferenceStore, RateCaps, StatusStore, Targets};
+use herald_store::{CapDecision, Groups, Nats, PreferenceStore, RateCaps, StatusStore, Targets};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,6 +51,9 @@ pub enum RouterError {
     /// The rate cap bucket could not be opened.
     #[error("opening the rate cap bucket")]
     Caps(#[source] herald_store::CapsError),
+    /// The aggregation group bucket could not be opened.
+    #[error("opening the aggregation group bucket")]
+    Groups(#[source] herald_store::GroupsError),
     /// A partition consumer could not be opened.
     #[error("opening router consumer for partition {partition}, lane {}", .lane.as_str())]
     Consumer {
@@ -86,6 +97,9 @@ pub async fn run(
         caps: RateCaps::open(&nats.js_consume, policy.caps().to_vec())
             .await
             .map_err(RouterError::Caps)?,
+        groups: Groups::open(&nats.js_consume)
+            .await
+            .map_err(RouterError::Groups)?,
         policy,
         routing,
     };
@@ -142,6 +156,7 @@ struct Route {
     subjects: Subjects,
     preferences: PreferenceStore,
     caps: RateCaps,
+    groups: Groups,
     policy: Arc<Policy>,
     routing: Routing,
 }
@@ -264,13 +279,26 @@ impl Route {
             return Routed::Retry;
         };
         let now = jiff::Timestamp::now();
+        let mut folded = None;
+        if !channels.is_empty() {
+            match self
+                .aggregate(msg, deferred, &stored, seq, &channels, &prefs, now)
+                .await
+            {
+                grouping::Step::Route(f) => folded = f,
+                grouping::Step::Done => return Routed::Done,
+                grouping::Step::Retry => return Routed::Retry,
+            }
+        }
         // Quiet hours: below `high`, the channel work waits; the inbox entry is already there.
         if !deferred
+            && folded.is_none()
             && !channels.is_empty()
             && stored.priority != Priority::High
             && let Some(until) = prefs.quiet_until(now)
         {
-            if let Err(e) = deferral::defer(nats, subjects, &stored, seq, until).await {
+            if let Err(e) = deferral::defer(nats, subjects, &stored, seq, &until.to_string()).await
+            {
                 tracing::warn!(seq, error = %e, "deferring for quiet hours failed; will retry");
                 return Routed::Retry;
             }
@@ -335,6 +363,7 @@ impl Route {
                     channel,
                     priority: stored.priority,
                     target: target_id(&target),
+                    folded: folded.clone(),
                 };
                 let Ok(payload) = serde_json::to_vec(&job) else {
                     continue;
@@ -365,8 +394,15 @@ impl Route {
             }
         }
         // Status is for people; a failure to record it never holds delivery back.
+        let queued_update = match &folded {
+            Some(f) => Update::state(State::Queued).because(format!(
+                "group {}: {} notifications folded into this one",
+                f.key, f.count
+            )),
+            None => Update::state(State::Queued),
+        };
         let mut records = vec![
-            (queued, Update::state(State::Queued)),
+            (queued, queued_update),
             (
                 untargeted,
                 Update::state(State::Skipped)

@@ -10,12 +10,14 @@
 //! - [`status`]: delivery status per notification, and sent markers.
 //! - [`preferences`]: per-user preferences.
 //! - [`caps`]: rate caps counted across instances.
+//! - [`groups`]: aggregation groups, joined and closed with compare-and-set.
 //! - [`topics`]: topic subscriptions and fan-out progress.
 //! - [`scheduled`]: `send_at`, held by JetStream's message scheduler.
 
 pub mod caps;
 pub mod connect;
 pub mod direct;
+pub mod groups;
 pub mod inbox;
 pub mod preferences;
 pub mod provision;
@@ -28,6 +30,7 @@ pub mod topics;
 
 pub use caps::{CapDecision, CapsError, RateCaps};
 pub use connect::{Nats, connect};
+pub use groups::{Groups, GroupsError};
 pub use inbox::{AppendAck, Inbox, InboxError, InboxPage};
 pub use preferences::{PreferenceStore, PreferencesError};
 pub use provision::{ProvisionError, ProvisionReport, provision};

@@ -177,6 +177,22 @@ pub async fn provision(
         &mut report,
     )
     .await?;
+    ensure_bucket(
+        js,
+        kv::Config {
+            bucket: streams::GROUPS_BUCKET.to_string(),
+            description: "Herald aggregation groups: one key per (user, group key)".into(),
+            history: 1,
+            max_value_size: 64 * 1024,
+            // Beyond the longest window (a day), so abandoned groups expire.
+            max_age: Duration::from_secs(2 * 24 * 3600),
+            storage: stream::StorageType::File,
+            num_replicas: settings.replicas,
+            ..Default::default()
+        },
+        &mut report,
+    )
+    .await?;
     for channel in streams::WORK_CHANNELS {
         for lane in herald_protocol::Priority::ALL {
             ensure_worker_consumer(js, subjects, channel, lane).await?;

@@ -28,8 +28,10 @@ pub enum State {
     DeadLettered,
     /// Not sent on purpose (seen live, opted out, rate capped, no target, expired).
     Skipped,
-    /// Waiting for the user's quiet hours to end.
+    /// Waiting for the user's quiet hours, or an aggregation window, to end.
     Deferred,
+    /// Folded into another notification of its aggregation group, which is sent instead.
+    Folded,
 }
 
 /// One step in a job's history.
@@ -129,6 +131,9 @@ pub struct StatusError(String);
 fn err(e: impl std::fmt::Display) -> StatusError {
     StatusError(e.to_string())
 }
+
+/// The target of status recorded before the targets are known (held work, no target).
+const NO_TARGET: &str = "none";
 
 /// Most history steps kept per target (retries beyond it are counted, not listed).
 const MAX_HISTORY: usize = 32;
@@ -268,9 +273,18 @@ impl StatusStore {
                     .channels
                     .entry(channel.as_str().to_string())
                     .or_default();
-                let idx = match list.iter().position(|t| t.target == *target) {
-                    Some(i) => i,
+                let (idx, fresh) = match list.iter().position(|t| t.target == *target) {
+                    Some(i) => (i, false),
                     None => {
+                        // Held work (quiet hours, an aggregation window) was recorded
+                        // before its targets were known: each real target inherits
+                        // that history, and the placeholder goes once one exists.
+                        let held = list
+                            .iter()
+                            .find(|t| t.target == NO_TARGET && t.state == State::Deferred)
+                            .filter(|_| target != NO_TARGET)
+                            .map(|t| t.history.clone())
+                            .unwrap_or_default();
                         list.push(TargetStatus {
                             target: target.clone(),
                             state: update.state,
@@ -279,14 +293,14 @@ impl StatusStore {
                             provider_message_id: None,
                             retries: 0,
                             reason: None,
-                            history: Vec::new(),
+                            history: held,
                         });
-                        list.len() - 1
+                        (list.len() - 1, true)
                     }
                 };
                 let t = &mut list[idx];
                 // A late "queued" (a replayed router) never moves a job back.
-                if update.state == State::Queued && !t.history.is_empty() {
+                if update.state == State::Queued && !fresh && !t.history.is_empty() {
                     continue;
                 }
                 // Recorded twice (a redelivery after a lost ack): once is the truth.
@@ -314,6 +328,11 @@ impl StatusStore {
                         reason: update.reason.clone(),
                         provider: update.provider.clone(),
                     });
+                }
+            }
+            for list in doc.channels.values_mut() {
+                if list.iter().any(|t| t.target != NO_TARGET) {
+                    list.retain(|t| !(t.target == NO_TARGET && t.state == State::Deferred));
                 }
             }
             let value = Bytes::from(serde_json::to_vec(&doc).map_err(err)?);

@@ -10,6 +10,8 @@
 //! email.subject = "Order {{ order }} shipped"
 //! email.html = "<p>Order <b>{{ order }}</b> arrives {{ eta }}.</p>"
 //! sms.text = "Order {{ order }} shipped, ETA {{ eta }}"
+//! # for notifications folded by `group_key`: `count`, `others`, `actors`, `actor` added
+//! group.title = "{{ actor }} and {{ others }} others liked your photo"
 //!
 //! [de]
 //! title = "Deine Bestellung {{ order }} ist unterwegs"
@@ -36,7 +38,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 /// The texts a template may define, per locale.
-pub const FIELDS: [&str; 8] = [
+pub const FIELDS: [&str; 10] = [
     "title",
     "body",
     "push.title",
@@ -45,7 +47,13 @@ pub const FIELDS: [&str; 8] = [
     "email.text",
     "email.html",
     "sms.text",
+    "group.title",
+    "group.body",
 ];
+
+/// The fields rendered for an aggregation group (with the group's variables), not for a
+/// single notification.
+pub const GROUP_FIELDS: [&str; 2] = ["group.title", "group.body"];
 
 /// The locale every template must define.
 pub const DEFAULT_LOCALE: &str = "default";
@@ -134,6 +142,53 @@ impl Templates {
         locale: Option<&str>,
         vars: &Map<String, Value>,
     ) -> Result<RenderedTexts, FieldError> {
+        let single: Vec<&str> = FIELDS
+            .into_iter()
+            .filter(|f| !GROUP_FIELDS.contains(f))
+            .collect();
+        let (chosen, texts) = self.render_fields(name, locale, vars, &single)?;
+        Ok(RenderedTexts {
+            title: texts.get("title").cloned(),
+            body: texts.get("body").cloned(),
+            channels: Rendered {
+                template: name.to_owned(),
+                locale: chosen,
+                push_title: texts.get("push.title").cloned(),
+                push_body: texts.get("push.body").cloned(),
+                email_subject: texts.get("email.subject").cloned(),
+                email_text: texts.get("email.text").cloned(),
+                email_html: texts.get("email.html").cloned(),
+                sms_text: texts.get("sms.text").cloned(),
+            },
+        })
+    }
+
+    /// Renders the folded texts (`group.title`, `group.body`) of template `name` with
+    /// `vars` (the notify's, plus the group's `count`, `others`, `actors`, `actor`);
+    /// `(None, None)` when the template defines neither.
+    ///
+    /// # Errors
+    /// As [`Templates::render`].
+    pub fn render_group(
+        &self,
+        name: &str,
+        locale: Option<&str>,
+        vars: &Map<String, Value>,
+    ) -> Result<(Option<String>, Option<String>), FieldError> {
+        let (_, texts) = self.render_fields(name, locale, vars, &GROUP_FIELDS)?;
+        Ok((
+            texts.get("group.title").cloned(),
+            texts.get("group.body").cloned(),
+        ))
+    }
+
+    fn render_fields(
+        &self,
+        name: &str,
+        locale: Option<&str>,
+        vars: &Map<String, Value>,
+        fields: &[&'static str],
+    ) -> Result<(String, BTreeMap<&'static str, String>), FieldError> {
         let set = self.set();
         let Some(locales) = set.index.get(name) else {
             let known = set.index.keys().cloned().collect::<Vec<_>>().join(", ");
@@ -154,7 +209,7 @@ impl Templates {
             .unwrap_or_else(|| DEFAULT_LOCALE.to_owned());
         // Per field: the first locale in the chain that defines it.
         let mut sources = Vec::new();
-        for field in FIELDS {
+        for field in fields.iter().copied() {
             if let Some(loc) = chain
                 .iter()
                 .find(|l| locales.get(l.as_str()).is_some_and(|f| f.contains(&field)))
@@ -195,20 +250,7 @@ impl Templates {
                 .map_err(|e| render_error(name, &e))?;
             texts.insert(field, text);
         }
-        Ok(RenderedTexts {
-            title: texts.get("title").cloned(),
-            body: texts.get("body").cloned(),
-            channels: Rendered {
-                template: name.to_owned(),
-                locale: chosen,
-                push_title: texts.get("push.title").cloned(),
-                push_body: texts.get("push.body").cloned(),
-                email_subject: texts.get("email.subject").cloned(),
-                email_text: texts.get("email.text").cloned(),
-                email_html: texts.get("email.html").cloned(),
-                sms_text: texts.get("sms.text").cloned(),
-            },
-        })
+        Ok((chosen, texts))
     }
 }
 
@@ -297,6 +339,29 @@ title = "Bestellung {{ order }} ist unterwegs"
             "falls back per field"
         );
         assert_eq!(de.channels.locale, "de");
+    }
+
+    #[test]
+    fn group_texts_render_with_the_group_variables_only_when_asked() {
+        let like = "[default]\ntitle = \"{{ actor }} liked your photo\"\n\
+                    group.title = \"{{ actor }} and {{ others }} others liked your photo\"\n";
+        let dir = folder(&[("like.toml", like)]);
+        let t = Templates::load(dir.path()).expect("loads");
+        let own = t
+            .render("like", None, &vars(json!({"actor": "Jane"})))
+            .expect("a single like needs no group variables");
+        assert_eq!(own.title.as_deref(), Some("Jane liked your photo"));
+        let folded = t
+            .render_group("like", None, &vars(json!({"actor": "Jane", "others": 4})))
+            .expect("renders");
+        assert_eq!(
+            folded,
+            (Some("Jane and 4 others liked your photo".into()), None)
+        );
+        let err = t
+            .render_group("like", None, &vars(json!({"actor": "Jane"})))
+            .expect_err("others missing");
+        assert_eq!(err.field, "vars.others");
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //!    before its ack reached NATS): ack, do not send again.
 //! 2. Push waits `escalation_delay` after acceptance (a nak with that delay on the first
 //!    delivery, no polling), then skips the push if the user acked it as seen live.
-//! 3. Content from the inbox by `seq`, the target from the target store by id.
+//! 3. Content from the inbox by `seq` (or the folded text of an aggregation group the
+//!    job carries), the target from the target store by id.
 //! 4. The first provider of the channel that accepts the target and whose circuit admits
 //!    a call, after a token of its bucket.
 //! 5. Accepted: sent marker, then ack. Throttled: nak with the provider's `Retry-After`.
@@ -242,6 +243,16 @@ impl Step<'_> {
             }
             _ => None,
         };
+        // A group's one send says what the whole group says, and replaces (collapse key =
+        // group key unless the producer gave one) anything sent for it before.
+        let (title, body, collapse_key) = match &self.job.folded {
+            Some(f) => (
+                f.title.clone().or(stored.title),
+                f.body.clone().or(stored.body),
+                stored.collapse_key.or_else(|| Some(f.key.clone())),
+            ),
+            None => (stored.title, stored.body, stored.collapse_key),
+        };
         Delivery {
             id: stored.id,
             seq: self.job.seq,
@@ -249,10 +260,10 @@ impl Step<'_> {
             channel: self.job.channel,
             priority: stored.priority,
             category: stored.category,
-            title: stored.title,
-            body: stored.body,
+            title,
+            body,
             data: stored.data,
-            collapse_key: stored.collapse_key,
+            collapse_key,
             expires_at,
             target,
             unsubscribe_url,

@@ -173,7 +173,7 @@ pub(super) async fn publish(
     let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok());
     let prepared = state
         .acceptor
-        .prepare(&raw, &producer.0.producer, key)
+        .prepare_topic(&raw, &producer.0.producer, key)
         .await
         .map_err(AppError::from)?;
     let job = FanoutJob {

@@ -1,0 +1,158 @@
+//! Aggregation in the router: what a grouped notification's channel work does.
+//!
+//! The api already placed each notification in its group (the `group` snapshot it
+//! carries). Here the group's first notification holds its push/email/SMS/webhook work
+//! until the window ends — a JetStream schedule back to this partition's router, so no
+//! process polls and restarts lose nothing — and the others are recorded as folded into
+//! it. At the window's end the group is closed with compare-and-set: a member that joined
+//! before the close is counted in the text that goes out; one that comes after opens a new
+//! window. Quiet hours still apply: a window that ends during them waits for their end,
+//! and keeps folding what arrives meanwhile.
+
+use crate::{Route, deferral};
+use herald_protocol::{Channel, Folded, Preferences, Priority, StoredNotification};
+use herald_store::status::{State, Update};
+
+/// What the router does next with a notification after aggregation.
+pub(crate) enum Step {
+    /// Route its channel work, with this folded text when a group closed.
+    Route(Option<Folded>),
+    /// Nothing more to do now (held for the window, or folded).
+    Done,
+    /// NATS failed; retry in place.
+    Retry,
+}
+
+impl Route {
+    /// Applies aggregation to a notification whose `channels` policy allows.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn aggregate(
+        &self,
+        msg: &async_nats::jetstream::Message,
+        deferred: bool,
+        stored: &StoredNotification,
+        seq: u64,
+        channels: &[Channel],
+        prefs: &Preferences,
+        now: jiff::Timestamp,
+    ) -> Step {
+        if deferred {
+            return match deferral::closes_window(msg) {
+                Some(key) => {
+                    self.close_window(stored, seq, &key, channels, prefs, now)
+                        .await
+                }
+                // Back from quiet hours: not a group's business.
+                None => Step::Route(None),
+            };
+        }
+        let Some(group) = &stored.group else {
+            return Step::Route(None);
+        };
+        let waiting: Vec<(Channel, String)> =
+            channels.iter().map(|c| (*c, "none".to_string())).collect();
+        if group.first_id != stored.id {
+            metrics::counter!("herald_router_folded_total").increment(1);
+            let rule = format!(
+                "folded_into: {} (group {}, window until {})",
+                group.first_id, group.key, group.window_ends_at
+            );
+            self.record(
+                stored,
+                seq,
+                waiting,
+                Update::state(State::Folded).because(rule),
+            )
+            .await;
+            return Step::Done;
+        }
+        let ends = match group.window_ends_at.parse::<jiff::Timestamp>() {
+            Ok(t) if t > now => t,
+            // Already over (this router was behind): close it now.
+            _ => {
+                return self
+                    .close_window(stored, seq, &group.key, channels, prefs, now)
+                    .await;
+            }
+        };
+        let until = ends.to_string();
+        if let Err(e) = deferral::close_window_at(
+            &self.nats,
+            &self.subjects,
+            stored,
+            seq,
+            &group.key,
+            &until,
+            false,
+        )
+        .await
+        {
+            tracing::warn!(seq, error = %e, "scheduling a group's window end failed; will retry");
+            return Step::Retry;
+        }
+        self.record(
+            stored,
+            seq,
+            waiting,
+            Update::state(State::Deferred)
+                .because(format!("group: {} collects until {until}", group.key)),
+        )
+        .await;
+        Step::Done
+    }
+
+    /// The window of `stored`'s group `key` ended: close the group and route `stored`
+    /// with its final folded text, unless quiet hours hold it a while longer.
+    async fn close_window(
+        &self,
+        stored: &StoredNotification,
+        seq: u64,
+        key: &str,
+        channels: &[Channel],
+        prefs: &Preferences,
+        now: jiff::Timestamp,
+    ) -> Step {
+        if stored.priority != Priority::High
+            && let Some(until) = prefs.quiet_until(now)
+        {
+            let until = until.to_string();
+            if let Err(e) = deferral::close_window_at(
+                &self.nats,
+                &self.subjects,
+                stored,
+                seq,
+                key,
+                &until,
+                true,
+            )
+            .await
+            {
+                tracing::warn!(seq, error = %e, "deferring a group for quiet hours failed; will retry");
+                return Step::Retry;
+            }
+            let waiting = channels.iter().map(|c| (*c, "none".to_string())).collect();
+            self.record(
+                stored,
+                seq,
+                waiting,
+                Update::state(State::Deferred).because(format!("quiet_hours: until {until}")),
+            )
+            .await;
+            return Step::Done;
+        }
+        match self.groups.close(&stored.user_id, key, &stored.id).await {
+            Ok(Some(state)) => Step::Route(Some(Folded {
+                key: key.to_owned(),
+                count: state.count,
+                title: state.title,
+                body: state.body,
+            })),
+            // The group is gone (erased, expired): the notification goes out as itself.
+            Ok(None) => Step::Route(None),
+            Err(e) => {
+                tracing::warn!(seq, error = %e, "closing a group failed; will retry");
+                Step::Retry
+            }
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! Aggregation groups in the `herald_groups` KV bucket: one [`GroupState`] document per
+//! (user, group key), changed only with compare-and-set, so api instances joining and
+//! routers closing the same group from different processes never lose an update.
+//!
+//! The key is a hash of the user id and the group key: valid as a KV key whatever either
+//! contains, and no user can name another's group. The bucket's max age (two days, beyond
+//! the longest window) expires groups nobody touches any more.
+
+use async_nats::jetstream::kv;
+use herald_protocol::UserId;
+use herald_protocol::group::{GroupState, Joined};
+use sha2::{Digest as _, Sha256};
+
+/// Most attempts at one change against concurrent writers.
+const CAS_ATTEMPTS: usize = 32;
+
+/// The group bucket.
+#[derive(Clone)]
+pub struct Groups {
+    store: kv::Store,
+}
+
+impl std::fmt::Debug for Groups {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Groups").finish_non_exhaustive()
+    }
+}
+
+/// The group bucket could not be read or written.
+#[derive(Debug, thiserror::Error)]
+#[error("aggregation groups unavailable")]
+pub struct GroupsError(#[source] Box<dyn std::error::Error + Send + Sync>);
+
+fn err(e: impl std::error::Error + Send + Sync + 'static) -> GroupsError {
+    GroupsError(Box::new(e))
+}
+
+impl Groups {
+    /// Opens the bucket (provisioning creates it).
+    ///
+    /// # Errors
+    /// [`GroupsError`] when it is missing or NATS is unreachable.
+    pub async fn open(js: &async_nats::jetstream::Context) -> Result<Self, GroupsError> {
+        let store = js
+            .get_key_value(herald_protocol::streams::GROUPS_BUCKET)
+            .await
+            .map_err(err)?;
+        Ok(Self { store })
+    }
+
+    /// Adds notification `id` to `user`'s group `key` at `now` (unix seconds), opening a
+    /// `window_s` window when none is open; `text` sets the folded title and body of the
+    /// new state (it may run more than once under contention).
+    ///
+    /// # Errors
+    /// [`GroupsError`] when NATS fails or writers keep colliding.
+    // The member (id, actor), its group (user, key) and the clock (now, window) are
+    // each a pair; a struct for them would only be unpacked again here.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn join<E>(
+        &self,
+        user: &UserId,
+        key: &str,
+        id: &str,
+        actor: Option<&str>,
+        now: i64,
+        window_s: u64,
+        mut text: impl FnMut(&mut GroupState) -> Result<(), E>,
+    ) -> Result<Result<Joined, E>, GroupsError> {
+        let kv_key = kv_key(user, key);
+        for _ in 0..CAS_ATTEMPTS {
+            let (current, revision) = self.read(&kv_key).await?;
+            let mut joined = GroupState::join(current, key, id, actor, now, window_s);
+            let state = match &mut joined {
+                Joined::Repeat(_) => return Ok(Ok(joined)),
+                Joined::Opened(s) | Joined::Folded(s) => s,
+            };
+            if let Err(e) = text(state) {
+                return Ok(Err(e));
+            }
+            if self.write(&kv_key, state, revision).await? {
+                return Ok(Ok(joined));
+            }
+        }
+        Err(GroupsError(
+            "too many concurrent updates of one group".into(),
+        ))
+    }
+
+    /// Closes the window whose first notification is `first_id`, so the next member opens
+    /// a new one, and returns its final state; `None` when that window is no longer the
+    /// stored one (erased, expired, or replaced after going stale). Closing twice returns
+    /// the same state.
+    ///
+    /// # Errors
+    /// [`GroupsError`] when NATS fails or writers keep colliding.
+    pub async fn close(
+        &self,
+        user: &UserId,
+        key: &str,
+        first_id: &str,
+    ) -> Result<Option<GroupState>, GroupsError> {
+        let kv_key = kv_key(user, key);
+        for _ in 0..CAS_ATTEMPTS {
+            let (current, revision) = self.read(&kv_key).await?;
+            let Some(mut state) = current.filter(|s| s.first_id == first_id) else {
+                return Ok(None);
+            };
+            if state.closed {
+                return Ok(Some(state));
+            }
+            state.closed = true;
+            if self.write(&kv_key, &state, revision).await? {
+                return Ok(Some(state));
+            }
+        }
+        Err(GroupsError(
+            "too many concurrent updates of one group".into(),
+        ))
+    }
+
+    async fn read(&self, kv_key: &str) -> Result<(Option<GroupState>, u64), GroupsError> {
+        let entry = self.store.entry(kv_key).await.map_err(err)?;
+        Ok(match entry {
+            Some(e) if e.operation == kv::Operation::Put => {
+                (serde_json::from_slice(&e.value).ok(), e.revision)
+            }
+            Some(e) => (None, e.revision),
+            None => (None, 0),
+        })
+    }
+
+    /// Compare-and-set; false when another writer came first.
+    async fn write(
+        &self,
+        kv_key: &str,
+        state: &GroupState,
+        revision: u64,
+    ) -> Result<bool, GroupsError> {
+        let value: bytes::Bytes = serde_json::to_vec(state).map_err(err)?.into();
+        if revision == 0 {
+            match self.store.create(kv_key, value).await {
+                Ok(_) => Ok(true),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+                Err(e) => Err(err(e)),
+            }
+        } else {
+            match self.store.update(kv_key, value, revision).await {
+                Ok(_) => Ok(true),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+                Err(e) => Err(err(e)),
+            }
+        }
+    }
+}
+
+/// `g<hash>`: valid as a KV key whatever the ids contain.
+fn kv_key(user: &UserId, key: &str) -> String {
+    let hash = Sha256::new()
+        .chain_update(user.as_str().as_bytes())
+        .chain_update([0])
+        .chain_update(key.as_bytes())
+        .finalize();
+    format!("g{}", hex::encode(&hash[..16]))
+}
