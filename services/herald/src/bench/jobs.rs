@@ -70,6 +70,7 @@ pub async fn enqueue(
             send_at: None,
             rendered: None,
             producer: None,
+            group: None,
         })
         .collect();
     let inbox = &inbox;
@@ -94,6 +95,7 @@ pub async fn enqueue(
             channel: load.channel,
             priority: load.lane,
             target: load.target.clone(),
+            folded: None,
         })
         .collect();
     let subject = subjects.work(load.channel, load.lane);
