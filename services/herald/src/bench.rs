@@ -115,6 +115,40 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     }
 }
 
+/// What an in-process bench mesh authenticates with: one producer key with every scope,
+/// and the HS256 secret ([`conns::SECRET`]) user tokens are minted and checked with.
+struct BenchAuth {
+    api_key: String,
+    keys: ApiKeys,
+    jwt: JwtConfig,
+    users: UserAuth,
+}
+
+impl BenchAuth {
+    fn new() -> Result<Self, BenchError> {
+        let api_key = herald_auth::api_keys::generate();
+        let mut keys = ApiKeys::new();
+        keys.insert(
+            &api_key,
+            ApiKey {
+                producer: "bench".into(),
+                scopes: Scope::ALL.to_vec(),
+            },
+        );
+        let jwt = JwtConfig {
+            hs256_secret: Some(conns::SECRET.as_bytes().to_vec()),
+            ..Default::default()
+        };
+        let users = UserAuth::new(&jwt)?;
+        Ok(Self {
+            api_key,
+            keys,
+            jwt,
+            users,
+        })
+    }
+}
+
 const BODY_TEXT: &str =
     "Jane liked your photo. Tap to see it and 3 other new reactions from people you follow.";
 
@@ -143,20 +177,12 @@ async fn notify(args: NotifyArgs) -> Result<(), BenchError> {
     let raw_ack = raw_ack_latency(&url, args.rate, args.seconds, payload.len()).await?;
     eprintln!("bench: raw ceilings measured; starting Herald");
 
-    let api_key = herald_auth::api_keys::generate();
-    let mut keys = ApiKeys::new();
-    keys.insert(
-        &api_key,
-        ApiKey {
-            producer: "bench".into(),
-            scopes: Scope::ALL.to_vec(),
-        },
-    );
-    let jwt = JwtConfig {
-        hs256_secret: Some(b"bench-secret-bench-secret-bench-secret".to_vec()),
-        ..Default::default()
-    };
-    let users_auth = UserAuth::new(&jwt)?;
+    let BenchAuth {
+        api_key,
+        keys,
+        jwt,
+        users: users_auth,
+    } = BenchAuth::new()?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let options = MeshOptions {
         nats_url: url.clone(),

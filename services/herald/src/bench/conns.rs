@@ -23,7 +23,7 @@ use super::load::{flood, paced, send_one_each, wait_for};
 use super::{BenchError, ms};
 use crate::mesh::{Mesh, MeshOptions, Roles};
 use clap::Args;
-use herald_auth::{ApiKey, ApiKeys, JwtConfig, Scope, UserAuth};
+use herald_auth::UserAuth;
 use herald_protocol::streams::StreamSettings;
 use herald_protocol::{Subjects, UserId};
 use std::sync::Arc;
@@ -311,18 +311,12 @@ impl Herald {
     pub(super) async fn start(url: &str) -> Result<Self, BenchError> {
         let url = url.to_string();
         // The API, router and ingest in this process, on a runtime of their own.
-        let api_key = herald_auth::api_keys::generate();
-        let mut keys = ApiKeys::new();
-        let key = ApiKey {
-            producer: "bench".into(),
-            scopes: Scope::ALL.to_vec(),
-        };
-        keys.insert(&api_key, key);
-        let jwt = JwtConfig {
-            hs256_secret: Some(SECRET.as_bytes().to_vec()),
-            ..Default::default()
-        };
-        let users = UserAuth::new(&jwt)?;
+        let super::BenchAuth {
+            api_key,
+            keys,
+            jwt,
+            users,
+        } = super::BenchAuth::new()?;
         let options = MeshOptions {
             nats_url: url.clone(),
             name: "herald-bench-api".into(),

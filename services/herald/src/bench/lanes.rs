@@ -8,12 +8,11 @@
 //!
 //! The raw JetStream publish→ack latency of the same server is the ceiling beside them.
 
-use super::{BenchError, ms, raw_ack_latency, shared_histogram};
+use super::{BenchAuth, BenchError, ms, raw_ack_latency, shared_histogram};
 use crate::mesh::{Mesh, MeshOptions, Roles};
 use async_nats::jetstream;
 use clap::Args;
 use futures::StreamExt as _;
-use herald_auth::{ApiKey, ApiKeys, JwtConfig, Scope, UserAuth};
 use herald_fakes::apns::ApnsFake;
 use herald_protocol::streams::{self, StreamSettings};
 use herald_protocol::{Channel, Priority, Subjects, UserId};
@@ -80,20 +79,12 @@ pub async fn run(args: LanesArgs) -> Result<(), BenchError> {
     // lane, not the escalation delay.
     channels.escalation_delay = Duration::ZERO;
 
-    let api_key = herald_auth::api_keys::generate();
-    let mut keys = ApiKeys::new();
-    keys.insert(
-        &api_key,
-        ApiKey {
-            producer: "bench".into(),
-            scopes: Scope::ALL.to_vec(),
-        },
-    );
-    let jwt = JwtConfig {
-        hs256_secret: Some(b"bench-secret-bench-secret-bench-secret".to_vec()),
-        ..Default::default()
-    };
-    let auth = UserAuth::new(&jwt)?;
+    let BenchAuth {
+        api_key,
+        keys,
+        jwt,
+        users: auth,
+    } = BenchAuth::new()?;
     let subjects = Subjects::new("hbench", args.partitions)?;
     let options = MeshOptions {
         nats_url: url.clone(),
