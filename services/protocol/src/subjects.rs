@@ -166,6 +166,28 @@ impl Subjects {
         ]
     }
 
+    /// Where a big topic's publishes are stored once, in the INBOX stream beside the
+    /// users' inbox subjects (so they share its sequence space: a user's view merges
+    /// this subject into their own). `t` is never a partition number.
+    pub fn topic_inbox(&self, topic: &crate::TopicId) -> String {
+        format!("{}.inbox.t.{}", self.prefix, topic.token())
+    }
+
+    /// Where INBOX republishes a big topic's publishes (gateways subscribe while they
+    /// hold an online subscriber of the topic).
+    pub fn topic_live(&self, topic: &crate::TopicId) -> String {
+        format!("{}.live.t.{}", self.prefix, topic.token())
+    }
+
+    /// The topic of a [`Subjects::topic_live`] or [`Subjects::topic_inbox`] subject.
+    pub fn topic_of(&self, subject: &str) -> Option<crate::TopicId> {
+        let rest = subject.strip_prefix(self.prefix.as_str())?;
+        let token = rest
+            .strip_prefix(".live.t.")
+            .or_else(|| rest.strip_prefix(".inbox.t."))?;
+        crate::TopicId::decode(token).ok()
+    }
+
     /// Topic publishes waiting for fan-out.
     pub fn fanout(&self) -> String {
         format!("{}.fanout", self.prefix)
@@ -248,6 +270,17 @@ mod tests {
             assert!(!subject.contains('*') && !subject.contains('>') && !subject.contains(' '));
             assert_eq!(s.user_of(&subject), Some(id));
         }
+    }
+
+    #[test]
+    fn topic_subjects_are_not_partitions() {
+        let s = Subjects::default();
+        let t = crate::TopicId::new("news.*").expect("valid");
+        assert_eq!(s.topic_of(&s.topic_live(&t)), Some(t.clone()));
+        assert_eq!(s.topic_of(&s.topic_inbox(&t)), Some(t.clone()));
+        assert!(s.topic_inbox(&t).starts_with("herald.inbox.t."));
+        let user = UserId::new("u").expect("valid");
+        assert_eq!(s.topic_of(&s.live(&user)), None);
     }
 
     #[test]

@@ -260,8 +260,14 @@ impl Route {
             return Routed::Retry;
         };
         let now = jiff::Timestamp::now();
+        // A big topic's copy comes on the routing subject too, but fresh: quiet hours apply.
+        let fresh = !deferred
+            || msg
+                .headers
+                .as_ref()
+                .is_some_and(|h| h.get(streams::FANOUT_HEADER).is_some());
         // Quiet hours: below `high`, the channel work waits; the inbox entry is already there.
-        if !deferred
+        if fresh
             && !channels.is_empty()
             && stored.priority != herald_protocol::Priority::High
             && let Some(until) = prefs.quiet_until(now)

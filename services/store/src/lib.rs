@@ -11,6 +11,7 @@
 //! - [`preferences`]: per-user preferences.
 //! - [`caps`]: rate caps counted across instances.
 //! - [`topics`]: topic subscriptions and fan-out progress.
+//! - [`view`]: a user's inbox merged with the big topics they follow.
 //! - [`scheduled`]: `send_at`, held by JetStream's message scheduler.
 
 pub mod caps;
@@ -25,6 +26,7 @@ pub mod scheduled;
 pub mod status;
 pub mod targets;
 pub mod topics;
+pub mod view;
 
 pub use caps::{CapDecision, CapsError, RateCaps};
 pub use connect::{Nats, connect};
@@ -37,3 +39,4 @@ pub use scheduled::Cancelled;
 pub use status::StatusStore;
 pub use targets::Targets;
 pub use topics::{FanoutLog, Subscription, Subscriptions, TopicsError};
+pub use view::TopicSource;

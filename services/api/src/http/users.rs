@@ -1,6 +1,6 @@
 //! `DELETE /v1/users/{user_id}` (scope admin): the GDPR erase. Removes the user's
-//! notifications and pending schedules, preferences, read and seen positions, devices
-//! and contact data, and answers with what it removed. Channel jobs already queued find
+//! notifications and pending schedules, preferences, read and seen positions, devices,
+//! contact data and topic subscriptions, and answers with what it removed. Channel jobs already queued find
 //! their notification gone and are dropped by the workers.
 
 use super::ApiState;
@@ -47,6 +47,20 @@ pub(super) async fn erase(
         .erase(&user)
         .await
         .map_err(|e| AppError::unavailable(&e))?;
+    // Their topics too: what they follow is theirs, and big topics' publishes (stored
+    // once, shared) leave their view with the subscriptions.
+    let topics = state
+        .subscriptions
+        .topics_of(&user)
+        .await
+        .map_err(|e| AppError::unavailable(&e))?;
+    for topic in &topics {
+        state
+            .subscriptions
+            .unsubscribe(topic, &user)
+            .await
+            .map_err(|e| AppError::unavailable(&e))?;
+    }
     tracing::info!(producer = %producer.0.producer, notifications, scheduled, "user erased");
     metrics::counter!("herald_users_erased_total").increment(1);
     Ok(Json(json!({
@@ -59,6 +73,7 @@ pub(super) async fn erase(
             "read_position": read_position,
             "seen_position": seen_position,
             "devices_and_contact": true,
+            "subscriptions": topics.len(),
         }
     })))
 }
