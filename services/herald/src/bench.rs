@@ -9,13 +9,18 @@
 //! `herald bench conns` ([`conns`]) holds many idle WebSocket connections on a gateway
 //! child process and measures its memory per connection, a broadcast, a reconnect storm
 //! and a slow consumer.
+//!
+//! `herald bench fanout` ([`fanout`]) publishes once to a topic with a million
+//! subscribers, thousands of them online on a gateway child process.
 
 mod conns;
+mod fanout;
 mod fleet;
 mod load;
 mod natsws;
 
 pub use conns::ConnsArgs;
+pub use fanout::FanoutArgs;
 
 use crate::mesh::{Mesh, MeshOptions, Roles};
 use async_nats::jetstream::{self, stream};
@@ -45,6 +50,10 @@ pub enum Which {
     /// Idle WebSocket connections on one gateway process: memory per connection, connect
     /// rate, broadcast delivery, a reconnect storm and a slow consumer.
     Conns(ConnsArgs),
+    /// One publish to a topic with a million subscribers, thousands online over
+    /// WebSocket: latency to the last online frame, durable writes, push jobs, NATS RSS,
+    /// beside raw core NATS fan-out to the same number of clients.
+    Fanout(FanoutArgs),
 }
 
 /// `herald bench notify`.
@@ -87,6 +96,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     match args.which {
         Which::Notify(a) => notify(a).await,
         Which::Conns(a) => conns::run(a).await,
+        Which::Fanout(a) => fanout::run(a).await,
     }
 }
 
