@@ -137,7 +137,7 @@ pub(super) async fn run(args: FanoutArgs) -> Result<(), BenchError> {
     use futures::StreamExt as _;
     while let Some(done) = chunks.next().await {
         subscribed += done?;
-        if subscribed % 100_000 == 0 || subscribed == n {
+        if subscribed.is_multiple_of(100_000) || subscribed == n {
             eprintln!(
                 "bench fanout: subscribed {subscribed}/{n} ({:.0}/s)",
                 subscribed as f64 / started.elapsed().as_secs_f64()
@@ -179,7 +179,7 @@ pub(super) async fn run(args: FanoutArgs) -> Result<(), BenchError> {
     while let Some(r) = adds.next().await {
         r?;
         added += 1;
-        if added % 20_000 == 0 {
+        if added.is_multiple_of(20_000) {
             eprintln!("bench fanout: devices {added}/{}", with_device.len());
         }
     }
