@@ -26,4 +26,5 @@ mod scheduled;
 mod sdk_js;
 mod templates;
 mod topics;
+mod topics_big;
 mod transports;

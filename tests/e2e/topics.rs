@@ -147,6 +147,7 @@ async fn users_join_only_topics_that_allow_it() -> anyhow::Result<()> {
     let herald = Herald::builder(&nats)
         .topics(herald_api::TopicSettings {
             self_subscribe: vec!["public.*".into()],
+            ..Default::default()
         })
         .start()
         .await?;
@@ -220,7 +221,7 @@ async fn an_interrupted_fanout_resumes_from_its_cursor() -> anyhow::Result<()> {
             done: first_page.len() as u64,
             cursor,
             started_at: "2026-01-01T00:00:00Z".into(),
-            finished_at: None,
+            ..Default::default()
         },
     )
     .await?;
@@ -328,6 +329,7 @@ async fn websocket_frames_join_and_leave_topics() -> anyhow::Result<()> {
     let herald = Herald::builder(&nats)
         .topics(herald_api::TopicSettings {
             self_subscribe: vec!["public.*".into()],
+            ..Default::default()
         })
         .start()
         .await?;

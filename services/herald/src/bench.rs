@@ -15,9 +15,13 @@
 //! and a slow consumer. With `--gateways`/`--client-procs` (`scale`) it spreads N
 //! connections over several gateway and client processes (`conns_client`), since one process
 //! may hold only 20,000 open files.
+//!
+//! `herald bench fanout` ([`fanout`]) publishes once to a topic with a million
+//! subscribers, thousands of them online on a gateway child process.
 
 mod conns;
 mod conns_client;
+mod fanout;
 mod fleet;
 pub mod jobs;
 mod lanes;
@@ -28,6 +32,7 @@ pub mod workers;
 
 pub use conns::ConnsArgs;
 pub use conns_client::ConnsClientArgs;
+pub use fanout::FanoutArgs;
 pub use lanes::LanesArgs;
 
 use crate::mesh::{Mesh, MeshOptions, Roles};
@@ -67,6 +72,10 @@ pub enum Which {
     /// A client process of the multi-process `conns` run (started by it).
     #[command(hide = true)]
     ConnsWorker(ConnsClientArgs),
+    /// One publish to a topic with a million subscribers, thousands online over
+    /// WebSocket: latency to the last online frame, durable writes, push jobs, NATS RSS,
+    /// beside raw core NATS fan-out to the same number of clients.
+    Fanout(FanoutArgs),
 }
 
 /// `herald bench notify`.
@@ -112,6 +121,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         Which::Lanes(a) => lanes::run(a).await,
         Which::Workers(a) => workers::run(a).await,
         Which::ConnsWorker(a) => conns_client::run(a).await,
+        Which::Fanout(a) => fanout::run(a).await,
     }
 }
 

@@ -111,6 +111,9 @@ pub struct Settings {
     pub rate_caps: Vec<RateCap>,
     /// Topics users may subscribe to themselves: exact names or prefixes ending in `*`.
     pub self_subscribe_topics: Vec<String>,
+    /// Subscribers from which a topic publish is stored once (big-topic path) instead of
+    /// written into each subscriber's inbox; 0 sends every publish that way.
+    pub big_topic_threshold: u64,
     /// Folder of notification templates (`<name>.toml`); none when unset.
     pub templates_dir: Option<PathBuf>,
     /// Notification categories: `[categories.security] critical = true`,
@@ -157,6 +160,7 @@ impl Default for Settings {
             templates_dir: None,
             producer_rate_per_s: None,
             self_subscribe_topics: Vec::new(),
+            big_topic_threshold: herald_api::http::DEFAULT_BIG_THRESHOLD,
             rate_caps: Vec::new(),
         }
     }
@@ -374,6 +378,7 @@ impl Settings {
                 rates,
                 topics: herald_api::TopicSettings {
                     self_subscribe: self.self_subscribe_topics.clone(),
+                    big_threshold: self.big_topic_threshold,
                 },
             }),
             _ => Err(ConfigError(errors)),
@@ -559,7 +564,7 @@ impl Settings {
 
 /// Environment keys read (as `HERALD_<KEY>`). Others, like `HERALD_NATS_SERVER`, belong
 /// to other parts and are not configuration errors.
-const ENV_KEYS: [&str; 32] = [
+const ENV_KEYS: [&str; 33] = [
     "http_addr",
     "data_dir",
     "nats_url",
@@ -592,6 +597,7 @@ const ENV_KEYS: [&str; 32] = [
     "templates_dir",
     "producer_rate_per_s",
     "self_subscribe_topics",
+    "big_topic_threshold",
 ];
 
 #[cfg(test)]

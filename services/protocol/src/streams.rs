@@ -218,6 +218,10 @@ pub const READ_HEADER: &str = "Herald-Read";
 /// sequence of its own).
 pub const SEQ_HEADER: &str = "Herald-Seq";
 
+/// Header on a big topic's copy handed to a user's router (on their routing subject,
+/// value `1`): route it now, with quiet hours applied as for a new notification.
+pub const FANOUT_HEADER: &str = "Herald-Fanout";
+
 /// Header on a scheduled notification naming the producer that may cancel it.
 pub const PRODUCER_HEADER: &str = "Herald-Producer";
 

@@ -195,6 +195,46 @@ impl Subjects {
         ]
     }
 
+    /// Where a big topic's publishes are stored once, in the INBOX stream beside the
+    /// users' inbox subjects (so they share its sequence space: a user's view merges
+    /// this subject into their own). `t` is never a partition number, so no router
+    /// consumer reads it; the lane keeps the shape of a user's entry, so the republish
+    /// that drops the lane delivers it on [`Subjects::topic_live`].
+    pub fn topic_inbox_entry(&self, topic: &crate::TopicId, lane: crate::Priority) -> String {
+        format!(
+            "{}.inbox.t.{}.{}",
+            self.prefix,
+            topic.token(),
+            lane.as_str()
+        )
+    }
+    /// Every stored publish of a big topic, every lane (a filter: read it, never
+    /// publish to it).
+    pub fn topic_inbox(&self, topic: &crate::TopicId) -> String {
+        format!("{}.inbox.t.{}.*", self.prefix, topic.token())
+    }
+    /// Where INBOX republishes a big topic's publishes (gateways subscribe while they
+    /// hold an online subscriber of the topic).
+    pub fn topic_live(&self, topic: &crate::TopicId) -> String {
+        format!("{}.live.t.{}", self.prefix, topic.token())
+    }
+
+    /// The topic of a [`Subjects::topic_live`] or [`Subjects::topic_inbox_entry`]
+    /// subject.
+    pub fn topic_of(&self, subject: &str) -> Option<crate::TopicId> {
+        let rest = subject.strip_prefix(self.prefix.as_str())?;
+        let token = match rest.strip_prefix(".live.t.") {
+            Some(token) => token,
+            None => {
+                let (token, lane) = rest.strip_prefix(".inbox.t.")?.split_once('.')?;
+                if !crate::Priority::ALL.iter().any(|p| p.as_str() == lane) {
+                    return None;
+                }
+                token
+            }
+        };
+        crate::TopicId::decode(token).ok()
+    }
     /// Topic publishes waiting for fan-out.
     pub fn fanout(&self) -> String {
         format!("{}.fanout", self.prefix)
@@ -262,7 +302,8 @@ impl Subjects {
             .strip_prefix('.')?;
         let mut tokens = rest.split('.');
         let kind = tokens.next()?;
-        let _partition = tokens.next()?;
+        // A partition is a number; `t` marks a topic's subjects, which belong to no user.
+        tokens.next()?.parse::<u16>().ok()?;
         let token = tokens.next()?;
         let shape_ok = match kind {
             "inbox" => tokens
@@ -313,6 +354,25 @@ mod tests {
             s.inbox_lane(3, crate::Priority::High),
             "acme.herald.inbox.3.*.high"
         );
+    }
+
+    #[test]
+    fn topic_subjects_are_not_partitions() {
+        let s = Subjects::default();
+        let t = crate::TopicId::new("news.*").expect("valid");
+        assert_eq!(s.topic_of(&s.topic_live(&t)), Some(t.clone()));
+        // The read filter: the entry subjects with the lane as its only wildcard.
+        assert!(s.topic_inbox(&t).starts_with("herald.inbox.t."));
+        assert!(s.topic_inbox(&t).ends_with(".*"));
+        assert_eq!(s.topic_inbox(&t).matches('*').count(), 1);
+        for lane in crate::Priority::ALL {
+            let entry = s.topic_inbox_entry(&t, lane);
+            assert_eq!(entry.split('.').count(), 5, "{entry}");
+            assert_eq!(s.topic_of(&entry), Some(t.clone()));
+            assert_eq!(s.user_of(&entry), None, "a topic entry is nobody's inbox");
+        }
+        let user = UserId::new("u").expect("valid");
+        assert_eq!(s.topic_of(&s.live(&user)), None);
     }
 
     #[test]

@@ -290,8 +290,14 @@ impl Route {
                 grouping::Step::Retry => return Routed::Retry,
             }
         }
+        // A big topic's copy comes on the routing subject too, but fresh: quiet hours apply.
+        let fresh = !deferred
+            || msg
+                .headers
+                .as_ref()
+                .is_some_and(|h| h.get(streams::FANOUT_HEADER).is_some());
         // Quiet hours: below `high`, the channel work waits; the inbox entry is already there.
-        if !deferred
+        if fresh
             && folded.is_none()
             && !channels.is_empty()
             && stored.priority != Priority::High

@@ -12,6 +12,7 @@
 //! - [`caps`]: rate caps counted across instances.
 //! - [`groups`]: aggregation groups, joined and closed with compare-and-set.
 //! - [`topics`]: topic subscriptions and fan-out progress.
+//! - [`view`]: a user's inbox merged with the big topics they follow.
 //! - [`scheduled`]: `send_at`, held by JetStream's message scheduler.
 
 pub mod caps;
@@ -27,6 +28,7 @@ pub mod scheduled;
 pub mod status;
 pub mod targets;
 pub mod topics;
+pub mod view;
 
 pub use caps::{CapDecision, CapsError, RateCaps};
 pub use connect::{Nats, connect};
@@ -40,3 +42,4 @@ pub use scheduled::Cancelled;
 pub use status::StatusStore;
 pub use targets::Targets;
 pub use topics::{FanoutLog, Subscription, Subscriptions, TopicsError};
+pub use view::TopicSource;

@@ -9,8 +9,10 @@
 
 use crate::connect::Nats;
 use crate::direct::{self, DirectGetError};
+use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::kv;
-use herald_protocol::streams::{FANOUT_BUCKET, SUBS};
+use async_nats::jetstream::message::PublishMessage;
+use herald_protocol::streams::{FANOUT_BUCKET, INBOX, SUBS};
 use herald_protocol::topic::FanoutProgress;
 use herald_protocol::{Subjects, TopicId, UserId};
 use serde::{Deserialize, Serialize};
@@ -27,6 +29,10 @@ pub struct Subscription {
     pub user_id: UserId,
     /// Who subscribed them: a producer name, or `self`.
     pub by: String,
+    /// The last INBOX sequence when they subscribed: of a big topic's publishes (stored
+    /// once, in INBOX) they see those after it.
+    #[serde(default)]
+    pub since: u64,
 }
 
 /// Why a subscription operation failed.
@@ -67,31 +73,67 @@ impl Subscriptions {
         users: &[UserId],
         by: &str,
     ) -> Result<usize, TopicsError> {
+        let since = self.inbox_last_seq().await?;
         let mut acks = Vec::with_capacity(users.len() * 2);
         for user in users {
             let sub = Subscription {
                 topic: topic.clone(),
                 user_id: user.clone(),
                 by: by.to_owned(),
+                since,
             };
             let payload: bytes::Bytes = serde_json::to_vec(&sub).map_err(unavailable)?.into();
             for subject in [
                 self.subjects.subscription(topic, user),
                 self.subjects.user_subscription(user, topic),
             ] {
+                // Only when not subscribed yet: subscribing again must not move `since`
+                // (that would hide big-topic publishes the user has already seen).
+                let publish = PublishMessage::build()
+                    .payload(payload.clone())
+                    .expected_last_subject_sequence(0);
                 acks.push(
                     self.nats
                         .js
-                        .publish(subject, payload.clone())
+                        .send_publish(subject, publish)
                         .await
                         .map_err(unavailable)?,
                 );
             }
         }
         for ack in acks {
-            ack.await.map_err(unavailable)?;
+            match ack.await {
+                Ok(_) => {}
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {}
+                Err(e) => return Err(unavailable(e)),
+            }
         }
+        self.announce(users).await;
         Ok(users.len())
+    }
+
+    /// The INBOX stream's last sequence (one stream info request).
+    async fn inbox_last_seq(&self) -> Result<u64, TopicsError> {
+        let stream = self.nats.js.get_stream(INBOX).await.map_err(unavailable)?;
+        Ok(stream.cached_info().state.last_sequence)
+    }
+
+    /// Tells the gateways holding these users that their topics changed (a core message
+    /// on each user's live subject; nobody listening costs the server nothing).
+    async fn announce(&self, users: &[UserId]) {
+        for user in users {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(herald_protocol::topic::TOPICS_HEADER, "1");
+            if let Err(e) = self
+                .nats
+                .publish
+                .publish_with_headers(self.subjects.live(user), headers, bytes::Bytes::new())
+                .await
+            {
+                tracing::debug!(error = %e, "announcing a topic change failed");
+                return;
+            }
+        }
     }
 
     /// Unsubscribes `user` from `topic`; returns whether they were subscribed.
@@ -115,6 +157,7 @@ impl Subscriptions {
             .filter(self.subjects.user_subscription(user, topic))
             .await
             .map_err(unavailable)?;
+        self.announce(std::slice::from_ref(user)).await;
         Ok(by_topic.purged > 0)
     }
 
@@ -160,6 +203,19 @@ impl Subscriptions {
     /// # Errors
     /// [`TopicsError::Read`] when NATS cannot answer.
     pub async fn topics_of(&self, user: &UserId) -> Result<Vec<TopicId>, TopicsError> {
+        Ok(self
+            .subscriptions_of(user)
+            .await?
+            .into_iter()
+            .map(|s| s.topic)
+            .collect())
+    }
+
+    /// The subscriptions of `user` (up to 1,000), with when each began.
+    ///
+    /// # Errors
+    /// [`TopicsError::Read`] when NATS cannot answer.
+    pub async fn subscriptions_of(&self, user: &UserId) -> Result<Vec<Subscription>, TopicsError> {
         let mut topics = Vec::new();
         let mut from = 1;
         while topics.len() < 1000 {
@@ -174,7 +230,7 @@ impl Subscriptions {
             let Some(last) = msgs.last().map(|m| m.seq) else {
                 break;
             };
-            topics.extend(decode(msgs).into_iter().map(|(_, s)| s.topic));
+            topics.extend(decode(msgs).into_iter().map(|(_, s)| s));
             from = last + 1;
         }
         Ok(topics)

@@ -183,6 +183,13 @@ impl Step<'_> {
         let stored = match ctx.inbox.get_raw_message(job.seq).await {
             Ok(m) => match serde_json::from_slice::<StoredNotification>(&m.payload) {
                 Ok(n) if n.id == job.id => n,
+                // A big topic's publish, stored once: this job is for one subscriber's copy.
+                Ok(n)
+                    if n.topic.is_some()
+                        && herald_protocol::topic::copy_id(&n.id, &job.user_id) == job.id =>
+                {
+                    herald_protocol::topic::for_subscriber(n, &job.user_id)
+                }
                 _ => return self.gone().await,
             },
             Err(e)

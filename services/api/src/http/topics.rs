@@ -19,11 +19,28 @@ use std::sync::Arc;
 /// Most users in one bulk subscribe.
 const BULK_MAX: usize = 10_000;
 
-/// Which topics users may join by themselves: exact names, or prefixes ending in `*`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Default [`TopicSettings::big_threshold`].
+pub const DEFAULT_BIG_THRESHOLD: u64 = 10_000;
+
+/// Topic rules: which topics users may join by themselves (exact names, or prefixes
+/// ending in `*`), and from what size a topic's publishes are stored once.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicSettings {
     /// Patterns of self-subscribable topics.
     pub self_subscribe: Vec<String>,
+    /// A publish to a topic with at least this many subscribers takes the big-topic path:
+    /// stored once and merged into each subscriber's view, instead of one inbox entry per
+    /// subscriber. 0 sends every publish the big-topic way.
+    pub big_threshold: u64,
+}
+
+impl Default for TopicSettings {
+    fn default() -> Self {
+        Self {
+            self_subscribe: Vec::new(),
+            big_threshold: DEFAULT_BIG_THRESHOLD,
+        }
+    }
 }
 
 impl TopicSettings {
@@ -176,22 +193,39 @@ pub(super) async fn publish(
         .prepare_topic(&raw, &producer.0.producer, key)
         .await
         .map_err(AppError::from)?;
-    let job = FanoutJob {
+    let mut job = FanoutJob {
         id: prepared.id().to_owned(),
         topic: t.clone(),
         notification: prepared.into_stored(),
+        stored_seq: None,
     };
     let subscribers = state.subscriptions.count(&t).await.map_err(unavailable)?;
+    let big = subscribers >= state.topics.big_threshold;
+    if big {
+        // Written once: every subscriber's view merges the topic's subject. The fan-out
+        // job that follows only enqueues channel work for those who want it.
+        job.notification.topic = Some(t.as_str().to_owned());
+        let stored = state
+            .acceptor
+            .inbox()
+            .append_topic(&t, &job.notification)
+            .await
+            .map_err(|e| AppError::unavailable(&e))?;
+        job.stored_seq = Some(stored.seq);
+    }
     state
         .acceptor
         .enqueue_fanout(&job)
         .await
         .map_err(|e| AppError::unavailable(&e))?;
-    metrics::counter!("herald_topic_publishes_total").increment(1);
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({"id": job.id, "status": "accepted", "topic": t, "subscribers": subscribers})),
-    ))
+    metrics::counter!("herald_topic_publishes_total", "path" => if big { "topic" } else { "write" })
+        .increment(1);
+    let mut answer = json!({"id": job.id, "status": "accepted", "topic": t, "subscribers": subscribers,
+        "path": if big { "topic" } else { "write" }});
+    if let Some(seq) = job.stored_seq {
+        answer["seq"] = json!(seq);
+    }
+    Ok((StatusCode::ACCEPTED, Json(answer)))
 }
 
 pub(super) async fn progress(
