@@ -39,10 +39,16 @@ pub struct TopicArgs {
         default_value = "http://127.0.0.1:8080"
     )]
     pub api_url: String,
-    /// Configuration flags (the API key: `--api-key`, HERALD_API_KEY, the config file,
-    /// or the development credentials of `herald up` in `--data-dir`).
-    #[command(flatten)]
-    pub common: Common,
+    /// Producer API key (scopes publish and read) [env: HERALD_API_KEY]; without it, the
+    /// config file's, or the development key `herald up` keeps in its data dir.
+    #[arg(long, global = true, value_name = "KEY")]
+    pub api_key: Option<String>,
+    /// Data directory of `herald up`, for its development key [default: .herald]
+    #[arg(long, global = true, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// TOML configuration file.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 /// `herald topic` actions.
@@ -57,6 +63,9 @@ pub enum TopicAction {
         /// A file of user ids, one per line (`-` reads stdin); blank lines are skipped.
         #[arg(long, value_name = "FILE")]
         file: Option<PathBuf>,
+        /// User ids per request (the API takes at most 10,000).
+        #[arg(long, default_value_t = BULK as u64, value_parser = clap::value_parser!(u64).range(1..=BULK as u64))]
+        batch: u64,
     },
     /// Publish to a topic, then follow its fan-out to the end with a progress bar.
     Publish {
@@ -109,12 +118,18 @@ pub enum TopicAction {
 pub async fn run(args: TopicArgs) -> Result<(), CliError> {
     let client = Client::new(&args)?;
     match args.action {
-        TopicAction::Subscribe { topic, users, file } => {
+        TopicAction::Subscribe {
+            topic,
+            users,
+            file,
+            batch,
+        } => {
             let mut ids = users;
             if let Some(file) = file {
                 ids.extend(read_ids(&file)?);
             }
-            subscribe(&client, &topic, ids).await
+            // At most BULK: the parser's range says so.
+            subscribe(&client, &topic, ids, usize::try_from(batch).unwrap_or(BULK)).await
         }
         TopicAction::Publish {
             topic,
@@ -187,7 +202,13 @@ struct Client {
 
 impl Client {
     fn new(args: &TopicArgs) -> Result<Self, CliError> {
-        let settings = Settings::load(args.common.config.as_deref(), &args.common)?;
+        let common = Common {
+            api_key: args.api_key.clone(),
+            data_dir: args.data_dir.clone(),
+            config: args.config.clone(),
+            ..Common::default()
+        };
+        let settings = Settings::load(common.config.as_deref(), &common)?;
         let key = settings
             .api_key
             .clone()
@@ -197,7 +218,7 @@ impl Client {
                  is in <data dir>/credentials.toml and is found by --data-dir)",
             )?;
         let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(60))
+            .timeout(Duration::from_secs(300))
             .build()?;
         Ok(Self {
             http,
@@ -240,8 +261,14 @@ impl Client {
     }
 
     fn unreachable(&self, e: reqwest::Error) -> CliError {
+        let mut why = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            why = format!("{why}: {s}");
+            source = s.source();
+        }
         format!(
-            "cannot reach Herald's API at {} ({e}); is it running? (--api-url or HERALD_API_URL)",
+            "cannot reach Herald's API at {} ({why}); is it running? (--api-url or HERALD_API_URL)",
             self.base
         )
         .into()
@@ -295,7 +322,12 @@ fn bar(total: u64, template: &str) -> ProgressBar {
     bar
 }
 
-async fn subscribe(client: &Client, topic: &str, ids: Vec<String>) -> Result<(), CliError> {
+async fn subscribe(
+    client: &Client,
+    topic: &str,
+    ids: Vec<String>,
+    batch: usize,
+) -> Result<(), CliError> {
     if ids.is_empty() {
         return Err("no user ids: name them, or pass --file".into());
     }
@@ -305,7 +337,7 @@ async fn subscribe(client: &Client, topic: &str, ids: Vec<String>) -> Result<(),
         "subscribing [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})",
     );
     let path = topic_path(topic, "/subscribers");
-    let mut requests = futures::stream::iter(ids.chunks(BULK).map(|chunk| {
+    let mut requests = futures::stream::iter(ids.chunks(batch).map(|chunk| {
         let body = json!({ "user_ids": chunk });
         let path = &path;
         async move {
