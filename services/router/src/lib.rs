@@ -364,6 +364,7 @@ impl Route {
                     priority: stored.priority,
                     target: target_id(&target),
                     folded: folded.clone(),
+                    digest: None,
                 };
                 let Ok(payload) = serde_json::to_vec(&job) else {
                     continue;
