@@ -109,6 +109,9 @@ pub struct Settings {
     pub producer_rate_per_s: Option<u32>,
     /// Rate caps: `[[rate_caps]] category = "like"  limit = 10  window_s = 3600`.
     pub rate_caps: Vec<RateCap>,
+    /// Length of an `hourly` email digest period, seconds (divides 3600; shorter for
+    /// tests and demos).
+    pub digest_hourly_s: u64,
     /// Topics users may subscribe to themselves: exact names or prefixes ending in `*`.
     pub self_subscribe_topics: Vec<String>,
     /// Folder of notification templates (`<name>.toml`); none when unset.
@@ -158,6 +161,7 @@ impl Default for Settings {
             producer_rate_per_s: None,
             self_subscribe_topics: Vec::new(),
             rate_caps: Vec::new(),
+            digest_hourly_s: herald_protocol::digest::DEFAULT_HOURLY_S,
         }
     }
 }
@@ -331,6 +335,12 @@ impl Settings {
                 ));
             }
         }
+        let digest = herald_protocol::digest::DigestSettings {
+            hourly_s: self.digest_hourly_s,
+        };
+        if let Err(e) = digest.check() {
+            errors.push(e);
+        }
         let rates = self.rates(&mut errors);
         let api_keys = self.api_keys(&mut errors);
         let jwt = self.jwt(&mut errors);
@@ -369,7 +379,9 @@ impl Settings {
                     ..Default::default()
                 },
                 channels,
-                policy: Policy::new(self.categories.clone()).with_caps(self.rate_caps.clone()),
+                policy: Policy::new(self.categories.clone())
+                    .with_caps(self.rate_caps.clone())
+                    .with_digest(digest),
                 templates: Arc::new(templates),
                 rates,
                 topics: herald_api::TopicSettings {
@@ -559,7 +571,7 @@ impl Settings {
 
 /// Environment keys read (as `HERALD_<KEY>`). Others, like `HERALD_NATS_SERVER`, belong
 /// to other parts and are not configuration errors.
-const ENV_KEYS: [&str; 32] = [
+const ENV_KEYS: [&str; 33] = [
     "http_addr",
     "data_dir",
     "nats_url",
@@ -592,6 +604,7 @@ const ENV_KEYS: [&str; 32] = [
     "templates_dir",
     "producer_rate_per_s",
     "self_subscribe_topics",
+    "digest_hourly_s",
 ];
 
 #[cfg(test)]

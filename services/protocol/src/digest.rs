@@ -241,7 +241,10 @@ mod tests {
             period_end(Digest::Hourly, &tz, at("2026-05-01T10:16:40.5Z"), fifteen),
             Some(at("2026-05-01T10:30:00Z"))
         );
-        assert_eq!(period_end(Digest::Off, &tz, at("2026-05-01T10:00:00Z"), HOUR), None);
+        assert_eq!(
+            period_end(Digest::Off, &tz, at("2026-05-01T10:00:00Z"), HOUR),
+            None
+        );
         assert!(DigestSettings { hourly_s: 7 }.check().is_err());
         assert!(DigestSettings { hourly_s: 0 }.check().is_err());
         assert!(fifteen.check().is_ok());

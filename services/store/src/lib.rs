@@ -11,11 +11,13 @@
 //! - [`preferences`]: per-user preferences.
 //! - [`caps`]: rate caps counted across instances.
 //! - [`groups`]: aggregation groups, joined and closed with compare-and-set.
+//! - [`digests`]: notifications waiting for their user's email digest.
 //! - [`topics`]: topic subscriptions and fan-out progress.
 //! - [`scheduled`]: `send_at`, held by JetStream's message scheduler.
 
 pub mod caps;
 pub mod connect;
+pub mod digests;
 pub mod direct;
 pub mod groups;
 pub mod inbox;
@@ -30,6 +32,7 @@ pub mod topics;
 
 pub use caps::{CapDecision, CapsError, RateCaps};
 pub use connect::{Nats, connect};
+pub use digests::{Digests, DigestsError};
 pub use groups::{Groups, GroupsError};
 pub use inbox::{AppendAck, Inbox, InboxError, InboxPage};
 pub use preferences::{PreferenceStore, PreferencesError};
