@@ -4,6 +4,7 @@
 
 mod channels;
 mod cluster;
+mod digests;
 mod durability;
 mod erase;
 mod errors;

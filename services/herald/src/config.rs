@@ -109,6 +109,9 @@ pub struct Settings {
     pub producer_rate_per_s: Option<u32>,
     /// Rate caps: `[[rate_caps]] category = "like"  limit = 10  window_s = 3600`.
     pub rate_caps: Vec<RateCap>,
+    /// Length of an `hourly` email digest period, seconds (divides 3600; shorter for
+    /// tests and demos).
+    pub digest_hourly_s: u64,
     /// Topics users may subscribe to themselves: exact names or prefixes ending in `*`.
     pub self_subscribe_topics: Vec<String>,
     /// Subscribers from which a topic publish is stored once (big-topic path) instead of
@@ -162,6 +165,7 @@ impl Default for Settings {
             self_subscribe_topics: Vec::new(),
             big_topic_threshold: herald_api::http::DEFAULT_BIG_THRESHOLD,
             rate_caps: Vec::new(),
+            digest_hourly_s: herald_protocol::digest::DEFAULT_HOURLY_S,
         }
     }
 }
@@ -335,6 +339,12 @@ impl Settings {
                 ));
             }
         }
+        let digest = herald_protocol::digest::DigestSettings {
+            hourly_s: self.digest_hourly_s,
+        };
+        if let Err(e) = digest.check() {
+            errors.push(e);
+        }
         let rates = self.rates(&mut errors);
         let api_keys = self.api_keys(&mut errors);
         let jwt = self.jwt(&mut errors);
@@ -373,7 +383,9 @@ impl Settings {
                     ..Default::default()
                 },
                 channels,
-                policy: Policy::new(self.categories.clone()).with_caps(self.rate_caps.clone()),
+                policy: Policy::new(self.categories.clone())
+                    .with_caps(self.rate_caps.clone())
+                    .with_digest(digest),
                 templates: Arc::new(templates),
                 rates,
                 topics: herald_api::TopicSettings {
@@ -564,7 +576,7 @@ impl Settings {
 
 /// Environment keys read (as `HERALD_<KEY>`). Others, like `HERALD_NATS_SERVER`, belong
 /// to other parts and are not configuration errors.
-const ENV_KEYS: [&str; 33] = [
+const ENV_KEYS: [&str; 34] = [
     "http_addr",
     "data_dir",
     "nats_url",
@@ -598,6 +610,7 @@ const ENV_KEYS: [&str; 33] = [
     "producer_rate_per_s",
     "self_subscribe_topics",
     "big_topic_threshold",
+    "digest_hourly_s",
 ];
 
 #[cfg(test)]

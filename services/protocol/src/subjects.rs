@@ -151,6 +151,22 @@ impl Subjects {
         format!("{}.defer.>", self.prefix)
     }
 
+    /// Where the notifications waiting for `user`'s next email digest are recorded (the
+    /// HERALD_DIGEST stream; one message per notification).
+    pub fn digest(&self, user: &UserId) -> String {
+        format!(
+            "{}.digest.{}.{}",
+            self.prefix,
+            user.partition(self.partitions),
+            user.token()
+        )
+    }
+
+    /// Every digest subject (the HERALD_DIGEST stream's filter).
+    pub fn digest_all(&self) -> String {
+        format!("{}.digest.>", self.prefix)
+    }
+
     /// Every schedule of one user (a filter).
     pub fn scheduled_of(&self, user: &UserId) -> String {
         format!(

@@ -11,12 +11,14 @@
 //! - [`preferences`]: per-user preferences.
 //! - [`caps`]: rate caps counted across instances.
 //! - [`groups`]: aggregation groups, joined and closed with compare-and-set.
+//! - [`digests`]: notifications waiting for their user's email digest.
 //! - [`topics`]: topic subscriptions and fan-out progress.
 //! - [`view`]: a user's inbox merged with the big topics they follow.
 //! - [`scheduled`]: `send_at`, held by JetStream's message scheduler.
 
 pub mod caps;
 pub mod connect;
+pub mod digests;
 pub mod direct;
 pub mod groups;
 pub mod inbox;
@@ -32,6 +34,7 @@ pub mod view;
 
 pub use caps::{CapDecision, CapsError, RateCaps};
 pub use connect::{Nats, connect};
+pub use digests::{Digests, DigestsError};
 pub use groups::{Groups, GroupsError};
 pub use inbox::{AppendAck, Inbox, InboxError, InboxPage};
 pub use preferences::{PreferenceStore, PreferencesError};

@@ -105,6 +105,11 @@ impl Step<'_> {
     }
 
     async fn status(&self, update: Update) {
+        // A digest names no notification: its listed notifications show `digest`, and
+        // a status document for it would outlive a GDPR erase of its user.
+        if self.job.digest.is_some() {
+            return;
+        }
         if let Err(e) = self.ctx.deps.status.record(self.job, update).await {
             tracing::warn!(id = %self.job.id, error = %e, "recording delivery status failed");
         }
@@ -180,6 +185,9 @@ impl Step<'_> {
                 }
             }
         }
+        if let Some(mail) = &job.digest {
+            return self.digest(mail).await;
+        }
         let stored = match ctx.inbox.get_raw_message(job.seq).await {
             Ok(m) => match serde_json::from_slice::<StoredNotification>(&m.payload) {
                 Ok(n) if n.id == job.id => n,
@@ -233,6 +241,58 @@ impl Step<'_> {
         self.send(&delivery).await;
     }
 
+    /// An email digest: its content is in the job (rendered when its period ended), so
+    /// there is no inbox entry to read; the user's email switch still applies.
+    async fn digest(&self, mail: &herald_protocol::digest::DigestMail) {
+        let ctx = self.ctx;
+        let job = self.job;
+        let target = match ctx
+            .deps
+            .targets
+            .find(&job.user_id, job.channel, &job.target)
+            .await
+        {
+            Ok(Some(t)) => t,
+            Ok(None) => return self.skip("target removed").await,
+            Err(e) => {
+                tracing::warn!(id = %job.id, error = %e, "target store unavailable; retrying later");
+                return self.later(STORE_RETRY).await;
+            }
+        };
+        if let Some(optout) = &ctx.deps.optout {
+            match optout.allows(&job.user_id, job.channel, None).await {
+                Ok(true) => {}
+                Ok(false) => return self.skip("opted out").await,
+                Err(e) => {
+                    tracing::warn!(id = %job.id, error = %e, "preferences unavailable; retrying later");
+                    return self.later(STORE_RETRY).await;
+                }
+            }
+        }
+        let unsubscribe_url = ctx
+            .deps
+            .links
+            .as_ref()
+            .map(|links| links.url(&job.user_id, None));
+        let delivery = Delivery {
+            id: job.id.clone(),
+            seq: job.seq,
+            user_id: job.user_id.clone(),
+            channel: job.channel,
+            priority: job.priority,
+            category: None,
+            title: Some(mail.subject.clone()),
+            body: Some(mail.text.clone()),
+            data: Default::default(),
+            collapse_key: None,
+            expires_at: None,
+            target,
+            unsubscribe_url,
+            html: Some(mail.html.clone()),
+        };
+        self.send(&delivery).await;
+    }
+
     async fn seen_up_to(&self) -> Result<u64, kv::EntryError> {
         let value = self.ctx.seen.get(self.job.user_id.token().as_str()).await?;
         Ok(value
@@ -274,6 +334,7 @@ impl Step<'_> {
             expires_at,
             target,
             unsubscribe_url,
+            html: None,
         }
     }
 
