@@ -382,3 +382,35 @@ async fn websocket_frames_join_and_leave_topics() -> anyhow::Result<()> {
     ensure!(mine["topics"] == json!([]), "{mine}");
     Ok(())
 }
+
+/// Full-size bulk requests side by side: each writes 20,000 subscription records, more
+/// than the client's JetStream acks in flight, so a request that queued every write
+/// before awaiting any would wait forever for a permit (it did, before the write window).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_size_bulk_subscribes_side_by_side_all_complete() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).roles(Roles::API).start().await?;
+    let requests = (0..3).map(|r| {
+        let users: Vec<String> = (0..10_000).map(|i| format!("bulk-{r}-{i}")).collect();
+        let request = herald
+            .producer(Method::POST, "/v1/topics/big.bulk/subscribers")
+            .json(&json!({ "user_ids": users }));
+        async move { ok(request.send().await?).await }
+    });
+    let answers = within(
+        Duration::from_secs(120),
+        "three bulk subscribes of 10,000",
+        futures::future::try_join_all(requests),
+    )
+    .await??;
+    for answer in &answers {
+        ensure!(answer["subscribed"] == 10_000, "{answer}");
+    }
+    let described = ok(herald
+        .producer(Method::GET, "/v1/topics/big.bulk")
+        .send()
+        .await?)
+    .await?;
+    ensure!(described["subscribers"] == 30_000, "{described}");
+    Ok(())
+}

@@ -20,6 +20,24 @@ use serde::{Deserialize, Serialize};
 /// Largest page of subscriptions read at once.
 pub const PAGE: usize = 256;
 
+/// Most subscription writes of one request awaiting their JetStream ack at a time.
+const ACK_WINDOW: usize = 1024;
+
+/// A subscription write's ack: confirmed, or already subscribed (the expected-sequence
+/// check refused a second write, which is what keeps `since`).
+fn confirmed(
+    ack: Result<
+        async_nats::jetstream::publish::PublishAck,
+        async_nats::jetstream::context::PublishError,
+    >,
+) -> Result<(), TopicsError> {
+    match ack {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(()),
+        Err(e) => Err(unavailable(e)),
+    }
+}
+
 /// A stored subscription.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Subscription {
@@ -74,7 +92,11 @@ impl Subscriptions {
         by: &str,
     ) -> Result<usize, TopicsError> {
         let since = self.inbox_last_seq().await?;
-        let mut acks = Vec::with_capacity(users.len() * 2);
+        // Pipelined, but never more than a window of unconfirmed writes: the client
+        // allows a fixed number of acks in flight (shared by every request of the
+        // process), and a request that queued more than that before awaiting any would
+        // wait for a permit only its own acks could free — forever.
+        let mut acks = std::collections::VecDeque::with_capacity(ACK_WINDOW);
         for user in users {
             let sub = Subscription {
                 topic: topic.clone(),
@@ -87,12 +109,17 @@ impl Subscriptions {
                 self.subjects.subscription(topic, user),
                 self.subjects.user_subscription(user, topic),
             ] {
+                if acks.len() >= ACK_WINDOW
+                    && let Some(ack) = acks.pop_front()
+                {
+                    confirmed(ack.await)?;
+                }
                 // Only when not subscribed yet: subscribing again must not move `since`
                 // (that would hide big-topic publishes the user has already seen).
                 let publish = PublishMessage::build()
                     .payload(payload.clone())
                     .expected_last_subject_sequence(0);
-                acks.push(
+                acks.push_back(
                     self.nats
                         .js
                         .send_publish(subject, publish)
@@ -102,11 +129,7 @@ impl Subscriptions {
             }
         }
         for ack in acks {
-            match ack.await {
-                Ok(_) => {}
-                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {}
-                Err(e) => return Err(unavailable(e)),
-            }
+            confirmed(ack.await)?;
         }
         self.announce(users).await;
         Ok(users.len())
