@@ -17,10 +17,9 @@
 
 use super::fleet::{self, Fleet, GatewayProcess};
 use super::load::wait_for;
-use super::{BenchError, ms};
+use super::{BenchAuth, BenchError, ms};
 use crate::mesh::{Mesh, MeshOptions, Roles};
 use clap::Args;
-use herald_auth::{ApiKey, ApiKeys, JwtConfig, Scope, UserAuth};
 use herald_protocol::streams::{self, StreamSettings};
 use herald_protocol::{Channel, Subjects, UserId};
 use std::sync::Arc;
@@ -44,7 +43,6 @@ pub struct FanoutArgs {
     pub bulk_concurrency: usize,
 }
 
-const SECRET: &str = "bench-secret-bench-secret-bench-secret";
 const PREFIX: &str = "hbench";
 const PARTITIONS: u16 = 16;
 const TOPIC: &str = "bench.big";
@@ -73,20 +71,12 @@ pub(super) async fn run(args: FanoutArgs) -> Result<(), BenchError> {
     let url = nats.client_url();
     eprintln!("bench fanout: nats-server at {url}; {n} subscribers, {online} online");
 
-    let api_key = herald_auth::api_keys::generate();
-    let mut keys = ApiKeys::new();
-    keys.insert(
-        &api_key,
-        ApiKey {
-            producer: "bench".into(),
-            scopes: Scope::ALL.to_vec(),
-        },
-    );
-    let jwt = JwtConfig {
-        hs256_secret: Some(SECRET.as_bytes().to_vec()),
-        ..Default::default()
-    };
-    let users = UserAuth::new(&jwt)?;
+    let BenchAuth {
+        api_key,
+        keys,
+        jwt,
+        users,
+    } = BenchAuth::new()?;
     let subjects = Subjects::new(PREFIX, PARTITIONS)?;
     let options = MeshOptions {
         nats_url: url.clone(),
@@ -193,7 +183,7 @@ pub(super) async fn run(args: FanoutArgs) -> Result<(), BenchError> {
     let gateway_addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let env = [
         ("HERALD_NATS_URL", url.clone()),
-        ("HERALD_JWT_SECRET", SECRET.to_string()),
+        ("HERALD_JWT_SECRET", super::conns::SECRET.to_string()),
         ("HERALD_SUBJECT_PREFIX", PREFIX.to_string()),
         ("HERALD_PARTITIONS", PARTITIONS.to_string()),
         ("HERALD_UPGRADES_PER_S", "5000".to_string()),
