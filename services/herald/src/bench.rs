@@ -157,6 +157,37 @@ impl BenchAuth {
             users,
         })
     }
+
+    /// Options for an in-process mesh on `nats_url` with every role but the gateway
+    /// (the benches run gateways as child processes), authenticating with these keys.
+    fn mesh_without_gateway(
+        &self,
+        nats_url: String,
+        name: &str,
+        subjects: Subjects,
+    ) -> MeshOptions {
+        MeshOptions {
+            nats_url,
+            name: name.into(),
+            subjects,
+            streams: StreamSettings::default(),
+            provision: true,
+            api_keys: self.keys.clone(),
+            jwt: self.jwt.clone(),
+            api: Default::default(),
+            gateway: Default::default(),
+            roles: Roles {
+                gateway: false,
+                ..Roles::ALL
+            },
+            dev_mode: false,
+            policy: Default::default(),
+            templates: Default::default(),
+            rates: Default::default(),
+            topics: Default::default(),
+            channels: crate::channels::ChannelSettings::new([0x42; 32]),
+        }
+    }
 }
 
 const BODY_TEXT: &str =

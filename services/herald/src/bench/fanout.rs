@@ -18,9 +18,9 @@
 use super::fleet::{self, Fleet, GatewayProcess};
 use super::load::wait_for;
 use super::{BenchAuth, BenchError, ms};
-use crate::mesh::{Mesh, MeshOptions, Roles};
+use crate::mesh::Mesh;
 use clap::Args;
-use herald_protocol::streams::{self, StreamSettings};
+use herald_protocol::streams;
 use herald_protocol::{Channel, Subjects, UserId};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -71,34 +71,10 @@ pub(super) async fn run(args: FanoutArgs) -> Result<(), BenchError> {
     let url = nats.client_url();
     eprintln!("bench fanout: nats-server at {url}; {n} subscribers, {online} online");
 
-    let BenchAuth {
-        api_key,
-        keys,
-        jwt,
-        users,
-    } = BenchAuth::new()?;
+    let auth = BenchAuth::new()?;
     let subjects = Subjects::new(PREFIX, PARTITIONS)?;
-    let options = MeshOptions {
-        nats_url: url.clone(),
-        name: "herald-bench-fanout".into(),
-        subjects: subjects.clone(),
-        streams: StreamSettings::default(),
-        provision: true,
-        api_keys: keys,
-        jwt,
-        api: Default::default(),
-        gateway: Default::default(),
-        roles: Roles {
-            gateway: false,
-            ..Roles::ALL
-        },
-        dev_mode: false,
-        policy: Default::default(),
-        templates: Default::default(),
-        rates: Default::default(),
-        topics: Default::default(),
-        channels: crate::channels::ChannelSettings::new([0x42; 32]),
-    };
+    let options = auth.mesh_without_gateway(url.clone(), "herald-bench-fanout", subjects.clone());
+    let BenchAuth { api_key, users, .. } = auth;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let mesh = Mesh::start(options, listener).await?;
     let api = format!("http://{}", mesh.addr());
