@@ -17,7 +17,7 @@
 //! herald.defer.<part>.<user>         INBOX stream: what those schedules fire into (router)
 //! herald.digest.<part>.<user>        HERALD_DIGEST stream: notifications awaiting a digest
 //! herald.subs.<topic>.<user>         SUBS stream: one subscription (one message per subject)
-//! herald.usubs.<user>.<topic>        SUBS stream: the same, indexed by user
+//! herald.usubs.<user>                SUBS stream: the user's set of subscriptions (one message)
 //! herald.fanout                      FANOUT stream: topic publishes waiting to be fanned out
 //! herald.events.<id>                 EVENTS stream: delivery status of one notification
 //! ```

@@ -147,7 +147,8 @@ pub fn streams(subjects: &Subjects, settings: &StreamSettings) -> Vec<StreamSpec
             // Kept until unsubscribed.
             max_age: Duration::ZERO,
             max_msgs_per_subject: 1,
-            max_msg_size: 1024,
+            // A user's set of up to 1,000 followed topics is one message.
+            max_msg_size: 256 * 1024,
             duplicate_window: Duration::from_secs(120),
             allow_direct: true,
             republish: None,

@@ -193,14 +193,11 @@ impl Subjects {
         format!("{}.subs.{}.*", self.prefix, topic.token())
     }
 
-    /// One subscription, by user (listing a user's topics reads `usubs.<user>.*`).
-    pub fn user_subscription(&self, user: &UserId, topic: &crate::TopicId) -> String {
-        format!("{}.usubs.{}.{}", self.prefix, user.token(), topic.token())
-    }
-
-    /// Every subscription of a user (a filter).
+    /// Every subscription of a user, as one set on one literal subject (the newest
+    /// message holds the whole set), so that opening a session reads one message instead
+    /// of filtering a stream that holds every subscription of every user.
     pub fn topics_of(&self, user: &UserId) -> String {
-        format!("{}.usubs.{}.*", self.prefix, user.token())
+        format!("{}.usubs.{}", self.prefix, user.token())
     }
 
     /// Every subscription subject (the SUBS stream's filters).

@@ -63,8 +63,17 @@ fn user(raw: String) -> Result<UserId, AppError> {
     UserId::new(raw).map_err(|e| AppError::field(FieldError::new("user_id", e.to_string())))
 }
 
-fn unavailable(e: TopicsError) -> AppError {
-    AppError::unavailable(&e)
+/// 409 for what the caller can fix or repeat, 503 when NATS failed.
+fn topics_error(e: TopicsError) -> AppError {
+    match e {
+        TopicsError::TooMany(_) => {
+            AppError::new(StatusCode::CONFLICT, "too_many_topics", e.to_string())
+        }
+        TopicsError::Contended(_) => {
+            AppError::new(StatusCode::CONFLICT, "conflict", e.to_string()).retry_after(1)
+        }
+        TopicsError::Unavailable(_) | TopicsError::Read(_) => AppError::unavailable(&e),
+    }
 }
 
 pub(super) async fn subscribe(
@@ -78,7 +87,7 @@ pub(super) async fn subscribe(
         .subscriptions
         .subscribe(&t, std::slice::from_ref(&u), &producer.0.producer)
         .await
-        .map_err(unavailable)?;
+        .map_err(topics_error)?;
     Ok(Json(json!({"topic": t, "user_id": u, "subscribed": true})))
 }
 
@@ -93,7 +102,7 @@ pub(super) async fn unsubscribe(
         .subscriptions
         .unsubscribe(&t, &u)
         .await
-        .map_err(unavailable)?;
+        .map_err(topics_error)?;
     Ok(Json(
         json!({"topic": t, "user_id": u, "subscribed": false, "was_subscribed": was}),
     ))
@@ -138,7 +147,7 @@ pub(super) async fn subscribe_many(
         .subscriptions
         .subscribe(&t, &users, &producer.0.producer)
         .await
-        .map_err(unavailable)?;
+        .map_err(topics_error)?;
     Ok(Json(json!({"topic": t, "subscribed": n})))
 }
 
@@ -149,7 +158,7 @@ pub(super) async fn describe(
 ) -> Result<Json<Value>, AppError> {
     producer.require(Scope::Read)?;
     let t = topic(t)?;
-    let n = state.subscriptions.count(&t).await.map_err(unavailable)?;
+    let n = state.subscriptions.count(&t).await.map_err(topics_error)?;
     Ok(Json(json!({"topic": t, "subscribers": n})))
 }
 
@@ -199,7 +208,7 @@ pub(super) async fn publish(
         notification: prepared.into_stored(),
         stored_seq: None,
     };
-    let subscribers = state.subscriptions.count(&t).await.map_err(unavailable)?;
+    let subscribers = state.subscriptions.count(&t).await.map_err(topics_error)?;
     let big = subscribers >= state.topics.big_threshold;
     if big {
         // Written once: every subscriber's view merges the topic's subject. The fan-out
@@ -241,7 +250,7 @@ pub(super) async fn progress(
             "not a publish id (a UUID)",
         )));
     }
-    match state.fanouts.get(&id).await.map_err(unavailable)? {
+    match state.fanouts.get(&id).await.map_err(topics_error)? {
         Some(p) => Ok(Json(json!({"id": id, "topic": t, "fanout": p}))),
         None => Ok(Json(
             json!({"id": id, "topic": t, "fanout": {"state": "queued"}}),
@@ -282,7 +291,7 @@ pub(super) async fn my_subscribe(
         .subscriptions
         .subscribe(&t, std::slice::from_ref(&user), "self")
         .await
-        .map_err(unavailable)?;
+        .map_err(topics_error)?;
     Ok(Json(json!({"topic": t, "subscribed": true})))
 }
 
@@ -297,7 +306,7 @@ pub(super) async fn my_unsubscribe(
         .subscriptions
         .unsubscribe(&t, &user)
         .await
-        .map_err(unavailable)?;
+        .map_err(topics_error)?;
     Ok(Json(
         json!({"topic": t, "subscribed": false, "was_subscribed": was}),
     ))
@@ -311,6 +320,6 @@ pub(super) async fn my_topics(
         .subscriptions
         .topics_of(&user)
         .await
-        .map_err(unavailable)?;
+        .map_err(topics_error)?;
     Ok(Json(json!({"topics": topics})))
 }

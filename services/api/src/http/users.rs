@@ -61,18 +61,11 @@ pub(super) async fn erase(
         .map_err(|e| AppError::unavailable(&e))?;
     // Their topics too: what they follow is theirs, and big topics' publishes (stored
     // once, shared) leave their view with the subscriptions.
-    let topics = state
+    let subscriptions = state
         .subscriptions
-        .topics_of(&user)
+        .erase(&user)
         .await
         .map_err(|e| AppError::unavailable(&e))?;
-    for topic in &topics {
-        state
-            .subscriptions
-            .unsubscribe(topic, &user)
-            .await
-            .map_err(|e| AppError::unavailable(&e))?;
-    }
     let nats = state.acceptor.inbox().nats();
     let groups = herald_store::Groups::open(&nats.js)
         .await
@@ -98,7 +91,7 @@ pub(super) async fn erase(
             "seen_position": seen_position,
             "devices_and_contact": true,
             "delivery_status": delivery_status,
-            "subscriptions": topics.len(),
+            "subscriptions": subscriptions,
             "groups": groups,
             "digest_entries": digest_entries,
         }
