@@ -19,6 +19,7 @@
 //! `herald bench fanout` ([`fanout`]) publishes once to a topic with a million
 //! subscribers, thousands of them online on a gateway child process.
 
+mod ceilings;
 mod conns;
 mod conns_client;
 mod fanout;
@@ -263,8 +264,22 @@ async fn notify(args: NotifyArgs) -> Result<(), BenchError> {
         })
         .await??;
     let base = format!("http://{}", mesh.addr());
-    let native = native_throughput(&url, args.count).await?;
+    let native = native_throughput(&url, "hbench.notify", args.count).await?;
     let http = http_throughput(&base, &api_key, args.count, args.http_concurrency).await?;
+    // The transports alone, same clients, same runtime: what no per-notification work
+    // could exceed on this machine.
+    let responder = ceilings::responder(&server, &url).await?;
+    let native_ceiling = native_throughput(&url, &responder.target, args.count).await?;
+    drop(responder);
+    let http_server = ceilings::http(&server).await?;
+    let http_ceiling = http_throughput(
+        &http_server.target,
+        &api_key,
+        args.count,
+        args.http_concurrency,
+    )
+    .await?;
+    drop(http_server);
     let batch = batch_throughput(&base, &api_key, args.count).await?;
     let (latency, accept_latency) = latency(&base, &api_key, &users_auth, &args).await?;
     server.spawn(mesh.shutdown()).await??;
@@ -286,9 +301,17 @@ async fn notify(args: NotifyArgs) -> Result<(), BenchError> {
         ratio(native)
     );
     println!(
+        "| ceiling: core request/reply to a do-nothing responder, same client | {native_ceiling:.0} msgs/s | {:.0}% |",
+        ratio(native_ceiling)
+    );
+    println!(
         "| Herald HTTP `POST /v1/notify` ({} concurrent) | {http:.0} notifications/s | {:.0}% |",
         args.http_concurrency,
         ratio(http)
+    );
+    println!(
+        "| ceiling: HTTP/1.1 POST to a do-nothing axum handler, same client | {http_ceiling:.0} requests/s | {:.0}% |",
+        ratio(http_ceiling)
     );
     println!(
         "| Herald HTTP `POST /v1/notify/batch` ({BATCH} per request, {BATCH_CONCURRENCY} concurrent) | {batch:.0} notifications/s | {:.0}% |",
@@ -461,9 +484,9 @@ async fn raw_core(url: &str, count: u64, size: usize) -> Result<f64, BenchError>
     Ok(rate(got, start.elapsed()))
 }
 
-/// Native path: what a producer does — a JetStream client publishing on `hbench.notify`
-/// with `Nats-Msg-Id`, 4,096 acks in flight.
-async fn native_throughput(url: &str, count: u64) -> Result<f64, BenchError> {
+/// Native path: what a producer does — a JetStream client publishing on `subject`
+/// (`hbench.notify`) with `Nats-Msg-Id`, 4,096 acks in flight.
+async fn native_throughput(url: &str, subject: &str, count: u64) -> Result<f64, BenchError> {
     let client = async_nats::connect(url).await?;
     let js = jetstream::ContextBuilder::new()
         .max_ack_inflight(4096)
@@ -484,7 +507,7 @@ async fn native_throughput(url: &str, count: u64) -> Result<f64, BenchError> {
         let publish = jetstream::message::PublishMessage::build()
             .payload(sample_payload(&format!("u-{:05}", i % 10_000)).into())
             .message_id(format!("native-{i}"));
-        tx.send(js.send_publish("hbench.notify", publish).await?)
+        tx.send(js.send_publish(subject.to_owned(), publish).await?)
             .await?;
     }
     drop(tx);

@@ -6,6 +6,10 @@ use crate::user::UserId;
 pub const DEFAULT_PREFIX: &str = "herald";
 /// The default number of INBOX partitions (router ownership units).
 pub const DEFAULT_PARTITIONS: u16 = 16;
+/// The lane token of inbox entries that need nothing beyond the inbox (no push, email,
+/// SMS or webhook). No router consumer filters it, so the router is never handed them:
+/// most notifications cost one stored message and no consumer delivery or ack.
+pub const INBOX_ONLY_LANE: &str = "inbox";
 
 /// Builds subjects under one prefix for one partition count.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +82,19 @@ impl Subjects {
             user.partition(self.partitions),
             user.token(),
             lane.as_str()
+        )
+    }
+
+    /// Where one notification of `user` that needs nothing beyond the inbox is stored:
+    /// `inbox.<partition>.<user token>.inbox` ([`INBOX_ONLY_LANE`]), outside every router
+    /// consumer's filter but inside the user's inbox ([`Subjects::inbox`]) and the live
+    /// republish.
+    pub fn inbox_only_entry(&self, user: &UserId) -> String {
+        format!(
+            "{}.inbox.{}.{}.{INBOX_ONLY_LANE}",
+            self.prefix,
+            user.partition(self.partitions),
+            user.token()
         )
     }
 
@@ -319,9 +336,9 @@ impl Subjects {
         tokens.next()?.parse::<u16>().ok()?;
         let token = tokens.next()?;
         let shape_ok = match kind {
-            "inbox" => tokens
-                .next()
-                .is_some_and(|lane| crate::Priority::ALL.iter().any(|p| p.as_str() == lane)),
+            "inbox" => tokens.next().is_some_and(|lane| {
+                lane == INBOX_ONLY_LANE || crate::Priority::ALL.iter().any(|p| p.as_str() == lane)
+            }),
             "live" => true,
             _ => false,
         };
@@ -348,12 +365,36 @@ mod tests {
                 assert!(!subject.contains('*') && !subject.contains('>') && !subject.contains(' '));
                 assert_eq!(s.user_of(&subject), Some(id.clone()));
             }
+            let only = s.inbox_only_entry(&id);
+            assert_eq!(only.split('.').count(), 5, "{only}");
+            assert_eq!(s.user_of(&only), Some(id.clone()));
             let live = s.live(&id);
             assert_eq!(live.split('.').count(), 4, "{live}");
             assert_eq!(s.user_of(&live), Some(id.clone()));
             // The read filter is the entry subjects with the lane as its only wildcard.
             assert_eq!(s.inbox(&id).matches('*').count(), 1);
             assert!(s.inbox(&id).ends_with(".*"));
+        }
+    }
+
+    #[test]
+    fn inbox_only_entries_are_in_the_inbox_but_no_router_lane() {
+        let s = Subjects::new("acme.herald", 4).expect("valid");
+        let id = UserId::new("ana").expect("valid");
+        let only = s.inbox_only_entry(&id);
+        let matches = |filter: &str| {
+            let (f, o): (Vec<_>, Vec<_>) = (filter.split('.').collect(), only.split('.').collect());
+            f.len() == o.len() && f.iter().zip(&o).all(|(f, o)| *f == "*" || f == o)
+        };
+        assert!(matches(&s.inbox(&id)), "{only} is in the user's inbox");
+        assert!(matches(&s.republish().0), "{only} is republished live");
+        for p in 0..s.partitions() {
+            for lane in crate::Priority::ALL {
+                assert!(
+                    !matches(&s.inbox_lane(p, lane)),
+                    "{only} is outside every router lane"
+                );
+            }
         }
     }
 

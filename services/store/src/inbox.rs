@@ -102,21 +102,29 @@ impl Inbox {
             .payload(payload)
             .message_id(&n.id)
             .expected_stream(INBOX);
-        if n.channels
-            .iter()
-            .any(|c| *c != herald_protocol::Channel::Inbox)
-        {
-            // Lets the router skip, without decoding, the many that need nothing but the inbox.
+        if needs_routing(n) {
             publish = publish.header(herald_protocol::streams::ROUTE_HEADER, "1");
         }
         self.nats
             .js
-            .send_publish(self.subjects.inbox_entry(&n.user_id, n.priority), publish)
+            .send_publish(self.entry_subject(n), publish)
             .await
             .map_err(|e| match e.kind() {
                 PublishErrorKind::MaxPayloadExceeded => InboxError::TooLarge(0),
                 _ => InboxError::Unavailable(Box::new(e)),
             })
+    }
+
+    /// The subject `n` is stored under: its priority lane when the router has work for it
+    /// (a channel beyond the inbox), else the inbox-only lane that no router consumer
+    /// reads, so the many notifications that need nothing but the inbox cost no consumer
+    /// delivery and no ack.
+    pub fn entry_subject(&self, n: &StoredNotification) -> String {
+        if needs_routing(n) {
+            self.subjects.inbox_entry(&n.user_id, n.priority)
+        } else {
+            self.subjects.inbox_only_entry(&n.user_id)
+        }
     }
 
     /// Appends and waits until JetStream has it durable.
@@ -290,4 +298,12 @@ pub(crate) fn decode_one(user: &UserId, m: &DirectMessage) -> Option<(u64, Store
             None
         }
     }
+}
+
+/// Whether the router has work for `n`: a channel beyond the inbox. Marked by the
+/// [`herald_protocol::streams::ROUTE_HEADER`] and by the entry's lane.
+pub(crate) fn needs_routing(n: &StoredNotification) -> bool {
+    n.channels
+        .iter()
+        .any(|c| *c != herald_protocol::Channel::Inbox)
 }
