@@ -210,7 +210,12 @@ async fn an_interrupted_fanout_resumes_from_its_cursor() -> anyhow::Result<()> {
     let subjects = api.subjects().clone();
     let store = herald_store::connect(&nats.url(), "test").await?;
     let subs = herald_store::Subscriptions::new(store.clone(), subjects);
-    let first_page = subs.page(&topic, 1).await?;
+    let first_page = subs
+        .pages(&topic, 1)
+        .await?
+        .next_page()
+        .await?
+        .context("a first page")?;
     let (cursor, _) = *first_page.last().context("a first page")?;
     let log = herald_store::FanoutLog::open(&js).await?;
     log.put(
@@ -491,5 +496,44 @@ async fn a_users_topics_survive_concurrent_subscribes_and_are_capped() -> anyhow
     let body: Value = over.json().await?;
     ensure!(body["error"]["code"] == "too_many_topics", "{body}");
     ensure!(mine("max").await?.len() == herald_store::MAX_TOPICS_PER_USER);
+    Ok(())
+}
+
+/// A fan-out reads a topic's subscribers through an ordered consumer: every one stored
+/// is read once, in stream order, and the read ends, even when the last ones counted
+/// when it began were unsubscribed before it reached them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriber_pages_read_each_once_and_end_after_the_tail_left() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).roles(Roles::API).start().await?;
+    let users: Vec<String> = (0..600).map(|i| format!("pager-{i:03}")).collect();
+    ok(herald
+        .producer(Method::POST, "/v1/topics/paged/subscribers")
+        .json(&json!({ "user_ids": users }))
+        .send()
+        .await?)
+    .await?;
+    let store = herald_store::connect(&nats.url(), "test").await?;
+    let subs = herald_store::Subscriptions::new(store, herald.subjects().clone());
+    let topic = herald_protocol::TopicId::new("paged")?;
+    let mut pages = subs.pages(&topic, 1).await?;
+    for user in &users[590..] {
+        subs.unsubscribe(&topic, &herald_protocol::UserId::new(user.as_str())?)
+            .await?;
+    }
+    let mut read = Vec::new();
+    let mut last_seq = 0;
+    while let Some(page) = within(Duration::from_secs(30), "a page", pages.next_page()).await?? {
+        ensure!(page.len() <= herald_store::topics::PAGE, "{}", page.len());
+        for (seq, sub) in page {
+            ensure!(seq > last_seq, "stream order: {seq} after {last_seq}");
+            last_seq = seq;
+            read.push(sub.user_id.as_str().to_owned());
+        }
+    }
+    // What was still subscribed was read exactly once; of the tail that left, at most
+    // what the consumer had already been handed.
+    ensure!((590..=600).contains(&read.len()), "{} read", read.len());
+    ensure!(read[..590] == users[..590], "{:?}", &read[..5]);
     Ok(())
 }

@@ -4,8 +4,10 @@
 //! no inbox entry is written per subscriber. What remains per recipient is the
 //! interrupting channels — push, email, SMS, webhook — for those whose preferences want
 //! them. The job reads the topic's subscribers a page at a time, reads the page's
-//! preferences in one batched direct get, and hands each subscriber that wants at least
-//! one such channel to the router that owns them: their copy goes onto their routing
+//! preferences and whether each has a device or contact record (batched direct gets, side
+//! by side), and hands each subscriber that wants at least one such channel and may be
+//! reached on it to the router that owns them (at a million subscribers of whom a tenth
+//! have a device, that is 100,000 hand-overs instead of 1,000,000): their copy goes onto their routing
 //! subject ([`herald_protocol::Subjects::deferred`], consumed by the owner of their
 //! partition) with its inbox position in `Herald-Seq` and `Herald-Fanout` set, so the
 //! router applies quiet hours, rate caps and targets exactly as for a personal
@@ -50,11 +52,11 @@ impl Worker {
         self.log.put(&job.id, &progress).await?;
         let nats = self.inbox.nats();
         let subjects = self.inbox.subjects();
-        loop {
-            let page = self
-                .subscriptions
-                .page(&job.topic, progress.cursor + 1)
-                .await?;
+        let mut pages = self
+            .subscriptions
+            .pages(&job.topic, progress.cursor + 1)
+            .await?;
+        while let Some(page) = pages.next_page().await? {
             let Some(last) = page.last().map(|(seq, _)| *seq) else {
                 break;
             };
@@ -64,18 +66,27 @@ impl Worker {
                 .filter(|(_, s)| s.since < seq)
                 .map(|(_, s)| s.user_id.clone())
                 .collect();
-            let prefs = self
-                .preferences
-                .get_many(&users)
-                .await
-                .map_err(unavailable)?;
+            // Preferences and reachability of the whole page, side by side: a hand-over
+            // costs a durable write and a router's work, so only those who want an
+            // interrupting channel and may be reached on it get one.
+            let (prefs, reach) = tokio::try_join!(
+                async { self.preferences.get_many(&users).await.map_err(unavailable) },
+                async {
+                    herald_store::targets::reachable(&nats.consume, &users)
+                        .await
+                        .map_err(unavailable)
+                },
+            )?;
             let category = job.notification.category.as_deref();
             let mut acks = Vec::new();
             for user in &users {
-                let Some(p) = prefs.get(user) else { continue };
+                let (Some(p), Some(reach)) = (prefs.get(user), reach.get(user)) else {
+                    continue;
+                };
                 let mut copy = for_subscriber(job.notification.clone(), user);
                 copy.channels.retain(|c| {
-                    *c == Channel::Inbox || self.policy.decide(p, category, *c).is_ok()
+                    *c == Channel::Inbox
+                        || (reach.may_reach(*c) && self.policy.decide(p, category, *c).is_ok())
                 });
                 if copy.channels.iter().all(|c| *c == Channel::Inbox) {
                     continue;

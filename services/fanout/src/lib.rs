@@ -165,11 +165,11 @@ impl Worker {
             return self.channel_work(job, seq, progress, msg).await;
         }
         self.log.put(&job.id, &progress).await?;
-        loop {
-            let page = self
-                .subscriptions
-                .page(&job.topic, progress.cursor + 1)
-                .await?;
+        let mut pages = self
+            .subscriptions
+            .pages(&job.topic, progress.cursor + 1)
+            .await?;
+        while let Some(page) = pages.next_page().await? {
             let Some(last) = page.last().map(|(seq, _)| *seq) else {
                 break;
             };

@@ -80,6 +80,29 @@ pub async fn next_batch(
     request(client, stream, &req).await
 }
 
+/// The first message of `subject` with sequence ≥ `from`, if any. Not batched, so the
+/// server counts no pending messages for it (a batch does, over every subject the filter
+/// matches).
+///
+/// # Errors
+/// [`DirectGetError`] when NATS is unreachable or answers with an error.
+pub async fn next(
+    client: &async_nats::Client,
+    stream: &str,
+    subject: &str,
+    from: u64,
+) -> Result<Option<DirectMessage>, DirectGetError> {
+    let req = Request {
+        seq: Some(from.max(1)),
+        next_by_subj: Some(subject),
+        last_by_subj: None,
+        batch: None,
+        multi_last: None,
+        up_to_seq: None,
+    };
+    Ok(request(client, stream, &req).await?.pop())
+}
+
 /// The newest message of `subject` (which may hold wildcards: the newest of every subject
 /// it matches), at or below `up_to` when given.
 ///

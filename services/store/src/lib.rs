@@ -44,5 +44,7 @@ pub use receipts::{Mark, Receipts, ReceiptsConfig};
 pub use scheduled::Cancelled;
 pub use status::StatusStore;
 pub use targets::Targets;
-pub use topics::{FanoutLog, MAX_TOPICS_PER_USER, Subscription, Subscriptions, TopicsError};
+pub use topics::{
+    FanoutLog, MAX_TOPICS_PER_USER, SubscriberPages, Subscription, Subscriptions, TopicsError,
+};
 pub use view::TopicSource;

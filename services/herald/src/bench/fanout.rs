@@ -341,7 +341,11 @@ pub(super) async fn run(args: FanoutArgs) -> Result<(), BenchError> {
         ms(raw.delivery.value_at_quantile(0.99)),
         raw.all_ms
     );
-    let when = if big { "at the 202" } else { "when the fan-out wrote the last entry" };
+    let when = if big {
+        "at the 202"
+    } else {
+        "when the fan-out wrote the last entry"
+    };
     println!(
         "| all {n} inbox views include it | {when} ({views_ms:.1} ms); {sampled}/100 sampled offline views hold it |"
     );
