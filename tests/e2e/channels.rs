@@ -761,16 +761,20 @@ async fn a_paused_channel_holds_its_jobs_until_resumed() -> anyhow::Result<()> {
 async fn pause_push_until(nats: &Nats, n: u64) -> anyhow::Result<()> {
     let js = async_nats::jetstream::new(nats.client().await?);
     let stream = js.get_stream_no_info("HERALD_WORK_PUSH").await?;
-    eventually(WAIT, &format!("{n} jobs wait on the paused consumer"), || async {
-        let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
-            .get_consumer("herald-worker-push-normal")
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let info = consumer.info().await?;
-        ensure!(info.paused, "not paused: {info:?}");
-        ensure!(info.num_pending == n, "{} pending", info.num_pending);
-        Ok(())
-    })
+    eventually(
+        WAIT,
+        &format!("{n} jobs wait on the paused consumer"),
+        || async {
+            let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
+                .get_consumer("herald-worker-push-normal")
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let info = consumer.info().await?;
+            ensure!(info.paused, "not paused: {info:?}");
+            ensure!(info.num_pending == n, "{} pending", info.num_pending);
+            Ok(())
+        },
+    )
     .await?;
     Ok(())
 }

@@ -56,7 +56,11 @@ pub async fn run(ctx: Arc<Context>, pulled: Vec<(Message, OwnedSemaphorePermit)>
         Err(e) => {
             tracing::warn!(error = %e, jobs = live.len(), "sent markers unavailable; retrying the batch later");
             for (p, _) in &live {
-                job::settle(&p.msg, async_nats::jetstream::AckKind::Nak(Some(STORE_RETRY))).await;
+                job::settle(
+                    &p.msg,
+                    async_nats::jetstream::AckKind::Nak(Some(STORE_RETRY)),
+                )
+                .await;
             }
             return;
         }

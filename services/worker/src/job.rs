@@ -22,13 +22,13 @@
 //! status through the marker alone ([`herald_store::StatusStore::get`] merges it), so the
 //! send path writes once.
 
+use crate::batch::UserView;
 use crate::dlq::{DeadLetter, Dlq};
 use crate::runtime::{WorkerConfig, WorkerDeps};
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::Message;
 use async_nats::jetstream::kv;
 use async_nats::jetstream::stream::{DirectGetErrorKind, Stream};
-use crate::batch::UserView;
 use herald_channels::{Delivery, SendError, Target};
 use herald_protocol::notification::format_time;
 use herald_protocol::{Channel, ChannelJob, StoredNotification};
@@ -93,8 +93,7 @@ pub async fn decode(ctx: &Context, msg: Message) -> Option<Pulled> {
 /// How long a push job on its first delivery must still wait for a live `ack` before
 /// it may be pushed; `None` when it may go now.
 pub fn escalation_wait(ctx: &Context, p: &Pulled) -> Option<Duration> {
-    if p.job.channel != Channel::Push || ctx.config.escalation_delay.is_zero() || p.delivered != 1
-    {
+    if p.job.channel != Channel::Push || ctx.config.escalation_delay.is_zero() || p.delivered != 1 {
         return None;
     }
     let age: Duration = (OffsetDateTime::now_utc() - p.published)

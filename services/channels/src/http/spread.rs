@@ -81,16 +81,22 @@ mod tests {
 
     #[test]
     fn fills_the_first_connection_then_spills_over() {
-        let spread = Spread::new(|| Ok::<_, reqwest::Error>(reqwest::Client::new())).expect("clients");
+        let spread =
+            Spread::new(|| Ok::<_, reqwest::Error>(reqwest::Client::new())).expect("clients");
         let first: Vec<_> = (0..STREAMS_PER_CONNECTION).map(|_| spread.slot()).collect();
         assert!(
-            first.iter().all(|s| std::ptr::eq(s.in_flight, &spread.clients[0].1)),
+            first
+                .iter()
+                .all(|s| std::ptr::eq(s.in_flight, &spread.clients[0].1)),
             "a light load keeps to one connection"
         );
         let next = spread.slot();
         assert!(std::ptr::eq(next.in_flight, &spread.clients[1].1));
         drop(first);
         let again = spread.slot();
-        assert!(std::ptr::eq(again.in_flight, &spread.clients[0].1), "freed slots are reused first");
+        assert!(
+            std::ptr::eq(again.in_flight, &spread.clients[0].1),
+            "freed slots are reused first"
+        );
     }
 }

@@ -238,8 +238,7 @@ mod tests {
     fn a_later_document_state_wins_over_an_older_marker() {
         let mut doc = queued("2026-01-01T00:00:05Z");
         doc.channels.get_mut("push").expect("push")[0].state = State::Retrying;
-        let doc = merge("n1", Some(doc), vec![found("t1", "2026-01-01T00:00:01Z")])
-            .expect("doc");
+        let doc = merge("n1", Some(doc), vec![found("t1", "2026-01-01T00:00:01Z")]).expect("doc");
         assert_eq!(doc.channels["push"][0].state, State::Retrying);
     }
 
