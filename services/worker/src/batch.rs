@@ -84,6 +84,12 @@ pub async fn run(ctx: Arc<Context>, pulled: Vec<(Message, OwnedSemaphorePermit)>
     let users = read_users(&ctx, ready.iter().map(|(p, _)| &p.job.user_id)).await;
     for (p, permit) in ready {
         let Some(view) = users.get(&p.job.user_id).cloned() else {
+            // Every user of `ready` was read; never leave a job unsettled all the same.
+            job::settle(
+                &p.msg,
+                async_nats::jetstream::AckKind::Nak(Some(STORE_RETRY)),
+            )
+            .await;
             continue;
         };
         let ctx = ctx.clone();

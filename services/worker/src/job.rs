@@ -99,7 +99,10 @@ pub fn escalation_wait(ctx: &Context, p: &Pulled) -> Option<Duration> {
     let age: Duration = (OffsetDateTime::now_utc() - p.published)
         .try_into()
         .unwrap_or(Duration::ZERO);
-    (age < ctx.config.escalation_delay).then(|| ctx.config.escalation_delay - age)
+    ctx.config
+        .escalation_delay
+        .checked_sub(age)
+        .filter(|wait| !wait.is_zero())
 }
 
 /// A job whose sent marker exists: a provider accepted it before, and the worker that
