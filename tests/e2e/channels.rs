@@ -285,7 +285,9 @@ async fn an_open_breaker_fails_over_and_the_primary_comes_back() -> anyhow::Resu
     );
     // The primary recovers; after the open period a probe reaches it and closes the circuit.
     primary.fallback(Answer::Ok);
-    eventually(WAIT, "the primary takes traffic again", || async {
+    // Each attempt waits up to WAIT for its own delivery; leave room for several, or one
+    // slow attempt on a loaded machine uses up the whole window.
+    eventually(WAIT * 3, "the primary takes traffic again", || async {
         let id = herald
             .accept(&json!({"user_id": "eve", "title": "probe", "channels": ["sms"]}))
             .await?

@@ -1,6 +1,7 @@
 //! GDPR erase: `DELETE /v1/users/{id}` removes the user's notifications, pending
-//! schedules, preferences and read position, delivery status, sent markers and queued
-//! channel jobs, says what it removed, and touches no one else.
+//! schedules, preferences and read position, delivery status, sent markers, queued
+//! channel jobs, aggregation groups and digest entries, says what it removed, and touches
+//! no one else.
 
 use anyhow::ensure;
 use futures::TryStreamExt as _;
@@ -95,7 +96,8 @@ async fn erase_removes_everything_of_one_user_and_nothing_else() -> anyhow::Resu
         answer["removed"]
             == json!({
                 "notifications": 3, "scheduled": 1, "preferences": true, "read_position": true,
-                "seen_position": false, "devices_and_contact": true, "delivery_status": 0
+                "seen_position": false, "devices_and_contact": true, "delivery_status": 0,
+                "groups": 0, "digest_entries": 0, "subscriptions": 0
             }),
         "{answer}"
     );
@@ -276,6 +278,77 @@ async fn erase_removes_delivery_status_sent_markers_and_queued_jobs() -> anyhow:
     ensure!(
         code == 404,
         "status written back after the erase: {code} {s}"
+    );
+    Ok(())
+}
+
+/// The `group` snapshot of the newest inbox entry of `user`.
+async fn newest_group(herald: &Herald, user: &str) -> anyhow::Result<Value> {
+    let inbox = herald.inbox(user).await?;
+    Ok(inbox
+        .last()
+        .map(|n| n["group"].clone())
+        .unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erase_removes_aggregation_groups_and_digest_entries() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    let like = |user: &str| {
+        json!({"user_id": user, "title": "liked", "group_key": "like:photo-1",
+               "group_actor": "Ann", "channels": ["inbox", "push"]})
+    };
+    for user in ["gil", "gus"] {
+        herald.accept(&like(user)).await?;
+        let r = herald
+            .producer(Method::PUT, &format!("/v1/users/{user}/preferences"))
+            .json(&json!({"digest": "daily"}))
+            .send()
+            .await?;
+        ensure!(r.status() == StatusCode::OK, "prefs: {}", r.status());
+        let n = herald
+            .accept(&json!({"user_id": user, "title": "news", "channels": ["inbox", "email"]}))
+            .await?;
+        eventually(WAIT, "recorded for the digest", || async {
+            let (code, s) = push_status(&herald, &n.id).await?;
+            ensure!(
+                code == 200 && s["channels"]["email"][0]["state"] == "digest",
+                "{s}"
+            );
+            Ok(())
+        })
+        .await?;
+    }
+    let answer: Value = herald
+        .producer(Method::DELETE, "/v1/users/gil")
+        .send()
+        .await?
+        .json()
+        .await?;
+    let removed = &answer["removed"];
+    ensure!(
+        removed["groups"] == json!(1) && removed["digest_entries"] == json!(1),
+        "{answer}"
+    );
+    // The group's window end and the digest's period end were pending schedules.
+    ensure!(removed["scheduled"] == json!(2), "{answer}");
+    // gil starts afresh; gus's group still counts.
+    herald.accept(&like("gil")).await?;
+    herald.accept(&like("gus")).await?;
+    let gil = newest_group(&herald, "gil").await?;
+    let gus = newest_group(&herald, "gus").await?;
+    ensure!(gil["count"] == json!(1), "gil's group was erased: {gil}");
+    ensure!(gus["count"] == json!(2), "gus's group untouched: {gus}");
+    let again: Value = herald
+        .producer(Method::DELETE, "/v1/users/gus")
+        .send()
+        .await?
+        .json()
+        .await?;
+    ensure!(
+        again["removed"]["digest_entries"] == json!(1),
+        "gus's digest entry untouched by gil's erase: {again}"
     );
     Ok(())
 }

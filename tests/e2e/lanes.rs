@@ -108,3 +108,80 @@ async fn high_is_routed_while_the_low_lane_is_stalled_behind_a_backlog() -> anyh
     }
     Ok(())
 }
+
+/// What needs nothing beyond the inbox is stored under the inbox-only lane, which no router
+/// consumer filters: the router is never handed it, yet it is in the inbox, in order with
+/// the rest, and delivered live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbox_only_notifications_never_reach_the_router() -> anyhow::Result<()> {
+    const INBOX_ONLY: usize = 20;
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    let r = herald
+        .user(Method::POST, "/v1/me/devices", "ines")
+        .json(&json!({"platform": "ios", "token": "b".repeat(64)}))
+        .send()
+        .await?;
+    ensure!(r.status().is_success(), "device: {}", r.status());
+    let mut ws = herald.ws("ines", herald_tests::Resume::After(0)).await?;
+    ws.hello().await?;
+    let mut jobs = JobFeed::open(&herald).await?;
+
+    let mut sent = Vec::new();
+    for i in 0..INBOX_ONLY {
+        let priority = Priority::ALL[i % Priority::ALL.len()].as_str();
+        sent.push(
+            herald
+                .accept(&json!({"user_id": "ines", "title": format!("inbox {i}"), "priority": priority}))
+                .await?,
+        );
+    }
+    // Then one that the router must route, in the same lane as most of the above.
+    let routed = herald
+        .accept(&json!({"user_id": "ines", "title": "routed", "channels": ["inbox", "push"]}))
+        .await?;
+    sent.push(routed.clone());
+
+    let job = jobs.next(Duration::from_secs(30)).await?;
+    ensure!(
+        job.id == routed.id,
+        "the only job is the routed one: {job:?}"
+    );
+
+    // Every router consumer together was handed exactly one message, and none is waiting.
+    let js = jetstream::new(herald.nats_client().await?);
+    let inbox = js.get_stream(INBOX).await?;
+    let (mut delivered, mut pending) = (0, 0);
+    for p in 0..herald.subjects().partitions() {
+        for lane in Priority::ALL {
+            let info = inbox.consumer_info(&router_consumer(p, lane)).await?;
+            delivered += info.delivered.consumer_sequence;
+            pending += info.num_pending;
+        }
+    }
+    ensure!(
+        delivered == 1,
+        "router consumers were handed {delivered} messages, not 1"
+    );
+    ensure!(
+        pending == 0,
+        "router consumers have {pending} messages pending"
+    );
+
+    // The inbox holds all of them in order, and the live connection got all of them.
+    let stored = herald.inbox("ines").await?;
+    let ids: Vec<_> = stored
+        .iter()
+        .map(|n| n["id"].as_str().unwrap_or(""))
+        .collect();
+    let want: Vec<_> = sent.iter().map(|a| a.id.as_str()).collect();
+    ensure!(ids == want, "inbox order: {ids:?} != {want:?}");
+    let live = ws.take(sent.len()).await?;
+    let seqs: Vec<_> = live
+        .iter()
+        .map(|n| n["seq"].as_u64().unwrap_or(0))
+        .collect();
+    let want: Vec<_> = sent.iter().map(|a| a.seq).collect();
+    ensure!(seqs == want, "live seqs: {seqs:?} != {want:?}");
+    Ok(())
+}

@@ -4,6 +4,7 @@
 
 mod channels;
 mod cluster;
+mod digests;
 mod durability;
 mod erase;
 mod errors;
@@ -26,4 +27,5 @@ mod scheduled;
 mod sdk_js;
 mod templates;
 mod topics;
+mod topics_big;
 mod transports;

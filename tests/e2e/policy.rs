@@ -112,6 +112,7 @@ async fn rate_caps_skip_interrupting_channels_over_the_cap() -> anyhow::Result<(
         producer: None,
         limit: 2,
         window_s: 3600,
+        over: Default::default(),
     }]);
     let herald = Herald::builder(&nats).policy(policy).start().await?;
     with_device(&herald, "rae").await?;

@@ -147,6 +147,7 @@ async fn users_join_only_topics_that_allow_it() -> anyhow::Result<()> {
     let herald = Herald::builder(&nats)
         .topics(herald_api::TopicSettings {
             self_subscribe: vec!["public.*".into()],
+            ..Default::default()
         })
         .start()
         .await?;
@@ -220,7 +221,7 @@ async fn an_interrupted_fanout_resumes_from_its_cursor() -> anyhow::Result<()> {
             done: first_page.len() as u64,
             cursor,
             started_at: "2026-01-01T00:00:00Z".into(),
-            finished_at: None,
+            ..Default::default()
         },
     )
     .await?;
@@ -328,6 +329,7 @@ async fn websocket_frames_join_and_leave_topics() -> anyhow::Result<()> {
     let herald = Herald::builder(&nats)
         .topics(herald_api::TopicSettings {
             self_subscribe: vec!["public.*".into()],
+            ..Default::default()
         })
         .start()
         .await?;
@@ -378,5 +380,116 @@ async fn websocket_frames_join_and_leave_topics() -> anyhow::Result<()> {
         .await?)
     .await?;
     ensure!(mine["topics"] == json!([]), "{mine}");
+    Ok(())
+}
+
+/// Full-size bulk requests side by side: each writes 20,000 subscription records, more
+/// than the client's JetStream acks in flight, so a request that queued every write
+/// before awaiting any would wait forever for a permit (it did, before the write window).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_size_bulk_subscribes_side_by_side_all_complete() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).roles(Roles::API).start().await?;
+    let requests = (0..3).map(|r| {
+        let users: Vec<String> = (0..10_000).map(|i| format!("bulk-{r}-{i}")).collect();
+        let request = herald
+            .producer(Method::POST, "/v1/topics/big.bulk/subscribers")
+            .json(&json!({ "user_ids": users }));
+        async move { ok(request.send().await?).await }
+    });
+    let answers = within(
+        Duration::from_secs(120),
+        "three bulk subscribes of 10,000",
+        futures::future::try_join_all(requests),
+    )
+    .await??;
+    for answer in &answers {
+        ensure!(answer["subscribed"] == 10_000, "{answer}");
+    }
+    let described = ok(herald
+        .producer(Method::GET, "/v1/topics/big.bulk")
+        .send()
+        .await?)
+    .await?;
+    ensure!(described["subscribers"] == 30_000, "{described}");
+    Ok(())
+}
+
+/// A user's topics are one set, written compare-and-set: subscribes to many topics at
+/// once (single and bulk, side by side) all land, a repeated one changes nothing, an
+/// unsubscribe removes only its topic, and the set is capped with a 409 that says what
+/// to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_topics_survive_concurrent_subscribes_and_are_capped() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).roles(Roles::API).start().await?;
+    let topics: Vec<String> = (0..24).map(|i| format!("news.t{i:02}")).collect();
+    let subscribes = topics.iter().enumerate().map(|(i, topic)| {
+        // Half one by one, half through the bulk endpoint with another user beside.
+        let request = if i % 2 == 0 {
+            herald.producer(Method::PUT, &format!("/v1/topics/{topic}/subscribers/ann"))
+        } else {
+            herald
+                .producer(Method::POST, &format!("/v1/topics/{topic}/subscribers"))
+                .json(&json!({ "user_ids": ["ann", format!("other-{i}")] }))
+        };
+        async move { ok(request.send().await?).await }
+    });
+    within(
+        Duration::from_secs(60),
+        "24 concurrent subscribes of one user",
+        futures::future::try_join_all(subscribes),
+    )
+    .await??;
+    let mine = |user: &'static str| {
+        let request = herald.user(Method::GET, "/v1/me/subscriptions", user);
+        async move {
+            let answer = ok(request.send().await?).await?;
+            let mut topics: Vec<String> = serde_json::from_value(answer["topics"].clone())?;
+            topics.sort();
+            anyhow::Ok(topics)
+        }
+    };
+    ensure!(mine("ann").await? == topics, "{:?}", mine("ann").await?);
+
+    // Again: nothing changes.
+    ok(herald
+        .producer(Method::PUT, "/v1/topics/news.t00/subscribers/ann")
+        .send()
+        .await?)
+    .await?;
+    ensure!(mine("ann").await? == topics);
+
+    ok(herald
+        .producer(Method::DELETE, "/v1/topics/news.t05/subscribers/ann")
+        .send()
+        .await?)
+    .await?;
+    let left: Vec<String> = topics
+        .iter()
+        .filter(|t| *t != "news.t05")
+        .cloned()
+        .collect();
+    ensure!(mine("ann").await? == left);
+
+    // The cap: 1,000 topics per user.
+    for i in 0..herald_store::MAX_TOPICS_PER_USER {
+        ok(herald
+            .producer(
+                Method::PUT,
+                &format!("/v1/topics/many.t{i}/subscribers/max"),
+            )
+            .send()
+            .await?)
+        .await?;
+    }
+    let over = herald
+        .producer(Method::PUT, "/v1/topics/one.more/subscribers/max")
+        .send()
+        .await?;
+    ensure!(over.status() == StatusCode::CONFLICT, "{}", over.status());
+    let body: Value = over.json().await?;
+    ensure!(body["error"]["code"] == "too_many_topics", "{body}");
+    ensure!(mine("max").await?.len() == herald_store::MAX_TOPICS_PER_USER);
     Ok(())
 }

@@ -6,12 +6,14 @@
 //!   fresh API key and JWT secret, and wraps the HTTP calls tests make.
 //! - [`ws`] and [`sse`]: a WebSocket client and a Server-Sent Events reader.
 //! - [`scripted`]: a provider whose answers a test scripts; [`smtp`]: a real SMTP server.
+//! - [`schedules`]: fire a pending JetStream schedule early (digest period ends).
 //! - [`wait`]: bounded waiting ([`eventually`], [`within`]); tests never sleep to
 //!   synchronise.
 
 pub mod herald;
 pub mod jobs;
 pub mod nats;
+pub mod schedules;
 pub mod scripted;
 pub mod smtp;
 pub mod sse;

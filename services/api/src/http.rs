@@ -17,7 +17,7 @@ use herald_store::{FanoutLog, PreferenceStore, ReadPositions, Receipts, Subscrip
 use std::sync::Arc;
 
 pub use inbox::{PageQuery, read_page};
-pub use topics::TopicSettings;
+pub use topics::{DEFAULT_BIG_THRESHOLD, TopicSettings};
 
 /// Limits of the API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -87,6 +87,10 @@ pub struct Delivery {
     pub target: Target,
     /// One-click unsubscribe URL for this user and category (email only; RFC 8058).
     pub unsubscribe_url: Option<String>,
+    /// An HTML part rendered by a template (an email digest); without it the email's HTML
+    /// is the escaped title and body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub html: Option<String>,
 }
 
 /// What a provider answered when it accepted a delivery.

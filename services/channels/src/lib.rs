@@ -84,6 +84,7 @@ mod testing {
             expires_at: None,
             target,
             unsubscribe_url: None,
+            html: None,
         }
     }
 }

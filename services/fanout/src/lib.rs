@@ -16,6 +16,8 @@
 //! batched direct get, and each copy asks only for the channels that recipient allows
 //! (the inbox always records) — no storage round trip per recipient.
 
+mod big;
+
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::PullConsumer;
 use futures::StreamExt as _;
@@ -79,7 +81,7 @@ pub async fn run(
     Ok(())
 }
 
-struct Worker {
+pub(crate) struct Worker {
     inbox: Inbox,
     subscriptions: Subscriptions,
     log: FanoutLog,
@@ -150,9 +152,18 @@ impl Worker {
                 state: "running".into(),
                 total: self.subscriptions.count(&job.topic).await?,
                 started_at: format_time(OffsetDateTime::now_utc()),
+                path: if job.stored_seq.is_some() {
+                    "topic"
+                } else {
+                    "write"
+                }
+                .into(),
                 ..FanoutProgress::default()
             },
         };
+        if let Some(seq) = job.stored_seq {
+            return self.channel_work(job, seq, progress, msg).await;
+        }
         self.log.put(&job.id, &progress).await?;
         loop {
             let page = self

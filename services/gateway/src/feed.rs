@@ -1,8 +1,15 @@
 //! The delivery core shared by every transport: replay after a position, then live, with
 //! no gap and no duplicate.
+//!
+//! A user's view is their own inbox subject merged with the big topics they follow (see
+//! [`herald_store::view`]), so a feed has several sources: the user's live subject and
+//! each followed topic's. Duplicates and gaps are judged per source — each source arrives
+//! in order, and each live message carries the previous sequence of its own subject —
+//! while the hub hands the sources' messages out in sequence order.
 
 use crate::hub::{Hub, Tap};
-use herald_protocol::{Notification, StoredNotification, UserId};
+use herald_protocol::topic::{TOPICS_HEADER, for_subscriber};
+use herald_protocol::{Notification, StoredNotification, TopicId, UserId};
 use herald_store::InboxError;
 use herald_store::direct::header_u64;
 use std::collections::VecDeque;
@@ -16,6 +23,9 @@ pub enum FeedError {
     /// The live subscription could not be made or ended.
     #[error("live subscription failed")]
     Subscribe(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The user's topic subscriptions could not be read.
+    #[error("reading topic subscriptions failed")]
+    Topics(#[source] InboxError),
     /// The live subscription closed (NATS connection gone for good).
     #[error("live subscription closed")]
     Closed,
@@ -35,16 +45,32 @@ pub struct Feed {
     replayed: Option<u64>,
     /// Highest seq handed out (or the starting position).
     last_sent: u64,
+    /// Highest seq handed out from the user's own subject.
+    own_high: u64,
+    /// Big topics followed: the topic, the seq from which the user sees it, and the
+    /// highest seq handed out from it. Usually empty.
+    topics: Vec<Followed>,
+    /// Where the next catch-up read starts (exclusive).
+    replay_from: u64,
+    /// The user's topic subscriptions changed: re-read them.
+    topics_changed: bool,
     /// Read position at open, for the `read` flag.
     read_up_to: u64,
     /// Whether the inbox may hold notifications after `last_sent` not yet handed out.
     catching_up: bool,
     /// A live notification that revealed a gap, delivered once the gap is read (kept in
     /// case the replica that answers the catch-up has not stored it yet).
-    held: Option<Box<(u64, StoredNotification)>>,
+    held: Option<Box<(u64, Option<TopicId>, StoredNotification)>>,
     ready: VecDeque<Notification>,
     /// A read position announced since the last call, for other devices' `read` frames.
     read_event: Option<u64>,
+}
+
+#[derive(Debug)]
+struct Followed {
+    topic: TopicId,
+    since: u64,
+    high: u64,
 }
 
 /// What a feed hands out.
@@ -71,22 +97,45 @@ impl Feed {
         after: Option<u64>,
         read_up_to: u64,
     ) -> Result<Self, FeedError> {
-        // Tap the live subject before reading anything: whatever is stored from now on is
-        // either in the replay or arrives live, and the seq check drops the overlap.
+        // Tap the live subjects before reading anything: whatever is stored from now on is
+        // either in the replay or arrives live, and the per-source seq check drops the
+        // overlap.
         let inbox = hub.inbox();
-        let live = hub
+        let mut live = hub
             .tap(inbox.subjects().live(&user))
             .map_err(|e| FeedError::Subscribe(Box::new(e)))?;
+        let mut topics = Vec::new();
+        for t in inbox
+            .subscribed_topics(&user)
+            .await
+            .map_err(FeedError::Topics)?
+        {
+            live.follow(inbox.subjects().topic_live(&t.topic))
+                .await
+                .map_err(|e| FeedError::Subscribe(Box::new(e)))?;
+            topics.push(Followed {
+                topic: t.topic,
+                since: t.since,
+                high: 0,
+            });
+        }
         let (last_sent, catching_up) = match after {
             Some(after) => (after, true),
             None => (inbox.last_seq(&user).await?, false),
         };
+        for t in &mut topics {
+            t.high = last_sent;
+        }
         Ok(Self {
             hub: hub.clone(),
             user,
             live,
             replayed: catching_up.then_some(0),
             last_sent,
+            own_high: last_sent,
+            topics,
+            replay_from: last_sent,
+            topics_changed: false,
             read_up_to,
             catching_up,
             held: None,
@@ -118,6 +167,10 @@ impl Feed {
             if self.read_event.is_some() {
                 return Ok(Vec::new());
             }
+            if self.topics_changed {
+                Box::pin(self.refresh_topics()).await?;
+                continue;
+            }
             if self.catching_up {
                 // Boxed: the inbox read's state exists only while catching up, so an
                 // idle feed (waiting on live) stays small.
@@ -129,7 +182,7 @@ impl Feed {
             if self.live.take_lagged() {
                 // The hub dropped live messages for this connection: read them from the
                 // inbox (the next live one may be long in coming).
-                self.catching_up = true;
+                self.catch_up(self.last_sent);
             }
         }
     }
@@ -151,28 +204,86 @@ impl Feed {
         Vec::from(std::mem::take(&mut self.ready))
     }
 
+    /// Starts (or widens) a catch-up read from the view after `from`.
+    fn catch_up(&mut self, from: u64) {
+        if !self.catching_up {
+            self.replay_from = from;
+        }
+        self.replay_from = self.replay_from.min(from);
+        self.catching_up = true;
+    }
+
     async fn catch_up_step(&mut self) -> Result<(), FeedError> {
         let page = self
             .hub
             .inbox()
-            .after(&self.user, self.last_sent, REPLAY_PAGE)
+            .after(&self.user, self.replay_from, REPLAY_PAGE)
             .await?;
         for (seq, stored) in page.items {
-            self.push(seq, stored);
+            let source = if page.shared.contains(&seq) {
+                stored.topic.as_deref().and_then(|t| TopicId::new(t).ok())
+            } else {
+                None
+            };
+            self.push(seq, source.as_ref(), stored);
         }
         match page.read_span {
             // Step past messages that did not decode, too.
-            Some((_, last)) => self.last_sent = self.last_sent.max(last),
+            Some((_, last)) => {
+                self.replay_from = self.replay_from.max(last);
+                self.last_sent = self.last_sent.max(last);
+            }
             None => {
                 self.catching_up = false;
                 if let Some(replayed) = self.replayed.take() {
                     metrics::histogram!("herald_gateway_replay_size").record(replayed as f64);
                 }
                 if let Some(held) = self.held.take() {
-                    let (seq, stored) = *held;
-                    self.push(seq, stored);
+                    let (seq, source, stored) = *held;
+                    self.push(seq, source.as_ref(), stored);
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Re-reads the user's topic subscriptions after a change: follows new topics (then
+    /// reads the view, which holds anything published since they subscribed) and stops
+    /// following those left.
+    async fn refresh_topics(&mut self) -> Result<(), FeedError> {
+        let inbox = self.hub.inbox().clone();
+        let now = inbox
+            .subscribed_topics(&self.user)
+            .await
+            .map_err(FeedError::Topics)?;
+        let mut added = false;
+        for t in &now {
+            if self.topics.iter().all(|f| f.topic != t.topic) {
+                self.live
+                    .follow(inbox.subjects().topic_live(&t.topic))
+                    .await
+                    .map_err(|e| FeedError::Subscribe(Box::new(e)))?;
+                self.topics.push(Followed {
+                    topic: t.topic.clone(),
+                    since: t.since,
+                    high: t.since,
+                });
+                added = true;
+            }
+        }
+        let gone: Vec<TopicId> = self
+            .topics
+            .iter()
+            .filter(|f| now.iter().all(|t| t.topic != f.topic))
+            .map(|f| f.topic.clone())
+            .collect();
+        for topic in gone {
+            self.live.unfollow(&inbox.subjects().topic_live(&topic));
+            self.topics.retain(|f| f.topic != topic);
+        }
+        self.topics_changed = false;
+        if added {
+            self.catch_up(self.last_sent);
         }
         Ok(())
     }
@@ -187,7 +298,9 @@ impl Feed {
             return;
         };
         let Some(seq) = header_u64(headers, "Nats-Sequence") else {
-            if let Some(up_to) = header_u64(headers, herald_protocol::streams::READ_HEADER)
+            if headers.get(TOPICS_HEADER).is_some() {
+                self.topics_changed = true;
+            } else if let Some(up_to) = header_u64(headers, herald_protocol::streams::READ_HEADER)
                 && up_to > self.read_up_to
             {
                 self.read_up_to = up_to;
@@ -195,36 +308,69 @@ impl Feed {
             }
             return;
         };
-        if seq <= self.last_sent {
-            return; // already replayed
+        // Which source: the user's own subject, or a big topic they follow.
+        let subjects = self.hub.inbox().subjects();
+        let (source, floor) = match subjects.topic_of(&msg.subject) {
+            None => (None, 0),
+            Some(topic) => match self.topics.iter().find(|f| f.topic == topic) {
+                Some(f) => (Some(topic), f.since),
+                None => return, // no longer followed
+            },
+        };
+        if seq <= floor || seq <= self.high(source.as_ref()) {
+            return; // before they subscribed, or already handed out
         }
         let stored = match serde_json::from_slice::<StoredNotification>(&msg.payload) {
-            Ok(stored) if stored.user_id == self.user => {
-                record_live_delay(&stored.created_at);
-                stored
+            Ok(stored) if source.is_none() && stored.user_id == self.user => stored,
+            Ok(stored)
+                if source.is_some()
+                    && stored.topic.as_deref() == source.as_ref().map(TopicId::as_str) =>
+            {
+                for_subscriber(stored, &self.user)
             }
             Ok(_) => return tracing::error!(seq, "live message for another user; dropped"),
             Err(e) => return tracing::warn!(seq, error = %e, "undecodable live message; dropped"),
         };
+        record_live_delay(&stored.created_at);
         let previous = header_u64(headers, "Nats-Last-Sequence").unwrap_or(0);
-        if previous > self.last_sent {
-            // A live message was lost (or arrived before the replay saw its predecessor):
-            // read the gap from the inbox, then this one.
+        if previous > floor && previous > self.high(source.as_ref()) {
+            // A live message of this source was lost (or arrived before the replay saw
+            // its predecessor): read the gap from the view, then this one.
             metrics::counter!("herald_gateway_gap_repairs_total").increment(1);
-            self.catching_up = true;
+            self.catch_up(previous.saturating_sub(1).min(self.last_sent));
             if self.held.as_ref().is_none_or(|held| held.0 < seq) {
-                self.held = Some(Box::new((seq, stored)));
+                self.held = Some(Box::new((seq, source, stored)));
             }
             return;
         }
-        self.push(seq, stored);
+        self.push(seq, source.as_ref(), stored);
     }
 
-    fn push(&mut self, seq: u64, stored: StoredNotification) {
-        if seq <= self.last_sent {
+    /// The highest seq handed out from a source.
+    fn high(&self, source: Option<&TopicId>) -> u64 {
+        match source {
+            None => self.own_high,
+            Some(topic) => self
+                .topics
+                .iter()
+                .find(|f| &f.topic == topic)
+                .map_or(self.last_sent, |f| f.high),
+        }
+    }
+
+    fn push(&mut self, seq: u64, source: Option<&TopicId>, stored: StoredNotification) {
+        if seq <= self.high(source) {
             return;
         }
-        self.last_sent = seq;
+        match source {
+            None => self.own_high = seq,
+            Some(topic) => {
+                if let Some(f) = self.topics.iter_mut().find(|f| &f.topic == topic) {
+                    f.high = seq;
+                }
+            }
+        }
+        self.last_sent = self.last_sent.max(seq);
         if let Some(replayed) = &mut self.replayed {
             *replayed += 1;
         }

@@ -1,4 +1,5 @@
-//! One NATS subscription per partition for every connection of this gateway.
+//! One NATS subscription per partition for every connection of this gateway, and one per
+//! big topic while a local connection follows it.
 //!
 //! A subscription per connection costs a subscription id, an unbounded-looking channel in
 //! the client and interest on the server per socket; with tens of thousands of idle
@@ -8,6 +9,20 @@
 //! message to the connections registered under its subject. A registration is removed
 //! when its [`Tap`] is dropped.
 //!
+//! Big topics: a connection whose user follows a big topic also registers under the
+//! topic's live subject ([`Tap::follow`]). The hub subscribes to that subject when the
+//! first local connection follows it and unsubscribes when the last one goes (counted
+//! per topic), so a gateway receives a big topic's publishes only while it holds an
+//! online subscriber — one message per gateway, dispatched to every local follower.
+//!
+//! One dispatcher task serves every subscription, and hands messages out in stream
+//! sequence order: the client reads them off one connection in the server's order and
+//! queues them per subscription, so after taking one message the dispatcher drains every
+//! subscription until a full pass finds nothing, then sorts what it took by
+//! `Nats-Sequence`. A personal notification and a topic publish stored an instant apart
+//! therefore reach a connection in `seq` order even though they came through two
+//! subscriptions.
+//!
 //! Each tap has a small bounded queue; the dispatcher never waits on a connection. When a
 //! tap's queue is full the message is dropped and the tap is marked lagged; its feed then
 //! re-reads the inbox from its position (the inbox holds everything live delivers), so a
@@ -16,10 +31,15 @@
 use crate::queue::{PushError, Queue};
 use async_nats::Message;
 use dashmap::DashMap;
+use futures::FutureExt as _;
 use futures::StreamExt as _;
 use herald_store::Inbox;
-use std::sync::Arc;
+use herald_store::direct::header_u64;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::{OnceCell, mpsc};
+use tokio_stream::StreamMap;
 
 /// Live messages queued per connection before it counts as lagged.
 const TAP_QUEUE: usize = 64;
@@ -39,19 +59,41 @@ struct Inner {
     next_id: AtomicU64,
     /// Set when a subscription ended (NATS client closed for good).
     closed: AtomicBool,
+    /// Big topics' live subjects followed by local connections: how many, and whether
+    /// the subscription is confirmed.
+    topics: Mutex<HashMap<String, Followed>>,
+    /// Adds and removes the dispatcher's topic subscriptions.
+    control: mpsc::UnboundedSender<Control>,
+    /// The connection the hub subscribes on.
+    client: async_nats::Client,
 }
 
+#[derive(Debug)]
+struct Followed {
+    taps: usize,
+    subscribed: Arc<OnceCell<()>>,
+}
+
+enum Control {
+    Add(String, async_nats::Subscriber),
+    Remove(String),
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Control::Add(s, _) => write!(f, "Add({s})"),
+            Control::Remove(s) => write!(f, "Remove({s})"),
+        }
+    }
+}
+
+/// One registration of a tap under a subject (a tap has one for its user and one per
+/// followed topic, all sharing its queue).
 #[derive(Debug)]
 struct Slot {
     id: u64,
     tap: Arc<TapQueue>,
-}
-
-impl Drop for Slot {
-    /// The hub let go of this connection (its subscriptions ended): its feed sees the end.
-    fn drop(&mut self) {
-        self.tap.queue.close();
-    }
 }
 
 /// What the hub and one connection share: a light queue (an idle connection holds tens
@@ -67,12 +109,14 @@ struct TapQueue {
 #[error("subscribing to live subjects")]
 pub struct HubError(#[source] Box<dyn std::error::Error + Send + Sync>);
 
-/// One connection's view of its user's live subject.
+/// One connection's view of its user's live subject and the big topics they follow.
 #[derive(Debug)]
 pub struct Tap {
     shared: Arc<TapQueue>,
     inner: Arc<Inner>,
     key: String,
+    /// Topic live subjects this tap follows.
+    topics: Vec<String>,
     id: u64,
 }
 
@@ -88,19 +132,112 @@ impl Tap {
     }
 }
 
+impl Tap {
+    /// Follows a big topic's live subject: registers this tap under it, and subscribes
+    /// the hub to it unless a local connection already does. Returns once the
+    /// subscription is confirmed (so a replay read afterwards misses nothing).
+    ///
+    /// # Errors
+    /// [`HubError`] when NATS refuses or does not answer.
+    pub async fn follow(&mut self, subject: String) -> Result<(), HubError> {
+        if self.topics.contains(&subject) {
+            return Ok(());
+        }
+        register(&self.inner, &subject, self.id, &self.shared);
+        let subscribed = {
+            let mut topics = self.inner.topics.lock().unwrap_or_else(|e| e.into_inner());
+            let followed = topics.entry(subject.clone()).or_insert_with(|| Followed {
+                taps: 0,
+                subscribed: Arc::new(OnceCell::new()),
+            });
+            followed.taps += 1;
+            followed.subscribed.clone()
+        };
+        // Counted before subscribing, so a failure or cancellation is undone by `drop`.
+        self.topics.push(subject.clone());
+        let inner = self.inner.clone();
+        subscribed
+            .get_or_try_init(|| async move {
+                let sub = inner
+                    .client
+                    .subscribe(subject.clone())
+                    .await
+                    .map_err(|e| HubError(Box::new(e)))?;
+                inner
+                    .client
+                    .flush()
+                    .await
+                    .map_err(|e| HubError(Box::new(e)))?;
+                inner
+                    .control
+                    .send(Control::Add(subject, sub))
+                    .map_err(|_| HubError("live subscriptions ended".into()))?;
+                metrics::gauge!("herald_gateway_topics_followed").increment(1.0);
+                Ok::<_, HubError>(())
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Stops following a big topic's live subject.
+    pub fn unfollow(&mut self, subject: &str) {
+        if let Some(i) = self.topics.iter().position(|t| t == subject) {
+            let subject = self.topics.swap_remove(i);
+            unregister(&self.inner, &subject, self.id);
+            release(&self.inner, &subject);
+        }
+    }
+
+    /// The topic live subjects followed.
+    pub fn following(&self) -> &[String] {
+        &self.topics
+    }
+}
+
+fn register(inner: &Inner, key: &str, id: u64, tap: &Arc<TapQueue>) {
+    inner.routes.entry(key.to_owned()).or_default().push(Slot {
+        id,
+        tap: tap.clone(),
+    });
+}
+
+fn unregister(inner: &Inner, key: &str, id: u64) {
+    let now_empty = match inner.routes.get_mut(key) {
+        Some(mut slots) => {
+            slots.retain(|s| s.id != id);
+            slots.is_empty()
+        }
+        None => false,
+    };
+    if now_empty {
+        inner.routes.remove_if(key, |_, slots| slots.is_empty());
+    }
+}
+
+/// One follower of a topic fewer; the last one unsubscribes the hub.
+fn release(inner: &Inner, subject: &str) {
+    let mut topics = inner.topics.lock().unwrap_or_else(|e| e.into_inner());
+    let last = topics.get_mut(subject).is_some_and(|f| {
+        f.taps -= 1;
+        f.taps == 0
+    });
+    if last {
+        let was_subscribed = topics
+            .remove(subject)
+            .is_some_and(|f| f.subscribed.initialized());
+        if was_subscribed {
+            metrics::gauge!("herald_gateway_topics_followed").decrement(1.0);
+        }
+        let _ = inner.control.send(Control::Remove(subject.to_owned()));
+    }
+}
+
 impl Drop for Tap {
     fn drop(&mut self) {
-        let now_empty = match self.inner.routes.get_mut(&self.key) {
-            Some(mut slots) => {
-                slots.retain(|s| s.id != self.id);
-                slots.is_empty()
-            }
-            None => false,
-        };
-        if now_empty {
-            self.inner
-                .routes
-                .remove_if(&self.key, |_, slots| slots.is_empty());
+        unregister(&self.inner, &self.key, self.id);
+        for subject in std::mem::take(&mut self.topics) {
+            unregister(&self.inner, &subject, self.id);
+            release(&self.inner, &subject);
         }
     }
 }
@@ -114,24 +251,27 @@ impl Hub {
     pub async fn start(inbox: Inbox) -> Result<Hub, HubError> {
         let client = inbox.nats().consume.clone();
         let subjects = inbox.subjects().clone();
+        let (control, control_rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             inbox,
             routes: DashMap::new(),
             next_id: AtomicU64::new(0),
             closed: AtomicBool::new(false),
+            topics: Mutex::new(HashMap::new()),
+            control,
+            client: client.clone(),
         });
-        let mut subs = Vec::with_capacity(usize::from(subjects.partitions()));
+        let mut subs = StreamMap::new();
         for partition in 0..subjects.partitions() {
+            let subject = subjects.live_partition(partition);
             let sub = client
-                .subscribe(subjects.live_partition(partition))
+                .subscribe(subject.clone())
                 .await
                 .map_err(|e| HubError(Box::new(e)))?;
-            subs.push(sub);
+            subs.insert(subject, sub);
         }
         client.flush().await.map_err(|e| HubError(Box::new(e)))?;
-        for sub in subs {
-            tokio::spawn(dispatch(sub, inner.clone()));
-        }
+        tokio::spawn(dispatch(subs, control_rx, inner.clone()));
         Ok(Hub { inner })
     }
 
@@ -153,18 +293,12 @@ impl Hub {
             lagged: AtomicBool::new(false),
         });
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        self.inner
-            .routes
-            .entry(subject.clone())
-            .or_default()
-            .push(Slot {
-                id,
-                tap: shared.clone(),
-            });
+        register(&self.inner, &subject, id, &shared);
         Ok(Tap {
             shared,
             inner: self.inner.clone(),
             key: subject,
+            topics: Vec::new(),
             id,
         })
     }
@@ -178,24 +312,91 @@ impl Hub {
     pub fn is_tapped(&self, subject: &str) -> bool {
         self.inner.routes.contains_key(subject)
     }
+
+    /// Big-topic live subjects this gateway is subscribed to.
+    pub fn topics_followed(&self) -> usize {
+        self.inner
+            .topics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
 }
 
-async fn dispatch(mut sub: async_nats::Subscriber, inner: Arc<Inner>) {
-    while let Some(msg) = sub.next().await {
-        let Some(slots) = inner.routes.get(msg.subject.as_str()) else {
-            continue;
-        };
-        let msg = Arc::new(msg);
-        for slot in slots.iter() {
-            if let Err(PushError::Full) = slot.tap.queue.try_push(msg.clone()) {
-                slot.tap.lagged.store(true, Ordering::Release);
-                metrics::counter!("herald_gateway_hub_drops_total").increment(1);
+/// Most messages taken from the subscriptions before they are sorted and handed out.
+const DISPATCH_BATCH: usize = 4096;
+
+async fn dispatch(
+    mut subs: StreamMap<String, async_nats::Subscriber>,
+    mut control: mpsc::UnboundedReceiver<Control>,
+    inner: Arc<Inner>,
+) {
+    let mut batch: Vec<Message> = Vec::new();
+    loop {
+        let first = tokio::select! {
+            biased;
+            c = control.recv() => {
+                match c {
+                    Some(Control::Add(subject, sub)) => { subs.insert(subject, sub); }
+                    Some(Control::Remove(subject)) => { subs.remove(&subject); }
+                    None => {}
+                }
+                continue;
             }
+            next = subs.next() => next,
+        };
+        let Some((_, msg)) = first else { break };
+        batch.push(msg);
+        // Whatever was queued before the last message taken is in some subscription's
+        // queue by now: drain until a full pass finds nothing, then hand out in order.
+        loop {
+            let mut took = false;
+            for (_, sub) in subs.iter_mut() {
+                while batch.len() < DISPATCH_BATCH
+                    && let Some(Some(msg)) = sub.next().now_or_never()
+                {
+                    batch.push(msg);
+                    took = true;
+                }
+            }
+            if !took || batch.len() >= DISPATCH_BATCH {
+                break;
+            }
+        }
+        if batch.len() > 1 {
+            // Stable: announcements without a sequence keep their place among equals.
+            batch.sort_by_key(|m| {
+                m.headers
+                    .as_ref()
+                    .and_then(|h| header_u64(h, "Nats-Sequence"))
+                    .unwrap_or(0)
+            });
+        }
+        for msg in batch.drain(..) {
+            deliver(&inner, msg);
         }
     }
     // The client is gone for good: end every feed (they close with 1011 and clients
     // reconnect elsewhere).
-    tracing::error!("live subscription ended; closing local feeds");
+    tracing::error!("live subscriptions ended; closing local feeds");
     inner.closed.store(true, Ordering::Release);
+    for slots in inner.routes.iter() {
+        for slot in slots.iter() {
+            slot.tap.queue.close();
+        }
+    }
     inner.routes.clear();
+}
+
+fn deliver(inner: &Inner, msg: Message) {
+    let Some(slots) = inner.routes.get(msg.subject.as_str()) else {
+        return;
+    };
+    let msg = Arc::new(msg);
+    for slot in slots.iter() {
+        if let Err(PushError::Full) = slot.tap.queue.try_push(msg.clone()) {
+            slot.tap.lagged.store(true, Ordering::Release);
+            metrics::counter!("herald_gateway_hub_drops_total").increment(1);
+        }
+    }
 }

@@ -15,9 +15,14 @@
 //! and a slow consumer. With `--gateways`/`--client-procs` (`scale`) it spreads N
 //! connections over several gateway and client processes (`conns_client`), since one process
 //! may hold only 20,000 open files.
+//!
+//! `herald bench fanout` ([`fanout`]) publishes once to a topic with a million
+//! subscribers, thousands of them online on a gateway child process.
 
+mod ceilings;
 mod conns;
 mod conns_client;
+mod fanout;
 mod fleet;
 pub mod jobs;
 mod lanes;
@@ -28,6 +33,7 @@ pub mod workers;
 
 pub use conns::ConnsArgs;
 pub use conns_client::ConnsClientArgs;
+pub use fanout::FanoutArgs;
 pub use lanes::LanesArgs;
 
 use crate::mesh::{Mesh, MeshOptions, Roles};
@@ -67,6 +73,10 @@ pub enum Which {
     /// A client process of the multi-process `conns` run (started by it).
     #[command(hide = true)]
     ConnsWorker(ConnsClientArgs),
+    /// One publish to a topic with a million subscribers, thousands online over
+    /// WebSocket: latency to the last online frame, durable writes, push jobs, NATS RSS,
+    /// beside raw core NATS fan-out to the same number of clients.
+    Fanout(FanoutArgs),
 }
 
 /// `herald bench notify`.
@@ -112,6 +122,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         Which::Lanes(a) => lanes::run(a).await,
         Which::Workers(a) => workers::run(a).await,
         Which::ConnsWorker(a) => conns_client::run(a).await,
+        Which::Fanout(a) => fanout::run(a).await,
     }
 }
 
@@ -146,6 +157,37 @@ impl BenchAuth {
             jwt,
             users,
         })
+    }
+
+    /// Options for an in-process mesh on `nats_url` with every role but the gateway
+    /// (the benches run gateways as child processes), authenticating with these keys.
+    fn mesh_without_gateway(
+        &self,
+        nats_url: String,
+        name: &str,
+        subjects: Subjects,
+    ) -> MeshOptions {
+        MeshOptions {
+            nats_url,
+            name: name.into(),
+            subjects,
+            streams: StreamSettings::default(),
+            provision: true,
+            api_keys: self.keys.clone(),
+            jwt: self.jwt.clone(),
+            api: Default::default(),
+            gateway: Default::default(),
+            roles: Roles {
+                gateway: false,
+                ..Roles::ALL
+            },
+            dev_mode: false,
+            policy: Default::default(),
+            templates: Default::default(),
+            rates: Default::default(),
+            topics: Default::default(),
+            channels: crate::channels::ChannelSettings::new([0x42; 32]),
+        }
     }
 }
 
@@ -222,8 +264,22 @@ async fn notify(args: NotifyArgs) -> Result<(), BenchError> {
         })
         .await??;
     let base = format!("http://{}", mesh.addr());
-    let native = native_throughput(&url, args.count).await?;
+    let native = native_throughput(&url, "hbench.notify", args.count).await?;
     let http = http_throughput(&base, &api_key, args.count, args.http_concurrency).await?;
+    // The transports alone, same clients, same runtime: what no per-notification work
+    // could exceed on this machine.
+    let responder = ceilings::responder(&server, &url).await?;
+    let native_ceiling = native_throughput(&url, &responder.target, args.count).await?;
+    drop(responder);
+    let http_server = ceilings::http(&server).await?;
+    let http_ceiling = http_throughput(
+        &http_server.target,
+        &api_key,
+        args.count,
+        args.http_concurrency,
+    )
+    .await?;
+    drop(http_server);
     let batch = batch_throughput(&base, &api_key, args.count).await?;
     let (latency, accept_latency) = latency(&base, &api_key, &users_auth, &args).await?;
     server.spawn(mesh.shutdown()).await??;
@@ -245,9 +301,17 @@ async fn notify(args: NotifyArgs) -> Result<(), BenchError> {
         ratio(native)
     );
     println!(
+        "| ceiling: core request/reply to a do-nothing responder, same client | {native_ceiling:.0} msgs/s | {:.0}% |",
+        ratio(native_ceiling)
+    );
+    println!(
         "| Herald HTTP `POST /v1/notify` ({} concurrent) | {http:.0} notifications/s | {:.0}% |",
         args.http_concurrency,
         ratio(http)
+    );
+    println!(
+        "| ceiling: HTTP/1.1 POST to a do-nothing axum handler, same client | {http_ceiling:.0} requests/s | {:.0}% |",
+        ratio(http_ceiling)
     );
     println!(
         "| Herald HTTP `POST /v1/notify/batch` ({BATCH} per request, {BATCH_CONCURRENCY} concurrent) | {batch:.0} notifications/s | {:.0}% |",
@@ -420,9 +484,9 @@ async fn raw_core(url: &str, count: u64, size: usize) -> Result<f64, BenchError>
     Ok(rate(got, start.elapsed()))
 }
 
-/// Native path: what a producer does — a JetStream client publishing on `hbench.notify`
-/// with `Nats-Msg-Id`, 4,096 acks in flight.
-async fn native_throughput(url: &str, count: u64) -> Result<f64, BenchError> {
+/// Native path: what a producer does — a JetStream client publishing on `subject`
+/// (`hbench.notify`) with `Nats-Msg-Id`, 4,096 acks in flight.
+async fn native_throughput(url: &str, subject: &str, count: u64) -> Result<f64, BenchError> {
     let client = async_nats::connect(url).await?;
     let js = jetstream::ContextBuilder::new()
         .max_ack_inflight(4096)
@@ -443,7 +507,7 @@ async fn native_throughput(url: &str, count: u64) -> Result<f64, BenchError> {
         let publish = jetstream::message::PublishMessage::build()
             .payload(sample_payload(&format!("u-{:05}", i % 10_000)).into())
             .message_id(format!("native-{i}"));
-        tx.send(js.send_publish("hbench.notify", publish).await?)
+        tx.send(js.send_publish(subject.to_owned(), publish).await?)
             .await?;
     }
     drop(tx);

@@ -244,11 +244,15 @@ impl Channels {
         &self.status
     }
 
-    /// What the router needs.
-    pub fn routing(&self) -> herald_router::Routing {
+    /// What the router needs, with the templates it renders digests with.
+    pub fn routing(
+        &self,
+        templates: std::sync::Arc<herald_templates::Templates>,
+    ) -> herald_router::Routing {
         herald_router::Routing {
             targets: self.targets.clone(),
             status: self.status.clone(),
+            templates,
         }
     }
 

@@ -31,6 +31,9 @@ pub enum Command {
     Provision(Common),
     /// Mint a user token (JWT) with the configured secret.
     Token(TokenArgs),
+    /// Subscribe users to a topic in bulk, publish to it, and follow its fan-out (a
+    /// client of a running Herald's HTTP API, with progress bars).
+    Topic(crate::topic_cli::TopicArgs),
     /// Measure throughput and latency against a real nats-server.
     Bench(crate::bench::BenchArgs),
 }

@@ -109,8 +109,14 @@ pub struct Settings {
     pub producer_rate_per_s: Option<u32>,
     /// Rate caps: `[[rate_caps]] category = "like"  limit = 10  window_s = 3600`.
     pub rate_caps: Vec<RateCap>,
+    /// Length of an `hourly` email digest period, seconds (divides 3600; shorter for
+    /// tests and demos).
+    pub digest_hourly_s: u64,
     /// Topics users may subscribe to themselves: exact names or prefixes ending in `*`.
     pub self_subscribe_topics: Vec<String>,
+    /// Subscribers from which a topic publish is stored once (big-topic path) instead of
+    /// written into each subscriber's inbox; 0 sends every publish that way.
+    pub big_topic_threshold: u64,
     /// Folder of notification templates (`<name>.toml`); none when unset.
     pub templates_dir: Option<PathBuf>,
     /// Notification categories: `[categories.security] critical = true`,
@@ -157,7 +163,9 @@ impl Default for Settings {
             templates_dir: None,
             producer_rate_per_s: None,
             self_subscribe_topics: Vec::new(),
+            big_topic_threshold: herald_api::http::DEFAULT_BIG_THRESHOLD,
             rate_caps: Vec::new(),
+            digest_hourly_s: herald_protocol::digest::DEFAULT_HOURLY_S,
         }
     }
 }
@@ -331,6 +339,12 @@ impl Settings {
                 ));
             }
         }
+        let digest = herald_protocol::digest::DigestSettings {
+            hourly_s: self.digest_hourly_s,
+        };
+        if let Err(e) = digest.check() {
+            errors.push(e);
+        }
         let rates = self.rates(&mut errors);
         let api_keys = self.api_keys(&mut errors);
         let jwt = self.jwt(&mut errors);
@@ -369,11 +383,14 @@ impl Settings {
                     ..Default::default()
                 },
                 channels,
-                policy: Policy::new(self.categories.clone()).with_caps(self.rate_caps.clone()),
+                policy: Policy::new(self.categories.clone())
+                    .with_caps(self.rate_caps.clone())
+                    .with_digest(digest),
                 templates: Arc::new(templates),
                 rates,
                 topics: herald_api::TopicSettings {
                     self_subscribe: self.self_subscribe_topics.clone(),
+                    big_threshold: self.big_topic_threshold,
                 },
             }),
             _ => Err(ConfigError(errors)),
@@ -559,7 +576,7 @@ impl Settings {
 
 /// Environment keys read (as `HERALD_<KEY>`). Others, like `HERALD_NATS_SERVER`, belong
 /// to other parts and are not configuration errors.
-const ENV_KEYS: [&str; 32] = [
+const ENV_KEYS: [&str; 34] = [
     "http_addr",
     "data_dir",
     "nats_url",
@@ -592,6 +609,8 @@ const ENV_KEYS: [&str; 32] = [
     "templates_dir",
     "producer_rate_per_s",
     "self_subscribe_topics",
+    "big_topic_threshold",
+    "digest_hourly_s",
 ];
 
 #[cfg(test)]

@@ -12,4 +12,5 @@ pub mod mesh;
 pub mod ops;
 pub mod page;
 pub mod shutdown;
+pub mod topic_cli;
 pub mod up;

@@ -119,6 +119,7 @@ async fn run(cli: Cli) -> ExitCode {
         }
         Command::Provision(c) => provision(&c).await,
         Command::Token(t) => token(&t),
+        Command::Topic(t) => herald::topic_cli::run(t).await.map_err(Failure::Run),
         Command::Bench(b) => herald::bench::run(b).await.map_err(Failure::Run),
     };
     match result {

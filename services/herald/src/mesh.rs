@@ -304,7 +304,7 @@ impl Mesh {
             let (router_nats, subjects, router_stop) =
                 (nats.clone(), opts.subjects.clone(), stop.clone());
             let policy = opts.policy.clone();
-            let routing = channels.routing();
+            let routing = channels.routing(opts.templates.clone());
             tasks.spawn(async move {
                 herald_router::run(
                     router_nats,

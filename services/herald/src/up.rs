@@ -192,6 +192,12 @@ fn print_banner(
     );
 }
 
+/// Reads the development API key, for `herald topic` without `--api-key`.
+pub fn dev_api_key(data_dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(data_dir.join("credentials.toml")).ok()?;
+    parse_credentials(&text).map(|c| c.api_key)
+}
+
 /// Reads the development credentials, for `herald token` without `--jwt-secret`.
 pub fn dev_jwt_secret(data_dir: &Path) -> Option<String> {
     let text = std::fs::read_to_string(data_dir.join("credentials.toml")).ok()?;

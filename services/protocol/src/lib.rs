@@ -12,9 +12,12 @@
 //! herald.dlq.<channel>               HERALD_DLQ stream: dead-lettered jobs with the reason
 //! herald.rejected                    REJECTED stream: native messages that failed validation
 //! herald.sched.<part>.<user>.<id>    INBOX stream: a scheduled notification until its send_at
-//!                                    (`q-<id>`: quiet hours, `g-<id>`: a group's window)
+//!                                    (`q-<id>`: quiet hours, `g-<id>`: a group's window,
+//!                                    `d-<unix>`: the end of a digest period)
+//! herald.defer.<part>.<user>         INBOX stream: what those schedules fire into (router)
+//! herald.digest.<part>.<user>        HERALD_DIGEST stream: notifications awaiting a digest
 //! herald.subs.<topic>.<user>         SUBS stream: one subscription (one message per subject)
-//! herald.usubs.<user>.<topic>        SUBS stream: the same, indexed by user
+//! herald.usubs.<user>                SUBS stream: the user's set of subscriptions (one message)
 //! herald.fanout                      FANOUT stream: topic publishes waiting to be fanned out
 //! herald.events.<id>                 EVENTS stream: delivery status of one notification
 //! ```
@@ -24,6 +27,7 @@
 //! `<part>` is a stable hash of the id modulo the partition count, so one router owns a user
 //! (per lane: routing has lanes, so `high` never waits behind a backlog of `low`).
 
+pub mod digest;
 pub mod error;
 pub mod frames;
 pub mod group;

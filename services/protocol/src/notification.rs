@@ -512,6 +512,10 @@ pub struct ChannelJob {
     /// (the group is closed when this job is made, so its text is final).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub folded: Option<Folded>,
+    /// The one email of a digest: `id` is then the digest's id (see
+    /// [`crate::digest::digest_id`]), not a notification's, and `seq` the newest listed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<crate::digest::DigestMail>,
 }
 
 /// What a folded group's one push, email or SMS says.

@@ -98,11 +98,25 @@ pub struct CategoryRule {
 pub struct Policy {
     categories: BTreeMap<String, CategoryRule>,
     caps: Vec<RateCap>,
+    digest: crate::digest::DigestSettings,
+}
+
+/// What happens to a notification over a rate cap.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CapOver {
+    /// Push, email, SMS and webhooks are suppressed.
+    #[default]
+    Suppress,
+    /// Push, SMS and webhooks are suppressed; the email goes into the user's digest
+    /// (their own frequency, hourly when they chose none).
+    Digest,
 }
 
 /// A rate cap: at most `limit` interrupting notifications per `window_s` seconds for each
 /// (producer, user, category). Over it the inbox still records; push, email, SMS and
-/// webhooks are suppressed with the rule `rate_cap`.
+/// webhooks are suppressed with the rule `rate_cap`, or the email is folded into a digest
+/// (`over = "digest"`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateCap {
@@ -116,6 +130,9 @@ pub struct RateCap {
     pub limit: u32,
     /// Window length, seconds.
     pub window_s: u64,
+    /// What happens over the cap.
+    #[serde(default)]
+    pub over: CapOver,
 }
 
 impl RateCap {
@@ -140,7 +157,20 @@ impl Policy {
         Self {
             categories,
             caps: Vec::new(),
+            digest: crate::digest::DigestSettings::default(),
         }
+    }
+
+    /// Sets how digests are timed.
+    #[must_use]
+    pub fn with_digest(mut self, digest: crate::digest::DigestSettings) -> Self {
+        self.digest = digest;
+        self
+    }
+
+    /// How digests are timed.
+    pub fn digest(&self) -> crate::digest::DigestSettings {
+        self.digest
     }
 
     /// Adds rate caps.

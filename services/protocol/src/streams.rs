@@ -147,7 +147,8 @@ pub fn streams(subjects: &Subjects, settings: &StreamSettings) -> Vec<StreamSpec
             // Kept until unsubscribed.
             max_age: Duration::ZERO,
             max_msgs_per_subject: 1,
-            max_msg_size: 1024,
+            // A user's set of up to 1,000 followed topics is one message.
+            max_msg_size: 256 * 1024,
             duplicate_window: Duration::from_secs(120),
             allow_direct: true,
             republish: None,
@@ -167,6 +168,25 @@ pub fn streams(subjects: &Subjects, settings: &StreamSettings) -> Vec<StreamSpec
             max_msg_size: 128 * 1024,
             duplicate_window: settings.dedup_window,
             allow_direct: false,
+            republish: None,
+            replicas: settings.replicas,
+            metadata: Vec::new(),
+            max_msgs: -1,
+            max_bytes: -1,
+            discard_new: false,
+            allow_schedules: false,
+        },
+        StreamSpec {
+            name: DIGEST,
+            subjects: vec![subjects.digest_all()],
+            retention: Retention::Limits,
+            // Beyond the longest period (a day, 25 hours across DST): a digest that was
+            // never cleared (its user erased mid-period) does not linger.
+            max_age: Duration::from_secs(3 * 24 * 3600),
+            max_msgs_per_subject: settings.inbox_max_per_user,
+            max_msg_size: 128 * 1024,
+            duplicate_window: settings.dedup_window,
+            allow_direct: true,
             republish: None,
             replicas: settings.replicas,
             metadata: Vec::new(),
@@ -218,6 +238,10 @@ pub const READ_HEADER: &str = "Herald-Read";
 /// sequence of its own).
 pub const SEQ_HEADER: &str = "Herald-Seq";
 
+/// Header on a big topic's copy handed to a user's router (on their routing subject,
+/// value `1`): route it now, with quiet hours applied as for a new notification.
+pub const FANOUT_HEADER: &str = "Herald-Fanout";
+
 /// Header on a scheduled notification naming the producer that may cancel it.
 pub const PRODUCER_HEADER: &str = "Herald-Producer";
 
@@ -226,6 +250,12 @@ pub const GROUPS_BUCKET: &str = "herald_groups";
 
 /// Header on a deferred message that closes an aggregation window (value: the group key).
 pub const GROUP_HEADER: &str = "Herald-Group";
+
+/// Name of the stream of notifications waiting for their user's email digest.
+pub const DIGEST: &str = "HERALD_DIGEST";
+
+/// Header on a deferred message that ends a digest period (value: the period's end).
+pub const DIGEST_HEADER: &str = "Herald-Digest";
 
 /// Header on inbox messages that ask for channels beyond the inbox (value `1`).
 pub const ROUTE_HEADER: &str = "Herald-Route";

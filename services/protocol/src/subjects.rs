@@ -6,6 +6,10 @@ use crate::user::UserId;
 pub const DEFAULT_PREFIX: &str = "herald";
 /// The default number of INBOX partitions (router ownership units).
 pub const DEFAULT_PARTITIONS: u16 = 16;
+/// The lane token of inbox entries that need nothing beyond the inbox (no push, email,
+/// SMS or webhook). No router consumer filters it, so the router is never handed them:
+/// most notifications cost one stored message and no consumer delivery or ack.
+pub const INBOX_ONLY_LANE: &str = "inbox";
 
 /// Builds subjects under one prefix for one partition count.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +85,19 @@ impl Subjects {
         )
     }
 
+    /// Where one notification of `user` that needs nothing beyond the inbox is stored:
+    /// `inbox.<partition>.<user token>.inbox` ([`INBOX_ONLY_LANE`]), outside every router
+    /// consumer's filter but inside the user's inbox ([`Subjects::inbox`]) and the live
+    /// republish.
+    pub fn inbox_only_entry(&self, user: &UserId) -> String {
+        format!(
+            "{}.inbox.{}.{}.{INBOX_ONLY_LANE}",
+            self.prefix,
+            user.partition(self.partitions),
+            user.token()
+        )
+    }
+
     /// A user's whole inbox, every lane (a filter: read it, never publish to it).
     pub fn inbox(&self, user: &UserId) -> String {
         format!(
@@ -151,6 +168,22 @@ impl Subjects {
         format!("{}.defer.>", self.prefix)
     }
 
+    /// Where the notifications waiting for `user`'s next email digest are recorded (the
+    /// HERALD_DIGEST stream; one message per notification).
+    pub fn digest(&self, user: &UserId) -> String {
+        format!(
+            "{}.digest.{}.{}",
+            self.prefix,
+            user.partition(self.partitions),
+            user.token()
+        )
+    }
+
+    /// Every digest subject (the HERALD_DIGEST stream's filter).
+    pub fn digest_all(&self) -> String {
+        format!("{}.digest.>", self.prefix)
+    }
+
     /// Every schedule of one user (a filter).
     pub fn scheduled_of(&self, user: &UserId) -> String {
         format!(
@@ -177,14 +210,11 @@ impl Subjects {
         format!("{}.subs.{}.*", self.prefix, topic.token())
     }
 
-    /// One subscription, by user (listing a user's topics reads `usubs.<user>.*`).
-    pub fn user_subscription(&self, user: &UserId, topic: &crate::TopicId) -> String {
-        format!("{}.usubs.{}.{}", self.prefix, user.token(), topic.token())
-    }
-
-    /// Every subscription of a user (a filter).
+    /// Every subscription of a user, as one set on one literal subject (the newest
+    /// message holds the whole set), so that opening a session reads one message instead
+    /// of filtering a stream that holds every subscription of every user.
     pub fn topics_of(&self, user: &UserId) -> String {
-        format!("{}.usubs.{}.*", self.prefix, user.token())
+        format!("{}.usubs.{}", self.prefix, user.token())
     }
 
     /// Every subscription subject (the SUBS stream's filters).
@@ -195,6 +225,46 @@ impl Subjects {
         ]
     }
 
+    /// Where a big topic's publishes are stored once, in the INBOX stream beside the
+    /// users' inbox subjects (so they share its sequence space: a user's view merges
+    /// this subject into their own). `t` is never a partition number, so no router
+    /// consumer reads it; the lane keeps the shape of a user's entry, so the republish
+    /// that drops the lane delivers it on [`Subjects::topic_live`].
+    pub fn topic_inbox_entry(&self, topic: &crate::TopicId, lane: crate::Priority) -> String {
+        format!(
+            "{}.inbox.t.{}.{}",
+            self.prefix,
+            topic.token(),
+            lane.as_str()
+        )
+    }
+    /// Every stored publish of a big topic, every lane (a filter: read it, never
+    /// publish to it).
+    pub fn topic_inbox(&self, topic: &crate::TopicId) -> String {
+        format!("{}.inbox.t.{}.*", self.prefix, topic.token())
+    }
+    /// Where INBOX republishes a big topic's publishes (gateways subscribe while they
+    /// hold an online subscriber of the topic).
+    pub fn topic_live(&self, topic: &crate::TopicId) -> String {
+        format!("{}.live.t.{}", self.prefix, topic.token())
+    }
+
+    /// The topic of a [`Subjects::topic_live`] or [`Subjects::topic_inbox_entry`]
+    /// subject.
+    pub fn topic_of(&self, subject: &str) -> Option<crate::TopicId> {
+        let rest = subject.strip_prefix(self.prefix.as_str())?;
+        let token = match rest.strip_prefix(".live.t.") {
+            Some(token) => token,
+            None => {
+                let (token, lane) = rest.strip_prefix(".inbox.t.")?.split_once('.')?;
+                if !crate::Priority::ALL.iter().any(|p| p.as_str() == lane) {
+                    return None;
+                }
+                token
+            }
+        };
+        crate::TopicId::decode(token).ok()
+    }
     /// Topic publishes waiting for fan-out.
     pub fn fanout(&self) -> String {
         format!("{}.fanout", self.prefix)
@@ -262,12 +332,13 @@ impl Subjects {
             .strip_prefix('.')?;
         let mut tokens = rest.split('.');
         let kind = tokens.next()?;
-        let _partition = tokens.next()?;
+        // A partition is a number; `t` marks a topic's subjects, which belong to no user.
+        tokens.next()?.parse::<u16>().ok()?;
         let token = tokens.next()?;
         let shape_ok = match kind {
-            "inbox" => tokens
-                .next()
-                .is_some_and(|lane| crate::Priority::ALL.iter().any(|p| p.as_str() == lane)),
+            "inbox" => tokens.next().is_some_and(|lane| {
+                lane == INBOX_ONLY_LANE || crate::Priority::ALL.iter().any(|p| p.as_str() == lane)
+            }),
             "live" => true,
             _ => false,
         };
@@ -294,12 +365,36 @@ mod tests {
                 assert!(!subject.contains('*') && !subject.contains('>') && !subject.contains(' '));
                 assert_eq!(s.user_of(&subject), Some(id.clone()));
             }
+            let only = s.inbox_only_entry(&id);
+            assert_eq!(only.split('.').count(), 5, "{only}");
+            assert_eq!(s.user_of(&only), Some(id.clone()));
             let live = s.live(&id);
             assert_eq!(live.split('.').count(), 4, "{live}");
             assert_eq!(s.user_of(&live), Some(id.clone()));
             // The read filter is the entry subjects with the lane as its only wildcard.
             assert_eq!(s.inbox(&id).matches('*').count(), 1);
             assert!(s.inbox(&id).ends_with(".*"));
+        }
+    }
+
+    #[test]
+    fn inbox_only_entries_are_in_the_inbox_but_no_router_lane() {
+        let s = Subjects::new("acme.herald", 4).expect("valid");
+        let id = UserId::new("ana").expect("valid");
+        let only = s.inbox_only_entry(&id);
+        let matches = |filter: &str| {
+            let (f, o): (Vec<_>, Vec<_>) = (filter.split('.').collect(), only.split('.').collect());
+            f.len() == o.len() && f.iter().zip(&o).all(|(f, o)| *f == "*" || f == o)
+        };
+        assert!(matches(&s.inbox(&id)), "{only} is in the user's inbox");
+        assert!(matches(&s.republish().0), "{only} is republished live");
+        for p in 0..s.partitions() {
+            for lane in crate::Priority::ALL {
+                assert!(
+                    !matches(&s.inbox_lane(p, lane)),
+                    "{only} is outside every router lane"
+                );
+            }
         }
     }
 
@@ -313,6 +408,25 @@ mod tests {
             s.inbox_lane(3, crate::Priority::High),
             "acme.herald.inbox.3.*.high"
         );
+    }
+
+    #[test]
+    fn topic_subjects_are_not_partitions() {
+        let s = Subjects::default();
+        let t = crate::TopicId::new("news.*").expect("valid");
+        assert_eq!(s.topic_of(&s.topic_live(&t)), Some(t.clone()));
+        // The read filter: the entry subjects with the lane as its only wildcard.
+        assert!(s.topic_inbox(&t).starts_with("herald.inbox.t."));
+        assert!(s.topic_inbox(&t).ends_with(".*"));
+        assert_eq!(s.topic_inbox(&t).matches('*').count(), 1);
+        for lane in crate::Priority::ALL {
+            let entry = s.topic_inbox_entry(&t, lane);
+            assert_eq!(entry.split('.').count(), 5, "{entry}");
+            assert_eq!(s.topic_of(&entry), Some(t.clone()));
+            assert_eq!(s.user_of(&entry), None, "a topic entry is nobody's inbox");
+        }
+        let user = UserId::new("u").expect("valid");
+        assert_eq!(s.topic_of(&s.live(&user)), None);
     }
 
     #[test]

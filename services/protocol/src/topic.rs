@@ -89,6 +89,10 @@ pub struct FanoutJob {
     pub topic: TopicId,
     /// The notification, with a placeholder recipient; each copy gets its own.
     pub notification: crate::StoredNotification,
+    /// Big-topic path: the INBOX sequence of the one stored copy. The job then only
+    /// enqueues channel work for the subscribers whose preferences want it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_seq: Option<u64>,
 }
 
 /// How far a fan-out is (kept in KV; shown in the publish's status).
@@ -102,6 +106,14 @@ pub struct FanoutProgress {
     pub done: u64,
     /// Stream sequence of the last subscription handled: where a resumed fan-out starts.
     pub cursor: u64,
+    /// `write` (one inbox entry per subscriber) or `topic` (stored once; `done` counts
+    /// subscribers whose channel work is enqueued).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub path: String,
+    /// Big-topic path: subscribers whose preferences want an interrupting channel,
+    /// handed to their router for channel work (push, email, SMS, webhook).
+    #[serde(default)]
+    pub routed: u64,
     /// Start time, RFC 3339.
     pub started_at: String,
     /// End time, RFC 3339.
@@ -119,6 +131,21 @@ pub fn copy_id(publish_id: &str, user: &crate::UserId) -> String {
     name.extend_from_slice(user.as_str().as_bytes());
     uuid::Uuid::new_v5(&NAMESPACE, &name).to_string()
 }
+
+/// The view of a big topic's stored publish for one subscriber: the id of their copy
+/// ([`copy_id`], the same id their push or email carries) and them as the recipient.
+pub fn for_subscriber(
+    mut stored: crate::StoredNotification,
+    user: &crate::UserId,
+) -> crate::StoredNotification {
+    stored.id = copy_id(&stored.id, user);
+    stored.user_id = user.clone();
+    stored
+}
+
+/// Header on a core message on a user's live subject saying their topic subscriptions
+/// changed (gateways re-read them, so a big topic's live messages start or stop).
+pub const TOPICS_HEADER: &str = "Herald-Topics";
 
 #[cfg(test)]
 mod tests {

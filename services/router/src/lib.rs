@@ -21,19 +21,28 @@
 //! the window ends the router closes the group (compare-and-set, so no member is lost to a
 //! race with a late joiner) and enqueues the first notification's jobs with the group's
 //! final folded text.
+//!
+//! Digests (see [`digest`]): for a user on an hourly or daily digest, a notification's
+//! email is recorded for the digest instead of sent, and one email per period lists what
+//! the user missed.
 
 mod deferral;
+mod digest;
 mod grouping;
 
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::message::PublishMessage;
 use futures::StreamExt as _;
 use herald_protocol::Subjects;
+use herald_protocol::preferences::{CapOver, Digest};
 use herald_protocol::streams::{self, INBOX};
 use herald_protocol::{Channel, ChannelJob, Policy, Preferences, Priority, StoredNotification};
 use herald_store::status::{State, Update};
 use herald_store::targets::target_id;
-use herald_store::{CapDecision, Groups, Nats, PreferenceStore, RateCaps, StatusStore, Targets};
+use herald_store::{
+    CapDecision, Digests, Groups, Nats, PreferenceStore, RateCaps, ReadPositions, StatusStore,
+    Targets,
+};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,6 +63,9 @@ pub enum RouterError {
     /// The aggregation group bucket could not be opened.
     #[error("opening the aggregation group bucket")]
     Groups(#[source] herald_store::GroupsError),
+    /// A read or seen position bucket could not be opened.
+    #[error("opening the read positions")]
+    Reads(#[source] herald_store::reads::ReadsError),
     /// A partition consumer could not be opened.
     #[error("opening router consumer for partition {partition}, lane {}", .lane.as_str())]
     Consumer {
@@ -75,6 +87,8 @@ pub struct Routing {
     /// Delivery status (`queued`, or `skipped` when a channel has no target or policy
     /// suppresses it).
     pub status: StatusStore,
+    /// Templates (the `digest` template renders digest emails).
+    pub templates: Arc<herald_templates::Templates>,
 }
 
 /// Runs one router over every partition until `shutdown`, then finishes in-flight work.
@@ -100,6 +114,13 @@ pub async fn run(
         groups: Groups::open(&nats.js_consume)
             .await
             .map_err(RouterError::Groups)?,
+        digests: Digests::new(nats.clone(), subjects.clone()),
+        reads: ReadPositions::open(&nats.js_consume)
+            .await
+            .map_err(RouterError::Reads)?,
+        seen: ReadPositions::open_seen(&nats.js_consume)
+            .await
+            .map_err(RouterError::Reads)?,
         policy,
         routing,
     };
@@ -157,6 +178,9 @@ struct Route {
     preferences: PreferenceStore,
     caps: RateCaps,
     groups: Groups,
+    digests: Digests,
+    reads: ReadPositions,
+    seen: ReadPositions,
     policy: Arc<Policy>,
     routing: Routing,
 }
@@ -253,6 +277,9 @@ impl Route {
         }
         // A notification back from quiet hours carries its inbox position in a header.
         let deferred = deferral::is_deferred(subjects, &msg.subject);
+        if deferred && digest::is_due(msg) {
+            return self.digest_due(msg).await;
+        }
         let seq = match (deferred, msg.info()) {
             (true, _) => match deferral::inbox_seq(msg) {
                 Some(seq) => seq,
@@ -274,10 +301,24 @@ impl Route {
                 return Routed::Done;
             }
         };
-        let Some((channels, mut suppressed, prefs)) = self.allowed_channels(&stored, seq).await
+        let Some((mut channels, mut suppressed, prefs)) = self.allowed_channels(&stored, seq).await
         else {
             return Routed::Retry;
         };
+        // A digest user's email waits for their digest. It was recorded when the
+        // notification first came through; back from quiet hours or a group's window it
+        // is only kept out of the channels.
+        if channels.contains(&Channel::Email) && self.digest_applies(&stored, &prefs) {
+            channels.retain(|c| *c != Channel::Email);
+            if !deferred
+                && let Err(e) = self
+                    .hold_for_digest(&stored, seq, &prefs, prefs.digest, "preferences.digest")
+                    .await
+            {
+                tracing::warn!(seq, error = %e, "recording for the digest failed; will retry");
+                return Routed::Retry;
+            }
+        }
         let now = jiff::Timestamp::now();
         let mut folded = None;
         if !channels.is_empty() {
@@ -290,8 +331,14 @@ impl Route {
                 grouping::Step::Retry => return Routed::Retry,
             }
         }
+        // A big topic's copy comes on the routing subject too, but fresh: quiet hours apply.
+        let fresh = !deferred
+            || msg
+                .headers
+                .as_ref()
+                .is_some_and(|h| h.get(streams::FANOUT_HEADER).is_some());
         // Quiet hours: below `high`, the channel work waits; the inbox entry is already there.
-        if !deferred
+        if fresh
             && folded.is_none()
             && !channels.is_empty()
             && stored.priority != Priority::High
@@ -332,6 +379,21 @@ impl Route {
                 Ok(CapDecision::Over(cap)) => {
                     metrics::counter!("herald_rate_capped_total").increment(1);
                     let rule = format!("rate_cap: {} per {} s", cap.limit, cap.window_s);
+                    let mut channels = channels;
+                    if cap.over == CapOver::Digest && channels.contains(&Channel::Email) {
+                        channels.retain(|c| *c != Channel::Email);
+                        let frequency = match prefs.digest {
+                            Digest::Off => Digest::Hourly,
+                            chosen => chosen,
+                        };
+                        if let Err(e) = self
+                            .hold_for_digest(&stored, seq, &prefs, frequency, &rule)
+                            .await
+                        {
+                            tracing::warn!(seq, error = %e, "folding into a digest failed; will retry");
+                            return Routed::Retry;
+                        }
+                    }
                     suppressed.extend(channels.into_iter().map(|c| (c, rule.clone())));
                     Vec::new()
                 }
@@ -364,6 +426,7 @@ impl Route {
                     priority: stored.priority,
                     target: target_id(&target),
                     folded: folded.clone(),
+                    digest: None,
                 };
                 let Ok(payload) = serde_json::to_vec(&job) else {
                     continue;

@@ -2,9 +2,10 @@
 //! (user, group key), changed only with compare-and-set, so api instances joining and
 //! routers closing the same group from different processes never lose an update.
 //!
-//! The key is a hash of the user id and the group key: valid as a KV key whatever either
-//! contains, and no user can name another's group. The bucket's max age (two days, beyond
-//! the longest window) expires groups nobody touches any more.
+//! The key is `g.<user token>.<hash of the group key>`: valid as a KV key whatever either
+//! contains, no user can name another's group, and a GDPR erase finds every group of a
+//! user under one prefix. The bucket's max age (two days, beyond the longest window)
+//! expires groups nobody touches any more.
 
 use async_nats::jetstream::kv;
 use herald_protocol::UserId;
@@ -119,6 +120,26 @@ impl Groups {
         ))
     }
 
+    /// Removes every group of `user` (GDPR erase). Returns how many were removed.
+    ///
+    /// # Errors
+    /// [`GroupsError`] when NATS fails.
+    pub async fn erase(&self, user: &UserId) -> Result<u64, GroupsError> {
+        let filter = format!(
+            "$KV.{}.g.{}.>",
+            herald_protocol::streams::GROUPS_BUCKET,
+            user.token()
+        );
+        let purged = self
+            .store
+            .stream
+            .purge()
+            .filter(filter)
+            .await
+            .map_err(err)?;
+        Ok(purged.purged)
+    }
+
     async fn read(&self, kv_key: &str) -> Result<(Option<GroupState>, u64), GroupsError> {
         let entry = self.store.entry(kv_key).await.map_err(err)?;
         Ok(match entry {
@@ -154,12 +175,9 @@ impl Groups {
     }
 }
 
-/// `g<hash>`: valid as a KV key whatever the ids contain.
+/// `g.<user token>.<hash>`: valid as a KV key whatever the ids contain, and every group
+/// of a user under one prefix.
 fn kv_key(user: &UserId, key: &str) -> String {
-    let hash = Sha256::new()
-        .chain_update(user.as_str().as_bytes())
-        .chain_update([0])
-        .chain_update(key.as_bytes())
-        .finalize();
-    format!("g{}", hex::encode(&hash[..16]))
+    let hash = Sha256::new().chain_update(key.as_bytes()).finalize();
+    format!("g.{}.{}", user.token(), hex::encode(&hash[..16]))
 }

@@ -36,6 +36,8 @@ pub struct InboxPage {
     /// The seqs of the first and last messages read, decodable or not, so a cursor moves
     /// past messages that were skipped.
     pub read_span: Option<(u64, u64)>,
+    /// The seqs among `items` read from a big topic's subject (not the user's own).
+    pub shared: std::collections::HashSet<u64>,
 }
 
 /// Why an inbox operation failed.
@@ -100,21 +102,29 @@ impl Inbox {
             .payload(payload)
             .message_id(&n.id)
             .expected_stream(INBOX);
-        if n.channels
-            .iter()
-            .any(|c| *c != herald_protocol::Channel::Inbox)
-        {
-            // Lets the router skip, without decoding, the many that need nothing but the inbox.
+        if needs_routing(n) {
             publish = publish.header(herald_protocol::streams::ROUTE_HEADER, "1");
         }
         self.nats
             .js
-            .send_publish(self.subjects.inbox_entry(&n.user_id, n.priority), publish)
+            .send_publish(self.entry_subject(n), publish)
             .await
             .map_err(|e| match e.kind() {
                 PublishErrorKind::MaxPayloadExceeded => InboxError::TooLarge(0),
                 _ => InboxError::Unavailable(Box::new(e)),
             })
+    }
+
+    /// The subject `n` is stored under: its priority lane when the router has work for it
+    /// (a channel beyond the inbox), else the inbox-only lane that no router consumer
+    /// reads, so the many notifications that need nothing but the inbox cost no consumer
+    /// delivery and no ack.
+    pub fn entry_subject(&self, n: &StoredNotification) -> String {
+        if needs_routing(n) {
+            self.subjects.inbox_entry(&n.user_id, n.priority)
+        } else {
+            self.subjects.inbox_only_entry(&n.user_id)
+        }
     }
 
     /// Appends and waits until JetStream has it durable.
@@ -141,6 +151,39 @@ impl Inbox {
         })
     }
 
+    /// Stores a big topic's publish once, on the topic's subject in INBOX (`n.id` is the
+    /// publish id, the idempotency key), and waits until it is durable. Subscribers see
+    /// it through their view ([`crate::view`]); INBOX republishes it to the topic's live
+    /// subject.
+    ///
+    /// # Errors
+    /// [`InboxError::Unavailable`] unless JetStream confirmed the write.
+    pub async fn append_topic(
+        &self,
+        topic: &herald_protocol::TopicId,
+        n: &StoredNotification,
+    ) -> Result<AppendAck, InboxError> {
+        if !self.nats.is_connected() {
+            return Err(InboxError::Unavailable("not connected to NATS".into()));
+        }
+        let publish = PublishMessage::build()
+            .payload(Self::encode(n)?)
+            .message_id(&n.id)
+            .expected_stream(INBOX);
+        let ack = self
+            .nats
+            .js
+            .send_publish(self.subjects.topic_inbox_entry(topic, n.priority), publish)
+            .await
+            .map_err(|e| InboxError::Unavailable(Box::new(e)))?
+            .await
+            .map_err(|e| InboxError::Unavailable(Box::new(e)))?;
+        Ok(AppendAck {
+            seq: ack.sequence,
+            duplicate: ack.duplicate,
+        })
+    }
+
     /// Tells every connected device of `user` that the read position is now `up_to`
     /// (a core message on the user's live subject; devices that miss it see the position
     /// in their next `hello`).
@@ -157,99 +200,78 @@ impl Inbox {
             .map_err(|e| InboxError::Unavailable(Box::new(e)))
     }
 
-    /// Up to `limit` notifications with `seq > after`, oldest first.
-    ///
-    /// # Errors
-    /// [`InboxError::Read`] when NATS cannot answer.
-    pub async fn after(
+    /// Up to `limit` messages of one subject with `seq > after`, oldest first, and
+    /// whether more follow.
+    pub(crate) async fn subject_after(
         &self,
-        user: &UserId,
+        subject: &str,
         after: u64,
         limit: usize,
-    ) -> Result<InboxPage, InboxError> {
-        let limit = limit.clamp(1, MAX_PAGE);
+    ) -> Result<(Vec<DirectMessage>, bool), InboxError> {
         let msgs = direct::next_batch(
             &self.nats.consume,
             INBOX,
-            &self.subjects.inbox(user),
+            subject,
             after.saturating_add(1),
             limit,
         )
         .await?;
         let has_more = msgs.last().and_then(|m| m.pending).is_some_and(|p| p > 0);
-        let read_span = span(&msgs);
-        Ok(InboxPage {
-            items: decode_all(user, msgs),
-            has_more,
-            read_span,
-        })
+        Ok((msgs, has_more))
     }
 
-    /// Up to `limit` of the newest notifications with `seq < before` (all when `None`),
-    /// returned oldest first.
-    ///
-    /// # Errors
-    /// [`InboxError::Read`] when NATS cannot answer.
-    pub async fn before(
+    /// Up to `limit` of the newest messages of one subject with `floor < seq < before`
+    /// (no upper bound when `None`), newest first, and whether more exist below them.
+    pub(crate) async fn subject_before(
         &self,
-        user: &UserId,
+        subject: &str,
         before: Option<u64>,
+        floor: u64,
         limit: usize,
-    ) -> Result<InboxPage, InboxError> {
-        let limit = limit.clamp(1, MAX_PAGE);
-        let subject = self.subjects.inbox(user);
+    ) -> Result<(Vec<DirectMessage>, bool), InboxError> {
         let mut bound = match before {
-            Some(0 | 1) => return Ok(InboxPage::default()),
+            Some(b) if b <= floor.saturating_add(1) => return Ok((Vec::new(), false)),
             Some(b) => Some(b - 1),
             None => None,
         };
         let mut newest_first = Vec::with_capacity(limit);
-        let mut has_more = false;
         // Walk back one message at a time: JetStream has no reverse batch. Pages are small.
-        while newest_first.len() <= limit {
-            let Some(msg) = direct::last(&self.nats.consume, INBOX, &subject, bound).await? else {
-                break;
+        loop {
+            let Some(msg) = direct::last(&self.nats.consume, INBOX, subject, bound).await? else {
+                return Ok((newest_first, false));
             };
+            if msg.seq <= floor {
+                return Ok((newest_first, false));
+            }
             if newest_first.len() == limit {
-                has_more = true;
-                break;
+                return Ok((newest_first, true));
             }
             bound = Some(msg.seq.saturating_sub(1));
             let done = msg.seq <= 1;
             newest_first.push(msg);
             if done {
-                break;
+                return Ok((newest_first, false));
             }
         }
-        newest_first.reverse();
-        let read_span = span(&newest_first);
-        Ok(InboxPage {
-            items: decode_all(user, newest_first),
-            has_more,
-            read_span,
-        })
     }
 
-    /// The newest `seq` in the user's inbox, 0 when empty.
-    ///
-    /// # Errors
-    /// [`InboxError::Read`] when NATS cannot answer.
-    pub async fn last_seq(&self, user: &UserId) -> Result<u64, InboxError> {
-        let subject = self.subjects.inbox(user);
-        Ok(direct::last(&self.nats.consume, INBOX, &subject, None)
+    /// The newest sequence of one subject, 0 when empty.
+    pub(crate) async fn subject_last(&self, subject: &str) -> Result<u64, InboxError> {
+        Ok(direct::last(&self.nats.consume, INBOX, subject, None)
             .await?
             .map_or(0, |m| m.seq))
     }
 
-    /// How many notifications the user has with `seq > after`.
-    ///
-    /// # Errors
-    /// [`InboxError::Read`] when NATS cannot answer.
-    pub async fn count_after(&self, user: &UserId, after: u64) -> Result<u64, InboxError> {
+    /// How many messages one subject has with `seq > after`.
+    pub(crate) async fn subject_count_after(
+        &self,
+        subject: &str,
+        after: u64,
+    ) -> Result<u64, InboxError> {
         let msgs = direct::next_batch(
             &self.nats.consume,
             INBOX,
-            &self.subjects.inbox(user),
+            subject,
             after.saturating_add(1),
             1,
         )
@@ -258,30 +280,30 @@ impl Inbox {
     }
 }
 
-fn span(msgs: &[DirectMessage]) -> Option<(u64, u64)> {
-    Some((msgs.first()?.seq, msgs.last()?.seq))
-}
-
 /// Decodes stored payloads, skipping (and logging) any that are not ours or not this
 /// user's: only Herald writes INBOX, but a misconfigured NATS permission must not turn
 /// into another user's data or a failed page.
-fn decode_all(user: &UserId, msgs: Vec<DirectMessage>) -> Vec<(u64, StoredNotification)> {
-    msgs.into_iter()
-        .filter_map(
-            |m| match serde_json::from_slice::<StoredNotification>(&m.payload) {
-                Ok(n) if &n.user_id == user => Some((m.seq, n)),
-                Ok(_) => {
-                    tracing::error!(
-                        seq = m.seq,
-                        "inbox message addressed to another user; skipped"
-                    );
-                    None
-                }
-                Err(e) => {
-                    tracing::warn!(seq = m.seq, error = %e, "undecodable inbox message; skipped");
-                    None
-                }
-            },
-        )
-        .collect()
+pub(crate) fn decode_one(user: &UserId, m: &DirectMessage) -> Option<(u64, StoredNotification)> {
+    match serde_json::from_slice::<StoredNotification>(&m.payload) {
+        Ok(n) if &n.user_id == user => Some((m.seq, n)),
+        Ok(_) => {
+            tracing::error!(
+                seq = m.seq,
+                "inbox message addressed to another user; skipped"
+            );
+            None
+        }
+        Err(e) => {
+            tracing::warn!(seq = m.seq, error = %e, "undecodable inbox message; skipped");
+            None
+        }
+    }
+}
+
+/// Whether the router has work for `n`: a channel beyond the inbox. Marked by the
+/// [`herald_protocol::streams::ROUTE_HEADER`] and by the entry's lane.
+pub(crate) fn needs_routing(n: &StoredNotification) -> bool {
+    n.channels
+        .iter()
+        .any(|c| *c != herald_protocol::Channel::Inbox)
 }

@@ -11,11 +11,14 @@
 //! - [`preferences`]: per-user preferences.
 //! - [`caps`]: rate caps counted across instances.
 //! - [`groups`]: aggregation groups, joined and closed with compare-and-set.
+//! - [`digests`]: notifications waiting for their user's email digest.
 //! - [`topics`]: topic subscriptions and fan-out progress.
+//! - [`view`]: a user's inbox merged with the big topics they follow.
 //! - [`scheduled`]: `send_at`, held by JetStream's message scheduler.
 
 pub mod caps;
 pub mod connect;
+pub mod digests;
 pub mod direct;
 pub mod groups;
 pub mod inbox;
@@ -27,9 +30,11 @@ pub mod scheduled;
 pub mod status;
 pub mod targets;
 pub mod topics;
+pub mod view;
 
 pub use caps::{CapDecision, CapsError, RateCaps};
 pub use connect::{Nats, connect};
+pub use digests::{Digests, DigestsError};
 pub use groups::{Groups, GroupsError};
 pub use inbox::{AppendAck, Inbox, InboxError, InboxPage};
 pub use preferences::{PreferenceStore, PreferencesError};
@@ -39,4 +44,5 @@ pub use receipts::{Mark, Receipts, ReceiptsConfig};
 pub use scheduled::Cancelled;
 pub use status::StatusStore;
 pub use targets::Targets;
-pub use topics::{FanoutLog, Subscription, Subscriptions, TopicsError};
+pub use topics::{FanoutLog, MAX_TOPICS_PER_USER, Subscription, Subscriptions, TopicsError};
+pub use view::TopicSource;

@@ -14,8 +14,8 @@ use crate::inbox::{Inbox, InboxError};
 use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use bytes::Bytes;
+use herald_protocol::StoredNotification;
 use herald_protocol::streams::{INBOX, PRODUCER_HEADER, ROUTE_HEADER};
-use herald_protocol::{Channel, StoredNotification};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -52,12 +52,9 @@ impl Inbox {
             .message_id(&n.id)
             .expected_stream(INBOX)
             .header("Nats-Schedule", format!("@at {at}").as_str())
-            .header(
-                "Nats-Schedule-Target",
-                self.subjects().inbox_entry(&n.user_id, n.priority).as_str(),
-            )
+            .header("Nats-Schedule-Target", self.entry_subject(n).as_str())
             .header(PRODUCER_HEADER, producer);
-        if n.channels.iter().any(|c| *c != Channel::Inbox) {
+        if crate::inbox::needs_routing(n) {
             // Copied onto the fired message, so the router routes it.
             publish = publish.header(ROUTE_HEADER, "1");
         }

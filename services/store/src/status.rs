@@ -40,6 +40,8 @@ pub enum State {
     Deferred,
     /// Folded into another notification of its aggregation group, which is sent instead.
     Folded,
+    /// Waiting for the user's email digest, which lists it unless read by then.
+    Digest,
 }
 
 /// One step in a job's history.

@@ -1,22 +1,78 @@
 //! Topic subscriptions in the SUBS stream, and fan-out progress in KV.
 //!
-//! One message per subscription, on two subjects: `subs.<topic>.<user>` (what a fan-out
-//! reads, in stream order, resuming from a sequence) and `usubs.<user>.<topic>` (a user's
-//! topics). `max_msgs_per_subject = 1` makes a repeated subscribe idempotent; unsubscribing
-//! purges both subjects, so nothing is left to skip. Reading a topic's subscribers never
-//! scans another topic's: direct gets filter by subject, and a count is one direct get
-//! (`Nats-Num-Pending`).
+//! Two indexes, both in SUBS (`max_msgs_per_subject = 1`):
+//! - `subs.<topic>.<user>`, one message per subscription: what a fan-out reads, in stream
+//!   order, resuming from a sequence. Reading one topic's subscribers never scans another
+//!   topic's (direct gets filter by subject), and a count is one direct get
+//!   (`Nats-Num-Pending`).
+//! - `usubs.<user>`, one message per user holding the set of their subscriptions: what a
+//!   session opens with and what every inbox read merges. It is one *literal* subject on
+//!   purpose. A wildcard read (`usubs.<user>.*`) over a stream holding a million
+//!   subscriptions kept nats-server busy enough that 10,000 sessions opening at once all
+//!   timed out (BENCHMARKS.md, "Topic fan-out"); a last-message get of one subject is
+//!   answered from the subject index at any size.
+//!
+//! Writes to the set are compare-and-set (`Nats-Expected-Last-Subject-Sequence`). A bulk
+//! subscribe of users who follow nothing yet (the common case: a million new followers)
+//! writes each set blind, expecting none; only those who already have a set are read,
+//! changed and written back, retrying on a concurrent change.
 
 use crate::connect::Nats;
 use crate::direct::{self, DirectGetError};
+use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::kv;
-use herald_protocol::streams::{FANOUT_BUCKET, SUBS};
+use async_nats::jetstream::message::PublishMessage;
+use futures::{StreamExt as _, TryStreamExt as _};
+use herald_protocol::streams::{FANOUT_BUCKET, INBOX, SUBS};
 use herald_protocol::topic::FanoutProgress;
 use herald_protocol::{Subjects, TopicId, UserId};
 use serde::{Deserialize, Serialize};
 
 /// Largest page of subscriptions read at once.
 pub const PAGE: usize = 256;
+
+/// Most topics one user may follow (their set is one message: SUBS allows 256 KiB).
+pub const MAX_TOPICS_PER_USER: usize = 1000;
+
+/// Most subscription writes of one request awaiting their JetStream ack at a time.
+const ACK_WINDOW: usize = 1024;
+
+/// Users whose existing set is updated at once during a bulk subscribe.
+const SET_UPDATES_IN_FLIGHT: usize = 32;
+
+/// Attempts at a compare-and-set of one user's set before giving up.
+const SET_ATTEMPTS: usize = 16;
+
+/// A write that must find its subject empty: refused (`WrongLastSequence`) when it is not.
+fn first_write(payload: bytes::Bytes) -> PublishMessage {
+    PublishMessage::build()
+        .payload(payload)
+        .expected_last_subject_sequence(0)
+}
+
+/// Whether a write expecting an empty subject went through (`false`: the subject was not
+/// empty), or why it failed.
+async fn written(ack: PublishAckFuture) -> Result<bool, TopicsError> {
+    match ack.await {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(false),
+        Err(e) => Err(unavailable(e)),
+    }
+}
+
+/// One followed topic in a user's set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Followed {
+    topic: TopicId,
+    by: String,
+    since: u64,
+}
+
+/// A user's set of subscriptions, as stored on `usubs.<user>`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct UserSet {
+    topics: Vec<Followed>,
+}
 
 /// A stored subscription.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,6 +83,10 @@ pub struct Subscription {
     pub user_id: UserId,
     /// Who subscribed them: a producer name, or `self`.
     pub by: String,
+    /// The last INBOX sequence when they subscribed: of a big topic's publishes (stored
+    /// once, in INBOX) they see those after it.
+    #[serde(default)]
+    pub since: u64,
 }
 
 /// Why a subscription operation failed.
@@ -38,6 +98,16 @@ pub enum TopicsError {
     /// A read failed.
     #[error("subscription read failed")]
     Read(#[from] DirectGetError),
+    /// The user already follows the most topics allowed.
+    #[error(
+        "user {0} already follows {MAX_TOPICS_PER_USER} topics; unsubscribe them from one first"
+    )]
+    TooMany(UserId),
+    /// The user's set kept changing under this write.
+    #[error(
+        "the subscriptions of user {0} changed {SET_ATTEMPTS} times during this write; try again"
+    )]
+    Contended(UserId),
 }
 
 fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> TopicsError {
@@ -58,40 +128,103 @@ impl Subscriptions {
     }
 
     /// Subscribes every user in `users` to `topic` (pipelined); returns how many.
+    /// Subscribing someone again changes nothing (in particular not `since`).
     ///
     /// # Errors
-    /// [`TopicsError::Unavailable`] unless JetStream confirmed every write.
+    /// [`TopicsError::Unavailable`] unless JetStream confirmed every write;
+    /// [`TopicsError::TooMany`] for a user who follows the most topics allowed (the users
+    /// before them are subscribed: the request can be repeated as it is).
     pub async fn subscribe(
         &self,
         topic: &TopicId,
         users: &[UserId],
         by: &str,
     ) -> Result<usize, TopicsError> {
-        let mut acks = Vec::with_capacity(users.len() * 2);
-        for user in users {
+        let since = self.inbox_last_seq().await?;
+        let followed = Followed {
+            topic: topic.clone(),
+            by: by.to_owned(),
+            since,
+        };
+        let new_set: bytes::Bytes = serde_json::to_vec(&UserSet {
+            topics: vec![followed.clone()],
+        })
+        .map_err(unavailable)?
+        .into();
+        // Pipelined, but never more than a window of unconfirmed writes: the client
+        // allows a fixed number of acks in flight (shared by every request of the
+        // process), and a request that queued more than that before awaiting any would
+        // wait for a permit only its own acks could free — forever.
+        let mut acks = std::collections::VecDeque::with_capacity(ACK_WINDOW);
+        // Users who follow something already: their set is read and changed below.
+        let mut have_sets = Vec::new();
+        for (i, user) in users.iter().enumerate() {
             let sub = Subscription {
                 topic: topic.clone(),
                 user_id: user.clone(),
                 by: by.to_owned(),
+                since,
             };
             let payload: bytes::Bytes = serde_json::to_vec(&sub).map_err(unavailable)?.into();
-            for subject in [
-                self.subjects.subscription(topic, user),
-                self.subjects.user_subscription(user, topic),
-            ] {
-                acks.push(
-                    self.nats
-                        .js
-                        .publish(subject, payload.clone())
-                        .await
-                        .map_err(unavailable)?,
-                );
+            let writes = [
+                (None, self.subjects.subscription(topic, user), payload),
+                (Some(i), self.subjects.topics_of(user), new_set.clone()),
+            ];
+            for (set_of, subject, payload) in writes {
+                if acks.len() >= ACK_WINDOW
+                    && let Some((set_of, ack)) = acks.pop_front()
+                    && !written(ack).await?
+                {
+                    have_sets.extend(set_of);
+                }
+                let ack = self
+                    .nats
+                    .js
+                    .send_publish(subject, first_write(payload))
+                    .await
+                    .map_err(unavailable)?;
+                acks.push_back((set_of, ack));
             }
         }
-        for ack in acks {
-            ack.await.map_err(unavailable)?;
+        for (set_of, ack) in acks {
+            if !written(ack).await? {
+                have_sets.extend(set_of);
+            }
         }
+        futures::stream::iter(have_sets)
+            .map(|i| {
+                let (user, followed) = (&users[i], &followed);
+                self.change_set(user, move |set| add(set, followed, user))
+            })
+            .buffer_unordered(SET_UPDATES_IN_FLIGHT)
+            .try_collect::<Vec<bool>>()
+            .await?;
+        self.announce(users).await;
         Ok(users.len())
+    }
+
+    /// The INBOX stream's last sequence (one stream info request).
+    async fn inbox_last_seq(&self) -> Result<u64, TopicsError> {
+        let stream = self.nats.js.get_stream(INBOX).await.map_err(unavailable)?;
+        Ok(stream.cached_info().state.last_sequence)
+    }
+
+    /// Tells the gateways holding these users that their topics changed (a core message
+    /// on each user's live subject; nobody listening costs the server nothing).
+    async fn announce(&self, users: &[UserId]) {
+        for user in users {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(herald_protocol::topic::TOPICS_HEADER, "1");
+            if let Err(e) = self
+                .nats
+                .publish
+                .publish_with_headers(self.subjects.live(user), headers, bytes::Bytes::new())
+                .await
+            {
+                tracing::debug!(error = %e, "announcing a topic change failed");
+                return;
+            }
+        }
     }
 
     /// Unsubscribes `user` from `topic`; returns whether they were subscribed.
@@ -110,12 +243,92 @@ impl Subscriptions {
             .filter(self.subjects.subscription(topic, user))
             .await
             .map_err(unavailable)?;
-        stream
+        let in_set = self
+            .change_set(user, |set| {
+                let before = set.topics.len();
+                set.topics.retain(|f| &f.topic != topic);
+                Ok(set.topics.len() != before)
+            })
+            .await?;
+        self.announce(std::slice::from_ref(user)).await;
+        Ok(by_topic.purged > 0 || in_set)
+    }
+
+    /// Unsubscribes `user` from every topic and removes their set; returns how many
+    /// topics they followed.
+    ///
+    /// # Errors
+    /// [`TopicsError`] when NATS fails.
+    pub async fn erase(&self, user: &UserId) -> Result<usize, TopicsError> {
+        let topics = self.topics_of(user).await?;
+        for topic in &topics {
+            self.unsubscribe(topic, user).await?;
+        }
+        self.nats
+            .js
+            .get_stream_no_info(SUBS)
+            .await
+            .map_err(unavailable)?
             .purge()
-            .filter(self.subjects.user_subscription(user, topic))
+            .filter(self.subjects.topics_of(user))
             .await
             .map_err(unavailable)?;
-        Ok(by_topic.purged > 0)
+        Ok(topics.len())
+    }
+
+    /// Reads `user`'s set, applies `change` and writes it back unless `change` answered
+    /// `false`, retrying from the read when the set changed in between.
+    async fn change_set(
+        &self,
+        user: &UserId,
+        change: impl Fn(&mut UserSet) -> Result<bool, TopicsError>,
+    ) -> Result<bool, TopicsError> {
+        for attempt in 0..SET_ATTEMPTS {
+            let (seq, mut set) = self.read_set(user).await?;
+            if !change(&mut set)? {
+                return Ok(false);
+            }
+            let payload = serde_json::to_vec(&set).map_err(unavailable)?;
+            let publish = PublishMessage::build()
+                .payload(payload.into())
+                .expected_last_subject_sequence(seq);
+            let ack = self
+                .nats
+                .js
+                .send_publish(self.subjects.topics_of(user), publish)
+                .await
+                .map_err(unavailable)?;
+            if written(ack).await? {
+                return Ok(true);
+            }
+            // Someone else wrote the set first (or a replica answered the read from
+            // behind): read it again after a jittered pause that grows.
+            let cap_ms = 2u64 << attempt.min(6);
+            tokio::time::sleep(std::time::Duration::from_millis(rand::random_range(
+                0..=cap_ms,
+            )))
+            .await;
+        }
+        Err(TopicsError::Contended(user.clone()))
+    }
+
+    /// `user`'s set and the sequence it is stored at (0 and an empty set: none).
+    async fn read_set(&self, user: &UserId) -> Result<(u64, UserSet), TopicsError> {
+        let msg = direct::last(
+            &self.nats.consume,
+            SUBS,
+            &self.subjects.topics_of(user),
+            None,
+        )
+        .await?;
+        Ok(match msg {
+            None => (0, UserSet::default()),
+            // An unreadable set is replaced on the next write rather than blocking it.
+            Some(m) => (
+                m.seq,
+                serde_json::from_slice(&m.payload).unwrap_or_default(),
+            ),
+        })
     }
 
     /// How many users are subscribed to `topic`.
@@ -155,30 +368,49 @@ impl Subscriptions {
         Ok(decode(msgs))
     }
 
-    /// The topics `user` is subscribed to (up to 1,000).
+    /// The topics `user` is subscribed to.
     ///
     /// # Errors
     /// [`TopicsError::Read`] when NATS cannot answer.
     pub async fn topics_of(&self, user: &UserId) -> Result<Vec<TopicId>, TopicsError> {
-        let mut topics = Vec::new();
-        let mut from = 1;
-        while topics.len() < 1000 {
-            let msgs = direct::next_batch(
-                &self.nats.consume,
-                SUBS,
-                &self.subjects.topics_of(user),
-                from,
-                PAGE,
-            )
-            .await?;
-            let Some(last) = msgs.last().map(|m| m.seq) else {
-                break;
-            };
-            topics.extend(decode(msgs).into_iter().map(|(_, s)| s.topic));
-            from = last + 1;
-        }
-        Ok(topics)
+        Ok(self
+            .subscriptions_of(user)
+            .await?
+            .into_iter()
+            .map(|s| s.topic)
+            .collect())
     }
+
+    /// The subscriptions of `user`, with when each began: one direct get of their set.
+    ///
+    /// # Errors
+    /// [`TopicsError::Read`] when NATS cannot answer.
+    pub async fn subscriptions_of(&self, user: &UserId) -> Result<Vec<Subscription>, TopicsError> {
+        let (_, set) = self.read_set(user).await?;
+        Ok(set
+            .topics
+            .into_iter()
+            .map(|f| Subscription {
+                topic: f.topic,
+                user_id: user.clone(),
+                by: f.by,
+                since: f.since,
+            })
+            .collect())
+    }
+}
+
+/// Adds `followed` to `user`'s `set` unless it is there (then `since` stays: moving it
+/// would hide big-topic publishes the user has already seen).
+fn add(set: &mut UserSet, followed: &Followed, user: &UserId) -> Result<bool, TopicsError> {
+    if set.topics.iter().any(|f| f.topic == followed.topic) {
+        return Ok(false);
+    }
+    if set.topics.len() >= MAX_TOPICS_PER_USER {
+        return Err(TopicsError::TooMany(user.clone()));
+    }
+    set.topics.push(followed.clone());
+    Ok(true)
 }
 
 fn decode(msgs: Vec<direct::DirectMessage>) -> Vec<(u64, Subscription)> {

@@ -26,7 +26,10 @@
 //! [`Templates`] holds the loaded set and swaps in a new one on [`Templates::reload`];
 //! a folder with errors is refused whole and the previous set stays.
 
+mod digest;
 mod load;
+
+pub use digest::{DIGEST_TEMPLATE, DigestTexts};
 
 pub use load::LoadError;
 

@@ -132,8 +132,25 @@ fn header(name: &str, value: String) -> Result<HeaderValue, SendError> {
     Ok(HeaderValue::new(name, value))
 }
 
-/// Text and HTML bodies from the same content.
+/// Text and HTML bodies from the same content, or the HTML a template rendered (an email
+/// digest: the text is then the body alone, the title being the subject).
 pub fn render(delivery: &Delivery) -> (String, String) {
+    if let Some(html) = &delivery.html {
+        let mut text = delivery.body.clone().unwrap_or_default();
+        let mut html = html.clone();
+        if let Some(url) = &delivery.unsubscribe_url {
+            text.push_str(&format!("\n--\nUnsubscribe: {url}\n"));
+            let link = format!(
+                "<hr><p><a href=\"{}\">Unsubscribe</a></p>",
+                html_escape::encode_double_quoted_attribute(url)
+            );
+            match html.rfind("</body>") {
+                Some(at) => html.insert_str(at, &link),
+                None => html.push_str(&link),
+            }
+        }
+        return (text, html);
+    }
     let title = delivery.title.as_deref().unwrap_or_default();
     let body = delivery.body.as_deref().unwrap_or_default();
     let mut text = String::new();
@@ -244,6 +261,7 @@ mod tests {
             expires_at: None,
             target,
             unsubscribe_url: Some("https://h.example/v1/unsubscribe?token=a.b".into()),
+            html: None,
         }
     }
 

@@ -157,6 +157,11 @@ impl Step<'_> {
     }
 
     async fn status(&self, update: Update) {
+        // A digest names no notification: its listed notifications show `digest`, and
+        // a status document for it would outlive a GDPR erase of its user.
+        if self.job.digest.is_some() {
+            return;
+        }
         if let Err(e) = self.ctx.deps.status.record(self.job, update).await {
             tracing::warn!(id = %self.job.id, error = %e, "recording delivery status failed");
         }
@@ -207,9 +212,19 @@ impl Step<'_> {
                 }
             }
         }
+        if let Some(mail) = &job.digest {
+            return self.digest(mail).await;
+        }
         let stored = match ctx.inbox.direct_get(job.seq).await {
             Ok(m) => match serde_json::from_slice::<StoredNotification>(&m.payload) {
                 Ok(n) if n.id == job.id => n,
+                // A big topic's publish, stored once: this job is for one subscriber's copy.
+                Ok(n)
+                    if n.topic.is_some()
+                        && herald_protocol::topic::copy_id(&n.id, &job.user_id) == job.id =>
+                {
+                    herald_protocol::topic::for_subscriber(n, &job.user_id)
+                }
                 _ => return self.gone().await,
             },
             Err(e) if e.kind() == DirectGetErrorKind::NotFound => return self.gone().await,
@@ -242,6 +257,58 @@ impl Step<'_> {
             }
         }
         let delivery = self.delivery(stored, target);
+        self.send(&delivery).await;
+    }
+
+    /// An email digest: its content is in the job (rendered when its period ended), so
+    /// there is no inbox entry to read; the user's email switch still applies.
+    async fn digest(&self, mail: &herald_protocol::digest::DigestMail) {
+        let ctx = self.ctx;
+        let job = self.job;
+        let target = match ctx
+            .deps
+            .targets
+            .find(&job.user_id, job.channel, &job.target)
+            .await
+        {
+            Ok(Some(t)) => t,
+            Ok(None) => return self.skip("target removed").await,
+            Err(e) => {
+                tracing::warn!(id = %job.id, error = %e, "target store unavailable; retrying later");
+                return self.later(STORE_RETRY).await;
+            }
+        };
+        if let Some(optout) = &ctx.deps.optout {
+            match optout.allows(&job.user_id, job.channel, None).await {
+                Ok(true) => {}
+                Ok(false) => return self.skip("opted out").await,
+                Err(e) => {
+                    tracing::warn!(id = %job.id, error = %e, "preferences unavailable; retrying later");
+                    return self.later(STORE_RETRY).await;
+                }
+            }
+        }
+        let unsubscribe_url = ctx
+            .deps
+            .links
+            .as_ref()
+            .map(|links| links.url(&job.user_id, None));
+        let delivery = Delivery {
+            id: job.id.clone(),
+            seq: job.seq,
+            user_id: job.user_id.clone(),
+            channel: job.channel,
+            priority: job.priority,
+            category: None,
+            title: Some(mail.subject.clone()),
+            body: Some(mail.text.clone()),
+            data: Default::default(),
+            collapse_key: None,
+            expires_at: None,
+            target,
+            unsubscribe_url,
+            html: Some(mail.html.clone()),
+        };
         self.send(&delivery).await;
     }
 
@@ -279,6 +346,7 @@ impl Step<'_> {
             expires_at,
             target,
             unsubscribe_url,
+            html: None,
         }
     }
 

@@ -19,11 +19,28 @@ use std::sync::Arc;
 /// Most users in one bulk subscribe.
 const BULK_MAX: usize = 10_000;
 
-/// Which topics users may join by themselves: exact names, or prefixes ending in `*`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Default [`TopicSettings::big_threshold`].
+pub const DEFAULT_BIG_THRESHOLD: u64 = 10_000;
+
+/// Topic rules: which topics users may join by themselves (exact names, or prefixes
+/// ending in `*`), and from what size a topic's publishes are stored once.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicSettings {
     /// Patterns of self-subscribable topics.
     pub self_subscribe: Vec<String>,
+    /// A publish to a topic with at least this many subscribers takes the big-topic path:
+    /// stored once and merged into each subscriber's view, instead of one inbox entry per
+    /// subscriber. 0 sends every publish the big-topic way.
+    pub big_threshold: u64,
+}
+
+impl Default for TopicSettings {
+    fn default() -> Self {
+        Self {
+            self_subscribe: Vec::new(),
+            big_threshold: DEFAULT_BIG_THRESHOLD,
+        }
+    }
 }
 
 impl TopicSettings {
@@ -46,8 +63,17 @@ fn user(raw: String) -> Result<UserId, AppError> {
     UserId::new(raw).map_err(|e| AppError::field(FieldError::new("user_id", e.to_string())))
 }
 
-fn unavailable(e: TopicsError) -> AppError {
-    AppError::unavailable(&e)
+/// 409 for what the caller can fix or repeat, 503 when NATS failed.
+fn topics_error(e: TopicsError) -> AppError {
+    match e {
+        TopicsError::TooMany(_) => {
+            AppError::new(StatusCode::CONFLICT, "too_many_topics", e.to_string())
+        }
+        TopicsError::Contended(_) => {
+            AppError::new(StatusCode::CONFLICT, "conflict", e.to_string()).retry_after(1)
+        }
+        TopicsError::Unavailable(_) | TopicsError::Read(_) => AppError::unavailable(&e),
+    }
 }
 
 pub(super) async fn subscribe(
@@ -61,7 +87,7 @@ pub(super) async fn subscribe(
         .subscriptions
         .subscribe(&t, std::slice::from_ref(&u), &producer.0.producer)
         .await
-        .map_err(unavailable)?;
+        .map_err(topics_error)?;
     Ok(Json(json!({"topic": t, "user_id": u, "subscribed": true})))
 }
 
@@ -76,7 +102,7 @@ pub(super) async fn unsubscribe(
         .subscriptions
         .unsubscribe(&t, &u)
         .await
-        .map_err(unavailable)?;
+        .map_err(topics_error)?;
     Ok(Json(
         json!({"topic": t, "user_id": u, "subscribed": false, "was_subscribed": was}),
     ))
@@ -121,7 +147,7 @@ pub(super) async fn subscribe_many(
         .subscriptions
         .subscribe(&t, &users, &producer.0.producer)
         .await
-        .map_err(unavailable)?;
+        .map_err(topics_error)?;
     Ok(Json(json!({"topic": t, "subscribed": n})))
 }
 
@@ -132,7 +158,7 @@ pub(super) async fn describe(
 ) -> Result<Json<Value>, AppError> {
     producer.require(Scope::Read)?;
     let t = topic(t)?;
-    let n = state.subscriptions.count(&t).await.map_err(unavailable)?;
+    let n = state.subscriptions.count(&t).await.map_err(topics_error)?;
     Ok(Json(json!({"topic": t, "subscribers": n})))
 }
 
@@ -176,22 +202,39 @@ pub(super) async fn publish(
         .prepare_topic(&raw, &producer.0.producer, key)
         .await
         .map_err(AppError::from)?;
-    let job = FanoutJob {
+    let mut job = FanoutJob {
         id: prepared.id().to_owned(),
         topic: t.clone(),
         notification: prepared.into_stored(),
+        stored_seq: None,
     };
-    let subscribers = state.subscriptions.count(&t).await.map_err(unavailable)?;
+    let subscribers = state.subscriptions.count(&t).await.map_err(topics_error)?;
+    let big = subscribers >= state.topics.big_threshold;
+    if big {
+        // Written once: every subscriber's view merges the topic's subject. The fan-out
+        // job that follows only enqueues channel work for those who want it.
+        job.notification.topic = Some(t.as_str().to_owned());
+        let stored = state
+            .acceptor
+            .inbox()
+            .append_topic(&t, &job.notification)
+            .await
+            .map_err(|e| AppError::unavailable(&e))?;
+        job.stored_seq = Some(stored.seq);
+    }
     state
         .acceptor
         .enqueue_fanout(&job)
         .await
         .map_err(|e| AppError::unavailable(&e))?;
-    metrics::counter!("herald_topic_publishes_total").increment(1);
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({"id": job.id, "status": "accepted", "topic": t, "subscribers": subscribers})),
-    ))
+    metrics::counter!("herald_topic_publishes_total", "path" => if big { "topic" } else { "write" })
+        .increment(1);
+    let mut answer = json!({"id": job.id, "status": "accepted", "topic": t, "subscribers": subscribers,
+        "path": if big { "topic" } else { "write" }});
+    if let Some(seq) = job.stored_seq {
+        answer["seq"] = json!(seq);
+    }
+    Ok((StatusCode::ACCEPTED, Json(answer)))
 }
 
 pub(super) async fn progress(
@@ -207,7 +250,7 @@ pub(super) async fn progress(
             "not a publish id (a UUID)",
         )));
     }
-    match state.fanouts.get(&id).await.map_err(unavailable)? {
+    match state.fanouts.get(&id).await.map_err(topics_error)? {
         Some(p) => Ok(Json(json!({"id": id, "topic": t, "fanout": p}))),
         None => Ok(Json(
             json!({"id": id, "topic": t, "fanout": {"state": "queued"}}),
@@ -248,7 +291,7 @@ pub(super) async fn my_subscribe(
         .subscriptions
         .subscribe(&t, std::slice::from_ref(&user), "self")
         .await
-        .map_err(unavailable)?;
+        .map_err(topics_error)?;
     Ok(Json(json!({"topic": t, "subscribed": true})))
 }
 
@@ -263,7 +306,7 @@ pub(super) async fn my_unsubscribe(
         .subscriptions
         .unsubscribe(&t, &user)
         .await
-        .map_err(unavailable)?;
+        .map_err(topics_error)?;
     Ok(Json(
         json!({"topic": t, "subscribed": false, "was_subscribed": was}),
     ))
@@ -277,6 +320,6 @@ pub(super) async fn my_topics(
         .subscriptions
         .topics_of(&user)
         .await
-        .map_err(unavailable)?;
+        .map_err(topics_error)?;
     Ok(Json(json!({"topics": topics})))
 }

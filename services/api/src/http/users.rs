@@ -1,9 +1,10 @@
 //! `DELETE /v1/users/{user_id}` (scope admin): the GDPR erase. Removes the user's
 //! notifications and pending schedules, their delivery status and sent markers,
-//! preferences, read and seen positions, devices and contact data, and answers with what
-//! it removed. Channel jobs already queued carry only ids (notification, user, an opaque
-//! target hash); a worker that pulls one finds the notification gone, drops it without
-//! sending and without writing status back, and acks it off the queue.
+//! preferences, read and seen positions, devices and contact data, topic subscriptions,
+//! aggregation groups and digest entries, and answers with what it removed. Channel jobs
+//! already queued carry only ids (notification, user, an opaque target hash); a worker
+//! that pulls one finds the notification gone, drops it without sending and without
+//! writing status back, and acks it off the queue.
 
 use super::ApiState;
 use crate::auth::Producer;
@@ -58,6 +59,25 @@ pub(super) async fn erase(
         .erase(&user, &ids)
         .await
         .map_err(|e| AppError::unavailable(&e))?;
+    // Their topics too: what they follow is theirs, and big topics' publishes (stored
+    // once, shared) leave their view with the subscriptions.
+    let subscriptions = state
+        .subscriptions
+        .erase(&user)
+        .await
+        .map_err(|e| AppError::unavailable(&e))?;
+    let nats = state.acceptor.inbox().nats();
+    let groups = herald_store::Groups::open(&nats.js)
+        .await
+        .map_err(|e| AppError::unavailable(&e))?
+        .erase(&user)
+        .await
+        .map_err(|e| AppError::unavailable(&e))?;
+    let digest_entries =
+        herald_store::Digests::new(nats.clone(), state.acceptor.inbox().subjects().clone())
+            .erase(&user)
+            .await
+            .map_err(|e| AppError::unavailable(&e))?;
     tracing::info!(producer = %producer.0.producer, notifications, scheduled, "user erased");
     metrics::counter!("herald_users_erased_total").increment(1);
     Ok(Json(json!({
@@ -71,6 +91,9 @@ pub(super) async fn erase(
             "seen_position": seen_position,
             "devices_and_contact": true,
             "delivery_status": delivery_status,
+            "subscriptions": subscriptions,
+            "groups": groups,
+            "digest_entries": digest_entries,
         }
     })))
 }

@@ -21,6 +21,7 @@ pub fn delivery(channel: Channel, target: Target) -> Delivery {
         expires_at: None,
         target,
         unsubscribe_url: None,
+        html: None,
     }
 }
 

@@ -21,10 +21,9 @@
 use super::fleet::{self, Fleet, GatewayProcess};
 use super::load::{flood, paced, send_one_each, wait_for};
 use super::{BenchError, ms};
-use crate::mesh::{Mesh, MeshOptions, Roles};
+use crate::mesh::Mesh;
 use clap::Args;
 use herald_auth::UserAuth;
-use herald_protocol::streams::StreamSettings;
 use herald_protocol::{Subjects, UserId};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -311,33 +310,13 @@ impl Herald {
     pub(super) async fn start(url: &str) -> Result<Self, BenchError> {
         let url = url.to_string();
         // The API, router and ingest in this process, on a runtime of their own.
-        let super::BenchAuth {
-            api_key,
-            keys,
-            jwt,
-            users,
-        } = super::BenchAuth::new()?;
-        let options = MeshOptions {
-            nats_url: url.clone(),
-            name: "herald-bench-api".into(),
-            subjects: Subjects::new(PREFIX, PARTITIONS)?,
-            streams: StreamSettings::default(),
-            provision: true,
-            api_keys: keys,
-            jwt,
-            api: Default::default(),
-            gateway: Default::default(),
-            roles: Roles {
-                gateway: false,
-                ..Roles::ALL
-            },
-            dev_mode: false,
-            policy: Default::default(),
-            templates: Default::default(),
-            rates: Default::default(),
-            topics: Default::default(),
-            channels: crate::channels::ChannelSettings::new([0x42; 32]),
-        };
+        let auth = super::BenchAuth::new()?;
+        let options = auth.mesh_without_gateway(
+            url.clone(),
+            "herald-bench-api",
+            Subjects::new(PREFIX, PARTITIONS)?,
+        );
+        let super::BenchAuth { api_key, users, .. } = auth;
         let server = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("herald-api")

@@ -120,7 +120,7 @@ pub async fn run(args: ConnsClientArgs) -> Result<(), BenchError> {
                         clients.spawn(super::natsws::client(
                             fleet.clone(),
                             target.clone(),
-                            i,
+                            format!("live.c-{i}"),
                             permit,
                         ));
                     }

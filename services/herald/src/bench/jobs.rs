@@ -96,6 +96,7 @@ pub async fn enqueue(
             priority: load.lane,
             target: load.target.clone(),
             folded: None,
+            digest: None,
         })
         .collect();
     let subject = subjects.work(load.channel, load.lane);

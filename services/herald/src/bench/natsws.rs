@@ -34,7 +34,12 @@ pub(super) async fn run(n: usize, dir: &std::path::Path) -> Result<NatsWs, Bench
     let started = Instant::now();
     for i in 0..n {
         let permit = connecting.clone().acquire_owned().await?;
-        clients.spawn(client(fleet.clone(), ws_url.clone(), i, permit));
+        clients.spawn(client(
+            fleet.clone(),
+            ws_url.clone(),
+            format!("live.c-{i}"),
+            permit,
+        ));
     }
     super::load::wait_for(
         || fleet.connected.load(Ordering::Relaxed) >= n as u64,
@@ -74,12 +79,67 @@ pub(super) async fn run(n: usize, dir: &std::path::Path) -> Result<NatsWs, Bench
     })
 }
 
+/// The ceiling of `herald bench fanout`: `n` clients on nats-server's WebSocket listener
+/// (a nats-server of its own) all subscribed to one subject, and one core publish to it.
+pub(super) async fn run_fanout(n: usize, dir: &std::path::Path) -> Result<NatsWs, BenchError> {
+    let server = herald_natsd::NatsServer::start(herald_natsd::NatsServerOptions::dev(
+        dir.join("natsws-fanout"),
+    ))
+    .await?;
+    let ws_url = server
+        .websocket_url()
+        .ok_or("nats-server has no websocket listener")?;
+    let fleet = Fleet::new()?;
+    let connecting = Arc::new(tokio::sync::Semaphore::new(256));
+    let mut clients = tokio::task::JoinSet::new();
+    let started = Instant::now();
+    for _ in 0..n {
+        let permit = connecting.clone().acquire_owned().await?;
+        clients.spawn(client(
+            fleet.clone(),
+            ws_url.clone(),
+            "topic.big".into(),
+            permit,
+        ));
+    }
+    super::load::wait_for(
+        || fleet.connected.load(Ordering::Relaxed) >= n as u64,
+        300,
+        "nats ws clients connected",
+    )
+    .await?;
+    let connects_per_sec = n as f64 / started.elapsed().as_secs_f64();
+    let publisher = async_nats::connect(server.client_url()).await?;
+    let start = fleet.now_us();
+    publisher
+        .publish("topic.big", fleet.now_us().to_string().into())
+        .await?;
+    publisher.flush().await?;
+    super::load::wait_for(
+        || fleet.received.load(Ordering::Relaxed) >= n as u64,
+        60,
+        "nats ws fan-out delivered",
+    )
+    .await?;
+    let all_ms = (fleet.now_us() - start) as f64 / 1000.0;
+    let delivery = Fleet::snapshot(&fleet.delivery)?;
+    fleet.stop.cancel();
+    while clients.join_next().await.is_some() {}
+    drop(server);
+    Ok(NatsWs {
+        rss_per_conn: 0.0,
+        connects_per_sec,
+        delivery,
+        all_ms,
+    })
+}
+
 /// One client of the side-by-side: subscribes to `live.c-{i}` and counts what arrives
 /// (also run by the client worker processes of the multi-process run).
 pub(super) async fn client(
     fleet: Arc<Fleet>,
     url: String,
-    i: usize,
+    subject: String,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     let config = WebSocketConfig::default()
@@ -91,7 +151,7 @@ pub(super) async fn client(
         return;
     };
     let hello = format!(
-        "CONNECT {{\"verbose\":false,\"pedantic\":false,\"protocol\":1}}\r\nSUB live.c-{i} 1\r\nPING\r\n"
+        "CONNECT {{\"verbose\":false,\"pedantic\":false,\"protocol\":1}}\r\nSUB {subject} 1\r\nPING\r\n"
     );
     if ws.send(Message::binary(hello.into_bytes())).await.is_err() {
         return;

@@ -1,0 +1,124 @@
+//! The big-topic path's fan-out: channel work only.
+//!
+//! A big topic's publish is already stored once (every subscriber's view merges it), so
+//! no inbox entry is written per subscriber. What remains per recipient is the
+//! interrupting channels — push, email, SMS, webhook — for those whose preferences want
+//! them. The job reads the topic's subscribers a page at a time, reads the page's
+//! preferences in one batched direct get, and hands each subscriber that wants at least
+//! one such channel to the router that owns them: their copy goes onto their routing
+//! subject ([`herald_protocol::Subjects::deferred`], consumed by the owner of their
+//! partition) with its inbox position in `Herald-Seq` and `Herald-Fanout` set, so the
+//! router applies quiet hours, rate caps and targets exactly as for a personal
+//! notification, and records its delivery status. Each hand-over has `Nats-Msg-Id`
+//! `r-<copy id>`, progress is recorded after every page, and a crashed job resumes from
+//! its cursor: every subscriber is handed over once.
+
+use crate::Worker;
+use async_nats::jetstream::AckKind;
+use async_nats::jetstream::message::PublishMessage;
+use herald_protocol::notification::format_time;
+use herald_protocol::streams::{FANOUT_HEADER, INBOX, ROUTE_HEADER, SEQ_HEADER};
+use herald_protocol::topic::{FanoutJob, FanoutProgress, for_subscriber};
+use herald_protocol::{Channel, UserId};
+use herald_store::TopicsError;
+use time::OffsetDateTime;
+
+fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> TopicsError {
+    TopicsError::Unavailable(Box::new(e))
+}
+
+impl Worker {
+    /// Hands the subscribers who want interrupting channels to their routers, from the
+    /// recorded cursor to the end. `seq` is the stored publish's inbox position.
+    pub(crate) async fn channel_work(
+        &self,
+        job: &FanoutJob,
+        seq: u64,
+        mut progress: FanoutProgress,
+        msg: &async_nats::jetstream::Message,
+    ) -> Result<(), TopicsError> {
+        let wants_channels = job
+            .notification
+            .channels
+            .iter()
+            .any(|c| *c != Channel::Inbox);
+        if !wants_channels {
+            // Nothing per recipient: every view already holds it.
+            progress.done = progress.total;
+            return self.finish(job, progress).await;
+        }
+        self.log.put(&job.id, &progress).await?;
+        let nats = self.inbox.nats();
+        let subjects = self.inbox.subjects();
+        loop {
+            let page = self
+                .subscriptions
+                .page(&job.topic, progress.cursor + 1)
+                .await?;
+            let Some(last) = page.last().map(|(seq, _)| *seq) else {
+                break;
+            };
+            // Those who subscribed after the publish do not see it.
+            let users: Vec<UserId> = page
+                .iter()
+                .filter(|(_, s)| s.since < seq)
+                .map(|(_, s)| s.user_id.clone())
+                .collect();
+            let prefs = self
+                .preferences
+                .get_many(&users)
+                .await
+                .map_err(unavailable)?;
+            let category = job.notification.category.as_deref();
+            let mut acks = Vec::new();
+            for user in &users {
+                let Some(p) = prefs.get(user) else { continue };
+                let mut copy = for_subscriber(job.notification.clone(), user);
+                copy.channels.retain(|c| {
+                    *c == Channel::Inbox || self.policy.decide(p, category, *c).is_ok()
+                });
+                if copy.channels.iter().all(|c| *c == Channel::Inbox) {
+                    continue;
+                }
+                let payload = serde_json::to_vec(&copy).map_err(unavailable)?;
+                let publish = PublishMessage::build()
+                    .payload(payload.into())
+                    .message_id(format!("r-{}", copy.id))
+                    .expected_stream(INBOX)
+                    .header(ROUTE_HEADER, "1")
+                    .header(FANOUT_HEADER, "1")
+                    .header(SEQ_HEADER, seq.to_string().as_str());
+                acks.push(
+                    nats.js
+                        .send_publish(subjects.deferred(user), publish)
+                        .await
+                        .map_err(unavailable)?,
+                );
+            }
+            let handed = acks.len() as u64;
+            for ack in acks {
+                ack.await.map_err(unavailable)?;
+            }
+            progress.done += page.len() as u64;
+            progress.routed += handed;
+            progress.cursor = last;
+            progress.total = progress.total.max(progress.done);
+            self.log.put(&job.id, &progress).await?;
+            metrics::counter!("herald_fanout_routed_total").increment(handed);
+            let _ = msg.ack_with(AckKind::Progress).await;
+        }
+        self.finish(job, progress).await
+    }
+
+    async fn finish(
+        &self,
+        job: &FanoutJob,
+        mut progress: FanoutProgress,
+    ) -> Result<(), TopicsError> {
+        progress.state = "done".into();
+        progress.finished_at = Some(format_time(OffsetDateTime::now_utc()));
+        self.log.put(&job.id, &progress).await?;
+        tracing::info!(id = %job.id, topic = %job.topic, subscribers = progress.done, routed = progress.routed, "big-topic fan-out done");
+        Ok(())
+    }
+}

@@ -1,0 +1,248 @@
+//! A user's inbox view: their own inbox subject merged with the big topics they follow.
+//!
+//! A big topic's publish is stored once, on the topic's subject in the INBOX stream
+//! ([`Subjects::topic_inbox`]), so it takes a sequence in the same space as every
+//! user's inbox entries. A user's view is then the INBOX stream filtered by their own
+//! subject plus the subjects of the topics they subscribe to, each topic bounded below by
+//! the sequence at which they subscribed. `seq` stays the stream sequence, so `after=<seq>`
+//! resumes across personal and topic entries alike, in order, with no gap and no
+//! duplicate, and the cursor is still one number.
+//!
+//! Reading it costs one direct get for the user's subscriptions, one `multi_last` over
+//! their topics' subjects (which topics hold anything new), then one batched direct get
+//! per source that has something: a user without subscriptions pays one extra round trip.
+//! A topic entry is shown to each subscriber as their copy: the id of their copy
+//! ([`herald_protocol::topic::copy_id`]) and them as the recipient, `topic` set.
+//!
+//! [`Subjects::topic_inbox`]: herald_protocol::Subjects::topic_inbox
+
+use crate::direct::{self, DirectMessage};
+use crate::inbox::{Inbox, InboxError, InboxPage, MAX_PAGE, decode_one};
+use crate::topics::Subscriptions;
+use herald_protocol::streams::INBOX;
+use herald_protocol::topic::for_subscriber;
+use herald_protocol::{StoredNotification, TopicId, UserId};
+use std::collections::HashSet;
+
+/// A big topic a user follows, and the INBOX sequence from which they see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicSource {
+    /// The topic.
+    pub topic: TopicId,
+    /// Their view holds the topic's publishes with a greater sequence.
+    pub since: u64,
+}
+
+/// Subjects per `multi_last` request.
+const MULTI_LAST_CHUNK: usize = 256;
+
+/// One message read for a view, and which topic subject it came from (`None`: the
+/// user's own subject).
+type Read = (DirectMessage, Option<TopicId>);
+
+fn unavailable(e: crate::TopicsError) -> InboxError {
+    InboxError::Unavailable(Box::new(e))
+}
+
+impl Inbox {
+    /// Every topic `user` subscribes to, with the sequence each began at.
+    ///
+    /// # Errors
+    /// [`InboxError`] when NATS cannot answer.
+    pub async fn subscribed_topics(&self, user: &UserId) -> Result<Vec<TopicSource>, InboxError> {
+        let subs = Subscriptions::new(self.nats().clone(), self.subjects().clone());
+        Ok(subs
+            .subscriptions_of(user)
+            .await
+            .map_err(unavailable)?
+            .into_iter()
+            .map(|s| TopicSource {
+                topic: s.topic,
+                since: s.since,
+            })
+            .collect())
+    }
+
+    /// The topics of `user` that hold a publish they see with `seq > after`, each with
+    /// the sequence to read from (exclusive).
+    async fn active_sources(
+        &self,
+        user: &UserId,
+        after: u64,
+    ) -> Result<Vec<(TopicSource, u64)>, InboxError> {
+        let topics = self.subscribed_topics(user).await?;
+        if topics.is_empty() {
+            return Ok(Vec::new());
+        }
+        let subjects: Vec<String> = topics
+            .iter()
+            .map(|t| self.subjects().topic_inbox(&t.topic))
+            .collect();
+        let mut last_of = std::collections::HashMap::new();
+        for chunk in subjects.chunks(MULTI_LAST_CHUNK) {
+            let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+            for msg in direct::last_of_many(&self.nats().consume, INBOX, &refs).await? {
+                let topic = msg
+                    .headers
+                    .get("Nats-Subject")
+                    .and_then(|s| self.subjects().topic_of(s.as_str()));
+                if let Some(topic) = topic {
+                    // One answer per lane subject of the topic: keep the newest.
+                    let last = last_of.entry(topic).or_insert(0);
+                    *last = msg.seq.max(*last);
+                }
+            }
+        }
+        Ok(topics
+            .into_iter()
+            .filter_map(|t| {
+                let from = after.max(t.since);
+                let last = *last_of.get(&t.topic)?;
+                (last > from).then_some((t, from))
+            })
+            .collect())
+    }
+
+    /// Up to `limit` notifications of the user's view with `seq > after`, oldest first.
+    ///
+    /// # Errors
+    /// [`InboxError::Read`] when NATS cannot answer.
+    pub async fn after(
+        &self,
+        user: &UserId,
+        after: u64,
+        limit: usize,
+    ) -> Result<InboxPage, InboxError> {
+        let limit = limit.clamp(1, MAX_PAGE);
+        let own = self.subjects().inbox(user);
+        let (personal, topics) = tokio::try_join!(
+            self.subject_after(&own, after, limit),
+            self.active_sources(user, after)
+        )?;
+        let (msgs, mut has_more) = personal;
+        let mut read: Vec<Read> = msgs.into_iter().map(|m| (m, None)).collect();
+        for (source, from) in topics {
+            let subject = self.subjects().topic_inbox(&source.topic);
+            let (msgs, more) = self.subject_after(&subject, from, limit).await?;
+            has_more |= more;
+            read.extend(msgs.into_iter().map(|m| (m, Some(source.topic.clone()))));
+        }
+        read.sort_by_key(|(m, _)| m.seq);
+        if read.len() > limit {
+            read.truncate(limit);
+            has_more = true;
+        }
+        Ok(page(user, read, has_more))
+    }
+
+    /// Up to `limit` of the newest notifications of the user's view with `seq < before`
+    /// (all when `None`), returned oldest first.
+    ///
+    /// # Errors
+    /// [`InboxError::Read`] when NATS cannot answer.
+    pub async fn before(
+        &self,
+        user: &UserId,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<InboxPage, InboxError> {
+        let limit = limit.clamp(1, MAX_PAGE);
+        let own = self.subjects().inbox(user);
+        let (personal, topics) = tokio::try_join!(
+            self.subject_before(&own, before, 0, limit),
+            self.active_sources(user, 0)
+        )?;
+        let (msgs, mut has_more) = personal;
+        let mut read: Vec<Read> = msgs.into_iter().map(|m| (m, None)).collect();
+        for (source, floor) in topics {
+            let subject = self.subjects().topic_inbox(&source.topic);
+            let (msgs, more) = self.subject_before(&subject, before, floor, limit).await?;
+            has_more |= more;
+            read.extend(msgs.into_iter().map(|m| (m, Some(source.topic.clone()))));
+        }
+        // Newest first, keep `limit`, then oldest first.
+        read.sort_by_key(|(m, _)| std::cmp::Reverse(m.seq));
+        if read.len() > limit {
+            read.truncate(limit);
+            has_more = true;
+        }
+        read.reverse();
+        Ok(page(user, read, has_more))
+    }
+
+    /// The newest `seq` in the user's view, 0 when empty.
+    ///
+    /// # Errors
+    /// [`InboxError::Read`] when NATS cannot answer.
+    pub async fn last_seq(&self, user: &UserId) -> Result<u64, InboxError> {
+        let own = self.subjects().inbox(user);
+        let (personal, topics) =
+            tokio::try_join!(self.subject_last(&own), self.active_sources(user, 0))?;
+        let mut last = personal;
+        for (source, _) in topics {
+            let subject = self.subjects().topic_inbox(&source.topic);
+            last = last.max(self.subject_last(&subject).await?);
+        }
+        Ok(last)
+    }
+
+    /// How many notifications the user's view has with `seq > after`.
+    ///
+    /// # Errors
+    /// [`InboxError::Read`] when NATS cannot answer.
+    pub async fn count_after(&self, user: &UserId, after: u64) -> Result<u64, InboxError> {
+        let own = self.subjects().inbox(user);
+        let (personal, topics) = tokio::try_join!(
+            self.subject_count_after(&own, after),
+            self.active_sources(user, after)
+        )?;
+        let mut count = personal;
+        for (source, from) in topics {
+            let subject = self.subjects().topic_inbox(&source.topic);
+            count += self.subject_count_after(&subject, from).await?;
+        }
+        Ok(count)
+    }
+}
+
+/// Decodes what was read into a page: personal entries as stored, topic entries as the
+/// user's copy. The span covers everything read, decodable or not.
+fn page(user: &UserId, read: Vec<Read>, has_more: bool) -> InboxPage {
+    let read_span = match (read.first(), read.last()) {
+        (Some((first, _)), Some((last, _))) => Some((first.seq, last.seq)),
+        _ => None,
+    };
+    let mut shared = HashSet::new();
+    let items = read
+        .into_iter()
+        .filter_map(|(m, topic)| match topic {
+            None => decode_one(user, &m),
+            Some(topic) => {
+                let n = decode_topic(&topic, &m)?;
+                shared.insert(m.seq);
+                Some((m.seq, for_subscriber(n, user)))
+            }
+        })
+        .collect();
+    InboxPage {
+        items,
+        has_more,
+        read_span,
+        shared,
+    }
+}
+
+/// A big topic's stored publish, if it is one of `topic`'s.
+pub(crate) fn decode_topic(topic: &TopicId, m: &DirectMessage) -> Option<StoredNotification> {
+    match serde_json::from_slice::<StoredNotification>(&m.payload) {
+        Ok(n) if n.topic.as_deref() == Some(topic.as_str()) => Some(n),
+        Ok(_) => {
+            tracing::error!(seq = m.seq, "topic message of another topic; skipped");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(seq = m.seq, error = %e, "undecodable topic message; skipped");
+            None
+        }
+    }
+}

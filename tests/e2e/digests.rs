@@ -1,0 +1,332 @@
+//! Email digests end to end, against a real SMTP server (aiosmtpd) whose messages are
+//! parsed as MIME: a digest user gets no email per notification, and one email per period
+//! listing what they have not read, even across a restart; a rate cap may fold into it.
+//!
+//! Periods: most tests keep the hourly period an hour long and fire the pending schedule
+//! early through the harness seam ([`herald_tests::schedules::fire_early`]), which
+//! publishes exactly what JetStream's scheduler would; one test shortens the period
+//! (`digest_hourly_s`) and lets the scheduler fire by itself.
+
+use anyhow::{Context as _, ensure};
+use herald::channels::{ChannelSettings, SmtpSettings};
+use herald_protocol::Policy;
+use herald_protocol::digest::DigestSettings;
+use herald_protocol::preferences::{CapOver, CategoryRule, RateCap};
+use herald_tests::herald::rand_key;
+use herald_tests::schedules::{fire_early, pending};
+use herald_tests::smtp::SmtpServer;
+use herald_tests::{Herald, Nats, eventually};
+use reqwest::Method;
+use serde_json::{Value, json};
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn settings(smtp: &SmtpServer) -> ChannelSettings {
+    let mut s = ChannelSettings::new(rand_key());
+    s.escalation_delay = Duration::ZERO;
+    s.concurrency = 4;
+    s.smtp = Some(SmtpSettings {
+        url: smtp.url(),
+        from: "Herald <noreply@herald.test>".into(),
+        pool: 2,
+    });
+    s
+}
+
+/// An hour-long hourly period; `security` is critical (never held for a digest).
+fn policy(hourly_s: u64) -> Policy {
+    let categories = [
+        (
+            "security".to_owned(),
+            CategoryRule {
+                critical: true,
+                ..Default::default()
+            },
+        ),
+        ("news".to_owned(), CategoryRule::default()),
+    ]
+    .into_iter()
+    .collect();
+    Policy::new(categories).with_digest(DigestSettings { hourly_s })
+}
+
+async fn setup_user(herald: &Herald, user: &str, prefs: Value) -> anyhow::Result<()> {
+    let r = herald
+        .producer(Method::PUT, &format!("/v1/users/{user}/contact"))
+        .json(&json!({"email": format!("{user}@example.com")}))
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "contact: {}", r.status());
+    let r = herald
+        .producer(Method::PUT, &format!("/v1/users/{user}/preferences"))
+        .json(&prefs)
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "preferences: {}", r.status());
+    Ok(())
+}
+
+async fn email(herald: &Herald, user: &str, title: &str) -> anyhow::Result<herald_tests::Accepted> {
+    herald
+        .accept(&json!({"user_id": user, "title": title, "category": "news",
+                        "body": format!("about {title}"), "channels": ["inbox", "email"]}))
+        .await
+}
+
+/// Waits until the email status of `id` is `state`; returns the entry.
+async fn email_state(herald: &Herald, id: &str, state: &str) -> anyhow::Result<Value> {
+    eventually(WAIT, &format!("{id} email {state}"), || async {
+        let s: Value = herald
+            .producer(Method::GET, &format!("/v1/notifications/{id}"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let entry = s["channels"]["email"][0].clone();
+        ensure!(entry["state"] == state, "status now {s}");
+        Ok(entry)
+    })
+    .await
+}
+
+/// Waits for `n` emails in all.
+async fn emails(smtp: &SmtpServer, n: usize) -> anyhow::Result<Vec<Vec<u8>>> {
+    eventually(WAIT, &format!("{n} email(s)"), || async {
+        let m = smtp.messages()?;
+        ensure!(m.len() >= n, "{} so far", m.len());
+        Ok(m)
+    })
+    .await
+}
+
+/// Waits until the email work queue is empty: every job sent (or dropped).
+async fn email_queue_drained(herald: &Herald) -> anyhow::Result<()> {
+    let js = async_nats::jetstream::new(herald.nats_client().await?);
+    eventually(WAIT, "the email queue drained", || async {
+        let mut stream = js.get_stream("HERALD_WORK_EMAIL").await?;
+        let info = stream.info().await?;
+        ensure!(info.state.messages == 0, "{} jobs", info.state.messages);
+        Ok(())
+    })
+    .await
+}
+
+struct Mail {
+    subject: String,
+    message_id: String,
+    text: String,
+    html: String,
+}
+
+fn parse(raw: &[u8]) -> anyhow::Result<Mail> {
+    let parsed = mail_parser::MessageParser::default()
+        .parse(raw)
+        .context("MIME")?;
+    ensure!(parsed.text_body.len() == 1, "one text part");
+    ensure!(parsed.html_body.len() == 1, "one html part");
+    Ok(Mail {
+        subject: parsed.subject().unwrap_or_default().to_owned(),
+        message_id: parsed.message_id().unwrap_or_default().to_owned(),
+        text: parsed.body_text(0).context("text part")?.into_owned(),
+        html: parsed.body_html(0).context("html part")?.into_owned(),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_hourly_digest_is_one_email_listing_what_was_not_read() -> anyhow::Result<()> {
+    let smtp = SmtpServer::start().await?;
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats)
+        .policy(policy(3600))
+        .channels(settings(&smtp))
+        .start()
+        .await?;
+    setup_user(
+        &herald,
+        "dee",
+        json!({"digest": "hourly", "timezone": "Europe/Berlin", "locale": "de-DE"}),
+    )
+    .await?;
+    let mut sent = Vec::new();
+    for title in ["Seen <first>", "Second & more", "Third", "Fourth"] {
+        sent.push(email(&herald, "dee", title).await?);
+    }
+    for n in &sent {
+        let entry = email_state(&herald, &n.id, "digest").await?;
+        let reason = entry["reason"].as_str().unwrap_or_default();
+        ensure!(
+            reason.starts_with("preferences.digest: hourly email digest at "),
+            "{entry}"
+        );
+    }
+    ensure!(
+        pending(&herald, "dee", "d-").await?.is_some(),
+        "the period's end is scheduled"
+    );
+    // The first is read before the period ends: left out.
+    let read = herald
+        .user(Method::POST, "/v1/me/read", "dee")
+        .json(&json!({"up_to": sent[0].seq}))
+        .send()
+        .await?;
+    ensure!(read.status() == 200, "read: {}", read.status());
+    // A critical notification is never held: its email goes out at once.
+    let alert = herald
+        .accept(
+            &json!({"user_id": "dee", "title": "New login", "category": "security",
+                        "channels": ["inbox", "email"]}),
+        )
+        .await?;
+    email_state(&herald, &alert.id, "sent").await?;
+    ensure!(
+        smtp.messages()?.len() == 1,
+        "no email per digested notification"
+    );
+
+    fire_early(&herald, "dee", "d-").await?;
+    let all = emails(&smtp, 2).await?;
+    let digests: Vec<Mail> = all
+        .iter()
+        .map(|raw| parse(raw))
+        .collect::<anyhow::Result<Vec<_>>>()?
+        .into_iter()
+        .filter(|m| m.message_id.starts_with("digest-"))
+        .collect();
+    ensure!(digests.len() == 1, "one digest");
+    let digest = &digests[0];
+    assert_eq!(digest.subject, "3 notifications you missed");
+    for title in ["Second & more", "Third", "Fourth"] {
+        ensure!(digest.text.contains(title), "{title} in {}", digest.text);
+    }
+    ensure!(
+        digest.html.contains("Second &amp; more") && digest.html.contains("about Fourth"),
+        "{}",
+        digest.html
+    );
+    ensure!(
+        !digest.text.contains("Seen <first>") && !digest.html.contains("Seen &lt;first"),
+        "the read one is left out: {}",
+        digest.text
+    );
+
+    // A replay of the period's end sends nothing more: the period was cleared.
+    fire_early(&herald, "dee", "d-").await?;
+    // Behind the replay on the same partition's router: a critical email, sent at once.
+    let probe = herald
+        .accept(
+            &json!({"user_id": "dee", "title": "Password changed", "category": "security",
+                        "channels": ["inbox", "email"]}),
+        )
+        .await?;
+    email_state(&herald, &probe.id, "sent").await?;
+    email_queue_drained(&herald).await?;
+    assert_eq!(
+        smtp.messages()?.len(),
+        3,
+        "alert, digest, probe: no second digest"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_digest_survives_a_restart() -> anyhow::Result<()> {
+    let smtp = SmtpServer::start().await?;
+    let nats = Nats::single().await?;
+    let mut herald = Herald::builder(&nats)
+        .policy(policy(3600))
+        .channels(settings(&smtp))
+        .start()
+        .await?;
+    setup_user(
+        &herald,
+        "ria",
+        json!({"digest": "daily", "timezone": "America/New_York"}),
+    )
+    .await?;
+    let a = email(&herald, "ria", "Alpha").await?;
+    let b = email(&herald, "ria", "Beta").await?;
+    for n in [&a, &b] {
+        let entry = email_state(&herald, &n.id, "digest").await?;
+        ensure!(
+            entry["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("daily email digest at")),
+            "{entry}"
+        );
+    }
+    herald.stop().await?;
+    herald.start_again().await?;
+    fire_early(&herald, "ria", "d-").await?;
+    let all = emails(&smtp, 1).await?;
+    ensure!(all.len() == 1, "one email");
+    let digest = parse(&all[0])?;
+    assert_eq!(digest.subject, "2 notifications you missed");
+    ensure!(
+        digest.text.contains("Alpha") && digest.text.contains("Beta"),
+        "{}",
+        digest.text
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_schedule_fires_at_the_period_end_by_itself() -> anyhow::Result<()> {
+    let smtp = SmtpServer::start().await?;
+    let nats = Nats::single().await?;
+    // Two-second "hourly" periods (`digest_hourly_s = 2`).
+    let herald = Herald::builder(&nats)
+        .policy(policy(2))
+        .channels(settings(&smtp))
+        .start()
+        .await?;
+    setup_user(&herald, "kai", json!({"digest": "hourly"})).await?;
+    let n = email(&herald, "kai", "Only one").await?;
+    email_state(&herald, &n.id, "digest").await?;
+    let all = emails(&smtp, 1).await?;
+    let digest = parse(&all[0])?;
+    assert_eq!(digest.subject, "1 notification you missed");
+    ensure!(digest.text.contains("Only one"), "{}", digest.text);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_cap_can_fold_email_into_a_digest() -> anyhow::Result<()> {
+    let smtp = SmtpServer::start().await?;
+    let nats = Nats::single().await?;
+    let policy = policy(3600).with_caps(vec![RateCap {
+        category: Some("news".into()),
+        producer: None,
+        limit: 1,
+        window_s: 3600,
+        over: CapOver::Digest,
+    }]);
+    let herald = Herald::builder(&nats)
+        .policy(policy)
+        .channels(settings(&smtp))
+        .start()
+        .await?;
+    setup_user(&herald, "cy", json!({})).await?;
+    let first = email(&herald, "cy", "Within the cap").await?;
+    email_state(&herald, &first.id, "sent").await?;
+    let over = email(&herald, "cy", "Over the cap").await?;
+    let entry = email_state(&herald, &over.id, "digest").await?;
+    ensure!(
+        entry["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("rate_cap: 1 per 3600 s: hourly email digest at")),
+        "{entry}"
+    );
+    fire_early(&herald, "cy", "d-").await?;
+    let all = emails(&smtp, 2).await?;
+    let digest = all
+        .iter()
+        .map(|raw| parse(raw))
+        .collect::<anyhow::Result<Vec<_>>>()?
+        .into_iter()
+        .find(|m| m.message_id.starts_with("digest-"))
+        .context("a digest")?;
+    assert_eq!(digest.subject, "1 notification you missed");
+    ensure!(digest.text.contains("Over the cap"), "{}", digest.text);
+    Ok(())
+}
