@@ -759,6 +759,99 @@ async fn a_paused_channel_holds_its_jobs_until_resumed() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Pauses push and waits until `n` jobs wait on its normal lane.
+async fn pause_push_until(nats: &Nats, n: u64) -> anyhow::Result<()> {
+    let js = async_nats::jetstream::new(nats.client().await?);
+    let stream = js.get_stream_no_info("HERALD_WORK_PUSH").await?;
+    eventually(
+        WAIT,
+        &format!("{n} jobs wait on the paused consumer"),
+        || async {
+            let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
+                .get_consumer("herald-worker-push-normal")
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let info = consumer.info().await?;
+            ensure!(info.paused, "not paused: {info:?}");
+            ensure!(info.num_pending == n, "{} pending", info.num_pending);
+            Ok(())
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_with_permanent_failures_dead_letters_exactly_those() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let apns = Arc::new(Scripted::new("apns", Channel::Push));
+    let mut s = settings(rand_key());
+    // Room for the whole backlog in one pulled batch.
+    s.concurrency = 32;
+    let herald = Herald::builder(&nats)
+        .channels(with(s, &apns, Limits::default()))
+        .start()
+        .await?;
+    for user in ["bo", "di", "ev"] {
+        device(&herald, user, &format!("tok-{user}")).await?;
+    }
+    let r = herald
+        .producer(Method::POST, "/v1/channels/push/pause")
+        .json(&json!({"for_seconds": 600}))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 200);
+    let mut ids = Vec::new();
+    for i in 0..12 {
+        let user = ["bo", "di", "ev"][i % 3];
+        let title = format!("batch {i}");
+        if i % 4 == 1 {
+            apns.answer_title(&title, Answer::Permanent);
+        }
+        ids.push((i, push(&herald, user, &title).await?));
+    }
+    pause_push_until(&nats, 12).await?;
+    let r = herald
+        .producer(Method::POST, "/v1/channels/push/resume")
+        .send()
+        .await?;
+    assert_eq!(r.status(), 200);
+    for (i, id) in &ids {
+        let state = if i % 4 == 1 { "dead_lettered" } else { "sent" };
+        reaches(&herald, id, "push", state).await?;
+        assert_eq!(apns.calls_for(id).len(), 1, "batch {i} sent once");
+    }
+    let list: Value = herald
+        .producer(Method::GET, "/v1/dlq")
+        .send()
+        .await?
+        .json()
+        .await?;
+    let mut dead: Vec<String> = list["items"]
+        .as_array()
+        .context("items")?
+        .iter()
+        .filter_map(|l| l["job"]["id"].as_str().map(str::to_string))
+        .collect();
+    dead.sort();
+    let mut expected: Vec<String> = ids
+        .iter()
+        .filter(|(i, _)| i % 4 == 1)
+        .map(|(_, id)| id.clone())
+        .collect();
+    expected.sort();
+    assert_eq!(dead, expected, "exactly the failing jobs are dead letters");
+    let sent = status(&herald, &ids[0].1).await?;
+    let entry = &sent["channels"]["push"][0];
+    assert_eq!(entry["provider"], "apns", "{sent}");
+    assert_eq!(
+        entry["provider_message_id"],
+        format!("apns-{}", ids[0].1),
+        "{sent}"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smtp_answers_are_classified_unknown_mailbox_removed_and_4xx_retried() -> anyhow::Result<()>
 {

@@ -44,6 +44,7 @@ pub struct Scripted {
     fallback: Mutex<Answer>,
     delay: Mutex<Duration>,
     calls: Mutex<Vec<Call>>,
+    by_title: Mutex<std::collections::HashMap<String, Answer>>,
 }
 
 impl Scripted {
@@ -56,7 +57,17 @@ impl Scripted {
             fallback: Mutex::new(Answer::Ok),
             delay: Mutex::new(Duration::ZERO),
             calls: Mutex::new(Vec::new()),
+            by_title: Mutex::default(),
         }
+    }
+
+    /// Always answers sends of notifications titled `title` with `answer` (whatever
+    /// their order among concurrent sends), ahead of the script.
+    pub fn answer_title(&self, title: &str, answer: Answer) {
+        self.by_title
+            .lock()
+            .expect("by_title lock")
+            .insert(title.to_string(), answer);
     }
 
     /// Queues answers for the next sends.
@@ -113,12 +124,19 @@ impl Provider for Scripted {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
-        let answer = self
-            .script
-            .lock()
-            .expect("script lock")
-            .pop_front()
-            .unwrap_or_else(|| self.fallback.lock().expect("fallback lock").clone());
+        let by_title = delivery
+            .title
+            .as_ref()
+            .and_then(|t| self.by_title.lock().expect("by_title lock").get(t).cloned());
+        let answer = match by_title {
+            Some(a) => a,
+            None => self
+                .script
+                .lock()
+                .expect("script lock")
+                .pop_front()
+                .unwrap_or_else(|| self.fallback.lock().expect("fallback lock").clone()),
+        };
         self.calls.lock().expect("calls lock").push(Call {
             at: Instant::now(),
             delivery: delivery.clone(),

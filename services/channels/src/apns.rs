@@ -51,7 +51,8 @@ pub struct ApnsConfig {
 
 /// Sends to iOS device tokens through APNs.
 pub struct ApnsProvider {
-    client: reqwest::Client,
+    /// Several HTTP/2 connections, the next used only when one is busy.
+    clients: http::spread::Spread,
     base_url: String,
     topic: String,
     tokens: ProviderTokens,
@@ -64,7 +65,7 @@ impl ApnsProvider {
     /// [`SetupError`] for a bad key, base URL or trust root.
     pub fn new(config: &ApnsConfig) -> Result<Self, SetupError> {
         Ok(Self {
-            client: http::client(&config.http, true)?,
+            clients: http::spread::Spread::new(|| http::client(&config.http, true))?,
             base_url: http::base_url("APNs URL", &config.base_url)?,
             topic: config.topic.clone(),
             tokens: ProviderTokens::new(&config.key_pem, &config.key_id, &config.team_id)?,
@@ -157,8 +158,9 @@ impl Provider for ApnsProvider {
         } else {
             "5"
         };
-        let mut request = self
-            .client
+        let slot = self.clients.slot();
+        let mut request = slot
+            .client()
             .post(format!("{}/3/device/{device}", self.base_url))
             .header("authorization", format!("bearer {jwt}"))
             .header("apns-push-type", "alert")

@@ -2,6 +2,8 @@
 //! reused across sends), and the parts of answer classification that do not depend on the
 //! provider — transport failures, `Retry-After`, shortening answers for error details.
 
+pub mod spread;
+
 use crate::SendError;
 use std::time::{Duration, SystemTime};
 

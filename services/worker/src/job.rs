@@ -1,29 +1,39 @@
 //! One job, from pull to ack: the decisions that make delivery exactly-once as far as a
-//! provider allows, and retries follow the error class.
+//! provider allows, and retries follow the error class. [`crate::batch`] reads the sent
+//! markers and the per-user state of a pulled batch at once and hands each job here.
 //!
 //! 1. A sent marker for the job means a provider accepted it before (the worker died
 //!    before its ack reached NATS): ack, do not send again.
 //! 2. Push waits `escalation_delay` after acceptance (a nak with that delay on the first
 //!    delivery, no polling), then skips the push if the user acked it as seen live.
-//! 3. Content from the inbox by `seq` (or the folded text of an aggregation group the
-//!    job carries), the target from the target store by id.
+//! 3. Content from the inbox by `seq` (a direct get, or the folded text of an aggregation
+//!    group the job carries), the target from the user's targets by id.
 //! 4. The first provider of the channel that accepts the target and whose circuit admits
 //!    a call, after a token of its bucket.
 //! 5. Accepted: sent marker, then ack. Throttled: nak with the provider's `Retry-After`.
 //!    Transient: nak with exponential back-off and full jitter. Permanent: dead letter and
 //!    term. Invalid target: remove the target and term. The last allowed delivery of a
 //!    retryable failure goes to the dead-letter queue instead.
+//!
+//! Acks are not confirmed (no `double_ack` round trip): the sent marker, written and
+//! acknowledged by JetStream before the ack is sent, is what guards against a second
+//! send. An ack lost on the way only brings the job back after `AckWait`, and that
+//! delivery finds the marker and is acked without sending. A successful send records its
+//! status through the marker alone ([`herald_store::StatusStore::get`] merges it), so the
+//! send path writes once.
 
+use crate::batch::UserView;
 use crate::dlq::{DeadLetter, Dlq};
 use crate::runtime::{WorkerConfig, WorkerDeps};
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::Message;
 use async_nats::jetstream::kv;
-use async_nats::jetstream::stream::Stream;
+use async_nats::jetstream::stream::{DirectGetErrorKind, Stream};
 use herald_channels::{Delivery, SendError, Target};
 use herald_protocol::notification::format_time;
 use herald_protocol::{Channel, ChannelJob, StoredNotification};
-use herald_store::status::{State, Update};
+use herald_store::status::{SentMarker, State, Update};
+use herald_store::targets::target_id;
 use std::time::{Duration, Instant};
 use time::OffsetDateTime;
 
@@ -42,31 +52,76 @@ pub struct Context {
 }
 
 /// Delay before retrying a job whose state could not be read (NATS trouble).
-const STORE_RETRY: Duration = Duration::from_secs(2);
+pub const STORE_RETRY: Duration = Duration::from_secs(2);
 
-/// Handles one pulled job to its ack, nak or term.
-pub async fn handle(ctx: &Context, msg: Message) {
+/// A pulled job, decoded.
+pub struct Pulled {
+    /// The message (to ack, nak or term).
+    pub msg: Message,
+    /// The job.
+    pub job: ChannelJob,
+    /// Deliveries so far, this one included.
+    pub delivered: i64,
+    /// When it was enqueued.
+    pub published: OffsetDateTime,
+}
+
+/// Decodes a pulled message; an undecodable one is terminated (never poison the queue)
+/// and `None` returned.
+pub async fn decode(ctx: &Context, msg: Message) -> Option<Pulled> {
     let channel = ctx.config.channel.as_str();
     let (delivered, published) = match msg.info() {
         Ok(info) => (info.delivered, info.published),
         Err(_) => (1, OffsetDateTime::now_utc()),
     };
-    let job: ChannelJob = match serde_json::from_slice(&msg.payload) {
-        Ok(job) => job,
+    match serde_json::from_slice(&msg.payload) {
+        Ok(job) => Some(Pulled {
+            msg,
+            job,
+            delivered,
+            published,
+        }),
         Err(e) => {
-            // Never poison the queue: an undecodable job is dropped, loudly.
             tracing::error!(channel, error = %e, "undecodable job; terminating it");
             outcome(channel, "undecodable");
             settle(&msg, AckKind::Term).await;
-            return;
+            None
         }
-    };
+    }
+}
+
+/// How long a push job on its first delivery must still wait for a live `ack` before
+/// it may be pushed; `None` when it may go now.
+pub fn escalation_wait(ctx: &Context, p: &Pulled) -> Option<Duration> {
+    if p.job.channel != Channel::Push || ctx.config.escalation_delay.is_zero() || p.delivered != 1 {
+        return None;
+    }
+    let age: Duration = (OffsetDateTime::now_utc() - p.published)
+        .try_into()
+        .unwrap_or(Duration::ZERO);
+    ctx.config
+        .escalation_delay
+        .checked_sub(age)
+        .filter(|wait| !wait.is_zero())
+}
+
+/// A job whose sent marker exists: a provider accepted it before, and the worker that
+/// sent it died before its ack landed. Acked without a second send.
+pub async fn already_sent(ctx: &Context, p: &Pulled, marker: SentMarker) {
+    tracing::info!(id = %p.job.id, provider = %marker.provider, "already sent before a redelivery; acking without sending");
+    outcome(ctx.config.channel.as_str(), "duplicate_suppressed");
+    settle(&p.msg, AckKind::Ack).await;
+}
+
+/// Handles one job with no sent marker to its ack, nak or term, with what its batch read
+/// about its user.
+pub async fn handle(ctx: &Context, p: &Pulled, user: &UserView) {
     let step = Step {
         ctx,
-        msg: &msg,
-        job: &job,
-        delivered,
-        published,
+        msg: &p.msg,
+        job: &p.job,
+        delivered: p.delivered,
+        user,
     };
     step.run().await;
 }
@@ -76,12 +131,9 @@ fn outcome(channel: &'static str, outcome: &'static str) {
         .increment(1);
 }
 
-async fn settle(msg: &Message, kind: AckKind) {
-    let result = match kind {
-        // Confirmed: the job must not come back once the marker says it was sent.
-        AckKind::Ack => msg.double_ack().await,
-        other => msg.ack_with(other).await,
-    };
+/// Acks, naks or terms `msg`, without waiting for the server (see the module doc).
+pub async fn settle(msg: &Message, kind: AckKind) {
+    let result = msg.ack_with(kind).await;
     if let Err(e) = result {
         tracing::warn!(error = %e, "settling a job failed; it will be redelivered");
     }
@@ -92,7 +144,7 @@ struct Step<'a> {
     msg: &'a Message,
     job: &'a ChannelJob,
     delivered: i64,
-    published: OffsetDateTime,
+    user: &'a UserView,
 }
 
 impl Step<'_> {
@@ -147,35 +199,10 @@ impl Step<'_> {
     async fn run(&self) {
         let ctx = self.ctx;
         let job = self.job;
-        match ctx.deps.status.sent_marker(job).await {
-            Ok(Some(marker)) => {
-                tracing::info!(id = %job.id, provider = %marker.provider, "already sent before a redelivery; acking without sending");
-                outcome(self.channel(), "duplicate_suppressed");
-                settle(self.msg, AckKind::Ack).await;
-                // The worker that sent it may have died before recording it.
-                let mut update = Update::state(State::Sent).by(marker.provider);
-                update.provider_message_id = marker.provider_message_id;
-                self.status(update).await;
-                return;
-            }
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(id = %job.id, error = %e, "sent markers unavailable; retrying later");
-                return self.later(STORE_RETRY).await;
-            }
-        }
-        if job.channel == Channel::Push && !ctx.config.escalation_delay.is_zero() {
-            let age = (OffsetDateTime::now_utc() - self.published)
-                .try_into()
-                .unwrap_or(Duration::ZERO);
-            if self.delivered == 1 && age < ctx.config.escalation_delay {
-                // Give a live connection the chance to ack it first; back after the delay.
-                return self.later(ctx.config.escalation_delay - age).await;
-            }
-        }
-        if job.channel == Channel::Push {
-            match self.seen_up_to().await {
-                Ok(seen) if seen >= job.seq => {
+        let user = self.user;
+        if let Some(seen) = &user.seen {
+            match seen {
+                Ok(seen) if *seen >= job.seq => {
                     return self.skip("seen: the user acked it live").await;
                 }
                 Ok(_) => {}
@@ -188,7 +215,7 @@ impl Step<'_> {
         if let Some(mail) = &job.digest {
             return self.digest(mail).await;
         }
-        let stored = match ctx.inbox.get_raw_message(job.seq).await {
+        let stored = match ctx.inbox.direct_get(job.seq).await {
             Ok(m) => match serde_json::from_slice::<StoredNotification>(&m.payload) {
                 Ok(n) if n.id == job.id => n,
                 // A big topic's publish, stored once: this job is for one subscriber's copy.
@@ -200,37 +227,29 @@ impl Step<'_> {
                 }
                 _ => return self.gone().await,
             },
-            Err(e)
-                if e.kind()
-                    == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound =>
-            {
-                return self.gone().await;
-            }
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => return self.gone().await,
             Err(e) => {
                 tracing::warn!(id = %job.id, error = %e, "inbox unavailable; retrying later");
                 return self.later(STORE_RETRY).await;
             }
         };
-        let target = match ctx
-            .deps
-            .targets
-            .find(&job.user_id, job.channel, &job.target)
-            .await
-        {
-            Ok(Some(t)) => t,
-            Ok(None) => return self.skip("target removed").await,
+        let target = match &user.targets {
+            Ok(targets) => match targets.iter().find(|t| target_id(t) == job.target) {
+                Some(t) => t.clone(),
+                None => return self.skip("target removed").await,
+            },
             Err(e) => {
                 tracing::warn!(id = %job.id, error = %e, "target store unavailable; retrying later");
                 return self.later(STORE_RETRY).await;
             }
         };
-        if let Some(optout) = &ctx.deps.optout {
-            match optout
-                .allows(&job.user_id, job.channel, stored.category.as_deref())
-                .await
-            {
-                Ok(true) => {}
-                Ok(false) => return self.skip("opted out").await,
+        if let (Some(optout), Some(prefs)) = (&ctx.deps.optout, &user.prefs) {
+            match prefs {
+                Ok(prefs) => {
+                    if !optout.decide(prefs, job.channel, stored.category.as_deref()) {
+                        return self.skip("opted out").await;
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(id = %job.id, error = %e, "preferences unavailable; retrying later");
                     return self.later(STORE_RETRY).await;
@@ -291,13 +310,6 @@ impl Step<'_> {
             html: Some(mail.html.clone()),
         };
         self.send(&delivery).await;
-    }
-
-    async fn seen_up_to(&self) -> Result<u64, kv::EntryError> {
-        let value = self.ctx.seen.get(self.job.user_id.token().as_str()).await?;
-        Ok(value
-            .and_then(|v| std::str::from_utf8(&v).ok()?.trim().parse().ok())
-            .unwrap_or(0))
     }
 
     fn delivery(&self, stored: StoredNotification, target: Target) -> Delivery {
@@ -413,9 +425,7 @@ impl Step<'_> {
         }
         self.ctx.deps.hooks.after_marked(self.job).await;
         settle(self.msg, AckKind::Ack).await;
-        let mut update = Update::state(State::Sent).by(provider);
-        update.provider_message_id = provider_message_id;
-        self.status(update).await;
+        // No status write: the marker is the record of the send (see the module doc).
         outcome(self.channel(), "sent");
     }
 

@@ -3,6 +3,7 @@
 //!
 //! - [`runtime`]: per channel, one durable pull consumer per lane (`high` never waits
 //!   behind `normal`/`low`), bounded concurrency, drain on shutdown.
+//! - [`batch`]: a pulled batch prepared together (sent markers, per-user reads).
 //! - [`job`]: one job to its ack: sent markers for exactly-once sends, escalation by real
 //!   acks for push, retries by error class, dead letters.
 //! - [`providers`]: the registry providers plug into, with a token bucket and a circuit
@@ -13,6 +14,7 @@
 //! - [`http`]: devices, contacts, delivery status, dead letters, pause/resume.
 
 pub mod backoff;
+pub mod batch;
 pub mod breaker;
 pub mod dlq;
 pub mod email;

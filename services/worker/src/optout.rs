@@ -5,7 +5,7 @@
 //! (`categories.<category>.email = false`, or `channels.email = false` for mail without a
 //! category).
 
-use herald_protocol::{Channel, Policy, PreferencesPatch, UserId};
+use herald_protocol::{Channel, Policy, Preferences, PreferencesPatch, UserId};
 use herald_store::{PreferenceStore, PreferencesError};
 use serde_json::json;
 use std::sync::Arc;
@@ -44,6 +44,23 @@ impl OptOut {
     ) -> Result<bool, PreferencesError> {
         let prefs = self.store.get(user).await?;
         Ok(self.policy.decide(&prefs, category, channel).is_ok())
+    }
+
+    /// The preferences of `users` in one batched read (a worker's fetched batch), for
+    /// [`OptOut::decide`].
+    ///
+    /// # Errors
+    /// [`PreferencesError`] when NATS fails.
+    pub async fn preferences_of(
+        &self,
+        users: &[UserId],
+    ) -> Result<std::collections::HashMap<UserId, Preferences>, PreferencesError> {
+        self.store.get_many(users).await
+    }
+
+    /// Whether preferences `prefs` still want `channel` for `category`.
+    pub fn decide(&self, prefs: &Preferences, channel: Channel, category: Option<&str>) -> bool {
+        self.policy.decide(prefs, category, channel).is_ok()
     }
 
     /// Opts `user` out of email for `category` (or of email altogether without one).

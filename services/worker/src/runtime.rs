@@ -4,12 +4,13 @@
 //! finished (acked or naked) within a grace period.
 
 use crate::backoff::Backoff;
+use crate::batch;
 use crate::dlq::Dlq;
-use crate::job::{self, Context};
+use crate::job::Context;
 use crate::providers::Providers;
 use crate::unsubscribe::Links;
 use async_nats::jetstream::consumer::PullConsumer;
-use futures::StreamExt as _;
+use futures::{FutureExt as _, StreamExt as _};
 use herald_protocol::streams::{self, SEEN_BUCKET};
 use herald_protocol::{Channel, Priority, Subjects};
 use herald_store::provision::{WorkerQueue, worker_consumer_config};
@@ -274,7 +275,8 @@ async fn lane_loop(
                 }
             }
         };
-        loop {
+        let mut ended = false;
+        while !ended {
             // A permit first: never hold a pulled job without a slot to run it.
             let permit = tokio::select! {
                 _ = stop.cancelled() => break 'pull,
@@ -287,19 +289,34 @@ async fn lane_loop(
                 _ = stop.cancelled() => break 'pull,
                 next = messages.next() => next,
             };
-            match next {
-                Some(Ok(msg)) => {
-                    let ctx = ctx.clone();
-                    in_flight.spawn(async move {
-                        job::handle(&ctx, msg).await;
-                        drop(permit);
-                    });
-                }
+            let first = match next {
+                Some(Ok(msg)) => msg,
                 Some(Err(e)) => {
                     tracing::debug!(channel, lane = lane.as_str(), error = %e, "worker stream error");
+                    continue;
                 }
                 None => break,
+            };
+            // Whatever else has already arrived, while slots are free, joins the batch.
+            let mut pulled = vec![(first, permit)];
+            while pulled.len() < batch::MAX_BATCH {
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    break;
+                };
+                match messages.next().now_or_never() {
+                    Some(Some(Ok(msg))) => pulled.push((msg, permit)),
+                    Some(Some(Err(e))) => {
+                        tracing::debug!(channel, lane = lane.as_str(), error = %e, "worker stream error");
+                        break;
+                    }
+                    Some(None) => {
+                        ended = true;
+                        break;
+                    }
+                    None => break,
+                }
             }
+            in_flight.spawn(batch::run(ctx.clone(), pulled));
             while in_flight.try_join_next().is_some() {}
         }
     }

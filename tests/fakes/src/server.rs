@@ -12,6 +12,9 @@ use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
 
+/// Concurrent HTTP/2 streams per connection, as APNs advertises.
+const MAX_STREAMS: u32 = 1_000;
+
 /// A running fake server.
 #[derive(Debug)]
 pub struct Server {
@@ -58,6 +61,8 @@ impl Server {
                 let acceptor = acceptor.clone();
                 connections.spawn(async move {
                     let mut builder = auto::Builder::new(TokioExecutor::new());
+                    // As many concurrent streams as APNs allows (hyper's default is 200).
+                    builder.http2().max_concurrent_streams(MAX_STREAMS);
                     if h2_only {
                         builder = builder.http2_only();
                     }

@@ -1,0 +1,167 @@
+//! A batch of jobs pulled together is prepared together, then each job runs on its own.
+//!
+//! Reading state one job at a time cost a worker a NATS round trip per read (sent
+//! marker, target, preferences, seen position) for every job, and those round trips, not
+//! the providers, bounded its throughput. Here a batch costs one batched direct get for
+//! all its sent markers, one for the preferences of its users, and one read of targets
+//! (and, for push, of the seen position) per distinct user. What a job reads is never
+//! older than the moment its batch was pulled, as it was when each job read it itself.
+//!
+//! Push jobs on their first delivery still wait out the escalation delay first (a nak
+//! with that delay), before anything is read for them.
+
+use crate::job::{self, Context, STORE_RETRY};
+use async_nats::jetstream::Message;
+use futures::StreamExt as _;
+use herald_channels::Target;
+use herald_protocol::{Channel, Preferences, UserId};
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::task::JoinSet;
+
+/// Most jobs prepared together (one batched direct get of their sent markers).
+pub const MAX_BATCH: usize = 256;
+
+/// Distinct users whose targets and seen positions are read at once.
+const USER_READS: usize = 32;
+
+/// What a batch read about one user. An error is kept as text: each job of the user
+/// then retries later, as it would have after its own failed read.
+#[derive(Debug)]
+pub struct UserView {
+    /// The user's targets on the batch's channel.
+    pub targets: Result<Vec<Target>, String>,
+    /// Stored preferences (`None` when this worker does not check opt-outs).
+    pub prefs: Option<Result<Preferences, String>>,
+    /// Seen-live position (`None` except for push).
+    pub seen: Option<Result<u64, String>>,
+}
+
+/// Prepares `pulled` (each with the permit of its concurrency slot) and runs every job
+/// to its ack, nak or term.
+pub async fn run(ctx: Arc<Context>, pulled: Vec<(Message, OwnedSemaphorePermit)>) {
+    let mut live = Vec::with_capacity(pulled.len());
+    for (msg, permit) in pulled {
+        if let Some(p) = job::decode(&ctx, msg).await {
+            live.push((p, permit));
+        }
+    }
+    if live.is_empty() {
+        return;
+    }
+    let jobs: Vec<_> = live.iter().map(|(p, _)| &p.job).collect();
+    let markers = match ctx.deps.status.sent_markers(&jobs).await {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(error = %e, jobs = live.len(), "sent markers unavailable; retrying the batch later");
+            for (p, _) in &live {
+                job::settle(
+                    &p.msg,
+                    async_nats::jetstream::AckKind::Nak(Some(STORE_RETRY)),
+                )
+                .await;
+            }
+            return;
+        }
+    };
+    // Jobs already sent, and push jobs still within their escalation delay, need no reads.
+    let mut ready = Vec::with_capacity(live.len());
+    let mut tasks = JoinSet::new();
+    for (p, permit) in live {
+        if let Some(marker) = markers.get(&p.job.key()).cloned() {
+            let ctx = ctx.clone();
+            tasks.spawn(async move {
+                job::already_sent(&ctx, &p, marker).await;
+                drop(permit);
+            });
+        } else if let Some(wait) = job::escalation_wait(&ctx, &p) {
+            job::settle(&p.msg, async_nats::jetstream::AckKind::Nak(Some(wait))).await;
+        } else {
+            ready.push((p, permit));
+        }
+    }
+    let users = read_users(&ctx, ready.iter().map(|(p, _)| &p.job.user_id)).await;
+    for (p, permit) in ready {
+        let Some(view) = users.get(&p.job.user_id).cloned() else {
+            // Every user of `ready` was read; never leave a job unsettled all the same.
+            job::settle(
+                &p.msg,
+                async_nats::jetstream::AckKind::Nak(Some(STORE_RETRY)),
+            )
+            .await;
+            continue;
+        };
+        let ctx = ctx.clone();
+        tasks.spawn(async move {
+            job::handle(&ctx, &p, &view).await;
+            drop(permit);
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+/// Reads what the jobs of `users` need, once per distinct user.
+async fn read_users<'a>(
+    ctx: &Context,
+    users: impl Iterator<Item = &'a UserId>,
+) -> HashMap<UserId, Arc<UserView>> {
+    let mut distinct: Vec<UserId> = Vec::new();
+    for u in users {
+        if !distinct.contains(u) {
+            distinct.push(u.clone());
+        }
+    }
+    if distinct.is_empty() {
+        return HashMap::new();
+    }
+    let prefs = match &ctx.deps.optout {
+        Some(optout) => Some(
+            optout
+                .preferences_of(&distinct)
+                .await
+                .map_err(|e| e.to_string()),
+        ),
+        None => None,
+    };
+    let channel = ctx.config.channel;
+    futures::stream::iter(distinct)
+        .map(|user| {
+            let prefs = prefs.as_ref().map(|all| match all {
+                Ok(map) => Ok(map.get(&user).cloned().unwrap_or_default()),
+                Err(e) => Err(e.clone()),
+            });
+            async move {
+                let targets = ctx
+                    .deps
+                    .targets
+                    .targets(&user, channel)
+                    .await
+                    .map_err(|e| e.to_string());
+                let seen = match channel {
+                    Channel::Push => Some(seen_up_to(ctx, &user).await),
+                    _ => None,
+                };
+                let view = UserView {
+                    targets,
+                    prefs,
+                    seen,
+                };
+                (user, Arc::new(view))
+            }
+        })
+        .buffer_unordered(USER_READS)
+        .collect()
+        .await
+}
+
+async fn seen_up_to(ctx: &Context, user: &UserId) -> Result<u64, String> {
+    let value = ctx
+        .seen
+        .get(user.token().as_str())
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(value
+        .and_then(|v| std::str::from_utf8(&v).ok()?.trim().parse().ok())
+        .unwrap_or(0))
+}
