@@ -139,9 +139,10 @@ impl Acceptor {
     }
 
     /// Prepares the notification of a topic publish (its `user_id` a placeholder): a
-    /// template renders in the default locale — the recipients' locales are not read
-    /// one by one on the publish path — and `group_key` is refused, since aggregation
-    /// is per recipient.
+    /// template renders once per locale it defines (the default texts, and the others in
+    /// [`StoredNotification::variants`]; each recipient's copy picks its own, see
+    /// [`herald_protocol::locale`]) — the recipients' locales are not read on the
+    /// publish path — and `group_key` is refused, since aggregation is per recipient.
     ///
     /// # Errors
     /// As [`Acceptor::prepare`].
@@ -192,18 +193,30 @@ impl Acceptor {
         stored.producer = Some(producer.to_owned());
         let mut locale = None;
         if let Some(name) = &template {
-            locale = match &self.preferences {
-                Some(_) if topic => None,
-                Some(prefs) => {
-                    prefs
-                        .get(&user)
-                        .await
-                        .map_err(|e| InboxError::Unavailable(Box::new(e)))?
-                        .locale
-                }
-                None => None,
+            let texts = if topic {
+                // Many recipients: every locale the template has, each copy picks its own.
+                let (texts, others) = self.templates.render_all(name, &vars)?;
+                stored.variants = others
+                    .into_iter()
+                    .map(|(l, t)| {
+                        let v = t.into_localized(stored.title.as_deref(), stored.body.as_deref());
+                        (l, v)
+                    })
+                    .collect();
+                texts
+            } else {
+                locale = match &self.preferences {
+                    Some(prefs) => {
+                        prefs
+                            .get(&user)
+                            .await
+                            .map_err(|e| InboxError::Unavailable(Box::new(e)))?
+                            .locale
+                    }
+                    None => None,
+                };
+                self.templates.render(name, locale.as_deref(), &vars)?
             };
-            let texts = self.templates.render(name, locale.as_deref(), &vars)?;
             // Texts the producer sent themselves win over the template's.
             stored.title = stored.title.or(texts.title);
             stored.body = stored.body.or(texts.body);

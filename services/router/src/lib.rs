@@ -427,6 +427,11 @@ impl Route {
                     target: target_id(&target),
                     folded: folded.clone(),
                     digest: None,
+                    locale: stored
+                        .topic
+                        .as_ref()
+                        .and(stored.rendered_locale())
+                        .map(str::to_owned),
                 };
                 let Ok(payload) = serde_json::to_vec(&job) else {
                     continue;

@@ -197,6 +197,7 @@ impl Step<'_> {
                         && herald_protocol::topic::copy_id(&n.id, &job.user_id) == job.id =>
                 {
                     herald_protocol::topic::for_subscriber(n, &job.user_id)
+                        .localize(job.locale.as_deref())
                 }
                 _ => return self.gone().await,
             },
