@@ -321,6 +321,8 @@ impl Step<'_> {
             ),
             None => (stored.title, stored.body, stored.collapse_key),
         };
+        // A template's text for this channel, when it has one, over the inbox's.
+        let (title, body, html) = channel_texts(self.job.channel, stored.rendered, title, body);
         Delivery {
             id: stored.id,
             seq: self.job.seq,
@@ -335,7 +337,7 @@ impl Step<'_> {
             expires_at,
             target,
             unsubscribe_url,
-            html: None,
+            html,
         }
     }
 
@@ -516,5 +518,32 @@ impl Step<'_> {
         self.status(update).await;
         outcome(self.channel(), "dead_lettered");
         settle(self.msg, AckKind::Term).await;
+    }
+}
+
+/// The title, body and HTML a `channel` sends: the template's texts for that channel
+/// (`push.title`, `email.subject`, `sms.text`, ...) when it rendered them, else the
+/// notification's own title and body.
+fn channel_texts(
+    channel: Channel,
+    rendered: Option<herald_protocol::Rendered>,
+    title: Option<String>,
+    body: Option<String>,
+) -> (Option<String>, Option<String>, Option<String>) {
+    let Some(r) = rendered else {
+        return (title, body, None);
+    };
+    match channel {
+        Channel::Push => (r.push_title.or(title), r.push_body.or(body), None),
+        Channel::Email => (
+            r.email_subject.or(title),
+            r.email_text.or(body),
+            r.email_html,
+        ),
+        Channel::Sms => match r.sms_text {
+            Some(text) => (None, Some(text), None),
+            None => (title, body, None),
+        },
+        Channel::Inbox | Channel::Webhook => (title, body, None),
     }
 }
