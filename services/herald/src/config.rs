@@ -581,7 +581,7 @@ impl Settings {
 
 /// Environment keys read (as `HERALD_<KEY>`). Others, like `HERALD_NATS_SERVER`, belong
 /// to other parts and are not configuration errors.
-const ENV_KEYS: [&str; 34] = [
+const ENV_KEYS: [&str; 35] = [
     "http_addr",
     "data_dir",
     "nats_url",
