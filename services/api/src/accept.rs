@@ -5,7 +5,9 @@
 use async_nats::jetstream::context::PublishAckFuture;
 use bytes::Bytes;
 use herald_protocol::notification::check_idempotency_key;
-use herald_protocol::{FieldError, NotifyRequest, Policy, StoredNotification, ValidatedNotify};
+use herald_protocol::{
+    FieldError, NotifyRequest, Policy, StoredNotification, UserId, ValidatedNotify,
+};
 use herald_store::{AppendAck, Cancelled, Groups, Inbox, InboxError, PreferenceStore};
 use herald_templates::Templates;
 use std::sync::Arc;
@@ -51,6 +53,10 @@ pub struct Acceptor {
     preferences: Option<PreferenceStore>,
     groups: Option<Groups>,
 }
+
+/// Recipients' `locale` preferences read ahead for a batch ([`Acceptor::read_locales`]).
+#[derive(Debug, Clone, Default)]
+pub struct Locales(std::collections::HashMap<UserId, Option<String>>);
 
 /// A validated notification with its id, ready to append.
 #[derive(Debug, Clone)]
@@ -135,7 +141,62 @@ impl Acceptor {
         producer: &str,
         key: Option<&str>,
     ) -> Result<Prepared, AcceptError> {
-        self.prepare_for(body, producer, key, false).await
+        self.prepare_for(body, producer, key, false, None).await
+    }
+
+    /// Reads ahead, in one batched direct get, the locale of every recipient of a
+    /// templated notification among `bodies` (the items of a batch), so that
+    /// [`Acceptor::prepare_read_ahead`] costs no preference read per item. Bodies that do
+    /// not parse, or name no template, are skipped (their own prepare reports them).
+    ///
+    /// # Errors
+    /// [`AcceptError::Store`] when the preferences cannot be read.
+    pub async fn read_locales<'a>(
+        &self,
+        bodies: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<Locales, AcceptError> {
+        #[derive(serde::Deserialize)]
+        struct Recipient {
+            user_id: Option<String>,
+            template: Option<serde::de::IgnoredAny>,
+        }
+        let Some(prefs) = &self.preferences else {
+            return Ok(Locales::default());
+        };
+        let mut users: Vec<UserId> = bodies
+            .into_iter()
+            .filter_map(|b| serde_json::from_slice::<Recipient>(b).ok())
+            .filter(|r| r.template.is_some())
+            .filter_map(|r| UserId::new(r.user_id?).ok())
+            .collect();
+        users.sort();
+        users.dedup();
+        if users.is_empty() {
+            return Ok(Locales::default());
+        }
+        let read = prefs
+            .get_many(&users)
+            .await
+            .map_err(|e| InboxError::Unavailable(Box::new(e)))?;
+        Ok(Locales(
+            read.into_iter().map(|(u, p)| (u, p.locale)).collect(),
+        ))
+    }
+
+    /// [`Acceptor::prepare`] with recipients' locales read ahead by
+    /// [`Acceptor::read_locales`] (a recipient missing from them is read as usual).
+    ///
+    /// # Errors
+    /// As [`Acceptor::prepare`].
+    pub async fn prepare_read_ahead(
+        &self,
+        body: &[u8],
+        producer: &str,
+        key: Option<&str>,
+        locales: &Locales,
+    ) -> Result<Prepared, AcceptError> {
+        self.prepare_for(body, producer, key, false, Some(locales))
+            .await
     }
 
     /// Prepares the notification of a topic publish (its `user_id` a placeholder): a
@@ -152,7 +213,7 @@ impl Acceptor {
         producer: &str,
         key: Option<&str>,
     ) -> Result<Prepared, AcceptError> {
-        self.prepare_for(body, producer, key, true).await
+        self.prepare_for(body, producer, key, true, None).await
     }
 
     async fn prepare_for(
@@ -161,6 +222,7 @@ impl Acceptor {
         producer: &str,
         key: Option<&str>,
         topic: bool,
+        locales: Option<&Locales>,
     ) -> Result<Prepared, AcceptError> {
         let request = NotifyRequest::from_json(body)?;
         if let Some(k) = key {
@@ -205,15 +267,17 @@ impl Acceptor {
                     .collect();
                 texts
             } else {
-                locale = match &self.preferences {
-                    Some(prefs) => {
+                let read_ahead = locales.and_then(|l| l.0.get(&user));
+                locale = match (&self.preferences, read_ahead) {
+                    (_, Some(locale)) => locale.clone(),
+                    (Some(prefs), None) => {
                         prefs
                             .get(&user)
                             .await
                             .map_err(|e| InboxError::Unavailable(Box::new(e)))?
                             .locale
                     }
-                    None => None,
+                    (None, None) => None,
                 };
                 self.templates.render(name, locale.as_deref(), &vars)?
             };
