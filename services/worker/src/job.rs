@@ -547,3 +547,37 @@ fn channel_texts(
         Channel::Inbox | Channel::Webhook => (title, body, None),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herald_protocol::Rendered;
+
+    fn texts(channel: Channel, rendered: Option<Rendered>) -> [Option<String>; 3] {
+        let (t, b, h) = channel_texts(channel, rendered, Some("T".into()), Some("B".into()));
+        [t, b, h]
+    }
+
+    #[test]
+    fn each_channel_sends_its_template_text_or_the_notifications() {
+        let some = |s: &str| Some(s.to_owned());
+        let rendered = Rendered {
+            template: "t".into(),
+            locale: "de".into(),
+            push_title: some("PT"),
+            email_subject: some("ES"),
+            email_html: some("<p>EH</p>"),
+            sms_text: some("S"),
+            ..Rendered::default()
+        };
+        let r = || Some(rendered.clone());
+        assert_eq!(texts(Channel::Push, r()), [some("PT"), some("B"), None]);
+        assert_eq!(
+            texts(Channel::Email, r()),
+            [some("ES"), some("B"), some("<p>EH</p>")]
+        );
+        assert_eq!(texts(Channel::Sms, r()), [None, some("S"), None]);
+        assert_eq!(texts(Channel::Webhook, r()), [some("T"), some("B"), None]);
+        assert_eq!(texts(Channel::Push, None), [some("T"), some("B"), None]);
+    }
+}
