@@ -162,7 +162,7 @@ async fn scenario(args: &PolicyArgs, with_policy: bool) -> Result<Outcome, Bench
 
     let js = async_nats::jetstream::new(async_nats::connect(&url).await?);
     let push_queue = streams::work_stream_name(Channel::Push);
-    let before = queued(&js, &push_queue).await?;
+    let before = queued(&js, push_queue).await?;
     let bar = progress(args.count, label);
     let start = Instant::now();
     let accepted = send(&base, &api_key, args, with_policy, &bar).await?;
@@ -177,7 +177,7 @@ async fn scenario(args: &PolicyArgs, with_policy: bool) -> Result<Outcome, Bench
     // Progress of work done elsewhere: sampled, not synchronised on.
     let mut jobs = 0;
     while jobs < accepted {
-        jobs = queued(&js, &push_queue).await? - before;
+        jobs = queued(&js, push_queue).await? - before;
         bar.set_position(jobs);
         if start.elapsed() > Duration::from_secs(900) {
             return Err(format!("{jobs} of {accepted} push jobs after 15 min").into());
