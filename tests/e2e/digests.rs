@@ -48,7 +48,10 @@ fn policy(hourly_s: u64) -> Policy {
     ]
     .into_iter()
     .collect();
-    Policy::new(categories).with_digest(DigestSettings { hourly_s })
+    Policy::new(categories).with_digest(DigestSettings {
+        hourly_s,
+        ..DigestSettings::default()
+    })
 }
 
 async fn setup_user(herald: &Herald, user: &str, prefs: Value) -> anyhow::Result<()> {

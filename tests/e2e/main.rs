@@ -26,6 +26,7 @@ mod routers;
 mod scheduled;
 mod sdk_js;
 mod templates;
+mod topic_locales;
 mod topics;
 mod topics_big;
 mod transports;

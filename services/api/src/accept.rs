@@ -5,7 +5,9 @@
 use async_nats::jetstream::context::PublishAckFuture;
 use bytes::Bytes;
 use herald_protocol::notification::check_idempotency_key;
-use herald_protocol::{FieldError, NotifyRequest, Policy, StoredNotification, ValidatedNotify};
+use herald_protocol::{
+    FieldError, NotifyRequest, Policy, StoredNotification, UserId, ValidatedNotify,
+};
 use herald_store::{AppendAck, Cancelled, Groups, Inbox, InboxError, PreferenceStore};
 use herald_templates::Templates;
 use std::sync::Arc;
@@ -51,6 +53,10 @@ pub struct Acceptor {
     preferences: Option<PreferenceStore>,
     groups: Option<Groups>,
 }
+
+/// Recipients' `locale` preferences read ahead for a batch ([`Acceptor::read_locales`]).
+#[derive(Debug, Clone, Default)]
+pub struct Locales(std::collections::HashMap<UserId, Option<String>>);
 
 /// A validated notification with its id, ready to append.
 #[derive(Debug, Clone)]
@@ -135,13 +141,69 @@ impl Acceptor {
         producer: &str,
         key: Option<&str>,
     ) -> Result<Prepared, AcceptError> {
-        self.prepare_for(body, producer, key, false).await
+        self.prepare_for(body, producer, key, false, None).await
+    }
+
+    /// Reads ahead, in one batched direct get, the locale of every recipient of a
+    /// templated notification among `bodies` (the items of a batch), so that
+    /// [`Acceptor::prepare_read_ahead`] costs no preference read per item. Bodies that do
+    /// not parse, or name no template, are skipped (their own prepare reports them).
+    ///
+    /// # Errors
+    /// [`AcceptError::Store`] when the preferences cannot be read.
+    pub async fn read_locales<'a>(
+        &self,
+        bodies: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<Locales, AcceptError> {
+        #[derive(serde::Deserialize)]
+        struct Recipient {
+            user_id: Option<String>,
+            template: Option<serde::de::IgnoredAny>,
+        }
+        let Some(prefs) = &self.preferences else {
+            return Ok(Locales::default());
+        };
+        let mut users: Vec<UserId> = bodies
+            .into_iter()
+            .filter_map(|b| serde_json::from_slice::<Recipient>(b).ok())
+            .filter(|r| r.template.is_some())
+            .filter_map(|r| UserId::new(r.user_id?).ok())
+            .collect();
+        users.sort();
+        users.dedup();
+        if users.is_empty() {
+            return Ok(Locales::default());
+        }
+        let read = prefs
+            .get_many(&users)
+            .await
+            .map_err(|e| InboxError::Unavailable(Box::new(e)))?;
+        Ok(Locales(
+            read.into_iter().map(|(u, p)| (u, p.locale)).collect(),
+        ))
+    }
+
+    /// [`Acceptor::prepare`] with recipients' locales read ahead by
+    /// [`Acceptor::read_locales`] (a recipient missing from them is read as usual).
+    ///
+    /// # Errors
+    /// As [`Acceptor::prepare`].
+    pub async fn prepare_read_ahead(
+        &self,
+        body: &[u8],
+        producer: &str,
+        key: Option<&str>,
+        locales: &Locales,
+    ) -> Result<Prepared, AcceptError> {
+        self.prepare_for(body, producer, key, false, Some(locales))
+            .await
     }
 
     /// Prepares the notification of a topic publish (its `user_id` a placeholder): a
-    /// template renders in the default locale — the recipients' locales are not read
-    /// one by one on the publish path — and `group_key` is refused, since aggregation
-    /// is per recipient.
+    /// template renders once per locale it defines (the default texts, and the others in
+    /// [`StoredNotification::variants`]; each recipient's copy picks its own, see
+    /// [`herald_protocol::locale`]) — the recipients' locales are not read on the
+    /// publish path — and `group_key` is refused, since aggregation is per recipient.
     ///
     /// # Errors
     /// As [`Acceptor::prepare`].
@@ -151,7 +213,7 @@ impl Acceptor {
         producer: &str,
         key: Option<&str>,
     ) -> Result<Prepared, AcceptError> {
-        self.prepare_for(body, producer, key, true).await
+        self.prepare_for(body, producer, key, true, None).await
     }
 
     async fn prepare_for(
@@ -160,6 +222,7 @@ impl Acceptor {
         producer: &str,
         key: Option<&str>,
         topic: bool,
+        locales: Option<&Locales>,
     ) -> Result<Prepared, AcceptError> {
         let request = NotifyRequest::from_json(body)?;
         if let Some(k) = key {
@@ -192,18 +255,32 @@ impl Acceptor {
         stored.producer = Some(producer.to_owned());
         let mut locale = None;
         if let Some(name) = &template {
-            locale = match &self.preferences {
-                Some(_) if topic => None,
-                Some(prefs) => {
-                    prefs
-                        .get(&user)
-                        .await
-                        .map_err(|e| InboxError::Unavailable(Box::new(e)))?
-                        .locale
-                }
-                None => None,
+            let texts = if topic {
+                // Many recipients: every locale the template has, each copy picks its own.
+                let (texts, others) = self.templates.render_all(name, &vars)?;
+                stored.variants = others
+                    .into_iter()
+                    .map(|(l, t)| {
+                        let v = t.into_localized(stored.title.as_deref(), stored.body.as_deref());
+                        (l, v)
+                    })
+                    .collect();
+                texts
+            } else {
+                let read_ahead = locales.and_then(|l| l.0.get(&user));
+                locale = match (&self.preferences, read_ahead) {
+                    (_, Some(locale)) => locale.clone(),
+                    (Some(prefs), None) => {
+                        prefs
+                            .get(&user)
+                            .await
+                            .map_err(|e| InboxError::Unavailable(Box::new(e)))?
+                            .locale
+                    }
+                    (None, None) => None,
+                };
+                self.templates.render(name, locale.as_deref(), &vars)?
             };
-            let texts = self.templates.render(name, locale.as_deref(), &vars)?;
             // Texts the producer sent themselves win over the template's.
             stored.title = stored.title.or(texts.title);
             stored.body = stored.body.or(texts.body);

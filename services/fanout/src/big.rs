@@ -14,6 +14,11 @@
 //! notification, and records its delivery status. Each hand-over has `Nats-Msg-Id`
 //! `r-<copy id>`, progress is recorded after every page, and a crashed job resumes from
 //! its cursor: every subscriber is handed over once.
+//!
+//! A templated publish is stored with its texts in every locale the template defines
+//! ([`herald_protocol::locale`]); each subscriber's copy is localized from their
+//! preferences (the same batched read), and the router puts the chosen locale on each
+//! channel job so the worker sends that subscriber's language.
 
 use crate::Worker;
 use async_nats::jetstream::AckKind;
@@ -83,7 +88,11 @@ impl Worker {
                 let (Some(p), Some(reach)) = (prefs.get(user), reach.get(user)) else {
                     continue;
                 };
-                let mut copy = for_subscriber(job.notification.clone(), user);
+                // Localized here, so the router records and defers this subscriber's
+                // texts; the job it enqueues names the locale for the worker, which reads
+                // the stored publish (see `ChannelJob::locale`).
+                let mut copy =
+                    for_subscriber(job.notification.clone(), user).localize(p.locale.as_deref());
                 copy.channels.retain(|c| {
                     *c == Channel::Inbox
                         || (reach.may_reach(*c) && self.policy.decide(p, category, *c).is_ok())

@@ -14,7 +14,10 @@
 //!
 //! Policy per recipient: the preferences of a whole page of subscribers are read in one
 //! batched direct get, and each copy asks only for the channels that recipient allows
-//! (the inbox always records) — no storage round trip per recipient.
+//! (the inbox always records) — no storage round trip per recipient. The same read gives
+//! each recipient's locale: a templated publish carries its texts in every locale the
+//! template defines, and each copy is stored with its recipient's only
+//! ([`herald_protocol::StoredNotification::localize`]).
 
 mod big;
 
@@ -179,6 +182,7 @@ impl Worker {
                 .channels
                 .iter()
                 .any(|c| *c != Channel::Inbox)
+                || !job.notification.variants.is_empty()
             {
                 self.preferences
                     .get_many(&users)
@@ -189,11 +193,13 @@ impl Worker {
             };
             let mut acks = Vec::with_capacity(page.len());
             for (_, sub) in &page {
-                let mut copy = job.notification.clone();
+                let p = prefs.get(&sub.user_id);
+                let locale = p.and_then(|p| p.locale.as_deref());
+                let mut copy = job.notification.clone().localize(locale);
                 copy.id = copy_id(&job.id, &sub.user_id);
                 copy.user_id = sub.user_id.clone();
                 copy.topic = Some(job.topic.as_str().to_owned());
-                if let Some(p) = prefs.get(&sub.user_id) {
+                if let Some(p) = p {
                     let category = copy.category.clone();
                     copy.channels.retain(|c| {
                         *c == Channel::Inbox

@@ -64,6 +64,10 @@ pub struct Feed {
     ready: VecDeque<Notification>,
     /// A read position announced since the last call, for other devices' `read` frames.
     read_event: Option<u64>,
+    /// The user's `locale` preference, read when they first follow a big topic (its
+    /// templated publishes carry every locale's texts; live ones are shown in this one).
+    /// Read once per feed: a change applies from the next connection.
+    locale: Option<Option<String>>,
 }
 
 #[derive(Debug)]
@@ -119,6 +123,11 @@ impl Feed {
                 high: 0,
             });
         }
+        let locale = if topics.is_empty() {
+            None
+        } else {
+            Some(inbox.locale_of(&user).await?)
+        };
         let (last_sent, catching_up) = match after {
             Some(after) => (after, true),
             None => (inbox.last_seq(&user).await?, false),
@@ -141,6 +150,7 @@ impl Feed {
             held: None,
             ready: VecDeque::new(),
             read_event: None,
+            locale,
         })
     }
 
@@ -282,6 +292,9 @@ impl Feed {
             self.topics.retain(|f| f.topic != topic);
         }
         self.topics_changed = false;
+        if added && self.locale.is_none() {
+            self.locale = Some(inbox.locale_of(&self.user).await?);
+        }
         if added {
             self.catch_up(self.last_sent);
         }
@@ -327,6 +340,7 @@ impl Feed {
                     && stored.topic.as_deref() == source.as_ref().map(TopicId::as_str) =>
             {
                 for_subscriber(stored, &self.user)
+                    .localize(self.locale.as_ref().and_then(Option::as_deref))
             }
             Ok(_) => return tracing::error!(seq, "live message for another user; dropped"),
             Err(e) => return tracing::warn!(seq, error = %e, "undecodable live message; dropped"),

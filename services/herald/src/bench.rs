@@ -18,6 +18,9 @@
 //!
 //! `herald bench fanout` ([`fanout`]) publishes once to a topic with a million
 //! subscribers, thousands of them online on a gateway child process.
+//!
+//! `herald bench policy` ([`policy`]) measures what preferences, rate caps and templates
+//! cost on the whole path, beside the raw JetStream ceiling.
 
 mod ceilings;
 mod conns;
@@ -28,6 +31,7 @@ pub mod jobs;
 mod lanes;
 mod load;
 mod natsws;
+mod policy;
 mod scale;
 pub mod workers;
 
@@ -35,6 +39,7 @@ pub use conns::ConnsArgs;
 pub use conns_client::ConnsClientArgs;
 pub use fanout::FanoutArgs;
 pub use lanes::LanesArgs;
+pub use policy::PolicyArgs;
 
 use crate::mesh::{Mesh, MeshOptions, Roles};
 use async_nats::jetstream::{self, stream};
@@ -77,6 +82,10 @@ pub enum Which {
     /// WebSocket: latency to the last online frame, durable writes, push jobs, NATS RSS,
     /// beside raw core NATS fan-out to the same number of clients.
     Fanout(FanoutArgs),
+    /// Notifications per second through accept → route → push jobs with no preferences
+    /// stored vs preferences, a rate cap and a template for every user, beside the raw
+    /// JetStream publish ceiling.
+    Policy(PolicyArgs),
 }
 
 /// `herald bench notify`.
@@ -123,6 +132,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         Which::Workers(a) => workers::run(a).await,
         Which::ConnsWorker(a) => conns_client::run(a).await,
         Which::Fanout(a) => fanout::run(a).await,
+        Which::Policy(a) => policy::run(a).await,
     }
 }
 

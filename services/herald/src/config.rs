@@ -112,6 +112,9 @@ pub struct Settings {
     /// Length of an `hourly` email digest period, seconds (divides 3600; shorter for
     /// tests and demos).
     pub digest_hourly_s: u64,
+    /// The local hour (0–23, in each user's time zone) at which a `daily` email digest
+    /// is sent; 0 is midnight. A user's `digest_hour` preference overrides it.
+    pub digest_daily_hour: u8,
     /// Topics users may subscribe to themselves: exact names or prefixes ending in `*`.
     pub self_subscribe_topics: Vec<String>,
     /// Subscribers from which a topic publish is stored once (big-topic path) instead of
@@ -166,6 +169,7 @@ impl Default for Settings {
             big_topic_threshold: herald_api::http::DEFAULT_BIG_THRESHOLD,
             rate_caps: Vec::new(),
             digest_hourly_s: herald_protocol::digest::DEFAULT_HOURLY_S,
+            digest_daily_hour: herald_protocol::digest::DEFAULT_DAILY_HOUR,
         }
     }
 }
@@ -341,6 +345,7 @@ impl Settings {
         }
         let digest = herald_protocol::digest::DigestSettings {
             hourly_s: self.digest_hourly_s,
+            daily_hour: self.digest_daily_hour,
         };
         if let Err(e) = digest.check() {
             errors.push(e);
@@ -576,7 +581,7 @@ impl Settings {
 
 /// Environment keys read (as `HERALD_<KEY>`). Others, like `HERALD_NATS_SERVER`, belong
 /// to other parts and are not configuration errors.
-const ENV_KEYS: [&str; 34] = [
+const ENV_KEYS: [&str; 35] = [
     "http_addr",
     "data_dir",
     "nats_url",
@@ -611,6 +616,7 @@ const ENV_KEYS: [&str; 34] = [
     "self_subscribe_topics",
     "big_topic_threshold",
     "digest_hourly_s",
+    "digest_daily_hour",
 ];
 
 #[cfg(test)]
@@ -652,6 +658,21 @@ mod tests {
             err.0
                 .iter()
                 .all(|e| e.contains("group_window_s") && !e.contains("categories.ok")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_daily_digest_hour_outside_the_day_is_refused() {
+        let s = Settings {
+            api_key: Some("hk_0123456789abcdef".into()),
+            jwt_secret: Some("x".repeat(32)),
+            digest_daily_hour: 24,
+            ..Settings::default()
+        };
+        let err = s.validate().expect_err("invalid hour");
+        assert!(
+            err.0.len() == 1 && err.0[0].contains("digest_daily_hour"),
             "{err}"
         );
     }

@@ -15,6 +15,9 @@ use serde::{Deserialize, Serialize};
 /// The length of an `hourly` period unless configured otherwise, seconds.
 pub const DEFAULT_HOURLY_S: u64 = 3600;
 
+/// The local hour at which a `daily` period ends unless configured otherwise: midnight.
+pub const DEFAULT_DAILY_HOUR: u8 = 0;
+
 /// How digests are timed, configured once for every user.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DigestSettings {
@@ -22,12 +25,17 @@ pub struct DigestSettings {
     /// the user's local clock (with 3600, one ends at every full local hour). Shorter
     /// periods are for tests and demos.
     pub hourly_s: u64,
+    /// The local hour (0–23) at which a `daily` period ends: 0 is midnight, 8 sends the
+    /// daily digest at 08:00 in each user's time zone. A user's `digest_hour`
+    /// preference overrides it ([`DigestSettings::for_user`]).
+    pub daily_hour: u8,
 }
 
 impl Default for DigestSettings {
     fn default() -> Self {
         Self {
             hourly_s: DEFAULT_HOURLY_S,
+            daily_hour: DEFAULT_DAILY_HOUR,
         }
     }
 }
@@ -36,7 +44,8 @@ impl DigestSettings {
     /// Checks the settings.
     ///
     /// # Errors
-    /// A message naming `digest_hourly_s` when it does not divide an hour.
+    /// A message naming `digest_hourly_s` when it does not divide an hour, or
+    /// `digest_daily_hour` when it is not an hour of the day.
     pub fn check(&self) -> Result<(), String> {
         if self.hourly_s == 0 || 3600 % self.hourly_s != 0 {
             return Err(format!(
@@ -44,19 +53,36 @@ impl DigestSettings {
                 self.hourly_s
             ));
         }
+        if self.daily_hour > 23 {
+            return Err(format!(
+                "digest_daily_hour must be an hour of the day, 0 to 23, not {}",
+                self.daily_hour
+            ));
+        }
         Ok(())
+    }
+
+    /// These settings for a user whose `digest_hour` preference is `hour` (the
+    /// operator's `daily_hour` when they set none).
+    #[must_use]
+    pub fn for_user(mut self, hour: Option<u8>) -> Self {
+        if let Some(hour) = hour.filter(|h| *h <= 23) {
+            self.daily_hour = hour;
+        }
+        self
     }
 }
 
 /// When the digest period that contains `now` ends for a user in `tz`: the next full
-/// local hour (or `hourly_s` step) for `hourly`, the next local midnight for `daily`;
-/// `None` for `off`.
+/// local hour (or `hourly_s` step) for `hourly`, the next local `daily_hour:00` (midnight
+/// by default) for `daily`; `None` for `off`.
 ///
-/// Daylight saving time: a daily period ends at local midnight, so the day it changes is
-/// 23 or 25 hours long; an hourly period is always `hourly_s` of real time, aligned to the
-/// local clock (in a repeated hour the offset in force is kept, so the hour is not
-/// skipped or counted twice). A midnight that does not exist (a gap at 00:00) resolves
-/// to the first instant after it.
+/// Daylight saving time: a daily period ends at the same local hour every day, so the
+/// day it changes is 23 or 25 hours long; an hourly period is always `hourly_s` of real
+/// time, aligned to the local clock (in a repeated hour the offset in force is kept, so
+/// the hour is not skipped or counted twice). A daily end that does not exist (a gap,
+/// e.g. 02:00 when clocks jump to 03:00) resolves to the first instant after it; one
+/// that exists twice (clocks going back) is its first occurrence.
 pub fn period_end(
     digest: Digest,
     tz: &jiff::tz::TimeZone,
@@ -86,12 +112,19 @@ pub fn period_end(
             Some(end)
         }
         Digest::Daily => {
-            let tomorrow = local.date().tomorrow().ok()?;
-            tomorrow
-                .to_datetime(jiff::civil::Time::midnight())
-                .to_zoned(tz.clone())
-                .ok()
-                .map(|z| z.timestamp())
+            let hour = i8::try_from(settings.daily_hour.min(23)).ok()?;
+            let at = jiff::civil::Time::new(hour, 0, 0, 0).ok()?;
+            // `to_zoned` resolves a gap to its end and a fold to its first occurrence.
+            let on = |date: jiff::civil::Date| {
+                date.to_datetime(at)
+                    .to_zoned(tz.clone())
+                    .ok()
+                    .map(|z| z.timestamp())
+            };
+            match on(local.date())? {
+                today if today > now => Some(today),
+                _ => on(local.date().tomorrow().ok()?),
+            }
         }
     }
 }
@@ -161,7 +194,85 @@ mod tests {
         jiff::tz::TimeZone::get("Europe/Berlin").expect("tz")
     }
 
-    const HOUR: DigestSettings = DigestSettings { hourly_s: 3600 };
+    const HOUR: DigestSettings = DigestSettings {
+        hourly_s: 3600,
+        daily_hour: 0,
+    };
+
+    fn daily_at(hour: u8) -> DigestSettings {
+        DigestSettings {
+            daily_hour: hour,
+            ..HOUR
+        }
+    }
+
+    #[test]
+    fn daily_ends_at_the_configured_local_hour() {
+        let tz = berlin();
+        let end = |now, hour| period_end(Digest::Daily, &tz, at(now), daily_at(hour));
+        // 08:00 in Berlin in summer (UTC+2) is 06:00 UTC: before it, today's; after, tomorrow's.
+        assert_eq!(
+            end("2026-06-10T05:59:59Z", 8),
+            Some(at("2026-06-10T06:00:00Z"))
+        );
+        assert_eq!(
+            end("2026-06-10T06:00:00Z", 8),
+            Some(at("2026-06-11T06:00:00Z"))
+        );
+        assert_eq!(
+            end("2026-06-10T21:30:00Z", 23),
+            Some(at("2026-06-11T21:00:00Z"))
+        );
+        // A late-evening user east of UTC: 23:00 local on the UTC date before.
+        let tokyo = jiff::tz::TimeZone::get("Asia/Tokyo").expect("tz");
+        assert_eq!(
+            period_end(
+                Digest::Daily,
+                &tokyo,
+                at("2026-06-10T13:00:00Z"),
+                daily_at(23)
+            ),
+            Some(at("2026-06-10T14:00:00Z"))
+        );
+        // The user's own hour wins over the operator's.
+        assert_eq!(daily_at(8).for_user(Some(18)).daily_hour, 18);
+        assert_eq!(daily_at(8).for_user(None).daily_hour, 8);
+        assert!(daily_at(24).check().is_err());
+        assert!(daily_at(23).check().is_ok());
+    }
+
+    #[test]
+    fn a_daily_hour_across_dst_keeps_the_local_hour_and_resolves_gaps_forward() {
+        let tz = berlin();
+        let end = |now, hour| period_end(Digest::Daily, &tz, at(now), daily_at(hour));
+        // 08:00 on 28 March (CET, 07:00 UTC), then 08:00 on 29 March is CEST (06:00 UTC):
+        // the day of the change is 23 hours long.
+        assert_eq!(
+            end("2026-03-28T07:00:00Z", 8),
+            Some(at("2026-03-29T06:00:00Z"))
+        );
+        // 02:00 on 29 March does not exist (01:59:59 CET → 03:00 CEST): the first
+        // instant after the gap, 03:00 CEST = 01:00 UTC.
+        assert_eq!(
+            end("2026-03-28T23:30:00Z", 2),
+            Some(at("2026-03-29T01:00:00Z"))
+        );
+        // And the next day it is 02:00 CEST again (00:00 UTC).
+        assert_eq!(
+            end("2026-03-29T01:00:00Z", 2),
+            Some(at("2026-03-30T00:00:00Z"))
+        );
+        // 25 October: 02:00 happens twice (CEST then CET); the first one ends the period.
+        assert_eq!(
+            end("2026-10-24T23:00:00Z", 2),
+            Some(at("2026-10-25T00:00:00Z"))
+        );
+        // 08:00 the day after the change is CET (07:00 UTC): a 25-hour day.
+        assert_eq!(
+            end("2026-10-24T06:00:00Z", 8),
+            Some(at("2026-10-25T07:00:00Z"))
+        );
+    }
 
     #[test]
     fn daily_ends_at_local_midnight_and_dst_days_are_23_or_25_hours() {
@@ -236,7 +347,10 @@ mod tests {
     #[test]
     fn short_periods_align_to_the_local_clock_and_off_has_none() {
         let tz = berlin();
-        let fifteen = DigestSettings { hourly_s: 900 };
+        let fifteen = DigestSettings {
+            hourly_s: 900,
+            ..HOUR
+        };
         assert_eq!(
             period_end(Digest::Hourly, &tz, at("2026-05-01T10:16:40.5Z"), fifteen),
             Some(at("2026-05-01T10:30:00Z"))
@@ -245,8 +359,22 @@ mod tests {
             period_end(Digest::Off, &tz, at("2026-05-01T10:00:00Z"), HOUR),
             None
         );
-        assert!(DigestSettings { hourly_s: 7 }.check().is_err());
-        assert!(DigestSettings { hourly_s: 0 }.check().is_err());
+        assert!(
+            DigestSettings {
+                hourly_s: 7,
+                ..HOUR
+            }
+            .check()
+            .is_err()
+        );
+        assert!(
+            DigestSettings {
+                hourly_s: 0,
+                ..HOUR
+            }
+            .check()
+            .is_err()
+        );
         assert!(fifteen.check().is_ok());
     }
 

@@ -31,6 +31,7 @@ pub mod digest;
 pub mod error;
 pub mod frames;
 pub mod group;
+pub mod locale;
 pub mod notification;
 pub mod pages;
 pub mod preferences;

@@ -422,6 +422,10 @@ pub struct StoredNotification {
     /// Its aggregation group as it stood when this one joined.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<crate::group::Group>,
+    /// A templated topic publish: its texts in every other locale the template defines,
+    /// by locale (see [`crate::locale`]). Empty on every copy made for one recipient.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub variants: std::collections::BTreeMap<String, crate::locale::Localized>,
 }
 
 /// The texts a template produced for each channel (the inbox's are `title`/`body` of the
@@ -478,6 +482,7 @@ impl StoredNotification {
             rendered: None,
             producer: None,
             group: None,
+            variants: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -516,6 +521,10 @@ pub struct ChannelJob {
     /// [`crate::digest::digest_id`]), not a notification's, and `seq` the newest listed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<crate::digest::DigestMail>,
+    /// A big topic's publish, stored once with every locale's texts: the locale of this
+    /// subscriber's (see [`StoredNotification::localize`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locale: Option<String>,
 }
 
 /// What a folded group's one push, email or SMS says.

@@ -73,6 +73,10 @@ pub struct Preferences {
     /// Digest frequency.
     #[serde(default)]
     pub digest: Digest,
+    /// The local hour (0–23) at which a daily digest is sent; the operator's
+    /// `digest_daily_hour` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest_hour: Option<u8>,
 }
 
 /// A configured category: its defaults and whether it is critical.
@@ -284,6 +288,7 @@ impl Preferences {
             map.entry("quiet_hours").or_insert(Value::Null);
             map.entry("timezone").or_insert(Value::Null);
             map.entry("locale").or_insert(Value::Null);
+            map.entry("digest_hour").or_insert(Value::Null);
         }
         doc
     }
@@ -335,6 +340,7 @@ pub struct PreferencesPatch {
     timezone: Option<Option<String>>,
     locale: Option<Option<String>>,
     digest: Option<Digest>,
+    digest_hour: Option<Option<u8>>,
 }
 
 impl PreferencesPatch {
@@ -382,11 +388,12 @@ impl PreferencesPatch {
                         FieldError::new("digest", "expected \"off\", \"hourly\" or \"daily\"")
                     })?);
                 }
+                "digest_hour" => patch.digest_hour = Some(digest_hour(value)?),
                 other => {
                     return Err(FieldError::new(
                         other,
                         "unknown field; expected channels, categories, opt_out, quiet_hours, \
-                         timezone, locale or digest",
+                         timezone, locale, digest or digest_hour",
                     ));
                 }
             }
@@ -429,6 +436,9 @@ impl PreferencesPatch {
         }
         if let Some(digest) = self.digest {
             prefs.digest = digest;
+        }
+        if let Some(hour) = self.digest_hour {
+            prefs.digest_hour = hour;
         }
         Ok(())
     }
@@ -510,6 +520,23 @@ fn timezone(value: Value) -> Result<Option<String>, FieldError> {
         _ => Err(FieldError::new(
             "timezone",
             "expected an IANA time zone name",
+        )),
+    }
+}
+
+fn digest_hour(value: Value) -> Result<Option<u8>, FieldError> {
+    match value {
+        Value::Null => Ok(None),
+        Value::Number(n) => match n.as_u64() {
+            Some(hour @ 0..=23) => Ok(u8::try_from(hour).ok()),
+            _ => Err(FieldError::new(
+                "digest_hour",
+                format!("expected an hour of the day, 0 to 23, not {n}"),
+            )),
+        },
+        _ => Err(FieldError::new(
+            "digest_hour",
+            "expected an hour of the day, 0 to 23",
         )),
     }
 }
@@ -641,6 +668,9 @@ mod tests {
             "categories.like.inbox"
         );
         assert_eq!(field(json!({"colour":"blue"})), "colour");
+        assert_eq!(field(json!({"digest_hour":24})), "digest_hour");
+        assert_eq!(field(json!({"digest_hour":-1})), "digest_hour");
+        assert_eq!(field(json!({"digest_hour":"8"})), "digest_hour");
         let strict = PreferencesPatch::from_json(br#"{"categories":{"spam":{}}}"#, &strict());
         assert_eq!(strict.expect_err("unknown").field, "categories.spam");
     }
@@ -658,6 +688,15 @@ mod tests {
             .expect("valid");
         assert!(p.categories.is_empty());
         assert_eq!(p.timezone, None);
+        patch(json!({"digest":"daily","digest_hour":8}))
+            .and_then(|x| x.apply(&mut p))
+            .expect("valid");
+        assert_eq!(p.digest_hour, Some(8));
+        patch(json!({"digest_hour":null}))
+            .and_then(|x| x.apply(&mut p))
+            .expect("valid");
+        assert_eq!(p.digest_hour, None);
+        assert_eq!(p.digest, Digest::Daily);
         assert!(!p.channels[&Channel::Sms]);
     }
 

@@ -59,9 +59,12 @@ impl Route {
         rule: &str,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let now = jiff::Timestamp::now();
-        let Some(end) =
-            digest::period_end(frequency, &prefs.time_zone(), now, self.policy.digest())
-        else {
+        let Some(end) = digest::period_end(
+            frequency,
+            &prefs.time_zone(),
+            now,
+            self.policy.digest().for_user(prefs.digest_hour),
+        ) else {
             return Ok(());
         };
         let entry = DigestEntry {
@@ -238,6 +241,7 @@ impl Route {
                 target: target_id(&target),
                 folded: None,
                 digest: Some(mail.clone()),
+                locale: None,
             };
             let publish = PublishMessage::build()
                 .payload(serde_json::to_vec(&job)?.into())

@@ -361,9 +361,12 @@ impl Route {
             .await;
             return Routed::Done;
         }
-        let channels = if channels.is_empty() || self.caps.is_empty() {
-            channels
-        } else {
+        // The cap's count and the targets are independent reads: one round trip for both.
+        let wanted = channels.clone();
+        let capped = async {
+            if channels.is_empty() || self.caps.is_empty() {
+                return Ok(channels);
+            }
             let unix = u64::try_from(now.as_second()).unwrap_or(0);
             match self
                 .caps
@@ -375,7 +378,7 @@ impl Route {
                 )
                 .await
             {
-                Ok(CapDecision::Within) => channels,
+                Ok(CapDecision::Within) => Ok(channels),
                 Ok(CapDecision::Over(cap)) => {
                     metrics::counter!("herald_rate_capped_total").increment(1);
                     let rule = format!("rate_cap: {} per {} s", cap.limit, cap.window_s);
@@ -391,29 +394,46 @@ impl Route {
                             .await
                         {
                             tracing::warn!(seq, error = %e, "folding into a digest failed; will retry");
-                            return Routed::Retry;
+                            return Err(());
                         }
                     }
                     suppressed.extend(channels.into_iter().map(|c| (c, rule.clone())));
-                    Vec::new()
+                    Ok(Vec::new())
                 }
                 Err(e) => {
                     tracing::warn!(seq, error = %e, "rate caps unavailable; will retry");
-                    return Routed::Retry;
+                    Err(())
                 }
+            }
+        };
+        let ahead = futures::future::try_join_all(wanted.iter().map(|channel| {
+            let targets = &self.routing.targets;
+            let user = &stored.user_id;
+            async move {
+                let found = targets.targets(user, *channel).await?;
+                Ok::<_, herald_store::targets::TargetsError>((*channel, found))
+            }
+        }));
+        let (capped, ahead) = tokio::join!(capped, ahead);
+        let Ok(channels) = capped else {
+            return Routed::Retry;
+        };
+        let mut targets_of = match ahead {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(seq, error = %e, "reading targets failed; will retry");
+                return Routed::Retry;
             }
         };
         let mut acks = Vec::new();
         let mut queued = Vec::new();
         let mut untargeted = Vec::new();
         for channel in channels {
-            let targets = match self.routing.targets.targets(&stored.user_id, channel).await {
-                Ok(t) => t,
-                Err(e) => {
-                    tracing::warn!(seq, error = %e, "reading targets failed; will retry");
-                    return Routed::Retry;
-                }
-            };
+            let targets = targets_of
+                .iter_mut()
+                .find(|(c, _)| *c == channel)
+                .map(|(_, t)| std::mem::take(t))
+                .unwrap_or_default();
             if targets.is_empty() {
                 untargeted.push((channel, "none".to_string()));
             }
@@ -427,6 +447,11 @@ impl Route {
                     target: target_id(&target),
                     folded: folded.clone(),
                     digest: None,
+                    locale: stored
+                        .topic
+                        .as_ref()
+                        .and(stored.rendered_locale())
+                        .map(str::to_owned),
                 };
                 let Ok(payload) = serde_json::to_vec(&job) else {
                     continue;

@@ -70,37 +70,7 @@ impl PreferenceStore {
         &self,
         users: &[UserId],
     ) -> Result<std::collections::HashMap<UserId, Preferences>, PreferencesError> {
-        let bucket = herald_protocol::streams::PREFS_BUCKET;
-        let subjects: Vec<String> = users
-            .iter()
-            .map(|u| format!("$KV.{bucket}.{}", u.token()))
-            .collect();
-        let mut found = std::collections::HashMap::new();
-        for chunk in subjects.chunks(MULTI_LAST_CHUNK) {
-            let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
-            let msgs = crate::direct::last_of_many(&self.client, &format!("KV_{bucket}"), &refs)
-                .await
-                .map_err(unavailable)?;
-            for msg in msgs {
-                let deleted = msg
-                    .headers
-                    .get("KV-Operation")
-                    .is_some_and(|op| op.as_str() != "PUT");
-                let user = msg
-                    .headers
-                    .get("Nats-Subject")
-                    .and_then(|s| s.as_str().rsplit('.').next().map(str::to_owned))
-                    .and_then(|token| herald_protocol::UserToken::decode(&token).ok());
-                if let (false, Some(user)) = (deleted, user) {
-                    let prefs = decode(&user, &msg.payload);
-                    found.insert(user, prefs);
-                }
-            }
-        }
-        Ok(users
-            .iter()
-            .map(|u| (u.clone(), found.remove(u).unwrap_or_default()))
-            .collect())
+        read_many(&self.client, users).await
     }
 
     /// A user's stored preferences; the empty document when they never set any. A
@@ -180,6 +150,48 @@ impl PreferenceStore {
         }
         Ok(existed)
     }
+}
+
+/// [`PreferenceStore::get_many`] on any connection, without opening the bucket first (for
+/// readers that rarely need preferences, e.g. a gateway session localizing a topic).
+///
+/// # Errors
+/// [`PreferencesError::Unavailable`] when NATS cannot answer.
+pub async fn read_many(
+    client: &async_nats::Client,
+    users: &[UserId],
+) -> Result<std::collections::HashMap<UserId, Preferences>, PreferencesError> {
+    let bucket = herald_protocol::streams::PREFS_BUCKET;
+    let subjects: Vec<String> = users
+        .iter()
+        .map(|u| format!("$KV.{bucket}.{}", u.token()))
+        .collect();
+    let mut found = std::collections::HashMap::new();
+    for chunk in subjects.chunks(MULTI_LAST_CHUNK) {
+        let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        let msgs = crate::direct::last_of_many(client, &format!("KV_{bucket}"), &refs)
+            .await
+            .map_err(unavailable)?;
+        for msg in msgs {
+            let deleted = msg
+                .headers
+                .get("KV-Operation")
+                .is_some_and(|op| op.as_str() != "PUT");
+            let user = msg
+                .headers
+                .get("Nats-Subject")
+                .and_then(|s| s.as_str().rsplit('.').next().map(str::to_owned))
+                .and_then(|token| herald_protocol::UserToken::decode(&token).ok());
+            if let (false, Some(user)) = (deleted, user) {
+                let prefs = decode(&user, &msg.payload);
+                found.insert(user, prefs);
+            }
+        }
+    }
+    Ok(users
+        .iter()
+        .map(|u| (u.clone(), found.remove(u).unwrap_or_default()))
+        .collect())
 }
 
 fn decode(user: &UserId, raw: &[u8]) -> Preferences {

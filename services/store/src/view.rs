@@ -12,7 +12,11 @@
 //! their topics' subjects (which topics hold anything new), then one batched direct get
 //! per source that has something: a user without subscriptions pays one extra round trip.
 //! A topic entry is shown to each subscriber as their copy: the id of their copy
-//! ([`herald_protocol::topic::copy_id`]) and them as the recipient, `topic` set.
+//! ([`herald_protocol::topic::copy_id`]) and them as the recipient, `topic` set, and —
+//! when it was rendered from a template — in their locale: the stored publish carries
+//! its texts in every locale of the template, and a page holding one reads the user's
+//! `locale` preference once (one direct get) to pick theirs
+//! ([`herald_protocol::locale`]).
 //!
 //! [`Subjects::topic_inbox`]: herald_protocol::Subjects::topic_inbox
 
@@ -132,7 +136,7 @@ impl Inbox {
             read.truncate(limit);
             has_more = true;
         }
-        Ok(page(user, read, has_more))
+        self.localized(user, page(user, read, has_more)).await
     }
 
     /// Up to `limit` of the newest notifications of the user's view with `seq < before`
@@ -167,7 +171,35 @@ impl Inbox {
             has_more = true;
         }
         read.reverse();
-        Ok(page(user, read, has_more))
+        self.localized(user, page(user, read, has_more)).await
+    }
+
+    /// The user's `locale` preference (`None` when unset): what a big topic's templated
+    /// publish is shown in ([`StoredNotification::localize`]). One direct get.
+    ///
+    /// # Errors
+    /// [`InboxError::Unavailable`] when NATS cannot answer.
+    pub async fn locale_of(&self, user: &UserId) -> Result<Option<String>, InboxError> {
+        let mut prefs =
+            crate::preferences::read_many(&self.nats().consume, std::slice::from_ref(user))
+                .await
+                .map_err(|e| InboxError::Unavailable(Box::new(e)))?;
+        Ok(prefs.remove(user).and_then(|p| p.locale))
+    }
+
+    /// `page` with each templated topic entry in the user's locale: read only when the
+    /// page holds one, so a view without any costs nothing more.
+    async fn localized(&self, user: &UserId, mut page: InboxPage) -> Result<InboxPage, InboxError> {
+        if page.items.iter().all(|(_, n)| n.variants.is_empty()) {
+            return Ok(page);
+        }
+        let locale = self.locale_of(user).await?;
+        page.items = page
+            .items
+            .into_iter()
+            .map(|(seq, n)| (seq, n.localize(locale.as_deref())))
+            .collect();
+        Ok(page)
     }
 
     /// The newest `seq` in the user's view, 0 when empty.

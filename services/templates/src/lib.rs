@@ -33,6 +33,7 @@ pub use digest::{DIGEST_TEMPLATE, DigestTexts};
 
 pub use load::LoadError;
 
+use herald_protocol::locale::{Localized, locale_chain};
 use herald_protocol::{FieldError, Rendered};
 use minijinja::Environment;
 use serde_json::{Map, Value};
@@ -59,7 +60,7 @@ pub const FIELDS: [&str; 10] = [
 pub const GROUP_FIELDS: [&str; 2] = ["group.title", "group.body"];
 
 /// The locale every template must define.
-pub const DEFAULT_LOCALE: &str = "default";
+pub use herald_protocol::locale::DEFAULT_LOCALE;
 
 /// One loaded set of templates.
 #[derive(Debug, Default)]
@@ -166,6 +167,33 @@ impl Templates {
         })
     }
 
+    /// Renders template `name` in every locale it defines, for a topic publish whose
+    /// recipients' locales are not known yet: the default locale's texts, and the
+    /// others by locale (each with the same per-field fallback as [`Templates::render`]).
+    /// Every locale must render, so no recipient can get a half-rendered message.
+    ///
+    /// # Errors
+    /// As [`Templates::render`], for the first locale that fails.
+    pub fn render_all(
+        &self,
+        name: &str,
+        vars: &Map<String, Value>,
+    ) -> Result<(RenderedTexts, BTreeMap<String, RenderedTexts>), FieldError> {
+        let default = self.render(name, None, vars)?;
+        let locales: Vec<String> = self
+            .set()
+            .index
+            .get(name)
+            .map(|l| l.keys().filter(|l| *l != DEFAULT_LOCALE).cloned().collect())
+            .unwrap_or_default();
+        let mut others = BTreeMap::new();
+        for locale in locales {
+            let texts = self.render(name, Some(&locale), vars)?;
+            others.insert(locale, texts);
+        }
+        Ok((default, others))
+    }
+
     /// Renders the folded texts (`group.title`, `group.body`) of template `name` with
     /// `vars` (the notify's, plus the group's `count`, `others`, `actors`, `actor`);
     /// `(None, None)` when the template defines neither.
@@ -204,7 +232,7 @@ impl Templates {
                 },
             ));
         };
-        let chain = fallback_chain(locale);
+        let chain = locale_chain(locale);
         let chosen = chain
             .iter()
             .find(|l| locales.contains_key(l.as_str()))
@@ -268,22 +296,20 @@ pub struct RenderedTexts {
     pub channels: Rendered,
 }
 
-fn render_error(name: &str, e: &minijinja::Error) -> FieldError {
-    FieldError::new("vars", format!("template {name:?} could not render: {e}"))
-}
-
-/// `de-AT` → [`de-at`, `de`, `default`]; tags compare case-insensitively.
-fn fallback_chain(locale: Option<&str>) -> Vec<String> {
-    let mut chain = Vec::new();
-    if let Some(tag) = locale.map(str::to_ascii_lowercase) {
-        let mut parts: Vec<&str> = tag.split('-').collect();
-        while !parts.is_empty() {
-            chain.push(parts.join("-"));
-            parts.pop();
+impl RenderedTexts {
+    /// These texts as one locale's variant of a topic publish; the producer's own
+    /// `title`/`body`, when it sent them, win as they do for the default texts.
+    pub fn into_localized(self, title: Option<&str>, body: Option<&str>) -> Localized {
+        Localized {
+            title: title.map(str::to_owned).or(self.title),
+            body: body.map(str::to_owned).or(self.body),
+            rendered: self.channels,
         }
     }
-    chain.push(DEFAULT_LOCALE.to_owned());
-    chain
+}
+
+fn render_error(name: &str, e: &minijinja::Error) -> FieldError {
+    FieldError::new("vars", format!("template {name:?} could not render: {e}"))
 }
 
 #[cfg(test)]

@@ -224,6 +224,7 @@ impl Step<'_> {
                         && herald_protocol::topic::copy_id(&n.id, &job.user_id) == job.id =>
                 {
                     herald_protocol::topic::for_subscriber(n, &job.user_id)
+                        .localize(job.locale.as_deref())
                 }
                 _ => return self.gone().await,
             },
@@ -332,6 +333,8 @@ impl Step<'_> {
             ),
             None => (stored.title, stored.body, stored.collapse_key),
         };
+        // A template's text for this channel, when it has one, over the inbox's.
+        let (title, body, html) = channel_texts(self.job.channel, stored.rendered, title, body);
         Delivery {
             id: stored.id,
             seq: self.job.seq,
@@ -346,7 +349,7 @@ impl Step<'_> {
             expires_at,
             target,
             unsubscribe_url,
-            html: None,
+            html,
         }
     }
 
@@ -525,5 +528,66 @@ impl Step<'_> {
         self.status(update).await;
         outcome(self.channel(), "dead_lettered");
         settle(self.msg, AckKind::Term).await;
+    }
+}
+
+/// The title, body and HTML a `channel` sends: the template's texts for that channel
+/// (`push.title`, `email.subject`, `sms.text`, ...) when it rendered them, else the
+/// notification's own title and body.
+fn channel_texts(
+    channel: Channel,
+    rendered: Option<herald_protocol::Rendered>,
+    title: Option<String>,
+    body: Option<String>,
+) -> (Option<String>, Option<String>, Option<String>) {
+    let Some(r) = rendered else {
+        return (title, body, None);
+    };
+    match channel {
+        Channel::Push => (r.push_title.or(title), r.push_body.or(body), None),
+        Channel::Email => (
+            r.email_subject.or(title),
+            r.email_text.or(body),
+            r.email_html,
+        ),
+        Channel::Sms => match r.sms_text {
+            Some(text) => (None, Some(text), None),
+            None => (title, body, None),
+        },
+        Channel::Inbox | Channel::Webhook => (title, body, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herald_protocol::Rendered;
+
+    fn texts(channel: Channel, rendered: Option<Rendered>) -> [Option<String>; 3] {
+        let (t, b, h) = channel_texts(channel, rendered, Some("T".into()), Some("B".into()));
+        [t, b, h]
+    }
+
+    #[test]
+    fn each_channel_sends_its_template_text_or_the_notifications() {
+        let some = |s: &str| Some(s.to_owned());
+        let rendered = Rendered {
+            template: "t".into(),
+            locale: "de".into(),
+            push_title: some("PT"),
+            email_subject: some("ES"),
+            email_html: some("<p>EH</p>"),
+            sms_text: some("S"),
+            ..Rendered::default()
+        };
+        let r = || Some(rendered.clone());
+        assert_eq!(texts(Channel::Push, r()), [some("PT"), some("B"), None]);
+        assert_eq!(
+            texts(Channel::Email, r()),
+            [some("ES"), some("B"), some("<p>EH</p>")]
+        );
+        assert_eq!(texts(Channel::Sms, r()), [None, some("S"), None]);
+        assert_eq!(texts(Channel::Webhook, r()), [some("T"), some("B"), None]);
+        assert_eq!(texts(Channel::Push, None), [some("T"), some("B"), None]);
     }
 }

@@ -115,13 +115,25 @@ pub(super) async fn batch(
         .check(&producer.0.producer, parsed.notifications.len() as u32)?;
     // Validate everything, send every valid append, then collect acks: one round trip of
     // latency for the whole batch.
+    // Templated items render in their recipient's locale: one batched preference read
+    // for the whole batch rather than one round trip per item.
+    let locales = state
+        .acceptor
+        .read_locales(parsed.notifications.iter().map(|raw| raw.get().as_bytes()))
+        .await
+        .map_err(AppError::from)?;
     let mut results: Vec<Option<ItemResult>> = Vec::with_capacity(parsed.notifications.len());
     let mut pending = Vec::new();
     for (i, raw) in parsed.notifications.iter().enumerate() {
         let key = batch_key.map(|k| format!("{k}:{i}"));
         match state
             .acceptor
-            .prepare(raw.get().as_bytes(), &producer.0.producer, key.as_deref())
+            .prepare_read_ahead(
+                raw.get().as_bytes(),
+                &producer.0.producer,
+                key.as_deref(),
+                &locales,
+            )
             .await
         {
             Err(e) => results.push(Some(rejected(ErrorBody::from(AppError::from(e))))),

@@ -71,6 +71,7 @@ pub async fn enqueue(
             rendered: None,
             producer: None,
             group: None,
+            variants: std::collections::BTreeMap::new(),
         })
         .collect();
     let inbox = &inbox;
@@ -97,6 +98,7 @@ pub async fn enqueue(
             target: load.target.clone(),
             folded: None,
             digest: None,
+            locale: None,
         })
         .collect();
     let subject = subjects.work(load.channel, load.lane);
