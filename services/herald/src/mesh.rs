@@ -3,6 +3,7 @@
 
 use crate::ops;
 use axum::Router;
+use backon::{ExponentialBuilder, Retryable as _};
 use herald_api::{Acceptor, ApiConfig, ApiState, Authenticator};
 use herald_auth::{ApiKeys, JwtConfig, UserAuth};
 use herald_gateway::{GatewayConfig, GatewayState};
@@ -180,8 +181,22 @@ impl Mesh {
             })?;
         wait_connected(&nats, &opts.nats_url).await?;
         if opts.provision {
+            // Provisioning is idempotent, so a request NATS did not answer in time (a
+            // cluster electing leaders, a busy server) is simply made again; an
+            // incompatible stream is not retried.
             let report =
-                herald_store::provision(&nats.js_consume, &opts.subjects, &opts.streams).await?;
+                (|| herald_store::provision(&nats.js_consume, &opts.subjects, &opts.streams))
+                    .retry(
+                        ExponentialBuilder::default()
+                            .with_min_delay(Duration::from_millis(500))
+                            .with_max_times(4)
+                            .with_jitter(),
+                    )
+                    .when(|e| matches!(e, herald_store::ProvisionError::Nats { .. }))
+                    .notify(|e, after| {
+                        tracing::warn!(error = %e, ?after, "provisioning failed; retrying");
+                    })
+                    .await?;
             tracing::info!(created = ?report.created, updated = ?report.updated, "provisioned");
         }
         check_layout(&nats, &opts.subjects).await?;
