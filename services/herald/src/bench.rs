@@ -235,7 +235,6 @@ async fn notify(args: NotifyArgs) -> Result<(), BenchError> {
         jwt,
         users: users_auth,
     } = BenchAuth::new()?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let options = MeshOptions {
         nats_url: url.clone(),
         name: "herald-bench".into(),
@@ -257,22 +256,7 @@ async fn notify(args: NotifyArgs) -> Result<(), BenchError> {
         rates: Default::default(),
         topics: Default::default(),
     };
-    // Herald gets a runtime of its own, as in its own process: the benchmark's clients
-    // must not queue in front of the server's tasks on the same two workers.
-    let server = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("herald-server")
-        .enable_all()
-        .build()?;
-    let listener = listener.into_std()?;
-    let mesh = server
-        .spawn(async move {
-            let listener = tokio::net::TcpListener::from_std(listener)?;
-            Mesh::start(options, listener)
-                .await
-                .map_err(BenchError::from)
-        })
-        .await??;
+    let (server, mesh) = mesh_apart(options, 2, "herald-server").await?;
     let base = format!("http://{}", mesh.addr());
     let native = native_throughput(&url, "hbench.notify", args.count).await?;
     let http = http_throughput(&base, &api_key, args.count, args.http_concurrency).await?;
@@ -353,6 +337,32 @@ async fn notify(args: NotifyArgs) -> Result<(), BenchError> {
         ms(accept_latency.max())
     );
     Ok(())
+}
+
+/// Starts Herald on 127.0.0.1:0 on a runtime of its own, as in its own process: the
+/// benchmark's clients must not queue in front of the server's tasks on the same workers.
+/// The runtime must outlive the mesh.
+async fn mesh_apart(
+    options: MeshOptions,
+    workers: usize,
+    name: &str,
+) -> Result<(tokio::runtime::Runtime, Mesh), BenchError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name(name)
+        .enable_all()
+        .build()?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    listener.set_nonblocking(true)?;
+    let mesh = runtime
+        .spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            Mesh::start(options, listener)
+                .await
+                .map_err(BenchError::from)
+        })
+        .await??;
+    Ok((runtime, mesh))
 }
 
 /// A histogram of microseconds (1 µs to 60 s) that many tasks record into.

@@ -136,6 +136,12 @@ async fn a_worker_killed_mid_batch_loses_nothing_and_repeats_only_the_unmarked()
     first.start_kill().expect("SIGKILL");
     let status = first.wait().await.expect("reap");
     assert!(!status.success(), "killed, not exited: {status:?}");
+    // Requests the worker wrote just before it died may still be read and recorded by
+    // the receiver: the window is known once the killed worker's connections are closed.
+    until("the killed worker's connections closed", async || {
+        receiver.open_connections() == 0
+    })
+    .await;
 
     // The window: received by the provider, but no sent marker when the process died.
     let before = deliveries(&receiver);

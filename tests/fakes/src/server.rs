@@ -21,6 +21,7 @@ pub struct Server {
     addr: SocketAddr,
     tls: bool,
     connections: Arc<AtomicUsize>,
+    open: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
 
@@ -42,6 +43,8 @@ impl Server {
         let acceptor = tls.clone().map(TlsAcceptor::from);
         let connections_accepted = Arc::new(AtomicUsize::new(0));
         let counter = Arc::clone(&connections_accepted);
+        let open = Arc::new(AtomicUsize::new(0));
+        let open_count = Arc::clone(&open);
         let task = tokio::spawn(async move {
             // Connections live in this set, so aborting the accept loop ends them too.
             let mut connections = JoinSet::new();
@@ -59,7 +62,9 @@ impl Server {
                 counter.fetch_add(1, Ordering::SeqCst);
                 let service = TowerToHyperService::new(router.clone());
                 let acceptor = acceptor.clone();
+                let open = OpenConnection::new(&open_count);
                 connections.spawn(async move {
+                    let _open = open;
                     let mut builder = auto::Builder::new(TokioExecutor::new());
                     // As many concurrent streams as APNs allows (hyper's default is 200).
                     builder.http2().max_concurrent_streams(MAX_STREAMS);
@@ -90,6 +95,7 @@ impl Server {
             addr,
             tls: tls.is_some(),
             connections: connections_accepted,
+            open,
             task,
         })
     }
@@ -105,6 +111,12 @@ impl Server {
         self.connections.load(Ordering::SeqCst)
     }
 
+    /// How many connections are open now (every request a closed one carried has been
+    /// handled).
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+
     /// The bound address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
@@ -114,5 +126,21 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// Counts a connection as open until it is dropped, however its task ends.
+struct OpenConnection(Arc<AtomicUsize>);
+
+impl OpenConnection {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(Arc::clone(count))
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }

@@ -81,6 +81,11 @@ impl WebhookReceiver {
         self.state.log.all()
     }
 
+    /// How many connections are open now.
+    pub fn open_connections(&self) -> usize {
+        self.server.open_connections()
+    }
+
     /// How many requests so far (cheap enough to poll).
     pub fn received_count(&self) -> usize {
         self.state.log.len()

@@ -317,21 +317,7 @@ impl Herald {
             Subjects::new(PREFIX, PARTITIONS)?,
         );
         let super::BenchAuth { api_key, users, .. } = auth;
-        let server = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("herald-api")
-            .enable_all()
-            .build()?;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-        listener.set_nonblocking(true)?;
-        let mesh = server
-            .spawn(async move {
-                let listener = tokio::net::TcpListener::from_std(listener)?;
-                Mesh::start(options, listener)
-                    .await
-                    .map_err(BenchError::from)
-            })
-            .await??;
+        let (server, mesh) = super::mesh_apart(options, 1, "herald-api").await?;
 
         let api = format!("http://{}", mesh.addr());
         Ok(Herald {

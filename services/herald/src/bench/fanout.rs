@@ -234,13 +234,7 @@ pub(super) async fn run(args: FanoutArgs) -> Result<(), BenchError> {
             break;
         }
         if last_progress.elapsed() > Duration::from_secs(2) {
-            let p: serde_json::Value = http
-                .get(format!("{api}/v1/topics/{TOPIC}/publishes/{id}"))
-                .bearer_auth(&api_key)
-                .send()
-                .await?
-                .json()
-                .await?;
+            let p = progress(&http, &api, &api_key, &id).await?;
             eprintln!(
                 "bench fanout: channel work {}/{} subscribers, {} routed, {pushed}/{expected_jobs} push jobs",
                 p["fanout"]["done"], p["fanout"]["total"], p["fanout"]["routed"]
@@ -259,13 +253,7 @@ pub(super) async fn run(args: FanoutArgs) -> Result<(), BenchError> {
         accepted_ms
     } else {
         loop {
-            let p: serde_json::Value = http
-                .get(format!("{api}/v1/topics/{TOPIC}/publishes/{id}"))
-                .bearer_auth(&api_key)
-                .send()
-                .await?
-                .json()
-                .await?;
+            let p = progress(&http, &api, &api_key, &id).await?;
             if p["fanout"]["done"].as_u64() >= p["fanout"]["total"].as_u64()
                 && p["fanout"]["total"].as_u64().is_some()
             {
@@ -365,6 +353,22 @@ pub(super) async fn run(args: FanoutArgs) -> Result<(), BenchError> {
     );
     drop(nats);
     Ok(())
+}
+
+/// The publish's progress document (`GET /v1/topics/{topic}/publishes/{id}`).
+async fn progress(
+    http: &reqwest::Client,
+    api: &str,
+    api_key: &str,
+    id: &str,
+) -> Result<serde_json::Value, BenchError> {
+    Ok(http
+        .get(format!("{api}/v1/topics/{TOPIC}/publishes/{id}"))
+        .bearer_auth(api_key)
+        .send()
+        .await?
+        .json()
+        .await?)
 }
 
 async fn counts(

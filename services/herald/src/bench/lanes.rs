@@ -9,7 +9,7 @@
 //! The raw JetStream publish→ack latency of the same server is the ceiling beside them.
 
 use super::{BenchAuth, BenchError, ms, raw_ack_latency, shared_histogram};
-use crate::mesh::{Mesh, MeshOptions, Roles};
+use crate::mesh::{MeshOptions, Roles};
 use async_nats::jetstream;
 use clap::Args;
 use futures::StreamExt as _;
@@ -104,23 +104,7 @@ pub async fn run(args: LanesArgs) -> Result<(), BenchError> {
         rates: Default::default(),
         topics: Default::default(),
     };
-    // Herald on a runtime of its own, as in its own process.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("herald-server")
-        .enable_all()
-        .build()?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await?
-        .into_std()?;
-    let mesh = runtime
-        .spawn(async move {
-            let listener = tokio::net::TcpListener::from_std(listener)?;
-            Mesh::start(options, listener)
-                .await
-                .map_err(BenchError::from)
-        })
-        .await??;
+    let (runtime, mesh) = super::mesh_apart(options, 2, "herald-server").await?;
     let base = format!("http://{}", mesh.addr());
     let http = reqwest::Client::new();
 

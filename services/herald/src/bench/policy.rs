@@ -16,7 +16,6 @@
 //! flight) of the same nats-server is measured, so the figures read as ratios.
 
 use super::{BenchAuth, BenchError, rate, raw_jetstream};
-use crate::mesh::Mesh;
 use clap::Args;
 use futures::StreamExt as _;
 use herald_protocol::preferences::{CategoryRule, PreferencesPatch, RateCap};
@@ -140,22 +139,7 @@ async fn scenario(args: &PolicyArgs, with_policy: bool) -> Result<Outcome, Bench
         options.templates = Arc::new(herald_templates::Templates::load(&dir)?);
     }
     let api_key = auth.api_key.clone();
-    // Herald in a runtime of its own, as in its own process.
-    let server = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("herald-server")
-        .enable_all()
-        .build()?;
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    listener.set_nonblocking(true)?;
-    let mesh = server
-        .spawn(async move {
-            let listener = tokio::net::TcpListener::from_std(listener)?;
-            Mesh::start(options, listener)
-                .await
-                .map_err(BenchError::from)
-        })
-        .await??;
+    let (server, mesh) = super::mesh_apart(options, 2, "herald-server").await?;
     let base = format!("http://{}", mesh.addr());
 
     setup(&url, args, with_policy).await?;
