@@ -44,7 +44,17 @@ pub async fn run(ctx: Arc<Context>, pulled: Vec<(Message, OwnedSemaphorePermit)>
     let mut live = Vec::with_capacity(pulled.len());
     for (msg, permit) in pulled {
         if let Some(p) = job::decode(&ctx, msg).await {
-            live.push((p, permit));
+            let Some(claim) = Claim::new(&ctx, p.job.key()) else {
+                // Redelivered while this worker still has the first copy: that copy
+                // writes the sent marker, which this one finds when it comes back.
+                job::settle(
+                    &p.msg,
+                    async_nats::jetstream::AckKind::Nak(Some(STORE_RETRY)),
+                )
+                .await;
+                continue;
+            };
+            live.push((p, (permit, claim)));
         }
     }
     if live.is_empty() {
@@ -99,6 +109,30 @@ pub async fn run(ctx: Arc<Context>, pulled: Vec<(Message, OwnedSemaphorePermit)>
         });
     }
     while tasks.join_next().await.is_some() {}
+}
+
+/// A job key held in [`Context::in_flight`] until dropped, however the job ends.
+struct Claim {
+    ctx: Arc<Context>,
+    key: String,
+}
+
+impl Claim {
+    /// Claims `key`; `None` when this worker already holds it.
+    fn new(ctx: &Arc<Context>, key: String) -> Option<Self> {
+        let mut held = ctx.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        held.insert(key.clone()).then(|| Self {
+            ctx: Arc::clone(ctx),
+            key,
+        })
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut held = self.ctx.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        held.remove(&self.key);
+    }
 }
 
 /// Reads what the jobs of `users` need, once per distinct user.

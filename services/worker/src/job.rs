@@ -49,6 +49,9 @@ pub struct Context {
     pub seen: kv::Store,
     /// Dead letters.
     pub dlq: Dlq,
+    /// Keys of the jobs this worker is working on: a copy redelivered while the first is
+    /// still here (its ack wait ran out) waits instead of being sent a second time.
+    pub in_flight: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// Delay before retrying a job whose state could not be read (NATS trouble).

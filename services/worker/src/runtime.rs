@@ -194,6 +194,7 @@ pub async fn run(
         seen,
         dlq: Dlq::new(deps.nats.clone(), deps.subjects.clone()),
         deps,
+        in_flight: Default::default(),
     });
     let stop = CancellationToken::new();
     let mut lanes = JoinSet::new();
