@@ -38,9 +38,6 @@ fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> Preferences
     PreferencesError::Unavailable(Box::new(e))
 }
 
-/// Subjects per batched direct get.
-const MULTI_LAST_CHUNK: usize = 256;
-
 /// How often a compare-and-set update is retried against concurrent writers.
 const CAS_ATTEMPTS: usize = 16;
 
@@ -161,31 +158,18 @@ pub async fn read_many(
     client: &async_nats::Client,
     users: &[UserId],
 ) -> Result<std::collections::HashMap<UserId, Preferences>, PreferencesError> {
-    let bucket = herald_protocol::streams::PREFS_BUCKET;
-    let subjects: Vec<String> = users
+    let keys: Vec<String> = users
         .iter()
-        .map(|u| format!("$KV.{bucket}.{}", u.token()))
+        .map(|u| u.token().as_str().to_owned())
         .collect();
     let mut found = std::collections::HashMap::new();
-    for chunk in subjects.chunks(MULTI_LAST_CHUNK) {
-        let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
-        let msgs = crate::direct::last_of_many(client, &format!("KV_{bucket}"), &refs)
-            .await
-            .map_err(unavailable)?;
-        for msg in msgs {
-            let deleted = msg
-                .headers
-                .get("KV-Operation")
-                .is_some_and(|op| op.as_str() != "PUT");
-            let user = msg
-                .headers
-                .get("Nats-Subject")
-                .and_then(|s| s.as_str().rsplit('.').next().map(str::to_owned))
-                .and_then(|token| herald_protocol::UserToken::decode(&token).ok());
-            if let (false, Some(user)) = (deleted, user) {
-                let prefs = decode(&user, &msg.payload);
-                found.insert(user, prefs);
-            }
+    let values = crate::direct::kv_live_many(client, herald_protocol::streams::PREFS_BUCKET, &keys)
+        .await
+        .map_err(unavailable)?;
+    for (token, value) in values {
+        if let Ok(user) = herald_protocol::UserToken::decode(&token) {
+            let prefs = decode(&user, &value);
+            found.insert(user, prefs);
         }
     }
     Ok(users

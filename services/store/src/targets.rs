@@ -475,9 +475,6 @@ impl Reach {
     }
 }
 
-/// Subjects per batched read (a `multi_last` request).
-const REACH_CHUNK: usize = 256;
-
 /// Which of `users` have a device or a contact record, in batched direct gets of the
 /// bucket's literal subjects (one round trip per 128 users), without opening any sealed
 /// record. A fan-out to a million subscribers uses it to hand the router only those who
@@ -489,46 +486,30 @@ pub async fn reachable(
     client: &async_nats::Client,
     users: &[UserId],
 ) -> Result<std::collections::HashMap<UserId, Reach>, TargetsError> {
-    let bucket = herald_protocol::streams::TARGETS_BUCKET;
-    let subjects: Vec<String> = users
+    let keys: Vec<String> = users
         .iter()
         .flat_map(|u| [device_key(u), contact_key(u)])
-        .map(|key| format!("$KV.{bucket}.{key}"))
         .collect();
-    let mut found: std::collections::HashMap<UserId, Reach> = std::collections::HashMap::new();
-    for chunk in subjects.chunks(REACH_CHUNK) {
-        let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
-        let msgs = crate::direct::last_of_many(client, &format!("KV_{bucket}"), &refs)
+    let values =
+        crate::direct::kv_live_many(client, herald_protocol::streams::TARGETS_BUCKET, &keys)
             .await
             .map_err(nats)?;
-        for msg in msgs {
-            let put = msg
-                .headers
-                .get("KV-Operation")
-                .is_none_or(|op| op.as_str() == "PUT");
-            let Some(key) = msg.headers.get("Nats-Subject").and_then(|s| {
-                s.as_str()
-                    .strip_prefix(&format!("$KV.{bucket}."))
-                    .map(str::to_owned)
-            }) else {
-                continue;
-            };
-            let Some((kind, token)) = key.split_once('.') else {
-                continue;
-            };
-            let Ok(user) = herald_protocol::UserToken::decode(token) else {
-                continue;
-            };
-            let reach = found.entry(user).or_default();
-            match kind {
-                "d" => {
-                    reach.push = put
-                        && serde_json::from_slice::<Devices>(&msg.payload)
-                            .is_ok_and(|d| !d.devices.is_empty());
-                }
-                "c" => reach.contact = put,
-                _ => {}
+    let mut found: std::collections::HashMap<UserId, Reach> = std::collections::HashMap::new();
+    for (key, value) in values {
+        let Some((kind, token)) = key.split_once('.') else {
+            continue;
+        };
+        let Ok(user) = herald_protocol::UserToken::decode(token) else {
+            continue;
+        };
+        let reach = found.entry(user).or_default();
+        match kind {
+            "d" => {
+                reach.push =
+                    serde_json::from_slice::<Devices>(&value).is_ok_and(|d| !d.devices.is_empty());
             }
+            "c" => reach.contact = true,
+            _ => {}
         }
     }
     Ok(users
