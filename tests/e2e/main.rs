@@ -25,6 +25,7 @@ mod replay;
 mod routers;
 mod scheduled;
 mod sdk_js;
+mod storm;
 mod templates;
 mod topic_locales;
 mod topics;

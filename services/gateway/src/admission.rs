@@ -5,6 +5,11 @@
 //! - Each user holds at most `max_per_user` connections at once (429 beyond), so one
 //!   account cannot exhaust a gateway's file descriptors.
 //! - Each connection's client frames pass a token bucket of their own (close 1008 beyond).
+//! - Sessions being opened (the store reads of an upgrade) are capped by a limit that
+//!   follows the store's latency ([`adaptive`]): in a reconnect storm the gateway admits
+//!   what the store can answer, and refuses the rest before they cost anything.
+
+pub mod adaptive;
 
 use axum::http::StatusCode;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -23,6 +28,8 @@ pub struct Limits {
     pub max_per_user: u32,
     /// Client frames per second per connection (bursts of twice that pass).
     pub frames_per_sec: u32,
+    /// The adaptive cap on sessions being opened at once.
+    pub opening: adaptive::OpenLimits,
 }
 
 impl Default for Limits {
@@ -31,6 +38,7 @@ impl Default for Limits {
             upgrades_per_sec: 2_000,
             max_per_user: 32,
             frames_per_sec: 50,
+            opening: adaptive::OpenLimits::default(),
         }
     }
 }
@@ -41,6 +49,7 @@ pub struct Admission {
     limits: Limits,
     upgrades: DefaultDirectRateLimiter,
     per_user: Mutex<HashMap<UserId, u32>>,
+    opening: Arc<adaptive::OpenGate>,
 }
 
 /// A user's admitted connection; dropping it frees the slot.
@@ -75,6 +84,7 @@ impl Admission {
             limits,
             upgrades,
             per_user: Mutex::new(HashMap::new()),
+            opening: Arc::new(adaptive::OpenGate::new(limits.opening)),
         }
     }
 
@@ -116,6 +126,29 @@ impl Admission {
             admission: self.clone(),
             user: user.clone(),
         })
+    }
+
+    /// A place among the sessions being opened, or 503 when the store is already busy
+    /// with as many as it answers quickly.
+    ///
+    /// # Errors
+    /// 503 with a jittered `Retry-After` over the adaptive cap.
+    pub fn begin_open(&self) -> Result<adaptive::Opening, AppError> {
+        self.opening.try_begin().ok_or_else(|| {
+            metrics::counter!("herald_gateway_refused_total", "reason" => "store_busy")
+                .increment(1);
+            AppError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "too many connections are opening right now; retry after the Retry-After delay",
+            )
+            .retry_after(rand::random_range(1..=5))
+        })
+    }
+
+    /// The adaptive cap on sessions being opened.
+    pub fn open_gate(&self) -> &adaptive::OpenGate {
+        &self.opening
     }
 
     /// A fresh limiter for one connection's client frames.

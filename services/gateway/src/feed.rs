@@ -10,9 +10,11 @@
 use crate::hub::{Hub, Tap};
 use herald_protocol::topic::{TOPICS_HEADER, for_subscriber};
 use herald_protocol::{Notification, StoredNotification, TopicId, UserId};
-use herald_store::InboxError;
 use herald_store::direct::header_u64;
+use herald_store::{InboxError, ViewHead};
 use std::collections::VecDeque;
+use std::sync::Arc;
+use tokio::sync::Semaphore;
 
 /// Notifications read from the inbox per replay step.
 const REPLAY_PAGE: usize = 200;
@@ -61,6 +63,8 @@ pub struct Feed {
     /// A live notification that revealed a gap, delivered once the gap is read (kept in
     /// case the replica that answers the catch-up has not stored it yet).
     held: Option<Box<(u64, Option<TopicId>, StoredNotification)>>,
+    /// Shared by a gateway's feeds: one permit per catch-up read in flight.
+    pace: Option<Arc<Semaphore>>,
     ready: VecDeque<Notification>,
     /// A read position announced since the last call, for other devices' `read` frames.
     read_event: Option<u64>,
@@ -75,6 +79,85 @@ struct Followed {
     topic: TopicId,
     since: u64,
     high: u64,
+}
+
+/// A user's live subject, tapped; not yet a feed (see [`Feed::tap`]).
+#[derive(Debug)]
+pub struct Tapped {
+    hub: Hub,
+    user: UserId,
+    live: Tap,
+}
+
+impl Tapped {
+    /// The user whose subject is tapped.
+    pub fn user(&self) -> &UserId {
+        &self.user
+    }
+
+    /// The feed, given the view's `head` read after the tap: with `after`, replays
+    /// everything after it first; without, starts after the head's newest seq (live
+    /// only). Follows the big topics of `head` live.
+    ///
+    /// # Errors
+    /// [`FeedError`] when NATS cannot answer.
+    pub async fn start(
+        self,
+        after: Option<u64>,
+        read_up_to: u64,
+        head: &ViewHead,
+    ) -> Result<Feed, FeedError> {
+        let Tapped {
+            hub,
+            user,
+            mut live,
+        } = self;
+        let inbox = hub.inbox();
+        let mut topics = Vec::with_capacity(head.topics.len());
+        for (t, _) in &head.topics {
+            live.follow(inbox.subjects().topic_live(&t.topic))
+                .await
+                .map_err(|e| FeedError::Subscribe(Box::new(e)))?;
+            topics.push(Followed {
+                topic: t.topic.clone(),
+                since: t.since,
+                high: 0,
+            });
+        }
+        let locale = if topics.is_empty() {
+            None
+        } else {
+            Some(inbox.locale_of(&user).await?)
+        };
+        // The topics' live subjects were followed after the head was read: a publish in
+        // between is neither in the head nor live, so a user who follows any catches up
+        // from the head once (one read) even without `after`.
+        let (last_sent, catching_up) = match after {
+            Some(after) => (after, true),
+            None => (head.last_seq(), !topics.is_empty()),
+        };
+        for t in &mut topics {
+            t.high = last_sent;
+        }
+        Ok(Feed {
+            hub,
+            user,
+            live,
+            replayed: after.is_some().then_some(0),
+            last_sent,
+            own_high: last_sent,
+            topics,
+            replay_from: last_sent,
+            topics_changed: false,
+            read_up_to,
+            catching_up,
+            held: None,
+            pace: None,
+            ready: VecDeque::new(),
+            read_event: None,
+            locale,
+        })
+    }
 }
 
 /// What a feed hands out.
@@ -101,57 +184,35 @@ impl Feed {
         after: Option<u64>,
         read_up_to: u64,
     ) -> Result<Self, FeedError> {
-        // Tap the live subjects before reading anything: whatever is stored from now on is
-        // either in the replay or arrives live, and the per-source seq check drops the
-        // overlap.
-        let inbox = hub.inbox();
-        let mut live = hub
-            .tap(inbox.subjects().live(&user))
+        let tapped = Self::tap(hub, user)?;
+        let head = hub.inbox().head(tapped.user()).await?;
+        tapped.start(after, read_up_to, &head).await
+    }
+
+    /// The first half of opening a feed: taps the user's live subject. Read the view's
+    /// head ([`herald_store::Inbox::head`]) only after this, then [`Tapped::start`] the
+    /// feed: whatever is stored from the tap on is either at or below that head, or
+    /// arrives live, and the per-source seq check drops the overlap.
+    ///
+    /// # Errors
+    /// [`FeedError::Subscribe`] when the hub's subscriptions have ended.
+    pub fn tap(hub: &Hub, user: UserId) -> Result<Tapped, FeedError> {
+        let live = hub
+            .tap(hub.inbox().subjects().live(&user))
             .map_err(|e| FeedError::Subscribe(Box::new(e)))?;
-        let mut topics = Vec::new();
-        for t in inbox
-            .subscribed_topics(&user)
-            .await
-            .map_err(FeedError::Topics)?
-        {
-            live.follow(inbox.subjects().topic_live(&t.topic))
-                .await
-                .map_err(|e| FeedError::Subscribe(Box::new(e)))?;
-            topics.push(Followed {
-                topic: t.topic,
-                since: t.since,
-                high: 0,
-            });
-        }
-        let locale = if topics.is_empty() {
-            None
-        } else {
-            Some(inbox.locale_of(&user).await?)
-        };
-        let (last_sent, catching_up) = match after {
-            Some(after) => (after, true),
-            None => (inbox.last_seq(&user).await?, false),
-        };
-        for t in &mut topics {
-            t.high = last_sent;
-        }
-        Ok(Self {
+        Ok(Tapped {
             hub: hub.clone(),
             user,
             live,
-            replayed: catching_up.then_some(0),
-            last_sent,
-            own_high: last_sent,
-            topics,
-            replay_from: last_sent,
-            topics_changed: false,
-            read_up_to,
-            catching_up,
-            held: None,
-            ready: VecDeque::new(),
-            read_event: None,
-            locale,
         })
+    }
+
+    /// Catch-up reads (replays) wait for a permit of `pace`, one per read in flight, so
+    /// a storm of resuming clients queues its replays instead of flooding the store.
+    #[must_use]
+    pub fn paced(mut self, pace: Arc<Semaphore>) -> Self {
+        self.pace = Some(pace);
+        self
     }
 
     /// The highest seq handed out so far (the resume position).
@@ -224,6 +285,11 @@ impl Feed {
     }
 
     async fn catch_up_step(&mut self) -> Result<(), FeedError> {
+        // Closed only when the gateway is gone: read anyway.
+        let _permit = match &self.pace {
+            Some(pace) => Arc::clone(pace).acquire_owned().await.ok(),
+            None => None,
+        };
         let page = self
             .hub
             .inbox()

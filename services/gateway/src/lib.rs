@@ -45,6 +45,8 @@ pub struct GatewayConfig {
     pub max_batch: usize,
     /// Batching of read receipts and acks (the process's batcher, shared with the API).
     pub receipts: ReceiptsConfig,
+    /// Inbox reads for replays (catching up) in flight at once on this gateway.
+    pub replay_reads: usize,
 }
 
 impl Default for GatewayConfig {
@@ -56,6 +58,7 @@ impl Default for GatewayConfig {
             limits: admission::Limits::default(),
             max_batch: 100,
             receipts: ReceiptsConfig::default(),
+            replay_reads: 64,
         }
     }
 }
@@ -81,6 +84,8 @@ pub struct GatewayState {
     pub admission: Arc<admission::Admission>,
     /// Topic subscriptions, for `subscribe`/`unsubscribe` frames.
     pub topics: Option<Topics>,
+    /// Paces replays: one permit per inbox read in flight (`replay_reads` of them).
+    pub replay_pace: Arc<tokio::sync::Semaphore>,
 }
 
 /// What `subscribe`/`unsubscribe` frames need: the store and the rules.
@@ -110,6 +115,7 @@ impl GatewayState {
             hub,
             auth,
             admission: Arc::new(admission::Admission::new(config.limits)),
+            replay_pace: Arc::new(tokio::sync::Semaphore::new(config.replay_reads.max(1))),
             config,
             shutdown,
             topics: None,
@@ -150,31 +156,59 @@ impl Drop for Connected {
 
 /// Opens a user's feed and builds the `hello` frame that starts every connection.
 ///
+/// The store is asked as little as possible, so that a reconnect storm costs it little
+/// per upgrade: the read position and the view's head in one concurrent step (two or
+/// three requests), then the unread count only when something is unread. The whole open
+/// passes the gateway's adaptive cap ([`admission::adaptive`]), which learns from how
+/// long these reads take; over it the upgrade is refused before it costs anything.
+///
 /// # Errors
-/// 503 when NATS cannot answer.
+/// 503 when NATS cannot answer, or when the store is busy with other opens.
 pub(crate) async fn open_session(
     state: &GatewayState,
     user: &herald_protocol::UserId,
     after: Option<u64>,
 ) -> Result<(Feed, herald_protocol::ServerFrame), herald_api::AppError> {
+    let opening = state.admission.begin_open()?;
+    let opened = lookup(state, user, after).await;
+    opening.finish(opened.is_ok());
+    opened
+}
+
+async fn lookup(
+    state: &GatewayState,
+    user: &herald_protocol::UserId,
+    after: Option<u64>,
+) -> Result<(Feed, herald_protocol::ServerFrame), herald_api::AppError> {
     let unavailable = |e: &dyn std::error::Error| herald_api::AppError::unavailable(e);
-    let read_up_to = state.reads.get(user).await.map_err(|e| unavailable(&e))?;
-    // Open the feed first so NATS trouble is a clean 503, not a dead socket.
-    let feed = Feed::open(&state.hub, user.clone(), after, read_up_to)
-        .await
-        .map_err(|e| unavailable(&e))?;
-    let (unread, last_seq) = tokio::try_join!(
-        state.inbox.count_after(user, read_up_to),
-        state.inbox.last_seq(user)
-    )
-    .map_err(|e| unavailable(&e))?;
+    // Tap first, then read: see `Feed::tap`.
+    let tapped = Feed::tap(&state.hub, user.clone()).map_err(|e| unavailable(&e))?;
+    let (read_up_to, head) = tokio::try_join!(
+        async { state.reads.get(user).await.map_err(|e| unavailable(&e)) },
+        async { state.inbox.head(user).await.map_err(|e| unavailable(&e)) },
+    )?;
+    let (unread, feed) = tokio::try_join!(
+        async {
+            state
+                .inbox
+                .unread(user, &head, read_up_to)
+                .await
+                .map_err(|e| unavailable(&e))
+        },
+        async {
+            tapped
+                .start(after, read_up_to, &head)
+                .await
+                .map_err(|e| unavailable(&e))
+        },
+    )?;
     let hello = herald_protocol::ServerFrame::Hello {
         user_id: user.clone(),
-        last_seq,
+        last_seq: head.last_seq(),
         unread,
         heartbeat_s: state.config.heartbeat.as_secs(),
     };
-    Ok((feed, hello))
+    Ok((feed.paced(Arc::clone(&state.replay_pace)), hello))
 }
 
 /// The gateway's routes: `/v1/ws` (alias `/ws/connect`), `/v1/sse`, and the long-polling

@@ -31,7 +31,8 @@ pub(crate) async fn page(
         .map_err(|e| AppError::unavailable(&e))?;
     let mut feed = Feed::open(&state.hub, user.clone(), Some(after), read_up_to)
         .await
-        .map_err(|e| AppError::unavailable(&e))?;
+        .map_err(|e| AppError::unavailable(&e))?
+        .paced(std::sync::Arc::clone(&state.replay_pace));
     let first = feed
         .next_ready()
         .await

@@ -47,4 +47,4 @@ pub use targets::Targets;
 pub use topics::{
     FanoutLog, MAX_TOPICS_PER_USER, SubscriberPages, Subscription, Subscriptions, TopicsError,
 };
-pub use view::TopicSource;
+pub use view::{TopicSource, ViewHead};

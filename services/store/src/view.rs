@@ -26,7 +26,7 @@ use crate::topics::Subscriptions;
 use herald_protocol::streams::INBOX;
 use herald_protocol::topic::for_subscriber;
 use herald_protocol::{StoredNotification, TopicId, UserId};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 /// A big topic a user follows, and the INBOX sequence from which they see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,6 +35,29 @@ pub struct TopicSource {
     pub topic: TopicId,
     /// Their view holds the topic's publishes with a greater sequence.
     pub since: u64,
+}
+
+/// The newest sequence of every source of a user's view, read once when a connection
+/// opens ([`Inbox::head`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ViewHead {
+    /// The newest sequence of the user's own subject, 0 when empty.
+    pub own_last: u64,
+    /// The big topics they follow, each with the newest sequence on its subject (0 when
+    /// none).
+    pub topics: Vec<(TopicSource, u64)>,
+}
+
+impl ViewHead {
+    /// The newest `seq` of the view: of the user's own entries and of the topic publishes
+    /// they see (those after they subscribed).
+    pub fn last_seq(&self) -> u64 {
+        self.topics
+            .iter()
+            .filter(|(source, last)| *last > source.since)
+            .map(|(_, last)| *last)
+            .fold(self.own_last, u64::max)
+    }
 }
 
 /// Subjects per `multi_last` request.
@@ -75,14 +98,31 @@ impl Inbox {
         after: u64,
     ) -> Result<Vec<(TopicSource, u64)>, InboxError> {
         let topics = self.subscribed_topics(user).await?;
+        let last_of = self.topic_lasts(&topics).await?;
+        Ok(topics
+            .into_iter()
+            .filter_map(|t| {
+                let from = after.max(t.since);
+                let last = *last_of.get(&t.topic)?;
+                (last > from).then_some((t, from))
+            })
+            .collect())
+    }
+
+    /// The newest sequence stored on each topic's subject (topics with none are absent):
+    /// one `multi_last` per 256 topics, none when `topics` is empty.
+    async fn topic_lasts(
+        &self,
+        topics: &[TopicSource],
+    ) -> Result<HashMap<TopicId, u64>, InboxError> {
+        let mut last_of = HashMap::new();
         if topics.is_empty() {
-            return Ok(Vec::new());
+            return Ok(last_of);
         }
         let subjects: Vec<String> = topics
             .iter()
             .map(|t| self.subjects().topic_inbox(&t.topic))
             .collect();
-        let mut last_of = std::collections::HashMap::new();
         for chunk in subjects.chunks(MULTI_LAST_CHUNK) {
             let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
             for msg in direct::last_of_many(&self.nats().consume, INBOX, &refs).await? {
@@ -97,14 +137,59 @@ impl Inbox {
                 }
             }
         }
-        Ok(topics
+        Ok(last_of)
+    }
+
+    /// What a connection needs of the view when it opens: the topics followed and the
+    /// newest sequence of every source, read once — the user's own newest entry and their
+    /// subscriptions in one concurrent step, then (only for a user who follows big
+    /// topics) one `multi_last` over the topics. The unread count then comes from
+    /// [`Inbox::unread`] without reading any of this again. A reconnect storm pays two
+    /// requests per upgrade for most users, not the seven of reading each figure apart.
+    ///
+    /// # Errors
+    /// [`InboxError`] when NATS cannot answer.
+    pub async fn head(&self, user: &UserId) -> Result<ViewHead, InboxError> {
+        let own = self.subjects().inbox(user);
+        let (own_last, topics) =
+            tokio::try_join!(self.subject_last(&own), self.subscribed_topics(user))?;
+        let last_of = self.topic_lasts(&topics).await?;
+        let topics = topics
             .into_iter()
-            .filter_map(|t| {
-                let from = after.max(t.since);
-                let last = *last_of.get(&t.topic)?;
-                (last > from).then_some((t, from))
+            .map(|t| {
+                let last = last_of.get(&t.topic).copied().unwrap_or(0);
+                (t, last)
             })
-            .collect())
+            .collect();
+        Ok(ViewHead { own_last, topics })
+    }
+
+    /// How many notifications of the view read as `head` have `seq > after`: one count
+    /// per source holding anything newer, none at all when nothing is (the user has read
+    /// everything, the common case on a reconnect).
+    ///
+    /// # Errors
+    /// [`InboxError`] when NATS cannot answer.
+    pub async fn unread(
+        &self,
+        user: &UserId,
+        head: &ViewHead,
+        after: u64,
+    ) -> Result<u64, InboxError> {
+        let mut count = if head.own_last > after {
+            self.subject_count_after(&self.subjects().inbox(user), after)
+                .await?
+        } else {
+            0
+        };
+        for (source, last) in &head.topics {
+            let from = after.max(source.since);
+            if *last > from {
+                let subject = self.subjects().topic_inbox(&source.topic);
+                count += self.subject_count_after(&subject, from).await?;
+            }
+        }
+        Ok(count)
     }
 
     /// Up to `limit` notifications of the user's view with `seq > after`, oldest first.
@@ -207,15 +292,7 @@ impl Inbox {
     /// # Errors
     /// [`InboxError::Read`] when NATS cannot answer.
     pub async fn last_seq(&self, user: &UserId) -> Result<u64, InboxError> {
-        let own = self.subjects().inbox(user);
-        let (personal, topics) =
-            tokio::try_join!(self.subject_last(&own), self.active_sources(user, 0))?;
-        let mut last = personal;
-        for (source, _) in topics {
-            let subject = self.subjects().topic_inbox(&source.topic);
-            last = last.max(self.subject_last(&subject).await?);
-        }
-        Ok(last)
+        Ok(self.head(user).await?.last_seq())
     }
 
     /// How many notifications the user's view has with `seq > after`.
@@ -223,17 +300,8 @@ impl Inbox {
     /// # Errors
     /// [`InboxError::Read`] when NATS cannot answer.
     pub async fn count_after(&self, user: &UserId, after: u64) -> Result<u64, InboxError> {
-        let own = self.subjects().inbox(user);
-        let (personal, topics) = tokio::try_join!(
-            self.subject_count_after(&own, after),
-            self.active_sources(user, after)
-        )?;
-        let mut count = personal;
-        for (source, from) in topics {
-            let subject = self.subjects().topic_inbox(&source.topic);
-            count += self.subject_count_after(&subject, from).await?;
-        }
-        Ok(count)
+        let head = self.head(user).await?;
+        self.unread(user, &head, after).await
     }
 }
 

@@ -67,6 +67,11 @@ pub struct ConnsArgs {
     /// Gateways killed in the multi-process storm (default: half of them, rounded up).
     #[arg(long)]
     pub kill: Option<usize>,
+    /// Multi-process run: every user follows one big topic (subscribed in bulk before
+    /// connecting), and the broadcast is ONE publish to it instead of one notification
+    /// per user.
+    #[arg(long)]
+    pub topic: bool,
 }
 
 /// The environment of a `herald gateway` child on `url`'s NATS.

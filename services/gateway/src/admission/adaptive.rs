@@ -1,0 +1,260 @@
+//! Admission that follows the store: how many sessions may be opening at once.
+//!
+//! Opening a session reads the store (read position, last seq, unread count). In a
+//! reconnect storm a fixed token bucket admits upgrades at a rate the store may not
+//! sustain: the reads slow down, time out, the upgrades fail after costing their work,
+//! the clients retry, and the storm feeds itself. So besides the bucket, a gateway caps
+//! the sessions *being opened* at once, and moves that cap by what it measures (additive
+//! increase, multiplicative decrease, as TCP does with its window):
+//! - an open that took less than the target latency raises the cap by one;
+//! - one that took longer, or failed, cuts the cap by 30%, at most once per target
+//!   period (the opens in flight when it was cut were admitted under the old cap).
+//!
+//! Over the cap an upgrade is refused at once (503, jittered `Retry-After`), before it
+//! costs the store anything. The cap stays between a floor (so the gateway always makes
+//! progress) and a ceiling.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+/// Tunables of the adaptive cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenLimits {
+    /// Opens the gateway starts with.
+    pub initial: u32,
+    /// The cap never goes below this.
+    pub min: u32,
+    /// The cap never goes above this.
+    pub max: u32,
+    /// An open slower than this counts as the store being overloaded.
+    pub target: Duration,
+}
+
+impl Default for OpenLimits {
+    fn default() -> Self {
+        Self {
+            initial: 64,
+            min: 4,
+            max: 1_024,
+            target: Duration::from_millis(500),
+        }
+    }
+}
+
+/// The cap's arithmetic, with time passed in (deterministic to test).
+#[derive(Debug)]
+struct Aimd {
+    limits: OpenLimits,
+    cap: f64,
+    in_flight: u32,
+    /// When the cap was last cut.
+    cut_at: Option<Instant>,
+}
+
+impl Aimd {
+    fn new(limits: OpenLimits) -> Self {
+        let min = limits.min.max(1);
+        let limits = OpenLimits {
+            min,
+            max: limits.max.max(min),
+            ..limits
+        };
+        Self {
+            cap: f64::from(limits.initial.clamp(limits.min, limits.max)),
+            limits,
+            in_flight: 0,
+            cut_at: None,
+        }
+    }
+
+    fn cap(&self) -> u32 {
+        // The cap is kept within [min, max], both u32.
+        self.cap as u32
+    }
+
+    fn try_begin(&mut self) -> bool {
+        if self.in_flight >= self.cap() {
+            return false;
+        }
+        self.in_flight += 1;
+        true
+    }
+
+    /// An open ended; `took` is `None` when it failed.
+    fn end(&mut self, took: Option<Duration>, now: Instant) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        let fast = took.is_some_and(|t| t <= self.limits.target);
+        if fast {
+            self.cap = (self.cap + 1.0).min(f64::from(self.limits.max));
+            return;
+        }
+        let recently_cut = self
+            .cut_at
+            .is_some_and(|at| now.saturating_duration_since(at) < self.limits.target);
+        if !recently_cut {
+            self.cap = (self.cap * 0.7).max(f64::from(self.limits.min));
+            self.cut_at = Some(now);
+        }
+    }
+
+    /// An open was abandoned (the client left): frees its place, says nothing of the store.
+    fn abandon(&mut self) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+    }
+}
+
+/// The adaptive cap on sessions being opened, shared by a gateway's upgrades.
+#[derive(Debug)]
+pub struct OpenGate {
+    aimd: Mutex<Aimd>,
+}
+
+/// A session being opened; say how it went with [`Opening::finish`]. Dropped unfinished,
+/// it only frees its place.
+#[derive(Debug)]
+pub struct Opening {
+    gate: Arc<OpenGate>,
+    started: Instant,
+    finished: bool,
+}
+
+impl OpenGate {
+    /// A gate with these limits.
+    pub fn new(limits: OpenLimits) -> Self {
+        Self {
+            aimd: Mutex::new(Aimd::new(limits)),
+        }
+    }
+
+    fn aimd(&self) -> std::sync::MutexGuard<'_, Aimd> {
+        // The arithmetic cannot panic halfway: a poisoned lock still holds valid numbers.
+        self.aimd.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A place to open a session, or `None` when the cap is reached.
+    pub fn try_begin(self: &Arc<Self>) -> Option<Opening> {
+        let mut aimd = self.aimd();
+        if !aimd.try_begin() {
+            return None;
+        }
+        metrics::gauge!("herald_gateway_open_cap").set(f64::from(aimd.cap()));
+        Some(Opening {
+            gate: self.clone(),
+            started: Instant::now(),
+            finished: false,
+        })
+    }
+
+    /// The current cap on sessions opening at once.
+    pub fn cap(&self) -> u32 {
+        self.aimd().cap()
+    }
+
+    /// Sessions opening now.
+    pub fn in_flight(&self) -> u32 {
+        self.aimd().in_flight
+    }
+}
+
+impl Opening {
+    /// Records how the open went: its latency when it succeeded, a failure otherwise.
+    pub fn finish(mut self, ok: bool) {
+        self.finished = true;
+        let now = Instant::now();
+        let took = ok.then(|| now.saturating_duration_since(self.started));
+        self.gate.aimd().end(took, now);
+    }
+}
+
+impl Drop for Opening {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.gate.aimd().abandon();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: OpenLimits = OpenLimits {
+        initial: 10,
+        min: 2,
+        max: 20,
+        target: Duration::from_millis(100),
+    };
+
+    fn fill(aimd: &mut Aimd) -> u32 {
+        let mut n = 0;
+        while aimd.try_begin() {
+            n += 1;
+        }
+        n
+    }
+
+    #[test]
+    fn refuses_beyond_the_cap_and_frees_places() {
+        let mut aimd = Aimd::new(LIMITS);
+        assert_eq!(fill(&mut aimd), 10);
+        aimd.abandon();
+        assert!(aimd.try_begin());
+        assert!(!aimd.try_begin());
+    }
+
+    #[test]
+    fn fast_opens_raise_the_cap_up_to_the_ceiling() {
+        let mut aimd = Aimd::new(LIMITS);
+        let now = Instant::now();
+        for _ in 0..100 {
+            assert!(aimd.try_begin());
+            aimd.end(Some(Duration::from_millis(5)), now);
+        }
+        assert_eq!(aimd.cap(), 20);
+        assert_eq!(fill(&mut aimd), 20);
+    }
+
+    #[test]
+    fn slow_or_failed_opens_cut_the_cap_once_per_period_down_to_the_floor() {
+        let mut aimd = Aimd::new(LIMITS);
+        let t0 = Instant::now();
+        assert_eq!(fill(&mut aimd), 10);
+        // A burst of slow answers within one period is one cut, not ten.
+        for _ in 0..10 {
+            aimd.end(Some(Duration::from_secs(1)), t0);
+        }
+        assert_eq!(aimd.cap(), 7);
+        // A failure a period later cuts again.
+        assert!(aimd.try_begin());
+        aimd.end(None, t0 + LIMITS.target);
+        assert_eq!(aimd.cap(), 4);
+        // However bad it gets, the floor holds.
+        for i in 2..20 {
+            assert!(aimd.try_begin());
+            aimd.end(None, t0 + LIMITS.target * i);
+        }
+        assert_eq!(aimd.cap(), 2);
+        // And it recovers as the store answers quickly again.
+        for _ in 0..5 {
+            assert!(aimd.try_begin());
+            aimd.end(Some(Duration::from_millis(1)), t0 + LIMITS.target * 30);
+        }
+        assert_eq!(aimd.cap(), 7);
+    }
+
+    #[test]
+    fn an_opening_dropped_unfinished_frees_its_place() {
+        let gate = Arc::new(OpenGate::new(OpenLimits {
+            initial: 1,
+            min: 1,
+            ..LIMITS
+        }));
+        let first = gate.try_begin().expect("a place");
+        assert!(gate.try_begin().is_none());
+        drop(first);
+        let second = gate.try_begin().expect("freed");
+        second.finish(true);
+        assert_eq!(gate.in_flight(), 0);
+        assert_eq!(gate.cap(), 2);
+    }
+}
