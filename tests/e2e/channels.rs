@@ -895,3 +895,46 @@ async fn smtp_answers_are_classified_unknown_mailbox_removed_and_4xx_retried() -
     assert!(smtp.messages()?.is_empty(), "nothing was accepted");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_waiting_behind_a_slow_bucket_is_not_redelivered() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let apns = Arc::new(Scripted::new("apns", Channel::Push));
+    // One send per second, and an ack wait of one second: the fourth job of a batch
+    // waits three ack waits for its token.
+    let limits = Limits {
+        rate_per_second: std::num::NonZeroU32::new(1),
+        ..Limits::default()
+    };
+    let mut s = with(settings(rand_key()), &apns, limits);
+    s.queue.ack_wait = Duration::from_secs(1);
+    s.concurrency = 8;
+    let herald = Herald::builder(&nats).channels(s).start().await?;
+    device(&herald, "kim", "tok-k").await?;
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        ids.push(push(&herald, "kim", &format!("n{i}")).await?);
+    }
+    for id in &ids {
+        let entry = reaches(&herald, id, "push", "sent").await?;
+        assert_eq!(entry["retries"], 0, "{entry}");
+        assert_eq!(apns.calls_for(id).len(), 1, "{id} sent once");
+    }
+    // The consumer's delivery sequence counts every delivery, redeliveries included.
+    let js = async_nats::jetstream::new(herald.nats_client().await?);
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_stream(herald_protocol::streams::work_stream_name(Channel::Push))
+        .await?
+        .get_consumer(&herald_protocol::streams::worker_consumer(
+            Channel::Push,
+            herald_protocol::Priority::Normal,
+        ))
+        .await
+        .map_err(|e| anyhow::anyhow!("the push consumer: {e}"))?;
+    let info = consumer.info().await?;
+    assert_eq!(
+        info.delivered.consumer_sequence, 4,
+        "four jobs, four deliveries: none was redelivered while it waited ({info:?})"
+    );
+    Ok(())
+}

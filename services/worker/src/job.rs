@@ -10,6 +10,9 @@
 //!    group the job carries), the target from the user's targets by id.
 //! 4. The first provider of the channel that accepts the target and whose circuit admits
 //!    a call, after a token of its bucket.
+//!    While it waits for that token and for the provider's answer, the job tells
+//!    JetStream every third of `AckWait` that it is in progress, so it is not
+//!    redelivered however long the wait.
 //! 5. Accepted: sent marker, then ack. Throttled: nak with the provider's `Retry-After`.
 //!    Transient: nak with exponential back-off and full jitter. Permanent: dead letter and
 //!    term. Invalid target: remove the target and term. The last allowed delivery of a
@@ -377,20 +380,27 @@ impl Step<'_> {
                     .await;
             }
         };
-        provider.ready().await;
-        let started = Instant::now();
-        let result =
-            match tokio::time::timeout(ctx.config.send_timeout, provider.provider.send(delivery))
+        let (result, took) = self
+            .in_progress(async {
+                provider.ready().await;
+                let started = Instant::now();
+                let result = match tokio::time::timeout(
+                    ctx.config.send_timeout,
+                    provider.provider.send(delivery),
+                )
                 .await
-            {
-                Ok(r) => r,
-                Err(_) => Err(SendError::Transient {
-                    detail: format!("no answer within {:?}", ctx.config.send_timeout),
-                }),
-            };
+                {
+                    Ok(r) => r,
+                    Err(_) => Err(SendError::Transient {
+                        detail: format!("no answer within {:?}", ctx.config.send_timeout),
+                    }),
+                };
+                (result, started.elapsed())
+            })
+            .await;
         let name = provider.name().to_string();
         metrics::histogram!("herald_provider_send_seconds", "provider" => name.clone())
-            .record(started.elapsed().as_secs_f64());
+            .record(took.as_secs_f64());
         match &result {
             Err(e) if e.counts_against_provider() => provider.breaker.on_failure(Instant::now()),
             _ => provider.breaker.on_success(),
@@ -400,6 +410,23 @@ impl Step<'_> {
         match result {
             Ok(sent) => self.sent(&name, sent.provider_message_id).await,
             Err(e) => self.failed(&name, e).await,
+        }
+    }
+
+    /// Runs `work` (the wait for the provider's token bucket, then the send) while
+    /// telling JetStream every third of `AckWait` that the job is in progress. A job that
+    /// waits behind a slow bucket or a slow provider for longer than `AckWait` would
+    /// otherwise be redelivered meanwhile: each such delivery counts towards
+    /// `MaxDeliver`, and another worker would send it a second time.
+    async fn in_progress<T>(&self, work: impl Future<Output = T>) -> T {
+        let every = (self.ctx.config.queue.ack_wait / 3).max(Duration::from_millis(100));
+        tokio::pin!(work);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        loop {
+            tokio::select! {
+                out = &mut work => return out,
+                _ = tick.tick() => settle(self.msg, AckKind::Progress).await,
+            }
         }
     }
 
