@@ -277,7 +277,7 @@ async fn notify(args: NotifyArgs) -> Result<(), BenchError> {
     let batch = batch_throughput(&base, &api_key, args.count).await?;
     let (latency, accept_latency) = latency(&base, &api_key, &users_auth, &args).await?;
     server.spawn(mesh.shutdown()).await??;
-    server.shutdown_background();
+    drop(server);
     drop(own_server);
 
     let ratio = |x: f64| 100.0 * x / raw_js;
@@ -339,6 +339,34 @@ async fn notify(args: NotifyArgs) -> Result<(), BenchError> {
     Ok(())
 }
 
+/// Herald's own runtime inside a benchmark. Dropped from async code — on a benchmark's
+/// error path, say — it shuts down in the background, instead of panicking (as dropping a
+/// tokio runtime there does) and hiding the error the benchmark was returning.
+pub(super) struct Apart(Option<tokio::runtime::Runtime>);
+
+impl Apart {
+    /// Spawns `future` on Herald's runtime.
+    pub(super) fn spawn<F>(&self, future: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        match &self.0 {
+            Some(runtime) => runtime.spawn(future),
+            // Only `Drop` takes the runtime.
+            None => tokio::spawn(future),
+        }
+    }
+}
+
+impl Drop for Apart {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
 /// Starts Herald on 127.0.0.1:0 on a runtime of its own, as in its own process: the
 /// benchmark's clients must not queue in front of the server's tasks on the same workers.
 /// The runtime must outlive the mesh.
@@ -346,7 +374,7 @@ async fn mesh_apart(
     options: MeshOptions,
     workers: usize,
     name: &str,
-) -> Result<(tokio::runtime::Runtime, Mesh), BenchError> {
+) -> Result<(Apart, Mesh), BenchError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .thread_name(name)
@@ -362,7 +390,7 @@ async fn mesh_apart(
                 .map_err(BenchError::from)
         })
         .await??;
-    Ok((runtime, mesh))
+    Ok((Apart(Some(runtime)), mesh))
 }
 
 /// A histogram of microseconds (1 µs to 60 s) that many tasks record into.

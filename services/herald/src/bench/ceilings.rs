@@ -35,7 +35,7 @@ impl Drop for Ceiling {
 ///
 /// # Errors
 /// When it cannot bind.
-pub async fn http(runtime: &tokio::runtime::Runtime) -> Result<Ceiling, BenchError> {
+pub async fn http(runtime: &super::Apart) -> Result<Ceiling, BenchError> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     listener.set_nonblocking(true)?;
     let target = format!("http://{}", listener.local_addr()?);
@@ -70,7 +70,7 @@ pub async fn http(runtime: &tokio::runtime::Runtime) -> Result<Ceiling, BenchErr
 /// # Errors
 /// When NATS cannot be reached.
 pub async fn responder(
-    runtime: &tokio::runtime::Runtime,
+    runtime: &super::Apart,
     url: &str,
 ) -> Result<Ceiling, BenchError> {
     let url = url.to_owned();

@@ -300,7 +300,7 @@ pub(super) async fn run(args: ConnsArgs) -> Result<(), BenchError> {
 /// The API, router and native ingest, in this process on a runtime of their own: what
 /// takes the benchmark's notifications (the gateways run as child processes).
 pub(super) struct Herald {
-    server: tokio::runtime::Runtime,
+    server: super::Apart,
     mesh: Mesh,
     /// `http://…` of the API.
     pub(super) api: String,
@@ -338,7 +338,7 @@ impl Herald {
     pub(super) async fn stop(self) -> Result<(), BenchError> {
         let Herald { server, mesh, .. } = self;
         server.spawn(mesh.shutdown()).await??;
-        server.shutdown_background();
+        drop(server);
         Ok(())
     }
 }

@@ -184,7 +184,7 @@ pub async fn run(args: LanesArgs) -> Result<(), BenchError> {
     }
     let drained = blast_start.elapsed();
     runtime.spawn(mesh.shutdown()).await??;
-    runtime.shutdown_background();
+    drop(runtime);
 
     let frames = frames.lock().map_err(|_| "poisoned")?.clone();
     let pushes = pushes.lock().map_err(|_| "poisoned")?.clone();

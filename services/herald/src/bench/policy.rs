@@ -173,7 +173,7 @@ async fn scenario(args: &PolicyArgs, with_policy: bool) -> Result<Outcome, Bench
     let through_secs = start.elapsed();
     bar.finish_and_clear();
     server.spawn(mesh.shutdown()).await??;
-    server.shutdown_background();
+    drop(server);
     drop(nats);
     let outcome = Outcome {
         raw,
