@@ -8,16 +8,21 @@
 //! while the hub hands the sources' messages out in sequence order.
 
 use crate::hub::{Hub, Tap};
+use backon::{ExponentialBuilder, Retryable as _};
 use herald_protocol::topic::{TOPICS_HEADER, for_subscriber};
 use herald_protocol::{Notification, StoredNotification, TopicId, UserId};
 use herald_store::direct::header_u64;
-use herald_store::{InboxError, ViewHead};
+use herald_store::{InboxError, TopicSource, ViewHead};
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::Semaphore;
 
 /// Notifications read from the inbox per replay step.
 const REPLAY_PAGE: usize = 200;
+
+/// Further tries of a replay read that failed, before the feed fails.
+const REPLAY_RETRIES: usize = 3;
 
 /// Why a feed stopped.
 #[derive(Debug, thiserror::Error)]
@@ -290,10 +295,25 @@ impl Feed {
             Some(pace) => Arc::clone(pace).acquire_owned().await.ok(),
             None => None,
         };
-        let page = self
-            .hub
-            .inbox()
-            .after(&self.user, self.replay_from, REPLAY_PAGE)
+        let topics: Vec<TopicSource> = self
+            .topics
+            .iter()
+            .map(|f| TopicSource {
+                topic: f.topic.clone(),
+                since: f.since,
+            })
+            .collect();
+        let inbox = self.hub.inbox();
+        // A read that times out (a loaded store, a reconnect storm) is tried again after a
+        // short jittered pause before the feed gives up: giving up closes the connection,
+        // and the client's reconnect would cost the store more than the retry.
+        let page = (|| inbox.after_with_topics(&self.user, &topics, self.replay_from, REPLAY_PAGE))
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(100))
+                    .with_max_times(REPLAY_RETRIES)
+                    .with_jitter(),
+            )
             .await?;
         for (seq, stored) in page.items {
             let source = if page.shared.contains(&seq) {

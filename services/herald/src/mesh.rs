@@ -300,7 +300,13 @@ impl Mesh {
         if opts.dev_mode {
             app = app.merge(crate::page::routes(acceptor.clone(), auth.clone()));
         }
-        let app = app.layer(tower_http::trace::TraceLayer::new_for_http());
+        // 5xx answers log themselves once, with their cause (`AppError::unavailable`,
+        // `AppError::internal`); an admission refusal is counted, not logged. At ERROR
+        // here a reconnect storm wrote one line per refused upgrade.
+        let app =
+            app.layer(tower_http::trace::TraceLayer::new_for_http().on_failure(
+                tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
+            ));
         let http_stop = stop.clone();
         // Small frames must leave at once: without TCP_NODELAY, Nagle's algorithm holds
         // a WebSocket frame back until the previous one is acked (tens of milliseconds).

@@ -98,6 +98,16 @@ impl Inbox {
         after: u64,
     ) -> Result<Vec<(TopicSource, u64)>, InboxError> {
         let topics = self.subscribed_topics(user).await?;
+        self.sources_after(topics, after).await
+    }
+
+    /// Of `topics`, those holding a publish with `seq > after` that the user sees, each
+    /// with the sequence to read from (exclusive). No request when `topics` is empty.
+    async fn sources_after(
+        &self,
+        topics: Vec<TopicSource>,
+        after: u64,
+    ) -> Result<Vec<(TopicSource, u64)>, InboxError> {
         let last_of = self.topic_lasts(&topics).await?;
         Ok(topics
             .into_iter()
@@ -202,12 +212,41 @@ impl Inbox {
         after: u64,
         limit: usize,
     ) -> Result<InboxPage, InboxError> {
+        self.after_in(user, None, after, limit).await
+    }
+
+    /// [`Inbox::after`] for a reader that already knows the topics the user follows (a
+    /// connection's feed): their subscriptions are not read again, and a user who follows
+    /// none costs one request per page.
+    ///
+    /// # Errors
+    /// [`InboxError::Read`] when NATS cannot answer.
+    pub async fn after_with_topics(
+        &self,
+        user: &UserId,
+        topics: &[TopicSource],
+        after: u64,
+        limit: usize,
+    ) -> Result<InboxPage, InboxError> {
+        self.after_in(user, Some(topics), after, limit).await
+    }
+
+    async fn after_in(
+        &self,
+        user: &UserId,
+        known: Option<&[TopicSource]>,
+        after: u64,
+        limit: usize,
+    ) -> Result<InboxPage, InboxError> {
         let limit = limit.clamp(1, MAX_PAGE);
         let own = self.subjects().inbox(user);
-        let (personal, topics) = tokio::try_join!(
-            self.subject_after(&own, after, limit),
-            self.active_sources(user, after)
-        )?;
+        let sources = async {
+            match known {
+                None => self.active_sources(user, after).await,
+                Some(topics) => Ok(self.sources_after(topics.to_vec(), after).await?),
+            }
+        };
+        let (personal, topics) = tokio::try_join!(self.subject_after(&own, after, limit), sources)?;
         let (msgs, mut has_more) = personal;
         let mut read: Vec<Read> = msgs.into_iter().map(|m| (m, None)).collect();
         for (source, from) in topics {

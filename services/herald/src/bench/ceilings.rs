@@ -69,10 +69,7 @@ pub async fn http(runtime: &super::Apart) -> Result<Ceiling, BenchError> {
 ///
 /// # Errors
 /// When NATS cannot be reached.
-pub async fn responder(
-    runtime: &super::Apart,
-    url: &str,
-) -> Result<Ceiling, BenchError> {
+pub async fn responder(runtime: &super::Apart, url: &str) -> Result<Ceiling, BenchError> {
     let url = url.to_owned();
     let stop = CancellationToken::new();
     let until = stop.clone();

@@ -221,7 +221,7 @@ pub(super) async fn run(args: ConnsArgs) -> Result<(), BenchError> {
         let lost = want.saturating_sub(fleet.received.load(Ordering::Relaxed));
         let storm = Fleet::snapshot(&fleet.connect)?;
         println!(
-            "| storm: kill -9 + restart, {n} reconnect (full jitter, 100 ms–5 s) | all back {back_secs:.1} s after the restart; {} refused (503); connect p99 {:.0} ms, max {:.0} ms; gateway CPU {:.0}% of one core meanwhile |",
+            "| storm: kill -9 + restart, {n} reconnect (full jitter, 500 ms–30 s as the SDKs, Retry-After as a floor) | all back {back_secs:.1} s after the restart; {} refused (503); connect p99 {:.0} ms, max {:.0} ms; gateway CPU {:.0}% of one core meanwhile |",
             fleet.refused.load(Ordering::Relaxed),
             ms(storm.value_at_quantile(0.99)),
             ms(storm.max()),

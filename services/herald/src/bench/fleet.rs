@@ -176,9 +176,11 @@ fn client_config() -> WebSocketConfig {
 }
 
 /// Full jitter: a random wait in [0, min(cap, base·2^attempt)).
+/// Full-jitter exponential backoff with the defaults of Herald's SDKs (500 ms first
+/// ceiling, 30 s cap), so a storm's clients behave as real ones do.
 fn backoff(attempt: u32) -> Duration {
-    let base_ms: u64 = 100;
-    let cap_ms: u64 = 5_000;
+    let base_ms: u64 = 500;
+    let cap_ms: u64 = 30_000;
     let ceiling = base_ms.saturating_mul(1 << attempt.min(16)).min(cap_ms);
     Duration::from_millis(rand::random_range(0..ceiling.max(1)))
 }
@@ -193,6 +195,7 @@ pub(super) async fn client(
     let mut permit = first_connect;
     let mut last_seq: Option<u64> = None;
     let mut attempt = 0u32;
+    let mut retry_after: Option<Duration> = None;
     while !fleet.stop.is_cancelled() {
         let target = match last_seq {
             Some(seq) => format!("{url}&after={seq}"),
@@ -213,13 +216,20 @@ pub(super) async fn client(
             }
             Err(tungstenite::Error::Http(response)) if response.status().as_u16() == 503 => {
                 fleet.refused.fetch_add(1, Ordering::Relaxed);
+                // The server's own (jittered) delay is a floor for the next try.
+                retry_after = response
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+                    .map(Duration::from_secs);
             }
             Err(_) => {}
         }
         drop(permit.take());
         attempt = attempt.saturating_add(1);
+        let wait = backoff(attempt).max(retry_after.take().unwrap_or_default());
         tokio::select! {
-            () = tokio::time::sleep(backoff(attempt)) => {}
+            () = tokio::time::sleep(wait) => {}
             () = fleet.stop.cancelled() => return,
         }
     }

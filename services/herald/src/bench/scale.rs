@@ -301,10 +301,20 @@ pub(super) async fn run(args: ConnsArgs) -> Result<(), BenchError> {
         let mut last: Vec<f64> = cpu.iter().map(|c| c.1).collect();
         let mut peak = 0.0f64;
         let mut sampled = Instant::now();
+        let mut told = Instant::now();
         let deadline = restart + Duration::from_secs(900);
         while workers.sum(|r| r.connected) < n as u64 {
             if Instant::now() > deadline {
                 return Err("bench: storm: not all back within 900 s".into());
+            }
+            if told.elapsed() >= Duration::from_secs(5) {
+                told = Instant::now();
+                eprintln!(
+                    "bench: storm: {}/{n} connected, {} refused so far, {:.0} s after the restart",
+                    workers.sum(|r| r.connected),
+                    workers.sum(|r| r.refused),
+                    restart.elapsed().as_secs_f64()
+                );
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
             let dt = sampled.elapsed().as_secs_f64();
@@ -324,7 +334,7 @@ pub(super) async fn run(args: ConnsArgs) -> Result<(), BenchError> {
         let duplicated = workers.sum(|r| r.duplicates) - duplicates_before;
         let storm = workers.merged(|r| &r.connect)?;
         println!(
-            "| storm: kill -9 of {kill} of {k} gateways, {} clients reconnect (full jitter, 100 ms–5 s) | **all back {back_secs:.1} s after the restart**; {} refused (503); connect p99 {:.0} ms, max {:.0} ms; restarted gateways' CPU: peak {:.0}%, average {:.0}% of a core each |",
+            "| storm: kill -9 of {kill} of {k} gateways, {} clients reconnect (full jitter, 500 ms–30 s as the SDKs, Retry-After as a floor) | **all back {back_secs:.1} s after the restart**; {} refused (503); connect p99 {:.0} ms, max {:.0} ms; restarted gateways' CPU: peak {:.0}%, average {:.0}% of a core each |",
             affected.len(),
             workers.sum(|r| r.refused),
             ms(storm.value_at_quantile(0.99)),
