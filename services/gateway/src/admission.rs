@@ -147,11 +147,6 @@ impl Admission {
         })
     }
 
-    /// The adaptive cap on sessions being opened.
-    pub fn open_gate(&self) -> &adaptive::OpenGate {
-        &self.opening
-    }
-
     /// A fresh limiter for one connection's client frames.
     pub fn frame_limiter(&self) -> DefaultDirectRateLimiter {
         let rate = nonzero(self.limits.frames_per_sec);

@@ -98,23 +98,23 @@ impl Inbox {
         after: u64,
     ) -> Result<Vec<(TopicSource, u64)>, InboxError> {
         let topics = self.subscribed_topics(user).await?;
-        self.sources_after(topics, after).await
+        self.sources_after(&topics, after).await
     }
 
     /// Of `topics`, those holding a publish with `seq > after` that the user sees, each
     /// with the sequence to read from (exclusive). No request when `topics` is empty.
     async fn sources_after(
         &self,
-        topics: Vec<TopicSource>,
+        topics: &[TopicSource],
         after: u64,
     ) -> Result<Vec<(TopicSource, u64)>, InboxError> {
-        let last_of = self.topic_lasts(&topics).await?;
+        let last_of = self.topic_lasts(topics).await?;
         Ok(topics
-            .into_iter()
+            .iter()
             .filter_map(|t| {
                 let from = after.max(t.since);
                 let last = *last_of.get(&t.topic)?;
-                (last > from).then_some((t, from))
+                (last > from).then(|| (t.clone(), from))
             })
             .collect())
     }
@@ -243,7 +243,7 @@ impl Inbox {
         let sources = async {
             match known {
                 None => self.active_sources(user, after).await,
-                Some(topics) => Ok(self.sources_after(topics.to_vec(), after).await?),
+                Some(topics) => self.sources_after(topics, after).await,
             }
         };
         let (personal, topics) = tokio::try_join!(self.subject_after(&own, after, limit), sources)?;
