@@ -49,6 +49,10 @@ async fn garbage_frames_close_only_their_own_connection() -> anyhow::Result<()> 
     again
         .send(Message::text(r#"{"type":"subscribe","topic":"news"}"#))
         .await?;
+    // A topic that does not allow self-subscription is answered, not closed.
+    let answer = again.next_frame().await?;
+    assert_eq!(answer["type"], "subscription", "{answer}");
+    assert_eq!(answer["subscribed"], false, "{answer}");
     let n = herald.send("mallory", "still open").await?;
     assert_eq!(again.take(1).await?[0]["seq"], n.seq);
     Ok(())

@@ -247,3 +247,30 @@ async fn shutdown_writes_the_receipts_it_holds() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A hello's `unread` counts up to its `last_seq` and no further: a client adds what it
+/// is sent after that itself, so a notification stored between reading the head and
+/// counting must not be counted twice (the page's badge showed one too many when
+/// notifications kept arriving during a reconnect).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_counts_stop_at_the_head_they_were_read_with() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    let store = herald_store::connect(&nats.url(), "unread-test").await?;
+    let inbox = herald_store::Inbox::new(store, herald.subjects().clone());
+    let user = herald_protocol::UserId::new("wren")?;
+
+    let seqs = fill(&herald, "wren", 3).await?;
+    let head = inbox.head(&user).await?;
+    assert_eq!(head.last_seq(), seqs[2]);
+    // Stored after the head was read, before the count: a race made deterministic.
+    let later = fill(&herald, "wren", 2).await?;
+    assert_eq!(inbox.unread(&user, &head, 0).await?, 3);
+    assert_eq!(inbox.unread(&user, &head, seqs[0]).await?, 2);
+    assert_eq!(inbox.unread(&user, &head, seqs[2]).await?, 0);
+    // A fresh head sees everything.
+    let head = inbox.head(&user).await?;
+    assert_eq!(head.last_seq(), later[1]);
+    assert_eq!(inbox.unread(&user, &head, seqs[0]).await?, 4);
+    Ok(())
+}

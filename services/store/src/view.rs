@@ -60,6 +60,9 @@ impl ViewHead {
     }
 }
 
+/// Rounds [`Inbox::count_between`] makes before settling for its last difference.
+const COUNT_TRIES: usize = 3;
+
 /// Subjects per `multi_last` request.
 const MULTI_LAST_CHUNK: usize = 256;
 
@@ -174,9 +177,12 @@ impl Inbox {
         Ok(ViewHead { own_last, topics })
     }
 
-    /// How many notifications of the view read as `head` have `seq > after`: one count
-    /// per source holding anything newer, none at all when nothing is (the user has read
-    /// everything, the common case on a reconnect).
+    /// How many notifications of the view read as `head` have `seq > after` — and no
+    /// newer ones: a hello's `unread` counts up to its `last_seq`, and a client counts
+    /// what it is sent past that itself, so a notification stored while this counts must
+    /// not be counted here too. One count per source holding anything newer (usually
+    /// two requests), none at all when nothing is (the user has read everything, the
+    /// common case on a reconnect).
     ///
     /// # Errors
     /// [`InboxError`] when NATS cannot answer.
@@ -187,7 +193,7 @@ impl Inbox {
         after: u64,
     ) -> Result<u64, InboxError> {
         let mut count = if head.own_last > after {
-            self.subject_count_after(&self.subjects().inbox(user), after)
+            self.count_between(&self.subjects().inbox(user), after, head.own_last)
                 .await?
         } else {
             0
@@ -196,10 +202,32 @@ impl Inbox {
             let from = after.max(source.since);
             if *last > from {
                 let subject = self.subjects().topic_inbox(&source.topic);
-                count += self.subject_count_after(&subject, from).await?;
+                count += self.count_between(&subject, from, *last).await?;
             }
         }
         Ok(count)
+    }
+
+    /// Messages of `subject` with `after < seq <= last`, where `last` was the subject's
+    /// newest when the head was read. JetStream counts only to the end of the stream, so
+    /// this counts everything after `after`, then what is after `last`: if that is what
+    /// it was before the first count (nothing, at the head), nothing was stored in
+    /// between and the difference is exact. Otherwise it counts again, a few times at
+    /// most; on a subject written to without pause the last difference may miss the
+    /// newest few.
+    async fn count_between(&self, subject: &str, after: u64, last: u64) -> Result<u64, InboxError> {
+        let mut newer_before = 0;
+        let mut counted = 0;
+        for _ in 0..COUNT_TRIES {
+            let all = self.subject_count_after(subject, after).await?;
+            let newer = self.subject_count_after(subject, last).await?;
+            counted = all.saturating_sub(newer);
+            if newer == newer_before {
+                break;
+            }
+            newer_before = newer;
+        }
+        Ok(counted)
     }
 
     /// Up to `limit` notifications of the user's view with `seq > after`, oldest first.

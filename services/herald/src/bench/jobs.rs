@@ -8,6 +8,10 @@
 //! with the inbox channel only, so a router that happens to run routes none of them again.
 //! Jobs carry the same `Nats-Msg-Id` as the router's, so the queue's dedup still applies.
 
+use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErrorKind};
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::publish::PublishAck;
+use backon::{ExponentialBuilder, Retryable as _};
 use bytes::Bytes;
 use futures::StreamExt as _;
 use herald_protocol::notification::format_time;
@@ -78,7 +82,7 @@ pub async fn enqueue(
     let seqs: Vec<u64> = futures::stream::iter(notifications.iter())
         .map(|n| async move {
             let payload = Inbox::encode(n)?;
-            let ack = inbox.send(n, payload).await?.await?;
+            let ack = acked(|| async { Ok(inbox.send(n, payload.clone()).await?) }).await?;
             Ok::<u64, LoadError>(ack.sequence)
         })
         .buffered(WINDOW)
@@ -107,10 +111,13 @@ pub async fn enqueue(
     futures::stream::iter(jobs.iter())
         .map(|job| async move {
             let payload = Bytes::from(serde_json::to_vec(job)?);
-            let publish = async_nats::jetstream::message::PublishMessage::build()
-                .payload(payload)
-                .message_id(job.msg_id());
-            js.send_publish(subject.clone(), publish).await?.await?;
+            acked(|| async {
+                let publish = PublishMessage::build()
+                    .payload(payload.clone())
+                    .message_id(job.msg_id());
+                Ok(js.send_publish(subject.clone(), publish).await?)
+            })
+            .await?;
             Ok::<(), LoadError>(())
         })
         .buffered(WINDOW)
@@ -119,4 +126,27 @@ pub async fn enqueue(
         .into_iter()
         .collect::<Result<Vec<()>, _>>()?;
     Ok(jobs)
+}
+
+/// One publish and its ack, made again when the ack does not come in time: the message
+/// carries a `Nats-Msg-Id`, so a second try of one already stored is a no-op, and a
+/// loaded server (a CI machine running the whole suite) can take longer than the ack
+/// timeout with thousands of publishes in flight. Refusals are not retried.
+async fn acked<F, Fut>(publish: F) -> Result<PublishAck, LoadError>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<PublishAckFuture, LoadError>>,
+{
+    (|| async { Ok::<_, LoadError>(publish().await?.await?) })
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(std::time::Duration::from_millis(200))
+                .with_max_times(5)
+                .with_jitter(),
+        )
+        .when(|e| {
+            e.downcast_ref::<PublishError>()
+                .is_some_and(|e| e.kind() == PublishErrorKind::TimedOut)
+        })
+        .await
 }
