@@ -265,12 +265,12 @@ async fn unread_counts_stop_at_the_head_they_were_read_with() -> anyhow::Result<
     assert_eq!(head.last_seq(), seqs[2]);
     // Stored after the head was read, before the count: a race made deterministic.
     let later = fill(&herald, "wren", 2).await?;
-    assert_eq!(inbox.unread(&user, &head, 0).await?, 3);
-    assert_eq!(inbox.unread(&user, &head, seqs[0]).await?, 2);
-    assert_eq!(inbox.unread(&user, &head, seqs[2]).await?, 0);
+    assert_eq!(inbox.unread(&head, 0).await?, 3);
+    assert_eq!(inbox.unread(&head, seqs[0]).await?, 2);
+    assert_eq!(inbox.unread(&head, seqs[2]).await?, 0);
     // A fresh head sees everything.
     let head = inbox.head(&user).await?;
     assert_eq!(head.last_seq(), later[1]);
-    assert_eq!(inbox.unread(&user, &head, seqs[0]).await?, 4);
+    assert_eq!(inbox.unread(&head, seqs[0]).await?, 4);
     Ok(())
 }

@@ -191,7 +191,7 @@ async fn lookup(
         async {
             state
                 .inbox
-                .unread(user, &head, read_up_to)
+                .unread(&head, read_up_to)
                 .await
                 .map_err(|e| unavailable(&e))
         },

@@ -98,6 +98,19 @@ impl Subjects {
         )
     }
 
+    /// The literal subjects of a user's inbox, one per lane (the priority lanes, then
+    /// [`INBOX_ONLY_LANE`]): together, what [`Subjects::inbox`] matches. Reads that walk
+    /// forward go lane by lane: a batched direct get over the wildcard makes the server
+    /// scan every later message of the stream for the next match (BENCHMARKS.md).
+    pub fn inbox_lanes(&self, user: &UserId) -> Vec<String> {
+        let mut lanes: Vec<String> = crate::Priority::ALL
+            .iter()
+            .map(|lane| self.inbox_entry(user, *lane))
+            .collect();
+        lanes.push(self.inbox_only_entry(user));
+        lanes
+    }
+
     /// A user's whole inbox, every lane (a filter: read it, never publish to it).
     pub fn inbox(&self, user: &UserId) -> String {
         format!(
@@ -237,6 +250,14 @@ impl Subjects {
             topic.token(),
             lane.as_str()
         )
+    }
+    /// The literal subjects of a big topic's stored publishes, one per lane: together,
+    /// what [`Subjects::topic_inbox`] matches (see [`Subjects::inbox_lanes`] for why).
+    pub fn topic_inbox_lanes(&self, topic: &crate::TopicId) -> Vec<String> {
+        crate::Priority::ALL
+            .iter()
+            .map(|lane| self.topic_inbox_entry(topic, *lane))
+            .collect()
     }
     /// Every stored publish of a big topic, every lane (a filter: read it, never
     /// publish to it).

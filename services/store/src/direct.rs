@@ -60,6 +60,11 @@ const TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Up to `batch` messages of `subject` with sequence ≥ `from`, in order.
 ///
+/// Give a literal subject where there is a choice: the server finds a literal subject's
+/// next message from its per-subject index, but a wildcard's by scanning every later
+/// message of the stream until the batch is full or the stream ends (see
+/// `Subjects::inbox_lanes`).
+///
 /// # Errors
 /// [`DirectGetError`] when NATS is unreachable or answers with an error.
 pub async fn next_batch(

@@ -255,13 +255,6 @@ impl Inbox {
         }
     }
 
-    /// The newest sequence of one subject, 0 when empty.
-    pub(crate) async fn subject_last(&self, subject: &str) -> Result<u64, InboxError> {
-        Ok(direct::last(&self.nats.consume, INBOX, subject, None)
-            .await?
-            .map_or(0, |m| m.seq))
-    }
-
     /// How many messages one subject has with `seq > after`.
     pub(crate) async fn subject_count_after(
         &self,
