@@ -137,8 +137,10 @@ impl Tapped {
         // The topics' live subjects were followed after the head was read: a publish in
         // between is neither in the head nor live, so a user who follows any catches up
         // from the head once (one read) even without `after`.
+        // A client resuming at or past the head has nothing to replay: what is stored
+        // from the tap on arrives live (the common reconnect; no read at all).
         let (last_sent, catching_up) = match after {
-            Some(after) => (after, true),
+            Some(after) => (after, after < head.last_seq() || !topics.is_empty()),
             None => (head.last_seq(), !topics.is_empty()),
         };
         for t in &mut topics {
@@ -148,7 +150,7 @@ impl Tapped {
             hub,
             user,
             live,
-            replayed: after.is_some().then_some(0),
+            replayed: (after.is_some() && catching_up).then_some(0),
             last_sent,
             own_high: last_sent,
             topics,

@@ -31,6 +31,7 @@ pub mod status;
 pub mod targets;
 pub mod topics;
 pub mod view;
+mod walk;
 
 pub use caps::{CapDecision, CapsError, RateCaps};
 pub use connect::{Nats, connect};

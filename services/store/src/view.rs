@@ -66,9 +66,6 @@ impl ViewHead {
     }
 }
 
-/// Rounds [`Inbox::count_between`] makes before settling for its last difference.
-const COUNT_TRIES: usize = 3;
-
 /// Subjects per `multi_last` request.
 const MULTI_LAST_CHUNK: usize = 256;
 
@@ -170,19 +167,7 @@ impl Inbox {
     /// [`InboxError`] when NATS cannot answer.
     pub async fn head(&self, user: &UserId) -> Result<ViewHead, InboxError> {
         let lanes = self.subjects().inbox_lanes(user);
-        let refs: Vec<&str> = lanes.iter().map(String::as_str).collect();
-        let own = async {
-            let lasts = direct::last_of_many(&self.nats().consume, INBOX, &refs).await?;
-            Ok::<_, InboxError>(
-                lasts
-                    .into_iter()
-                    .filter_map(|m| {
-                        let lane = m.headers.get("Nats-Subject")?.as_str().to_owned();
-                        Some((lane, m.seq))
-                    })
-                    .collect(),
-            )
-        };
+        let own = self.lane_lasts(&lanes);
         let (own, topics) = tokio::try_join!(own, self.subscribed_topics(user))?;
         let last_of = self.topic_lasts(&topics).await?;
         let topics = topics
@@ -198,9 +183,9 @@ impl Inbox {
     /// How many notifications of the view read as `head` have `seq > after` — and no
     /// newer ones: a hello's `unread` counts up to its `last_seq`, and a client counts
     /// what it is sent past that itself, so a notification stored while this counts must
-    /// not be counted here too. One count per source holding anything newer (usually
-    /// two requests), none at all when nothing is (the user has read everything, the
-    /// common case on a reconnect).
+    /// not be counted here too. Lanes holding anything newer are counted (one request
+    /// per message, up to a few dozen: see `walk`), none at all when nothing is (the
+    /// user has read everything, the common case on a reconnect).
     ///
     /// # Errors
     /// [`InboxError`] when NATS cannot answer.
@@ -223,33 +208,6 @@ impl Inbox {
             .await?
             .into_iter()
             .sum())
-    }
-
-    /// Messages of `subject` with `after < seq <= last`, where `last` was the subject's
-    /// newest when the head was read. JetStream counts only to the end of the stream, so
-    /// this counts everything after `after`, then what is after `last`: if that is what
-    /// it was before the first count (nothing, at the head), nothing was stored in
-    /// between and the difference is exact. Otherwise it counts again, a few times at
-    /// most; on a subject written to without pause the last difference may miss the
-    /// newest few.
-    async fn count_between(
-        &self,
-        subject: String,
-        after: u64,
-        last: u64,
-    ) -> Result<u64, InboxError> {
-        let mut newer_before = 0;
-        let mut counted = 0;
-        for _ in 0..COUNT_TRIES {
-            let all = self.subject_count_after(&subject, after).await?;
-            let newer = self.subject_count_after(&subject, last).await?;
-            counted = all.saturating_sub(newer);
-            if newer == newer_before {
-                break;
-            }
-            newer_before = newer;
-        }
-        Ok(counted)
     }
 
     /// Up to `limit` notifications of the user's view with `seq > after`, oldest first.
@@ -311,39 +269,6 @@ impl Inbox {
             has_more = true;
         }
         self.localized(user, page(user, read, has_more)).await
-    }
-
-    /// Up to `limit` messages with `seq > after` of `lanes` (literal subjects, read
-    /// concurrently), oldest first, and whether more follow. Lane by lane, not one
-    /// batched read of their wildcard: the server finds a literal subject's next message
-    /// from its per-subject index, but a wildcard's by scanning every later message of
-    /// the stream — 4.2 ms against 0.5 ms for a user with two entries in a
-    /// 30,000-message INBOX, and the whole of a gateway's store connection during a
-    /// reconnect storm (BENCHMARKS.md, "Session 7").
-    async fn lanes_after(
-        &self,
-        lanes: &[String],
-        after: u64,
-        limit: usize,
-    ) -> Result<(Vec<DirectMessage>, bool), InboxError> {
-        let reads = futures::future::try_join_all(
-            lanes
-                .iter()
-                .map(|lane| self.subject_after(lane, after, limit)),
-        )
-        .await?;
-        let mut has_more = false;
-        let mut msgs = Vec::new();
-        for (lane, more) in reads {
-            has_more |= more;
-            msgs.extend(lane);
-        }
-        msgs.sort_by_key(|m| m.seq);
-        if msgs.len() > limit {
-            msgs.truncate(limit);
-            has_more = true;
-        }
-        Ok((msgs, has_more))
     }
 
     /// Up to `limit` of the newest notifications of the user's view with `seq < before`
