@@ -95,7 +95,11 @@ async fn forced_reconnects_lose_nothing_and_repeat_nothing() -> anyhow::Result<(
         for i in 0..30 {
             sent.push(herald.send(&user, &format!("n{i}")).await?);
             if i % 7 == 3 {
+                // A reconnect asked for while one is under way joins it: wait until this
+                // one has begun, then keep sending while it reopens.
+                let before = client.status().reconnects;
                 client.reconnect();
+                until(&client, "the reconnect begins", |s| s.reconnects > before).await?;
             }
         }
         let got = take(&mut client, sent.len()).await?;
