@@ -4,16 +4,17 @@
 # hosts the provider fakes) from /proc ten seconds apart while it runs. Unlike jobs/s this
 # barely depends on what else the machine is doing, so it says what two idle cores allow.
 #   scripts/bench-worker-cpu.sh webhook 0      # provider, latency in ms
+#   JOBS=200000 scripts/bench-worker-cpu.sh    # more jobs when a row drains in under ~15 s
 set -euo pipefail
 prov=${1:-webhook}; lat=${2:-0}
 bin=${HERALD_BIN:-target/release/herald}
 log=$(mktemp)
-"$bin" bench workers --providers "$prov" --latency-ms "$lat" --jobs 60000 >/dev/null 2>"$log" &
+"$bin" bench workers --providers "$prov" --latency-ms "$lat" --jobs ${JOBS:-60000} >/dev/null 2>"$log" &
 bench=$!
 ticks() { local t=0 s; for p in "$@"; do read -r -a s < <(cut -d' ' -f14,15 "/proc/$p/stat" 2>/dev/null || echo "0 0"); t=$((t + s[0] + s[1])); done; echo "$t"; }
 sent() { grep "sent," "$log" | tail -1 | sed 's/.*: \([0-9]*\) sent.*/\1/'; }
 until grep -q "sent," "$log"; do sleep 0.5; done
-worker=$(pgrep -f "herald worker" -P "$bench"); nats=$(pgrep -P "$bench" nats-server)
+worker=$(pgrep -P "$bench" -f " worker "); nats=$(pgrep -P "$bench" nats-server)
 a_s=$(sent); a_w=$(ticks "$worker"); a_n=$(ticks "$nats"); a_b=$(ticks "$bench")
 sleep 10
 b_s=$(sent); b_w=$(ticks "$worker"); b_n=$(ticks "$nats"); b_b=$(ticks "$bench")
