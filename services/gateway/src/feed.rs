@@ -7,7 +7,7 @@
 //! in order, and each live message carries the previous sequence of its own subject —
 //! while the hub hands the sources' messages out in sequence order.
 
-use crate::hub::{Hub, Tap};
+use crate::hub::{Hub, Live, Tap};
 use backon::{ExponentialBuilder, Retryable as _};
 use herald_protocol::topic::{TOPICS_HEADER, for_subscriber};
 use herald_protocol::{Notification, StoredNotification, TopicId, UserId};
@@ -255,8 +255,8 @@ impl Feed {
                 Box::pin(self.catch_up_step()).await?;
                 continue;
             }
-            let msg = self.live.recv().await.ok_or(FeedError::Closed)?;
-            self.on_live(&msg);
+            let live = self.live.recv().await.ok_or(FeedError::Closed)?;
+            self.on_live(&live);
             if self.live.take_lagged() {
                 // The hub dropped live messages for this connection: read them from the
                 // inbox (the next live one may be long in coming).
@@ -394,7 +394,8 @@ impl Feed {
         self.read_event.take()
     }
 
-    fn on_live(&mut self, msg: &async_nats::Message) {
+    fn on_live(&mut self, live: &Live) {
+        let msg = &live.msg;
         let Some(headers) = msg.headers.as_ref() else {
             return;
         };
@@ -421,13 +422,14 @@ impl Feed {
         if seq <= floor || seq <= self.high(source.as_ref()) {
             return; // before they subscribed, or already handed out
         }
-        let stored = match serde_json::from_slice::<StoredNotification>(&msg.payload) {
-            Ok(stored) if source.is_none() && stored.user_id == self.user => stored,
+        // Decoded once per gateway (the hub's `Live`), copied per connection.
+        let stored = match live.stored() {
+            Ok(stored) if source.is_none() && stored.user_id == self.user => stored.clone(),
             Ok(stored)
                 if source.is_some()
                     && stored.topic.as_deref() == source.as_ref().map(TopicId::as_str) =>
             {
-                for_subscriber(stored, &self.user)
+                for_subscriber(stored.clone(), &self.user)
                     .localize(self.locale.as_ref().and_then(Option::as_deref))
             }
             Ok(_) => return tracing::error!(seq, "live message for another user; dropped"),

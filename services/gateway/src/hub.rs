@@ -33,11 +33,12 @@ use async_nats::Message;
 use dashmap::DashMap;
 use futures::FutureExt as _;
 use futures::StreamExt as _;
+use herald_protocol::StoredNotification;
 use herald_store::Inbox;
 use herald_store::direct::header_u64;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use tokio::sync::{OnceCell, mpsc};
 use tokio_stream::StreamMap;
 
@@ -100,8 +101,38 @@ struct Slot {
 /// of thousands of these, see [`crate::queue`]) and the lagged mark.
 #[derive(Debug)]
 struct TapQueue {
-    queue: Queue<Arc<Message>>,
+    queue: Queue<Arc<Live>>,
     lagged: AtomicBool,
+}
+
+/// A live message as the hub hands it to every tap registered under its subject. The
+/// stored notification it carries is decoded at most once, however many local
+/// connections follow the subject: one publish to a big topic reaches thousands of them.
+#[derive(Debug)]
+pub struct Live {
+    /// The message as NATS delivered it.
+    pub msg: Message,
+    decoded: OnceLock<Result<StoredNotification, String>>,
+}
+
+impl Live {
+    fn new(msg: Message) -> Self {
+        Self {
+            msg,
+            decoded: OnceLock::new(),
+        }
+    }
+
+    /// The stored notification in the payload, decoded on first use; why it is not one.
+    ///
+    /// # Errors
+    /// The decoding error, when the payload is not a stored notification.
+    pub fn stored(&self) -> Result<&StoredNotification, &str> {
+        self.decoded
+            .get_or_init(|| serde_json::from_slice(&self.msg.payload).map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(String::as_str)
+    }
 }
 
 /// The hub could not subscribe.
@@ -122,7 +153,7 @@ pub struct Tap {
 
 impl Tap {
     /// The next live message; `None` when the hub's subscriptions ended.
-    pub async fn recv(&mut self) -> Option<Arc<Message>> {
+    pub async fn recv(&mut self) -> Option<Arc<Live>> {
         self.shared.queue.pop().await
     }
 
@@ -392,7 +423,7 @@ fn deliver(inner: &Inner, msg: Message) {
     let Some(slots) = inner.routes.get(msg.subject.as_str()) else {
         return;
     };
-    let msg = Arc::new(msg);
+    let msg = Arc::new(Live::new(msg));
     for slot in slots.iter() {
         if let Err(PushError::Full) = slot.tap.queue.try_push(msg.clone()) {
             slot.tap.lagged.store(true, Ordering::Release);
