@@ -56,8 +56,7 @@ async fn one_subscription_per_partition_not_per_connection() -> anyhow::Result<(
 async fn an_overflowing_tap_catches_up_from_the_inbox() -> anyhow::Result<()> {
     let nats = Nats::single().await?;
     let herald = Herald::builder(&nats).start().await?;
-    let store = herald_store::connect(&nats.url(), "hub-test").await?;
-    let inbox = herald_store::Inbox::new(store, herald.subjects().clone());
+    let inbox = herald.store_inbox("hub-test").await?;
     let hub = Hub::start(inbox).await?;
     let user = UserId::new("yara")?;
     let mut feed = Feed::open(&hub, user.clone(), None, 0).await?;

@@ -256,8 +256,7 @@ async fn shutdown_writes_the_receipts_it_holds() -> anyhow::Result<()> {
 async fn unread_counts_stop_at_the_head_they_were_read_with() -> anyhow::Result<()> {
     let nats = Nats::single().await?;
     let herald = Herald::builder(&nats).start().await?;
-    let store = herald_store::connect(&nats.url(), "unread-test").await?;
-    let inbox = herald_store::Inbox::new(store, herald.subjects().clone());
+    let inbox = herald.store_inbox("unread-test").await?;
     let user = herald_protocol::UserId::new("wren")?;
 
     let seqs = fill(&herald, "wren", 3).await?;

@@ -116,6 +116,16 @@ impl Herald {
         crate::nats::connect_client(&self.nats_url).await
     }
 
+    /// The user-facing store on this mesh's NATS, on connections of its own (`name`), as
+    /// a test reads it beside the running services.
+    ///
+    /// # Errors
+    /// When the URL does not parse.
+    pub async fn store_inbox(&self, name: &str) -> anyhow::Result<herald_store::Inbox> {
+        let store = herald_store::connect(&self.nats_url, name).await?;
+        Ok(herald_store::Inbox::new(store, self.subjects.clone()))
+    }
+
     /// Whether the gateway holds a live registration for `subject` (a connection or a
     /// waiting long-poll of that user).
     pub fn is_tapped(&self, subject: &str) -> bool {

@@ -136,9 +136,9 @@ impl Tapped {
         };
         // The topics' live subjects were followed after the head was read: a publish in
         // between is neither in the head nor live, so a user who follows any catches up
-        // from the head once (one read) even without `after`.
-        // A client resuming at or past the head has nothing to replay: what is stored
-        // from the tap on arrives live (the common reconnect; no read at all).
+        // from the head once (one read) even without `after`. Otherwise a client resuming
+        // at or past the head has nothing to replay: what is stored from the tap on
+        // arrives live (the common reconnect; no read at all).
         let (last_sent, catching_up) = match after {
             Some(after) => (after, after < head.last_seq() || !topics.is_empty()),
             None => (head.last_seq(), !topics.is_empty()),

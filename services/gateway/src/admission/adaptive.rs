@@ -334,14 +334,19 @@ mod tests {
         assert_eq!(gate.cap(), 2);
     }
 
-    #[tokio::test]
-    async fn over_the_cap_an_open_waits_its_turn_and_a_full_line_is_refused() {
-        let gate = Arc::new(OpenGate::new(OpenLimits {
+    /// A gate that admits one open at a time, whatever happens.
+    fn one_place() -> Arc<OpenGate> {
+        Arc::new(OpenGate::new(OpenLimits {
             initial: 1,
             min: 1,
             max: 1,
             ..LIMITS
-        }));
+        }))
+    }
+
+    #[tokio::test]
+    async fn over_the_cap_an_open_waits_its_turn_and_a_full_line_is_refused() {
+        let gate = one_place();
         let first = gate.begin().await.expect("a place at once");
         let waiting: Vec<_> = (0..2)
             .map(|_| {
@@ -365,12 +370,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_wait_that_runs_out_is_refused() {
-        let gate = Arc::new(OpenGate::new(OpenLimits {
-            initial: 1,
-            min: 1,
-            max: 1,
-            ..LIMITS
-        }));
+        let gate = one_place();
         let _held = gate.begin().await.expect("a place");
         assert!(gate.begin().await.is_none(), "refused after max_wait");
         assert_eq!(gate.queued(), 0);
