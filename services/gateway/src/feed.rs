@@ -12,9 +12,12 @@ use backon::{ExponentialBuilder, Retryable as _};
 use herald_protocol::topic::{TOPICS_HEADER, for_subscriber};
 use herald_protocol::{Notification, StoredNotification, TopicId, UserId};
 use herald_store::direct::header_u64;
-use herald_store::{InboxError, TopicSource, ViewHead};
+use herald_store::{InboxError, InboxPage, TopicSource, ViewHead};
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 use tokio::sync::Semaphore;
 
@@ -61,6 +64,9 @@ pub struct Feed {
     replay_from: u64,
     /// The user's topic subscriptions changed: re-read them.
     topics_changed: bool,
+    /// The store read in flight, if any (a replay page, the user's topics), kept across
+    /// polls: a connection's other work never cancels a read halfway.
+    in_flight: Option<InFlight>,
     /// Read position at open, for the `read` flag.
     read_up_to: u64,
     /// Whether the inbox may hold notifications after `last_sent` not yet handed out.
@@ -84,6 +90,27 @@ struct Followed {
     topic: TopicId,
     since: u64,
     high: u64,
+}
+
+/// A store read that borrows nothing from its feed, so the feed can keep it while it is
+/// polled (boxed: an idle feed holds only the empty `Option`).
+struct InFlight(Pin<Box<dyn Future<Output = Result<Step, FeedError>> + Send>>);
+
+impl std::fmt::Debug for InFlight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InFlight")
+    }
+}
+
+/// What a finished [`InFlight`] read brings.
+enum Step {
+    /// A page of the view after the replay position.
+    Page(InboxPage),
+    /// The user's topic subscriptions as they are now.
+    Topics(Vec<TopicSource>),
+    /// Newly followed topics' live subscriptions are confirmed; the user's locale, when
+    /// it had to be read.
+    Followed(Option<Option<String>>),
 }
 
 /// A user's live subject, tapped; not yet a feed (see [`Feed::tap`]).
@@ -156,6 +183,7 @@ impl Tapped {
             topics,
             replay_from: last_sent,
             topics_changed: false,
+            in_flight: None,
             read_up_to,
             catching_up,
             held: None,
@@ -233,29 +261,43 @@ impl Feed {
     }
 
     /// Waits for the next notifications, in `seq` order. Cancel-safe: a notification is
-    /// only counted as sent once returned.
+    /// only counted as sent once returned, and a store read in flight is kept.
     ///
     /// # Errors
     /// [`FeedError`] when NATS cannot answer or the subscription ends.
     pub async fn next(&mut self) -> Result<Vec<Notification>, FeedError> {
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
+    }
+
+    /// [`Feed::next`] for hand-written futures: the next notifications (empty when only
+    /// the read position moved, see [`Feed::take_read`]), or `Pending` with the waker
+    /// registered where the feed waits (the live tap, or the store read in flight).
+    ///
+    /// # Errors
+    /// [`FeedError`] when NATS cannot answer or the subscription ends.
+    pub fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Vec<Notification>, FeedError>> {
         loop {
             if !self.ready.is_empty() {
-                return Ok(self.take_ready());
+                return Poll::Ready(Ok(self.take_ready()));
             }
             if self.read_event.is_some() {
-                return Ok(Vec::new());
+                return Poll::Ready(Ok(Vec::new()));
             }
-            if self.topics_changed {
-                Box::pin(self.refresh_topics()).await?;
+            if self.in_flight.is_none() {
+                if self.topics_changed {
+                    self.in_flight = Some(self.read_topics());
+                } else if self.catching_up {
+                    self.in_flight = Some(self.read_page());
+                }
+            }
+            if self.in_flight.is_some() {
+                ready!(self.poll_in_flight(cx))?;
                 continue;
             }
-            if self.catching_up {
-                // Boxed: the inbox read's state exists only while catching up, so an
-                // idle feed (waiting on live) stays small.
-                Box::pin(self.catch_up_step()).await?;
-                continue;
-            }
-            let live = self.live.recv().await.ok_or(FeedError::Closed)?;
+            let live = ready!(self.live.poll_recv(cx)).ok_or(FeedError::Closed)?;
             self.on_live(&live);
             if self.live.take_lagged() {
                 // The hub dropped live messages for this connection: read them from the
@@ -272,7 +314,10 @@ impl Feed {
     /// [`FeedError`] when NATS cannot answer.
     pub async fn next_ready(&mut self) -> Result<Vec<Notification>, FeedError> {
         if self.catching_up && self.ready.is_empty() {
-            Box::pin(self.catch_up_step()).await?;
+            if self.in_flight.is_none() {
+                self.in_flight = Some(self.read_page());
+            }
+            std::future::poll_fn(|cx| self.poll_in_flight(cx)).await?;
         }
         Ok(self.take_ready())
     }
@@ -291,12 +336,28 @@ impl Feed {
         self.catching_up = true;
     }
 
-    async fn catch_up_step(&mut self) -> Result<(), FeedError> {
-        // Closed only when the gateway is gone: read anyway.
-        let _permit = match &self.pace {
-            Some(pace) => Arc::clone(pace).acquire_owned().await.ok(),
-            None => None,
-        };
+    /// Drives the store reads in flight to their end, taking in what each brings (one
+    /// may start the next: following new topics after reading them).
+    fn poll_in_flight(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), FeedError>> {
+        while let Some(in_flight) = &mut self.in_flight {
+            let step = ready!(in_flight.0.as_mut().poll(cx));
+            self.in_flight = None;
+            match step? {
+                Step::Page(page) => self.take_page(page),
+                Step::Topics(now) => self.take_topics(now),
+                Step::Followed(locale) => {
+                    if self.locale.is_none() {
+                        self.locale = locale;
+                    }
+                    self.catch_up(self.last_sent);
+                }
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// The next page of the view after `replay_from`.
+    fn read_page(&self) -> InFlight {
         let topics: Vec<TopicSource> = self
             .topics
             .iter()
@@ -305,18 +366,35 @@ impl Feed {
                 since: f.since,
             })
             .collect();
-        let inbox = self.hub.inbox();
-        // A read that times out (a loaded store, a reconnect storm) is tried again after a
-        // short jittered pause before the feed gives up: giving up closes the connection,
-        // and the client's reconnect would cost the store more than the retry.
-        let page = (|| inbox.after_with_topics(&self.user, &topics, self.replay_from, REPLAY_PAGE))
-            .retry(
-                ExponentialBuilder::default()
-                    .with_min_delay(Duration::from_millis(100))
-                    .with_max_times(REPLAY_RETRIES)
-                    .with_jitter(),
-            )
-            .await?;
+        let (hub, user, from, pace) = (
+            self.hub.clone(),
+            self.user.clone(),
+            self.replay_from,
+            self.pace.clone(),
+        );
+        InFlight(Box::pin(async move {
+            // Closed only when the gateway is gone: read anyway.
+            let _permit = match pace {
+                Some(pace) => pace.acquire_owned().await.ok(),
+                None => None,
+            };
+            let inbox = hub.inbox();
+            // A read that times out (a loaded store, a reconnect storm) is tried again
+            // after a short jittered pause before the feed gives up: giving up closes the
+            // connection, and the client's reconnect would cost the store more.
+            let page = (|| inbox.after_with_topics(&user, &topics, from, REPLAY_PAGE))
+                .retry(
+                    ExponentialBuilder::default()
+                        .with_min_delay(Duration::from_millis(100))
+                        .with_max_times(REPLAY_RETRIES)
+                        .with_jitter(),
+                )
+                .await?;
+            Ok(Step::Page(page))
+        }))
+    }
+
+    fn take_page(&mut self, page: InboxPage) {
         for (seq, stored) in page.items {
             let source = if page.shared.contains(&seq) {
                 stored.topic.as_deref().and_then(|t| TopicId::new(t).ok())
@@ -342,31 +420,37 @@ impl Feed {
                 }
             }
         }
-        Ok(())
     }
 
-    /// Re-reads the user's topic subscriptions after a change: follows new topics (then
-    /// reads the view, which holds anything published since they subscribed) and stops
-    /// following those left.
-    async fn refresh_topics(&mut self) -> Result<(), FeedError> {
-        let inbox = self.hub.inbox().clone();
-        let now = inbox
-            .subscribed_topics(&self.user)
-            .await
-            .map_err(FeedError::Topics)?;
-        let mut added = false;
+    /// Re-reads the user's topic subscriptions after a change (one read covers every
+    /// change announced before it starts).
+    fn read_topics(&mut self) -> InFlight {
+        self.topics_changed = false;
+        let (hub, user) = (self.hub.clone(), self.user.clone());
+        InFlight(Box::pin(async move {
+            let now = hub
+                .inbox()
+                .subscribed_topics(&user)
+                .await
+                .map_err(FeedError::Topics)?;
+            Ok(Step::Topics(now))
+        }))
+    }
+
+    /// Follows new topics and stops following those left. New ones are confirmed (and
+    /// the locale read, the first time) before the view is read again, which holds
+    /// anything published since they subscribed.
+    fn take_topics(&mut self, now: Vec<TopicSource>) {
+        let subjects = self.hub.inbox().subjects().clone();
+        let mut confirms = Vec::new();
         for t in &now {
             if self.topics.iter().all(|f| f.topic != t.topic) {
-                self.live
-                    .follow(inbox.subjects().topic_live(&t.topic))
-                    .await
-                    .map_err(|e| FeedError::Subscribe(Box::new(e)))?;
+                confirms.push(self.live.follow_start(subjects.topic_live(&t.topic)));
                 self.topics.push(Followed {
                     topic: t.topic.clone(),
                     since: t.since,
                     high: t.since,
                 });
-                added = true;
             }
         }
         let gone: Vec<TopicId> = self
@@ -376,17 +460,25 @@ impl Feed {
             .map(|f| f.topic.clone())
             .collect();
         for topic in gone {
-            self.live.unfollow(&inbox.subjects().topic_live(&topic));
+            self.live.unfollow(&subjects.topic_live(&topic));
             self.topics.retain(|f| f.topic != topic);
         }
-        self.topics_changed = false;
-        if added && self.locale.is_none() {
-            self.locale = Some(inbox.locale_of(&self.user).await?);
+        if confirms.is_empty() {
+            return;
         }
-        if added {
-            self.catch_up(self.last_sent);
-        }
-        Ok(())
+        let read_locale = self.locale.is_none();
+        let (hub, user) = (self.hub.clone(), self.user.clone());
+        self.in_flight = Some(InFlight(Box::pin(async move {
+            futures::future::try_join_all(confirms)
+                .await
+                .map_err(|e| FeedError::Subscribe(Box::new(e)))?;
+            let locale = if read_locale {
+                Some(hub.inbox().locale_of(&user).await?)
+            } else {
+                None
+            };
+            Ok(Step::Followed(locale))
+        })));
     }
 
     /// The read position announced since the last call, if any.
@@ -435,7 +527,6 @@ impl Feed {
             Ok(_) => return tracing::error!(seq, "live message for another user; dropped"),
             Err(e) => return tracing::warn!(seq, error = %e, "undecodable live message; dropped"),
         };
-        record_live_delay(&stored.created_at);
         let previous = header_u64(headers, "Nats-Last-Sequence").unwrap_or(0);
         if previous > floor && previous > self.high(source.as_ref()) {
             // A live message of this source was lost (or arrived before the replay saw
@@ -483,16 +574,6 @@ impl Feed {
             seq,
             seq <= self.read_up_to,
         ));
-    }
-}
-
-/// Accepted → live at this gateway (the router's republish and the hub included; the
-/// write to the socket follows at once unless the client is slow).
-fn record_live_delay(created_at: &str) {
-    let format = &time::format_description::well_known::Rfc3339;
-    if let Ok(created) = time::OffsetDateTime::parse(created_at, format) {
-        let delay = (time::OffsetDateTime::now_utc() - created).as_seconds_f64();
-        metrics::histogram!("herald_gateway_live_delay_seconds").record(delay.max(0.0));
     }
 }
 

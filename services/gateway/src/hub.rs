@@ -39,6 +39,7 @@ use herald_store::direct::header_u64;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::task::Poll;
 use tokio::sync::{OnceCell, mpsc};
 use tokio_stream::StreamMap;
 
@@ -129,9 +130,26 @@ impl Live {
     /// The decoding error, when the payload is not a stored notification.
     pub fn stored(&self) -> Result<&StoredNotification, &str> {
         self.decoded
-            .get_or_init(|| serde_json::from_slice(&self.msg.payload).map_err(|e| e.to_string()))
+            .get_or_init(|| {
+                let stored = serde_json::from_slice::<StoredNotification>(&self.msg.payload);
+                if let Ok(stored) = &stored {
+                    record_live_delay(&stored.created_at);
+                }
+                stored.map_err(|e| e.to_string())
+            })
             .as_ref()
             .map_err(String::as_str)
+    }
+}
+
+/// Accepted → live at this gateway (the router's republish and the hub included; the
+/// writes to the sockets follow at once unless a client is slow). Recorded once per
+/// message and gateway, when the message is first decoded for a local connection.
+fn record_live_delay(created_at: &str) {
+    let format = &time::format_description::well_known::Rfc3339;
+    if let Ok(created) = time::OffsetDateTime::parse(created_at, format) {
+        let delay = (time::OffsetDateTime::now_utc() - created).as_seconds_f64();
+        metrics::histogram!("herald_gateway_live_delay_seconds").record(delay.max(0.0));
     }
 }
 
@@ -157,6 +175,11 @@ impl Tap {
         self.shared.queue.pop().await
     }
 
+    /// [`Tap::recv`] for hand-written futures.
+    pub fn poll_recv(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Option<Arc<Live>>> {
+        self.shared.queue.poll_pop(cx)
+    }
+
     /// Whether messages were dropped since the last call (then re-read the inbox).
     pub fn take_lagged(&self) -> bool {
         self.shared.lagged.swap(false, Ordering::AcqRel)
@@ -171,43 +194,57 @@ impl Tap {
     /// # Errors
     /// [`HubError`] when NATS refuses or does not answer.
     pub async fn follow(&mut self, subject: String) -> Result<(), HubError> {
-        if self.topics.contains(&subject) {
-            return Ok(());
+        self.follow_start(subject).await
+    }
+
+    /// [`Tap::follow`] in two halves: registers this tap now, and returns the wait for
+    /// the hub's subscription to be confirmed as a future that borrows nothing (a feed
+    /// keeps it across polls).
+    pub fn follow_start(
+        &mut self,
+        subject: String,
+    ) -> impl Future<Output = Result<(), HubError>> + Send + 'static {
+        let confirm = (!self.topics.contains(&subject)).then(|| {
+            register(&self.inner, &subject, self.id, &self.shared);
+            let subscribed = {
+                let mut topics = self.inner.topics.lock().unwrap_or_else(|e| e.into_inner());
+                let followed = topics.entry(subject.clone()).or_insert_with(|| Followed {
+                    taps: 0,
+                    subscribed: Arc::new(OnceCell::new()),
+                });
+                followed.taps += 1;
+                followed.subscribed.clone()
+            };
+            // Counted before subscribing, so a failure or cancellation is undone by `drop`.
+            self.topics.push(subject.clone());
+            (subscribed, self.inner.clone(), subject)
+        });
+        async move {
+            let Some((subscribed, inner, subject)) = confirm else {
+                return Ok(());
+            };
+            subscribed
+                .get_or_try_init(|| async move {
+                    let sub = inner
+                        .client
+                        .subscribe(subject.clone())
+                        .await
+                        .map_err(|e| HubError(Box::new(e)))?;
+                    inner
+                        .client
+                        .flush()
+                        .await
+                        .map_err(|e| HubError(Box::new(e)))?;
+                    inner
+                        .control
+                        .send(Control::Add(subject, sub))
+                        .map_err(|_| HubError("live subscriptions ended".into()))?;
+                    metrics::gauge!("herald_gateway_topics_followed").increment(1.0);
+                    Ok::<_, HubError>(())
+                })
+                .await?;
+            Ok(())
         }
-        register(&self.inner, &subject, self.id, &self.shared);
-        let subscribed = {
-            let mut topics = self.inner.topics.lock().unwrap_or_else(|e| e.into_inner());
-            let followed = topics.entry(subject.clone()).or_insert_with(|| Followed {
-                taps: 0,
-                subscribed: Arc::new(OnceCell::new()),
-            });
-            followed.taps += 1;
-            followed.subscribed.clone()
-        };
-        // Counted before subscribing, so a failure or cancellation is undone by `drop`.
-        self.topics.push(subject.clone());
-        let inner = self.inner.clone();
-        subscribed
-            .get_or_try_init(|| async move {
-                let sub = inner
-                    .client
-                    .subscribe(subject.clone())
-                    .await
-                    .map_err(|e| HubError(Box::new(e)))?;
-                inner
-                    .client
-                    .flush()
-                    .await
-                    .map_err(|e| HubError(Box::new(e)))?;
-                inner
-                    .control
-                    .send(Control::Add(subject, sub))
-                    .map_err(|_| HubError("live subscriptions ended".into()))?;
-                metrics::gauge!("herald_gateway_topics_followed").increment(1.0);
-                Ok::<_, HubError>(())
-            })
-            .await?;
-        Ok(())
     }
 
     /// Stops following a big topic's live subject.

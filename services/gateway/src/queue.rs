@@ -1,20 +1,21 @@
 //! A small bounded single-consumer queue, for what every idle connection holds.
 //!
 //! A tokio `mpsc` channel costs about 1 KiB before its first message: two cache-padded
-//! (128-byte) fields, a semaphore and a first block of 32 slots, allocated up front. Each
-//! WebSocket connection needs two queues (live messages from the hub, frames to its
-//! writer), so with tens of thousands of idle sockets that was a quarter of the gateway's
-//! memory per connection. This queue is a `VecDeque` behind a mutex, allocated on the
-//! first push and released when drained, and a [`Notify`]: about 100 bytes when idle.
+//! (128-byte) fields, a semaphore and a first block of 32 slots, allocated up front. With
+//! tens of thousands of idle sockets, the queue from the hub to each connection would be
+//! a large share of the gateway's memory. This queue is a `VecDeque` behind a mutex,
+//! allocated on the first push and released when drained, and an [`AtomicWaker`] for its
+//! one consumer: under 100 bytes when idle.
 //!
 //! Producers never wait: [`Queue::try_push`] fails when the queue is full or closed.
-//! One consumer waits in [`Queue::pop`] (cancel-safe: an item is only taken when
-//! returned).
+//! One consumer waits in [`Queue::pop`], or polls [`Queue::poll_pop`] from a hand-written
+//! future (both cancel-safe: an item is only taken when returned).
 
+use futures::task::AtomicWaker;
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use tokio::sync::Notify;
+use std::task::{Context, Poll};
 
 /// A bounded queue shared by producers and one consumer (wrap it in an `Arc`).
 #[derive(Debug)]
@@ -22,9 +23,7 @@ pub struct Queue<T> {
     items: Mutex<VecDeque<T>>,
     capacity: usize,
     /// Wakes the consumer (a push or a close).
-    ready: Notify,
-    /// Wakes whoever waits in [`Queue::closed`].
-    closing: Notify,
+    ready: AtomicWaker,
     closed: AtomicBool,
 }
 
@@ -43,8 +42,7 @@ impl<T> Queue<T> {
         Self {
             items: Mutex::new(VecDeque::new()),
             capacity: capacity.max(1),
-            ready: Notify::new(),
-            closing: Notify::new(),
+            ready: AtomicWaker::new(),
             closed: AtomicBool::new(false),
         }
     }
@@ -71,7 +69,7 @@ impl<T> Queue<T> {
             }
             items.push_back(item);
         }
-        self.ready.notify_one();
+        self.ready.wake();
         Ok(())
     }
 
@@ -89,43 +87,33 @@ impl<T> Queue<T> {
 
     /// Waits for the oldest item; `None` once the queue is closed and drained.
     pub async fn pop(&self) -> Option<T> {
-        loop {
-            if let Some(item) = self.try_pop() {
-                return Some(item);
-            }
-            if self.is_closed() {
-                return None;
-            }
-            // `notify_one` stores a permit when nobody waits, so a push between the
-            // check above and this wait is not missed.
-            self.ready.notified().await;
+        std::future::poll_fn(|cx| self.poll_pop(cx)).await
+    }
+
+    /// The oldest item, `None` once the queue is closed and drained, or `Pending` with
+    /// the consumer's waker registered. Only one consumer may poll.
+    pub fn poll_pop(&self, cx: &mut Context<'_>) -> Poll<Option<T>> {
+        if let Some(item) = self.try_pop() {
+            return Poll::Ready(Some(item));
+        }
+        self.ready.register(cx.waker());
+        // Checked again after registering: a push in between woke the old waker.
+        match self.try_pop() {
+            Some(item) => Poll::Ready(Some(item)),
+            None if self.is_closed() => Poll::Ready(None),
+            None => Poll::Pending,
         }
     }
 
     /// Closes the queue: pushes fail, the consumer drains what is left and gets `None`.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
-        self.ready.notify_one();
-        self.closing.notify_waiters();
+        self.ready.wake();
     }
 
     /// Whether [`Queue::close`] was called.
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
-    }
-
-    /// Waits until the queue is closed.
-    pub async fn closed(&self) {
-        loop {
-            let notified = self.closing.notified();
-            tokio::pin!(notified);
-            // Registered before the check, so a close in between still wakes us.
-            notified.as_mut().enable();
-            if self.is_closed() {
-                return;
-            }
-            notified.await;
-        }
     }
 }
 
@@ -153,7 +141,6 @@ mod tests {
         assert_eq!(q.try_push("b"), Err(PushError::Closed));
         assert_eq!(q.pop().await, Some("a"));
         assert_eq!(q.pop().await, None);
-        q.closed().await;
     }
 
     #[tokio::test]
@@ -163,13 +150,8 @@ mod tests {
             let q = q.clone();
             async move { (q.pop().await, q.pop().await) }
         });
-        let closer = tokio::spawn({
-            let q = q.clone();
-            async move { q.closed().await }
-        });
         assert_eq!(q.try_push(7), Ok(()));
         q.close();
         assert!(matches!(consumer.await, Ok((Some(7), None))));
-        assert!(closer.await.is_ok());
     }
 }

@@ -1,0 +1,389 @@
+//! One WebSocket connection: one task, one hand-polled future.
+//!
+//! Why not `split()` and a writer task: an idle connection is what a gateway holds by the
+//! tens of thousands, and every byte of per-connection state is paid that many times.
+//! Two tasks (two task cells, each sized for its largest future, the connection's also
+//! keeping axum's upgrade closure and `serve`'s parameters beside its locals), the
+//! `BiLock` of the split halves and the queue shared between them came to about 3.5 KiB
+//! per idle socket. Here one [`Conn`] owns the socket and polls, in turn: shutdown, the
+//! client frame being handled (or the socket's next frame), the feed, the heartbeat,
+//! then writes what is queued. Each source registers the task's waker, so the task
+//! sleeps until any of them has something.
+//!
+//! Everything that is not needed to wait sits in one boxed [`Session`], made before the
+//! upgrade; what exists only while something happens (a client frame's work, the client
+//! frame limiter, queued frames) is allocated then and freed after.
+
+use super::{Outcome, close, close_frame, on_client_frame, text};
+use crate::GatewayState;
+use crate::admission::Ticket;
+use crate::feed::{Delivery, Feed};
+use axum::extract::ws::{Message, WebSocket};
+use futures::{Sink, Stream};
+use governor::DefaultDirectRateLimiter;
+use herald_protocol::{Notification, ServerFrame};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
+/// How long a closing handshake (the queued frames, the close frame) may take.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Rounds of polling every source in one poll of the task, before it yields to others.
+const ROUNDS: usize = 32;
+
+/// A queued frame: ready to send, or a notification that may be coalesced with the ones
+/// queued behind it into one `batch` frame. Boxed, so a queue slot is 16 bytes.
+enum Out {
+    Msg(Box<Message>),
+    Note(Box<Notification>),
+}
+
+/// A client frame being handled (a receipt write, a topic subscription).
+type Work = Pin<Box<dyn Future<Output = Result<Option<ServerFrame>, Outcome>> + Send>>;
+
+/// What a connection holds besides its socket and timers (boxed once, before the
+/// upgrade).
+pub(crate) struct Session {
+    state: Arc<GatewayState>,
+    feed: Feed,
+    /// Frames waiting for the socket, oldest first; at most `queue_frames`. Holds no
+    /// buffer while empty.
+    out: VecDeque<Out>,
+    /// The client frame rate limiter, made at the first client frame (most idle
+    /// connections never send one).
+    frames: Option<Box<DefaultDirectRateLimiter>>,
+    _ticket: Ticket,
+}
+
+/// The queue is full: the client reads too slowly.
+struct Full;
+
+const SLOW: Outcome = Outcome::Close(
+    close::SLOW_CONSUMER,
+    "slow consumer: resume from your last seq",
+);
+
+impl Session {
+    /// A session whose first frame is `hello`.
+    pub(crate) fn new(
+        state: Arc<GatewayState>,
+        feed: Feed,
+        hello: Message,
+        ticket: Ticket,
+    ) -> Box<Self> {
+        Box::new(Self {
+            state,
+            feed,
+            out: VecDeque::from([Out::Msg(Box::new(hello))]),
+            frames: None,
+            _ticket: ticket,
+        })
+    }
+
+    fn queue(&mut self, out: Out) -> Result<(), Full> {
+        if self.out.len() >= self.state.config.queue_frames.max(1) {
+            metrics::counter!("herald_gateway_slow_consumer_closes_total").increment(1);
+            return Err(Full);
+        }
+        self.out.push_back(out);
+        Ok(())
+    }
+
+    /// Queues what the feed handed out.
+    fn deliver(&mut self, items: Vec<Notification>, read: Option<u64>) -> Result<(), Full> {
+        let read = read.map(Delivery::Read);
+        for delivery in items.into_iter().map(Delivery::Notification).chain(read) {
+            metrics::counter!("herald_gateway_frames_out_total", "transport" => "ws").increment(1);
+            self.queue(match delivery {
+                Delivery::Notification(n) => Out::Note(Box::new(n)),
+                Delivery::Read(up_to) => Out::Msg(Box::new(text(&ServerFrame::Read { up_to }))),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The next frame to send: a queued message, or the notifications at the head of the
+    /// queue, coalesced into one `batch` when several wait (no added latency: only what
+    /// queued up while the socket was busy).
+    fn next_frame(&mut self) -> Option<Message> {
+        let frame = match self.out.pop_front()? {
+            Out::Msg(m) => *m,
+            Out::Note(first) => {
+                let max = self.state.config.max_batch.max(1);
+                let mut items = vec![*first];
+                while items.len() < max
+                    && let Some(Out::Note(_)) = self.out.front()
+                    && let Some(Out::Note(n)) = self.out.pop_front()
+                {
+                    items.push(*n);
+                }
+                if items.len() == 1 {
+                    text(&ServerFrame::Notification(items.remove(0)))
+                } else {
+                    metrics::counter!("herald_gateway_batches_total").increment(1);
+                    text(&ServerFrame::Batch { items })
+                }
+            }
+        };
+        if self.out.is_empty() && self.out.capacity() > 0 {
+            // An idle connection keeps no buffer.
+            self.out = VecDeque::new();
+        }
+        Some(frame)
+    }
+
+    /// Whether one more client frame is within the connection's rate.
+    fn allow_frame(&mut self) -> bool {
+        let admission = &self.state.admission;
+        self.frames
+            .get_or_insert_with(|| Box::new(admission.frame_limiter()))
+            .check()
+            .is_ok()
+    }
+}
+
+/// A live connection, as the future of its task: serves until the connection must end,
+/// then closes it within [`CLOSE_GRACE`].
+pub(crate) struct Conn {
+    socket: WebSocket,
+    session: Box<Session>,
+    /// The client frame being handled; the socket is not read meanwhile.
+    work: Option<Work>,
+    /// Every heartbeat: a ping, and the check that the peer was heard from. While
+    /// closing, the deadline of the closing handshake.
+    timer: Pin<Box<Sleep>>,
+    last_heard: Instant,
+    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// Frames were handed to the socket and not yet flushed.
+    unflushed: bool,
+    /// Set once the connection must end: the close frame still to send, if any.
+    closing: Option<Option<Message>>,
+    _connected: crate::Connected,
+}
+
+impl Conn {
+    /// Serves `socket` for `session` (called once the upgrade succeeded).
+    pub(crate) fn new(socket: WebSocket, session: Box<Session>) -> Self {
+        let heartbeat = session.state.config.heartbeat;
+        let shutdown = Box::pin(session.state.shutdown.clone().cancelled_owned());
+        Self {
+            socket,
+            session,
+            work: None,
+            timer: Box::pin(tokio::time::sleep(heartbeat)),
+            last_heard: Instant::now(),
+            shutdown,
+            unflushed: false,
+            closing: None,
+            _connected: crate::Connected::new("ws"),
+        }
+    }
+
+    /// Serves the connection until it must end; then says how.
+    fn poll_serve(&mut self, cx: &mut Context<'_>) -> Poll<Outcome> {
+        for _ in 0..ROUNDS {
+            let mut busy = false;
+            if self.shutdown.as_mut().poll(cx).is_ready() {
+                // Spread reconnects so a restart is not a thundering herd.
+                let after_ms = rand::random_range(0..5_000);
+                let reconnect = text(&ServerFrame::Reconnect { after_ms });
+                let _ = self.session.queue(Out::Msg(Box::new(reconnect)));
+                return Poll::Ready(Outcome::Close(
+                    close::GOING_AWAY,
+                    "server restarting; reconnect with after=<last seq>",
+                ));
+            }
+            if let Some(work) = &mut self.work {
+                if let Poll::Ready(done) = work.as_mut().poll(cx) {
+                    self.work = None;
+                    busy = true;
+                    match done {
+                        Err(outcome) => return Poll::Ready(outcome),
+                        // An answer waits in the same bounded queue as notifications.
+                        Ok(Some(answer)) => {
+                            if self
+                                .session
+                                .queue(Out::Msg(Box::new(text(&answer))))
+                                .is_err()
+                            {
+                                return Poll::Ready(SLOW);
+                            }
+                        }
+                        Ok(None) => {}
+                    }
+                }
+            } else if let Poll::Ready(incoming) = Pin::new(&mut self.socket).poll_next(cx) {
+                busy = true;
+                self.last_heard = Instant::now();
+                if let Some(outcome) = self.on_incoming(incoming) {
+                    return Poll::Ready(outcome);
+                }
+            }
+            match self.session.feed.poll_next(cx) {
+                Poll::Ready(Ok(items)) => {
+                    busy = true;
+                    let read = self.session.feed.take_read();
+                    if self.session.deliver(items, read).is_err() {
+                        return Poll::Ready(SLOW);
+                    }
+                }
+                Poll::Ready(Err(e)) => {
+                    tracing::warn!(error = %e, "feed failed; closing connection");
+                    return Poll::Ready(Outcome::Close(
+                        close::INTERNAL,
+                        "delivery interrupted: reconnect with after=<last seq>",
+                    ));
+                }
+                Poll::Pending => {}
+            }
+            if self.timer.as_mut().poll(cx).is_ready() {
+                busy = true;
+                let heartbeat = self.session.state.config.heartbeat;
+                if self.last_heard.elapsed() > heartbeat * 2 {
+                    return Poll::Ready(Outcome::Close(close::HEARTBEAT, "missed heartbeats"));
+                }
+                let ping = Out::Msg(Box::new(Message::Ping(Default::default())));
+                if self.session.queue(ping).is_err() {
+                    return Poll::Ready(SLOW);
+                }
+                self.timer.as_mut().reset(Instant::now() + heartbeat);
+            }
+            match self.poll_write(cx) {
+                Err(_) => return Poll::Ready(Outcome::Gone),
+                Ok(wrote) => busy |= wrote,
+            }
+            if !busy {
+                // Every source polled above returned Pending and registered the waker.
+                return Poll::Pending;
+            }
+        }
+        // Still busy: let other connections run, and come back.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// A frame (or the end) from the client; `Some` when the connection must end.
+    fn on_incoming(&mut self, incoming: Option<Result<Message, axum::Error>>) -> Option<Outcome> {
+        match incoming {
+            None | Some(Ok(Message::Close(_))) => Some(Outcome::Gone),
+            Some(Err(e)) if super::is_too_big(&e) => {
+                Some(Outcome::Close(close::TOO_BIG, "frame too large"))
+            }
+            Some(Err(_)) => Some(Outcome::Gone),
+            Some(Ok(Message::Binary(_))) => Some(Outcome::Close(
+                close::UNSUPPORTED,
+                "binary frames are not supported; send JSON text",
+            )),
+            // Pongs only prove the peer is alive (`last_heard`); pings are answered by
+            // the socket itself.
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => None,
+            Some(Ok(Message::Text(t))) => {
+                if !self.session.allow_frame() {
+                    return Some(Outcome::Close(close::POLICY, "too many frames; slow down"));
+                }
+                let state = self.session.state.clone();
+                let user = self.session.feed.user().clone();
+                self.work = Some(Box::pin(async move {
+                    on_client_frame(&state, &user, t.as_str()).await
+                }));
+                None
+            }
+        }
+    }
+
+    /// Hands queued frames to the socket while it takes them, then flushes. `Ok(true)`
+    /// when a frame was handed over.
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Result<bool, axum::Error> {
+        let mut wrote = false;
+        while !self.session.out.is_empty() {
+            match Pin::new(&mut self.socket).poll_ready(cx) {
+                Poll::Ready(ready) => ready?,
+                // Waits for the socket to drain; the queue fills meanwhile.
+                Poll::Pending => break,
+            }
+            let Some(frame) = self.session.next_frame() else {
+                break;
+            };
+            Pin::new(&mut self.socket).start_send(frame)?;
+            self.unflushed = true;
+            wrote = true;
+        }
+        if self.unflushed
+            && let Poll::Ready(flushed) = Pin::new(&mut self.socket).poll_flush(cx)
+        {
+            flushed?;
+            self.unflushed = false;
+        }
+        Ok(wrote)
+    }
+
+    /// Starts ending the connection: what is queued still goes out first unless the peer
+    /// is the problem (slow, or gone), then the close frame, if any.
+    fn begin_close(&mut self, outcome: Outcome) {
+        let frame = match outcome {
+            Outcome::Close(code, reason) => {
+                tracing::debug!(user = %self.session.feed.user(), code, reason, "closing websocket");
+                if code == close::SLOW_CONSUMER {
+                    self.session.out = VecDeque::new();
+                }
+                Some(close_frame(code, reason))
+            }
+            Outcome::Gone => {
+                self.session.out = VecDeque::new();
+                None
+            }
+        };
+        self.work = None;
+        self.closing = Some(frame);
+        self.timer.as_mut().reset(Instant::now() + CLOSE_GRACE);
+    }
+
+    /// Sends what is left and the close frame, then closes the socket; gives up at the
+    /// deadline (a peer that does not read).
+    fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        loop {
+            let has_frame = matches!(self.closing, Some(Some(_)));
+            if self.session.out.is_empty() && !has_frame {
+                break;
+            }
+            match Pin::new(&mut self.socket).poll_ready(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Pending => return Poll::Pending,
+            }
+            let frame = match self.session.next_frame() {
+                Some(frame) => frame,
+                None => match self.closing.as_mut().and_then(Option::take) {
+                    Some(frame) => frame,
+                    None => break,
+                },
+            };
+            if Pin::new(&mut self.socket).start_send(frame).is_err() {
+                return Poll::Ready(());
+            }
+        }
+        Pin::new(&mut self.socket).poll_close(cx).map(|_| ())
+    }
+}
+
+impl Future for Conn {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        if this.closing.is_none() {
+            let outcome = std::task::ready!(this.poll_serve(cx));
+            this.begin_close(outcome);
+        }
+        this.poll_close(cx)
+    }
+}
