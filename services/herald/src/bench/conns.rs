@@ -12,8 +12,10 @@
 //!    restart on the same port; every client reconnects with full-jitter backoff and
 //!    resumes after its last seq. Time until all are back, 503s served, connect p99/max,
 //!    lost and duplicated notifications, the gateway's CPU during the recovery.
-//! 4. **Slow consumer:** fast clients receive at a fixed rate, first alone, then beside
-//!    one client that never reads and is flooded; the fast clients' p99 both times, and
+//! 4. **Slow consumer:** fast clients receive at a fixed rate: alone; while a flood goes
+//!    to a user with no connection (without the slow one: the flood's ingest cost on the
+//!    shared cores); while it goes to a client that reads (control); and beside one
+//!    client that never reads and gets the flood. The fast clients' p50/p99 each time,
 //!    how the slow one was ended (4008, or dropped when its socket had no room for the
 //!    close frame) and the gateway's own count of slow-consumer closes.
 //! 5. **Side by side:** the same N clients on nats-server's own WebSocket listener.
@@ -237,6 +239,16 @@ pub(super) async fn run(args: ConnsArgs) -> Result<(), BenchError> {
     if !args.no_slow {
         let fast = args.fast.min(n);
         let alone = paced(&http, &api, &api_key, &fleet, fast, &args).await?;
+        // Without the slow one: the same flood to a user with no connection, which costs
+        // the ingest (JetStream writes, routing) and nothing at the gateway's sockets.
+        let flooding = tokio::spawn(flood(
+            http.clone(),
+            api.clone(),
+            api_key.clone(),
+            "flood-offline",
+        ));
+        let offline = paced(&http, &api, &api_key, &fleet, fast, &args).await?;
+        flooding.await??;
         // Control: the same flood to a client that reads, to tell the flood's own cost
         // (JetStream writes, routing, the hub) from the slow client's.
         let token = users.mint(&UserId::new("flood-reader")?, 3600)?;
@@ -263,6 +275,11 @@ pub(super) async fn run(args: ConnsArgs) -> Result<(), BenchError> {
             args.rate,
             ms(alone.value_at_quantile(0.5)),
             ms(alone.value_at_quantile(0.99))
+        );
+        println!(
+            "| the same while 10,000 × 2 KiB go to a user with no connection (without the slow one) | p50 {:.1} ms, p99 {:.1} ms |",
+            ms(offline.value_at_quantile(0.5)),
+            ms(offline.value_at_quantile(0.99))
         );
         println!(
             "| the same while a client that reads gets 10,000 × 2 KiB (control) | p50 {:.1} ms, p99 {:.1} ms |",
