@@ -57,7 +57,7 @@ struct Inner {
     /// The inbox feeds replay from (one copy per process, not per connection).
     inbox: Inbox,
     /// Live subject → connections that want it.
-    routes: DashMap<String, Vec<Slot>>,
+    routes: DashMap<String, Slots>,
     next_id: AtomicU64,
     /// Set when a subscription ended (NATS client closed for good).
     closed: AtomicBool,
@@ -96,6 +96,66 @@ impl std::fmt::Debug for Control {
 struct Slot {
     id: u64,
     tap: Arc<TapQueue>,
+}
+
+/// The taps registered under one subject. Most subjects are a user's, with a device or
+/// three: a short vector. A big topic's live subject may hold every local connection
+/// (tens of thousands), where removing one must not scan them all (a gateway's
+/// connections leaving at once would cost the square of their number): a map by tap id.
+#[derive(Debug)]
+enum Slots {
+    Few(Vec<Slot>),
+    Many(HashMap<u64, Arc<TapQueue>>),
+}
+
+/// Above this many taps a subject's slots become a map.
+const FEW: usize = 16;
+
+impl Default for Slots {
+    fn default() -> Self {
+        Slots::Few(Vec::new())
+    }
+}
+
+impl Slots {
+    fn push(&mut self, id: u64, tap: Arc<TapQueue>) {
+        match self {
+            Slots::Few(few) if few.len() < FEW => few.push(Slot { id, tap }),
+            Slots::Few(few) => {
+                let mut many: HashMap<u64, Arc<TapQueue>> =
+                    few.drain(..).map(|s| (s.id, s.tap)).collect();
+                many.insert(id, tap);
+                *self = Slots::Many(many);
+            }
+            Slots::Many(many) => {
+                many.insert(id, tap);
+            }
+        }
+    }
+
+    fn remove(&mut self, id: u64) {
+        match self {
+            Slots::Few(few) => few.retain(|s| s.id != id),
+            Slots::Many(many) => {
+                many.remove(&id);
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            Slots::Few(few) => few.is_empty(),
+            Slots::Many(many) => many.is_empty(),
+        }
+    }
+
+    fn taps(&self) -> impl Iterator<Item = &Arc<TapQueue>> {
+        let (few, many) = match self {
+            Slots::Few(few) => (Some(few.iter().map(|s| &s.tap)), None),
+            Slots::Many(many) => (None, Some(many.values())),
+        };
+        few.into_iter().flatten().chain(many.into_iter().flatten())
+    }
 }
 
 /// What the hub and one connection share: a light queue (an idle connection holds tens
@@ -263,16 +323,17 @@ impl Tap {
 }
 
 fn register(inner: &Inner, key: &str, id: u64, tap: &Arc<TapQueue>) {
-    inner.routes.entry(key.to_owned()).or_default().push(Slot {
-        id,
-        tap: tap.clone(),
-    });
+    inner
+        .routes
+        .entry(key.to_owned())
+        .or_default()
+        .push(id, tap.clone());
 }
 
 fn unregister(inner: &Inner, key: &str, id: u64) {
     let now_empty = match inner.routes.get_mut(key) {
         Some(mut slots) => {
-            slots.retain(|s| s.id != id);
+            slots.remove(id);
             slots.is_empty()
         }
         None => false,
@@ -449,8 +510,8 @@ async fn dispatch(
     tracing::error!("live subscriptions ended; closing local feeds");
     inner.closed.store(true, Ordering::Release);
     for slots in inner.routes.iter() {
-        for slot in slots.iter() {
-            slot.tap.queue.close();
+        for tap in slots.taps() {
+            tap.queue.close();
         }
     }
     inner.routes.clear();
@@ -461,10 +522,51 @@ fn deliver(inner: &Inner, msg: Message) {
         return;
     };
     let msg = Arc::new(Live::new(msg));
-    for slot in slots.iter() {
-        if let Err(PushError::Full) = slot.tap.queue.try_push(msg.clone()) {
-            slot.tap.lagged.store(true, Ordering::Release);
+    for tap in slots.taps() {
+        if let Err(PushError::Full) = tap.queue.try_push(msg.clone()) {
+            tap.lagged.store(true, Ordering::Release);
             metrics::counter!("herald_gateway_hub_drops_total").increment(1);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tap() -> Arc<TapQueue> {
+        Arc::new(TapQueue {
+            queue: Queue::new(1),
+            lagged: AtomicBool::new(false),
+        })
+    }
+
+    #[test]
+    fn slots_grow_into_a_map_and_remove_exactly_the_tap_named() {
+        let mut slots = Slots::default();
+        let taps: Vec<Arc<TapQueue>> = (0..40).map(|_| tap()).collect();
+        for (id, t) in taps.iter().enumerate().take(FEW) {
+            slots.push(id as u64, t.clone());
+        }
+        assert!(matches!(slots, Slots::Few(_)));
+        for (id, t) in taps.iter().enumerate().skip(FEW) {
+            slots.push(id as u64, t.clone());
+        }
+        assert!(matches!(slots, Slots::Many(_)));
+        assert_eq!(slots.taps().count(), 40);
+        for id in (0..40).filter(|id| id % 2 == 0) {
+            slots.remove(id);
+        }
+        // Exactly the odd taps are left.
+        let left: Vec<usize> = slots
+            .taps()
+            .filter_map(|t| taps.iter().position(|x| Arc::ptr_eq(x, t)))
+            .collect();
+        assert_eq!(left.len(), 20);
+        assert!(left.iter().all(|i| i % 2 == 1));
+        for id in (0..40).filter(|id| id % 2 == 1) {
+            slots.remove(id);
+        }
+        assert!(slots.is_empty());
     }
 }

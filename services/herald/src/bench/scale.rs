@@ -15,7 +15,7 @@
 //! 3. **Storm:** `kill -9` of `--kill` gateways (half by default) and, while they are down,
 //!    one notification to each of their users; then they restart on the same ports.
 //!    Time until every client is back, lost and duplicated notifications, 503s, and the
-//!    restarted gateways' CPU (peak over 250 ms samples, and the average).
+//!    restarted gateways' CPU (peak over one-second windows, and the average).
 //! 4. **Side by side:** the same N clients on K nats-servers' own WebSocket listeners.
 
 use super::conns::{ConnsArgs, Herald, gateway_env};
@@ -202,6 +202,7 @@ pub(super) async fn run(args: ConnsArgs) -> Result<(), BenchError> {
     let connect_secs = started.elapsed().as_secs_f64();
     let idle_refused = workers.sum(|r| r.refused);
     let idle_connect = workers.merged(|r| &r.connect)?;
+    eprintln!("bench: {n} connected in {connect_secs:.1} s; memory in 2 s, then the broadcast");
     // Let allocations settle before reading memory.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut per_conn = Vec::with_capacity(k);
@@ -249,13 +250,23 @@ pub(super) async fn run(args: ConnsArgs) -> Result<(), BenchError> {
         per_conn.iter().copied().fold(0.0, f64::max) / 1024.0,
         rss_total as f64 / 1048576.0
     );
+    // One publish: the last frame's latency from it is when all had arrived (the
+    // clients' reports, every 200 ms, only confirm the count). Many sends: from the first.
+    let (all_ms, counted) = if args.topic {
+        (
+            ms(burst.max()),
+            format!("the last frame's latency from the publish; all {n} counted by the clients' reports at {burst_all_ms:.0} ms"),
+        )
+    } else {
+        (burst_all_ms, format!("from the first send until the clients' reports counted all {n}"))
+    };
     let how = if args.topic {
         format!("ONE publish to a big topic all {n} follow")
     } else {
         format!("1 notification to each of {n} users")
     };
     println!(
-        "| broadcast: {how} | all accepted after {accepted_ms:.0} ms; p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; **all delivered after {burst_all_ms:.0} ms** |",
+        "| broadcast: {how} | all accepted after {accepted_ms:.0} ms; p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; **all delivered after {all_ms:.0} ms** ({counted}) |",
         ms(burst.value_at_quantile(0.5)),
         ms(burst.value_at_quantile(0.99)),
         ms(burst.max())
@@ -299,8 +310,14 @@ pub(super) async fn run(args: ConnsArgs) -> Result<(), BenchError> {
         }
         let cpu_start: f64 = cpu.iter().map(|c| c.1).sum();
         let mut last: Vec<f64> = cpu.iter().map(|c| c.1).collect();
+        // The peak is taken over one-second windows (the last four 250 ms samples): the
+        // kernel accounts a busy thread's CPU time in jumps, so a single 250 ms sample
+        // can read more than the machine's cores.
+        let mut windows: Vec<std::collections::VecDeque<(Instant, f64)>> = cpu
+            .iter()
+            .map(|c| std::collections::VecDeque::from([(Instant::now(), c.1)]))
+            .collect();
         let mut peak = 0.0f64;
-        let mut sampled = Instant::now();
         let mut told = Instant::now();
         let deadline = restart + Duration::from_secs(900);
         while workers.sum(|r| r.connected) < n as u64 {
@@ -317,11 +334,15 @@ pub(super) async fn run(args: ConnsArgs) -> Result<(), BenchError> {
                 );
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
-            let dt = sampled.elapsed().as_secs_f64();
-            sampled = Instant::now();
             for (i, (pid, _)) in cpu.iter().enumerate() {
                 let now = fleet::cpu_seconds(*pid)?;
-                peak = peak.max((now - last[i]) / dt);
+                let window = &mut windows[i];
+                window.push_back((Instant::now(), now));
+                if window.len() > 4
+                    && let Some((then, before)) = window.pop_front()
+                {
+                    peak = peak.max((now - before) / then.elapsed().as_secs_f64());
+                }
                 last[i] = now;
             }
         }
