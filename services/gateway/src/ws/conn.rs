@@ -44,6 +44,36 @@ enum Out {
     Note(Box<Notification>),
 }
 
+/// Which of a connection's sources to poll (see [`Conn::poll_serve`]). The write side
+/// is not among them: whatever is queued is written in every round.
+#[derive(Clone, Copy)]
+struct Sources {
+    shutdown: bool,
+    /// The client frame being handled, or else the socket's next frame.
+    client: bool,
+    feed: bool,
+    timer: bool,
+}
+
+impl Sources {
+    const ALL: Self = Self {
+        shutdown: true,
+        client: true,
+        feed: true,
+        timer: true,
+    };
+    const NONE: Self = Self {
+        shutdown: false,
+        client: false,
+        feed: false,
+        timer: false,
+    };
+
+    fn is_none(self) -> bool {
+        !(self.shutdown || self.client || self.feed || self.timer)
+    }
+}
+
 /// A client frame being handled (a receipt write, a topic subscription).
 type Work = Pin<Box<dyn Future<Output = Result<Option<ServerFrame>, Outcome>> + Send>>;
 
@@ -186,10 +216,17 @@ impl Conn {
     }
 
     /// Serves the connection until it must end; then says how.
+    ///
+    /// On a wake-up every source is polled: the task's one waker does not say which
+    /// fired. After that, only the sources that made progress are polled again (until
+    /// they return `Pending` and so register the waker); the others are registered
+    /// already. A broadcast then costs each connection one poll of its feed and one
+    /// write, not a round of every source for nothing.
     fn poll_serve(&mut self, cx: &mut Context<'_>) -> Poll<Outcome> {
+        let mut poll = Sources::ALL;
         for _ in 0..ROUNDS {
-            let mut busy = false;
-            if self.shutdown.as_mut().poll(cx).is_ready() {
+            let mut progress = Sources::NONE;
+            if poll.shutdown && self.shutdown.as_mut().poll(cx).is_ready() {
                 // Spread reconnects so a restart is not a thundering herd.
                 let after_ms = rand::random_range(0..5_000);
                 let reconnect = text(&ServerFrame::Reconnect { after_ms });
@@ -199,51 +236,57 @@ impl Conn {
                     "server restarting; reconnect with after=<last seq>",
                 ));
             }
-            if let Some(work) = &mut self.work {
-                if let Poll::Ready(done) = work.as_mut().poll(cx) {
-                    self.work = None;
-                    busy = true;
-                    match done {
-                        Err(outcome) => return Poll::Ready(outcome),
-                        // An answer waits in the same bounded queue as notifications.
-                        Ok(Some(answer)) => {
-                            if self
-                                .session
-                                .queue(Out::Msg(Box::new(text(&answer))))
-                                .is_err()
-                            {
-                                return Poll::Ready(SLOW);
+            if poll.client {
+                if let Some(work) = &mut self.work {
+                    if let Poll::Ready(done) = work.as_mut().poll(cx) {
+                        self.work = None;
+                        // Reading the socket resumes.
+                        progress.client = true;
+                        match done {
+                            Err(outcome) => return Poll::Ready(outcome),
+                            // An answer waits in the same bounded queue as notifications.
+                            Ok(Some(answer)) => {
+                                if self
+                                    .session
+                                    .queue(Out::Msg(Box::new(text(&answer))))
+                                    .is_err()
+                                {
+                                    return Poll::Ready(SLOW);
+                                }
                             }
+                            Ok(None) => {}
                         }
-                        Ok(None) => {}
+                    }
+                } else if let Poll::Ready(incoming) = Pin::new(&mut self.socket).poll_next(cx) {
+                    progress.client = true;
+                    self.last_heard = Instant::now();
+                    if let Some(outcome) = self.on_incoming(incoming) {
+                        return Poll::Ready(outcome);
                     }
                 }
-            } else if let Poll::Ready(incoming) = Pin::new(&mut self.socket).poll_next(cx) {
-                busy = true;
-                self.last_heard = Instant::now();
-                if let Some(outcome) = self.on_incoming(incoming) {
-                    return Poll::Ready(outcome);
-                }
             }
-            match self.session.feed.poll_next(cx) {
-                Poll::Ready(Ok(items)) => {
-                    busy = true;
-                    let read = self.session.feed.take_read();
-                    if self.session.deliver(items, read).is_err() {
-                        return Poll::Ready(SLOW);
+            if poll.feed {
+                match self.session.feed.poll_next(cx) {
+                    Poll::Ready(Ok(items)) => {
+                        progress.feed = true;
+                        let read = self.session.feed.take_read();
+                        if self.session.deliver(items, read).is_err() {
+                            return Poll::Ready(SLOW);
+                        }
                     }
+                    Poll::Ready(Err(e)) => {
+                        tracing::warn!(error = %e, "feed failed; closing connection");
+                        return Poll::Ready(Outcome::Close(
+                            close::INTERNAL,
+                            "delivery interrupted: reconnect with after=<last seq>",
+                        ));
+                    }
+                    Poll::Pending => {}
                 }
-                Poll::Ready(Err(e)) => {
-                    tracing::warn!(error = %e, "feed failed; closing connection");
-                    return Poll::Ready(Outcome::Close(
-                        close::INTERNAL,
-                        "delivery interrupted: reconnect with after=<last seq>",
-                    ));
-                }
-                Poll::Pending => {}
             }
-            if self.timer.as_mut().poll(cx).is_ready() {
-                busy = true;
+            if poll.timer && self.timer.as_mut().poll(cx).is_ready() {
+                // Reset: polled again to register.
+                progress.timer = true;
                 let heartbeat = self.session.state.config.heartbeat;
                 if self.last_heard.elapsed() > heartbeat * 2 {
                     return Poll::Ready(Outcome::Close(close::HEARTBEAT, "missed heartbeats"));
@@ -254,14 +297,15 @@ impl Conn {
                 }
                 self.timer.as_mut().reset(Instant::now() + heartbeat);
             }
-            match self.poll_write(cx) {
-                Err(_) => return Poll::Ready(Outcome::Gone),
-                Ok(wrote) => busy |= wrote,
+            // Whatever was queued goes out now; a socket that cannot take it registers
+            // the waker and wakes the task when it can.
+            if self.poll_write(cx).is_err() {
+                return Poll::Ready(Outcome::Gone);
             }
-            if !busy {
-                // Every source polled above returned Pending and registered the waker.
+            if progress.is_none() {
                 return Poll::Pending;
             }
+            poll = progress;
         }
         // Still busy: let other connections run, and come back.
         cx.waker().wake_by_ref();
@@ -297,10 +341,8 @@ impl Conn {
         }
     }
 
-    /// Hands queued frames to the socket while it takes them, then flushes. `Ok(true)`
-    /// when a frame was handed over.
-    fn poll_write(&mut self, cx: &mut Context<'_>) -> Result<bool, axum::Error> {
-        let mut wrote = false;
+    /// Hands queued frames to the socket while it takes them, then flushes.
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Result<(), axum::Error> {
         while !self.session.out.is_empty() {
             match Pin::new(&mut self.socket).poll_ready(cx) {
                 Poll::Ready(ready) => ready?,
@@ -312,7 +354,6 @@ impl Conn {
             };
             Pin::new(&mut self.socket).start_send(frame)?;
             self.unflushed = true;
-            wrote = true;
         }
         if self.unflushed
             && let Poll::Ready(flushed) = Pin::new(&mut self.socket).poll_flush(cx)
@@ -320,7 +361,7 @@ impl Conn {
             flushed?;
             self.unflushed = false;
         }
-        Ok(wrote)
+        Ok(())
     }
 
     /// Starts ending the connection: what is queued still goes out first unless the peer

@@ -248,18 +248,24 @@ async fn serve(fleet: &Fleet, mut ws: Socket, started: Instant, last_seq: &mut O
         let Some(Ok(msg)) = msg else { break };
         match msg {
             Message::Text(text) => {
-                let Ok(frame) = serde_json::from_str::<serde_json::Value>(text.as_str()) else {
+                let Ok(frame) = serde_json::from_str::<Frame<'_>>(text.as_str()) else {
                     continue;
                 };
-                match frame["type"].as_str() {
-                    Some("hello") if !said_hello => {
+                match frame.kind.as_ref() {
+                    "hello" if !said_hello => {
                         said_hello = true;
                         Fleet::record(&fleet.connect, started.elapsed().as_micros() as u64);
                         fleet.connected.fetch_add(1, Ordering::Relaxed);
                     }
-                    Some("notification") => on_item(fleet, &frame, last_seq),
-                    Some("batch") => {
-                        for item in frame["items"].as_array().into_iter().flatten() {
+                    "notification" => {
+                        let item = Item {
+                            seq: frame.seq,
+                            data: frame.data,
+                        };
+                        on_item(fleet, &item, last_seq);
+                    }
+                    "batch" => {
+                        for item in &frame.items {
                             on_item(fleet, item, last_seq);
                         }
                     }
@@ -281,8 +287,35 @@ async fn serve(fleet: &Fleet, mut ws: Socket, started: Instant, last_seq: &mut O
     }
 }
 
-fn on_item(fleet: &Fleet, item: &serde_json::Value, last_seq: &mut Option<u64>) {
-    let Some(seq) = item["seq"].as_u64() else {
+/// What a bench client reads of a server frame: its type, and the seq and send time of
+/// each notification in it (a typed read that skips the rest, as a lean client would).
+#[derive(serde::Deserialize)]
+struct Frame<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
+    /// A `notification` frame's own fields (not `flatten`ed: that buffers the frame).
+    seq: Option<u64>,
+    #[serde(default)]
+    data: ItemData,
+    /// A `batch` frame's notifications.
+    #[serde(default)]
+    items: Vec<Item>,
+}
+
+#[derive(serde::Deserialize)]
+struct Item {
+    seq: Option<u64>,
+    #[serde(default)]
+    data: ItemData,
+}
+
+#[derive(serde::Deserialize, Default)]
+struct ItemData {
+    sent_us: Option<u64>,
+}
+
+fn on_item(fleet: &Fleet, item: &Item, last_seq: &mut Option<u64>) {
+    let Some(seq) = item.seq else {
         return;
     };
     if last_seq.is_some_and(|last| seq <= last) {
@@ -291,7 +324,7 @@ fn on_item(fleet: &Fleet, item: &serde_json::Value, last_seq: &mut Option<u64>) 
     }
     *last_seq = Some(seq);
     fleet.received.fetch_add(1, Ordering::Relaxed);
-    if let Some(sent) = item["data"]["sent_us"].as_u64() {
+    if let Some(sent) = item.data.sent_us {
         Fleet::record(&fleet.delivery, fleet.now_us().saturating_sub(sent));
         fleet.timed.fetch_add(1, Ordering::Relaxed);
     }

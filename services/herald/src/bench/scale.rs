@@ -230,6 +230,8 @@ pub(super) async fn run(args: ConnsArgs) -> Result<(), BenchError> {
     // The last report may be up to one tick old: wait for one more.
     tokio::time::sleep(Duration::from_millis(400)).await;
     let burst = workers.merged(|r| &r.delivery)?;
+    // Every client stays connected through a broadcast; a reconnect here is a fault.
+    let reconnects = workers.merged(|r| &r.connect)?.len();
 
     println!(
         "\n## herald bench conns ({n} connections, {k} gateway processes, {m} client processes)\n"
@@ -255,10 +257,15 @@ pub(super) async fn run(args: ConnsArgs) -> Result<(), BenchError> {
     let (all_ms, counted) = if args.topic {
         (
             ms(burst.max()),
-            format!("the last frame's latency from the publish; all {n} counted by the clients' reports at {burst_all_ms:.0} ms"),
+            format!(
+                "the last frame's latency from the publish; all {n} counted by the clients' reports at {burst_all_ms:.0} ms"
+            ),
         )
     } else {
-        (burst_all_ms, format!("from the first send until the clients' reports counted all {n}"))
+        (
+            burst_all_ms,
+            format!("from the first send until the clients' reports counted all {n}"),
+        )
     };
     let how = if args.topic {
         format!("ONE publish to a big topic all {n} follow")
@@ -266,7 +273,7 @@ pub(super) async fn run(args: ConnsArgs) -> Result<(), BenchError> {
         format!("1 notification to each of {n} users")
     };
     println!(
-        "| broadcast: {how} | all accepted after {accepted_ms:.0} ms; p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; **all delivered after {all_ms:.0} ms** ({counted}) |",
+        "| broadcast: {how} | all accepted after {accepted_ms:.0} ms; p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; **all delivered after {all_ms:.0} ms** ({counted}); {reconnects} reconnects meanwhile |",
         ms(burst.value_at_quantile(0.5)),
         ms(burst.value_at_quantile(0.99)),
         ms(burst.max())
