@@ -216,6 +216,14 @@ pub(super) async fn run(args: ConnsArgs) -> Result<(), BenchError> {
     // 2. Broadcast: one notification per user, or one publish to the topic they follow.
     let clock = Fleet::new()?;
     workers.tell("reset").await?;
+    // CPU time of the gateways and of the client processes over the broadcast: on a
+    // noisy shared machine, a steadier figure than the wall time.
+    let gateway_pids: Vec<u32> = gateways.iter().flatten().filter_map(|g| g.pid()).collect();
+    let client_pids: Vec<u32> = workers.children.iter().filter_map(|c| c.id()).collect();
+    let cpu_of = |pids: &[u32]| -> Result<f64, BenchError> {
+        pids.iter().map(|p| fleet::cpu_seconds(*p)).sum()
+    };
+    let (gateway_cpu, client_cpu) = (cpu_of(&gateway_pids)?, cpu_of(&client_pids)?);
     let burst_start = clock.now_us();
     if args.topic {
         publish_to_all(&http, &herald.api, &herald.api_key, &clock).await?;
@@ -227,6 +235,8 @@ pub(super) async fn run(args: ConnsArgs) -> Result<(), BenchError> {
         .wait(|r| r.received, n as u64, 300, "broadcast delivered")
         .await?;
     let burst_all_ms = (clock.now_us() - burst_start) as f64 / 1000.0;
+    let gateway_us = (cpu_of(&gateway_pids)? - gateway_cpu) * 1e6 / n as f64;
+    let client_us = (cpu_of(&client_pids)? - client_cpu) * 1e6 / n as f64;
     // The last report may be up to one tick old: wait for one more.
     tokio::time::sleep(Duration::from_millis(400)).await;
     let burst = workers.merged(|r| &r.delivery)?;
@@ -273,7 +283,7 @@ pub(super) async fn run(args: ConnsArgs) -> Result<(), BenchError> {
         format!("1 notification to each of {n} users")
     };
     println!(
-        "| broadcast: {how} | all accepted after {accepted_ms:.0} ms; p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; **all delivered after {all_ms:.0} ms** ({counted}); {reconnects} reconnects meanwhile |",
+        "| broadcast: {how} | all accepted after {accepted_ms:.0} ms; p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; **all delivered after {all_ms:.0} ms** ({counted}); {reconnects} reconnects meanwhile; CPU per delivered frame: gateways {gateway_us:.1} µs, bench clients {client_us:.1} µs |",
         ms(burst.value_at_quantile(0.5)),
         ms(burst.value_at_quantile(0.99)),
         ms(burst.max())
