@@ -91,6 +91,13 @@ pub(super) fn rss_bytes(pid: u32) -> Result<u64, BenchError> {
 
 /// CPU time a process has used so far (user + system), seconds.
 pub(super) fn cpu_seconds(pid: u32) -> Result<f64, BenchError> {
+    let (user, system) = cpu_split(pid)?;
+    Ok(user + system)
+}
+
+/// A process's CPU time so far, in seconds: in user space, and in the kernel (for a
+/// socket server on loopback, mostly the TCP stack on both ends).
+pub(super) fn cpu_split(pid: u32) -> Result<(f64, f64), BenchError> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which may hold spaces) start after the last ')'.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).ok_or("bad stat")?;
@@ -102,7 +109,7 @@ pub(super) fn cpu_seconds(pid: u32) -> Result<f64, BenchError> {
             .unwrap_or(0)
     };
     // utime and stime are fields 14 and 15 of stat, 11 and 12 after the name.
-    Ok((ticks(11) + ticks(12)) as f64 / 100.0)
+    Ok((ticks(11) as f64 / 100.0, ticks(12) as f64 / 100.0))
 }
 
 /// What every client of the fleet reports into.

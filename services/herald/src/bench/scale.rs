@@ -220,8 +220,11 @@ pub(super) async fn run(args: ConnsArgs) -> Result<(), BenchError> {
     // noisy shared machine, a steadier figure than the wall time.
     let gateway_pids: Vec<u32> = gateways.iter().flatten().filter_map(|g| g.pid()).collect();
     let client_pids: Vec<u32> = workers.children.iter().filter_map(|c| c.id()).collect();
-    let cpu_of = |pids: &[u32]| -> Result<f64, BenchError> {
-        pids.iter().map(|p| fleet::cpu_seconds(*p)).sum()
+    let cpu_of = |pids: &[u32]| -> Result<(f64, f64), BenchError> {
+        pids.iter().try_fold((0.0, 0.0), |(u, s), p| {
+            let (user, system) = fleet::cpu_split(*p)?;
+            Ok::<_, BenchError>((u + user, s + system))
+        })
     };
     let (gateway_cpu, client_cpu) = (cpu_of(&gateway_pids)?, cpu_of(&client_pids)?);
     let burst_start = clock.now_us();
@@ -235,8 +238,11 @@ pub(super) async fn run(args: ConnsArgs) -> Result<(), BenchError> {
         .wait(|r| r.received, n as u64, 300, "broadcast delivered")
         .await?;
     let burst_all_ms = (clock.now_us() - burst_start) as f64 / 1000.0;
-    let gateway_us = (cpu_of(&gateway_pids)? - gateway_cpu) * 1e6 / n as f64;
-    let client_us = (cpu_of(&client_pids)? - client_cpu) * 1e6 / n as f64;
+    let per_frame = |(u1, s1): (f64, f64), (u0, s0): (f64, f64)| {
+        ((u1 - u0) * 1e6 / n as f64, (s1 - s0) * 1e6 / n as f64)
+    };
+    let (gateway_user, gateway_sys) = per_frame(cpu_of(&gateway_pids)?, gateway_cpu);
+    let (client_user, client_sys) = per_frame(cpu_of(&client_pids)?, client_cpu);
     // The last report may be up to one tick old: wait for one more.
     tokio::time::sleep(Duration::from_millis(400)).await;
     let burst = workers.merged(|r| &r.delivery)?;
@@ -283,7 +289,7 @@ pub(super) async fn run(args: ConnsArgs) -> Result<(), BenchError> {
         format!("1 notification to each of {n} users")
     };
     println!(
-        "| broadcast: {how} | all accepted after {accepted_ms:.0} ms; p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; **all delivered after {all_ms:.0} ms** ({counted}); {reconnects} reconnects meanwhile; CPU per delivered frame: gateways {gateway_us:.1} µs, bench clients {client_us:.1} µs |",
+        "| broadcast: {how} | all accepted after {accepted_ms:.0} ms; p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; **all delivered after {all_ms:.0} ms** ({counted}); {reconnects} reconnects meanwhile; CPU per delivered frame (user + kernel): gateways {gateway_user:.1} + {gateway_sys:.1} µs, bench clients {client_user:.1} + {client_sys:.1} µs |",
         ms(burst.value_at_quantile(0.5)),
         ms(burst.value_at_quantile(0.99)),
         ms(burst.max())
