@@ -25,6 +25,7 @@ mod replay;
 mod routers;
 mod scheduled;
 mod sdk_js;
+mod slow;
 mod storm;
 mod templates;
 mod topic_locales;

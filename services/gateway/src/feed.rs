@@ -279,9 +279,28 @@ impl Feed {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Vec<Notification>, FeedError>> {
+        self.poll_next_up_to(cx, usize::MAX)
+    }
+
+    /// [`Feed::poll_next`], handing out at most `max` notifications (at least one); the
+    /// rest wait in the feed, and no further page is read until they are taken. So a
+    /// connection that takes only what its queue has room for makes a replay wait on
+    /// the socket instead of overflowing the queue.
+    ///
+    /// # Errors
+    /// [`FeedError`] when NATS cannot answer or the subscription ends.
+    pub fn poll_next_up_to(
+        &mut self,
+        cx: &mut Context<'_>,
+        max: usize,
+    ) -> Poll<Result<Vec<Notification>, FeedError>> {
         loop {
             if !self.ready.is_empty() {
-                return Poll::Ready(Ok(self.take_ready()));
+                let n = max.clamp(1, self.ready.len());
+                if n == self.ready.len() {
+                    return Poll::Ready(Ok(self.take_ready()));
+                }
+                return Poll::Ready(Ok(self.ready.drain(..n).collect()));
             }
             if self.read_event.is_some() {
                 return Poll::Ready(Ok(Vec::new()));
@@ -479,6 +498,12 @@ impl Feed {
             };
             Ok(Step::Followed(locale))
         })));
+    }
+
+    /// Whether live messages were dropped for this feed because it was not taking them
+    /// (see [`Tap::poll_lagged`]); registers the waker for the next drop.
+    pub fn poll_lagged(&self, cx: &mut Context<'_>) -> bool {
+        self.live.poll_lagged(cx)
     }
 
     /// The read position announced since the last call, if any.

@@ -244,6 +244,13 @@ impl Tap {
     pub fn take_lagged(&self) -> bool {
         self.shared.lagged.swap(false, Ordering::AcqRel)
     }
+
+    /// Whether messages were dropped (without clearing it); registers the waker, which
+    /// the hub wakes when it drops one.
+    pub fn poll_lagged(&self, cx: &mut std::task::Context<'_>) -> bool {
+        self.shared.queue.register(cx);
+        self.shared.lagged.load(Ordering::Acquire)
+    }
 }
 
 impl Tap {
@@ -525,6 +532,8 @@ fn deliver(inner: &Inner, msg: Message) {
     for tap in slots.taps() {
         if let Err(PushError::Full) = tap.queue.try_push(msg.clone()) {
             tap.lagged.store(true, Ordering::Release);
+            // A consumer that stopped taking (its connection's queue is full) learns it.
+            tap.queue.wake();
             metrics::counter!("herald_gateway_hub_drops_total").increment(1);
         }
     }

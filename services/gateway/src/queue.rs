@@ -105,6 +105,17 @@ impl<T> Queue<T> {
         }
     }
 
+    /// Registers the consumer's waker without taking anything (to be woken by the next
+    /// push or [`Queue::wake`]).
+    pub fn register(&self, cx: &mut Context<'_>) {
+        self.ready.register(cx.waker());
+    }
+
+    /// Wakes the consumer, if it waits.
+    pub fn wake(&self) {
+        self.ready.wake();
+    }
+
     /// Closes the queue: pushes fail, the consumer drains what is left and gets `None`.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);

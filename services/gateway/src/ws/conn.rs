@@ -10,6 +10,12 @@
 //! then writes what is queued. Each source registers the task's waker, so the task
 //! sleeps until any of them has something.
 //!
+//! Backpressure: the feed is asked only for as many notifications as the outgoing queue
+//! has room for, so a replay waits on the socket (the store keeps it) and never fills the
+//! queue. A client is too slow (4008) when, with its queue full, the live messages
+//! waiting for it overflow the hub's small tap as well: notifications arrive faster than
+//! it reads. Memory per connection stays bounded either way.
+//!
 //! Everything that is not needed to wait sits in one boxed [`Session`], made before the
 //! upgrade; what exists only while something happens (a client frame's work, the client
 //! frame limiter, queued frames) is allocated then and freed after.
@@ -125,17 +131,26 @@ impl Session {
         Ok(())
     }
 
-    /// Queues what the feed handed out.
-    fn deliver(&mut self, items: Vec<Notification>, read: Option<u64>) -> Result<(), Full> {
+    /// How many more frames the queue takes before it is full.
+    fn room(&self) -> usize {
+        self.state
+            .config
+            .queue_frames
+            .max(1)
+            .saturating_sub(self.out.len())
+    }
+
+    /// Queues what the feed handed out: at most [`Session::room`] notifications (the
+    /// feed was asked for no more), and a read position, which may go one over.
+    fn deliver(&mut self, items: Vec<Notification>, read: Option<u64>) {
         let read = read.map(Delivery::Read);
         for delivery in items.into_iter().map(Delivery::Notification).chain(read) {
             metrics::counter!("herald_gateway_frames_out_total", "transport" => "ws").increment(1);
-            self.queue(match delivery {
+            self.out.push_back(match delivery {
                 Delivery::Notification(n) => Out::Note(Box::new(n)),
                 Delivery::Read(up_to) => Out::Msg(Box::new(text(&ServerFrame::Read { up_to }))),
-            })?;
+            });
         }
-        Ok(())
     }
 
     /// The next frame to send: a queued message, or the notifications at the head of the
@@ -265,14 +280,21 @@ impl Conn {
                     }
                 }
             }
-            if poll.feed {
-                match self.session.feed.poll_next(cx) {
+            let room = self.session.room();
+            if poll.feed && room == 0 {
+                // The queue is full: nothing more is taken from the feed (a replay waits,
+                // the store keeps it), and live messages wait in the hub's tap. When even
+                // that overflows, notifications arrive faster than the client reads.
+                if self.session.feed.poll_lagged(cx) {
+                    metrics::counter!("herald_gateway_slow_consumer_closes_total").increment(1);
+                    return Poll::Ready(SLOW);
+                }
+            } else if poll.feed {
+                match self.session.feed.poll_next_up_to(cx, room) {
                     Poll::Ready(Ok(items)) => {
                         progress.feed = true;
                         let read = self.session.feed.take_read();
-                        if self.session.deliver(items, read).is_err() {
-                            return Poll::Ready(SLOW);
-                        }
+                        self.session.deliver(items, read);
                     }
                     Poll::Ready(Err(e)) => {
                         tracing::warn!(error = %e, "feed failed; closing connection");
@@ -301,6 +323,10 @@ impl Conn {
             // the waker and wakes the task when it can.
             if self.poll_write(cx).is_err() {
                 return Poll::Ready(Outcome::Gone);
+            }
+            // The feed waited for room, and the socket made some: take from it again.
+            if room == 0 && self.session.room() > 0 {
+                progress.feed = true;
             }
             if progress.is_none() {
                 return Poll::Pending;

@@ -1,0 +1,181 @@
+//! A WebSocket client that stops reading: once its bounded queue is full the gateway ends
+//! it (4008, or a dropped socket when not even the close frame fits), without delaying
+//! anyone else, and it resumes from its last seq with nothing lost and nothing repeated.
+
+use anyhow::{Context as _, bail, ensure};
+use futures::StreamExt as _;
+use herald_tests::ws::FRAME_TIMEOUT;
+use herald_tests::{Herald, Nats, Resume, eventually, within};
+use reqwest::Method;
+use serde_json::{Value, json};
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::tungstenite::http::{HeaderValue, header};
+use tokio_tungstenite::tungstenite::{self, Message};
+
+/// Frames a connection may have queued before it counts as too slow (the default is
+/// 1,024; small here so a few notifications fill it).
+const QUEUE_FRAMES: usize = 8;
+
+/// A WebSocket as `user` over a socket with a 4 KiB receive buffer, which reads its
+/// `hello` and then nothing: the gateway's writes back up after a few frames.
+async fn stalled(herald: &Herald, user: &str) -> anyhow::Result<WebSocketStream<TcpStream>> {
+    let url = herald.ws_url("/v1/ws");
+    let addr: std::net::SocketAddr = url
+        .trim_start_matches("ws://")
+        .split('/')
+        .next()
+        .context("no address in the url")?
+        .parse()?;
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(4096)?;
+    let stream = socket.connect(addr).await?;
+    let mut request = url.into_client_request()?;
+    let bearer = HeaderValue::from_str(&format!("Bearer {}", herald.token(user)))?;
+    request.headers_mut().insert(header::AUTHORIZATION, bearer);
+    let (mut ws, _) = within(
+        FRAME_TIMEOUT,
+        "websocket upgrade",
+        tokio_tungstenite::client_async(request, stream),
+    )
+    .await??;
+    match within(FRAME_TIMEOUT, "hello", ws.next()).await? {
+        Some(Ok(Message::Text(text))) if text.as_str().contains("\"hello\"") => Ok(ws),
+        other => bail!("expected a hello, got {other:?}"),
+    }
+}
+
+/// Reads a stalled socket to its end: the seqs that reached it, in order, and how it
+/// ended (the close code, if a close frame made it).
+async fn drain(mut ws: WebSocketStream<TcpStream>) -> anyhow::Result<(Vec<u64>, Option<u16>)> {
+    let mut seqs = Vec::new();
+    loop {
+        let next = within(FRAME_TIMEOUT, "the stalled socket's backlog", ws.next()).await?;
+        match next {
+            Some(Ok(Message::Text(text))) => {
+                let frame: Value = serde_json::from_str(text.as_str())?;
+                let items = match frame["type"].as_str() {
+                    Some("notification") => vec![frame],
+                    Some("batch") => frame["items"].as_array().cloned().unwrap_or_default(),
+                    _ => Vec::new(),
+                };
+                for item in items {
+                    seqs.push(item["seq"].as_u64().context("notification without seq")?);
+                }
+            }
+            Some(Ok(Message::Close(frame))) => {
+                return Ok((seqs, frame.map(|f| u16::from(f.code))));
+            }
+            Some(Ok(_)) => {}
+            // The server dropped the socket: its close frame did not fit.
+            Some(Err(tungstenite::Error::Protocol(_) | tungstenite::Error::Io(_))) | None => {
+                return Ok((seqs, None));
+            }
+            Some(Err(e)) => return Err(e.into()),
+        }
+    }
+}
+
+async fn slow_closes(herald: &Herald) -> anyhow::Result<f64> {
+    let text = herald
+        .request(Method::GET, "/metrics")
+        .send()
+        .await?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .find(|l| l.starts_with("herald_gateway_slow_consumer_closes_total"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_ended_alone_and_resumes_without_loss() -> anyhow::Result<()>
+{
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats)
+        .gateway(herald_gateway::GatewayConfig {
+            queue_frames: QUEUE_FRAMES,
+            ..Default::default()
+        })
+        .start()
+        .await?;
+    let mut fast = herald.ws("fast", Resume::Live).await?;
+    fast.hello().await?;
+    let slow = stalled(&herald, "slow").await?;
+    // Metrics are process-wide (tests run in parallel): count from here.
+    let closes_before = slow_closes(&herald).await?;
+
+    // 400 notifications of 16 KiB (6.4 MB, more than a loopback socket's send buffer
+    // grows to) for the stalled client, 8 requests at a time; the fast client is served
+    // all the while.
+    let flood = async {
+        let body = "x".repeat(16 * 1024);
+        let herald = &herald;
+        let mut seqs: Vec<u64> = futures::stream::iter(0..400)
+            .map(|i| {
+                let n = json!({"user_id": "slow", "title": format!("n{i}"), "body": body});
+                async move { herald.accept(&n).await.map(|a| a.seq) }
+            })
+            .buffer_unordered(8)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<anyhow::Result<_>>()?;
+        seqs.sort_unstable();
+        anyhow::Ok(seqs)
+    };
+    let served = async {
+        for i in 0..5 {
+            let f = herald.send("fast", &format!("f{i}")).await?;
+            assert_eq!(fast.take(1).await?[0]["seq"], f.seq);
+        }
+        anyhow::Ok(())
+    };
+    let (sent, served) = tokio::join!(flood, served);
+    served?;
+    let sent = sent?;
+    eventually(
+        Duration::from_secs(20),
+        "the gateway ends the slow client",
+        || async {
+            let closes = slow_closes(&herald).await?;
+            ensure!(closes > closes_before, "slow-consumer closes: {closes}");
+            Ok(())
+        },
+    )
+    .await?;
+
+    // What reached the socket is the start of what was sent, in order; then the
+    // connection ended from the server's side (we never closed it).
+    let (seen, code) = drain(slow).await?;
+    ensure!(
+        seen.len() < sent.len(),
+        "all {} arrived: the client was not slow",
+        sent.len()
+    );
+    assert_eq!(seen, sent[..seen.len()], "a prefix, in order");
+    if let Some(code) = code {
+        assert_eq!(code, 4008, "closed as a slow consumer");
+    }
+
+    // It resumes after the last seq it saw: the rest, once each, in order.
+    let last = seen.last().copied().unwrap_or(0);
+    let mut again = herald.ws("slow", Resume::After(last)).await?;
+    again.hello().await?;
+    let rest: Vec<u64> = again
+        .take(sent.len() - seen.len())
+        .await?
+        .iter()
+        .map(|n| n["seq"].as_u64().context("no seq"))
+        .collect::<anyhow::Result<_>>()?;
+    assert_eq!(rest, sent[seen.len()..]);
+
+    // And the fast client was never disturbed.
+    let f = herald.send("fast", "after").await?;
+    assert_eq!(fast.take(1).await?[0]["seq"], f.seq);
+    Ok(())
+}
