@@ -1,6 +1,7 @@
 //! A WebSocket client that stops reading: once its bounded queue is full the gateway ends
 //! it (4008, or a dropped socket when not even the close frame fits), without delaying
-//! anyone else, and it resumes from its last seq with nothing lost and nothing repeated.
+//! anyone else, and it resumes from its last seq (over WebSocket or SSE) with nothing
+//! lost and nothing repeated, however much longer the replay is than the queue.
 
 use anyhow::{Context as _, bail, ensure};
 use futures::StreamExt as _;
@@ -173,6 +174,15 @@ async fn a_client_that_stops_reading_is_ended_alone_and_resumes_without_loss() -
         .map(|n| n["seq"].as_u64().context("no seq"))
         .collect::<anyhow::Result<_>>()?;
     assert_eq!(rest, sent[seen.len()..]);
+    // Over SSE too: the replay waits for the client instead of ending its stream.
+    let mut sse = herald.sse("slow", Resume::LastEventId(last)).await?;
+    let rest: Vec<u64> = sse
+        .take(sent.len() - seen.len())
+        .await?
+        .iter()
+        .map(|n| n["seq"].as_u64().context("no seq"))
+        .collect::<anyhow::Result<_>>()?;
+    assert_eq!(rest, sent[seen.len()..], "over SSE");
 
     // And the fast client was never disturbed.
     let f = herald.send("fast", "after").await?;

@@ -269,6 +269,14 @@ impl Feed {
         std::future::poll_fn(|cx| self.poll_next(cx)).await
     }
 
+    /// [`Feed::next`], at most `max` notifications (see [`Feed::poll_next_up_to`]).
+    ///
+    /// # Errors
+    /// [`FeedError`] when NATS cannot answer or the subscription ends.
+    pub async fn next_up_to(&mut self, max: usize) -> Result<Vec<Notification>, FeedError> {
+        std::future::poll_fn(|cx| self.poll_next_up_to(cx, max)).await
+    }
+
     /// [`Feed::next`] for hand-written futures: the next notifications (empty when only
     /// the read position moved, see [`Feed::take_read`]), or `Pending` with the waker
     /// registered where the feed waits (the live tap, or the store read in flight).
@@ -613,9 +621,13 @@ pub enum PumpEnd {
     Failed(FeedError),
 }
 
-/// Moves a feed into a connection's bounded queue until the queue fills up (a slow
-/// client), the connection goes away, or the feed fails. Runs as its own task, so a
-/// connection's other work (client frames, pings) never cancels an inbox read halfway.
+/// Moves a feed into a connection's bounded queue until the client is too slow, the
+/// connection goes away, or the feed fails. Runs as its own task, so a connection's other
+/// work never cancels an inbox read halfway.
+///
+/// Backpressure as on the WebSocket ([`crate::ws`]): only what the queue has room for is
+/// taken from the feed, so a replay waits for the client; the client is too slow when,
+/// with the queue full, the live messages waiting for it overflow the hub's tap too.
 pub async fn pump<T>(
     mut feed: Feed,
     queue: tokio::sync::mpsc::Sender<T>,
@@ -623,12 +635,37 @@ pub async fn pump<T>(
 ) -> PumpEnd {
     use tokio::sync::mpsc::error::TrySendError;
     loop {
-        let items = tokio::select! {
-            items = feed.next() => match items {
-                Ok(items) => items,
-                Err(e) => return PumpEnd::Failed(e),
-            },
-            () = queue.closed() => return PumpEnd::Closed,
+        // One slot stays free for a read position handed out with the notifications.
+        let room = queue.capacity().saturating_sub(1);
+        let items = if room == 0 {
+            // Borrowed mutably: a `&mut Feed` is `Send` where a `&Feed` is not.
+            let feed = &mut feed;
+            let lagged = std::future::poll_fn(move |cx| {
+                if feed.poll_lagged(cx) {
+                    std::task::Poll::Ready(())
+                } else {
+                    std::task::Poll::Pending
+                }
+            });
+            tokio::select! {
+                // Room again (the permit is returned at once).
+                permit = queue.reserve_many(2) => match permit {
+                    Ok(_) => continue,
+                    Err(_) => return PumpEnd::Closed,
+                },
+                () = lagged => {
+                    metrics::counter!("herald_gateway_slow_consumer_closes_total").increment(1);
+                    return PumpEnd::Slow;
+                }
+            }
+        } else {
+            tokio::select! {
+                items = feed.next_up_to(room) => match items {
+                    Ok(items) => items,
+                    Err(e) => return PumpEnd::Failed(e),
+                },
+                () = queue.closed() => return PumpEnd::Closed,
+            }
         };
         let read = feed.take_read().map(Delivery::Read);
         for delivery in items.into_iter().map(Delivery::Notification).chain(read) {

@@ -44,7 +44,7 @@ pub(crate) async fn stream(
         .data(serde_json::to_string(&hello).unwrap_or_default());
     // A bounded queue per connection: a client that stops reading fills only its own
     // queue, and its stream ends (it resumes with Last-Event-ID).
-    let (tx, rx) = tokio::sync::mpsc::channel(state.config.queue_frames);
+    let (tx, rx) = tokio::sync::mpsc::channel(state.config.queue_frames.max(2));
     let connected = crate::Connected::new("sse");
     tokio::spawn(async move {
         let end = crate::feed::pump(feed, tx, |delivery| {
