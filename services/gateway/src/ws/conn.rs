@@ -245,7 +245,8 @@ impl Conn {
                 // Spread reconnects so a restart is not a thundering herd.
                 let after_ms = rand::random_range(0..5_000);
                 let reconnect = text(&ServerFrame::Reconnect { after_ms });
-                let _ = self.session.queue(Out::Msg(Box::new(reconnect)));
+                // Once, as the connection ends: past the queue's bound if need be.
+                self.session.out.push_back(Out::Msg(Box::new(reconnect)));
                 return Poll::Ready(Outcome::Close(
                     close::GOING_AWAY,
                     "server restarting; reconnect with after=<last seq>",
@@ -313,10 +314,14 @@ impl Conn {
                 if self.last_heard.elapsed() > heartbeat * 2 {
                     return Poll::Ready(Outcome::Close(close::HEARTBEAT, "missed heartbeats"));
                 }
-                let ping = Out::Msg(Box::new(Message::Ping(Default::default())));
-                if self.session.queue(ping).is_err() {
+                // Up to two past the queue's bound: a full queue may be a replay waiting
+                // on a client that reads. A third means the pings themselves go unread.
+                if self.session.out.len() >= self.session.state.config.queue_frames.max(1) + 2 {
+                    metrics::counter!("herald_gateway_slow_consumer_closes_total").increment(1);
                     return Poll::Ready(SLOW);
                 }
+                let ping = Out::Msg(Box::new(Message::Ping(Default::default())));
+                self.session.out.push_back(ping);
                 self.timer.as_mut().reset(Instant::now() + heartbeat);
             }
             // Whatever was queued goes out now; a socket that cannot take it registers
