@@ -4,7 +4,6 @@
 
 use anyhow::Context as _;
 use herald_tests::{Herald, Nats, Resume, eventually};
-use reqwest::Method;
 use serde_json::json;
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
@@ -39,12 +38,7 @@ async fn gateway_metrics_are_exported() -> anyhow::Result<()> {
     ))
     .await?;
     let text = eventually(Duration::from_secs(10), "receipts written", || async {
-        let text = herald
-            .request(Method::GET, "/metrics")
-            .send()
-            .await?
-            .text()
-            .await?;
+        let text = herald.metrics().await?;
         let writes = sample(
             &text,
             "herald_positions_kv_writes_total{bucket=\"herald_seen\"}",

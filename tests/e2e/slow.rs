@@ -6,8 +6,7 @@
 use anyhow::{Context as _, bail, ensure};
 use futures::StreamExt as _;
 use herald_tests::ws::FRAME_TIMEOUT;
-use herald_tests::{Herald, Nats, Resume, eventually, within};
-use reqwest::Method;
+use herald_tests::{Herald, Nats, Resume, eventually, seqs, within};
 use serde_json::{Value, json};
 use std::time::Duration;
 use tokio::net::TcpStream;
@@ -80,12 +79,7 @@ async fn drain(mut ws: WebSocketStream<TcpStream>) -> anyhow::Result<(Vec<u64>, 
 }
 
 async fn slow_closes(herald: &Herald) -> anyhow::Result<f64> {
-    let text = herald
-        .request(Method::GET, "/metrics")
-        .send()
-        .await?
-        .text()
-        .await?;
+    let text = herald.metrics().await?;
     Ok(text
         .lines()
         .find(|l| l.starts_with("herald_gateway_slow_consumer_closes_total"))
@@ -167,21 +161,11 @@ async fn a_client_that_stops_reading_is_ended_alone_and_resumes_without_loss() -
     let last = seen.last().copied().unwrap_or(0);
     let mut again = herald.ws("slow", Resume::After(last)).await?;
     again.hello().await?;
-    let rest: Vec<u64> = again
-        .take(sent.len() - seen.len())
-        .await?
-        .iter()
-        .map(|n| n["seq"].as_u64().context("no seq"))
-        .collect::<anyhow::Result<_>>()?;
+    let rest = seqs(&again.take(sent.len() - seen.len()).await?);
     assert_eq!(rest, sent[seen.len()..]);
     // Over SSE too: the replay waits for the client instead of ending its stream.
     let mut sse = herald.sse("slow", Resume::LastEventId(last)).await?;
-    let rest: Vec<u64> = sse
-        .take(sent.len() - seen.len())
-        .await?
-        .iter()
-        .map(|n| n["seq"].as_u64().context("no seq"))
-        .collect::<anyhow::Result<_>>()?;
+    let rest = seqs(&sse.take(sent.len() - seen.len()).await?);
     assert_eq!(rest, sent[seen.len()..], "over SSE");
 
     // And the fast client was never disturbed.

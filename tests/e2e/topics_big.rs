@@ -7,7 +7,7 @@ use anyhow::{Context as _, ensure};
 use herald::mesh::Roles;
 use herald_tests::herald::Resume;
 use herald_tests::jobs::JobFeed;
-use herald_tests::{Herald, Nats, eventually, within};
+use herald_tests::{Herald, Nats, eventually, seqs, within};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -82,10 +82,6 @@ async fn inbox_messages(nats: &Nats) -> anyhow::Result<u64> {
         .messages)
 }
 
-fn seqs(items: &[Value]) -> Vec<u64> {
-    items.iter().filter_map(|n| n["seq"].as_u64()).collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_big_topic_publish_is_stored_once_and_reaches_every_transport() -> anyhow::Result<()> {
     let nats = Nats::single().await?;
@@ -115,12 +111,7 @@ async fn a_big_topic_publish_is_stored_once_and_reaches_every_transport() -> any
     };
     // The long-poll is waiting once its connection counts; then publish.
     eventually(WAIT, "the long-poll waits", || async {
-        let metrics = herald
-            .request(Method::GET, "/metrics")
-            .send()
-            .await?
-            .text()
-            .await?;
+        let metrics = herald.metrics().await?;
         ensure!(
             metrics.contains("herald_gateway_connections{transport=\"longpoll\"} 1"),
             "not waiting yet"

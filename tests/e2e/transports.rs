@@ -2,13 +2,8 @@
 
 use anyhow::ensure;
 use herald_protocol::UserId;
-use herald_tests::{Herald, Nats, Resume, WsClient, eventually};
-use serde_json::Value;
+use herald_tests::{Herald, Nats, Resume, WsClient, eventually, seqs};
 use std::time::{Duration, Instant};
-
-fn seqs(items: &[Value]) -> Vec<u64> {
-    items.iter().filter_map(|n| n["seq"].as_u64()).collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_says_hello_then_delivers_live() -> anyhow::Result<()> {

@@ -156,6 +156,20 @@ impl Herald {
         &self.jwt_secret
     }
 
+    /// The text of `GET /metrics` (Prometheus; process-wide, shared by parallel tests).
+    ///
+    /// # Errors
+    /// When the request fails.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        Ok(self
+            .request(Method::GET, "/metrics")
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?)
+    }
+
     /// A request to `path` with no credentials.
     pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
         self.http

@@ -64,3 +64,8 @@ pub fn send_at_in(ms: i64) -> (time::OffsetDateTime, String) {
         .expect("a UTC time formats as RFC 3339");
     (at, text)
 }
+
+/// The `seq`s of delivered notifications, in the order given.
+pub fn seqs(items: &[serde_json::Value]) -> Vec<u64> {
+    items.iter().filter_map(|n| n["seq"].as_u64()).collect()
+}
