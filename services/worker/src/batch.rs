@@ -2,18 +2,20 @@
 //!
 //! Reading state one job at a time cost a worker a NATS round trip per read (sent
 //! marker, target, preferences, seen position) for every job, and those round trips, not
-//! the providers, bounded its throughput. Here a batch costs one batched direct get for
-//! all its sent markers, one for the preferences of its users, and one read of targets
-//! (and, for push, of the seen position) per distinct user. What a job reads is never
-//! older than the moment its batch was pulled, as it was when each job read it itself.
+//! the providers, bounded its throughput. Here a batch costs one batched direct get
+//! (`multi_last`, up to 256 subjects each) per kind of state: its sent markers, and its
+//! users' targets, preferences and (for push) seen positions. Jobs go to distinct users
+//! far more often than not, so a read per distinct user would still be a read per job.
+//! What a job reads is never older than the moment its batch was pulled, as it was when
+//! each job read it itself.
 //!
 //! Push jobs on their first delivery still wait out the escalation delay first (a nak
 //! with that delay), before anything is read for them.
 
 use crate::job::{self, Context, STORE_RETRY};
 use async_nats::jetstream::Message;
-use futures::StreamExt as _;
 use herald_channels::Target;
+use herald_protocol::streams::SEEN_BUCKET;
 use herald_protocol::{Channel, Preferences, UserId};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,9 +24,6 @@ use tokio::task::JoinSet;
 
 /// Most jobs prepared together (one batched direct get of their sent markers).
 pub const MAX_BATCH: usize = 256;
-
-/// Distinct users whose targets and seen positions are read at once.
-const USER_READS: usize = 32;
 
 /// What a batch read about one user. An error is kept as text: each job of the user
 /// then retries later, as it would have after its own failed read.
@@ -79,7 +78,7 @@ pub async fn run(ctx: Arc<Context>, pulled: Vec<(Message, OwnedSemaphorePermit)>
     let mut ready = Vec::with_capacity(live.len());
     let mut tasks = JoinSet::new();
     for (p, permit) in live {
-        if let Some(marker) = markers.get(&p.job.key()).cloned() {
+        if let Some(marker) = markers.get(&permit.1.key).cloned() {
             let ctx = ctx.clone();
             tasks.spawn(async move {
                 job::already_sent(&ctx, &p, marker).await;
@@ -135,67 +134,86 @@ impl Drop for Claim {
     }
 }
 
-/// Reads what the jobs of `users` need, once per distinct user.
+/// Reads what the jobs of `users` need, in one batched read per kind (targets,
+/// preferences, seen positions) for all the batch's distinct users.
 async fn read_users<'a>(
     ctx: &Context,
     users: impl Iterator<Item = &'a UserId>,
 ) -> HashMap<UserId, Arc<UserView>> {
     let mut distinct: Vec<UserId> = Vec::new();
+    let mut known = std::collections::HashSet::new();
     for u in users {
-        if !distinct.contains(u) {
+        if known.insert(u) {
             distinct.push(u.clone());
         }
     }
     if distinct.is_empty() {
         return HashMap::new();
     }
-    let prefs = match &ctx.deps.optout {
-        Some(optout) => Some(
-            optout
-                .preferences_of(&distinct)
-                .await
-                .map_err(|e| e.to_string()),
-        ),
-        None => None,
-    };
     let channel = ctx.config.channel;
-    futures::stream::iter(distinct)
+    let prefs = async {
+        match &ctx.deps.optout {
+            Some(optout) => Some(
+                optout
+                    .preferences_of(&distinct)
+                    .await
+                    .map_err(|e| e.to_string()),
+            ),
+            None => None,
+        }
+    };
+    let seen = async {
+        match channel {
+            Channel::Push => Some(seen_of(ctx, &distinct).await),
+            _ => None,
+        }
+    };
+    let targets = ctx.deps.targets.targets_of_many(&distinct, channel);
+    let (prefs, seen, targets) = tokio::join!(prefs, seen, targets);
+    let mut targets = targets.map_err(|e| e.to_string());
+    distinct
+        .into_iter()
         .map(|user| {
+            let targets = match &mut targets {
+                Ok(all) => all
+                    .remove(&user)
+                    .unwrap_or_else(|| Ok(Vec::new()))
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.clone()),
+            };
             let prefs = prefs.as_ref().map(|all| match all {
                 Ok(map) => Ok(map.get(&user).cloned().unwrap_or_default()),
                 Err(e) => Err(e.clone()),
             });
-            async move {
-                let targets = ctx
-                    .deps
-                    .targets
-                    .targets(&user, channel)
-                    .await
-                    .map_err(|e| e.to_string());
-                let seen = match channel {
-                    Channel::Push => Some(seen_up_to(ctx, &user).await),
-                    _ => None,
-                };
-                let view = UserView {
-                    targets,
-                    prefs,
-                    seen,
-                };
-                (user, Arc::new(view))
-            }
+            let seen = seen.as_ref().map(|all| match all {
+                Ok(map) => Ok(map.get(&user).copied().unwrap_or(0)),
+                Err(e) => Err(e.clone()),
+            });
+            let view = UserView {
+                targets,
+                prefs,
+                seen,
+            };
+            (user, Arc::new(view))
         })
-        .buffer_unordered(USER_READS)
         .collect()
-        .await
 }
 
-async fn seen_up_to(ctx: &Context, user: &UserId) -> Result<u64, String> {
-    let value = ctx
-        .seen
-        .get(user.token().as_str())
+/// The seen-live position of each of `users` that has one, in batched direct gets.
+async fn seen_of(ctx: &Context, users: &[UserId]) -> Result<HashMap<UserId, u64>, String> {
+    let keys: Vec<String> = users
+        .iter()
+        .map(|u| u.token().as_str().to_owned())
+        .collect();
+    let values = herald_store::direct::kv_live_many(&ctx.deps.nats.consume, SEEN_BUCKET, &keys)
         .await
         .map_err(|e| e.to_string())?;
-    Ok(value
-        .and_then(|v| std::str::from_utf8(&v).ok()?.trim().parse().ok())
-        .unwrap_or(0))
+    Ok(values
+        .into_iter()
+        .filter_map(|(token, value)| {
+            let user = herald_protocol::UserToken::decode(&token).ok()?;
+            let seq = std::str::from_utf8(&value).ok()?.trim().parse().ok()?;
+            Some((user, seq))
+        })
+        .collect())
 }

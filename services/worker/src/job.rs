@@ -30,7 +30,6 @@ use crate::dlq::{DeadLetter, Dlq};
 use crate::runtime::{WorkerConfig, WorkerDeps};
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::Message;
-use async_nats::jetstream::kv;
 use async_nats::jetstream::stream::{DirectGetErrorKind, Stream};
 use herald_channels::{Delivery, SendError, Target};
 use herald_protocol::notification::format_time;
@@ -48,8 +47,6 @@ pub struct Context {
     pub deps: WorkerDeps,
     /// The inbox stream (content by `seq`).
     pub inbox: Stream<()>,
-    /// Seen-live positions.
-    pub seen: kv::Store,
     /// Dead letters.
     pub dlq: Dlq,
     /// Keys of the jobs this worker is working on: a copy redelivered while the first is

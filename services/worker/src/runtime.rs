@@ -11,7 +11,7 @@ use crate::providers::Providers;
 use crate::unsubscribe::Links;
 use async_nats::jetstream::consumer::PullConsumer;
 use futures::{FutureExt as _, StreamExt as _};
-use herald_protocol::streams::{self, SEEN_BUCKET};
+use herald_protocol::streams;
 use herald_protocol::{Channel, Priority, Subjects};
 use herald_store::provision::{WorkerQueue, worker_consumer_config};
 use herald_store::{Nats, StatusStore, Targets};
@@ -184,14 +184,9 @@ pub async fn run(
         .get_stream_no_info(streams::INBOX)
         .await
         .map_err(|e| open_err("the inbox stream")(Box::new(e)))?;
-    let seen = js
-        .get_key_value(SEEN_BUCKET)
-        .await
-        .map_err(|e| open_err(format!("bucket {SEEN_BUCKET}"))(Box::new(e)))?;
     let ctx = Arc::new(Context {
         config: config.clone(),
         inbox,
-        seen,
         dlq: Dlq::new(deps.nats.clone(), deps.subjects.clone()),
         deps,
         in_flight: Default::default(),
@@ -247,6 +242,20 @@ async fn report_depth(
 }
 
 /// Pull expiry of one lane's fetch loop.
+/// Slots a lane waits for before it takes a batch: an eighth of its budget, at most
+/// [`batch::MAX_BATCH`]. Taking jobs as single slots free up made batches of one or two
+/// under load, each paying the batch's reads alone.
+fn batch_slots(budget: usize) -> usize {
+    (budget / 8).clamp(1, batch::MAX_BATCH)
+}
+
+/// One slot out of `slots`, which holds at least one.
+fn split_one(slots: &mut tokio::sync::OwnedSemaphorePermit) -> tokio::sync::OwnedSemaphorePermit {
+    slots
+        .split(1)
+        .expect("a batch takes a job only while it holds a slot for it")
+}
+
 const PULL_EXPIRY: Duration = Duration::from_secs(5);
 
 async fn lane_loop(
@@ -257,6 +266,7 @@ async fn lane_loop(
 ) {
     let budget = ctx.config.budget.of(lane);
     let permits = Arc::new(Semaphore::new(budget));
+    let chunk = u32::try_from(batch_slots(budget)).unwrap_or(1);
     let mut in_flight = JoinSet::new();
     let channel = ctx.config.channel.as_str();
     'pull: while !stop.is_cancelled() {
@@ -278,10 +288,12 @@ async fn lane_loop(
         };
         let mut ended = false;
         while !ended {
-            // A permit first: never hold a pulled job without a slot to run it.
-            let permit = tokio::select! {
+            // Slots for a whole batch first: never hold a pulled job without a slot to run
+            // it, and under load take jobs `chunk` at a time, so a batch's shared reads
+            // (sent markers, preferences, targets) serve many jobs instead of one or two.
+            let mut slots = tokio::select! {
                 _ = stop.cancelled() => break 'pull,
-                p = permits.clone().acquire_owned() => match p {
+                p = permits.clone().acquire_many_owned(chunk) => match p {
                     Ok(p) => p,
                     Err(_) => break 'pull,
                 },
@@ -298,14 +310,13 @@ async fn lane_loop(
                 }
                 None => break,
             };
-            // Whatever else has already arrived, while slots are free, joins the batch.
-            let mut pulled = vec![(first, permit)];
-            while pulled.len() < batch::MAX_BATCH {
-                let Ok(permit) = permits.clone().try_acquire_owned() else {
-                    break;
-                };
+            // Whatever else has already arrived joins the batch; an idle queue's single
+            // job goes at once. Slots the batch does not use return with `slots`.
+            let mut pulled = Vec::with_capacity(slots.num_permits());
+            pulled.push((first, split_one(&mut slots)));
+            while slots.num_permits() > 0 {
                 match messages.next().now_or_never() {
-                    Some(Some(Ok(msg))) => pulled.push((msg, permit)),
+                    Some(Some(Ok(msg))) => pulled.push((msg, split_one(&mut slots))),
                     Some(Some(Err(e))) => {
                         tracing::debug!(channel, lane = lane.as_str(), error = %e, "worker stream error");
                         break;
@@ -317,6 +328,9 @@ async fn lane_loop(
                     None => break,
                 }
             }
+            drop(slots);
+            metrics::counter!("herald_worker_batches_total", "channel" => channel, "lane" => lane.as_str())
+                .increment(1);
             in_flight.spawn(batch::run(ctx.clone(), pulled));
             while in_flight.try_join_next().is_some() {}
         }
