@@ -5,11 +5,13 @@
 # barely depends on what else the machine is doing, so it says what two idle cores allow.
 #   scripts/bench-worker-cpu.sh webhook 0      # provider, latency in ms
 #   JOBS=200000 scripts/bench-worker-cpu.sh    # more jobs when a row drains in under ~15 s
+#   WORKER_BIN=/tmp/herald-before scripts/bench-worker-cpu.sh   # another build's worker
 set -euo pipefail
 prov=${1:-webhook}; lat=${2:-0}
 bin=${HERALD_BIN:-target/release/herald}
 log=$(mktemp)
-"$bin" bench workers --providers "$prov" --latency-ms "$lat" --jobs ${JOBS:-60000} >/dev/null 2>"$log" &
+"$bin" bench workers --providers "$prov" --latency-ms "$lat" --jobs "${JOBS:-60000}" \
+  ${WORKER_BIN:+--worker-bin "$WORKER_BIN"} >/dev/null 2>"$log" &
 bench=$!
 ticks() { local t=0 s; for p in "$@"; do read -r -a s < <(cut -d' ' -f14,15 "/proc/$p/stat" 2>/dev/null || echo "0 0"); t=$((t + s[0] + s[1])); done; echo "$t"; }
 sent() { grep "sent," "$log" | tail -1 | sed 's/.*: \([0-9]*\) sent.*/\1/'; }

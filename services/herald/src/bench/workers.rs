@@ -50,6 +50,15 @@ pub struct WorkersArgs {
     /// Providers to measure: apns, fcm, twilio, webhook.
     #[arg(long, value_delimiter = ',', default_value = "apns,fcm,twilio,webhook")]
     pub providers: Vec<String>,
+    /// Recipients the jobs go to in turn, each with an iOS and an Android device, a phone
+    /// and a webhook. Real queues hold jobs for many users, so a pulled batch names as
+    /// many users as jobs (at least jobs / 10,000: the inbox keeps 10,000 per user).
+    #[arg(long, default_value_t = 10_000)]
+    pub users: usize,
+    /// Run the worker from this `herald` binary instead of this one, to compare two
+    /// builds' workers under the same load (`--worker-bin /tmp/herald-before`).
+    #[arg(long)]
+    pub worker_bin: Option<std::path::PathBuf>,
 }
 
 const TOPIC: &str = "com.herald.bench";
@@ -60,8 +69,10 @@ const API_KEY: &str = "hk_bench_workers_0123456789abcdef";
 const APNS_TOKEN: &str = "00fc13adff785122b4ad28809a3420982341241421348097878e577c991de8f0";
 const FCM_TOKEN: &str = "bench-android-registration-token";
 const PHONE: &str = "+4915112345678";
-/// Jobs per user (the inbox keeps 10,000 per user).
+/// Jobs one user may get (the inbox keeps 10,000 per user).
 const PER_USER: usize = 5_000;
+/// Users registered at once.
+const REGISTERING: usize = 256;
 /// How long one measurement may take before the bench gives up on it.
 const DEADLINE: Duration = Duration::from_secs(600);
 
@@ -225,7 +236,8 @@ pub async fn run(args: WorkersArgs) -> Result<(), BenchError> {
     eprintln!("bench workers: raw pull-consumer ceiling {raw:.0} msgs/s");
 
     let fakes = Fakes::start(tmp.path()).await?;
-    let users = register_targets(&nats, &fakes, args.jobs).await?;
+    let users =
+        register_targets(&nats, &fakes, args.users.max(args.jobs.div_ceil(PER_USER))).await?;
     let mut rows = Vec::new();
     for provider in &args.providers {
         for &latency_ms in &args.latency_ms {
@@ -245,29 +257,35 @@ pub async fn run(args: WorkersArgs) -> Result<(), BenchError> {
     Ok(())
 }
 
-/// Registers a device of each platform, a phone and a webhook for enough users.
+/// Registers a device of each platform, a phone and a webhook for `count` users.
 async fn register_targets(
     nats: &Nats,
     fakes: &Fakes,
-    jobs: usize,
+    count: usize,
 ) -> Result<Vec<UserId>, BenchError> {
     let targets = Targets::open(&nats.js, ContactKeys::new(CONTACT_KEY, &[])).await?;
-    let mut users = Vec::new();
-    for i in 0..jobs.div_ceil(PER_USER).max(1) {
-        let user = UserId::new(format!("bench-worker-{i}"))?;
-        targets.add_device(&user, Platform::Ios, APNS_TOKEN).await?;
-        targets
-            .add_device(&user, Platform::Android, FCM_TOKEN)
-            .await?;
-        let contact = Contact {
-            phone: Some(PHONE.into()),
-            webhook: Some(fakes.hook_url.clone()),
-            ..Contact::default()
-        };
-        targets.put_contact(&user, &contact).await?;
-        users.push(user);
-    }
-    Ok(users)
+    let contact = Contact {
+        phone: Some(PHONE.into()),
+        webhook: Some(fakes.hook_url.clone()),
+        ..Contact::default()
+    };
+    eprintln!("bench workers: registering the targets of {count} users");
+    let (targets, contact) = (&targets, &contact);
+    futures::stream::iter(0..count)
+        .map(|i| async move {
+            let user = UserId::new(format!("bench-worker-{i}"))?;
+            targets.add_device(&user, Platform::Ios, APNS_TOKEN).await?;
+            targets
+                .add_device(&user, Platform::Android, FCM_TOKEN)
+                .await?;
+            targets.put_contact(&user, contact).await?;
+            Ok::<_, BenchError>(user)
+        })
+        .buffered(REGISTERING)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -297,7 +315,11 @@ async fn measure(
     );
     enqueue(nats, subjects, &load).await?;
     let before = counter.count();
-    let mut worker = tokio::process::Command::new(std::env::current_exe()?)
+    let bin = match &args.worker_bin {
+        Some(bin) => bin.clone(),
+        None => std::env::current_exe()?,
+    };
+    let mut worker = tokio::process::Command::new(bin)
         .args(["worker", channel.as_str(), "--nats-url", url])
         .args(["--http-addr", "127.0.0.1:0", "--api-key", API_KEY])
         .args(["--jwt-secret", JWT_SECRET])
@@ -425,9 +447,14 @@ async fn raw_pull_ceiling(nats: &Nats, count: usize) -> Result<f64, BenchError> 
 fn print_table(args: &WorkersArgs, raw: f64, rows: &[Row]) {
     println!();
     println!(
-        "herald bench workers — {} jobs per row, one worker process, --concurrency {}",
-        args.jobs, args.concurrency
+        "herald bench workers — {} jobs per row to {} users, one worker process, --concurrency {}",
+        args.jobs,
+        args.users.max(args.jobs.div_ceil(PER_USER)),
+        args.concurrency
     );
+    if let Some(bin) = &args.worker_bin {
+        println!("worker binary: {}", bin.display());
+    }
     println!(
         "raw JetStream pull consumer (fetch 1,000, explicit ack), same server: {raw:.0} msgs/s"
     );
