@@ -60,6 +60,12 @@ impl Server {
                     Some(_) = connections.join_next(), if !connections.is_empty() => continue,
                 };
                 counter.fetch_add(1, Ordering::SeqCst);
+                // As real providers' front ends do: without it Nagle holds a burst's later
+                // responses until the client's delayed ACK (~40 ms) and the fake, not the
+                // worker, sets the pace.
+                if let Err(e) = stream.set_nodelay(true) {
+                    tracing::debug!(error = %e, "fake server could not set TCP_NODELAY");
+                }
                 let service = TowerToHyperService::new(router.clone());
                 let acceptor = acceptor.clone();
                 let open = OpenConnection::new(&open_count);
