@@ -249,6 +249,30 @@ fn batch_slots(budget: usize) -> usize {
     (budget / 8).clamp(1, batch::MAX_BATCH)
 }
 
+/// How long a lane waits for a whole batch's slots before it takes what is free: slots
+/// held by a hung provider (up to the send timeout) must not idle the free ones.
+const BATCH_WAIT: Duration = Duration::from_millis(10);
+
+/// `chunk` slots, or after [`BATCH_WAIT`] as many as are free (at least one); `None`
+/// once the semaphore is closed.
+async fn batch_slots_free(
+    permits: &Arc<Semaphore>,
+    chunk: u32,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    let whole = permits.clone().acquire_many_owned(chunk);
+    if let Ok(slots) = tokio::time::timeout(BATCH_WAIT, whole).await {
+        return slots.ok();
+    }
+    let mut slots = permits.clone().acquire_owned().await.ok()?;
+    let more = u32::try_from(permits.available_permits())
+        .unwrap_or(u32::MAX)
+        .min(chunk - 1);
+    if let Ok(extra) = permits.clone().try_acquire_many_owned(more) {
+        slots.merge(extra);
+    }
+    Some(slots)
+}
+
 /// One slot out of `slots`, which holds at least one.
 fn split_one(slots: &mut tokio::sync::OwnedSemaphorePermit) -> tokio::sync::OwnedSemaphorePermit {
     slots
@@ -293,9 +317,9 @@ async fn lane_loop(
             // (sent markers, preferences, targets) serve many jobs instead of one or two.
             let mut slots = tokio::select! {
                 _ = stop.cancelled() => break 'pull,
-                p = permits.clone().acquire_many_owned(chunk) => match p {
-                    Ok(p) => p,
-                    Err(_) => break 'pull,
+                p = batch_slots_free(&permits, chunk) => match p {
+                    Some(p) => p,
+                    None => break 'pull,
                 },
             };
             let next = tokio::select! {
@@ -347,5 +371,37 @@ async fn lane_loop(
             "drain grace over; unfinished jobs will be redelivered"
         );
         in_flight.abort_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_takes_its_slots_or_after_a_while_what_is_free() {
+        let permits = Arc::new(Semaphore::new(16));
+        let whole = batch_slots_free(&permits, 8).await.expect("open");
+        assert_eq!(whole.num_permits(), 8);
+        drop(whole);
+
+        // A hung provider holds 13 slots: the lane still gets the 3 that are free.
+        let hung = permits.clone().acquire_many_owned(13).await.expect("open");
+        let started = tokio::time::Instant::now();
+        let some = batch_slots_free(&permits, 8).await.expect("open");
+        assert_eq!(some.num_permits(), 3);
+        assert_eq!(started.elapsed(), BATCH_WAIT);
+        drop((some, hung));
+
+        permits.close();
+        assert!(batch_slots_free(&permits, 8).await.is_none());
+    }
+
+    #[test]
+    fn a_batch_is_an_eighth_of_the_budget_within_bounds() {
+        assert_eq!(batch_slots(1), 1);
+        assert_eq!(batch_slots(64), 8);
+        assert_eq!(batch_slots(1_024), 128);
+        assert_eq!(batch_slots(100_000), batch::MAX_BATCH);
     }
 }
