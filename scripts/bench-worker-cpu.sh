@@ -15,11 +15,21 @@ log=$(mktemp)
 bench=$!
 ticks() { local t=0 s; for p in "$@"; do read -r -a s < <(cut -d' ' -f14,15 "/proc/$p/stat" 2>/dev/null || echo "0 0"); t=$((t + s[0] + s[1])); done; echo "$t"; }
 sent() { grep "sent," "$log" | tail -1 | sed 's/.*: \([0-9]*\) sent.*/\1/'; }
-until grep -q "sent," "$log"; do sleep 0.5; done
+until grep -q "sent," "$log"; do
+  if ! kill -0 "$bench" 2>/dev/null; then
+    echo "the bench ended before its row reported progress; raise JOBS (now ${JOBS:-60000}) or read its log:" >&2
+    cat "$log" >&2; rm -f "$log"; exit 1
+  fi
+  sleep 0.5
+done
 worker=$(pgrep -P "$bench" -f " worker "); nats=$(pgrep -P "$bench" nats-server)
 a_s=$(sent); a_w=$(ticks "$worker"); a_n=$(ticks "$nats"); a_b=$(ticks "$bench")
 sleep 10
 b_s=$(sent); b_w=$(ticks "$worker"); b_n=$(ticks "$nats"); b_b=$(ticks "$bench")
+if ! kill -0 "$worker" 2>/dev/null; then
+  echo "the row drained within the 10 s window, so its CPU cannot be read; raise JOBS (now ${JOBS:-60000})" >&2
+  wait "$bench"; rm -f "$log"; exit 1
+fi
 jobs=$((b_s - a_s)); hz=$(getconf CLK_TCK)
 us() { echo $(( ($1) * 1000000 / hz / jobs )); }
 echo "$prov ${lat} ms: $jobs jobs in 10 s; CPU µs per job: total $(us "b_w-a_w+b_n-a_n+b_b-a_b")" \

@@ -241,7 +241,6 @@ async fn report_depth(
     }
 }
 
-/// Pull expiry of one lane's fetch loop.
 /// Slots a lane waits for before it takes a batch: an eighth of its budget, at most
 /// [`batch::MAX_BATCH`]. Taking jobs as single slots free up made batches of one or two
 /// under load, each paying the batch's reads alone.
@@ -280,6 +279,7 @@ fn split_one(slots: &mut tokio::sync::OwnedSemaphorePermit) -> tokio::sync::Owne
         .expect("a batch takes a job only while it holds a slot for it")
 }
 
+/// Pull expiry of one lane's fetch loop.
 const PULL_EXPIRY: Duration = Duration::from_secs(5);
 
 async fn lane_loop(
