@@ -15,7 +15,6 @@
 use crate::job::{self, Context, STORE_RETRY};
 use async_nats::jetstream::Message;
 use herald_channels::Target;
-use herald_protocol::streams::SEEN_BUCKET;
 use herald_protocol::{Channel, Preferences, UserId};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -164,7 +163,12 @@ async fn read_users<'a>(
     };
     let seen = async {
         match channel {
-            Channel::Push => Some(seen_of(ctx, &distinct).await),
+            Channel::Push => Some(
+                ctx.seen
+                    .get_many(&distinct)
+                    .await
+                    .map_err(|e| e.to_string()),
+            ),
             _ => None,
         }
     };
@@ -197,23 +201,4 @@ async fn read_users<'a>(
             (user, Arc::new(view))
         })
         .collect()
-}
-
-/// The seen-live position of each of `users` that has one, in batched direct gets.
-async fn seen_of(ctx: &Context, users: &[UserId]) -> Result<HashMap<UserId, u64>, String> {
-    let keys: Vec<String> = users
-        .iter()
-        .map(|u| u.token().as_str().to_owned())
-        .collect();
-    let values = herald_store::direct::kv_live_many(&ctx.deps.nats.consume, SEEN_BUCKET, &keys)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(values
-        .into_iter()
-        .filter_map(|(token, value)| {
-            let user = herald_protocol::UserToken::decode(&token).ok()?;
-            let seq = std::str::from_utf8(&value).ok()?.trim().parse().ok()?;
-            Some((user, seq))
-        })
-        .collect())
 }

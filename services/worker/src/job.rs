@@ -47,6 +47,8 @@ pub struct Context {
     pub deps: WorkerDeps,
     /// The inbox stream (content by `seq`).
     pub inbox: Stream<()>,
+    /// Seen-live positions (`ack` frames), for push escalation.
+    pub seen: herald_store::ReadPositions,
     /// Dead letters.
     pub dlq: Dlq,
     /// Keys of the jobs this worker is working on: a copy redelivered while the first is

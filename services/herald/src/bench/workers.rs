@@ -61,6 +61,13 @@ pub struct WorkersArgs {
     pub worker_bin: Option<std::path::PathBuf>,
 }
 
+impl WorkersArgs {
+    /// Users the jobs go to: `--users`, or more when the inbox could not hold the jobs.
+    fn recipients(&self) -> usize {
+        self.users.max(self.jobs.div_ceil(PER_USER))
+    }
+}
+
 const TOPIC: &str = "com.herald.bench";
 const WEBHOOK_SECRET: &str = "herald-bench-webhook-secret";
 const CONTACT_KEY: [u8; 32] = [42; 32];
@@ -236,8 +243,7 @@ pub async fn run(args: WorkersArgs) -> Result<(), BenchError> {
     eprintln!("bench workers: raw pull-consumer ceiling {raw:.0} msgs/s");
 
     let fakes = Fakes::start(tmp.path()).await?;
-    let users =
-        register_targets(&nats, &fakes, args.users.max(args.jobs.div_ceil(PER_USER))).await?;
+    let users = register_targets(&nats, &fakes, args.recipients()).await?;
     let mut rows = Vec::new();
     for provider in &args.providers {
         for &latency_ms in &args.latency_ms {
@@ -449,7 +455,7 @@ fn print_table(args: &WorkersArgs, raw: f64, rows: &[Row]) {
     println!(
         "herald bench workers — {} jobs per row to {} users, one worker process, --concurrency {}",
         args.jobs,
-        args.users.max(args.jobs.div_ceil(PER_USER)),
+        args.recipients(),
         args.concurrency
     );
     if let Some(bin) = &args.worker_bin {
