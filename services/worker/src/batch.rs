@@ -76,17 +76,17 @@ pub async fn run(ctx: Arc<Context>, pulled: Vec<(Message, OwnedSemaphorePermit)>
     // Jobs already sent, and push jobs still within their escalation delay, need no reads.
     let mut ready = Vec::with_capacity(live.len());
     let mut tasks = JoinSet::new();
-    for (p, permit) in live {
-        if let Some(marker) = markers.get(&permit.1.key).cloned() {
+    for (p, (slot, claim)) in live {
+        if let Some(marker) = markers.get(&claim.key).cloned() {
             let ctx = ctx.clone();
             tasks.spawn(async move {
                 job::already_sent(&ctx, &p, marker).await;
-                drop(permit);
+                drop((slot, claim));
             });
         } else if let Some(wait) = job::escalation_wait(&ctx, &p) {
             job::settle(&p.msg, async_nats::jetstream::AckKind::Nak(Some(wait))).await;
         } else {
-            ready.push((p, permit));
+            ready.push((p, (slot, claim)));
         }
     }
     let users = read_users(&ctx, ready.iter().map(|(p, _)| &p.job.user_id)).await;
