@@ -325,7 +325,7 @@ async fn measure(
         Some(bin) => bin.clone(),
         None => std::env::current_exe()?,
     };
-    let mut worker = tokio::process::Command::new(bin)
+    let mut worker = tokio::process::Command::new(&bin)
         .args(["worker", channel.as_str(), "--nats-url", url])
         .args(["--http-addr", "127.0.0.1:0", "--api-key", API_KEY])
         .args(["--jwt-secret", JWT_SECRET])
@@ -333,7 +333,8 @@ async fn measure(
         .envs(fakes.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdin(Stdio::null())
         .kill_on_drop(true)
-        .spawn()?;
+        .spawn()
+        .map_err(|e| format!("cannot start the worker {}: {e}", bin.display()))?;
     let work = nats
         .js_consume
         .get_stream(work_stream_name(channel))
