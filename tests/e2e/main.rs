@@ -26,6 +26,7 @@ mod routers;
 mod scheduled;
 mod sdk_js;
 mod slow;
+mod store_reads;
 mod storm;
 mod templates;
 mod topic_locales;

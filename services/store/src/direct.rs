@@ -170,6 +170,91 @@ pub async fn last_of_many(
     request(client, stream, &req).await
 }
 
+/// Widest run of sequences [`by_seqs`] reads in one batched request.
+const RUN_SPAN: u64 = 256;
+/// Largest gap between two wanted sequences that [`by_seqs`] still reads through: what
+/// a run may read that nobody asked for is bounded by this per wanted message.
+const RUN_GAP: u64 = 8;
+
+/// The stored messages at each of `seqs` in `stream`, by sequence; a sequence with no
+/// message (deleted, expired, never written) is absent from the answer.
+///
+/// Sequences close to each other (as the jobs of one work-queue batch are: they were
+/// enqueued in the order their notifications were stored) are read as runs, one batched
+/// request per run of up to 256 (`{"seq": first, "batch": span}`, NATS 2.11+), instead of
+/// one request per message. Isolated sequences are read alone. Runs go out concurrently.
+///
+/// # Errors
+/// [`DirectGetError`] when NATS is unreachable or answers with an error.
+pub async fn by_seqs(
+    client: &async_nats::Client,
+    stream: &str,
+    seqs: &[u64],
+) -> Result<std::collections::HashMap<u64, DirectMessage>, DirectGetError> {
+    let runs = runs(seqs);
+    let reads = runs.iter().map(|run| read_run(client, stream, run));
+    let mut found = std::collections::HashMap::with_capacity(seqs.len());
+    for run in futures::future::try_join_all(reads).await? {
+        for msg in run {
+            found.insert(msg.seq, msg);
+        }
+    }
+    Ok(found)
+}
+
+/// `seqs` sorted, without duplicates and zeros, cut into runs that [`read_run`] reads
+/// whole: no run wider than [`RUN_SPAN`], no gap inside one wider than [`RUN_GAP`].
+fn runs(seqs: &[u64]) -> Vec<Vec<u64>> {
+    let mut sorted: Vec<u64> = seqs.iter().copied().filter(|&s| s > 0).collect();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut runs: Vec<Vec<u64>> = Vec::new();
+    for seq in sorted {
+        match runs.last_mut() {
+            Some(run) if seq - run[run.len() - 1] <= RUN_GAP && seq - run[0] < RUN_SPAN => {
+                run.push(seq);
+            }
+            _ => runs.push(vec![seq]),
+        }
+    }
+    runs
+}
+
+/// The messages of `run` (sorted, see [`runs`]): one plain direct get for a single
+/// sequence, else one batch from its first sequence as wide as the run.
+async fn read_run(
+    client: &async_nats::Client,
+    stream: &str,
+    run: &[u64],
+) -> Result<Vec<DirectMessage>, DirectGetError> {
+    let (first, last) = (run[0], run[run.len() - 1]);
+    let req = Request {
+        seq: Some(first),
+        next_by_subj: None,
+        last_by_subj: None,
+        batch: (run.len() > 1).then(|| usize::try_from(last - first + 1).unwrap_or(1)),
+        multi_last: None,
+        up_to_seq: None,
+    };
+    let mut got = request(client, stream, &req).await?;
+    // A batch reads on past deleted messages, so a wanted sequence below the last one it
+    // returned is gone. Any it stopped short of (the stream's end, or a server that ends
+    // a batch at a gap) are asked for again, one by one.
+    let reached = got.iter().map(|m| m.seq).max().unwrap_or(0);
+    got.retain(|m| run.binary_search(&m.seq).is_ok());
+    if run.len() > 1 {
+        for &seq in run.iter().filter(|&&s| s > reached) {
+            let alone = Request {
+                seq: Some(seq),
+                batch: None,
+                ..req
+            };
+            got.extend(request(client, stream, &alone).await?);
+        }
+    }
+    Ok(got)
+}
+
 /// Subjects per `multi_last` request made by [`kv_live_many`].
 const KV_CHUNK: usize = 256;
 
@@ -260,4 +345,27 @@ async fn request(
 /// A numeric header, if present and numeric.
 pub fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
     headers.get(name)?.as_str().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_sequences_share_a_run_and_far_ones_stand_alone() {
+        assert_eq!(
+            runs(&[12, 10, 11, 10, 0, 30, 19, 500]),
+            vec![vec![10, 11, 12, 19], vec![30], vec![500]]
+        );
+        assert!(runs(&[]).is_empty());
+    }
+
+    #[test]
+    fn no_run_is_wider_than_its_span() {
+        let seqs: Vec<u64> = (1..=600).collect();
+        let runs = runs(&seqs);
+        assert_eq!(runs.len(), 3);
+        assert!(runs.iter().all(|r| r[r.len() - 1] - r[0] < RUN_SPAN));
+        assert_eq!(runs.concat(), seqs);
+    }
 }

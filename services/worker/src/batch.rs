@@ -6,6 +6,9 @@
 //! (`multi_last`, up to 256 subjects each) per kind of state: its sent markers, and its
 //! users' targets, preferences and (for push) seen positions. Jobs go to distinct users
 //! far more often than not, so a read per distinct user would still be a read per job.
+//! The jobs' inbox entries are read by sequence in runs ([`herald_store::direct::by_seqs`]):
+//! a lane's jobs were enqueued in the order their notifications were stored, so a
+//! batch's sequences lie close together and a run of them costs one request.
 //! What a job reads is never older than the moment its batch was pulled, as it was when
 //! each job read it itself.
 //!
@@ -14,8 +17,9 @@
 
 use crate::job::{self, Context, STORE_RETRY};
 use async_nats::jetstream::Message;
+use bytes::Bytes;
 use herald_channels::Target;
-use herald_protocol::{Channel, Preferences, UserId};
+use herald_protocol::{Channel, Preferences, UserId, streams};
 use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::sync::OwnedSemaphorePermit;
@@ -34,6 +38,17 @@ pub struct UserView {
     pub prefs: Option<Result<Preferences, String>>,
     /// Seen-live position (`None` except for push).
     pub seen: Option<Result<u64, String>>,
+}
+
+/// What the batch read of a job's inbox entry found.
+#[derive(Debug, Clone)]
+pub enum Entry {
+    /// The stored notification, as stored.
+    Stored(Bytes),
+    /// No longer in the inbox (expired, or its user was erased).
+    Gone,
+    /// The inbox could not be read; the job retries later.
+    Unavailable(String),
 }
 
 /// Prepares `pulled` (each with the permit of its concurrency slot) and runs every job
@@ -89,8 +104,24 @@ pub async fn run(ctx: Arc<Context>, pulled: Vec<(Message, OwnedSemaphorePermit)>
             ready.push((p, (slot, claim)));
         }
     }
-    let users = read_users(&ctx, ready.iter().map(|(p, _)| &p.job.user_id)).await;
+    // A digest carries its content; every other job reads its inbox entry.
+    let seqs: Vec<u64> = ready
+        .iter()
+        .filter(|(p, _)| p.job.digest.is_none())
+        .map(|(p, _)| p.job.seq)
+        .collect();
+    let (users, entries) = tokio::join!(
+        read_users(&ctx, ready.iter().map(|(p, _)| &p.job.user_id)),
+        herald_store::direct::by_seqs(&ctx.deps.nats.consume, streams::INBOX, &seqs),
+    );
+    let entries = entries.map_err(|e| e.to_string());
     for (p, permit) in ready {
+        let entry = p.job.digest.is_none().then(|| match &entries {
+            Ok(found) => found
+                .get(&p.job.seq)
+                .map_or(Entry::Gone, |m| Entry::Stored(m.payload.clone())),
+            Err(e) => Entry::Unavailable(e.clone()),
+        });
         let Some(view) = users.get(&p.job.user_id).cloned() else {
             // Every user of `ready` was read; never leave a job unsettled all the same.
             job::settle(
@@ -102,7 +133,7 @@ pub async fn run(ctx: Arc<Context>, pulled: Vec<(Message, OwnedSemaphorePermit)>
         };
         let ctx = ctx.clone();
         tasks.spawn(async move {
-            job::handle(&ctx, &p, &view).await;
+            job::handle(&ctx, &p, &view, entry).await;
             drop(permit);
         });
     }

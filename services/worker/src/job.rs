@@ -6,8 +6,8 @@
 //!    before its ack reached NATS): ack, do not send again.
 //! 2. Push waits `escalation_delay` after acceptance (a nak with that delay on the first
 //!    delivery, no polling), then skips the push if the user acked it as seen live.
-//! 3. Content from the inbox by `seq` (a direct get, or the folded text of an aggregation
-//!    group the job carries), the target from the user's targets by id.
+//! 3. Content from the inbox by `seq` (read with its batch, or the folded text of an
+//!    aggregation group the job carries), the target from the user's targets by id.
 //! 4. The first provider of the channel that accepts the target and whose circuit admits
 //!    a call, after a token of its bucket.
 //!    While it waits for that token and for the provider's answer, the job tells
@@ -25,12 +25,11 @@
 //! status through the marker alone ([`herald_store::StatusStore::get`] merges it), so the
 //! send path writes once.
 
-use crate::batch::UserView;
+use crate::batch::{Entry, UserView};
 use crate::dlq::{DeadLetter, Dlq};
 use crate::runtime::{WorkerConfig, WorkerDeps};
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::Message;
-use async_nats::jetstream::stream::{DirectGetErrorKind, Stream};
 use herald_channels::{Delivery, SendError, Target};
 use herald_protocol::notification::format_time;
 use herald_protocol::{Channel, ChannelJob, StoredNotification};
@@ -45,8 +44,6 @@ pub struct Context {
     pub config: WorkerConfig,
     /// Dependencies.
     pub deps: WorkerDeps,
-    /// The inbox stream (content by `seq`).
-    pub inbox: Stream<()>,
     /// Seen-live positions (`ack` frames), for push escalation.
     pub seen: herald_store::ReadPositions,
     /// Dead letters.
@@ -119,14 +116,15 @@ pub async fn already_sent(ctx: &Context, p: &Pulled, marker: SentMarker) {
 }
 
 /// Handles one job with no sent marker to its ack, nak or term, with what its batch read
-/// about its user.
-pub async fn handle(ctx: &Context, p: &Pulled, user: &UserView) {
+/// about its user and its inbox `entry` (`None` for a digest, which carries its content).
+pub async fn handle(ctx: &Context, p: &Pulled, user: &UserView, entry: Option<Entry>) {
     let step = Step {
         ctx,
         msg: &p.msg,
         job: &p.job,
         delivered: p.delivered,
         user,
+        entry,
     };
     step.run().await;
 }
@@ -150,6 +148,7 @@ struct Step<'a> {
     job: &'a ChannelJob,
     delivered: i64,
     user: &'a UserView,
+    entry: Option<Entry>,
 }
 
 impl Step<'_> {
@@ -220,24 +219,29 @@ impl Step<'_> {
         if let Some(mail) = &job.digest {
             return self.digest(mail).await;
         }
-        let stored = match ctx.inbox.direct_get(job.seq).await {
-            Ok(m) => match serde_json::from_slice::<StoredNotification>(&m.payload) {
-                Ok(n) if n.id == job.id => n,
-                // A big topic's publish, stored once: this job is for one subscriber's copy.
-                Ok(n)
-                    if n.topic.is_some()
-                        && herald_protocol::topic::copy_id(&n.id, &job.user_id) == job.id =>
-                {
-                    herald_protocol::topic::for_subscriber(n, &job.user_id)
-                        .localize(job.locale.as_deref())
-                }
-                _ => return self.gone().await,
-            },
-            Err(e) if e.kind() == DirectGetErrorKind::NotFound => return self.gone().await,
-            Err(e) => {
+        let bytes = match &self.entry {
+            Some(Entry::Stored(bytes)) => bytes,
+            Some(Entry::Gone) => return self.gone().await,
+            Some(Entry::Unavailable(e)) => {
                 tracing::warn!(id = %job.id, error = %e, "inbox unavailable; retrying later");
                 return self.later(STORE_RETRY).await;
             }
+            None => {
+                tracing::error!(id = %job.id, "a job reached its send without its inbox entry read; retrying later");
+                return self.later(STORE_RETRY).await;
+            }
+        };
+        let stored = match serde_json::from_slice::<StoredNotification>(bytes) {
+            Ok(n) if n.id == job.id => n,
+            // A big topic's publish, stored once: this job is for one subscriber's copy.
+            Ok(n)
+                if n.topic.is_some()
+                    && herald_protocol::topic::copy_id(&n.id, &job.user_id) == job.id =>
+            {
+                herald_protocol::topic::for_subscriber(n, &job.user_id)
+                    .localize(job.locale.as_deref())
+            }
+            _ => return self.gone().await,
         };
         let target = match &user.targets {
             Ok(targets) => match targets.iter().find(|t| target_id(t) == job.target) {

@@ -180,16 +180,11 @@ pub async fn run(
         .get_stream_no_info(stream_name)
         .await
         .map_err(|e| open_err(format!("stream {stream_name}"))(Box::new(e)))?;
-    let inbox = js
-        .get_stream_no_info(streams::INBOX)
-        .await
-        .map_err(|e| open_err("the inbox stream")(Box::new(e)))?;
     let seen = herald_store::ReadPositions::open_seen(js)
         .await
         .map_err(|e| open_err("the seen-position bucket")(Box::new(e)))?;
     let ctx = Arc::new(Context {
         config: config.clone(),
-        inbox,
         seen,
         dlq: Dlq::new(deps.nats.clone(), deps.subjects.clone()),
         deps,

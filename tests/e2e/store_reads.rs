@@ -1,0 +1,59 @@
+//! Reads by stream sequence in runs (`herald_store::direct::by_seqs`, what a worker's
+//! batch reads its inbox entries with) against a real nats-server: every stored message
+//! asked for comes back once, deleted ones and ones past the stream's end are absent, and
+//! nothing that was not asked for is returned.
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, stream};
+use herald_store::direct::by_seqs;
+use herald_tests::Nats;
+
+#[tokio::test]
+async fn reads_by_sequence_return_exactly_the_stored_messages_asked_for() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let client = nats.client().await?;
+    let js = jetstream::new(client.clone());
+    let stream = js
+        .create_stream(stream::Config {
+            name: "READS".into(),
+            subjects: vec!["reads.>".into()],
+            allow_direct: true,
+            ..Default::default()
+        })
+        .await?;
+    // 1..=600 over many subjects, as an inbox holds many users.
+    for i in 1..=600u64 {
+        js.publish(format!("reads.u{}", i % 7), i.to_string().into())
+            .await?
+            .await?;
+    }
+    // Gaps inside a run, and the run's first and last wanted messages.
+    for seq in [11, 12, 20, 300] {
+        stream.delete_message(seq).await?;
+    }
+
+    let wanted: Vec<u64> = [10, 11, 12, 13, 20, 21, 25, 300, 301, 598, 600, 601, 9_999]
+        .into_iter()
+        .chain(40..=299) // a run wider than one batch
+        .chain([13, 13]) // asked for twice
+        .collect();
+    let found = by_seqs(&client, "READS", &wanted).await?;
+
+    let mut expected: Vec<u64> = wanted
+        .iter()
+        .copied()
+        .filter(|s| (1..=600).contains(s) && ![11, 12, 20, 300].contains(s))
+        .collect();
+    expected.sort_unstable();
+    expected.dedup();
+    let mut got: Vec<u64> = found.keys().copied().collect();
+    got.sort_unstable();
+    assert_eq!(got, expected);
+    for (seq, msg) in &found {
+        assert_eq!(msg.seq, *seq);
+        let body = std::str::from_utf8(&msg.payload).context("payload")?;
+        assert_eq!(body, seq.to_string(), "the message stored at {seq}");
+    }
+    assert!(by_seqs(&client, "READS", &[]).await?.is_empty());
+    Ok(())
+}
