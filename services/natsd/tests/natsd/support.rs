@@ -1,6 +1,7 @@
 //! A minimal NATS protocol client over TCP (enough for JetStream API requests) and a
 //! bounded polling helper.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -27,6 +28,9 @@ pub async fn read_info(url: &str) -> Value {
 fn host_port(url: &str) -> String {
     url.strip_prefix("nats://").expect("nats:// url").to_owned()
 }
+
+/// The next reply inbox number, shared by every [`RawClient`] of the process.
+static NEXT_INBOX: AtomicU64 = AtomicU64::new(1);
 
 /// One connection speaking just enough of the NATS protocol for request/reply.
 pub struct RawClient {
@@ -64,7 +68,10 @@ impl RawClient {
     ) -> std::io::Result<Option<Value>> {
         let sid = self.next_sid;
         self.next_sid += 1;
-        let inbox = format!("_INBOX.test.{sid}");
+        // Unique across connections: a reply sent late to an earlier request (a new
+        // stream leader answers the entries it applies on taking over, to their original
+        // reply subjects) must not be read as the answer to this one.
+        let inbox = format!("_INBOX.test.{}", NEXT_INBOX.fetch_add(1, Ordering::Relaxed));
         let mut out = format!("SUB {inbox} {sid}\r\n");
         match msg_id {
             Some(id) => {
