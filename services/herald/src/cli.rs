@@ -5,7 +5,8 @@ use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 use std::path::PathBuf;
 
-/// Herald: notifications live over WebSocket/SSE, from a durable inbox, on NATS JetStream.
+/// Herald: notifications live over WebSocket/SSE, from a durable inbox, and through push,
+/// email, SMS and webhooks, on NATS JetStream (`about` is the crate description).
 #[derive(Debug, Parser)]
 #[command(name = "herald", version, about, long_about = None, propagate_version = true)]
 pub struct Cli {
