@@ -1,12 +1,14 @@
-//! Reads by stream sequence in runs (`herald_store::direct::by_seqs`, what a worker's
-//! batch reads its inbox entries with) against a real nats-server: every stored message
-//! asked for comes back once, deleted ones and ones past the stream's end are absent, and
+//! Reads by stream sequence in runs (`herald_store::direct::by_seqs`, and
+//! `Inbox::entries_at` over it, what a worker's batch reads its inbox entries with)
+//! against a real nats-server: every stored message asked for comes back once, deleted
+//! ones and ones past the stream's end are absent (confirmed by the stream leader), and
 //! nothing that was not asked for is returned.
 
 use anyhow::Context as _;
 use async_nats::jetstream::{self, stream};
+use herald_protocol::StoredNotification;
 use herald_store::direct::by_seqs;
-use herald_tests::Nats;
+use herald_tests::{Herald, Nats};
 
 #[tokio::test]
 async fn reads_by_sequence_return_exactly_the_stored_messages_asked_for() -> anyhow::Result<()> {
@@ -55,5 +57,34 @@ async fn reads_by_sequence_return_exactly_the_stored_messages_asked_for() -> any
         assert_eq!(body, seq.to_string(), "the message stored at {seq}");
     }
     assert!(by_seqs(&client, "READS", &[]).await?.is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn inbox_entries_are_found_by_sequence_and_deleted_ones_are_gone() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    let mut sent = Vec::new();
+    for (user, title) in [("ann", "one"), ("bob", "two"), ("ann", "three")] {
+        sent.push(herald.send(user, title).await?);
+    }
+    // The second is gone (as after an erase); 10,000 was never written.
+    let js = jetstream::new(herald.nats_client().await?);
+    js.get_stream(herald_protocol::streams::INBOX)
+        .await?
+        .delete_message(sent[1].seq)
+        .await?;
+
+    let inbox = herald.store_inbox("entries-test").await?;
+    let wanted: Vec<u64> = sent.iter().map(|a| a.seq).chain([10_000]).collect();
+    let found = inbox.entries_at(&wanted).await?;
+
+    let mut got: Vec<u64> = found.keys().copied().collect();
+    got.sort_unstable();
+    assert_eq!(got, [sent[0].seq, sent[2].seq]);
+    for accepted in [&sent[0], &sent[2]] {
+        let stored: StoredNotification = serde_json::from_slice(&found[&accepted.seq])?;
+        assert_eq!(stored.id, accepted.id);
+    }
     Ok(())
 }

@@ -7,9 +7,11 @@ use crate::connect::Nats;
 use crate::direct::{self, DirectGetError, DirectMessage};
 use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::stream::RawMessageErrorKind;
 use bytes::Bytes;
 use herald_protocol::streams::INBOX;
 use herald_protocol::{StoredNotification, Subjects, UserId};
+use std::collections::{HashMap, HashSet};
 
 /// Largest encoded notification: the stream's message limit less room for headers.
 pub const MAX_STORED_BYTES: usize = 127 * 1024;
@@ -200,6 +202,56 @@ impl Inbox {
             .map_err(|e| InboxError::Unavailable(Box::new(e)))
     }
 
+    /// The stored entries at `seqs` (stream sequences a job or a caller already knows
+    /// were written), by sequence; a sequence absent from the answer is gone (expired,
+    /// or its user erased).
+    ///
+    /// They are read in batched direct gets ([`direct::by_seqs`]). A direct get is
+    /// answered by any replica, and on a cluster a replica may not yet have applied an
+    /// append that the leader has acknowledged, so a sequence the direct read did not
+    /// find is asked of the stream leader (`STREAM.MSG.GET`) before it is called gone.
+    /// That costs a round trip only for what is really gone, which is rare.
+    ///
+    /// # Errors
+    /// [`InboxError::Read`] or [`InboxError::Unavailable`] when NATS is unreachable or
+    /// answers with an error.
+    pub async fn entries_at(&self, seqs: &[u64]) -> Result<HashMap<u64, Bytes>, InboxError> {
+        let mut found: HashMap<u64, Bytes> = direct::by_seqs(&self.nats.consume, INBOX, seqs)
+            .await?
+            .into_iter()
+            .map(|(seq, m)| (seq, m.payload))
+            .collect();
+        let missing: HashSet<u64> = seqs
+            .iter()
+            .copied()
+            .filter(|s| *s > 0 && !found.contains_key(s))
+            .collect();
+        if missing.is_empty() {
+            return Ok(found);
+        }
+        let stream = self
+            .nats
+            .js_consume
+            .get_stream_no_info(INBOX)
+            .await
+            .map_err(unavailable)?;
+        let stream = &stream;
+        let confirmed = futures::future::join_all(missing.into_iter().map(|seq| async move {
+            match stream.get_raw_message(seq).await {
+                Ok(m) => Ok(Some((seq, m.payload))),
+                Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => Ok(None),
+                Err(e) => Err(unavailable(e)),
+            }
+        }))
+        .await;
+        for entry in confirmed {
+            if let Some((seq, payload)) = entry? {
+                found.insert(seq, payload);
+            }
+        }
+        Ok(found)
+    }
+
     /// Up to `limit` messages of one subject with `seq > after`, oldest first, and
     /// whether more follow.
     pub(crate) async fn subject_after(
@@ -299,4 +351,8 @@ pub(crate) fn needs_routing(n: &StoredNotification) -> bool {
     n.channels
         .iter()
         .any(|c| *c != herald_protocol::Channel::Inbox)
+}
+
+fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> InboxError {
+    InboxError::Unavailable(Box::new(e))
 }

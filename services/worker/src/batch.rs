@@ -6,9 +6,11 @@
 //! (`multi_last`, up to 256 subjects each) per kind of state: its sent markers, and its
 //! users' targets, preferences and (for push) seen positions. Jobs go to distinct users
 //! far more often than not, so a read per distinct user would still be a read per job.
-//! The jobs' inbox entries are read by sequence in runs ([`herald_store::direct::by_seqs`]):
+//! The jobs' inbox entries are read by sequence in runs ([`herald_store::Inbox::entries_at`]):
 //! a lane's jobs were enqueued in the order their notifications were stored, so a
-//! batch's sequences lie close together and a run of them costs one request.
+//! batch's sequences lie close together and a run of them costs one request. An entry
+//! that read does not find is confirmed gone by the stream leader before its job is
+//! dropped: on a cluster, the replica that answered may not have applied it yet.
 //! What a job reads is never older than the moment its batch was pulled, as it was when
 //! each job read it itself.
 //!
@@ -19,7 +21,7 @@ use crate::job::{self, Context, STORE_RETRY};
 use async_nats::jetstream::Message;
 use bytes::Bytes;
 use herald_channels::Target;
-use herald_protocol::{Channel, Preferences, UserId, streams};
+use herald_protocol::{Channel, Preferences, UserId};
 use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::sync::OwnedSemaphorePermit;
@@ -112,14 +114,14 @@ pub async fn run(ctx: Arc<Context>, pulled: Vec<(Message, OwnedSemaphorePermit)>
         .collect();
     let (users, entries) = tokio::join!(
         read_users(&ctx, ready.iter().map(|(p, _)| &p.job.user_id)),
-        herald_store::direct::by_seqs(&ctx.deps.nats.consume, streams::INBOX, &seqs),
+        ctx.inbox.entries_at(&seqs),
     );
     let entries = entries.map_err(|e| e.to_string());
     for (p, permit) in ready {
         let entry = p.job.digest.is_none().then(|| match &entries {
             Ok(found) => found
                 .get(&p.job.seq)
-                .map_or(Entry::Gone, |m| Entry::Stored(m.payload.clone())),
+                .map_or(Entry::Gone, |payload| Entry::Stored(payload.clone())),
             Err(e) => Entry::Unavailable(e.clone()),
         });
         let Some(view) = users.get(&p.job.user_id).cloned() else {

@@ -44,6 +44,8 @@ pub struct Context {
     pub config: WorkerConfig,
     /// Dependencies.
     pub deps: WorkerDeps,
+    /// The inbox (each job's content by `seq`).
+    pub inbox: herald_store::Inbox,
     /// Seen-live positions (`ack` frames), for push escalation.
     pub seen: herald_store::ReadPositions,
     /// Dead letters.

@@ -185,6 +185,7 @@ pub async fn run(
         .map_err(|e| open_err("the seen-position bucket")(Box::new(e)))?;
     let ctx = Arc::new(Context {
         config: config.clone(),
+        inbox: herald_store::Inbox::new(deps.nats.clone(), deps.subjects.clone()),
         seen,
         dlq: Dlq::new(deps.nats.clone(), deps.subjects.clone()),
         deps,
