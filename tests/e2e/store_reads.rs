@@ -2,7 +2,9 @@
 //! `Inbox::entries_at` over it, what a worker's batch reads its inbox entries with)
 //! against a real nats-server: every stored message asked for comes back once, deleted
 //! ones and ones past the stream's end are absent (confirmed by the stream leader), and
-//! nothing that was not asked for is returned.
+//! nothing that was not asked for is returned. A worker's check of a target its batch
+//! read did not find (`Targets::find_at_leader`) follows registrations, removals and
+//! erasure.
 
 use anyhow::Context as _;
 use async_nats::jetstream::{self, stream};
@@ -86,5 +88,41 @@ async fn inbox_entries_are_found_by_sequence_and_deleted_ones_are_gone() -> anyh
         let stored: StoredNotification = serde_json::from_slice(&found[&accepted.seq])?;
         assert_eq!(stored.id, accepted.id);
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_target_is_found_at_the_leader_until_it_is_removed() -> anyhow::Result<()> {
+    use herald_channels::Platform;
+    use herald_protocol::{Channel, UserId};
+    use herald_store::targets::{ContactKeys, Targets, target_id};
+
+    let nats = Nats::single().await?;
+    let _provisioned = Herald::builder(&nats).start().await?;
+    let store = herald_store::connect(&nats.url(), "targets-test").await?;
+    let targets = Targets::open(&store.js, ContactKeys::new([7; 32], &[])).await?;
+    let user = UserId::new("cleo".to_owned())?;
+    targets.add_device(&user, Platform::Ios, "tok-1").await?;
+    let registered = targets.targets(&user, Channel::Push).await?;
+    let id = target_id(registered.first().context("the registered device")?);
+    let at_leader = |user: UserId| {
+        let (targets, id) = (&targets, &id);
+        async move { targets.find_at_leader(&user, Channel::Push, id).await }
+    };
+
+    let found = at_leader(user.clone()).await?;
+    assert_eq!(found.as_ref().map(target_id), Some(id.clone()));
+    assert!(
+        at_leader(UserId::new("nobody".to_owned())?)
+            .await?
+            .is_none()
+    );
+    targets.remove_device(&user, "tok-1").await?;
+    assert!(at_leader(user.clone()).await?.is_none());
+    // Registered again, then erased (a KV delete marker, not an empty list).
+    targets.add_device(&user, Platform::Ios, "tok-1").await?;
+    assert!(at_leader(user.clone()).await?.is_some());
+    targets.erase(&user).await?;
+    assert!(at_leader(user).await?.is_none());
     Ok(())
 }

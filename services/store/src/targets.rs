@@ -13,6 +13,7 @@
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use async_nats::jetstream::kv;
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use bytes::Bytes;
@@ -430,6 +431,48 @@ impl Targets {
             .await?
             .into_iter()
             .find(|t| target_id(t) == id))
+    }
+
+    /// [`Targets::find`] answered by the bucket's stream leader (`STREAM.MSG.GET`), not by
+    /// any replica. For a target a batched read ([`Targets::targets_of_many`]) did not
+    /// find: on a cluster, the replica that answered may not yet have applied the
+    /// registration the job was made from. One round trip, on that rare path only.
+    ///
+    /// # Errors
+    /// [`TargetsError`] when NATS fails or the contact record cannot be opened.
+    pub async fn find_at_leader(
+        &self,
+        user: &UserId,
+        channel: Channel,
+        id: &str,
+    ) -> Result<Option<Target>, TargetsError> {
+        let key = match channel {
+            Channel::Inbox => return Ok(None),
+            Channel::Push => device_key(user),
+            Channel::Email | Channel::Sms | Channel::Webhook => contact_key(user),
+        };
+        let subject = format!("{}{key}", self.kv.prefix);
+        let value = match self
+            .kv
+            .stream
+            .get_last_raw_message_by_subject(&subject)
+            .await
+        {
+            Ok(m) => {
+                let op = m.headers.get("KV-Operation").map(|v| v.as_str().to_owned());
+                op.is_none_or(|op| op == "PUT").then_some(m.payload)
+            }
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => None,
+            Err(e) => return Err(nats(e)),
+        };
+        let targets = match value {
+            None => Vec::new(),
+            Some(value) if channel == Channel::Push => {
+                device_targets(serde_json::from_slice::<Devices>(&value).unwrap_or_default())
+            }
+            Some(value) => contact_targets(self.open_contact(user, &value)?, channel),
+        };
+        Ok(targets.into_iter().find(|t| target_id(t) == id))
     }
 
     /// Forgets a target a provider called invalid; returns whether it was there.

@@ -248,7 +248,20 @@ impl Step<'_> {
         let target = match &user.targets {
             Ok(targets) => match targets.iter().find(|t| target_id(t) == job.target) {
                 Some(t) => t.clone(),
-                None => return self.skip("target removed").await,
+                // The batch read any replica; the leader says whether it is really gone.
+                None => match ctx
+                    .deps
+                    .targets
+                    .find_at_leader(&job.user_id, job.channel, &job.target)
+                    .await
+                {
+                    Ok(Some(t)) => t,
+                    Ok(None) => return self.skip("target removed").await,
+                    Err(e) => {
+                        tracing::warn!(id = %job.id, error = %e, "target store unavailable; retrying later");
+                        return self.later(STORE_RETRY).await;
+                    }
+                },
             },
             Err(e) => {
                 tracing::warn!(id = %job.id, error = %e, "target store unavailable; retrying later");
