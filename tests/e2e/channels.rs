@@ -107,6 +107,55 @@ async fn transient_failures_are_retried_and_delivered_once() -> anyhow::Result<(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_jobs_are_terminated_and_do_not_hold_the_queue() -> anyhow::Result<()> {
+    use herald_protocol::{ChannelJob, Priority, UserId, streams};
+    let nats = Nats::single().await?;
+    let apns = Arc::new(Scripted::new("apns", Channel::Push));
+    let herald = Herald::builder(&nats)
+        .channels(with(settings(rand_key()), &apns, Limits::default()))
+        .start()
+        .await?;
+    // Two jobs no router writes: bytes that are no job, and a job naming no inbox entry.
+    let js = async_nats::jetstream::new(herald.nats_client().await?);
+    let subject = herald.subjects().work(Channel::Push, Priority::Normal);
+    let no_entry = ChannelJob {
+        id: "no-entry".into(),
+        seq: 0,
+        user_id: UserId::new("ann".to_owned())?,
+        channel: Channel::Push,
+        priority: Priority::Normal,
+        target: "t".into(),
+        folded: None,
+        digest: None,
+        locale: None,
+    };
+    for payload in [b"{not a job".to_vec(), serde_json::to_vec(&no_entry)?] {
+        js.publish(subject.clone(), payload.into()).await?.await?;
+    }
+    device(&herald, "ann", "tok-1").await?;
+    let id = push(&herald, "ann", "after the bad ones").await?;
+    reaches(&herald, &id, "push", "sent").await?;
+    eventually(WAIT, "both terminated, the queue empty", || async {
+        let metrics = herald.metrics().await?;
+        let line = r#"herald_worker_jobs_total{channel="push",outcome="undecodable"} 2"#;
+        ensure!(metrics.contains(line), "no `{line}` in the metrics");
+        let mut work = js
+            .get_stream(streams::work_stream_name(Channel::Push))
+            .await?;
+        let left = work.info().await?.state.messages;
+        ensure!(left == 0, "{left} jobs left in the queue");
+        Ok(())
+    })
+    .await?;
+    assert_eq!(
+        apns.calls_for("no-entry").len(),
+        0,
+        "a malformed job is never sent"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn throttling_honours_retry_after() -> anyhow::Result<()> {
     let nats = Nats::single().await?;
     let apns = Arc::new(Scripted::new("apns", Channel::Push));

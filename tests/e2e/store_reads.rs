@@ -1,14 +1,15 @@
-//! Reads by stream sequence in runs (`herald_store::direct::by_seqs`, and
-//! `Inbox::entries_at` over it, what a worker's batch reads its inbox entries with)
-//! against a real nats-server: every stored message asked for comes back once, deleted
-//! ones and ones past the stream's end are absent (confirmed by the stream leader), and
-//! nothing that was not asked for is returned. A worker's check of a target its batch
-//! read did not find (`Targets::find_at_leader`) follows registrations, removals and
-//! erasure.
+//! Reads by stream sequence in runs (`herald_store::direct::by_seqs`) against a real
+//! nats-server: every stored message asked for comes back once; deleted ones (at a run's
+//! start, inside it, at its end) and ones past the stream's end are absent; nothing that
+//! was not asked for is returned. `Inbox::entries_at`, what a worker's batch reads its
+//! inbox entries with, calls what neither the direct read nor the stream leader has
+//! gone. A worker's check of a target its batch read did not find
+//! (`Targets::find_at_leader`) follows registrations, removals and erasure.
 
 use anyhow::Context as _;
 use async_nats::jetstream::{self, stream};
 use herald_protocol::StoredNotification;
+use herald_store::InboxEntry;
 use herald_store::direct::by_seqs;
 use herald_tests::{Herald, Nats};
 
@@ -31,22 +32,31 @@ async fn reads_by_sequence_return_exactly_the_stored_messages_asked_for() -> any
             .await?
             .await?;
     }
-    // Gaps inside a run, and the run's first and last wanted messages.
-    for seq in [11, 12, 20, 300] {
+    // Runs of the wanted sequences below: 10..=25, 40..=295, 296..=301, 598..=601, 9999.
+    // Deleted: the first of a run (10, 40, 296), inside one (11, 12, 20, 300), the last
+    // wanted of one (25); 601 and 9999 are past the end.
+    let deleted = [10, 11, 12, 20, 25, 40, 296, 300];
+    for seq in deleted {
         stream.delete_message(seq).await?;
     }
 
     let wanted: Vec<u64> = [10, 11, 12, 13, 20, 21, 25, 300, 301, 598, 600, 601, 9_999]
         .into_iter()
         .chain(40..=299) // a run wider than one batch
-        .chain([13, 13]) // asked for twice
+        .chain([13, 13, 0]) // asked for twice; never stored
         .collect();
-    let found = by_seqs(&client, "READS", &wanted).await?;
+    let mut found = std::collections::HashMap::new();
+    for run in by_seqs(&client, "READS", &wanted).await {
+        for msg in run.read? {
+            assert!(run.seqs.contains(&msg.seq), "{} is of its run", msg.seq);
+            assert!(found.insert(msg.seq, msg).is_none(), "returned once");
+        }
+    }
 
     let mut expected: Vec<u64> = wanted
         .iter()
         .copied()
-        .filter(|s| (1..=600).contains(s) && ![11, 12, 20, 300].contains(s))
+        .filter(|s| (1..=600).contains(s) && !deleted.contains(s))
         .collect();
     expected.sort_unstable();
     expected.dedup();
@@ -58,7 +68,7 @@ async fn reads_by_sequence_return_exactly_the_stored_messages_asked_for() -> any
         let body = std::str::from_utf8(&msg.payload).context("payload")?;
         assert_eq!(body, seq.to_string(), "the message stored at {seq}");
     }
-    assert!(by_seqs(&client, "READS", &[]).await?.is_empty());
+    assert!(by_seqs(&client, "READS", &[0]).await.is_empty());
     Ok(())
 }
 
@@ -79,14 +89,21 @@ async fn inbox_entries_are_found_by_sequence_and_deleted_ones_are_gone() -> anyh
 
     let inbox = herald.store_inbox("entries-test").await?;
     let wanted: Vec<u64> = sent.iter().map(|a| a.seq).chain([10_000]).collect();
-    let found = inbox.entries_at(&wanted).await?;
+    let entries = inbox.entries_at(&wanted).await;
 
-    let mut got: Vec<u64> = found.keys().copied().collect();
-    got.sort_unstable();
-    assert_eq!(got, [sent[0].seq, sent[2].seq]);
+    assert_eq!(entries.len(), 4, "one answer per sequence: {entries:?}");
     for accepted in [&sent[0], &sent[2]] {
-        let stored: StoredNotification = serde_json::from_slice(&found[&accepted.seq])?;
+        let Some(InboxEntry::Stored(bytes)) = entries.get(&accepted.seq) else {
+            anyhow::bail!("{} not stored: {entries:?}", accepted.seq);
+        };
+        let stored: StoredNotification = serde_json::from_slice(bytes)?;
         assert_eq!(stored.id, accepted.id);
+    }
+    for gone in [sent[1].seq, 10_000] {
+        assert!(
+            matches!(entries.get(&gone), Some(InboxEntry::Gone)),
+            "{gone} is gone: {entries:?}"
+        );
     }
     Ok(())
 }
@@ -119,7 +136,7 @@ async fn a_target_is_found_at_the_leader_until_it_is_removed() -> anyhow::Result
     );
     targets.remove_device(&user, "tok-1").await?;
     assert!(at_leader(user.clone()).await?.is_none());
-    // Registered again, then erased (a KV delete marker, not an empty list).
+    // Registered again, then erased (a KV purge marker, not an empty list).
     targets.add_device(&user, Platform::Ios, "tok-1").await?;
     assert!(at_leader(user.clone()).await?.is_some());
     targets.erase(&user).await?;

@@ -176,30 +176,31 @@ const RUN_SPAN: u64 = 256;
 /// a run may read that nobody asked for is bounded by this per wanted message.
 const RUN_GAP: u64 = 8;
 
-/// The stored messages at each of `seqs` in `stream`, by sequence; a sequence with no
-/// message (deleted, expired, never written) is absent from the answer.
+/// What [`by_seqs`] read of one run of sequences: the stored messages among them, or why
+/// the run could not be read. A sequence of a run read whole with no message is gone
+/// (deleted, expired, or never written) — as far as the replica that answered knows.
+#[derive(Debug)]
+pub struct RunRead {
+    /// The run's sequences, ascending.
+    pub seqs: Vec<u64>,
+    /// Their stored messages (each carries its own `seq`), or the run's failure.
+    pub read: Result<Vec<DirectMessage>, DirectGetError>,
+}
+
+/// The stored messages at `seqs` in `stream`, read run by run (sequence 0 is never
+/// stored and is skipped). A run that fails fails only its own sequences.
 ///
 /// Sequences close to each other (as the jobs of one work-queue batch are: they were
 /// enqueued in the order their notifications were stored) are read as runs, one batched
 /// request per run of up to 256 (`{"seq": first, "batch": span}`, NATS 2.11+), instead of
 /// one request per message. Isolated sequences are read alone. Runs go out concurrently.
-///
-/// # Errors
-/// [`DirectGetError`] when NATS is unreachable or answers with an error.
-pub async fn by_seqs(
-    client: &async_nats::Client,
-    stream: &str,
-    seqs: &[u64],
-) -> Result<std::collections::HashMap<u64, DirectMessage>, DirectGetError> {
-    let runs = runs(seqs);
-    let reads = runs.iter().map(|run| read_run(client, stream, run));
-    let mut found = std::collections::HashMap::with_capacity(seqs.len());
-    for run in futures::future::try_join_all(reads).await? {
-        for msg in run {
-            found.insert(msg.seq, msg);
-        }
-    }
-    Ok(found)
+/// Like every direct get, the answer comes from any replica of the stream.
+pub async fn by_seqs(client: &async_nats::Client, stream: &str, seqs: &[u64]) -> Vec<RunRead> {
+    let reads = runs(seqs).into_iter().map(|seqs| async move {
+        let read = read_run(client, stream, &seqs).await;
+        RunRead { seqs, read }
+    });
+    futures::future::join_all(reads).await
 }
 
 /// `seqs` sorted, without duplicates and zeros, cut into runs that [`read_run`] reads
@@ -220,37 +221,37 @@ fn runs(seqs: &[u64]) -> Vec<Vec<u64>> {
     runs
 }
 
-/// The messages of `run` (sorted, see [`runs`]): one plain direct get for a single
-/// sequence, else one batch from its first sequence as wide as the run.
+/// The messages of `run` (sorted, see [`runs`]): a batch from its first sequence as wide
+/// as the run (a plain direct get for one sequence).
+///
+/// A batch reads on past deleted messages, so a wanted sequence below the last one it
+/// returned is gone. A batch that starts at a gone message answers "not found" alone,
+/// and one can stop short of the run's end (the stream's end): the rest of the run is
+/// then read again from its next wanted sequence, until every sequence is answered for.
 async fn read_run(
     client: &async_nats::Client,
     stream: &str,
     run: &[u64],
 ) -> Result<Vec<DirectMessage>, DirectGetError> {
-    let (first, last) = (run[0], run[run.len() - 1]);
-    let req = Request {
-        seq: Some(first),
-        next_by_subj: None,
-        last_by_subj: None,
-        batch: (run.len() > 1).then(|| usize::try_from(last - first + 1).unwrap_or(1)),
-        multi_last: None,
-        up_to_seq: None,
-    };
-    let mut got = request(client, stream, &req).await?;
-    // A batch reads on past deleted messages, so a wanted sequence below the last one it
-    // returned is gone. Any it stopped short of (the stream's end, or a server that ends
-    // a batch at a gap) are asked for again, one by one.
-    let reached = got.iter().map(|m| m.seq).max().unwrap_or(0);
-    got.retain(|m| run.binary_search(&m.seq).is_ok());
-    if run.len() > 1 {
-        for &seq in run.iter().filter(|&&s| s > reached) {
-            let alone = Request {
-                seq: Some(seq),
-                batch: None,
-                ..req
-            };
-            got.extend(request(client, stream, &alone).await?);
-        }
+    let mut got = Vec::with_capacity(run.len());
+    let mut rest = run;
+    while let (Some(&first), Some(&last)) = (rest.first(), rest.last()) {
+        let req = Request {
+            seq: Some(first),
+            next_by_subj: None,
+            last_by_subj: None,
+            batch: (rest.len() > 1).then(|| usize::try_from(last - first + 1).unwrap_or(1)),
+            multi_last: None,
+            up_to_seq: None,
+        };
+        let answer = request(client, stream, &req).await?;
+        let reached = answer.iter().map(|m| m.seq).max().unwrap_or(first);
+        got.extend(
+            answer
+                .into_iter()
+                .filter(|m| rest.binary_search(&m.seq).is_ok()),
+        );
+        rest = &rest[rest.partition_point(|&s| s <= reached)..];
     }
     Ok(got)
 }
@@ -358,6 +359,12 @@ mod tests {
             vec![vec![10, 11, 12, 19], vec![30], vec![500]]
         );
         assert!(runs(&[]).is_empty());
+    }
+
+    #[test]
+    fn a_gap_of_eight_stays_in_the_run_and_nine_cuts_it() {
+        assert_eq!(runs(&[1, 9]), vec![vec![1, 9]]);
+        assert_eq!(runs(&[1, 10]), vec![vec![1], vec![10]]);
     }
 
     #[test]

@@ -9,9 +9,10 @@ use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::RawMessageErrorKind;
 use bytes::Bytes;
+use futures::StreamExt as _;
 use herald_protocol::streams::INBOX;
 use herald_protocol::{StoredNotification, Subjects, UserId};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 /// Largest encoded notification: the stream's message limit less room for headers.
 pub const MAX_STORED_BYTES: usize = 127 * 1024;
@@ -55,6 +56,20 @@ pub enum InboxError {
     #[error("inbox read failed")]
     Read(#[from] DirectGetError),
 }
+
+/// What [`Inbox::entries_at`] found at one sequence.
+#[derive(Debug, Clone)]
+pub enum Entry {
+    /// The stored notification, as stored.
+    Stored(Bytes),
+    /// Not in the inbox (expired, or its user erased), as the stream leader says.
+    Gone,
+    /// It could not be read (NATS trouble); ask again later.
+    Unavailable(String),
+}
+
+/// Leader reads [`Inbox::entries_at`] makes at once for entries a replica did not have.
+pub const LEADER_CHECKS: usize = 16;
 
 /// Reads and appends one user's notifications.
 #[derive(Clone, Debug)]
@@ -202,54 +217,70 @@ impl Inbox {
             .map_err(|e| InboxError::Unavailable(Box::new(e)))
     }
 
-    /// The stored entries at `seqs` (stream sequences a job or a caller already knows
-    /// were written), by sequence; a sequence absent from the answer is gone (expired,
-    /// or its user erased).
+    /// What is stored at each of `seqs` (stream sequences the caller knows were written:
+    /// a job's), by sequence. Sequence 0 is never written and gets no answer.
     ///
-    /// They are read in batched direct gets ([`direct::by_seqs`]). A direct get is
+    /// The entries are read in batched direct gets ([`direct::by_seqs`]). A direct get is
     /// answered by any replica, and on a cluster a replica may not yet have applied an
     /// append that the leader has acknowledged, so a sequence the direct read did not
-    /// find is asked of the stream leader (`STREAM.MSG.GET`) before it is called gone.
-    /// That costs a round trip only for what is really gone, which is rare.
-    ///
-    /// # Errors
-    /// [`InboxError::Read`] or [`InboxError::Unavailable`] when NATS is unreachable or
-    /// answers with an error.
-    pub async fn entries_at(&self, seqs: &[u64]) -> Result<HashMap<u64, Bytes>, InboxError> {
-        let mut found: HashMap<u64, Bytes> = direct::by_seqs(&self.nats.consume, INBOX, seqs)
-            .await?
-            .into_iter()
-            .map(|(seq, m)| (seq, m.payload))
-            .collect();
-        let missing: HashSet<u64> = seqs
-            .iter()
-            .copied()
-            .filter(|s| *s > 0 && !found.contains_key(s))
-            .collect();
+    /// find is asked of the stream leader (`STREAM.MSG.GET`, at most
+    /// [`LEADER_CHECKS`] at once) before it is called [`Entry::Gone`]. A read that fails
+    /// makes only its own sequences [`Entry::Unavailable`].
+    pub async fn entries_at(&self, seqs: &[u64]) -> HashMap<u64, Entry> {
+        let mut entries = HashMap::with_capacity(seqs.len());
+        let mut missing = Vec::new();
+        for run in direct::by_seqs(&self.nats.consume, INBOX, seqs).await {
+            match run.read {
+                Ok(msgs) => {
+                    let mut msgs: HashMap<u64, Bytes> =
+                        msgs.into_iter().map(|m| (m.seq, m.payload)).collect();
+                    for seq in run.seqs {
+                        match msgs.remove(&seq) {
+                            Some(payload) => drop(entries.insert(seq, Entry::Stored(payload))),
+                            None => missing.push(seq),
+                        }
+                    }
+                }
+                Err(e) => {
+                    let why = e.to_string();
+                    entries.extend(
+                        run.seqs
+                            .into_iter()
+                            .map(|seq| (seq, Entry::Unavailable(why.clone()))),
+                    );
+                }
+            }
+        }
         if missing.is_empty() {
-            return Ok(found);
+            return entries;
         }
-        let stream = self
-            .nats
-            .js_consume
-            .get_stream_no_info(INBOX)
-            .await
-            .map_err(unavailable)?;
+        let stream = match self.nats.js_consume.get_stream_no_info(INBOX).await {
+            Ok(stream) => stream,
+            Err(e) => {
+                let why = e.to_string();
+                entries.extend(
+                    missing
+                        .into_iter()
+                        .map(|seq| (seq, Entry::Unavailable(why.clone()))),
+                );
+                return entries;
+            }
+        };
         let stream = &stream;
-        let confirmed = futures::future::join_all(missing.into_iter().map(|seq| async move {
-            match stream.get_raw_message(seq).await {
-                Ok(m) => Ok(Some((seq, m.payload))),
-                Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => Ok(None),
-                Err(e) => Err(unavailable(e)),
-            }
-        }))
-        .await;
-        for entry in confirmed {
-            if let Some((seq, payload)) = entry? {
-                found.insert(seq, payload);
-            }
-        }
-        Ok(found)
+        let checked: Vec<(u64, Entry)> = futures::stream::iter(missing)
+            .map(|seq| async move {
+                let entry = match stream.get_raw_message(seq).await {
+                    Ok(m) => Entry::Stored(m.payload),
+                    Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => Entry::Gone,
+                    Err(e) => Entry::Unavailable(e.to_string()),
+                };
+                (seq, entry)
+            })
+            .buffer_unordered(LEADER_CHECKS)
+            .collect()
+            .await;
+        entries.extend(checked);
+        entries
     }
 
     /// Up to `limit` messages of one subject with `seq > after`, oldest first, and
@@ -351,8 +382,4 @@ pub(crate) fn needs_routing(n: &StoredNotification) -> bool {
     n.channels
         .iter()
         .any(|c| *c != herald_protocol::Channel::Inbox)
-}
-
-fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> InboxError {
-    InboxError::Unavailable(Box::new(e))
 }

@@ -19,9 +19,9 @@
 
 use crate::job::{self, Context, STORE_RETRY};
 use async_nats::jetstream::Message;
-use bytes::Bytes;
 use herald_channels::Target;
 use herald_protocol::{Channel, Preferences, UserId};
+use herald_store::InboxEntry;
 use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::sync::OwnedSemaphorePermit;
@@ -40,17 +40,6 @@ pub struct UserView {
     pub prefs: Option<Result<Preferences, String>>,
     /// Seen-live position (`None` except for push).
     pub seen: Option<Result<u64, String>>,
-}
-
-/// What the batch read of a job's inbox entry found.
-#[derive(Debug, Clone)]
-pub enum Entry {
-    /// The stored notification, as stored.
-    Stored(Bytes),
-    /// No longer in the inbox (expired, or its user was erased).
-    Gone,
-    /// The inbox could not be read; the job retries later.
-    Unavailable(String),
 }
 
 /// Prepares `pulled` (each with the permit of its concurrency slot) and runs every job
@@ -116,13 +105,12 @@ pub async fn run(ctx: Arc<Context>, pulled: Vec<(Message, OwnedSemaphorePermit)>
         read_users(&ctx, ready.iter().map(|(p, _)| &p.job.user_id)),
         ctx.inbox.entries_at(&seqs),
     );
-    let entries = entries.map_err(|e| e.to_string());
     for (p, permit) in ready {
-        let entry = p.job.digest.is_none().then(|| match &entries {
-            Ok(found) => found
+        let entry = p.job.digest.is_none().then(|| {
+            entries
                 .get(&p.job.seq)
-                .map_or(Entry::Gone, |payload| Entry::Stored(payload.clone())),
-            Err(e) => Entry::Unavailable(e.clone()),
+                .cloned()
+                .unwrap_or_else(|| InboxEntry::Unavailable(format!("entry {} not read", p.job.seq)))
         });
         let Some(view) = users.get(&p.job.user_id).cloned() else {
             // Every user of `ready` was read; never leave a job unsettled all the same.

@@ -25,7 +25,7 @@
 //! status through the marker alone ([`herald_store::StatusStore::get`] merges it), so the
 //! send path writes once.
 
-use crate::batch::{Entry, UserView};
+use crate::batch::UserView;
 use crate::dlq::{DeadLetter, Dlq};
 use crate::runtime::{WorkerConfig, WorkerDeps};
 use async_nats::jetstream::AckKind;
@@ -33,6 +33,7 @@ use async_nats::jetstream::Message;
 use herald_channels::{Delivery, SendError, Target};
 use herald_protocol::notification::format_time;
 use herald_protocol::{Channel, ChannelJob, StoredNotification};
+use herald_store::InboxEntry as Entry;
 use herald_store::status::{SentMarker, State, Update};
 use herald_store::targets::target_id;
 use std::time::{Duration, Instant};
@@ -78,7 +79,15 @@ pub async fn decode(ctx: &Context, msg: Message) -> Option<Pulled> {
         Ok(info) => (info.delivered, info.published),
         Err(_) => (1, OffsetDateTime::now_utc()),
     };
-    match serde_json::from_slice(&msg.payload) {
+    match serde_json::from_slice::<ChannelJob>(&msg.payload) {
+        // Only a digest carries its content; any other job names its inbox entry, and
+        // no entry is stored at 0.
+        Ok(job) if job.digest.is_none() && job.seq == 0 => {
+            tracing::error!(channel, id = %job.id, "job names no inbox entry (seq 0); terminating it");
+            outcome(channel, "undecodable");
+            settle(&msg, AckKind::Term).await;
+            None
+        }
         Ok(job) => Some(Pulled {
             msg,
             job,
@@ -290,12 +299,17 @@ impl Step<'_> {
     async fn digest(&self, mail: &herald_protocol::digest::DigestMail) {
         let ctx = self.ctx;
         let job = self.job;
-        let target = match ctx
-            .deps
-            .targets
-            .find(&job.user_id, job.channel, &job.target)
-            .await
-        {
+        let targets = &ctx.deps.targets;
+        let found = match targets.find(&job.user_id, job.channel, &job.target).await {
+            // Any replica answered; the leader says whether it is really gone.
+            Ok(None) => {
+                targets
+                    .find_at_leader(&job.user_id, job.channel, &job.target)
+                    .await
+            }
+            found => found,
+        };
+        let target = match found {
             Ok(Some(t)) => t,
             Ok(None) => return self.skip("target removed").await,
             Err(e) => {
