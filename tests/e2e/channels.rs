@@ -156,6 +156,56 @@ async fn malformed_jobs_are_terminated_and_do_not_hold_the_queue() -> anyhow::Re
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_state_stays_unreadable_is_dead_lettered_not_stranded() -> anyhow::Result<()> {
+    use herald_protocol::streams;
+    let nats = Nats::single().await?;
+    let apns = Arc::new(Scripted::new("apns", Channel::Push));
+    let mut settings = with(settings(rand_key()), &apns, Limits::default());
+    // The first delivery waits out the escalation delay: time to break the store.
+    settings.escalation_delay = Duration::from_secs(1);
+    let herald = Herald::builder(&nats).channels(settings).start().await?;
+    device(&herald, "dora", "tok-d").await?;
+    let id = push(&herald, "dora", "never readable").await?;
+    let js = async_nats::jetstream::new(herald.nats_client().await?);
+    let work = streams::work_stream_name(Channel::Push);
+    eventually(WAIT, "the job is queued", || async {
+        let queued = js.get_stream(work).await?.info().await?.state.messages;
+        ensure!(queued == 1, "{queued} jobs queued");
+        Ok(())
+    })
+    .await?;
+    // The targets bucket is gone: every later read of it fails (NATS trouble, not "no
+    // target"), so each delivery retries, and the last one must not strand the job.
+    js.delete_stream(format!("KV_{}", streams::TARGETS_BUCKET))
+        .await?;
+
+    let entry = reaches(&herald, &id, "push", "dead_lettered").await?;
+    let reason = entry["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("target store unavailable"), "{entry}");
+    let list: Value = herald
+        .producer(Method::GET, "/v1/dlq")
+        .send()
+        .await?
+        .json()
+        .await?;
+    let letter = list["items"]
+        .as_array()
+        .context("items")?
+        .iter()
+        .find(|l| l["job"]["id"] == id.as_str())
+        .with_context(|| format!("dead letter of {id} in {list}"))?;
+    assert_eq!(letter["attempts"], 4, "{letter}");
+    eventually(WAIT, "the work queue is empty", || async {
+        let left = js.get_stream(work).await?.info().await?.state.messages;
+        ensure!(left == 0, "{left} jobs left");
+        Ok(())
+    })
+    .await?;
+    assert!(apns.calls_for(&id).is_empty(), "nothing was sent");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn throttling_honours_retry_after() -> anyhow::Result<()> {
     let nats = Nats::single().await?;
     let apns = Arc::new(Scripted::new("apns", Channel::Push));

@@ -69,12 +69,9 @@ pub async fn run(ctx: Arc<Context>, pulled: Vec<(Message, OwnedSemaphorePermit)>
         Ok(m) => m,
         Err(e) => {
             tracing::warn!(error = %e, jobs = live.len(), "sent markers unavailable; retrying the batch later");
+            let reason = format!("sent markers unavailable: {e}");
             for (p, _) in &live {
-                job::settle(
-                    &p.msg,
-                    async_nats::jetstream::AckKind::Nak(Some(STORE_RETRY)),
-                )
-                .await;
+                job::store_trouble(&ctx, p, &reason).await;
             }
             return;
         }
@@ -114,11 +111,7 @@ pub async fn run(ctx: Arc<Context>, pulled: Vec<(Message, OwnedSemaphorePermit)>
         });
         let Some(view) = users.get(&p.job.user_id).cloned() else {
             // Every user of `ready` was read; never leave a job unsettled all the same.
-            job::settle(
-                &p.msg,
-                async_nats::jetstream::AckKind::Nak(Some(STORE_RETRY)),
-            )
-            .await;
+            job::store_trouble(&ctx, &p, "its user's state was not read").await;
             continue;
         };
         let ctx = ctx.clone();

@@ -103,6 +103,72 @@ pub async fn decode(ctx: &Context, msg: Message) -> Option<Pulled> {
     }
 }
 
+/// A job whose batch could not read what every job needs (its sent marker, NATS
+/// trouble): nak it to come back after [`STORE_RETRY`] — or, on its last allowed
+/// delivery, dead-letter it (a nak then would leave it in the work queue, never delivered
+/// again).
+pub async fn store_trouble(ctx: &Context, p: &Pulled, reason: &str) {
+    if p.delivered < ctx.config.queue.max_deliver {
+        return settle(&p.msg, AckKind::Nak(Some(STORE_RETRY))).await;
+    }
+    tracing::warn!(id = %p.job.id, reason, "last delivery; dead-lettering");
+    let letter = Letter {
+        reason,
+        last_response: None,
+        provider: None,
+    };
+    dead_letter(ctx, &p.msg, &p.job, p.delivered, letter).await;
+}
+
+/// Why a job is dead-lettered.
+struct Letter<'a> {
+    reason: &'a str,
+    last_response: Option<String>,
+    provider: Option<&'a str>,
+}
+
+/// Puts a job in the dead-letter queue with its reason, records it, and terminates it;
+/// when the dead-letter queue cannot take it, naks it to try again later.
+async fn dead_letter(
+    ctx: &Context,
+    msg: &Message,
+    job: &ChannelJob,
+    delivered: i64,
+    why: Letter<'_>,
+) {
+    let letter = DeadLetter {
+        job: job.clone(),
+        reason: why.reason.to_string(),
+        last_response: why.last_response.clone(),
+        provider: why.provider.map(str::to_string),
+        attempts: delivered,
+        failed_at: format_time(OffsetDateTime::now_utc()),
+    };
+    if let Err(e) = ctx.dlq.put(&letter).await {
+        tracing::error!(id = %job.id, error = %e, "dead-lettering failed; retrying the job");
+        return settle(msg, AckKind::Nak(Some(STORE_RETRY))).await;
+    }
+    let mut update = Update::state(State::DeadLettered).because(match &why.last_response {
+        Some(r) => format!("{}: {r}", why.reason),
+        None => why.reason.to_string(),
+    });
+    update.provider = why.provider.map(str::to_string);
+    record_status(ctx, job, update).await;
+    outcome(ctx.config.channel.as_str(), "dead_lettered");
+    settle(msg, AckKind::Term).await;
+}
+
+/// Records a delivery-status step of `job` (none for a digest: its listed notifications
+/// show `digest`, and a status document for it would outlive a GDPR erase of its user).
+async fn record_status(ctx: &Context, job: &ChannelJob, update: Update) {
+    if job.digest.is_some() {
+        return;
+    }
+    if let Err(e) = ctx.deps.status.record(job, update).await {
+        tracing::warn!(id = %job.id, error = %e, "recording delivery status failed");
+    }
+}
+
 /// How long a push job on its first delivery must still wait for a live `ack` before
 /// it may be pushed; `None` when it may go now.
 pub fn escalation_wait(ctx: &Context, p: &Pulled) -> Option<Duration> {
@@ -172,14 +238,7 @@ impl Step<'_> {
     }
 
     async fn status(&self, update: Update) {
-        // A digest names no notification: its listed notifications show `digest`, and
-        // a status document for it would outlive a GDPR erase of its user.
-        if self.job.digest.is_some() {
-            return;
-        }
-        if let Err(e) = self.ctx.deps.status.record(self.job, update).await {
-            tracing::warn!(id = %self.job.id, error = %e, "recording delivery status failed");
-        }
+        record_status(self.ctx, self.job, update).await;
     }
 
     async fn skip(&self, reason: &str) {
@@ -187,6 +246,19 @@ impl Step<'_> {
             .await;
         outcome(self.channel(), "skipped");
         settle(self.msg, AckKind::Ack).await;
+    }
+
+    /// State the job needs could not be read (NATS trouble): it comes back after
+    /// [`STORE_RETRY`] — unless this is its last allowed delivery, when a nak would leave
+    /// it in the work queue never to be delivered again: then it is dead-lettered.
+    async fn unavailable(&self, what: &str, error: impl std::fmt::Display) {
+        let reason = format!("{what}: {error}");
+        if self.last_attempt() {
+            tracing::warn!(id = %self.job.id, %reason, "last delivery; dead-lettering");
+            return self.dead_letter(&reason, None, None).await;
+        }
+        tracing::warn!(id = %self.job.id, %reason, "retrying later");
+        self.later(STORE_RETRY).await;
     }
 
     /// The notification is no longer in the inbox (expired, or its user was erased):
@@ -222,8 +294,7 @@ impl Step<'_> {
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::warn!(id = %job.id, error = %e, "seen positions unavailable; retrying later");
-                    return self.later(STORE_RETRY).await;
+                    return self.unavailable("seen positions unavailable", e).await;
                 }
             }
         }
@@ -234,12 +305,11 @@ impl Step<'_> {
             Some(Entry::Stored(bytes)) => bytes,
             Some(Entry::Gone) => return self.gone().await,
             Some(Entry::Unavailable(e)) => {
-                tracing::warn!(id = %job.id, error = %e, "inbox unavailable; retrying later");
-                return self.later(STORE_RETRY).await;
+                return self.unavailable("inbox unavailable", e).await;
             }
             None => {
-                tracing::error!(id = %job.id, "a job reached its send without its inbox entry read; retrying later");
-                return self.later(STORE_RETRY).await;
+                tracing::error!(id = %job.id, "a job reached its send without its inbox entry read");
+                return self.unavailable("inbox entry not read", "").await;
             }
         };
         let stored = match serde_json::from_slice::<StoredNotification>(bytes) {
@@ -267,14 +337,12 @@ impl Step<'_> {
                     Ok(Some(t)) => t,
                     Ok(None) => return self.skip("target removed").await,
                     Err(e) => {
-                        tracing::warn!(id = %job.id, error = %e, "target store unavailable; retrying later");
-                        return self.later(STORE_RETRY).await;
+                        return self.unavailable("target store unavailable", e).await;
                     }
                 },
             },
             Err(e) => {
-                tracing::warn!(id = %job.id, error = %e, "target store unavailable; retrying later");
-                return self.later(STORE_RETRY).await;
+                return self.unavailable("target store unavailable", e).await;
             }
         };
         if let (Some(optout), Some(prefs)) = (&ctx.deps.optout, &user.prefs) {
@@ -285,8 +353,7 @@ impl Step<'_> {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(id = %job.id, error = %e, "preferences unavailable; retrying later");
-                    return self.later(STORE_RETRY).await;
+                    return self.unavailable("preferences unavailable", e).await;
                 }
             }
         }
@@ -313,8 +380,7 @@ impl Step<'_> {
             Ok(Some(t)) => t,
             Ok(None) => return self.skip("target removed").await,
             Err(e) => {
-                tracing::warn!(id = %job.id, error = %e, "target store unavailable; retrying later");
-                return self.later(STORE_RETRY).await;
+                return self.unavailable("target store unavailable", e).await;
             }
         };
         if let Some(optout) = &ctx.deps.optout {
@@ -322,8 +388,7 @@ impl Step<'_> {
                 Ok(true) => {}
                 Ok(false) => return self.skip("opted out").await,
                 Err(e) => {
-                    tracing::warn!(id = %job.id, error = %e, "preferences unavailable; retrying later");
-                    return self.later(STORE_RETRY).await;
+                    return self.unavailable("preferences unavailable", e).await;
                 }
             }
         }
@@ -570,26 +635,12 @@ impl Step<'_> {
         last_response: Option<String>,
         provider: Option<&str>,
     ) {
-        let letter = DeadLetter {
-            job: self.job.clone(),
-            reason: reason.to_string(),
-            last_response: last_response.clone(),
-            provider: provider.map(str::to_string),
-            attempts: self.delivered,
-            failed_at: format_time(OffsetDateTime::now_utc()),
+        let letter = Letter {
+            reason,
+            last_response,
+            provider,
         };
-        if let Err(e) = self.ctx.dlq.put(&letter).await {
-            tracing::error!(id = %self.job.id, error = %e, "dead-lettering failed; retrying the job");
-            return self.later(STORE_RETRY).await;
-        }
-        let mut update = Update::state(State::DeadLettered).because(match &last_response {
-            Some(r) => format!("{reason}: {r}"),
-            None => reason.to_string(),
-        });
-        update.provider = provider.map(str::to_string);
-        self.status(update).await;
-        outcome(self.channel(), "dead_lettered");
-        settle(self.msg, AckKind::Term).await;
+        dead_letter(self.ctx, self.msg, self.job, self.delivered, letter).await;
     }
 }
 
