@@ -1,76 +1,13 @@
-//! Reads by stream sequence in runs (`herald_store::direct::by_seqs`) against a real
-//! nats-server: every stored message asked for comes back once; deleted ones (at a run's
-//! start, inside it, at its end) and ones past the stream's end are absent; nothing that
-//! was not asked for is returned. `Inbox::entries_at`, what a worker's batch reads its
-//! inbox entries with, calls what neither the direct read nor the stream leader has
-//! gone. A worker's check of a target its batch read did not find
-//! (`Targets::find_at_leader`) follows registrations, removals and erasure.
+//! Reads a worker makes before it drops a job as gone, against a real nats-server:
+//! `Inbox::entry_at` calls gone only what neither a direct get nor the stream leader has,
+//! and `Targets::find_at_leader` (for a target a batch's read did not find) follows
+//! registrations, removals and erasure.
 
 use anyhow::Context as _;
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream;
 use herald_protocol::StoredNotification;
 use herald_store::InboxEntry;
-use herald_store::direct::by_seqs;
 use herald_tests::{Herald, Nats};
-
-#[tokio::test]
-async fn reads_by_sequence_return_exactly_the_stored_messages_asked_for() -> anyhow::Result<()> {
-    let nats = Nats::single().await?;
-    let client = nats.client().await?;
-    let js = jetstream::new(client.clone());
-    let stream = js
-        .create_stream(stream::Config {
-            name: "READS".into(),
-            subjects: vec!["reads.>".into()],
-            allow_direct: true,
-            ..Default::default()
-        })
-        .await?;
-    // 1..=600 over many subjects, as an inbox holds many users.
-    for i in 1..=600u64 {
-        js.publish(format!("reads.u{}", i % 7), i.to_string().into())
-            .await?
-            .await?;
-    }
-    // Runs of the wanted sequences below: 10..=25, 40..=295, 296..=301, 598..=601, 9999.
-    // Deleted: the first of a run (10, 40, 296), inside one (11, 12, 20, 300), the last
-    // wanted of one (25); 601 and 9999 are past the end.
-    let deleted = [10, 11, 12, 20, 25, 40, 296, 300];
-    for seq in deleted {
-        stream.delete_message(seq).await?;
-    }
-
-    let wanted: Vec<u64> = [10, 11, 12, 13, 20, 21, 25, 300, 301, 598, 600, 601, 9_999]
-        .into_iter()
-        .chain(40..=299) // a run wider than one batch
-        .chain([13, 13, 0]) // asked for twice; never stored
-        .collect();
-    let mut found = std::collections::HashMap::new();
-    for run in by_seqs(&client, "READS", &wanted).await {
-        for msg in run.read? {
-            assert!(run.seqs.contains(&msg.seq), "{} is of its run", msg.seq);
-            assert!(found.insert(msg.seq, msg).is_none(), "returned once");
-        }
-    }
-
-    let mut expected: Vec<u64> = wanted
-        .iter()
-        .copied()
-        .filter(|s| (1..=600).contains(s) && !deleted.contains(s))
-        .collect();
-    expected.sort_unstable();
-    expected.dedup();
-    let mut got: Vec<u64> = found.keys().copied().collect();
-    got.sort_unstable();
-    assert_eq!(got, expected);
-    for (seq, msg) in &found {
-        assert_eq!(msg.seq, *seq);
-        let body = std::str::from_utf8(&msg.payload).context("payload")?;
-        assert_eq!(body, seq.to_string(), "the message stored at {seq}");
-    }
-    assert!(by_seqs(&client, "READS", &[0]).await.is_empty());
-    Ok(())
-}
 
 #[tokio::test]
 async fn inbox_entries_are_found_by_sequence_and_deleted_ones_are_gone() -> anyhow::Result<()> {
@@ -88,22 +25,16 @@ async fn inbox_entries_are_found_by_sequence_and_deleted_ones_are_gone() -> anyh
         .await?;
 
     let inbox = herald.store_inbox("entries-test").await?;
-    let wanted: Vec<u64> = sent.iter().map(|a| a.seq).chain([10_000]).collect();
-    let entries = inbox.entries_at(&wanted).await;
-
-    assert_eq!(entries.len(), 4, "one answer per sequence: {entries:?}");
     for accepted in [&sent[0], &sent[2]] {
-        let Some(InboxEntry::Stored(bytes)) = entries.get(&accepted.seq) else {
-            anyhow::bail!("{} not stored: {entries:?}", accepted.seq);
+        let InboxEntry::Stored(bytes) = inbox.entry_at(accepted.seq).await else {
+            anyhow::bail!("{} is not stored", accepted.seq);
         };
-        let stored: StoredNotification = serde_json::from_slice(bytes)?;
+        let stored: StoredNotification = serde_json::from_slice(&bytes)?;
         assert_eq!(stored.id, accepted.id);
     }
     for gone in [sent[1].seq, 10_000] {
-        assert!(
-            matches!(entries.get(&gone), Some(InboxEntry::Gone)),
-            "{gone} is gone: {entries:?}"
-        );
+        let entry = inbox.entry_at(gone).await;
+        assert!(matches!(entry, InboxEntry::Gone), "{gone}: {entry:?}");
     }
     Ok(())
 }

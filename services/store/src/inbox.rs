@@ -7,12 +7,10 @@ use crate::connect::Nats;
 use crate::direct::{self, DirectGetError, DirectMessage};
 use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::stream::RawMessageErrorKind;
+use async_nats::jetstream::stream::{DirectGetErrorKind, RawMessageErrorKind};
 use bytes::Bytes;
-use futures::StreamExt as _;
 use herald_protocol::streams::INBOX;
 use herald_protocol::{StoredNotification, Subjects, UserId};
-use std::collections::HashMap;
 
 /// Largest encoded notification: the stream's message limit less room for headers.
 pub const MAX_STORED_BYTES: usize = 127 * 1024;
@@ -57,7 +55,7 @@ pub enum InboxError {
     Read(#[from] DirectGetError),
 }
 
-/// What [`Inbox::entries_at`] found at one sequence.
+/// What [`Inbox::entry_at`] found at a sequence.
 #[derive(Debug, Clone)]
 pub enum Entry {
     /// The stored notification, as stored.
@@ -67,9 +65,6 @@ pub enum Entry {
     /// It could not be read (NATS trouble); ask again later.
     Unavailable(String),
 }
-
-/// Leader reads [`Inbox::entries_at`] makes at once for entries a replica did not have.
-pub const LEADER_CHECKS: usize = 16;
 
 /// Reads and appends one user's notifications.
 #[derive(Clone, Debug)]
@@ -217,70 +212,29 @@ impl Inbox {
             .map_err(|e| InboxError::Unavailable(Box::new(e)))
     }
 
-    /// What is stored at each of `seqs` (stream sequences the caller knows were written:
-    /// a job's), by sequence. Sequence 0 is never written and gets no answer.
+    /// What is stored at `seq` (a stream sequence the caller knows was written: a job's).
     ///
-    /// The entries are read in batched direct gets ([`direct::by_seqs`]). A direct get is
-    /// answered by any replica, and on a cluster a replica may not yet have applied an
-    /// append that the leader has acknowledged, so a sequence the direct read did not
-    /// find is asked of the stream leader (`STREAM.MSG.GET`, at most
-    /// [`LEADER_CHECKS`] at once) before it is called [`Entry::Gone`]. A read that fails
-    /// makes only its own sequences [`Entry::Unavailable`].
-    pub async fn entries_at(&self, seqs: &[u64]) -> HashMap<u64, Entry> {
-        let mut entries = HashMap::with_capacity(seqs.len());
-        let mut missing = Vec::new();
-        for run in direct::by_seqs(&self.nats.consume, INBOX, seqs).await {
-            match run.read {
-                Ok(msgs) => {
-                    let mut msgs: HashMap<u64, Bytes> =
-                        msgs.into_iter().map(|m| (m.seq, m.payload)).collect();
-                    for seq in run.seqs {
-                        match msgs.remove(&seq) {
-                            Some(payload) => drop(entries.insert(seq, Entry::Stored(payload))),
-                            None => missing.push(seq),
-                        }
-                    }
-                }
-                Err(e) => {
-                    let why = e.to_string();
-                    entries.extend(
-                        run.seqs
-                            .into_iter()
-                            .map(|seq| (seq, Entry::Unavailable(why.clone()))),
-                    );
-                }
-            }
-        }
-        if missing.is_empty() {
-            return entries;
-        }
+    /// A direct get is answered by any replica, and on a cluster a replica may not yet
+    /// have applied an append that the leader has acknowledged, so a sequence the direct
+    /// get does not find is asked of the stream leader (`STREAM.MSG.GET`) before it is
+    /// called [`Entry::Gone`]. That costs a second round trip only for what is really
+    /// gone, which is rare.
+    pub async fn entry_at(&self, seq: u64) -> Entry {
         let stream = match self.nats.js_consume.get_stream_no_info(INBOX).await {
             Ok(stream) => stream,
-            Err(e) => {
-                let why = e.to_string();
-                entries.extend(
-                    missing
-                        .into_iter()
-                        .map(|seq| (seq, Entry::Unavailable(why.clone()))),
-                );
-                return entries;
-            }
+            Err(e) => return Entry::Unavailable(e.to_string()),
         };
-        let stream = &stream;
-        let checked: Vec<(u64, Entry)> = futures::stream::iter(missing)
-            .map(|seq| async move {
-                let entry = match stream.get_raw_message(seq).await {
+        match stream.direct_get(seq).await {
+            Ok(m) => Entry::Stored(m.payload),
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => {
+                match stream.get_raw_message(seq).await {
                     Ok(m) => Entry::Stored(m.payload),
                     Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => Entry::Gone,
                     Err(e) => Entry::Unavailable(e.to_string()),
-                };
-                (seq, entry)
-            })
-            .buffer_unordered(LEADER_CHECKS)
-            .collect()
-            .await;
-        entries.extend(checked);
-        entries
+                }
+            }
+            Err(e) => Entry::Unavailable(e.to_string()),
+        }
     }
 
     /// Up to `limit` messages of one subject with `seq > after`, oldest first, and

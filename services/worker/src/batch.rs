@@ -6,11 +6,6 @@
 //! (`multi_last`, up to 256 subjects each) per kind of state: its sent markers, and its
 //! users' targets, preferences and (for push) seen positions. Jobs go to distinct users
 //! far more often than not, so a read per distinct user would still be a read per job.
-//! The jobs' inbox entries are read by sequence in runs ([`herald_store::Inbox::entries_at`]):
-//! a lane's jobs were enqueued in the order their notifications were stored, so a
-//! batch's sequences lie close together and a run of them costs one request. An entry
-//! that read does not find is confirmed gone by the stream leader before its job is
-//! dropped: on a cluster, the replica that answered may not have applied it yet.
 //! What a job reads is never older than the moment its batch was pulled, as it was when
 //! each job read it itself.
 //!
@@ -21,7 +16,6 @@ use crate::job::{self, Context, STORE_RETRY};
 use async_nats::jetstream::Message;
 use herald_channels::Target;
 use herald_protocol::{Channel, Preferences, UserId};
-use herald_store::InboxEntry;
 use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::sync::OwnedSemaphorePermit;
@@ -92,23 +86,8 @@ pub async fn run(ctx: Arc<Context>, pulled: Vec<(Message, OwnedSemaphorePermit)>
             ready.push((p, (slot, claim)));
         }
     }
-    // A digest carries its content; every other job reads its inbox entry.
-    let seqs: Vec<u64> = ready
-        .iter()
-        .filter(|(p, _)| p.job.digest.is_none())
-        .map(|(p, _)| p.job.seq)
-        .collect();
-    let (users, entries) = tokio::join!(
-        read_users(&ctx, ready.iter().map(|(p, _)| &p.job.user_id)),
-        ctx.inbox.entries_at(&seqs),
-    );
+    let users = read_users(&ctx, ready.iter().map(|(p, _)| &p.job.user_id)).await;
     for (p, permit) in ready {
-        let entry = p.job.digest.is_none().then(|| {
-            entries
-                .get(&p.job.seq)
-                .cloned()
-                .unwrap_or_else(|| InboxEntry::Unavailable(format!("entry {} not read", p.job.seq)))
-        });
         let Some(view) = users.get(&p.job.user_id).cloned() else {
             // Every user of `ready` was read; never leave a job unsettled all the same.
             job::store_trouble(&ctx, &p, "its user's state was not read").await;
@@ -116,7 +95,7 @@ pub async fn run(ctx: Arc<Context>, pulled: Vec<(Message, OwnedSemaphorePermit)>
         };
         let ctx = ctx.clone();
         tasks.spawn(async move {
-            job::handle(&ctx, &p, &view, entry).await;
+            job::handle(&ctx, &p, &view).await;
             drop(permit);
         });
     }
