@@ -67,6 +67,28 @@ async fn status(herald: &Herald, id: &str) -> anyhow::Result<Value> {
     Ok(r.json().await?)
 }
 
+/// `GET /v1/dlq`: the dead letters.
+async fn dlq(herald: &Herald) -> anyhow::Result<Value> {
+    Ok(herald
+        .producer(Method::GET, "/v1/dlq")
+        .send()
+        .await?
+        .json()
+        .await?)
+}
+
+/// The dead letter of notification `id`.
+async fn dead_letter_of(herald: &Herald, id: &str) -> anyhow::Result<Value> {
+    let list = dlq(herald).await?;
+    list["items"]
+        .as_array()
+        .context("items")?
+        .iter()
+        .find(|l| l["job"]["id"] == id)
+        .cloned()
+        .with_context(|| format!("dead letter of {id} in {list}"))
+}
+
 /// Waits until the one target of `channel` reaches `state`; returns its entry.
 async fn reaches(herald: &Herald, id: &str, channel: &str, state: &str) -> anyhow::Result<Value> {
     eventually(WAIT, &format!("{id} {channel} {state}"), || async {
@@ -182,18 +204,7 @@ async fn a_job_whose_state_stays_unreadable_is_dead_lettered_not_stranded() -> a
     let entry = reaches(&herald, &id, "push", "dead_lettered").await?;
     let reason = entry["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("target store unavailable"), "{entry}");
-    let list: Value = herald
-        .producer(Method::GET, "/v1/dlq")
-        .send()
-        .await?
-        .json()
-        .await?;
-    let letter = list["items"]
-        .as_array()
-        .context("items")?
-        .iter()
-        .find(|l| l["job"]["id"] == id.as_str())
-        .with_context(|| format!("dead letter of {id} in {list}"))?;
+    let letter = dead_letter_of(&herald, &id).await?;
     assert_eq!(letter["attempts"], 4, "{letter}");
     eventually(WAIT, "the work queue is empty", || async {
         let left = js.get_stream(work).await?.info().await?.state.messages;
@@ -252,19 +263,7 @@ async fn permanent_errors_are_dead_lettered_and_can_be_retried() -> anyhow::Resu
         "no retry of a permanent error"
     );
 
-    let list: Value = herald
-        .producer(Method::GET, "/v1/dlq")
-        .send()
-        .await?
-        .json()
-        .await?;
-    let letter = list["items"]
-        .as_array()
-        .context("items")?
-        .iter()
-        .find(|l| l["job"]["id"] == id.as_str())
-        .with_context(|| format!("dead letter of {id} in {list}"))?
-        .clone();
+    let letter = dead_letter_of(&herald, &id).await?;
     assert_eq!(letter["reason"], "permanent provider error");
     assert!(
         letter["last_response"]
@@ -283,12 +282,7 @@ async fn permanent_errors_are_dead_lettered_and_can_be_retried() -> anyhow::Resu
     assert_eq!(r.status(), 202);
     reaches(&herald, &id, "push", "sent").await?;
     assert_eq!(apns.calls_for(&id).len(), 2);
-    let after: Value = herald
-        .producer(Method::GET, "/v1/dlq")
-        .send()
-        .await?
-        .json()
-        .await?;
+    let after = dlq(&herald).await?;
     ensure!(
         !after["items"]
             .as_array()
@@ -783,12 +777,7 @@ async fn a_provider_failing_every_delivery_ends_in_the_dlq_after_max_deliver() -
     let entry = reaches(&herald, &id, "push", "dead_lettered").await?;
     assert_eq!(entry["retries"], 3, "{entry}");
     assert_eq!(apns.calls_for(&id).len(), 4, "MaxDeliver is 4");
-    let list: Value = herald
-        .producer(Method::GET, "/v1/dlq")
-        .send()
-        .await?
-        .json()
-        .await?;
+    let list = dlq(&herald).await?;
     let letter = &list["items"][0];
     assert_eq!(letter["job"]["id"], id.as_str(), "{list}");
     assert_eq!(letter["reason"], "gave up after 4 deliveries");
@@ -920,12 +909,7 @@ async fn a_batch_with_permanent_failures_dead_letters_exactly_those() -> anyhow:
         reaches(&herald, id, "push", state).await?;
         assert_eq!(apns.calls_for(id).len(), 1, "batch {i} sent once");
     }
-    let list: Value = herald
-        .producer(Method::GET, "/v1/dlq")
-        .send()
-        .await?
-        .json()
-        .await?;
+    let list = dlq(&herald).await?;
     let mut dead: Vec<String> = list["items"]
         .as_array()
         .context("items")?
