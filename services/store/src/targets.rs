@@ -200,6 +200,15 @@ fn contact_key(user: &UserId) -> String {
     format!("c.{}", user.token().as_str())
 }
 
+/// The key of a user's targets on `channel` (`None` for the inbox, which has none).
+fn key_of(channel: Channel) -> Option<fn(&UserId) -> String> {
+    match channel {
+        Channel::Inbox => None,
+        Channel::Push => Some(device_key),
+        Channel::Email | Channel::Sms | Channel::Webhook => Some(contact_key),
+    }
+}
+
 fn now() -> String {
     herald_protocol::notification::format_time(time::OffsetDateTime::now_utc())
 }
@@ -381,12 +390,8 @@ impl Targets {
         users: &[UserId],
         channel: Channel,
     ) -> Result<HashMap<UserId, Result<Vec<Target>, TargetsError>>, TargetsError> {
-        let key_of = match channel {
-            Channel::Inbox => {
-                return Ok(users.iter().map(|u| (u.clone(), Ok(Vec::new()))).collect());
-            }
-            Channel::Push => device_key,
-            Channel::Email | Channel::Sms | Channel::Webhook => contact_key,
+        let Some(key_of) = key_of(channel) else {
+            return Ok(users.iter().map(|u| (u.clone(), Ok(Vec::new()))).collect());
         };
         let keys: Vec<String> = users.iter().map(key_of).collect();
         let mut values: HashMap<String, Bytes> = crate::direct::kv_live_many(
@@ -404,12 +409,7 @@ impl Targets {
             .map(|(user, key)| {
                 let targets = match values.remove(key) {
                     None => Ok(Vec::new()),
-                    Some(value) if channel == Channel::Push => Ok(device_targets(
-                        serde_json::from_slice::<Devices>(&value).unwrap_or_default(),
-                    )),
-                    Some(value) => self
-                        .open_contact(user, &value)
-                        .map(|c| contact_targets(c, channel)),
+                    Some(value) => self.decode_targets(user, channel, &value),
                 };
                 (user.clone(), targets)
             })
@@ -446,12 +446,10 @@ impl Targets {
         channel: Channel,
         id: &str,
     ) -> Result<Option<Target>, TargetsError> {
-        let key = match channel {
-            Channel::Inbox => return Ok(None),
-            Channel::Push => device_key(user),
-            Channel::Email | Channel::Sms | Channel::Webhook => contact_key(user),
+        let Some(key_of) = key_of(channel) else {
+            return Ok(None);
         };
-        let subject = format!("{}{key}", self.kv.prefix);
+        let subject = format!("{}{}", self.kv.prefix, key_of(user));
         let value = match self
             .kv
             .stream
@@ -467,12 +465,24 @@ impl Targets {
         };
         let targets = match value {
             None => Vec::new(),
-            Some(value) if channel == Channel::Push => {
-                device_targets(serde_json::from_slice::<Devices>(&value).unwrap_or_default())
-            }
-            Some(value) => contact_targets(self.open_contact(user, &value)?, channel),
+            Some(value) => self.decode_targets(user, channel, &value)?,
         };
         Ok(targets.into_iter().find(|t| target_id(t) == id))
+    }
+
+    /// The targets of `channel` in a stored value of `user`'s key for it (a device list
+    /// for push, the encrypted contact record otherwise).
+    fn decode_targets(
+        &self,
+        user: &UserId,
+        channel: Channel,
+        value: &[u8],
+    ) -> Result<Vec<Target>, TargetsError> {
+        if channel == Channel::Push {
+            let devices = serde_json::from_slice::<Devices>(value).unwrap_or_default();
+            return Ok(device_targets(devices));
+        }
+        Ok(contact_targets(self.open_contact(user, value)?, channel))
     }
 
     /// Forgets a target a provider called invalid; returns whether it was there.
