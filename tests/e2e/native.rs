@@ -1,10 +1,12 @@
-//! The native path: JetStream publishes on `herald.notify`, answered with a PubAck.
+//! The native path: JetStream publishes on `herald.notify`, answered with JetStream's own
+//! PubAck for the inbox append (or Herald's, with the reason, for a rejected body).
 
 use anyhow::Context as _;
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, context::PublishAckFuture};
 use herald_tests::{Herald, Nats, Resume};
 use serde_json::json;
+use std::time::Duration;
 
 const INBOX: &str = "HERALD_INBOX";
 const REJECTED: &str = "HERALD_REJECTED";
@@ -53,6 +55,63 @@ async fn native_publish_is_acked_once_durable_and_delivered() -> anyhow::Result<
         inbox[0]["id"], got[0]["id"],
         "same id on the native path and the WebSocket"
     );
+    // The ack is JetStream's own and names no id: the producer derives it from its key.
+    assert_eq!(
+        inbox[0]["id"],
+        herald_protocol::notification::idempotent_id("nats", "order-7-paid").to_string()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_scheduled_publish_is_acked_by_its_schedule_and_fires() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    let js = jetstream::new(herald.nats_client().await?);
+    let mut ws = herald.ws("pia", Resume::After(0)).await?;
+    ws.hello().await?;
+    let (_, send_at) = herald_tests::send_at_in(1000);
+    let body = json!({"user_id": "pia", "title": "soon", "send_at": send_at}).to_string();
+    let ack = publish(&js, Some("pia-soon"), &body).await?;
+    assert_eq!(ack.stream, INBOX, "{ack:?}");
+    assert!(!ack.duplicate, "{ack:?}");
+    assert!(herald.inbox("pia").await?.is_empty(), "not before its time");
+    let fired = herald_tests::within(Duration::from_secs(20), "the schedule", ws.take(1)).await??;
+    assert_eq!(fired[0]["title"], "soon");
+    assert_eq!(
+        fired[0]["id"],
+        herald_protocol::notification::idempotent_id("nats", "pia-soon").to_string()
+    );
+    assert!(
+        fired[0]["seq"].as_u64() > Some(ack.sequence),
+        "fired after its schedule was stored: {fired:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_producer_gets_jetstreams_refusal_never_a_false_ack() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    let client = herald.nats_client().await?;
+    let js = jetstream::new(client.clone());
+    let body = json!({"user_id": "quinn", "title": "before"}).to_string();
+    publish(&js, Some("quinn-1"), &body).await?;
+    // Seal the inbox: JetStream now refuses every append.
+    let mut stream = js.get_stream(INBOX).await?;
+    let mut config = stream.info().await?.config.clone();
+    config.sealed = true;
+    js.update_stream(config).await?;
+
+    let body = json!({"user_id": "quinn", "title": "refused"}).to_string();
+    let refused = publish(&js, Some("quinn-2"), &body).await;
+    let error = refused.expect_err("a sealed inbox cannot ack an append");
+    assert!(
+        format!("{error:#}").contains("sealed"),
+        "JetStream's own refusal reaches the producer: {error:#}"
+    );
+    let inbox = herald.inbox("quinn").await?;
+    assert_eq!(inbox.len(), 1, "{inbox:?}");
     Ok(())
 }
 

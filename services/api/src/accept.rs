@@ -5,6 +5,7 @@
 use async_nats::jetstream::context::PublishAckFuture;
 use bytes::Bytes;
 use herald_protocol::notification::check_idempotency_key;
+pub use herald_protocol::notification::idempotent_id;
 use herald_protocol::{
     FieldError, NotifyRequest, Policy, StoredNotification, UserId, ValidatedNotify,
 };
@@ -13,9 +14,6 @@ use herald_templates::Templates;
 use std::sync::Arc;
 use time::OffsetDateTime;
 use uuid::Uuid;
-
-/// Namespace of idempotent ids: id = UUIDv5(namespace, producer, key).
-const IDEMPOTENT_NAMESPACE: Uuid = Uuid::from_u128(0x6a1f_3c52_9d0e_4b7a_8e21_55c0_f3a9_0d17);
 
 /// A notification JetStream has made durable.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -442,6 +440,28 @@ impl Acceptor {
         })
     }
 
+    /// Sends the append with `reply` as its reply subject: JetStream acks (or refuses) it
+    /// straight to whoever waits there, once it is durable, and nothing here waits. With
+    /// no `reply` the append is sent and nobody is told.
+    ///
+    /// # Errors
+    /// [`AcceptError::Store`] when the publish cannot be sent.
+    pub async fn forward(
+        &self,
+        prepared: &Prepared,
+        reply: Option<async_nats::Subject>,
+    ) -> Result<(), AcceptError> {
+        let bytes = prepared.bytes.clone();
+        let append = match prepared.send_at {
+            Some(at) => {
+                self.inbox
+                    .scheduled_append_of(&prepared.stored, bytes, at, &prepared.producer)?
+            }
+            None => self.inbox.append_of(&prepared.stored, bytes),
+        };
+        Ok(self.inbox.forward(append, reply).await?)
+    }
+
     /// Waits for a pipelined append's ack.
     ///
     /// # Errors
@@ -472,27 +492,5 @@ fn accepted(prepared: Prepared, ack: AppendAck) -> Accepted {
         duplicate: ack.duplicate,
         send_at: prepared.stored.send_at,
         stream_seq: ack.seq,
-    }
-}
-
-/// The id a (producer, idempotency key) pair always maps to.
-pub fn idempotent_id(producer: &str, key: &str) -> Uuid {
-    let mut name = Vec::with_capacity(producer.len() + key.len() + 1);
-    name.extend_from_slice(producer.as_bytes());
-    name.push(0);
-    name.extend_from_slice(key.as_bytes());
-    Uuid::new_v5(&IDEMPOTENT_NAMESPACE, &name)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::idempotent_id;
-
-    #[test]
-    fn idempotent_ids_are_per_producer() {
-        assert_eq!(idempotent_id("a", "k"), idempotent_id("a", "k"));
-        assert_ne!(idempotent_id("a", "k"), idempotent_id("b", "k"));
-        // The separator keeps ("ab","c") and ("a","bc") apart.
-        assert_ne!(idempotent_id("ab", "c"), idempotent_id("a", "bc"));
     }
 }

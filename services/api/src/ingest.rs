@@ -1,19 +1,25 @@
 //! The native path: a responder on `herald.notify` (queue group `herald-ingest`).
 //!
 //! A producer publishes a notify body with a JetStream client (`js.publish`), using
-//! `Nats-Msg-Id` as its idempotency key. Herald validates it, appends it to the user's
-//! inbox and answers with that append's JetStream ack (plus the notification `id`), so the
-//! producer's client sees an ordinary PubAck and the notification costs one durable write.
+//! `Nats-Msg-Id` as its idempotency key. Herald validates it and appends it to the user's
+//! inbox with the producer's reply subject as the append's own, so the PubAck the producer
+//! receives is JetStream's, sent by the server once the notification is durable — Herald
+//! waits for no ack and sends no answer of its own. A notification costs one durable
+//! write and two hops through nats-server (producer → Herald → stream), and the ack can
+//! never be false: only JetStream sends it. The notification's `id` is derived from the
+//! `Nats-Msg-Id` ([`crate::accept::idempotent_id`] with producer [`NATIVE_PRODUCER`]).
+//!
 //! A body that fails validation is written to the REJECTED stream with its reason and
-//! answered with *that* ack: acknowledged, recorded for operators, never redelivered.
-//! With no Herald running the producer gets "no responders" — never a false ack.
+//! answered by Herald with *that* append's ack plus the reason: acknowledged, recorded for
+//! operators, never redelivered. With no Herald running the producer gets "no
+//! responders" — never a false ack.
 
 use crate::accept::{AcceptError, Acceptor};
 use async_nats::HeaderMap;
-use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::message::PublishMessage;
 use futures::StreamExt as _;
 use herald_protocol::streams::REJECTED;
+use herald_store::InboxError;
 use std::future::Future;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -24,8 +30,8 @@ pub const QUEUE_GROUP: &str = "herald-ingest";
 pub const NATIVE_PRODUCER: &str = "nats";
 /// Bytes of a rejected body kept in the REJECTED stream.
 const REJECTED_KEEP: usize = 64 * 1024;
-/// Appends awaiting their ack at once, per process.
-const IN_FLIGHT: usize = 8192;
+/// Rejections being recorded at once, per process; more wait (and so does the ingest).
+const REJECTS_IN_FLIGHT: usize = 256;
 
 /// Serves `herald.notify` until `shutdown` resolves, then drains in-flight appends.
 ///
@@ -66,18 +72,21 @@ pub async fn listen(acceptor: Acceptor) -> Result<Listening, async_nats::Subscri
 }
 
 impl Listening {
-    /// Serves until `shutdown` resolves, then drains in-flight appends.
+    /// Serves until `shutdown` resolves, then records pending rejections and flushes the
+    /// appends sent, so every message taken gets its answer.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let Listening { acceptor, mut sub } = self;
         let nats = acceptor.inbox().nats().clone();
-        // Appends are sent here in arrival order (keeping a producer's order per user); one
-        // task awaits their acks concurrently and answers, so no task is spawned per message.
-        let (tx, rx) = mpsc::channel::<Pending>(IN_FLIGHT);
-        let answerer = tokio::spawn(answer_all(
+        let own_prefix = format!("{}.", acceptor.inbox().subjects().prefix());
+        let accepted = metrics::counter!("herald_notify_accepted_total", "path" => "nats");
+        // Rejections (rare) are recorded by one task, a bounded number at a time, so a
+        // flood of bad input neither spawns without bound nor holds up good messages.
+        let (rejects, rx) = mpsc::channel::<Rejection>(REJECTS_IN_FLIGHT);
+        let recorder = tokio::spawn(record_all(
             rx,
             nats.clone(),
             acceptor.inbox().subjects().rejected(),
-            format!("{}.", acceptor.inbox().subjects().prefix()),
+            own_prefix.clone(),
         ));
         tokio::pin!(shutdown);
         loop {
@@ -90,114 +99,87 @@ impl Listening {
                 .as_ref()
                 .and_then(|h| h.get("Nats-Msg-Id"))
                 .map(|v| v.as_str().to_string());
-            let outcome = match acceptor
+            // Appends go out in arrival order, keeping a producer's order per user.
+            let sent = match acceptor
                 .prepare(&msg.payload, NATIVE_PRODUCER, key.as_deref())
                 .await
             {
-                Ok(prepared) => match acceptor.send(&prepared).await {
-                    Ok(ack) => Ok((prepared, ack)),
-                    Err(e) => Err(e),
-                },
+                Ok(prepared) => {
+                    let reply = msg.reply.clone().filter(|r| safe_reply(r, &own_prefix));
+                    acceptor.forward(&prepared, reply).await
+                }
                 Err(e) => Err(e),
             };
-            if tx.send(Pending { msg, outcome }).await.is_err() {
+            let reason = match sent {
+                Ok(()) => {
+                    accepted.increment(1);
+                    continue;
+                }
+                Err(AcceptError::Invalid(e)) => e.to_string(),
+                Err(AcceptError::Store(e @ InboxError::TooLarge(_))) => e.to_string(),
+                // No answer: the producer's client times out and retries with the same
+                // Nats-Msg-Id, which the inbox deduplicates.
+                Err(AcceptError::Store(e)) => {
+                    tracing::warn!(error = %e, "native notify not sent");
+                    continue;
+                }
+            };
+            if rejects.send(Rejection { msg, reason }).await.is_err() {
                 break;
             }
         }
-        // Drain: every append sent gets its answer before we return.
-        drop(tx);
-        let _ = answerer.await;
+        drop(rejects);
+        let _ = recorder.await;
+        if let Err(e) = nats.publish.flush().await {
+            tracing::warn!(error = %e, "could not flush the last native appends");
+        }
     }
 }
 
-/// A native message whose append was sent (or refused) and still needs its answer.
-struct Pending {
+/// A native message that failed validation, to record and answer.
+struct Rejection {
     msg: async_nats::Message,
-    outcome: Result<(crate::accept::Prepared, PublishAckFuture), AcceptError>,
+    reason: String,
 }
 
-/// The PubAck-shaped answer to a producer.
+/// Herald's answer to a rejected message: shaped like a PubAck (a JetStream client reads
+/// it as one), from the REJECTED stream, with the reason.
 #[derive(serde::Serialize)]
 struct Answer<'a> {
     stream: &'a str,
     seq: u64,
     duplicate: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    rejected: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    send_at: Option<&'a str>,
+    rejected: &'a str,
 }
 
-async fn answer_all(
-    rx: mpsc::Receiver<Pending>,
+async fn record_all(
+    rx: mpsc::Receiver<Rejection>,
     nats: herald_store::Nats,
     rejected: String,
     own_prefix: String,
 ) {
-    let own_prefix = own_prefix.as_str();
-    let accepted = metrics::counter!("herald_notify_accepted_total", "path" => "nats");
-    let (nats, rejected, accepted) = (&nats, rejected.as_str(), &accepted);
+    let (nats, rejected, own_prefix) = (&nats, rejected.as_str(), own_prefix.as_str());
     ReceiverStream::new(rx)
-        .map(|p| async move {
-            let reply = p.msg.reply.clone().filter(|r| safe_reply(r, own_prefix));
-            let answer = answer(nats, rejected, accepted, p).await;
-            if let (Some(reply), Some(answer)) = (reply, answer) {
-                let _ = nats.publish.publish(reply, answer.into()).await;
-            }
-        })
-        .buffer_unordered(IN_FLIGHT)
-        .for_each(|()| async {})
-        .await;
-}
-
-async fn answer(
-    nats: &herald_store::Nats,
-    rejected: &str,
-    accepted: &metrics::Counter,
-    pending: Pending,
-) -> Option<Vec<u8>> {
-    match pending.outcome {
-        Ok((prepared, ack)) => match Acceptor::finish(prepared, ack).await {
-            Ok(a) => {
-                accepted.increment(1);
-                serde_json::to_vec(&Answer {
-                    stream: herald_protocol::streams::INBOX,
-                    seq: a.stream_seq,
-                    duplicate: a.duplicate,
-                    id: Some(&a.id),
-                    rejected: None,
-                    send_at: a.send_at.as_deref(),
-                })
-                .ok()
-            }
-            // No answer: the producer's client times out and retries with the same
-            // Nats-Msg-Id, which the inbox deduplicates.
-            Err(e) => {
-                tracing::warn!(error = %e, "native notify not acked");
-                None
-            }
-        },
-        Err(AcceptError::Invalid(e)) => {
-            let reason = e.to_string();
-            let msg = &pending.msg;
-            let seq = reject(nats, rejected, &msg.payload, msg.headers.as_ref(), &reason).await?;
-            serde_json::to_vec(&Answer {
+        .map(|Rejection { msg, reason }| async move {
+            let reply = msg.reply.clone().filter(|r| safe_reply(r, own_prefix));
+            let Some(seq) =
+                reject(nats, rejected, &msg.payload, msg.headers.as_ref(), &reason).await
+            else {
+                return;
+            };
+            let answer = serde_json::to_vec(&Answer {
                 stream: REJECTED,
                 seq,
                 duplicate: false,
-                id: None,
-                rejected: Some(&reason),
-                send_at: None,
-            })
-            .ok()
-        }
-        Err(AcceptError::Store(e)) => {
-            tracing::warn!(error = %e, "native notify not sent");
-            None
-        }
-    }
+                rejected: &reason,
+            });
+            if let (Some(reply), Ok(answer)) = (reply, answer) {
+                let _ = nats.publish.publish(reply, answer.into()).await;
+            }
+        })
+        .buffer_unordered(REJECTS_IN_FLIGHT)
+        .for_each(|()| async {})
+        .await;
 }
 
 /// Records a rejected message with its reason; returns its REJECTED stream sequence.

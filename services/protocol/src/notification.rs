@@ -318,6 +318,22 @@ pub fn check_idempotency_key(field: &str, key: &str) -> Result<(), FieldError> {
     Ok(())
 }
 
+/// Namespace of idempotent ids: id = UUIDv5(namespace, producer, key).
+const IDEMPOTENT_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x6a1f_3c52_9d0e_4b7a_8e21_55c0_f3a9_0d17);
+
+/// The id a (producer, idempotency key) pair always maps to: UUIDv5 over a fixed
+/// namespace and `producer`, a NUL byte, `key`. A repeated key therefore gets the first
+/// copy's id on every path, and a native producer (producer `"nats"`, key its
+/// `Nats-Msg-Id`) knows its notification's id without being told.
+pub fn idempotent_id(producer: &str, key: &str) -> uuid::Uuid {
+    let mut name = Vec::with_capacity(producer.len() + key.len() + 1);
+    name.extend_from_slice(producer.as_bytes());
+    name.push(0);
+    name.extend_from_slice(key.as_bytes());
+    uuid::Uuid::new_v5(&IDEMPOTENT_NAMESPACE, &name)
+}
+
 fn check_key(field: &str, value: &str) -> Result<(), FieldError> {
     if value.is_empty() || value.len() > MAX_KEY_BYTES {
         return Err(FieldError::new(field, "must be 1 to 256 bytes"));
@@ -632,6 +648,21 @@ mod tests {
 
     fn validate(json: &str) -> Result<ValidatedNotify, FieldError> {
         NotifyRequest::from_json(json.as_bytes())?.validate()
+    }
+
+    #[test]
+    fn idempotent_ids_are_per_producer() {
+        assert_eq!(idempotent_id("a", "k"), idempotent_id("a", "k"));
+        assert_ne!(idempotent_id("a", "k"), idempotent_id("b", "k"));
+        // The separator keeps ("ab","c") and ("a","bc") apart.
+        assert_ne!(idempotent_id("ab", "c"), idempotent_id("a", "bc"));
+        // Fixed for good: producers compute it themselves (README: Python's
+        // uuid5(UUID(int=0x6a1f3c529d0e4b7a8e2155c0f3a90d17), "nats\x00order-7-paid")),
+        // and ids already stored must stay theirs.
+        assert_eq!(
+            idempotent_id("nats", "order-7-paid").to_string(),
+            "35380333-7f70-540d-ac92-01b68c17e2c5"
+        );
     }
 
     #[test]

@@ -5,9 +5,11 @@
 
 use crate::connect::Nats;
 use crate::direct::{self, DirectGetError, DirectMessage};
+use async_nats::header::{NATS_EXPECTED_STREAM, NATS_MESSAGE_ID};
 use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::{DirectGetErrorKind, RawMessageErrorKind};
+use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
 use herald_protocol::streams::INBOX;
 use herald_protocol::{StoredNotification, Subjects, UserId};
@@ -17,6 +19,15 @@ pub const MAX_STORED_BYTES: usize = 127 * 1024;
 
 /// Largest page a reader may ask for.
 pub const MAX_PAGE: usize = 500;
+
+/// An append ready to publish: where and how a notification is stored, whoever then
+/// waits for JetStream's ack ([`Inbox::send_append`] or [`Inbox::forward`]).
+#[derive(Debug, Clone)]
+pub struct Append {
+    pub(crate) subject: String,
+    pub(crate) headers: HeaderMap,
+    pub(crate) payload: Bytes,
+}
 
 /// What JetStream said about an append.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,21 +121,74 @@ impl Inbox {
         n: &StoredNotification,
         payload: Bytes,
     ) -> Result<PublishAckFuture, InboxError> {
-        let mut publish = PublishMessage::build()
-            .payload(payload)
-            .message_id(&n.id)
-            .expected_stream(INBOX);
+        self.send_append(self.append_of(n, payload)).await
+    }
+
+    /// How `n` is appended: its subject and headers (`Nats-Msg-Id` = its id, the INBOX
+    /// stream expected, the route marker when the router has work for it).
+    pub fn append_of(&self, n: &StoredNotification, payload: Bytes) -> Append {
+        let mut headers = HeaderMap::new();
+        headers.insert(NATS_MESSAGE_ID, n.id.as_str());
+        headers.insert(NATS_EXPECTED_STREAM, INBOX);
         if needs_routing(n) {
-            publish = publish.header(herald_protocol::streams::ROUTE_HEADER, "1");
+            headers.insert(herald_protocol::streams::ROUTE_HEADER, "1");
         }
+        Append {
+            subject: self.entry_subject(n),
+            headers,
+            payload,
+        }
+    }
+
+    /// Publishes `append` through JetStream and returns the pending ack.
+    ///
+    /// # Errors
+    /// [`InboxError::TooLarge`] over the server's payload limit, else
+    /// [`InboxError::Unavailable`] when the publish cannot be sent.
+    pub async fn send_append(&self, append: Append) -> Result<PublishAckFuture, InboxError> {
+        let Append {
+            subject,
+            headers,
+            payload,
+        } = append;
+        let publish = PublishMessage::build().payload(payload).headers(headers);
         self.nats
             .js
-            .send_publish(self.entry_subject(n), publish)
+            .send_publish(subject, publish)
             .await
             .map_err(|e| match e.kind() {
                 PublishErrorKind::MaxPayloadExceeded => InboxError::TooLarge(0),
                 _ => InboxError::Unavailable(Box::new(e)),
             })
+    }
+
+    /// Publishes `append` with `reply` as its reply subject, so JetStream sends its ack —
+    /// or its error — straight to whoever waits on `reply`, and Herald waits for nothing.
+    /// The native ingest answers producers this way: their PubAck is JetStream's own,
+    /// sent once the notification is durable. With no `reply`, nobody is told.
+    ///
+    /// # Errors
+    /// [`InboxError::TooLarge`] over the server's payload limit, else
+    /// [`InboxError::Unavailable`] when the publish cannot be sent.
+    pub async fn forward(&self, append: Append, reply: Option<Subject>) -> Result<(), InboxError> {
+        let Append {
+            subject,
+            headers,
+            payload,
+        } = append;
+        let client = &self.nats.publish;
+        let sent = match reply {
+            Some(reply) => {
+                client
+                    .publish_with_reply_and_headers(subject, reply, headers, payload)
+                    .await
+            }
+            None => client.publish_with_headers(subject, headers, payload).await,
+        };
+        sent.map_err(|e| match e.kind() {
+            async_nats::client::PublishErrorKind::MaxPayloadExceeded => InboxError::TooLarge(0),
+            _ => InboxError::Unavailable(Box::new(e)),
+        })
     }
 
     /// The subject `n` is stored under: its priority lane when the router has work for it

@@ -37,7 +37,7 @@ pub use caps::{CapDecision, CapsError, RateCaps};
 pub use connect::{Nats, connect};
 pub use digests::{Digests, DigestsError};
 pub use groups::{Groups, GroupsError};
-pub use inbox::{AppendAck, Entry as InboxEntry, Inbox, InboxError, InboxPage};
+pub use inbox::{Append, AppendAck, Entry as InboxEntry, Inbox, InboxError, InboxPage};
 pub use preferences::{PreferenceStore, PreferencesError};
 pub use provision::{ProvisionError, ProvisionReport, provision};
 pub use reads::ReadPositions;

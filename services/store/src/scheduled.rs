@@ -10,12 +10,11 @@
 //! Cancelling purges the schedule's subject.
 
 use crate::direct;
-use crate::inbox::{Inbox, InboxError};
-use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
-use async_nats::jetstream::message::PublishMessage;
+use crate::inbox::{Append, Inbox, InboxError};
+use async_nats::jetstream::context::PublishAckFuture;
 use bytes::Bytes;
 use herald_protocol::StoredNotification;
-use herald_protocol::streams::{INBOX, PRODUCER_HEADER, ROUTE_HEADER};
+use herald_protocol::streams::{INBOX, PRODUCER_HEADER};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -42,30 +41,36 @@ impl Inbox {
         at: OffsetDateTime,
         producer: &str,
     ) -> Result<PublishAckFuture, InboxError> {
+        self.send_append(self.scheduled_append_of(n, payload, at, producer)?)
+            .await
+    }
+
+    /// How a schedule for `n` is appended: on its own subject, with the headers that make
+    /// the server fire it into the user's inbox at `at`.
+    ///
+    /// # Errors
+    /// [`InboxError::Unavailable`] when `at` cannot be formatted.
+    pub fn scheduled_append_of(
+        &self,
+        n: &StoredNotification,
+        payload: Bytes,
+        at: OffsetDateTime,
+        producer: &str,
+    ) -> Result<Append, InboxError> {
         let at = at
             .to_offset(time::UtcOffset::UTC)
             .format(&Rfc3339)
             .map_err(|e| InboxError::Unavailable(Box::new(e)))?;
-        let mut publish = PublishMessage::build()
-            .payload(payload)
-            // Dedups a retried schedule; the fired message carries no id of its own.
-            .message_id(&n.id)
-            .expected_stream(INBOX)
-            .header("Nats-Schedule", format!("@at {at}").as_str())
-            .header("Nats-Schedule-Target", self.entry_subject(n).as_str())
-            .header(PRODUCER_HEADER, producer);
-        if crate::inbox::needs_routing(n) {
-            // Copied onto the fired message, so the router routes it.
-            publish = publish.header(ROUTE_HEADER, "1");
-        }
-        self.nats()
-            .js
-            .send_publish(self.subjects().scheduled(&n.user_id, &n.id), publish)
-            .await
-            .map_err(|e| match e.kind() {
-                PublishErrorKind::MaxPayloadExceeded => InboxError::TooLarge(0),
-                _ => InboxError::Unavailable(Box::new(e)),
-            })
+        let mut append = self.append_of(n, payload);
+        // The id dedups a retried schedule; the fired message carries no id of its own.
+        append.subject = self.subjects().scheduled(&n.user_id, &n.id);
+        let headers = &mut append.headers;
+        headers.insert("Nats-Schedule", format!("@at {at}"));
+        headers.insert("Nats-Schedule-Target", self.entry_subject(n));
+        headers.insert(PRODUCER_HEADER, producer);
+        // The route marker (when present) is copied onto the fired message, so the router
+        // routes it.
+        Ok(append)
     }
 
     /// Cancels the pending scheduled notification `id` of `producer`.
