@@ -4,8 +4,7 @@
 
 use async_nats::jetstream::context::PublishAckFuture;
 use bytes::Bytes;
-use herald_protocol::notification::check_idempotency_key;
-pub use herald_protocol::notification::idempotent_id;
+use herald_protocol::notification::{check_idempotency_key, idempotent_id};
 use herald_protocol::{
     FieldError, NotifyRequest, Policy, StoredNotification, UserId, ValidatedNotify,
 };

@@ -7,7 +7,8 @@
 //! waits for no ack and sends no answer of its own. A notification costs one durable
 //! write and two hops through nats-server (producer → Herald → stream), and the ack can
 //! never be false: only JetStream sends it. The notification's `id` is derived from the
-//! `Nats-Msg-Id` ([`crate::accept::idempotent_id`] with producer [`NATIVE_PRODUCER`]).
+//! `Nats-Msg-Id` ([`herald_protocol::notification::idempotent_id`] with producer
+//! [`NATIVE_PRODUCER`]).
 //!
 //! A body that fails validation is written to the REJECTED stream with its reason and
 //! answered by Herald with *that* append's ack plus the reason: acknowledged, recorded for
