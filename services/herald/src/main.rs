@@ -120,7 +120,7 @@ async fn run(cli: Cli) -> ExitCode {
         Command::Provision(c) => provision(&c).await,
         Command::Token(t) => token(&t),
         Command::Topic(t) => herald::topic_cli::run(t).await.map_err(Failure::Run),
-        Command::Bench(b) => herald::bench::run(b).await.map_err(Failure::Run),
+        Command::Bench(b) => bench(b).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -138,6 +138,19 @@ async fn run(cli: Cli) -> ExitCode {
 enum Failure {
     Config(ConfigError),
     Run(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Runs a benchmark until it ends or a SIGINT/SIGTERM arrives. On a signal the benchmark
+/// is dropped, so its nats-server, worker and client processes are stopped with it (they
+/// are killed when their handles drop) instead of living on without a parent.
+async fn bench(args: herald::bench::BenchArgs) -> Result<(), Failure> {
+    let stop = herald::shutdown::on_signal();
+    tokio::select! {
+        result = herald::bench::run(args) => result.map_err(Failure::Run),
+        () = stop.cancelled() => Err(Failure::Run(
+            "interrupted; the benchmark's own processes were stopped".into(),
+        )),
+    }
 }
 
 async fn service(

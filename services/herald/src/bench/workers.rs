@@ -6,7 +6,7 @@
 //! pull consumer draining as many messages (batched fetches, explicit acks) with no
 //! provider and no per-job state.
 //!
-//! Built only with the `bench` feature (the fakes are not part of a normal build):
+//! The fakes (`herald-fakes`) are built into the `herald` binary for this:
 //! `cargo run --release -p herald -- bench workers`.
 //!
 //! Jobs are loaded with [`super::jobs::enqueue`] before the worker starts; the clock runs
