@@ -54,6 +54,10 @@ struct Request<'a> {
     multi_last: Option<&'a [&'a str]>,
     #[serde(skip_serializing_if = "Option::is_none")]
     up_to_seq: Option<u64>,
+    /// The payload alone: the server builds no headers for the reply (NATS 2.11+; an older
+    /// server ignores it and sends them anyway).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    no_hdr: bool,
 }
 
 const TIMEOUT: Duration = Duration::from_secs(3);
@@ -81,6 +85,7 @@ pub async fn next_batch(
         batch: Some(batch.max(1)),
         multi_last: None,
         up_to_seq: None,
+        no_hdr: false,
     };
     request(client, stream, &req).await
 }
@@ -104,8 +109,46 @@ pub async fn next(
         batch: None,
         multi_last: None,
         up_to_seq: None,
+        no_hdr: false,
     };
     Ok(request(client, stream, &req).await?.pop())
+}
+
+/// The payload of the message at `seq`, or `None` when the stream has none there, without
+/// its headers: the server builds none and the client parses none, which is what makes
+/// this cheaper than a full direct get for a reader that needs only the body. One request
+/// on the client's shared reply subscription (no subscription of its own).
+///
+/// # Errors
+/// [`DirectGetError`] when NATS is unreachable or answers with an error.
+pub async fn payload_at(
+    client: &async_nats::Client,
+    stream: &str,
+    seq: u64,
+) -> Result<Option<Bytes>, DirectGetError> {
+    let req = Request {
+        seq: Some(seq),
+        next_by_subj: None,
+        last_by_subj: None,
+        batch: None,
+        multi_last: None,
+        up_to_seq: None,
+        no_hdr: true,
+    };
+    let body = serde_json::to_vec(&req).map_err(|e| DirectGetError::Request(Box::new(e)))?;
+    let request = client.request(format!("$JS.API.DIRECT.GET.{stream}"), body.into());
+    let msg = tokio::time::timeout(TIMEOUT, request)
+        .await
+        .map_err(|_| DirectGetError::Timeout)?
+        .map_err(|e| DirectGetError::Request(Box::new(e)))?;
+    match msg.status {
+        None | Some(StatusCode::OK) => Ok(Some(msg.payload)),
+        Some(StatusCode::NOT_FOUND) => Ok(None),
+        Some(status) => Err(DirectGetError::Status(
+            status.as_u16(),
+            msg.description.unwrap_or_default(),
+        )),
+    }
 }
 
 /// The newest message of `subject` (which may hold wildcards: the newest of every subject
@@ -127,6 +170,7 @@ pub async fn last(
             batch: None,
             multi_last: None,
             up_to_seq: None,
+            no_hdr: false,
         },
         // `last_by_subj` cannot be bounded; `multi_last` with one filter can. It answers
         // the newest message of each subject the filter matches: the newest of those wins.
@@ -137,6 +181,7 @@ pub async fn last(
             batch: None,
             multi_last: Some(std::slice::from_ref(&subject)),
             up_to_seq: Some(up_to),
+            no_hdr: false,
         },
     };
     Ok(request(client, stream, &req)
@@ -166,6 +211,7 @@ pub async fn last_of_many(
         batch: None,
         multi_last: Some(subjects),
         up_to_seq: None,
+        no_hdr: false,
     };
     request(client, stream, &req).await
 }

@@ -8,7 +8,7 @@ use crate::direct::{self, DirectGetError, DirectMessage};
 use async_nats::header::{NATS_EXPECTED_STREAM, NATS_MESSAGE_ID};
 use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::stream::{DirectGetErrorKind, RawMessageErrorKind};
+use async_nats::jetstream::stream::RawMessageErrorKind;
 use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
 use herald_protocol::streams::INBOX;
@@ -284,13 +284,15 @@ impl Inbox {
     /// called [`Entry::Gone`]. That costs a second round trip only for what is really
     /// gone, which is rare.
     pub async fn entry_at(&self, seq: u64) -> Entry {
-        let stream = match self.nats.js_consume.get_stream_no_info(INBOX).await {
-            Ok(stream) => stream,
-            Err(e) => return Entry::Unavailable(e.to_string()),
-        };
-        match stream.direct_get(seq).await {
-            Ok(m) => Entry::Stored(m.payload),
-            Err(e) if e.kind() == DirectGetErrorKind::NotFound => {
+        // The body alone: a worker needs nothing of the headers, and building and parsing
+        // them was most of what a direct get cost (BENCHMARKS.md, session 11).
+        match direct::payload_at(&self.nats.consume, INBOX, seq).await {
+            Ok(Some(payload)) => Entry::Stored(payload),
+            Ok(None) => {
+                let stream = match self.nats.js_consume.get_stream_no_info(INBOX).await {
+                    Ok(stream) => stream,
+                    Err(e) => return Entry::Unavailable(e.to_string()),
+                };
                 match stream.get_raw_message(seq).await {
                     Ok(m) => Entry::Stored(m.payload),
                     Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => Entry::Gone,
