@@ -135,12 +135,7 @@ pub async fn payload_at(
         up_to_seq: None,
         no_hdr: true,
     };
-    let body = serde_json::to_vec(&req).map_err(|e| DirectGetError::Request(Box::new(e)))?;
-    let request = client.request(format!("$JS.API.DIRECT.GET.{stream}"), body.into());
-    let msg = tokio::time::timeout(TIMEOUT, request)
-        .await
-        .map_err(|_| DirectGetError::Timeout)?
-        .map_err(|e| DirectGetError::Request(Box::new(e)))?;
+    let msg = ask(client, stream, &req).await?;
     match msg.status {
         None | Some(StatusCode::OK) => Ok(Some(msg.payload)),
         Some(StatusCode::NOT_FOUND) => Ok(None),
@@ -257,6 +252,11 @@ async fn request(
     stream: &str,
     req: &Request<'_>,
 ) -> Result<Vec<DirectMessage>, DirectGetError> {
+    if req.batch.is_none() && req.multi_last.is_none() {
+        return Ok(reply(ask(client, stream, req).await?)?
+            .into_iter()
+            .collect());
+    }
     let body = serde_json::to_vec(req).map_err(|e| DirectGetError::Request(Box::new(e)))?;
     let inbox = client.new_inbox();
     let mut replies = client
@@ -267,7 +267,6 @@ async fn request(
         .publish_with_reply(format!("$JS.API.DIRECT.GET.{stream}"), inbox, body.into())
         .await
         .map_err(|e| DirectGetError::Request(Box::new(e)))?;
-    let batched = req.batch.is_some() || req.multi_last.is_some();
     let mut out = Vec::new();
     let deadline = tokio::time::Instant::now() + TIMEOUT;
     loop {
@@ -275,32 +274,54 @@ async fn request(
             .await
             .map_err(|_| DirectGetError::Timeout)?
             .ok_or(DirectGetError::Timeout)?;
-        match msg.status {
-            None | Some(StatusCode::OK) => {}
-            // End of batch, or nothing matched: done either way.
-            Some(status) if status.as_u16() == 204 || status == StatusCode::NOT_FOUND => break,
-            Some(status) => {
-                return Err(DirectGetError::Status(
-                    status.as_u16(),
-                    msg.description.unwrap_or_default(),
-                ));
-            }
-        }
-        let headers = msg.headers.unwrap_or_default();
-        let seq = header_u64(&headers, "Nats-Sequence").ok_or(DirectGetError::Malformed)?;
-        let pending = header_u64(&headers, "Nats-Num-Pending");
-        out.push(DirectMessage {
-            seq,
-            pending,
-            headers,
-            payload: msg.payload,
-        });
-        if !batched {
-            break;
+        match reply(msg)? {
+            Some(m) => out.push(m),
+            None => break,
         }
     }
     let _ = replies.unsubscribe().await;
     Ok(out)
+}
+
+/// A direct get with one answer, as a request on the client's shared reply subscription
+/// (no subscription of its own: no SUB and UNSUB, no channel per request).
+async fn ask(
+    client: &async_nats::Client,
+    stream: &str,
+    req: &Request<'_>,
+) -> Result<async_nats::Message, DirectGetError> {
+    let body = serde_json::to_vec(req).map_err(|e| DirectGetError::Request(Box::new(e)))?;
+    let request = client.request(format!("$JS.API.DIRECT.GET.{stream}"), body.into());
+    tokio::time::timeout(TIMEOUT, request)
+        .await
+        .map_err(|_| DirectGetError::Timeout)?
+        .map_err(|e| DirectGetError::Request(Box::new(e)))
+}
+
+/// One reply of a direct get: a stored message, or `None` at the end of a batch or when
+/// nothing matched.
+fn reply(msg: async_nats::Message) -> Result<Option<DirectMessage>, DirectGetError> {
+    match msg.status {
+        None | Some(StatusCode::OK) => {}
+        Some(status) if status.as_u16() == 204 || status == StatusCode::NOT_FOUND => {
+            return Ok(None);
+        }
+        Some(status) => {
+            return Err(DirectGetError::Status(
+                status.as_u16(),
+                msg.description.unwrap_or_default(),
+            ));
+        }
+    }
+    let headers = msg.headers.unwrap_or_default();
+    let seq = header_u64(&headers, "Nats-Sequence").ok_or(DirectGetError::Malformed)?;
+    let pending = header_u64(&headers, "Nats-Num-Pending");
+    Ok(Some(DirectMessage {
+        seq,
+        pending,
+        headers,
+        payload: msg.payload,
+    }))
 }
 
 /// A numeric header, if present and numeric.
