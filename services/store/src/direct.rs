@@ -40,7 +40,7 @@ pub enum DirectGetError {
     Malformed,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Default)]
 struct Request<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     seq: Option<u64>,
@@ -81,11 +81,8 @@ pub async fn next_batch(
     let req = Request {
         seq: Some(from.max(1)),
         next_by_subj: Some(subject),
-        last_by_subj: None,
         batch: Some(batch.max(1)),
-        multi_last: None,
-        up_to_seq: None,
-        no_hdr: false,
+        ..Request::default()
     };
     request(client, stream, &req).await
 }
@@ -105,11 +102,7 @@ pub async fn next(
     let req = Request {
         seq: Some(from.max(1)),
         next_by_subj: Some(subject),
-        last_by_subj: None,
-        batch: None,
-        multi_last: None,
-        up_to_seq: None,
-        no_hdr: false,
+        ..Request::default()
     };
     Ok(request(client, stream, &req).await?.pop())
 }
@@ -128,12 +121,8 @@ pub async fn payload_at(
 ) -> Result<Option<Bytes>, DirectGetError> {
     let req = Request {
         seq: Some(seq),
-        next_by_subj: None,
-        last_by_subj: None,
-        batch: None,
-        multi_last: None,
-        up_to_seq: None,
         no_hdr: true,
+        ..Request::default()
     };
     let msg = ask(client, stream, &req).await?;
     match msg.status {
@@ -159,24 +148,15 @@ pub async fn last(
 ) -> Result<Option<DirectMessage>, DirectGetError> {
     let req = match up_to {
         None => Request {
-            seq: None,
-            next_by_subj: None,
             last_by_subj: Some(subject),
-            batch: None,
-            multi_last: None,
-            up_to_seq: None,
-            no_hdr: false,
+            ..Request::default()
         },
         // `last_by_subj` cannot be bounded; `multi_last` with one filter can. It answers
         // the newest message of each subject the filter matches: the newest of those wins.
         Some(up_to) => Request {
-            seq: None,
-            next_by_subj: None,
-            last_by_subj: None,
-            batch: None,
             multi_last: Some(std::slice::from_ref(&subject)),
             up_to_seq: Some(up_to),
-            no_hdr: false,
+            ..Request::default()
         },
     };
     Ok(request(client, stream, &req)
@@ -200,13 +180,8 @@ pub async fn last_of_many(
         return Ok(Vec::new());
     }
     let req = Request {
-        seq: None,
-        next_by_subj: None,
-        last_by_subj: None,
-        batch: None,
         multi_last: Some(subjects),
-        up_to_seq: None,
-        no_hdr: false,
+        ..Request::default()
     };
     request(client, stream, &req).await
 }
