@@ -206,10 +206,7 @@ pub async fn kv_live_many(
     for chunk in subjects.chunks(KV_CHUNK) {
         let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
         for msg in last_of_many(client, &format!("KV_{bucket}"), &refs).await? {
-            let live = msg
-                .headers
-                .get("KV-Operation")
-                .is_none_or(|op| op.as_str() == "PUT");
+            let live = kv_live(&msg.headers);
             let key = msg
                 .headers
                 .get("Nats-Subject")
@@ -297,6 +294,14 @@ fn reply(msg: async_nats::Message) -> Result<Option<DirectMessage>, DirectGetErr
         headers,
         payload: msg.payload,
     }))
+}
+
+/// Whether a stored KV message holds a value: a put, not a delete or purge marker (whose
+/// `KV-Operation` header says so).
+pub(crate) fn kv_live(headers: &HeaderMap) -> bool {
+    headers
+        .get("KV-Operation")
+        .is_none_or(|op| op.as_str() == "PUT")
 }
 
 /// A numeric header, if present and numeric.

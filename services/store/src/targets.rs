@@ -456,10 +456,7 @@ impl Targets {
             .get_last_raw_message_by_subject(&subject)
             .await
         {
-            Ok(m) => {
-                let op = m.headers.get("KV-Operation").map(|v| v.as_str().to_owned());
-                op.is_none_or(|op| op == "PUT").then_some(m.payload)
-            }
+            Ok(m) => crate::direct::kv_live(&m.headers).then_some(m.payload),
             Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => None,
             Err(e) => return Err(nats(e)),
         };
