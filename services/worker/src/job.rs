@@ -109,16 +109,28 @@ pub async fn decode(ctx: &Context, msg: Message) -> Option<Pulled> {
 /// delivery, dead-letter it (a nak then would leave it in the work queue, never delivered
 /// again).
 pub async fn store_trouble(ctx: &Context, p: &Pulled, reason: &str) {
-    if p.delivered < ctx.config.queue.max_deliver {
-        return settle(&p.msg, AckKind::Nak(Some(STORE_RETRY))).await;
+    retry_or_dead_letter(ctx, &p.msg, &p.job, p.delivered, reason).await;
+}
+
+/// Naks a job whose state could not be read to come back after [`STORE_RETRY`]; on its
+/// last allowed delivery, dead-letters it instead.
+async fn retry_or_dead_letter(
+    ctx: &Context,
+    msg: &Message,
+    job: &ChannelJob,
+    delivered: i64,
+    reason: &str,
+) {
+    if delivered < ctx.config.queue.max_deliver {
+        return settle(msg, AckKind::Nak(Some(STORE_RETRY))).await;
     }
-    tracing::warn!(id = %p.job.id, reason, "last delivery; dead-lettering");
+    tracing::warn!(id = %job.id, reason, "last delivery; dead-lettering");
     let letter = Letter {
         reason,
         last_response: None,
         provider: None,
     };
-    dead_letter(ctx, &p.msg, &p.job, p.delivered, letter).await;
+    dead_letter(ctx, msg, job, delivered, letter).await;
 }
 
 /// Why a job is dead-lettered.
@@ -252,12 +264,10 @@ impl Step<'_> {
     /// it in the work queue never to be delivered again: then it is dead-lettered.
     async fn unavailable(&self, what: &str, error: impl std::fmt::Display) {
         let reason = format!("{what}: {error}");
-        if self.last_attempt() {
-            tracing::warn!(id = %self.job.id, %reason, "last delivery; dead-lettering");
-            return self.dead_letter(&reason, None, None).await;
+        if !self.last_attempt() {
+            tracing::warn!(id = %self.job.id, %reason, "retrying later");
         }
-        tracing::warn!(id = %self.job.id, %reason, "retrying later");
-        self.later(STORE_RETRY).await;
+        retry_or_dead_letter(self.ctx, self.msg, self.job, self.delivered, &reason).await;
     }
 
     /// The notification is no longer in the inbox (expired, or its user was erased):
