@@ -27,6 +27,12 @@ async fn publish(
     ack.await.with_context(|| format!("no PubAck for {body:?}"))
 }
 
+/// The id of the notification a native producer published with `Nats-Msg-Id` = `key`.
+fn native_id(key: &str) -> String {
+    herald_protocol::notification::idempotent_id(herald_api::ingest::NATIVE_PRODUCER, key)
+        .to_string()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn native_publish_is_acked_once_durable_and_delivered() -> anyhow::Result<()> {
     let nats = Nats::single().await?;
@@ -56,10 +62,7 @@ async fn native_publish_is_acked_once_durable_and_delivered() -> anyhow::Result<
         "same id on the native path and the WebSocket"
     );
     // The ack is JetStream's own and names no id: the producer derives it from its key.
-    assert_eq!(
-        inbox[0]["id"],
-        herald_protocol::notification::idempotent_id("nats", "order-7-paid").to_string()
-    );
+    assert_eq!(inbox[0]["id"], native_id("order-7-paid"));
     Ok(())
 }
 
@@ -78,10 +81,7 @@ async fn native_scheduled_publish_is_acked_by_its_schedule_and_fires() -> anyhow
     assert!(herald.inbox("pia").await?.is_empty(), "not before its time");
     let fired = herald_tests::within(Duration::from_secs(20), "the schedule", ws.take(1)).await??;
     assert_eq!(fired[0]["title"], "soon");
-    assert_eq!(
-        fired[0]["id"],
-        herald_protocol::notification::idempotent_id("nats", "pia-soon").to_string()
-    );
+    assert_eq!(fired[0]["id"], native_id("pia-soon"));
     assert!(
         fired[0]["seq"].as_u64() > Some(ack.sequence),
         "fired after its schedule was stored: {fired:?}"
