@@ -156,6 +156,11 @@ impl ApnsFake {
         self.state.log.len()
     }
 
+    /// From now on, counts requests without keeping them (a benchmark's long run).
+    pub fn count_only(&self) {
+        self.state.log.count_only();
+    }
+
     /// Marks a device token as unregistered (410 from now on).
     pub fn unregister(&self, device_token: &str) {
         lock(&self.state.unregistered).insert(device_token.to_owned());

@@ -152,6 +152,11 @@ impl FcmFake {
     pub fn received_count(&self) -> usize {
         self.state.log.len()
     }
+
+    /// From now on, counts requests without keeping them (a benchmark's long run).
+    pub fn count_only(&self) {
+        self.state.log.count_only();
+    }
 }
 
 /// A Google API error answer with an `FcmError` detail.

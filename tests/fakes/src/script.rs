@@ -5,7 +5,7 @@ use axum::response::Response;
 use http::{HeaderName, HeaderValue, StatusCode};
 use std::collections::VecDeque;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// One scripted answer.
@@ -116,25 +116,53 @@ impl Script {
     }
 }
 
-/// What a fake received, in order.
+/// What a fake received, in order — or, once [`Log::count_only`] is set, only how many
+/// (a benchmark sends hundreds of thousands of requests and reads nothing but the count;
+/// keeping each would grow the fake by a kilobyte a request and bill the worker under
+/// test for the fake's page faults).
 #[derive(Debug)]
-pub struct Log<T>(Mutex<Vec<T>>);
+pub struct Log<T> {
+    items: Mutex<Vec<T>>,
+    count: AtomicUsize,
+    count_only: AtomicBool,
+}
 
 impl<T> Default for Log<T> {
     fn default() -> Self {
-        Self(Mutex::new(Vec::new()))
+        Self {
+            items: Mutex::new(Vec::new()),
+            count: AtomicUsize::new(0),
+            count_only: AtomicBool::new(false),
+        }
     }
 }
 
 impl<T: Clone> Log<T> {
     /// Appends one request.
     pub fn push(&self, item: T) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(item);
+        self.record(|| item);
     }
 
-    /// How many so far (without copying them).
+    /// Counts one request, and keeps the one `item` builds unless only counting.
+    pub fn record(&self, item: impl FnOnce() -> T) {
+        if !self.count_only.load(Ordering::Relaxed) {
+            let item = item();
+            self.items
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(item);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// From now on, counts requests without keeping them.
+    pub fn count_only(&self) {
+        self.count_only.store(true, Ordering::Relaxed);
+    }
+
+    /// How many so far.
     pub fn len(&self) -> usize {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.count.load(Ordering::Relaxed)
     }
 
     /// Nothing so far.
@@ -142,8 +170,8 @@ impl<T: Clone> Log<T> {
         self.len() == 0
     }
 
-    /// Everything so far.
+    /// Everything kept so far.
     pub fn all(&self) -> Vec<T> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.items.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }

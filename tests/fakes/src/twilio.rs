@@ -97,6 +97,11 @@ impl TwilioFake {
         self.state.log.len()
     }
 
+    /// From now on, counts requests without keeping them (a benchmark's long run).
+    pub fn count_only(&self) {
+        self.state.log.count_only();
+    }
+
     /// Messages accepted (201) so far.
     pub fn accepted(&self) -> Vec<TwilioRequest> {
         self.received()
