@@ -376,6 +376,35 @@ async fn an_open_breaker_fails_over_and_the_primary_comes_back() -> anyhow::Resu
         failed <= 3,
         "the primary kept getting traffic while its circuit was open: {failed} calls"
     );
+    // An operator sees it: results, latency and breaker state per provider. (Metrics are
+    // process-wide and tests run in parallel: lower bounds and presence only.)
+    let text = herald.metrics().await?;
+    for (prefix, at_least) in [
+        (
+            "herald_provider_sends_total{provider=\"twilio\",result=\"transient\"}",
+            2.0,
+        ),
+        (
+            "herald_provider_sends_total{provider=\"vonage\",result=\"sent\"}",
+            6.0,
+        ),
+        (
+            "herald_provider_send_seconds_count{provider=\"vonage\"}",
+            6.0,
+        ),
+        ("herald_provider_breaker_state{provider=\"twilio\"}", 0.0),
+        (
+            "herald_worker_jobs_total{channel=\"sms\",outcome=\"sent\"}",
+            6.0,
+        ),
+    ] {
+        let value = crate::metrics::sample(&text, prefix)
+            .with_context(|| format!("{prefix} missing from /metrics:\n{text}"))?;
+        ensure!(
+            value >= at_least,
+            "{prefix} = {value}, expected ≥ {at_least}"
+        );
+    }
     // The primary recovers; after the open period a probe reaches it and closes the circuit.
     primary.fallback(Answer::Ok);
     // Each attempt waits up to WAIT for its own delivery; leave room for several, or one

@@ -172,6 +172,8 @@ impl Mesh {
     /// # Errors
     /// [`MeshError`] when NATS is unreachable or misprovisioned, or auth is misconfigured.
     pub async fn start(opts: MeshOptions, listener: TcpListener) -> Result<Mesh, MeshError> {
+        // Before any part takes a metric handle (see `ops::prometheus`).
+        let _ = ops::prometheus();
         let addr = listener.local_addr().map_err(MeshError::Http)?;
         let nats = herald_store::connect(&opts.nats_url, &opts.name)
             .await

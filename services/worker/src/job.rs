@@ -28,6 +28,7 @@
 
 use crate::batch::UserView;
 use crate::dlq::{DeadLetter, Dlq};
+use crate::providers::SendResult;
 use crate::runtime::{WorkerConfig, WorkerDeps};
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::Message;
@@ -501,9 +502,7 @@ impl Step<'_> {
                 (result, started.elapsed())
             })
             .await;
-        let name = provider.name().to_string();
-        metrics::histogram!("herald_provider_send_seconds", "provider" => name.clone())
-            .record(took.as_secs_f64());
+        provider.metrics.send_seconds.record(took.as_secs_f64());
         match &result {
             Err(e) if e.counts_against_provider() => provider.breaker.on_failure(Instant::now()),
             _ => provider.breaker.on_success(),
@@ -511,8 +510,14 @@ impl Step<'_> {
         // The breaker may have opened, closed, or (after a probe) changed state.
         provider.report();
         match result {
-            Ok(sent) => self.sent(&name, sent.provider_message_id).await,
-            Err(e) => self.failed(&name, e).await,
+            Ok(sent) => {
+                provider.metrics.count(SendResult::Sent);
+                self.sent(provider.name(), sent.provider_message_id).await;
+            }
+            Err(e) => {
+                provider.metrics.count(SendResult::from(&e));
+                self.failed(provider.name(), e).await;
+            }
         }
     }
 
@@ -534,8 +539,6 @@ impl Step<'_> {
     }
 
     async fn sent(&self, provider: &str, provider_message_id: Option<String>) {
-        metrics::counter!("herald_provider_sends_total", "provider" => provider.to_string(), "result" => "sent")
-            .increment(1);
         // The marker goes first: if this process dies before the ack lands, the
         // redelivered job finds it and is acked without a second send.
         let mut marked = false;
@@ -566,14 +569,6 @@ impl Step<'_> {
     }
 
     async fn failed(&self, provider: &str, error: SendError) {
-        let class = match &error {
-            SendError::Throttled { .. } => "throttled",
-            SendError::Transient { .. } => "transient",
-            SendError::Permanent { .. } => "permanent",
-            SendError::InvalidTarget { .. } => "invalid_target",
-        };
-        metrics::counter!("herald_provider_sends_total", "provider" => provider.to_string(), "result" => class)
-            .increment(1);
         let detail = error.to_string();
         tracing::info!(id = %self.job.id, provider, attempt = self.delivered, %detail, "send failed");
         match error {

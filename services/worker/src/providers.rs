@@ -7,8 +7,9 @@
 
 use crate::breaker::{Admit, Breaker, BreakerConfig};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use herald_channels::{Provider, Target};
+use herald_channels::{Provider, SendError, Target};
 use herald_protocol::Channel;
+use metrics::{Counter, Gauge, Histogram};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,6 +31,88 @@ pub struct Guarded {
     limiter: Option<DefaultDirectRateLimiter>,
     /// Its breaker.
     pub breaker: Breaker,
+    /// Its metrics.
+    pub metrics: ProviderMetrics,
+}
+
+/// A provider's metric handles, registered once rather than looked up by name and labels
+/// on every send. Built after the process installed its recorder (a handle taken before
+/// records nowhere).
+pub struct ProviderMetrics {
+    /// `herald_provider_send_seconds`: how long each send took.
+    pub send_seconds: Histogram,
+    sent: Counter,
+    throttled: Counter,
+    transient: Counter,
+    permanent: Counter,
+    invalid_target: Counter,
+    breaker_state: Gauge,
+}
+
+/// How a send ended, as `herald_provider_sends_total` counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendResult {
+    /// Accepted.
+    Sent,
+    /// Rate-limited by the provider.
+    Throttled,
+    /// 5xx, timeout, connection trouble.
+    Transient,
+    /// Refused for good.
+    Permanent,
+    /// The target is gone (unregistered token, retired endpoint).
+    InvalidTarget,
+}
+
+impl SendResult {
+    /// The `result` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sent => "sent",
+            Self::Throttled => "throttled",
+            Self::Transient => "transient",
+            Self::Permanent => "permanent",
+            Self::InvalidTarget => "invalid_target",
+        }
+    }
+}
+
+impl From<&SendError> for SendResult {
+    fn from(error: &SendError) -> Self {
+        match error {
+            SendError::Throttled { .. } => Self::Throttled,
+            SendError::Transient { .. } => Self::Transient,
+            SendError::Permanent { .. } => Self::Permanent,
+            SendError::InvalidTarget { .. } => Self::InvalidTarget,
+        }
+    }
+}
+
+impl ProviderMetrics {
+    fn new(provider: &str) -> Self {
+        let sends = |result: SendResult| metrics::counter!("herald_provider_sends_total", "provider" => provider.to_string(), "result" => result.as_str());
+        Self {
+            send_seconds: metrics::histogram!("herald_provider_send_seconds", "provider" => provider.to_string()),
+            sent: sends(SendResult::Sent),
+            throttled: sends(SendResult::Throttled),
+            transient: sends(SendResult::Transient),
+            permanent: sends(SendResult::Permanent),
+            invalid_target: sends(SendResult::InvalidTarget),
+            breaker_state: metrics::gauge!("herald_provider_breaker_state", "provider" => provider.to_string()),
+        }
+    }
+
+    /// Counts one send that ended with `result`.
+    pub fn count(&self, result: SendResult) {
+        match result {
+            SendResult::Sent => &self.sent,
+            SendResult::Throttled => &self.throttled,
+            SendResult::Transient => &self.transient,
+            SendResult::Permanent => &self.permanent,
+            SendResult::InvalidTarget => &self.invalid_target,
+        }
+        .increment(1);
+    }
 }
 
 impl std::fmt::Debug for Guarded {
@@ -56,8 +139,7 @@ impl Guarded {
 
     /// Publishes the breaker state as a gauge.
     pub fn report(&self) {
-        metrics::gauge!("herald_provider_breaker_state", "provider" => self.name().to_string())
-            .set(self.breaker.state().gauge());
+        self.metrics.breaker_state.set(self.breaker.state().gauge());
     }
 }
 
@@ -91,6 +173,7 @@ impl Providers {
                 .rate_per_second
                 .map(|r| RateLimiter::direct(Quota::per_second(r))),
             breaker: Breaker::new(limits.breaker),
+            metrics: ProviderMetrics::new(provider.name()),
             provider,
         };
         guarded.report();
