@@ -568,27 +568,34 @@ impl ChannelJob {
     /// The key of this job's sent marker and status entry: `<id>.<channel>.<target>`
     /// (valid as a NATS KV key).
     pub fn key(&self) -> String {
-        format!(
-            "{}.{}.{}",
-            kv_safe(&self.id),
-            self.channel.as_str(),
-            self.target
-        )
+        let channel = self.channel.as_str();
+        let mut key = String::with_capacity(self.id.len() + channel.len() + self.target.len() + 2);
+        push_kv_safe(&mut key, &self.id);
+        key.push('.');
+        key.push_str(channel);
+        key.push('.');
+        key.push_str(&self.target);
+        key
     }
 }
 
 /// `raw` with every byte a KV key cannot hold replaced by `_` (ids are UUIDs; this is
 /// only a guard).
 pub fn kv_safe(raw: &str) -> String {
-    raw.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '=') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
+    let mut safe = String::with_capacity(raw.len());
+    push_kv_safe(&mut safe, raw);
+    safe
+}
+
+/// Appends [`kv_safe`]`(raw)` to `out` (a worker builds a key per job; most ids need no
+/// replacing).
+fn push_kv_safe(out: &mut String, raw: &str) {
+    let keeps = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '=');
+    if raw.chars().all(keeps) {
+        out.push_str(raw);
+    } else {
+        out.extend(raw.chars().map(|c| if keeps(c) { c } else { '_' }));
+    }
 }
 
 /// The notification object of SPEC §4, as returned and as delivered.
@@ -718,5 +725,27 @@ mod tests {
         assert_eq!(n.seq, 42);
         assert_eq!(n.created_at, "1970-01-01T00:00:00Z");
         assert_eq!(n.data["k"], 1);
+    }
+
+    #[test]
+    fn job_keys_are_kv_safe_and_fixed() {
+        assert_eq!(kv_safe("6f1c-AZ_09="), "6f1c-AZ_09=");
+        assert_eq!(kv_safe("a.b*c >é"), "a_b_c___");
+        let job: ChannelJob = serde_json::from_value(serde_json::json!({
+            "id": "0192e4c1-7b3a-7c2d-9e8f-0123456789ab",
+            "seq": 7,
+            "user_id": "u",
+            "channel": "push",
+            "priority": "high",
+            "target": "3f2a"
+        }))
+        .expect("job");
+        // Sent markers already stored are found by this key: it must not change.
+        assert_eq!(job.key(), "0192e4c1-7b3a-7c2d-9e8f-0123456789ab.push.3f2a");
+        let hostile = ChannelJob {
+            id: "x.y>".into(),
+            ..job
+        };
+        assert_eq!(hostile.key(), "x_y_.push.3f2a");
     }
 }
