@@ -1,6 +1,6 @@
 //! WebSocket, SSE and long-poll: hello, live delivery, resume, authentication at upgrade.
 
-use anyhow::ensure;
+use anyhow::{Context as _, ensure};
 use herald_protocol::UserId;
 use herald_tests::{Herald, Nats, Resume, WsClient, eventually, seqs};
 use std::time::{Duration, Instant};
@@ -69,6 +69,47 @@ async fn websocket_resumes_after_a_seq_then_goes_live() -> anyhow::Result<()> {
         [live.seq],
         "after the replay comes the live one, nothing else"
     );
+    Ok(())
+}
+
+/// A read from another device is announced to every open feed of the user, the waiting
+/// long-poll's included. The poll must go on waiting for a notification — it once
+/// spun on the announcement without yielding, so neither its `wait` nor the next
+/// notification ever ended it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_elsewhere_does_not_wedge_a_waiting_long_poll() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = std::sync::Arc::new(Herald::builder(&nats).start().await?);
+    let first = herald.send("ivy", "first").await?.seq;
+    let last = herald.send("ivy", "second").await?.seq;
+    let live = herald.subjects().live(&UserId::new("ivy")?);
+    let poller = herald.clone();
+    let poll = tokio::spawn(async move {
+        poller
+            .my_page("ivy", &format!("after={last}&wait=20"))
+            .await
+    });
+    eventually(
+        Duration::from_secs(5),
+        "the long-poll is waiting on ivy's live subject",
+        || async {
+            ensure!(herald.is_tapped(&live));
+            Ok(())
+        },
+    )
+    .await?;
+    let read = herald
+        .user(reqwest::Method::POST, "/v1/me/read", "ivy")
+        .json(&serde_json::json!({"up_to": first}))
+        .send()
+        .await?;
+    ensure!(read.status() == 200, "read: {}", read.status());
+    let n = herald.send("ivy", "third").await?;
+    let page = tokio::time::timeout(Duration::from_secs(10), poll)
+        .await
+        .context("the long-poll never answered after a read and a notification")???;
+    let items = page["items"].as_array().cloned().unwrap_or_default();
+    assert_eq!(seqs(&items), [n.seq], "{page}");
     Ok(())
 }
 

@@ -39,12 +39,15 @@ pub(crate) async fn page(
         .map_err(|e| AppError::unavailable(&e))?;
     if first.is_empty() {
         let _waiting = crate::Connected::new("longpoll");
-        // Wait for a notification; a read announcement alone does not end the wait.
+        // Wait for a notification; a read announcement alone does not end the wait. The
+        // feed answers a read announcement (an empty batch) until it is taken: taking it
+        // is what lets the next `next()` wait instead of answering at once, forever.
         let next_notification = async {
             loop {
                 if !feed.next().await?.is_empty() {
                     return Ok::<_, crate::feed::FeedError>(());
                 }
+                feed.take_read();
             }
         };
         let waited = tokio::time::timeout(Duration::from_secs(query.wait), next_notification).await;
