@@ -182,30 +182,62 @@ pub fn render(delivery: &Delivery) -> (String, String) {
 /// The class of an SMTP failure.
 pub fn classify(e: &lettre::transport::smtp::Error) -> SendError {
     let detail: String = e.to_string().chars().take(500).collect();
-    if e.is_permanent() {
-        let code = e.status().map(|c| c.to_string()).unwrap_or_default();
-        let lower = detail.to_lowercase();
-        let mailbox_unknown = matches!(code.as_str(), "550" | "551" | "553")
-            && [
-                "5.1.1",
-                "5.1.0",
-                "unknown",
-                "no such",
-                "does not exist",
-                "not found",
-                "unavailable",
-            ]
-            .iter()
-            .any(|m| lower.contains(m));
-        if mailbox_unknown {
-            SendError::InvalidTarget { detail }
-        } else {
-            SendError::Permanent { detail }
-        }
-    } else {
+    if !e.is_permanent() {
         // 4xx, timeouts, refused connections, TLS trouble: may pass.
-        SendError::Transient { detail }
+        return SendError::Transient { detail };
     }
+    let code = e.status().map(|c| c.to_string()).unwrap_or_default();
+    if mailbox_unknown(&code, &detail) {
+        SendError::InvalidTarget { detail }
+    } else {
+        SendError::Permanent { detail }
+    }
+}
+
+/// Whether a permanent (5xx) answer says the recipient's mailbox does not exist — the
+/// only answer that removes a user's address. A relay that blocks us (5.7.x), refuses
+/// our sender (5.1.7, 5.1.8) or fails for any other reason says nothing about the
+/// address, and every user's mail would fail the same way: those are dead-lettered,
+/// never taken as a bad address.
+///
+/// An enhanced status code (RFC 3463), when the answer has one, decides: 5.1.1 (no such
+/// mailbox), 5.1.2 (no such domain) and 5.1.10 (the domain takes no mail, RFC 7505).
+/// Without one, a 550/551/553 whose text says the user is unknown.
+fn mailbox_unknown(code: &str, detail: &str) -> bool {
+    if let Some(enhanced) = enhanced_code(detail) {
+        return matches!(enhanced, "5.1.1" | "5.1.2" | "5.1.10");
+    }
+    let lower = detail.to_lowercase();
+    matches!(code, "550" | "551" | "553")
+        && [
+            "user unknown",
+            "unknown user",
+            "no such user",
+            "no such mailbox",
+            "mailbox not found",
+            "does not exist",
+            "recipient not found",
+            "address rejected: user",
+        ]
+        .iter()
+        .any(|m| lower.contains(m))
+}
+
+/// The first enhanced status code of class 5 (`5.x.y`) in an SMTP answer's text.
+fn enhanced_code(text: &str) -> Option<&str> {
+    text.split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .map(|t| t.trim_end_matches('.'))
+        .find(|t| {
+            let mut parts = t.split('.');
+            parts.next() == Some("5")
+                && parts
+                    .by_ref()
+                    .take(2)
+                    .filter(|p| (1..=3).contains(&p.len()))
+                    .count()
+                    == 2
+                && parts.next().is_none()
+        })
 }
 
 #[async_trait::async_trait]
@@ -315,6 +347,61 @@ mod tests {
             }))
             .expect_err("invalid");
         assert!(matches!(err, SendError::InvalidTarget { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn only_an_unknown_mailbox_removes_the_address() {
+        let unknown = [
+            (
+                "550",
+                "550 5.1.1 <ann@example.com>: Recipient address rejected: User unknown",
+            ),
+            (
+                "550",
+                "550-5.1.1 The email account that you tried to reach does not exist.",
+            ),
+            (
+                "550",
+                "550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found",
+            ),
+            ("553", "553 5.1.2 the recipient's domain does not exist"),
+            ("550", "550 No such user here"),
+            ("550", "550 Requested action not taken: user unknown"),
+        ];
+        for (code, text) in unknown {
+            assert!(mailbox_unknown(code, text), "{text}");
+        }
+        let not_the_address = [
+            (
+                "550",
+                "550 5.7.708 Service unavailable. Access denied, traffic not accepted from this IP",
+            ),
+            (
+                "553",
+                "553 5.1.8 <noreply@herald.example>: Sender address rejected: Domain not found",
+            ),
+            ("550", "550 5.7.1 Relaying denied"),
+            (
+                "554",
+                "554 5.7.1 Message rejected as spam; does not exist in our allow list",
+            ),
+            ("550", "550 5.1.7 Invalid sender address, user unknown"),
+            ("552", "552 5.3.4 Message size exceeds fixed limit"),
+            ("550", "550 Service unavailable"),
+            ("550", "550 Access denied"),
+        ];
+        for (code, text) in not_the_address {
+            assert!(!mailbox_unknown(code, text), "{text}");
+        }
+    }
+
+    #[test]
+    fn enhanced_codes_are_found_in_answers() {
+        assert_eq!(enhanced_code("550 5.1.1 <a@b>: no"), Some("5.1.1"));
+        assert_eq!(enhanced_code("550-5.7.26 Unauthenticated"), Some("5.7.26"));
+        assert_eq!(enhanced_code("550 5.1.10 RESOLVER"), Some("5.1.10"));
+        assert_eq!(enhanced_code("550 version 5.1 of 2020."), None);
+        assert_eq!(enhanced_code("550 No such user"), None);
     }
 
     #[tokio::test]
