@@ -40,7 +40,23 @@ impl Backoff {
         let ceiling = self.ceiling(attempt);
         ceiling.mul_f64(rand::random::<f64>())
     }
+
+    /// The delay before retry number `attempt` of a throttled job: the provider's
+    /// `Retry-After` when it is a usable wait, capped at [`MAX_RETRY_AFTER`]; the
+    /// back-off when there is none, or when it asks for less than a second (`0`, or a
+    /// date already past through clock skew) — taken literally, that would spend every
+    /// delivery of the job at once on a provider that asked us to slow down.
+    pub fn throttled(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
+        match retry_after {
+            Some(wait) if wait >= Duration::from_secs(1) => wait.min(MAX_RETRY_AFTER),
+            _ => self.delay(attempt),
+        }
+    }
 }
+
+/// The longest a `Retry-After` holds a job back. A receiver's URL is the producer's, and
+/// its `Retry-After: 4294967295` must not park a job for a century.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3_600);
 
 #[cfg(test)]
 mod tests {
@@ -59,6 +75,21 @@ mod tests {
         assert_eq!(ms(4), 800);
         assert_eq!(ms(5), 1000);
         assert_eq!(ms(50), 1000);
+    }
+
+    #[test]
+    fn retry_after_is_honoured_within_bounds() {
+        let b = Backoff::default();
+        let secs = Duration::from_secs;
+        assert_eq!(b.throttled(1, Some(secs(30))), secs(30));
+        assert_eq!(b.throttled(1, Some(secs(1))), secs(1));
+        assert_eq!(b.throttled(1, Some(secs(4_294_967_295))), MAX_RETRY_AFTER);
+        // Zero, a past date, or none: the back-off, never an immediate redelivery storm.
+        for ra in [Some(Duration::ZERO), Some(Duration::from_millis(300)), None] {
+            for _ in 0..50 {
+                assert!(b.throttled(3, ra) <= b.ceiling(3));
+            }
+        }
     }
 
     #[test]

@@ -582,7 +582,7 @@ impl Step<'_> {
             }
             SendError::Throttled { retry_after, .. } => {
                 let attempt = u32::try_from(self.delivered).unwrap_or(u32::MAX);
-                let delay = retry_after.unwrap_or_else(|| self.ctx.config.backoff.delay(attempt));
+                let delay = self.ctx.config.backoff.throttled(attempt, retry_after);
                 self.status(Update::state(State::Retrying).because(detail).by(provider))
                     .await;
                 outcome(self.channel(), "throttled");
