@@ -476,7 +476,15 @@ impl Step<'_> {
                 self.status(Update::state(State::Retrying).because(reason))
                     .await;
                 outcome(self.channel(), "deferred");
-                return self.later(wait.max(Duration::from_millis(100))).await;
+                // Each deferral is a delivery of the job: past the breaker's own wait, back
+                // off further with every one (with jitter, so a backlog does not return
+                // all at once to find a probe in flight), or a backlog would spend its
+                // deliveries every few seconds while a probe is out and be dead-lettered
+                // within a minute or two of an outage, never attempted.
+                let attempt = u32::try_from(self.delivered).unwrap_or(u32::MAX);
+                let delay =
+                    wait.max(Duration::from_millis(100)) + self.ctx.config.backoff.delay(attempt);
+                return self.later(delay).await;
             }
             crate::providers::Pick::NoneAccepts => {
                 return self
