@@ -230,6 +230,16 @@ fn classify(
         },
         // The token is re-signed on the next send; the message itself was fine.
         (403, "ExpiredProviderToken") => SendError::Transient { detail },
+        // Our key, team or certificate: every message fails alike (see
+        // `http::credentials_refused`).
+        (
+            403,
+            "InvalidProviderToken"
+            | "MissingProviderToken"
+            | "BadCertificate"
+            | "BadCertificateEnvironment"
+            | "Forbidden",
+        ) => http::credentials_refused(detail),
         (500..=599, _) => SendError::Transient { detail },
         _ => SendError::Permanent { detail },
     }
@@ -293,9 +303,10 @@ mod tests {
             class(400, "PayloadEmpty"),
             SendError::Permanent { .. }
         ));
+        // Our credentials, not the message: the provider's circuit counts it.
         assert!(matches!(
             class(403, "InvalidProviderToken"),
-            SendError::Permanent { .. }
+            SendError::Transient { .. }
         ));
     }
 }

@@ -260,8 +260,9 @@ fn classify(status: u16, headers: &reqwest::header::HeaderMap, body: &[u8]) -> S
             detail,
         },
         "UNAVAILABLE" | "INTERNAL" => SendError::Transient { detail },
-        // A bad APNs certificate or web-push key on the Firebase project: configuration.
-        "THIRD_PARTY_AUTH_ERROR" => SendError::Permanent { detail },
+        // A bad APNs certificate or web-push key on the Firebase project: configuration,
+        // and every message to that platform fails alike.
+        "THIRD_PARTY_AUTH_ERROR" => http::credentials_refused(detail),
         _ if status == 401 => SendError::Transient {
             detail: format!("{detail} (access token refreshed)"),
         },

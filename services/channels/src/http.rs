@@ -166,7 +166,7 @@ pub(crate) fn by_status(
 }
 
 /// The class of a status with no more specific reason: 429 throttled, 408/5xx transient,
-/// anything else permanent.
+/// 401/403 refused credentials, anything else permanent.
 pub(crate) fn class_for(
     status: u16,
     headers: &reqwest::header::HeaderMap,
@@ -178,7 +178,20 @@ pub(crate) fn class_for(
             detail,
         },
         408 | 500..=599 => SendError::Transient { detail },
+        401 | 403 => credentials_refused(detail),
         _ => SendError::Permanent { detail },
+    }
+}
+
+/// The provider refused *our* credentials (a rotated auth token, a revoked key, a clock
+/// too far off for a signed token). Every message through it fails the same way until
+/// an operator fixes it, so this is the provider's failure, not the message's: it
+/// counts against the provider's circuit (which opens, and the channel's next provider
+/// takes over) and the job is retried, instead of every job being dead-lettered on its
+/// first attempt.
+pub(crate) fn credentials_refused(detail: String) -> SendError {
+    SendError::Transient {
+        detail: format!("{detail} (credentials refused: check the provider's configuration)"),
     }
 }
 

@@ -154,6 +154,18 @@ impl Provider for VonageProvider {
         }
         // A long text goes out in parts; it was accepted only if every part was.
         if let Some(failed) = answer.messages.iter().find(|p| p.status != 0) {
+            let accepted = answer.messages.iter().filter(|p| p.status == 0).count();
+            if accepted > 0 {
+                // Some parts are on their way: a retry would send those again. Not
+                // retried; dead-lettered where an operator sees what happened.
+                return Err(SendError::Permanent {
+                    detail: format!(
+                        "vonage: {accepted} of {} parts accepted, not retried (a retry would send them twice); {}",
+                        answer.messages.len(),
+                        classify(failed)
+                    ),
+                });
+            }
             return Err(classify(failed));
         }
         let ids: Vec<&str> = answer

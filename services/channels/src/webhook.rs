@@ -150,6 +150,11 @@ impl Provider for WebhookProvider {
             410 => SendError::InvalidTarget {
                 detail: format!("webhook: 410 Gone: {}", http::body_text(&body)),
             },
+            // One receiver's refusal (of our signature, say) is that receiver's: it must
+            // not open the circuit every other receiver's webhooks go through.
+            401 | 403 => SendError::Permanent {
+                detail: format!("webhook: {status}: {}", http::body_text(&body)),
+            },
             _ => http::by_status("webhook", status, &headers, &body),
         })
     }

@@ -161,11 +161,15 @@ impl AccessTokens {
             let lifetime = Duration::from_secs(answer.expires_in.unwrap_or(3600));
             return Ok((answer.access_token, lifetime));
         }
+        // Nothing was sent: a refused grant (`invalid_grant` from a revoked key or a
+        // skewed clock) is the provider's failure, not the message's.
         Err(
             match http::by_status("fcm oauth", status, &headers, &body) {
-                SendError::Permanent { detail } => SendError::Permanent {
-                    detail: format!("{detail} (check HERALD_FCM_CREDENTIALS)"),
-                },
+                SendError::Permanent { detail } | SendError::Transient { detail }
+                    if (400..500).contains(&status) =>
+                {
+                    http::credentials_refused(format!("{detail} (check HERALD_FCM_CREDENTIALS)"))
+                }
                 other => other,
             },
         )

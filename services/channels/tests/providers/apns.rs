@@ -131,7 +131,7 @@ async fn apns_errors_garbage_and_silence_are_classified() {
         (Reply::raw(502, "<html>bad gateway</html>"), "transient"),
         (error_reply(400, "PayloadEmpty"), "permanent"),
         (error_reply(413, "PayloadTooLarge"), "permanent"),
-        (error_reply(403, "BadCertificate"), "permanent"),
+        (error_reply(403, "BadCertificate"), "transient"),
         (Reply::raw(400, vec![0xff, 0xfe, 0x00]), "permanent"),
         (Reply::json(400, &json!({"unexpected": true})), "permanent"),
         (Reply::status(200), "sent"),
@@ -174,13 +174,15 @@ async fn apns_expired_provider_token_is_replaced_by_a_fresh_one() {
 }
 
 #[tokio::test]
-async fn apns_token_signed_with_the_wrong_key_is_permanent() {
+async fn apns_token_signed_with_the_wrong_key_counts_against_the_provider() {
     let fake = ApnsFake::start(TOPIC).await.expect("fake apns starts");
     let other = ApnsFake::start(TOPIC).await.expect("second fake");
     let provider = provider_with_key(&fake, other.p8_pem().as_bytes());
     let result = provider.send(&delivery(Channel::Push, ios(DEVICE))).await;
     assert!(
-        matches!(&result, Err(SendError::Permanent { detail }) if detail.contains("InvalidProviderToken")),
+        // Our key, not the message: retried, and counted by the provider's circuit.
+        matches!(&result, Err(SendError::Transient { detail })
+            if detail.contains("InvalidProviderToken") && detail.contains("credentials refused")),
         "{result:?}"
     );
 }

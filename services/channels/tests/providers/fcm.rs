@@ -199,7 +199,7 @@ async fn fcm_errors_garbage_and_silence_are_classified() {
                 Some("THIRD_PARTY_AUTH_ERROR"),
                 "APNs auth failed",
             ),
-            "permanent",
+            "transient",
         ),
         (
             error_reply(404, "NOT_FOUND", None, "Project not found"),
@@ -249,7 +249,12 @@ async fn fcm_token_endpoint_failures_are_classified() {
             &json!({"error": "invalid_grant", "error_description": "Invalid JWT Signature."}),
         ),
     );
-    assert_eq!(class(&provider.send(&push()).await), "permanent");
+    // A refused grant is our credentials: retried, and counted by the provider's circuit.
+    let refused = provider.send(&push()).await;
+    assert!(
+        matches!(&refused, Err(SendError::Transient { detail }) if detail.contains("credentials refused")),
+        "{refused:?}"
+    );
     assert!(
         fake.received().is_empty(),
         "no message is sent without a token"
@@ -271,7 +276,7 @@ async fn fcm_assertion_from_the_wrong_account_is_refused() {
         .send(&delivery(Channel::Push, device(Platform::Android, "t")))
         .await;
     assert!(
-        matches!(&result, Err(SendError::Permanent { detail }) if detail.contains("invalid_grant")),
+        matches!(&result, Err(SendError::Transient { detail }) if detail.contains("invalid_grant")),
         "{result:?}"
     );
 }

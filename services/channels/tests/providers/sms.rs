@@ -159,12 +159,13 @@ async fn twilio_error_codes_garbage_and_silence_are_classified() {
 }
 
 #[tokio::test]
-async fn twilio_wrong_credentials_are_permanent() {
+async fn twilio_wrong_credentials_count_against_the_provider() {
     let fake = TwilioFake::start().await.expect("fake twilio starts");
     let provider = twilio_with_token(&fake, "wrong");
     let result = provider.send(&delivery(Channel::Sms, phone(TO))).await;
     assert!(
-        matches!(&result, Err(SendError::Permanent { detail }) if detail.contains("20003")),
+        matches!(&result, Err(SendError::Transient { detail })
+            if detail.contains("20003") && detail.contains("credentials refused")),
         "{result:?}"
     );
 }
@@ -207,7 +208,8 @@ async fn vonage_status_codes_garbage_and_silence_are_classified() {
                 &json!({"message-count": "2", "messages": [
                 {"status": "0", "message-id": "A"}, {"status": "1", "error-text": "Throttled"}]}),
             ),
-            "throttled",
+            // Part one is on its way: a retry would send it twice.
+            "permanent",
         ),
         (
             Reply::json(200, &json!({"message-count": "0", "messages": []})),
@@ -216,7 +218,8 @@ async fn vonage_status_codes_garbage_and_silence_are_classified() {
         (Reply::raw(200, "<xml/>"), "permanent"),
         (Reply::raw(500, "boom"), "transient"),
         (Reply::status(429).header("retry-after", "2"), "throttled"),
-        (Reply::raw(401, "{}"), "permanent"),
+        // Our credentials, not the message: the provider's circuit counts it.
+        (Reply::raw(401, "{}"), "transient"),
         (Reply::Hang, "transient"),
     ];
     for (reply, expected) in cases {
