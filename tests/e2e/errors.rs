@@ -304,3 +304,48 @@ async fn producer_over_its_rate_gets_429_with_retry_after() -> anyhow::Result<()
     error_of(batch, StatusCode::TOO_MANY_REQUESTS).await?;
     Ok(())
 }
+
+/// Answers that come from outside Herald's handlers — axum's rejections, an unknown route,
+/// a wrong method, a WebSocket request that is not an upgrade — have the contract's JSON
+/// error body too, with their status and headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_from_outside_the_handlers_are_json_errors() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+
+    let unknown = herald
+        .producer(Method::GET, "/v1/nothing-here")
+        .send()
+        .await?;
+    assert_eq!(
+        error_of(unknown, StatusCode::NOT_FOUND).await?["code"],
+        "not_found"
+    );
+
+    let wrong_method = herald.producer(Method::DELETE, "/v1/notify").send().await?;
+    ensure!(
+        wrong_method.headers().contains_key("allow"),
+        "405 keeps its Allow header"
+    );
+    let error = error_of(wrong_method, StatusCode::METHOD_NOT_ALLOWED).await?;
+    assert_eq!(error["code"], "method_not_allowed");
+
+    // A path segment that is not UTF-8 once decoded: axum's own rejection.
+    let bad_segment = herald
+        .producer(Method::GET, "/v1/users/%FF%FE/preferences")
+        .send()
+        .await?;
+    let error = error_of(bad_segment, StatusCode::BAD_REQUEST).await?;
+    assert_eq!(error["code"], "bad_request");
+
+    // A WebSocket request without the upgrade headers.
+    let not_an_upgrade = herald
+        .request(Method::GET, "/v1/ws")
+        .bearer_auth(herald.token("ann"))
+        .send()
+        .await?;
+    let status = not_an_upgrade.status();
+    ensure!(status.is_client_error(), "{status}");
+    error_of(not_an_upgrade, status).await?;
+    Ok(())
+}

@@ -127,6 +127,53 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// Gives every error answer the contract's JSON body (`{"error":{"code","message"}}`).
+/// Herald's handlers answer with [`AppError`] already; this catches what answers before
+/// or around them — axum's own rejections (a path segment that is not UTF-8, a query
+/// that does not parse, a WebSocket request without its upgrade headers), an unknown
+/// route, a wrong method — which are plain text or empty. Their status and headers
+/// (`Allow`, `Retry-After`) are kept; the text becomes the message.
+pub async fn json_errors(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    // Rejection texts are a line or two; anything longer is cut, not buffered whole.
+    let text = axum::body::to_bytes(body, 4_096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let message = match text.trim() {
+        "" => status.canonical_reason().unwrap_or("error").to_owned(),
+        t => t.to_owned(),
+    };
+    let code = match status {
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::TOO_MANY_REQUESTS => "rate_limited",
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::FORBIDDEN => "forbidden",
+        s if s.is_server_error() => "internal",
+        _ => "bad_request",
+    };
+    let mut answer = (status, Json(ErrorBody::new(code, message))).into_response();
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            answer.headers_mut().append(name, value.clone());
+        }
+    }
+    answer
+}
+
 impl From<crate::accept::AcceptError> for AppError {
     /// 400 naming the field, 413 for a notification too large to store, 503 otherwise.
     fn from(e: crate::accept::AcceptError) -> Self {

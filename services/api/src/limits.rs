@@ -39,8 +39,8 @@ impl ProducerRates {
     /// Takes `n` notifications from `producer`'s bucket.
     ///
     /// # Errors
-    /// 429 with `Retry-After` when the bucket is empty, or when `n` exceeds what the
-    /// bucket can ever hold (a batch larger than one second's rate).
+    /// 429 with `Retry-After` when the bucket is empty; 400 naming `notifications` when
+    /// `n` exceeds what the bucket can ever hold (a batch larger than one second's rate).
     pub fn check(&self, producer: &str, n: u32) -> Result<(), AppError> {
         let Some(rate) = self
             .config
@@ -77,12 +77,13 @@ impl ProducerRates {
                     ),
                 )
             }
-            Err(_) => over(
-                1,
+            // No wait makes this fit: a 429 would have clients retry it for ever.
+            Err(_) => Err(AppError::field(herald_protocol::FieldError::new(
+                "notifications",
                 format!(
-                    "a batch of {n} is more than this producer's rate of {rate}/s allows at once; send smaller batches"
+                    "a batch of {n} is more than this producer's rate of {rate}/s allows at once; send at most {rate} per batch"
                 ),
-            ),
+            ))),
         }
     }
 }
@@ -106,10 +107,11 @@ mod tests {
             "another producer is unaffected"
         );
         assert!(rates.check("big", 100).is_ok(), "its own, larger rate");
-        assert!(
-            rates.check("small", 3).is_err(),
-            "more than the bucket holds"
-        );
+        let never = rates
+            .check("small", 3)
+            .expect_err("more than the bucket holds");
+        assert_eq!(never.retry_after_secs(), None, "no wait makes it fit");
+        assert_eq!(never.status(), StatusCode::BAD_REQUEST);
         assert!(
             ProducerRates::default().check("anyone", 1000).is_ok(),
             "unlimited"

@@ -305,6 +305,7 @@ impl Mesh {
         // 5xx answers log themselves once, with their cause (`AppError::unavailable`,
         // `AppError::internal`); an admission refusal is counted, not logged. At ERROR
         // here a reconnect storm wrote one line per refused upgrade.
+        let app = app.layer(axum::middleware::from_fn(herald_api::error::json_errors));
         let app =
             app.layer(tower_http::trace::TraceLayer::new_for_http().on_failure(
                 tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
