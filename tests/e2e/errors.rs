@@ -295,13 +295,16 @@ async fn producer_over_its_rate_gets_429_with_retry_after() -> anyhow::Result<()
     ensure!((1..=2).contains(&retry_after), "Retry-After {retry_after}");
     let error = error_of(response, StatusCode::TOO_MANY_REQUESTS).await?;
     ensure!(error["code"] == "rate_limited", "{error}");
-    // A batch larger than the bucket can ever hold is refused as a whole.
+    // A batch larger than the bucket can ever hold is refused as a whole, as a client
+    // error: no Retry-After would ever let it through.
     let batch = herald
         .producer(Method::POST, "/v1/notify/batch")
         .json(&json!({"notifications": [{"user_id": "yara", "title": "a"}, {"user_id": "yara", "title": "b"}]}))
         .send()
         .await?;
-    error_of(batch, StatusCode::TOO_MANY_REQUESTS).await?;
+    ensure!(!batch.headers().contains_key("retry-after"));
+    let error = error_of(batch, StatusCode::BAD_REQUEST).await?;
+    ensure!(error["field"] == "notifications", "{error}");
     Ok(())
 }
 
