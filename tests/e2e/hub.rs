@@ -8,7 +8,10 @@ use herald_protocol::UserId;
 use herald_tests::{Herald, Nats, Resume, eventually};
 use reqwest::Method;
 use serde_json::{Value, json};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_subscription_per_partition_not_per_connection() -> anyhow::Result<()> {
@@ -93,5 +96,126 @@ async fn an_overflowing_tap_catches_up_from_the_inbox() -> anyhow::Result<()> {
     assert_eq!(got, want, "every notification once, in order");
     drop(feed);
     assert_eq!(hub.subjects_tapped(), 0);
+    Ok(())
+}
+
+/// A TCP relay to nats-server that can cut its connections and refuse new ones: the
+/// hub's NATS connection goes away and comes back while the server stays up and keeps
+/// storing (what a gateway sees when its cluster node restarts).
+struct Relay {
+    addr: std::net::SocketAddr,
+    open: Arc<AtomicBool>,
+    /// Cancelled to drop the connections relayed so far; replaced by a fresh one.
+    cut: Arc<Mutex<CancellationToken>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(upstream: &str) -> anyhow::Result<Relay> {
+        let upstream = upstream.trim_start_matches("nats://").to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let open = Arc::new(AtomicBool::new(true));
+        let cut = Arc::new(Mutex::new(CancellationToken::new()));
+        let (accepting, cuts) = (open.clone(), cut.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !accepting.load(Ordering::Acquire) {
+                    continue; // refused: dropped at once
+                }
+                let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                let cut = cuts.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Ok(Relay {
+            addr,
+            open,
+            cut,
+            task,
+        })
+    }
+
+    fn url(&self) -> String {
+        format!("nats://{}", self.addr)
+    }
+
+    /// Drops every relayed connection and refuses new ones.
+    fn cut(&self) {
+        self.open.store(false, Ordering::Release);
+        let mut cut = self.cut.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::take(&mut *cut).cancel();
+    }
+
+    /// Accepts connections again.
+    fn resume(&self) {
+        self.open.store(true, Ordering::Release);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.cut.lock().unwrap_or_else(|e| e.into_inner()).cancel();
+    }
+}
+
+/// Notifications stored while the gateway's NATS connection was away never arrive live;
+/// once it is back, every feed re-reads its inbox and hands them out — even with nothing
+/// published afterwards to reveal the gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feed_gets_what_was_stored_while_its_nats_connection_was_away() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    let relay = Relay::start(&nats.url()).await?;
+    let through_relay = herald_store::connect(&relay.url(), "hub-relayed").await?;
+    let connected = through_relay.consume.clone();
+    let hub = Hub::start(herald_store::Inbox::new(
+        through_relay,
+        herald.subjects().clone(),
+    ))
+    .await?;
+    let user = UserId::new("zoe")?;
+    let mut feed = Feed::open(&hub, user.clone(), None, 0).await?;
+    let before = herald.send("zoe", "before").await?;
+    let got =
+        herald_tests::within(Duration::from_secs(10), "the first, live", feed.next()).await??;
+    assert_eq!(got.iter().map(|n| n.seq).collect::<Vec<_>>(), [before.seq]);
+
+    relay.cut();
+    eventually(
+        Duration::from_secs(10),
+        "the hub's connection is down",
+        || async {
+            anyhow::ensure!(
+                connected.connection_state() != async_nats::connection::State::Connected
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    // Stored (Herald's own connection is direct) while the hub cannot hear it.
+    let during = herald.send("zoe", "while away").await?;
+    relay.resume();
+
+    let got =
+        herald_tests::within(Duration::from_secs(20), "the missed one", feed.next()).await??;
+    assert_eq!(
+        got.iter().map(|n| n.seq).collect::<Vec<_>>(),
+        [during.seq],
+        "handed out once the connection is back, with nothing published after it"
+    );
+    // And live again: the next one arrives once, after it.
+    let after = herald.send("zoe", "after").await?;
+    let got =
+        herald_tests::within(Duration::from_secs(10), "the next, live", feed.next()).await??;
+    assert_eq!(got.iter().map(|n| n.seq).collect::<Vec<_>>(), [after.seq]);
     Ok(())
 }

@@ -324,13 +324,21 @@ impl Feed {
                 ready!(self.poll_in_flight(cx))?;
                 continue;
             }
-            let live = ready!(self.live.poll_recv(cx)).ok_or(FeedError::Closed)?;
-            self.on_live(&live);
             if self.live.take_lagged() {
-                // The hub dropped live messages for this connection: read them from the
-                // inbox (the next live one may be long in coming).
-                self.catch_up(self.last_sent);
+                // Live messages went missing (the hub dropped some for this connection,
+                // or its NATS connection lost some): read them from the inbox, from the
+                // least any source has handed out — `last_sent` may be past a lost
+                // message of another lane or source. What is queued meanwhile is in the
+                // inbox too, and is dropped as already handed out after the catch-up.
+                self.catch_up(self.lowest_high());
+                continue;
             }
+            let live = ready!(self.live.poll_recv(cx)).ok_or(FeedError::Closed)?;
+            if self.live.take_lagged() {
+                // Missing after this one: it is held until the catch-up ends.
+                self.catch_up(self.lowest_high());
+            }
+            self.on_live(&live);
         }
     }
 
@@ -560,6 +568,13 @@ impl Feed {
             Ok(_) => return tracing::error!(seq, "live message for another user; dropped"),
             Err(e) => return tracing::warn!(seq, error = %e, "undecodable live message; dropped"),
         };
+        if self.catching_up {
+            // Its predecessors are being read from the inbox; it follows them.
+            if self.held.as_ref().is_none_or(|held| held.0 < seq) {
+                self.held = Some(Box::new((seq, source, stored)));
+            }
+            return;
+        }
         let previous = header_u64(headers, "Nats-Last-Sequence").unwrap_or(0);
         if previous > floor && previous > self.high(source.as_ref()) {
             // A live message of this source was lost (or arrived before the replay saw
@@ -572,6 +587,15 @@ impl Feed {
             return;
         }
         self.push(seq, source.as_ref(), stored);
+    }
+
+    /// The lowest of the sources' highest seqs handed out: a catch-up from here misses
+    /// no source (what it reads again is dropped per source).
+    fn lowest_high(&self) -> u64 {
+        self.topics
+            .iter()
+            .map(|f| f.high)
+            .fold(self.own_high, u64::min)
     }
 
     /// The highest seq handed out from a source.

@@ -163,7 +163,11 @@ impl Slots {
 #[derive(Debug)]
 struct TapQueue {
     queue: Queue<Arc<Live>>,
+    /// The hub dropped a message for this tap (its queue was full).
     lagged: AtomicBool,
+    /// The hub's NATS connection may have lost messages for every tap (a reconnect, a
+    /// slow-consumer drop): re-read, but this connection is not slow.
+    resync: AtomicBool,
 }
 
 /// A live message as the hub hands it to every tap registered under its subject. The
@@ -240,9 +244,11 @@ impl Tap {
         self.shared.queue.poll_pop(cx)
     }
 
-    /// Whether messages were dropped since the last call (then re-read the inbox).
+    /// Whether live messages may be missing since the last call — dropped for this tap,
+    /// or lost by the hub's connection — so the inbox must be re-read.
     pub fn take_lagged(&self) -> bool {
-        self.shared.lagged.swap(false, Ordering::AcqRel)
+        let dropped = self.shared.lagged.swap(false, Ordering::AcqRel);
+        self.shared.resync.swap(false, Ordering::AcqRel) || dropped
     }
 
     /// Whether messages were dropped (without clearing it); registers the waker, which
@@ -407,7 +413,9 @@ impl Hub {
             subs.insert(subject, sub);
         }
         client.flush().await.map_err(|e| HubError(Box::new(e)))?;
-        tokio::spawn(dispatch(subs, control_rx, inner.clone()));
+        let mut losses = inner.inbox.nats().losses.clone();
+        losses.borrow_and_update();
+        tokio::spawn(dispatch(subs, control_rx, losses, inner.clone()));
         Ok(Hub { inner })
     }
 
@@ -427,6 +435,7 @@ impl Hub {
         let shared = Arc::new(TapQueue {
             queue: Queue::new(TAP_QUEUE),
             lagged: AtomicBool::new(false),
+            resync: AtomicBool::new(false),
         });
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         register(&self.inner, &subject, id, &shared);
@@ -465,9 +474,11 @@ const DISPATCH_BATCH: usize = 4096;
 async fn dispatch(
     mut subs: StreamMap<String, async_nats::Subscriber>,
     mut control: mpsc::UnboundedReceiver<Control>,
+    mut losses: tokio::sync::watch::Receiver<u64>,
     inner: Arc<Inner>,
 ) {
     let mut batch: Vec<Message> = Vec::new();
+    let mut watching = true;
     loop {
         let first = tokio::select! {
             biased;
@@ -476,6 +487,14 @@ async fn dispatch(
                     Some(Control::Add(subject, sub)) => { subs.insert(subject, sub); }
                     Some(Control::Remove(subject)) => { subs.remove(&subject); }
                     None => {}
+                }
+                continue;
+            }
+            lost = losses.changed(), if watching => {
+                match lost {
+                    Ok(()) => resync_all(&inner),
+                    // The connection is gone for good; the subscriptions end with it.
+                    Err(_) => watching = false,
                 }
                 continue;
             }
@@ -524,6 +543,26 @@ async fn dispatch(
     inner.routes.clear();
 }
 
+/// The connection may have lost live messages (it reconnected, or the client dropped
+/// some): every feed re-reads its inbox from what it last handed out. Messages published
+/// while it was away never arrive live, and a gap across a user's lanes cannot be seen
+/// from the next message's `Nats-Last-Sequence` (that is per lane).
+fn resync_all(inner: &Inner) {
+    let mut taps = 0_usize;
+    for slots in inner.routes.iter() {
+        for tap in slots.taps() {
+            tap.resync.store(true, Ordering::Release);
+            tap.queue.wake();
+            taps += 1;
+        }
+    }
+    metrics::counter!("herald_gateway_resyncs_total").increment(1);
+    tracing::info!(
+        taps,
+        "live messages may have been lost by NATS; every feed re-reads its inbox"
+    );
+}
+
 fn deliver(inner: &Inner, msg: Message) {
     let Some(slots) = inner.routes.get(msg.subject.as_str()) else {
         return;
@@ -547,6 +586,7 @@ mod tests {
         Arc::new(TapQueue {
             queue: Queue::new(1),
             lagged: AtomicBool::new(false),
+            resync: AtomicBool::new(false),
         })
     }
 

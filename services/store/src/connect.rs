@@ -19,6 +19,10 @@ pub struct Nats {
     pub js: jetstream::Context,
     /// JetStream on the consume connection.
     pub js_consume: jetstream::Context,
+    /// Counts the times the consume connection may have lost core messages: each
+    /// reconnect after a disconnect, and each slow-consumer drop. Whoever delivers live
+    /// messages from it re-reads what they hold from the store when it changes.
+    pub losses: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Nats {
@@ -44,8 +48,11 @@ pub async fn connect(url: &str, name: &str) -> Result<Nats, async_nats::ConnectE
         .map(str::trim)
         .filter(|u| !u.is_empty())
         .collect();
-    let publish = options(name, "pub").connect(urls.as_slice()).await?;
-    let consume = options(name, "sub").connect(urls.as_slice()).await?;
+    let publish = options(name, "pub", None).connect(urls.as_slice()).await?;
+    let (lost, losses) = tokio::sync::watch::channel(0);
+    let consume = options(name, "sub", Some(std::sync::Arc::new(lost)))
+        .connect(urls.as_slice())
+        .await?;
     let js = jetstream::ContextBuilder::new()
         .timeout(JETSTREAM_TIMEOUT)
         .max_ack_inflight(16_384)
@@ -58,24 +65,50 @@ pub async fn connect(url: &str, name: &str) -> Result<Nats, async_nats::ConnectE
         consume,
         js,
         js_consume,
+        losses,
     })
 }
 
-fn options(name: &str, role: &str) -> async_nats::ConnectOptions {
+/// `lost`: bumped when core messages may have been lost (see [`Nats::losses`]).
+fn options(
+    name: &str,
+    role: &str,
+    lost: Option<std::sync::Arc<tokio::sync::watch::Sender<u64>>>,
+) -> async_nats::ConnectOptions {
+    let disconnected = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     async_nats::ConnectOptions::new()
         .name(format!("{name}-{role}"))
         .retry_on_initial_connect()
         .max_reconnects(None)
         .subscription_capacity(65_536)
         .client_capacity(65_536)
-        .event_callback(|event| async move {
-            match event {
-                async_nats::Event::Connected => tracing::info!("connected to NATS"),
-                async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
-                async_nats::Event::SlowConsumer(sid) => {
-                    tracing::warn!(sid, "NATS slow consumer: messages were dropped");
+        .event_callback(move |event| {
+            let (lost, disconnected) = (lost.clone(), disconnected.clone());
+            async move {
+                let bump = || {
+                    if let Some(lost) = &lost {
+                        lost.send_modify(|n| *n += 1);
+                    }
+                };
+                match event {
+                    async_nats::Event::Connected => {
+                        tracing::info!("connected to NATS");
+                        // Messages published while this connection was away never
+                        // reached its subscriptions.
+                        if disconnected.swap(false, std::sync::atomic::Ordering::AcqRel) {
+                            bump();
+                        }
+                    }
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!("disconnected from NATS");
+                        disconnected.store(true, std::sync::atomic::Ordering::Release);
+                    }
+                    async_nats::Event::SlowConsumer(sid) => {
+                        tracing::warn!(sid, "NATS slow consumer: messages were dropped");
+                        bump();
+                    }
+                    other => tracing::info!(%other, "NATS event"),
                 }
-                other => tracing::info!(%other, "NATS event"),
             }
         })
 }
