@@ -219,3 +219,63 @@ async fn a_feed_gets_what_was_stored_while_its_nats_connection_was_away() -> any
     assert_eq!(got.iter().map(|n| n.seq).collect::<Vec<_>>(), [after.seq]);
     Ok(())
 }
+
+/// A feed replaying a backlog takes nothing live (the live ones are in the inbox it reads),
+/// so its tap overflows; that is no sign of a slow client, and the connection must not
+/// be closed for it. Everything still arrives once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drops_during_a_replay_do_not_mark_the_client_slow() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    let batch = |from: usize| -> Value {
+        let items: Vec<Value> = (from..from + 100)
+            .map(|i| json!({"user_id": "uma", "title": format!("n{i}")}))
+            .collect();
+        json!({ "notifications": items })
+    };
+    let mut want = Vec::new();
+    let mut send = async |from: usize| -> anyhow::Result<()> {
+        let response = herald
+            .producer(Method::POST, "/v1/notify/batch")
+            .json(&batch(from))
+            .send()
+            .await?;
+        anyhow::ensure!(response.status() == 202);
+        let body: Value = response.json().await?;
+        want.extend(
+            body["results"]
+                .as_array()
+                .context("results")?
+                .iter()
+                .filter_map(|r| r["seq"].as_u64()),
+        );
+        Ok(())
+    };
+    send(0).await?;
+    let hub = Hub::start(herald.store_inbox("hub-replay").await?).await?;
+    let mut feed = Feed::open(&hub, UserId::new("uma")?, Some(0), 0).await?;
+    let drops = |text: &str| crate::metrics::sample(text, "herald_gateway_hub_drops_total");
+    let before = drops(&herald.metrics().await?).unwrap_or(0.0);
+    // 200 live while the feed replays and takes nothing: its tap (64) overflows.
+    send(100).await?;
+    send(200).await?;
+    eventually(Duration::from_secs(10), "the tap overflowed", || async {
+        let now = drops(&herald.metrics().await?).unwrap_or(0.0);
+        anyhow::ensure!(now >= before + 100.0, "{now} drops");
+        Ok(())
+    })
+    .await?;
+    let slow = std::future::poll_fn(|cx| std::task::Poll::Ready(feed.poll_lagged(cx))).await;
+    assert!(!slow, "a replaying feed was reported slow");
+    want.sort_unstable();
+    let mut got = Vec::new();
+    herald_tests::within(Duration::from_secs(20), "all 300 through the feed", async {
+        while got.len() < want.len() {
+            got.extend(feed.next().await?.into_iter().map(|n| n.seq));
+        }
+        anyhow::Ok(())
+    })
+    .await??;
+    assert_eq!(got, want, "every notification once, in order");
+    Ok(())
+}

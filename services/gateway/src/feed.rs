@@ -517,9 +517,15 @@ impl Feed {
     }
 
     /// Whether live messages were dropped for this feed because it was not taking them
-    /// (see [`Tap::poll_lagged`]); registers the waker for the next drop.
+    /// (see [`Tap::poll_lagged`]) while it is live; registers the waker for the next drop.
+    ///
+    /// During a replay or catch-up the feed does not take live messages at all (they are
+    /// in the inbox it is reading), so drops then are expected and say nothing about the
+    /// client: a client that keeps up with a long replay must not be closed as slow. A
+    /// drop still makes the feed read again once the catch-up ends.
     pub fn poll_lagged(&self, cx: &mut Context<'_>) -> bool {
-        self.live.poll_lagged(cx)
+        let dropped = self.live.poll_lagged(cx);
+        dropped && !self.catching_up && self.in_flight.is_none()
     }
 
     /// The read position announced since the last call, if any.
