@@ -384,7 +384,10 @@ impl Feed {
                     if self.locale.is_none() {
                         self.locale = locale;
                     }
-                    self.catch_up(self.last_sent);
+                    // From the new topics' `since`, not `last_sent`: a publish stored
+                    // between the subscribe and this follow is below what this
+                    // connection has handed out of its own, and live never brought it.
+                    self.catch_up(self.lowest_high());
                 }
             }
         }
