@@ -537,3 +537,30 @@ async fn subscriber_pages_read_each_once_and_end_after_the_tail_left() -> anyhow
     ensure!(read[..590] == users[..590], "{:?}", &read[..5]);
     Ok(())
 }
+
+/// A topic name may take the whole 128 bytes a name may; its publishes still go out
+/// (they were once validated with the recipient `topic:<name>`, over a user id's limit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_with_the_longest_name_can_be_published_to() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    // 128 bytes, multi-byte characters across the cut `topic:` would fall on.
+    let topic = format!("{}{}", "é".repeat(60), "x".repeat(8));
+    assert_eq!(topic.len(), 128);
+    let path = format!(
+        "/v1/topics/{}/subscribers/{}",
+        herald_tests::encode(&topic),
+        herald_tests::encode("lia")
+    );
+    ok(herald.producer(Method::PUT, &path).send().await?).await?;
+    let sent = publish(&herald, &herald_tests::encode(&topic), "long").await?;
+    progress_done(
+        &herald,
+        &herald_tests::encode(&topic),
+        sent["id"].as_str().context("id")?,
+    )
+    .await?;
+    let inbox = herald.inbox("lia").await?;
+    ensure!(inbox.len() == 1 && inbox[0]["title"] == "long", "{inbox:?}");
+    Ok(())
+}

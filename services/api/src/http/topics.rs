@@ -194,7 +194,7 @@ pub(super) async fn publish(
         }
     }
     // Validated like a notify to one user; each copy gets its recipient at fan-out.
-    doc.insert("user_id".into(), Value::String(format!("topic:{t}")));
+    doc.insert("user_id".into(), Value::String(placeholder_recipient(&t)));
     let raw = serde_json::to_vec(&doc).map_err(|e| AppError::internal(&e))?;
     let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok());
     let prepared = state
@@ -322,4 +322,19 @@ pub(super) async fn my_topics(
         .await
         .map_err(topics_error)?;
     Ok(Json(json!({"topics": topics})))
+}
+
+/// The recipient a topic publish is validated (and stored) with before each copy gets its
+/// subscriber: `topic:<name>`, cut on a character boundary to fit a user id — a topic
+/// name may take all 128 bytes a user id may, and `topic:` does not fit beside it.
+fn placeholder_recipient(topic: &TopicId) -> String {
+    let mut placeholder = format!("topic:{topic}");
+    let mut end = placeholder
+        .len()
+        .min(herald_protocol::user::MAX_USER_ID_BYTES);
+    while !placeholder.is_char_boundary(end) {
+        end -= 1;
+    }
+    placeholder.truncate(end);
+    placeholder
 }
