@@ -213,3 +213,59 @@ async fn sse_resumes_from_last_event_id_without_duplicates() -> anyhow::Result<(
     assert_eq!(fresh.next_notification().await?["seq"], live.seq);
     Ok(())
 }
+
+/// A waiting long-poll holds a live registration, so it counts against the per-user cap
+/// like a connection: one token cannot open thousands of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_long_polls_count_against_the_per_user_cap() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let config = herald_gateway::GatewayConfig {
+        limits: herald_gateway::admission::Limits {
+            max_per_user: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let herald = std::sync::Arc::new(Herald::builder(&nats).gateway(config).start().await?);
+    let last = herald.send("kai", "first").await?.seq;
+    let live = herald.subjects().live(&UserId::new("kai")?);
+    let poller = herald.clone();
+    let waiting = tokio::spawn(async move {
+        poller
+            .my_page("kai", &format!("after={last}&wait=20"))
+            .await
+    });
+    eventually(Duration::from_secs(5), "the first poll waits", || async {
+        ensure!(herald.is_tapped(&live));
+        Ok(())
+    })
+    .await?;
+    let second = herald
+        .user(
+            reqwest::Method::GET,
+            &format!("/v1/me/notifications?after={last}&wait=20"),
+            "kai",
+        )
+        .send()
+        .await?;
+    ensure!(
+        second.status() == reqwest::StatusCode::TOO_MANY_REQUESTS,
+        "a second waiting poll: {}",
+        second.status()
+    );
+    let body: serde_json::Value = second.json().await?;
+    ensure!(body["error"]["code"] == "too_many_connections", "{body}");
+    // A plain page read (no wait) is not a registration and is not capped.
+    let page = herald.my_page("kai", "after=0").await?;
+    ensure!(
+        page["items"].as_array().is_some_and(|i| i.len() == 1),
+        "{page}"
+    );
+    let n = herald.send("kai", "second").await?;
+    let page = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .context("the first poll never answered")???;
+    let items = page["items"].as_array().cloned().unwrap_or_default();
+    assert_eq!(seqs(&items), [n.seq], "{page}");
+    Ok(())
+}

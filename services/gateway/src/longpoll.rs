@@ -1,5 +1,6 @@
 //! `GET /v1/me/notifications?after=&before=&limit=&wait=`: an inbox page; with `after`
-//! and `wait`, an empty page waits up to `wait` seconds for the next notification.
+//! and `wait`, an empty page waits up to `wait` seconds for the next notification. A
+//! waiting poll is admitted like a connection (upgrade rate, per-user cap, adaptive cap).
 
 use crate::GatewayState;
 use crate::feed::Feed;
@@ -23,16 +24,25 @@ pub(crate) async fn page(
             read_page(&state.inbox, &state.reads, &user, &query).await?,
         ));
     };
+    // A waiting poll holds a live registration like a connection does, so it passes the
+    // same admission: the upgrade rate, the per-user cap (its ticket is held while it
+    // waits), and the adaptive cap on opens that read the store.
+    let _ticket = state.admission.admit(&user)?;
+    let opening = state.admission.begin_open().await?;
     // Open a feed at `after`: it replays what is there, or waits for the next one live.
-    let read_up_to = state
-        .reads
-        .get(&user)
-        .await
-        .map_err(|e| AppError::unavailable(&e))?;
-    let mut feed = Feed::open(&state.hub, user.clone(), Some(after), read_up_to)
-        .await
-        .map_err(|e| AppError::unavailable(&e))?
-        .paced(std::sync::Arc::clone(&state.replay_pace));
+    let opened = async {
+        let read_up_to = state
+            .reads
+            .get(&user)
+            .await
+            .map_err(|e| AppError::unavailable(&e))?;
+        Feed::open(&state.hub, user.clone(), Some(after), read_up_to)
+            .await
+            .map_err(|e| AppError::unavailable(&e))
+    }
+    .await;
+    opening.finish(opened.is_ok());
+    let mut feed = opened?.paced(std::sync::Arc::clone(&state.replay_pace));
     let first = feed
         .next_ready()
         .await
