@@ -247,19 +247,34 @@ impl Inbox {
         limit: usize,
     ) -> Result<InboxPage, InboxError> {
         let limit = limit.clamp(1, MAX_PAGE);
-        let own = self.subjects().inbox_lanes(user);
-        let sources = async {
-            match known {
-                None => self.active_sources(user, after).await,
-                Some(topics) => self.sources_after(topics, after).await,
-            }
+        let topics = match known {
+            None => self.subscribed_topics(user).await?,
+            Some(topics) => topics.to_vec(),
         };
-        let (personal, topics) = tokio::try_join!(self.lanes_after(&own, after, limit), sources)?;
-        let (msgs, mut has_more) = personal;
+        // Every lane of the view, the user's own and each followed topic's, has its newest
+        // sequence read in one snapshot, and each is walked up to it. Read apart, a page
+        // could hold a topic publish read a moment later than the own lanes, but not an
+        // own entry stored in that moment with a lower seq: the reader's position would
+        // pass over it for good.
+        let own = self.subjects().inbox_lanes(user);
+        let mut lanes = own.clone();
+        for t in &topics {
+            lanes.extend(self.subjects().topic_inbox_lanes(&t.topic));
+        }
+        let lasts: HashMap<String, u64> =
+            self.lane_lasts_chunked(&lanes).await?.into_iter().collect();
+        let lasts_of = |lanes: &[String]| -> Vec<(String, u64)> {
+            lanes
+                .iter()
+                .filter_map(|l| Some((l.clone(), *lasts.get(l)?)))
+                .collect()
+        };
+        let (msgs, mut has_more) = self.walk_lanes(&lasts_of(&own), after, limit).await?;
         let mut read: Vec<Read> = msgs.into_iter().map(|m| (m, None)).collect();
-        for (source, from) in topics {
+        for source in topics {
+            let from = after.max(source.since);
             let lanes = self.subjects().topic_inbox_lanes(&source.topic);
-            let (msgs, more) = self.lanes_after(&lanes, from, limit).await?;
+            let (msgs, more) = self.walk_lanes(&lasts_of(&lanes), from, limit).await?;
             has_more |= more;
             read.extend(msgs.into_iter().map(|m| (m, Some(source.topic.clone()))));
         }

@@ -19,6 +19,9 @@ use crate::direct::{self, DirectMessage};
 use crate::inbox::{Inbox, InboxError};
 use herald_protocol::streams::INBOX;
 
+/// Subjects per `multi_last` request.
+const MULTI_LAST_SUBJECTS: usize = 256;
+
 /// Messages read one at a time before a walk switches to batches.
 const SINGLE_READS: usize = 8;
 
@@ -46,16 +49,30 @@ impl Inbox {
             .collect())
     }
 
-    /// Up to `limit` messages with `seq > after` of `lanes`, oldest first, and whether
-    /// more follow: each lane that holds anything newer is walked up to its newest
-    /// sequence as read now (what is stored later comes with the next read).
-    pub(crate) async fn lanes_after(
+    /// [`Inbox::lane_lasts`] for any number of lanes: one request per 256. The answer of
+    /// one request is one snapshot; a view of more than 256 lanes (a user following over
+    /// 80 big topics) spans several, a few milliseconds apart.
+    pub(crate) async fn lane_lasts_chunked(
         &self,
         lanes: &[String],
+    ) -> Result<Vec<(String, u64)>, InboxError> {
+        let mut lasts = Vec::with_capacity(lanes.len());
+        for chunk in lanes.chunks(MULTI_LAST_SUBJECTS) {
+            lasts.extend(self.lane_lasts(chunk).await?);
+        }
+        Ok(lasts)
+    }
+
+    /// Up to `limit` messages with `seq > after` of the lanes in `lasts`, oldest first,
+    /// and whether more follow: each lane that holds anything newer is walked up to its
+    /// newest sequence as read in `lasts` (`(lane, seq)`, from [`Inbox::lane_lasts`];
+    /// what is stored later comes with the next read).
+    pub(crate) async fn walk_lanes(
+        &self,
+        lasts: &[(String, u64)],
         after: u64,
         limit: usize,
     ) -> Result<(Vec<DirectMessage>, bool), InboxError> {
-        let lasts = self.lane_lasts(lanes).await?;
         let walks = lasts
             .iter()
             .filter(|(_, last)| *last > after)
