@@ -147,7 +147,8 @@ pub async fn json_errors(
         return response;
     }
     let (parts, body) = response.into_parts();
-    // Rejection texts are a line or two; anything longer is cut, not buffered whole.
+    // Rejection texts are a line or two; a body over 4 KiB is not buffered, and the
+    // status's reason phrase stands in for it.
     let text = axum::body::to_bytes(body, 4_096).await.unwrap_or_default();
     let text = String::from_utf8_lossy(&text);
     let message = match text.trim() {

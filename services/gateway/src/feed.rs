@@ -74,6 +74,9 @@ pub struct Feed {
     /// A live notification that revealed a gap, delivered once the gap is read (kept in
     /// case the replica that answers the catch-up has not stored it yet).
     held: Option<Box<(u64, Option<TopicId>, StoredNotification)>>,
+    /// The tap dropped live messages while a catch-up took none: after the tap is
+    /// drained, the inbox is read again for them.
+    stale_drops: bool,
     /// Shared by a gateway's feeds: one permit per catch-up read in flight.
     pace: Option<Arc<Semaphore>>,
     ready: VecDeque<Notification>,
@@ -187,6 +190,7 @@ impl Tapped {
             read_up_to,
             catching_up,
             held: None,
+            stale_drops: false,
             pace: None,
             ready: VecDeque::new(),
             read_event: None,
@@ -324,6 +328,21 @@ impl Feed {
                 ready!(self.poll_in_flight(cx))?;
                 continue;
             }
+            if self.stale_drops {
+                // The tap overflowed while a catch-up took nothing live. What it holds
+                // comes first, in order (duplicates are dropped); then what it dropped is
+                // read from the inbox.
+                loop {
+                    match self.live.poll_recv(cx) {
+                        Poll::Ready(Some(live)) => self.on_live(&live),
+                        Poll::Ready(None) => return Poll::Ready(Err(FeedError::Closed)),
+                        Poll::Pending => break,
+                    }
+                }
+                self.stale_drops = false;
+                self.catch_up(self.lowest_high());
+                continue;
+            }
             if self.live.take_lagged() {
                 // Live messages went missing (the hub dropped some for this connection,
                 // or its NATS connection lost some): read them from the inbox, from the
@@ -448,6 +467,18 @@ impl Feed {
                 self.last_sent = self.last_sent.max(last);
             }
             None => {
+                // Every source has been read up to `replay_from`: nothing at or below it
+                // can still be missing, so no later catch-up need start below it (a
+                // quiet source would otherwise pull every later one back to where the
+                // connection opened).
+                self.own_high = self.own_high.max(self.replay_from);
+                for f in &mut self.topics {
+                    f.high = f.high.max(self.replay_from);
+                }
+                // Drops while this read took nothing live say nothing about the client:
+                // they are settled after the tap is drained (see `stale_drops`), and a
+                // full client queue meanwhile is not a slow client.
+                self.stale_drops |= self.live.take_lagged();
                 self.catching_up = false;
                 if let Some(replayed) = self.replayed.take() {
                     metrics::histogram!("herald_gateway_replay_size").record(replayed as f64);

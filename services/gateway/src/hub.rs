@@ -544,7 +544,8 @@ async fn dispatch(
 }
 
 /// The connection may have lost live messages (it reconnected, or the client dropped
-/// some): every feed re-reads its inbox from what it last handed out. Messages published
+/// some): every feed re-reads its inbox from the lowest position any of its sources has
+/// handed out (its own entries, each followed topic). Messages published
 /// while it was away never arrive live, and a gap across a user's lanes cannot be seen
 /// from the next message's `Nats-Last-Sequence` (that is per lane).
 fn resync_all(inner: &Inner) {

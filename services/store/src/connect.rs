@@ -75,7 +75,10 @@ fn options(
     role: &str,
     lost: Option<std::sync::Arc<tokio::sync::watch::Sender<u64>>>,
 ) -> async_nats::ConnectOptions {
-    let disconnected = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Every `Connected` after the first is a reconnect. (Not "a `Connected` after a
+    // `Disconnected`": events go through a bounded channel, and a burst of slow-consumer
+    // events can crowd the `Disconnected` out.)
+    let connected_before = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     async_nats::ConnectOptions::new()
         .name(format!("{name}-{role}"))
         .retry_on_initial_connect()
@@ -83,7 +86,7 @@ fn options(
         .subscription_capacity(65_536)
         .client_capacity(65_536)
         .event_callback(move |event| {
-            let (lost, disconnected) = (lost.clone(), disconnected.clone());
+            let (lost, connected_before) = (lost.clone(), connected_before.clone());
             async move {
                 let bump = || {
                     if let Some(lost) = &lost {
@@ -95,14 +98,11 @@ fn options(
                         tracing::info!("connected to NATS");
                         // Messages published while this connection was away never
                         // reached its subscriptions.
-                        if disconnected.swap(false, std::sync::atomic::Ordering::AcqRel) {
+                        if connected_before.swap(true, std::sync::atomic::Ordering::AcqRel) {
                             bump();
                         }
                     }
-                    async_nats::Event::Disconnected => {
-                        tracing::warn!("disconnected from NATS");
-                        disconnected.store(true, std::sync::atomic::Ordering::Release);
-                    }
+                    async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
                     async_nats::Event::SlowConsumer(sid) => {
                         tracing::warn!(sid, "NATS slow consumer: messages were dropped");
                         bump();

@@ -255,7 +255,9 @@ impl Inbox {
         // sequence read in one snapshot, and each is walked up to it. Read apart, a page
         // could hold a topic publish read a moment later than the own lanes, but not an
         // own entry stored in that moment with a lower seq: the reader's position would
-        // pass over it for good.
+        // pass over it for good. One snapshot holds 256 lanes: a user who follows more
+        // than 84 big topics is read in several, milliseconds apart, and keeps that
+        // (narrow) window.
         let own = self.subjects().inbox_lanes(user);
         let mut lanes = own.clone();
         for t in &topics {
