@@ -3,7 +3,38 @@
 use anyhow::{Context as _, ensure};
 use herald_protocol::UserId;
 use herald_tests::{Herald, Nats, Resume, WsClient, eventually, seqs};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::task::JoinHandle;
+
+/// A long-poll of `user` for what comes after `after`, waiting up to `wait_s`, started in
+/// its own task; returned once it waits on the user's live subject. Its task answers the
+/// page and the moment it came.
+async fn waiting_poll(
+    herald: &Arc<Herald>,
+    user: &str,
+    after: u64,
+    wait_s: u64,
+) -> anyhow::Result<JoinHandle<(anyhow::Result<serde_json::Value>, Instant)>> {
+    let live = herald.subjects().live(&UserId::new(user)?);
+    let (poller, user) = (herald.clone(), user.to_owned());
+    let poll = tokio::spawn(async move {
+        let page = poller
+            .my_page(&user, &format!("after={after}&wait={wait_s}"))
+            .await;
+        (page, Instant::now())
+    });
+    eventually(
+        Duration::from_secs(5),
+        "the long-poll waits on the user's live subject",
+        || async {
+            ensure!(herald.is_tapped(&live));
+            Ok(())
+        },
+    )
+    .await?;
+    Ok(poll)
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_says_hello_then_delivers_live() -> anyhow::Result<()> {
@@ -79,25 +110,10 @@ async fn websocket_resumes_after_a_seq_then_goes_live() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_elsewhere_does_not_wedge_a_waiting_long_poll() -> anyhow::Result<()> {
     let nats = Nats::single().await?;
-    let herald = std::sync::Arc::new(Herald::builder(&nats).start().await?);
+    let herald = Arc::new(Herald::builder(&nats).start().await?);
     let first = herald.send("ivy", "first").await?.seq;
     let last = herald.send("ivy", "second").await?.seq;
-    let live = herald.subjects().live(&UserId::new("ivy")?);
-    let poller = herald.clone();
-    let poll = tokio::spawn(async move {
-        poller
-            .my_page("ivy", &format!("after={last}&wait=20"))
-            .await
-    });
-    eventually(
-        Duration::from_secs(5),
-        "the long-poll is waiting on ivy's live subject",
-        || async {
-            ensure!(herald.is_tapped(&live));
-            Ok(())
-        },
-    )
-    .await?;
+    let poll = waiting_poll(&herald, "ivy", last, 20).await?;
     let read = herald
         .user(reqwest::Method::POST, "/v1/me/read", "ivy")
         .json(&serde_json::json!({"up_to": first}))
@@ -105,9 +121,10 @@ async fn a_read_elsewhere_does_not_wedge_a_waiting_long_poll() -> anyhow::Result
         .await?;
     ensure!(read.status() == 200, "read: {}", read.status());
     let n = herald.send("ivy", "third").await?;
-    let page = tokio::time::timeout(Duration::from_secs(10), poll)
+    let (page, _) = tokio::time::timeout(Duration::from_secs(10), poll)
         .await
-        .context("the long-poll never answered after a read and a notification")???;
+        .context("the long-poll never answered after a read and a notification")??;
+    let page = page?;
     let items = page["items"].as_array().cloned().unwrap_or_default();
     assert_eq!(seqs(&items), [n.seq], "{page}");
     Ok(())
@@ -144,24 +161,8 @@ async fn long_poll_returns_as_soon_as_a_notification_arrives() -> anyhow::Result
     )
     .await?;
 
-    let h = std::sync::Arc::new(herald);
-    let poller = h.clone();
-    let poller_view = h.clone();
-    let poll = tokio::spawn(async move {
-        let page = poller
-            .my_page("ida", &format!("after={last}&wait=10"))
-            .await;
-        (page, Instant::now())
-    });
-    eventually(
-        Duration::from_secs(5),
-        "the long-poll is waiting on ida's live subject",
-        || async {
-            ensure!(poller_view.is_tapped(&live));
-            Ok(())
-        },
-    )
-    .await?;
+    let h = Arc::new(herald);
+    let poll = waiting_poll(&h, "ida", last, 10).await?;
     let sent_at = Instant::now();
     let n = h.send("ida", "wake up").await?;
     let (page, answered_at) = poll.await?;
@@ -226,20 +227,9 @@ async fn waiting_long_polls_count_against_the_per_user_cap() -> anyhow::Result<(
         },
         ..Default::default()
     };
-    let herald = std::sync::Arc::new(Herald::builder(&nats).gateway(config).start().await?);
+    let herald = Arc::new(Herald::builder(&nats).gateway(config).start().await?);
     let last = herald.send("kai", "first").await?.seq;
-    let live = herald.subjects().live(&UserId::new("kai")?);
-    let poller = herald.clone();
-    let waiting = tokio::spawn(async move {
-        poller
-            .my_page("kai", &format!("after={last}&wait=20"))
-            .await
-    });
-    eventually(Duration::from_secs(5), "the first poll waits", || async {
-        ensure!(herald.is_tapped(&live));
-        Ok(())
-    })
-    .await?;
+    let waiting = waiting_poll(&herald, "kai", last, 20).await?;
     let second = herald
         .user(
             reqwest::Method::GET,
@@ -262,9 +252,10 @@ async fn waiting_long_polls_count_against_the_per_user_cap() -> anyhow::Result<(
         "{page}"
     );
     let n = herald.send("kai", "second").await?;
-    let page = tokio::time::timeout(Duration::from_secs(10), waiting)
+    let (page, _) = tokio::time::timeout(Duration::from_secs(10), waiting)
         .await
-        .context("the first poll never answered")???;
+        .context("the first poll never answered")??;
+    let page = page?;
     let items = page["items"].as_array().cloned().unwrap_or_default();
     assert_eq!(seqs(&items), [n.seq], "{page}");
     Ok(())
