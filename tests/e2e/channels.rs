@@ -426,6 +426,89 @@ async fn an_open_breaker_fails_over_and_the_primary_comes_back() -> anyhow::Resu
     Ok(())
 }
 
+/// Every circuit of a channel open for longer than its jobs' back-off allows: the lanes
+/// stop pulling, then pull one job per half-open probe. The queued jobs keep their
+/// deliveries for real attempts, and once the provider is back each is sent once; a job
+/// is dead-lettered only after `max_deliver` real failed calls, never for being pulled
+/// while nothing could be called.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_longer_than_the_back_off_spends_no_delivery_without_a_call() -> anyhow::Result<()>
+{
+    let nats = Nats::single().await?;
+    let sms = Arc::new(Scripted::new("twilio", Channel::Sms));
+    sms.fallback(Answer::Transient);
+    let limits = Limits {
+        rate_per_second: None,
+        breaker: BreakerConfig {
+            consecutive_failures: 1,
+            error_rate: 1.0,
+            window: 10,
+            open_for: Duration::from_millis(700),
+        },
+    };
+    let settings = with(settings(rand_key()), &sms, limits);
+    let max_deliver = usize::try_from(settings.queue.max_deliver)?;
+    let herald = Herald::builder(&nats).channels(settings).start().await?;
+    let r = contact(&herald, "oz", json!({"phone": "+4915112345678"})).await?;
+    assert_eq!(r.status(), 200);
+    let sms_to_oz = |title: String| json!({"user_id": "oz", "title": title, "channels": ["sms"]});
+    let mut ids = vec![herald.accept(&sms_to_oz("first".into())).await?.id];
+    eventually(WAIT, "the first failure opened the circuit", || async {
+        ensure!(!sms.calls().is_empty());
+        Ok(())
+    })
+    .await?;
+    for i in 0..8 {
+        ids.push(herald.accept(&sms_to_oz(format!("code {i}"))).await?.id);
+    }
+    // Four more failed probes: at least four open periods after the eight were queued,
+    // more than their back-off (at most 0.4 s after each circuit wait) lets three retries
+    // last. A job deferred at every pull would be dead-lettered by now.
+    let seen = sms.calls().len();
+    eventually(WAIT, "four more probes failed", || async {
+        ensure!(sms.calls().len() >= seen + 4, "{} calls", sms.calls().len());
+        Ok(())
+    })
+    .await?;
+    sms.fallback(Answer::Ok);
+    for id in &ids {
+        let entry = eventually(WAIT, &format!("{id} ends"), || async {
+            let s = status(&herald, id).await?;
+            let entry = s["channels"]["sms"][0].clone();
+            ensure!(
+                entry["state"] == "sent" || entry["state"] == "dead_lettered",
+                "status now {s}"
+            );
+            Ok(entry)
+        })
+        .await?;
+        let calls = sms.calls_for(id);
+        let sent = calls.iter().filter(|c| c.answer == Answer::Ok).count();
+        let failed = calls.len() - sent;
+        for step in entry["history"].as_array().into_iter().flatten() {
+            let reason = step["reason"].as_str().unwrap_or_default();
+            ensure!(
+                !reason.contains("circuit is open"),
+                "{id} was pulled while no circuit admitted a call: {entry}"
+            );
+        }
+        if entry["state"] == "sent" {
+            ensure!(sent == 1, "{id} sent {sent} times: {entry}");
+            ensure!(
+                entry["retries"] == failed,
+                "{id}: {failed} failed calls, but {} retries: {entry}",
+                entry["retries"]
+            );
+        } else {
+            ensure!(
+                sent == 0 && failed == max_deliver,
+                "{id} dead after {failed} failed calls ({sent} sent), max_deliver {max_deliver}: {entry}"
+            );
+        }
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn high_is_delivered_while_low_has_a_backlog() -> anyhow::Result<()> {
     let nats = Nats::single().await?;

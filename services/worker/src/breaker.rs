@@ -134,6 +134,17 @@ impl Breaker {
         }
     }
 
+    /// What [`Breaker::admit`] would answer at `now`, without taking the probe.
+    pub fn peek(&self, now: Instant) -> Admit {
+        match *self.lock() {
+            Inner::Closed { .. } => Admit::Yes,
+            Inner::Open { until } if now >= until => Admit::Probe,
+            Inner::Open { until } => Admit::No(until - now),
+            Inner::HalfOpen { probing: false } => Admit::Probe,
+            Inner::HalfOpen { probing: true } => Admit::No(self.config.open_for / 10),
+        }
+    }
+
     /// The provider answered in a way that says it is healthy (success, or an error about
     /// the request rather than the provider).
     pub fn on_success(&self) {
@@ -225,9 +236,12 @@ mod tests {
             b.admit(t0 + Duration::from_secs(4)),
             Admit::No(Duration::from_secs(6))
         );
-        // One probe only.
+        // One probe only; looking does not take it.
         let later = t0 + Duration::from_secs(10);
+        assert_eq!(b.peek(later), Admit::Probe);
+        assert_eq!(b.peek(later), Admit::Probe);
         assert_eq!(b.admit(later), Admit::Probe);
+        assert!(matches!(b.peek(later), Admit::No(_)));
         assert!(matches!(b.admit(later), Admit::No(_)));
         b.on_success();
         assert_eq!(b.state(), BreakerState::Closed);

@@ -476,6 +476,9 @@ impl Step<'_> {
                 self.status(Update::state(State::Retrying).because(reason))
                     .await;
                 outcome(self.channel(), "deferred");
+                // Only a job pulled as the circuits opened, or one whose target only open
+                // providers accept, gets here: the lanes stop pulling while every circuit of
+                // the channel is open (`runtime`'s gate).
                 // Each deferral is a delivery of the job: past the breaker's own wait, back
                 // off further with every one (with jitter, so a backlog does not return
                 // all at once to find a probe in flight), or a backlog would spend its

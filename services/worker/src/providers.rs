@@ -5,14 +5,16 @@
 //! it with its [`Limits`]; the first registered provider of a channel that accepts a
 //! target is its primary, the next ones take over while the primary's circuit is open.
 
-use crate::breaker::{Admit, Breaker, BreakerConfig};
+use crate::breaker::{Admit, Breaker, BreakerConfig, BreakerState};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use herald_channels::{Provider, SendError, Target};
 use herald_protocol::Channel;
 use metrics::{Counter, Gauge, Histogram};
 use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
+use tokio::sync::Notify;
 
 /// How hard a provider may be driven.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -33,6 +35,10 @@ pub struct Guarded {
     pub breaker: Breaker,
     /// Its metrics.
     pub metrics: ProviderMetrics,
+    /// The breaker state last reported ([`BreakerState::gauge`]).
+    reported: AtomicU8,
+    /// Woken when a breaker's reported state changes (shared by all providers).
+    changed: Arc<Notify>,
 }
 
 /// A provider's metric handles, registered once rather than looked up by name and labels
@@ -137,9 +143,14 @@ impl Guarded {
         self.provider.name()
     }
 
-    /// Publishes the breaker state as a gauge.
+    /// Publishes the breaker state as a gauge, and wakes the lanes watching the gate when
+    /// it changed.
     pub fn report(&self) {
-        self.metrics.breaker_state.set(self.breaker.state().gauge());
+        let state = self.breaker.state();
+        self.metrics.breaker_state.set(state.gauge());
+        if self.reported.swap(state as u8, Ordering::Relaxed) != state as u8 {
+            self.changed.notify_waiters();
+        }
     }
 }
 
@@ -147,6 +158,24 @@ impl Guarded {
 #[derive(Debug, Default)]
 pub struct Providers {
     all: Vec<Arc<Guarded>>,
+    changed: Arc<Notify>,
+}
+
+/// Whether a channel's lanes should pull jobs now ([`Providers::gate`]).
+///
+/// A job pulled while no circuit of its channel admits a call can only be deferred, and
+/// every deferral is a delivery that counts towards `MaxDeliver`: a backlog pulled again
+/// and again through an outage longer than its back-off would be dead-lettered without
+/// one attempt. So a channel whose circuits are all open pulls nothing, and then one job
+/// at a time, for the probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    /// A provider of the channel takes calls: pull as usual.
+    Open,
+    /// Every circuit is open, and one would let its probe through now: pull one job.
+    Probe,
+    /// Every circuit is open (or its probe is out): pull nothing for up to this long.
+    Shut(Duration),
 }
 
 /// Which provider to use for one send.
@@ -175,6 +204,8 @@ impl Providers {
             breaker: Breaker::new(limits.breaker),
             metrics: ProviderMetrics::new(provider.name()),
             provider,
+            reported: AtomicU8::new(BreakerState::Closed as u8),
+            changed: self.changed.clone(),
         };
         guarded.report();
         self.all.push(Arc::new(guarded));
@@ -196,6 +227,31 @@ impl Providers {
     /// Whether `channel` has a provider.
     pub fn serves(&self, channel: Channel) -> bool {
         self.all.iter().any(|g| g.provider.channel() == channel)
+    }
+
+    /// Whether `channel`'s lanes should pull now, by its providers' circuits.
+    pub fn gate(&self, channel: Channel) -> Gate {
+        let now = Instant::now();
+        let mut probe = false;
+        let mut soonest: Option<Duration> = None;
+        for g in self.all.iter().filter(|g| g.provider.channel() == channel) {
+            match g.breaker.peek(now) {
+                Admit::Yes => return Gate::Open,
+                Admit::Probe => probe = true,
+                Admit::No(wait) => soonest = Some(soonest.map_or(wait, |s| s.min(wait))),
+            }
+        }
+        match (probe, soonest) {
+            (true, _) => Gate::Probe,
+            (false, Some(wait)) => Gate::Shut(wait),
+            (false, None) => Gate::Open,
+        }
+    }
+
+    /// Resolves when a breaker's state changed. Create it before reading
+    /// [`Providers::gate`], or a change in between goes unnoticed.
+    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
     }
 
     /// The provider to use for `target` on `channel` now: the first that accepts it and

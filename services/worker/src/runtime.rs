@@ -2,12 +2,16 @@
 //! own concurrency budget, so a backlog of `low` jobs never holds up a `high` one; each
 //! job handled by [`crate::job`]. On shutdown no new job is pulled and in-flight ones are
 //! finished (acked or naked) within a grace period.
+//!
+//! While every provider circuit of the channel is open, the lanes pull nothing, and then
+//! one job at a time for the half-open probe ([`Gate`]): a pulled job that nothing can
+//! send could only be deferred, at the cost of one of its `MaxDeliver` deliveries.
 
 use crate::backoff::Backoff;
 use crate::batch;
 use crate::dlq::Dlq;
 use crate::job::Context;
-use crate::providers::Providers;
+use crate::providers::{Gate, Providers};
 use crate::unsubscribe::Links;
 use async_nats::jetstream::consumer::PullConsumer;
 use futures::{FutureExt as _, StreamExt as _};
@@ -282,6 +286,81 @@ fn split_one(slots: &mut tokio::sync::OwnedSemaphorePermit) -> tokio::sync::Owne
 /// Pull expiry of one lane's fetch loop.
 const PULL_EXPIRY: Duration = Duration::from_secs(5);
 
+/// Longest wait at a shut gate before looking again (a breaker's state changes are also
+/// signalled, so this only bounds a missed one).
+const GATE_RECHECK: Duration = Duration::from_secs(1);
+
+/// Waits until the channel's gate lets this lane pull ([`Gate::Open`] or
+/// [`Gate::Probe`]); `None` once stopped.
+async fn at_gate(ctx: &Context, stop: &CancellationToken) -> Option<Gate> {
+    let providers = &ctx.deps.providers;
+    loop {
+        let changed = providers.changed();
+        let wait = match providers.gate(ctx.config.channel) {
+            Gate::Shut(wait) => wait.clamp(Duration::from_millis(10), GATE_RECHECK),
+            open => return Some(open),
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            _ = changed => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Pulls one job for a circuit's half-open probe and waits until it has run, so the
+/// next look at the gate sees the probe's verdict. `false` once stopped.
+async fn probe(
+    ctx: &Arc<Context>,
+    lane: Priority,
+    consumer: &PullConsumer,
+    permits: &Arc<Semaphore>,
+    in_flight: &mut JoinSet<()>,
+    stop: &CancellationToken,
+) -> bool {
+    let slot = tokio::select! {
+        _ = stop.cancelled() => return false,
+        slot = permits.clone().acquire_owned() => match slot {
+            Ok(slot) => slot,
+            Err(_) => return false,
+        },
+    };
+    let fetched = consumer
+        .fetch()
+        .max_messages(1)
+        .expires(PULL_EXPIRY)
+        .messages()
+        .await;
+    let mut batch = match fetched {
+        Ok(batch) => batch,
+        Err(e) => {
+            tracing::warn!(channel = ctx.config.channel.as_str(), lane = lane.as_str(), error = %e, "worker probe pull failed; retrying");
+            return tokio::select! {
+                _ = stop.cancelled() => false,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => true,
+            };
+        }
+    };
+    let msg = tokio::select! {
+        _ = stop.cancelled() => return false,
+        next = batch.next() => next,
+    };
+    let Some(Ok(msg)) = msg else {
+        // Nothing queued on this lane (or a pull status): look at the gate again.
+        return true;
+    };
+    let (done, ran) = tokio::sync::oneshot::channel();
+    let ctx = ctx.clone();
+    in_flight.spawn(async move {
+        batch::run(ctx, vec![(msg, slot)]).await;
+        let _ = done.send(());
+    });
+    tokio::select! {
+        _ = stop.cancelled() => false,
+        _ = ran => true,
+    }
+}
+
 async fn lane_loop(
     ctx: Arc<Context>,
     lane: Priority,
@@ -294,6 +373,16 @@ async fn lane_loop(
     let mut in_flight = JoinSet::new();
     let channel = ctx.config.channel.as_str();
     'pull: while !stop.is_cancelled() {
+        match at_gate(&ctx, &stop).await {
+            None => break 'pull,
+            Some(Gate::Open) => {}
+            Some(_) => {
+                if !probe(&ctx, lane, &consumer, &permits, &mut in_flight, &stop).await {
+                    break 'pull;
+                }
+                continue 'pull;
+            }
+        }
         let messages = consumer
             .stream()
             .max_messages_per_batch(budget)
@@ -312,6 +401,12 @@ async fn lane_loop(
         };
         let mut ended = false;
         while !ended {
+            let changed = ctx.deps.providers.changed();
+            if ctx.deps.providers.gate(ctx.config.channel) != Gate::Open {
+                // Every circuit opened: stop pulling (what the dropped stream had
+                // buffered comes back after `AckWait`, once).
+                break;
+            }
             // Slots for a whole batch first: never hold a pulled job without a slot to run
             // it, and under load take jobs `chunk` at a time, so a batch's shared reads
             // (sent markers, preferences, targets) serve many jobs instead of one or two.
@@ -324,6 +419,9 @@ async fn lane_loop(
             };
             let next = tokio::select! {
                 _ = stop.cancelled() => break 'pull,
+                // A circuit changed while the queue was idle: look at the gate again
+                // before a job arrives that nothing could send.
+                _ = changed => continue,
                 next = messages.next() => next,
             };
             let first = match next {
