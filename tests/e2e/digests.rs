@@ -333,3 +333,58 @@ async fn a_rate_cap_can_fold_email_into_a_digest() -> anyhow::Result<()> {
     ensure!(digest.text.contains("Over the cap"), "{}", digest.text);
     Ok(())
 }
+
+/// A big topic's copy reaches the router as a hand-over, not as a fresh notification;
+/// a digest user's email from it is still held for the digest, as on the write path,
+/// rather than dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_topic_publish_is_held_for_a_digest_user() -> anyhow::Result<()> {
+    let smtp = SmtpServer::start().await?;
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats)
+        .policy(policy(3600))
+        .channels(settings(&smtp))
+        .topics(herald_api::TopicSettings {
+            big_threshold: 0,
+            ..Default::default()
+        })
+        .start()
+        .await?;
+    setup_user(&herald, "dora", json!({"digest": "hourly"})).await?;
+    let r = herald
+        .producer(Method::POST, "/v1/topics/weekly/subscribers")
+        .json(&json!({"user_ids": ["dora"]}))
+        .send()
+        .await?;
+    ensure!(r.status().is_success(), "subscribe: {}", r.status());
+    let r = herald
+        .producer(Method::POST, "/v1/topics/weekly/publish")
+        .json(
+            &json!({"title": "This week", "body": "five things", "category": "news",
+                      "channels": ["inbox", "email"]}),
+        )
+        .send()
+        .await?;
+    let published: Value = r.json().await?;
+    ensure!(published["path"] == "topic", "big-topic path: {published}");
+    eventually(WAIT, "the digest period's end is scheduled", || async {
+        ensure!(pending(&herald, "dora", "d-").await?.is_some());
+        Ok(())
+    })
+    .await?;
+    ensure!(smtp.messages()?.is_empty(), "no email of its own");
+    fire_early(&herald, "dora", "d-").await?;
+    let all = emails(&smtp, 1).await?;
+    let digest = parse(&all[0])?;
+    ensure!(
+        digest.message_id.starts_with("digest-"),
+        "{}",
+        digest.message_id
+    );
+    ensure!(
+        digest.text.contains("This week") && digest.text.contains("five things"),
+        "{}",
+        digest.text
+    );
+    Ok(())
+}

@@ -305,12 +305,19 @@ impl Route {
         else {
             return Routed::Retry;
         };
+        // A big topic's copy comes on the routing subject too, but fresh: digests and
+        // quiet hours apply to it as to a notification of its own.
+        let fresh = !deferred
+            || msg
+                .headers
+                .as_ref()
+                .is_some_and(|h| h.get(streams::FANOUT_HEADER).is_some());
         // A digest user's email waits for their digest. It was recorded when the
         // notification first came through; back from quiet hours or a group's window it
         // is only kept out of the channels.
         if channels.contains(&Channel::Email) && self.digest_applies(&stored, &prefs) {
             channels.retain(|c| *c != Channel::Email);
-            if !deferred
+            if fresh
                 && let Err(e) = self
                     .hold_for_digest(&stored, seq, &prefs, prefs.digest, "preferences.digest")
                     .await
@@ -331,12 +338,6 @@ impl Route {
                 grouping::Step::Retry => return Routed::Retry,
             }
         }
-        // A big topic's copy comes on the routing subject too, but fresh: quiet hours apply.
-        let fresh = !deferred
-            || msg
-                .headers
-                .as_ref()
-                .is_some_and(|h| h.get(streams::FANOUT_HEADER).is_some());
         // Quiet hours: below `high`, the channel work waits; the inbox entry is already there.
         if fresh
             && folded.is_none()
