@@ -1,7 +1,7 @@
 //! GDPR erase: `DELETE /v1/users/{id}` removes the user's notifications, pending
 //! schedules, preferences and read position, delivery status, sent markers, queued
-//! channel jobs, aggregation groups and digest entries, says what it removed, and touches
-//! no one else.
+//! channel jobs, aggregation groups, digest entries, deferred copies and dead letters,
+//! says what it removed, and touches no one else.
 
 use anyhow::ensure;
 use futures::TryStreamExt as _;
@@ -97,7 +97,7 @@ async fn erase_removes_everything_of_one_user_and_nothing_else() -> anyhow::Resu
             == json!({
                 "notifications": 3, "scheduled": 1, "preferences": true, "read_position": true,
                 "seen_position": false, "devices_and_contact": true, "delivery_status": 0,
-                "groups": 0, "digest_entries": 0, "subscriptions": 0
+                "groups": 0, "digest_entries": 0, "subscriptions": 0, "dead_letters": 0
             }),
         "{answer}"
     );
@@ -349,6 +349,126 @@ async fn erase_removes_aggregation_groups_and_digest_entries() -> anyhow::Result
     ensure!(
         again["removed"]["digest_entries"] == json!(1),
         "gus's digest entry untouched by gil's erase: {again}"
+    );
+    Ok(())
+}
+
+/// Whole notifications also sit on a user's deferral subject (a big topic's hand-over,
+/// a return from quiet hours) and in dead letters; the erase removes those too, and
+/// another user's stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erase_removes_deferred_copies_and_dead_letters() -> anyhow::Result<()> {
+    use herald_tests::scripted::Answer;
+    let nats = Nats::single().await?;
+    let apns = Arc::new(Scripted::new("apns", Channel::Push));
+    apns.fallback(Answer::Permanent);
+    let mut settings = ChannelSettings::new(rand_key());
+    settings.escalation_delay = Duration::ZERO;
+    let provider: Arc<dyn Provider> = apns.clone();
+    settings.extra_providers.push((provider, Limits::default()));
+    let herald = Herald::builder(&nats)
+        .channels(settings)
+        .topics(herald_api::TopicSettings {
+            big_threshold: 0,
+            ..Default::default()
+        })
+        .start()
+        .await?;
+    let users = ["eve", "eli"];
+    for user in users {
+        let r = herald
+            .user(Method::POST, "/v1/me/devices", user)
+            .json(&json!({"platform": "ios", "token": format!("tok-{user}")}))
+            .send()
+            .await?;
+        ensure!(r.status().is_success(), "device: {}", r.status());
+    }
+    let r = herald
+        .producer(Method::POST, "/v1/topics/alerts/subscribers")
+        .json(&json!({ "user_ids": users }))
+        .send()
+        .await?;
+    ensure!(r.status().is_success(), "subscribe: {}", r.status());
+    let r = herald
+        .producer(Method::POST, "/v1/topics/alerts/publish")
+        .json(&json!({"title": "private matter", "channels": ["inbox", "push"]}))
+        .send()
+        .await?;
+    ensure!(
+        r.status() == StatusCode::ACCEPTED,
+        "publish: {}",
+        r.status()
+    );
+    // The provider refuses every push for good: one dead letter per subscriber.
+    let letters_of = |list: &Value, user: &str| {
+        list["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|l| l["job"]["user_id"] == user)
+            .count()
+    };
+    eventually(WAIT, "a dead letter for each subscriber", || async {
+        let list: Value = herald
+            .producer(Method::GET, "/v1/dlq")
+            .send()
+            .await?
+            .json()
+            .await?;
+        ensure!(
+            letters_of(&list, "eve") == 1 && letters_of(&list, "eli") == 1,
+            "{list}"
+        );
+        Ok(())
+    })
+    .await?;
+    let js = async_nats::jetstream::new(nats.client().await?);
+    let inbox = js.get_stream(herald_protocol::streams::INBOX).await?;
+    let deferred = |user: &str| -> anyhow::Result<String> {
+        Ok(herald
+            .subjects()
+            .deferred(&herald_protocol::UserId::new(user.to_owned())?))
+    };
+    for user in users {
+        ensure!(
+            inbox
+                .get_last_raw_message_by_subject(&deferred(user)?)
+                .await
+                .is_ok(),
+            "the hand-over copy of {user} is stored"
+        );
+    }
+
+    let answer: Value = herald
+        .producer(Method::DELETE, "/v1/users/eve")
+        .send()
+        .await?
+        .json()
+        .await?;
+    ensure!(answer["removed"]["dead_letters"] == 1, "{answer}");
+    ensure!(
+        inbox
+            .get_last_raw_message_by_subject(&deferred("eve")?)
+            .await
+            .is_err(),
+        "the erased user's hand-over copy is still in INBOX"
+    );
+    ensure!(
+        inbox
+            .get_last_raw_message_by_subject(&deferred("eli")?)
+            .await
+            .is_ok(),
+        "another user's copy was removed"
+    );
+    let list: Value = herald
+        .producer(Method::GET, "/v1/dlq")
+        .send()
+        .await?
+        .json()
+        .await?;
+    ensure!(
+        letters_of(&list, "eve") == 0 && letters_of(&list, "eli") == 1,
+        "{list}"
     );
     Ok(())
 }

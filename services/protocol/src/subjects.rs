@@ -331,9 +331,26 @@ impl Subjects {
         format!("{}.work.>", self.prefix)
     }
 
-    /// Where dead-lettered jobs of one channel go.
-    pub fn dlq(&self, channel: crate::Channel) -> String {
-        format!("{}.dlq.{}", self.prefix, channel.as_str())
+    /// Where `user`'s dead-lettered jobs of one channel go: per user, so an erase can
+    /// remove them ([`Subjects::dlq_of_user`]).
+    pub fn dlq(&self, channel: crate::Channel, user: &UserId) -> String {
+        format!(
+            "{}.dlq.{}.{}.{}",
+            self.prefix,
+            channel.as_str(),
+            user.partition(self.partitions),
+            user.token()
+        )
+    }
+
+    /// Every dead letter of `user`, on any channel (a filter).
+    pub fn dlq_of_user(&self, user: &UserId) -> String {
+        format!(
+            "{}.dlq.*.{}.{}",
+            self.prefix,
+            user.partition(self.partitions),
+            user.token()
+        )
     }
 
     /// Every dead-letter subject (the DLQ stream's filter).

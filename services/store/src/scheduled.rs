@@ -105,8 +105,11 @@ impl Inbox {
         })
     }
 
-    /// Removes everything of `user` in the INBOX stream — stored notifications and
-    /// pending schedules (GDPR erase). Returns how many of each were removed.
+    /// Removes everything of `user` in the INBOX stream — stored notifications, pending
+    /// schedules, and the copies on the user's deferral subject (back from quiet hours, a
+    /// group's window, a big topic's hand-over: whole notifications, kept until the
+    /// stream's age limit) — for the GDPR erase. Returns how many notifications and
+    /// schedules were removed.
     ///
     /// # Errors
     /// [`InboxError::Unavailable`] when NATS fails.
@@ -125,6 +128,7 @@ impl Inbox {
         };
         // Schedules first: one firing during the erase must not land after the inbox purge.
         let scheduled = purge(self.subjects().scheduled_of(user)).await?;
+        purge(self.subjects().deferred(user)).await?;
         let stored = purge(self.subjects().inbox(user)).await?;
         Ok((stored, scheduled))
     }

@@ -79,7 +79,10 @@ impl Dlq {
             .expected_stream(DLQ);
         self.nats
             .js
-            .send_publish(self.subjects.dlq(letter.job.channel), publish)
+            .send_publish(
+                self.subjects.dlq(letter.job.channel, &letter.job.user_id),
+                publish,
+            )
             .await
             .map_err(nats)?
             .await

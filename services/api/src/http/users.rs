@@ -1,10 +1,10 @@
 //! `DELETE /v1/users/{user_id}` (scope admin): the GDPR erase. Removes the user's
 //! notifications and pending schedules, their delivery status and sent markers,
 //! preferences, read and seen positions, devices and contact data, topic subscriptions,
-//! aggregation groups and digest entries, and answers with what it removed. Channel jobs
-//! already queued carry only ids (notification, user, an opaque target hash); a worker
-//! that pulls one finds the notification gone, drops it without sending and without
-//! writing status back, and acks it off the queue.
+//! aggregation groups, digest entries and dead letters, and answers with what it
+//! removed. Channel jobs already queued carry only ids (notification, user, an opaque
+//! target hash); a worker that pulls one finds the notification gone, drops it without
+//! sending and without writing status back, and acks it off the queue.
 
 use super::ApiState;
 use crate::auth::Producer;
@@ -78,6 +78,17 @@ pub(super) async fn erase(
             .erase(&user)
             .await
             .map_err(|e| AppError::unavailable(&e))?;
+    // Dead letters name the job, its folded text and the provider's last answer.
+    let dead_letters = nats
+        .js
+        .get_stream_no_info(herald_protocol::streams::DLQ)
+        .await
+        .map_err(|e| AppError::unavailable(&e))?
+        .purge()
+        .filter(state.acceptor.inbox().subjects().dlq_of_user(&user))
+        .await
+        .map_err(|e| AppError::unavailable(&e))?
+        .purged;
     tracing::info!(producer = %producer.0.producer, notifications, scheduled, "user erased");
     metrics::counter!("herald_users_erased_total").increment(1);
     Ok(Json(json!({
@@ -94,6 +105,7 @@ pub(super) async fn erase(
             "subscriptions": subscriptions,
             "groups": groups,
             "digest_entries": digest_entries,
+            "dead_letters": dead_letters,
         }
     })))
 }
