@@ -1,6 +1,6 @@
 //! End-user JWTs: `sub` is the user id. HS256 with a shared secret by default; EdDSA,
-//! RS256 or ES256 with a configured public key. `exp` is required; `aud` and `iss` are
-//! checked when configured.
+//! RS256 or ES256 with a configured public key. `exp` is required and `nbf` honoured;
+//! `aud` (a string or an array) and `iss` are required and checked when configured.
 
 use herald_protocol::{UserId, UserIdError};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -142,20 +142,29 @@ impl UserAuth {
         };
         let mut validation = Validation::new(header.alg);
         validation.leeway = LEEWAY;
+        validation.validate_nbf = true;
+        // A configured `aud` or `iss` must be present, not only right when present: the
+        // library compares them only when the token carries them.
+        let mut required = vec!["exp", "sub"];
         match &self.audience {
             Some(aud) => {
-                validation.set_required_spec_claims(&["exp", "sub", "aud"]);
+                required.push("aud");
                 validation.set_audience(&[aud]);
             }
-            None => {
-                validation.set_required_spec_claims(&["exp", "sub"]);
-                validation.validate_aud = false;
-            }
+            None => validation.validate_aud = false,
         }
         if let Some(iss) = &self.issuer {
+            required.push("iss");
             validation.set_issuer(&[iss]);
         }
-        let data = jsonwebtoken::decode::<UserClaims>(token, key, &validation)
+        validation.set_required_spec_claims(&required);
+        // Only `sub` is read here; the library checks the others from the raw claims,
+        // where `aud` may be a string or an array (RFC 7519 §4.1.3).
+        #[derive(Deserialize)]
+        struct Subject {
+            sub: String,
+        }
+        let data = jsonwebtoken::decode::<Subject>(token, key, &validation)
             .map_err(|e| JwtError::Invalid(e.to_string()))?;
         Ok(UserId::new(data.claims.sub)?)
     }
@@ -185,6 +194,7 @@ impl UserAuth {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn auth(secret: &[u8]) -> UserAuth {
         UserAuth::new(&JwtConfig {
@@ -242,5 +252,58 @@ mod tests {
         assert!(strict.verify(&good).is_ok());
         let no_aud = auth(b"s").mint(&user, 60).expect("mint");
         assert!(strict.verify(&no_aud).is_err());
+        // An array audience is allowed by RFC 7519, with or without one configured.
+        let exp = time::OffsetDateTime::now_utc().unix_timestamp() + 60;
+        let listed = raw(
+            b"s",
+            json!({"sub": "u", "exp": exp, "aud": ["other", "herald"]}),
+        );
+        assert_eq!(strict.verify(&listed).expect("array aud"), user);
+        assert_eq!(auth(b"s").verify(&listed).expect("array aud"), user);
+        let elsewhere = raw(b"s", json!({"sub": "u", "exp": exp, "aud": ["other"]}));
+        assert!(strict.verify(&elsewhere).is_err());
+    }
+
+    fn raw(secret: &[u8], claims: serde_json::Value) -> String {
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(secret),
+        )
+        .expect("encode")
+    }
+
+    #[test]
+    fn a_configured_issuer_is_required() {
+        let strict = UserAuth::new(&JwtConfig {
+            hs256_secret: Some(b"s".to_vec()),
+            issuer: Some("herald".into()),
+            ..Default::default()
+        })
+        .expect("config");
+        let user = UserId::new("u").expect("valid");
+        assert!(
+            strict
+                .verify(&strict.mint(&user, 60).expect("mint"))
+                .is_ok()
+        );
+        let exp = time::OffsetDateTime::now_utc().unix_timestamp() + 60;
+        let no_iss = raw(b"s", json!({"sub": "u", "exp": exp}));
+        assert!(strict.verify(&no_iss).is_err(), "a token without `iss`");
+        let other = raw(b"s", json!({"sub": "u", "exp": exp, "iss": "elsewhere"}));
+        assert!(strict.verify(&other).is_err());
+    }
+
+    #[test]
+    fn a_token_not_valid_yet_is_refused() {
+        let a = auth(b"s");
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let later = raw(
+            b"s",
+            json!({"sub": "u", "exp": now + 3600, "nbf": now + 600}),
+        );
+        assert!(a.verify(&later).is_err());
+        let started = raw(b"s", json!({"sub": "u", "exp": now + 3600, "nbf": now - 1}));
+        assert!(a.verify(&started).is_ok());
     }
 }
