@@ -147,3 +147,63 @@ async fn rate_caps_skip_interrupting_channels_over_the_cap() -> anyhow::Result<(
     );
     Ok(())
 }
+
+/// A notification the router has to retry (its work queue refuses the job) is counted
+/// against the rate caps once, not once per try: after the queue is back it is queued,
+/// not skipped as over a cap it never exceeded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_notification_counts_once_against_a_rate_cap() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let policy = Policy::default().with_caps(vec![RateCap {
+        category: Some("like".into()),
+        producer: None,
+        limit: 2,
+        window_s: 3600,
+        over: Default::default(),
+    }]);
+    let herald = Herald::builder(&nats).policy(policy).start().await?;
+    with_device(&herald, "ray").await?;
+    let refused = || async {
+        let text = herald.metrics().await?;
+        anyhow::Ok(
+            crate::metrics::sample(&text, "herald_router_enqueue_refused_total").unwrap_or(0.0),
+        )
+    };
+    let before = refused().await?;
+    // Take the push queue away: every enqueue of the job goes unacknowledged.
+    let js = async_nats::jetstream::new(nats.client().await?);
+    let work = herald_protocol::streams::work_stream_name(herald_protocol::Channel::Push);
+    let config = js.get_stream(&work).await?.info().await?.config.clone();
+    js.delete_stream(&work).await?;
+    let like = herald
+        .accept(&json!({"user_id": "ray", "title": "like", "category": "like", "channels": ["inbox", "push"]}))
+        .await?;
+    // Four tries, more than the cap allows; or a verdict already (skipped as capped).
+    eventually(
+        Duration::from_secs(20),
+        "the router retried four times",
+        || async {
+            let now = refused().await?;
+            let status: Value = herald
+                .producer(Method::GET, &format!("/v1/notifications/{}", like.id))
+                .send()
+                .await?
+                .json()
+                .await?;
+            ensure!(
+                now >= before + 4.0 || status["channels"]["push"][0].is_object(),
+                "{now} refusals (from {before})"
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    js.create_stream(config).await?;
+    // The first push status written is the router's verdict: queued, or skipped.
+    let entry = push_status(&herald, &like.id).await?;
+    ensure!(
+        entry["state"] == "queued",
+        "one notification, under a cap of two: {entry}"
+    );
+    Ok(())
+}

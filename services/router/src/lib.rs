@@ -30,6 +30,7 @@ mod deferral;
 mod digest;
 mod grouping;
 
+use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::message::PublishMessage;
 use futures::StreamExt as _;
@@ -220,7 +221,7 @@ async fn partition_loop(
                     while let Ok(Some(Ok(msg))) =
                         tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + DRAIN_QUIET), messages.next()).await
                     {
-                        if let Routed::Done = route.message(&msg).await {
+                        if let Routed::Done = route.message(&msg, &mut None).await {
                             let _ = msg.ack().await;
                         }
                     }
@@ -230,8 +231,12 @@ async fn partition_loop(
             };
             match next {
                 Some(Ok(msg)) => {
-                    // Retry in place: moving on would break per-user order.
-                    while let Routed::Retry = route.message(&msg).await {
+                    // Retry in place: moving on would break per-user order. The rate caps
+                    // count the notification once, however many tries it takes, and the
+                    // message is kept in progress so it is not redelivered meanwhile.
+                    let mut cap_decided = None;
+                    while let Routed::Retry = route.message(&msg, &mut cap_decided).await {
+                        let _ = msg.ack_with(AckKind::Progress).await;
                         tokio::select! {
                             // Unacked: redelivered to whichever router owns the partition next.
                             _ = stop.cancelled() => return,
@@ -264,7 +269,13 @@ impl Route {
     /// retry or a replayed router harmless for the jobs that did land. A full work queue
     /// refuses the publish (discard-new) and the notification is retried in place:
     /// backpressure, never loss.
-    async fn message(&self, msg: &async_nats::jetstream::Message) -> Routed {
+    /// `cap_decided` keeps what the rate caps decided for `msg` across in-place retries:
+    /// each decision counts against the caps, so it is taken once.
+    async fn message(
+        &self,
+        msg: &async_nats::jetstream::Message,
+        cap_decided: &mut Option<CapDecision>,
+    ) -> Routed {
         let Route { nats, subjects, .. } = self;
         let needs_routing = msg
             .headers
@@ -368,17 +379,26 @@ impl Route {
             if channels.is_empty() || self.caps.is_empty() {
                 return Ok(channels);
             }
-            let unix = u64::try_from(now.as_second()).unwrap_or(0);
-            match self
-                .caps
-                .admit(
-                    stored.producer.as_deref(),
-                    &stored.user_id,
-                    stored.category.as_deref(),
-                    unix,
-                )
-                .await
-            {
+            let decision = match cap_decided.clone() {
+                Some(decided) => Ok(decided),
+                None => {
+                    let unix = u64::try_from(now.as_second()).unwrap_or(0);
+                    let decision = self
+                        .caps
+                        .admit(
+                            stored.producer.as_deref(),
+                            &stored.user_id,
+                            stored.category.as_deref(),
+                            unix,
+                        )
+                        .await;
+                    if let Ok(decided) = &decision {
+                        *cap_decided = Some(decided.clone());
+                    }
+                    decision
+                }
+            };
+            match decision {
                 Ok(CapDecision::Within) => Ok(channels),
                 Ok(CapDecision::Over(cap)) => {
                     metrics::counter!("herald_rate_capped_total").increment(1);
