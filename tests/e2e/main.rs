@@ -13,6 +13,7 @@ mod groups;
 mod heartbeats;
 mod hub;
 mod isolation;
+mod jwks;
 mod lanes;
 mod metrics;
 mod native;

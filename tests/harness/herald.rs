@@ -54,6 +54,7 @@ pub struct HeraldBuilder {
     rates: herald_api::RateConfig,
     topics: herald_api::TopicSettings,
     dev_mode: bool,
+    jwks: Option<herald::jwks::JwksSettings>,
 }
 
 /// A running Herald mesh. Dropping it aborts the mesh; [`Herald::shutdown`] drains it.
@@ -90,6 +91,7 @@ impl Herald {
             rates: herald_api::RateConfig::default(),
             topics: herald_api::TopicSettings::default(),
             dev_mode: false,
+            jwks: None,
         }
     }
 
@@ -410,6 +412,12 @@ impl HeraldBuilder {
         self
     }
 
+    /// Also verify user tokens against this JWKS document (beside the HS256 secret).
+    pub fn jwks(mut self, jwks: herald::jwks::JwksSettings) -> Self {
+        self.jwks = Some(jwks);
+        self
+    }
+
     /// Topic rules (which topics users may join themselves).
     pub fn topics(mut self, topics: herald_api::TopicSettings) -> Self {
         self.topics = topics;
@@ -494,6 +502,7 @@ impl HeraldBuilder {
             provision: true,
             api_keys: keys,
             jwt,
+            jwks: self.jwks.clone(),
             api: herald_api::ApiConfig::default(),
             gateway: self.gateway,
             roles: self.roles,

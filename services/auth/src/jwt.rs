@@ -2,6 +2,7 @@
 //! RS256 or ES256 with a configured public key. `exp` is required and `nbf` honoured;
 //! `aud` (a string or an array) and `iss` are required and checked when configured.
 
+use crate::jwks::JwksHandle;
 use herald_protocol::{UserId, UserIdError};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
@@ -31,6 +32,9 @@ pub struct JwtConfig {
     pub hs256_secret: Option<Vec<u8>>,
     /// A PEM public key and its algorithm (RS256, ES256 or EdDSA).
     pub public_key: Option<(Algorithm, Vec<u8>)>,
+    /// Public keys by `kid` from a JWKS document; whoever fetches the document again
+    /// replaces them through [`UserAuth::jwks`].
+    pub jwks: Option<JwksHandle>,
     /// Required audience.
     pub audience: Option<String>,
     /// Required issuer.
@@ -45,6 +49,7 @@ impl std::fmt::Debug for JwtConfig {
                 &self.hs256_secret.as_ref().map(|_| "<redacted>"),
             )
             .field("public_key", &self.public_key.as_ref().map(|(a, _)| a))
+            .field("jwks", &self.jwks)
             .field("audience", &self.audience)
             .field("issuer", &self.issuer)
             .finish()
@@ -73,6 +78,7 @@ pub enum JwtError {
 pub struct UserAuth {
     hs256: Option<(EncodingKey, DecodingKey)>,
     public: Option<(Algorithm, DecodingKey)>,
+    jwks: Option<JwksHandle>,
     audience: Option<String>,
     issuer: Option<String>,
 }
@@ -115,14 +121,15 @@ impl UserAuth {
                 Some((*alg, key))
             }
         };
-        if hs256.is_none() && public.is_none() {
+        if hs256.is_none() && public.is_none() && config.jwks.is_none() {
             return Err(JwtError::Key(
-                "configure a JWT secret or a public key".into(),
+                "configure a JWT secret, a public key or a JWKS document".into(),
             ));
         }
         Ok(Self {
             hs256,
             public,
+            jwks: config.jwks.clone(),
             audience: config.audience.clone(),
             issuer: config.issuer.clone(),
         })
@@ -135,12 +142,30 @@ impl UserAuth {
     pub fn verify(&self, token: &str) -> Result<UserId, JwtError> {
         let header =
             jsonwebtoken::decode_header(token).map_err(|e| JwtError::Invalid(e.to_string()))?;
-        let key = match (header.alg, &self.hs256, &self.public) {
-            (Algorithm::HS256, Some((_, key)), _) => key,
-            (alg, _, Some((want, key))) if alg == *want => key,
-            (alg, _, _) => return Err(JwtError::Algorithm(alg)),
-        };
-        let mut validation = Validation::new(header.alg);
+        match (header.alg, &self.hs256, &self.public, &self.jwks) {
+            (Algorithm::HS256, Some((_, key)), _, _) => self.verify_with(token, header.alg, key),
+            (alg, _, Some((want, key)), _) if alg == *want => self.verify_with(token, alg, key),
+            (alg, _, _, Some(jwks)) if alg != Algorithm::HS256 => jwks
+                .with_key(header.kid.as_deref(), alg, |key| {
+                    self.verify_with(token, alg, key)
+                })
+                .unwrap_or_else(|| {
+                    Err(JwtError::Invalid(match &header.kid {
+                        Some(kid) => format!("no {alg:?} key {kid:?} in the JWKS document"),
+                        None => "the token names no key (`kid`)".into(),
+                    }))
+                }),
+            (alg, _, _, _) => Err(JwtError::Algorithm(alg)),
+        }
+    }
+
+    fn verify_with(
+        &self,
+        token: &str,
+        alg: Algorithm,
+        key: &DecodingKey,
+    ) -> Result<UserId, JwtError> {
+        let mut validation = Validation::new(alg);
         validation.leeway = LEEWAY;
         validation.validate_nbf = true;
         // A configured `aud` or `iss` must be present, not only right when present: the
@@ -167,6 +192,11 @@ impl UserAuth {
         let data = jsonwebtoken::decode::<Subject>(token, key, &validation)
             .map_err(|e| JwtError::Invalid(e.to_string()))?;
         Ok(UserId::new(data.claims.sub)?)
+    }
+
+    /// The JWKS key set, to replace when the document is fetched again.
+    pub fn jwks(&self) -> Option<&JwksHandle> {
+        self.jwks.as_ref()
     }
 
     /// Mints an HS256 token for `user`, valid for `ttl_secs`.

@@ -4,9 +4,11 @@
 //! frame ever carries a credential.
 
 pub mod api_keys;
+pub mod jwks;
 pub mod jwt;
 
 pub use api_keys::{ApiKey, ApiKeys, Scope};
+pub use jwks::{Jwks, JwksHandle};
 pub use jwt::{JwtConfig, JwtError, UserAuth, UserClaims};
 
 /// Extracts the token from an `Authorization: Bearer <token>` header value.

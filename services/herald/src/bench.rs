@@ -185,6 +185,7 @@ impl BenchAuth {
             provision: true,
             api_keys: self.keys.clone(),
             jwt: self.jwt.clone(),
+            jwks: None,
             api: Default::default(),
             gateway: Default::default(),
             roles: Roles {
@@ -243,6 +244,7 @@ async fn notify(args: NotifyArgs) -> Result<(), BenchError> {
         provision: true,
         api_keys: keys,
         jwt,
+        jwks: None,
         api: Default::default(),
         gateway: Default::default(),
         roles: Roles {

@@ -61,6 +61,11 @@ pub struct Settings {
     pub jwt_audience: Option<String>,
     /// Required `iss` of user tokens.
     pub jwt_issuer: Option<String>,
+    /// A JWKS document of user-token public keys, picked by `kid`: a file path or an
+    /// `https://` URL.
+    pub jwt_jwks: Option<String>,
+    /// Seconds between reads of `jwt_jwks` (key rotation).
+    pub jwt_jwks_refresh_s: u64,
     /// Subject prefix.
     pub subject_prefix: String,
     /// INBOX partitions (fixed once data exists).
@@ -140,6 +145,8 @@ impl Default for Settings {
             jwt_algorithm: None,
             jwt_audience: None,
             jwt_issuer: None,
+            jwt_jwks: None,
+            jwt_jwks_refresh_s: 300,
             subject_prefix: herald_protocol::subjects::DEFAULT_PREFIX.into(),
             partitions: herald_protocol::subjects::DEFAULT_PARTITIONS,
             replicas: 1,
@@ -192,6 +199,8 @@ pub struct Validated {
     pub api_keys: ApiKeys,
     /// User token settings.
     pub jwt: JwtConfig,
+    /// The JWKS document of user-token keys, if any (loaded when the mesh starts).
+    pub jwks: Option<crate::jwks::JwksSettings>,
     /// API limits.
     pub api: herald_api::ApiConfig,
     /// Gateway tunables.
@@ -352,7 +361,8 @@ impl Settings {
         }
         let rates = self.rates(&mut errors);
         let api_keys = self.api_keys(&mut errors);
-        let jwt = self.jwt(&mut errors);
+        let jwks = self.jwks(&mut errors);
+        let jwt = self.jwt(jwks.is_some(), &mut errors);
         let channels = self.channels(&mut errors);
         if let Some(url) = &self.nats_url
             && url.trim().is_empty()
@@ -371,6 +381,7 @@ impl Settings {
                 },
                 api_keys,
                 jwt,
+                jwks,
                 api: herald_api::ApiConfig {
                     body_limit: self.body_limit,
                     ..Default::default()
@@ -534,7 +545,33 @@ impl Settings {
         keys
     }
 
-    fn jwt(&self, errors: &mut Vec<String>) -> JwtConfig {
+    fn jwks(&self, errors: &mut Vec<String>) -> Option<crate::jwks::JwksSettings> {
+        let value = self.jwt_jwks.as_deref()?;
+        match crate::jwks::JwksSource::parse(value) {
+            Ok(source) => {
+                if let crate::jwks::JwksSource::File(path) = &source {
+                    match std::fs::read(path) {
+                        Ok(bytes) => {
+                            if let Err(e) = herald_auth::Jwks::parse(&bytes) {
+                                errors.push(format!("jwt_jwks {}: {e}", path.display()));
+                            }
+                        }
+                        Err(e) => errors.push(format!("jwt_jwks {}: {e}", path.display())),
+                    }
+                }
+                Some(crate::jwks::JwksSettings {
+                    source,
+                    refresh: Duration::from_secs(self.jwt_jwks_refresh_s.max(1)),
+                })
+            }
+            Err(e) => {
+                errors.push(e);
+                None
+            }
+        }
+    }
+
+    fn jwt(&self, jwks: bool, errors: &mut Vec<String>) -> JwtConfig {
         let mut jwt = JwtConfig {
             hs256_secret: self.jwt_secret.as_ref().map(|s| s.as_bytes().to_vec()),
             audience: self.jwt_audience.clone(),
@@ -567,8 +604,8 @@ impl Settings {
             }
             _ => errors.push("jwt_public_key and jwt_algorithm go together".into()),
         }
-        if jwt.hs256_secret.is_none() && jwt.public_key.is_none() {
-            errors.push("no way to verify user tokens: set jwt_secret (HERALD_JWT_SECRET) or jwt_public_key".into());
+        if jwt.hs256_secret.is_none() && jwt.public_key.is_none() && !jwks {
+            errors.push("no way to verify user tokens: set jwt_secret (HERALD_JWT_SECRET), jwt_public_key or jwt_jwks".into());
         }
         if let Err(e) = herald_auth::UserAuth::new(&jwt)
             && jwt.public_key.is_some()
@@ -581,7 +618,7 @@ impl Settings {
 
 /// Environment keys read (as `HERALD_<KEY>`). Others, like `HERALD_NATS_SERVER`, belong
 /// to other parts and are not configuration errors.
-const ENV_KEYS: [&str; 35] = [
+const ENV_KEYS: [&str; 37] = [
     "http_addr",
     "data_dir",
     "nats_url",
@@ -591,6 +628,8 @@ const ENV_KEYS: [&str; 35] = [
     "jwt_algorithm",
     "jwt_audience",
     "jwt_issuer",
+    "jwt_jwks",
+    "jwt_jwks_refresh_s",
     "subject_prefix",
     "partitions",
     "replicas",

@@ -8,6 +8,7 @@ pub mod bench;
 pub mod channels;
 pub mod cli;
 pub mod config;
+pub mod jwks;
 pub mod mesh;
 pub mod ops;
 pub mod page;

@@ -187,6 +187,7 @@ async fn service(
             provision: false,
             api_keys: v.api_keys,
             jwt: v.jwt,
+            jwks: v.jwks,
             api: v.api,
             gateway: v.gateway,
             roles,

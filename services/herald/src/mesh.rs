@@ -74,6 +74,8 @@ pub struct MeshOptions {
     pub api_keys: ApiKeys,
     /// User token verification.
     pub jwt: JwtConfig,
+    /// A JWKS document of user-token keys, loaded at start and read again periodically.
+    pub jwks: Option<crate::jwks::JwksSettings>,
     /// API limits.
     pub api: ApiConfig,
     /// Gateway tunables.
@@ -126,6 +128,9 @@ pub enum MeshError {
     /// User auth misconfigured.
     #[error("user token configuration")]
     Jwt(#[from] herald_auth::JwtError),
+    /// The JWKS document could not be loaded.
+    #[error("user token keys (jwt_jwks): {0}")]
+    Jwks(String),
     /// The HTTP server failed.
     #[error("http server")]
     Http(#[source] std::io::Error),
@@ -221,9 +226,18 @@ impl Mesh {
                     .await
                     .map_err(MeshError::Groups)?,
             );
+        let mut jwt = opts.jwt.clone();
+        let jwks_http = reqwest::Client::new();
+        if let Some(jwks) = &opts.jwks
+            && jwt.jwks.is_none()
+        {
+            let keys = jwks.load(&jwks_http).await.map_err(MeshError::Jwks)?;
+            tracing::info!(source = %jwks.source, keys = keys.len(), "JWKS loaded");
+            jwt.jwks = Some(herald_auth::JwksHandle::new(keys));
+        }
         let auth = Authenticator {
             keys: Arc::new(opts.api_keys.clone()),
-            users: UserAuth::new(&opts.jwt)?,
+            users: UserAuth::new(&jwt)?,
         };
         let channels = crate::channels::Channels::open(
             &nats,
@@ -258,6 +272,13 @@ impl Mesh {
             batcher_stop.cancelled().await;
             Ok(())
         });
+        if let (Some(settings), Some(handle)) = (opts.jwks.clone(), auth.users.jwks().cloned()) {
+            let stop = stop.clone();
+            tasks.spawn(async move {
+                crate::jwks::refresh(settings, handle, jwks_http, stop).await;
+                Ok(())
+            });
+        }
         let mut app = Router::new().merge(ops::routes(nats.clone()));
         if opts.roles.api {
             app = app.merge(herald_api::routes(ApiState {

@@ -102,6 +102,7 @@ pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> Result<
             provision: true,
             api_keys: valid.api_keys.clone(),
             jwt: valid.jwt.clone(),
+            jwks: valid.jwks.clone(),
             api: valid.api,
             gateway: valid.gateway,
             roles: Roles::ALL,

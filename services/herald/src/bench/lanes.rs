@@ -94,6 +94,7 @@ pub async fn run(args: LanesArgs) -> Result<(), BenchError> {
         provision: true,
         api_keys: keys,
         jwt,
+        jwks: None,
         api: Default::default(),
         gateway: Default::default(),
         roles: Roles::ALL,
