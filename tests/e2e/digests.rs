@@ -388,3 +388,57 @@ async fn a_big_topic_publish_is_held_for_a_digest_user() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A user switches from a daily to an hourly digest: the hourly period's digest lists
+/// and clears only its own entries; the one waiting for the daily period (recorded
+/// earlier, so at a lower sequence) stays for that digest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_digest_clears_only_the_entries_it_listed() -> anyhow::Result<()> {
+    let smtp = SmtpServer::start().await?;
+    let nats = Nats::single().await?;
+    // The daily period ends about 12 hours away, never with the hourly one.
+    let hour = u8::try_from((time::OffsetDateTime::now_utc().hour() + 12) % 24)?;
+    let policy = Policy::default().with_digest(DigestSettings {
+        hourly_s: 3600,
+        daily_hour: hour,
+    });
+    let herald = Herald::builder(&nats)
+        .policy(policy)
+        .channels(settings(&smtp))
+        .start()
+        .await?;
+    setup_user(&herald, "dax", json!({"digest": "daily"})).await?;
+    let daily = email(&herald, "dax", "Daily one").await?;
+    email_state(&herald, &daily.id, "digest").await?;
+    let r = herald
+        .producer(Method::PUT, "/v1/users/dax/preferences")
+        .json(&json!({"digest": "hourly"}))
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "preferences: {}", r.status());
+    let hourly = email(&herald, "dax", "Hourly one").await?;
+    email_state(&herald, &hourly.id, "digest").await?;
+
+    // The newest schedule is the hourly period's end.
+    fire_early(&herald, "dax", "d-").await?;
+    let all = emails(&smtp, 1).await?;
+    let digest = parse(&all[0])?;
+    ensure!(
+        digest.text.contains("Hourly one") && !digest.text.contains("Daily one"),
+        "{}",
+        digest.text
+    );
+    email_queue_drained(&herald).await?;
+    let js = async_nats::jetstream::new(herald.nats_client().await?);
+    let stream = js.get_stream(herald_protocol::streams::DIGEST).await?;
+    let subject = herald
+        .subjects()
+        .digest(&herald_protocol::UserId::new("dax".to_owned())?);
+    let left = stream
+        .get_last_raw_message_by_subject(&subject)
+        .await
+        .map_err(|e| anyhow::anyhow!("the daily entry was cleared with the hourly digest: {e}"))?;
+    let entry: Value = serde_json::from_slice(&left.payload)?;
+    ensure!(entry["id"] == daily.id.as_str(), "{entry}");
+    Ok(())
+}

@@ -179,7 +179,17 @@ impl Route {
         if !unread.is_empty() {
             self.enqueue_digest(due, end, &unread).await?;
         }
-        let cleared = self.digests.clear(user, up_to).await?;
+        // One purge up to the last listed entry, unless an entry of a later period lies
+        // below it (the user changed frequency, hour or zone): then only the listed go.
+        let later_below = entries
+            .iter()
+            .any(|(seq, _)| *seq < up_to && !owed.iter().any(|(listed, _)| listed == seq));
+        let cleared = if later_below {
+            let listed: Vec<u64> = owed.iter().map(|(seq, _)| *seq).collect();
+            self.digests.remove(&listed).await?
+        } else {
+            self.digests.clear(user, up_to).await?
+        };
         tracing::debug!(user = %user.as_str(), listed = unread.len(), cleared, "digest period closed");
         Ok(())
     }

@@ -8,7 +8,9 @@
 
 use crate::Nats;
 use crate::direct;
+use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::stream::DeleteMessageErrorKind;
 use herald_protocol::digest::DigestEntry;
 use herald_protocol::streams::DIGEST;
 use herald_protocol::{Subjects, UserId};
@@ -107,6 +109,29 @@ impl Digests {
             .await
             .map_err(err)?;
         Ok(purged.purged)
+    }
+
+    /// Removes the entries at these stream sequences (a digest listed them while others
+    /// of the user, for a later period, stay). Returns how many were removed.
+    ///
+    /// # Errors
+    /// [`DigestsError`] when NATS fails.
+    pub async fn remove(&self, seqs: &[u64]) -> Result<u64, DigestsError> {
+        let stream = self.nats.js.get_stream_no_info(DIGEST).await.map_err(err)?;
+        let mut removed = 0;
+        for &seq in seqs {
+            match stream.delete_message(seq).await {
+                Ok(true) => removed += 1,
+                Ok(false) => {}
+                Err(e) => match e.kind() {
+                    // Gone already: a retried digest removes what it removed before.
+                    DeleteMessageErrorKind::JetStream(js)
+                        if js.error_code() == ErrorCode::NO_MESSAGE_FOUND => {}
+                    _ => return Err(err(e)),
+                },
+            }
+        }
+        Ok(removed)
     }
 
     /// Removes every entry of `user` (GDPR erase). Returns how many were removed.
