@@ -442,3 +442,60 @@ async fn a_digest_clears_only_the_entries_it_listed() -> anyhow::Result<()> {
     ensure!(entry["id"] == daily.id.as_str(), "{entry}");
     Ok(())
 }
+
+/// A digest is email below `high`: when its period ends inside the user's quiet hours it
+/// is held, and scheduled again for the moment they end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_digest_due_in_quiet_hours_waits_for_their_end() -> anyhow::Result<()> {
+    let smtp = SmtpServer::start().await?;
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats)
+        .policy(policy(3600))
+        .channels(settings(&smtp))
+        .start()
+        .await?;
+    // Quiet from an hour ago until an hour from now (UTC, wrapping over midnight).
+    let now = jiff::Timestamp::now().to_zoned(jiff::tz::TimeZone::UTC);
+    let hhmm = |t: jiff::civil::Time| format!("{:02}:{:02}", t.hour(), t.minute());
+    let start = now.time().wrapping_sub(jiff::Span::new().hours(1));
+    let end = now.time().wrapping_add(jiff::Span::new().hours(1));
+    setup_user(
+        &herald,
+        "qin",
+        json!({"digest": "hourly", "timezone": "UTC",
+               "quiet_hours": {"start": hhmm(start), "end": hhmm(end)}}),
+    )
+    .await?;
+    let held = email(&herald, "qin", "Overnight news").await?;
+    email_state(&herald, &held.id, "digest").await?;
+    let period = fire_early(&herald, "qin", "d-").await?;
+    let (subject, headers) = eventually(WAIT, "the digest rescheduled", || async {
+        let (subject, headers, _) = pending(&herald, "qin", "d-")
+            .await?
+            .context("no digest schedule")?;
+        ensure!(subject != period, "still only {subject}");
+        Ok((subject, headers))
+    })
+    .await?;
+    let at = headers
+        .get("Nats-Schedule")
+        .context("a schedule without its time")?
+        .as_str()
+        .to_owned();
+    let quiet_end = now
+        .checked_add(jiff::Span::new().hours(1))?
+        .with()
+        .second(0)
+        .subsec_nanosecond(0)
+        .build()?
+        .timestamp();
+    ensure!(
+        at == format!("@at {quiet_end}"),
+        "{subject} fires {at}, not when quiet hours end ({quiet_end})"
+    );
+    ensure!(
+        smtp.messages()?.is_empty(),
+        "a digest went out in quiet hours"
+    );
+    Ok(())
+}

@@ -77,7 +77,8 @@ impl Route {
             created_at: stored.created_at.clone(),
         };
         self.digests.record(&stored.user_id, &entry).await?;
-        self.schedule_due(&stored.user_id, frequency, end).await?;
+        self.schedule_due(&stored.user_id, frequency, end, end)
+            .await?;
         metrics::counter!("herald_router_digested_total").increment(1);
         let when = match frequency {
             Digest::Daily => "daily",
@@ -95,24 +96,29 @@ impl Route {
 
     /// One schedule per (user, period): the subject names the period, and JetStream keeps
     /// one schedule per subject, so writing it again for each entry replaces it with the
-    /// same one.
+    /// same one. It fires `at` the period's `end`, or later when quiet hours held it back.
     async fn schedule_due(
         &self,
         user: &UserId,
         frequency: Digest,
         end: jiff::Timestamp,
+        at: jiff::Timestamp,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let due = DigestDue {
             user_id: user.clone(),
             digest: frequency,
             period_end: end.to_string(),
         };
-        let unix = end.as_second();
+        let id = if at == end {
+            format!("d-{}", end.as_second())
+        } else {
+            format!("d-{}-{}", end.as_second(), at.as_second())
+        };
         let publish = PublishMessage::build()
             .payload(serde_json::to_vec(&due)?.into())
-            .message_id(format!("digest-due:{}:{unix}", user.token()))
+            .message_id(format!("digest-due:{}:{id}", user.token()))
             .expected_stream(INBOX)
-            .header("Nats-Schedule", format!("@at {end}").as_str())
+            .header("Nats-Schedule", format!("@at {at}").as_str())
             .header(
                 "Nats-Schedule-Target",
                 self.subjects.deferred(user).as_str(),
@@ -121,7 +127,7 @@ impl Route {
             .header(DIGEST_HEADER, end.to_string().as_str());
         self.nats
             .js
-            .send_publish(self.subjects.scheduled(user, &format!("d-{unix}")), publish)
+            .send_publish(self.subjects.scheduled(user, &id), publish)
             .await?
             .await?;
         Ok(())
@@ -155,6 +161,14 @@ impl Route {
         end: jiff::Timestamp,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let user = &due.user_id;
+        let prefs = self.preferences.get(user).await?;
+        // A digest is email below `high`, like any other: quiet hours hold it back, and it
+        // goes when they end, with what is owed then.
+        if let Some(until) = prefs.quiet_until(jiff::Timestamp::now()) {
+            self.schedule_due(user, due.digest, end, until).await?;
+            tracing::debug!(user = %user.as_str(), %until, "digest held for quiet hours");
+            return Ok(());
+        }
         let entries = self.digests.pending(user).await?;
         // This period's and any earlier one's (a period whose schedule was lost); a later
         // period's entries wait for their own schedule.
@@ -177,7 +191,7 @@ impl Route {
             .filter(|e| e.seq > read && ids.insert(e.id.as_str()))
             .collect();
         if !unread.is_empty() {
-            self.enqueue_digest(due, end, &unread).await?;
+            self.enqueue_digest(due, end, &prefs, &unread).await?;
         }
         // One purge up to the last listed entry, unless an entry of a later period lies
         // below it (the user changed frequency, hour or zone): then only the listed go.
@@ -198,10 +212,10 @@ impl Route {
         &self,
         due: &DigestDue,
         end: jiff::Timestamp,
+        prefs: &Preferences,
         unread: &[&DigestEntry],
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let user = &due.user_id;
-        let prefs = self.preferences.get(user).await?;
         let tz = prefs.time_zone();
         let items: Vec<Value> = unread
             .iter()
