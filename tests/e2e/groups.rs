@@ -415,3 +415,55 @@ async fn bad_group_fields_are_a_400_naming_the_field() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// The group's first notification has nothing for the router (inbox only): the next
+/// member carries the window's close, and the group's push goes out at its end with the
+/// folded text, instead of every later member being folded into a close that never comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_whose_first_member_has_no_channel_work_still_pushes() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let push = Push::start().await?;
+    let (_dir, templates) = templates()?;
+    let herald = Herald::builder(&nats)
+        .policy(policy(2))
+        .templates(templates)
+        .channels(push.settings(rand_key())?)
+        .start()
+        .await?;
+    devices(&herald, "pia").await?;
+    let mut quiet = like("pia", "Ann");
+    quiet["channels"] = json!(["inbox"]);
+    let first = herald.accept(&quiet).await?;
+    let second = herald.accept(&like("pia", "Bob")).await?;
+    let third = herald.accept(&like("pia", "Cid")).await?;
+    let group = |n: &Value| n["group"]["first_id"].clone();
+    let inbox = herald.inbox("pia").await?;
+    ensure!(
+        inbox.len() == 3 && inbox.iter().all(|n| group(n) == first.id.as_str()),
+        "one group, opened by the inbox-only one: {inbox:?}"
+    );
+    let sent = push_state(&herald, &second.id, "sent").await?;
+    ensure!(
+        sent["reason"]
+            .as_str()
+            .is_none_or(|r| !r.starts_with("folded_into")),
+        "{sent}"
+    );
+    let folded = push_state(&herald, &third.id, "folded").await?;
+    ensure!(
+        folded["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with(&format!("folded_into: {}", first.id))),
+        "{folded}"
+    );
+    let (apns, fcm) = push.sent();
+    ensure!(
+        apns.len() == 1 && fcm.len() == 1,
+        "one push each: {apns:?} {fcm:?}"
+    );
+    ensure!(
+        apns[0].0 == json!("Cid and 2 others liked your photo"),
+        "the group's text: {apns:?}"
+    );
+    Ok(())
+}

@@ -13,6 +13,7 @@
 //! The end of an aggregation window travels the same way (`g-<id>`, with the
 //! `Herald-Group` header), so it too survives restarts and reaches the partition's owner.
 
+use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
 use herald_protocol::streams::{GROUP_HEADER, INBOX, ROUTE_HEADER, SEQ_HEADER};
 use herald_protocol::{StoredNotification, Subjects};
@@ -53,28 +54,79 @@ pub(crate) async fn defer(
     .await
 }
 
-/// Schedules the end of `stored`'s aggregation window (its group `key`) for `until`:
-/// the message comes back with the [`GROUP_HEADER`], and the router then closes the
-/// group and sends its folded text. `again` marks a second schedule (a window that
-/// ended during quiet hours), which needs an id of its own.
+/// Schedules the end of `stored`'s aggregation window (its group `key`) again for
+/// `until`, when it ended during quiet hours: the message comes back with the
+/// [`GROUP_HEADER`], and the router then closes the group and sends its folded text.
+/// The first schedule is [`claim_window_close`]'s.
 ///
 /// # Errors
 /// The NATS error when the schedule is not stored.
-pub(crate) async fn close_window_at(
+pub(crate) async fn close_window_after_quiet(
     nats: &Nats,
     subjects: &Subjects,
     stored: &StoredNotification,
     seq: u64,
     key: &str,
     until: &str,
-    again: bool,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let id = if again {
-        format!("gq-{}", stored.id)
-    } else {
-        format!("g-{}", stored.id)
-    };
+    let id = format!("gq-{}", stored.id);
     schedule(nats, subjects, stored, seq, until, &id, Some(key)).await
+}
+
+/// Whether a member of a group holds its window's close ([`claim_window_close`]).
+pub(crate) enum Claim {
+    /// This notification carries the close: its channel work waits for it.
+    Mine,
+    /// Another member carries it (or already did): this one is folded into it.
+    Taken,
+}
+
+/// Schedules the close of the window of `stored`'s group, `first_id`, at `until` — unless
+/// a member already did. The first member to reach the router carries the close, which
+/// is usually the group's first notification; but that one may never come (refused after
+/// it joined, or with nothing for the router to do), and then a later member must, or
+/// every member would be folded into a close that never happens.
+pub(crate) async fn claim_window_close(
+    nats: &Nats,
+    subjects: &Subjects,
+    stored: &StoredNotification,
+    seq: u64,
+    first_id: &str,
+    key: &str,
+    until: &str,
+) -> Result<Claim, Box<dyn std::error::Error + Send + Sync>> {
+    let id = format!("g-{first_id}");
+    let subject = subjects.scheduled(&stored.user_id, &id);
+    let payload = serde_json::to_vec(stored)?;
+    let publish = PublishMessage::build()
+        .payload(payload.into())
+        .message_id(format!("{id}:{}", stored.id))
+        .expected_stream(INBOX)
+        // Only onto an empty subject: the first claim wins.
+        .expected_last_subject_sequence(0)
+        .header("Nats-Schedule", format!("@at {until}").as_str())
+        .header(
+            "Nats-Schedule-Target",
+            subjects.deferred(&stored.user_id).as_str(),
+        )
+        .header(ROUTE_HEADER, "1")
+        .header(SEQ_HEADER, seq.to_string().as_str())
+        .header(GROUP_HEADER, key);
+    match nats.js.send_publish(subject.clone(), publish).await?.await {
+        Ok(_) => Ok(Claim::Mine),
+        Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+            // Claimed before: by this notification (a replayed router), or another.
+            let carrier = herald_store::direct::last(&nats.consume, INBOX, &subject, None)
+                .await?
+                .and_then(|m| serde_json::from_slice::<StoredNotification>(&m.payload).ok());
+            Ok(match carrier {
+                Some(c) if c.id == stored.id => Claim::Mine,
+                // Another member's, or fired already: the close counted this member.
+                _ => Claim::Taken,
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The group key a window-closing message names, if it is one.

@@ -1,10 +1,11 @@
 //! Aggregation in the router: what a grouped notification's channel work does.
 //!
 //! The api already placed each notification in its group (the `group` snapshot it
-//! carries). Here the group's first notification holds its push/email/SMS/webhook work
-//! until the window ends — a JetStream schedule back to this partition's router, so no
-//! process polls and restarts lose nothing — and the others are recorded as folded into
-//! it. At the window's end the group is closed with compare-and-set: a member that joined
+//! carries). Here the first member to reach the router — the group's first notification,
+//! unless that one was refused after joining or has nothing for the router — holds its
+//! push/email/SMS/webhook work until the window ends (a JetStream schedule back to this
+//! partition's router, so no process polls and restarts lose nothing), and the others are
+//! recorded as folded into it. At the window's end the group is closed with compare-and-set: a member that joined
 //! before the close is counted in the text that goes out; one that comes after opens a new
 //! window. Quiet hours still apply: a window that ends during them waits for their end,
 //! and keeps folding what arrives meanwhile.
@@ -51,44 +52,50 @@ impl Route {
         };
         let waiting: Vec<(Channel, String)> =
             channels.iter().map(|c| (*c, "none".to_string())).collect();
-        if group.first_id != stored.id {
-            metrics::counter!("herald_router_folded_total").increment(1);
-            let rule = format!(
-                "folded_into: {} (group {}, window until {})",
-                group.first_id, group.key, group.window_ends_at
-            );
-            self.record(
-                stored,
-                seq,
-                waiting,
-                Update::state(State::Folded).because(rule),
-            )
-            .await;
-            return Step::Done;
-        }
+        let first = group.first_id == stored.id;
         let ends = match group.window_ends_at.parse::<jiff::Timestamp>() {
             Ok(t) if t > now => t,
-            // Already over (this router was behind): close it now.
-            _ => {
+            // Already over (this router was behind): the first closes it now.
+            _ if first => {
                 return self
                     .close_window(stored, seq, &group.key, channels, prefs, now)
                     .await;
             }
+            // A later member: its close, if it must carry it, fires at once.
+            _ => now,
         };
         let until = ends.to_string();
-        if let Err(e) = deferral::close_window_at(
+        match deferral::claim_window_close(
             &self.nats,
             &self.subjects,
             stored,
             seq,
+            &group.first_id,
             &group.key,
             &until,
-            false,
         )
         .await
         {
-            tracing::warn!(seq, error = %e, "scheduling a group's window end failed; will retry");
-            return Step::Retry;
+            Ok(deferral::Claim::Mine) => {}
+            Ok(deferral::Claim::Taken) => {
+                metrics::counter!("herald_router_folded_total").increment(1);
+                let rule = format!(
+                    "folded_into: {} (group {}, window until {})",
+                    group.first_id, group.key, group.window_ends_at
+                );
+                self.record(
+                    stored,
+                    seq,
+                    waiting,
+                    Update::state(State::Folded).because(rule),
+                )
+                .await;
+                return Step::Done;
+            }
+            Err(e) => {
+                tracing::warn!(seq, error = %e, "scheduling a group's window end failed; will retry");
+                return Step::Retry;
+            }
         }
         self.record(
             stored,
@@ -116,14 +123,13 @@ impl Route {
             && let Some(until) = prefs.quiet_until(now)
         {
             let until = until.to_string();
-            if let Err(e) = deferral::close_window_at(
+            if let Err(e) = deferral::close_window_after_quiet(
                 &self.nats,
                 &self.subjects,
                 stored,
                 seq,
                 key,
                 &until,
-                true,
             )
             .await
             {
@@ -140,7 +146,12 @@ impl Route {
             .await;
             return Step::Done;
         }
-        match self.groups.close(&stored.user_id, key, &stored.id).await {
+        // The carrier is usually the group's first notification, but may be a later member.
+        let first_id = stored
+            .group
+            .as_ref()
+            .map_or(stored.id.as_str(), |g| g.first_id.as_str());
+        match self.groups.close(&stored.user_id, key, first_id).await {
             Ok(Some(state)) => Step::Route(Some(Folded {
                 key: key.to_owned(),
                 count: state.count,
