@@ -138,6 +138,44 @@ async fn a_publish_reaches_every_subscriber_once_on_every_transport() -> anyhow:
         "a publish id that is not a UUID: {}",
         hostile.status()
     );
+    // Other spellings of the same UUID name the same publish.
+    let id = second["id"].as_str().context("id")?;
+    for spelled in [
+        format!("%7B{}%7D", id.to_uppercase()),
+        format!("urn:uuid:{id}"),
+    ] {
+        let r = herald
+            .producer(
+                Method::GET,
+                &format!("/v1/topics/{topic}/publishes/{spelled}"),
+            )
+            .send()
+            .await?;
+        let p = ok(r).await?;
+        ensure!(
+            p["id"] == id && p["fanout"]["state"] == "done",
+            "{spelled}: {p}"
+        );
+    }
+    // An idempotency key that is not printable ASCII is refused, as on /v1/notify,
+    // rather than ignored (a retry would then fan out twice).
+    let r = herald
+        .producer(Method::POST, &format!("/v1/topics/{topic}/publish"))
+        .header(
+            "Idempotency-Key",
+            reqwest::header::HeaderValue::from_bytes(b"caf\xe9")?,
+        )
+        .json(&json!({"title": "t"}))
+        .send()
+        .await?;
+    ensure!(r.status() == StatusCode::BAD_REQUEST, "{}", r.status());
+    let body: Value = r.json().await?;
+    ensure!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("Idempotency-Key")),
+        "{body}"
+    );
     Ok(())
 }
 

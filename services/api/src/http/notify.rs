@@ -23,7 +23,7 @@ pub(crate) async fn read_body(body: Body, limit: usize) -> Result<axum::body::By
         .map_err(|_| AppError::too_large(limit))
 }
 
-fn idempotency_header(headers: &HeaderMap) -> Result<Option<&str>, AppError> {
+pub(super) fn idempotency_header(headers: &HeaderMap) -> Result<Option<&str>, AppError> {
     match headers.get("idempotency-key") {
         None => Ok(None),
         Some(v) => v.to_str().map(Some).map_err(|_| {

@@ -196,7 +196,7 @@ pub(super) async fn publish(
     // Validated like a notify to one user; each copy gets its recipient at fan-out.
     doc.insert("user_id".into(), Value::String(placeholder_recipient(&t)));
     let raw = serde_json::to_vec(&doc).map_err(|e| AppError::internal(&e))?;
-    let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok());
+    let key = super::notify::idempotency_header(&headers)?;
     let prepared = state
         .acceptor
         .prepare_topic(&raw, &producer.0.producer, key)
@@ -244,12 +244,16 @@ pub(super) async fn progress(
 ) -> Result<Json<Value>, AppError> {
     producer.require(Scope::Read)?;
     let t = topic(t)?;
-    if uuid::Uuid::parse_str(&id).is_err() {
-        return Err(AppError::field(FieldError::new(
-            "id",
-            "not a publish id (a UUID)",
-        )));
-    }
+    // Any spelling of the UUID (braced, `urn:uuid:`, upper case) names the same publish.
+    let id = match uuid::Uuid::parse_str(&id) {
+        Ok(uuid) => uuid.hyphenated().to_string(),
+        Err(_) => {
+            return Err(AppError::field(FieldError::new(
+                "id",
+                "not a publish id (a UUID)",
+            )));
+        }
+    };
     match state.fanouts.get(&id).await.map_err(topics_error)? {
         Some(p) => Ok(Json(json!({"id": id, "topic": t, "fanout": p}))),
         None => Ok(Json(
