@@ -534,6 +534,13 @@ async fn a_users_topics_survive_concurrent_subscribes_and_are_capped() -> anyhow
     let body: Value = over.json().await?;
     ensure!(body["error"]["code"] == "too_many_topics", "{body}");
     ensure!(mine("max").await?.len() == herald_store::MAX_TOPICS_PER_USER);
+    // Refused means not subscribed: the topic does not count them, nor would a publish.
+    let described = ok(herald
+        .producer(Method::GET, "/v1/topics/one.more")
+        .send()
+        .await?)
+    .await?;
+    ensure!(described["subscribers"] == 0, "{described}");
     Ok(())
 }
 

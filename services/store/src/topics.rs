@@ -194,7 +194,28 @@ impl Subscriptions {
         futures::stream::iter(have_sets)
             .map(|i| {
                 let (user, followed) = (&users[i], &followed);
-                self.change_set(user, move |set| add(set, followed, user))
+                async move {
+                    match self
+                        .change_set(user, move |set| add(set, followed, user))
+                        .await
+                    {
+                        // Over the cap: not following after all, so the record on the
+                        // topic written above goes too (the fan-out reads those).
+                        Err(TopicsError::TooMany(user)) => {
+                            self.nats
+                                .js
+                                .get_stream_no_info(SUBS)
+                                .await
+                                .map_err(unavailable)?
+                                .purge()
+                                .filter(self.subjects.subscription(topic, &user))
+                                .await
+                                .map_err(unavailable)?;
+                            Err(TopicsError::TooMany(user))
+                        }
+                        other => other,
+                    }
+                }
             })
             .buffer_unordered(SET_UPDATES_IN_FLIGHT)
             .try_collect::<Vec<bool>>()
