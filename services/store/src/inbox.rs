@@ -146,6 +146,11 @@ impl Inbox {
     /// [`InboxError::TooLarge`] over the server's payload limit, else
     /// [`InboxError::Unavailable`] when the publish cannot be sent.
     pub async fn send_append(&self, append: Append) -> Result<PublishAckFuture, InboxError> {
+        if !self.nats.is_connected() {
+            // Published now, it would wait in the client and might land after the caller
+            // was told it failed (and retried it).
+            return Err(InboxError::Unavailable("not connected to NATS".into()));
+        }
         let Append {
             subject,
             headers,

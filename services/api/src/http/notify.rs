@@ -113,6 +113,12 @@ pub(super) async fn batch(
     state
         .rates
         .check(&producer.0.producer, parsed.notifications.len() as u32)?;
+    if !state.acceptor.inbox().nats().is_connected() {
+        // The whole batch is a 503 with Retry-After, as a single notify is.
+        return Err(AppError::unavailable(
+            &herald_store::InboxError::Unavailable("not connected to NATS".into()),
+        ));
+    }
     // Validate everything, send every valid append, then collect acks: one round trip of
     // latency for the whole batch.
     // Templated items render in their recipient's locale: one batched preference read
