@@ -273,3 +273,40 @@ async fn router_applies_preferences_to_the_next_notification() -> anyhow::Result
     );
     Ok(())
 }
+
+/// Preferences that would outgrow what the store keeps are the request's fault: a 400
+/// naming `categories`, not a 503 that a client retries forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preferences_too_large_to_store_are_a_400() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    let long = "c".repeat(300);
+    let r = put(
+        &herald,
+        "big",
+        json!({"categories": {long: {"push": false}}}),
+    )
+    .await?;
+    ensure!(
+        field_of_400(r).await? == "categories",
+        "a 300-byte category name"
+    );
+    let overrides = |from: usize, n: usize| {
+        let map: serde_json::Map<String, Value> = (from..from + n)
+            .map(|i| (format!("{i:04}{}", "x".repeat(246)), json!({"push": false})))
+            .collect();
+        json!({ "categories": map })
+    };
+    let r = put(&herald, "big", overrides(0, 150)).await?;
+    ensure!(
+        r.status() == StatusCode::OK,
+        "150 overrides: {}",
+        r.status()
+    );
+    let r = put(&herald, "big", overrides(150, 100)).await?;
+    ensure!(
+        field_of_400(r).await? == "categories",
+        "250 long overrides, over 64 KiB once merged"
+    );
+    Ok(())
+}

@@ -364,6 +364,15 @@ impl PreferencesPatch {
                         return Err(FieldError::new("categories", "expected an object"));
                     };
                     for (name, value) in map {
+                        if name.is_empty() || name.len() > crate::notification::MAX_KEY_BYTES {
+                            return Err(FieldError::new(
+                                "categories",
+                                format!(
+                                    "a category name is 1 to {} bytes",
+                                    crate::notification::MAX_KEY_BYTES
+                                ),
+                            ));
+                        }
                         let field = format!("categories.{name}");
                         policy.check_category(&field, &name)?;
                         let switches = match value {

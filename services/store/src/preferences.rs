@@ -38,6 +38,9 @@ fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> Preferences
     PreferencesError::Unavailable(Box::new(e))
 }
 
+/// Largest stored preferences document (the bucket's value limit).
+pub const MAX_PREFERENCES_BYTES: usize = 64 * 1024;
+
 /// How often a compare-and-set update is retried against concurrent writers.
 const CAS_ATTEMPTS: usize = 16;
 
@@ -107,6 +110,16 @@ impl PreferenceStore {
             };
             patch.clone().apply(&mut prefs)?;
             let bytes: bytes::Bytes = serde_json::to_vec(&prefs).map_err(unavailable)?.into();
+            if bytes.len() > MAX_PREFERENCES_BYTES {
+                // The store would refuse it; that is the request's doing, not an outage.
+                return Err(PreferencesError::Invalid(FieldError::new(
+                    "categories",
+                    format!(
+                        "the preferences would take {} bytes, over {MAX_PREFERENCES_BYTES}; remove category overrides (set them to null)",
+                        bytes.len()
+                    ),
+                )));
+            }
             let written = if revision == 0 {
                 match self.store.create(key.as_str(), bytes).await {
                     Ok(_) => true,

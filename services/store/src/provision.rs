@@ -94,7 +94,7 @@ pub async fn provision(
             bucket: streams::PREFS_BUCKET.to_string(),
             description: "Herald preferences: user token -> sparse preferences JSON".into(),
             history: 1,
-            max_value_size: 64 * 1024,
+            max_value_size: crate::preferences::MAX_PREFERENCES_BYTES as i32,
             storage: stream::StorageType::File,
             num_replicas: settings.replicas,
             ..Default::default()
