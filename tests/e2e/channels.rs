@@ -509,6 +509,83 @@ async fn an_outage_longer_than_the_back_off_spends_no_delivery_without_a_call() 
     Ok(())
 }
 
+/// APNs down while FCM works: the push channel keeps pulling (Android jobs go out), so
+/// iOS jobs are pulled and deferred again and again. Deferrals send nothing and spend no
+/// attempt: once APNs is back every job is sent, and a job is dead-lettered only after
+/// `max_deliver` failed sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deferrals_while_one_platform_is_down_spend_no_attempts() -> anyhow::Result<()> {
+    use herald_channels::Platform;
+    let nats = Nats::single().await?;
+    let apns = Arc::new(Scripted::for_platform("apns", Platform::Ios));
+    let fcm = Arc::new(Scripted::for_platform("fcm", Platform::Android));
+    apns.fallback(Answer::Transient);
+    let limits = Limits {
+        rate_per_second: None,
+        breaker: BreakerConfig {
+            consecutive_failures: 1,
+            error_rate: 1.0,
+            window: 10,
+            open_for: Duration::from_millis(1500),
+        },
+    };
+    let settings = with(with(settings(rand_key()), &apns, limits), &fcm, limits);
+    let attempts = usize::try_from(settings.queue.max_deliver)?;
+    let herald = Herald::builder(&nats).channels(settings).start().await?;
+    device(&herald, "ivy", "tok-ivy").await?;
+    let mut ids = Vec::new();
+    // Each half-open probe sends one job (an attempt); the others come back meanwhile and
+    // are deferred: with six jobs, deferrals outpace attempts five to one.
+    for i in 0..6 {
+        ids.push(push(&herald, "ivy", &format!("ios {i}")).await?);
+    }
+    let deferrals = |entry: &Value| {
+        entry["history"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|h| h["state"] == "deferred")
+            .count()
+    };
+    // Some job deferred as often as it may attempt (counting deferrals as attempts, it
+    // would have been dead-lettered by now).
+    eventually(WAIT, "a job deferred max_deliver times", || async {
+        let mut most = 0;
+        for id in &ids {
+            let entry = status(&herald, id).await?["channels"]["push"][0].clone();
+            most = most.max(deferrals(&entry));
+        }
+        ensure!(most >= attempts, "at most {most} deferrals so far");
+        Ok(())
+    })
+    .await?;
+    apns.fallback(Answer::Ok);
+    for id in &ids {
+        let entry = eventually(WAIT, &format!("{id} ends"), || async {
+            let entry = status(&herald, id).await?["channels"]["push"][0].clone();
+            ensure!(
+                entry["state"] == "sent" || entry["state"] == "dead_lettered",
+                "{entry}"
+            );
+            Ok(entry)
+        })
+        .await?;
+        let calls = apns.calls_for(id);
+        let failed = calls.iter().filter(|c| c.answer != Answer::Ok).count();
+        if entry["state"] == "sent" {
+            ensure!(calls.len() - failed == 1, "{id} sent once: {entry}");
+            ensure!(entry["retries"] == failed, "{entry}");
+        } else {
+            ensure!(
+                failed == attempts,
+                "{id} dead-lettered after {failed} failed sends: {entry}"
+            );
+        }
+    }
+    ensure!(fcm.calls().is_empty(), "no Android device, no FCM call");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn high_is_delivered_while_low_has_a_backlog() -> anyhow::Result<()> {
     let nats = Nats::single().await?;
@@ -892,7 +969,7 @@ async fn a_provider_failing_every_delivery_ends_in_the_dlq_after_max_deliver() -
     let list = dlq(&herald).await?;
     let letter = &list["items"][0];
     assert_eq!(letter["job"]["id"], id.as_str(), "{list}");
-    assert_eq!(letter["reason"], "gave up after 4 deliveries");
+    assert_eq!(letter["reason"], "gave up after 4 failed attempts");
     assert_eq!(letter["attempts"], 4);
     assert!(
         letter["last_response"]

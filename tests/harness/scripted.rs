@@ -2,7 +2,7 @@
 //! answer (then the fallback), and every call is recorded with its time, so tests can see
 //! how the worker runtime reacts to each error class.
 
-use herald_channels::{Delivery, Provider, SendError, Sent, Target};
+use herald_channels::{Delivery, Platform, Provider, SendError, Sent, Target};
 use herald_protocol::Channel;
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -45,6 +45,7 @@ pub struct Scripted {
     delay: Mutex<Duration>,
     calls: Mutex<Vec<Call>>,
     by_title: Mutex<std::collections::HashMap<String, Answer>>,
+    platform: Option<Platform>,
 }
 
 impl Scripted {
@@ -58,6 +59,16 @@ impl Scripted {
             delay: Mutex::new(Duration::ZERO),
             calls: Mutex::new(Vec::new()),
             by_title: Mutex::default(),
+            platform: None,
+        }
+    }
+
+    /// A push provider `name` that takes devices of `platform` only (as APNs takes iOS
+    /// tokens and FCM Android ones).
+    pub fn for_platform(name: &str, platform: Platform) -> Self {
+        Self {
+            platform: Some(platform),
+            ..Self::new(name, Channel::Push)
         }
     }
 
@@ -110,6 +121,11 @@ impl Provider for Scripted {
     }
 
     fn accepts(&self, target: &Target) -> bool {
+        if let (Some(only), Target::Device { platform, .. }) = (self.platform, target)
+            && *platform != only
+        {
+            return false;
+        }
         matches!(
             (self.channel, target),
             (Channel::Push, Target::Device { .. })

@@ -236,7 +236,10 @@ async fn remove_legacy_work_stream(
 pub struct WorkerQueue {
     /// A job not acked within this long is redelivered (a crashed worker's jobs move on).
     pub ack_wait: Duration,
-    /// Deliveries before the server gives up on a job; workers dead-letter it at the last.
+    /// Failed provider attempts after which a job is dead-lettered. Deliveries that
+    /// attempt nothing (every circuit of the job's providers open, the push escalation
+    /// wait, state that could not be read) do not count: the consumer's `MaxDeliver` is
+    /// this plus [`SPARE_DELIVERIES`], and workers dead-letter at the last of those.
     pub max_deliver: i64,
     /// Jobs delivered and not yet acked, per lane (in flight, plus naked with a delay).
     pub max_ack_pending: i64,
@@ -252,6 +255,10 @@ impl Default for WorkerQueue {
     }
 }
 
+/// Deliveries a job may use beyond its provider attempts ([`WorkerQueue::max_deliver`]):
+/// at the default back-off, hours of a provider outage.
+pub const SPARE_DELIVERIES: i64 = 100;
+
 /// The durable pull consumer of one channel's lane.
 pub fn worker_consumer_config(
     subjects: &Subjects,
@@ -264,7 +271,7 @@ pub fn worker_consumer_config(
         filter_subject: subjects.work(channel, lane),
         ack_policy: consumer::AckPolicy::Explicit,
         ack_wait: queue.ack_wait,
-        max_deliver: queue.max_deliver,
+        max_deliver: queue.max_deliver.saturating_add(SPARE_DELIVERIES),
         max_ack_pending: queue.max_ack_pending,
         deliver_policy: consumer::DeliverPolicy::All,
         ..Default::default()

@@ -122,6 +122,8 @@ async fn retry_or_dead_letter(
     delivered: i64,
     reason: &str,
 ) {
+    // NATS trouble: every delivery counts, so a job whose state stays unreadable is
+    // dead-lettered within `max_deliver` tries, not parked for the spare deliveries.
     if delivered < ctx.config.queue.max_deliver {
         return settle(msg, AckKind::Nak(Some(STORE_RETRY))).await;
     }
@@ -132,6 +134,15 @@ async fn retry_or_dead_letter(
         provider: None,
     };
     dead_letter(ctx, msg, job, delivered, letter).await;
+}
+
+/// The consumer's `MaxDeliver`: on this delivery a job must be settled for good, or it
+/// stays in the work queue, never delivered again.
+fn last_delivery(ctx: &Context) -> i64 {
+    ctx.config
+        .queue
+        .max_deliver
+        .saturating_add(herald_store::provision::SPARE_DELIVERIES)
 }
 
 /// Why a job is dead-lettered.
@@ -245,8 +256,33 @@ impl Step<'_> {
         self.ctx.config.channel.as_str()
     }
 
-    fn last_attempt(&self) -> bool {
-        self.delivered >= self.ctx.config.queue.max_deliver
+    /// The consumer's last delivery of this job.
+    fn last_delivery(&self) -> bool {
+        self.delivered >= last_delivery(self.ctx)
+    }
+
+    /// Whether a failed send now is the job's last allowed attempt: `max_deliver` failed
+    /// sends, counted in its status, since deliveries that sent nothing (deferrals, the
+    /// escalation wait) do not count. Read only past `max_deliver` deliveries, so only
+    /// jobs that were deferred or failed before pay for it.
+    async fn last_attempt(&self) -> bool {
+        let attempts = self.ctx.config.queue.max_deliver;
+        if self.last_delivery() {
+            return true;
+        }
+        if self.delivered < attempts {
+            return false;
+        }
+        let failed = match self.ctx.deps.status.get(&self.job.id).await {
+            Ok(Some(status)) => status
+                .channels
+                .get(self.job.channel.as_str())
+                .and_then(|targets| targets.iter().find(|t| t.target == self.job.target))
+                .map(|t| i64::from(t.retries)),
+            _ => None,
+        };
+        // Unreadable: count every delivery as an attempt, as the consumer does.
+        failed.is_none_or(|failed| failed + 1 >= attempts)
     }
 
     async fn status(&self, update: Update) {
@@ -265,7 +301,7 @@ impl Step<'_> {
     /// it in the work queue never to be delivered again: then it is dead-lettered.
     async fn unavailable(&self, what: &str, error: impl std::fmt::Display) {
         let reason = format!("{what}: {error}");
-        if !self.last_attempt() {
+        if self.delivered < self.ctx.config.queue.max_deliver {
             tracing::warn!(id = %self.job.id, %reason, "retrying later");
         }
         retry_or_dead_letter(self.ctx, self.msg, self.job, self.delivered, &reason).await;
@@ -470,20 +506,21 @@ impl Step<'_> {
             crate::providers::Pick::Use(p, probe) => (p, probe),
             crate::providers::Pick::AllOpen(wait) => {
                 let reason = "every provider's circuit is open";
-                if self.last_attempt() {
+                if self.last_delivery() {
                     return self.dead_letter(reason, None, None).await;
                 }
-                self.status(Update::state(State::Retrying).because(reason))
+                // Deferred, not retried: nothing was sent, so no attempt is spent.
+                self.status(Update::state(State::Deferred).because(reason))
                     .await;
                 outcome(self.channel(), "deferred");
                 // Only a job pulled as the circuits opened, or one whose target only open
                 // providers accept, gets here: the lanes stop pulling while every circuit of
                 // the channel is open (`runtime`'s gate).
-                // Each deferral is a delivery of the job: past the breaker's own wait, back
-                // off further with every one (with jitter, so a backlog does not return
-                // all at once to find a probe in flight), or a backlog would spend its
-                // deliveries every few seconds while a probe is out and be dead-lettered
-                // within a minute or two of an outage, never attempted.
+                // Each deferral is a delivery of the job, from the consumer's spare ones
+                // (`SPARE_DELIVERIES`), not from its attempts: past the breaker's own wait,
+                // back off further with every one (with jitter, so a backlog does not
+                // return all at once to find a probe in flight), so the spare deliveries
+                // last through hours of an outage.
                 let attempt = u32::try_from(self.delivered).unwrap_or(u32::MAX);
                 let delay =
                     wait.max(Duration::from_millis(100)) + self.ctx.config.backoff.delay(attempt);
@@ -582,10 +619,18 @@ impl Step<'_> {
     async fn failed(&self, provider: &str, error: SendError) {
         let detail = error.to_string();
         tracing::info!(id = %self.job.id, provider, attempt = self.delivered, %detail, "send failed");
+        let retryable = matches!(
+            error,
+            SendError::Throttled { .. } | SendError::Transient { .. }
+        );
+        let last = retryable && self.last_attempt().await;
         match error {
-            SendError::Throttled { .. } | SendError::Transient { .. } if self.last_attempt() => {
+            SendError::Throttled { .. } | SendError::Transient { .. } if last => {
                 self.dead_letter(
-                    &format!("gave up after {} deliveries", self.delivered),
+                    &format!(
+                        "gave up after {} failed attempts",
+                        self.ctx.config.queue.max_deliver
+                    ),
                     Some(detail),
                     Some(provider),
                 )
