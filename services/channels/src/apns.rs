@@ -221,9 +221,13 @@ fn classify(
     };
     let detail = format!("apns: {status} {reason}");
     match (status, reason) {
-        (410, _) | (400, "BadDeviceToken" | "DeviceTokenNotForTopic") => {
-            SendError::InvalidTarget { detail }
-        }
+        (410, _) => SendError::InvalidTarget { detail },
+        // Also what APNs answers for a token of the other environment (a sandbox token
+        // sent to production, or the other way round): a setup error would otherwise
+        // remove every user's token. Refused for this message, the token kept.
+        (400, "BadDeviceToken") => SendError::Permanent { detail },
+        // The topic (bundle id) configured is not the app's: our configuration.
+        (400, "DeviceTokenNotForTopic") => http::credentials_refused(detail),
         (429, _) => SendError::Throttled {
             retry_after: http::retry_after(headers),
             detail,
@@ -281,7 +285,7 @@ mod tests {
         let class = |s, r| classify(s, Some(r), &h, b"");
         assert!(matches!(
             class(400, "BadDeviceToken"),
-            SendError::InvalidTarget { .. }
+            SendError::Permanent { .. }
         ));
         assert!(matches!(
             class(410, "Unregistered"),

@@ -30,8 +30,8 @@ pub enum SendError {
         /// The provider's answer, shortened.
         detail: String,
     },
-    /// The target no longer exists (APNs `BadDeviceToken`/410 `Unregistered`, FCM
-    /// `UNREGISTERED`, an invalid phone number). The worker removes the target and gives up.
+    /// The target no longer exists (APNs 410 `Unregistered`, FCM `UNREGISTERED` or an
+    /// invalid `message.token`, an invalid phone number). The worker removes the target and gives up.
     #[error("invalid target: {detail}")]
     InvalidTarget {
         /// The provider's answer, shortened.

@@ -54,6 +54,25 @@ impl FcmProvider {
     }
 }
 
+/// FCM's longest time to live (4 weeks); a longer one is refused as `INVALID_ARGUMENT`.
+pub const MAX_TTL_SECONDS: i64 = 2_419_200;
+
+/// A `data` key as FCM takes it: `from`, `message_type` and keys starting with `google`
+/// or `gcm` are reserved (FCM refuses the whole message), so they are sent prefixed with
+/// `herald_`; every other key as it is.
+pub fn data_key(key: &str) -> String {
+    let lower = key.to_ascii_lowercase();
+    if lower == "from"
+        || lower == "message_type"
+        || lower.starts_with("google")
+        || lower.starts_with("gcm")
+    {
+        format!("herald_{key}")
+    } else {
+        key.to_owned()
+    }
+}
+
 /// The `{"message": ...}` body for one token.
 pub fn message(delivery: &Delivery, platform: Platform, token: &str) -> Value {
     let mut notification = Map::new();
@@ -71,12 +90,14 @@ pub fn message(delivery: &Delivery, platform: Platform, token: &str) -> Value {
                 Value::String(s) => s.clone(),
                 other => other.to_string(),
             };
-            (k.clone(), Value::String(text))
+            (data_key(k), Value::String(text))
         })
         .collect();
-    let ttl = delivery
-        .expires_at
-        .map(|at| (at - OffsetDateTime::now_utc()).whole_seconds().max(0));
+    let ttl = delivery.expires_at.map(|at| {
+        (at - OffsetDateTime::now_utc())
+            .whole_seconds()
+            .clamp(0, MAX_TTL_SECONDS)
+    });
     let high = delivery.priority == Priority::High;
     let mut message = Map::new();
     message.insert("token".into(), json!(token));
@@ -217,10 +238,14 @@ impl Provider for FcmProvider {
                 provider_message_id: Some(answer.name),
             });
         }
-        if status == 401 {
+        let error = classify(status, &headers, &body);
+        // A 401 about our access token (no FCM error code: plain UNAUTHENTICATED) gets a
+        // fresh one; `THIRD_PARTY_AUTH_ERROR` is a 401 about the project's APNs or web
+        // push key, which a new access token does not change.
+        if status == 401 && !error.to_string().contains("THIRD_PARTY_AUTH_ERROR") {
             self.tokens.discard(&bearer).await;
         }
-        Err(classify(status, &headers, &body))
+        Err(error)
     }
 }
 
@@ -249,7 +274,10 @@ fn classify(status: u16, headers: &reqwest::header::HeaderMap, body: &[u8]) -> S
         .flat_map(|d| &d.field_violations)
         .any(|v| v.field == "message.token");
     match code.as_str() {
-        "UNREGISTERED" | "SENDER_ID_MISMATCH" => SendError::InvalidTarget { detail },
+        "UNREGISTERED" => SendError::InvalidTarget { detail },
+        // A service account of another Firebase project than the token's: our
+        // configuration, not the device; its token must not be removed.
+        "SENDER_ID_MISMATCH" => http::credentials_refused(detail),
         "INVALID_ARGUMENT"
             if token_field || error.message.to_lowercase().contains("registration token") =>
         {
@@ -260,9 +288,13 @@ fn classify(status: u16, headers: &reqwest::header::HeaderMap, body: &[u8]) -> S
             detail,
         },
         "UNAVAILABLE" | "INTERNAL" => SendError::Transient { detail },
-        // A bad APNs certificate or web-push key on the Firebase project: configuration,
-        // and every message to that platform fails alike.
-        "THIRD_PARTY_AUTH_ERROR" => http::credentials_refused(detail),
+        // A bad APNs certificate or web-push key on the Firebase project: configuration of
+        // that platform only. Not counted against FCM's circuit, which Android shares.
+        "THIRD_PARTY_AUTH_ERROR" => SendError::Permanent {
+            detail: format!(
+                "{detail} (the Firebase project's APNs or web push key is refused: fix it in the Firebase console, then retry from the DLQ)"
+            ),
+        },
         _ if status == 401 => SendError::Transient {
             detail: format!("{detail} (access token refreshed)"),
         },
@@ -285,6 +317,10 @@ mod tests {
         let body = message(&delivery, Platform::Android, "t");
         assert_eq!(body["message"]["data"], json!({"n": "3", "s": "x"}));
         assert_eq!(body["message"]["android"]["priority"], json!("NORMAL"));
+        // Four weeks at most, however far the notification's expiry.
+        delivery.expires_at = Some(OffsetDateTime::now_utc() + time::Duration::days(30));
+        let far = message(&delivery, Platform::Android, "t");
+        assert_eq!(far["message"]["android"]["ttl"], json!("2419200s"));
         let web = message(&delivery, Platform::Web, "t");
         assert_eq!(
             web["message"]["webpush"]["notification"]["title"],

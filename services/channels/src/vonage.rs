@@ -191,6 +191,9 @@ fn classify(part: &Part) -> SendError {
             detail,
         },
         5 | 9 => SendError::Transient { detail },
+        // Our key or account (invalid credentials, account barred), not the message: the
+        // provider's circuit counts it and the job is retried, failing over meanwhile.
+        4 | 8 => http::credentials_refused(detail),
         6 | 7 | 33 => SendError::InvalidTarget { detail },
         _ => SendError::Permanent { detail },
     }

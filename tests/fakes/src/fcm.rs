@@ -301,6 +301,33 @@ fn answer(fcm: &Fcm, project: &str, bearer: Option<&str>, message: &Value) -> Re
                 "details": [{"@type": "type.googleapis.com/google.rpc.BadRequest", "fieldViolations": [{"field": format!("message.data[{index}].value"), "description": text}]}]}}),
         );
     }
+    // Reserved data keys and a time to live over four weeks are refused, as FCM does.
+    let invalid = |text: String| {
+        Reply::json(
+            400,
+            &json!({"error": {"code": 400, "message": text, "status": "INVALID_ARGUMENT",
+                "details": [{"@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError", "errorCode": "INVALID_ARGUMENT"}]}}),
+        )
+    };
+    if let Some(data) = message.get("data").and_then(Value::as_object)
+        && let Some(key) = data.keys().find(|k| {
+            let k = k.to_ascii_lowercase();
+            k == "from" || k == "message_type" || k.starts_with("google") || k.starts_with("gcm")
+        })
+    {
+        return invalid(format!("Invalid data payload key: {key}"));
+    }
+    if let Some(ttl) = message
+        .pointer("/android/ttl")
+        .and_then(Value::as_str)
+        .and_then(|t| t.strip_suffix('s'))
+        .and_then(|t| t.parse::<f64>().ok())
+        && !(0.0..=2_419_200.0).contains(&ttl)
+    {
+        return invalid(format!(
+            "Invalid value at 'message.android.ttl' ({ttl}s): TTL must be between 0 and 4 weeks"
+        ));
+    }
     if let Some(reply) = fcm.script.take() {
         return reply;
     }

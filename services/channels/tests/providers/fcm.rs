@@ -42,6 +42,9 @@ async fn fcm_sends_android_and_web_messages_with_one_cached_access_token() {
     android.collapse_key = Some("photo-9".into());
     android.expires_at = Some(time::OffsetDateTime::now_utc() + time::Duration::minutes(10));
     android.data.insert("photo".into(), json!(9));
+    // Keys FCM reserves, which it would refuse the whole message for.
+    android.data.insert("from".into(), json!("Ada"));
+    android.data.insert("google.x".into(), json!("y"));
     let sent = provider.send(&android).await.expect("android accepted");
     assert!(
         sent.provider_message_id
@@ -61,7 +64,11 @@ async fn fcm_sends_android_and_web_messages_with_one_cached_access_token() {
         m["notification"],
         json!({"title": "New like", "body": "Ada liked your photo"})
     );
-    assert_eq!(m["data"], json!({"photo": "9"}), "data values are strings");
+    assert_eq!(
+        m["data"],
+        json!({"photo": "9", "herald_from": "Ada", "herald_google.x": "y"}),
+        "data values are strings, reserved keys prefixed"
+    );
     assert_eq!(m["android"]["priority"], json!("HIGH"));
     assert_eq!(m["android"]["collapse_key"], json!("photo-9"));
     let ttl = m["android"]["ttl"].as_str().expect("ttl");
@@ -148,10 +155,11 @@ async fn fcm_unregistered_and_invalid_tokens_are_invalid_targets() {
             "SenderId mismatch",
         ),
     );
+    // Another project's service account: configuration, never the user's token.
     let result = provider
         .send(&delivery(Channel::Push, device(Platform::Web, "bad")))
         .await;
-    assert_eq!(class(&result), "invalid-target", "{result:?}");
+    assert_eq!(class(&result), "transient", "{result:?}");
 }
 
 #[tokio::test]
@@ -199,7 +207,8 @@ async fn fcm_errors_garbage_and_silence_are_classified() {
                 Some("THIRD_PARTY_AUTH_ERROR"),
                 "APNs auth failed",
             ),
-            "transient",
+            // The project's APNs or web push key: that platform only, not FCM's circuit.
+            "permanent",
         ),
         (
             error_reply(404, "NOT_FOUND", None, "Project not found"),

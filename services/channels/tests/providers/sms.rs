@@ -218,8 +218,10 @@ async fn vonage_status_codes_garbage_and_silence_are_classified() {
         (Reply::raw(200, "<xml/>"), "permanent"),
         (Reply::raw(500, "boom"), "transient"),
         (Reply::status(429).header("retry-after", "2"), "throttled"),
-        // Our credentials, not the message: the provider's circuit counts it.
-        (Reply::raw(401, "{}"), "transient"),
+        // Our credentials or account, not the message (Vonage answers these with 200 and
+        // a part status): the provider's circuit counts them.
+        (status_reply(4, "Bad Credentials"), "transient"),
+        (status_reply(8, "Partner Account Barred"), "transient"),
         (Reply::Hang, "transient"),
     ];
     for (reply, expected) in cases {
@@ -231,12 +233,13 @@ async fn vonage_status_codes_garbage_and_silence_are_classified() {
 }
 
 #[tokio::test]
-async fn vonage_wrong_secret_is_permanent() {
+async fn vonage_wrong_secret_is_retried_and_counts_against_the_provider() {
     let fake = VonageFake::start().await.expect("fake vonage starts");
     let provider = vonage_with_secret(&fake, "wrong");
     let result = provider.send(&delivery(Channel::Sms, phone(TO))).await;
     assert!(
-        matches!(&result, Err(SendError::Permanent { detail }) if detail.contains("status 4")),
+        matches!(&result, Err(SendError::Transient { detail })
+            if detail.contains("status 4") && detail.contains("credentials refused")),
         "{result:?}"
     );
 }
