@@ -12,6 +12,9 @@ pub fn on_signal() -> CancellationToken {
         cancel.cancel();
         wait_for_signal().await;
         tracing::warn!("forced exit");
+        // No destructor runs on exit: a child nats-server (its own process group, so the
+        // terminal's Ctrl-C never reached it) would outlive us and keep its store locked.
+        herald_natsd::kill_all();
         std::process::exit(130);
     });
     token

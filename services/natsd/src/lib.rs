@@ -17,8 +17,10 @@
 //! # Lifetime of the child
 //!
 //! [`NatsServer`] kills (SIGKILL) and reaps its child on drop, so a panicking test does
-//! not leak servers. The child stays in our process group, so Ctrl-C in a terminal reaches
-//! it too. If this process is itself SIGKILLed, nothing runs and the child survives:
+//! not leak servers. The child runs in a process group of its own, so Ctrl-C in a
+//! terminal reaches only this process, which stops the child after draining into it; a
+//! forced exit calls [`kill_all`]. If this process is itself SIGKILLed, nothing runs and
+//! the child survives:
 //! `prctl(PR_SET_PDEATHSIG)` would cover that, but it needs `unsafe` (forbidden in this
 //! workspace) and fires when the *spawning thread* exits, which in a tokio runtime is not
 //! the same as the process exiting.
@@ -32,4 +34,4 @@ mod server;
 pub use cluster::{CLUSTER_CONFIG, NatsCluster};
 pub use error::NatsdError;
 pub use locate::{PINNED_VERSION, locate, locate_with};
-pub use server::{ConfigSource, DEV_CONFIG, NatsServer, NatsServerOptions};
+pub use server::{ConfigSource, DEV_CONFIG, NatsServer, NatsServerOptions, kill_all};

@@ -98,6 +98,7 @@ impl NatsServer {
         let (child, ports) = plan.spawn_and_wait().await?;
         plan.pin_ports(&ports);
         tracing::debug!(pid = child.id(), client = ports.client, "nats-server ready");
+        live(child.id(), true);
         Ok(NatsServer {
             pid: child.id(),
             child: Some(child),
@@ -207,6 +208,7 @@ impl NatsServer {
             }
         }
         self.child = None;
+        live(pid, false);
         self.plan.forget_ports_file(pid);
         Ok(())
     }
@@ -219,6 +221,7 @@ impl NatsServer {
             let _ = child.kill();
             // SIGKILL cannot be caught, so this wait is short even on an async thread.
             let _ = child.wait();
+            live(self.pid, false);
             self.plan.forget_ports_file(self.pid);
         }
     }
@@ -234,6 +237,7 @@ impl NatsServer {
         self.stop().await?;
         let (child, ports) = self.plan.spawn_and_wait().await?;
         self.pid = child.id();
+        live(self.pid, true);
         self.child = Some(child);
         self.ports = ports;
         Ok(())
@@ -243,6 +247,33 @@ impl NatsServer {
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// The children of this process that run now: a forced exit kills them
+/// ([`kill_all`]), since `std::process::exit` runs no destructor.
+static LIVE: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+fn live(pid: u32, running: bool) {
+    let mut pids = LIVE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    pids.retain(|p| *p != pid);
+    if running {
+        pids.push(pid);
+    }
+}
+
+/// SIGKILLs every nats-server this process started and has not stopped: for a forced
+/// exit (a second Ctrl-C), which skips [`NatsServer`]'s drop. The children run in process
+/// groups of their own, so nothing else would stop them.
+pub fn kill_all() {
+    let pids = LIVE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    for pid in pids {
+        let _ = send_signal(pid, Signal::SIGKILL);
     }
 }
 

@@ -165,6 +165,11 @@ impl SpawnPlan {
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log_err));
+        // A process group of its own: Ctrl-C in a terminal reaches the whole foreground
+        // group, and nats-server must not stop while Herald still drains into it; Herald
+        // stops it after.
+        #[cfg(unix)]
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
         command.spawn().map_err(|source| NatsdError::Spawn {
             binary: self.binary.clone(),
             source,

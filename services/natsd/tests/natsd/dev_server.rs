@@ -135,3 +135,28 @@ async fn dropping_the_server_kills_the_child() {
     })
     .await;
 }
+
+/// The process group of `pid` (field 5 of `/proc/<pid>/stat`, after the command name).
+fn process_group(pid: &str) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let after_name = &stat[stat.rfind(')').expect("(comm)") + 2..];
+    after_name
+        .split(' ')
+        .nth(2)
+        .and_then(|g| g.parse().ok())
+        .expect("pgrp")
+}
+
+/// Ctrl-C in a terminal signals the whole foreground process group: the child must not be
+/// in ours, or it would stop while Herald still drains into it.
+#[tokio::test]
+async fn the_child_runs_in_a_process_group_of_its_own() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = NatsServer::start(NatsServerOptions::dev(dir.path()))
+        .await
+        .expect("start dev server");
+    let child = server.pid();
+    assert_eq!(process_group(&child.to_string()), child, "its own group");
+    assert_ne!(process_group("self"), child);
+    server.stop().await.expect("graceful stop");
+}
