@@ -84,7 +84,8 @@ pub struct Settings {
     pub upgrades_per_s: u32,
     /// Longest a read receipt or ack waits before its batched KV write, milliseconds.
     pub receipts_flush_ms: u64,
-    /// Development mode: the demo page may mint tokens for any user.
+    /// Development mode: the demo page may mint tokens for any user (`herald up` turns it
+    /// on; refused on an address other than loopback).
     pub dev_mode: bool,
     /// SMTP server for the email channel: `smtp://user:pass@host:port` or `smtps://…`.
     pub smtp_url: Option<String>,
@@ -262,6 +263,14 @@ impl Settings {
             .parse::<SocketAddr>()
             .map_err(|e| errors.push(format!("http_addr {:?}: {e}", self.http_addr)))
             .ok();
+        if self.dev_mode
+            && let Some(addr) = &http_addr
+            && !addr.ip().is_loopback()
+        {
+            errors.push(format!(
+                "dev_mode (`herald up`, or HERALD_DEV_MODE) lets anyone mint a token for any user (POST /dev/token): it is only allowed on a loopback http_addr, not {addr}"
+            ));
+        }
         if self.partitions == 0 || self.partitions > 1024 {
             errors.push(format!(
                 "partitions must be 1 to 1024, not {}",
@@ -661,6 +670,19 @@ const ENV_KEYS: [&str; 37] = [
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dev_mode_is_for_loopback_only() {
+        let dev = |addr: &str| Settings {
+            http_addr: addr.into(),
+            dev_mode: true,
+            jwt_secret: Some("x".repeat(32)),
+            ..Settings::default()
+        };
+        assert!(dev("127.0.0.1:8080").validate().is_ok());
+        let err = dev("0.0.0.0:8080").validate().expect_err("public dev mode");
+        assert!(err.to_string().contains("dev_mode"), "{err}");
+    }
 
     #[test]
     fn every_problem_is_reported_at_once() {

@@ -183,12 +183,14 @@ fn print_banner(
          data dir     {}\n  \
          API key      {key}   ({origin})\n\n  \
          Try it:\n    \
-         TOKEN=$(herald token --user alice --data-dir {})\n    \
-         websocat \"ws://{addr}/v1/ws?access_token=$TOKEN\"      # or open the demo page\n    \
+         TOKEN=$({} token --user alice --data-dir {})\n    \
+         # then open the demo page, or connect ws://{addr}/v1/ws?access_token=$TOKEN\n    \
          curl -X POST http://{addr}/v1/notify -H 'Authorization: Bearer {key}' \\\n      \
          -H 'Content-Type: application/json' -d '{{\"user_id\":\"alice\",\"title\":\"Hello\"}}'\n\n  \
          Ctrl-C stops everything.\n",
         data_dir.display(),
+        // The binary running now: `herald` is not on PATH after `./scripts/up`.
+        std::env::current_exe().map_or_else(|_| "herald".into(), |p| p.display().to_string()),
         data_dir.display()
     );
 }
