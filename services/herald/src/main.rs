@@ -234,6 +234,13 @@ fn token(args: &herald::cli::TokenArgs) -> Result<(), Failure> {
     let mut s = settings(&args.common).map_err(Failure::Config)?;
     if s.jwt_secret.is_none() {
         s.jwt_secret = herald::up::dev_jwt_secret(&s.data_dir);
+        if s.jwt_secret.is_none() {
+            return Err(Failure::Config(ConfigError(vec![format!(
+                "no JWT secret: set HERALD_JWT_SECRET, or point --data-dir at the data dir \
+                 `herald up` used (no credentials.toml in {})",
+                s.data_dir.display()
+            )])));
+        }
     }
     let v = s.validate().map_err(Failure::Config)?;
     let auth = herald_auth::UserAuth::new(&v.jwt).map_err(|e| Failure::Run(Box::new(e)))?;
