@@ -117,7 +117,31 @@ pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> Result<
     )
     .await?;
     print_banner(&mesh, &settings, &nats_url, &generated, &data_dir);
-    let result = mesh.run_until(shutdown).await;
+    // Supervise the child: a nats-server that dies (OOM-killed, crashed) is started again
+    // on the same ports and store, and Herald's clients reconnect by themselves.
+    let stop = shutdown.child_token();
+    let run = mesh.run_until(stop.clone());
+    tokio::pin!(run);
+    let mut check = tokio::time::interval(CHILD_CHECK);
+    let result = loop {
+        tokio::select! {
+            result = &mut run => break result,
+            _ = check.tick(), if child.is_some() => {
+                let Some(server) = child.as_mut() else { continue };
+                if server.is_running() || stop.is_cancelled() {
+                    continue;
+                }
+                tracing::error!(log = %server.log_path().display(), "nats-server exited; starting it again on the same ports and store");
+                match server.restart().await {
+                    Ok(()) => tracing::info!(pid = server.pid(), "nats-server restarted"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "nats-server did not start again; stopping");
+                        stop.cancel();
+                    }
+                }
+            }
+        }
+    };
     if let Some(mut server) = child
         && let Err(e) = server.stop().await
     {
@@ -126,6 +150,9 @@ pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> Result<
     eprintln!("herald stopped.");
     Ok(result?)
 }
+
+/// How often `herald up` checks that its nats-server still runs.
+const CHILD_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn load_or_create_credentials(dir: &Path) -> Result<DevCredentials, UpError> {
     let path = dir.join("credentials.toml");

@@ -127,10 +127,29 @@ pub async fn run(
     };
     let stop = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
     for partition in 0..subjects.partitions() {
         // A consumer per lane: a backlog of `low` never delays the routing of `high`.
         for lane in Priority::ALL {
-            let consumer = open(&nats, partition, lane).await?;
+            // NATS away while the router starts (a restart of the server, a failover):
+            // wait for it, as every other part does, rather than end the router.
+            let consumer = loop {
+                match open(&nats, partition, lane).await {
+                    Ok(consumer) => break consumer,
+                    Err(e) if nats.is_connected() && !is_timeout(&e) => return Err(e),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "NATS unavailable while opening the router; retrying");
+                        tokio::select! {
+                            _ = &mut shutdown => {
+                                stop.cancel();
+                                while tasks.join_next().await.is_some() {}
+                                return Ok(());
+                            }
+                            _ = tokio::time::sleep(OPEN_RETRY) => {}
+                        }
+                    }
+                }
+            };
             tasks.spawn(partition_loop(
                 route.clone(),
                 partition,
@@ -144,6 +163,20 @@ pub async fn run(
     stop.cancel();
     while tasks.join_next().await.is_some() {}
     Ok(())
+}
+
+/// Pause between attempts to open a partition consumer while NATS is away.
+const OPEN_RETRY: Duration = Duration::from_secs(1);
+
+/// Whether opening failed because JetStream did not answer (timed out, no responders:
+/// a server restarting), as opposed to a missing consumer, which `herald provision`
+/// fixes and waiting does not.
+fn is_timeout(e: &RouterError) -> bool {
+    let RouterError::Consumer { source, .. } = e else {
+        return false;
+    };
+    let text = source.to_string().to_ascii_lowercase();
+    text.contains("timed out") || text.contains("no responders")
 }
 
 async fn open(nats: &Nats, partition: u16, lane: Priority) -> Result<PullConsumer, RouterError> {
