@@ -1164,6 +1164,23 @@ async fn smtp_answers_are_classified_unknown_mailbox_removed_and_4xx_retried() -
         entry["reason"].as_str().unwrap_or_default().contains("451"),
         "{entry}"
     );
+    // 451 4.7.1, a rate limit: throttled, not a failure of the relay.
+    contact(&herald, "flood", json!({"email": "flood@example.com"})).await?;
+    let flood = email("flood").await?;
+    let entry = reaches(&herald, &flood.id, "email", "retrying").await?;
+    assert!(
+        entry["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("4.7.1"),
+        "{entry}"
+    );
+    let text = herald.metrics().await?;
+    let throttled = crate::metrics::sample(
+        &text,
+        "herald_provider_sends_total{provider=\"smtp\",result=\"throttled\"}",
+    );
+    assert!(throttled.is_some_and(|n| n >= 1.0), "{throttled:?}");
     assert!(smtp.messages()?.is_empty(), "nothing was accepted");
     Ok(())
 }

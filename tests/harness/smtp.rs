@@ -17,6 +17,8 @@ class Rejecting(Mailbox):
             return "550 5.1.1 <%s>: Recipient address rejected: User unknown" % address
         if address.startswith("busy@"):
             return "451 4.3.0 Try again later"
+        if address.startswith("flood@"):
+            return "451 4.7.1 Rate limit exceeded, try again later"
         envelope.rcpt_tos.append(address)
         return "250 OK"
 "#;
@@ -41,7 +43,8 @@ impl SmtpServer {
     }
 
     /// Like [`SmtpServer::start`], but the server answers `RCPT TO` for `gone@…` with
-    /// `550 5.1.1 User unknown` and for `busy@…` with `451 4.3.0 Try again later`.
+    /// `550 5.1.1 User unknown`, for `busy@…` with `451 4.3.0 Try again later` and for
+    /// `flood@…` with `451 4.7.1 Rate limit exceeded`.
     ///
     /// # Errors
     /// As [`SmtpServer::start`].

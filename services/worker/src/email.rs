@@ -46,6 +46,37 @@ pub enum SmtpConfigError {
     From(String),
 }
 
+/// A URL with a user and password but no TLS (`smtp://user:pass@host` without `?tls=`)
+/// would send the password in the clear: refused, unless the relay is on loopback.
+fn refuse_cleartext_login(url: &str) -> Result<(), SmtpConfigError> {
+    let Ok(parsed) = url::Url::parse(url) else {
+        return Ok(()); // lettre reports the malformed URL
+    };
+    let has_login = !parsed.username().is_empty() || parsed.password().is_some();
+    let tls = parsed.query_pairs().any(|(k, _)| k == "tls");
+    let loopback = match parsed.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        // `smtp` is not a scheme the URL standard knows, so an IP comes as a name.
+        Some(url::Host::Domain(d)) => {
+            d == "localhost"
+                || d.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        None => false,
+    };
+    if parsed.scheme() == "smtp" && has_login && !tls && !loopback {
+        return Err(SmtpConfigError::Url(
+            "smtp:// with a user and password and no TLS would send the password in the clear: \
+             use smtps://…:465, or add ?tls=required (STARTTLS)"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
 impl SmtpProvider {
     /// A provider sending through `url` as `from`, with up to `pool_size` connections.
     ///
@@ -55,6 +86,7 @@ impl SmtpProvider {
         let from: Mailbox = from
             .parse()
             .map_err(|e: lettre::address::AddressError| SmtpConfigError::From(e.to_string()))?;
+        refuse_cleartext_login(url)?;
         let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(url)
             .map_err(|e| SmtpConfigError::Url(e.to_string()))?
             .timeout(Some(Duration::from_secs(10)))
@@ -182,12 +214,44 @@ pub fn render(delivery: &Delivery) -> (String, String) {
 /// The class of an SMTP failure.
 pub fn classify(e: &lettre::transport::smtp::Error) -> SendError {
     let detail: String = e.to_string().chars().take(500).collect();
-    if !e.is_permanent() {
+    let code = e.status().map(|c| c.to_string()).unwrap_or_default();
+    classify_answer(e.is_permanent(), &code, detail)
+}
+
+/// [`classify`] by the answer's parts: whether it is permanent (5xx), its reply code
+/// (empty when there was no answer) and its text.
+fn classify_answer(permanent: bool, code: &str, detail: String) -> SendError {
+    let enhanced = enhanced_code(&detail);
+    // Our login refused (530/535, 5.7.8, 4.7.8): every message fails alike until the
+    // configuration is fixed; retried and counted by the circuit, never dead-lettered at
+    // once.
+    if matches!(code, "530" | "535" | "454")
+        || matches!(enhanced, Some("5.7.8" | "4.7.8" | "5.7.0" | "4.7.0"))
+            && detail.to_ascii_lowercase().contains("auth")
+    {
+        return SendError::Transient {
+            detail: format!("{detail} (credentials refused: check the SMTP user and password)"),
+        };
+    }
+    if !permanent {
+        // A rate limit (4.7.x, or 421/450/451 saying so) is throttling: retried later,
+        // not counted against the relay's health.
+        let lower = detail.to_ascii_lowercase();
+        if enhanced.is_some_and(|c| c.starts_with("4.7."))
+            || (matches!(code, "421" | "450" | "451")
+                && ["rate", "too many", "throttl"]
+                    .iter()
+                    .any(|m| lower.contains(m)))
+        {
+            return SendError::Throttled {
+                retry_after: None,
+                detail,
+            };
+        }
         // 4xx, timeouts, refused connections, TLS trouble: may pass.
         return SendError::Transient { detail };
     }
-    let code = e.status().map(|c| c.to_string()).unwrap_or_default();
-    if mailbox_unknown(&code, &detail) {
+    if mailbox_unknown(code, &detail) {
         SendError::InvalidTarget { detail }
     } else {
         SendError::Permanent { detail }
@@ -204,7 +268,7 @@ pub fn classify(e: &lettre::transport::smtp::Error) -> SendError {
 /// mailbox), 5.1.2 (no such domain) and 5.1.10 (the domain takes no mail, RFC 7505).
 /// Without one, a 550/551/553 whose text says the user is unknown.
 fn mailbox_unknown(code: &str, detail: &str) -> bool {
-    if let Some(enhanced) = enhanced_code(detail) {
+    if let Some(enhanced) = enhanced_code(detail).filter(|c| c.starts_with("5.")) {
         return matches!(enhanced, "5.1.1" | "5.1.2" | "5.1.10");
     }
     let lower = detail.to_lowercase();
@@ -223,13 +287,14 @@ fn mailbox_unknown(code: &str, detail: &str) -> bool {
         .any(|m| lower.contains(m))
 }
 
-/// The first enhanced status code of class 5 (`5.x.y`) in an SMTP answer's text.
+/// The first enhanced status code (`5.x.y` or `4.x.y`, RFC 3463) in an SMTP answer's
+/// text.
 fn enhanced_code(text: &str) -> Option<&str> {
     text.split(|c: char| !(c.is_ascii_digit() || c == '.'))
         .map(|t| t.trim_end_matches('.'))
         .find(|t| {
             let mut parts = t.split('.');
-            parts.next() == Some("5")
+            matches!(parts.next(), Some("5" | "4"))
                 && parts
                     .by_ref()
                     .take(2)
@@ -408,5 +473,71 @@ mod tests {
     async fn bad_configuration_is_reported() {
         assert!(SmtpProvider::new("http://x", "a@b.c", 1).is_err());
         assert!(SmtpProvider::new("smtp://x:25", "not-an-address", 1).is_err());
+        // A password over a connection without TLS, to another machine.
+        let cleartext = SmtpProvider::new("smtp://u:p@mail.example.com:587", "a@b.c", 1);
+        assert!(
+            matches!(&cleartext, Err(SmtpConfigError::Url(m)) if m.contains("tls=required")),
+            "{:?}",
+            cleartext.err()
+        );
+        for ok in [
+            "smtp://u:p@mail.example.com:587?tls=required",
+            "smtps://u:p@mail.example.com:465",
+            "smtp://u:p@127.0.0.1:2525",
+            "smtp://mail.example.com:25",
+        ] {
+            let made = SmtpProvider::new(ok, "a@b.c", 1);
+            assert!(made.is_ok(), "{ok}: {:?}", made.err());
+        }
+    }
+
+    #[test]
+    fn refused_logins_and_rate_limits_have_their_own_class() {
+        let class = |permanent, code: &str, text: &str| match classify_answer(
+            permanent,
+            code,
+            text.to_owned(),
+        ) {
+            SendError::Transient { detail } if detail.contains("credentials refused") => {
+                "credentials"
+            }
+            SendError::Transient { .. } => "transient",
+            SendError::Throttled { .. } => "throttled",
+            SendError::Permanent { .. } => "permanent",
+            SendError::InvalidTarget { .. } => "invalid-target",
+        };
+        assert_eq!(
+            class(true, "535", "535 5.7.8 Authentication credentials invalid"),
+            "credentials"
+        );
+        assert_eq!(
+            class(true, "530", "530 5.7.0 Authentication required"),
+            "credentials"
+        );
+        assert_eq!(
+            class(
+                false,
+                "451",
+                "451 4.7.1 Rate limit exceeded, try again later"
+            ),
+            "throttled"
+        );
+        assert_eq!(
+            class(false, "421", "421 Too many connections from your IP"),
+            "throttled"
+        );
+        assert_eq!(
+            class(false, "451", "451 4.3.0 Try again later"),
+            "transient"
+        );
+        assert_eq!(class(false, "", "connection refused"), "transient");
+        assert_eq!(
+            class(true, "550", "550 5.1.1 <a@b>: User unknown"),
+            "invalid-target"
+        );
+        assert_eq!(
+            class(true, "550", "550 5.7.1 Message rejected as spam"),
+            "permanent"
+        );
     }
 }
