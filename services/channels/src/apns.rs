@@ -73,14 +73,26 @@ impl ApnsProvider {
     }
 }
 
-/// The JSON body: `aps.alert` from title/body, the notification's data beside it.
+/// The JSON body: `aps.alert` from title/body, the notification's data beside it; the
+/// body shortened to fit APNs' 4 KiB.
 pub fn payload(delivery: &Delivery) -> Value {
+    if crate::delivery::surely_fits(delivery) {
+        return payload_with(delivery, delivery.body.as_deref());
+    }
+    crate::delivery::fit_body(
+        delivery.body.as_deref(),
+        crate::delivery::MAX_PUSH_PAYLOAD,
+        |body| payload_with(delivery, body),
+    )
+}
+
+fn payload_with(delivery: &Delivery, body: Option<&str>) -> Value {
     let mut alert = Map::new();
     if let Some(title) = &delivery.title {
         alert.insert("title".into(), Value::String(title.clone()));
     }
-    if let Some(body) = &delivery.body {
-        alert.insert("body".into(), Value::String(body.clone()));
+    if let Some(body) = body {
+        alert.insert("body".into(), Value::String(body.to_owned()));
     }
     let mut root = Map::new();
     for (key, value) in &delivery.data {
@@ -252,6 +264,22 @@ fn classify(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_body_is_shortened_to_fit_4_kib() {
+        let mut delivery = crate::testing::delivery(Target::Device {
+            platform: Platform::Ios,
+            token: "ab".into(),
+        });
+        delivery.body = Some("é\"x".repeat(4000));
+        let p = payload(&delivery);
+        let size = serde_json::to_vec(&p).expect("json").len();
+        assert!(size <= 4096, "{size}");
+        let body = p["aps"]["alert"]["body"].as_str().expect("body");
+        assert!(body.ends_with('…') && body.len() > 1000, "{}", body.len());
+        delivery.body = Some("short".into());
+        assert_eq!(payload(&delivery)["aps"]["alert"]["body"], "short");
+    }
 
     #[test]
     fn payload_keeps_aps_to_apple() {

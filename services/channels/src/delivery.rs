@@ -100,6 +100,61 @@ pub struct Sent {
     pub provider_message_id: Option<String>,
 }
 
+/// Largest push payload APNs and FCM take, in bytes.
+pub const MAX_PUSH_PAYLOAD: usize = 4096;
+
+/// Whether `delivery`'s push payload fits [`MAX_PUSH_PAYLOAD`] without measuring it: no
+/// data, and title and body short enough even if every byte were escaped (6 bytes), with
+/// room for the rest. Most pushes; the others go through [`fit_body`].
+pub fn surely_fits(delivery: &Delivery) -> bool {
+    let text = delivery.title.as_deref().map_or(0, str::len)
+        + delivery.body.as_deref().map_or(0, str::len);
+    delivery.data.is_empty() && text * 6 + 1024 <= MAX_PUSH_PAYLOAD
+}
+
+/// Builds a push payload with `build(body)`, shortening `body` (on a character boundary,
+/// ending with `…`) until the serialized payload fits in `max` bytes; a notification body
+/// may be 16 KiB, a push 4 KiB, and a payload over it is refused outright. What does not
+/// fit even with an empty body (large `data`) is returned as is, for the provider to
+/// refuse.
+pub fn fit_body(
+    body: Option<&str>,
+    max: usize,
+    build: impl Fn(Option<&str>) -> serde_json::Value,
+) -> serde_json::Value {
+    let size = |v: &serde_json::Value| serde_json::to_vec(v).map_or(usize::MAX, |b| b.len());
+    let full = build(body);
+    let Some(body) = body else {
+        return full;
+    };
+    if size(&full) <= max {
+        return full;
+    }
+    // The longest prefix that fits, by bisection: escaping makes a character of text
+    // take from one to six bytes of JSON, so the excess alone does not say where to cut.
+    let cut = |end: usize| {
+        let mut end = end.min(body.len());
+        while !body.is_char_boundary(end) {
+            end -= 1;
+        }
+        end
+    };
+    let shortened = |end: usize| build(Some(&format!("{}…", &body[..end])));
+    let (mut fits, mut too_long) = (0, body.len());
+    while too_long - fits > 1 {
+        let mid = cut(fits + (too_long - fits) / 2);
+        if mid <= fits {
+            break;
+        }
+        if size(&shortened(mid)) <= max {
+            fits = mid;
+        } else {
+            too_long = mid;
+        }
+    }
+    shortened(fits)
+}
+
 /// `key` as a provider's collapse identifier: unchanged when it is at most `max` bytes
 /// of characters `allowed` accepts, otherwise the first `max` hex digits of its SHA-256
 /// (the same key always maps to the same identifier, so collapsing still works). APNs

@@ -73,13 +73,25 @@ pub fn data_key(key: &str) -> String {
     }
 }
 
-/// The `{"message": ...}` body for one token.
+/// The `{"message": ...}` body for one token; the notification's body shortened so the
+/// message fits FCM's 4 KiB.
 pub fn message(delivery: &Delivery, platform: Platform, token: &str) -> Value {
+    if crate::delivery::surely_fits(delivery) {
+        return message_with(delivery, delivery.body.as_deref(), platform, token);
+    }
+    crate::delivery::fit_body(
+        delivery.body.as_deref(),
+        crate::delivery::MAX_PUSH_PAYLOAD,
+        |body| message_with(delivery, body, platform, token),
+    )
+}
+
+fn message_with(delivery: &Delivery, body: Option<&str>, platform: Platform, token: &str) -> Value {
     let mut notification = Map::new();
     if let Some(title) = &delivery.title {
         notification.insert("title".into(), json!(title));
     }
-    if let Some(body) = &delivery.body {
+    if let Some(body) = body {
         notification.insert("body".into(), json!(body));
     }
     let data: Map<String, Value> = delivery
@@ -326,6 +338,22 @@ mod tests {
             web["message"]["webpush"]["notification"]["title"],
             json!("Hello")
         );
+    }
+
+    #[test]
+    fn a_long_body_is_shortened_to_fit_4_kib() {
+        let mut delivery = crate::testing::delivery(Target::Device {
+            platform: Platform::Web,
+            token: "t".into(),
+        });
+        delivery.body = Some("ü".repeat(8000));
+        for platform in [Platform::Web, Platform::Android] {
+            let m = message(&delivery, platform, "t");
+            let size = serde_json::to_vec(&m).expect("json").len();
+            assert!(size <= 4096, "{platform:?}: {size}");
+            let body = m["message"]["notification"]["body"].as_str().expect("body");
+            assert!(body.ends_with('…'), "{platform:?}");
+        }
     }
 
     #[test]
