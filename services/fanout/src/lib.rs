@@ -55,6 +55,38 @@ pub async fn run(
     policy: Arc<Policy>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), FanoutError> {
+    tokio::pin!(shutdown);
+    // NATS away while the fan-out starts (a server restart): wait for it.
+    let (consumer, log, preferences) = loop {
+        match open_all(&nats).await {
+            Ok(opened) => break opened,
+            Err(FanoutError::Open(e)) if herald_store::is_unavailable(e.as_ref()) => {
+                tracing::warn!(error = %e, "NATS unavailable while opening the fan-out; retrying");
+                tokio::select! {
+                    () = &mut shutdown => return Ok(()),
+                    () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    tracing::info!("fan-out running");
+    let worker = Worker {
+        inbox,
+        subscriptions,
+        log,
+        preferences,
+        policy,
+    };
+    tokio::select! {
+        () = worker.pull(consumer) => {}
+        () = shutdown => {}
+    }
+    Ok(())
+}
+
+/// The fan-out queue's consumer, the progress log and the preferences bucket.
+async fn open_all(nats: &Nats) -> Result<(PullConsumer, FanoutLog, PreferenceStore), FanoutError> {
     let open = |e: Box<dyn std::error::Error + Send + Sync>| FanoutError::Open(e);
     let consumer: PullConsumer = nats
         .js_consume
@@ -70,18 +102,7 @@ pub async fn run(
     let preferences = PreferenceStore::open(&nats.js_consume)
         .await
         .map_err(|e| open(Box::new(e)))?;
-    let worker = Worker {
-        inbox,
-        subscriptions,
-        log,
-        preferences,
-        policy,
-    };
-    tokio::select! {
-        () = worker.pull(consumer) => {}
-        () = shutdown => {}
-    }
-    Ok(())
+    Ok((consumer, log, preferences))
 }
 
 pub(crate) struct Worker {

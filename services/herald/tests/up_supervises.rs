@@ -7,6 +7,31 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::process::Command;
 
+/// The JSON log lines whose messages are `messages`, whatever their order.
+async fn all_logged(
+    lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
+    messages: &[&str],
+) -> Vec<serde_json::Value> {
+    let mut found: Vec<Option<serde_json::Value>> = vec![None; messages.len()];
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while found.iter().any(Option::is_none) {
+            let line = lines
+                .next_line()
+                .await
+                .expect("read stderr")
+                .unwrap_or_else(|| panic!("herald up ended before logging {messages:?}"));
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                && let Some(i) = messages.iter().position(|m| v["fields"]["message"] == *m)
+            {
+                found[i] = Some(v);
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("not all of {messages:?} in time"));
+    found.into_iter().flatten().collect()
+}
+
 /// The next JSON log line whose message is `message`.
 async fn logged(
     lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
@@ -50,10 +75,24 @@ async fn a_killed_nats_server_is_started_again() {
         .expect("spawn herald up");
     let stderr = up.stderr.take().expect("stderr piped");
     let mut lines = BufReader::new(stderr).lines();
-    let started = logged(&mut lines, "started nats-server").await;
-    let pid = started["fields"]["pid"].to_string();
-    let serving = logged(&mut lines, "herald serving").await;
-    let addr = serving["fields"]["addr"].as_str().expect("addr").to_owned();
+    // Started through: serving, and the router and fan-out have opened their consumers
+    // (they wait for a NATS that is away while they do; this test is about one that
+    // dies later).
+    let started = all_logged(
+        &mut lines,
+        &[
+            "started nats-server",
+            "herald serving",
+            "router running",
+            "fan-out running",
+        ],
+    )
+    .await;
+    let pid = started[0]["fields"]["pid"].to_string();
+    let addr = started[1]["fields"]["addr"]
+        .as_str()
+        .expect("addr")
+        .to_owned();
 
     signal(&pid, "KILL");
     let again = logged(&mut lines, "nats-server restarted").await;

@@ -136,7 +136,9 @@ pub async fn run(
             let consumer = loop {
                 match open(&nats, partition, lane).await {
                     Ok(consumer) => break consumer,
-                    Err(e) if nats.is_connected() && !is_timeout(&e) => return Err(e),
+                    Err(e) if nats.is_connected() && !herald_store::is_unavailable(&e) => {
+                        return Err(e);
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "NATS unavailable while opening the router; retrying");
                         tokio::select! {
@@ -167,17 +169,6 @@ pub async fn run(
 
 /// Pause between attempts to open a partition consumer while NATS is away.
 const OPEN_RETRY: Duration = Duration::from_secs(1);
-
-/// Whether opening failed because JetStream did not answer (timed out, no responders:
-/// a server restarting), as opposed to a missing consumer, which `herald provision`
-/// fixes and waiting does not.
-fn is_timeout(e: &RouterError) -> bool {
-    let RouterError::Consumer { source, .. } = e else {
-        return false;
-    };
-    let text = source.to_string().to_ascii_lowercase();
-    text.contains("timed out") || text.contains("no responders")
-}
 
 async fn open(nats: &Nats, partition: u16, lane: Priority) -> Result<PullConsumer, RouterError> {
     let err = |source| RouterError::Consumer {

@@ -112,3 +112,27 @@ fn options(
             }
         })
 }
+
+/// Whether `error` (or a cause of it) says NATS did not answer — a request that timed
+/// out, no responders while JetStream restarts, no connection — rather than that what
+/// was asked for is wrong or missing. A component that meets it while opening waits for
+/// NATS, as the rest of Herald does; any other error is for the operator.
+pub fn is_unavailable(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        let text = e.to_string().to_ascii_lowercase();
+        if [
+            "timed out",
+            "no responders",
+            "not connected",
+            "disconnected",
+        ]
+        .iter()
+        .any(|m| text.contains(m))
+        {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}

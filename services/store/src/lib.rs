@@ -34,7 +34,7 @@ pub mod view;
 mod walk;
 
 pub use caps::{CapDecision, CapsError, RateCaps};
-pub use connect::{Nats, connect};
+pub use connect::{Nats, connect, is_unavailable};
 pub use digests::{Digests, DigestsError};
 pub use groups::{Groups, GroupsError};
 pub use inbox::{Append, AppendAck, Entry as InboxEntry, Inbox, InboxError, InboxPage};
