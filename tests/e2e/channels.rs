@@ -586,6 +586,59 @@ async fn deferrals_while_one_platform_is_down_spend_no_attempts() -> anyhow::Res
     Ok(())
 }
 
+/// A provider's throttle (429 with `Retry-After`) is usually per account: while it lasts
+/// no job calls that provider — the next ones fail over to the secondary — and the job
+/// that was told comes back after `Retry-After`, to the primary again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttle_pauses_the_provider_for_every_job() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let primary = Arc::new(Scripted::new("twilio", Channel::Sms));
+    let secondary = Arc::new(Scripted::new("vonage", Channel::Sms));
+    primary.script([Answer::Throttled(Duration::from_secs(10))]);
+    let s = with(
+        with(settings(rand_key()), &primary, Limits::default()),
+        &secondary,
+        Limits::default(),
+    );
+    let herald = Herald::builder(&nats).channels(s).start().await?;
+    let r = contact(&herald, "tia", json!({"phone": "+4915112345678"})).await?;
+    assert_eq!(r.status(), 200);
+    let sms = |title: &'static str| {
+        let herald = &herald;
+        async move {
+            anyhow::Ok(
+                herald
+                    .accept(&json!({"user_id": "tia", "title": title, "channels": ["sms"]}))
+                    .await?
+                    .id,
+            )
+        }
+    };
+    let told = sms("first").await?;
+    eventually(WAIT, "the primary throttled the first", || async {
+        ensure!(!primary.calls().is_empty());
+        Ok(())
+    })
+    .await?;
+    let mut next = Vec::new();
+    for title in ["second", "third"] {
+        next.push(sms(title).await?);
+    }
+    for id in &next {
+        let entry = reaches(&herald, id, "sms", "sent").await?;
+        ensure!(entry["provider"] == "vonage", "during the pause: {entry}");
+    }
+    // After its Retry-After the first goes to the primary, which takes calls again.
+    let entry = reaches(&herald, &told, "sms", "sent").await?;
+    ensure!(entry["provider"] == "twilio", "{entry}");
+    ensure!(
+        primary.calls().len() == 2,
+        "the primary was called during its pause: {:?}",
+        primary.calls().len()
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn high_is_delivered_while_low_has_a_backlog() -> anyhow::Result<()> {
     let nats = Nats::single().await?;

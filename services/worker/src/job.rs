@@ -58,6 +58,9 @@ pub struct Context {
     pub in_flight: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
+/// How long a provider that throttled us without a `Retry-After` is left alone.
+const DEFAULT_THROTTLE_PAUSE: Duration = Duration::from_secs(1);
+
 /// Delay before retrying a job whose state could not be read (NATS trouble).
 pub const STORE_RETRY: Duration = Duration::from_secs(2);
 
@@ -505,7 +508,7 @@ impl Step<'_> {
         let (provider, _probe) = match pick {
             crate::providers::Pick::Use(p, probe) => (p, probe),
             crate::providers::Pick::AllOpen(wait) => {
-                let reason = "every provider's circuit is open";
+                let reason = "every provider's circuit is open, or it throttled us";
                 if self.last_delivery() {
                     return self.dead_letter(reason, None, None).await;
                 }
@@ -551,6 +554,9 @@ impl Step<'_> {
             })
             .await;
         provider.metrics.send_seconds.record(took.as_secs_f64());
+        if let Err(SendError::Throttled { retry_after, .. }) = &result {
+            provider.pause(retry_after.unwrap_or(DEFAULT_THROTTLE_PAUSE));
+        }
         match &result {
             Err(e) if e.counts_against_provider() => provider.breaker.on_failure(Instant::now()),
             _ => provider.breaker.on_success(),

@@ -37,6 +37,10 @@ pub struct Guarded {
     pub metrics: ProviderMetrics,
     /// The breaker state last reported ([`BreakerState::gauge`]).
     reported: AtomicU8,
+    /// Until when the provider said to slow down (a 429 or quota answer): its limits are
+    /// usually per account or project, so every job waits or fails over, not only the
+    /// one that was told.
+    paused_until: std::sync::Mutex<Option<Instant>>,
     /// Woken when a breaker's reported state changes (shared by all providers).
     changed: Arc<Notify>,
 }
@@ -138,6 +142,28 @@ impl Guarded {
         }
     }
 
+    /// The provider throttled us: no call to it for `for_` (capped at
+    /// [`MAX_THROTTLE_PAUSE`]; a later pause never shortens an earlier one).
+    pub fn pause(&self, for_: Duration) {
+        let until = Instant::now() + for_.min(MAX_THROTTLE_PAUSE);
+        let mut paused = self
+            .paused_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if paused.is_none_or(|p| p < until) {
+            *paused = Some(until);
+        }
+    }
+
+    /// How long the provider stays paused at `now`, if it is.
+    fn paused(&self, now: Instant) -> Option<Duration> {
+        let paused = *self
+            .paused_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        paused.and_then(|until| until.checked_duration_since(now))
+    }
+
     /// The provider's name.
     pub fn name(&self) -> &str {
         self.provider.name()
@@ -153,6 +179,10 @@ impl Guarded {
         }
     }
 }
+
+/// Longest a throttled provider is left alone, whatever its `Retry-After` says (the job
+/// that was told still waits all of it).
+pub const MAX_THROTTLE_PAUSE: Duration = Duration::from_secs(60);
 
 /// Every provider, by channel, in failover order.
 #[derive(Debug, Default)]
@@ -183,7 +213,8 @@ pub enum Gate {
 pub enum Pick {
     /// This one (`probe`: it is the half-open probe of its breaker).
     Use(Arc<Guarded>, bool),
-    /// Every provider that accepts the target has its circuit open; try again after this.
+    /// Every provider that accepts the target has its circuit open or is throttled; try
+    /// again after this.
     AllOpen(Duration),
     /// No provider of the channel accepts this target.
     NoneAccepts,
@@ -205,6 +236,7 @@ impl Providers {
             metrics: ProviderMetrics::new(provider.name()),
             provider,
             reported: AtomicU8::new(BreakerState::Closed as u8),
+            paused_until: std::sync::Mutex::new(None),
             changed: self.changed.clone(),
         };
         guarded.report();
@@ -254,8 +286,8 @@ impl Providers {
         self.changed.notified()
     }
 
-    /// The provider to use for `target` on `channel` now: the first that accepts it and
-    /// whose circuit admits a call.
+    /// The provider to use for `target` on `channel` now: the first that accepts it, is
+    /// not paused by a throttle, and whose circuit admits a call.
     pub fn pick(&self, channel: Channel, target: &Target) -> Pick {
         let now = Instant::now();
         let mut soonest: Option<Duration> = None;
@@ -264,6 +296,10 @@ impl Providers {
             .iter()
             .filter(|g| g.provider.channel() == channel && g.provider.accepts(target))
         {
+            if let Some(wait) = g.paused(now) {
+                soonest = Some(soonest.map_or(wait, |s| s.min(wait)));
+                continue;
+            }
             match g.breaker.admit(now) {
                 Admit::Yes => return Pick::Use(g.clone(), false),
                 Admit::Probe => {
