@@ -59,6 +59,9 @@ pub(crate) struct Driver {
     pub(crate) use_sse: bool,
     pub(crate) ws_failures: u32,
     pub(crate) refresh_token: bool,
+    /// The application asked to reconnect while a notification waited for room in its
+    /// queue: done once that one is delivered.
+    pub(crate) reconnect_requested: bool,
 }
 
 impl Driver {
@@ -189,6 +192,10 @@ impl Driver {
                             Ok(Some(delay)) => server_delay = Some(delay),
                             Ok(None) => {}
                             Err(()) => return Next::Stop,
+                        }
+                        if std::mem::take(&mut self.reconnect_requested) {
+                            let _ = close_ws(&mut sink).await;
+                            return Next::Retry(Some(Duration::ZERO));
                         }
                     }
                     Some(Ok(Message::Close(close))) => {
@@ -336,6 +343,9 @@ impl Driver {
                             Ok(None) => {}
                             Err(()) => return Next::Stop,
                         }
+                        if std::mem::take(&mut self.reconnect_requested) {
+                            return Next::Retry(Some(Duration::ZERO));
+                        }
                     }
                 },
                 cmd = self.commands.recv() => match cmd {
@@ -408,7 +418,24 @@ impl Driver {
         }
         self.publish_counts();
         // Bounded: an application that stops reading stops this task reading the socket.
-        self.notes.send(n).await.map_err(|_| ())
+        // Its commands are still answered meanwhile: an application that awaits
+        // `mark_read` (or `ack`, `subscribe`) before it reads the next notification waits
+        // on this task while this task waits on it. A frame is answered "not sent", so the
+        // call goes over HTTP instead.
+        let notes = self.notes.clone();
+        loop {
+            tokio::select! {
+                permit = notes.reserve() => {
+                    return permit.map(|p| p.send(n)).map_err(|_| ());
+                }
+                cmd = self.commands.recv() => match cmd {
+                    Some(Command::Frame(_, reply)) => { let _ = reply.send(false); }
+                    Some(Command::Unread(u)) => self.set_unread(u),
+                    Some(Command::Reconnect) => self.reconnect_requested = true,
+                    None | Some(Command::Close) => return Err(()),
+                },
+            }
+        }
     }
 
     /// The new state and the counts in one change, so no watcher sees one without the other.

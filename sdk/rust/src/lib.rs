@@ -220,6 +220,7 @@ impl ClientBuilder {
             use_sse: self.mode == Mode::Sse,
             ws_failures: 0,
             refresh_token: false,
+            reconnect_requested: false,
         };
         let task = tokio::spawn(driver.run());
         Ok(Client {

@@ -280,3 +280,38 @@ async fn a_refused_fixed_token_stops_the_client() -> anyhow::Result<()> {
     assert!(error.contains("401"), "{error}");
     Ok(())
 }
+
+/// The documented loop — read a notification, `mark_read` it, read the next — over a
+/// backlog larger than the client's queue: the connection task, waiting for room in the
+/// queue, still answers the application's commands, so neither waits on the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mark_read_while_the_queue_is_full_does_not_hang() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    let user = "rust-full-queue";
+    let mut sent = Vec::new();
+    for i in 0..8 {
+        sent.push(herald.send(user, &format!("q{i}")).await?);
+    }
+    let mut client = Client::builder(herald.base_url())
+        .token(herald.token(user))
+        .mode(Mode::WebSocket)
+        .queue(2)
+        .after(Some(0))
+        .connect()?;
+    let mut read = Vec::new();
+    for _ in 0..sent.len() {
+        let note = take(&mut client, 1).await?.remove(0);
+        within(
+            WAIT,
+            "mark_read with a full queue",
+            client.mark_read(note.seq),
+        )
+        .await??;
+        read.push(note.seq);
+    }
+    ensure!(read == seqs(&sent), "{read:?}");
+    until(&client, "nothing unread", |s| s.unread == 0).await?;
+    client.close().await;
+    Ok(())
+}
