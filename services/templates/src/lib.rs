@@ -151,6 +151,12 @@ impl Templates {
             .filter(|f| !GROUP_FIELDS.contains(f))
             .collect();
         let (chosen, texts) = self.render_fields(name, locale, vars, &single)?;
+        // The group texts render later, at a group's second notification, with the
+        // group's variables added: a variable they need beyond those is checked now, or
+        // the first notification would be accepted and every later one refused.
+        let mut with_group = vars.clone();
+        with_group.extend(herald_protocol::group::group_vars(2, &[String::new()]));
+        self.missing_vars(name, locale, &with_group, &GROUP_FIELDS)?;
         Ok(RenderedTexts {
             title: texts.get("title").cloned(),
             body: texts.get("body").cloned(),
@@ -221,57 +227,9 @@ impl Templates {
         fields: &[&'static str],
     ) -> Result<(String, BTreeMap<&'static str, String>), FieldError> {
         let set = self.set();
-        let Some(locales) = set.index.get(name) else {
-            let known = set.index.keys().cloned().collect::<Vec<_>>().join(", ");
-            return Err(FieldError::new(
-                "template",
-                if known.is_empty() {
-                    format!("no template named {name:?}; none are configured")
-                } else {
-                    format!("no template named {name:?}; configured: {known}")
-                },
-            ));
-        };
-        let chain = locale_chain(locale);
-        let chosen = chain
-            .iter()
-            .find(|l| locales.contains_key(l.as_str()))
-            .cloned()
-            .unwrap_or_else(|| DEFAULT_LOCALE.to_owned());
-        // Per field: the first locale in the chain that defines it.
-        let mut sources = Vec::new();
-        for field in fields.iter().copied() {
-            if let Some(loc) = chain
-                .iter()
-                .find(|l| locales.get(l.as_str()).is_some_and(|f| f.contains(&field)))
-            {
-                sources.push((field, load::template_name(name, loc, field)));
-            }
-        }
+        let (chosen, sources) = sources(&set, name, locale, fields)?;
+        check_vars(&set, name, vars, &sources)?;
         let context = Value::Object(vars.clone());
-        let mut missing = std::collections::BTreeSet::new();
-        for (_, source) in &sources {
-            let template = set
-                .env
-                .get_template(source)
-                .map_err(|e| render_error(name, &e))?;
-            missing.extend(
-                template
-                    .undeclared_variables(false)
-                    .into_iter()
-                    .filter(|v| !vars.contains_key(v) && set.env.globals().all(|(g, _)| g != v)),
-            );
-        }
-        if let Some(first) = missing.first() {
-            let all: Vec<&str> = missing.iter().map(String::as_str).collect();
-            return Err(FieldError::new(
-                format!("vars.{first}"),
-                format!(
-                    "template {name:?} needs variables {}; add them to vars",
-                    all.join(", ")
-                ),
-            ));
-        }
         let mut texts = BTreeMap::new();
         for (field, source) in sources {
             let text = set
@@ -283,6 +241,92 @@ impl Templates {
         }
         Ok((chosen, texts))
     }
+
+    /// Checks that `vars` holds every variable `fields` of template `name` need.
+    fn missing_vars(
+        &self,
+        name: &str,
+        locale: Option<&str>,
+        vars: &Map<String, Value>,
+        fields: &[&'static str],
+    ) -> Result<(), FieldError> {
+        let set = self.set();
+        let (_, sources) = sources(&set, name, locale, fields)?;
+        check_vars(&set, name, vars, &sources)
+    }
+}
+
+/// A field and the name of its template source.
+type Source = (&'static str, String);
+
+/// The locale chosen for template `name`, and the source of each of `fields` it defines:
+/// per field, the first locale in the chain that defines it.
+fn sources(
+    set: &TemplateSet,
+    name: &str,
+    locale: Option<&str>,
+    fields: &[&'static str],
+) -> Result<(String, Vec<Source>), FieldError> {
+    let Some(locales) = set.index.get(name) else {
+        let known = set.index.keys().cloned().collect::<Vec<_>>().join(", ");
+        return Err(FieldError::new(
+            "template",
+            if known.is_empty() {
+                format!("no template named {name:?}; none are configured")
+            } else {
+                format!("no template named {name:?}; configured: {known}")
+            },
+        ));
+    };
+    let chain = locale_chain(locale);
+    let chosen = chain
+        .iter()
+        .find(|l| locales.contains_key(l.as_str()))
+        .cloned()
+        .unwrap_or_else(|| DEFAULT_LOCALE.to_owned());
+    let mut sources = Vec::new();
+    for field in fields.iter().copied() {
+        if let Some(loc) = chain
+            .iter()
+            .find(|l| locales.get(l.as_str()).is_some_and(|f| f.contains(&field)))
+        {
+            sources.push((field, load::template_name(name, loc, field)));
+        }
+    }
+    Ok((chosen, sources))
+}
+
+/// A 400 naming the first variable `sources` need that `vars` lacks.
+fn check_vars(
+    set: &TemplateSet,
+    name: &str,
+    vars: &Map<String, Value>,
+    sources: &[Source],
+) -> Result<(), FieldError> {
+    let mut missing = std::collections::BTreeSet::new();
+    for (_, source) in sources {
+        let template = set
+            .env
+            .get_template(source)
+            .map_err(|e| render_error(name, &e))?;
+        missing.extend(
+            template
+                .undeclared_variables(false)
+                .into_iter()
+                .filter(|v| !vars.contains_key(v) && set.env.globals().all(|(g, _)| g != v)),
+        );
+    }
+    if let Some(first) = missing.first() {
+        let all: Vec<&str> = missing.iter().map(String::as_str).collect();
+        return Err(FieldError::new(
+            format!("vars.{first}"),
+            format!(
+                "template {name:?} needs variables {}; add them to vars",
+                all.join(", ")
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// What [`Templates::render`] produced.
@@ -391,6 +435,25 @@ title = "Bestellung {{ order }} ist unterwegs"
             .render_group("like", None, &vars(json!({"actor": "Jane"})))
             .expect_err("others missing");
         assert_eq!(err.field, "vars.others");
+    }
+
+    #[test]
+    fn a_variable_only_the_group_texts_need_is_asked_for_at_once() {
+        let comment = "[default]\ntitle = \"{{ actor }} commented\"\n\
+                       group.title = \"{{ actor }} and {{ others }} others commented on {{ post }}\"\n";
+        let dir = folder(&[("comment.toml", comment)]);
+        let t = Templates::load(dir.path()).expect("loads");
+        // Refused on the first notification, not only once a group forms at the second.
+        let err = t
+            .render("comment", None, &vars(json!({"actor": "Jane"})))
+            .expect_err("post missing");
+        assert_eq!(err.field, "vars.post");
+        t.render(
+            "comment",
+            None,
+            &vars(json!({"actor": "Jane", "post": "Hi"})),
+        )
+        .expect("every variable given");
     }
 
     #[test]
