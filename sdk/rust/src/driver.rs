@@ -249,6 +249,24 @@ impl Driver {
                 }
                 false
             }
+            // Busy, not refusing WebSocket: a reconnect storm, the per-user connection cap,
+            // NATS away. Back after its `Retry-After` (spread a little, so a crowd told
+            // the same does not return at once); nothing counts towards the fallback.
+            Some(tungstenite::Error::Http(response))
+                if matches!(response.status().as_u16(), 429 | 503) =>
+            {
+                let after = response
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(|s| Duration::from_secs(s.min(300)));
+                self.note_error(&format!(
+                    "the gateway is busy ({}); retrying",
+                    response.status()
+                ));
+                return Next::Retry(after.map(|d| d + d.mul_f64(rand::random::<f64>() / 2.0)));
+            }
             // The server answered, but not with an upgrade: something refuses WebSocket.
             Some(tungstenite::Error::Http(_)) => true,
             _ => self.http.reachable().await,

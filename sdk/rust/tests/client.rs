@@ -315,3 +315,49 @@ async fn mark_read_while_the_queue_is_full_does_not_hang() -> anyhow::Result<()>
     client.close().await;
     Ok(())
 }
+
+/// A gateway that answers the upgrade with 503 and `Retry-After` is busy, not refusing
+/// WebSocket: the client comes back after the wait, on WebSocket, instead of moving to
+/// SSE for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_gateway_is_retried_not_taken_for_a_websocket_refusal() -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    // A gateway in a reconnect storm: every upgrade gets 503, come back in a second.
+    let busy = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = busy.local_addr()?;
+    let upgrades = Arc::new(AtomicUsize::new(0));
+    let seen = upgrades.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = busy.accept().await {
+            seen.fetch_add(1, Ordering::SeqCst);
+            let mut request = [0u8; 4096];
+            let _ = socket.read(&mut request).await;
+            let _ = socket
+                .write_all(
+                    b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\ncontent-length: 0\r\n\r\n",
+                )
+                .await;
+        }
+    });
+    let client = Client::builder(herald.base_url())
+        .token(herald.token("rust-busy"))
+        .ws_url(format!("ws://{addr}/v1/ws"))
+        .ws_failures_before_fallback(1)
+        .connect()?;
+    eventually(WAIT, "the client came back to the busy gateway", || async {
+        ensure!(upgrades.load(Ordering::SeqCst) >= 2);
+        Ok(())
+    })
+    .await?;
+    let status = client.status();
+    ensure!(
+        status.transport != Some(Transport::Sse),
+        "moved to SSE: {status:?}"
+    );
+    client.close().await;
+    Ok(())
+}
