@@ -62,7 +62,15 @@ pub(crate) struct Driver {
     /// The application asked to reconnect while a notification waited for room in its
     /// queue: done once that one is delivered.
     pub(crate) reconnect_requested: bool,
+    /// When the current connection went live: the back-off starts over only once one
+    /// has stayed up for [`STABLE`].
+    pub(crate) live_since: Option<std::time::Instant>,
 }
+
+/// How long a connection must stay live before the back-off starts over: a gateway that
+/// greets and then drops every client at once would otherwise have them all back within
+/// the first back-off step, again and again.
+const STABLE: Duration = Duration::from_secs(10);
 
 impl Driver {
     pub(crate) async fn run(mut self) {
@@ -99,6 +107,13 @@ impl Driver {
 
     /// Waits before the next attempt; false when the client closed meanwhile.
     async fn wait(&mut self, fixed: Option<Duration>) -> bool {
+        if self
+            .live_since
+            .take()
+            .is_some_and(|since| since.elapsed() >= STABLE)
+        {
+            self.backoff.reset();
+        }
         let delay = fixed.unwrap_or_else(|| self.backoff.next_delay());
         self.status.send_modify(|s| {
             s.state = State::Reconnecting;
@@ -385,7 +400,7 @@ impl Driver {
             ServerFrame::Hello {
                 last_seq, unread, ..
             } => {
-                self.backoff.reset();
+                self.live_since = Some(std::time::Instant::now());
                 self.tracker.hello(last_seq, unread);
                 self.publish(State::Live);
             }

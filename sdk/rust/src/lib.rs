@@ -7,11 +7,13 @@
 //! - **Resume**: every reconnect asks for what came after the last seq delivered
 //!   (`?after=` / SSE `after`), so nothing is lost; anything at or below that seq, or with
 //!   an id seen recently, is dropped, so nothing is repeated (SPEC §5, §6.2).
-//! - **Backoff**: waits are uniform in `[0, min(max, base·2ⁿ)]` (full jitter); a server
-//!   `reconnect` frame's `after_ms` replaces the wait; close 4008 (slow consumer) resumes
-//!   at once; a refused token is replaced through a [`Token::Provider`].
+//! - **Backoff**: waits are uniform in `[0, min(max, base·2ⁿ)]` (full jitter), and `n`
+//!   starts over only after a connection stayed live for 10 s; a server `reconnect`
+//!   frame's `after_ms`, or a 503/429's `Retry-After`, replaces the wait; close 4008 (slow
+//!   consumer) resumes at once; a refused token is replaced through a [`Token::Provider`].
 //! - **Fallback**: in [`Mode::Auto`], after `ws_failures_before_fallback` WebSocket
-//!   failures *while the server answers HTTP*, the client moves to SSE for good.
+//!   failures *while the server answers HTTP* (not 503/429: busy), the client moves to
+//!   SSE for good.
 //! - **Back-pressure**: notifications wait in a bounded queue; an application that stops
 //!   reading stops the socket being read, the server closes it as a slow consumer, and
 //!   the client resumes from its seq once the application reads again.
@@ -221,6 +223,7 @@ impl ClientBuilder {
             ws_failures: 0,
             refresh_token: false,
             reconnect_requested: false,
+            live_since: None,
         };
         let task = tokio::spawn(driver.run());
         Ok(Client {

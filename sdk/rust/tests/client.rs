@@ -361,3 +361,58 @@ async fn a_busy_gateway_is_retried_not_taken_for_a_websocket_refusal() -> anyhow
     client.close().await;
     Ok(())
 }
+
+/// A gateway that greets every client and then drops it (1011) must not have them all
+/// back within the first back-off step forever: the back-off starts over only once a
+/// connection has stayed up, so the retries spread out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_greets_and_drops_is_not_hammered() -> anyhow::Result<()> {
+    use futures::SinkExt as _;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    let flaky = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = flaky.local_addr()?;
+    let connections = Arc::new(AtomicUsize::new(0));
+    let seen = connections.clone();
+    let hello = serde_json::to_string(&herald_protocol::ServerFrame::Hello {
+        user_id: herald_protocol::UserId::new("rust-flaky".to_owned())?,
+        last_seq: 0,
+        unread: 0,
+        heartbeat_s: 25,
+    })?;
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = flaky.accept().await {
+            seen.fetch_add(1, Ordering::SeqCst);
+            let hello = hello.clone();
+            tokio::spawn(async move {
+                if let Ok(mut ws) = tokio_tungstenite::accept_async(socket).await {
+                    let _ = ws.send(Message::text(hello)).await;
+                    let _ = ws
+                        .send(Message::Close(Some(CloseFrame {
+                            code: CloseCode::Error,
+                            reason: "feed failed".into(),
+                        })))
+                        .await;
+                }
+            });
+        }
+    });
+    let client = Client::builder(herald.base_url())
+        .token(herald.token("rust-flaky"))
+        .mode(Mode::WebSocket)
+        .ws_url(format!("ws://{addr}/v1/ws"))
+        .backoff(Duration::from_millis(50), Duration::from_secs(2))
+        .connect()?;
+    // Four seconds: with the back-off starting over at every greeting, retries every
+    // 0–50 ms come to about 160 connections; growing, to a handful.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let n = connections.load(Ordering::SeqCst);
+    client.close().await;
+    ensure!((2..=20).contains(&n), "{n} connections in 4 s");
+    Ok(())
+}
