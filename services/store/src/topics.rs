@@ -202,15 +202,7 @@ impl Subscriptions {
                         // Over the cap: not following after all, so the record on the
                         // topic written above goes too (the fan-out reads those).
                         Err(TopicsError::TooMany(user)) => {
-                            self.nats
-                                .js
-                                .get_stream_no_info(SUBS)
-                                .await
-                                .map_err(unavailable)?
-                                .purge()
-                                .filter(self.subjects.subscription(topic, &user))
-                                .await
-                                .map_err(unavailable)?;
+                            self.purge(self.subjects.subscription(topic, &user)).await?;
                             Err(TopicsError::TooMany(user))
                         }
                         other => other,
@@ -253,17 +245,7 @@ impl Subscriptions {
     /// # Errors
     /// [`TopicsError::Unavailable`] when NATS fails.
     pub async fn unsubscribe(&self, topic: &TopicId, user: &UserId) -> Result<bool, TopicsError> {
-        let stream = self
-            .nats
-            .js
-            .get_stream_no_info(SUBS)
-            .await
-            .map_err(unavailable)?;
-        let by_topic = stream
-            .purge()
-            .filter(self.subjects.subscription(topic, user))
-            .await
-            .map_err(unavailable)?;
+        let by_topic = self.purge(self.subjects.subscription(topic, user)).await?;
         let in_set = self
             .change_set(user, |set| {
                 let before = set.topics.len();
@@ -272,7 +254,7 @@ impl Subscriptions {
             })
             .await?;
         self.announce(std::slice::from_ref(user)).await;
-        Ok(by_topic.purged > 0 || in_set)
+        Ok(by_topic > 0 || in_set)
     }
 
     /// Unsubscribes `user` from every topic and removes their set; returns how many
@@ -285,16 +267,23 @@ impl Subscriptions {
         for topic in &topics {
             self.unsubscribe(topic, user).await?;
         }
-        self.nats
+        self.purge(self.subjects.topics_of(user)).await?;
+        Ok(topics.len())
+    }
+
+    /// Removes every record of the SUBS stream on `subject`; returns how many.
+    async fn purge(&self, subject: String) -> Result<u64, TopicsError> {
+        Ok(self
+            .nats
             .js
             .get_stream_no_info(SUBS)
             .await
             .map_err(unavailable)?
             .purge()
-            .filter(self.subjects.topics_of(user))
+            .filter(subject)
             .await
-            .map_err(unavailable)?;
-        Ok(topics.len())
+            .map_err(unavailable)?
+            .purged)
     }
 
     /// Reads `user`'s set, applies `change` and writes it back unless `change` answered
