@@ -227,11 +227,12 @@ impl Mesh {
                     .map_err(MeshError::Groups)?,
             );
         let mut jwt = opts.jwt.clone();
-        let jwks_http = reqwest::Client::new();
-        if let Some(jwks) = &opts.jwks
+        // Only a mesh that reads a JWKS document needs a client for it.
+        let jwks_http = opts.jwks.as_ref().map(|_| reqwest::Client::new());
+        if let (Some(jwks), Some(http)) = (&opts.jwks, &jwks_http)
             && jwt.jwks.is_none()
         {
-            let keys = jwks.load(&jwks_http).await.map_err(MeshError::Jwks)?;
+            let keys = jwks.load(http).await.map_err(MeshError::Jwks)?;
             tracing::info!(source = %jwks.source, keys = keys.len(), "JWKS loaded");
             jwt.jwks = Some(herald_auth::JwksHandle::new(keys));
         }
@@ -272,7 +273,9 @@ impl Mesh {
             batcher_stop.cancelled().await;
             Ok(())
         });
-        if let (Some(settings), Some(handle)) = (opts.jwks.clone(), auth.users.jwks().cloned()) {
+        if let (Some(settings), Some(handle), Some(jwks_http)) =
+            (opts.jwks.clone(), auth.users.jwks().cloned(), jwks_http)
+        {
             let stop = stop.clone();
             tasks.spawn(async move {
                 crate::jwks::refresh(settings, handle, jwks_http, stop).await;
