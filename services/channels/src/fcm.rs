@@ -251,10 +251,10 @@ impl Provider for FcmProvider {
             });
         }
         let error = classify(status, &headers, &body);
-        // A 401 about our access token (no FCM error code: plain UNAUTHENTICATED) gets a
-        // fresh one; `THIRD_PARTY_AUTH_ERROR` is a 401 about the project's APNs or web
-        // push key, which a new access token does not change.
-        if status == 401 && !error.to_string().contains("THIRD_PARTY_AUTH_ERROR") {
+        // A 401 about our access token (retried) gets a fresh one; the permanent one,
+        // `THIRD_PARTY_AUTH_ERROR`, is about the project's APNs or web push key, which a
+        // new access token does not change.
+        if status == 401 && !matches!(error, SendError::Permanent { .. }) {
             self.tokens.discard(&bearer).await;
         }
         Err(error)
