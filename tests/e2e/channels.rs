@@ -40,6 +40,19 @@ fn with(mut s: ChannelSettings, provider: &Arc<Scripted>, limits: Limits) -> Cha
     s
 }
 
+/// Limits whose breaker opens after `failures` failures in a row, for `open_for`.
+fn breaker_opening_after(failures: u32, open_for: Duration) -> Limits {
+    Limits {
+        rate_per_second: None,
+        breaker: BreakerConfig {
+            consecutive_failures: failures,
+            error_rate: 1.0,
+            window: 10,
+            open_for,
+        },
+    }
+}
+
 async fn device(herald: &Herald, user: &str, token: &str) -> anyhow::Result<()> {
     let r = herald
         .user(Method::POST, "/v1/me/devices", user)
@@ -339,15 +352,7 @@ async fn an_open_breaker_fails_over_and_the_primary_comes_back() -> anyhow::Resu
     let primary = Arc::new(Scripted::new("twilio", Channel::Sms));
     let secondary = Arc::new(Scripted::new("vonage", Channel::Sms));
     primary.fallback(Answer::Transient);
-    let limits = Limits {
-        rate_per_second: None,
-        breaker: BreakerConfig {
-            consecutive_failures: 2,
-            error_rate: 1.0,
-            window: 10,
-            open_for: Duration::from_secs(3),
-        },
-    };
+    let limits = breaker_opening_after(2, Duration::from_secs(3));
     let s = with(
         with(settings(rand_key()), &primary, limits),
         &secondary,
@@ -437,15 +442,7 @@ async fn an_outage_longer_than_the_back_off_spends_no_delivery_without_a_call() 
     let nats = Nats::single().await?;
     let sms = Arc::new(Scripted::new("twilio", Channel::Sms));
     sms.fallback(Answer::Transient);
-    let limits = Limits {
-        rate_per_second: None,
-        breaker: BreakerConfig {
-            consecutive_failures: 1,
-            error_rate: 1.0,
-            window: 10,
-            open_for: Duration::from_millis(700),
-        },
-    };
+    let limits = breaker_opening_after(1, Duration::from_millis(700));
     let settings = with(settings(rand_key()), &sms, limits);
     let max_deliver = usize::try_from(settings.queue.max_deliver)?;
     let herald = Herald::builder(&nats).channels(settings).start().await?;
@@ -520,15 +517,7 @@ async fn deferrals_while_one_platform_is_down_spend_no_attempts() -> anyhow::Res
     let apns = Arc::new(Scripted::for_platform("apns", Platform::Ios));
     let fcm = Arc::new(Scripted::for_platform("fcm", Platform::Android));
     apns.fallback(Answer::Transient);
-    let limits = Limits {
-        rate_per_second: None,
-        breaker: BreakerConfig {
-            consecutive_failures: 1,
-            error_rate: 1.0,
-            window: 10,
-            open_for: Duration::from_millis(1500),
-        },
-    };
+    let limits = breaker_opening_after(1, Duration::from_millis(1500));
     let settings = with(with(settings(rand_key()), &apns, limits), &fcm, limits);
     let attempts = usize::try_from(settings.queue.max_deliver)?;
     let herald = Herald::builder(&nats).channels(settings).start().await?;
