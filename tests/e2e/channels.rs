@@ -251,6 +251,30 @@ async fn throttling_honours_retry_after() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A 503 that says when to come back (FCM and APNs document it) is honoured like a 429's
+/// `Retry-After`, though it still counts against the provider's circuit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_5xx_retry_after_is_honoured() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let apns = Arc::new(Scripted::new("apns", Channel::Push));
+    apns.script([Answer::Unavailable(Duration::from_millis(1500))]);
+    let herald = Herald::builder(&nats)
+        .channels(with(settings(rand_key()), &apns, Limits::default()))
+        .start()
+        .await?;
+    device(&herald, "cy", "tok-c").await?;
+    let id = push(&herald, "cy", "otp").await?;
+    reaches(&herald, &id, "push", "sent").await?;
+    let calls = apns.calls_for(&id);
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    let waited = calls[1].at - calls[0].at;
+    ensure!(
+        waited >= Duration::from_millis(1400),
+        "retried after {waited:?}, before the provider's Retry-After of 1.5 s"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn permanent_errors_are_dead_lettered_and_can_be_retried() -> anyhow::Result<()> {
     let nats = Nats::single().await?;

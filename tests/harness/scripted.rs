@@ -18,6 +18,8 @@ pub enum Answer {
     Throttled(Duration),
     /// 5xx.
     Transient,
+    /// 503 with `Retry-After`.
+    Unavailable(Duration),
     /// 400.
     Permanent,
     /// Unregistered token.
@@ -166,8 +168,10 @@ impl Provider for Scripted {
                 retry_after: Some(d),
                 detail: "429 Too Many Requests".into(),
             }),
-            Answer::Transient => Err(SendError::Transient {
+            Answer::Transient => Err(SendError::transient("503 Service Unavailable")),
+            Answer::Unavailable(d) => Err(SendError::Transient {
                 detail: "503 Service Unavailable".into(),
+                retry_after: Some(d),
             }),
             Answer::Permanent => Err(SendError::Permanent {
                 detail: "400 InvalidPayload".into(),

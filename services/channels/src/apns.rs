@@ -245,7 +245,7 @@ fn classify(
             detail,
         },
         // The token is re-signed on the next send; the message itself was fine.
-        (403, "ExpiredProviderToken") => SendError::Transient { detail },
+        (403, "ExpiredProviderToken") => SendError::transient(detail),
         // Our key, team or certificate: every message fails alike (see
         // `http::credentials_refused`).
         (
@@ -256,7 +256,11 @@ fn classify(
             | "BadCertificateEnvironment"
             | "Forbidden",
         ) => http::credentials_refused(detail),
-        (500..=599, _) => SendError::Transient { detail },
+        // APNs 503 `ServiceUnavailable`, 500 `InternalServerError`.
+        (500..=599, _) => SendError::Transient {
+            detail,
+            retry_after: http::retry_after(headers),
+        },
         _ => SendError::Permanent { detail },
     }
 }

@@ -17,11 +17,15 @@ pub enum SendError {
         detail: String,
     },
     /// A failure that may pass (5xx, timeout, connection refused). Exponential back-off
-    /// with full jitter; counts towards the provider's circuit breaker.
+    /// with full jitter, never sooner than the provider's `Retry-After` when its answer
+    /// had one (a 503 that says when to come back); counts towards the provider's
+    /// circuit breaker.
     #[error("transient provider failure: {detail}")]
     Transient {
         /// What happened.
         detail: String,
+        /// The provider's `Retry-After` on a 5xx answer, if it sent one.
+        retry_after: Option<Duration>,
     },
     /// The request itself is wrong (bad payload, bad credentials for this message); a
     /// retry cannot help. Dead-lettered at once.
@@ -40,6 +44,14 @@ pub enum SendError {
 }
 
 impl SendError {
+    /// A transient failure without a `Retry-After`.
+    pub fn transient(detail: impl Into<String>) -> Self {
+        Self::Transient {
+            detail: detail.into(),
+            retry_after: None,
+        }
+    }
+
     /// Whether a retry could succeed.
     pub fn is_retryable(&self) -> bool {
         matches!(self, Self::Throttled { .. } | Self::Transient { .. })

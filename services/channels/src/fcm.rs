@@ -265,12 +265,10 @@ impl Provider for FcmProvider {
 fn classify(status: u16, headers: &reqwest::header::HeaderMap, body: &[u8]) -> SendError {
     let Ok(ErrorAnswer { error }) = serde_json::from_slice::<ErrorAnswer>(body) else {
         return match status {
-            401 => SendError::Transient {
-                detail: format!(
-                    "fcm: 401 (access token refreshed): {}",
-                    http::body_text(body)
-                ),
-            },
+            401 => SendError::transient(format!(
+                "fcm: 401 (access token refreshed): {}",
+                http::body_text(body)
+            )),
             _ => http::by_status("fcm", status, headers, body),
         };
     };
@@ -299,7 +297,11 @@ fn classify(status: u16, headers: &reqwest::header::HeaderMap, body: &[u8]) -> S
             retry_after: http::retry_after(headers),
             detail,
         },
-        "UNAVAILABLE" | "INTERNAL" => SendError::Transient { detail },
+        // FCM's documentation: on 500 and 503, honour `Retry-After` when it is given.
+        "UNAVAILABLE" | "INTERNAL" => SendError::Transient {
+            detail,
+            retry_after: http::retry_after(headers),
+        },
         // A bad APNs certificate or web-push key on the Firebase project: configuration of
         // that platform only. Not counted against FCM's circuit, which Android shares.
         "THIRD_PARTY_AUTH_ERROR" => SendError::Permanent {
@@ -307,9 +309,7 @@ fn classify(status: u16, headers: &reqwest::header::HeaderMap, body: &[u8]) -> S
                 "{detail} (the Firebase project's APNs or web push key is refused: fix it in the Firebase console, then retry from the DLQ)"
             ),
         },
-        _ if status == 401 => SendError::Transient {
-            detail: format!("{detail} (access token refreshed)"),
-        },
+        _ if status == 401 => SendError::transient(format!("{detail} (access token refreshed)")),
         _ => http::class_for(status, headers, detail),
     }
 }

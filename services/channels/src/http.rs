@@ -103,9 +103,7 @@ pub(crate) fn transport(provider: &str, error: &reqwest::Error) -> SendError {
         detail.push_str(&cause.to_string());
         source = cause.source();
     }
-    SendError::Transient {
-        detail: shorten(&detail),
-    }
+    SendError::transient(shorten(&detail))
 }
 
 /// The `Retry-After` header: delta-seconds or an HTTP date.
@@ -165,7 +163,8 @@ pub(crate) fn by_status(
     )
 }
 
-/// The class of a status with no more specific reason: 429 throttled, 408/5xx transient,
+/// The class of a status with no more specific reason: 429 throttled, 408/5xx transient
+/// (with the answer's `Retry-After`, which a 503 may carry),
 /// 401/403 refused credentials, anything else permanent.
 pub(crate) fn class_for(
     status: u16,
@@ -177,7 +176,10 @@ pub(crate) fn class_for(
             retry_after: retry_after(headers),
             detail,
         },
-        408 | 500..=599 => SendError::Transient { detail },
+        408 | 500..=599 => SendError::Transient {
+            detail,
+            retry_after: retry_after(headers),
+        },
         401 | 403 => credentials_refused(detail),
         _ => SendError::Permanent { detail },
     }
@@ -190,9 +192,9 @@ pub(crate) fn class_for(
 /// takes over) and the job is retried, instead of every job being dead-lettered on its
 /// first attempt.
 pub(crate) fn credentials_refused(detail: String) -> SendError {
-    SendError::Transient {
-        detail: format!("{detail} (credentials refused: check the provider's configuration)"),
-    }
+    SendError::transient(format!(
+        "{detail} (credentials refused: check the provider's configuration)"
+    ))
 }
 
 #[cfg(test)]

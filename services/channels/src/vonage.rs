@@ -190,7 +190,7 @@ fn classify(part: &Part) -> SendError {
             retry_after: None,
             detail,
         },
-        5 | 9 => SendError::Transient { detail },
+        5 | 9 => SendError::transient(detail),
         // Our key or account (invalid credentials, account barred), not the message: the
         // provider's circuit counts it and the job is retried, failing over meanwhile.
         4 | 8 => http::credentials_refused(detail),

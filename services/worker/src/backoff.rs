@@ -52,6 +52,17 @@ impl Backoff {
             _ => self.delay(attempt),
         }
     }
+
+    /// The delay before retry number `attempt` of a transient failure: the back-off, but
+    /// never sooner than the provider's `Retry-After` (capped at [`MAX_RETRY_AFTER`]) when
+    /// its 5xx answer had one.
+    pub fn transient(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
+        let delay = self.delay(attempt);
+        match retry_after {
+            Some(wait) => delay.max(wait.min(MAX_RETRY_AFTER)),
+            None => delay,
+        }
+    }
 }
 
 /// The longest a `Retry-After` holds a job back. A receiver's URL is the producer's, and
@@ -89,6 +100,19 @@ mod tests {
             for _ in 0..50 {
                 assert!(b.throttled(3, ra) <= b.ceiling(3));
             }
+        }
+    }
+
+    #[test]
+    fn a_5xx_retry_after_is_a_floor_under_the_back_off() {
+        let b = Backoff::default();
+        let secs = Duration::from_secs;
+        for _ in 0..50 {
+            assert!(b.transient(1, Some(secs(20))) >= secs(20));
+            assert!(b.transient(1, None) <= b.ceiling(1));
+            // A long back-off is not shortened by a short Retry-After.
+            assert!(b.transient(9, Some(secs(1))) >= secs(1));
+            assert_eq!(b.transient(1, Some(secs(u64::MAX / 4))), MAX_RETRY_AFTER);
         }
     }
 

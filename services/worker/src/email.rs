@@ -229,9 +229,9 @@ fn classify_answer(permanent: bool, code: &str, detail: String) -> SendError {
         || matches!(enhanced, Some("5.7.8" | "4.7.8" | "5.7.0" | "4.7.0"))
             && detail.to_ascii_lowercase().contains("auth")
     {
-        return SendError::Transient {
-            detail: format!("{detail} (credentials refused: check the SMTP user and password)"),
-        };
+        return SendError::transient(format!(
+            "{detail} (credentials refused: check the SMTP user and password)"
+        ));
     }
     if !permanent {
         // A rate limit (4.7.x, or 421/450/451 saying so) is throttling: retried later,
@@ -249,7 +249,7 @@ fn classify_answer(permanent: bool, code: &str, detail: String) -> SendError {
             };
         }
         // 4xx, timeouts, refused connections, TLS trouble: may pass.
-        return SendError::Transient { detail };
+        return SendError::transient(detail);
     }
     if mailbox_unknown(code, &detail) {
         SendError::InvalidTarget { detail }
@@ -498,7 +498,7 @@ mod tests {
             code,
             text.to_owned(),
         ) {
-            SendError::Transient { detail } if detail.contains("credentials refused") => {
+            SendError::Transient { detail, .. } if detail.contains("credentials refused") => {
                 "credentials"
             }
             SendError::Transient { .. } => "transient",

@@ -546,16 +546,26 @@ impl Step<'_> {
                 .await
                 {
                     Ok(r) => r,
-                    Err(_) => Err(SendError::Transient {
-                        detail: format!("no answer within {:?}", ctx.config.send_timeout),
-                    }),
+                    Err(_) => Err(SendError::transient(format!(
+                        "no answer within {:?}",
+                        ctx.config.send_timeout
+                    ))),
                 };
                 (result, started.elapsed())
             })
             .await;
         provider.metrics.send_seconds.record(took.as_secs_f64());
-        if let Err(SendError::Throttled { retry_after, .. }) = &result {
-            provider.pause(retry_after.unwrap_or(DEFAULT_THROTTLE_PAUSE));
+        match &result {
+            Err(SendError::Throttled { retry_after, .. }) => {
+                provider.pause(retry_after.unwrap_or(DEFAULT_THROTTLE_PAUSE));
+            }
+            // A 5xx that says when to come back (a 503 with `Retry-After`) is about the
+            // provider, not this job: nobody calls it before then.
+            Err(SendError::Transient {
+                retry_after: Some(wait),
+                ..
+            }) => provider.pause(*wait),
+            _ => {}
         }
         match &result {
             Err(e) if e.counts_against_provider() => provider.breaker.on_failure(Instant::now()),
@@ -650,9 +660,9 @@ impl Step<'_> {
                 outcome(self.channel(), "throttled");
                 self.later(delay).await;
             }
-            SendError::Transient { .. } => {
+            SendError::Transient { retry_after, .. } => {
                 let attempt = u32::try_from(self.delivered).unwrap_or(u32::MAX);
-                let delay = self.ctx.config.backoff.delay(attempt);
+                let delay = self.ctx.config.backoff.transient(attempt, retry_after);
                 self.status(Update::state(State::Retrying).because(detail).by(provider))
                     .await;
                 outcome(self.channel(), "retried");

@@ -151,13 +151,12 @@ impl AccessTokens {
             .map_err(|e| http::transport("fcm oauth", &e))?;
         if (200..300).contains(&status) {
             // Nothing was sent yet, so an unreadable token answer is safe to retry.
-            let answer: TokenAnswer =
-                serde_json::from_slice(&body).map_err(|_| SendError::Transient {
-                    detail: format!(
-                        "fcm oauth: unreadable token answer: {}",
-                        http::body_text(&body)
-                    ),
-                })?;
+            let answer: TokenAnswer = serde_json::from_slice(&body).map_err(|_| {
+                SendError::transient(format!(
+                    "fcm oauth: unreadable token answer: {}",
+                    http::body_text(&body)
+                ))
+            })?;
             let lifetime = Duration::from_secs(answer.expires_in.unwrap_or(3600));
             return Ok((answer.access_token, lifetime));
         }
@@ -165,7 +164,7 @@ impl AccessTokens {
         // skewed clock) is the provider's failure, not the message's.
         Err(
             match http::by_status("fcm oauth", status, &headers, &body) {
-                SendError::Permanent { detail } | SendError::Transient { detail }
+                SendError::Permanent { detail } | SendError::Transient { detail, .. }
                     if (400..500).contains(&status) =>
                 {
                     http::credentials_refused(format!("{detail} (check HERALD_FCM_CREDENTIALS)"))

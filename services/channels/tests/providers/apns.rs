@@ -149,6 +149,20 @@ async fn apns_errors_garbage_and_silence_are_classified() {
 }
 
 #[tokio::test]
+async fn apns_503_with_retry_after_says_when_to_come_back() {
+    let (fake, provider) = setup().await;
+    fake.script().push(
+        1,
+        error_reply(503, "ServiceUnavailable").header("retry-after", "12"),
+    );
+    let result = provider.send(&delivery(Channel::Push, ios(DEVICE))).await;
+    assert!(
+        matches!(&result, Err(SendError::Transient { retry_after: Some(d), .. }) if *d == Duration::from_secs(12)),
+        "{result:?}"
+    );
+}
+
+#[tokio::test]
 async fn apns_expired_provider_token_is_replaced_by_a_fresh_one() {
     let (fake, provider) = setup().await;
     provider
@@ -160,7 +174,7 @@ async fn apns_expired_provider_token_is_replaced_by_a_fresh_one() {
 
     let result = provider.send(&delivery(Channel::Push, ios(DEVICE))).await;
     assert!(
-        matches!(&result, Err(SendError::Transient { detail }) if detail.contains("ExpiredProviderToken")),
+        matches!(&result, Err(SendError::Transient { detail, .. }) if detail.contains("ExpiredProviderToken")),
         "{result:?}"
     );
     // The provider signs a new token (with a later `iat`) instead of reusing the cached one.
@@ -184,7 +198,7 @@ async fn apns_token_signed_with_the_wrong_key_counts_against_the_provider() {
     let result = provider.send(&delivery(Channel::Push, ios(DEVICE))).await;
     assert!(
         // Our key, not the message: retried, and counted by the provider's circuit.
-        matches!(&result, Err(SendError::Transient { detail })
+        matches!(&result, Err(SendError::Transient { detail, .. })
             if detail.contains("InvalidProviderToken") && detail.contains("credentials refused")),
         "{result:?}"
     );

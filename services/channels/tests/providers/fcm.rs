@@ -242,6 +242,43 @@ async fn fcm_errors_garbage_and_silence_are_classified() {
 }
 
 #[tokio::test]
+async fn fcm_503_with_retry_after_says_when_to_come_back() {
+    let (fake, provider) = setup().await;
+    fake.script().push(
+        1,
+        error_reply(
+            503,
+            "UNAVAILABLE",
+            Some("UNAVAILABLE"),
+            "The service is unavailable",
+        )
+        .header("retry-after", "9"),
+    );
+    let result = provider
+        .send(&delivery(Channel::Push, device(Platform::Android, "t")))
+        .await;
+    assert!(
+        matches!(&result, Err(SendError::Transient { retry_after: Some(d), .. }) if *d == Duration::from_secs(9)),
+        "{result:?}"
+    );
+    // Without the header, the worker's own back-off decides.
+    fake.script().push(1, Reply::raw(500, "<html>oops</html>"));
+    let result = provider
+        .send(&delivery(Channel::Push, device(Platform::Android, "t")))
+        .await;
+    assert!(
+        matches!(
+            &result,
+            Err(SendError::Transient {
+                retry_after: None,
+                ..
+            })
+        ),
+        "{result:?}"
+    );
+}
+
+#[tokio::test]
 async fn fcm_token_endpoint_failures_are_classified() {
     let (fake, provider) = setup().await;
     let push = || delivery(Channel::Push, device(Platform::Android, "t"));
@@ -261,7 +298,7 @@ async fn fcm_token_endpoint_failures_are_classified() {
     // A refused grant is our credentials: retried, and counted by the provider's circuit.
     let refused = provider.send(&push()).await;
     assert!(
-        matches!(&refused, Err(SendError::Transient { detail }) if detail.contains("credentials refused")),
+        matches!(&refused, Err(SendError::Transient { detail, .. }) if detail.contains("credentials refused")),
         "{refused:?}"
     );
     assert!(
@@ -285,7 +322,7 @@ async fn fcm_assertion_from_the_wrong_account_is_refused() {
         .send(&delivery(Channel::Push, device(Platform::Android, "t")))
         .await;
     assert!(
-        matches!(&result, Err(SendError::Transient { detail }) if detail.contains("invalid_grant")),
+        matches!(&result, Err(SendError::Transient { detail, .. }) if detail.contains("invalid_grant")),
         "{result:?}"
     );
 }

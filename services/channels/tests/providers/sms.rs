@@ -164,7 +164,7 @@ async fn twilio_wrong_credentials_count_against_the_provider() {
     let provider = twilio_with_token(&fake, "wrong");
     let result = provider.send(&delivery(Channel::Sms, phone(TO))).await;
     assert!(
-        matches!(&result, Err(SendError::Transient { detail })
+        matches!(&result, Err(SendError::Transient { detail, .. })
             if detail.contains("20003") && detail.contains("credentials refused")),
         "{result:?}"
     );
@@ -238,7 +238,7 @@ async fn vonage_wrong_secret_is_retried_and_counts_against_the_provider() {
     let provider = vonage_with_secret(&fake, "wrong");
     let result = provider.send(&delivery(Channel::Sms, phone(TO))).await;
     assert!(
-        matches!(&result, Err(SendError::Transient { detail })
+        matches!(&result, Err(SendError::Transient { detail, .. })
             if detail.contains("status 4") && detail.contains("credentials refused")),
         "{result:?}"
     );

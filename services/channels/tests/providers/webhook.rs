@@ -101,6 +101,24 @@ async fn webhook_answers_are_classified() {
 }
 
 #[tokio::test]
+async fn webhook_503_with_retry_after_says_when_to_come_back() {
+    let receiver = WebhookReceiver::start(SECRET)
+        .await
+        .expect("receiver starts");
+    let provider = provider(SECRET);
+    receiver
+        .script()
+        .push(1, Reply::status(503).header("retry-after", "5"));
+    let result = provider
+        .send(&delivery(Channel::Webhook, hook(receiver.url("/"))))
+        .await;
+    assert!(
+        matches!(result, Err(SendError::Transient { retry_after: Some(d), .. }) if d == Duration::from_secs(5)),
+        "{result:?}"
+    );
+}
+
+#[tokio::test]
 async fn webhook_unreachable_or_malformed_targets() {
     let provider = provider(SECRET);
     // A port nobody listens on: bind one, then free it.
