@@ -6,13 +6,15 @@ use crate::http::Http;
 use crate::token::Tokens;
 use crate::tracker::Tracker;
 use crate::{ClientBuilder, Mode, State, Status, Transport};
-use eventsource_stream::Eventsource as _;
+use eventsource_stream::{EventStreamError, Eventsource as _};
 use futures::{SinkExt as _, StreamExt as _};
 use herald_protocol::{ClientFrame, Notification, ServerFrame};
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode, header};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -22,6 +24,9 @@ use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 const AUTH_CLOSE_CODES: [u16; 5] = [1008, 4001, 4003, 4401, 4403];
 /// The gateway's slow-consumer close.
 const SLOW_CONSUMER: u16 = 4008;
+/// The longest heartbeat interval believed from a hello (Herald allows up to an hour): a
+/// larger one would stretch the silence limit past any use, or overflow it.
+const MAX_HEARTBEAT: Duration = Duration::from_secs(3600);
 
 /// What the [`crate::Client`] asks of the task.
 #[derive(Debug)]
@@ -65,6 +70,9 @@ pub(crate) struct Driver {
     /// When the current connection went live: the back-off starts over only once one
     /// has stayed up for [`STABLE`].
     pub(crate) live_since: Option<std::time::Instant>,
+    /// The interval between the server's heartbeats, as the current connection's hello
+    /// announced it; `None` before the hello.
+    pub(crate) heartbeat: Option<Duration>,
 }
 
 /// How long a connection must stay live before the back-off starts over: a gateway that
@@ -144,6 +152,24 @@ impl Driver {
         self.tracker.position.map(|p| format!("after={p}"))
     }
 
+    /// How long the current connection may go without receiving anything before it is
+    /// taken as dead (a network that dropped it without a FIN or RST leaves it open on
+    /// this side for good): the open timeout until the hello, then `missed_heartbeats`
+    /// of the interval the hello announced. `None` when the server sends no heartbeats.
+    fn silence_limit(&self) -> Option<Duration> {
+        match self.heartbeat {
+            None => Some(self.settings.open_timeout),
+            Some(beat) if beat.is_zero() => None,
+            Some(beat) => Some(beat * self.settings.missed_heartbeats),
+        }
+    }
+
+    fn note_silence(&self, limit: Duration) {
+        self.note_error(&format!(
+            "nothing received for {limit:?} (no frame, no heartbeat); reconnecting"
+        ));
+    }
+
     // ---- WebSocket -------------------------------------------------------------------------
 
     async fn run_ws(&mut self, token: &str) -> Next {
@@ -185,49 +211,29 @@ impl Driver {
         };
         let (mut sink, mut stream) = socket.split();
         let mut server_delay = None;
+        self.heartbeat = None;
+        let mut limit = self.silence_limit();
+        let silence = tokio::time::sleep(self.settings.open_timeout);
+        tokio::pin!(silence);
         loop {
             tokio::select! {
-                incoming = stream.next() => match incoming {
-                    None | Some(Err(_)) => return Next::Retry(server_delay),
-                    Some(Ok(Message::Text(text))) => {
-                        let Ok(frame) = serde_json::from_str::<ServerFrame>(text.as_str()) else {
-                            continue; // a frame this SDK does not know yet
-                        };
-                        if matches!(frame, ServerFrame::Hello { .. }) {
-                            self.ws_failures = 0;
-                            self.status.send_modify(|s| s.transport = Some(Transport::WebSocket));
-                            let topics = self.topics.lock().map(|t| t.clone()).unwrap_or_default();
-                            for topic in topics {
-                                if sink.send(text_frame(&ClientFrame::Subscribe { topic })).await.is_err() {
-                                    return Next::Retry(None);
-                                }
-                            }
-                        }
-                        match self.on_frame(frame).await {
-                            Ok(Some(delay)) => server_delay = Some(delay),
-                            Ok(None) => {}
-                            Err(()) => return Next::Stop,
-                        }
-                        if std::mem::take(&mut self.reconnect_requested) {
-                            let _ = close_ws(&mut sink).await;
-                            return Next::Retry(Some(Duration::ZERO));
-                        }
+                incoming = stream.next() => {
+                    if let Some(next) = self.on_ws_message(incoming, &mut sink, &mut server_delay).await {
+                        return next;
                     }
-                    Some(Ok(Message::Close(close))) => {
-                        let code = close.as_ref().map_or(1005, |c| u16::from(c.code));
-                        if AUTH_CLOSE_CODES.contains(&code) {
-                            self.refresh_token = true;
-                        }
-                        if code == SLOW_CONSUMER && server_delay.is_none() {
-                            // Only slow: resume right away, jittered a little.
-                            server_delay = Some(self.settings.backoff_base.mul_f64(rand::random::<f64>()));
-                        }
-                        if let Some(c) = close {
-                            self.note_error(&format!("server closed the websocket: {} {}", u16::from(c.code), c.reason.as_str()));
-                        }
+                    // Counted from now, not from when the message came: delivering it
+                    // may have waited on the application, with the socket unread.
+                    limit = self.silence_limit();
+                    if let Some(limit) = limit {
+                        silence.as_mut().reset(Instant::now() + limit);
                     }
-                    Some(Ok(_)) => {} // pings are answered by tungstenite; binary is not ours
-                },
+                }
+                // Dropped, not closed: a close handshake on a dead network could only
+                // wait, and dropping the socket is what ends it on this side.
+                () = &mut silence, if limit.is_some() => {
+                    self.note_silence(limit.unwrap_or_default());
+                    return Next::Retry(None);
+                }
                 cmd = self.commands.recv() => match cmd {
                     Some(Command::Frame(frame, reply)) => {
                         let sent = sink.send(text_frame(&frame)).await.is_ok();
@@ -247,6 +253,72 @@ impl Driver {
                     }
                 },
             }
+        }
+    }
+
+    /// Handles what the WebSocket yielded (every message, pings included, proves the
+    /// connection alive); `Some` once the connection is over.
+    async fn on_ws_message<S>(
+        &mut self,
+        incoming: Option<Result<Message, tungstenite::Error>>,
+        sink: &mut S,
+        server_delay: &mut Option<Duration>,
+    ) -> Option<Next>
+    where
+        S: futures::Sink<Message, Error = tungstenite::Error> + Unpin,
+    {
+        match incoming {
+            None | Some(Err(_)) => Some(Next::Retry(*server_delay)),
+            Some(Ok(Message::Text(text))) => {
+                let Ok(frame) = serde_json::from_str::<ServerFrame>(text.as_str()) else {
+                    return None; // a frame this SDK does not know yet
+                };
+                if matches!(frame, ServerFrame::Hello { .. }) {
+                    self.ws_failures = 0;
+                    self.status
+                        .send_modify(|s| s.transport = Some(Transport::WebSocket));
+                    let topics = self.topics.lock().map(|t| t.clone()).unwrap_or_default();
+                    for topic in topics {
+                        if sink
+                            .send(text_frame(&ClientFrame::Subscribe { topic }))
+                            .await
+                            .is_err()
+                        {
+                            return Some(Next::Retry(None));
+                        }
+                    }
+                }
+                match self.on_frame(frame).await {
+                    Ok(Some(delay)) => *server_delay = Some(delay),
+                    Ok(None) => {}
+                    Err(()) => return Some(Next::Stop),
+                }
+                if std::mem::take(&mut self.reconnect_requested) {
+                    let _ = close_ws(sink).await;
+                    return Some(Next::Retry(Some(Duration::ZERO)));
+                }
+                None
+            }
+            Some(Ok(Message::Close(close))) => {
+                let code = close.as_ref().map_or(1005, |c| u16::from(c.code));
+                if AUTH_CLOSE_CODES.contains(&code) {
+                    self.refresh_token = true;
+                }
+                if code == SLOW_CONSUMER && server_delay.is_none() {
+                    // Only slow: resume right away, jittered a little.
+                    *server_delay = Some(self.settings.backoff_base.mul_f64(rand::random::<f64>()));
+                }
+                if let Some(c) = close {
+                    self.note_error(&format!(
+                        "server closed the websocket: {} {}",
+                        u16::from(c.code),
+                        c.reason.as_str()
+                    ));
+                }
+                None
+            }
+            // Pings are answered by tungstenite; binary is not ours.
+            Some(Ok(_)) => None,
         }
     }
 
@@ -320,7 +392,7 @@ impl Driver {
             request = request.query(&[("after", p)]);
         }
         let response = tokio::select! {
-            r = request.send() => r,
+            r = tokio::time::timeout(self.settings.open_timeout, request.send()) => r,
             cmd = self.commands.recv() => return match cmd {
                 Some(Command::Frame(_, reply)) => { let _ = reply.send(false); Next::Retry(Some(Duration::ZERO)) }
                 Some(Command::Unread(n)) => { self.set_unread(n); Next::Retry(Some(Duration::ZERO)) }
@@ -329,9 +401,13 @@ impl Driver {
             },
         };
         let response = match response {
-            Ok(r) => r,
-            Err(e) => {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
                 self.note_error(&format!("sse request: {e}"));
+                return Next::Retry(None);
+            }
+            Err(_) => {
+                self.note_error("sse did not answer in time");
                 return Next::Retry(None);
             }
         };
@@ -348,33 +424,53 @@ impl Driver {
             self.note_error(&format!("sse answered {status}"));
             return Next::Retry(None);
         }
-        // reqwest without its `stream` feature: chunks, made into a stream of bytes.
-        let bytes = futures::stream::unfold(response, |mut r| async move {
-            match r.chunk().await {
-                Ok(Some(chunk)) => Some((Ok(chunk), r)),
-                Ok(None) => None,
-                Err(e) => Some((Err(e), r)),
-            }
-        });
+        // reqwest without its `stream` feature: chunks, made into a stream of bytes. The
+        // silence limit applies here, below the event parser, because keep-alive
+        // comments never come out of it as events.
+        self.heartbeat = None;
+        let limit = Arc::new(SilenceLimit::new(self.silence_limit()));
+        let bytes =
+            futures::stream::unfold((response, limit.clone()), |(mut r, limit)| async move {
+                let chunk = match limit.get() {
+                    Some(d) => match tokio::time::timeout(d, r.chunk()).await {
+                        Ok(read) => read.map_err(SseRead::Http),
+                        Err(_) => Err(SseRead::Silent(d)),
+                    },
+                    None => r.chunk().await.map_err(SseRead::Http),
+                };
+                match chunk {
+                    Ok(Some(chunk)) => Some((Ok(chunk), (r, limit))),
+                    Ok(None) => None,
+                    Err(e) => Some((Err(e), (r, limit))),
+                }
+            });
         let mut events = Box::pin(bytes.eventsource());
         let mut server_delay = None;
         loop {
             tokio::select! {
                 event = events.next() => match event {
                     None => return Next::Retry(server_delay),
+                    Some(Err(EventStreamError::Transport(SseRead::Silent(d)))) => {
+                        self.note_silence(d);
+                        return Next::Retry(server_delay);
+                    }
                     Some(Err(e)) => {
                         self.note_error(&format!("sse stream: {e}"));
                         return Next::Retry(server_delay);
                     }
                     Some(Ok(event)) => {
                         let Ok(frame) = serde_json::from_str::<ServerFrame>(&event.data) else { continue };
-                        if matches!(frame, ServerFrame::Hello { .. }) {
+                        let hello = matches!(frame, ServerFrame::Hello { .. });
+                        if hello {
                             self.status.send_modify(|s| s.transport = Some(Transport::Sse));
                         }
                         match self.on_frame(frame).await {
                             Ok(Some(delay)) => server_delay = Some(delay),
                             Ok(None) => {}
                             Err(()) => return Next::Stop,
+                        }
+                        if hello {
+                            limit.set(self.silence_limit());
                         }
                         if std::mem::take(&mut self.reconnect_requested) {
                             return Next::Retry(Some(Duration::ZERO));
@@ -398,8 +494,12 @@ impl Driver {
     async fn on_frame(&mut self, frame: ServerFrame) -> Result<Option<Duration>, ()> {
         match frame {
             ServerFrame::Hello {
-                last_seq, unread, ..
+                last_seq,
+                unread,
+                heartbeat_s,
+                ..
             } => {
+                self.heartbeat = Some(Duration::from_secs(heartbeat_s).min(MAX_HEARTBEAT));
                 self.live_since = Some(std::time::Instant::now());
                 self.tracker.hello(last_seq, unread);
                 self.publish(State::Live);
@@ -503,6 +603,44 @@ impl Driver {
     fn set_unread(&mut self, unread: u64) {
         self.tracker.unread = unread;
         self.publish_counts();
+    }
+}
+
+/// Why the SSE byte stream failed.
+#[derive(Debug, thiserror::Error)]
+enum SseRead {
+    /// The response body failed.
+    #[error(transparent)]
+    Http(reqwest::Error),
+    /// Nothing arrived, not even a keep-alive comment, for this long.
+    #[error("nothing received for {0:?}")]
+    Silent(Duration),
+}
+
+/// The silence limit of one SSE stream, shared between the connection task (which learns
+/// the heartbeat from the hello) and the stream's reads. Milliseconds; 0: none.
+struct SilenceLimit(AtomicU64);
+
+impl SilenceLimit {
+    fn new(limit: Option<Duration>) -> Self {
+        let new = Self(AtomicU64::new(0));
+        new.set(limit);
+        new
+    }
+
+    fn set(&self, limit: Option<Duration>) {
+        // At least 1 ms, so a limit is never taken for none.
+        let ms = limit.map_or(0, |d| {
+            u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+        });
+        self.0.store(ms, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> Option<Duration> {
+        match self.0.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
     }
 }
 

@@ -11,6 +11,11 @@
 //!   starts over only after a connection stayed live for 10 s; a server `reconnect`
 //!   frame's `after_ms`, or a 503/429's `Retry-After`, replaces the wait; close 4008 (slow
 //!   consumer) resumes at once; a refused token is replaced through a [`Token::Provider`].
+//! - **Silence**: a connection that receives nothing — no frame, no WebSocket ping, no
+//!   SSE keep-alive comment — for [`ClientBuilder::missed_heartbeats`] of the server's
+//!   heartbeat interval (the hello's `heartbeat_s`) is taken as dead, dropped and
+//!   reconnected with back-off: a network that drops a connection without a FIN or RST
+//!   would otherwise leave the client waiting for good.
 //! - **Fallback**: in [`Mode::Auto`], after `ws_failures_before_fallback` WebSocket
 //!   failures *while the server answers HTTP* (not 503/429: busy), the client moves to
 //!   SSE for good.
@@ -114,6 +119,7 @@ pub struct ClientBuilder {
     backoff_max: Duration,
     ws_failures_before_fallback: u32,
     open_timeout: Duration,
+    missed_heartbeats: u32,
     queue: usize,
     dedup_window: usize,
 }
@@ -159,6 +165,18 @@ impl ClientBuilder {
     /// WebSocket failures (while HTTP works) before [`Mode::Auto`] moves to SSE (default 3).
     pub fn ws_failures_before_fallback(mut self, n: u32) -> Self {
         self.ws_failures_before_fallback = n.max(1);
+        self
+    }
+
+    /// How many of the server's heartbeat intervals a connection may go without receiving
+    /// anything (no frame, no WebSocket ping, no SSE keep-alive comment) before it is
+    /// taken as dead: dropped, and reconnected with back-off from the last seq. Default 2,
+    /// as the gateway allows its peers: a minute at Herald's default `heartbeat_s` of 30.
+    /// At least 1 (a connection heard of exactly every interval is alive), at most 100.
+    /// The interval is the one each connection's hello announces; until the hello
+    /// arrives, the limit is the open timeout (10 s).
+    pub fn missed_heartbeats(mut self, beats: u32) -> Self {
+        self.missed_heartbeats = beats.clamp(1, 100);
         self
     }
 
@@ -224,6 +242,7 @@ impl ClientBuilder {
             refresh_token: false,
             reconnect_requested: false,
             live_since: None,
+            heartbeat: None,
         };
         let task = tokio::spawn(driver.run());
         Ok(Client {
@@ -261,6 +280,7 @@ impl Client {
             backoff_max: Duration::from_secs(30),
             ws_failures_before_fallback: 3,
             open_timeout: Duration::from_secs(10),
+            missed_heartbeats: 2,
             queue: 1024,
             dedup_window: 2048,
         }
