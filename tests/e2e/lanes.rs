@@ -185,3 +185,57 @@ async fn inbox_only_notifications_never_reach_the_router() -> anyhow::Result<()>
     ensure!(seqs == want, "live seqs: {seqs:?} != {want:?}");
     Ok(())
 }
+
+/// A work queue's limit is per lane: a blast that fills `low` to its cap is refused
+/// there (backpressure on the router, nothing dropped) while an OTP on `high` is still
+/// taken. With one limit for the whole stream the OTP would be refused too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_low_lane_never_refuses_a_high_job() -> anyhow::Result<()> {
+    use herald_protocol::Channel;
+    use herald_protocol::streams::StreamSettings;
+    let nats = Nats::single().await?;
+    let js = jetstream::new(nats.client().await?);
+    let subjects = herald_protocol::Subjects::default();
+    let settings = StreamSettings {
+        work_max_msgs: 5,
+        ..StreamSettings::default()
+    };
+    // The shape earlier versions provisioned (one limit for the whole stream), which
+    // provisioning must update in place.
+    js.create_stream(jetstream::stream::Config {
+        name: herald_protocol::streams::work_stream_name(Channel::Push).to_string(),
+        subjects: vec![subjects.work_channel(Channel::Push)],
+        retention: jetstream::stream::RetentionPolicy::WorkQueue,
+        max_messages: 5,
+        discard: jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    })
+    .await?;
+    let first = herald_store::provision::provision(&js, &subjects, &settings).await?;
+    ensure!(
+        first.updated.iter().any(|s| s == "HERALD_WORK_PUSH"),
+        "the old work stream is updated in place: {first:?}"
+    );
+    let low = subjects.work(Channel::Push, Priority::Low);
+    for i in 0..5 {
+        js.publish(low.clone(), format!("blast {i}").into())
+            .await?
+            .await
+            .context("the low lane takes jobs up to its cap")?;
+    }
+    let refused = js.publish(low.clone(), "one too many".into()).await?.await;
+    ensure!(refused.is_err(), "the full low lane refuses: {refused:?}");
+    let high = subjects.work(Channel::Push, Priority::High);
+    js.publish(high, "otp".into())
+        .await?
+        .await
+        .context("the high lane still takes jobs while low is full")?;
+    // Provisioning again changes nothing: the per-lane limit is what it compares with.
+    let again = herald_store::provision::provision(&js, &subjects, &settings).await?;
+    ensure!(
+        again.updated.is_empty(),
+        "re-provisioning updated {:?}",
+        again.updated
+    );
+    Ok(())
+}

@@ -29,6 +29,17 @@ pub enum Retention {
     WorkQueue,
 }
 
+/// What a full stream does with a new message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Discard {
+    /// Drop the oldest messages to make room.
+    Old,
+    /// Refuse the new message (publisher backpressure) when the stream, or the message's
+    /// own subject, is at its limit: the per-subject limit then gives each subject its
+    /// own budget, so one full subject never refuses another's messages.
+    NewPerSubject,
+}
+
 /// A stream as Herald wants it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StreamSpec {
@@ -58,8 +69,8 @@ pub struct StreamSpec {
     pub max_msgs: i64,
     /// Most bytes kept (-1: unlimited).
     pub max_bytes: i64,
-    /// When full, refuse new messages (publisher backpressure) instead of dropping old ones.
-    pub discard_new: bool,
+    /// What a full stream does with a new message.
+    pub discard: Discard,
     /// Message schedules (`Nats-Schedule`, nats-server 2.12+) are allowed.
     pub allow_schedules: bool,
 }
@@ -75,10 +86,11 @@ pub struct StreamSettings {
     pub inbox_max_per_user: i64,
     /// How long the same idempotency key is recognised.
     pub dedup_window: Duration,
-    /// Most jobs one channel's work stream holds before publishers are refused.
+    /// Most jobs one lane of a channel's work stream holds before publishers are refused.
     pub work_max_msgs: i64,
-    /// Most bytes one channel's work stream holds before publishers are refused (-1: only
-    /// the message limit; a byte limit reserves that much JetStream storage up front).
+    /// Most bytes one channel's work stream holds before publishers are refused, all
+    /// lanes together (-1: only the per-lane message limit; a byte limit reserves that
+    /// much JetStream storage up front).
     pub work_max_bytes: i64,
 }
 
@@ -119,7 +131,7 @@ pub fn streams(subjects: &Subjects, settings: &StreamSettings) -> Vec<StreamSpec
             )],
             max_msgs: -1,
             max_bytes: -1,
-            discard_new: false,
+            discard: Discard::Old,
             allow_schedules: true,
         },
         StreamSpec {
@@ -136,7 +148,7 @@ pub fn streams(subjects: &Subjects, settings: &StreamSettings) -> Vec<StreamSpec
             metadata: Vec::new(),
             max_msgs: -1,
             max_bytes: -1,
-            discard_new: false,
+            discard: Discard::Old,
             allow_schedules: false,
         },
         dlq_stream(subjects, settings),
@@ -156,7 +168,7 @@ pub fn streams(subjects: &Subjects, settings: &StreamSettings) -> Vec<StreamSpec
             metadata: Vec::new(),
             max_msgs: -1,
             max_bytes: -1,
-            discard_new: false,
+            discard: Discard::Old,
             allow_schedules: false,
         },
         StreamSpec {
@@ -173,7 +185,7 @@ pub fn streams(subjects: &Subjects, settings: &StreamSettings) -> Vec<StreamSpec
             metadata: Vec::new(),
             max_msgs: -1,
             max_bytes: -1,
-            discard_new: false,
+            discard: Discard::Old,
             allow_schedules: false,
         },
         StreamSpec {
@@ -192,7 +204,7 @@ pub fn streams(subjects: &Subjects, settings: &StreamSettings) -> Vec<StreamSpec
             metadata: Vec::new(),
             max_msgs: -1,
             max_bytes: -1,
-            discard_new: false,
+            discard: Discard::Old,
             allow_schedules: false,
         },
     ];
@@ -287,24 +299,26 @@ pub fn work_stream_name(channel: Channel) -> &'static str {
 }
 
 /// One channel's work stream: a work queue over its three lane subjects, consumed by that
-/// channel's workers. Discard-new with a size limit: a full queue refuses the router's
-/// publish (which retries later) instead of silently dropping jobs.
+/// channel's workers. Discard-new with a limit per lane: a full lane refuses the router's
+/// publish (which retries later) instead of silently dropping jobs, and a marketing blast
+/// that fills the `low` lane never refuses an OTP on `high` (a limit on the whole stream
+/// would).
 pub fn work_stream(subjects: &Subjects, settings: &StreamSettings, channel: Channel) -> StreamSpec {
     StreamSpec {
         name: work_stream_name(channel),
         subjects: vec![subjects.work_channel(channel)],
         retention: Retention::WorkQueue,
         max_age: Duration::from_secs(7 * 24 * 3600),
-        max_msgs_per_subject: -1,
+        max_msgs_per_subject: settings.work_max_msgs,
         max_msg_size: 64 * 1024,
         duplicate_window: settings.dedup_window,
         allow_direct: false,
         republish: None,
         replicas: settings.replicas,
         metadata: Vec::new(),
-        max_msgs: settings.work_max_msgs,
+        max_msgs: -1,
         max_bytes: settings.work_max_bytes,
-        discard_new: true,
+        discard: Discard::NewPerSubject,
         allow_schedules: false,
     }
 }
@@ -329,7 +343,7 @@ pub fn dlq_stream(subjects: &Subjects, settings: &StreamSettings) -> StreamSpec 
         metadata: Vec::new(),
         max_msgs: 1_000_000,
         max_bytes: -1,
-        discard_new: false,
+        discard: Discard::Old,
         allow_schedules: false,
     }
 }

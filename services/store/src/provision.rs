@@ -5,7 +5,7 @@
 //! with a message that says what to do, since applying them would strand stored data.
 
 use async_nats::jetstream::{self, consumer, kv, stream};
-use herald_protocol::streams::{self, Retention, StreamSettings, StreamSpec};
+use herald_protocol::streams::{self, Discard, Retention, StreamSettings, StreamSpec};
 use herald_protocol::{Priority, Subjects};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -327,11 +327,11 @@ fn stream_config(spec: &StreamSpec) -> stream::Config {
                 headers_only: false,
             }),
         num_replicas: spec.replicas,
-        discard: if spec.discard_new {
-            stream::DiscardPolicy::New
-        } else {
-            stream::DiscardPolicy::Old
+        discard: match spec.discard {
+            Discard::Old => stream::DiscardPolicy::Old,
+            Discard::NewPerSubject => stream::DiscardPolicy::New,
         },
+        discard_new_per_subject: spec.discard == Discard::NewPerSubject,
         max_messages: spec.max_msgs,
         max_bytes: spec.max_bytes,
         metadata: spec.metadata.iter().cloned().collect::<HashMap<_, _>>(),
@@ -463,6 +463,7 @@ fn same_tunables(a: &stream::Config, b: &stream::Config) -> bool {
         && a.max_messages == b.max_messages
         && a.max_bytes == b.max_bytes
         && a.discard == b.discard
+        && a.discard_new_per_subject == b.discard_new_per_subject
         && a.metadata.iter().all(|(k, v)| b.metadata.get(k) == Some(v))
         && b.metadata.iter().all(|(k, v)| a.metadata.get(k) == Some(v))
 }
