@@ -9,9 +9,8 @@ use crate::{ClientBuilder, Mode, State, Status, Transport};
 use eventsource_stream::{EventStreamError, Eventsource as _};
 use futures::{SinkExt as _, StreamExt as _};
 use herald_protocol::{ClientFrame, Notification, ServerFrame};
-use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -59,7 +58,6 @@ pub(crate) struct Driver {
     pub(crate) notes: mpsc::Sender<Notification>,
     pub(crate) commands: mpsc::UnboundedReceiver<Command>,
     pub(crate) tracker: Tracker,
-    pub(crate) topics: Arc<Mutex<BTreeSet<String>>>,
     pub(crate) backoff: Backoff,
     pub(crate) use_sse: bool,
     pub(crate) ws_failures: u32,
@@ -277,16 +275,6 @@ impl Driver {
                     self.ws_failures = 0;
                     self.status
                         .send_modify(|s| s.transport = Some(Transport::WebSocket));
-                    let topics = self.topics.lock().map(|t| t.clone()).unwrap_or_default();
-                    for topic in topics {
-                        if sink
-                            .send(text_frame(&ClientFrame::Subscribe { topic }))
-                            .await
-                            .is_err()
-                        {
-                            return Some(Next::Retry(None));
-                        }
-                    }
                 }
                 match self.on_frame(frame).await {
                     Ok(Some(delay)) => *server_delay = Some(delay),

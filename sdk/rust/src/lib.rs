@@ -16,6 +16,9 @@
 //!   heartbeat interval (the hello's `heartbeat_s`) is taken as dead, dropped and
 //!   reconnected with back-off: a network that drops a connection without a FIN or RST
 //!   would otherwise leave the client waiting for good.
+//! - **Topics**: [`Client::subscribe`] stores a subscription on the server (over HTTP,
+//!   with its answer); it outlives the connection and is never sent again on reconnect,
+//!   so a producer's later unsubscribe stands.
 //! - **Fallback**: in [`Mode::Auto`], after `ws_failures_before_fallback` WebSocket
 //!   failures *while the server answers HTTP* (not 503/429: busy), the client moves to
 //!   SSE for good.
@@ -45,9 +48,8 @@ pub use herald_protocol::Notification;
 pub use token::{Token, TokenProvider};
 
 use herald_protocol::ClientFrame;
-use std::collections::BTreeSet;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -219,7 +221,6 @@ impl ClientBuilder {
             reconnects: 0,
             last_error: None,
         }));
-        let topics = Arc::new(Mutex::new(BTreeSet::new()));
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (notes_tx, notes) = mpsc::channel(self.queue);
         let driver = driver::Driver {
@@ -235,7 +236,6 @@ impl ClientBuilder {
             notes: notes_tx,
             commands: command_rx,
             tracker: tracker::Tracker::new(self.after, self.dedup_window),
-            topics: topics.clone(),
             backoff: backoff::Backoff::new(self.backoff_base, self.backoff_max),
             use_sse: self.mode == Mode::Sse,
             ws_failures: 0,
@@ -250,7 +250,6 @@ impl ClientBuilder {
             notes,
             status,
             http,
-            topics,
             task,
         })
     }
@@ -263,7 +262,6 @@ pub struct Client {
     notes: mpsc::Receiver<Notification>,
     status: Arc<watch::Sender<Status>>,
     http: http::Http,
-    topics: Arc<Mutex<BTreeSet<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -345,45 +343,34 @@ impl Client {
         self.frame(ClientFrame::Ack { up_to }).await
     }
 
-    /// Joins `topic`: a `subscribe` frame now and after every reconnect (WebSocket), or
-    /// `POST /v1/me/subscriptions` (SSE).
+    /// Joins `topic` (`POST /v1/me/subscriptions`). The server stores the subscription:
+    /// it outlives this connection and is not sent again after a reconnect, so a
+    /// producer's `DELETE /v1/topics/{topic}/subscribers/{user_id}` stands.
+    ///
+    /// Over HTTP even while a WebSocket is open: its answer says whether the subscription
+    /// was made, where a `subscribe` frame lost with its connection would go unnoticed.
     ///
     /// # Errors
-    /// When the HTTP call fails.
+    /// When the HTTP call fails, or Herald refuses (403: the topic does not let users
+    /// join it themselves).
     pub async fn subscribe(&self, topic: &str) -> Result<(), ClientError> {
-        if let Ok(mut topics) = self.topics.lock() {
-            topics.insert(topic.to_string());
-        }
-        let frame = ClientFrame::Subscribe {
-            topic: topic.to_string(),
-        };
-        if !self.frame(frame).await {
-            let body = serde_json::json!({ "topic": topic });
-            self.http
-                .json(reqwest::Method::POST, "/v1/me/subscriptions", Some(body))
-                .await?;
-        }
-        Ok(())
+        self.topic(reqwest::Method::POST, topic).await
     }
 
-    /// Leaves `topic`.
+    /// Leaves `topic` (`DELETE /v1/me/subscriptions`).
     ///
     /// # Errors
     /// When the HTTP call fails.
     pub async fn unsubscribe(&self, topic: &str) -> Result<(), ClientError> {
-        if let Ok(mut topics) = self.topics.lock() {
-            topics.remove(topic);
-        }
-        let frame = ClientFrame::Unsubscribe {
-            topic: topic.to_string(),
-        };
-        if !self.frame(frame).await {
-            let body = serde_json::json!({ "topic": topic });
-            self.http
-                .json(reqwest::Method::DELETE, "/v1/me/subscriptions", Some(body))
-                .await?;
-        }
-        Ok(())
+        self.topic(reqwest::Method::DELETE, topic).await
+    }
+
+    async fn topic(&self, method: reqwest::Method, topic: &str) -> Result<(), ClientError> {
+        let body = serde_json::json!({ "topic": topic });
+        self.http
+            .json(method, "/v1/me/subscriptions", Some(body))
+            .await
+            .map(drop)
     }
 
     /// Drops the current connection and reconnects now, resuming from the last seq.

@@ -416,3 +416,86 @@ async fn a_gateway_that_greets_and_drops_is_not_hammered() -> anyhow::Result<()>
     ensure!((2..=20).contains(&n), "{n} connections in 4 s");
     Ok(())
 }
+
+/// A subscription is stored by the server (a `subscribe` frame and
+/// `POST /v1/me/subscriptions` write the same store), so the client does not send it again
+/// on reconnect: a producer's unsubscribe made meanwhile stands. `subscribe` answers with
+/// the server's verdict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producers_unsubscribe_survives_a_client_reconnect() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats)
+        .topics(herald_api::TopicSettings {
+            self_subscribe: vec!["public.*".into()],
+            ..Default::default()
+        })
+        .start()
+        .await?;
+    let user = "rust-topics";
+    let subscribed = || async {
+        let body: serde_json::Value = herald
+            .user(Method::GET, "/v1/me/subscriptions", user)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        anyhow::Ok(body["topics"].clone())
+    };
+    let mut client = Client::builder(herald.base_url())
+        .token(herald.token(user))
+        .mode(Mode::WebSocket)
+        .connect()?;
+    until(&client, "live", |s| s.state == State::Live).await?;
+    client.subscribe("public.news").await?;
+    let refused = client.subscribe("staff-only").await;
+    ensure!(
+        matches!(&refused, Err(herald_client::ClientError::Status { status, .. }) if status.as_u16() == 403),
+        "a topic users may not join is refused, not taken: {refused:?}"
+    );
+    eventually(WAIT, "subscribed", || async {
+        let topics = subscribed().await?;
+        ensure!(topics == serde_json::json!(["public.news"]), "{topics}");
+        Ok(())
+    })
+    .await?;
+    let left = herald
+        .producer(
+            Method::DELETE,
+            &format!("/v1/topics/public.news/subscribers/{user}"),
+        )
+        .send()
+        .await?;
+    ensure!(left.status().is_success(), "{}", left.status());
+
+    let before = client.status().reconnects;
+    client.reconnect();
+    until(&client, "live again", |s| {
+        s.reconnects > before && s.state == State::Live
+    })
+    .await?;
+    // A frame on the new connection, after anything the client sent on it at its hello:
+    // the gateway handles one connection's frames in order, so once this read is stored
+    // a re-sent `subscribe` would have been too.
+    let n = herald.send(user, "after the reconnect").await?;
+    ensure!(take(&mut client, 1).await?[0].id == n.id);
+    client.mark_read(n.seq).await?;
+    eventually(WAIT, "the read is stored", || async {
+        let body: serde_json::Value = herald
+            .user(Method::GET, "/v1/me/unread", user)
+            .send()
+            .await?
+            .json()
+            .await?;
+        ensure!(body["unread"] == 0, "{body}");
+        Ok(())
+    })
+    .await?;
+    let topics = subscribed().await?;
+    ensure!(
+        topics == serde_json::json!([]),
+        "the producer's unsubscribe was undone: {topics}"
+    );
+    client.close().await;
+    Ok(())
+}
