@@ -72,3 +72,41 @@ async fn cluster_node_loss_keeps_every_accepted_notification() -> anyhow::Result
     assert_eq!(stored.last().map(|n| n["id"].clone()), Some(json!(last.id)));
     Ok(())
 }
+
+/// `herald provision --replicas 3` after a start at R1 (a laptop's store moved onto a
+/// cluster) moves every stream *and every KV bucket* to R3: device tokens, contact data
+/// and sent markers must survive a node's loss like the inbox does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provisioning_again_at_r3_moves_every_bucket_to_r3() -> anyhow::Result<()> {
+    use futures::TryStreamExt as _;
+    let nats = Nats::cluster().await?;
+    let js = async_nats::jetstream::new(nats.client().await?);
+    let subjects = herald_protocol::Subjects::default();
+    let r1 = herald_protocol::streams::StreamSettings::default();
+    herald_store::provision::provision(&js, &subjects, &r1).await?;
+    let r3 = herald_protocol::streams::StreamSettings {
+        replicas: 3,
+        ..r1.clone()
+    };
+    herald_store::provision::provision(&js, &subjects, &r3).await?;
+    let names: Vec<String> = js.stream_names().try_collect().await?;
+    ensure!(
+        names.iter().any(|n| n.starts_with("KV_")),
+        "buckets: {names:?}"
+    );
+    let mut single = Vec::new();
+    for name in &names {
+        let mut stream = js.get_stream(name).await?;
+        let replicas = stream.info().await?.config.num_replicas;
+        if replicas != 3 {
+            single.push(format!("{name}: R{replicas}"));
+        }
+    }
+    ensure!(single.is_empty(), "left below R3: {single:?}");
+    let again = herald_store::provision::provision(&js, &subjects, &r3).await?;
+    ensure!(
+        again.updated.is_empty(),
+        "nothing left to update: {again:?}"
+    );
+    Ok(())
+}

@@ -492,8 +492,10 @@ async fn ensure_positions_bucket(
                 .map_err(|e| nats_err(format!("reading bucket {bucket}"))(Box::new(e)))?
                 .config
                 .clone();
-            if config.max_message_size >= 0 && config.max_message_size < READS_VALUE_LIMIT {
-                config.max_message_size = READS_VALUE_LIMIT;
+            let small = config.max_message_size >= 0 && config.max_message_size < READS_VALUE_LIMIT;
+            if small || config.num_replicas != settings.replicas {
+                config.max_message_size = config.max_message_size.max(READS_VALUE_LIMIT);
+                config.num_replicas = settings.replicas;
                 js.update_stream(&config)
                     .await
                     .map_err(|e| nats_err(format!("updating bucket {bucket}"))(Box::new(e)))?;
@@ -521,8 +523,10 @@ async fn ensure_positions_bucket(
     }
 }
 
-/// Creates a KV bucket when missing; an existing one is left as it is (its limits are
-/// not data-bearing, and changing history would drop revisions).
+/// Creates a KV bucket when missing. An existing one keeps its limits (changing history
+/// would drop revisions) but takes the replica count asked for: `herald provision
+/// --replicas 3` after a start at R1 must move device tokens, contact data and sent
+/// markers to R3 with the streams, or one node's loss loses them.
 async fn ensure_bucket(
     js: &jetstream::Context,
     config: kv::Config,
@@ -530,7 +534,26 @@ async fn ensure_bucket(
 ) -> Result<(), ProvisionError> {
     let bucket = config.bucket.clone();
     if js.get_key_value(&bucket).await.is_ok() {
-        report.unchanged.push(bucket);
+        let stream_name = format!("KV_{bucket}");
+        let mut stream = js
+            .get_stream(&stream_name)
+            .await
+            .map_err(|e| nats_err(format!("opening bucket {bucket}"))(Box::new(e)))?;
+        let mut existing = stream
+            .info()
+            .await
+            .map_err(|e| nats_err(format!("reading bucket {bucket}"))(Box::new(e)))?
+            .config
+            .clone();
+        if existing.num_replicas == config.num_replicas {
+            report.unchanged.push(bucket);
+            return Ok(());
+        }
+        existing.num_replicas = config.num_replicas;
+        js.update_stream(&existing)
+            .await
+            .map_err(|e| nats_err(format!("updating bucket {bucket}"))(Box::new(e)))?;
+        report.updated.push(bucket);
         return Ok(());
     }
     js.create_key_value(config)
