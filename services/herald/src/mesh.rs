@@ -102,7 +102,7 @@ pub enum MeshError {
     /// Bad NATS URL.
     #[error("connecting to NATS at {url}")]
     Connect {
-        /// The URL.
+        /// The URL, credentials masked.
         url: String,
         /// Cause.
         #[source]
@@ -183,7 +183,7 @@ impl Mesh {
         let nats = herald_store::connect(&opts.nats_url, &opts.name)
             .await
             .map_err(|source| MeshError::Connect {
-                url: opts.nats_url.clone(),
+                url: herald_store::connect::redacted(&opts.nats_url),
                 source,
             })?;
         wait_connected(&nats, &opts.nats_url).await?;
@@ -490,10 +490,13 @@ async fn wait_connected(nats: &herald_store::Nats, url: &str) -> Result<(), Mesh
     let mut logged = false;
     while !nats.is_connected() {
         if tokio::time::Instant::now() > deadline {
-            return Err(MeshError::NatsTimeout(url.to_string(), NATS_WAIT));
+            return Err(MeshError::NatsTimeout(
+                herald_store::connect::redacted(url),
+                NATS_WAIT,
+            ));
         }
         if !logged {
-            tracing::info!(url, "waiting for NATS");
+            tracing::info!(url = %herald_store::connect::redacted(url), "waiting for NATS");
             logged = true;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -206,7 +206,7 @@ fn print_banner(
         "\n  Herald is up.\n\n  \
          demo page    http://{addr}/\n  \
          API          http://{addr}/v1/notify\n  \
-         NATS         {nats_url}\n  \
+         NATS         {}\n  \
          data dir     {}\n  \
          API key      {key}   ({origin})\n\n  \
          Try it:\n    \
@@ -215,6 +215,7 @@ fn print_banner(
          curl -X POST http://{addr}/v1/notify -H 'Authorization: Bearer {key}' \\\n      \
          -H 'Content-Type: application/json' -d '{{\"user_id\":\"alice\",\"title\":\"Hello\"}}'\n\n  \
          Ctrl-C stops everything.\n",
+        herald_store::connect::redacted(nats_url),
         data_dir.display(),
         // The binary running now: `herald` is not on PATH after `./scripts/up`.
         std::env::current_exe().map_or_else(|_| "herald".into(), |p| p.display().to_string()),

@@ -35,6 +35,25 @@ impl Nats {
     }
 }
 
+/// `url` (comma-separated for a cluster) with the credentials of every URL masked
+/// (`nats://herald:secret@host` → `nats://***@host`), for logs and error messages: NATS
+/// credentials travel in the URL, and logs are read by more people than secrets are.
+pub fn redacted(url: &str) -> String {
+    url.split(',')
+        .map(|one| {
+            let one = one.trim();
+            let rest_at = one.find("://").map_or(0, |i| i + 3);
+            let (scheme, rest) = one.split_at(rest_at);
+            let authority_end = rest.find('/').unwrap_or(rest.len());
+            match rest[..authority_end].rfind('@') {
+                Some(at) => format!("{scheme}***{}", &rest[at..]),
+                None => one.to_owned(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Connects to `url` (comma-separated for a cluster) as `name`.
 ///
 /// Retries the first connection in the background, so a service can start before NATS
@@ -135,4 +154,20 @@ pub fn is_unavailable(error: &(dyn std::error::Error + 'static)) -> bool {
         cause = e.source();
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redacted;
+
+    #[test]
+    fn credentials_are_masked_in_every_url() {
+        assert_eq!(
+            redacted("nats://herald:s3cret@n1:4222, nats://token@n2:4222,nats://n3:4222"),
+            "nats://***@n1:4222,nats://***@n2:4222,nats://n3:4222"
+        );
+        assert_eq!(redacted("tls://u:p@h/x@y"), "tls://***@h/x@y");
+        assert_eq!(redacted("127.0.0.1:4222"), "127.0.0.1:4222");
+        assert_eq!(redacted("a:b@127.0.0.1"), "***@127.0.0.1");
+    }
 }
