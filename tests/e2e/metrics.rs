@@ -68,3 +68,28 @@ async fn gateway_metrics_are_exported() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A refused notify is counted on its path: `http` for `POST /v1/notify`, `batch` per
+/// refused item. (Metrics are process-wide: lower bounds only.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_notifications_are_counted_by_path() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    let r = herald.notify(&json!({"title": "no user"})).await?;
+    anyhow::ensure!(r.status() == 400, "{}", r.status());
+    let r = herald
+        .producer(reqwest::Method::POST, "/v1/notify/batch")
+        .json(&json!({"notifications": [{"user_id": "ok", "title": "fine"}, {"title": "no user"}]}))
+        .send()
+        .await?;
+    anyhow::ensure!(r.status() == 202, "{}", r.status());
+    let text = herald.metrics().await?;
+    for prefix in [
+        "herald_notify_rejected_total{path=\"http\"}",
+        "herald_notify_rejected_total{path=\"batch\"}",
+    ] {
+        let value = sample(&text, prefix).with_context(|| format!("{prefix} missing"))?;
+        anyhow::ensure!(value >= 1.0, "{prefix} = {value}");
+    }
+    Ok(())
+}

@@ -50,6 +50,25 @@ fn accepted_body(a: Accepted) -> pages::Accepted {
 }
 
 pub(super) async fn notify(
+    state: State<Arc<ApiState>>,
+    producer: Producer,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<pages::Accepted>), AppError> {
+    notify_one(state, producer, headers, body)
+        .await
+        .inspect_err(|e| count_rejected("http", e))
+}
+
+/// Counts notifications refused for what they are (4xx: invalid, too big, over a rate),
+/// not for Herald's trouble (503), in `herald_notify_rejected_total{path}`.
+fn count_rejected(path: &'static str, error: &AppError) {
+    if error.status().is_client_error() {
+        metrics::counter!("herald_notify_rejected_total", "path" => path).increment(1);
+    }
+}
+
+async fn notify_one(
     State(state): State<Arc<ApiState>>,
     producer: Producer,
     headers: HeaderMap,
@@ -85,6 +104,17 @@ enum ItemResult {
 }
 
 pub(super) async fn batch(
+    state: State<Arc<ApiState>>,
+    producer: Producer,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<Value>), AppError> {
+    batch_all(state, producer, headers, body)
+        .await
+        .inspect_err(|e| count_rejected("batch", e))
+}
+
+async fn batch_all(
     State(state): State<Arc<ApiState>>,
     producer: Producer,
     headers: HeaderMap,
@@ -142,21 +172,21 @@ pub(super) async fn batch(
             )
             .await
         {
-            Err(e) => results.push(Some(rejected(ErrorBody::from(AppError::from(e))))),
+            Err(e) => results.push(Some(rejected(AppError::from(e)))),
             Ok(prepared) => match state.acceptor.send(&prepared).await {
                 Ok(ack) => {
                     results.push(None);
                     pending.push((i, prepared, ack));
                 }
                 // Items already sent stay sent: report this one, carry on with the rest.
-                Err(e) => results.push(Some(rejected(ErrorBody::from(AppError::from(e))))),
+                Err(e) => results.push(Some(rejected(AppError::from(e)))),
             },
         }
     }
     for (i, prepared, ack) in pending {
         results[i] = Some(match crate::Acceptor::finish(prepared, ack).await {
             Ok(a) => ItemResult::Accepted(accepted_body(a)),
-            Err(e) => rejected(ErrorBody::from(AppError::from(e))),
+            Err(e) => rejected(AppError::from(e)),
         });
     }
     let accepted = results
@@ -170,7 +200,10 @@ pub(super) async fn batch(
     ))
 }
 
-fn rejected(body: ErrorBody) -> ItemResult {
+/// One refused item of a batch, counted (the batch as a whole is a 202).
+fn rejected(error: AppError) -> ItemResult {
+    count_rejected("batch", &error);
+    let body = ErrorBody::from(error);
     ItemResult::Rejected {
         status: "rejected",
         error: body.error,
