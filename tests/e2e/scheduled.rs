@@ -174,3 +174,49 @@ async fn schedule_survives_a_nats_restart() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A schedule waits in the inbox stream, so it must fire before the inbox's `max_age`
+/// removes it: a `send_at` past the configured retention (less an hour) is refused with a
+/// 400 naming `send_at`, never accepted and silently dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_at_beyond_the_inbox_retention_is_refused() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats)
+        .inbox_max_age(Duration::from_secs(2 * 24 * 3600))
+        .start()
+        .await?;
+    let (beyond, _) = send_at_in(3 * 24 * 3600 * 1000);
+    let refused = herald
+        .notify(&json!({"user_id": "sam", "title": "x", "send_at": beyond.format(&Rfc3339)?}))
+        .await?;
+    ensure!(
+        refused.status() == StatusCode::BAD_REQUEST,
+        "3 days ahead with a 2-day inbox: {}",
+        refused.status()
+    );
+    let body: serde_json::Value = refused.json().await?;
+    ensure!(
+        body.to_string().contains("send_at"),
+        "the error names send_at: {body}"
+    );
+    // Right at the retention's end: it would race its own expiry.
+    let (edge, _) = send_at_in(2 * 24 * 3600 * 1000 - 60_000);
+    let refused = herald
+        .notify(&json!({"user_id": "sam", "title": "x", "send_at": edge.format(&Rfc3339)?}))
+        .await?;
+    ensure!(
+        refused.status() == StatusCode::BAD_REQUEST,
+        "a minute before the inbox drops it: {}",
+        refused.status()
+    );
+    let (inside, _) = send_at_in(24 * 3600 * 1000);
+    let accepted = herald
+        .notify(&json!({"user_id": "sam", "title": "x", "send_at": inside.format(&Rfc3339)?}))
+        .await?;
+    ensure!(
+        accepted.status() == StatusCode::ACCEPTED,
+        "a day ahead: {}",
+        accepted.status()
+    );
+    Ok(())
+}

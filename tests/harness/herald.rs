@@ -45,6 +45,7 @@ pub struct HeraldBuilder {
     nats_url: String,
     partitions: u16,
     replicas: usize,
+    inbox_max_age: Option<Duration>,
     roles: Roles,
     keys: Vec<(String, Vec<Scope>)>,
     channels: Option<herald::channels::ChannelSettings>,
@@ -82,6 +83,7 @@ impl Herald {
             nats_url: nats.url(),
             partitions: 4,
             replicas: 1,
+            inbox_max_age: None,
             roles: Roles::ALL,
             keys: Vec::new(),
             channels: None,
@@ -394,6 +396,12 @@ impl HeraldBuilder {
         self
     }
 
+    /// How long the inbox keeps notifications (default: 30 days).
+    pub fn inbox_max_age(mut self, max_age: Duration) -> Self {
+        self.inbox_max_age = Some(max_age);
+        self
+    }
+
     /// Configured categories (default: none, so any category goes).
     pub fn policy(mut self, policy: Policy) -> Self {
         self.policy = policy;
@@ -497,6 +505,9 @@ impl HeraldBuilder {
             subjects: subjects.clone(),
             streams: StreamSettings {
                 replicas: self.replicas,
+                inbox_max_age: self
+                    .inbox_max_age
+                    .unwrap_or(StreamSettings::default().inbox_max_age),
                 ..StreamSettings::default()
             },
             provision: true,

@@ -49,6 +49,22 @@ pub struct Acceptor {
     templates: Arc<Templates>,
     preferences: Option<PreferenceStore>,
     groups: Option<Groups>,
+    /// Furthest `send_at` ahead: a schedule waits in the inbox stream, so it must fire
+    /// well before the stream's `max_age` removes it.
+    schedule_horizon: std::time::Duration,
+}
+
+/// How long before the inbox's `max_age` a schedule must fire (the scheduler's own delay,
+/// clocks a little apart).
+const SCHEDULE_MARGIN: std::time::Duration = std::time::Duration::from_secs(3600);
+
+fn horizon(inbox_max_age: std::time::Duration) -> std::time::Duration {
+    let most: std::time::Duration = herald_protocol::notification::MAX_SCHEDULE_AHEAD
+        .try_into()
+        .unwrap_or(inbox_max_age);
+    inbox_max_age
+        .min(most + SCHEDULE_MARGIN)
+        .saturating_sub(SCHEDULE_MARGIN)
 }
 
 /// Recipients' `locale` preferences read ahead for a batch ([`Acceptor::read_locales`]).
@@ -85,7 +101,16 @@ impl Acceptor {
             templates: Arc::new(Templates::none()),
             preferences: None,
             groups: None,
+            schedule_horizon: horizon(std::time::Duration::from_secs(30 * 24 * 3600)),
         }
+    }
+
+    /// Refuses a `send_at` the inbox would drop before it fires: with the inbox keeping
+    /// notifications for `max_age`, a schedule may be at most `max_age` less an hour ahead
+    /// (and never more than 30 days).
+    pub fn with_inbox_max_age(mut self, max_age: std::time::Duration) -> Self {
+        self.schedule_horizon = horizon(max_age);
+        self
     }
 
     /// Folds notifications that carry a `group_key` (see [`herald_protocol::group`]).
@@ -242,6 +267,19 @@ impl Acceptor {
             None => Uuid::now_v7(),
         };
         let send_at = validated.send_at;
+        if let Some(at) = send_at
+            && at > OffsetDateTime::now_utc() + self.schedule_horizon
+        {
+            return Err(FieldError::new(
+                "send_at",
+                format!(
+                    "must be at most {} hours ahead: the inbox, which holds the schedule until it fires, keeps notifications for {} hours",
+                    self.schedule_horizon.as_secs() / 3600,
+                    (self.schedule_horizon + SCHEDULE_MARGIN).as_secs() / 3600
+                ),
+            )
+            .into());
+        }
         let template = validated.template.clone();
         let vars = std::mem::take(&mut validated.vars);
         let user = validated.user_id.clone();

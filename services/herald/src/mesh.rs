@@ -219,6 +219,7 @@ impl Mesh {
             .await
             .map_err(MeshError::Preferences)?;
         let acceptor = Acceptor::new(inbox.clone())
+            .with_inbox_max_age(opts.streams.inbox_max_age)
             .with_policy(opts.policy.clone())
             .with_templates(opts.templates.clone(), preferences.clone())
             .with_groups(
