@@ -199,3 +199,19 @@ async fn a_read_on_one_device_reaches_the_others_live() -> anyhow::Result<()> {
     assert_eq!(stranger.take(1).await?[0]["seq"], own.seq);
     Ok(())
 }
+
+/// A text frame that is not UTF-8 is closed with 1007 (RFC 6455 §7.4.1, invalid payload
+/// data) and a reason, as a non-JSON one is; the connection is not just dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_text_frame_that_is_not_utf8_is_closed_with_1007() -> anyhow::Result<()> {
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    let mut ws = herald.ws("mallory", Resume::Live).await?;
+    ws.hello().await?;
+    let bad = Frame::message(vec![0x7b, 0xff, 0xfe, 0x7d], OpCode::Data(Data::Text), true);
+    ws.send(Message::Frame(bad)).await?;
+    assert_eq!(ws.closed_with().await?, 1007, "invalid UTF-8 text frame");
+    Ok(())
+}

@@ -4,7 +4,7 @@
 //! lost and nothing repeated, however much longer the replay is than the queue.
 
 use anyhow::{Context as _, bail, ensure};
-use futures::StreamExt as _;
+use futures::{SinkExt as _, StreamExt as _};
 use herald_tests::ws::FRAME_TIMEOUT;
 use herald_tests::{Herald, Nats, Resume, eventually, seqs, within};
 use serde_json::{Value, json};
@@ -22,7 +22,16 @@ const QUEUE_FRAMES: usize = 8;
 /// A WebSocket as `user` over a socket with a 4 KiB receive buffer, which reads its
 /// `hello` and then nothing: the gateway's writes back up after a few frames.
 async fn stalled(herald: &Herald, user: &str) -> anyhow::Result<WebSocketStream<TcpStream>> {
-    let url = herald.ws_url("/v1/ws");
+    stalled_at(herald, user, "/v1/ws").await
+}
+
+/// [`stalled`] on another path (`/v1/ws?after=0` to replay).
+async fn stalled_at(
+    herald: &Herald,
+    user: &str,
+    path: &str,
+) -> anyhow::Result<WebSocketStream<TcpStream>> {
+    let url = herald.ws_url(path);
     let addr: std::net::SocketAddr = url
         .trim_start_matches("ws://")
         .split('/')
@@ -171,5 +180,63 @@ async fn a_client_that_stops_reading_is_ended_alone_and_resumes_without_loss() -
     // And the fast client was never disturbed.
     let f = herald.send("fast", "after").await?;
     assert_eq!(fast.take(1).await?[0]["seq"], f.seq);
+    Ok(())
+}
+
+/// A client on a slow link mid-replay (the gateway's queue full by design, the feed
+/// waiting for it to read) that sends a `subscribe` gets its answer after the replay's
+/// queued frames, and is not closed as a slow consumer for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_during_a_slow_replay_does_not_close_the_client() -> anyhow::Result<()> {
+    const STORED: usize = 2_000;
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats)
+        .gateway(herald_gateway::GatewayConfig {
+            queue_frames: QUEUE_FRAMES,
+            ..Default::default()
+        })
+        .start()
+        .await?;
+    for chunk in 0..STORED / 100 {
+        let batch: Vec<Value> = (0..100)
+            .map(|i| json!({"user_id": "sid", "title": format!("n{}", chunk * 100 + i), "body": "x".repeat(200)}))
+            .collect();
+        let r = herald
+            .producer(reqwest::Method::POST, "/v1/notify/batch")
+            .json(&json!({ "notifications": batch }))
+            .send()
+            .await?;
+        ensure!(r.status() == 202, "batch: {}", r.status());
+    }
+    let mut ws = stalled_at(&herald, "sid", "/v1/ws?after=0").await?;
+    ws.send(Message::text(r#"{"type":"subscribe","topic":"news"}"#))
+        .await?;
+    let mut seqs = Vec::new();
+    let mut answered = false;
+    while seqs.len() < STORED || !answered {
+        let next = within(FRAME_TIMEOUT, "the replay and the answer", ws.next()).await?;
+        match next {
+            Some(Ok(Message::Text(text))) => {
+                let frame: Value = serde_json::from_str(text.as_str())?;
+                match frame["type"].as_str() {
+                    Some("notification") => seqs.push(frame["seq"].as_u64().context("seq")?),
+                    Some("batch") => {
+                        for item in frame["items"].as_array().context("items")? {
+                            seqs.push(item["seq"].as_u64().context("seq")?);
+                        }
+                    }
+                    Some("subscription") => answered = true,
+                    _ => {}
+                }
+            }
+            Some(Ok(Message::Close(frame))) => bail!("closed mid-replay: {frame:?}"),
+            Some(Ok(_)) => {}
+            other => bail!("the socket ended mid-replay: {other:?}"),
+        }
+    }
+    ensure!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "in order, no duplicate"
+    );
     Ok(())
 }

@@ -100,6 +100,9 @@ pub(crate) struct Session {
 /// The queue is full: the client reads too slowly.
 struct Full;
 
+/// Answers to client frames a full queue still takes (see [`Session::queue_answer`]).
+const ANSWER_SLACK: usize = 4;
+
 const SLOW: Outcome = Outcome::Close(
     close::SLOW_CONSUMER,
     "slow consumer: resume from your last seq",
@@ -122,8 +125,13 @@ impl Session {
         })
     }
 
-    fn queue(&mut self, out: Out) -> Result<(), Full> {
-        if self.out.len() >= self.state.config.queue_frames.max(1) {
+    /// Queues the answer to a client frame. A replay fills the queue to exactly its bound
+    /// by design (the feed is asked for no more than [`Session::room`]) while it waits on
+    /// a client that reads, so an answer gets a little slack past it, as pings and read
+    /// positions do; a client that sends frames faster than it reads their answers still
+    /// runs out of it.
+    fn queue_answer(&mut self, out: Out) -> Result<(), Full> {
+        if self.out.len() >= self.state.config.queue_frames.max(1) + ANSWER_SLACK {
             metrics::counter!("herald_gateway_slow_consumer_closes_total").increment(1);
             return Err(Full);
         }
@@ -264,7 +272,7 @@ impl Conn {
                             Ok(Some(answer)) => {
                                 if self
                                     .session
-                                    .queue(Out::Msg(Box::new(text(&answer))))
+                                    .queue_answer(Out::Msg(Box::new(text(&answer))))
                                     .is_err()
                                 {
                                     return Poll::Ready(SLOW);
@@ -314,9 +322,11 @@ impl Conn {
                 if self.last_heard.elapsed() > heartbeat * 2 {
                     return Poll::Ready(Outcome::Close(close::HEARTBEAT, "missed heartbeats"));
                 }
-                // Up to two past the queue's bound: a full queue may be a replay waiting
-                // on a client that reads. A third means the pings themselves go unread.
-                if self.session.out.len() >= self.session.state.config.queue_frames.max(1) + 2 {
+                // Up to two past the queue's bound and the answers' slack: a full queue
+                // may be a replay waiting on a client that reads. A third means the pings
+                // themselves go unread.
+                let bound = self.session.state.config.queue_frames.max(1) + ANSWER_SLACK;
+                if self.session.out.len() >= bound + 2 {
                     metrics::counter!("herald_gateway_slow_consumer_closes_total").increment(1);
                     return Poll::Ready(SLOW);
                 }
@@ -350,7 +360,16 @@ impl Conn {
             Some(Err(e)) if super::is_too_big(&e) => {
                 Some(Outcome::Close(close::TOO_BIG, "frame too large"))
             }
-            Some(Err(_)) => Some(Outcome::Gone),
+            Some(Err(e)) => Some(match broken_frame(&e) {
+                Some(BrokenFrame::Utf8) => {
+                    Outcome::Close(close::INVALID_PAYLOAD, "text frames must be UTF-8 JSON")
+                }
+                Some(BrokenFrame::Protocol) => {
+                    Outcome::Close(PROTOCOL_ERROR, "websocket protocol error")
+                }
+                // The connection itself failed (reset, closed without a close frame).
+                None => Outcome::Gone,
+            }),
             Some(Ok(Message::Binary(_))) => Some(Outcome::Close(
                 close::UNSUPPORTED,
                 "binary frames are not supported; send JSON text",
@@ -457,5 +476,30 @@ impl Future for Conn {
             this.begin_close(outcome);
         }
         this.poll_close(cx)
+    }
+}
+
+/// RFC 6455's close code for a protocol violation.
+const PROTOCOL_ERROR: u16 = 1002;
+
+/// A frame the client sent that breaks WebSocket itself, as opposed to a failed
+/// connection.
+enum BrokenFrame {
+    /// A text frame that is not UTF-8.
+    Utf8,
+    /// A violation of RFC 6455 (bad opcode, unmasked frame, reserved bits...).
+    Protocol,
+}
+
+/// What kind of broken frame `e` reports, if any. axum hides tungstenite's error type,
+/// so its message is what can be read (as for [`super::is_too_big`]).
+fn broken_frame(e: &axum::Error) -> Option<BrokenFrame> {
+    let text = e.to_string();
+    if text.contains("UTF-8") || text.contains("utf-8") {
+        Some(BrokenFrame::Utf8)
+    } else if text.contains("protocol error") {
+        Some(BrokenFrame::Protocol)
+    } else {
+        None
     }
 }
