@@ -213,6 +213,9 @@ impl Receipts {
     }
 }
 
+/// What a flush could not write: the key and its position, to merge back.
+type Failed = Vec<((Mark, UserId), u64)>;
+
 async fn run<S: PositionSink>(
     sink: S,
     config: ReceiptsConfig,
@@ -220,42 +223,59 @@ async fn run<S: PositionSink>(
     stop: impl Future<Output = ()> + Send,
 ) {
     let mut pending: HashMap<(Mark, UserId), Pending> = HashMap::new();
+    // A flush runs beside intake: while NATS is slow or away (a flush of 10,000 failing
+    // writes takes minutes), positions keep being taken and merged, so a connection's
+    // `read` frame never waits on the store and its socket keeps being read.
+    let mut in_flight: Option<std::pin::Pin<Box<dyn Future<Output = Failed> + Send + '_>>> = None;
     let mut tick = tokio::time::interval(config.flush_every.max(Duration::from_millis(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Beyond this many users waiting (a long outage), intake waits for the flush.
+    let most_held = config.max_pending.max(1).saturating_mul(HELD_FLUSHES);
     tokio::pin!(stop);
     loop {
         tokio::select! {
             biased;
             () = &mut stop => break,
-            cmd = rx.recv() => match cmd {
+            failed = async { in_flight.as_mut().expect("checked").await }, if in_flight.is_some() => {
+                in_flight = None;
+                merge_back(&mut pending, failed);
+            }
+            cmd = rx.recv(), if pending.len() < most_held => match cmd {
                 Some(cmd) => {
                     add(&mut pending, cmd);
-                    if pending.len() >= config.max_pending.max(1) {
-                        flush(&sink, &mut pending).await;
+                    if pending.len() >= config.max_pending.max(1) && in_flight.is_none() {
+                        in_flight = Some(Box::pin(flush(&sink, std::mem::take(&mut pending))));
                     }
                 }
                 None => break,
             },
-            _ = tick.tick() => if !pending.is_empty() {
-                flush(&sink, &mut pending).await;
+            _ = tick.tick() => if !pending.is_empty() && in_flight.is_none() {
+                in_flight = Some(Box::pin(flush(&sink, std::mem::take(&mut pending))));
             },
         }
     }
     // Shutting down: take nothing new, write everything accepted so far.
     rx.close();
+    if let Some(flushing) = in_flight.take() {
+        let failed = flushing.await;
+        merge_back(&mut pending, failed);
+    }
     while let Some(cmd) = rx.recv().await {
         add(&mut pending, cmd);
     }
     let held = pending.len();
-    flush(&sink, &mut pending).await;
-    if !pending.is_empty() {
+    let failed = flush(&sink, std::mem::take(&mut pending)).await;
+    if !failed.is_empty() {
         tracing::error!(
-            lost = pending.len(),
+            lost = failed.len(),
             "receipts could not be written before shutdown"
         );
     }
     tracing::debug!(held, "receipts flushed at shutdown");
 }
+
+/// How many flushes' worth of users may wait while one flush is in flight.
+const HELD_FLUSHES: usize = 8;
 
 fn add(pending: &mut HashMap<(Mark, UserId), Pending>, cmd: Cmd) {
     let entry = pending.entry((cmd.mark, cmd.user)).or_default();
@@ -263,11 +283,19 @@ fn add(pending: &mut HashMap<(Mark, UserId), Pending>, cmd: Cmd) {
     entry.waiters.extend(cmd.done);
 }
 
-/// Writes every pending position once; failed ones stay pending for the next flush.
-async fn flush<S: PositionSink>(sink: &S, pending: &mut HashMap<(Mark, UserId), Pending>) {
+/// Puts what a flush could not write back with what arrived meanwhile (the higher
+/// position wins), for the next flush.
+fn merge_back(pending: &mut HashMap<(Mark, UserId), Pending>, failed: Failed) {
+    for (key, up_to) in failed {
+        let entry = pending.entry(key).or_default();
+        entry.up_to = entry.up_to.max(up_to);
+    }
+}
+
+/// Writes every position of `batch` once; returns the ones that failed.
+async fn flush<S: PositionSink>(sink: &S, batch: HashMap<(Mark, UserId), Pending>) -> Failed {
     metrics::counter!("herald_receipts_flushes_total").increment(1);
-    let batch = std::mem::take(pending);
-    let failed: Vec<((Mark, UserId), u64)> = futures::stream::iter(batch)
+    futures::stream::iter(batch)
         .map(|((mark, user), p)| async move {
             let result = sink.write(mark, &user, p.up_to).await;
             let failed = result.is_err();
@@ -282,11 +310,7 @@ async fn flush<S: PositionSink>(sink: &S, pending: &mut HashMap<(Mark, UserId), 
         .buffer_unordered(FLUSH_CONCURRENCY)
         .filter_map(std::future::ready)
         .collect()
-        .await;
-    for (key, up_to) in failed {
-        let entry = pending.entry(key).or_default();
-        entry.up_to = entry.up_to.max(up_to);
-    }
+        .await
 }
 
 #[cfg(test)]

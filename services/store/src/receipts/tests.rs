@@ -149,3 +149,76 @@ async fn shutdown_writes_what_is_held_and_refuses_more() {
         Err(ReceiptsError::Stopped)
     ));
 }
+
+/// A sink whose writes wait until released (a store that stopped answering).
+#[derive(Clone)]
+struct Stuck {
+    release: Arc<tokio::sync::Notify>,
+    writes: Recorder,
+}
+
+impl PositionSink for Stuck {
+    async fn write(&self, mark: Mark, user: &UserId, up_to: u64) -> Result<u64, ReceiptsError> {
+        self.release.notified().await;
+        self.writes.write(mark, user, up_to).await
+    }
+}
+
+/// While a flush waits on a store that does not answer, positions are still taken at
+/// once (a connection's `read` frame never waits on NATS), merged per user, and written
+/// by the next flush once the store answers.
+#[tokio::test(start_paused = true)]
+async fn intake_goes_on_while_a_flush_is_stuck() {
+    let release = Arc::new(tokio::sync::Notify::new());
+    let sink = Stuck {
+        release: release.clone(),
+        writes: Recorder::default(),
+    };
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let (receipts, task) = Receipts::start(sink.clone(), config(100, 2), async {
+        let _ = stop_rx.await;
+    });
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    // Two users start a flush, which hangs on the store.
+    receipts
+        .mark(Mark::Read, &user("a"), 1)
+        .await
+        .expect("queued");
+    receipts
+        .mark(Mark::Read, &user("b"), 1)
+        .await
+        .expect("queued");
+    // Far more than the channel's first flush and the pending bound: taken at once, as
+    // long as they merge into few users.
+    for seq in 2..=QUEUE as u64 + 10 {
+        tokio::time::timeout(
+            Duration::from_millis(10),
+            receipts.mark(Mark::Read, &user("c"), seq),
+        )
+        .await
+        .expect("taken without waiting for the stuck flush")
+        .expect("queued");
+    }
+    release.notify_waiters();
+    // The store answers from now on.
+    let answering = tokio::spawn({
+        let release = release.clone();
+        async move {
+            loop {
+                release.notify_waiters();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    });
+    let written = tokio::time::timeout(
+        Duration::from_secs(5),
+        receipts.mark_and_wait(Mark::Read, &user("c"), 1),
+    )
+    .await
+    .expect("written once the store answers")
+    .expect("written");
+    assert_eq!(written, QUEUE as u64 + 10);
+    answering.abort();
+    drop(stop_tx);
+    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+}
