@@ -8,6 +8,11 @@
 //! - Sessions being opened (the store reads of an upgrade) are capped by a limit that
 //!   follows the store's latency ([`adaptive`]): in a reconnect storm the gateway admits
 //!   what the store can answer, and refuses the rest before they cost anything.
+//! - A browser's WebSocket never shows the status of a refused upgrade, so a client
+//!   cannot tell "busy" from "WebSocket is blocked on this network" by itself. It asks
+//!   with a plain GET of the WebSocket URL, answered by [`Admission::probe`]: busy (503,
+//!   the `Retry-After` still running) while this gateway has been refusing upgrades,
+//!   429 at the user's cap, otherwise nothing against it.
 
 pub mod adaptive;
 
@@ -17,7 +22,9 @@ use herald_api::AppError;
 use herald_protocol::UserId;
 use std::collections::HashMap;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 /// Admission limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +57,10 @@ pub struct Admission {
     upgrades: DefaultDirectRateLimiter,
     per_user: Mutex<HashMap<UserId, u32>>,
     opening: Arc<adaptive::OpenGate>,
+    /// Milliseconds after `epoch` until which this gateway counts as busy: the end of the
+    /// longest `Retry-After` it has handed out (0: never refused).
+    busy_until_ms: AtomicU64,
+    epoch: Instant,
 }
 
 /// A user's admitted connection; dropping it frees the slot.
@@ -85,7 +96,21 @@ impl Admission {
             upgrades,
             per_user: Mutex::new(HashMap::new()),
             opening: Arc::new(adaptive::OpenGate::new(limits.opening)),
+            busy_until_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
         }
+    }
+
+    /// 503 "overloaded" with a jittered `Retry-After`, remembered for [`Admission::probe`].
+    fn overloaded(&self) -> AppError {
+        let secs = rand::random_range(1..=5);
+        self.busy_until_ms
+            .fetch_max(self.now_ms().saturating_add(secs * 1000), Ordering::Relaxed);
+        busy(secs)
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Admits a connection of `user`, or says why not.
@@ -95,31 +120,13 @@ impl Admission {
     pub fn admit(self: &Arc<Self>, user: &UserId) -> Result<Ticket, AppError> {
         if self.upgrades.check().is_err() {
             metrics::counter!("herald_gateway_refused_total", "reason" => "rate").increment(1);
-            return Err(AppError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "overloaded",
-                "too many connections are opening right now; retry after the Retry-After delay",
-            )
-            .retry_after(rand::random_range(1..=5)));
+            return Err(self.overloaded());
         }
-        let mut map = self.per_user.lock().map_err(|_| {
-            AppError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "internal error",
-            )
-        })?;
+        let mut map = self.per_user.lock().map_err(|_| internal())?;
         let held = map.entry(user.clone()).or_insert(0);
         if *held >= self.limits.max_per_user {
             metrics::counter!("herald_gateway_refused_total", "reason" => "per_user").increment(1);
-            return Err(AppError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_connections",
-                format!(
-                    "this user already holds {} connections to this gateway; close one",
-                    self.limits.max_per_user
-                ),
-            ));
+            return Err(self.too_many());
         }
         *held += 1;
         Ok(Ticket {
@@ -138,13 +145,45 @@ impl Admission {
         self.opening.begin().await.ok_or_else(|| {
             metrics::counter!("herald_gateway_refused_total", "reason" => "store_busy")
                 .increment(1);
-            AppError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "overloaded",
-                "too many connections are opening right now; retry after the Retry-After delay",
-            )
-            .retry_after(rand::random_range(1..=5))
+            self.overloaded()
         })
+    }
+
+    /// What an upgrade of `user` would be told now, without admitting anything: for a
+    /// client whose upgrade failed and that cannot see why (a browser's WebSocket).
+    /// Busy while the longest `Retry-After` handed out is still running: the refused
+    /// upgrade may have been this client's, and a bucket that refills in milliseconds
+    /// would otherwise answer "come in" to a probe made just after it.
+    ///
+    /// # Errors
+    /// 503 with the `Retry-After` left while busy; 429 at the per-user cap.
+    pub fn probe(&self, user: &UserId) -> Result<(), AppError> {
+        let left_ms = self
+            .busy_until_ms
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.now_ms());
+        if left_ms > 0 {
+            return Err(busy(left_ms.div_ceil(1000)));
+        }
+        let map = self.per_user.lock().map_err(|_| internal())?;
+        if map
+            .get(user)
+            .is_some_and(|&n| n >= self.limits.max_per_user)
+        {
+            return Err(self.too_many());
+        }
+        Ok(())
+    }
+
+    fn too_many(&self) -> AppError {
+        AppError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_connections",
+            format!(
+                "this user already holds {} connections to this gateway; close one",
+                self.limits.max_per_user
+            ),
+        )
     }
 
     /// A fresh limiter for one connection's client frames.
@@ -154,6 +193,24 @@ impl Admission {
             Quota::per_second(rate).allow_burst(nonzero(rate.get().saturating_mul(2))),
         )
     }
+}
+
+/// 503 with a `Retry-After` of `secs`.
+fn busy(secs: u64) -> AppError {
+    AppError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "overloaded",
+        "too many connections are opening right now; retry after the Retry-After delay",
+    )
+    .retry_after(secs)
+}
+
+fn internal() -> AppError {
+    AppError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "internal error",
+    )
 }
 
 #[cfg(test)]
@@ -203,5 +260,37 @@ mod tests {
                 .retry_after_secs()
                 .is_some_and(|s| (1..=5).contains(&s))
         );
+    }
+
+    #[test]
+    fn probe_answers_what_an_upgrade_would_be_told() {
+        let a = Arc::new(Admission::new(Limits {
+            upgrades_per_sec: 1,
+            max_per_user: 1,
+            ..Limits::default()
+        }));
+        let u = UserId::new("u").expect("id");
+        assert!(a.probe(&u).is_ok(), "an idle gateway has room");
+        let held = a.admit(&u).expect("the bucket's one upgrade");
+        let at_cap = a
+            .probe(&u)
+            .expect_err("the user holds their one connection");
+        assert_eq!(at_cap.status(), StatusCode::TOO_MANY_REQUESTS);
+        drop(held);
+        // The bucket is dry: the next upgrade is refused, and the probe says busy for as
+        // long as that refusal's Retry-After runs, although nothing is held.
+        let refused = a.admit(&u).expect_err("the bucket is dry");
+        let told = refused.retry_after_secs().expect("Retry-After");
+        let busy = a.probe(&u).expect_err("busy");
+        assert_eq!(busy.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            busy.retry_after_secs()
+                .is_some_and(|s| (1..=told).contains(&s)),
+            "{:?} of {told}",
+            busy.retry_after_secs()
+        );
+        // Another user is told the same: the gateway as a whole is busy.
+        let other = a.probe(&UserId::new("v").expect("id")).expect_err("busy");
+        assert_eq!(other.status(), StatusCode::SERVICE_UNAVAILABLE);
     }
 }

@@ -5,13 +5,23 @@
 //! refusal is a plain HTTP error; the connection itself is one task, [`conn::Conn`],
 //! whose bounded queue of outgoing frames makes a client that reads too slowly close
 //! with 4008, never slowing anyone else.
+//!
+//! A browser never sees the status of a refused upgrade. So a plain GET of the same URL
+//! (no `Upgrade` header) is a probe: it is authenticated the same way and answered with
+//! what admission would say now ([`crate::admission::Admission::probe`]): 503 with
+//! `Retry-After` while the gateway is refusing upgrades, 429 at the user's cap, else 426
+//! (this URL takes WebSocket upgrades; if yours failed, something between us drops
+//! them). The answer is readable cross-origin (`Access-Control-Allow-Origin: *`, the
+//! token travels in the query as for the WebSocket itself) and carries no user data.
 
 mod conn;
 
 use crate::GatewayState;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocketUpgrade};
 use axum::extract::{RawQuery, State};
 use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use herald_api::AppError;
 use herald_protocol::{ClientFrame, FieldError, ServerFrame, UserId};
@@ -41,6 +51,52 @@ pub mod close {
 pub(crate) async fn upgrade(
     State(state): State<Arc<GatewayState>>,
     RawQuery(query): RawQuery,
+    parts: Parts,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    match ws {
+        Ok(ws) => open(state, query, parts, ws).await.into_response(),
+        Err(_) if !parts.headers.contains_key(header::UPGRADE) => probe(&state, &parts),
+        // An upgrade that is malformed (a wrong version, no key): axum's answer says how.
+        Err(rejection) => rejection.into_response(),
+    }
+}
+
+/// The answer to a plain GET of the WebSocket URL (see the module doc).
+fn probe(state: &GatewayState, parts: &Parts) -> Response {
+    let answer = state
+        .auth
+        .user_from_parts(parts)
+        .and_then(|user| state.admission.probe(&user));
+    let mut response = match answer {
+        Ok(()) => {
+            let mut r = AppError::new(
+                StatusCode::UPGRADE_REQUIRED,
+                "upgrade_required",
+                "this URL serves WebSocket: send an upgrade request (one would be accepted now)",
+            )
+            .into_response();
+            r.headers_mut()
+                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            r
+        }
+        Err(e) => e.into_response(),
+    };
+    let headers = response.headers_mut();
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static("retry-after"),
+    );
+    response
+}
+
+async fn open(
+    state: Arc<GatewayState>,
+    query: Option<String>,
     parts: Parts,
     ws: WebSocketUpgrade,
 ) -> Result<Response, AppError> {
