@@ -260,3 +260,59 @@ async fn waiting_long_polls_count_against_the_per_user_cap() -> anyhow::Result<(
     assert_eq!(seqs(&items), [n.seq], "{page}");
     Ok(())
 }
+
+/// A browser's WebSocket never says why an upgrade failed; a plain GET of the same URL
+/// (the SDK's probe) answers what an upgrade would be told now — 426 while one would be
+/// taken, 429 at the user's cap, 401 for a bad token — readable from another origin. (The
+/// 503 a busy gateway answers is the admission unit tests'.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_get_of_the_websocket_url_says_what_an_upgrade_would_get() -> anyhow::Result<()> {
+    use reqwest::StatusCode;
+    let nats = Nats::single().await?;
+    let config = herald_gateway::GatewayConfig {
+        limits: herald_gateway::admission::Limits {
+            max_per_user: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let herald = &Herald::builder(&nats).gateway(config).start().await?;
+    let probe = |token: String| async move {
+        let r = herald
+            .request(
+                reqwest::Method::GET,
+                &format!("/v1/ws?access_token={token}"),
+            )
+            .send()
+            .await?;
+        let cors = r.headers().get("access-control-allow-origin").cloned();
+        ensure!(
+            cors.is_some_and(|v| v == "*"),
+            "not readable cross-origin: {r:?}"
+        );
+        let upgrade = r.headers().get("upgrade").cloned();
+        let status = r.status();
+        let body: serde_json::Value = r.json().await?;
+        anyhow::Ok((status, upgrade, body["error"]["code"].clone()))
+    };
+
+    let (status, upgrade, code) = probe(herald.token("lea")).await?;
+    assert_eq!(status, StatusCode::UPGRADE_REQUIRED, "{code}");
+    assert_eq!(
+        upgrade.as_ref().map(|v| v.as_bytes()),
+        Some(&b"websocket"[..])
+    );
+    assert_eq!(code, "upgrade_required");
+
+    let _held = herald.ws("lea", Resume::Live).await?;
+    let (status, _, code) = probe(herald.token("lea")).await?;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{code}");
+    assert_eq!(code, "too_many_connections");
+    // Another user is not at their cap.
+    let (status, _, _) = probe(herald.token("max")).await?;
+    assert_eq!(status, StatusCode::UPGRADE_REQUIRED);
+
+    let (status, _, code) = probe("not-a-token".into()).await?;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{code}");
+    Ok(())
+}
