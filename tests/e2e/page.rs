@@ -2,7 +2,7 @@
 //! DevTools protocol), in two tabs of one user — WebSocket and SSE (EventSource): log in,
 //! receive a notification sent through the API, mark it read in one tab and see both
 //! badges go to 0, and survive a restart of the Herald serving the page without losing or
-//! repeating one.
+//! repeating one; and hold one connection however quickly Connect is clicked.
 
 use anyhow::{Context as _, ensure};
 use chromiumoxide::browser::{Browser, BrowserConfig};
@@ -123,6 +123,66 @@ fn ids(snapshot: &Value) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Keeps every WebSocket the page makes in `window.sockets` (run before the page's own
+/// scripts).
+const RECORD_SOCKETS: &str = r"
+    window.sockets = [];
+    const Native = window.WebSocket;
+    window.WebSocket = class extends Native {
+        constructor(...args) { super(...args); window.sockets.push(this); }
+    };
+";
+
+/// Connect clicked twice in a row — the second click comes while the first is still
+/// waiting for its token — leaves one connection: the second click's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_clicked_twice_holds_one_connection() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).dev_mode().start().await?;
+    let user = "clicks twice";
+    let chromium = Chromium::launch().await?;
+    let result = async {
+        let tab = chromium.browser.new_page("about:blank").await?;
+        tab.evaluate_on_new_document(RECORD_SOCKETS).await?;
+        tab.goto(format!("{}/", herald.base_url())).await?;
+        eval(
+            &tab,
+            &format!(
+                "document.getElementById('user').value = {}; \
+                 document.getElementById('connect').click(); \
+                 document.getElementById('connect').click(); true",
+                Value::from(user)
+            ),
+        )
+        .await?;
+        eventually(PAGE_WAIT, "the page goes live", || async {
+            let s = snapshot(&tab).await?;
+            ensure!(s["state"] == "live" && s["transport"] == "ws", "{s}");
+            Ok(())
+        })
+        .await?;
+        // A delivery end to end: a connection of the first click, had one been made, would
+        // be open by now as well (both clicks waited for the same two requests).
+        let n = herald.send(user, "one connection").await?;
+        eventually(PAGE_WAIT, "the notification is shown", || async {
+            let s = snapshot(&tab).await?;
+            ensure!(ids(&s) == [n.id.clone()], "{s}");
+            Ok(())
+        })
+        .await?;
+        let sockets = eval(&tab, "window.sockets.map((s) => s.readyState)").await?;
+        assert_eq!(
+            sockets,
+            serde_json::json!([1]),
+            "one WebSocket, open (readyState of each the page made)"
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    chromium.close().await;
+    result
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
