@@ -60,6 +60,11 @@ export interface ConnectOptions {
   backoffBaseMs?: number;
   /** Largest backoff ceiling, ms (default 30000). The wait is uniform in [0, ceiling]. */
   backoffMaxMs?: number;
+  /** How long a connection must stay live before the backoff starts over from
+   *  `backoffBaseMs`, ms (default 10000). A connection dropped sooner counts as one more
+   *  failed attempt, so a server that greets and then drops every client at once does
+   *  not have them all back in a tight loop. */
+  stableMs?: number;
   /** WebSocket failures before opening, while the server answers HTTP (`/healthz`), after
    *  which `'auto'` moves to SSE for good (default 3). */
   wsFailuresBeforeFallback?: number;

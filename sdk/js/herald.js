@@ -7,7 +7,9 @@
 //   already delivered (by seq, and by id as a second line of defence).
 // - Reconnect storms are the server's worst case, so every retry waits a random time in
 //   [0, min(cap, base * 2^attempt)] ("full jitter"), and a `reconnect` frame's `after_ms`
-//   (already jittered by the server) replaces that wait.
+//   (already jittered by the server) replaces that wait. The attempt count starts over
+//   only once a connection has stayed live for `stableMs`: a server that greets and then
+//   drops every client at once must not have them all back within the first step.
 // - Some networks refuse WebSocket upgrades; after `wsFailuresBeforeFallback` failures
 //   before a socket ever opened, the connection moves to Server-Sent Events for good.
 // - Browsers' WebSocket and EventSource cannot set headers, so the token travels as
@@ -34,6 +36,7 @@ const DEFAULTS = Object.freeze({
   wsFailuresBeforeFallback: 3,
   dedupWindow: 2048,
   openTimeoutMs: 10_000,
+  stableMs: 10_000,
 });
 
 /** Close codes after which the token may be the problem: fetch a fresh one first. */
@@ -78,6 +81,7 @@ export class HeraldConnection {
   #countedUpTo = 0; // notifications up to this seq are already in #unread (from hello)
   #unread = 0;
   #topics = new Set();
+  #liveSince = null; // Date.now() at the current connection's hello
   #waiters = new Set();
   #generation = 0; // bumped whenever a pending attempt must not go ahead
 
@@ -414,13 +418,19 @@ export class HeraldConnection {
     if (this.#closed) return;
     this.#generation += 1;
     clearTimeout(this.#timer);
+    // The back-off starts over only after a connection that stayed up: one that went
+    // live and dropped at once is a failure like any other.
+    if (this.#liveSince != null && Date.now() - this.#liveSince >= this.#opts.stableMs) this.#attempt = 0;
+    this.#liveSince = null;
     let delayMs = this.#nextDelayMs;
     this.#nextDelayMs = null;
     if (delayMs == null) {
       const ceiling = Math.min(this.#opts.backoffMaxMs, this.#opts.backoffBaseMs * 2 ** this.#attempt);
       delayMs = Math.random() * ceiling; // full jitter
+      // Only waits of our own choosing grow the next one; a server's (`reconnect`,
+      // `Retry-After`) or the application's (`reconnect()`) are no failed attempt.
+      this.#attempt = Math.min(this.#attempt + 1, 30);
     }
-    this.#attempt = Math.min(this.#attempt + 1, 30);
     this.#setState('reconnecting', { ...detail, delayMs, attempt: this.#attempt });
     this.#timer = setTimeout(() => this.#open(), delayMs);
   }
@@ -446,7 +456,7 @@ export class HeraldConnection {
   #onFrame(frame) {
     switch (frame.type) {
       case 'hello':
-        this.#attempt = 0;
+        this.#liveSince = Date.now();
         this.#latestSeq = Math.max(this.#latestSeq, frame.last_seq ?? 0);
         // A live-only start resumes, next time, from where this connection started.
         if (this.#position == null) this.#position = frame.last_seq ?? 0;
