@@ -72,6 +72,9 @@ export interface ConnectOptions {
   openTimeoutMs?: number;
   /** How many recent ids are remembered for de-duplication (default 2048). */
   dedupWindow?: number;
+  /** How long `subscribe()`/`unsubscribe()` wait for the gateway's answer over
+   *  WebSocket before rejecting, ms (default 10000). */
+  requestTimeoutMs?: number;
   onNotification?: (notification: Notification) => void;
   onState?: (state: ConnectionState, detail: StateDetail) => void;
   /** The user's read position moved (this device or another). */
@@ -93,6 +96,18 @@ export declare const CloseCode: Readonly<{
   SLOW_CONSUMER: 4008;
 }>;
 
+/** `subscribe()`/`unsubscribe()` was refused (the topic does not allow users to join
+ *  themselves, a malformed name, the store unavailable) or got no answer in time. */
+export declare class SubscriptionError extends Error {
+  readonly name: 'SubscriptionError';
+  /** The topic asked for. */
+  readonly topic: string;
+  /** Why, in the server's words (or that it did not answer). */
+  readonly reason: string;
+  /** The HTTP status, when the request went over HTTP (no open WebSocket). */
+  readonly status?: number;
+}
+
 export declare class HeraldConnection {
   constructor(options: ConnectOptions);
   readonly state: ConnectionState;
@@ -106,7 +121,11 @@ export declare class HeraldConnection {
   markRead(upTo?: number): Promise<number>;
   /** Seen live up to `upTo` (default: newest delivered); WebSocket only. */
   ack(upTo?: number): boolean;
+  /** Joins `topic` for good (the server stores it: it holds across reconnects and is not
+   *  repeated by them). Resolves once the server confirmed; rejects with a
+   *  `SubscriptionError` when it refused or did not answer within `requestTimeoutMs`. */
   subscribe(topic: string): Promise<void>;
+  /** Leaves `topic`; settles as `subscribe` does. */
   unsubscribe(topic: string): Promise<void>;
   /** Drops the current connection and reconnects now, resuming from `lastSeq`. */
   reconnect(): void;

@@ -12,6 +12,9 @@
 //   drops every client at once must not have them all back within the first step.
 // - Some networks refuse WebSocket upgrades; after `wsFailuresBeforeFallback` failures
 //   before a socket ever opened, the connection moves to Server-Sent Events for good.
+// - Topic subscriptions are stored by the server (SPEC §3, §5), so they outlive
+//   connections: `subscribe()` asks once and is never repeated on reconnect, where it
+//   would undo a producer's `DELETE .../subscribers/{user}` made meanwhile.
 // - Browsers' WebSocket and EventSource cannot set headers, so the token travels as
 //   `access_token` (SPEC §2); the fetch-based SSE reader (Node, or `sse: 'fetch'`) and the
 //   HTTP calls use `Authorization: Bearer`.
@@ -37,16 +40,32 @@ const DEFAULTS = Object.freeze({
   dedupWindow: 2048,
   openTimeoutMs: 10_000,
   stableMs: 10_000,
+  requestTimeoutMs: 10_000,
 });
 
 /** Close codes after which the token may be the problem: fetch a fresh one first. */
 const AUTH_CLOSE_CODES = new Set([CloseCode.POLICY, 4001, 4003, 4401, 4403]);
 
-/** HTTP statuses that will not get better by retrying with the same credentials. */
+/** An HTTP answer that was not a success. */
 class HttpError extends Error {
   constructor(status, body) {
     super(`HTTP ${status}${body ? `: ${body}` : ''}`);
     this.name = 'HttpError';
+    this.status = status;
+    this.body = body;
+  }
+}
+
+/** `subscribe()`/`unsubscribe()` was refused, or got no answer in time. */
+export class SubscriptionError extends Error {
+  constructor(topic, reason, status) {
+    super(`herald: topic ${JSON.stringify(topic)}: ${reason}`);
+    this.name = 'SubscriptionError';
+    /** The topic asked for. */
+    this.topic = topic;
+    /** Why, as the server said it (or that it did not answer). */
+    this.reason = reason;
+    /** The HTTP status when the request went over HTTP. */
     this.status = status;
   }
 }
@@ -80,7 +99,6 @@ export class HeraldConnection {
   #latestSeq = 0; // newest seq known to exist
   #countedUpTo = 0; // notifications up to this seq are already in #unread (from hello)
   #unread = 0;
-  #topics = new Set();
   #liveSince = null; // Date.now() at the current connection's hello
   #waiters = new Set();
   #generation = 0; // bumped whenever a pending attempt must not go ahead
@@ -139,19 +157,38 @@ export class HeraldConnection {
     return this.#current?.kind === 'ws' ? this.#current.send({ type: 'ack', up_to: upTo }) : false;
   }
 
-  /** Joins a topic: a `subscribe` frame now and on every reconnect (WebSocket), or
-   *  `POST /v1/me/subscriptions` (SSE). */
-  async subscribe(topic) {
-    this.#topics.add(String(topic));
-    if (this.#current?.kind === 'ws') { this.#current.send({ type: 'subscribe', topic: String(topic) }); return; }
-    await this.#http('POST', '/v1/me/subscriptions', { topic: String(topic) });
+  /**
+   * Joins a topic, for good: the server stores the subscription, so it holds across
+   * reconnects and devices until `unsubscribe()` (or a producer) ends it. Over an open
+   * WebSocket a `subscribe` frame, answered by a `subscription` frame; otherwise `POST
+   * /v1/me/subscriptions`. Resolves once the server confirmed; rejects with a
+   * `SubscriptionError` when it refused (or did not answer within `requestTimeoutMs`).
+   */
+  subscribe(topic) {
+    return this.#subscription(String(topic), true);
   }
 
-  /** Leaves a topic. */
-  async unsubscribe(topic) {
-    this.#topics.delete(String(topic));
-    if (this.#current?.kind === 'ws') { this.#current.send({ type: 'unsubscribe', topic: String(topic) }); return; }
-    await this.#http('DELETE', '/v1/me/subscriptions', { topic: String(topic) });
+  /** Leaves a topic; resolves and rejects as `subscribe()` does. */
+  unsubscribe(topic) {
+    return this.#subscription(String(topic), false);
+  }
+
+  async #subscription(topic, join) {
+    const conn = this.#current;
+    if (conn?.kind === 'ws' && conn.ask) {
+      const answer = conn.ask(topic, join);
+      if (answer) return answer;
+    }
+    try {
+      await this.#http(join ? 'POST' : 'DELETE', '/v1/me/subscriptions', { topic });
+    } catch (err) {
+      if (err instanceof HttpError && err.status >= 400 && err.status < 500) {
+        let reason = err.body;
+        try { reason = JSON.parse(err.body).error.message ?? reason; } catch { /* not JSON */ }
+        throw new SubscriptionError(topic, reason || `HTTP ${err.status}`, err.status);
+      }
+      throw err;
+    }
   }
 
   /** Drops the current connection and reconnects at once, resuming from `lastSeq`. */
@@ -220,6 +257,11 @@ export class HeraldConnection {
       this.#wsFailed(err);
       return;
     }
+    // Subscription requests awaiting their answer, oldest first. The gateway handles one
+    // client frame at a time and answers each `subscribe`/`unsubscribe` with a
+    // `subscription` frame naming the topic, so the first request for a topic is the one
+    // an answer for it settles (one that timed out stays, to absorb its late answer).
+    const asked = [];
     const conn = {
       kind: 'ws',
       close: () => { try { socket.close(1000, 'client closing'); } catch { /* already closed */ } },
@@ -228,6 +270,45 @@ export class HeraldConnection {
         socket.send(JSON.stringify(frame));
         return true;
       },
+      // A promise of the answer, or null when the socket cannot send now.
+      ask: (topic, join) => {
+        if (!conn.send({ type: join ? 'subscribe' : 'unsubscribe', topic })) return null;
+        return new Promise((resolve, reject) => {
+          const request = { topic, join, resolve, reject, settled: false };
+          request.timer = setTimeout(() => {
+            request.settled = true;
+            reject(new SubscriptionError(topic, `the gateway did not answer within ${this.#opts.requestTimeoutMs} ms`));
+          }, this.#opts.requestTimeoutMs);
+          asked.push(request);
+        });
+      },
+    };
+    const answered = (frame) => {
+      const i = asked.findIndex((r) => r.topic === frame.topic);
+      if (i < 0) return;
+      const [request] = asked.splice(i, 1);
+      clearTimeout(request.timer);
+      if (request.settled) return;
+      request.settled = true;
+      if (frame.error) request.reject(new SubscriptionError(request.topic, String(frame.error)));
+      else request.resolve();
+    };
+    // The socket ended with requests unanswered: the frame may or may not have been
+    // handled. Both requests are idempotent on the server, so ask again over HTTP, in the
+    // same order; after close() there is nobody to ask for.
+    const unanswered = () => {
+      const left = asked.splice(0).filter((r) => !r.settled);
+      for (const r of left) { clearTimeout(r.timer); r.settled = true; }
+      if (left.length === 0) return;
+      if (this.#closed) {
+        for (const r of left) r.reject(new SubscriptionError(r.topic, 'the connection was closed before the gateway answered'));
+        return;
+      }
+      (async () => {
+        for (const r of left) {
+          try { await this.#subscription(r.topic, r.join); r.resolve(); } catch (err) { r.reject(err); }
+        }
+      })();
     };
     this.#current = conn;
     // Some WebSocket implementations (Node 20's) report a refused upgrade with `error`
@@ -250,13 +331,15 @@ export class HeraldConnection {
       if (frame.type === 'hello') {
         this.#wsFailures = 0;
         this.#transport = 'ws';
-        for (const topic of this.#topics) conn.send({ type: 'subscribe', topic });
+      } else if (frame.type === 'subscription') {
+        answered(frame);
       }
       this.#onFrame(frame);
     };
     socket.onerror = () => fail('websocket failed before opening'); // once open, onclose follows
     socket.onclose = (event) => {
       if (!opened) { fail(`websocket closed before opening (code ${event.code})`); return; }
+      unanswered();
       if (this.#current !== conn) return;
       this.#current = null;
       this.#transport = null;
@@ -573,3 +656,4 @@ export class HeraldConnection {
     return this.#opts.WebSocket ?? globalThis.WebSocket;
   }
 }
+

@@ -6,9 +6,35 @@ import { randomUUID } from 'node:crypto';
 export const url = process.env.HERALD_URL;
 export const apiKey = process.env.HERALD_API_KEY;
 assert.ok(url && apiKey, 'HERALD_URL and HERALD_API_KEY must point at a running Herald in dev mode (see tests/e2e/sdk_js.rs)');
+/** Topics starting with this may be joined by users themselves (that Herald's rule). */
+const selfTopicPrefix = process.env.HERALD_SELF_TOPICS ?? '';
 
 /** A user id no other test uses. */
 export const uniqueUser = (prefix) => `${prefix}-${randomUUID()}`;
+
+/** A topic no other test uses, that users may join themselves. */
+export const openTopic = (name) => {
+  assert.ok(selfTopicPrefix, 'HERALD_SELF_TOPICS must name the prefix of self-subscribable topics');
+  return `${selfTopicPrefix}${name}-${randomUUID()}`;
+};
+
+/** A request as the producer: `{status, body}`. */
+export async function producer(method, path, body) {
+  const r = await fetch(`${url}${path}`, {
+    method,
+    headers: { authorization: `Bearer ${apiKey}`, ...(body ? { 'content-type': 'application/json' } : {}) },
+    body: body ? JSON.stringify(body) : undefined,
+  });
+  const text = await r.text();
+  return { status: r.status, body: text ? JSON.parse(text) : null };
+}
+
+/** The topics `token`'s user follows (`GET /v1/me/subscriptions`). */
+export async function mySubscriptions(token) {
+  const r = await fetch(`${url}/v1/me/subscriptions`, { headers: { authorization: `Bearer ${token}` } });
+  assert.equal(r.status, 200);
+  return (await r.json()).topics;
+}
 
 /** A token for `user`, minted by the dev-mode endpoint. */
 export async function tokenFor(user) {
