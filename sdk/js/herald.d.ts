@@ -35,6 +35,9 @@ export interface StateDetail {
   attempt?: number;
   code?: number;
   reason?: string;
+  /** The HTTP status the gateway gave a probe after a failed upgrade (503/429: busy,
+   *  waited out without counting toward the SSE fallback; 401/403: the token). */
+  status?: number;
 }
 
 export interface ConnectOptions {
@@ -65,8 +68,10 @@ export interface ConnectOptions {
    *  failed attempt, so a server that greets and then drops every client at once does
    *  not have them all back in a tight loop. */
   stableMs?: number;
-  /** WebSocket failures before opening, while the server answers HTTP (`/healthz`), after
-   *  which `'auto'` moves to SSE for good (default 3). */
+  /** WebSocket failures before opening after which `'auto'` moves to SSE for good
+   *  (default 3). Only failures while the gateway answers HTTP and is not busy count:
+   *  after each, a plain GET of the WebSocket URL asks it, and a 503 (its Retry-After is
+   *  waited out) or 429 (the user's connection cap) is waited out instead. */
   wsFailuresBeforeFallback?: number;
   /** A WebSocket that has not opened after this long counts as failed (default 10000). */
   openTimeoutMs?: number;

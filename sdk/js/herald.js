@@ -11,7 +11,10 @@
 //   only once a connection has stayed live for `stableMs`: a server that greets and then
 //   drops every client at once must not have them all back within the first step.
 // - Some networks refuse WebSocket upgrades; after `wsFailuresBeforeFallback` failures
-//   before a socket ever opened, the connection moves to Server-Sent Events for good.
+//   before a socket ever opened, the connection moves to Server-Sent Events for good. A
+//   WebSocket does not say why its upgrade failed, so after each failure the SDK asks the
+//   gateway with a plain GET of the same URL: a busy gateway (503 + Retry-After, 429 at
+//   the per-user cap) is waited out and is no reason to leave WebSocket.
 // - Topic subscriptions are stored by the server (SPEC §3, §5), so they outlive
 //   connections: `subscribe()` asks once and is never repeated on reconnect, where it
 //   would undo a producer's `DELETE .../subscribers/{user}` made meanwhile.
@@ -42,6 +45,9 @@ const DEFAULTS = Object.freeze({
   stableMs: 10_000,
   requestTimeoutMs: 10_000,
 });
+
+/** Longest wait a `Retry-After` may impose, ms. */
+const MAX_RETRY_AFTER_MS = 10 * 60_000;
 
 /** Close codes after which the token may be the problem: fetch a fresh one first. */
 const AUTH_CLOSE_CODES = new Set([CloseCode.POLICY, 4001, 4003, 4401, 4403]);
@@ -254,7 +260,7 @@ export class HeraldConnection {
     try {
       socket = new WS(url.toString());
     } catch (err) {
-      this.#wsFailed(err);
+      this.#wsFailed(err, url);
       return;
     }
     // Subscription requests awaiting their answer, oldest first. The gateway handles one
@@ -319,7 +325,7 @@ export class HeraldConnection {
       failed = true;
       clearTimeout(openTimer);
       try { socket.close(); } catch { /* not open */ }
-      this.#wsFailed(new Error(why));
+      this.#wsFailed(new Error(why), url);
     };
     const openTimer = setTimeout(() => fail('websocket did not open in time'), this.#opts.openTimeoutMs);
     socket.onopen = () => { opened = true; clearTimeout(openTimer); };
@@ -352,34 +358,62 @@ export class HeraldConnection {
     };
   }
 
-  #wsFailed(err) {
-    // A failed upgrade looks the same to a browser whatever the status (401, 404, a
+  #wsFailed(err, wsUrl) {
+    // A failed upgrade looks the same to a browser whatever the status (401, 404, 503, a
     // proxy): a fresh token costs little and rules out expiry.
     this.#refreshToken = true;
-    // Only a WebSocket failure while the server answers plain HTTP says "WebSocket is
-    // blocked"; a server that is down (a restart) must not push us onto SSE.
+    // Only a WebSocket failure while the gateway answers plain HTTP, and is not busy,
+    // says "WebSocket is blocked"; a server that is down (a restart) or refusing
+    // connections for now (a reconnect storm) must not push us onto SSE.
     const probe = { kind: 'probe', close() {} };
     this.#current = probe;
-    this.#reachable().then((up) => {
+    this.#probe(wsUrl).then((answer) => {
       if (this.#closed || this.#current !== probe) return;
       this.#current = null;
-      if (up) this.#wsFailures += 1;
+      const detail = { reason: err.message };
+      if (answer?.status === 503 || answer?.status === 429) {
+        // Admission control said no (503: too many opening, with Retry-After; 429: this
+        // user's connection cap). The probe got past authentication with this token.
+        this.#refreshToken = false;
+        const waitMs = retryAfterMs(answer.retryAfter);
+        if (waitMs != null) this.#nextDelayMs = waitMs;
+        Object.assign(detail, { reason: 'gateway busy', status: answer.status });
+      } else if (answer?.status === 401 || answer?.status === 403) {
+        Object.assign(detail, { reason: 'token refused', status: answer.status });
+      } else if (answer) {
+        this.#wsFailures += 1;
+      }
       if (this.#opts.transport === 'auto' && this.#wsFailures >= this.#opts.wsFailuresBeforeFallback) {
         this.#useSse = true;
         this.#nextDelayMs = 0;
         this.#emit('onError', new Error(`herald: WebSocket failed ${this.#wsFailures} times before opening while HTTP works; falling back to SSE`));
       }
-      this.#schedule({ reason: err.message });
+      this.#schedule(detail);
     });
   }
 
-  async #reachable() {
+  /**
+   * Asks the gateway what a failed upgrade could not tell: a plain GET of the WebSocket
+   * URL (same token) is answered with what admission says now — 503 + Retry-After while
+   * busy, 429 at the user's cap, 401 for the token, 426 when it would take the upgrade.
+   * `{status, retryAfter}`; `{status: 0}` when only `/healthz` answered (a gateway too old
+   * to answer the probe cross-origin); null when nothing did (down).
+   */
+  async #probe(wsUrl) {
+    const httpUrl = String(wsUrl).replace(/^ws/, 'http');
+    try {
+      const r = await fetch(httpUrl, { cache: 'no-store', signal: AbortSignal.timeout(5_000) });
+      r.body?.cancel().catch(() => {});
+      return { status: r.status, retryAfter: r.headers.get('retry-after') };
+    } catch {
+      // Down, or a cross-origin answer the browser would not let us read.
+    }
     try {
       // `no-cors`: an opaque answer is enough to know the server is there, cross-origin too.
       await fetch(this.#opts.url + '/healthz', { mode: 'no-cors', cache: 'no-store', signal: AbortSignal.timeout(5_000) });
-      return true;
+      return { status: 0 };
     } catch {
-      return false;
+      return null;
     }
   }
 
@@ -657,3 +691,10 @@ export class HeraldConnection {
   }
 }
 
+/** A `Retry-After` value (seconds or an HTTP date) in ms, or null. */
+function retryAfterMs(value) {
+  if (value == null || value.trim() === '') return null;
+  const secs = Number(value);
+  const ms = Number.isFinite(secs) ? secs * 1000 : Date.parse(value) - Date.now();
+  return Number.isFinite(ms) ? Math.min(Math.max(ms, 0), MAX_RETRY_AFTER_MS) : null;
+}

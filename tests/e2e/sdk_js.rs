@@ -13,6 +13,10 @@ const SUITE_TIMEOUT: Duration = Duration::from_secs(180);
 /// Topics starting with this may be joined by users themselves (`HERALD_SELF_TOPICS`).
 const SELF_TOPICS: &str = "sdk-open-";
 
+/// Connections one user may hold (`HERALD_MAX_PER_USER`): low enough for a test to reach
+/// it, high enough for the tests that hold two devices and reconnect.
+const MAX_PER_USER: u32 = 4;
+
 /// `node` (or `HERALD_NODE`), and the flags it needs for a global `WebSocket`: none from
 /// Node 22; `--experimental-websocket` on 20.10–21.
 pub(crate) async fn node() -> anyhow::Result<(PathBuf, Vec<&'static str>)> {
@@ -58,6 +62,13 @@ async fn javascript_sdk_suite_passes_against_a_running_herald() -> anyhow::Resul
             self_subscribe: vec![format!("{SELF_TOPICS}*")],
             ..Default::default()
         })
+        .gateway(herald_gateway::GatewayConfig {
+            limits: herald_gateway::admission::Limits {
+                max_per_user: MAX_PER_USER,
+                ..Default::default()
+            },
+            ..Default::default()
+        })
         .start()
         .await?;
 
@@ -82,6 +93,7 @@ async fn javascript_sdk_suite_passes_against_a_running_herald() -> anyhow::Resul
         .env("HERALD_URL", herald.base_url())
         .env("HERALD_API_KEY", herald.api_key())
         .env("HERALD_SELF_TOPICS", SELF_TOPICS)
+        .env("HERALD_MAX_PER_USER", MAX_PER_USER.to_string())
         .kill_on_drop(true)
         .output();
     let out = within(SUITE_TIMEOUT, "node --test sdk/js/test", run)

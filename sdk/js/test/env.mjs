@@ -8,6 +8,8 @@ export const apiKey = process.env.HERALD_API_KEY;
 assert.ok(url && apiKey, 'HERALD_URL and HERALD_API_KEY must point at a running Herald in dev mode (see tests/e2e/sdk_js.rs)');
 /** Topics starting with this may be joined by users themselves (that Herald's rule). */
 const selfTopicPrefix = process.env.HERALD_SELF_TOPICS ?? '';
+/** Connections one user may hold on that Herald's gateway. */
+export const maxPerUser = Number(process.env.HERALD_MAX_PER_USER);
 
 /** A user id no other test uses. */
 export const uniqueUser = (prefix) => `${prefix}-${randomUUID()}`;

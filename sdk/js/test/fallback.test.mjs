@@ -1,8 +1,13 @@
-// Where WebSocket is blocked (here: the upgrade URL answers 404), 'auto' moves to SSE.
+// Where WebSocket is blocked (here: the upgrade URL answers 404), 'auto' moves to SSE; a
+// gateway that is down or busy is no such reason.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { connect } from '../herald.js';
-import { url, uniqueUser, tokenFor, send, recorder } from './env.mjs';
+import { url, uniqueUser, tokenFor, send, recorder, maxPerUser } from './env.mjs';
+import { fakeGateway } from './fake.mjs';
+
+const failures = (rec) => rec.states.filter((s) => s.s === 'reconnecting');
+const fellBack = (rec) => rec.errors.some((e) => /falling back/.test(e.message));
 
 test('falls back to SSE when the WebSocket upgrade is refused, and keeps its position', async () => {
   const user = uniqueUser('fallback');
@@ -71,5 +76,51 @@ test('a server that is down (a restart) does not count as WebSocket being blocke
     assert.ok(!rec.errors.some((e) => /falling back/.test(e.message)), 'still on WebSocket');
   } finally {
     conn.close();
+  }
+});
+
+test('a gateway refusing upgrades as busy (503 + Retry-After) is waited out, not left', async () => {
+  // Admission control answers every upgrade, and the probe after it, with 503: the
+  // gateway is there and works, it only has too many connections opening right now.
+  const busy = (headers) => ({ 'retry-after': '1', ...headers });
+  const gateway = await fakeGateway({
+    onUpgrade: (upgrade) => upgrade.refuse(503, busy()),
+    onRequest: (req, res) => res.writeHead(req.url.startsWith('/v1/ws') ? 503 : 200, busy()).end(),
+  });
+  const rec = recorder();
+  const conn = connect({ url: gateway.url, token: 't', wsFailuresBeforeFallback: 1, backoffBaseMs: 10, backoffMaxMs: 20, ...rec.options });
+  try {
+    await conn.until(() => failures(rec).length >= 2);
+    assert.ok(!fellBack(rec), 'still on WebSocket');
+    for (const f of failures(rec)) {
+      assert.equal(f.status, 503);
+      assert.equal(f.delayMs, 1000, "the gateway's Retry-After, not our 20 ms back-off");
+    }
+  } finally {
+    conn.close();
+    gateway.close();
+  }
+});
+
+test("a user at the gateway's connection cap (429) stays on WebSocket and gets in once one closes", async () => {
+  const user = uniqueUser('at-cap');
+  const token = await tokenFor(user);
+  assert.ok(maxPerUser >= 1, 'HERALD_MAX_PER_USER');
+  const holders = [];
+  const rec = recorder();
+  let conn;
+  try {
+    for (let i = 0; i < maxPerUser; i += 1) holders.push(connect({ url, token, transport: 'ws' }));
+    for (const h of holders) await h.until((c) => c.state === 'live');
+    conn = connect({ url, token, wsFailuresBeforeFallback: 1, backoffBaseMs: 10, backoffMaxMs: 20, ...rec.options });
+    await conn.until(() => failures(rec).length >= 3);
+    assert.ok(!fellBack(rec), 'still on WebSocket');
+    assert.ok(failures(rec).every((f) => f.status === 429), JSON.stringify(failures(rec)));
+    holders.shift().close();
+    await conn.until((c) => c.state === 'live');
+    assert.equal(conn.transport, 'ws');
+  } finally {
+    conn?.close();
+    for (const h of holders) h.close();
   }
 });
