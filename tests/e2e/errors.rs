@@ -352,3 +352,55 @@ async fn answers_from_outside_the_handlers_are_json_errors() -> anyhow::Result<(
     error_of(not_an_upgrade, status).await?;
     Ok(())
 }
+
+/// A session never outlives its token: a WebSocket is closed with 4001 when the token it
+/// was opened with expires (its `exp` plus the 30 s clock leeway verification allows), an
+/// SSE stream ends then, and both resume with a fresh token losing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_end_when_their_token_expires() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    // Expired 28 s ago: still accepted within the leeway, for 2 s more.
+    let short = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"sub": "tess", "exp": now() - 28}),
+        &EncodingKey::from_secret(herald.jwt_secret()),
+    )?;
+    let first = herald.send("tess", "before").await?;
+    let mut ws = WsClient::connect(&herald.ws_url("/v1/ws?after=0"), Some(&short)).await?;
+    ws.hello().await?;
+    assert_eq!(ws.take(1).await?[0]["seq"], first.seq);
+    let mut sse = herald_tests::SseClient::open(
+        herald
+            .request(Method::GET, "/v1/sse?after=0")
+            .bearer_auth(&short),
+    )
+    .await?;
+    assert_eq!(sse.next_notification().await?["seq"], first.seq);
+    assert_eq!(
+        ws.closed_with().await?,
+        4001,
+        "closed when the token expired"
+    );
+    let ended = loop {
+        match sse.next_event().await {
+            Ok(_) => continue,
+            Err(e) => break e.to_string(),
+        }
+    };
+    ensure!(ended.contains("ended"), "the SSE stream ended: {ended}");
+    // The same token is refused now; a fresh one resumes where the session stopped.
+    let r = herald
+        .request(Method::GET, "/v1/me/notifications")
+        .bearer_auth(&short)
+        .send()
+        .await?;
+    ensure!(r.status() == StatusCode::UNAUTHORIZED, "{}", r.status());
+    let second = herald.send("tess", "after").await?;
+    let mut again = herald
+        .ws("tess", herald_tests::Resume::After(first.seq))
+        .await?;
+    again.hello().await?;
+    assert_eq!(again.take(1).await?[0]["seq"], second.seq);
+    Ok(())
+}

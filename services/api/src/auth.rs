@@ -60,6 +60,15 @@ impl Authenticator {
     /// # Errors
     /// 401 when no token is present or it does not verify.
     pub fn user_from_parts(&self, parts: &Parts) -> Result<UserId, AppError> {
+        self.session_from_parts(parts).map(|session| session.user)
+    }
+
+    /// The user a request's credentials name, and how long their token stays valid (a
+    /// WebSocket or SSE session ends then).
+    ///
+    /// # Errors
+    /// 401 when no token is present or it does not verify.
+    pub fn session_from_parts(&self, parts: &Parts) -> Result<herald_auth::Session, AppError> {
         let token = header_token(parts)
             .or_else(|| query_token(parts.uri.query()))
             .ok_or_else(|| {
@@ -68,7 +77,7 @@ impl Authenticator {
                 )
             })?;
         self.users
-            .verify(&token)
+            .verify_session(&token)
             .map_err(|e| AppError::unauthorized(e.to_string()))
     }
 

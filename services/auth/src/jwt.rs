@@ -92,6 +92,16 @@ impl std::fmt::Debug for UserAuth {
 /// Tolerated clock skew, seconds.
 const LEEWAY: u64 = 30;
 
+/// A verified user token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    /// Its user.
+    pub user: UserId,
+    /// How long from now it stays valid (its `exp`, with the clock leeway verification
+    /// allows).
+    pub valid_for: std::time::Duration,
+}
+
 impl UserAuth {
     /// Builds a verifier from configuration.
     ///
@@ -140,6 +150,15 @@ impl UserAuth {
     /// # Errors
     /// [`JwtError`] for anything but a valid, unexpired token from a configured key.
     pub fn verify(&self, token: &str) -> Result<UserId, JwtError> {
+        self.verify_session(token).map(|session| session.user)
+    }
+
+    /// Verifies a token and returns its user and how long it stays valid: a WebSocket or
+    /// SSE session opened with it ends then, so a session never outlives its token.
+    ///
+    /// # Errors
+    /// As [`UserAuth::verify`].
+    pub fn verify_session(&self, token: &str) -> Result<Session, JwtError> {
         let header =
             jsonwebtoken::decode_header(token).map_err(|e| JwtError::Invalid(e.to_string()))?;
         match (header.alg, &self.hs256, &self.public, &self.jwks) {
@@ -164,7 +183,7 @@ impl UserAuth {
         token: &str,
         alg: Algorithm,
         key: &DecodingKey,
-    ) -> Result<UserId, JwtError> {
+    ) -> Result<Session, JwtError> {
         let mut validation = Validation::new(alg);
         validation.leeway = LEEWAY;
         validation.validate_nbf = true;
@@ -188,10 +207,23 @@ impl UserAuth {
         #[derive(Deserialize)]
         struct Subject {
             sub: String,
+            // A NumericDate may have a fraction (RFC 7519 §2).
+            exp: f64,
         }
         let data = jsonwebtoken::decode::<Subject>(token, key, &validation)
             .map_err(|e| JwtError::Invalid(e.to_string()))?;
-        Ok(UserId::new(data.claims.sub)?)
+        // Valid as long as the check just passed would pass: it refuses once the whole
+        // seconds of now exceed `exp` plus the leeway.
+        let exp = data.claims.exp.max(0.0) as u64;
+        let refused_from = time::OffsetDateTime::UNIX_EPOCH
+            + time::Duration::seconds(exp.saturating_add(LEEWAY + 1).min(i64::MAX as u64) as i64);
+        let left = (refused_from - time::OffsetDateTime::now_utc())
+            .try_into()
+            .unwrap_or(std::time::Duration::ZERO);
+        Ok(Session {
+            user: UserId::new(data.claims.sub)?,
+            valid_for: left,
+        })
     }
 
     /// The JWKS key set, to replace when the document is fetched again.
@@ -240,6 +272,28 @@ mod tests {
         let user = UserId::new("a.b *").expect("valid");
         let token = a.mint(&user, 60).expect("mint");
         assert_eq!(a.verify(&token).expect("verify"), user);
+    }
+
+    #[test]
+    fn a_session_is_valid_until_the_tokens_exp_and_the_leeway() {
+        let a = auth(b"secret");
+        let user = UserId::new("alice").expect("valid");
+        let session = a
+            .verify_session(&a.mint(&user, 600).expect("mint"))
+            .expect("verify");
+        assert_eq!(session.user, user);
+        let secs = session.valid_for.as_secs();
+        assert!((600 + LEEWAY - 1..=600 + LEEWAY).contains(&secs), "{secs}");
+        // A fractional NumericDate (RFC 7519) is a valid `exp`.
+        let now = time::OffsetDateTime::now_utc().unix_timestamp() as f64;
+        let fractional = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &json!({"sub": "alice", "exp": now + 100.5}),
+            &EncodingKey::from_secret(b"secret"),
+        )
+        .expect("encode");
+        let session = a.verify_session(&fractional).expect("fractional exp");
+        assert!(session.valid_for.as_secs() >= 100, "{session:?}");
     }
 
     #[test]

@@ -9,7 +9,7 @@ pub mod jwt;
 
 pub use api_keys::{ApiKey, ApiKeys, Scope};
 pub use jwks::{Jwks, JwksHandle};
-pub use jwt::{JwtConfig, JwtError, UserAuth, UserClaims};
+pub use jwt::{JwtConfig, JwtError, Session, UserAuth, UserClaims};
 
 /// Extracts the token from an `Authorization: Bearer <token>` header value.
 pub fn bearer(header: &str) -> Option<&str> {

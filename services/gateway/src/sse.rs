@@ -17,7 +17,8 @@ pub(crate) async fn stream(
     RawQuery(query): RawQuery,
     parts: Parts,
 ) -> Result<Response, AppError> {
-    let user = state.auth.user_from_parts(&parts)?;
+    let session = state.auth.session_from_parts(&parts)?;
+    let user = session.user;
     let after = match parts.headers.get("last-event-id") {
         Some(v) => Some(
             v.to_str()
@@ -73,9 +74,18 @@ pub(crate) async fn stream(
         drop(ticket);
     });
     let live = tokio_stream::wrappers::ReceiverStream::new(rx);
+    // The stream ends when the token does (a session never outlives its credentials); the
+    // client reconnects with a fresh token and Last-Event-ID, losing nothing.
+    let expiry = tokio::time::sleep(session.valid_for);
+    let shutdown = state.shutdown.clone().cancelled_owned();
     let events = stream::once(async move { Ok::<_, Infallible>(hello) })
         .chain(live)
-        .take_until(state.shutdown.clone().cancelled_owned());
+        .take_until(async move {
+            tokio::select! {
+                () = shutdown => {}
+                () = expiry => metrics::counter!("herald_gateway_token_expiries_total", "transport" => "sse").increment(1),
+            }
+        });
     Ok(Sse::new(events)
         .keep_alive(KeepAlive::new().interval(state.config.heartbeat))
         .into_response())

@@ -46,6 +46,8 @@ pub mod close {
     pub const SLOW_CONSUMER: u16 = 4008;
     /// Missed heartbeats.
     pub const HEARTBEAT: u16 = 4000;
+    /// The token the session was opened with expired: reconnect with a fresh one.
+    pub const TOKEN_EXPIRED: u16 = 4001;
 }
 
 pub(crate) async fn upgrade(
@@ -100,14 +102,15 @@ async fn open(
     parts: Parts,
     ws: WebSocketUpgrade,
 ) -> Result<Response, AppError> {
-    let user = state.auth.user_from_parts(&parts)?;
+    let auth = state.auth.session_from_parts(&parts)?;
+    let user = auth.user;
     let after = parse_after(query.as_deref())?;
     let ticket = state.admission.admit(&user)?;
     let (feed, hello) = crate::open_session(&state, &user, after).await?;
     let config = state.config;
     // One pointer is all the upgrade closure captures (axum keeps it for the
     // connection's whole life); the hello is serialized before the upgrade.
-    let session = conn::Session::new(state, feed, text(&hello), ticket);
+    let session = conn::Session::new(state, feed, text(&hello), ticket, auth.valid_for);
     Ok(ws
         // Client frames are tiny (`read`, `ack`): a small read buffer, grown on demand.
         .read_buffer_size(256)

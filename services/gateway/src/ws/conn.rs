@@ -94,6 +94,9 @@ pub(crate) struct Session {
     /// The client frame rate limiter, made at the first client frame (most idle
     /// connections never send one).
     frames: Option<Box<DefaultDirectRateLimiter>>,
+    /// When the token the session was opened with stops being valid: the connection
+    /// ends then (4001), so a session never outlives its credentials.
+    expires: Instant,
     _ticket: Ticket,
 }
 
@@ -115,12 +118,15 @@ impl Session {
         feed: Feed,
         hello: Message,
         ticket: Ticket,
+        valid_for: Duration,
     ) -> Box<Self> {
+        let now = Instant::now();
         Box::new(Self {
             state,
             feed,
             out: VecDeque::from([Out::Msg(Box::new(hello))]),
             frames: None,
+            expires: now.checked_add(valid_for).unwrap_or(now + MAX_SESSION),
             _ticket: ticket,
         })
     }
@@ -225,11 +231,12 @@ impl Conn {
     pub(crate) fn new(socket: WebSocket, session: Box<Session>) -> Self {
         let heartbeat = session.state.config.heartbeat;
         let shutdown = Box::pin(session.state.shutdown.clone().cancelled_owned());
+        let first = (Instant::now() + heartbeat).min(session.expires);
         Self {
             socket,
             session,
             work: None,
-            timer: Box::pin(tokio::time::sleep(heartbeat)),
+            timer: Box::pin(tokio::time::sleep_until(first)),
             last_heard: Instant::now(),
             shutdown,
             unflushed: false,
@@ -319,6 +326,14 @@ impl Conn {
                 // Reset: polled again to register.
                 progress.timer = true;
                 let heartbeat = self.session.state.config.heartbeat;
+                if Instant::now() >= self.session.expires {
+                    metrics::counter!("herald_gateway_token_expiries_total", "transport" => "ws")
+                        .increment(1);
+                    return Poll::Ready(Outcome::Close(
+                        close::TOKEN_EXPIRED,
+                        "token expired: reconnect with a fresh token and after=<last seq>",
+                    ));
+                }
                 if self.last_heard.elapsed() > heartbeat * 2 {
                     return Poll::Ready(Outcome::Close(close::HEARTBEAT, "missed heartbeats"));
                 }
@@ -332,7 +347,9 @@ impl Conn {
                 }
                 let ping = Out::Msg(Box::new(Message::Ping(Default::default())));
                 self.session.out.push_back(ping);
-                self.timer.as_mut().reset(Instant::now() + heartbeat);
+                // The next beat, or the token's end if that comes first.
+                let next = (Instant::now() + heartbeat).min(self.session.expires);
+                self.timer.as_mut().reset(next);
             }
             // Whatever was queued goes out now; a socket that cannot take it registers
             // the waker and wakes the task when it can.
@@ -478,6 +495,9 @@ impl Future for Conn {
         this.poll_close(cx)
     }
 }
+
+/// The longest a session lasts when its token's lifetime does not fit an `Instant`.
+const MAX_SESSION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// RFC 6455's close code for a protocol violation.
 const PROTOCOL_ERROR: u16 = 1002;
