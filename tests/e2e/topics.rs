@@ -609,3 +609,39 @@ async fn a_topic_with_the_longest_name_can_be_published_to() -> anyhow::Result<(
     ensure!(inbox.len() == 1 && inbox[0]["title"] == "long", "{inbox:?}");
     Ok(())
 }
+
+/// A `subscribe` frame refused for what the user can fix (the 1,000-topic cap) says so,
+/// as `POST /v1/me/subscriptions` does with its 409, instead of "the store is
+/// unavailable; try again", which a client would retry forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_frame_over_the_cap_says_why() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats)
+        .topics(herald_api::TopicSettings {
+            self_subscribe: vec!["public.*".into()],
+            ..Default::default()
+        })
+        .start()
+        .await?;
+    let users: Vec<String> = vec!["cap".into()];
+    for i in 0..herald_store::MAX_TOPICS_PER_USER {
+        ok(herald
+            .producer(Method::POST, &format!("/v1/topics/many.t{i}/subscribers"))
+            .json(&json!({ "user_ids": users }))
+            .send()
+            .await?)
+        .await?;
+    }
+    let mut ws = herald.ws("cap", Resume::Live).await?;
+    ws.hello().await?;
+    ws.send(tokio_tungstenite::tungstenite::Message::text(
+        r#"{"type":"subscribe","topic":"public.one.more"}"#,
+    ))
+    .await?;
+    let answer = ws.next_frame().await?;
+    ensure!(answer["type"] == "subscription", "{answer}");
+    ensure!(answer["subscribed"] == false, "{answer}");
+    let error = answer["error"].as_str().unwrap_or_default();
+    ensure!(error.contains("already follows"), "{answer}");
+    Ok(())
+}

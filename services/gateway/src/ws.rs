@@ -215,11 +215,21 @@ async fn subscription(
             error: None,
         },
         Err(e) => {
-            tracing::warn!(error = %e, "topic subscription failed");
+            // What the caller can act on is said as it is (as `POST /v1/me/subscriptions`
+            // answers it with a 409); only NATS trouble is "try again".
+            let error = match &e {
+                herald_store::TopicsError::TooMany(_) | herald_store::TopicsError::Contended(_) => {
+                    e.to_string()
+                }
+                herald_store::TopicsError::Unavailable(_) | herald_store::TopicsError::Read(_) => {
+                    tracing::warn!(error = %e, "topic subscription failed");
+                    "the subscription store is unavailable; try again".into()
+                }
+            };
             ServerFrame::Subscription {
                 topic,
                 subscribed: !join,
-                error: Some("the subscription store is unavailable; try again".into()),
+                error: Some(error),
             }
         }
     }
