@@ -61,6 +61,16 @@ async fn gateway_metrics_are_exported() -> anyhow::Result<()> {
             1.0,
         ),
         ("herald_gateway_replay_size_count", 1.0),
+        // hello, two notifications (ws); hello, one notification (sse).
+        ("herald_gateway_frames_out_total{transport=\"ws\"}", 3.0),
+        (
+            "herald_gateway_notifications_out_total{transport=\"ws\"}",
+            2.0,
+        ),
+        (
+            "herald_gateway_notifications_out_total{transport=\"sse\"}",
+            1.0,
+        ),
         ("herald_gateway_live_delay_seconds_count", 1.0),
     ] {
         let value = sample(&text, prefix).with_context(|| format!("{prefix} missing"))?;

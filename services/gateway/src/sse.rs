@@ -51,10 +51,17 @@ pub(crate) async fn stream(
         let end = crate::feed::pump(feed, tx, |delivery| {
             metrics::counter!("herald_gateway_frames_out_total", "transport" => "sse").increment(1);
             Ok::<_, Infallible>(match delivery {
-                crate::feed::Delivery::Notification(n) => Event::default()
-                    .id(n.seq.to_string())
-                    .event("notification")
-                    .data(serde_json::to_string(&ServerFrame::Notification(n)).unwrap_or_default()),
+                crate::feed::Delivery::Notification(n) => {
+                    metrics::counter!("herald_gateway_notifications_out_total", "transport" => "sse")
+                        .increment(1);
+                    let id = n.seq.to_string();
+                    let data =
+                        serde_json::to_string(&ServerFrame::Notification(n)).unwrap_or_default();
+                    Event::default()
+                        .id(id)
+                        .event("notification")
+                        .data(data)
+                }
                 // No `id:`: a read event must not move the client's Last-Event-ID.
                 crate::feed::Delivery::Read(up_to) => Event::default()
                     .event("read")

@@ -159,7 +159,6 @@ impl Session {
     fn deliver(&mut self, items: Vec<Notification>, read: Option<u64>) {
         let read = read.map(Delivery::Read);
         for delivery in items.into_iter().map(Delivery::Notification).chain(read) {
-            metrics::counter!("herald_gateway_frames_out_total", "transport" => "ws").increment(1);
             self.out.push_back(match delivery {
                 Delivery::Notification(n) => Out::Note(Box::new(n)),
                 Delivery::Read(up_to) => Out::Msg(Box::new(text(&ServerFrame::Read { up_to }))),
@@ -172,7 +171,13 @@ impl Session {
     /// queued up while the socket was busy).
     fn next_frame(&mut self) -> Option<Message> {
         let frame = match self.out.pop_front()? {
-            Out::Msg(m) => *m,
+            Out::Msg(m) => {
+                if matches!(*m, Message::Text(_)) {
+                    metrics::counter!("herald_gateway_frames_out_total", "transport" => "ws")
+                        .increment(1);
+                }
+                *m
+            }
             Out::Note(first) => {
                 let max = self.state.config.max_batch.max(1);
                 let mut items = vec![*first];
@@ -182,6 +187,12 @@ impl Session {
                 {
                     items.push(*n);
                 }
+                // Counted as they are written, not as they are queued: a queue dropped
+                // with its connection (4008) never reached the client.
+                metrics::counter!("herald_gateway_frames_out_total", "transport" => "ws")
+                    .increment(1);
+                metrics::counter!("herald_gateway_notifications_out_total", "transport" => "ws")
+                    .increment(items.len() as u64);
                 if items.len() == 1 {
                     text(&ServerFrame::Notification(items.remove(0)))
                 } else {
