@@ -1293,3 +1293,41 @@ async fn a_job_waiting_behind_a_slow_bucket_is_not_redelivered() -> anyhow::Resu
     );
     Ok(())
 }
+
+/// `GET /v1/notifications/{id}` takes notification ids (UUIDs, any spelling) and answers
+/// anything else with a 400 naming `id`, before NATS: a key of kilobytes in a direct-get
+/// subject would overflow the protocol line and cost the process its NATS connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_status_takes_only_notification_ids() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let apns = Arc::new(Scripted::new("apns", Channel::Push));
+    let herald = Herald::builder(&nats)
+        .channels(with(settings(rand_key()), &apns, Limits::default()))
+        .start()
+        .await?;
+    device(&herald, "ida", "tok-i").await?;
+    let id = push(&herald, "ida", "otp").await?;
+    reaches(&herald, &id, "push", "sent").await?;
+    for bad in [
+        "a".repeat(5_000),
+        "not-an-id".to_string(),
+        "x.y.>".to_string(),
+    ] {
+        let r = herald
+            .producer(Method::GET, &format!("/v1/notifications/{bad}"))
+            .send()
+            .await?;
+        ensure!(
+            r.status() == 400,
+            "{}: {}",
+            &bad[..bad.len().min(20)],
+            r.status()
+        );
+        let body: Value = r.json().await?;
+        ensure!(body["error"]["field"] == "id", "{body}");
+    }
+    // The connection is whole, and an upper-case spelling names the same notification.
+    let again = status(&herald, &id.to_uppercase()).await?;
+    ensure!(again["id"] == json!(id), "{again}");
+    Ok(())
+}

@@ -246,6 +246,18 @@ async fn status(
     if !producer.0.allows(Scope::Read) {
         producer.require(Scope::Notify)?;
     }
+    // Notification ids are UUIDs. Anything else has no status, and must never reach a
+    // subject: a key of kilobytes would overflow NATS' protocol line and cost the
+    // process its connection.
+    let id = uuid::Uuid::parse_str(&id)
+        .map_err(|_| {
+            AppError::field(FieldError::new(
+                "id",
+                "must be a notification id (a UUID, as POST /v1/notify answered)",
+            ))
+        })?
+        .hyphenated()
+        .to_string();
     match s.status.get(&id).await.map_err(unavailable)? {
         Some(doc) => {
             // Seen live (a client `ack`) and read, from the user's positions.
