@@ -1331,3 +1331,62 @@ async fn delivery_status_takes_only_notification_ids() -> anyhow::Result<()> {
     ensure!(again["id"] == json!(id), "{again}");
     Ok(())
 }
+
+/// A critical category's email (an OTP, a security alert) carries no `List-Unsubscribe`:
+/// critical categories ignore opt-outs, so a one-click unsubscribe would answer
+/// "unsubscribed" and change nothing. Other categories keep it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn critical_emails_offer_no_unsubscribe_they_could_not_honour() -> anyhow::Result<()> {
+    use herald_protocol::preferences::{CategoryRule, Policy};
+    let smtp = SmtpServer::start().await?;
+    let nats = Nats::single().await?;
+    let mut s = settings(rand_key());
+    s.smtp = Some(SmtpSettings {
+        url: smtp.url(),
+        from: "Herald <noreply@herald.test>".into(),
+        pool: 2,
+    });
+    let critical = CategoryRule {
+        critical: true,
+        ..Default::default()
+    };
+    let policy = Policy::new(
+        [
+            ("security".to_owned(), critical),
+            ("news".to_owned(), CategoryRule::default()),
+        ]
+        .into_iter()
+        .collect(),
+    );
+    let herald = Herald::builder(&nats)
+        .policy(policy)
+        .channels(s)
+        .start()
+        .await?;
+    let r = contact(&herald, "kim", json!({"email": "kim@example.com"})).await?;
+    assert_eq!(r.status(), 200);
+    for (category, title) in [("security", "New login"), ("news", "Weekly news")] {
+        let n = herald
+            .accept(&json!({"user_id": "kim", "category": category, "title": title, "channels": ["email"]}))
+            .await?;
+        reaches(&herald, &n.id, "email", "sent").await?;
+    }
+    let messages = eventually(WAIT, "two emails received", || async {
+        let m = smtp.messages()?;
+        ensure!(m.len() >= 2, "{} messages", m.len());
+        Ok(m)
+    })
+    .await?;
+    for raw in &messages {
+        let parsed = mail_parser::MessageParser::default()
+            .parse(raw)
+            .context("MIME")?;
+        let has_link = parsed.header_raw("List-Unsubscribe").is_some();
+        match parsed.subject() {
+            Some("New login") => ensure!(!has_link, "the critical email offers an unsubscribe"),
+            Some("Weekly news") => ensure!(has_link, "the news email lost its unsubscribe"),
+            other => anyhow::bail!("unexpected email {other:?}"),
+        }
+    }
+    Ok(())
+}

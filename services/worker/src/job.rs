@@ -466,8 +466,12 @@ impl Step<'_> {
         let expires_at = stored.expires_at.as_deref().and_then(|t| {
             OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
         });
+        // No `List-Unsubscribe` on a critical category's email: its opt-out would be
+        // answered "unsubscribed" and then ignored, as critical categories ignore opt-outs.
+        let critical = (self.ctx.deps.optout.as_ref())
+            .is_some_and(|optout| optout.is_critical(stored.category.as_deref()));
         let unsubscribe_url = match (&self.ctx.deps.links, self.job.channel) {
-            (Some(links), Channel::Email) => {
+            (Some(links), Channel::Email) if !critical => {
                 Some(links.url(&self.job.user_id, stored.category.as_deref()))
             }
             _ => None,

@@ -63,6 +63,14 @@ impl OptOut {
         self.policy.decide(prefs, category, channel).is_ok()
     }
 
+    /// Whether `category` is critical (security alerts, OTPs): its notifications ignore
+    /// opt-outs, so their emails offer no unsubscribe link that could not be honoured.
+    pub fn is_critical(&self, category: Option<&str>) -> bool {
+        category
+            .and_then(|c| self.policy.category(c))
+            .is_some_and(|rule| rule.critical)
+    }
+
     /// Opts `user` out of email for `category` (or of email altogether without one).
     ///
     /// # Errors
