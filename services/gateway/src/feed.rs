@@ -12,7 +12,7 @@ use backon::{ExponentialBuilder, Retryable as _};
 use herald_protocol::topic::{TOPICS_HEADER, for_subscriber};
 use herald_protocol::{Notification, StoredNotification, TopicId, UserId};
 use herald_store::direct::header_u64;
-use herald_store::{InboxError, InboxPage, TopicSource, ViewHead};
+use herald_store::{InboxEntry as Entry, InboxError, InboxPage, TopicSource, ViewHead};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
@@ -26,6 +26,14 @@ const REPLAY_PAGE: usize = 200;
 
 /// Further tries of a replay read that failed, before the feed fails.
 const REPLAY_RETRIES: usize = 3;
+
+/// Catch-ups in a row that may end short of the held live message (the replica that
+/// answered is behind) before the feed fails; the pause before each grows from
+/// [`SHORT_PAUSE`] (about 1.3 s waited in all).
+const SHORT_ROUNDS: u32 = 8;
+
+/// The first pause before a catch-up reads again after ending short.
+const SHORT_PAUSE: Duration = Duration::from_millis(5);
 
 /// Why a feed stopped.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +59,31 @@ pub struct Feed {
     hub: Hub,
     user: UserId,
     live: Tap,
+    /// What has been handed out, per source, and what is read next.
+    cursor: Cursor,
+    /// The user's topic subscriptions changed: re-read them.
+    topics_changed: bool,
+    /// The store read in flight, if any (a replay page, the user's topics), kept across
+    /// polls: a connection's other work never cancels a read halfway.
+    in_flight: Option<InFlight>,
+    /// The tap dropped live messages while a catch-up took none: after the tap is
+    /// drained, the inbox is read again for them.
+    stale_drops: bool,
+    /// Shared by a gateway's feeds: one permit per catch-up read in flight.
+    pace: Option<Arc<Semaphore>>,
+    /// A read position announced since the last call, for other devices' `read` frames.
+    read_event: Option<u64>,
+    /// The user's `locale` preference, read when they first follow a big topic (its
+    /// templated publishes carry every locale's texts; live ones are shown in this one).
+    /// Read once per feed: a change applies from the next connection.
+    locale: Option<Option<String>>,
+}
+
+/// The bookkeeping of a feed, apart from the reads that feed it: the highest seq handed
+/// out per source, the catch-up position, the held live message, and what is ready to
+/// hand out. It decides what is delivered, in what order, and when a catch-up is over.
+#[derive(Debug)]
+struct Cursor {
     /// Notifications handed out by the initial replay, until it ends (then recorded).
     replayed: Option<u64>,
     /// Highest seq handed out (or the starting position).
@@ -62,30 +95,36 @@ pub struct Feed {
     topics: Vec<Followed>,
     /// Where the next catch-up read starts (exclusive).
     replay_from: u64,
-    /// The user's topic subscriptions changed: re-read them.
-    topics_changed: bool,
-    /// The store read in flight, if any (a replay page, the user's topics), kept across
-    /// polls: a connection's other work never cancels a read halfway.
-    in_flight: Option<InFlight>,
     /// Read position at open, for the `read` flag.
     read_up_to: u64,
     /// Whether the inbox may hold notifications after `last_sent` not yet handed out.
     catching_up: bool,
-    /// A live notification that revealed a gap, delivered once the gap is read (kept in
-    /// case the replica that answers the catch-up has not stored it yet).
-    held: Option<Box<(u64, Option<TopicId>, StoredNotification)>>,
-    /// The tap dropped live messages while a catch-up took none: after the tap is
-    /// drained, the inbox is read again for them.
-    stale_drops: bool,
-    /// Shared by a gateway's feeds: one permit per catch-up read in flight.
-    pace: Option<Arc<Semaphore>>,
+    /// The newest live message that arrived during a catch-up (the older ones were let
+    /// go: the catch-up reads them), delivered once the catch-up has read up to it.
+    held: Option<Box<Held>>,
+    /// Catch-ups that ended without reaching the held message (see [`Cursor::page`]).
+    short_rounds: u32,
     ready: VecDeque<Notification>,
-    /// A read position announced since the last call, for other devices' `read` frames.
-    read_event: Option<u64>,
-    /// The user's `locale` preference, read when they first follow a big topic (its
-    /// templated publishes carry every locale's texts; live ones are shown in this one).
-    /// Read once per feed: a change applies from the next connection.
-    locale: Option<Option<String>>,
+}
+
+/// A live message kept until the catch-up in progress has read everything before it.
+#[derive(Debug)]
+struct Held {
+    seq: u64,
+    source: Option<TopicId>,
+    stored: StoredNotification,
+}
+
+/// Where a catch-up stands after a page ([`Cursor::page`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Caught {
+    /// More of the view may follow: read the next page.
+    More,
+    /// The view has been read to its end, and the held message (if any) handed out.
+    Up,
+    /// The view read to its end lacks the held message at this seq, stored before it
+    /// came live: the replica that answered is behind, unless it has been deleted since.
+    Short(u64),
 }
 
 #[derive(Debug)]
@@ -114,6 +153,9 @@ enum Step {
     /// Newly followed topics' live subscriptions are confirmed; the user's locale, when
     /// it had to be read.
     Followed(Option<Option<String>>),
+    /// Whether the held message a catch-up fell short of is still stored (the stream
+    /// leader's word), after a pause that grows with each such round.
+    HeldStored(bool),
 }
 
 /// A user's live subject, tapped; not yet a feed (see [`Feed::tap`]).
@@ -180,19 +222,22 @@ impl Tapped {
             hub,
             user,
             live,
-            replayed: (after.is_some() && catching_up).then_some(0),
-            last_sent,
-            own_high: last_sent,
-            topics,
-            replay_from: last_sent,
+            cursor: Cursor {
+                replayed: (after.is_some() && catching_up).then_some(0),
+                last_sent,
+                own_high: last_sent,
+                topics,
+                replay_from: last_sent,
+                read_up_to,
+                catching_up,
+                held: None,
+                short_rounds: 0,
+                ready: VecDeque::new(),
+            },
             topics_changed: false,
             in_flight: None,
-            read_up_to,
-            catching_up,
-            held: None,
             stale_drops: false,
             pace: None,
-            ready: VecDeque::new(),
             read_event: None,
             locale,
         })
@@ -256,7 +301,7 @@ impl Feed {
 
     /// The highest seq handed out so far (the resume position).
     pub fn position(&self) -> u64 {
-        self.last_sent
+        self.cursor.last_sent
     }
 
     /// The user this feed belongs to.
@@ -307,12 +352,12 @@ impl Feed {
         max: usize,
     ) -> Poll<Result<Vec<Notification>, FeedError>> {
         loop {
-            if !self.ready.is_empty() {
-                let n = max.clamp(1, self.ready.len());
-                if n == self.ready.len() {
+            if !self.cursor.ready.is_empty() {
+                let n = max.clamp(1, self.cursor.ready.len());
+                if n == self.cursor.ready.len() {
                     return Poll::Ready(Ok(self.take_ready()));
                 }
-                return Poll::Ready(Ok(self.ready.drain(..n).collect()));
+                return Poll::Ready(Ok(self.cursor.ready.drain(..n).collect()));
             }
             if self.read_event.is_some() {
                 return Poll::Ready(Ok(Vec::new()));
@@ -320,7 +365,7 @@ impl Feed {
             if self.in_flight.is_none() {
                 if self.topics_changed {
                     self.in_flight = Some(self.read_topics());
-                } else if self.catching_up {
+                } else if self.cursor.catching_up {
                     self.in_flight = Some(self.read_page());
                 }
             }
@@ -340,7 +385,7 @@ impl Feed {
                     }
                 }
                 self.stale_drops = false;
-                self.catch_up(self.lowest_high());
+                self.cursor.catch_up(self.cursor.lowest_high());
                 continue;
             }
             if self.live.take_lagged() {
@@ -349,13 +394,13 @@ impl Feed {
                 // least any source has handed out — `last_sent` may be past a lost
                 // message of another lane or source. What is queued meanwhile is in the
                 // inbox too, and is dropped as already handed out after the catch-up.
-                self.catch_up(self.lowest_high());
+                self.cursor.catch_up(self.cursor.lowest_high());
                 continue;
             }
             let live = ready!(self.live.poll_recv(cx)).ok_or(FeedError::Closed)?;
             if self.live.take_lagged() {
                 // Missing after this one: it is held until the catch-up ends.
-                self.catch_up(self.lowest_high());
+                self.cursor.catch_up(self.cursor.lowest_high());
             }
             self.on_live(&live);
         }
@@ -367,7 +412,7 @@ impl Feed {
     /// # Errors
     /// [`FeedError`] when NATS cannot answer.
     pub async fn next_ready(&mut self) -> Result<Vec<Notification>, FeedError> {
-        if self.catching_up && self.ready.is_empty() {
+        if self.cursor.catching_up && self.cursor.ready.is_empty() {
             if self.in_flight.is_none() {
                 self.in_flight = Some(self.read_page());
             }
@@ -378,16 +423,7 @@ impl Feed {
 
     /// What is ready, leaving no buffer behind (an idle feed holds no capacity).
     fn take_ready(&mut self) -> Vec<Notification> {
-        Vec::from(std::mem::take(&mut self.ready))
-    }
-
-    /// Starts (or widens) a catch-up read from the view after `from`.
-    fn catch_up(&mut self, from: u64) {
-        if !self.catching_up {
-            self.replay_from = from;
-        }
-        self.replay_from = self.replay_from.min(from);
-        self.catching_up = true;
+        Vec::from(std::mem::take(&mut self.cursor.ready))
     }
 
     /// Drives the store reads in flight to their end, taking in what each brings (one
@@ -406,7 +442,12 @@ impl Feed {
                     // From the new topics' `since`, not `last_sent`: a publish stored
                     // between the subscribe and this follow is below what this
                     // connection has handed out of its own, and live never brought it.
-                    self.catch_up(self.lowest_high());
+                    self.cursor.catch_up(self.cursor.lowest_high());
+                }
+                Step::HeldStored(true) => {} // the catch-up reads again
+                Step::HeldStored(false) => {
+                    self.cursor.held_gone();
+                    self.caught_up();
                 }
             }
         }
@@ -416,6 +457,7 @@ impl Feed {
     /// The next page of the view after `replay_from`.
     fn read_page(&self) -> InFlight {
         let topics: Vec<TopicSource> = self
+            .cursor
             .topics
             .iter()
             .map(|f| TopicSource {
@@ -426,7 +468,7 @@ impl Feed {
         let (hub, user, from, pace) = (
             self.hub.clone(),
             self.user.clone(),
-            self.replay_from,
+            self.cursor.replay_from,
             self.pace.clone(),
         );
         InFlight(Box::pin(async move {
@@ -452,42 +494,49 @@ impl Feed {
     }
 
     fn take_page(&mut self, page: InboxPage) {
-        for (seq, stored) in page.items {
-            let source = if page.shared.contains(&seq) {
-                stored.topic.as_deref().and_then(|t| TopicId::new(t).ok())
-            } else {
-                None
-            };
-            self.push(seq, source.as_ref(), stored);
+        match self.cursor.page(page) {
+            Caught::More => {}
+            Caught::Up => self.caught_up(),
+            Caught::Short(seq) => {
+                let round = self.cursor.short_rounds;
+                if round > SHORT_ROUNDS {
+                    // Each read came from a replica that has not stored what the leader
+                    // has had for seconds: end the connection (its client resumes from
+                    // its position) rather than wait on it for ever.
+                    let e = format!("the inbox replicas stay behind seq {seq}");
+                    self.in_flight = Some(InFlight(Box::pin(async move {
+                        Err(FeedError::Inbox(InboxError::Unavailable(e.into())))
+                    })));
+                    return;
+                }
+                metrics::counter!("herald_gateway_short_catch_ups_total").increment(1);
+                let inbox = self.hub.inbox().clone();
+                self.in_flight = Some(InFlight(Box::pin(async move {
+                    match inbox.entry_at(seq).await {
+                        Entry::Stored(_) => {
+                            // A replica a few milliseconds behind: give it a moment.
+                            let pause = SHORT_PAUSE.saturating_mul(1 << round.min(6));
+                            tokio::time::sleep(pause).await;
+                            Ok(Step::HeldStored(true))
+                        }
+                        Entry::Gone => Ok(Step::HeldStored(false)),
+                        Entry::Unavailable(e) => {
+                            Err(FeedError::Inbox(InboxError::Unavailable(e.into())))
+                        }
+                    }
+                })));
+            }
         }
-        match page.read_span {
-            // Step past messages that did not decode, too.
-            Some((_, last)) => {
-                self.replay_from = self.replay_from.max(last);
-                self.last_sent = self.last_sent.max(last);
-            }
-            None => {
-                // Every source has been read up to `replay_from`: nothing at or below it
-                // can still be missing, so no later catch-up need start below it (a
-                // quiet source would otherwise pull every later one back to where the
-                // connection opened).
-                self.own_high = self.own_high.max(self.replay_from);
-                for f in &mut self.topics {
-                    f.high = f.high.max(self.replay_from);
-                }
-                // Drops while this read took nothing live say nothing about the client:
-                // they are settled after the tap is drained (see `stale_drops`), and a
-                // full client queue meanwhile is not a slow client.
-                self.stale_drops |= self.live.take_lagged();
-                self.catching_up = false;
-                if let Some(replayed) = self.replayed.take() {
-                    metrics::histogram!("herald_gateway_replay_size").record(replayed as f64);
-                }
-                if let Some(held) = self.held.take() {
-                    let (seq, source, stored) = *held;
-                    self.push(seq, source.as_ref(), stored);
-                }
-            }
+    }
+
+    /// A catch-up has ended.
+    fn caught_up(&mut self) {
+        // Drops while this read took nothing live say nothing about the client: they
+        // are settled after the tap is drained (see `stale_drops`), and a full client
+        // queue meanwhile is not a slow client.
+        self.stale_drops |= self.live.take_lagged();
+        if let Some(replayed) = self.cursor.replayed.take() {
+            metrics::histogram!("herald_gateway_replay_size").record(replayed as f64);
         }
     }
 
@@ -512,25 +561,25 @@ impl Feed {
     fn take_topics(&mut self, now: Vec<TopicSource>) {
         let subjects = self.hub.inbox().subjects().clone();
         let mut confirms = Vec::new();
+        let topics = &mut self.cursor.topics;
         for t in &now {
-            if self.topics.iter().all(|f| f.topic != t.topic) {
+            if topics.iter().all(|f| f.topic != t.topic) {
                 confirms.push(self.live.follow_start(subjects.topic_live(&t.topic)));
-                self.topics.push(Followed {
+                topics.push(Followed {
                     topic: t.topic.clone(),
                     since: t.since,
                     high: t.since,
                 });
             }
         }
-        let gone: Vec<TopicId> = self
-            .topics
+        let gone: Vec<TopicId> = topics
             .iter()
             .filter(|f| now.iter().all(|t| t.topic != f.topic))
             .map(|f| f.topic.clone())
             .collect();
         for topic in gone {
             self.live.unfollow(&subjects.topic_live(&topic));
-            self.topics.retain(|f| f.topic != topic);
+            topics.retain(|f| f.topic != topic);
         }
         if confirms.is_empty() {
             return;
@@ -559,7 +608,7 @@ impl Feed {
     /// drop still makes the feed read again once the catch-up ends.
     pub fn poll_lagged(&self, cx: &mut Context<'_>) -> bool {
         let dropped = self.live.poll_lagged(cx);
-        dropped && !self.catching_up && self.in_flight.is_none()
+        dropped && !self.cursor.catching_up && self.in_flight.is_none()
     }
 
     /// The read position announced since the last call, if any.
@@ -576,9 +625,9 @@ impl Feed {
             if headers.get(TOPICS_HEADER).is_some() {
                 self.topics_changed = true;
             } else if let Some(up_to) = header_u64(headers, herald_protocol::streams::READ_HEADER)
-                && up_to > self.read_up_to
+                && up_to > self.cursor.read_up_to
             {
-                self.read_up_to = up_to;
+                self.cursor.read_up_to = up_to;
                 self.read_event = Some(up_to);
             }
             return;
@@ -587,12 +636,12 @@ impl Feed {
         let subjects = self.hub.inbox().subjects();
         let (source, floor) = match subjects.topic_of(&msg.subject) {
             None => (None, 0),
-            Some(topic) => match self.topics.iter().find(|f| f.topic == topic) {
+            Some(topic) => match self.cursor.topics.iter().find(|f| f.topic == topic) {
                 Some(f) => (Some(topic), f.since),
                 None => return, // no longer followed
             },
         };
-        if seq <= floor || seq <= self.high(source.as_ref()) {
+        if seq <= floor || seq <= self.cursor.high(source.as_ref()) {
             return; // before they subscribed, or already handed out
         }
         // Decoded once per gateway (the hub's `Live`), copied per connection.
@@ -608,25 +657,117 @@ impl Feed {
             Ok(_) => return tracing::error!(seq, "live message for another user; dropped"),
             Err(e) => return tracing::warn!(seq, error = %e, "undecodable live message; dropped"),
         };
+        let previous = header_u64(headers, "Nats-Last-Sequence").unwrap_or(0);
+        self.cursor.live(
+            Held {
+                seq,
+                source,
+                stored,
+            },
+            floor,
+            previous,
+        );
+    }
+}
+
+impl Cursor {
+    /// Takes a live message of a followed source (`floor`: the seq from which the user
+    /// sees it) that is newer than what the source has handed out; `previous` is the seq
+    /// of the message stored before it on its subject.
+    fn live(&mut self, live: Held, floor: u64, previous: u64) {
         if self.catching_up {
             // Its predecessors are being read from the inbox; it follows them.
-            if self.held.as_ref().is_none_or(|held| held.0 < seq) {
-                self.held = Some(Box::new((seq, source, stored)));
-            }
+            self.hold(live);
             return;
         }
-        let previous = header_u64(headers, "Nats-Last-Sequence").unwrap_or(0);
-        if previous > floor && previous > self.high(source.as_ref()) {
+        if previous > floor && previous > self.high(live.source.as_ref()) {
             // A live message of this source was lost (or arrived before the replay saw
-            // its predecessor): read the gap from the view, then this one.
+            // its predecessor): read the gap from the view, from the last one of this
+            // source handed out (other sources may have handed out more), then this one.
             metrics::counter!("herald_gateway_gap_repairs_total").increment(1);
-            self.catch_up(previous.saturating_sub(1).min(self.last_sent));
-            if self.held.as_ref().is_none_or(|held| held.0 < seq) {
-                self.held = Some(Box::new((seq, source, stored)));
-            }
+            self.catch_up(self.high(live.source.as_ref()).max(floor));
+            self.hold(live);
             return;
         }
-        self.push(seq, source.as_ref(), stored);
+        self.push(live.seq, live.source.as_ref(), live.stored);
+    }
+
+    /// Keeps the newest live message while catching up; the older ones are let go (the
+    /// catch-up reads them, as it reads everything up to the one held).
+    fn hold(&mut self, live: Held) {
+        if self.held.as_ref().is_none_or(|held| held.seq < live.seq) {
+            self.held = Some(Box::new(live));
+        }
+    }
+
+    /// Starts (or widens) a catch-up read from the view after `from`.
+    fn catch_up(&mut self, from: u64) {
+        if !self.catching_up {
+            self.replay_from = from;
+        }
+        self.replay_from = self.replay_from.min(from);
+        self.catching_up = true;
+    }
+
+    /// Takes a page of the catch-up: hands out what is new per source, and says whether
+    /// the catch-up goes on.
+    ///
+    /// It ends at the first empty page, which means the view holds nothing after
+    /// `replay_from` — in the state of the replica that answered. A page's reads all
+    /// stop at one replica's state, which holds every message stored before its newest
+    /// one (see [`herald_store::Inbox::after`]). So the held live message, stored
+    /// before it came live, shows whether that state reached it: if the pages brought
+    /// it, they brought everything before it, and the catch-up is over. If not, the
+    /// replica that answered is behind the one that sent it live (on a cluster, any
+    /// replica answers a direct get), and what is stored just before it — other live
+    /// messages let go while it was held — may be missing too: the catch-up is short
+    /// ([`Caught::Short`]) and must read again before the held message is handed out.
+    fn page(&mut self, page: InboxPage) -> Caught {
+        for (seq, stored) in page.items {
+            let source = if page.shared.contains(&seq) {
+                stored.topic.as_deref().and_then(|t| TopicId::new(t).ok())
+            } else {
+                None
+            };
+            self.push(seq, source.as_ref(), stored);
+        }
+        if let Some((_, last)) = page.read_span {
+            // Step past messages that did not decode, too.
+            self.replay_from = self.replay_from.max(last);
+            self.last_sent = self.last_sent.max(last);
+            return Caught::More;
+        }
+        // Every source has been read up to `replay_from`: nothing at or below it can
+        // still be missing, so no later catch-up need start below it (a quiet source
+        // would otherwise pull every later one back to where the connection opened).
+        self.own_high = self.own_high.max(self.replay_from);
+        for f in &mut self.topics {
+            f.high = f.high.max(self.replay_from);
+        }
+        if let Some(held) = &self.held {
+            let followed = held
+                .source
+                .as_ref()
+                .is_none_or(|t| self.topics.iter().any(|f| &f.topic == t));
+            if followed && held.seq > self.high(held.source.as_ref()) {
+                self.short_rounds += 1;
+                return Caught::Short(held.seq);
+            }
+        }
+        // Read up to the held message (or it is of a topic no longer followed): handed
+        // out by the pages already, or dropped.
+        self.held = None;
+        self.short_rounds = 0;
+        self.catching_up = false;
+        Caught::Up
+    }
+
+    /// The held message a catch-up fell short of is not stored any more (deleted since
+    /// it came live): the catch-up is over without it.
+    fn held_gone(&mut self) {
+        self.held = None;
+        self.short_rounds = 0;
+        self.catching_up = false;
     }
 
     /// The lowest of the sources' highest seqs handed out: a catch-up from here misses
@@ -742,5 +883,168 @@ pub async fn pump<T>(
                 Err(TrySendError::Closed(_)) => return PumpEnd::Closed,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The feed's decisions over pages as a store would answer them — one a replica behind
+    //! the live messages may give — with no NATS: what is handed out, in what order, and
+    //! when a catch-up is over.
+
+    use super::*;
+
+    const USER: &str = "ada";
+
+    fn stored(seq: u64, topic: Option<&str>) -> StoredNotification {
+        serde_json::from_value(serde_json::json!({
+            "id": format!("n{seq}"),
+            "user_id": USER,
+            "topic": topic,
+            "title": format!("#{seq}"),
+            "created_at": "2025-01-01T00:00:00Z",
+        }))
+        .expect("a stored notification")
+    }
+
+    fn topic(name: &str) -> TopicId {
+        TopicId::new(name).expect("a topic id")
+    }
+
+    /// A live-only cursor at `at`, following `topics` (each seen since 0).
+    fn cursor(at: u64, topics: &[&str]) -> Cursor {
+        Cursor {
+            replayed: None,
+            last_sent: at,
+            own_high: at,
+            topics: topics
+                .iter()
+                .map(|t| Followed {
+                    topic: topic(t),
+                    since: 0,
+                    high: at,
+                })
+                .collect(),
+            replay_from: at,
+            read_up_to: 0,
+            catching_up: false,
+            held: None,
+            short_rounds: 0,
+            ready: VecDeque::new(),
+        }
+    }
+
+    /// A page of the view as the store reads it: own seqs, then `(seq, topic)` ones.
+    fn page(own: &[u64], shared: &[(u64, &str)]) -> InboxPage {
+        let mut items: Vec<(u64, StoredNotification)> =
+            own.iter().map(|&seq| (seq, stored(seq, None))).collect();
+        items.extend(shared.iter().map(|&(seq, t)| (seq, stored(seq, Some(t)))));
+        items.sort_by_key(|(seq, _)| *seq);
+        InboxPage {
+            read_span: items.first().map(|f| (f.0, items[items.len() - 1].0)),
+            shared: shared.iter().map(|s| s.0).collect(),
+            has_more: false,
+            items,
+        }
+    }
+
+    fn live(c: &mut Cursor, seq: u64, source: Option<&str>, previous: u64) {
+        c.live(
+            Held {
+                seq,
+                source: source.map(topic),
+                stored: stored(seq, source),
+            },
+            0,
+            previous,
+        );
+    }
+
+    fn taken(c: &mut Cursor) -> Vec<u64> {
+        std::mem::take(&mut c.ready).iter().map(|n| n.seq).collect()
+    }
+
+    #[test]
+    fn a_catch_up_answered_by_a_replica_behind_does_not_hand_out_the_held_message() {
+        // Delivered up to 5 live; 6..=9 lost (the tap overflowed): a catch-up starts.
+        let mut c = cursor(5, &[]);
+        c.catch_up(c.lowest_high());
+        // While it reads, 10, 11 and 12 come live: 12 is held, 10 and 11 let go.
+        live(&mut c, 10, None, 9);
+        live(&mut c, 11, None, 10);
+        live(&mut c, 12, None, 11);
+        assert_eq!(c.held.as_ref().map(|h| h.seq), Some(12));
+        // The replica that answers has stored up to 9.
+        assert_eq!(c.page(page(&[6, 7, 8, 9], &[])), Caught::More);
+        assert_eq!(
+            c.page(page(&[], &[])),
+            Caught::Short(12),
+            "10 and 11 unread"
+        );
+        assert_eq!(taken(&mut c), [6, 7, 8, 9], "12 waits for 10 and 11");
+        assert!(c.catching_up);
+        // Read again (from where the pages got to), from a replica that has them all.
+        assert_eq!(c.replay_from, 9);
+        assert_eq!(c.page(page(&[10, 11, 12], &[])), Caught::More);
+        assert_eq!(c.page(page(&[], &[])), Caught::Up);
+        assert_eq!(taken(&mut c), [10, 11, 12]);
+        assert!(!c.catching_up && c.held.is_none() && c.short_rounds == 0);
+        // Live again: the next one is handed out at once.
+        live(&mut c, 13, None, 12);
+        assert_eq!(taken(&mut c), [13]);
+    }
+
+    #[test]
+    fn a_gap_is_read_from_the_last_one_its_source_handed_out() {
+        // A big topic handed out up to 5; the user's own subject up to 20 since.
+        let mut c = cursor(5, &["news"]);
+        live(&mut c, 20, None, 5);
+        assert_eq!(taken(&mut c), [20]);
+        // The topic's 24 and 25 were lost live; 30 arrives, stored after 25.
+        live(&mut c, 30, Some("news"), 25);
+        assert!(c.catching_up);
+        assert_eq!(
+            c.replay_from, 5,
+            "the topic's gap begins after its 5, not at 24"
+        );
+        // The view after 5: the own 20 again (dropped), the topic's 24, 25 and 30.
+        assert_eq!(
+            c.page(page(&[20], &[(24, "news"), (25, "news"), (30, "news")])),
+            Caught::More
+        );
+        assert_eq!(c.page(page(&[], &[])), Caught::Up);
+        assert_eq!(taken(&mut c), [24, 25, 30]);
+    }
+
+    #[test]
+    fn a_gap_repair_that_reads_nothing_new_holds_the_live_message_back() {
+        let mut c = cursor(5, &[]);
+        // 7 arrives, stored after 6, which this connection never saw; the replica that
+        // answers the repair has neither yet.
+        live(&mut c, 7, None, 6);
+        assert_eq!(c.page(page(&[], &[])), Caught::Short(7));
+        assert!(taken(&mut c).is_empty());
+        assert_eq!(c.page(page(&[6, 7], &[])), Caught::More);
+        assert_eq!(c.page(page(&[], &[])), Caught::Up);
+        assert_eq!(taken(&mut c), [6, 7]);
+    }
+
+    #[test]
+    fn a_held_message_deleted_since_ends_the_catch_up_without_it() {
+        let mut c = cursor(5, &[]);
+        live(&mut c, 7, None, 6);
+        assert_eq!(c.page(page(&[], &[])), Caught::Short(7));
+        c.held_gone();
+        assert!(!c.catching_up && c.held.is_none());
+        assert!(taken(&mut c).is_empty());
+    }
+
+    #[test]
+    fn a_held_message_of_a_topic_left_meanwhile_is_dropped() {
+        let mut c = cursor(5, &["news"]);
+        live(&mut c, 9, Some("news"), 8);
+        c.topics.clear(); // unsubscribed while the repair read
+        assert_eq!(c.page(page(&[], &[])), Caught::Up);
+        assert!(taken(&mut c).is_empty());
     }
 }

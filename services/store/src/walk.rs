@@ -17,6 +17,7 @@
 
 use crate::direct::{self, DirectMessage};
 use crate::inbox::{Inbox, InboxError};
+use async_nats::jetstream::stream::RawMessageErrorKind;
 use herald_protocol::streams::INBOX;
 
 /// Subjects per `multi_last` request.
@@ -93,6 +94,14 @@ impl Inbox {
 
     /// Up to `limit` messages of `lane` with `after < seq <= last`, oldest first, and
     /// whether more remain below `last`.
+    ///
+    /// Every message of the lane up to `last` is read, or the read fails: a page merges
+    /// several lanes, and one lane read short while another is read to its end would
+    /// move the reader's position past what the short one missed, for good. On a
+    /// cluster any replica answers a direct get, and one may not yet hold what the
+    /// replica that answered `last` held: when the answers stop before `last`, the
+    /// stream leader (which holds everything a replica does) is asked for the next one,
+    /// and only its "nothing" ends the walk short (deleted since `last` was read).
     async fn walk(
         &self,
         lane: &str,
@@ -102,16 +111,25 @@ impl Inbox {
     ) -> Result<(Vec<DirectMessage>, bool), InboxError> {
         let mut out: Vec<DirectMessage> = Vec::new();
         let mut from = after.saturating_add(1);
+        let mut batched = false;
         while out.len() < limit && from <= last {
-            if out.len() == SINGLE_READS {
+            if out.len() >= SINGLE_READS && !batched {
                 // A long read: the rest in one batch, its count paid once.
+                batched = true;
                 let (rest, _) = self
                     .subject_after(lane, from - 1, limit - out.len())
                     .await?;
                 out.extend(rest.into_iter().take_while(|m| m.seq <= last));
-                break;
+                if let Some(m) = out.last() {
+                    from = from.max(m.seq.saturating_add(1));
+                }
+                continue; // done, or short of `last`: read on one at a time
             }
-            let Some(msg) = direct::next(&self.nats().consume, INBOX, lane, from).await? else {
+            let msg = match direct::next(&self.nats().consume, INBOX, lane, from).await? {
+                Some(msg) => Some(msg),
+                None => self.leader_next(lane, from).await?,
+            };
+            let Some(msg) = msg else {
                 break;
             };
             if msg.seq > last {
@@ -122,6 +140,38 @@ impl Inbox {
         }
         let more = out.len() >= limit && out.last().is_some_and(|m| m.seq < last);
         Ok((out, more))
+    }
+
+    /// The first message of `lane` with sequence ≥ `from`, as the stream leader has it
+    /// (`STREAM.MSG.GET`, never a replica behind it); `None` when there is none.
+    async fn leader_next(
+        &self,
+        lane: &str,
+        from: u64,
+    ) -> Result<Option<DirectMessage>, InboxError> {
+        let unavailable = |e: &dyn std::fmt::Display| InboxError::Unavailable(e.to_string().into());
+        let stream = self
+            .nats()
+            .js_consume
+            .get_stream_no_info(INBOX)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        match stream
+            .raw_message_builder()
+            .sequence(from)
+            .next_by_subject(lane)
+            .send()
+            .await
+        {
+            Ok(m) => Ok(Some(DirectMessage {
+                seq: m.sequence,
+                pending: None,
+                headers: m.headers,
+                payload: m.payload,
+            })),
+            Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(unavailable(&e)),
+        }
     }
 
     /// Messages of literal `lane` with `after < seq <= last`. Walked one at a time up
