@@ -39,6 +39,9 @@ pub struct ChannelSettings {
     pub contact_keys: ContactKeys,
     /// Key signing unsubscribe links.
     pub link_key: Vec<u8>,
+    /// Keys that signed links before a contact-key rotation: links already mailed keep
+    /// working.
+    pub old_link_keys: Vec<Vec<u8>>,
     /// Public origin for links in emails; `http://<listen address>` when absent.
     pub public_url: Option<String>,
     /// The email provider, when configured.
@@ -90,18 +93,31 @@ impl std::fmt::Debug for ChannelSettings {
     }
 }
 
+/// The unsubscribe-link key derived from a contact key.
+fn link_key(contact_key: &[u8; 32]) -> Vec<u8> {
+    use sha2::Digest as _;
+    sha2::Sha256::new()
+        .chain_update(b"herald unsubscribe links\0")
+        .chain_update(contact_key)
+        .finalize()
+        .to_vec()
+}
+
 impl ChannelSettings {
+    /// The contact key, and the `old` ones it replaced: contact data sealed with an old
+    /// key is still read, and unsubscribe links signed with one still verify.
+    pub fn with_old_contact_keys(mut self, current: [u8; 32], old: &[[u8; 32]]) -> Self {
+        self.contact_keys = ContactKeys::new(current, old);
+        self.old_link_keys = old.iter().map(link_key).collect();
+        self
+    }
+
     /// Defaults around one contact key (links are signed with a key derived from it).
     pub fn new(contact_key: [u8; 32]) -> Self {
-        use sha2::Digest as _;
-        let link_key = sha2::Sha256::new()
-            .chain_update(b"herald unsubscribe links\0")
-            .chain_update(contact_key)
-            .finalize()
-            .to_vec();
         Self {
             contact_keys: ContactKeys::new(contact_key, &[]),
-            link_key,
+            link_key: link_key(&contact_key),
+            old_link_keys: Vec::new(),
             public_url: None,
             smtp: None,
             provider_limits: Limits::default(),
@@ -208,7 +224,7 @@ impl Channels {
         Ok(Self {
             nats: nats.clone(),
             subjects: subjects.clone(),
-            links: Links::new(&settings.link_key, &base),
+            links: Links::new(&settings.link_key, &base).with_old_keys(&settings.old_link_keys),
             providers: Arc::new(providers(settings)?),
             settings: settings.clone(),
             targets,

@@ -445,8 +445,8 @@ impl Settings {
                 Err(e) => errors.push(format!("contact_old_keys[{i}]: {e}")),
             }
         }
-        let mut channels = crate::channels::ChannelSettings::new(key);
-        channels.contact_keys = ContactKeys::new(key, &old);
+        let mut channels =
+            crate::channels::ChannelSettings::new(key).with_old_contact_keys(key, &old);
         channels.public_url = self.public_url.clone();
         match (&self.smtp_url, &self.email_from) {
             (Some(url), Some(from)) => {
@@ -682,6 +682,19 @@ mod tests {
         assert!(dev("127.0.0.1:8080").validate().is_ok());
         let err = dev("0.0.0.0:8080").validate().expect_err("public dev mode");
         assert!(err.to_string().contains("dev_mode"), "{err}");
+    }
+
+    #[test]
+    fn old_contact_keys_keep_their_unsubscribe_links_valid() {
+        let s = Settings {
+            jwt_secret: Some("x".repeat(32)),
+            contact_key: Some("11".repeat(32)),
+            contact_old_keys: vec!["22".repeat(32), "33".repeat(32)],
+            ..Settings::default()
+        };
+        let v = s.validate().expect("valid");
+        assert_eq!(v.channels.old_link_keys.len(), 2);
+        assert!(!v.channels.old_link_keys.contains(&v.channels.link_key));
     }
 
     #[test]

@@ -24,6 +24,8 @@ struct Claims {
 #[derive(Clone)]
 pub struct Links {
     key: Vec<u8>,
+    /// Keys that signed links before a rotation; they verify, never sign.
+    old_keys: Vec<Vec<u8>>,
     base_url: String,
 }
 
@@ -46,12 +48,19 @@ impl Links {
     pub fn new(key: &[u8], base_url: &str) -> Self {
         Self {
             key: key.to_vec(),
+            old_keys: Vec::new(),
             base_url: base_url.trim_end_matches('/').to_string(),
         }
     }
 
+    /// Also accepts links signed with `old` keys (mailed before a key rotation).
+    pub fn with_old_keys(mut self, old: &[Vec<u8>]) -> Self {
+        self.old_keys = old.to_vec();
+        self
+    }
+
     fn mac(&self) -> HmacSha256 {
-        HmacSha256::new_from_slice(&self.key).expect("HMAC takes keys of any length")
+        mac_with(&self.key)
     }
 
     /// The signed token for `user` and `category`.
@@ -83,14 +92,26 @@ impl Links {
     pub fn verify(&self, token: &str) -> Result<(UserId, Option<String>), BadToken> {
         let (body, sig) = token.split_once('.').ok_or(BadToken)?;
         let sig = B64.decode(sig).map_err(|_| BadToken)?;
-        let mut mac = self.mac();
-        mac.update(body.as_bytes());
-        mac.verify_slice(&sig).map_err(|_| BadToken)?;
+        let signed_by = |key: &[u8]| {
+            let mut mac = mac_with(key);
+            mac.update(body.as_bytes());
+            mac.verify_slice(&sig).is_ok()
+        };
+        if !std::iter::once(&self.key)
+            .chain(&self.old_keys)
+            .any(|key| signed_by(key))
+        {
+            return Err(BadToken);
+        }
         let claims: Claims = serde_json::from_slice(&B64.decode(body).map_err(|_| BadToken)?)
             .map_err(|_| BadToken)?;
         let user = UserId::new(claims.u).map_err(|_| BadToken)?;
         Ok((user, claims.c))
     }
+}
+
+fn mac_with(key: &[u8]) -> HmacSha256 {
+    HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length")
 }
 
 #[cfg(test)]
@@ -117,5 +138,25 @@ mod tests {
         let (body, _) = forged.split_once('.').expect("dot");
         assert_eq!(links.verify(&format!("{body}.{sig}")), Err(BadToken));
         assert_eq!(links.verify("garbage"), Err(BadToken));
+    }
+
+    #[test]
+    fn links_mailed_before_a_key_rotation_still_verify() {
+        let before = Links::new(b"k1", "http://h");
+        let user = UserId::new("ann").expect("valid");
+        let mailed = before.token(&user, Some("news"));
+        let rotated = Links::new(b"k2", "http://h").with_old_keys(&[b"k1".to_vec()]);
+        assert_eq!(
+            rotated.verify(&mailed),
+            Ok((user.clone(), Some("news".into())))
+        );
+        // New links are signed with the new key only.
+        let fresh = rotated.token(&user, None);
+        assert_eq!(
+            Links::new(b"k2", "http://h").verify(&fresh),
+            Ok((user, None))
+        );
+        assert_eq!(before.verify(&fresh), Err(BadToken));
+        assert_eq!(Links::new(b"k3", "http://h").verify(&mailed), Err(BadToken));
     }
 }
