@@ -253,9 +253,39 @@ fn classify_answer(permanent: bool, code: &str, detail: String) -> SendError {
     }
     if mailbox_unknown(code, &detail) {
         SendError::InvalidTarget { detail }
+    } else if relay_refuses_us(&detail) {
+        // Every user's mail fails the same way until an operator acts: counted by the
+        // circuit (which opens, and the channel holds its jobs at the gate) instead of
+        // dead-lettering the whole backlog at full speed, one job after another.
+        SendError::transient(format!(
+            "{detail} (the relay refuses our mail: check relay permissions, the sender address and SPF/DKIM/DMARC)"
+        ))
     } else {
         SendError::Permanent { detail }
     }
+}
+
+/// Whether a permanent answer refuses *us* rather than this message: relaying denied,
+/// our sender address refused (5.1.7, 5.1.8), or our domain failing sender
+/// authentication (5.7.23 SPF, 5.7.25 reverse DNS, 5.7.26 DMARC/DKIM, 5.7.27 null MX of
+/// the sender's domain; RFC 7372). A message refused for what it says (5.7.1 spam) is not.
+fn relay_refuses_us(detail: &str) -> bool {
+    if matches!(
+        enhanced_code(detail),
+        Some("5.1.7" | "5.1.8" | "5.7.23" | "5.7.25" | "5.7.26" | "5.7.27")
+    ) {
+        return true;
+    }
+    let lower = detail.to_ascii_lowercase();
+    [
+        "relay access denied",
+        "relaying denied",
+        "relay not permitted",
+        "not permitted to relay",
+        "unable to relay",
+    ]
+    .iter()
+    .any(|m| lower.contains(m))
 }
 
 /// Whether a permanent (5xx) answer says the recipient's mailbox does not exist — the
@@ -539,5 +569,18 @@ mod tests {
             class(true, "550", "550 5.7.1 Message rejected as spam"),
             "permanent"
         );
+        // The relay refusing us, not this message: counted by the circuit, retried.
+        for refused in [
+            "554 5.7.1 <x@y.z>: Relay access denied",
+            "550 5.7.26 Unauthenticated email from example.com is not accepted due to domain's DMARC policy",
+            "553 5.1.8 <noreply@example.com>: Sender address rejected: Domain not found",
+            "550 Relaying denied",
+        ] {
+            assert_eq!(
+                class(true, &refused[..3], refused),
+                "transient",
+                "{refused}"
+            );
+        }
     }
 }
