@@ -88,3 +88,62 @@ mod testing {
         }
     }
 }
+
+/// `text` with every email address and phone number in it masked (`<email>`, `<phone>`),
+/// for provider answers that quote the recipient before they reach logs, delivery status
+/// or the dead-letter queue: contact data is sealed at rest and must not leak beside it.
+pub fn redact_contacts(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        let looks_like_email = word
+            .split_once('@')
+            .is_some_and(|(local, domain)| !local.is_empty() && domain.contains('.'));
+        let digits = word.chars().filter(char::is_ascii_digit).count();
+        let looks_like_phone = word.starts_with('+') && digits >= 7;
+        if looks_like_email {
+            out.push_str("<email>");
+        } else if looks_like_phone {
+            out.push_str("<phone>");
+        } else {
+            out.push_str(word);
+        }
+        word.clear();
+    };
+    for c in text.chars() {
+        if c.is_whitespace()
+            || matches!(
+                c,
+                '<' | '>' | '"' | '\'' | ',' | ';' | '(' | ')' | '[' | ']'
+            )
+        {
+            flush(&mut word, &mut out);
+            out.push(c);
+        } else {
+            word.push(c);
+        }
+    }
+    flush(&mut word, &mut out);
+    out
+}
+
+#[cfg(test)]
+mod redact_tests {
+    use super::redact_contacts;
+
+    #[test]
+    fn addresses_and_numbers_are_masked_and_the_rest_kept() {
+        assert_eq!(
+            redact_contacts("550 5.1.1 <ann@example.com>: Recipient address rejected"),
+            "550 5.1.1 <<email>>: Recipient address rejected"
+        );
+        assert_eq!(
+            redact_contacts("twilio: 400 21211: The 'To' number +14155552671 is not valid"),
+            "twilio: 400 21211: The 'To' number <phone> is not valid"
+        );
+        assert_eq!(
+            redact_contacts("fcm: 404 UNREGISTERED: token (42) at v1@2"),
+            "fcm: 404 UNREGISTERED: token (42) at v1@2"
+        );
+    }
+}

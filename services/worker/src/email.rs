@@ -123,13 +123,13 @@ impl SmtpProvider {
                 detail: "the email provider only sends to email targets".into(),
             });
         };
-        let to: Mailbox = address
-            .parse()
-            .map_err(
-                |e: lettre::address::AddressError| SendError::InvalidTarget {
-                    detail: format!("{address:?}: {e}"),
-                },
-            )?;
+        let to: Mailbox = address.parse().map_err(
+            // Not the address itself: the detail reaches logs, the delivery status
+            // producers read, and the dead-letter queue; contact data stays sealed.
+            |e: lettre::address::AddressError| SendError::InvalidTarget {
+                detail: format!("the address is not valid: {e}"),
+            },
+        )?;
         let subject = delivery
             .title
             .clone()

@@ -637,7 +637,9 @@ impl Step<'_> {
     }
 
     async fn failed(&self, provider: &str, error: SendError) {
-        let detail = error.to_string();
+        // A provider's answer may quote the address or number (an SMTP `550 <ann@x.y>:
+        // ...`): masked before it is logged, stored as status or dead-lettered.
+        let detail = herald_channels::redact_contacts(&error.to_string());
         tracing::info!(id = %self.job.id, provider, attempt = self.delivered, %detail, "send failed");
         let retryable = matches!(
             error,
