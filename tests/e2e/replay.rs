@@ -165,3 +165,97 @@ async fn replay_then_live_has_no_gap_over_sse() -> anyhow::Result<()> {
 async fn replay_then_live_has_no_gap_over_long_poll() -> anyhow::Result<()> {
     replay_then_live(Transport::LongPoll).await
 }
+
+/// The seqs of notifications received, in order.
+fn seqs(items: &[Value]) -> Vec<u64> {
+    items.iter().filter_map(|n| n["seq"].as_u64()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_from_before_the_inbox_was_recreated_replays_the_new_inbox() -> anyhow::Result<()>
+{
+    let nats = Nats::single().await?;
+    let mut herald = Herald::builder(&nats).start().await?;
+    for i in 0..5 {
+        herald.send(USER, &format!("old {i}")).await?;
+    }
+    // The client's position, from the inbox's first life.
+    let old = herald.inbox(USER).await?;
+    let position = *seqs(&old).last().context("nothing stored")?;
+    ensure!(position == 5);
+
+    // The INBOX stream is deleted and provisioned again: its sequences begin again.
+    herald.stop().await?;
+    let js = async_nats::jetstream::new(nats.client().await?);
+    js.delete_stream(herald_protocol::streams::INBOX).await?;
+    herald.start_again().await?;
+    let mut sent = Vec::new();
+    for i in 0..2 {
+        sent.push(herald.send(USER, &format!("new {i}")).await?);
+    }
+    ensure!(sent.iter().map(|a| a.seq).collect::<Vec<_>>() == [1, 2]);
+
+    let mut ws = herald.ws(USER, Resume::After(position)).await?;
+    let hello = ws.hello().await?;
+    assert_eq!(
+        hello["last_seq"], 2,
+        "the hello's last_seq, below the client's position, tells it the position is void"
+    );
+    // More: at seqs up to the old position, and one past it.
+    for i in 2..6 {
+        sent.push(herald.send(USER, &format!("new {i}")).await?);
+    }
+    // Up to the last one sent: whatever came before it is all that will.
+    let got = within(Duration::from_secs(20), "the new inbox", async {
+        let mut got = Vec::new();
+        while seqs(&got).last() != Some(&6) {
+            got.extend(ws.next_notifications().await?);
+        }
+        anyhow::Ok(got)
+    })
+    .await??;
+    assert_eq!(
+        seqs(&got),
+        [1, 2, 3, 4, 5, 6],
+        "the new inbox replayed, then live: none thrown away as already sent"
+    );
+    for (n, a) in got.iter().zip(&sent) {
+        assert_eq!(n["id"], a.id.as_str());
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_past_the_view_but_within_the_stream_is_resumed_as_it_is() -> anyhow::Result<()>
+{
+    // What a client sees on a cluster when the head is read from a replica a moment
+    // behind the one that sent it its last seq live: the position is past the view's
+    // newest seq as read, but not past the stream's. It must not be replayed from 0
+    // (duplicates), nor be told its position is void.
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    herald.send(USER, "mine 1").await?;
+    herald.send(USER, "mine 2").await?;
+    let mut others = Vec::new();
+    for i in 0..3 {
+        others.push(
+            herald
+                .send("someone else", &format!("theirs {i}"))
+                .await?
+                .seq,
+        );
+    }
+    let position = others[1]; // past the user's newest, below the stream's newest
+    ensure!(position > 2 && position < others[2]);
+
+    let mut ws = herald.ws(USER, Resume::After(position)).await?;
+    let hello = ws.hello().await?;
+    assert_eq!(
+        hello["last_seq"], position,
+        "last_seq is not below the client's position: it keeps it"
+    );
+    let next = herald.send(USER, "mine 3").await?;
+    let got = within(Duration::from_secs(20), "the live one", ws.take(1)).await??;
+    assert_eq!(seqs(&got), [next.seq], "nothing replayed, the new one live");
+    Ok(())
+}

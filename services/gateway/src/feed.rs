@@ -212,6 +212,21 @@ impl Tapped {
         // at or past the head has nothing to replay: what is stored from the tap on
         // arrives live (the common reconnect; no read at all).
         let (last_sent, catching_up) = match after {
+            // A position past the view's newest seq: on a cluster, most likely a head read
+            // from a replica a moment behind the one that sent the client that seq live
+            // (resume from it as usual: anything below is a duplicate). But a position
+            // past the stream's newest sequence, as its leader says, is from another life
+            // of the stream (recreated or restored: its sequences began again), and would
+            // throw away as already sent every notification up to it: the whole view is
+            // replayed instead, and the hello's `last_seq`, below the client's position,
+            // tells the client so (see `Feed::hello_last_seq`).
+            Some(after) if after > head.last_seq() && after > inbox.stream_last_seq().await? => {
+                tracing::info!(
+                    user = %user, after,
+                    "resume position past the inbox stream's end: replaying the whole inbox"
+                );
+                (0, true)
+            }
             Some(after) => (after, after < head.last_seq() || !topics.is_empty()),
             None => (head.last_seq(), !topics.is_empty()),
         };
@@ -302,6 +317,19 @@ impl Feed {
     /// The highest seq handed out so far (the resume position).
     pub fn position(&self) -> u64 {
         self.cursor.last_sent
+    }
+
+    /// The `last_seq` of the `hello` frame of a feed just started at `after` with
+    /// `head`: the view's newest seq, or the client's position when that is newer (a
+    /// head read from a replica a moment behind; the client saw that seq live). So
+    /// `last_seq` is below the client's position only when the position is from another
+    /// life of the stream and the feed replays the whole view ([`Tapped::start`]): the
+    /// client's sign to forget its position and take the replay.
+    pub fn hello_last_seq(&self, after: Option<u64>, head: &ViewHead) -> u64 {
+        match after {
+            Some(after) if self.cursor.last_sent >= after => head.last_seq().max(after),
+            _ => head.last_seq(),
+        }
     }
 
     /// The user this feed belongs to.

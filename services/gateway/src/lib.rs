@@ -204,7 +204,7 @@ async fn lookup(
     )?;
     let hello = herald_protocol::ServerFrame::Hello {
         user_id: user.clone(),
-        last_seq: head.last_seq(),
+        last_seq: feed.hello_last_seq(after, &head),
         unread,
         heartbeat_s: state.config.heartbeat.as_secs(),
     };

@@ -308,6 +308,26 @@ impl Inbox {
         }
     }
 
+    /// The INBOX stream's newest sequence, as its leader says (`STREAM.INFO`): unlike a
+    /// direct get, never a replica's state that is behind. One request, for the rare
+    /// caller that must tell a replica behind from a sequence the stream never reached.
+    ///
+    /// # Errors
+    /// [`InboxError::Unavailable`] when NATS cannot answer.
+    pub async fn stream_last_seq(&self) -> Result<u64, InboxError> {
+        let stream = self
+            .nats
+            .js_consume
+            .get_stream_no_info(INBOX)
+            .await
+            .map_err(|e| InboxError::Unavailable(Box::new(e)))?;
+        let info = stream
+            .get_info()
+            .await
+            .map_err(|e| InboxError::Unavailable(Box::new(e)))?;
+        Ok(info.state.last_sequence)
+    }
+
     /// Up to `limit` messages of one subject with `seq > after`, oldest first, and
     /// whether more follow.
     pub(crate) async fn subject_after(
