@@ -4,7 +4,9 @@
 // Why it is shaped like this (SPEC.md §5):
 // - Delivery is at-least-once across reconnects, so the client resumes from the last seq
 //   it delivered (`?after=` on WebSocket, `after` on SSE) and drops anything it has
-//   already delivered (by seq, and by id as a second line of defence).
+//   already delivered (by seq, and by id as a second line of defence). A `hello` whose
+//   `last_seq` is below that position says the position is from another life of the
+//   inbox (recreated or restored): the server replays it all, and the SDK takes it.
 // - Reconnect storms are the server's worst case, so every retry waits a random time in
 //   [0, min(cap, base * 2^attempt)] ("full jitter"), and a `reconnect` frame's `after_ms`
 //   (already jittered by the server) replaces that wait. The attempt count starts over
@@ -574,6 +576,15 @@ export class HeraldConnection {
     switch (frame.type) {
       case 'hello':
         this.#liveSince = Date.now();
+        if (this.#position != null && (frame.last_seq ?? 0) < this.#position) {
+          // The inbox's newest seq is below our position: the position is from another
+          // life of the inbox (its stream was recreated or restored, so seqs began
+          // again), and the server replays the whole inbox. Take it: seqs we delivered
+          // before say nothing now (ids we remember still drop what we had).
+          this.#position = 0;
+          this.#deliveredMax = 0;
+          this.#latestSeq = 0;
+        }
         this.#latestSeq = Math.max(this.#latestSeq, frame.last_seq ?? 0);
         // A live-only start resumes, next time, from where this connection started.
         if (this.#position == null) this.#position = frame.last_seq ?? 0;

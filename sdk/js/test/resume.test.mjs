@@ -3,6 +3,12 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { connect } from '../herald.js';
 import { url, uniqueUser, tokenFor, send, recorder } from './env.mjs';
+import { fakeGateway, hello } from './fake.mjs';
+
+/** A `notification` frame as the gateway sends it. */
+const notification = (seq, id) => ({
+  type: 'notification', id, seq, user_id: 'fake', title: id, created_at: '2025-01-01T00:00:00Z', read: false,
+});
 
 for (const transport of ['ws', 'sse']) {
   test(`forced reconnects while sending lose nothing and duplicate nothing (${transport})`, async () => {
@@ -69,5 +75,61 @@ test('a refused token is replaced through getToken', async () => {
     } finally {
       conn.close();
     }
+  }
+});
+
+test('a hello below the position (the inbox began again) makes the client take the replay', async () => {
+  const afters = [];
+  const sockets = [];
+  const gateway = await fakeGateway({
+    onUpgrade: (upgrade) => {
+      afters.push(new URL(upgrade.req.url, 'http://x').searchParams.get('after'));
+      const ws = upgrade.accept();
+      sockets.push(ws);
+      if (sockets.length === 1) {
+        // The inbox was recreated: its newest seq is 2, the client's position 50. The
+        // gateway replays it all, then 3 and (in time) 51 come live.
+        ws.send({ ...hello(), last_seq: 2, unread: 2 });
+        for (const seq of [1, 2, 3, 51]) ws.send(notification(seq, `new-${seq}`));
+      } else {
+        ws.send({ ...hello(), last_seq: 51 });
+      }
+    },
+  });
+  const rec = recorder();
+  const conn = connect({ url: gateway.url, token: 't', transport: 'ws', after: 50, backoffBaseMs: 1, ...rec.options });
+  try {
+    await conn.until(() => rec.seqs().includes(51));
+    assert.deepEqual(rec.seqs(), [1, 2, 3, 51], 'none dropped as delivered before');
+    assert.equal(conn.lastSeq, 51);
+    assert.equal(conn.latestSeq, 51);
+    // The next connection resumes from the new position.
+    sockets[0].close(1011);
+    await conn.until(() => afters.length === 2 && conn.state === 'live');
+    assert.deepEqual(afters, ['50', '51']);
+  } finally {
+    conn.close();
+    gateway.close();
+  }
+});
+
+test('a hello at or past the position keeps it: nothing at or below it is delivered again', async () => {
+  const gateway = await fakeGateway({
+    onUpgrade: (upgrade) => {
+      const ws = upgrade.accept();
+      // On a cluster the head may be read from a replica a moment behind; the gateway
+      // then says last_seq = the client's position.
+      ws.send({ ...hello(), last_seq: 50 });
+      for (const seq of [49, 50, 51]) ws.send(notification(seq, `n-${seq}`));
+    },
+  });
+  const rec = recorder();
+  const conn = connect({ url: gateway.url, token: 't', transport: 'ws', after: 50, ...rec.options });
+  try {
+    await conn.until(() => rec.notifications.length >= 1 && conn.lastSeq === 51);
+    assert.deepEqual(rec.seqs(), [51]);
+  } finally {
+    conn.close();
+    gateway.close();
   }
 });

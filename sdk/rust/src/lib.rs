@@ -6,7 +6,9 @@
 //!
 //! - **Resume**: every reconnect asks for what came after the last seq delivered
 //!   (`?after=` / SSE `after`), so nothing is lost; anything at or below that seq, or with
-//!   an id seen recently, is dropped, so nothing is repeated (SPEC §5, §6.2).
+//!   an id seen recently, is dropped, so nothing is repeated (SPEC §5, §6.2). A `hello`
+//!   whose `last_seq` is below that seq says it is from another life of the inbox
+//!   (recreated or restored): the server replays the whole inbox and the client takes it.
 //! - **Backoff**: waits are uniform in `[0, min(max, base·2ⁿ)]` (full jitter), and `n`
 //!   starts over only after a connection stayed live for 10 s; a server `reconnect`
 //!   frame's `after_ms`, or a 503/429's `Retry-After`, replaces the wait; close 4008 (slow

@@ -37,6 +37,15 @@ impl Tracker {
 
     /// A `hello`: the server's view of the inbox as this connection starts.
     pub(crate) fn hello(&mut self, last_seq: u64, unread: u64) {
+        if self.position.is_some_and(|p| last_seq < p) {
+            // The inbox's newest seq is below our position: the position is from another
+            // life of the inbox (its stream was recreated or restored, so seqs began
+            // again), and the server replays the whole inbox. Take it: seqs delivered
+            // before say nothing now (ids remembered still drop what was delivered).
+            self.position = Some(0);
+            self.delivered_max = 0;
+            self.latest = 0;
+        }
         self.latest = self.latest.max(last_seq);
         // A live-only start resumes, next time, from where this connection started.
         self.position.get_or_insert(last_seq);
@@ -67,5 +76,45 @@ impl Tracker {
             }
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn note(seq: u64) -> Notification {
+        serde_json::from_value(serde_json::json!({
+            "id": format!("n{seq}"),
+            "seq": seq,
+            "user_id": "ada",
+            "priority": "normal",
+            "data": {},
+            "created_at": "2025-01-01T00:00:00Z",
+            "read": false,
+        }))
+        .expect("a notification")
+    }
+
+    #[test]
+    fn a_hello_below_the_position_starts_it_over() {
+        let mut t = Tracker::new(Some(50), 16);
+        t.hello(2, 2);
+        assert_eq!(t.position, Some(0));
+        let taken: Vec<u64> = [1, 2, 3]
+            .into_iter()
+            .filter(|&seq| t.accept(&note(seq)))
+            .collect();
+        assert_eq!(taken, [1, 2, 3], "the replay of the new inbox is taken");
+        assert_eq!((t.position, t.latest), (Some(3), 3));
+    }
+
+    #[test]
+    fn a_hello_at_or_past_the_position_keeps_it() {
+        let mut t = Tracker::new(Some(50), 16);
+        t.hello(50, 0);
+        assert_eq!(t.position, Some(50));
+        assert!(!t.accept(&note(50)), "already delivered");
+        assert!(t.accept(&note(51)));
     }
 }

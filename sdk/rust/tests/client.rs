@@ -162,6 +162,69 @@ async fn a_server_restart_loses_nothing_and_repeats_nothing() -> anyhow::Result<
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_from_before_the_inbox_was_recreated_gives_way_to_the_new_inbox()
+-> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let mut herald = Herald::builder(&nats).start().await?;
+    let user = "rust-recreated";
+    let mut client = Client::builder(herald.base_url())
+        .token(herald.token(user))
+        .after(Some(0))
+        .backoff(Duration::from_millis(50), Duration::from_millis(500))
+        .connect()?;
+    let mut old = Vec::new();
+    for i in 0..5 {
+        old.push(herald.send(user, &format!("old {i}")).await?);
+    }
+    take(&mut client, old.len()).await?;
+    until(&client, "at the old inbox's end", |s| s.last_seq == Some(5)).await?;
+
+    // The INBOX stream is deleted and provisioned again while the client is away: its
+    // seqs begin again, below the client's position.
+    herald.stop().await?;
+    let deleted = nats
+        .client()
+        .await?
+        .request(
+            format!("$JS.API.STREAM.DELETE.{}", herald_protocol::streams::INBOX),
+            "".into(),
+        )
+        .await?;
+    let deleted = String::from_utf8_lossy(&deleted.payload).into_owned();
+    ensure!(deleted.contains(r#""success":true"#), "{deleted}");
+    until(&client, "away", |s| s.state != State::Live).await?;
+    herald.start_again().await?;
+    let mut sent = Vec::new();
+    for i in 0..2 {
+        sent.push(herald.send(user, &format!("new {i}")).await?);
+    }
+    // Back (live is only ever the new mesh's now) before the new inbox passes the old
+    // position: past it, a position from the old life cannot be told from one of the new.
+    until(&client, "live again", |s| s.state == State::Live).await?;
+    for i in 2..6 {
+        sent.push(herald.send(user, &format!("new {i}")).await?);
+    }
+    ensure!(seqs(&sent) == [1, 2, 3, 4, 5, 6], "{:?}", seqs(&sent));
+    // Up to the last one sent: whatever came before it is all that will.
+    let got = within(Duration::from_secs(30), "the new inbox", async {
+        let mut got = Vec::new();
+        while got.last().map(|n: &herald_client::Notification| n.seq) != Some(6) {
+            got.push(client.next().await.context("client closed")?);
+        }
+        anyhow::Ok(got)
+    })
+    .await??;
+    assert_eq!(
+        got.iter().map(|n| n.seq).collect::<Vec<_>>(),
+        seqs(&sent),
+        "none dropped as delivered before"
+    );
+    assert_eq!(client.status().last_seq, Some(6));
+    client.close().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn falls_back_to_sse_when_websocket_is_refused() -> anyhow::Result<()> {
     let nats = Nats::single().await?;
     let herald = Herald::builder(&nats).start().await?;
