@@ -195,6 +195,17 @@ async fn a_position_from_before_the_inbox_was_recreated_replays_the_new_inbox() 
     }
     ensure!(sent.iter().map(|a| a.seq).collect::<Vec<_>>() == [1, 2]);
 
+    // A long-poll from the old position answers the new inbox from its start, at once.
+    let page = within(
+        Duration::from_secs(10),
+        "the long-poll",
+        herald.my_page(USER, &format!("after={position}&wait=30")),
+    )
+    .await??;
+    let items = page["items"].as_array().context("items")?;
+    assert_eq!(seqs(items), [1, 2]);
+    assert_eq!(page["next_after"], 2, "below the after asked: the position is void");
+
     let mut ws = herald.ws(USER, Resume::After(position)).await?;
     let hello = ws.hello().await?;
     assert_eq!(

@@ -43,6 +43,18 @@ pub(crate) async fn page(
     .await;
     opening.finish(opened.is_ok());
     let mut feed = opened?.paced(std::sync::Arc::clone(&state.replay_pace));
+    // A position past the INBOX stream's end is from another life of it (recreated or
+    // restored): the feed replays the whole inbox, and so does this poll, its page read
+    // from the start; a `next_after` below the `after` asked tells the client. Read from
+    // `after`, it would answer an empty page at once, again and again.
+    let query = if feed.position() < after {
+        PageQuery {
+            after: Some(0),
+            ..query
+        }
+    } else {
+        query
+    };
     let first = feed
         .next_ready()
         .await
