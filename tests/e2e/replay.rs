@@ -204,7 +204,10 @@ async fn a_position_from_before_the_inbox_was_recreated_replays_the_new_inbox() 
     .await??;
     let items = page["items"].as_array().context("items")?;
     assert_eq!(seqs(items), [1, 2]);
-    assert_eq!(page["next_after"], 2, "below the after asked: the position is void");
+    assert_eq!(
+        page["next_after"], 2,
+        "below the after asked: the position is void"
+    );
 
     let mut ws = herald.ws(USER, Resume::After(position)).await?;
     let hello = ws.hello().await?;
