@@ -168,8 +168,10 @@ pub struct Mesh {
 
 /// How long to wait for NATS at start.
 const NATS_WAIT: Duration = Duration::from_secs(30);
-/// How long in-flight HTTP requests get to finish at shutdown.
-const DRAIN_GRACE: Duration = Duration::from_secs(10);
+/// How long in-flight work gets to finish at shutdown: HTTP requests, and the channel
+/// workers' jobs, which may be in a provider call of up to its send timeout (15 s) and
+/// must then write their sent marker (see `herald_worker::WorkerConfig::drain_grace`).
+const DRAIN_GRACE: Duration = Duration::from_secs(20);
 
 impl Mesh {
     /// Connects, provisions if asked, and starts serving on `listener`.

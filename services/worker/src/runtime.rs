@@ -88,8 +88,11 @@ impl WorkerConfig {
             escalation_delay: Duration::from_secs(5),
             send_timeout: Duration::from_secs(15),
             backoff: Backoff::default(),
-            // Within the mesh's own 10 s drain, so in-flight jobs settle before it aborts.
-            drain_grace: Duration::from_secs(8),
+            // Past the send timeout, so a provider call under way at SIGTERM ends (answer
+            // or timeout) and its sent marker is written: a call aborted after the
+            // provider accepted would be sent again on redelivery. Within the mesh's own
+            // 20 s drain, so in-flight jobs settle before it aborts.
+            drain_grace: Duration::from_secs(18),
         }
     }
 
@@ -475,6 +478,17 @@ async fn lane_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_send_under_way_at_shutdown_has_time_to_end_and_be_marked() {
+        for channel in [Channel::Push, Channel::Email, Channel::Sms, Channel::Webhook] {
+            let config = WorkerConfig::new(channel);
+            assert!(
+                config.drain_grace > config.send_timeout + Duration::from_secs(1),
+                "{config:?}"
+            );
+        }
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_batch_takes_its_slots_or_after_a_while_what_is_free() {
