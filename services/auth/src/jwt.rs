@@ -92,6 +92,9 @@ impl std::fmt::Debug for UserAuth {
 /// Tolerated clock skew, seconds.
 const LEEWAY: u64 = 30;
 
+/// The longest a session lasts on one token, however far its `exp`.
+pub const MAX_SESSION: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
+
 /// A verified user token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Session {
@@ -214,15 +217,16 @@ impl UserAuth {
             .map_err(|e| JwtError::Invalid(e.to_string()))?;
         // Valid as long as the check just passed would pass: it refuses once the whole
         // seconds of now exceed `exp` plus the leeway.
+        // In `std::time` with saturation: an issuer's `exp` may be far out (milliseconds
+        // by mistake, ~1.7e12), which must never overflow a date type.
         let exp = data.claims.exp.max(0.0) as u64;
-        let refused_from = time::OffsetDateTime::UNIX_EPOCH
-            + time::Duration::seconds(exp.saturating_add(LEEWAY + 1).min(i64::MAX as u64) as i64);
-        let left = (refused_from - time::OffsetDateTime::now_utc())
-            .try_into()
-            .unwrap_or(std::time::Duration::ZERO);
+        let refused_from = std::time::Duration::from_secs(exp.saturating_add(LEEWAY + 1));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
         Ok(Session {
             user: UserId::new(data.claims.sub)?,
-            valid_for: left,
+            valid_for: refused_from.saturating_sub(now).min(MAX_SESSION),
         })
     }
 
@@ -294,6 +298,15 @@ mod tests {
         .expect("encode");
         let session = a.verify_session(&fractional).expect("fractional exp");
         assert!(session.valid_for.as_secs() >= 100, "{session:?}");
+        // An `exp` in milliseconds by mistake: far out, capped, never a panic.
+        let far = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &json!({"sub": "alice", "exp": now * 1000.0}),
+            &EncodingKey::from_secret(b"secret"),
+        )
+        .expect("encode");
+        let session = a.verify_session(&far).expect("far exp");
+        assert_eq!(session.valid_for, MAX_SESSION);
     }
 
     #[test]
