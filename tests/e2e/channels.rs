@@ -1390,3 +1390,49 @@ async fn critical_emails_offer_no_unsubscribe_they_could_not_honour() -> anyhow:
     }
     Ok(())
 }
+
+/// A webhook receiver answering 503 with a long `Retry-After` holds back its own jobs
+/// only: the webhook "provider" is every producer's receiver at once, so it is never
+/// paused for one of them, and another receiver's webhook goes out at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_receivers_retry_after_never_holds_back_another_receivers_webhooks()
+-> anyhow::Result<()> {
+    use herald_channels::webhook::{WebhookConfig, WebhookProvider};
+    use herald_fakes::Reply;
+    use herald_fakes::webhook::WebhookReceiver;
+    const SECRET: &str = "a-webhook-secret-of-some-length";
+    let down = WebhookReceiver::start(SECRET).await?;
+    down.script()
+        .push(100, Reply::status(503).header("retry-after", "600"));
+    let up = WebhookReceiver::start(SECRET).await?;
+    let nats = Nats::single().await?;
+    let mut s = settings(rand_key());
+    let provider: Arc<dyn Provider> = Arc::new(WebhookProvider::new(&WebhookConfig {
+        secret: SECRET.into(),
+        http: Default::default(),
+    })?);
+    s.extra_providers.push((provider, Limits::default()));
+    let herald = Herald::builder(&nats).channels(s).start().await?;
+    for (user, receiver) in [("wanda", &down), ("wes", &up)] {
+        let r = contact(&herald, user, json!({"webhook": receiver.url("/hook")})).await?;
+        ensure!(r.status() == 200, "contact: {}", r.status());
+    }
+    let held = herald
+        .accept(&json!({"user_id": "wanda", "title": "to the receiver that is down", "channels": ["webhook"]}))
+        .await?;
+    eventually(WAIT, "the first receiver answered 503", || async {
+        ensure!(down.received_count() >= 1);
+        Ok(())
+    })
+    .await?;
+    let other = herald
+        .accept(&json!({"user_id": "wes", "title": "to the receiver that is up", "channels": ["webhook"]}))
+        .await?;
+    reaches(&herald, &other.id, "webhook", "sent").await?;
+    let entry = reaches(&herald, &held.id, "webhook", "retrying").await?;
+    ensure!(
+        down.received_count() == 1,
+        "retried before its Retry-After: {entry}"
+    );
+    Ok(())
+}

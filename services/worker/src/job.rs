@@ -559,8 +559,11 @@ impl Step<'_> {
             })
             .await;
         provider.metrics.send_seconds.record(took.as_secs_f64());
+        // A webhook's "provider" is every producer's receiver at once: one receiver's 429
+        // or 503 holds back that job (its `Retry-After`), never everyone else's webhooks.
+        let shared = self.job.channel == Channel::Webhook;
         match &result {
-            Err(SendError::Throttled { retry_after, .. }) => {
+            Err(SendError::Throttled { retry_after, .. }) if !shared => {
                 provider.pause(retry_after.unwrap_or(DEFAULT_THROTTLE_PAUSE));
             }
             // A 5xx that says when to come back (a 503 with `Retry-After`) is about the
@@ -568,7 +571,7 @@ impl Step<'_> {
             Err(SendError::Transient {
                 retry_after: Some(wait),
                 ..
-            }) => provider.pause(*wait),
+            }) if !shared => provider.pause(*wait),
             _ => {}
         }
         match &result {
