@@ -48,25 +48,20 @@ pub(crate) async fn stream(
     let (tx, rx) = tokio::sync::mpsc::channel(state.config.queue_frames.max(2));
     let connected = crate::Connected::new("sse");
     tokio::spawn(async move {
-        let end = crate::feed::pump(feed, tx, |delivery| {
-            metrics::counter!("herald_gateway_frames_out_total", "transport" => "sse").increment(1);
-            Ok::<_, Infallible>(match delivery {
-                crate::feed::Delivery::Notification(n) => {
-                    metrics::counter!("herald_gateway_notifications_out_total", "transport" => "sse")
-                        .increment(1);
-                    let id = n.seq.to_string();
-                    let data =
-                        serde_json::to_string(&ServerFrame::Notification(n)).unwrap_or_default();
-                    Event::default()
-                        .id(id)
-                        .event("notification")
-                        .data(data)
-                }
-                // No `id:`: a read event must not move the client's Last-Event-ID.
-                crate::feed::Delivery::Read(up_to) => Event::default()
-                    .event("read")
-                    .data(serde_json::to_string(&ServerFrame::Read { up_to }).unwrap_or_default()),
-            })
+        // Each event goes with whether it is a notification, for the counters, which
+        // count events as the response reads them (written), not as they are queued.
+        let end = crate::feed::pump(feed, tx, |delivery| match delivery {
+            crate::feed::Delivery::Notification(n) => {
+                let id = n.seq.to_string();
+                let data = serde_json::to_string(&ServerFrame::Notification(n)).unwrap_or_default();
+                let event = Event::default().id(id).event("notification").data(data);
+                (true, event)
+            }
+            // No `id:`: a read event must not move the client's Last-Event-ID.
+            crate::feed::Delivery::Read(up_to) => {
+                let data = serde_json::to_string(&ServerFrame::Read { up_to }).unwrap_or_default();
+                (false, Event::default().event("read").data(data))
+            }
         })
         .await;
         match end {
@@ -80,7 +75,14 @@ pub(crate) async fn stream(
         drop(connected);
         drop(ticket);
     });
-    let live = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let live = tokio_stream::wrappers::ReceiverStream::new(rx).map(|(notification, event)| {
+        metrics::counter!("herald_gateway_frames_out_total", "transport" => "sse").increment(1);
+        if notification {
+            metrics::counter!("herald_gateway_notifications_out_total", "transport" => "sse")
+                .increment(1);
+        }
+        Ok::<_, Infallible>(event)
+    });
     // The stream ends when the token does (a session never outlives its credentials); the
     // client reconnects with a fresh token and Last-Event-ID, losing nothing.
     let expiry = tokio::time::sleep(session.valid_for);

@@ -526,6 +526,11 @@ enum BrokenFrame {
 /// so its message is what can be read (as for [`super::is_too_big`]).
 fn broken_frame(e: &axum::Error) -> Option<BrokenFrame> {
     let text = e.to_string();
+    // A peer gone without a close frame (the network lost, the app killed) is reported
+    // by tungstenite as a protocol error too; it is a connection that failed.
+    if text.contains("without closing handshake") || text.contains("Connection reset") {
+        return None;
+    }
     if text.contains("UTF-8") || text.contains("utf-8") {
         Some(BrokenFrame::Utf8)
     } else if text.contains("protocol error") {
