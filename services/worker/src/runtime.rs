@@ -481,7 +481,12 @@ mod tests {
 
     #[test]
     fn a_send_under_way_at_shutdown_has_time_to_end_and_be_marked() {
-        for channel in [Channel::Push, Channel::Email, Channel::Sms, Channel::Webhook] {
+        for channel in [
+            Channel::Push,
+            Channel::Email,
+            Channel::Sms,
+            Channel::Webhook,
+        ] {
             let config = WorkerConfig::new(channel);
             assert!(
                 config.drain_grace > config.send_timeout + Duration::from_secs(1),
