@@ -1436,3 +1436,52 @@ async fn one_receivers_retry_after_never_holds_back_another_receivers_webhooks()
     );
     Ok(())
 }
+
+/// One receiver down (every webhook to it a 500) does not open the circuit every
+/// producer's webhooks go through: the webhook "provider" is all receivers at once, so
+/// only that receiver's jobs back off, and another receiver's webhooks go out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_receiver_down_never_opens_the_circuit_for_every_webhook() -> anyhow::Result<()> {
+    use herald_channels::webhook::{WebhookConfig, WebhookProvider};
+    use herald_fakes::Reply;
+    use herald_fakes::webhook::WebhookReceiver;
+    const SECRET: &str = "a-webhook-secret-of-some-length";
+    let down = WebhookReceiver::start(SECRET).await?;
+    down.script().push(1_000, Reply::status(500));
+    let up = WebhookReceiver::start(SECRET).await?;
+    let nats = Nats::single().await?;
+    let mut s = settings(rand_key());
+    let provider: Arc<dyn Provider> = Arc::new(WebhookProvider::new(&WebhookConfig {
+        secret: SECRET.into(),
+        http: Default::default(),
+    })?);
+    // A circuit that would open after two failures in a row, for a minute.
+    s.extra_providers
+        .push((provider, breaker_opening_after(2, Duration::from_secs(60))));
+    let herald = Herald::builder(&nats).channels(s).start().await?;
+    for (user, receiver) in [("vic", &down), ("val", &up)] {
+        let r = contact(&herald, user, json!({"webhook": receiver.url("/hook")})).await?;
+        ensure!(r.status() == 200, "contact: {}", r.status());
+    }
+    for i in 0..4 {
+        herald
+            .accept(
+                &json!({"user_id": "vic", "title": format!("down {i}"), "channels": ["webhook"]}),
+            )
+            .await?;
+    }
+    eventually(
+        WAIT,
+        "four failures at the receiver that is down",
+        || async {
+            ensure!(down.received_count() >= 4, "{}", down.received_count());
+            Ok(())
+        },
+    )
+    .await?;
+    let other = herald
+        .accept(&json!({"user_id": "val", "title": "to the receiver that is up", "channels": ["webhook"]}))
+        .await?;
+    reaches(&herald, &other.id, "webhook", "sent").await?;
+    Ok(())
+}

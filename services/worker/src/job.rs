@@ -575,7 +575,12 @@ impl Step<'_> {
             _ => {}
         }
         match &result {
-            Err(e) if e.counts_against_provider() => provider.breaker.on_failure(Instant::now()),
+            // Nor does one receiver's failure open the circuit every producer's webhooks
+            // go through: each job backs off on its own.
+            Err(e) if e.counts_against_provider() && !shared => {
+                provider.breaker.on_failure(Instant::now());
+            }
+            Err(e) if e.counts_against_provider() => {}
             _ => provider.breaker.on_success(),
         }
         // The breaker may have opened, closed, or (after a probe) changed state.
