@@ -1391,32 +1391,45 @@ async fn critical_emails_offer_no_unsubscribe_they_could_not_honour() -> anyhow:
     Ok(())
 }
 
+/// The signing secret of the webhook tests' receivers.
+const WEBHOOK_SECRET: &str = "a-webhook-secret-of-some-length";
+
+/// A Herald whose webhook channel is the real webhook provider with `limits`, and two
+/// users whose webhooks go to `receivers` (one each, in order).
+async fn webhook_herald(
+    nats: &Nats,
+    limits: Limits,
+    receivers: [(&str, &herald_fakes::webhook::WebhookReceiver); 2],
+) -> anyhow::Result<Herald> {
+    use herald_channels::webhook::{WebhookConfig, WebhookProvider};
+    let mut s = settings(rand_key());
+    let provider: Arc<dyn Provider> = Arc::new(WebhookProvider::new(&WebhookConfig {
+        secret: WEBHOOK_SECRET.into(),
+        http: Default::default(),
+    })?);
+    s.extra_providers.push((provider, limits));
+    let herald = Herald::builder(nats).channels(s).start().await?;
+    for (user, receiver) in receivers {
+        let r = contact(&herald, user, json!({"webhook": receiver.url("/hook")})).await?;
+        ensure!(r.status() == 200, "contact: {}", r.status());
+    }
+    Ok(herald)
+}
+
 /// A webhook receiver answering 503 with a long `Retry-After` holds back its own jobs
 /// only: the webhook "provider" is every producer's receiver at once, so it is never
 /// paused for one of them, and another receiver's webhook goes out at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_receivers_retry_after_never_holds_back_another_receivers_webhooks()
 -> anyhow::Result<()> {
-    use herald_channels::webhook::{WebhookConfig, WebhookProvider};
     use herald_fakes::Reply;
     use herald_fakes::webhook::WebhookReceiver;
-    const SECRET: &str = "a-webhook-secret-of-some-length";
-    let down = WebhookReceiver::start(SECRET).await?;
+    let down = WebhookReceiver::start(WEBHOOK_SECRET).await?;
     down.script()
         .push(100, Reply::status(503).header("retry-after", "600"));
-    let up = WebhookReceiver::start(SECRET).await?;
+    let up = WebhookReceiver::start(WEBHOOK_SECRET).await?;
     let nats = Nats::single().await?;
-    let mut s = settings(rand_key());
-    let provider: Arc<dyn Provider> = Arc::new(WebhookProvider::new(&WebhookConfig {
-        secret: SECRET.into(),
-        http: Default::default(),
-    })?);
-    s.extra_providers.push((provider, Limits::default()));
-    let herald = Herald::builder(&nats).channels(s).start().await?;
-    for (user, receiver) in [("wanda", &down), ("wes", &up)] {
-        let r = contact(&herald, user, json!({"webhook": receiver.url("/hook")})).await?;
-        ensure!(r.status() == 200, "contact: {}", r.status());
-    }
+    let herald = webhook_herald(&nats, Limits::default(), [("wanda", &down), ("wes", &up)]).await?;
     let held = herald
         .accept(&json!({"user_id": "wanda", "title": "to the receiver that is down", "channels": ["webhook"]}))
         .await?;
@@ -1442,27 +1455,15 @@ async fn one_receivers_retry_after_never_holds_back_another_receivers_webhooks()
 /// only that receiver's jobs back off, and another receiver's webhooks go out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_receiver_down_never_opens_the_circuit_for_every_webhook() -> anyhow::Result<()> {
-    use herald_channels::webhook::{WebhookConfig, WebhookProvider};
     use herald_fakes::Reply;
     use herald_fakes::webhook::WebhookReceiver;
-    const SECRET: &str = "a-webhook-secret-of-some-length";
-    let down = WebhookReceiver::start(SECRET).await?;
+    let down = WebhookReceiver::start(WEBHOOK_SECRET).await?;
     down.script().push(1_000, Reply::status(500));
-    let up = WebhookReceiver::start(SECRET).await?;
+    let up = WebhookReceiver::start(WEBHOOK_SECRET).await?;
     let nats = Nats::single().await?;
-    let mut s = settings(rand_key());
-    let provider: Arc<dyn Provider> = Arc::new(WebhookProvider::new(&WebhookConfig {
-        secret: SECRET.into(),
-        http: Default::default(),
-    })?);
     // A circuit that would open after two failures in a row, for a minute.
-    s.extra_providers
-        .push((provider, breaker_opening_after(2, Duration::from_secs(60))));
-    let herald = Herald::builder(&nats).channels(s).start().await?;
-    for (user, receiver) in [("vic", &down), ("val", &up)] {
-        let r = contact(&herald, user, json!({"webhook": receiver.url("/hook")})).await?;
-        ensure!(r.status() == 200, "contact: {}", r.status());
-    }
+    let limits = breaker_opening_after(2, Duration::from_secs(60));
+    let herald = webhook_herald(&nats, limits, [("vic", &down), ("val", &up)]).await?;
     for i in 0..4 {
         herald
             .accept(
