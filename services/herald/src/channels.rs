@@ -67,6 +67,8 @@ pub struct ChannelSettings {
     pub backoff: Backoff,
     /// Provider call timeout.
     pub send_timeout: Duration,
+    /// How long a job whose state could not be read waits before it comes back.
+    pub store_retry: Duration,
     /// Fault injection (tests).
     pub hooks: Arc<dyn Hooks>,
 }
@@ -130,6 +132,7 @@ impl ChannelSettings {
             queue: herald_store::provision::WorkerQueue::default(),
             backoff: Backoff::default(),
             send_timeout: Duration::from_secs(15),
+            store_retry: herald_worker::job::STORE_RETRY,
             hooks: Arc::new(NoHooks),
         }
     }
@@ -304,6 +307,7 @@ impl Channels {
                     queue: self.settings.queue,
                     escalation_delay: self.settings.escalation_delay,
                     send_timeout: self.settings.send_timeout,
+                    store_retry: self.settings.store_retry,
                     backoff: self.settings.backoff,
                     ..WorkerConfig::new(channel)
                 };

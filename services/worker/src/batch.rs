@@ -12,7 +12,7 @@
 //! Push jobs on their first delivery still wait out the escalation delay first (a nak
 //! with that delay), before anything is read for them.
 
-use crate::job::{self, Context, STORE_RETRY};
+use crate::job::{self, Context};
 use async_nats::jetstream::Message;
 use herald_channels::Target;
 use herald_protocol::{Channel, Preferences, UserId};
@@ -47,7 +47,7 @@ pub async fn run(ctx: Arc<Context>, pulled: Vec<(Message, OwnedSemaphorePermit)>
                 // writes the sent marker, which this one finds when it comes back.
                 job::settle(
                     &p.msg,
-                    async_nats::jetstream::AckKind::Nak(Some(STORE_RETRY)),
+                    async_nats::jetstream::AckKind::Nak(Some(ctx.config.store_retry)),
                 )
                 .await;
                 continue;

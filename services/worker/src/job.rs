@@ -61,7 +61,8 @@ pub struct Context {
 /// How long a provider that throttled us without a `Retry-After` is left alone.
 const DEFAULT_THROTTLE_PAUSE: Duration = Duration::from_secs(1);
 
-/// Delay before retrying a job whose state could not be read (NATS trouble).
+/// The default delay before retrying a job whose state could not be read (NATS trouble);
+/// see [`WorkerConfig::store_retry`].
 pub const STORE_RETRY: Duration = Duration::from_secs(2);
 
 /// A pulled job, decoded.
@@ -109,14 +110,14 @@ pub async fn decode(ctx: &Context, msg: Message) -> Option<Pulled> {
 }
 
 /// A job whose batch could not read what every job needs (its sent marker, NATS
-/// trouble): nak it to come back after [`STORE_RETRY`] — or, on its last allowed
+/// trouble): nak it to come back after `store_retry` — or, on its last allowed
 /// delivery, dead-letter it (a nak then would leave it in the work queue, never delivered
 /// again).
 pub async fn store_trouble(ctx: &Context, p: &Pulled, reason: &str) {
     retry_or_dead_letter(ctx, &p.msg, &p.job, p.delivered, reason).await;
 }
 
-/// Naks a job whose state could not be read to come back after [`STORE_RETRY`]; on its
+/// Naks a job whose state could not be read to come back after `store_retry`; on its
 /// last allowed delivery, dead-letters it instead.
 async fn retry_or_dead_letter(
     ctx: &Context,
@@ -125,10 +126,11 @@ async fn retry_or_dead_letter(
     delivered: i64,
     reason: &str,
 ) {
-    // NATS trouble: every delivery counts, so a job whose state stays unreadable is
-    // dead-lettered within `max_deliver` tries, not parked for the spare deliveries.
-    if delivered < ctx.config.queue.max_deliver {
-        return settle(msg, AckKind::Nak(Some(STORE_RETRY))).await;
+    // NATS trouble sends nothing, so it spends no attempt: the job comes back until the
+    // consumer's last delivery (a job deferred through a long provider outage has used
+    // many deliveries already, and one failed read must not dead-letter it).
+    if delivered < last_delivery(ctx) {
+        return settle(msg, AckKind::Nak(Some(ctx.config.store_retry))).await;
     }
     tracing::warn!(id = %job.id, reason, "last delivery; dead-lettering");
     let letter = Letter {
@@ -174,7 +176,7 @@ async fn dead_letter(
     };
     if let Err(e) = ctx.dlq.put(&letter).await {
         tracing::error!(id = %job.id, error = %e, "dead-lettering failed; retrying the job");
-        return settle(msg, AckKind::Nak(Some(STORE_RETRY))).await;
+        return settle(msg, AckKind::Nak(Some(ctx.config.store_retry))).await;
     }
     let mut update = Update::state(State::DeadLettered).because(match &why.last_response {
         Some(r) => format!("{}: {r}", why.reason),
@@ -300,11 +302,11 @@ impl Step<'_> {
     }
 
     /// State the job needs could not be read (NATS trouble): it comes back after
-    /// [`STORE_RETRY`] — unless this is its last allowed delivery, when a nak would leave
+    /// `store_retry` — unless this is its last allowed delivery, when a nak would leave
     /// it in the work queue never to be delivered again: then it is dead-lettered.
     async fn unavailable(&self, what: &str, error: impl std::fmt::Display) {
         let reason = format!("{what}: {error}");
-        if self.delivered < self.ctx.config.queue.max_deliver {
+        if !self.last_delivery() {
             tracing::warn!(id = %self.job.id, %reason, "retrying later");
         }
         retry_or_dead_letter(self.ctx, self.msg, self.job, self.delivered, &reason).await;

@@ -76,6 +76,9 @@ pub struct WorkerConfig {
     pub backoff: Backoff,
     /// How long in-flight jobs get at shutdown.
     pub drain_grace: Duration,
+    /// How long a job whose state could not be read (NATS trouble) waits before it comes
+    /// back.
+    pub store_retry: Duration,
 }
 
 impl WorkerConfig {
@@ -93,6 +96,7 @@ impl WorkerConfig {
             // provider accepted would be sent again on redelivery. Within the mesh's own
             // 20 s drain, so in-flight jobs settle before it aborts.
             drain_grace: Duration::from_secs(18),
+            store_retry: crate::job::STORE_RETRY,
         }
     }
 
