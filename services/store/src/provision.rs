@@ -478,49 +478,17 @@ async fn ensure_positions_bucket(
     bucket: &str,
     description: &str,
 ) -> Result<(), ProvisionError> {
-    match js.get_key_value(bucket).await {
-        Ok(_) => {
-            // Early versions capped values at 32 bytes, which the CAS headers overflow.
-            let stream_name = format!("KV_{bucket}");
-            let mut stream = js
-                .get_stream(&stream_name)
-                .await
-                .map_err(|e| nats_err(format!("opening bucket {bucket}"))(Box::new(e)))?;
-            let mut config = stream
-                .info()
-                .await
-                .map_err(|e| nats_err(format!("reading bucket {bucket}"))(Box::new(e)))?
-                .config
-                .clone();
-            let small = config.max_message_size >= 0 && config.max_message_size < READS_VALUE_LIMIT;
-            if small || config.num_replicas != settings.replicas {
-                config.max_message_size = config.max_message_size.max(READS_VALUE_LIMIT);
-                config.num_replicas = settings.replicas;
-                js.update_stream(&config)
-                    .await
-                    .map_err(|e| nats_err(format!("updating bucket {bucket}"))(Box::new(e)))?;
-                report.updated.push(bucket.to_string());
-            } else {
-                report.unchanged.push(bucket.to_string());
-            }
-            Ok(())
-        }
-        Err(_) => {
-            js.create_key_value(kv::Config {
-                bucket: bucket.to_string(),
-                description: description.into(),
-                history: 1,
-                max_value_size: READS_VALUE_LIMIT,
-                storage: stream::StorageType::File,
-                num_replicas: settings.replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| nats_err(format!("creating bucket {bucket}"))(Box::new(e)))?;
-            report.created.push(bucket.to_string());
-            Ok(())
-        }
-    }
+    let config = kv::Config {
+        bucket: bucket.to_string(),
+        description: description.into(),
+        history: 1,
+        max_value_size: READS_VALUE_LIMIT,
+        storage: stream::StorageType::File,
+        num_replicas: settings.replicas,
+        ..Default::default()
+    };
+    // Early versions capped values at 32 bytes, which the CAS headers overflow.
+    ensure_bucket_growing(js, config, report, Some(READS_VALUE_LIMIT)).await
 }
 
 /// Creates a KV bucket when missing. An existing one keeps its limits (changing history
@@ -532,34 +500,49 @@ async fn ensure_bucket(
     config: kv::Config,
     report: &mut ProvisionReport,
 ) -> Result<(), ProvisionError> {
+    ensure_bucket_growing(js, config, report, None).await
+}
+
+/// [`ensure_bucket`], and an existing bucket whose value limit is below `min_value_size`
+/// has it raised.
+async fn ensure_bucket_growing(
+    js: &jetstream::Context,
+    config: kv::Config,
+    report: &mut ProvisionReport,
+    min_value_size: Option<i32>,
+) -> Result<(), ProvisionError> {
     let bucket = config.bucket.clone();
-    if js.get_key_value(&bucket).await.is_ok() {
-        let stream_name = format!("KV_{bucket}");
-        let mut stream = js
-            .get_stream(&stream_name)
+    if js.get_key_value(&bucket).await.is_err() {
+        js.create_key_value(config)
             .await
-            .map_err(|e| nats_err(format!("opening bucket {bucket}"))(Box::new(e)))?;
-        let mut existing = stream
-            .info()
-            .await
-            .map_err(|e| nats_err(format!("reading bucket {bucket}"))(Box::new(e)))?
-            .config
-            .clone();
-        if existing.num_replicas == config.num_replicas {
-            report.unchanged.push(bucket);
-            return Ok(());
-        }
-        existing.num_replicas = config.num_replicas;
-        js.update_stream(&existing)
-            .await
-            .map_err(|e| nats_err(format!("updating bucket {bucket}"))(Box::new(e)))?;
-        report.updated.push(bucket);
+            .map_err(|e| nats_err(format!("creating bucket {bucket}"))(Box::new(e)))?;
+        report.created.push(bucket);
         return Ok(());
     }
-    js.create_key_value(config)
+    let mut stream = js
+        .get_stream(format!("KV_{bucket}"))
         .await
-        .map_err(|e| nats_err(format!("creating bucket {bucket}"))(Box::new(e)))?;
-    report.created.push(bucket);
+        .map_err(|e| nats_err(format!("opening bucket {bucket}"))(Box::new(e)))?;
+    let mut existing = stream
+        .info()
+        .await
+        .map_err(|e| nats_err(format!("reading bucket {bucket}"))(Box::new(e)))?
+        .config
+        .clone();
+    let small = min_value_size
+        .filter(|&min| existing.max_message_size >= 0 && existing.max_message_size < min);
+    if small.is_none() && existing.num_replicas == config.num_replicas {
+        report.unchanged.push(bucket);
+        return Ok(());
+    }
+    if let Some(min) = small {
+        existing.max_message_size = min;
+    }
+    existing.num_replicas = config.num_replicas;
+    js.update_stream(&existing)
+        .await
+        .map_err(|e| nats_err(format!("updating bucket {bucket}"))(Box::new(e)))?;
+    report.updated.push(bucket);
     Ok(())
 }
 
