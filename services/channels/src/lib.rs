@@ -56,6 +56,15 @@ pub trait Provider: Send + Sync {
     /// whose circuit is closed.
     fn accepts(&self, target: &Target) -> bool;
 
+    /// Whether this provider is one service whose health its answers describe (APNs, an
+    /// SMTP relay): true by default. A provider that stands for many independent endpoints
+    /// (webhooks: every producer's own receiver) says false, and then one target's
+    /// failure, throttle or `Retry-After` holds back that target's job only: it never
+    /// pauses the provider nor counts against its circuit.
+    fn health_is_shared(&self) -> bool {
+        true
+    }
+
     /// Sends one delivery.
     ///
     /// # Errors

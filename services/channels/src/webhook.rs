@@ -102,6 +102,11 @@ impl Provider for WebhookProvider {
         matches!(target, Target::Webhook { .. })
     }
 
+    /// Every producer's receiver at once: one receiver's trouble is its own.
+    fn health_is_shared(&self) -> bool {
+        false
+    }
+
     async fn send(&self, delivery: &Delivery) -> Result<Sent, SendError> {
         let Target::Webhook { url } = &delivery.target else {
             return Err(SendError::Permanent {

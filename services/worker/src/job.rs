@@ -561,11 +561,12 @@ impl Step<'_> {
             })
             .await;
         provider.metrics.send_seconds.record(took.as_secs_f64());
-        // A webhook's "provider" is every producer's receiver at once: one receiver's 429
-        // or 503 holds back that job (its `Retry-After`), never everyone else's webhooks.
-        let shared = self.job.channel == Channel::Webhook;
+        // A provider standing for many endpoints (webhooks: every producer's receiver):
+        // one receiver's 429 or 503 holds back that job (its `Retry-After`), and its
+        // failures never open the circuit everyone else's go through.
+        let shared = provider.provider.health_is_shared();
         match &result {
-            Err(SendError::Throttled { retry_after, .. }) if !shared => {
+            Err(SendError::Throttled { retry_after, .. }) if shared => {
                 provider.pause(retry_after.unwrap_or(DEFAULT_THROTTLE_PAUSE));
             }
             // A 5xx that says when to come back (a 503 with `Retry-After`) is about the
@@ -573,13 +574,11 @@ impl Step<'_> {
             Err(SendError::Transient {
                 retry_after: Some(wait),
                 ..
-            }) if !shared => provider.pause(*wait),
+            }) if shared => provider.pause(*wait),
             _ => {}
         }
         match &result {
-            // Nor does one receiver's failure open the circuit every producer's webhooks
-            // go through: each job backs off on its own.
-            Err(e) if e.counts_against_provider() && !shared => {
+            Err(e) if e.counts_against_provider() && shared => {
                 provider.breaker.on_failure(Instant::now());
             }
             Err(e) if e.counts_against_provider() => {}
