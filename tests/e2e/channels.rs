@@ -1301,6 +1301,61 @@ async fn a_job_waiting_behind_a_slow_bucket_is_not_redelivered() -> anyhow::Resu
     Ok(())
 }
 
+/// More jobs than slots, behind a slow bucket, on two workers: a worker pulls only as
+/// many jobs as it has free slots, so no job waits unannounced in a client buffer past
+/// `AckWait` to be delivered to the other worker as well, and sent twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_beyond_the_free_slots_stay_queued_not_redelivered() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let apns = Arc::new(Scripted::new("apns", Channel::Push));
+    // Two slots per worker at two sends a second, and an ack wait of one second: a job
+    // held for a slot behind two others waits longer than that.
+    let limits = Limits {
+        rate_per_second: std::num::NonZeroU32::new(2),
+        ..Limits::default()
+    };
+    // Both workers decrypt the same targets.
+    let key = rand_key();
+    let worker = || {
+        let mut s = with(settings(key), &apns, limits);
+        s.queue.ack_wait = Duration::from_secs(1);
+        s.concurrency = 2;
+        s
+    };
+    let herald = Herald::builder(&nats).channels(worker()).start().await?;
+    let _second = Herald::builder(&nats).channels(worker()).start().await?;
+    const JOBS: usize = 12;
+    let mut ids = Vec::new();
+    for i in 0..JOBS {
+        let user = format!("u{i}");
+        device(&herald, &user, &format!("tok-{i}")).await?;
+        ids.push(push(&herald, &user, &format!("n{i}")).await?);
+    }
+    for id in &ids {
+        let entry = reaches(&herald, id, "push", "sent").await?;
+        assert_eq!(entry["retries"], 0, "{entry}");
+    }
+    for id in &ids {
+        assert_eq!(apns.calls_for(id).len(), 1, "{id} sent once");
+    }
+    let js = async_nats::jetstream::new(herald.nats_client().await?);
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_stream(herald_protocol::streams::work_stream_name(Channel::Push))
+        .await?
+        .get_consumer(&herald_protocol::streams::worker_consumer(
+            Channel::Push,
+            herald_protocol::Priority::Normal,
+        ))
+        .await
+        .map_err(|e| anyhow::anyhow!("the push consumer: {e}"))?;
+    let info = consumer.info().await?;
+    assert_eq!(
+        info.delivered.consumer_sequence, JOBS as u64,
+        "one delivery per job: none was redelivered while it waited ({info:?})"
+    );
+    Ok(())
+}
+
 /// `GET /v1/notifications/{id}` takes notification ids (UUIDs, any spelling) and answers
 /// anything else with a 400 naming `id`, before NATS: a key of kilobytes in a direct-get
 /// subject would overflow the protocol line and cost the process its NATS connection.

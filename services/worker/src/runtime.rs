@@ -368,6 +368,12 @@ async fn probe(
     }
 }
 
+/// Pulls at once per lane: enough to hold every slot of the budget in pulls of
+/// [`batch_slots`] each.
+fn max_pulls(budget: usize) -> usize {
+    budget.div_ceil(batch_slots(budget))
+}
+
 async fn lane_loop(
     ctx: Arc<Context>,
     lane: Priority,
@@ -377,6 +383,7 @@ async fn lane_loop(
     let budget = ctx.config.budget.of(lane);
     let permits = Arc::new(Semaphore::new(budget));
     let chunk = u32::try_from(batch_slots(budget)).unwrap_or(1);
+    let pulls = Arc::new(Semaphore::new(max_pulls(budget)));
     let mut in_flight = JoinSet::new();
     let channel = ctx.config.channel.as_str();
     'pull: while !stop.is_cancelled() {
@@ -390,79 +397,52 @@ async fn lane_loop(
                 continue 'pull;
             }
         }
-        let messages = consumer
-            .stream()
-            .max_messages_per_batch(budget)
+        // Slots first, then a pull for exactly that many jobs: a job is never handed to
+        // this process without a slot to run it in, where it tells JetStream it is in
+        // progress while it waits (`job::in_progress`). A job waiting in a client buffer
+        // instead would outlive `AckWait` behind a slow bucket and be delivered to
+        // another worker too. Several pulls are outstanding at once, so the next jobs are
+        // on their way while a batch runs; under load each takes `chunk` jobs, so a
+        // batch's shared reads (sent markers, preferences, targets) serve many.
+        let (pull, slots) = tokio::select! {
+            _ = stop.cancelled() => break 'pull,
+            taken = async {
+                let pull = pulls.clone().acquire_owned().await.ok()?;
+                let slots = batch_slots_free(&permits, chunk).await?;
+                Some((pull, slots))
+            } => match taken {
+                Some(taken) => taken,
+                None => break 'pull,
+            },
+        };
+        let fetched = consumer
+            .batch()
+            .max_messages(slots.num_permits())
             .expires(PULL_EXPIRY)
             .messages()
             .await;
-        let mut messages = match messages {
-            Ok(m) => m,
+        let jobs = match fetched {
+            Ok(jobs) => jobs,
             Err(e) => {
                 tracing::warn!(channel, lane = lane.as_str(), error = %e, "worker pull failed; retrying");
+                drop((pull, slots));
                 tokio::select! {
                     _ = stop.cancelled() => break 'pull,
                     _ = tokio::time::sleep(Duration::from_secs(1)) => continue 'pull,
                 }
             }
         };
-        let mut ended = false;
-        while !ended {
-            let changed = ctx.deps.providers.changed();
-            if ctx.deps.providers.gate(ctx.config.channel) != Gate::Open {
-                // Every circuit opened: stop pulling (what the dropped stream had
-                // buffered comes back after `AckWait`, once).
-                break;
-            }
-            // Slots for a whole batch first: never hold a pulled job without a slot to run
-            // it, and under load take jobs `chunk` at a time, so a batch's shared reads
-            // (sent markers, preferences, targets) serve many jobs instead of one or two.
-            let mut slots = tokio::select! {
-                _ = stop.cancelled() => break 'pull,
-                p = batch_slots_free(&permits, chunk) => match p {
-                    Some(p) => p,
-                    None => break 'pull,
-                },
-            };
-            let next = tokio::select! {
-                _ = stop.cancelled() => break 'pull,
-                // A circuit changed while the queue was idle: look at the gate again
-                // before a job arrives that nothing could send.
-                _ = changed => continue,
-                next = messages.next() => next,
-            };
-            let first = match next {
-                Some(Ok(msg)) => msg,
-                Some(Err(e)) => {
-                    tracing::debug!(channel, lane = lane.as_str(), error = %e, "worker stream error");
-                    continue;
-                }
-                None => break,
-            };
-            // Whatever else has already arrived joins the batch; an idle queue's single
-            // job goes at once. Slots the batch does not use return with `slots`.
-            let mut pulled = Vec::with_capacity(slots.num_permits());
-            pulled.push((first, split_one(&mut slots)));
-            while slots.num_permits() > 0 {
-                match messages.next().now_or_never() {
-                    Some(Some(Ok(msg))) => pulled.push((msg, split_one(&mut slots))),
-                    Some(Some(Err(e))) => {
-                        tracing::debug!(channel, lane = lane.as_str(), error = %e, "worker stream error");
-                        break;
-                    }
-                    Some(None) => {
-                        ended = true;
-                        break;
-                    }
-                    None => break,
-                }
-            }
-            drop(slots);
-            metrics::counter!("herald_worker_batches_total", "channel" => channel, "lane" => lane.as_str())
-                .increment(1);
-            in_flight.spawn(batch::run(ctx.clone(), pulled));
-            while in_flight.try_join_next().is_some() {}
-        }
+        in_flight.spawn(take_pull(
+            ctx.clone(),
+            lane,
+            Pull {
+                jobs,
+                slots,
+                _pull: pull,
+            },
+            stop.clone(),
+        ));
+        while in_flight.try_join_next().is_some() {}
     }
     // Drain: finish what was started; unpulled jobs stay in the queue for the next worker.
     let drain = async { while in_flight.join_next().await.is_some() {} };
@@ -477,6 +457,71 @@ async fn lane_loop(
         );
         in_flight.abort_all();
     }
+}
+
+/// One outstanding pull: the jobs it brings, a slot for each it may bring, and its place
+/// among the lane's pulls.
+struct Pull {
+    jobs: async_nats::jetstream::consumer::pull::Batch,
+    slots: tokio::sync::OwnedSemaphorePermit,
+    _pull: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// Runs the jobs of one pull as they arrive, those that arrive together as one batch,
+/// until the pull is filled or expires, the channel's gate shuts, or the worker stops;
+/// then waits for its batches. Slots the pull did not fill return at once.
+async fn take_pull(ctx: Arc<Context>, lane: Priority, pull: Pull, stop: CancellationToken) {
+    let Pull {
+        mut jobs,
+        mut slots,
+        _pull,
+    } = pull;
+    let channel = ctx.config.channel.as_str();
+    let mut batches = JoinSet::new();
+    while slots.num_permits() > 0 {
+        let changed = ctx.deps.providers.changed();
+        if ctx.deps.providers.gate(ctx.config.channel) != Gate::Open {
+            // Every circuit opened: take no more (jobs the server sends this pull after
+            // it is dropped come back after `AckWait`, once).
+            break;
+        }
+        let next = tokio::select! {
+            _ = stop.cancelled() => break,
+            // A circuit changed while the queue was idle: look at the gate again before
+            // a job arrives that nothing could send.
+            _ = changed => continue,
+            next = jobs.next() => next,
+        };
+        let first = match next {
+            Some(Ok(msg)) => msg,
+            Some(Err(e)) => {
+                tracing::debug!(channel, lane = lane.as_str(), error = %e, "worker pull ended");
+                break;
+            }
+            None => break,
+        };
+        // Whatever else has already arrived joins the batch; an idle queue's single job
+        // goes at once.
+        let mut pulled = Vec::with_capacity(slots.num_permits());
+        pulled.push((first, split_one(&mut slots)));
+        while slots.num_permits() > 0 {
+            match jobs.next().now_or_never() {
+                Some(Some(Ok(msg))) => pulled.push((msg, split_one(&mut slots))),
+                Some(Some(Err(e))) => {
+                    tracing::debug!(channel, lane = lane.as_str(), error = %e, "worker pull ended");
+                    break;
+                }
+                Some(None) | None => break,
+            }
+        }
+        metrics::counter!("herald_worker_batches_total", "channel" => channel, "lane" => lane.as_str())
+            .increment(1);
+        batches.spawn(batch::run(ctx.clone(), pulled));
+        while batches.try_join_next().is_some() {}
+    }
+    // The pull's place and unfilled slots go back before its batches end.
+    drop((jobs, slots, _pull));
+    while batches.join_next().await.is_some() {}
 }
 
 #[cfg(test)]
@@ -524,5 +569,17 @@ mod tests {
         assert_eq!(batch_slots(64), 8);
         assert_eq!(batch_slots(1_024), 128);
         assert_eq!(batch_slots(100_000), batch::MAX_BATCH);
+    }
+
+    #[test]
+    fn the_pulls_of_a_lane_can_hold_its_whole_budget() {
+        for budget in [1, 7, 8, 64, 100, 1_024, 100_000] {
+            assert!(
+                max_pulls(budget) * batch_slots(budget) >= budget,
+                "{budget}"
+            );
+        }
+        assert_eq!(max_pulls(1), 1);
+        assert_eq!(max_pulls(1_024), 8);
     }
 }
