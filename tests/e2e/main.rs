@@ -17,6 +17,7 @@ mod jwks;
 mod lanes;
 mod metrics;
 mod native;
+mod nats_auth;
 mod notify;
 mod page;
 mod policy;

@@ -43,6 +43,7 @@ pub enum Resume {
 #[derive(Debug)]
 pub struct HeraldBuilder {
     nats_url: String,
+    nats_options: herald_store::NatsOptions,
     partitions: u16,
     replicas: usize,
     inbox_max_age: Option<Duration>,
@@ -81,6 +82,7 @@ impl Herald {
     pub fn builder(nats: &Nats) -> HeraldBuilder {
         HeraldBuilder {
             nats_url: nats.url(),
+            nats_options: herald_store::NatsOptions::default(),
             partitions: 4,
             replicas: 1,
             inbox_max_age: None,
@@ -126,7 +128,7 @@ impl Herald {
     /// # Errors
     /// When the URL does not parse.
     pub async fn store_inbox(&self, name: &str) -> anyhow::Result<herald_store::Inbox> {
-        let store = herald_store::connect(&self.nats_url, name).await?;
+        let store = herald_store::connect_with(&self.nats_url, &self.options.nats, name).await?;
         Ok(herald_store::Inbox::new(store, self.subjects.clone()))
     }
 
@@ -451,6 +453,14 @@ impl HeraldBuilder {
         self
     }
 
+    /// Connects to `url` with `options` (credentials, TLS) instead of the plain URL of
+    /// the test's server.
+    pub fn nats(mut self, url: String, options: herald_store::NatsOptions) -> Self {
+        self.nats_url = url;
+        self.nats_options = options;
+        self
+    }
+
     /// Also accepts `key` with only `scopes`.
     pub fn key(mut self, key: &str, scopes: &[Scope]) -> Self {
         self.keys.push((key.to_string(), scopes.to_vec()));
@@ -501,6 +511,7 @@ impl HeraldBuilder {
             .context("binding 127.0.0.1:0")?;
         let options = MeshOptions {
             nats_url: self.nats_url.clone(),
+            nats: self.nats_options.clone(),
             name: format!("herald-test-{n}"),
             subjects: subjects.clone(),
             streams: StreamSettings {

@@ -7,6 +7,8 @@
 //! - [`ws`] and [`sse`]: a WebSocket client and a Server-Sent Events reader.
 //! - [`scripted`]: a provider whose answers a test scripts; [`smtp`]: a real SMTP server.
 //! - [`schedules`]: fire a pending JetStream schedule early (digest period ends).
+//! - [`trust`]: nkey users, a test CA and operator-mode `.creds` for a nats-server that
+//!   demands authentication or TLS ([`Nats::single_with`]).
 //! - [`wait`]: bounded waiting ([`eventually`], [`within`]); tests never sleep to
 //!   synchronise.
 
@@ -17,6 +19,7 @@ pub mod schedules;
 pub mod scripted;
 pub mod smtp;
 pub mod sse;
+pub mod trust;
 pub mod wait;
 pub mod ws;
 

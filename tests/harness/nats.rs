@@ -37,6 +37,33 @@ impl Nats {
         })
     }
 
+    /// One dev server whose configuration is `nats/dev.conf`, included unchanged, and
+    /// `extra` after it: an `authorization` block, `tls`, operator mode
+    /// ([`crate::trust`] writes them). Its readiness check reads only the plain-text
+    /// `INFO` line, so it starts the same with authentication and TLS on.
+    ///
+    /// # Errors
+    /// When nats-server refuses the configuration or does not start.
+    pub async fn single_with(extra: &str) -> anyhow::Result<Nats> {
+        crate::init_tracing();
+        let dir = tempfile::tempdir().context("creating a temp dir for nats-server")?;
+        let dev = dir.path().join("dev.conf");
+        std::fs::write(&dev, herald_natsd::DEV_CONFIG).context("writing dev.conf")?;
+        let config = dir.path().join("guarded.conf");
+        std::fs::write(&config, format!("include \"dev.conf\"\n\n{extra}\n"))
+            .context("writing guarded.conf")?;
+        let server = NatsServer::start(NatsServerOptions {
+            config: herald_natsd::ConfigSource::File(config),
+            ..NatsServerOptions::dev(dir.path().join("nats"))
+        })
+        .await
+        .context("starting nats-server with authentication or TLS")?;
+        Ok(Nats {
+            servers: Servers::Single(Box::new(server)),
+            dir,
+        })
+    }
+
     /// Three nodes from `nats/cluster.conf`, routed, with a JetStream meta leader.
     ///
     /// # Errors

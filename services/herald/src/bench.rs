@@ -179,6 +179,7 @@ impl BenchAuth {
     ) -> MeshOptions {
         MeshOptions {
             nats_url,
+            nats: Default::default(),
             name: name.into(),
             subjects,
             streams: StreamSettings::default(),
@@ -238,6 +239,7 @@ async fn notify(args: NotifyArgs) -> Result<(), BenchError> {
     } = BenchAuth::new()?;
     let options = MeshOptions {
         nats_url: url.clone(),
+        nats: Default::default(),
         name: "herald-bench".into(),
         subjects: Subjects::new("hbench", args.partitions)?,
         streams: StreamSettings::default(),

@@ -1,5 +1,7 @@
 //! The command line. Every subcommand takes the same configuration flags; flags beat
-//! `HERALD_*` environment variables, which beat the `--config` TOML file.
+//! `HERALD_*` environment variables, which beat the `--config` TOML file. Secrets (the
+//! NATS token, an nkey seed) have no flag: a command line is visible to every user of the
+//! machine, so they come from files or the environment.
 
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
@@ -58,6 +60,31 @@ pub struct Common {
     #[arg(long, value_name = "URL")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nats_url: Option<String>,
+    /// NATS `.creds` file (user JWT + nkey seed) [env: HERALD_NATS_CREDS_FILE]
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_creds_file: Option<PathBuf>,
+    /// File holding the NATS user nkey seed (SU…) [env: HERALD_NATS_NKEY_SEED_FILE]
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_nkey_seed_file: Option<PathBuf>,
+    /// CA certificate(s) that signed the NATS servers' certificates, PEM; implies
+    /// --nats-require-tls [env: HERALD_NATS_TLS_CA_FILE]
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_tls_ca_file: Option<PathBuf>,
+    /// Client certificate for NATS (mutual TLS), PEM [env: HERALD_NATS_TLS_CERT_FILE]
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_tls_cert_file: Option<PathBuf>,
+    /// Private key of --nats-tls-cert-file, PEM [env: HERALD_NATS_TLS_KEY_FILE]
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_tls_key_file: Option<PathBuf>,
+    /// Never talk to NATS without TLS [env: HERALD_NATS_REQUIRE_TLS]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub nats_require_tls: bool,
     /// Producer API key with every scope [env: HERALD_API_KEY]
     #[arg(long, value_name = "KEY")]
     #[serde(skip_serializing_if = "Option::is_none")]

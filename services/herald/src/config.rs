@@ -19,6 +19,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod nats;
+
 /// A producer key in the TOML file.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ApiKeyEntry {
@@ -47,6 +49,20 @@ pub struct Settings {
     pub data_dir: PathBuf,
     /// NATS server URL(s), comma-separated. `herald up` starts its own when absent.
     pub nats_url: Option<String>,
+    /// A `.creds` file (user JWT + nkey seed, operator mode) to authenticate to NATS.
+    pub nats_creds_file: Option<PathBuf>,
+    /// A file holding the user nkey seed (`SU…`) to authenticate to NATS.
+    pub nats_nkey_seed_file: Option<PathBuf>,
+    /// A token to authenticate to NATS (file or environment only, never a flag).
+    pub nats_token: Option<herald_store::Secret>,
+    /// PEM certificate(s) of the CA that signed the NATS servers' certificates.
+    pub nats_tls_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for NATS servers that verify clients (mutual TLS).
+    pub nats_tls_cert_file: Option<PathBuf>,
+    /// Private key (PEM) of `nats_tls_cert_file`.
+    pub nats_tls_key_file: Option<PathBuf>,
+    /// Refuse NATS connections without TLS (implied by the TLS files).
+    pub nats_require_tls: bool,
     /// A producer key with every scope (the development key).
     pub api_key: Option<String>,
     /// More producer keys, with scopes.
@@ -139,6 +155,13 @@ impl Default for Settings {
             http_addr: "127.0.0.1:8080".into(),
             data_dir: PathBuf::from(".herald"),
             nats_url: None,
+            nats_creds_file: None,
+            nats_nkey_seed_file: None,
+            nats_token: None,
+            nats_tls_ca_file: None,
+            nats_tls_cert_file: None,
+            nats_tls_key_file: None,
+            nats_require_tls: false,
             api_key: None,
             api_keys: Vec::new(),
             jwt_secret: None,
@@ -216,6 +239,8 @@ pub struct Validated {
     pub rates: herald_api::RateConfig,
     /// Topic rules.
     pub topics: herald_api::TopicSettings,
+    /// NATS credentials and TLS, the same for every connection of every role.
+    pub nats: herald_store::NatsOptions,
 }
 
 impl Settings {
@@ -238,11 +263,12 @@ impl Settings {
             figment = figment.merge(Toml::file(file));
         }
         figment = figment.merge(Env::prefixed("HERALD_").only(&ENV_KEYS));
-        // Provider secrets and numbers stay exact strings (figment's Env would parse
-        // `+15005550006` as a number).
+        // Provider and NATS secrets, numbers and paths stay exact strings (figment's Env
+        // would parse `+15005550006`, or a token of digits, as a number).
         for (key, value) in Env::prefixed("HERALD_")
             .only(&herald_channels::ENV_KEYS)
             .iter()
+            .chain(Env::prefixed("HERALD_").only(&NATS_STRING_KEYS).iter())
         {
             figment = figment.merge(Serialized::default(key.as_str(), value));
         }
@@ -378,6 +404,7 @@ impl Settings {
         {
             errors.push("nats_url is empty".into());
         }
+        let nats = self.nats(&mut errors);
         match (http_addr, subjects) {
             (Some(http_addr), Some(subjects)) if errors.is_empty() => Ok(Validated {
                 http_addr,
@@ -417,6 +444,7 @@ impl Settings {
                     self_subscribe: self.self_subscribe_topics.clone(),
                     big_threshold: self.big_topic_threshold,
                 },
+                nats,
             }),
             _ => Err(ConfigError(errors)),
         }
@@ -627,10 +655,11 @@ impl Settings {
 
 /// Environment keys read (as `HERALD_<KEY>`). Others, like `HERALD_NATS_SERVER`, belong
 /// to other parts and are not configuration errors.
-const ENV_KEYS: [&str; 37] = [
+const ENV_KEYS: [&str; 38] = [
     "http_addr",
     "data_dir",
     "nats_url",
+    "nats_require_tls",
     "api_key",
     "jwt_secret",
     "jwt_public_key",
@@ -665,6 +694,16 @@ const ENV_KEYS: [&str; 37] = [
     "big_topic_threshold",
     "digest_hourly_s",
     "digest_daily_hour",
+];
+
+/// NATS settings read from the environment as exact strings: a token, and paths.
+const NATS_STRING_KEYS: [&str; 6] = [
+    "nats_creds_file",
+    "nats_nkey_seed_file",
+    "nats_token",
+    "nats_tls_ca_file",
+    "nats_tls_cert_file",
+    "nats_tls_key_file",
 ];
 
 #[cfg(test)]

@@ -181,6 +181,7 @@ async fn service(
     let mesh = Mesh::start(
         MeshOptions {
             nats_url,
+            nats: v.nats,
             name: name.into(),
             subjects: v.subjects,
             streams: v.streams,
@@ -217,7 +218,7 @@ async fn provision(common: &Common) -> Result<(), Failure> {
             "nats_url is required (--nats-url or HERALD_NATS_URL)".into(),
         ]))
     })?;
-    let nats = herald_store::connect(&url, "herald-provision")
+    let nats = herald_store::connect_with(&url, &v.nats, "herald-provision")
         .await
         .map_err(|e| Failure::Run(Box::new(e)))?;
     let report = herald_store::provision(&nats.js_consume, &v.subjects, &v.streams)
@@ -231,7 +232,10 @@ async fn provision(common: &Common) -> Result<(), Failure> {
 }
 
 fn token(args: &herald::cli::TokenArgs) -> Result<(), Failure> {
-    let mut s = settings(&args.common).map_err(Failure::Config)?;
+    // Minting a token needs no NATS; its files need not be readable here.
+    let mut s = settings(&args.common)
+        .map_err(Failure::Config)?
+        .without_nats();
     if s.jwt_secret.is_none() {
         s.jwt_secret = herald::up::dev_jwt_secret(&s.data_dir);
         if s.jwt_secret.is_none() {

@@ -62,6 +62,8 @@ impl Roles {
 pub struct MeshOptions {
     /// NATS URL(s).
     pub nats_url: String,
+    /// NATS credentials and TLS.
+    pub nats: herald_store::NatsOptions,
     /// Connection name prefix (shows in NATS monitoring).
     pub name: String,
     /// Subject scheme.
@@ -99,20 +101,22 @@ pub struct MeshOptions {
 /// Why the mesh could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum MeshError {
-    /// Bad NATS URL.
-    #[error("connecting to NATS at {url}")]
-    Connect {
-        /// The URL, credentials masked.
-        url: String,
-        /// Cause.
-        #[source]
-        source: async_nats::ConnectError,
-    },
+    /// A bad NATS URL or options, or NATS refused the credentials or TLS.
+    #[error(transparent)]
+    Connect(#[from] herald_store::ConnectError),
     /// NATS did not become reachable in time.
     #[error(
-        "NATS at {0} did not answer within {1:?}; is nats-server running? (`herald up` starts one)"
+        "NATS at {url} did not accept a connection within {waited:?}{}; is nats-server running? (`herald up` starts one)",
+        last.as_ref().map(|e| format!(" (last error: {e})")).unwrap_or_default()
     )]
-    NatsTimeout(String, Duration),
+    NatsTimeout {
+        /// The URL, credentials masked.
+        url: String,
+        /// How long it was waited for.
+        waited: Duration,
+        /// The last connection error, if any.
+        last: Option<String>,
+    },
     /// Provisioning failed.
     #[error(transparent)]
     Provision(#[from] herald_store::ProvisionError),
@@ -182,12 +186,7 @@ impl Mesh {
         // Before any part takes a metric handle (see `ops::prometheus`).
         let _ = ops::prometheus();
         let addr = listener.local_addr().map_err(MeshError::Http)?;
-        let nats = herald_store::connect(&opts.nats_url, &opts.name)
-            .await
-            .map_err(|source| MeshError::Connect {
-                url: herald_store::connect::redacted(&opts.nats_url),
-                source,
-            })?;
+        let nats = herald_store::connect_with(&opts.nats_url, &opts.nats, &opts.name).await?;
         wait_connected(&nats, &opts.nats_url).await?;
         if opts.provision {
             // Provisioning is idempotent, so a request NATS did not answer in time (a
@@ -493,10 +492,11 @@ async fn wait_connected(nats: &herald_store::Nats, url: &str) -> Result<(), Mesh
     let mut logged = false;
     while !nats.is_connected() {
         if tokio::time::Instant::now() > deadline {
-            return Err(MeshError::NatsTimeout(
-                herald_store::connect::redacted(url),
-                NATS_WAIT,
-            ));
+            return Err(MeshError::NatsTimeout {
+                url: herald_store::connect::redacted(url),
+                waited: NATS_WAIT,
+                last: nats.problem(),
+            });
         }
         if !logged {
             tracing::info!(url = %herald_store::connect::redacted(url), "waiting for NATS");

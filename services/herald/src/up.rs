@@ -78,6 +78,11 @@ pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> Result<
     let mut child: Option<NatsServer> = None;
     let nats_url = match &settings.nats_url {
         Some(url) => url.clone(),
+        None if valid.nats != herald_store::NatsOptions::default() => {
+            return Err(UpError::Config(crate::config::ConfigError(vec![
+                "the nats_creds_file, nats_nkey_seed_file, nats_token, nats_tls_* and nats_require_tls settings are for a NATS of your own (--nats-url): the nats-server `herald up` starts listens on loopback without authentication or TLS".into(),
+            ])));
+        }
         None => {
             let store = data_dir.join("nats");
             let server = NatsServer::start(NatsServerOptions::dev(store)).await?;
@@ -96,6 +101,7 @@ pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> Result<
     let mesh = Mesh::start(
         MeshOptions {
             nats_url: nats_url.clone(),
+            nats: valid.nats.clone(),
             name: "herald-up".into(),
             subjects: valid.subjects.clone(),
             streams: valid.streams.clone(),

@@ -1,6 +1,10 @@
 //! Connections. Publishing and consuming use separate connections: heavy async publishing
-//! on one connection starves the consumers that share it (ARCHITECTURE.md).
+//! on one connection starves the consumers that share it (ARCHITECTURE.md). Both
+//! authenticate and use TLS as the process's [`NatsOptions`] say.
 
+mod refusal;
+
+use crate::nats_auth::{Loaded, NatsAuth, NatsOptions, NatsOptionsError, NatsTls, Servers};
 use async_nats::jetstream;
 use std::time::Duration;
 
@@ -23,6 +27,9 @@ pub struct Nats {
     /// reconnect after a disconnect, and each slow-consumer drop. Whoever delivers live
     /// messages from it re-reads what they hold from the store when it changes.
     pub losses: tokio::sync::watch::Receiver<u64>,
+    /// The last error of a connection attempt (`authorization violation`, an I/O
+    /// error), cleared once connected; for messages while NATS is waited for.
+    pub problems: tokio::sync::watch::Receiver<Option<String>>,
 }
 
 impl Nats {
@@ -32,6 +39,11 @@ impl Nats {
             self.publish.connection_state(),
             async_nats::connection::State::Connected
         )
+    }
+
+    /// The last error connecting, while not connected (see [`Nats::problems`]).
+    pub fn problem(&self) -> Option<String> {
+        self.problems.borrow().clone()
     }
 }
 
@@ -54,23 +66,66 @@ pub fn redacted(url: &str) -> String {
         .join(",")
 }
 
-/// Connects to `url` (comma-separated for a cluster) as `name`.
-///
-/// Retries the first connection in the background, so a service can start before NATS
-/// and answer 503 until it is there; reconnects forever afterwards.
+/// Connects to `url` (comma-separated for a cluster) as `name`, with no credentials or
+/// TLS beyond what the URL says: for tests and tools against a local server. Services
+/// use [`connect_with`] and the configured [`NatsOptions`].
 ///
 /// # Errors
-/// When the URL does not parse.
-pub async fn connect(url: &str, name: &str) -> Result<Nats, async_nats::ConnectError> {
-    let urls: Vec<&str> = url
-        .split(',')
-        .map(str::trim)
-        .filter(|u| !u.is_empty())
-        .collect();
-    let publish = options(name, "pub", None).connect(urls.as_slice()).await?;
+/// As [`connect_with`].
+pub async fn connect(url: &str, name: &str) -> Result<Nats, ConnectError> {
+    connect_with(url, &NatsOptions::default(), name).await
+}
+
+/// Connects to `url` (comma-separated for a cluster) as `name`, authenticating and using
+/// TLS as `options` say.
+///
+/// A NATS that cannot be reached yet is waited for: the connections retry in the
+/// background, so a service can start before NATS and answer 503 until it is there, and
+/// they reconnect forever afterwards. A NATS that answers and refuses — wrong or missing
+/// credentials, a certificate that does not verify — is an error at once: retrying would
+/// not change its answer.
+///
+/// # Errors
+/// [`ConnectError::Options`] for a URL that does not parse or options whose files cannot
+/// be used; [`ConnectError::Refused`] when NATS refuses the credentials or TLS fails.
+pub async fn connect_with(
+    url: &str,
+    options: &NatsOptions,
+    name: &str,
+) -> Result<Nats, ConnectError> {
+    let servers = Servers::parse(url)?;
+    let auth = options.auth_with(&servers)?;
+    let loaded = Loaded::load(&auth)?;
+    tracing::info!(
+        url = %redacted(url),
+        auth = %options.describe(&auth),
+        nkey = loaded.public_key().as_deref(),
+        "connecting to NATS"
+    );
+    let target = Target {
+        servers: &servers.addrs,
+        url: redacted(url),
+        auth: &auth,
+        tls: &options.tls,
+    };
+    let (problem, problems) = tokio::sync::watch::channel(None);
+    let problem = std::sync::Arc::new(problem);
+    let base = || loaded.options(&options.tls);
+    let publish = target
+        .open(|| Ok(tune(base()?, name, "pub", None, problem.clone())))
+        .await?;
     let (lost, losses) = tokio::sync::watch::channel(0);
-    let consume = options(name, "sub", Some(std::sync::Arc::new(lost)))
-        .connect(urls.as_slice())
+    let lost = std::sync::Arc::new(lost);
+    let consume = target
+        .open(|| {
+            Ok(tune(
+                base()?,
+                name,
+                "sub",
+                Some(lost.clone()),
+                problem.clone(),
+            ))
+        })
         .await?;
     let js = jetstream::ContextBuilder::new()
         .timeout(JETSTREAM_TIMEOUT)
@@ -85,27 +140,104 @@ pub async fn connect(url: &str, name: &str) -> Result<Nats, async_nats::ConnectE
         js,
         js_consume,
         losses,
+        problems,
     })
 }
 
-/// `lost`: bumped when core messages may have been lost (see [`Nats::losses`]).
-fn options(
+/// Why [`connect_with`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The URL or the options cannot be used (a file missing, two ways to authenticate).
+    #[error(transparent)]
+    Options(#[from] NatsOptionsError),
+    /// NATS answered and refused: the credentials, or the TLS handshake. The message
+    /// says which settings to look at.
+    // `cause` is not a `#[source]`: an async-nats error shows its own cause in its
+    // message and again as its source, which would repeat it in every error chain.
+    #[error("NATS at {url} refused the connection ({cause}): {hint}")]
+    Refused {
+        /// The URL, credentials masked.
+        url: String,
+        /// What to check.
+        hint: String,
+        /// What the client saw.
+        cause: async_nats::ConnectError,
+    },
+    /// Connecting could not even start.
+    #[error("connecting to NATS at {url}: {cause}")]
+    Connect {
+        /// The URL, credentials masked.
+        url: String,
+        /// What the client saw.
+        cause: async_nats::ConnectError,
+    },
+}
+
+/// Where and how one process connects.
+struct Target<'a> {
+    servers: &'a [async_nats::ServerAddr],
+    url: String,
+    auth: &'a NatsAuth,
+    tls: &'a NatsTls,
+}
+
+impl Target<'_> {
+    /// One connection: a first attempt that fails at once if NATS refuses, then, while
+    /// no server is reachable, attempts in the background.
+    async fn open(
+        &self,
+        options: impl Fn() -> Result<async_nats::ConnectOptions, NatsOptionsError>,
+    ) -> Result<async_nats::Client, ConnectError> {
+        let first = match options()?.connect(self.servers).await {
+            Ok(client) => return Ok(client),
+            Err(e) => e,
+        };
+        if let Some(hint) = refusal::hint(&first, self.auth, self.tls) {
+            return Err(ConnectError::Refused {
+                url: self.url.clone(),
+                hint,
+                cause: first,
+            });
+        }
+        if first.kind() == async_nats::ConnectErrorKind::ServerParse {
+            return Err(ConnectError::Connect {
+                url: self.url.clone(),
+                cause: first,
+            });
+        }
+        tracing::warn!(url = %self.url, error = %first, "NATS not reachable yet; connecting in the background");
+        options()?
+            .retry_on_initial_connect()
+            .connect(self.servers)
+            .await
+            .map_err(|cause| ConnectError::Connect {
+                url: self.url.clone(),
+                cause,
+            })
+    }
+}
+
+/// `lost`: bumped when core messages may have been lost (see [`Nats::losses`]);
+/// `problem`: the last connection error, for [`Nats::problem`].
+fn tune(
+    options: async_nats::ConnectOptions,
     name: &str,
     role: &str,
     lost: Option<std::sync::Arc<tokio::sync::watch::Sender<u64>>>,
+    problem: std::sync::Arc<tokio::sync::watch::Sender<Option<String>>>,
 ) -> async_nats::ConnectOptions {
     // Every `Connected` after the first is a reconnect. (Not "a `Connected` after a
     // `Disconnected`": events go through a bounded channel, and a burst of slow-consumer
     // events can crowd the `Disconnected` out.)
     let connected_before = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    async_nats::ConnectOptions::new()
+    options
         .name(format!("{name}-{role}"))
-        .retry_on_initial_connect()
         .max_reconnects(None)
         .subscription_capacity(65_536)
         .client_capacity(65_536)
         .event_callback(move |event| {
-            let (lost, connected_before) = (lost.clone(), connected_before.clone());
+            let (lost, connected_before, problem) =
+                (lost.clone(), connected_before.clone(), problem.clone());
             async move {
                 let bump = || {
                     if let Some(lost) = &lost {
@@ -115,6 +247,7 @@ fn options(
                 match event {
                     async_nats::Event::Connected => {
                         tracing::info!("connected to NATS");
+                        problem.send_replace(None);
                         // Messages published while this connection was away never
                         // reached its subscriptions.
                         if connected_before.swap(true, std::sync::atomic::Ordering::AcqRel) {
@@ -125,6 +258,14 @@ fn options(
                     async_nats::Event::SlowConsumer(sid) => {
                         tracing::warn!(sid, "NATS slow consumer: messages were dropped");
                         bump();
+                    }
+                    async_nats::Event::ClientError(e) => {
+                        tracing::warn!(error = %e, "NATS connection failed");
+                        problem.send_replace(Some(e.to_string()));
+                    }
+                    async_nats::Event::ServerError(e) => {
+                        tracing::warn!(error = %e, "NATS server error");
+                        problem.send_replace(Some(e.to_string()));
                     }
                     other => tracing::info!(%other, "NATS event"),
                 }

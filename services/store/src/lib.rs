@@ -1,6 +1,7 @@
 //! Herald's JetStream layer: the only crate that knows how Herald's data sits in NATS.
 //!
 //! - [`connect`]: client connections with the options every service wants.
+//! - [`nats_auth`]: credentials and TLS for those connections, checked before use.
 //! - [`provision`]: streams, buckets and consumers as code, idempotent.
 //! - [`inbox`]: appending to and reading from the per-user INBOX stream.
 //! - [`direct`]: batched direct gets (`$JS.API.DIRECT.GET`), which async-nats lacks.
@@ -22,6 +23,7 @@ pub mod digests;
 pub mod direct;
 pub mod groups;
 pub mod inbox;
+pub mod nats_auth;
 pub mod preferences;
 pub mod provision;
 pub mod reads;
@@ -34,10 +36,11 @@ pub mod view;
 mod walk;
 
 pub use caps::{CapDecision, CapsError, RateCaps};
-pub use connect::{Nats, connect, is_unavailable};
+pub use connect::{ConnectError, Nats, connect, connect_with, is_unavailable};
 pub use digests::{Digests, DigestsError};
 pub use groups::{Groups, GroupsError};
 pub use inbox::{Append, AppendAck, Entry as InboxEntry, Inbox, InboxError, InboxPage};
+pub use nats_auth::{ClientCert, NatsAuth, NatsOptions, NatsOptionsError, NatsTls, Secret};
 pub use preferences::{PreferenceStore, PreferencesError};
 pub use provision::{ProvisionError, ProvisionReport, provision};
 pub use reads::ReadPositions;

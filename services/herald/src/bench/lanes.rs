@@ -88,6 +88,7 @@ pub async fn run(args: LanesArgs) -> Result<(), BenchError> {
     let subjects = Subjects::new("hbench", args.partitions)?;
     let options = MeshOptions {
         nats_url: url.clone(),
+        nats: Default::default(),
         name: "herald-bench-lanes".into(),
         subjects: subjects.clone(),
         streams: StreamSettings::default(),
