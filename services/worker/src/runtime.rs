@@ -459,6 +459,15 @@ async fn lane_loop(
     }
 }
 
+/// Longest a batch waits for the next job of its pull while the server says more are
+/// queued (they may go to another pull first).
+const BATCH_LINGER: Duration = Duration::from_millis(2);
+
+/// Whether the server had more jobs queued when it delivered `msg`.
+fn queued_behind(msg: &async_nats::jetstream::Message) -> bool {
+    msg.info().is_ok_and(|info| info.pending > 0)
+}
+
 /// One outstanding pull: the jobs it brings, a slot for each it may bring, and its place
 /// among the lane's pulls.
 struct Pull {
@@ -500,18 +509,30 @@ async fn take_pull(ctx: Arc<Context>, lane: Priority, pull: Pull, stop: Cancella
             }
             None => break,
         };
-        // Whatever else has already arrived joins the batch; an idle queue's single job
-        // goes at once.
+        // The jobs on their way join the batch: while the server says more are queued
+        // (each delivery carries the count) and the pull has room, the next is an
+        // instant away. An idle queue's single job goes at once.
+        let mut more = queued_behind(&first);
         let mut pulled = Vec::with_capacity(slots.num_permits());
         pulled.push((first, split_one(&mut slots)));
         while slots.num_permits() > 0 {
-            match jobs.next().now_or_never() {
-                Some(Some(Ok(msg))) => pulled.push((msg, split_one(&mut slots))),
-                Some(Some(Err(e))) => {
+            let next = match jobs.next().now_or_never() {
+                Some(next) => next,
+                None if more => tokio::time::timeout(BATCH_LINGER, jobs.next())
+                    .await
+                    .unwrap_or(None),
+                None => break,
+            };
+            match next {
+                Some(Ok(msg)) => {
+                    more = queued_behind(&msg);
+                    pulled.push((msg, split_one(&mut slots)));
+                }
+                Some(Err(e)) => {
                     tracing::debug!(channel, lane = lane.as_str(), error = %e, "worker pull ended");
                     break;
                 }
-                Some(None) | None => break,
+                None => break,
             }
         }
         metrics::counter!("herald_worker_batches_total", "channel" => channel, "lane" => lane.as_str())
