@@ -1258,6 +1258,24 @@ async fn smtp_answers_are_classified_unknown_mailbox_removed_and_4xx_retried() -
     Ok(())
 }
 
+/// The push `normal` lane's consumer as the server sees it: its delivery sequence counts
+/// every delivery, redeliveries included.
+async fn push_normal_consumer(
+    herald: &Herald,
+) -> anyhow::Result<async_nats::jetstream::consumer::Info> {
+    let js = async_nats::jetstream::new(herald.nats_client().await?);
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_stream(herald_protocol::streams::work_stream_name(Channel::Push))
+        .await?
+        .get_consumer(&herald_protocol::streams::worker_consumer(
+            Channel::Push,
+            herald_protocol::Priority::Normal,
+        ))
+        .await
+        .map_err(|e| anyhow::anyhow!("the push consumer: {e}"))?;
+    Ok(consumer.info().await?.clone())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_waiting_behind_a_slow_bucket_is_not_redelivered() -> anyhow::Result<()> {
     let nats = Nats::single().await?;
@@ -1282,18 +1300,7 @@ async fn a_job_waiting_behind_a_slow_bucket_is_not_redelivered() -> anyhow::Resu
         assert_eq!(entry["retries"], 0, "{entry}");
         assert_eq!(apns.calls_for(id).len(), 1, "{id} sent once");
     }
-    // The consumer's delivery sequence counts every delivery, redeliveries included.
-    let js = async_nats::jetstream::new(herald.nats_client().await?);
-    let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
-        .get_stream(herald_protocol::streams::work_stream_name(Channel::Push))
-        .await?
-        .get_consumer(&herald_protocol::streams::worker_consumer(
-            Channel::Push,
-            herald_protocol::Priority::Normal,
-        ))
-        .await
-        .map_err(|e| anyhow::anyhow!("the push consumer: {e}"))?;
-    let info = consumer.info().await?;
+    let info = push_normal_consumer(&herald).await?;
     assert_eq!(
         info.delivered.consumer_sequence, 4,
         "four jobs, four deliveries: none was redelivered while it waited ({info:?})"
@@ -1338,17 +1345,7 @@ async fn jobs_beyond_the_free_slots_stay_queued_not_redelivered() -> anyhow::Res
     for id in &ids {
         assert_eq!(apns.calls_for(id).len(), 1, "{id} sent once");
     }
-    let js = async_nats::jetstream::new(herald.nats_client().await?);
-    let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
-        .get_stream(herald_protocol::streams::work_stream_name(Channel::Push))
-        .await?
-        .get_consumer(&herald_protocol::streams::worker_consumer(
-            Channel::Push,
-            herald_protocol::Priority::Normal,
-        ))
-        .await
-        .map_err(|e| anyhow::anyhow!("the push consumer: {e}"))?;
-    let info = consumer.info().await?;
+    let info = push_normal_consumer(&herald).await?;
     assert_eq!(
         info.delivered.consumer_sequence, JOBS as u64,
         "one delivery per job: none was redelivered while it waited ({info:?})"
