@@ -32,6 +32,7 @@ mod store_reads;
 mod storm;
 mod templates;
 mod topic_locales;
+mod topic_publishes;
 mod topics;
 mod topics_big;
 mod transports;

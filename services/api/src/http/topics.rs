@@ -202,10 +202,16 @@ pub(super) async fn publish(
         .prepare_topic(&raw, &producer.0.producer, key)
         .await
         .map_err(AppError::from)?;
+    let mut notification = prepared.into_stored();
+    // The header wins over the body's key, as on /v1/notify; both were validated above.
+    let key = key.or_else(|| doc.get("idempotency_key").and_then(Value::as_str));
+    if let Some(key) = key {
+        notification.id = publish_id(&producer.0.producer, key);
+    }
     let mut job = FanoutJob {
-        id: prepared.id().to_owned(),
+        id: notification.id.clone(),
         topic: t.clone(),
-        notification: prepared.into_stored(),
+        notification,
         stored_seq: None,
     };
     let subscribers = state.subscriptions.count(&t).await.map_err(topics_error)?;
@@ -220,6 +226,9 @@ pub(super) async fn publish(
             .append_topic(&t, &job.notification)
             .await
             .map_err(|e| AppError::unavailable(&e))?;
+        if stored.duplicate {
+            same_publish(&state, &job, stored.seq).await?;
+        }
         job.stored_seq = Some(stored.seq);
     }
     state
@@ -327,6 +336,52 @@ pub(super) async fn my_topics(
         .map_err(topics_error)?;
     Ok(Json(json!({"topics": topics})))
 }
+
+/// Namespace of the ids of topic publishes that carry an idempotency key.
+const PUBLISH_IDS: uuid::Uuid = uuid::Uuid::from_u128(0x9e4d_27b1_5c08_4f6a_b3e2_71d0_c8a5_1f94);
+
+/// The id of `producer`'s topic publish with idempotency key `key`: the same for every
+/// retry, and in a namespace of its own. A notify with the same key has another id, so
+/// neither is taken for a repeat of the other (the INBOX and FANOUT streams deduplicate
+/// by id).
+fn publish_id(producer: &str, key: &str) -> String {
+    let mut name = Vec::with_capacity(producer.len() + key.len() + 1);
+    name.extend_from_slice(producer.as_bytes());
+    name.push(0);
+    name.extend_from_slice(key.as_bytes());
+    uuid::Uuid::new_v5(&PUBLISH_IDS, &name).to_string()
+}
+
+/// Checks that what INBOX holds at `seq`, which it named as the first copy of `job`'s
+/// publish, is that publish: the same id on this topic. A repeat answers the first
+/// answer; anything else there is refused rather than answered as this publish.
+async fn same_publish(state: &ApiState, job: &FanoutJob, seq: u64) -> Result<(), AppError> {
+    #[derive(serde::Deserialize)]
+    struct Stored {
+        id: String,
+        topic: Option<String>,
+    }
+    match state.acceptor.inbox().entry_at(seq).await {
+        herald_store::InboxEntry::Stored(payload) => {
+            match serde_json::from_slice::<Stored>(&payload) {
+                Ok(s) if s.id == job.id && s.topic.as_deref() == Some(job.topic.as_str()) => Ok(()),
+                _ => Err(AppError::new(
+                    StatusCode::CONFLICT,
+                    "idempotency_key_reused",
+                    "this Idempotency-Key already named another notification; use a new key",
+                )),
+            }
+        }
+        // Stored once and gone since (expired): still the first answer.
+        herald_store::InboxEntry::Gone => Ok(()),
+        herald_store::InboxEntry::Unavailable(e) => Err(AppError::unavailable(&InboxRead(e))),
+    }
+}
+
+/// An inbox read that NATS did not answer.
+#[derive(Debug, thiserror::Error)]
+#[error("reading the stored publish failed: {0}")]
+struct InboxRead(String);
 
 /// The recipient a topic publish is validated (and stored) with before each copy gets its
 /// subscriber: `topic:<name>`, cut on a character boundary to fit a user id — a topic
