@@ -456,14 +456,16 @@ impl Settings {
             (Some(raw), _) => ContactKeys::parse_key(raw)
                 .map_err(|e| errors.push(format!("contact_key: {e}")))
                 .unwrap_or_default(),
-            (None, secret) => {
-                // Development: stable across restarts with the same secret.
-                use sha2::Digest as _;
-                sha2::Sha256::new()
-                    .chain_update(b"herald contact key\0")
-                    .chain_update(secret.as_deref().unwrap_or_default())
-                    .finalize()
-                    .into()
+            (None, Some(secret)) => derived_contact_key(secret),
+            (None, None) if self.dev_mode => derived_contact_key(""),
+            (None, None) => {
+                // Without a secret to derive it from, the key would be the same public
+                // constant in every deployment: contact data readable by anyone with the
+                // bucket, unsubscribe links forgeable.
+                errors.push(
+                    "contact_key (HERALD_CONTACT_KEY) is required when user tokens are verified without jwt_secret (jwt_public_key, jwt_jwks): set it to 64 hex characters, e.g. `openssl rand -hex 32`".into(),
+                );
+                [0; 32]
             }
         };
         let mut old = Vec::new();
@@ -653,6 +655,17 @@ impl Settings {
     }
 }
 
+/// The contact key of a deployment without `contact_key`: derived from the JWT secret, so
+/// it stays the same across restarts with the same secret.
+fn derived_contact_key(jwt_secret: &str) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::new()
+        .chain_update(b"herald contact key\0")
+        .chain_update(jwt_secret)
+        .finalize()
+        .into()
+}
+
 /// Environment keys read (as `HERALD_<KEY>`). Others, like `HERALD_NATS_SERVER`, belong
 /// to other parts and are not configuration errors.
 const ENV_KEYS: [&str; 38] = [
@@ -788,6 +801,30 @@ mod tests {
             err.0.len() == 1 && err.0[0].contains("digest_daily_hour"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn tokens_without_a_jwt_secret_need_a_contact_key() {
+        let jwks = Settings {
+            api_key: Some("hk_0123456789abcdef".into()),
+            jwt_jwks: Some("https://id.example.com/.well-known/jwks.json".into()),
+            ..Settings::default()
+        };
+        let err = jwks.validate().expect_err("no contact key");
+        assert!(
+            err.0.len() == 1 && err.0[0].contains("contact_key"),
+            "{err}"
+        );
+        let keyed = Settings {
+            contact_key: Some("11".repeat(32)),
+            ..jwks.clone()
+        };
+        assert!(keyed.validate().is_ok());
+        let dev = Settings {
+            dev_mode: true,
+            ..jwks
+        };
+        assert!(dev.validate().is_ok(), "development derives one");
     }
 
     #[test]
