@@ -14,15 +14,18 @@
 //!
 //! `high` notifications and critical categories are never held for a digest.
 
+mod mail;
+
 use crate::{Route, Routed};
+use async_nats::jetstream::context::PublishError;
 use async_nats::jetstream::message::PublishMessage;
+use futures::StreamExt as _;
 use herald_protocol::digest::{self, DigestDue, DigestEntry, DigestMail};
 use herald_protocol::preferences::Digest;
 use herald_protocol::streams::{self, DIGEST_HEADER, INBOX, ROUTE_HEADER};
 use herald_protocol::{Channel, ChannelJob, Preferences, Priority, StoredNotification, UserId};
 use herald_store::status::{State, Update};
-use herald_store::targets::target_id;
-use serde_json::{Value, json};
+use herald_store::targets::{TargetsError, target_id};
 use std::collections::HashSet;
 
 /// Whether a message is the end of a digest period.
@@ -155,6 +158,11 @@ impl Route {
         }
     }
 
+    /// Sends the digest of the period ending at `end` and clears the period. Only NATS
+    /// trouble is an error (the period is tried again); an email that can never be
+    /// sent ([`DigestFailure::Unsendable`]) is logged, recorded as `failed` on what it listed, and
+    /// cleared like a sent one — retrying it would hold up the partition's lane for
+    /// every user behind it, forever.
     async fn send_digest(
         &self,
         due: &DigestDue,
@@ -191,7 +199,23 @@ impl Route {
             .filter(|e| e.seq > read && ids.insert(e.id.as_str()))
             .collect();
         if !unread.is_empty() {
-            self.enqueue_digest(due, end, &prefs, &unread).await?;
+            match self.enqueue_digest(due, end, &prefs, &unread).await {
+                Ok(()) => {}
+                Err(DigestFailure::Nats(e)) => return Err(e),
+                Err(DigestFailure::Unsendable(why)) => {
+                    metrics::counter!("herald_router_digests_failed_total").increment(1);
+                    tracing::error!(
+                        user = %user.as_str(),
+                        period_end = %due.period_end,
+                        listed = unread.len(),
+                        "digest email dropped: {why}"
+                    );
+                    let failed =
+                        Update::state(State::Failed).because(format!("digest email: {why}"));
+                    let listed = unread.iter().map(|e| (*e, failed.clone())).collect();
+                    self.record_entries(user, listed).await;
+                }
+            }
         }
         // One purge up to the last listed entry, unless an entry of a later period lies
         // below it (the user changed frequency, hour or zone): then only the listed go.
@@ -208,80 +232,137 @@ impl Route {
         Ok(())
     }
 
+    /// Records each update on the email status of its entry (a few at a time: a digest
+    /// may hold thousands). Status is for people; a failure is only logged.
+    async fn record_entries(&self, user: &UserId, updates: Vec<(&DigestEntry, Update)>) {
+        let status = &self.routing.status;
+        futures::stream::iter(updates)
+            .for_each_concurrent(16, |(e, update)| async move {
+                let none = [(Channel::Email, "none".to_string())];
+                if let Err(err) = status.record_many(&e.id, user, e.seq, &none, update).await {
+                    tracing::warn!(seq = e.seq, error = %err, "recording delivery status failed");
+                }
+            })
+            .await;
+    }
+
     async fn enqueue_digest(
         &self,
         due: &DigestDue,
         end: jiff::Timestamp,
         prefs: &Preferences,
         unread: &[&DigestEntry],
-    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    ) -> Result<(), DigestFailure> {
         let user = &due.user_id;
-        let tz = prefs.time_zone();
-        let items: Vec<Value> = unread
-            .iter()
-            .map(|e| {
-                json!({"id": e.id, "title": e.title, "body": e.body,
-                       "category": e.category, "created_at": e.created_at})
-            })
-            .collect();
-        let vars = json!({
-            "count": unread.len(),
-            "frequency": if due.digest == Digest::Daily { "daily" } else { "hourly" },
-            "period_end": end.to_zoned(tz).strftime("%Y-%m-%d %H:%M").to_string(),
-            "items": items,
-        });
-        let Value::Object(vars) = vars else {
-            return Ok(());
-        };
-        let texts = match self
-            .routing
-            .templates
-            .render_digest(prefs.locale.as_deref(), &vars)
-        {
+        let targets = match self.routing.targets.targets(user, Channel::Email).await {
             Ok(t) => t,
-            Err(e) => {
-                // A broken `digest` template must not swallow the digest: the built-in one.
-                tracing::warn!(error = %e.message, "the digest template failed; using the built-in one");
-                herald_templates::Templates::none().render_digest(prefs.locale.as_deref(), &vars)?
-            }
+            Err(TargetsError::Nats(e)) => return Err(DigestFailure::Nats(e.into())),
+            // A contact record this process cannot open stays so until an operator acts.
+            Err(e) => return Err(DigestFailure::Unsendable(e.to_string())),
         };
-        let mail = DigestMail {
-            subject: texts.subject,
-            text: texts.text,
-            html: texts.html,
-            count: unread.len() as u64,
-        };
-        let targets = self.routing.targets.targets(user, Channel::Email).await?;
+        if targets.is_empty() {
+            return Ok(());
+        }
         let id = digest::digest_id(user, end.as_second());
         let seq = unread.iter().map(|e| e.seq).max().unwrap_or(0);
+        let job = |target: String, mail: DigestMail| ChannelJob {
+            id: id.clone(),
+            seq,
+            user_id: user.clone(),
+            channel: Channel::Email,
+            priority: Priority::Low,
+            target,
+            folded: None,
+            digest: Some(mail),
+            locale: None,
+        };
+        let limit = job_limit();
+        let input = mail::DigestInput {
+            locale: prefs.locale.as_deref(),
+            frequency: if due.digest == Digest::Daily {
+                "daily"
+            } else {
+                "hourly"
+            },
+            period_end: end
+                .to_zoned(prefs.time_zone())
+                .strftime("%Y-%m-%d %H:%M")
+                .to_string(),
+            unread,
+        };
+        let mail = mail::build(&self.routing.templates, &input, |mail| {
+            // Every target id has the same length.
+            serde_json::to_vec(&job("0".repeat(32), mail.clone())).is_ok_and(|j| j.len() <= limit)
+        })
+        .map_err(|e| {
+            DigestFailure::Unsendable(format!(
+                "the built-in digest failed to render: {}",
+                e.message
+            ))
+        })?;
         let mut acks = Vec::new();
         for target in targets {
-            let job = ChannelJob {
-                id: id.clone(),
-                seq,
-                user_id: user.clone(),
-                channel: Channel::Email,
-                priority: Priority::Low,
-                target: target_id(&target),
-                folded: None,
-                digest: Some(mail.clone()),
-                locale: None,
-            };
+            let job = job(target_id(&target), mail.clone());
+            let payload =
+                serde_json::to_vec(&job).map_err(|e| DigestFailure::Unsendable(e.to_string()))?;
+            let size = payload.len();
             let publish = PublishMessage::build()
-                .payload(serde_json::to_vec(&job)?.into())
+                .payload(payload.into())
                 .message_id(job.msg_id())
                 .expected_stream(streams::work_stream_name(Channel::Email));
-            acks.push(
-                self.nats
-                    .js
-                    .send_publish(self.subjects.work(Channel::Email, Priority::Low), publish)
-                    .await?,
-            );
+            let ack = self
+                .nats
+                .js
+                .send_publish(self.subjects.work(Channel::Email, Priority::Low), publish)
+                .await
+                .map_err(|e| DigestFailure::from_publish(e, size))?;
+            acks.push((ack, size));
         }
-        for ack in acks {
-            ack.await?;
+        for (ack, size) in acks {
+            ack.await
+                .map_err(|e| DigestFailure::from_publish(e, size))?;
         }
         metrics::counter!("herald_router_digests_total").increment(1);
         Ok(())
+    }
+}
+
+/// Most bytes a digest job may take: the email work stream's maximum message size
+/// ([`streams::work_stream`]), less room for the publish's headers.
+fn job_limit() -> usize {
+    let spec = streams::work_stream(
+        &herald_protocol::Subjects::default(),
+        &streams::StreamSettings::default(),
+        Channel::Email,
+    );
+    usize::try_from(spec.max_msg_size)
+        .unwrap_or(64 * 1024)
+        .saturating_sub(HEADER_ROOM)
+}
+
+/// Bytes kept for a job's headers (`Nats-Msg-Id` names the user's token: up to ~200).
+const HEADER_ROOM: usize = 1024;
+
+/// Why a digest email was not enqueued.
+#[derive(Debug)]
+enum DigestFailure {
+    /// NATS trouble: the period is tried again.
+    Nats(Box<dyn std::error::Error + Send + Sync>),
+    /// It can never be enqueued as it is (what an operator must do is in the text).
+    Unsendable(String),
+}
+
+impl DigestFailure {
+    /// A refused publish: too big for the queue is for good, anything else is not.
+    fn from_publish(e: PublishError, size: usize) -> Self {
+        if crate::too_big(&e) {
+            Self::Unsendable(format!(
+                "its job of {size} bytes is over the email work queue's maximum message size; \
+                 raise max_msg_size of the {} stream or shorten the digest template",
+                streams::work_stream_name(Channel::Email)
+            ))
+        } else {
+            Self::Nats(Box::new(e))
+        }
     }
 }

@@ -280,6 +280,17 @@ async fn partition_loop(
     }
 }
 
+/// Whether JetStream refused a publish for its size: for good, whatever the retries.
+pub(crate) fn too_big(e: &async_nats::jetstream::context::PublishError) -> bool {
+    use async_nats::jetstream::context::PublishErrorKind;
+    e.kind() == PublishErrorKind::MaxPayloadExceeded
+        || std::error::Error::source(e)
+            .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>())
+            .is_some_and(|js| {
+                js.error_code() == async_nats::jetstream::ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM
+            })
+}
+
 enum Routed {
     /// Nothing left to do for this message.
     Done,
@@ -519,13 +530,25 @@ impl Route {
                 queued.push((channel, job.target));
             }
         }
-        for ack in acks {
-            if let Err(e) = ack.await {
-                tracing::warn!(seq, error = %e, "enqueue not acked (queue full?); will retry");
-                metrics::counter!("herald_router_enqueue_refused_total").increment(1);
-                return Routed::Retry;
+        let mut unsendable = Vec::new();
+        for (ack, (channel, target)) in acks.into_iter().zip(&queued) {
+            match ack.await {
+                Ok(_) => {}
+                // Retrying a job JetStream will never take would hold the lane forever.
+                Err(e) if too_big(&e) => {
+                    tracing::error!(seq, id = %stored.id, channel = channel.as_str(), error = %e,
+                        "channel job over its work queue's maximum message size; dropped (raise max_msg_size of {})",
+                        streams::work_stream_name(*channel));
+                    unsendable.push((*channel, target.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!(seq, error = %e, "enqueue not acked (queue full?); will retry");
+                    metrics::counter!("herald_router_enqueue_refused_total").increment(1);
+                    return Routed::Retry;
+                }
             }
         }
+        queued.retain(|q| !unsendable.contains(q));
         // Status is for people; a failure to record it never holds delivery back.
         let queued_update = match &folded {
             Some(f) => Update::state(State::Queued).because(format!(
@@ -536,6 +559,11 @@ impl Route {
         };
         let mut records = vec![
             (queued, queued_update),
+            (
+                unsendable,
+                Update::state(State::Failed)
+                    .because("job over the work queue's maximum message size"),
+            ),
             (
                 untargeted,
                 Update::state(State::Skipped)
