@@ -1,7 +1,8 @@
 //! What the router can never do must not hold up a partition's lane: it retries a
 //! notification in place (moving on would break per-user order), so anything it retries
 //! that cannot succeed stalls every user behind it. A digest email too big for the email
-//! work queue is bounded, or recorded `failed` when the queue still refuses it.
+//! work queue is bounded, or recorded `failed` when the queue still refuses it; a contact
+//! record sealed with a key the process no longer has fails its own channels only.
 //!
 //! Every test runs one partition, so the user behind shares the stuck user's lane.
 
@@ -10,10 +11,11 @@ use herald::channels::{ChannelSettings, SmtpSettings};
 use herald_protocol::Policy;
 use herald_protocol::digest::DigestSettings;
 use herald_protocol::preferences::CategoryRule;
+use herald_store::targets::{Contact, ContactKeys, Targets};
 use herald_tests::herald::rand_key;
 use herald_tests::schedules::fire_early;
 use herald_tests::smtp::SmtpServer;
-use herald_tests::{Herald, Nats, eventually};
+use herald_tests::{Herald, JobFeed, Nats, eventually};
 use reqwest::Method;
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -218,5 +220,57 @@ async fn a_digest_the_email_queue_refuses_is_recorded_failed_not_retried() -> an
         smtp.messages()?.len() == 1,
         "only the probe was sent: no digest"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contact_sealed_with_a_dropped_key_fails_its_channels_and_routes_the_rest()
+-> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).partitions(1).start().await?;
+    // Sealed with a key this Herald was never given (an old key dropped from
+    // contact_old_keys): the record exists, but cannot be opened.
+    let js = async_nats::jetstream::new(herald.nats_client().await?);
+    let stale = Targets::open(&js, ContactKeys::new(rand_key(), &[])).await?;
+    let user = herald_protocol::UserId::new("ursa")?;
+    stale
+        .put_contact(
+            &user,
+            &Contact {
+                email: Some("ursa@example.com".into()),
+                ..Contact::default()
+            },
+        )
+        .await?;
+    let r = herald
+        .user(Method::POST, "/v1/me/devices", "ursa")
+        .json(&json!({"platform": "ios", "token": "a1".repeat(32)}))
+        .send()
+        .await?;
+    ensure!(r.status().is_success(), "device: {}", r.status());
+    let mut jobs = JobFeed::open(&herald).await?;
+
+    let sent = herald
+        .accept(&json!({"user_id": "ursa", "title": "hello",
+                        "channels": ["inbox", "push", "email"]}))
+        .await?;
+    let job = jobs.next(WAIT).await?;
+    ensure!(
+        job.id == sent.id && job.channel == herald_protocol::Channel::Push,
+        "push is routed: {job:?}"
+    );
+    let entry = channel_state(&herald, &sent.id, "email", "failed").await?;
+    ensure!(
+        entry["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("contact_old_keys")),
+        "the reason says what to do: {entry}"
+    );
+    // The lane moves on: the next notification is routed too.
+    let next = herald
+        .accept(&json!({"user_id": "ursa", "title": "again", "channels": ["inbox", "push"]}))
+        .await?;
+    let job = jobs.next(WAIT).await?;
+    ensure!(job.id == next.id, "the next one is routed: {job:?}");
     Ok(())
 }

@@ -39,7 +39,7 @@ use herald_protocol::preferences::{CapOver, Digest};
 use herald_protocol::streams::{self, INBOX};
 use herald_protocol::{Channel, ChannelJob, Policy, Preferences, Priority, StoredNotification};
 use herald_store::status::{State, Update};
-use herald_store::targets::target_id;
+use herald_store::targets::{TargetsError, target_id};
 use herald_store::{
     CapDecision, Digests, Groups, Nats, PreferenceStore, RateCaps, ReadPositions, StatusStore,
     Targets,
@@ -462,29 +462,41 @@ impl Route {
                 }
             }
         };
-        let ahead = futures::future::try_join_all(wanted.iter().map(|channel| {
+        let ahead = futures::future::join_all(wanted.iter().map(|channel| {
             let targets = &self.routing.targets;
             let user = &stored.user_id;
-            async move {
-                let found = targets.targets(user, *channel).await?;
-                Ok::<_, herald_store::targets::TargetsError>((*channel, found))
-            }
+            async move { (*channel, targets.targets(user, *channel).await) }
         }));
         let (capped, ahead) = tokio::join!(capped, ahead);
         let Ok(channels) = capped else {
             return Routed::Retry;
         };
-        let mut targets_of = match ahead {
-            Ok(found) => found,
-            Err(e) => {
-                tracing::warn!(seq, error = %e, "reading targets failed; will retry");
-                return Routed::Retry;
+        let mut targets_of = Vec::with_capacity(ahead.len());
+        // Channels whose targets cannot be read until an operator acts (a contact record
+        // sealed with a key this process lacks, or corrupt): failed, never retried —
+        // retrying in place would hold up every user of the partition's lane behind it.
+        let mut unreadable = Vec::new();
+        for (channel, found) in ahead {
+            match found {
+                Ok(found) => targets_of.push((channel, found)),
+                Err(e @ TargetsError::Nats(_)) => {
+                    tracing::warn!(seq, error = %e, "reading targets failed; will retry");
+                    return Routed::Retry;
+                }
+                Err(e) => unreadable.push((channel, e.to_string())),
             }
-        };
+        }
         let mut acks = Vec::new();
         let mut queued = Vec::new();
         let mut untargeted = Vec::new();
+        let mut failed = Vec::new();
         for channel in channels {
+            if let Some((_, why)) = unreadable.iter().find(|(c, _)| *c == channel) {
+                tracing::error!(seq, id = %stored.id, user = %stored.user_id.as_str(), channel = channel.as_str(),
+                    "{why}: the notification is not sent on this channel (add the key to contact_old_keys, or have the producer PUT the user's contact again)");
+                failed.push((channel, why.clone()));
+                continue;
+            }
             let targets = targets_of
                 .iter_mut()
                 .find(|(c, _)| *c == channel)
@@ -570,6 +582,12 @@ impl Route {
                     .because("no target: the user has none on this channel"),
             ),
         ];
+        for (channel, why) in failed {
+            records.push((
+                vec![(channel, "none".to_string())],
+                Update::state(State::Failed).because(format!("target unreadable: {why}")),
+            ));
+        }
         for (channel, rule) in suppressed {
             let reason = if rule.starts_with("rate_cap") {
                 rule
