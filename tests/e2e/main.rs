@@ -24,6 +24,7 @@ mod policy;
 mod preferences;
 mod receipts;
 mod replay;
+mod router_groups;
 mod router_stalls;
 mod routers;
 mod scheduled;

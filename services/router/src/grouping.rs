@@ -12,6 +12,7 @@
 
 use crate::{Route, deferral};
 use herald_protocol::{Channel, Folded, Preferences, Priority, StoredNotification};
+use herald_store::groups::Closed;
 use herald_store::status::{State, Update};
 
 /// What the router does next with a notification after aggregation.
@@ -151,15 +152,35 @@ impl Route {
             .group
             .as_ref()
             .map_or(stored.id.as_str(), |g| g.first_id.as_str());
-        match self.groups.close(&stored.user_id, key, first_id).await {
-            Ok(Some(state)) => Step::Route(Some(Folded {
+        match self
+            .groups
+            .close(&stored.user_id, key, first_id, &stored.id)
+            .await
+        {
+            Ok(Closed::ByThis(state)) => Step::Route(Some(Folded {
                 key: key.to_owned(),
                 count: state.count,
                 title: state.title,
                 body: state.body,
             })),
+            // Another member carried this window's close (this one's router ran behind the
+            // window, and its own close came after): it was counted there.
+            Ok(Closed::ByOther(carrier)) => {
+                metrics::counter!("herald_router_folded_total").increment(1);
+                let waiting = channels.iter().map(|c| (*c, "none".to_string())).collect();
+                self.record(
+                    stored,
+                    seq,
+                    waiting,
+                    Update::state(State::Folded).because(format!(
+                        "folded_into: {carrier} (group {key}, closed by it)"
+                    )),
+                )
+                .await;
+                Step::Done
+            }
             // The group is gone (erased, expired): the notification goes out as itself.
-            Ok(None) => Step::Route(None),
+            Ok(Closed::Gone) => Step::Route(None),
             Err(e) => {
                 tracing::warn!(seq, error = %e, "closing a group failed; will retry");
                 Step::Retry

@@ -4,8 +4,9 @@
 //!
 //! The key is `g.<user token>.<hash of the group key>`: valid as a KV key whatever either
 //! contains, no user can name another's group, and a GDPR erase finds every group of a
-//! user under one prefix. The bucket's max age (two days, beyond the longest window)
-//! expires groups nobody touches any more.
+//! user under one prefix. Beside it, `g.<user token>.closed.<hash>` names the member that
+//! closed one window (see [`Groups::close`]). The bucket's max age (two days, beyond the
+//! longest window) expires groups nobody touches any more.
 
 use async_nats::jetstream::kv;
 use herald_protocol::UserId;
@@ -25,6 +26,18 @@ impl std::fmt::Debug for Groups {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Groups").finish_non_exhaustive()
     }
+}
+
+/// What closing a window found ([`Groups::close`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Closed {
+    /// Closed by this carrier, now or before: the group's final state.
+    ByThis(GroupState),
+    /// Closed before by another member (its id), whose send carries the group.
+    ByOther(String),
+    /// The window is no longer the stored one (erased, expired, or replaced after going
+    /// stale).
+    Gone,
 }
 
 /// The group bucket could not be read or written.
@@ -88,10 +101,14 @@ impl Groups {
         ))
     }
 
-    /// Closes the window whose first notification is `first_id`, so the next member opens
-    /// a new one, and returns its final state; `None` when that window is no longer the
-    /// stored one (erased, expired, or replaced after going stale). Closing twice returns
-    /// the same state.
+    /// Closes the window whose first notification is `first_id` on behalf of `carrier`,
+    /// the member whose channel work goes out with the group's text, so the next member
+    /// opens a new window. Who carries a window is settled once: the first carrier to
+    /// close it is written down beside the group (`closed` under the user's prefix), and
+    /// any other that comes to close it later — a member whose router ran behind the
+    /// window and scheduled a close of its own after the first had fired — learns it
+    /// was folded into that one ([`Closed::ByOther`]) instead of sending the group again.
+    /// Closing again as the same carrier (a replay) returns the same state.
     ///
     /// # Errors
     /// [`GroupsError`] when NATS fails or writers keep colliding.
@@ -100,19 +117,35 @@ impl Groups {
         user: &UserId,
         key: &str,
         first_id: &str,
-    ) -> Result<Option<GroupState>, GroupsError> {
+        carrier: &str,
+    ) -> Result<Closed, GroupsError> {
+        let closer = closer_key(user, key, first_id);
+        match self.store.create(&closer, carrier.to_owned().into()).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                let entry = self.store.entry(&closer).await.map_err(err)?;
+                if let Some(e) = entry.filter(|e| e.operation == kv::Operation::Put)
+                    && e.value.as_ref() != carrier.as_bytes()
+                {
+                    return Ok(Closed::ByOther(
+                        String::from_utf8_lossy(&e.value).into_owned(),
+                    ));
+                }
+            }
+            Err(e) => return Err(err(e)),
+        }
         let kv_key = kv_key(user, key);
         for _ in 0..CAS_ATTEMPTS {
             let (current, revision) = self.read(&kv_key).await?;
             let Some(mut state) = current.filter(|s| s.first_id == first_id) else {
-                return Ok(None);
+                return Ok(Closed::Gone);
             };
             if state.closed {
-                return Ok(Some(state));
+                return Ok(Closed::ByThis(state));
             }
             state.closed = true;
             if self.write(&kv_key, &state, revision).await? {
-                return Ok(Some(state));
+                return Ok(Closed::ByThis(state));
             }
         }
         Err(GroupsError(
@@ -120,24 +153,29 @@ impl Groups {
         ))
     }
 
-    /// Removes every group of `user` (GDPR erase). Returns how many were removed.
+    /// Removes every group of `user` (GDPR erase), and the record of who closed their
+    /// windows. Returns how many groups were removed.
     ///
     /// # Errors
     /// [`GroupsError`] when NATS fails.
     pub async fn erase(&self, user: &UserId) -> Result<u64, GroupsError> {
-        let filter = format!(
-            "$KV.{}.g.{}.>",
+        let prefix = format!(
+            "$KV.{}.g.{}",
             herald_protocol::streams::GROUPS_BUCKET,
             user.token()
         );
-        let purged = self
-            .store
-            .stream
-            .purge()
-            .filter(filter)
-            .await
-            .map_err(err)?;
-        Ok(purged.purged)
+        let purge = |filter: String| async move {
+            self.store
+                .stream
+                .purge()
+                .filter(filter)
+                .await
+                .map(|p| p.purged)
+                .map_err(err)
+        };
+        let groups = purge(format!("{prefix}.*")).await?;
+        purge(format!("{prefix}.closed.*")).await?;
+        Ok(groups)
     }
 
     async fn read(&self, kv_key: &str) -> Result<(Option<GroupState>, u64), GroupsError> {
@@ -173,6 +211,17 @@ impl Groups {
             }
         }
     }
+}
+
+/// `g.<user token>.closed.<hash>`: who closed the window of `key` opened by `first_id`
+/// (under the user's prefix, so a GDPR erase removes it with their groups).
+fn closer_key(user: &UserId, key: &str, first_id: &str) -> String {
+    let hash = Sha256::new()
+        .chain_update(key.as_bytes())
+        .chain_update([0])
+        .chain_update(first_id.as_bytes())
+        .finalize();
+    format!("g.{}.closed.{}", user.token(), hex::encode(&hash[..16]))
 }
 
 /// `g.<user token>.<hash>`: valid as a KV key whatever the ids contain, and every group

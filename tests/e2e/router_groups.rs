@@ -1,0 +1,119 @@
+//! Aggregation when the router runs behind: a group's push goes out once, however late
+//! its members reach the router.
+
+use anyhow::{Context as _, ensure};
+use herald::mesh::Roles;
+use herald_protocol::Policy;
+use herald_protocol::preferences::CategoryRule;
+use herald_tests::{Herald, JobFeed, Nats, eventually};
+use reqwest::Method;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// `like` folds within `window_s`.
+fn policy(window_s: u64) -> Policy {
+    let mut categories = BTreeMap::new();
+    categories.insert(
+        "like".to_owned(),
+        CategoryRule {
+            group_window_s: Some(window_s),
+            ..Default::default()
+        },
+    );
+    Policy::new(categories)
+}
+
+fn like(user: &str, actor: &str) -> Value {
+    json!({"user_id": user, "title": format!("{actor} liked your photo"), "category": "like",
+           "group_key": "like:photo-1", "group_actor": actor, "channels": ["inbox", "push"]})
+}
+
+async fn device(herald: &Herald, user: &str) -> anyhow::Result<()> {
+    let r = herald
+        .user(Method::POST, "/v1/me/devices", user)
+        .json(&json!({"platform": "android", "token": format!("tok-{user}")}))
+        .send()
+        .await?;
+    ensure!(r.status().is_success(), "device: {}", r.status());
+    Ok(())
+}
+
+/// The push entry of `id`'s status once it is `state`.
+async fn push_state(herald: &Herald, id: &str, state: &str) -> anyhow::Result<Value> {
+    eventually(WAIT, &format!("{id} push {state}"), || async {
+        let s: Value = herald
+            .producer(Method::GET, &format!("/v1/notifications/{id}"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let entry = s["channels"]["push"][0].clone();
+        ensure!(entry["state"] == state, "status now {s}");
+        Ok(entry)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_routed_after_its_window_closed_is_folded_not_sent_again() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    // Only the api runs while the likes come in: no router is there to hold the window.
+    let api = Herald::builder(&nats)
+        .roles(Roles::API)
+        .policy(policy(1))
+        .start()
+        .await?;
+    device(&api, "lea").await?;
+    let first = api.accept(&like("lea", "Ann")).await?;
+    let second = api.accept(&like("lea", "Bob")).await?;
+    let inbox = api.inbox("lea").await?;
+    let ends: jiff::Timestamp = inbox
+        .last()
+        .and_then(|n| n["group"]["window_ends_at"].as_str())
+        .context("the group snapshot")?
+        .parse()?;
+    ensure!(
+        inbox.last().is_some_and(|n| n["group"]["count"] == 2),
+        "both joined one window: {inbox:?}"
+    );
+    eventually(WAIT, "the window is over", || async {
+        ensure!(jiff::Timestamp::now() > ends, "it ends at {ends}");
+        Ok(())
+    })
+    .await?;
+
+    // The router comes late: the first closes the window, and carries it.
+    let mut jobs = JobFeed::open(&api).await?;
+    let _router = Herald::builder(&nats)
+        .roles(Roles::ROUTER)
+        .policy(policy(1))
+        .start()
+        .await?;
+    let job = jobs.next(WAIT).await?;
+    ensure!(job.id == first.id, "the first carries the group: {job:?}");
+    ensure!(
+        job.folded.as_ref().is_some_and(|f| f.count == 2),
+        "with both in it: {job:?}"
+    );
+    // The second, late as well, scheduled a close of its own: it finds the window
+    // closed by the first, and folds into it.
+    let entry = push_state(&api, &second.id, "folded").await?;
+    ensure!(
+        entry["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains(&first.id)),
+        "folded into the first: {entry}"
+    );
+    let probe = api
+        .accept(&json!({"user_id": "lea", "title": "probe", "channels": ["inbox", "push"]}))
+        .await?;
+    let next = jobs.next(WAIT).await?;
+    ensure!(
+        next.id == probe.id,
+        "the group is not sent a second time: {next:?}"
+    );
+    Ok(())
+}
