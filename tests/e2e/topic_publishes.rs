@@ -3,6 +3,8 @@
 //! its dedup window, priority lanes for fan-outs, and progress that belongs to its topic.
 
 use anyhow::{Context as _, ensure};
+use herald::mesh::Roles;
+use herald_protocol::streams::{FANOUT, INBOX};
 use herald_tests::jobs::JobFeed;
 use herald_tests::{Herald, Nats, eventually};
 use reqwest::{Method, StatusCode};
@@ -132,5 +134,119 @@ async fn a_topic_publish_key_is_not_taken_for_a_notify_with_that_key() -> anyhow
     let fanout = done(&herald, "launches", id).await?;
     ensure!(fanout["routed"] == 1, "{fanout}");
     ensure!(herald.inbox("fan").await?.len() == 1, "stored once");
+    Ok(())
+}
+
+/// Sets the largest message `stream` takes: lowered, it refuses one of the two writes of
+/// a publish while the other goes through.
+async fn max_msg_size(nats: &Nats, stream: &str, size: i32) -> anyhow::Result<()> {
+    let js = async_nats::jetstream::new(nats.client().await?);
+    let mut config = js
+        .get_stream(stream)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .info()
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .config
+        .clone();
+    config.max_message_size = size;
+    js.update_stream(config)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_refused_before_its_fan_out_was_queued_shows_nowhere() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let api = Herald::builder(&nats)
+        .topics(threshold(0))
+        .roles(Roles::API)
+        .start()
+        .await?;
+    add_device(&api, "fan").await?;
+    subscribe(&api, "flash", &["fan"]).await?;
+    // The fan-out queue refuses the job (the stored publish would pass).
+    max_msg_size(&nats, FANOUT, 256).await?;
+    let body = json!({"title": "flash sale", "channels": ["inbox", "push"]});
+    let (status, answer) = publish(&api, "flash", "flash-1", &body).await?;
+    ensure!(
+        status == StatusCode::SERVICE_UNAVAILABLE,
+        "{status}: {answer}"
+    );
+    ensure!(
+        api.inbox("fan").await?.is_empty(),
+        "a 503 leaves no publish in any view whose channel work nothing would ever send"
+    );
+    // The queue takes jobs again; the producer retries and it happens once, in full.
+    max_msg_size(&nats, FANOUT, 128 * 1024).await?;
+    let published = accepted(&api, "flash", "flash-1", &body).await?;
+    let seq = published["seq"].as_u64().context("seq")?;
+    let mut jobs = JobFeed::open(&api).await?;
+    let _router = Herald::builder(&nats)
+        .topics(threshold(0))
+        .roles(Roles::ROUTER)
+        .start()
+        .await?;
+    let fanout = done(&api, "flash", published["id"].as_str().context("id")?).await?;
+    ensure!(fanout["routed"] == 1, "{fanout}");
+    let job = jobs.next(WAIT).await?;
+    ensure!(job.seq == seq, "{job:?}");
+    ensure!(api.inbox("fan").await?.len() == 1, "stored once");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_fan_out_stores_the_publish_the_api_failed_to_store() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let api = Herald::builder(&nats)
+        .topics(threshold(0))
+        .roles(Roles::API)
+        .start()
+        .await?;
+    for user in ["fan-1", "fan-2"] {
+        add_device(&api, user).await?;
+    }
+    subscribe(&api, "drops", &["fan-1", "fan-2"]).await?;
+    // The inbox refuses the publish (the fan-out job would pass): as if the API had
+    // stopped between the two writes.
+    max_msg_size(&nats, INBOX, 2048).await?;
+    let body = json!({"title": "drop", "channels": ["inbox", "push"],
+        "data": {"pad": "x".repeat(4096)}});
+    let (status, answer) = publish(&api, "drops", "drop-1", &body).await?;
+    ensure!(
+        status == StatusCode::SERVICE_UNAVAILABLE,
+        "{status}: {answer}"
+    );
+    max_msg_size(&nats, INBOX, 128 * 1024).await?;
+    // Nobody retries. A fan-out worker completes what was queued: stored once, pushed.
+    let mut jobs = JobFeed::open(&api).await?;
+    let _router = Herald::builder(&nats)
+        .topics(threshold(0))
+        .roles(Roles::ROUTER)
+        .start()
+        .await?;
+    let stored = eventually(WAIT, "the publish in the view", || async {
+        let inbox = api.inbox("fan-1").await?;
+        ensure!(titles(&inbox) == ["drop"], "{inbox:?}");
+        inbox[0]["seq"].as_u64().context("seq")
+    })
+    .await?;
+    let mut pushed = Vec::new();
+    for _ in 0..2 {
+        let job = jobs.next(WAIT).await?;
+        ensure!(
+            job.seq == stored,
+            "the push points at the stored publish: {job:?}"
+        );
+        pushed.push(job.user_id.as_str().to_owned());
+    }
+    pushed.sort();
+    ensure!(pushed == ["fan-1", "fan-2"], "{pushed:?}");
+    // A late retry is answered with what the worker stored, and stores nothing more.
+    let again = accepted(&api, "drops", "drop-1", &body).await?;
+    ensure!(again["seq"] == stored, "{again}");
+    ensure!(api.inbox("fan-2").await?.len() == 1, "stored once");
     Ok(())
 }

@@ -1,7 +1,10 @@
 //! The big-topic path's fan-out: channel work only.
 //!
-//! A big topic's publish is already stored once (every subscriber's view merges it), so
-//! no inbox entry is written per subscriber. What remains per recipient is the
+//! A big topic's publish is stored once (every subscriber's view merges it), so no inbox
+//! entry is written per subscriber. The API queues the job first and stores the publish
+//! second; a job whose publish is not stored (the API stopped in between, or its append
+//! failed) stores it itself ([`Worker::stored_publish`]), so the job, once durable, carries
+//! the whole publish through. What remains per recipient is the
 //! interrupting channels — push, email, SMS, webhook — for those whose preferences want
 //! them. The job reads the topic's subscribers a page at a time, reads the page's
 //! preferences and whether each has a device or contact record (batched direct gets, side
@@ -25,9 +28,10 @@ use async_nats::jetstream::AckKind;
 use async_nats::jetstream::message::PublishMessage;
 use herald_protocol::notification::format_time;
 use herald_protocol::streams::{FANOUT_HEADER, INBOX, ROUTE_HEADER, SEQ_HEADER};
-use herald_protocol::topic::{FanoutJob, FanoutProgress, for_subscriber};
+use herald_protocol::topic::{FanoutJob, for_subscriber};
 use herald_protocol::{Channel, UserId};
 use herald_store::TopicsError;
+use herald_store::topics::FanoutRun;
 use time::OffsetDateTime;
 
 fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> TopicsError {
@@ -41,7 +45,7 @@ impl Worker {
         &self,
         job: &FanoutJob,
         seq: u64,
-        mut progress: FanoutProgress,
+        mut run: FanoutRun,
         msg: &async_nats::jetstream::Message,
     ) -> Result<(), TopicsError> {
         let wants_channels = job
@@ -51,15 +55,15 @@ impl Worker {
             .any(|c| *c != Channel::Inbox);
         if !wants_channels {
             // Nothing per recipient: every view already holds it.
-            progress.done = progress.total;
-            return self.finish(job, progress).await;
+            run.progress.done = run.progress.total;
+            return self.finish(job, run).await;
         }
-        self.log.put(&job.id, &progress).await?;
+        self.log.put_run(&job.id, &run).await?;
         let nats = self.inbox.nats();
         let subjects = self.inbox.subjects();
         let mut pages = self
             .subscriptions
-            .pages(&job.topic, progress.cursor + 1)
+            .pages(&job.topic, run.progress.cursor + 1)
             .await?;
         while let Some(page) = pages.next_page().await? {
             let Some(last) = page.last().map(|(seq, _)| *seq) else {
@@ -119,26 +123,65 @@ impl Worker {
             for ack in acks {
                 ack.await.map_err(unavailable)?;
             }
-            progress.done += page.len() as u64;
-            progress.routed += handed;
-            progress.cursor = last;
-            progress.total = progress.total.max(progress.done);
-            self.log.put(&job.id, &progress).await?;
+            run.progress.done += page.len() as u64;
+            run.progress.routed += handed;
+            run.progress.cursor = last;
+            run.progress.total = run.progress.total.max(run.progress.done);
+            self.log.put_run(&job.id, &run).await?;
             metrics::counter!("herald_fanout_routed_total").increment(handed);
             let _ = msg.ack_with(AckKind::Progress).await;
         }
-        self.finish(job, progress).await
+        self.finish(job, run).await
     }
 
-    async fn finish(
-        &self,
-        job: &FanoutJob,
-        mut progress: FanoutProgress,
-    ) -> Result<(), TopicsError> {
-        progress.state = "done".into();
-        progress.finished_at = Some(format_time(OffsetDateTime::now_utc()));
-        self.log.put(&job.id, &progress).await?;
-        tracing::info!(id = %job.id, topic = %job.topic, subscribers = progress.done, routed = progress.routed, "big-topic fan-out done");
+    async fn finish(&self, job: &FanoutJob, mut run: FanoutRun) -> Result<(), TopicsError> {
+        run.progress.state = "done".into();
+        run.progress.finished_at = Some(format_time(OffsetDateTime::now_utc()));
+        self.log.put_run(&job.id, &run).await?;
+        tracing::info!(id = %job.id, topic = %job.topic, subscribers = run.progress.done, routed = run.progress.routed, "big-topic fan-out done");
         Ok(())
     }
+
+    /// The INBOX sequence of a big-topic job's publish. The API stores the publish right
+    /// after queueing its job; when it stopped in between, the publish is stored here
+    /// (deduplicated by id, so an API append racing this one stores nothing more). It is
+    /// looked for first, from a while before the job was queued, because this job may
+    /// come long after the INBOX dedup window.
+    pub(crate) async fn stored_publish(
+        &self,
+        job: &FanoutJob,
+        msg: &async_nats::jetstream::Message,
+    ) -> Result<u64, TopicsError> {
+        let queued = msg
+            .info()
+            .map_or_else(|_| OffsetDateTime::now_utc(), |i| i.published);
+        let subject = self
+            .inbox
+            .subjects()
+            .topic_inbox_entry(&job.topic, job.notification.priority);
+        let found = herald_store::topics::find_publish(
+            self.inbox.nats(),
+            &subject,
+            &job.id,
+            queued - STORED_BEFORE_QUEUED,
+        )
+        .await?;
+        if let Some(seq) = found {
+            return Ok(seq);
+        }
+        let mut publish = job.notification.clone();
+        publish.topic = Some(job.topic.as_str().to_owned());
+        let stored = self
+            .inbox
+            .append_topic(&job.topic, &publish)
+            .await
+            .map_err(unavailable)?;
+        tracing::info!(id = %job.id, topic = %job.topic, seq = stored.seq, duplicate = stored.duplicate, "big-topic publish stored by its fan-out job");
+        Ok(stored.seq)
+    }
 }
+
+/// How long before its job was queued a big topic's publish may have been stored and
+/// still be that job's: the API stores it after the job, so this only covers clocks of
+/// the FANOUT and INBOX stream leaders a little apart.
+const STORED_BEFORE_QUEUED: time::Duration = time::Duration::seconds(60);

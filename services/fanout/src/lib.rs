@@ -1,7 +1,7 @@
 //! Fan-out on write: a topic publish becomes one inbox entry per subscriber.
 //!
 //! `POST /v1/topics/{topic}/publish` stores one [`FanoutJob`] in the FANOUT work queue
-//! and answers 202. A fan-out worker (in every router process) pulls jobs one at a time
+//! and answers 202 (a big topic's publish is stored too; see [`big`]). A fan-out worker (in every router process) pulls jobs one at a time
 //! per process; for each it reads the topic's subscriptions page by page in stream order
 //! and appends a copy to each subscriber's inbox, pipelined. Every copy has an id derived
 //! from (publish, user) and is appended with that `Nats-Msg-Id`, so replays are harmless.
@@ -28,6 +28,7 @@ use herald_protocol::notification::format_time;
 use herald_protocol::streams::{FANOUT, FANOUT_CONSUMER};
 use herald_protocol::topic::{FanoutJob, FanoutProgress, copy_id};
 use herald_protocol::{Channel, Policy, UserId};
+use herald_store::topics::{FanoutRun, PATH_HEADER, PATH_TOPIC};
 use herald_store::{FanoutLog, Inbox, Nats, PreferenceStore, Subscriptions, TopicsError};
 use std::collections::HashMap;
 use std::future::Future;
@@ -169,25 +170,35 @@ impl Worker {
         job: &FanoutJob,
         msg: &async_nats::jetstream::Message,
     ) -> Result<(), TopicsError> {
-        let mut progress = match self.log.get(&job.id).await? {
-            Some(p) if p.state == "done" => return Ok(()),
-            Some(p) => p,
-            None => FanoutProgress {
-                state: "running".into(),
-                total: self.subscriptions.count(&job.topic).await?,
-                started_at: format_time(OffsetDateTime::now_utc()),
-                path: if job.stored_seq.is_some() {
-                    "topic"
-                } else {
-                    "write"
-                }
-                .into(),
-                ..FanoutProgress::default()
+        let big = job.stored_seq.is_some()
+            || msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(PATH_HEADER))
+                .is_some_and(|v| v.as_str() == PATH_TOPIC);
+        let mut run = match self.log.run(&job.id).await? {
+            Some(r) if r.progress.state == "done" => return Ok(()),
+            Some(r) => r,
+            None => FanoutRun {
+                progress: FanoutProgress {
+                    state: "running".into(),
+                    total: self.subscriptions.count(&job.topic).await?,
+                    started_at: format_time(OffsetDateTime::now_utc()),
+                    path: if big { "topic" } else { "write" }.into(),
+                    ..FanoutProgress::default()
+                },
+                ..FanoutRun::default()
             },
         };
-        if let Some(seq) = job.stored_seq {
-            return self.channel_work(job, seq, progress, msg).await;
+        if big {
+            let seq = match job.stored_seq.or(run.stored_seq) {
+                Some(seq) => seq,
+                None => self.stored_publish(job, msg).await?,
+            };
+            run.stored_seq = Some(seq);
+            return self.channel_work(job, seq, run, msg).await;
         }
+        let mut progress = run.progress;
         self.log.put(&job.id, &progress).await?;
         let mut pages = self
             .subscriptions

@@ -1,4 +1,4 @@
-//! Topic subscriptions in the SUBS stream, and fan-out progress in KV.
+//! Topic subscriptions in the SUBS stream; the FANOUT queue and fan-out progress in KV.
 //!
 //! Two indexes, both in SUBS (`max_msgs_per_subject = 1`):
 //! - `subs.<topic>.<user>`, one message per subscription: what a fan-out reads, in stream
@@ -23,8 +23,8 @@ use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::kv;
 use async_nats::jetstream::message::PublishMessage;
 use futures::{StreamExt as _, TryStreamExt as _};
-use herald_protocol::streams::{FANOUT_BUCKET, INBOX, SUBS};
-use herald_protocol::topic::FanoutProgress;
+use herald_protocol::streams::{FANOUT, FANOUT_BUCKET, INBOX, SUBS};
+use herald_protocol::topic::{FanoutJob, FanoutProgress};
 use herald_protocol::{Subjects, TopicId, UserId};
 use serde::{Deserialize, Serialize};
 
@@ -510,10 +510,78 @@ fn add(set: &mut UserSet, followed: &Followed, user: &UserId) -> Result<bool, To
     Ok(true)
 }
 
-/// Fan-out progress, per publish id.
+/// Header on a FANOUT job saying which path its publish takes: [`PATH_TOPIC`] for a big
+/// topic's (stored once in INBOX; the job only hands out channel work), absent for fan-out
+/// on write.
+pub const PATH_HEADER: &str = "Herald-Fanout-Path";
+
+/// [`PATH_HEADER`]'s value for the big-topic path.
+pub const PATH_TOPIC: &str = "topic";
+
+/// A job JetStream has made durable in the FANOUT queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Enqueued {
+    /// Its FANOUT stream sequence (the first job's, for a repeat).
+    pub seq: u64,
+    /// True when a job with this id was already queued within the dedup window.
+    pub duplicate: bool,
+}
+
+/// One fan-out's record: its progress and what it works on.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FanoutRun {
+    /// What the API shows.
+    #[serde(flatten)]
+    pub progress: FanoutProgress,
+    /// Big-topic path: the INBOX sequence of the stored publish, once known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_seq: Option<u64>,
+}
+
+/// The INBOX sequence of big-topic publish `id` if it is stored on `subject` (its topic's
+/// lane subject) at or after `since`.
+///
+/// Read backwards from the subject's newest message, one direct get of a literal subject
+/// per step, until a message stored before `since`: a topic's publishes are few, so this
+/// is mostly one read. By time rather than by the INBOX dedup window, because a fan-out
+/// job may wait in its queue for longer than that window.
+///
+/// # Errors
+/// [`TopicsError::Read`] when NATS cannot answer.
+pub async fn find_publish(
+    nats: &Nats,
+    subject: &str,
+    id: &str,
+    since: time::OffsetDateTime,
+) -> Result<Option<u64>, TopicsError> {
+    #[derive(Deserialize)]
+    struct Id<'a> {
+        #[serde(borrow)]
+        id: std::borrow::Cow<'a, str>,
+    }
+    let mut up_to = None;
+    while let Some(m) = direct::last(&nats.consume, INBOX, subject, up_to).await? {
+        if serde_json::from_slice::<Id>(&m.payload).is_ok_and(|s| s.id == id) {
+            return Ok(Some(m.seq));
+        }
+        let stored = m.headers.get("Nats-Time-Stamp").and_then(|t| {
+            time::OffsetDateTime::parse(t.as_str(), &time::format_description::well_known::Rfc3339)
+                .ok()
+        });
+        // A message without a readable time stops the walk: never a walk to the start.
+        if stored.is_none_or(|t| t < since) || m.seq <= 1 {
+            return Ok(None);
+        }
+        up_to = Some(m.seq - 1);
+    }
+    Ok(None)
+}
+
+/// Fan-out progress, per publish id, and the FANOUT queue the API feeds.
 #[derive(Clone)]
 pub struct FanoutLog {
     store: kv::Store,
+    js: async_nats::jetstream::Context,
 }
 
 impl std::fmt::Debug for FanoutLog {
@@ -530,6 +598,7 @@ impl FanoutLog {
     pub async fn open(js: &async_nats::jetstream::Context) -> Result<Self, TopicsError> {
         Ok(Self {
             store: js.get_key_value(FANOUT_BUCKET).await.map_err(unavailable)?,
+            js: js.clone(),
         })
     }
 
@@ -538,8 +607,7 @@ impl FanoutLog {
     /// # Errors
     /// [`TopicsError::Unavailable`] when NATS cannot answer.
     pub async fn get(&self, id: &str) -> Result<Option<FanoutProgress>, TopicsError> {
-        let value = self.store.get(id).await.map_err(unavailable)?;
-        Ok(value.and_then(|v| serde_json::from_slice(&v).ok()))
+        Ok(self.run(id).await?.map(|r| r.progress))
     }
 
     /// Records progress.
@@ -547,11 +615,72 @@ impl FanoutLog {
     /// # Errors
     /// [`TopicsError::Unavailable`] when NATS does not confirm.
     pub async fn put(&self, id: &str, progress: &FanoutProgress) -> Result<(), TopicsError> {
-        let bytes = serde_json::to_vec(progress).map_err(unavailable)?;
+        self.put_run(
+            id,
+            &FanoutRun {
+                progress: progress.clone(),
+                ..FanoutRun::default()
+            },
+        )
+        .await
+    }
+
+    /// The record of publish `id`'s fan-out, if it started.
+    ///
+    /// # Errors
+    /// [`TopicsError::Unavailable`] when NATS cannot answer.
+    pub async fn run(&self, id: &str) -> Result<Option<FanoutRun>, TopicsError> {
+        let value = self.store.get(id).await.map_err(unavailable)?;
+        Ok(value.and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    /// Records a fan-out's progress and what it works on.
+    ///
+    /// # Errors
+    /// [`TopicsError::Unavailable`] when NATS does not confirm.
+    pub async fn put_run(&self, id: &str, run: &FanoutRun) -> Result<(), TopicsError> {
+        let bytes = serde_json::to_vec(run).map_err(unavailable)?;
         self.store
             .put(id, bytes.into())
             .await
             .map_err(unavailable)?;
         Ok(())
+    }
+
+    /// Queues `job` for the fan-out workers, deduplicated by its id, and waits until
+    /// JetStream has it. `big`: its publish takes the big-topic path ([`PATH_HEADER`]).
+    ///
+    /// # Errors
+    /// [`TopicsError::Unavailable`] unless JetStream confirmed the write.
+    pub async fn enqueue(
+        &self,
+        subjects: &Subjects,
+        job: &FanoutJob,
+        big: bool,
+    ) -> Result<Enqueued, TopicsError> {
+        // Disconnected, a publish would wait in the client's buffer for its ack to time
+        // out: fail at once instead.
+        if self.js.client().connection_state() != async_nats::connection::State::Connected {
+            return Err(TopicsError::Unavailable("not connected to NATS".into()));
+        }
+        let payload = serde_json::to_vec(job).map_err(unavailable)?;
+        let mut publish = PublishMessage::build()
+            .payload(payload.into())
+            .message_id(&job.id)
+            .expected_stream(FANOUT);
+        if big {
+            publish = publish.header(PATH_HEADER, PATH_TOPIC);
+        }
+        let ack = self
+            .js
+            .send_publish(subjects.fanout(), publish)
+            .await
+            .map_err(unavailable)?
+            .await
+            .map_err(unavailable)?;
+        Ok(Enqueued {
+            seq: ack.sequence,
+            duplicate: ack.duplicate,
+        })
     }
 }

@@ -216,10 +216,22 @@ pub(super) async fn publish(
     };
     let subscribers = state.subscriptions.count(&t).await.map_err(topics_error)?;
     let big = subscribers >= state.topics.big_threshold;
+    let mut seq = None;
     if big {
-        // Written once: every subscriber's view merges the topic's subject. The fan-out
-        // job that follows only enqueues channel work for those who want it.
         job.notification.topic = Some(t.as_str().to_owned());
+    }
+    // The job first: once it is durable, the publish happens in full whatever becomes of
+    // this request. On the big-topic path the worker stores the publish itself when it
+    // does not find it stored (this process stopped before the append below), so a
+    // publish never shows in every view without its channel work following.
+    state
+        .fanouts
+        .enqueue(state.acceptor.inbox().subjects(), &job, big)
+        .await
+        .map_err(|e| AppError::unavailable(&e))?;
+    if big {
+        // Stored once, deduplicated by id with the worker's append: every subscriber's
+        // view merges the topic's subject, and the answer carries the publish's seq.
         let stored = state
             .acceptor
             .inbox()
@@ -229,18 +241,13 @@ pub(super) async fn publish(
         if stored.duplicate {
             same_publish(&state, &job, stored.seq).await?;
         }
-        job.stored_seq = Some(stored.seq);
+        seq = Some(stored.seq);
     }
-    state
-        .acceptor
-        .enqueue_fanout(&job)
-        .await
-        .map_err(|e| AppError::unavailable(&e))?;
     metrics::counter!("herald_topic_publishes_total", "path" => if big { "topic" } else { "write" })
         .increment(1);
     let mut answer = json!({"id": job.id, "status": "accepted", "topic": t, "subscribers": subscribers,
         "path": if big { "topic" } else { "write" }});
-    if let Some(seq) = job.stored_seq {
+    if let Some(seq) = seq {
         answer["seq"] = json!(seq);
     }
     Ok((StatusCode::ACCEPTED, Json(answer)))
