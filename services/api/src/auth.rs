@@ -97,8 +97,30 @@ impl Authenticator {
 }
 
 fn header_token(parts: &Parts) -> Option<String> {
-    let value = parts.headers.get(axum::http::header::AUTHORIZATION)?;
+    bearer_of(&parts.headers)
+}
+
+fn bearer_of(headers: &axum::http::HeaderMap) -> Option<String> {
+    let value = headers.get(axum::http::header::AUTHORIZATION)?;
     herald_auth::bearer(value.to_str().ok()?).map(str::to_string)
+}
+
+/// Middleware, where user tokens may come from a JWKS document: a token naming a key the
+/// document lacks has it read again before the request goes on (rate-limited; see
+/// [`herald_auth::UserAuth::refetch_for`]), so a key the provider rotated in is taken on
+/// the first request signed with it, on every path, WebSocket and SSE included.
+pub async fn refetch_unknown_keys(
+    axum::extract::State(auth): axum::extract::State<Authenticator>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if auth.users.jwks().is_some()
+        && let Some(token) =
+            bearer_of(request.headers()).or_else(|| query_token(request.uri().query()))
+    {
+        auth.users.refetch_for(&token).await;
+    }
+    next.run(request).await
 }
 
 fn query_token(query: Option<&str>) -> Option<String> {

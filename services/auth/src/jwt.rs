@@ -68,6 +68,10 @@ pub enum JwtError {
     /// `sub` is not a valid user id.
     #[error("invalid token subject: {0}")]
     Subject(#[from] UserIdError),
+    /// The token names a key the JWKS document does not hold (yet: the provider may
+    /// have rotated since it was read; see [`UserAuth::refetch_for`]).
+    #[error("invalid token: {0}")]
+    UnknownKey(String),
     /// A key in the configuration could not be parsed.
     #[error("unusable key: {0}")]
     Key(String),
@@ -172,12 +176,44 @@ impl UserAuth {
                     self.verify_with(token, alg, key)
                 })
                 .unwrap_or_else(|| {
-                    Err(JwtError::Invalid(match &header.kid {
-                        Some(kid) => format!("no {alg:?} key {kid:?} in the JWKS document"),
-                        None => "the token names no key (`kid`)".into(),
-                    }))
+                    Err(match &header.kid {
+                        Some(kid) if jwks.lacks(Some(kid)) => {
+                            JwtError::UnknownKey(format!("no key {kid:?} in the JWKS document"))
+                        }
+                        Some(kid) => {
+                            JwtError::Invalid(format!("key {kid:?} does not verify {alg:?}"))
+                        }
+                        None if jwks.is_empty() => {
+                            JwtError::UnknownKey("the JWKS document could not be read yet".into())
+                        }
+                        None => JwtError::Invalid("the token names no key (`kid`)".into()),
+                    })
                 }),
             (alg, _, _, _) => Err(JwtError::Algorithm(alg)),
+        }
+    }
+
+    /// Before `token` is verified: when it names a key the JWKS document does not hold,
+    /// asks for the document to be read again (rate-limited, see
+    /// [`JwksHandle::refetch`]) and waits up to [`crate::jwks::REFETCH_WAIT`] for that
+    /// read, so a token signed with a key the provider just rotated in verifies at once
+    /// rather than after the next periodic read. Returns at once for any other token.
+    pub async fn refetch_for(&self, token: &str) {
+        let Some(jwks) = &self.jwks else {
+            return;
+        };
+        let Ok(header) = jsonwebtoken::decode_header(token) else {
+            return;
+        };
+        // As `verify_session` picks: HS256 never goes to the JWKS document, nor does
+        // the configured public key's algorithm.
+        let other_key = header.alg == Algorithm::HS256
+            || self
+                .public
+                .as_ref()
+                .is_some_and(|(alg, _)| header.alg == *alg);
+        if !other_key && jwks.lacks(header.kid.as_deref()) {
+            jwks.refetch(crate::jwks::REFETCH_WAIT).await;
         }
     }
 

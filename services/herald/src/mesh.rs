@@ -230,13 +230,14 @@ impl Mesh {
             );
         let mut jwt = opts.jwt.clone();
         // Only a mesh that reads a JWKS document needs a client for it.
-        let jwks_http = opts.jwks.as_ref().map(|_| reqwest::Client::new());
+        let jwks_http = match &opts.jwks {
+            Some(_) => Some(crate::jwks::client().map_err(MeshError::Jwks)?),
+            None => None,
+        };
         if let (Some(jwks), Some(http)) = (&opts.jwks, &jwks_http)
             && jwt.jwks.is_none()
         {
-            let keys = jwks.load(http).await.map_err(MeshError::Jwks)?;
-            tracing::info!(source = %jwks.source, keys = keys.len(), "JWKS loaded");
-            jwt.jwks = Some(herald_auth::JwksHandle::new(keys));
+            jwt.jwks = Some(jwks.load_at_start(http).await.map_err(MeshError::Jwks)?);
         }
         let auth = Authenticator {
             keys: Arc::new(opts.api_keys.clone()),
@@ -327,6 +328,12 @@ impl Mesh {
         }
         if opts.dev_mode {
             app = app.merge(crate::page::routes(acceptor.clone(), auth.clone()));
+        }
+        if auth.users.jwks().is_some() {
+            app = app.layer(axum::middleware::from_fn_with_state(
+                auth.clone(),
+                herald_api::auth::refetch_unknown_keys,
+            ));
         }
         // 5xx answers log themselves once, with their cause (`AppError::unavailable`,
         // `AppError::internal`); an admission refusal is counted, not logged. At ERROR
