@@ -40,3 +40,4 @@ mod topic_publishes;
 mod topics;
 mod topics_big;
 mod transports;
+mod url_tokens;

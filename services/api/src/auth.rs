@@ -1,5 +1,10 @@
 //! Extractors for the two kinds of caller: producers (API keys) and users (JWTs, from the
-//! `Authorization` header or, for browsers, the `access_token` query parameter).
+//! `Authorization` header; on the WebSocket and SSE endpoints also, for browsers, which
+//! cannot set headers there, from the `access_token` query parameter — SPEC §2).
+//!
+//! A token in a URL ends up in access logs and browser history, so it is taken only where
+//! SPEC allows it, and request logs show the query with `access_token` redacted
+//! ([`redacted_uri`]).
 
 use crate::error::AppError;
 use axum::extract::FromRequestParts;
@@ -55,7 +60,8 @@ impl<T: HasAuth> HasAuth for Arc<T> {
 }
 
 impl Authenticator {
-    /// The user a request's credentials name.
+    /// The user a WebSocket or SSE request's credentials name: the `Authorization`
+    /// header or the `access_token` query parameter.
     ///
     /// # Errors
     /// 401 when no token is present or it does not verify.
@@ -63,8 +69,29 @@ impl Authenticator {
         self.session_from_parts(parts).map(|session| session.user)
     }
 
-    /// The user a request's credentials name, and how long their token stays valid (a
-    /// WebSocket or SSE session ends then).
+    /// The user a request's `Authorization` header names (every user endpoint but the
+    /// WebSocket and SSE ones, which use [`Authenticator::session_from_parts`]).
+    ///
+    /// # Errors
+    /// 401 when no token is present or it does not verify.
+    pub fn user_from_header(&self, parts: &Parts) -> Result<UserId, AppError> {
+        let Some(token) = header_token(parts) else {
+            let message = if query_token(parts.uri.query()).is_some() {
+                "a user token is required in the Authorization header (Bearer <jwt>): \
+                 ?access_token= is accepted on the WebSocket and SSE endpoints only"
+            } else {
+                "a user token is required: Authorization: Bearer <jwt>"
+            };
+            return Err(AppError::unauthorized(message));
+        };
+        self.users
+            .verify(&token)
+            .map_err(|e| AppError::unauthorized(e.to_string()))
+    }
+
+    /// The user a WebSocket or SSE request's credentials name (the `Authorization`
+    /// header or the `access_token` query parameter), and how long their token stays
+    /// valid (the session ends then).
     ///
     /// # Errors
     /// 401 when no token is present or it does not verify.
@@ -123,6 +150,30 @@ pub async fn refetch_unknown_keys(
     next.run(request).await
 }
 
+/// The request's path and query for logs, an `access_token` parameter's value replaced
+/// by `REDACTED`.
+pub fn redacted_uri(uri: &axum::http::Uri) -> String {
+    let path = uri.path();
+    let Some(query) = uri.query() else {
+        return path.to_owned();
+    };
+    let pairs: Vec<&str> = query
+        .split('&')
+        .map(|pair| {
+            let name = pair.split_once('=').map_or(pair, |(name, _)| name);
+            let decoded: String = form_urlencoded::parse(name.as_bytes())
+                .map(|(k, _)| k.into_owned())
+                .collect();
+            if decoded == "access_token" {
+                "access_token=REDACTED"
+            } else {
+                pair
+            }
+        })
+        .collect();
+    format!("{path}?{}", pairs.join("&"))
+}
+
 fn query_token(query: Option<&str>) -> Option<String> {
     url_param(query?, "access_token")
 }
@@ -149,6 +200,28 @@ impl<S: HasAuth + Send + Sync> FromRequestParts<S> for User {
     type Rejection = AppError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        state.authenticator().user_from_parts(parts).map(User)
+        state.authenticator().user_from_header(parts).map(User)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redacted_uri;
+
+    #[test]
+    fn access_tokens_are_redacted_from_logged_uris() {
+        let uri = |s: &str| s.parse::<axum::http::Uri>().expect("uri");
+        assert_eq!(redacted_uri(&uri("/v1/ws")), "/v1/ws");
+        assert_eq!(
+            redacted_uri(&uri("/v1/ws?after=5&access_token=eyJ.abc.def&x")),
+            "/v1/ws?after=5&access_token=REDACTED&x"
+        );
+        // However it is spelled: percent-encoded name, no value, repeated.
+        assert_eq!(
+            redacted_uri(&uri(
+                "/v1/sse?access%5Ftoken=eyJ&access_token&access_token=b"
+            )),
+            "/v1/sse?access_token=REDACTED&access_token=REDACTED&access_token=REDACTED"
+        );
     }
 }

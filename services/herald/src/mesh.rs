@@ -339,10 +339,22 @@ impl Mesh {
         // `AppError::internal`); an admission refusal is counted, not logged. At ERROR
         // here a reconnect storm wrote one line per refused upgrade.
         let app = app.layer(axum::middleware::from_fn(herald_api::error::json_errors));
-        let app =
-            app.layer(tower_http::trace::TraceLayer::new_for_http().on_failure(
-                tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
-            ));
+        // The span names the path and query with `access_token` redacted: the default
+        // one records the whole URI, a browser's user token included.
+        let app = app.layer(
+            tower_http::trace::TraceLayer::new_for_http()
+                .make_span_with(|request: &axum::http::Request<_>| {
+                    tracing::debug_span!(
+                        "request",
+                        method = %request.method(),
+                        uri = %herald_api::auth::redacted_uri(request.uri()),
+                        version = ?request.version(),
+                    )
+                })
+                .on_failure(
+                    tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
+                ),
+        );
         let http_stop = stop.clone();
         // Small frames must leave at once: without TCP_NODELAY, Nagle's algorithm holds
         // a WebSocket frame back until the previous one is acked (tens of milliseconds).
