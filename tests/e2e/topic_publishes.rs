@@ -250,3 +250,43 @@ async fn a_queued_fan_out_stores_the_publish_the_api_failed_to_store() -> anyhow
     ensure!(api.inbox("fan-2").await?.len() == 1, "stored once");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_takes_the_path_its_first_attempt_chose() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).topics(threshold(2)).start().await?;
+    subscribe(&herald, "ops", &["stays", "leaves"]).await?;
+    // Two subscribers: the big-topic path. The first attempt fails at the fan-out queue.
+    max_msg_size(&nats, FANOUT, 256).await?;
+    let body = json!({"title": "maintenance tonight", "channels": ["inbox"]});
+    let (status, answer) = publish(&herald, "ops", "maint-1", &body).await?;
+    ensure!(
+        status == StatusCode::SERVICE_UNAVAILABLE,
+        "{status}: {answer}"
+    );
+    // Below the threshold by the time the producer retries.
+    ok(herald
+        .producer(Method::DELETE, "/v1/topics/ops/subscribers/leaves")
+        .send()
+        .await?)
+    .await?;
+    max_msg_size(&nats, FANOUT, 128 * 1024).await?;
+    let published = accepted(&herald, "ops", "maint-1", &body).await?;
+    done(&herald, "ops", published["id"].as_str().context("id")?).await?;
+    let inbox = herald.inbox("stays").await?;
+    ensure!(
+        titles(&inbox) == ["maintenance tonight"],
+        "once, not a stored publish and a copy: {inbox:?}"
+    );
+    ensure!(
+        published["path"] == "topic" && published["subscribers"] == 2,
+        "the first attempt's choice: {published}"
+    );
+    // And again: the same answer.
+    let again = accepted(&herald, "ops", "maint-1", &body).await?;
+    ensure!(again == published, "{again} / {published}");
+    // The key now names that publish: another topic with it is refused.
+    let (status, answer) = publish(&herald, "other", "maint-1", &body).await?;
+    ensure!(status == StatusCode::CONFLICT, "{status}: {answer}");
+    Ok(())
+}

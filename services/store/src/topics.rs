@@ -431,6 +431,11 @@ impl Subscriptions {
     }
 }
 
+/// The key of a publish's [`PublishRecord`], beside its progress (keyed by the bare id).
+fn record_key(id: &str) -> String {
+    format!("a.{id}")
+}
+
 /// A topic's subscriptions a page at a time: see [`Subscriptions::pages`].
 pub struct SubscriberPages {
     /// `None` once the last one stored was read.
@@ -536,6 +541,23 @@ pub struct FanoutRun {
     /// Big-topic path: the INBOX sequence of the stored publish, once known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stored_seq: Option<u64>,
+}
+
+/// A topic publish as the API accepted it, recorded before anything else is written: a
+/// retry with its idempotency key takes the same path and gets the same answer, even when
+/// the topic has crossed the big-topic threshold in between.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishRecord {
+    /// The topic published to.
+    pub topic: TopicId,
+    /// The producer that published.
+    pub producer: String,
+    /// `topic` (stored once) or `write` (a copy per subscriber).
+    pub path: String,
+    /// Subscribers when the path was chosen.
+    pub subscribers: u64,
+    /// When it was recorded, Unix seconds.
+    pub at: i64,
 }
 
 /// The INBOX sequence of big-topic publish `id` if it is stored on `subject` (its topic's
@@ -645,6 +667,72 @@ impl FanoutLog {
             .await
             .map_err(unavailable)?;
         Ok(())
+    }
+
+    /// The record of publish `id` and its revision, if the API recorded one.
+    ///
+    /// # Errors
+    /// [`TopicsError::Unavailable`] when NATS cannot answer.
+    pub async fn record(&self, id: &str) -> Result<Option<(PublishRecord, u64)>, TopicsError> {
+        let entry = self
+            .store
+            .entry(record_key(id))
+            .await
+            .map_err(unavailable)?;
+        Ok(entry
+            .filter(|e| e.operation == kv::Operation::Put)
+            .and_then(|e| Some((serde_json::from_slice(&e.value).ok()?, e.revision))))
+    }
+
+    /// Records publish `id` as `record`: a new record when `previous` is `None`, else in
+    /// place of the record at that revision. `false` when another request with the same
+    /// id wrote first (read it again).
+    ///
+    /// # Errors
+    /// [`TopicsError::Unavailable`] when NATS does not confirm.
+    pub async fn put_record(
+        &self,
+        id: &str,
+        record: &PublishRecord,
+        previous: Option<u64>,
+    ) -> Result<bool, TopicsError> {
+        let bytes: bytes::Bytes = serde_json::to_vec(record).map_err(unavailable)?.into();
+        let key = record_key(id);
+        let written = match previous {
+            None => self
+                .store
+                .create(&key, bytes)
+                .await
+                .map(|_| ())
+                .map_err(|e| match e.kind() {
+                    kv::CreateErrorKind::AlreadyExists => None,
+                    _ => Some(unavailable(e)),
+                }),
+            Some(revision) => self
+                .store
+                .update(&key, bytes, revision)
+                .await
+                .map(|_| ())
+                .map_err(|e| match e.kind() {
+                    kv::UpdateErrorKind::WrongLastRevision => None,
+                    _ => Some(unavailable(e)),
+                }),
+        };
+        match written {
+            Ok(()) => Ok(true),
+            Err(None) => Ok(false),
+            Err(Some(e)) => Err(e),
+        }
+    }
+
+    /// How long the FANOUT queue remembers a job's id: an idempotency key is the same
+    /// publish for that long (one stream info request).
+    ///
+    /// # Errors
+    /// [`TopicsError::Unavailable`] when NATS cannot answer.
+    pub async fn dedup_window(&self) -> Result<std::time::Duration, TopicsError> {
+        let stream = self.js.get_stream(FANOUT).await.map_err(unavailable)?;
+        Ok(stream.cached_info().config.duplicate_window)
     }
 
     /// Queues `job` for the fan-out workers, deduplicated by its id, and waits until

@@ -13,6 +13,7 @@ use axum::http::{HeaderMap, StatusCode};
 use herald_auth::Scope;
 use herald_protocol::{FanoutJob, FieldError, TopicId, UserId};
 use herald_store::TopicsError;
+use herald_store::topics::{PATH_TOPIC, PublishRecord};
 use serde_json::{Value, json};
 use std::sync::Arc;
 
@@ -214,8 +215,8 @@ pub(super) async fn publish(
         notification,
         stored_seq: None,
     };
-    let subscribers = state.subscriptions.count(&t).await.map_err(topics_error)?;
-    let big = subscribers >= state.topics.big_threshold;
+    let record = decide(&state, &t, &producer.0.producer, &job.id, key.is_some()).await?;
+    let (big, subscribers) = (record.path == PATH_TOPIC, record.subscribers);
     let mut seq = None;
     if big {
         job.notification.topic = Some(t.as_str().to_owned());
@@ -243,10 +244,10 @@ pub(super) async fn publish(
         }
         seq = Some(stored.seq);
     }
-    metrics::counter!("herald_topic_publishes_total", "path" => if big { "topic" } else { "write" })
+    metrics::counter!("herald_topic_publishes_total", "path" => if big { PATH_TOPIC } else { PATH_WRITE })
         .increment(1);
     let mut answer = json!({"id": job.id, "status": "accepted", "topic": t, "subscribers": subscribers,
-        "path": if big { "topic" } else { "write" }});
+        "path": record.path});
     if let Some(seq) = seq {
         answer["seq"] = json!(seq);
     }
@@ -343,6 +344,92 @@ pub(super) async fn my_topics(
         .map_err(topics_error)?;
     Ok(Json(json!({"topics": topics})))
 }
+
+/// How much older than the dedup window a publish's record must be before its key names
+/// a new publish: the record is written an instant before the job whose id the FANOUT
+/// queue remembers for that window, and API hosts' clocks differ a little.
+const RECORD_MARGIN_S: u64 = 10;
+
+/// The path of publish `id` to `topic`: the one recorded by an earlier attempt with the
+/// same idempotency key within the dedup window, or else chosen now from the topic's size
+/// and recorded before anything is queued or stored. A retry thus never takes the other
+/// path after a first attempt that stored something (which would show the publish twice)
+/// and is answered as the first time. `keyed`: only a keyed id can have a record already.
+///
+/// # Errors
+/// 409 when the key named a publish to another topic within the window; 503 when NATS
+/// fails.
+async fn decide(
+    state: &ApiState,
+    topic: &TopicId,
+    producer: &str,
+    id: &str,
+    keyed: bool,
+) -> Result<PublishRecord, AppError> {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    for _ in 0..3 {
+        let existing = if keyed {
+            state.fanouts.record(id).await.map_err(topics_error)?
+        } else {
+            None
+        };
+        if let Some((record, _)) = &existing {
+            let window = state.fanouts.dedup_window().await.map_err(topics_error)?;
+            let age = u64::try_from(now.saturating_sub(record.at)).unwrap_or(0);
+            if age <= window.as_secs() + RECORD_MARGIN_S {
+                if &record.topic != topic {
+                    return Err(AppError::new(
+                        StatusCode::CONFLICT,
+                        "idempotency_key_reused",
+                        format!(
+                            "this Idempotency-Key named a publish to another topic within the \
+                             last {} s; use a new key",
+                            window.as_secs()
+                        ),
+                    ));
+                }
+                return Ok(record.clone());
+            }
+            // Older than the window: the key names a new publish.
+        }
+        let subscribers = state
+            .subscriptions
+            .count(topic)
+            .await
+            .map_err(topics_error)?;
+        let record = PublishRecord {
+            topic: topic.clone(),
+            producer: producer.to_owned(),
+            path: if subscribers >= state.topics.big_threshold {
+                PATH_TOPIC
+            } else {
+                PATH_WRITE
+            }
+            .to_owned(),
+            subscribers,
+            at: now,
+        };
+        let previous = existing.map(|(_, revision)| revision);
+        if state
+            .fanouts
+            .put_record(id, &record, previous)
+            .await
+            .map_err(topics_error)?
+        {
+            return Ok(record);
+        }
+        // A concurrent request with the same key recorded first: take its decision.
+    }
+    Err(AppError::new(
+        StatusCode::CONFLICT,
+        "conflict",
+        "concurrent requests with this Idempotency-Key; retry",
+    )
+    .retry_after(1))
+}
+
+/// The fan-out on write path's name in records and answers.
+const PATH_WRITE: &str = "write";
 
 /// Namespace of the ids of topic publishes that carry an idempotency key.
 const PUBLISH_IDS: uuid::Uuid = uuid::Uuid::from_u128(0x9e4d_27b1_5c08_4f6a_b3e2_71d0_c8a5_1f94);
