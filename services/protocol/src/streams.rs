@@ -238,8 +238,9 @@ pub fn legacy_router_consumer(partition: u16) -> String {
     format!("herald-router-p{partition}")
 }
 
-/// The lane whose router consumer also takes a partition's notifications coming back
-/// from quiet hours (only notifications below `high` are ever deferred).
+/// The lane whose deferred work keeps the lane-less deferred subject of earlier versions
+/// ([`crate::Subjects::deferred`]), when only its router consumer read deferred work;
+/// each lane's consumer reads its own ([`crate::Subjects::deferred_lane`]).
 pub const DEFERRED_LANE: crate::Priority = crate::Priority::Normal;
 
 /// Header of the core message announcing a user's new read position on their live

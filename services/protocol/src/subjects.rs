@@ -159,9 +159,54 @@ impl Subjects {
         format!("{}.sched.*.*.{id}", self.prefix)
     }
 
-    /// Where a notification's channel work waits out the user's quiet hours: a schedule
-    /// (on [`Subjects::scheduled`], id `q-<id>`) fires into this subject, which the
-    /// router of the user's partition consumes. Not republished live, not in pages.
+    /// Where channel work of `user` on priority `lane` comes back to the router of their
+    /// partition. Schedules (on [`Subjects::scheduled`]) fire into it at the end of quiet
+    /// hours (`q-<id>`), of a group's window (`g-<id>`) and of a digest period
+    /// (`d-<unix>`, lane `low`), and a big topic's fan-out hands each subscriber's copy
+    /// over on it. The lane keeps that work in its priority: each lane's router consumer
+    /// reads its own ([`Subjects::deferred_lane`]), so a `low` blast's hand-overs never
+    /// hold up `normal` or `high` work. Not republished live, not in pages.
+    ///
+    /// The `normal` lane ([`crate::streams::DEFERRED_LANE`]) keeps the lane-less subject
+    /// of earlier versions, [`Subjects::deferred`], whose router consumer was the only one
+    /// to read deferred work; the others are `defer.<partition>.<user token>.<lane>`.
+    pub fn deferred_in(&self, user: &UserId, lane: crate::Priority) -> String {
+        if lane == crate::streams::DEFERRED_LANE {
+            return self.deferred(user);
+        }
+        format!(
+            "{}.defer.{}.{}.{}",
+            self.prefix,
+            user.partition(self.partitions),
+            user.token(),
+            lane.as_str()
+        )
+    }
+
+    /// Every deferred subject of one lane of one partition (a router consumer's second
+    /// filter; see [`Subjects::deferred_in`]).
+    pub fn deferred_lane(&self, partition: u16, lane: crate::Priority) -> String {
+        if lane == crate::streams::DEFERRED_LANE {
+            return self.deferred_partition(partition);
+        }
+        format!("{}.defer.{partition}.*.{}", self.prefix, lane.as_str())
+    }
+
+    /// The deferred subjects of `user`'s lanes other than `normal` (a filter; see
+    /// [`Subjects::deferred_in`]). With [`Subjects::deferred`], everything deferred for
+    /// them.
+    pub fn deferred_of(&self, user: &UserId) -> String {
+        format!(
+            "{}.defer.{}.{}.*",
+            self.prefix,
+            user.partition(self.partitions),
+            user.token()
+        )
+    }
+
+    /// The deferred subject of `user`'s `normal` lane, `defer.<partition>.<user token>`
+    /// (lane-less: the one deferred subject of earlier versions). See
+    /// [`Subjects::deferred_in`].
     pub fn deferred(&self, user: &UserId) -> String {
         format!(
             "{}.defer.{}.{}",
@@ -171,7 +216,7 @@ impl Subjects {
         )
     }
 
-    /// Every deferred subject of one partition (a router consumer's second filter).
+    /// Every deferred subject of the `normal` lane of one partition ([`Subjects::deferred`]).
     pub fn deferred_partition(&self, partition: u16) -> String {
         format!("{}.defer.{partition}.*", self.prefix)
     }

@@ -3,12 +3,14 @@
 //!
 //! The router writes a schedule into the INBOX stream, on the user's schedule subject
 //! (`herald.sched.<part>.<user>.q-<id>`, so a GDPR erase removes it with the rest), firing
-//! at the end of the quiet hours into `herald.defer.<part>.<user>`. That subject is not
-//! republished live and not part of the inbox pages, but the partition's router consumes
-//! it — so the notification comes back to the router that owns the user, in order, after
-//! a restart of anything, and is routed then (preferences and caps applied afresh). The
-//! inbox entry itself was written at once; the `Herald-Seq` header carries its position
-//! so the jobs point at it.
+//! at the end of the quiet hours into the user's deferred subject of the notification's
+//! lane ([`Subjects::deferred_in`]: `herald.defer.<part>.<user>` for `normal`, with a
+//! `.<lane>` token for the others). That subject is not republished live and not part of
+//! the inbox pages, but the partition's router consumer of that lane reads it — so the
+//! notification comes back to the router that owns the user, in order, after a restart
+//! of anything, without waiting behind another lane's work, and is routed then
+//! (preferences and caps applied afresh). The inbox entry itself was written at once; the
+//! `Herald-Seq` header carries its position so the jobs point at it.
 //!
 //! The end of an aggregation window travels the same way (`g-<id>`, with the
 //! `Herald-Group` header), so it too survives restarts and reaches the partition's owner.
@@ -107,7 +109,9 @@ pub(crate) async fn claim_window_close(
         .header("Nats-Schedule", format!("@at {until}").as_str())
         .header(
             "Nats-Schedule-Target",
-            subjects.deferred(&stored.user_id).as_str(),
+            subjects
+                .deferred_in(&stored.user_id, stored.priority)
+                .as_str(),
         )
         .header(ROUTE_HEADER, "1")
         .header(SEQ_HEADER, seq.to_string().as_str())
@@ -152,7 +156,9 @@ async fn schedule(
         .header("Nats-Schedule", format!("@at {until}").as_str())
         .header(
             "Nats-Schedule-Target",
-            subjects.deferred(&stored.user_id).as_str(),
+            subjects
+                .deferred_in(&stored.user_id, stored.priority)
+                .as_str(),
         )
         .header(ROUTE_HEADER, "1")
         .header(SEQ_HEADER, seq.to_string().as_str());

@@ -122,9 +122,10 @@ impl Route {
             .message_id(format!("digest-due:{}:{id}", user.token()))
             .expected_stream(INBOX)
             .header("Nats-Schedule", format!("@at {at}").as_str())
+            // The digest email goes on the `low` lane; so does the work of building it.
             .header(
                 "Nats-Schedule-Target",
-                self.subjects.deferred(user).as_str(),
+                self.subjects.deferred_in(user, Priority::Low).as_str(),
             )
             .header(ROUTE_HEADER, "1")
             .header(DIGEST_HEADER, end.to_string().as_str());

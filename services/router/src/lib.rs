@@ -134,7 +134,7 @@ pub async fn run(
             // NATS away while the router starts (a restart of the server, a failover):
             // wait for it, as every other part does, rather than end the router.
             let consumer = loop {
-                match open(&nats, partition, lane).await {
+                match open(&nats, &subjects, partition, lane).await {
                     Ok(consumer) => break consumer,
                     Err(e) if nats.is_connected() && !herald_store::is_unavailable(&e) => {
                         return Err(e);
@@ -170,7 +170,15 @@ pub async fn run(
 /// Pause between attempts to open a partition consumer while NATS is away.
 const OPEN_RETRY: Duration = Duration::from_secs(1);
 
-async fn open(nats: &Nats, partition: u16, lane: Priority) -> Result<PullConsumer, RouterError> {
+/// Opens the router consumer of one lane of one partition, first bringing its filters up
+/// to date when an earlier version provisioned it: this router defers work onto each
+/// lane's own deferred subject, which an older consumer does not read.
+async fn open(
+    nats: &Nats,
+    subjects: &Subjects,
+    partition: u16,
+    lane: Priority,
+) -> Result<PullConsumer, RouterError> {
     let err = |source| RouterError::Consumer {
         partition,
         lane,
@@ -181,10 +189,33 @@ async fn open(nats: &Nats, partition: u16, lane: Priority) -> Result<PullConsume
         .get_stream_no_info(INBOX)
         .await
         .map_err(|e| err(Box::new(e)))?;
-    stream
+    let consumer: PullConsumer = stream
         .get_consumer(&streams::router_consumer(partition, lane))
         .await
-        .map_err(err)
+        .map_err(err)?;
+    let wanted = herald_store::provision::router_consumer_config(subjects, partition, lane);
+    let mut have = consumer.cached_info().config.filter_subjects.clone();
+    if !wanted.filter_subjects.iter().all(|f| have.contains(f)) {
+        // Only the filters change; the rest stays as provisioned (replicas, pin timeout).
+        let mut config = consumer.cached_info().config.clone();
+        have.clone_from(&wanted.filter_subjects);
+        config.filter_subjects = have;
+        config.filter_subject = String::new();
+        stream
+            .update_consumer(config)
+            .await
+            .map_err(|e| err(Box::new(e)))?;
+        tracing::info!(
+            partition,
+            lane = lane.as_str(),
+            "router consumer now reads its lane's deferred work (run `herald provision` after an upgrade)"
+        );
+        return stream
+            .get_consumer(&streams::router_consumer(partition, lane))
+            .await
+            .map_err(err);
+    }
+    Ok(consumer)
 }
 
 /// At shutdown, stop once no message arrived for this long...

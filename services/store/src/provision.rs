@@ -578,14 +578,14 @@ pub fn router_consumer_config(
     partition: u16,
     lane: Priority,
 ) -> consumer::pull::Config {
-    let mut filter_subjects = vec![subjects.inbox_lane(partition, lane)];
-    if lane == streams::DEFERRED_LANE {
-        // Notifications coming back from quiet hours (never `high`).
-        filter_subjects.push(subjects.deferred_partition(partition));
-    }
     consumer::pull::Config {
         durable_name: Some(streams::router_consumer(partition, lane)),
-        filter_subjects,
+        // The lane's inbox entries and its deferred work (back from quiet hours, a
+        // group's window, a digest period; a big topic's hand-overs).
+        filter_subjects: vec![
+            subjects.inbox_lane(partition, lane),
+            subjects.deferred_lane(partition, lane),
+        ],
         // Explicit, per message: with AckAll, a router taking over a partition would ack
         // the messages its crashed predecessor had pulled but not routed.
         ack_policy: consumer::AckPolicy::Explicit,
@@ -645,7 +645,8 @@ async fn ensure_router_consumer(
                     lane.as_str()
                 ))(Box::new(e))
             })?;
-            // Filters change between versions (quiet-hours deferral added one).
+            // Filters change between versions (quiet-hours deferral added one, lanes for
+            // deferred work another): updated in place, the consumer keeps its position.
             if info.config.filter_subjects != wanted.filter_subjects {
                 stream.update_consumer(wanted).await.map_err(|e| {
                     nats_err(format!(
@@ -665,4 +666,36 @@ async fn ensure_router_consumer(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_lane_reads_its_own_deferred_work_normal_on_the_lane_less_subject() {
+        let subjects = Subjects::default();
+        let user = herald_protocol::UserId::new("ann").expect("an id");
+        let partition = user.partition(subjects.partitions());
+        let matches = |filter: &str, subject: &str| {
+            let (f, s): (Vec<&str>, Vec<&str>) =
+                (filter.split('.').collect(), subject.split('.').collect());
+            f.len() == s.len() && f.iter().zip(&s).all(|(f, s)| *f == "*" || f == s)
+        };
+        for lane in Priority::ALL {
+            let config = router_consumer_config(&subjects, partition, lane);
+            for other in Priority::ALL {
+                let deferred = subjects.deferred_in(&user, other);
+                let read = config.filter_subjects.iter().any(|f| matches(f, &deferred));
+                assert_eq!(read, lane == other, "{lane:?} consumer and {deferred}");
+            }
+            let legacy = subjects.deferred(&user);
+            let read = config.filter_subjects.iter().any(|f| matches(f, &legacy));
+            assert_eq!(
+                read,
+                lane == streams::DEFERRED_LANE,
+                "{lane:?} and {legacy}"
+            );
+        }
+    }
 }
