@@ -2,6 +2,7 @@
 //! One binary; each module is one area of the contract (SPEC.md), each test owns its
 //! nats-server(s) and ports, so they run in parallel.
 
+mod batch_items;
 mod channels;
 mod cluster;
 mod digests;

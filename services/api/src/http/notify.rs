@@ -149,18 +149,39 @@ async fn batch_all(
             &herald_store::InboxError::Unavailable("not connected to NATS".into()),
         ));
     }
+    // Each item is held to the limit of one notification (`POST /v1/notify`'s body
+    // limit): a batch is no way around it.
+    let item_limit = state.config.body_limit;
+    let fits = |raw: &serde_json::value::RawValue| raw.get().len() <= item_limit;
     // Validate everything, send every valid append, then collect acks: one round trip of
     // latency for the whole batch.
     // Templated items render in their recipient's locale: one batched preference read
     // for the whole batch rather than one round trip per item.
     let locales = state
         .acceptor
-        .read_locales(parsed.notifications.iter().map(|raw| raw.get().as_bytes()))
+        .read_locales(
+            parsed
+                .notifications
+                .iter()
+                .filter(|raw| fits(raw))
+                .map(|raw| raw.get().as_bytes()),
+        )
         .await
         .map_err(AppError::from)?;
     let mut results: Vec<Option<ItemResult>> = Vec::with_capacity(parsed.notifications.len());
     let mut pending = Vec::new();
     for (i, raw) in parsed.notifications.iter().enumerate() {
+        if !fits(raw) {
+            results.push(Some(rejected(AppError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!(
+                    "the notification is {} bytes, over the {item_limit}-byte limit of one notification",
+                    raw.get().len()
+                ),
+            ))));
+            continue;
+        }
         let key = batch_key.map(|k| format!("{k}:{i}"));
         match state
             .acceptor
