@@ -100,6 +100,13 @@ enum ItemResult {
     Rejected {
         status: &'static str,
         error: herald_protocol::error::ErrorDetail,
+        /// The item failed for Herald's trouble (a single notify would have been a 503),
+        /// not for what it is: sending it again, with the same idempotency key, may
+        /// succeed. `false` for an item that would be refused again (400, 413).
+        retryable: bool,
+        /// With `retryable`: seconds to wait first (a single notify's `Retry-After`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        retry_after_s: Option<u64>,
     },
 }
 
@@ -224,10 +231,14 @@ async fn batch_all(
 /// One refused item of a batch, counted (the batch as a whole is a 202).
 fn rejected(error: AppError) -> ItemResult {
     count_rejected("batch", &error);
+    let retryable = error.status().is_server_error();
+    let retry_after_s = error.retry_after_secs().filter(|_| retryable);
     let body = ErrorBody::from(error);
     ItemResult::Rejected {
         status: "rejected",
         error: body.error,
+        retryable,
+        retry_after_s,
     }
 }
 
