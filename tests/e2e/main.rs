@@ -3,6 +3,7 @@
 //! nats-server(s) and ports, so they run in parallel.
 
 mod batch_items;
+mod cancel_ids;
 mod channels;
 mod cluster;
 mod digests;

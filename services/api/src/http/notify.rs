@@ -255,12 +255,17 @@ pub(super) async fn cancel(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, AppError> {
     producer.require(Scope::Notify)?;
-    if uuid::Uuid::parse_str(&id).is_err() {
-        return Err(AppError::field(FieldError::new(
-            "id",
-            "not a notification id (a UUID)",
-        )));
-    }
+    // Ids are issued (and schedules stored) in the hyphenated lower-case form; any other
+    // spelling of the same UUID (upper case, braces, no hyphens) names the same one.
+    let id = match uuid::Uuid::parse_str(&id) {
+        Ok(uuid) => uuid.hyphenated().to_string(),
+        Err(_) => {
+            return Err(AppError::field(FieldError::new(
+                "id",
+                "not a notification id (a UUID)",
+            )));
+        }
+    };
     match state
         .acceptor
         .cancel(&id, &producer.0.producer)
