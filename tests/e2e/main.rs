@@ -29,6 +29,7 @@ mod receipts;
 mod replay;
 mod router_groups;
 mod router_lanes;
+mod router_policy;
 mod router_stalls;
 mod routers;
 mod scheduled;

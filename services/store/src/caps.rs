@@ -8,7 +8,9 @@
 //! revision) and writes `count + 1` against that revision straight away. Compare-and-set
 //! keeps it exact: if anyone else wrote in between (another instance after a partition
 //! moved), the write is refused and the counter is read again, as without the memory. A
-//! remembered count at the limit is final for its window, since counts only grow.
+//! remembered count at the limit is final for its window, since counts only grow (a
+//! process takes back only a count of its own, from an attempt that another writer
+//! interrupted; see [`RateCaps::admit`]).
 
 use async_nats::jetstream::kv;
 use herald_protocol::UserId;
@@ -80,7 +82,12 @@ impl RateCaps {
     }
 
     /// Counts one interrupting notification against every cap that applies, at `now`
-    /// (unix seconds); the first cap already full wins and nothing more is counted.
+    /// (unix seconds) — or, when any of them is full, against none: a notification the
+    /// caps suppress uses up no other cap's allowance. Two phases: every counter is read
+    /// (or remembered) and the first full cap decides `Over`; only then is each counter
+    /// written with compare-and-set against what was read. A write refused because
+    /// another process counted meanwhile takes back this attempt's writes and decides
+    /// again on fresh reads.
     ///
     /// # Errors
     /// [`CapsError`] when NATS fails.
@@ -91,20 +98,51 @@ impl RateCaps {
         category: Option<&str>,
         now: u64,
     ) -> Result<CapDecision, CapsError> {
-        for (index, cap) in self.caps.iter().enumerate() {
-            if !cap.applies(producer, category) || cap.window_s == 0 {
-                continue;
+        let counters: Vec<(&RateCap, String)> = self
+            .caps
+            .iter()
+            .enumerate()
+            .filter(|(_, cap)| cap.applies(producer, category) && cap.window_s > 0)
+            .map(|(index, cap)| {
+                let window = now / cap.window_s;
+                (cap, key(index, window, producer, user, category))
+            })
+            .collect();
+        'attempt: for _ in 0..CAS_ATTEMPTS {
+            let mut read = Vec::with_capacity(counters.len());
+            for (cap, key) in &counters {
+                let (count, revision) = match self.remembered(key) {
+                    Some(last) => last,
+                    None => self.read(key).await?,
+                };
+                if count >= cap.limit {
+                    return Ok(CapDecision::Over((*cap).clone()));
+                }
+                read.push((count, revision));
             }
-            let window = now / cap.window_s;
-            let key = key(index, window, producer, user, category);
-            if !self.increment(&key, cap.limit).await? {
-                return Ok(CapDecision::Over(cap.clone()));
+            let mut written = Vec::with_capacity(counters.len());
+            for ((_, key), (count, revision)) in counters.iter().zip(read) {
+                match self.put(key, count + 1, revision).await? {
+                    Some(revision) => {
+                        self.remember(key, count + 1, revision);
+                        written.push(key);
+                    }
+                    None => {
+                        self.forget(key);
+                        for key in written {
+                            self.take_back(key).await?;
+                        }
+                        continue 'attempt;
+                    }
+                }
             }
+            return Ok(CapDecision::Within);
         }
-        Ok(CapDecision::Within)
+        Err(CapsError(
+            "too many concurrent updates of one rate cap".into(),
+        ))
     }
 
-    /// Adds one to `key` unless it is at `limit`; false when it was.
     fn remembered(&self, key: &str) -> Option<(u32, u64)> {
         self.last.lock().ok()?.get(key).copied()
     }
@@ -118,60 +156,67 @@ impl RateCaps {
         }
     }
 
-    async fn increment(&self, key: &str, limit: u32) -> Result<bool, CapsError> {
+    fn forget(&self, key: &str) {
+        if let Ok(mut last) = self.last.lock() {
+            last.remove(key);
+        }
+    }
+
+    /// A counter's stored count and revision (0 and 0 when it was never written).
+    async fn read(&self, key: &str) -> Result<(u32, u64), CapsError> {
+        let entry = self
+            .store
+            .entry(key)
+            .await
+            .map_err(|e| CapsError(Box::new(e)))?;
+        Ok(match &entry {
+            Some(e) if e.operation == kv::Operation::Put => (
+                std::str::from_utf8(&e.value)
+                    .ok()
+                    .and_then(|s| s.parse::<u32>().ok())
+                    .unwrap_or(0),
+                e.revision,
+            ),
+            Some(e) => (0, e.revision),
+            None => (0, 0),
+        })
+    }
+
+    /// Writes `count` to `key` if its revision is still `revision`; the new revision, or
+    /// `None` when another writer came first.
+    async fn put(&self, key: &str, count: u32, revision: u64) -> Result<Option<u64>, CapsError> {
         let err = |e: Box<dyn std::error::Error + Send + Sync>| CapsError(e);
-        if let Some((count, revision)) = self.remembered(key) {
-            if count >= limit {
-                return Ok(false);
+        let value: bytes::Bytes = count.to_string().into_bytes().into();
+        if revision == 0 {
+            match self.store.create(key, value).await {
+                Ok(revision) => Ok(Some(revision)),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
+                Err(e) => Err(err(Box::new(e))),
             }
-            let value: bytes::Bytes = (count + 1).to_string().into_bytes().into();
+        } else {
             match self.store.update(key, value, revision).await {
-                Ok(revision) => {
-                    self.remember(key, count + 1, revision);
-                    return Ok(true);
-                }
-                // Written elsewhere meanwhile: read it, as below.
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {}
-                Err(e) => return Err(err(Box::new(e))),
+                Ok(revision) => Ok(Some(revision)),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
+                Err(e) => Err(err(Box::new(e))),
             }
         }
+    }
+
+    /// Takes back one count this process wrote to `key` a moment ago.
+    async fn take_back(&self, key: &str) -> Result<(), CapsError> {
         for _ in 0..CAS_ATTEMPTS {
-            let entry = self.store.entry(key).await.map_err(|e| err(Box::new(e)))?;
-            let (count, revision) = match &entry {
-                Some(e) if e.operation == kv::Operation::Put => (
-                    std::str::from_utf8(&e.value)
-                        .ok()
-                        .and_then(|s| s.parse::<u32>().ok())
-                        .unwrap_or(0),
-                    e.revision,
-                ),
-                Some(e) => (0, e.revision),
-                None => (0, 0),
-            };
-            if count >= limit {
-                self.remember(key, count, revision);
-                return Ok(false);
+            let (count, revision) = self.read(key).await?;
+            if count == 0 {
+                return Ok(());
             }
-            let value: bytes::Bytes = (count + 1).to_string().into_bytes().into();
-            let written = if revision == 0 {
-                match self.store.create(key, value).await {
-                    Ok(revision) => Some(revision),
-                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => None,
-                    Err(e) => return Err(err(Box::new(e))),
-                }
-            } else {
-                match self.store.update(key, value, revision).await {
-                    Ok(revision) => Some(revision),
-                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => None,
-                    Err(e) => return Err(err(Box::new(e))),
-                }
-            };
-            if let Some(revision) = written {
-                self.remember(key, count + 1, revision);
-                return Ok(true);
+            if let Some(revision) = self.put(key, count - 1, revision).await? {
+                self.remember(key, count - 1, revision);
+                return Ok(());
             }
         }
-        Err(err("too many concurrent updates of one rate cap".into()))
+        Err(CapsError(
+            "too many concurrent updates of one rate cap".into(),
+        ))
     }
 }
 
