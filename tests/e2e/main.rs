@@ -11,6 +11,7 @@ mod durability;
 mod erase;
 mod errors;
 mod frames;
+mod group_refusals;
 mod groups;
 mod heartbeats;
 mod hub;

@@ -4,6 +4,7 @@
 
 use async_nats::jetstream::context::PublishAckFuture;
 use bytes::Bytes;
+use herald_protocol::group::Joined;
 use herald_protocol::notification::{check_idempotency_key, idempotent_id};
 use herald_protocol::{
     FieldError, NotifyRequest, Policy, StoredNotification, UserId, ValidatedNotify,
@@ -330,21 +331,29 @@ impl Acceptor {
                 .into());
             }
         }
-        if let Some(key) = group_key {
-            let group = self
-                .join_group(
-                    &stored,
-                    &key,
-                    group_actor.as_deref(),
-                    template.as_deref(),
-                    locale.as_deref(),
-                    &vars,
-                )
-                .await?;
-            stored.collapse_key = stored.collapse_key.or(Some(key));
-            stored.group = Some(group);
-        }
-        let bytes = Inbox::encode(&stored).map_err(|e| FieldError::new("body", e.to_string()))?;
+        let bytes = match group_key {
+            None => encode(&stored)?,
+            Some(key) => {
+                // A notification refused here must not count in its group: it is encoded,
+                // with the group's text as it will be stored, before the join is written.
+                stored.collapse_key = stored.collapse_key.or(Some(key.clone()));
+                let (group, bytes) = self
+                    .join_group(
+                        &stored,
+                        &key,
+                        group_actor.as_deref(),
+                        template.as_deref(),
+                        locale.as_deref(),
+                        &vars,
+                    )
+                    .await?;
+                stored.group = Some(group);
+                match bytes {
+                    Some(bytes) => bytes,
+                    None => encode(&stored)?,
+                }
+            }
+        };
         Ok(Prepared {
             stored,
             bytes,
@@ -355,7 +364,10 @@ impl Acceptor {
 
     /// Adds `stored` to its aggregation group (compare-and-set in the group bucket) and
     /// returns the group as it stands with it: count, actors, and the folded text from
-    /// the template's `group.title`/`group.body` or [`herald_protocol::group::default_folded`].
+    /// the template's `group.title`/`group.body` or [`herald_protocol::group::default_folded`];
+    /// and `stored` encoded with that group, unless it was in the group already. When
+    /// `stored` with the group would be too large to store, the group is left as it was
+    /// and the notification refused.
     async fn join_group(
         &self,
         stored: &StoredNotification,
@@ -364,13 +376,14 @@ impl Acceptor {
         template: Option<&str>,
         locale: Option<&str>,
         vars: &serde_json::Map<String, serde_json::Value>,
-    ) -> Result<herald_protocol::group::Group, AcceptError> {
+    ) -> Result<(herald_protocol::group::Group, Option<Bytes>), AcceptError> {
         let Some(groups) = &self.groups else {
             return Err(
                 InboxError::Unavailable("aggregation groups are not configured".into()).into(),
             );
         };
         let window = self.policy.group_window_s(stored.category.as_deref());
+        let mut encoded = None;
         let now = OffsetDateTime::now_utc().unix_timestamp();
         let joined = groups
             .join(
@@ -402,12 +415,17 @@ impl Acceptor {
                         );
                     }
                     (state.title, state.body) = folded;
+                    let mut member = stored.clone();
+                    member.group = Some(state.snapshot());
+                    encoded = Some(encode(&member)?);
                     Ok::<(), FieldError>(())
                 },
             )
             .await
             .map_err(|e| InboxError::Unavailable(Box::new(e)))??;
-        Ok(joined.state().snapshot())
+        // A repeat (a retry of a member) changed nothing and checked nothing.
+        let encoded = encoded.filter(|_| !matches!(joined, Joined::Repeat(_)));
+        Ok((joined.state().snapshot(), encoded))
     }
 
     /// Appends and waits for the ack.
@@ -518,6 +536,11 @@ impl Acceptor {
             },
         ))
     }
+}
+
+/// `n` as the inbox stores it; too large to store is a 400 naming the body.
+fn encode(n: &StoredNotification) -> Result<Bytes, FieldError> {
+    Inbox::encode(n).map_err(|e| FieldError::new("body", e.to_string()))
 }
 
 fn accepted(prepared: Prepared, ack: AppendAck) -> Accepted {
