@@ -147,7 +147,10 @@ pub(super) fn merge(
             (Some(doc_at), Some(marker_at)) => doc_at > marker_at,
             _ => false,
         };
-        if later && !t.history.is_empty() {
+        // A later state of the document wins (a retry after an older send), except
+        // `queued`: the router records it after it enqueues the job, and a fast worker may
+        // have sent the job and written its marker before that record lands.
+        if later && t.state != State::Queued && !t.history.is_empty() {
             continue;
         }
         t.state = State::Sent;
@@ -240,6 +243,19 @@ mod tests {
         doc.channels.get_mut("push").expect("push")[0].state = State::Retrying;
         let doc = merge("n1", Some(doc), vec![found("t1", "2026-01-01T00:00:01Z")]).expect("doc");
         assert_eq!(doc.channels["push"][0].state, State::Retrying);
+    }
+
+    #[test]
+    fn a_queued_record_landing_after_the_send_does_not_hide_it() {
+        let doc = merge(
+            "n1",
+            Some(queued("2026-01-01T00:00:02Z")),
+            vec![found("t1", "2026-01-01T00:00:01Z")],
+        )
+        .expect("doc");
+        let t = &doc.channels["push"][0];
+        assert_eq!(t.state, State::Sent);
+        assert_eq!(t.provider.as_deref(), Some("apns"));
     }
 
     #[test]
