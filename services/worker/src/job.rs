@@ -353,8 +353,8 @@ impl Step<'_> {
             return self.digest(mail).await;
         }
         // Read in the job's own task, not with its batch: reading a batch's entries
-        // together made the breaker test's lane stall for a whole AckWait now and then
-        // (see BENCHMARKS.md, session 10), and saved no measurable CPU.
+        // together saved no measurable CPU (BENCHMARKS.md, session 10). The breaker-test
+        // stall blamed on it then was a status read hiding a fast send (session 15).
         let bytes = match ctx.inbox.entry_at(job.seq).await {
             Entry::Stored(bytes) => bytes,
             Entry::Gone => return self.gone().await,
