@@ -290,3 +290,102 @@ async fn a_retry_takes_the_path_its_first_attempt_chose() -> anyhow::Result<()> 
     ensure!(status == StatusCode::CONFLICT, "{status}: {answer}");
     Ok(())
 }
+
+/// Sets `stream`'s dedup window.
+async fn dedup_window(nats: &Nats, stream: &str, window: Duration) -> anyhow::Result<()> {
+    let js = async_nats::jetstream::new(nats.client().await?);
+    let mut config = js
+        .get_stream(stream)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .info()
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .config
+        .clone();
+    config.duplicate_window = window;
+    js.update_stream(config)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_used_again_after_its_dedup_window_publishes_again() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    // `weekly` has two subscribers (stored once), `daily` one (a copy each).
+    let herald = Herald::builder(&nats).topics(threshold(2)).start().await?;
+    for user in ["reader", "other"] {
+        add_device(&herald, user).await?;
+    }
+    subscribe(&herald, "weekly", &["reader", "other"]).await?;
+    subscribe(&herald, "daily", &["reader"]).await?;
+    let mut jobs = JobFeed::open(&herald).await?;
+    let weekly = json!({"title": "this week", "channels": ["inbox", "push"]});
+    let daily = json!({"title": "today", "channels": ["inbox"]});
+    let first = accepted(&herald, "weekly", "digest", &weekly).await?;
+    let seq = first["seq"].as_u64().context("seq")?;
+    let id = first["id"].as_str().context("id")?.to_owned();
+    done(&herald, "weekly", &id).await?;
+    for _ in 0..2 {
+        let job = jobs.next(WAIT).await?;
+        ensure!(job.seq == seq, "{job:?}");
+    }
+    let first_daily = accepted(&herald, "daily", "digest-d", &daily).await?;
+    done(&herald, "daily", first_daily["id"].as_str().context("id")?).await?;
+
+    // The queue and the inbox now remember ids for a second only.
+    for stream in [FANOUT, INBOX] {
+        dedup_window(&nats, stream, Duration::from_secs(1)).await?;
+    }
+    // Retries are answered as the first publish until the key is forgotten; then the
+    // same key publishes again, with every subscriber's push.
+    let second = eventually(Duration::from_secs(60), "the key forgotten", || async {
+        let answer = accepted(&herald, "weekly", "digest", &weekly).await?;
+        ensure!(answer["seq"] != seq, "still the first publish: {answer}");
+        Ok(answer)
+    })
+    .await?;
+    ensure!(
+        second["id"] != first["id"],
+        "a new publish, with an id of its own: {second}"
+    );
+    let seq2 = second["seq"].as_u64().context("seq")?;
+    let id2 = second["id"].as_str().context("id")?.to_owned();
+    let mut pushed = Vec::new();
+    for _ in 0..2 {
+        let job = jobs.next(WAIT).await?;
+        ensure!(job.seq == seq2, "the second publish's push: {job:?}");
+        pushed.push(job.user_id.as_str().to_owned());
+    }
+    pushed.sort();
+    ensure!(pushed == ["other", "reader"], "{pushed:?}");
+    let routed = eventually(WAIT, "the second fan-out finished", || async {
+        let p = ok(herald
+            .producer(Method::GET, &format!("/v1/topics/weekly/publishes/{id2}"))
+            .send()
+            .await?)
+        .await?;
+        ensure!(
+            p["fanout"]["state"] == "done" && p["fanout"]["routed"] == 2,
+            "{p}"
+        );
+        Ok(p)
+    })
+    .await?;
+    ensure!(routed["fanout"]["done"] == 2, "{routed}");
+    // Fan-out on write alike: a second copy.
+    eventually(
+        Duration::from_secs(60),
+        "the daily key forgotten",
+        || async {
+            accepted(&herald, "daily", "digest-d", &daily).await?;
+            let inbox = herald.inbox("reader").await?;
+            let copies = titles(&inbox).iter().filter(|t| **t == "today").count();
+            ensure!(copies >= 2, "{inbox:?}");
+            Ok(())
+        },
+    )
+    .await?;
+    Ok(())
+}

@@ -431,9 +431,10 @@ impl Subscriptions {
     }
 }
 
-/// The key of a publish's [`PublishRecord`], beside its progress (keyed by the bare id).
-fn record_key(id: &str) -> String {
-    format!("a.{id}")
+/// The KV key of the [`PublishRecord`] of idempotency key `key`, beside the progress of
+/// each publish (keyed by the bare publish id).
+fn record_key(key: &str) -> String {
+    format!("k.{key}")
 }
 
 /// A topic's subscriptions a page at a time: see [`Subscriptions::pages`].
@@ -543,11 +544,15 @@ pub struct FanoutRun {
     pub stored_seq: Option<u64>,
 }
 
-/// A topic publish as the API accepted it, recorded before anything else is written: a
-/// retry with its idempotency key takes the same path and gets the same answer, even when
-/// the topic has crossed the big-topic threshold in between.
+/// A keyed topic publish as the API accepted it, recorded under its idempotency key
+/// before anything else is written: a retry with the key gets the same id, takes the same
+/// path and gets the same answer, even when the topic has crossed the big-topic threshold
+/// in between. Once the record is older than the dedup window the key names a new
+/// publish, with a new id.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PublishRecord {
+    /// The publish id.
+    pub id: String,
     /// The topic published to.
     pub topic: TopicId,
     /// The producer that published.
@@ -669,14 +674,15 @@ impl FanoutLog {
         Ok(())
     }
 
-    /// The record of publish `id` and its revision, if the API recorded one.
+    /// The record of the publish with idempotency key `key` (as derived by the API) and
+    /// its revision, if there is one.
     ///
     /// # Errors
     /// [`TopicsError::Unavailable`] when NATS cannot answer.
-    pub async fn record(&self, id: &str) -> Result<Option<(PublishRecord, u64)>, TopicsError> {
+    pub async fn record(&self, key: &str) -> Result<Option<(PublishRecord, u64)>, TopicsError> {
         let entry = self
             .store
-            .entry(record_key(id))
+            .entry(record_key(key))
             .await
             .map_err(unavailable)?;
         Ok(entry
@@ -684,20 +690,20 @@ impl FanoutLog {
             .and_then(|e| Some((serde_json::from_slice(&e.value).ok()?, e.revision))))
     }
 
-    /// Records publish `id` as `record`: a new record when `previous` is `None`, else in
-    /// place of the record at that revision. `false` when another request with the same
-    /// id wrote first (read it again).
+    /// Records `record` under idempotency key `key`: a new record when `previous` is
+    /// `None`, else in place of the record at that revision. `false` when another request
+    /// with the same key wrote first (read it again).
     ///
     /// # Errors
     /// [`TopicsError::Unavailable`] when NATS does not confirm.
     pub async fn put_record(
         &self,
-        id: &str,
+        key: &str,
         record: &PublishRecord,
         previous: Option<u64>,
     ) -> Result<bool, TopicsError> {
         let bytes: bytes::Bytes = serde_json::to_vec(record).map_err(unavailable)?.into();
-        let key = record_key(id);
+        let key = record_key(key);
         let written = match previous {
             None => self
                 .store

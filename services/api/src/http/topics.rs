@@ -206,21 +206,21 @@ pub(super) async fn publish(
     let mut notification = prepared.into_stored();
     // The header wins over the body's key, as on /v1/notify; both were validated above.
     let key = key.or_else(|| doc.get("idempotency_key").and_then(Value::as_str));
-    if let Some(key) = key {
-        notification.id = publish_id(&producer.0.producer, key);
+    let (record, retry) = match key {
+        Some(key) => keyed(&state, &t, &producer.0.producer, key).await?,
+        None => (new_record(&state, &t, &producer.0.producer).await?, false),
+    };
+    notification.id.clone_from(&record.id);
+    let big = record.path == PATH_TOPIC;
+    if big {
+        notification.topic = Some(t.as_str().to_owned());
     }
-    let mut job = FanoutJob {
-        id: notification.id.clone(),
+    let job = FanoutJob {
+        id: record.id.clone(),
         topic: t.clone(),
         notification,
         stored_seq: None,
     };
-    let record = decide(&state, &t, &producer.0.producer, &job.id, key.is_some()).await?;
-    let (big, subscribers) = (record.path == PATH_TOPIC, record.subscribers);
-    let mut seq = None;
-    if big {
-        job.notification.topic = Some(t.as_str().to_owned());
-    }
     // The job first: once it is durable, the publish happens in full whatever becomes of
     // this request. On the big-topic path the worker stores the publish itself when it
     // does not find it stored (this process stopped before the append below), so a
@@ -230,24 +230,15 @@ pub(super) async fn publish(
         .enqueue(state.acceptor.inbox().subjects(), &job, big)
         .await
         .map_err(|e| AppError::unavailable(&e))?;
-    if big {
-        // Stored once, deduplicated by id with the worker's append: every subscriber's
-        // view merges the topic's subject, and the answer carries the publish's seq.
-        let stored = state
-            .acceptor
-            .inbox()
-            .append_topic(&t, &job.notification)
-            .await
-            .map_err(|e| AppError::unavailable(&e))?;
-        if stored.duplicate {
-            same_publish(&state, &job, stored.seq).await?;
-        }
-        seq = Some(stored.seq);
-    }
+    let seq = if big {
+        Some(store_once(&state, &job, &record, retry).await?)
+    } else {
+        None
+    };
     metrics::counter!("herald_topic_publishes_total", "path" => if big { PATH_TOPIC } else { PATH_WRITE })
         .increment(1);
-    let mut answer = json!({"id": job.id, "status": "accepted", "topic": t, "subscribers": subscribers,
-        "path": record.path});
+    let mut answer = json!({"id": job.id, "status": "accepted", "topic": t,
+        "subscribers": record.subscribers, "path": record.path});
     if let Some(seq) = seq {
         answer["seq"] = json!(seq);
     }
@@ -345,38 +336,31 @@ pub(super) async fn my_topics(
     Ok(Json(json!({"topics": topics})))
 }
 
-/// How much older than the dedup window a publish's record must be before its key names
-/// a new publish: the record is written an instant before the job whose id the FANOUT
-/// queue remembers for that window, and API hosts' clocks differ a little.
-const RECORD_MARGIN_S: u64 = 10;
-
-/// The path of publish `id` to `topic`: the one recorded by an earlier attempt with the
-/// same idempotency key within the dedup window, or else chosen now from the topic's size
-/// and recorded before anything is queued or stored. A retry thus never takes the other
-/// path after a first attempt that stored something (which would show the publish twice)
-/// and is answered as the first time. `keyed`: only a keyed id can have a record already.
+/// The record of `producer`'s publish to `topic` with idempotency key `key`, and whether
+/// it is a repeat: the record an earlier request with the key wrote within the dedup
+/// window (the same id, path and answer), or else a new one, written before anything is
+/// queued or stored. A retry thus never takes the other path after a first attempt that
+/// stored something (which would show the publish twice). A key used again after the
+/// window names a new publish, with an id of its own: nothing stored for the earlier one
+/// (its progress, its copies, its INBOX entry) is taken for this one's.
 ///
 /// # Errors
 /// 409 when the key named a publish to another topic within the window; 503 when NATS
 /// fails.
-async fn decide(
+async fn keyed(
     state: &ApiState,
     topic: &TopicId,
     producer: &str,
-    id: &str,
-    keyed: bool,
-) -> Result<PublishRecord, AppError> {
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    key: &str,
+) -> Result<(PublishRecord, bool), AppError> {
+    let key = key_id(producer, key);
     for _ in 0..3 {
-        let existing = if keyed {
-            state.fanouts.record(id).await.map_err(topics_error)?
-        } else {
-            None
-        };
+        let existing = state.fanouts.record(&key).await.map_err(topics_error)?;
         if let Some((record, _)) = &existing {
             let window = state.fanouts.dedup_window().await.map_err(topics_error)?;
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
             let age = u64::try_from(now.saturating_sub(record.at)).unwrap_or(0);
-            if age <= window.as_secs() + RECORD_MARGIN_S {
+            if age <= window.as_secs() {
                 if &record.topic != topic {
                     return Err(AppError::new(
                         StatusCode::CONFLICT,
@@ -388,37 +372,20 @@ async fn decide(
                         ),
                     ));
                 }
-                return Ok(record.clone());
+                return Ok((record.clone(), true));
             }
-            // Older than the window: the key names a new publish.
         }
-        let subscribers = state
-            .subscriptions
-            .count(topic)
-            .await
-            .map_err(topics_error)?;
-        let record = PublishRecord {
-            topic: topic.clone(),
-            producer: producer.to_owned(),
-            path: if subscribers >= state.topics.big_threshold {
-                PATH_TOPIC
-            } else {
-                PATH_WRITE
-            }
-            .to_owned(),
-            subscribers,
-            at: now,
-        };
+        let record = new_record(state, topic, producer).await?;
         let previous = existing.map(|(_, revision)| revision);
         if state
             .fanouts
-            .put_record(id, &record, previous)
+            .put_record(&key, &record, previous)
             .await
             .map_err(topics_error)?
         {
-            return Ok(record);
+            return Ok((record, false));
         }
-        // A concurrent request with the same key recorded first: take its decision.
+        // A concurrent request with the same key recorded first: take its record.
     }
     Err(AppError::new(
         StatusCode::CONFLICT,
@@ -428,22 +395,85 @@ async fn decide(
     .retry_after(1))
 }
 
+/// A new publish to `topic`: a new id, and its path chosen from the topic's size now.
+async fn new_record(
+    state: &ApiState,
+    topic: &TopicId,
+    producer: &str,
+) -> Result<PublishRecord, AppError> {
+    let subscribers = state
+        .subscriptions
+        .count(topic)
+        .await
+        .map_err(topics_error)?;
+    Ok(PublishRecord {
+        id: uuid::Uuid::now_v7().to_string(),
+        topic: topic.clone(),
+        producer: producer.to_owned(),
+        path: if subscribers >= state.topics.big_threshold {
+            PATH_TOPIC
+        } else {
+            PATH_WRITE
+        }
+        .to_owned(),
+        subscribers,
+        at: time::OffsetDateTime::now_utc().unix_timestamp(),
+    })
+}
+
+/// Stores a big topic's publish once and returns its INBOX sequence: deduplicated by id
+/// with the fan-out worker's append (which stores it when this request does not get that
+/// far) and, for a `retry`, found where an earlier attempt or the worker stored it — even
+/// once INBOX no longer remembers the id.
+async fn store_once(
+    state: &ApiState,
+    job: &FanoutJob,
+    record: &PublishRecord,
+    retry: bool,
+) -> Result<u64, AppError> {
+    let inbox = state.acceptor.inbox();
+    if retry {
+        let subject = inbox
+            .subjects()
+            .topic_inbox_entry(&job.topic, job.notification.priority);
+        let since = time::OffsetDateTime::from_unix_timestamp(record.at - STORED_SINCE_S)
+            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+        if let Some(seq) =
+            herald_store::topics::find_publish(inbox.nats(), &subject, &job.id, since)
+                .await
+                .map_err(topics_error)?
+        {
+            return Ok(seq);
+        }
+    }
+    let stored = inbox
+        .append_topic(&job.topic, &job.notification)
+        .await
+        .map_err(|e| AppError::unavailable(&e))?;
+    if stored.duplicate {
+        same_publish(state, job, stored.seq).await?;
+    }
+    Ok(stored.seq)
+}
+
+/// How long before its record a retried publish may have been stored (clocks of API hosts
+/// and the INBOX stream leader a little apart).
+const STORED_SINCE_S: i64 = 60;
+
 /// The fan-out on write path's name in records and answers.
 const PATH_WRITE: &str = "write";
 
-/// Namespace of the ids of topic publishes that carry an idempotency key.
-const PUBLISH_IDS: uuid::Uuid = uuid::Uuid::from_u128(0x9e4d_27b1_5c08_4f6a_b3e2_71d0_c8a5_1f94);
+/// Namespace of the records of idempotency keys of topic publishes.
+const PUBLISH_KEYS: uuid::Uuid = uuid::Uuid::from_u128(0x9e4d_27b1_5c08_4f6a_b3e2_71d0_c8a5_1f94);
 
-/// The id of `producer`'s topic publish with idempotency key `key`: the same for every
-/// retry, and in a namespace of its own. A notify with the same key has another id, so
-/// neither is taken for a repeat of the other (the INBOX and FANOUT streams deduplicate
-/// by id).
-fn publish_id(producer: &str, key: &str) -> String {
+/// What `producer`'s idempotency key `key` is recorded under: in a namespace of its own,
+/// so a notify with the same key is never taken for this publish or the other way round.
+fn key_id(producer: &str, key: &str) -> String {
     let mut name = Vec::with_capacity(producer.len() + key.len() + 1);
     name.extend_from_slice(producer.as_bytes());
     name.push(0);
     name.extend_from_slice(key.as_bytes());
-    uuid::Uuid::new_v5(&PUBLISH_IDS, &name).to_string()
+    uuid::Uuid::new_v5(&PUBLISH_KEYS, &name).to_string()
 }
 
 /// Checks that what INBOX holds at `seq`, which it named as the first copy of `job`'s
