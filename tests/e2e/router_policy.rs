@@ -1,8 +1,11 @@
-//! Rate caps count each notification once: one that a cap suppresses uses up no other
-//! cap's allowance (caps of different windows: a burst cap's suppressions would
-//! otherwise eat the hourly one).
+//! Rate caps and the policy metrics count each notification once: one that a cap
+//! suppresses uses up no other cap's allowance (caps of different windows: a burst cap's
+//! suppressions would otherwise eat the hourly one), and one the router retries in place is
+//! counted in `herald_policy_suppressed_total` and `herald_rate_capped_total` once, not
+//! once per try.
 
-use anyhow::ensure;
+use anyhow::{Context as _, ensure};
+use futures::StreamExt as _;
 use herald_protocol::Policy;
 use herald_protocol::preferences::{CapOver, RateCap};
 use herald_tests::{Herald, JobFeed, Nats, eventually};
@@ -96,5 +99,85 @@ async fn a_notification_one_cap_suppresses_uses_up_no_other_cap() -> anyhow::Res
     let job = jobs.next(WAIT).await?;
     ensure!(job.id == later.id, "the later one is sent: {job:?}");
     state(&herald, &later.id, "push", "queued").await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notification_retried_in_place_is_counted_once_in_the_policy_metrics()
+-> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    // Over a promo cap, the email folds into a digest.
+    let policy = Policy::default().with_caps(vec![cap(Some("promo"), 1, 3600, CapOver::Digest)]);
+    let herald = Herald::builder(&nats).policy(policy).start().await?;
+    let r = herald
+        .producer(Method::PUT, "/v1/users/mac/contact")
+        .json(&json!({"email": "mac@example.com", "webhook": "https://hooks.example.com/mac"}))
+        .send()
+        .await?;
+    ensure!(r.status().is_success(), "contact: {}", r.status());
+    // Webhooks off: every notification asking for one counts a suppression. No other
+    // test switches webhooks off, so that count is this test's alone (metrics are
+    // process-wide).
+    let r = herald
+        .producer(Method::PUT, "/v1/users/mac/preferences")
+        .json(&json!({"channels": {"webhook": false}}))
+        .send()
+        .await?;
+    ensure!(r.status().is_success(), "prefs: {}", r.status());
+    let metric = |name: &'static str| {
+        let herald = &herald;
+        async move {
+            let text = herald.metrics().await?;
+            anyhow::Ok(crate::metrics::sample(&text, name).unwrap_or(0.0))
+        }
+    };
+    let suppressed = r#"herald_policy_suppressed_total{channel="webhook"}"#;
+    let promo = |title: &str| {
+        json!({"user_id": "mac", "title": title, "category": "promo",
+               "channels": ["inbox", "email", "webhook"]})
+    };
+    let first = herald.accept(&promo("first")).await?;
+    state(&herald, &first.id, "email", "queued").await?;
+    let (suppressed_before, capped_before) = (
+        metric(suppressed).await?,
+        metric("herald_rate_capped_total").await?,
+    );
+
+    // The digest stream is gone: the second promo, over the cap, is retried in place
+    // (its email cannot be recorded for the digest) until it is back. Each try tells
+    // JetStream the message is still in progress.
+    let client = nats.client().await?;
+    let mut acks = client
+        .subscribe(format!("$JS.ACK.{}.>", herald_protocol::streams::INBOX))
+        .await?;
+    client.flush().await?;
+    let js = async_nats::jetstream::new(client);
+    let digest = herald_protocol::streams::DIGEST;
+    let config = js.get_stream(digest).await?.info().await?.config.clone();
+    js.delete_stream(digest).await?;
+    let second = herald.accept(&promo("second")).await?;
+    let mut tries = 0;
+    while tries < 20 {
+        let ack = herald_tests::within(WAIT, "the next try", acks.next())
+            .await?
+            .context("ack subscription closed")?;
+        if ack.payload.starts_with(b"+WPI") {
+            tries += 1;
+        }
+    }
+    js.create_stream(config).await?;
+    state(&herald, &second.id, "email", "digest").await?;
+
+    let suppressed_now = metric(suppressed).await?;
+    ensure!(
+        suppressed_now - suppressed_before == 1.0,
+        "one suppression counted for twenty tries: {suppressed_before} → {suppressed_now}"
+    );
+    // Other tests cap notifications too, a few at most: far fewer than twenty.
+    let capped_now = metric("herald_rate_capped_total").await?;
+    ensure!(
+        capped_now - capped_before < 5.0,
+        "one capped notification counted for twenty tries: {capped_before} → {capped_now}"
+    );
     Ok(())
 }

@@ -276,7 +276,7 @@ async fn partition_loop(
                     while let Ok(Some(Ok(msg))) =
                         tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + DRAIN_QUIET), messages.next()).await
                     {
-                        if let Routed::Done = route.message(&msg, &mut None).await {
+                        if let Routed::Done = route.message(&msg, &mut Tries::default()).await {
                             let _ = msg.ack().await;
                         }
                     }
@@ -287,10 +287,11 @@ async fn partition_loop(
             match next {
                 Some(Ok(msg)) => {
                     // Retry in place: moving on would break per-user order. The rate caps
-                    // count the notification once, however many tries it takes, and the
-                    // message is kept in progress so it is not redelivered meanwhile.
-                    let mut cap_decided = None;
-                    while let Routed::Retry = route.message(&msg, &mut cap_decided).await {
+                    // and the metrics count the notification once, however many tries it
+                    // takes, and the message is kept in progress so it is not redelivered
+                    // meanwhile.
+                    let mut tries = Tries::default();
+                    while let Routed::Retry = route.message(&msg, &mut tries).await {
                         let _ = msg.ack_with(AckKind::Progress).await;
                         tokio::select! {
                             // Unacked: redelivered to whichever router owns the partition next.
@@ -322,6 +323,18 @@ pub(crate) fn too_big(e: &async_nats::jetstream::context::PublishError) -> bool 
             })
 }
 
+/// What routing one message settled so far, kept across its in-place retries.
+#[derive(Default)]
+struct Tries {
+    /// What the rate caps decided: each decision counts against the caps, so it is
+    /// taken once.
+    cap: Option<CapDecision>,
+    /// Whether the channels policy suppressed were counted in the metrics.
+    counted_suppressed: bool,
+    /// Whether going over a rate cap was counted in the metrics.
+    counted_capped: bool,
+}
+
 enum Routed {
     /// Nothing left to do for this message.
     Done,
@@ -335,13 +348,8 @@ impl Route {
     /// retry or a replayed router harmless for the jobs that did land. A full work queue
     /// refuses the publish (discard-new) and the notification is retried in place:
     /// backpressure, never loss.
-    /// `cap_decided` keeps what the rate caps decided for `msg` across in-place retries:
-    /// each decision counts against the caps, so it is taken once.
-    async fn message(
-        &self,
-        msg: &async_nats::jetstream::Message,
-        cap_decided: &mut Option<CapDecision>,
-    ) -> Routed {
+    /// `tries` keeps what was settled for `msg` across in-place retries.
+    async fn message(&self, msg: &async_nats::jetstream::Message, tries: &mut Tries) -> Routed {
         let Route { nats, subjects, .. } = self;
         let needs_routing = msg
             .headers
@@ -378,7 +386,8 @@ impl Route {
                 return Routed::Done;
             }
         };
-        let Some((mut channels, mut suppressed, prefs)) = self.allowed_channels(&stored, seq).await
+        let Some((mut channels, mut suppressed, prefs)) =
+            self.allowed_channels(&stored, seq, tries).await
         else {
             return Routed::Retry;
         };
@@ -445,7 +454,7 @@ impl Route {
             if channels.is_empty() || self.caps.is_empty() {
                 return Ok(channels);
             }
-            let decision = match cap_decided.clone() {
+            let decision = match tries.cap.clone() {
                 Some(decided) => Ok(decided),
                 None => {
                     let unix = u64::try_from(now.as_second()).unwrap_or(0);
@@ -459,7 +468,7 @@ impl Route {
                         )
                         .await;
                     if let Ok(decided) = &decision {
-                        *cap_decided = Some(decided.clone());
+                        tries.cap = Some(decided.clone());
                     }
                     decision
                 }
@@ -467,7 +476,9 @@ impl Route {
             match decision {
                 Ok(CapDecision::Within) => Ok(channels),
                 Ok(CapDecision::Over(cap)) => {
-                    metrics::counter!("herald_rate_capped_total").increment(1);
+                    if !std::mem::replace(&mut tries.counted_capped, true) {
+                        metrics::counter!("herald_rate_capped_total").increment(1);
+                    }
                     let rule = format!("rate_cap: {} per {} s", cap.limit, cap.window_s);
                     let mut channels = channels;
                     if cap.over == CapOver::Digest && channels.contains(&Channel::Email) {
@@ -666,6 +677,7 @@ impl Route {
         &self,
         stored: &StoredNotification,
         seq: u64,
+        tries: &mut Tries,
     ) -> Option<(Vec<Channel>, Vec<(Channel, String)>, Preferences)> {
         let wanted: Vec<Channel> = stored
             .channels
@@ -690,13 +702,16 @@ impl Route {
             match self.policy.decide(&prefs, category, channel) {
                 Ok(()) => allowed.push(channel),
                 Err(suppressed) => {
-                    metrics::counter!("herald_policy_suppressed_total", "channel" => channel.as_str())
-                        .increment(1);
+                    if !tries.counted_suppressed {
+                        metrics::counter!("herald_policy_suppressed_total", "channel" => channel.as_str())
+                            .increment(1);
+                    }
                     tracing::debug!(seq, id = %stored.id, channel = channel.as_str(), rule = %suppressed.rule, "suppressed by policy");
                     suppressed_by.push((channel, suppressed.rule.to_string()));
                 }
             }
         }
+        tries.counted_suppressed = true;
         Some((allowed, suppressed_by, prefs))
     }
 }
