@@ -28,6 +28,7 @@ mod policy;
 mod preferences;
 mod receipts;
 mod replay;
+mod router_digests;
 mod router_groups;
 mod router_lanes;
 mod router_policy;

@@ -199,6 +199,23 @@ impl Route {
             .map(|(_, e)| e)
             .filter(|e| e.seq > read && ids.insert(e.id.as_str()))
             .collect();
+        // Preferences as they are now: a category's email switched off during the
+        // period (an unsubscribe link, a settings page) leaves its entries out.
+        let mut wanted = Vec::new();
+        let mut refused = Vec::new();
+        for e in unread {
+            match self
+                .policy
+                .decide(&prefs, e.category.as_deref(), Channel::Email)
+            {
+                Ok(()) => wanted.push(e),
+                Err(why) => refused.push((
+                    e,
+                    Update::state(State::Skipped).because(format!("opted out: {}", why.rule)),
+                )),
+            }
+        }
+        let unread = wanted;
         if !unread.is_empty() {
             match self.enqueue_digest(due, end, &prefs, &unread).await {
                 Ok(()) => {}
@@ -218,6 +235,7 @@ impl Route {
                 }
             }
         }
+        self.record_entries(user, refused).await;
         // One purge up to the last listed entry, unless an entry of a later period lies
         // below it (the user changed frequency, hour or zone): then only the listed go.
         let later_below = entries
