@@ -1,10 +1,13 @@
 //! Aggregation when the router runs behind: a group's push goes out once, however late
-//! its members reach the router.
+//! its members reach the router, and a window that ends during quiet hours is sent when
+//! its schedule brings it back, even if the router's clock says they have not quite
+//! ended yet.
 
 use anyhow::{Context as _, ensure};
 use herald::mesh::Roles;
 use herald_protocol::Policy;
 use herald_protocol::preferences::CategoryRule;
+use herald_tests::schedules::fire_early;
 use herald_tests::{Herald, JobFeed, Nats, eventually};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -114,6 +117,59 @@ async fn a_member_routed_after_its_window_closed_is_folded_not_sent_again() -> a
     ensure!(
         next.id == probe.id,
         "the group is not sent a second time: {next:?}"
+    );
+    Ok(())
+}
+
+/// Quiet hours from an hour ago to two hours from now, UTC.
+async fn quiet_now(herald: &Herald, user: &str) -> anyhow::Result<()> {
+    let now = jiff::Timestamp::now().to_zoned(jiff::tz::TimeZone::UTC);
+    let hhmm = |t: jiff::civil::Time| format!("{:02}:{:02}", t.hour(), t.minute());
+    let start = now.time().wrapping_sub(jiff::Span::new().hours(1));
+    let end = now.time().wrapping_add(jiff::Span::new().hours(2));
+    let r = herald
+        .user(Method::PUT, "/v1/me/preferences", user)
+        .json(&json!({"quiet_hours": {"start": hhmm(start), "end": hhmm(end)}, "timezone": "UTC"}))
+        .send()
+        .await?;
+    ensure!(r.status().is_success(), "prefs: {}", r.status());
+    Ok(())
+}
+
+/// The scheduler fires by the server's clock; a router whose clock is a little behind
+/// still sees the quiet hours the close waited for. Firing the schedule early through
+/// the harness seam is that skew, larger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_close_back_from_quiet_hours_is_sent_whatever_the_router_clock_says()
+-> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).policy(policy(1)).start().await?;
+    device(&herald, "qia").await?;
+    quiet_now(&herald, "qia").await?;
+    let mut jobs = JobFeed::open(&herald).await?;
+    let first = herald.accept(&like("qia", "Ann")).await?;
+    herald.accept(&like("qia", "Bob")).await?;
+    // The window ends within quiet hours: its close waits for them to end.
+    let entry = eventually(WAIT, "the close held for quiet hours", || async {
+        let entry = push_state(&herald, &first.id, "deferred").await?;
+        ensure!(
+            entry["reason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("quiet_hours")),
+            "{entry}"
+        );
+        Ok(entry)
+    })
+    .await?;
+
+    fire_early(&herald, "qia", "gq-").await?;
+    let job = jobs
+        .next(WAIT)
+        .await
+        .with_context(|| format!("the group's push, after {entry}"))?;
+    ensure!(
+        job.id == first.id && job.folded.as_ref().is_some_and(|f| f.count == 2),
+        "the group goes out when its schedule brings it back: {job:?}"
     );
     Ok(())
 }

@@ -21,6 +21,37 @@ use herald_protocol::streams::{GROUP_HEADER, INBOX, ROUTE_HEADER, SEQ_HEADER};
 use herald_protocol::{StoredNotification, Subjects};
 use herald_store::Nats;
 
+/// Header on a scheduled copy: the instant it was scheduled for (RFC 3339).
+pub(crate) const UNTIL_HEADER: &str = "Herald-Until";
+
+/// The instant a copy back from a schedule was scheduled for (see [`still_quiet`]).
+pub(crate) fn scheduled_for(msg: &async_nats::jetstream::Message) -> Option<jiff::Timestamp> {
+    msg.headers
+        .as_ref()?
+        .get(UNTIL_HEADER)?
+        .as_str()
+        .parse()
+        .ok()
+}
+
+/// When the quiet hours of `prefs` hold work at `now`, their end — unless the work is
+/// back from a schedule for that end or a later one (`back_from`, [`scheduled_for`]).
+/// JetStream fires a schedule by the server's clock; a router whose clock is a little
+/// behind still sees the same quiet hours, and deferring again for the same end would
+/// be a schedule the dedup window drops, so the work would never come back. Only quiet
+/// hours that end later than the schedule (changed meanwhile) hold it again.
+pub(crate) fn still_quiet(
+    prefs: &herald_protocol::Preferences,
+    now: jiff::Timestamp,
+    back_from: Option<jiff::Timestamp>,
+) -> Option<jiff::Timestamp> {
+    let until = prefs.quiet_until(now)?;
+    match back_from {
+        Some(back) if until <= back => None,
+        _ => Some(until),
+    }
+}
+
 /// Whether `subject` is a deferred subject (a notification back from quiet hours).
 pub(crate) fn is_deferred(subjects: &Subjects, subject: &str) -> bool {
     subject
@@ -69,10 +100,20 @@ pub(crate) async fn close_window_after_quiet(
     stored: &StoredNotification,
     seq: u64,
     key: &str,
-    until: &str,
+    until: jiff::Timestamp,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let id = format!("gq-{}", stored.id);
-    schedule(nats, subjects, stored, seq, until, &id, Some(key)).await
+    // One schedule per end: quiet hours changed meanwhile defer it to a new one.
+    let id = format!("gq-{}-{}", stored.id, until.as_second());
+    schedule(
+        nats,
+        subjects,
+        stored,
+        seq,
+        &until.to_string(),
+        &id,
+        Some(key),
+    )
+    .await
 }
 
 /// Whether a member of a group holds its window's close ([`claim_window_close`]).
@@ -115,6 +156,7 @@ pub(crate) async fn claim_window_close(
         )
         .header(ROUTE_HEADER, "1")
         .header(SEQ_HEADER, seq.to_string().as_str())
+        .header(UNTIL_HEADER, until)
         .header(GROUP_HEADER, key);
     match nats.js.send_publish(subject.clone(), publish).await?.await {
         Ok(_) => Ok(Claim::Mine),
@@ -161,7 +203,8 @@ async fn schedule(
                 .as_str(),
         )
         .header(ROUTE_HEADER, "1")
-        .header(SEQ_HEADER, seq.to_string().as_str());
+        .header(SEQ_HEADER, seq.to_string().as_str())
+        .header(UNTIL_HEADER, until);
     if let Some(key) = group {
         publish = publish.header(GROUP_HEADER, key);
     }

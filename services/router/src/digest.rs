@@ -128,6 +128,7 @@ impl Route {
                 self.subjects.deferred_in(user, Priority::Low).as_str(),
             )
             .header(ROUTE_HEADER, "1")
+            .header(crate::deferral::UNTIL_HEADER, at.to_string().as_str())
             .header(DIGEST_HEADER, end.to_string().as_str());
         self.nats
             .js
@@ -150,7 +151,10 @@ impl Route {
             tracing::warn!(period_end = %due.period_end, "digest schedule without a valid period end; skipping");
             return Routed::Done;
         };
-        match self.send_digest(&due, end).await {
+        match self
+            .send_digest(&due, end, crate::deferral::scheduled_for(msg))
+            .await
+        {
             Ok(()) => Routed::Done,
             Err(e) => {
                 tracing::warn!(error = %e, "building a digest failed; will retry");
@@ -168,12 +172,14 @@ impl Route {
         &self,
         due: &DigestDue,
         end: jiff::Timestamp,
+        back_from: Option<jiff::Timestamp>,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let user = &due.user_id;
         let prefs = self.preferences.get(user).await?;
         // A digest is email below `high`, like any other: quiet hours hold it back, and it
         // goes when they end, with what is owed then.
-        if let Some(until) = prefs.quiet_until(jiff::Timestamp::now()) {
+        if let Some(until) = crate::deferral::still_quiet(&prefs, jiff::Timestamp::now(), back_from)
+        {
             self.schedule_due(user, due.digest, end, until).await?;
             tracing::debug!(user = %user.as_str(), %until, "digest held for quiet hours");
             return Ok(());

@@ -41,7 +41,8 @@ impl Route {
         if deferred {
             return match deferral::closes_window(msg) {
                 Some(key) => {
-                    self.close_window(stored, seq, &key, channels, prefs, now)
+                    let back_from = deferral::scheduled_for(msg);
+                    self.close_window(stored, seq, &key, channels, prefs, now, back_from)
                         .await
                 }
                 // Back from quiet hours: not a group's business.
@@ -59,7 +60,7 @@ impl Route {
             // Already over (this router was behind): the first closes it now.
             _ if first => {
                 return self
-                    .close_window(stored, seq, &group.key, channels, prefs, now)
+                    .close_window(stored, seq, &group.key, channels, prefs, now, None)
                     .await;
             }
             // A later member: its close, if it must carry it, fires at once.
@@ -110,7 +111,9 @@ impl Route {
     }
 
     /// The window of `stored`'s group `key` ended: close the group and route `stored`
-    /// with its final folded text, unless quiet hours hold it a while longer.
+    /// with its final folded text, unless quiet hours hold it a while longer (`back_from`:
+    /// the end its schedule was for, when it comes back from one).
+    #[allow(clippy::too_many_arguments)]
     async fn close_window(
         &self,
         stored: &StoredNotification,
@@ -119,18 +122,18 @@ impl Route {
         channels: &[Channel],
         prefs: &Preferences,
         now: jiff::Timestamp,
+        back_from: Option<jiff::Timestamp>,
     ) -> Step {
         if stored.priority != Priority::High
-            && let Some(until) = prefs.quiet_until(now)
+            && let Some(until) = deferral::still_quiet(prefs, now, back_from)
         {
-            let until = until.to_string();
             if let Err(e) = deferral::close_window_after_quiet(
                 &self.nats,
                 &self.subjects,
                 stored,
                 seq,
                 key,
-                &until,
+                until,
             )
             .await
             {
