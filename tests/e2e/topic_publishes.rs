@@ -389,3 +389,111 @@ async fn a_key_used_again_after_its_dedup_window_publishes_again() -> anyhow::Re
     .await?;
     Ok(())
 }
+
+/// Subscribes `n` users (`<prefix>-<i>`) to `topic`, 10,000 a request.
+async fn subscribe_many(
+    herald: &Herald,
+    topic: &str,
+    prefix: &str,
+    n: usize,
+) -> anyhow::Result<()> {
+    let users: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
+    for chunk in users.chunks(10_000) {
+        let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        subscribe(herald, topic, &refs).await?;
+    }
+    Ok(())
+}
+
+/// The state of a publish's fan-out.
+async fn state(herald: &Herald, topic: &str, id: &str) -> anyhow::Result<Value> {
+    let p = ok(herald
+        .producer(Method::GET, &format!("/v1/topics/{topic}/publishes/{id}"))
+        .send()
+        .await?)
+    .await?;
+    Ok(p["fanout"].clone())
+}
+
+/// A marketing blast's fan-out on write (20,000 copies) and a security alert to a small
+/// topic: the alert's fan-out is done while the blast's still runs.
+async fn blast_then_alert(herald: &Herald, blasts: usize) -> anyhow::Result<()> {
+    subscribe_many(herald, "promo", "m", 20_000).await?;
+    subscribe(herald, "security", &["on-call"]).await?;
+    let mut low = Vec::new();
+    for i in 0..blasts {
+        let blast = json!({"title": format!("sale {i}"), "priority": "low", "channels": ["inbox"]});
+        let answer = accepted(herald, "promo", &format!("promo-{i}"), &blast).await?;
+        low.push(answer["id"].as_str().context("id")?.to_owned());
+    }
+    let alert = json!({"title": "new sign-in", "priority": "high", "channels": ["inbox"]});
+    let high = accepted(herald, "security", "sec-1", &alert).await?;
+    let high_id = high["id"].as_str().context("id")?;
+    let done_high = done(herald, "security", high_id).await?;
+    let first_low = state(herald, "promo", &low[0]).await?;
+    ensure!(
+        first_low["state"] != "done",
+        "the alert waited for the blast: alert {done_high}, blast {first_low}"
+    );
+    ensure!(
+        titles(&herald.inbox("on-call").await?) == ["new sign-in"],
+        "the alert is in the on-call inbox"
+    );
+    for id in &low {
+        done(herald, "promo", id).await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_high_fan_out_does_not_wait_for_a_running_low_one() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats)
+        .topics(threshold(1_000_000))
+        .start()
+        .await?;
+    blast_then_alert(&herald, 1).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_fan_out_lanes_provisioned_a_high_fan_out_passes_queued_low_ones() -> anyhow::Result<()>
+{
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats)
+        .topics(threshold(1_000_000))
+        .start()
+        .await?;
+    // What provisioning is to do: lane subjects on the FANOUT stream, and the first
+    // consumer kept to the subject of jobs queued before (a work queue's consumers must
+    // not overlap), so each lane can have a consumer of its own.
+    let js = async_nats::jetstream::new(nats.client().await?);
+    let mut stream = js
+        .get_stream(FANOUT)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut config = stream
+        .info()
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .config
+        .clone();
+    let legacy = format!("{}.fanout", herald.subjects().prefix());
+    config.subjects = vec![legacy.clone(), format!("{legacy}.*")];
+    js.update_stream(config)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let consumer = herald_protocol::streams::FANOUT_CONSUMER;
+    stream
+        .update_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some(consumer.to_owned()),
+            filter_subject: legacy,
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(30),
+            max_ack_pending: 64,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Three blasts queued: the alert passes them all.
+    blast_then_alert(&herald, 3).await
+}

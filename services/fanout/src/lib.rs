@@ -1,9 +1,10 @@
 //! Fan-out on write: a topic publish becomes one inbox entry per subscriber.
 //!
 //! `POST /v1/topics/{topic}/publish` stores one [`FanoutJob`] in the FANOUT work queue
-//! and answers 202 (a big topic's publish is stored too; see [`big`]). A fan-out worker (in every router process) pulls jobs one at a time
-//! per process; for each it reads the topic's subscriptions page by page in stream order
-//! and appends a copy to each subscriber's inbox, pipelined. Every copy has an id derived
+//! and answers 202 (a big topic's publish is stored too; see [`big`]). A fan-out worker
+//! (in every router process) pulls jobs one at a time and runs them side by side, each
+//! lane within a budget of its own (see [`lanes`]); for each it reads the topic's
+//! subscriptions page by page in stream order and appends a copy to each subscriber's inbox, pipelined. Every copy has an id derived
 //! from (publish, user) and is appended with that `Nats-Msg-Id`, so replays are harmless.
 //! After each page is acked, the progress — including the stream sequence of the last
 //! subscription done — goes to KV, and the job's ack deadline is pushed out. A worker that
@@ -20,10 +21,10 @@
 //! ([`herald_protocol::StoredNotification::localize`]).
 
 mod big;
+mod lanes;
 
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::PullConsumer;
-use futures::StreamExt as _;
 use herald_protocol::notification::format_time;
 use herald_protocol::streams::{FANOUT, FANOUT_CONSUMER};
 use herald_protocol::topic::{FanoutJob, FanoutProgress, copy_id};
@@ -80,7 +81,7 @@ pub async fn run(
         policy,
     };
     tokio::select! {
-        () = worker.pull(consumer) => {}
+        () = Arc::new(worker).serve(nats, consumer) => {}
         () = shutdown => {}
     }
     Ok(())
@@ -115,41 +116,9 @@ pub(crate) struct Worker {
 }
 
 impl Worker {
-    async fn pull(&self, consumer: PullConsumer) {
-        loop {
-            let batch = consumer
-                .fetch()
-                .max_messages(1)
-                .expires(Duration::from_secs(5))
-                .messages()
-                .await;
-            let mut batch = match batch {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::warn!(error = %e, "fan-out pull failed; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-            };
-            while let Some(msg) = batch.next().await {
-                match msg {
-                    Ok(msg) => self.job(msg).await,
-                    Err(e) => tracing::debug!(error = %e, "fan-out stream error"),
-                }
-            }
-        }
-    }
-
-    async fn job(&self, msg: async_nats::jetstream::Message) {
-        let job: FanoutJob = match serde_json::from_slice(&msg.payload) {
-            Ok(j) => j,
-            Err(e) => {
-                tracing::error!(error = %e, "undecodable fan-out job; dropping it");
-                let _ = msg.ack_with(AckKind::Term).await;
-                return;
-            }
-        };
-        match self.fan_out(&job, &msg).await {
+    /// Runs one job to its end and acks it, or leaves it to be resumed.
+    async fn run_job(&self, job: &FanoutJob, msg: &async_nats::jetstream::Message) {
+        match self.fan_out(job, msg).await {
             Ok(()) => {
                 if let Err(e) = msg.double_ack().await {
                     tracing::warn!(id = %job.id, error = %e, "fan-out ack failed; it will be resumed and find itself done");

@@ -25,7 +25,7 @@ use async_nats::jetstream::message::PublishMessage;
 use futures::{StreamExt as _, TryStreamExt as _};
 use herald_protocol::streams::{FANOUT, FANOUT_BUCKET, INBOX, SUBS};
 use herald_protocol::topic::{FanoutJob, FanoutProgress};
-use herald_protocol::{Subjects, TopicId, UserId};
+use herald_protocol::{Priority, Subjects, TopicId, UserId};
 use serde::{Deserialize, Serialize};
 
 /// Largest page of subscriptions read at once.
@@ -524,6 +524,74 @@ pub const PATH_HEADER: &str = "Herald-Fanout-Path";
 /// [`PATH_HEADER`]'s value for the big-topic path.
 pub const PATH_TOPIC: &str = "topic";
 
+/// The FANOUT subject of the jobs of priority lane `lane`: `<prefix>.fanout.<lane>`. Used
+/// once the FANOUT stream captures it ([`fanout_lanes`]); until then every job goes on
+/// [`Subjects::fanout`].
+pub fn fanout_lane(subjects: &Subjects, lane: Priority) -> String {
+    format!("{}.{}", subjects.fanout(), lane.as_str())
+}
+
+/// The durable consumer of one lane of the FANOUT queue (filtered to
+/// [`fanout_lane`]), beside [`herald_protocol::streams::FANOUT_CONSUMER`], which then
+/// takes the jobs of [`Subjects::fanout`] only.
+pub fn fanout_lane_consumer(lane: Priority) -> String {
+    format!(
+        "{}-{}",
+        herald_protocol::streams::FANOUT_CONSUMER,
+        lane.as_str()
+    )
+}
+
+/// The configuration of one lane's consumer (what provisioning creates; a fan-out worker
+/// creates it too when the stream has lane subjects and the consumer is missing): as the
+/// one consumer — a job is worked on by one process at a time and, if it dies, comes back
+/// after `ack_wait` and resumes from its recorded cursor — filtered to the lane.
+pub fn fanout_lane_consumer_config(
+    subjects: &Subjects,
+    lane: Priority,
+) -> async_nats::jetstream::consumer::pull::Config {
+    async_nats::jetstream::consumer::pull::Config {
+        durable_name: Some(fanout_lane_consumer(lane)),
+        filter_subject: fanout_lane(subjects, lane),
+        ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+        ack_wait: std::time::Duration::from_secs(30),
+        max_ack_pending: 64,
+        ..Default::default()
+    }
+}
+
+/// Whether the FANOUT stream captures the subject of every lane ([`fanout_lane`]): one
+/// stream info request.
+///
+/// # Errors
+/// [`TopicsError::Unavailable`] when NATS cannot answer.
+pub async fn fanout_lanes(
+    js: &async_nats::jetstream::Context,
+    subjects: &Subjects,
+) -> Result<bool, TopicsError> {
+    let stream = js.get_stream(FANOUT).await.map_err(unavailable)?;
+    let patterns = &stream.cached_info().config.subjects;
+    Ok(Priority::ALL
+        .iter()
+        .all(|lane| captures(patterns, &fanout_lane(subjects, *lane))))
+}
+
+/// Whether one of the subject `patterns` (NATS wildcards `*` and `>`) matches `subject`.
+fn captures(patterns: &[String], subject: &str) -> bool {
+    patterns.iter().any(|pattern| {
+        let mut tokens = subject.split('.');
+        for want in pattern.split('.') {
+            match (want, tokens.next()) {
+                (">", Some(_)) => return true,
+                ("*", Some(_)) => {}
+                (want, Some(token)) if want == token => {}
+                _ => return false,
+            }
+        }
+        tokens.next().is_none()
+    })
+}
+
 /// A job JetStream has made durable in the FANOUT queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Enqueued {
@@ -742,7 +810,9 @@ impl FanoutLog {
     }
 
     /// Queues `job` for the fan-out workers, deduplicated by its id, and waits until
-    /// JetStream has it. `big`: its publish takes the big-topic path ([`PATH_HEADER`]).
+    /// JetStream has it: on its priority lane's subject when the FANOUT stream has lanes
+    /// (so an urgent publish never waits behind a marketing blast), else on the one
+    /// subject. `big`: its publish takes the big-topic path ([`PATH_HEADER`]).
     ///
     /// # Errors
     /// [`TopicsError::Unavailable`] unless JetStream confirmed the write.
@@ -765,9 +835,16 @@ impl FanoutLog {
         if big {
             publish = publish.header(PATH_HEADER, PATH_TOPIC);
         }
+        // Read at every publish, not cached: a topic publish is rare, and jobs must move
+        // to the lanes as soon as provisioning adds them.
+        let subject = if fanout_lanes(&self.js, subjects).await? {
+            fanout_lane(subjects, job.notification.priority)
+        } else {
+            subjects.fanout()
+        };
         let ack = self
             .js
-            .send_publish(subjects.fanout(), publish)
+            .send_publish(subject, publish)
             .await
             .map_err(unavailable)?
             .await
@@ -776,5 +853,25 @@ impl FanoutLog {
             seq: ack.sequence,
             duplicate: ack.duplicate,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::captures;
+
+    #[test]
+    fn lane_subjects_are_captured_by_wildcards_and_literals() {
+        let p = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert!(!captures(&p(&["herald.fanout"]), "herald.fanout.high"));
+        assert!(captures(
+            &p(&["herald.fanout", "herald.fanout.*"]),
+            "herald.fanout.high"
+        ));
+        assert!(captures(&p(&["herald.>"]), "herald.fanout.low"));
+        assert!(captures(&p(&["herald.fanout.low"]), "herald.fanout.low"));
+        assert!(!captures(&p(&["herald.fanout.*"]), "herald.fanout"));
+        assert!(!captures(&p(&["herald.fanout.*"]), "herald.fanout.high.x"));
+        assert!(!captures(&p(&["other.fanout.*"]), "herald.fanout.high"));
     }
 }
