@@ -429,14 +429,22 @@ async fn erase_removes_deferred_copies_and_dead_letters() -> anyhow::Result<()> 
             .subjects()
             .deferred(&herald_protocol::UserId::new(user.to_owned())?))
     };
+    // Work back from quiet hours or a group's window on the `high` and `low` lanes has
+    // subjects of its own: a copy of each user's hand-over there.
+    let laned = |user: &str| -> anyhow::Result<String> {
+        Ok(herald.subjects().deferred_in(
+            &herald_protocol::UserId::new(user.to_owned())?,
+            herald_protocol::Priority::Low,
+        ))
+    };
     for user in users {
-        ensure!(
-            inbox
-                .get_last_raw_message_by_subject(&deferred(user)?)
-                .await
-                .is_ok(),
-            "the hand-over copy of {user} is stored"
-        );
+        let copy = inbox
+            .get_last_raw_message_by_subject(&deferred(user)?)
+            .await
+            .map_err(|e| anyhow::anyhow!("the hand-over copy of {user} is not stored: {e}"))?;
+        js.publish(laned(user)?, copy.payload.clone())
+            .await?
+            .await?;
     }
 
     let answer: Value = herald
@@ -452,6 +460,20 @@ async fn erase_removes_deferred_copies_and_dead_letters() -> anyhow::Result<()> 
             .await
             .is_err(),
         "the erased user's hand-over copy is still in INBOX"
+    );
+    ensure!(
+        inbox
+            .get_last_raw_message_by_subject(&laned("eve")?)
+            .await
+            .is_err(),
+        "the erased user's deferred copy on the low lane is still in INBOX"
+    );
+    ensure!(
+        inbox
+            .get_last_raw_message_by_subject(&laned("eli")?)
+            .await
+            .is_ok(),
+        "another user's low-lane copy was removed"
     );
     ensure!(
         inbox

@@ -14,7 +14,8 @@
 //! herald.sched.<part>.<user>.<id>    INBOX stream: a scheduled notification until its send_at
 //!                                    (`q-<id>`: quiet hours, `g-<id>`: a group's window,
 //!                                    `d-<unix>`: the end of a digest period)
-//! herald.defer.<part>.<user>         INBOX stream: what those schedules fire into (router)
+//! herald.defer.<part>.<user>[.<lane>] INBOX stream: what those schedules fire into (router;
+//!                                    `normal` has no lane token, `high` and `low` do)
 //! herald.digest.<part>.<user>        HERALD_DIGEST stream: notifications awaiting a digest
 //! herald.subs.<topic>.<user>         SUBS stream: one subscription (one message per subject)
 //! herald.usubs.<user>                SUBS stream: the user's set of subscriptions (one message)

@@ -129,6 +129,7 @@ impl Inbox {
         // Schedules first: one firing during the erase must not land after the inbox purge.
         let scheduled = purge(self.subjects().scheduled_of(user)).await?;
         purge(self.subjects().deferred(user)).await?;
+        purge(self.subjects().deferred_of(user)).await?;
         let stored = purge(self.subjects().inbox(user)).await?;
         Ok((stored, scheduled))
     }
