@@ -497,3 +497,47 @@ async fn with_fan_out_lanes_provisioned_a_high_fan_out_passes_queued_low_ones() 
     // Three blasts queued: the alert passes them all.
     blast_then_alert(&herald, 3).await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_s_progress_is_found_on_its_own_topic_only() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    subscribe(&herald, "orders", &["buyer"]).await?;
+    let body = json!({"title": "shipped", "channels": ["inbox"]});
+    let published = accepted(&herald, "orders", "ship-1", &body).await?;
+    let id = published["id"].as_str().context("id")?;
+    done(&herald, "orders", id).await?;
+    let get = |path: String| herald.producer(Method::GET, &path).send();
+    let elsewhere = get(format!("/v1/topics/payroll/publishes/{id}")).await?;
+    ensure!(
+        elsewhere.status() == StatusCode::NOT_FOUND,
+        "another topic's publish: {}",
+        elsewhere.status()
+    );
+    let unknown = get(format!(
+        "/v1/topics/orders/publishes/{}",
+        uuid::Uuid::new_v4()
+    ))
+    .await?;
+    ensure!(
+        unknown.status() == StatusCode::NOT_FOUND,
+        "no such publish: {}",
+        unknown.status()
+    );
+    // Queued, before any worker took it: shown as queued, on its topic only.
+    let api = Herald::builder(&nats).roles(Roles::API).start().await?;
+    let queued = accepted(&api, "orders", "ship-2", &body).await?;
+    let queued_id = queued["id"].as_str().context("id")?;
+    let p = ok(get(format!("/v1/topics/orders/publishes/{queued_id}")).await?).await?;
+    ensure!(
+        ["queued", "running", "done"].contains(&p["fanout"]["state"].as_str().unwrap_or("")),
+        "{p}"
+    );
+    let elsewhere = get(format!("/v1/topics/payroll/publishes/{queued_id}")).await?;
+    ensure!(
+        elsewhere.status() == StatusCode::NOT_FOUND,
+        "{}",
+        elsewhere.status()
+    );
+    Ok(())
+}

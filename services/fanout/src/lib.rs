@@ -29,7 +29,7 @@ use herald_protocol::notification::format_time;
 use herald_protocol::streams::{FANOUT, FANOUT_CONSUMER};
 use herald_protocol::topic::{FanoutJob, FanoutProgress, copy_id};
 use herald_protocol::{Channel, Policy, UserId};
-use herald_store::topics::{FanoutRun, PATH_HEADER, PATH_TOPIC};
+use herald_store::topics::{FanoutRun, PATH_HEADER, PATH_TOPIC, QUEUED};
 use herald_store::{FanoutLog, Inbox, Nats, PreferenceStore, Subscriptions, TopicsError};
 use std::collections::HashMap;
 use std::future::Future;
@@ -145,7 +145,13 @@ impl Worker {
                 .as_ref()
                 .and_then(|h| h.get(PATH_HEADER))
                 .is_some_and(|v| v.as_str() == PATH_TOPIC);
-        let mut run = match self.log.run(&job.id).await? {
+        // The API records a publish as queued (with its topic) before queueing its job.
+        let recorded = self
+            .log
+            .run(&job.id)
+            .await?
+            .filter(|r| r.progress.state != QUEUED);
+        let mut run = match recorded {
             Some(r) if r.progress.state == "done" => return Ok(()),
             Some(r) => r,
             None => FanoutRun {
@@ -159,6 +165,7 @@ impl Worker {
                 ..FanoutRun::default()
             },
         };
+        run.topic = Some(job.topic.clone());
         if big {
             let seq = match job.stored_seq.or(run.stored_seq) {
                 Some(seq) => seq,
@@ -167,11 +174,10 @@ impl Worker {
             run.stored_seq = Some(seq);
             return self.channel_work(job, seq, run, msg).await;
         }
-        let mut progress = run.progress;
-        self.log.put(&job.id, &progress).await?;
+        self.log.put_run(&job.id, &run).await?;
         let mut pages = self
             .subscriptions
-            .pages(&job.topic, progress.cursor + 1)
+            .pages(&job.topic, run.progress.cursor + 1)
             .await?;
         while let Some(page) = pages.next_page().await? {
             let Some(last) = page.last().map(|(seq, _)| *seq) else {
@@ -220,18 +226,18 @@ impl Worker {
                 ack.await
                     .map_err(|e| TopicsError::Unavailable(Box::new(e)))?;
             }
-            progress.done += page.len() as u64;
-            progress.cursor = last;
-            progress.total = progress.total.max(progress.done);
-            self.log.put(&job.id, &progress).await?;
+            run.progress.done += page.len() as u64;
+            run.progress.cursor = last;
+            run.progress.total = run.progress.total.max(run.progress.done);
+            self.log.put_run(&job.id, &run).await?;
             metrics::counter!("herald_fanout_copies_total").increment(page.len() as u64);
             // Still working: push the job's ack deadline out.
             let _ = msg.ack_with(AckKind::Progress).await;
         }
-        progress.state = "done".into();
-        progress.finished_at = Some(format_time(OffsetDateTime::now_utc()));
-        self.log.put(&job.id, &progress).await?;
-        tracing::info!(id = %job.id, topic = %job.topic, copies = progress.done, "fan-out done");
+        run.progress.state = "done".into();
+        run.progress.finished_at = Some(format_time(OffsetDateTime::now_utc()));
+        self.log.put_run(&job.id, &run).await?;
+        tracing::info!(id = %job.id, topic = %job.topic, copies = run.progress.done, "fan-out done");
         Ok(())
     }
 }

@@ -601,12 +601,18 @@ pub struct Enqueued {
     pub duplicate: bool,
 }
 
+/// The [`FanoutProgress::state`] of a publish accepted and not yet started by a worker.
+pub const QUEUED: &str = "queued";
+
 /// One fan-out's record: its progress and what it works on.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FanoutRun {
     /// What the API shows.
     #[serde(flatten)]
     pub progress: FanoutProgress,
+    /// The topic published to (`None` in records written before topics were recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<TopicId>,
     /// Big-topic path: the INBOX sequence of the stored publish, once known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stored_seq: Option<u64>,
@@ -727,6 +733,19 @@ impl FanoutLog {
     pub async fn run(&self, id: &str) -> Result<Option<FanoutRun>, TopicsError> {
         let value = self.store.get(id).await.map_err(unavailable)?;
         Ok(value.and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    /// Records `run` for publish `id` unless a record exists (left as it is).
+    ///
+    /// # Errors
+    /// [`TopicsError::Unavailable`] when NATS does not confirm.
+    pub async fn create_run(&self, id: &str, run: &FanoutRun) -> Result<(), TopicsError> {
+        let bytes = serde_json::to_vec(run).map_err(unavailable)?;
+        match self.store.create(id, bytes.into()).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(unavailable(e)),
+        }
     }
 
     /// Records a fan-out's progress and what it works on.
@@ -859,6 +878,21 @@ impl FanoutLog {
 #[cfg(test)]
 mod tests {
     use super::captures;
+
+    #[test]
+    fn a_run_keeps_its_topic_beside_the_progress() {
+        let run = super::FanoutRun {
+            progress: herald_protocol::FanoutProgress {
+                state: "done".into(),
+                ..Default::default()
+            },
+            topic: Some(herald_protocol::TopicId::new("orders").expect("valid")),
+            stored_seq: Some(7),
+        };
+        let json = serde_json::to_vec(&run).expect("encodes");
+        let back: super::FanoutRun = serde_json::from_slice(&json).expect("decodes");
+        assert_eq!(back, run, "{}", String::from_utf8_lossy(&json));
+    }
 
     #[test]
     fn lane_subjects_are_captured_by_wildcards_and_literals() {

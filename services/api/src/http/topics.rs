@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, StatusCode};
 use herald_auth::Scope;
 use herald_protocol::{FanoutJob, FieldError, TopicId, UserId};
 use herald_store::TopicsError;
-use herald_store::topics::{PATH_TOPIC, PublishRecord};
+use herald_store::topics::{FanoutRun, PATH_TOPIC, PublishRecord, QUEUED};
 use serde_json::{Value, json};
 use std::sync::Arc;
 
@@ -221,6 +221,26 @@ pub(super) async fn publish(
         notification,
         stored_seq: None,
     };
+    // Recorded as queued, with its topic, before the job can start (kept if a retry or
+    // the worker wrote it first): its progress is readable from the 202 on, on this
+    // topic only.
+    state
+        .fanouts
+        .create_run(
+            &job.id,
+            &FanoutRun {
+                progress: herald_protocol::FanoutProgress {
+                    state: QUEUED.into(),
+                    total: record.subscribers,
+                    path: record.path.clone(),
+                    ..Default::default()
+                },
+                topic: Some(t.clone()),
+                ..FanoutRun::default()
+            },
+        )
+        .await
+        .map_err(topics_error)?;
     // The job first: once it is durable, the publish happens in full whatever becomes of
     // this request. On the big-topic path the worker stores the publish itself when it
     // does not find it stored (this process stopped before the append below), so a
@@ -262,12 +282,22 @@ pub(super) async fn progress(
             )));
         }
     };
-    match state.fanouts.get(&id).await.map_err(topics_error)? {
-        Some(p) => Ok(Json(json!({"id": id, "topic": t, "fanout": p}))),
-        None => Ok(Json(
-            json!({"id": id, "topic": t, "fanout": {"state": "queued"}}),
-        )),
+    // A publish is recorded (queued) before its job is: no record, or one of another
+    // topic, is no publish of this topic. A record written before topics were recorded
+    // (`topic` absent) cannot be checked.
+    let run = state
+        .fanouts
+        .run(&id)
+        .await
+        .map_err(topics_error)?
+        .filter(|r| r.topic.as_ref().is_none_or(|of| *of == t))
+        .ok_or_else(|| AppError::not_found("no publish with this id on this topic"))?;
+    if run.progress.state == QUEUED {
+        return Ok(Json(
+            json!({"id": id, "topic": t, "fanout": {"state": QUEUED}}),
+        ));
     }
+    Ok(Json(json!({"id": id, "topic": t, "fanout": run.progress})))
 }
 
 #[derive(serde::Deserialize)]
