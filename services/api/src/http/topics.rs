@@ -1,6 +1,12 @@
 //! Topics: producers (un)subscribe users and publish; users manage their own
-//! subscriptions where the topic allows it. A publish is fanned out on write by the
-//! fan-out workers; its progress is readable while it runs.
+//! subscriptions where the topic allows it. A publish is fanned out by the fan-out
+//! workers; its progress is readable while it runs.
+//!
+//! A publish is written in this order, each step deduplicated so that a retry repeats it
+//! harmlessly: the record of its idempotency key (its id, path and first answer), its
+//! progress record (`queued`, with its topic), its FANOUT job, and — on the big-topic path
+//! — the one stored copy. The job is the point of no return: once it is durable the
+//! publish happens in full (the worker stores the copy itself if this request did not).
 
 use super::ApiState;
 use crate::auth::{Producer, User};
