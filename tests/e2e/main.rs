@@ -22,6 +22,7 @@ mod lanes;
 mod metrics;
 mod native;
 mod nats_auth;
+mod newest_pages;
 mod notify;
 mod page;
 mod policy;

@@ -186,6 +186,270 @@ pub async fn last_of_many(
     request(client, stream, &req).await
 }
 
+/// The newest message of each of `subjects` at or below `up_to` (every message when
+/// `None`), in one round trip: [`last_of_many`] as of a sequence.
+///
+/// # Errors
+/// [`DirectGetError`] when NATS is unreachable or answers with an error.
+pub async fn last_of_many_up_to(
+    client: &async_nats::Client,
+    stream: &str,
+    subjects: &[&str],
+    up_to: Option<u64>,
+) -> Result<Vec<DirectMessage>, DirectGetError> {
+    if subjects.is_empty() {
+        return Ok(Vec::new());
+    }
+    let req = Request {
+        multi_last: Some(subjects),
+        up_to_seq: up_to,
+        ..Request::default()
+    };
+    request(client, stream, &req).await
+}
+
+/// Requests [`newest`] makes to find where its last batch starts, before it walks back
+/// one message at a time.
+const NEWEST_PROBES: usize = 12;
+
+/// Messages beyond twice what it still needs that [`newest`] reads rather than probe
+/// again.
+const READ_WHOLE_SLACK: u64 = 64;
+
+/// Up to `limit` of the newest messages of literal `subject` with `floor < seq <= top`,
+/// newest first, and whether more exist below them. `top` is a message of the subject
+/// (its newest in the range, from [`last_of_many_up_to`]); `at_head` says it was its
+/// newest of all when read, so nothing after it needs counting.
+///
+/// JetStream reads forward only. Walking back one direct get per message cost `limit`+1
+/// round trips; instead this finds where a forward batch must start. The number of
+/// messages of the subject from a sequence on is what a batch's first reply says
+/// (`Nats-Num-Pending` + 1), so an interpolation search on that count, seeded by the
+/// first batch of the range, lands on a start from which one batch holds the newest
+/// `limit`: 1 to 4 requests for a page, whatever its size. Which messages are taken is
+/// decided by what the batches return, never by the counts alone: a count off under
+/// concurrent writes costs a request more, not a message.
+///
+/// # Errors
+/// [`DirectGetError`] when NATS is unreachable or answers with an error.
+pub async fn newest(
+    client: &async_nats::Client,
+    stream: &str,
+    subject: &str,
+    floor: u64,
+    top: u64,
+    at_head: bool,
+    limit: usize,
+) -> Result<(Vec<DirectMessage>, bool), DirectGetError> {
+    let limit = limit.max(1);
+    if top <= floor {
+        return Ok((Vec::new(), false));
+    }
+    let reader = Reader {
+        client,
+        stream,
+        subject,
+    };
+    // The oldest `limit` of the range: the whole of it when they reach `top`.
+    let start = floor.saturating_add(1);
+    let (first, all_from_start) = reader.probe(start, limit).await?;
+    if covers(&first, top) {
+        return Ok((newest_of(first, top, limit), false));
+    }
+    let above = match at_head {
+        true => 0,
+        false => reader.probe(top.saturating_add(1), 1).await?.1,
+    };
+    let in_range = all_from_start.saturating_sub(above);
+    let mut search = Search {
+        lo: start,
+        count_lo: all_from_start,
+        hi: top,
+        count_above_hi: above,
+        density: None,
+    };
+    // What was read from `lo` on, oldest first: not read again.
+    let mut read_from_lo = first;
+    let mut found = Vec::new();
+    let mut want = limit;
+    for probe in 0..NEWEST_PROBES {
+        let n = search.count_lo.saturating_sub(search.count_above_hi);
+        // Few enough to read whole: a few dozen more messages in one batch cost less
+        // than another round trip. (Or a bracket of one sequence with more to take:
+        // counts taken apart disagree.)
+        if n <= 2 * want as u64 + READ_WHOLE_SLACK || search.hi <= search.lo {
+            let mut all = read_from_lo;
+            if !covers(&all, search.hi) {
+                let from = all.last().map_or(search.lo, |m| m.seq.saturating_add(1));
+                let rest = n.saturating_sub(all.len() as u64);
+                all.extend(reader.through(from, search.hi, rest).await?);
+            }
+            let taken = newest_of(all, search.hi, want);
+            want -= taken.len();
+            found.extend(taken);
+            // Everything of [lo, hi] was read: what is left is below `lo`.
+            search.hi = search.lo.saturating_sub(1);
+            break;
+        }
+        let at = search.start_for(n, want, probe);
+        // One more than needed: seeing past `hi` is what says the batch holds all of it.
+        let (batch, count_at) = reader.probe(at, want + 1).await?;
+        let newer = count_at.saturating_sub(search.count_above_hi);
+        search.measured(at, newer);
+        if newer <= want as u64 {
+            // [at, hi] fits in one batch: take all of it, reading on when the probe
+            // stopped short of `hi`.
+            let mut all = batch;
+            if !covers(&all, search.hi)
+                && let Some(from) = all.last().map(|m| m.seq.saturating_add(1))
+            {
+                all.extend(reader.through(from, search.hi, newer).await?);
+            }
+            let taken = newest_of(all, search.hi, want);
+            want -= taken.len();
+            found.extend(taken);
+            search.hi = at - 1;
+            search.count_above_hi = count_at;
+            if want == 0 {
+                break;
+            }
+        } else {
+            search.lo = at;
+            search.count_lo = count_at;
+            read_from_lo = batch;
+        }
+    }
+    if want > 0 && search.hi > floor {
+        // The search did not settle (a subject written to without pause), or counts
+        // read apart disagreed: the rest the slow way.
+        found.extend(walk_back(client, stream, subject, floor, search.hi, want).await?);
+    }
+    let more = in_range > found.len() as u64;
+    Ok((found, more))
+}
+
+/// Where [`newest`] reads from.
+struct Reader<'a> {
+    client: &'a async_nats::Client,
+    stream: &'a str,
+    subject: &'a str,
+}
+
+impl Reader<'_> {
+    /// Up to `batch` messages from `from` on, and how many the subject has from `from`
+    /// on (all of them, not only the batch's).
+    async fn probe(
+        &self,
+        from: u64,
+        batch: usize,
+    ) -> Result<(Vec<DirectMessage>, u64), DirectGetError> {
+        let msgs = next_batch(self.client, self.stream, self.subject, from, batch).await?;
+        let count = msgs.first().map_or(0, |m| 1 + m.pending.unwrap_or(0));
+        Ok((msgs, count))
+    }
+
+    /// Every message with `from <= seq <= hi`, `expect` of them by the counts: in
+    /// batches of one more, so that the first normally sees past `hi` and is the last.
+    async fn through(
+        &self,
+        mut from: u64,
+        hi: u64,
+        expect: u64,
+    ) -> Result<Vec<DirectMessage>, DirectGetError> {
+        let batch = usize::try_from(expect.saturating_add(1).min(1024)).unwrap_or(1024);
+        let mut out = Vec::new();
+        while from <= hi {
+            let msgs = next_batch(self.client, self.stream, self.subject, from, batch).await?;
+            let done = covers(&msgs, hi);
+            from = msgs.last().map_or(u64::MAX, |m| m.seq.saturating_add(1));
+            out.extend(msgs.into_iter().take_while(|m| m.seq <= hi));
+            if done {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The bracket [`newest`] searches: `[lo, hi]` holds the start it looks for; how many
+/// messages the subject has from `lo` on, and after `hi`; and, once a probe measured it,
+/// how densely the subject's messages lie just below `hi` (a user's messages are not
+/// spread evenly over the stream: the bracket's average misleads).
+struct Search {
+    lo: u64,
+    count_lo: u64,
+    hi: u64,
+    count_above_hi: u64,
+    /// Messages of the subject per stream sequence near `hi`.
+    density: Option<f64>,
+}
+
+impl Search {
+    /// A start in `(lo, hi]` from which about 1.5 × `want` messages lie up to `hi`, so
+    /// the next step reads them whole: by the density measured near `hi`, or the
+    /// bracket's average (`n` messages) before any; halving the bracket once a few
+    /// probes did not settle.
+    fn start_for(&self, n: u64, want: usize, probe: usize) -> u64 {
+        let target = (want as f64 * 1.5).max(1.0);
+        let span = self.hi - self.lo;
+        let density = self.density.unwrap_or(n as f64 / (span as f64 + 1.0));
+        let distance = if probe < 6 && density > 0.0 {
+            (target / density).ceil().min(span as f64) as u64
+        } else {
+            span / 2
+        };
+        self.hi.saturating_sub(distance).clamp(self.lo + 1, self.hi)
+    }
+
+    /// A probe found `newer` messages in `[at, hi]`.
+    fn measured(&mut self, at: u64, newer: u64) {
+        let span = self.hi.saturating_sub(at) + 1;
+        self.density = Some(newer.max(1) as f64 / span as f64);
+    }
+}
+
+/// Whether a forward batch read everything up to `hi`: it reached it (or passed it), or
+/// nothing of the subject follows its last message.
+fn covers(msgs: &[DirectMessage], hi: u64) -> bool {
+    match msgs.last() {
+        None => true,
+        Some(last) => last.seq >= hi || last.pending == Some(0),
+    }
+}
+
+/// The newest `limit` of `msgs` (oldest first) at or below `hi`, newest first.
+fn newest_of(msgs: Vec<DirectMessage>, hi: u64, limit: usize) -> Vec<DirectMessage> {
+    let mut kept: Vec<DirectMessage> = msgs.into_iter().filter(|m| m.seq <= hi).collect();
+    kept.reverse();
+    kept.truncate(limit);
+    kept
+}
+
+/// Up to `limit` messages of `subject` with `floor < seq <= top`, newest first, one
+/// direct get each.
+async fn walk_back(
+    client: &async_nats::Client,
+    stream: &str,
+    subject: &str,
+    floor: u64,
+    top: u64,
+    limit: usize,
+) -> Result<Vec<DirectMessage>, DirectGetError> {
+    let mut out = Vec::new();
+    let mut bound = top;
+    while out.len() < limit && bound > floor {
+        let Some(msg) = last(client, stream, subject, Some(bound)).await? else {
+            break;
+        };
+        if msg.seq <= floor {
+            break;
+        }
+        bound = msg.seq.saturating_sub(1);
+        out.push(msg);
+    }
+    Ok(out)
+}
+
 /// Subjects per `multi_last` request made by [`kv_live_many`].
 const KV_CHUNK: usize = 256;
 

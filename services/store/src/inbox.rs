@@ -348,39 +348,52 @@ impl Inbox {
         Ok((msgs, has_more))
     }
 
-    /// Up to `limit` of the newest messages of one subject with `floor < seq < before`
+    /// Up to `limit` of the newest messages of the literal subjects `lanes` (one source
+    /// of a view: a user's inbox lanes, or a big topic's) with `floor < seq < before`
     /// (no upper bound when `None`), newest first, and whether more exist below them.
-    pub(crate) async fn subject_before(
+    ///
+    /// The newest message of every lane below the bound is read in one `multi_last`, then
+    /// each lane that holds any is read back from it concurrently, a few batched direct
+    /// gets each whatever `limit` is ([`direct::newest`]).
+    pub(crate) async fn lanes_before(
         &self,
-        subject: &str,
+        lanes: &[String],
         before: Option<u64>,
         floor: u64,
         limit: usize,
     ) -> Result<(Vec<DirectMessage>, bool), InboxError> {
-        let mut bound = match before {
+        let top = match before {
             Some(b) if b <= floor.saturating_add(1) => return Ok((Vec::new(), false)),
             Some(b) => Some(b - 1),
             None => None,
         };
-        let mut newest_first = Vec::with_capacity(limit);
-        // Walk back one message at a time: JetStream has no reverse batch. Pages are small.
-        loop {
-            let Some(msg) = direct::last(&self.nats.consume, INBOX, subject, bound).await? else {
-                return Ok((newest_first, false));
-            };
-            if msg.seq <= floor {
-                return Ok((newest_first, false));
-            }
-            if newest_first.len() == limit {
-                return Ok((newest_first, true));
-            }
-            bound = Some(msg.seq.saturating_sub(1));
-            let done = msg.seq <= 1;
-            newest_first.push(msg);
-            if done {
-                return Ok((newest_first, false));
-            }
+        let client = &self.nats.consume;
+        let refs: Vec<&str> = lanes.iter().map(String::as_str).collect();
+        let tops = direct::last_of_many_up_to(client, INBOX, &refs, top).await?;
+        let reads = tops.iter().filter(|m| m.seq > floor).filter_map(|m| {
+            let lane = m.headers.get("Nats-Subject")?.as_str();
+            Some(direct::newest(
+                client,
+                INBOX,
+                lane,
+                floor,
+                m.seq,
+                top.is_none(),
+                limit,
+            ))
+        });
+        let mut has_more = false;
+        let mut newest_first = Vec::new();
+        for (msgs, more) in futures::future::try_join_all(reads).await? {
+            has_more |= more;
+            newest_first.extend(msgs);
         }
+        newest_first.sort_by_key(|m| std::cmp::Reverse(m.seq));
+        if newest_first.len() > limit {
+            newest_first.truncate(limit);
+            has_more = true;
+        }
+        Ok((newest_first, has_more))
     }
 
     /// How many messages one subject has with `seq > after`.

@@ -11,6 +11,9 @@
 //! Reading it costs one direct get for the user's subscriptions, one `multi_last` over
 //! their topics' subjects (which topics hold anything new), then one batched direct get
 //! per source that has something: a user without subscriptions pays one extra round trip.
+//! A newest-first page (no `after`, or `before`) reads every source's lanes at once, each
+//! in a few batched direct gets whatever the page size ([`direct::newest`]), not one
+//! direct get per message.
 //! A topic entry is shown to each subscriber as their copy: the id of their copy
 //! ([`herald_protocol::topic::copy_id`]) and them as the recipient, `topic` set, and —
 //! when it was rendered from a template — in their locale: the stored publish carries
@@ -300,18 +303,21 @@ impl Inbox {
         limit: usize,
     ) -> Result<InboxPage, InboxError> {
         let limit = limit.clamp(1, MAX_PAGE);
-        let own = self.subjects().inbox(user);
+        let own = self.subjects().inbox_lanes(user);
         let (personal, topics) = tokio::try_join!(
-            self.subject_before(&own, before, 0, limit),
+            self.lanes_before(&own, before, 0, limit),
             self.active_sources(user, 0)
         )?;
         let (msgs, mut has_more) = personal;
         let mut read: Vec<Read> = msgs.into_iter().map(|m| (m, None)).collect();
-        for (source, floor) in topics {
-            let subject = self.subjects().topic_inbox(&source.topic);
-            let (msgs, more) = self.subject_before(&subject, before, floor, limit).await?;
+        let topic_reads = topics.into_iter().map(|(source, floor)| async move {
+            let lanes = self.subjects().topic_inbox_lanes(&source.topic);
+            let read = self.lanes_before(&lanes, before, floor, limit).await?;
+            Ok::<_, InboxError>((source.topic, read))
+        });
+        for (topic, (msgs, more)) in futures::future::try_join_all(topic_reads).await? {
             has_more |= more;
-            read.extend(msgs.into_iter().map(|m| (m, Some(source.topic.clone()))));
+            read.extend(msgs.into_iter().map(|m| (m, Some(topic.clone()))));
         }
         // Newest first, keep `limit`, then oldest first.
         read.sort_by_key(|(m, _)| std::cmp::Reverse(m.seq));
