@@ -541,3 +541,75 @@ async fn a_publish_s_progress_is_found_on_its_own_topic_only() -> anyhow::Result
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_high_big_topic_publish_is_routed_past_stuck_normal_work() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    // One partition: every user's work goes through the same router consumers.
+    let herald = Herald::builder(&nats)
+        .partitions(1)
+        .topics(threshold(0))
+        .start()
+        .await?;
+    ok(herald
+        .producer(Method::PUT, "/v1/users/sam/contact")
+        .json(&json!({"phone": "+15550100123"}))
+        .send()
+        .await?)
+    .await?;
+    add_device(&herald, "fan").await?;
+    subscribe(&herald, "alerts", &["fan"]).await?;
+    // The SMS queue is gone: sam's normal notification is retried in place, holding up
+    // the partition's normal lane until it returns.
+    let js = async_nats::jetstream::new(nats.client().await?);
+    let sms = herald_protocol::streams::work_stream_name(herald_protocol::Channel::Sms);
+    let config = js
+        .get_stream(sms)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .info()
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .config
+        .clone();
+    js.delete_stream(sms)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let refused = || async {
+        let text = herald.metrics().await?;
+        anyhow::Ok(
+            crate::metrics::sample(&text, "herald_router_enqueue_refused_total").unwrap_or(0.0),
+        )
+    };
+    let before = refused().await?;
+    herald
+        .accept(
+            &json!({"user_id": "sam", "title": "statement ready", "channels": ["inbox", "sms"]}),
+        )
+        .await?;
+    eventually(WAIT, "the router retrying sam's normal work", || async {
+        let now = refused().await?;
+        ensure!(now > before, "{now} refusals (from {before})");
+        Ok(())
+    })
+    .await?;
+    // A high publish to a big topic: its channel work goes by the high lane.
+    let mut jobs = JobFeed::open(&herald).await?;
+    let alert = json!({"title": "outage", "priority": "high", "channels": ["inbox", "push"]});
+    let published = accepted(&herald, "alerts", "outage-1", &alert).await?;
+    let seq = published["seq"].as_u64().context("seq")?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let job = jobs
+            .next(deadline.saturating_duration_since(tokio::time::Instant::now()))
+            .await?;
+        if job.seq == seq {
+            ensure!(job.user_id.as_str() == "fan", "{job:?}");
+            break;
+        }
+    }
+    js.create_stream(config)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}

@@ -10,9 +10,9 @@
 //! preferences and whether each has a device or contact record (batched direct gets, side
 //! by side), and hands each subscriber that wants at least one such channel and may be
 //! reached on it to the router that owns them (at a million subscribers of whom a tenth
-//! have a device, that is 100,000 hand-overs instead of 1,000,000): their copy goes onto their routing
-//! subject ([`herald_protocol::Subjects::deferred`], consumed by the owner of their
-//! partition) with its inbox position in `Herald-Seq` and `Herald-Fanout` set, so the
+//! have a device, that is 100,000 hand-overs instead of 1,000,000): their copy goes onto
+//! their routing subject of the publish's lane ([`herald_protocol::Subjects::deferred_in`],
+//! consumed by that lane's router consumer of their partition) with its inbox position in `Herald-Seq` and `Herald-Fanout` set, so the
 //! router applies quiet hours, rate caps and targets exactly as for a personal
 //! notification, and records its delivery status. Each hand-over has `Nats-Msg-Id`
 //! `r-<copy id>`, progress is recorded after every page, and a crashed job resumes from
@@ -112,9 +112,12 @@ impl Worker {
                     .header(ROUTE_HEADER, "1")
                     .header(FANOUT_HEADER, "1")
                     .header(SEQ_HEADER, seq.to_string().as_str());
+                // On the routing subject of the publish's lane: a `high` publish's channel
+                // work is never held up by `normal` or `low` work the router is stuck on.
+                let subject = subjects.deferred_in(user, job.notification.priority);
                 acks.push(
                     nats.js
-                        .send_publish(subjects.deferred(user), publish)
+                        .send_publish(subject, publish)
                         .await
                         .map_err(unavailable)?,
                 );
