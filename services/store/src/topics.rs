@@ -431,12 +431,6 @@ impl Subscriptions {
     }
 }
 
-/// The KV key of the [`PublishRecord`] of idempotency key `key`, beside the progress of
-/// each publish (keyed by the bare publish id).
-fn record_key(key: &str) -> String {
-    format!("k.{key}")
-}
-
 /// A topic's subscriptions a page at a time: see [`Subscriptions::pages`].
 pub struct SubscriberPages {
     /// `None` once the last one stored was read.
@@ -676,6 +670,12 @@ pub async fn find_publish(
         up_to = Some(m.seq - 1);
     }
     Ok(None)
+}
+
+/// The KV key of the [`PublishRecord`] of idempotency key `key`, beside the progress of
+/// each publish (keyed by the bare publish id).
+fn record_key(key: &str) -> String {
+    format!("k.{key}")
 }
 
 /// Fan-out progress, per publish id, and the FANOUT queue the API feeds.
