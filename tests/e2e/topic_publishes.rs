@@ -137,9 +137,12 @@ async fn a_topic_publish_key_is_not_taken_for_a_notify_with_that_key() -> anyhow
     Ok(())
 }
 
-/// Sets the largest message `stream` takes: lowered, it refuses one of the two writes of
-/// a publish while the other goes through.
-async fn max_msg_size(nats: &Nats, stream: &str, size: i32) -> anyhow::Result<()> {
+/// Changes `stream`'s configuration with `change`, as an operator would.
+async fn reconfigure(
+    nats: &Nats,
+    stream: &str,
+    change: impl FnOnce(&mut async_nats::jetstream::stream::Config),
+) -> anyhow::Result<()> {
     let js = async_nats::jetstream::new(nats.client().await?);
     let mut config = js
         .get_stream(stream)
@@ -150,11 +153,17 @@ async fn max_msg_size(nats: &Nats, stream: &str, size: i32) -> anyhow::Result<()
         .map_err(|e| anyhow::anyhow!("{e}"))?
         .config
         .clone();
-    config.max_message_size = size;
+    change(&mut config);
     js.update_stream(config)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
+}
+
+/// Sets the largest message `stream` takes: lowered, it refuses one of the two writes of
+/// a publish while the other goes through.
+async fn max_msg_size(nats: &Nats, stream: &str, size: i32) -> anyhow::Result<()> {
+    reconfigure(nats, stream, |c| c.max_message_size = size).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -293,21 +302,7 @@ async fn a_retry_takes_the_path_its_first_attempt_chose() -> anyhow::Result<()> 
 
 /// Sets `stream`'s dedup window.
 async fn dedup_window(nats: &Nats, stream: &str, window: Duration) -> anyhow::Result<()> {
-    let js = async_nats::jetstream::new(nats.client().await?);
-    let mut config = js
-        .get_stream(stream)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        .info()
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        .config
-        .clone();
-    config.duplicate_window = window;
-    js.update_stream(config)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(())
+    reconfigure(nats, stream, |c| c.duplicate_window = window).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
