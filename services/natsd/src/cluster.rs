@@ -17,6 +17,8 @@ const NODES: usize = 3;
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Interval between two rounds of monitoring requests.
 const POLL: Duration = Duration::from_millis(100);
+/// Starts of the nodes on fresh route ports before a taken port is reported.
+const ROUTE_PORT_ATTEMPTS: u32 = 4;
 
 /// Three nats-server nodes, `herald-1` to `herald-3`, routed to each other, with
 /// JetStream; each node's store is `<base_dir>/herald-<n>`.
@@ -51,36 +53,19 @@ impl NatsCluster {
         std::fs::write(&config, CLUSTER_CONFIG).map_err(prepare_err(&config))?;
 
         // Route ports must be known before any node starts, so they cannot be `-1`;
-        // the other listeners can, and NatsServer pins them for restarts.
-        let route_ports = free_ports(NODES)?;
-        let mut route_env = Vec::new();
-        for (i, port) in route_ports.iter().enumerate() {
-            route_env.push((
-                format!("HERALD_NATS_ROUTE_{}", i + 1),
-                format!("nats://127.0.0.1:{port}"),
-            ));
-        }
-
-        let mut nodes = Vec::with_capacity(NODES);
-        for (i, port) in route_ports.iter().enumerate() {
-            let name = format!("herald-{}", i + 1);
-            let mut extra_env = vec![
-                ("HERALD_NATS_NAME".to_owned(), name.clone()),
-                ("HERALD_NATS_CLUSTER_PORT".to_owned(), port.to_string()),
-            ];
-            extra_env.extend(route_env.iter().cloned());
-            let opts = NatsServerOptions {
-                binary: Some(binary.clone()),
-                config: ConfigSource::File(config.clone()),
-                store_dir: base_dir.join(&name),
-                client_port: None,
-                websocket_port: None,
-                http_port: None,
-                extra_env,
-            };
-            // On error the nodes already started are dropped, which kills them.
-            nodes.push(NatsServer::start(opts).await?);
-        }
+        // the other listeners can, and NatsServer pins them for restarts. Another process
+        // can still bind a reserved port between its release and the node's bind (two
+        // test clusters drawing the same port); that start is retried on new ports.
+        let mut attempt = 1;
+        let nodes = loop {
+            match start_nodes(&binary, &config, base_dir).await {
+                Err(e) if attempt < ROUTE_PORT_ATTEMPTS && route_port_taken(&e) => {
+                    tracing::warn!(attempt, error = %e, "a cluster route port was taken; retrying on other ports");
+                    attempt += 1;
+                }
+                started => break started?,
+            }
+        };
         let cluster = NatsCluster { nodes };
         cluster.wait_ready().await?;
         Ok(cluster)
@@ -125,6 +110,52 @@ impl NatsCluster {
             tokio::time::sleep(POLL).await;
         }
     }
+}
+
+/// Starts the nodes on newly reserved route ports. On error the nodes already started
+/// are dropped, which kills them.
+async fn start_nodes(
+    binary: &Path,
+    config: &Path,
+    base_dir: &Path,
+) -> Result<Vec<NatsServer>, NatsdError> {
+    let route_ports = free_ports(NODES)?;
+    let route_env: Vec<(String, String)> = route_ports
+        .iter()
+        .enumerate()
+        .map(|(i, port)| {
+            (
+                format!("HERALD_NATS_ROUTE_{}", i + 1),
+                format!("nats://127.0.0.1:{port}"),
+            )
+        })
+        .collect();
+    let mut nodes = Vec::with_capacity(NODES);
+    for (i, port) in route_ports.iter().enumerate() {
+        let name = format!("herald-{}", i + 1);
+        let mut extra_env = vec![
+            ("HERALD_NATS_NAME".to_owned(), name.clone()),
+            ("HERALD_NATS_CLUSTER_PORT".to_owned(), port.to_string()),
+        ];
+        extra_env.extend(route_env.iter().cloned());
+        let opts = NatsServerOptions {
+            binary: Some(binary.to_path_buf()),
+            config: ConfigSource::File(config.to_path_buf()),
+            store_dir: base_dir.join(&name),
+            client_port: None,
+            websocket_port: None,
+            http_port: None,
+            extra_env,
+        };
+        nodes.push(NatsServer::start(opts).await?);
+    }
+    Ok(nodes)
+}
+
+/// Whether a node stopped at start because its route port was already bound.
+fn route_port_taken(error: &NatsdError) -> bool {
+    matches!(error, NatsdError::ExitedEarly { tail, .. }
+        if tail.contains("router port") && tail.contains("address already in use"))
 }
 
 /// `Ok` when `node` routes to `peers` distinct servers, sees a meta leader and is
@@ -194,4 +225,34 @@ fn free_ports(n: usize) -> Result<Vec<u16>, NatsdError> {
         .map(|l| l.local_addr().map(|a| a.port()))
         .collect::<Result<_, _>>()
         .map_err(NatsdError::FreePort)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt as _;
+
+    fn exited(tail: &str) -> NatsdError {
+        NatsdError::ExitedEarly {
+            status: std::process::ExitStatus::from_raw(256),
+            log: PathBuf::from("nats.log"),
+            tail: tail.to_owned(),
+        }
+    }
+
+    #[test]
+    fn only_a_taken_route_port_starts_the_nodes_again() {
+        assert!(route_port_taken(&exited(
+            "[FTL] Error listening on router port: 21930 - listen tcp 127.0.0.1:21930: \
+             bind: address already in use"
+        )));
+        // The client port is nats-server's to choose here; any other failure is reported.
+        assert!(!route_port_taken(&exited(
+            "[FTL] Error listening on port: 127.0.0.1:4222, \"listen tcp 127.0.0.1:4222: \
+             bind: address already in use\""
+        )));
+        assert!(!route_port_taken(&exited(
+            "[FTL] Error parsing config file: unknown field"
+        )));
+    }
 }

@@ -58,51 +58,118 @@ fn nats_err(
     move |source| ProvisionError::Nats { what, source }
 }
 
-/// Provisions everything Herald needs.
-///
-/// # Errors
-/// [`ProvisionError`] when NATS fails or an existing stream is incompatible.
-pub async fn provision(
-    js: &jetstream::Context,
-    subjects: &Subjects,
-    settings: &StreamSettings,
-) -> Result<ProvisionReport, ProvisionError> {
-    let mut report = ProvisionReport::default();
-    remove_legacy_work_stream(js, &mut report).await?;
-    for spec in streams::streams(subjects, settings) {
-        ensure_stream(js, &spec, &mut report).await?;
+/// What one step did to one stream or bucket.
+enum Change {
+    Created(String),
+    Updated(String),
+    Unchanged(String),
+}
+
+impl ProvisionReport {
+    fn record(&mut self, change: Option<Change>) {
+        match change {
+            Some(Change::Created(name)) => self.created.push(name),
+            Some(Change::Updated(name)) => self.updated.push(name),
+            Some(Change::Unchanged(name)) => self.unchanged.push(name),
+            None => {}
+        }
     }
-    ensure_positions_bucket(
-        js,
-        settings,
-        &mut report,
-        streams::READS_BUCKET,
-        "Herald read positions: user token -> highest seq read",
-    )
-    .await?;
-    ensure_positions_bucket(
-        js,
-        settings,
-        &mut report,
-        streams::SEEN_BUCKET,
-        "Herald seen positions (ack frames): user token -> highest seq seen live",
-    )
-    .await?;
-    ensure_bucket(
-        js,
-        kv::Config {
-            bucket: streams::PREFS_BUCKET.to_string(),
-            description: "Herald preferences: user token -> sparse preferences JSON".into(),
-            history: 1,
-            max_value_size: crate::preferences::MAX_PREFERENCES_BYTES as i32,
-            storage: stream::StorageType::File,
-            num_replicas: settings.replicas,
-            ..Default::default()
-        },
-        &mut report,
-    )
-    .await?;
-    for (bucket, description, max_age) in [
+}
+
+/// How many times a step is asked again when JetStream leaves it unanswered.
+const UNANSWERED_RETRIES: usize = 8;
+
+/// Runs one provisioning step, and runs it again when a JetStream request in it went
+/// unanswered.
+///
+/// A stream moved to more replicas (`--replicas 3` over an R1 set-up) and its consumers
+/// form new Raft groups, and a request routed to a group that is still electing its leader
+/// gets no answer at all, not an error. Every step here is idempotent (look up, then
+/// create or update to the wanted config), so asking again is safe. Anything else, and a
+/// server that stays silent past the retries, ends provisioning with the error.
+async fn patiently<T, F, Fut>(mut step: F) -> Result<T, ProvisionError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, ProvisionError>>,
+{
+    use backon::BackoffBuilder as _;
+    let mut delays = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(250))
+        .with_max_delay(Duration::from_secs(2))
+        .with_max_times(UNANSWERED_RETRIES)
+        .with_jitter()
+        .build();
+    loop {
+        match step().await {
+            Err(ProvisionError::Nats { what, source }) if unanswered(source.as_ref()) => {
+                let Some(delay) = delays.next() else {
+                    return Err(ProvisionError::Nats { what, source });
+                };
+                tracing::warn!(
+                    step = %what,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "JetStream did not answer; asking again (a stream or consumer moving to \
+                     new replicas answers once its new group has elected a leader)"
+                );
+                tokio::time::sleep(delay).await;
+            }
+            done => return done,
+        }
+    }
+}
+
+/// Whether an error, or any error under it, is a JetStream or NATS request that timed out.
+fn unanswered(error: &(dyn std::error::Error + 'static)) -> bool {
+    use async_nats::jetstream::context::{
+        ConsumerInfoError, ConsumerInfoErrorKind, CreateKeyValueError, CreateKeyValueErrorKind,
+        CreateStreamError, CreateStreamErrorKind, RequestError, RequestErrorKind,
+    };
+    use async_nats::jetstream::stream::{
+        ConsumerError, ConsumerErrorKind, ConsumerUpdateError, ConsumerUpdateErrorKind,
+    };
+    let mut next = Some(error);
+    while let Some(e) = next {
+        let timed_out = e
+            .downcast_ref::<RequestError>()
+            .is_some_and(|e| e.kind() == RequestErrorKind::TimedOut)
+            || e.downcast_ref::<async_nats::RequestError>()
+                .is_some_and(|e| e.kind() == async_nats::RequestErrorKind::TimedOut)
+            || e.downcast_ref::<CreateStreamError>()
+                .is_some_and(|e| e.kind() == CreateStreamErrorKind::TimedOut)
+            || e.downcast_ref::<ConsumerInfoError>()
+                .is_some_and(|e| e.kind() == ConsumerInfoErrorKind::TimedOut)
+            || e.downcast_ref::<CreateKeyValueError>()
+                .is_some_and(|e| e.kind() == CreateKeyValueErrorKind::TimedOut)
+            || e.downcast_ref::<ConsumerError>()
+                .is_some_and(|e| e.kind() == ConsumerErrorKind::TimedOut)
+            || e.downcast_ref::<ConsumerUpdateError>()
+                .is_some_and(|e| e.kind() == ConsumerUpdateErrorKind::TimedOut);
+        if timed_out {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
+/// The KV buckets Herald keeps, as created on a fresh server.
+fn buckets(settings: &StreamSettings) -> Vec<kv::Config> {
+    let bucket = |bucket: &str, description: &str| kv::Config {
+        bucket: bucket.to_string(),
+        description: description.to_string(),
+        history: 1,
+        storage: stream::StorageType::File,
+        num_replicas: settings.replicas,
+        ..Default::default()
+    };
+    let mut buckets = vec![kv::Config {
+        max_value_size: crate::preferences::MAX_PREFERENCES_BYTES as i32,
+        ..bucket(
+            streams::PREFS_BUCKET,
+            "Herald preferences: user token -> sparse preferences JSON",
+        )
+    }];
+    for (name, description, max_age) in [
         (
             streams::TARGETS_BUCKET,
             "Herald delivery targets: device tokens and encrypted contact data",
@@ -118,84 +185,82 @@ pub async fn provision(
             "Herald delivery status per notification",
             Duration::from_secs(30 * 24 * 3600),
         ),
+    ] {
+        buckets.push(kv::Config {
+            max_age,
+            ..bucket(name, description)
+        });
+    }
+    buckets.push(kv::Config {
+        max_value_size: 4 * 1024,
+        max_age: Duration::from_secs(7 * 24 * 3600),
+        ..bucket(
+            streams::FANOUT_BUCKET,
+            "Herald fan-out progress: publish id -> progress JSON",
+        )
+    });
+    buckets.push(kv::Config {
+        max_value_size: 1024,
+        // Longer than any sensible window (a day), so old windows expire.
+        max_age: Duration::from_secs(2 * 24 * 3600),
+        ..bucket(
+            streams::CAPS_BUCKET,
+            "Herald rate cap counters: one key per cap, window and tuple",
+        )
+    });
+    buckets.push(kv::Config {
+        max_value_size: 64 * 1024,
+        // Beyond the longest window (a day), so abandoned groups expire.
+        max_age: Duration::from_secs(2 * 24 * 3600),
+        ..bucket(
+            streams::GROUPS_BUCKET,
+            "Herald aggregation groups: one key per (user, group key)",
+        )
+    });
+    buckets
+}
+
+/// Provisions everything Herald needs.
+///
+/// # Errors
+/// [`ProvisionError`] when NATS fails or an existing stream is incompatible.
+pub async fn provision(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    settings: &StreamSettings,
+) -> Result<ProvisionReport, ProvisionError> {
+    let mut report = ProvisionReport::default();
+    report.record(patiently(|| remove_legacy_work_stream(js)).await?);
+    for spec in &streams::streams(subjects, settings) {
+        report.record(patiently(|| ensure_stream(js, spec)).await?);
+    }
+    for (bucket, description) in [
+        (
+            streams::READS_BUCKET,
+            "Herald read positions: user token -> highest seq read",
+        ),
         (
             streams::SEEN_BUCKET,
-            "Herald seen-live positions: user token -> highest seq acked on a live connection",
-            Duration::ZERO,
+            "Herald seen positions (ack frames): user token -> highest seq seen live",
         ),
     ] {
-        ensure_bucket(
-            js,
-            kv::Config {
-                bucket: bucket.to_string(),
-                description: description.to_string(),
-                history: 1,
-                max_age,
-                storage: stream::StorageType::File,
-                num_replicas: settings.replicas,
-                ..Default::default()
-            },
-            &mut report,
-        )
-        .await?;
+        report.record(
+            patiently(|| ensure_positions_bucket(js, settings, bucket, description)).await?,
+        );
     }
-    ensure_bucket(
-        js,
-        kv::Config {
-            bucket: streams::FANOUT_BUCKET.to_string(),
-            description: "Herald fan-out progress: publish id -> progress JSON".into(),
-            history: 1,
-            max_value_size: 4 * 1024,
-            max_age: Duration::from_secs(7 * 24 * 3600),
-            storage: stream::StorageType::File,
-            num_replicas: settings.replicas,
-            ..Default::default()
-        },
-        &mut report,
-    )
-    .await?;
+    for config in &buckets(settings) {
+        report.record(patiently(|| ensure_bucket(js, config.clone())).await?);
+    }
     for partition in 0..subjects.partitions() {
         for lane in Priority::ALL {
-            ensure_router_consumer(js, subjects, partition, lane).await?;
+            patiently(|| ensure_router_consumer(js, subjects, partition, lane)).await?;
         }
-        remove_legacy_router_consumer(js, partition).await?;
+        patiently(|| remove_legacy_router_consumer(js, partition)).await?;
     }
-    ensure_fanout_consumer(js).await?;
-    ensure_bucket(
-        js,
-        kv::Config {
-            bucket: streams::CAPS_BUCKET.to_string(),
-            description: "Herald rate cap counters: one key per cap, window and tuple".into(),
-            history: 1,
-            max_value_size: 1024,
-            // Longer than any sensible window (a day), so old windows expire.
-            max_age: Duration::from_secs(2 * 24 * 3600),
-            storage: stream::StorageType::File,
-            num_replicas: settings.replicas,
-            ..Default::default()
-        },
-        &mut report,
-    )
-    .await?;
-    ensure_bucket(
-        js,
-        kv::Config {
-            bucket: streams::GROUPS_BUCKET.to_string(),
-            description: "Herald aggregation groups: one key per (user, group key)".into(),
-            history: 1,
-            max_value_size: 64 * 1024,
-            // Beyond the longest window (a day), so abandoned groups expire.
-            max_age: Duration::from_secs(2 * 24 * 3600),
-            storage: stream::StorageType::File,
-            num_replicas: settings.replicas,
-            ..Default::default()
-        },
-        &mut report,
-    )
-    .await?;
+    patiently(|| ensure_fanout_consumer(js)).await?;
     for channel in streams::WORK_CHANNELS {
-        for lane in herald_protocol::Priority::ALL {
-            ensure_worker_consumer(js, subjects, channel, lane).await?;
+        for lane in Priority::ALL {
+            patiently(|| ensure_worker_consumer(js, subjects, channel, lane)).await?;
         }
     }
     Ok(report)
@@ -205,10 +270,9 @@ pub async fn provision(
 /// overlap the per-channel streams. Removed when empty; refused when it still holds jobs.
 async fn remove_legacy_work_stream(
     js: &jetstream::Context,
-    report: &mut ProvisionReport,
-) -> Result<(), ProvisionError> {
+) -> Result<Option<Change>, ProvisionError> {
     let Ok(mut legacy) = js.get_stream(streams::LEGACY_WORK).await else {
-        return Ok(());
+        return Ok(None);
     };
     let info = legacy
         .info()
@@ -226,8 +290,7 @@ async fn remove_legacy_work_stream(
     js.delete_stream(streams::LEGACY_WORK)
         .await
         .map_err(|e| nats_err("deleting the legacy work stream")(Box::new(e)))?;
-    report.updated.push(streams::LEGACY_WORK.to_string());
-    Ok(())
+    Ok(Some(Change::Updated(streams::LEGACY_WORK.to_string())))
 }
 
 /// How a channel's worker consumers behave. Workers apply their own values at start
@@ -343,8 +406,7 @@ fn stream_config(spec: &StreamSpec) -> stream::Config {
 async fn ensure_stream(
     js: &jetstream::Context,
     spec: &StreamSpec,
-    report: &mut ProvisionReport,
-) -> Result<(), ProvisionError> {
+) -> Result<Option<Change>, ProvisionError> {
     let wanted = stream_config(spec);
     let existing = match js.get_stream(spec.name).await {
         Ok(mut s) => Some(
@@ -373,8 +435,7 @@ async fn ensure_stream(
         js.create_stream(wanted)
             .await
             .map_err(|e| nats_err(format!("creating stream {}", spec.name))(Box::new(e)))?;
-        report.created.push(spec.name.to_string());
-        return Ok(());
+        return Ok(Some(Change::Created(spec.name.to_string())));
     };
     check_compatible(spec.name, &existing, &wanted)?;
     let mut merged = wanted.clone();
@@ -383,14 +444,12 @@ async fn ensure_stream(
     metadata.extend(wanted.metadata.clone());
     merged.metadata = metadata;
     if same_tunables(&existing, &merged) {
-        report.unchanged.push(spec.name.to_string());
-        return Ok(());
+        return Ok(Some(Change::Unchanged(spec.name.to_string())));
     }
     js.update_stream(&merged)
         .await
         .map_err(|e| nats_err(format!("updating stream {}", spec.name))(Box::new(e)))?;
-    report.updated.push(spec.name.to_string());
-    Ok(())
+    Ok(Some(Change::Updated(spec.name.to_string())))
 }
 
 fn check_compatible(
@@ -474,10 +533,9 @@ const READS_VALUE_LIMIT: i32 = 1024;
 async fn ensure_positions_bucket(
     js: &jetstream::Context,
     settings: &StreamSettings,
-    report: &mut ProvisionReport,
     bucket: &str,
     description: &str,
-) -> Result<(), ProvisionError> {
+) -> Result<Option<Change>, ProvisionError> {
     let config = kv::Config {
         bucket: bucket.to_string(),
         description: description.into(),
@@ -488,7 +546,7 @@ async fn ensure_positions_bucket(
         ..Default::default()
     };
     // Early versions capped values at 32 bytes, which the CAS headers overflow.
-    ensure_bucket_growing(js, config, report, Some(READS_VALUE_LIMIT)).await
+    ensure_bucket_growing(js, config, Some(READS_VALUE_LIMIT)).await
 }
 
 /// Creates a KV bucket when missing. An existing one keeps its limits (changing history
@@ -498,9 +556,8 @@ async fn ensure_positions_bucket(
 async fn ensure_bucket(
     js: &jetstream::Context,
     config: kv::Config,
-    report: &mut ProvisionReport,
-) -> Result<(), ProvisionError> {
-    ensure_bucket_growing(js, config, report, None).await
+) -> Result<Option<Change>, ProvisionError> {
+    ensure_bucket_growing(js, config, None).await
 }
 
 /// [`ensure_bucket`], and an existing bucket whose value limit is below `min_value_size`
@@ -508,16 +565,14 @@ async fn ensure_bucket(
 async fn ensure_bucket_growing(
     js: &jetstream::Context,
     config: kv::Config,
-    report: &mut ProvisionReport,
     min_value_size: Option<i32>,
-) -> Result<(), ProvisionError> {
+) -> Result<Option<Change>, ProvisionError> {
     let bucket = config.bucket.clone();
     if js.get_key_value(&bucket).await.is_err() {
         js.create_key_value(config)
             .await
             .map_err(|e| nats_err(format!("creating bucket {bucket}"))(Box::new(e)))?;
-        report.created.push(bucket);
-        return Ok(());
+        return Ok(Some(Change::Created(bucket)));
     }
     let mut stream = js
         .get_stream(format!("KV_{bucket}"))
@@ -532,8 +587,7 @@ async fn ensure_bucket_growing(
     let small = min_value_size
         .filter(|&min| existing.max_message_size >= 0 && existing.max_message_size < min);
     if small.is_none() && existing.num_replicas == config.num_replicas {
-        report.unchanged.push(bucket);
-        return Ok(());
+        return Ok(Some(Change::Unchanged(bucket)));
     }
     if let Some(min) = small {
         existing.max_message_size = min;
@@ -542,8 +596,7 @@ async fn ensure_bucket_growing(
     js.update_stream(&existing)
         .await
         .map_err(|e| nats_err(format!("updating bucket {bucket}"))(Box::new(e)))?;
-    report.updated.push(bucket);
-    Ok(())
+    Ok(Some(Change::Updated(bucket)))
 }
 
 /// The fan-out consumer: a publish is worked on by one process at a time; if it dies,
@@ -671,6 +724,73 @@ async fn ensure_router_consumer(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn timed_out() -> ProvisionError {
+        use async_nats::jetstream::stream::{ConsumerError, ConsumerErrorKind};
+        nats_err("step")(Box::new(ConsumerError::new(ConsumerErrorKind::TimedOut)))
+    }
+
+    #[test]
+    fn a_request_nobody_answered_is_asked_again_a_refusal_is_not() {
+        use async_nats::jetstream::context::{
+            GetStreamError, GetStreamErrorKind, RequestError, RequestErrorKind,
+        };
+        use async_nats::jetstream::stream::{ConsumerError, ConsumerErrorKind};
+        let ProvisionError::Nats { source, .. } = timed_out() else {
+            unreachable!("nats_err makes a Nats error")
+        };
+        assert!(unanswered(source.as_ref()));
+        // get_stream wraps the timed-out request in an error of another kind.
+        let wrapped = GetStreamError::with_source(
+            GetStreamErrorKind::Request,
+            RequestError::new(RequestErrorKind::TimedOut),
+        );
+        assert!(unanswered(&wrapped));
+        assert!(!unanswered(&ConsumerError::new(
+            ConsumerErrorKind::InvalidConsumerType
+        )));
+        assert!(!unanswered(&RequestError::new(
+            RequestErrorKind::NoResponders
+        )));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_step_left_unanswered_runs_again_then_gives_up_with_its_error() {
+        let runs = std::cell::Cell::new(0);
+        let answered = patiently(|| async {
+            runs.set(runs.get() + 1);
+            if runs.get() < 3 {
+                return Err(timed_out());
+            }
+            Ok(runs.get())
+        })
+        .await;
+        assert_eq!(answered.ok(), Some(3));
+
+        runs.set(0);
+        let silent = patiently(|| async {
+            runs.set(runs.get() + 1);
+            Err::<(), _>(timed_out())
+        })
+        .await;
+        assert!(matches!(silent, Err(ProvisionError::Nats { .. })));
+        assert_eq!(runs.get(), UNANSWERED_RETRIES + 1);
+
+        runs.set(0);
+        let refused = patiently(|| async {
+            runs.set(runs.get() + 1);
+            Err::<(), _>(ProvisionError::Incompatible {
+                stream: "S".into(),
+                field: "subjects",
+                existing: "a".into(),
+                wanted: "b".into(),
+                advice: "none",
+            })
+        })
+        .await;
+        assert!(refused.is_err());
+        assert_eq!(runs.get(), 1, "a refusal is not asked again");
+    }
 
     #[test]
     fn each_lane_reads_its_own_deferred_work_normal_on_the_lane_less_subject() {
