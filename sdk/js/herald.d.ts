@@ -70,8 +70,9 @@ export interface ConnectOptions {
   stableMs?: number;
   /** WebSocket failures before opening after which `'auto'` moves to SSE for good
    *  (default 3). Only failures while the gateway answers HTTP and is not busy count:
-   *  after each, a plain GET of the WebSocket URL asks it, and a 503 (its Retry-After is
-   *  waited out) or 429 (the user's connection cap) is waited out instead. */
+   *  after each, a plain GET of the WebSocket URL asks it, and a 503 or 429 (busy, or the
+   *  user's connection cap) is waited out instead: its `Retry-After` plus a random share
+   *  of as much again, so clients told the same time do not all return at once. */
   wsFailuresBeforeFallback?: number;
   /** A WebSocket that has not opened after this long counts as failed (default 10000). */
   openTimeoutMs?: number;

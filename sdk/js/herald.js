@@ -16,7 +16,9 @@
 //   before a socket ever opened, the connection moves to Server-Sent Events for good. A
 //   WebSocket does not say why its upgrade failed, so after each failure the SDK asks the
 //   gateway with a plain GET of the same URL: a busy gateway (503 + Retry-After, 429 at
-//   the per-user cap) is waited out and is no reason to leave WebSocket.
+//   the per-user cap) is waited out and is no reason to leave WebSocket. The wait is
+//   `Retry-After` plus full jitter of as much again, never `Retry-After` exactly: every
+//   client asking in the same second is told the same time.
 // - Topic subscriptions are stored by the server (SPEC §3, §5), so they outlive
 //   connections: `subscribe()` asks once and is never repeated on reconnect, where it
 //   would undo a producer's `DELETE .../subscribers/{user}` made meanwhile.
@@ -377,8 +379,11 @@ export class HeraldConnection {
         // Admission control said no (503: too many opening, with Retry-After; 429: this
         // user's connection cap). The probe got past authentication with this token.
         this.#refreshToken = false;
+        // Never exactly the server's time: the probe tells every client the same "busy
+        // until", and a crowd that waited exactly that would come back in the same
+        // instant and fill the gateway again. Full jitter on top: [r, 2r].
         const waitMs = retryAfterMs(answer.retryAfter);
-        if (waitMs != null) this.#nextDelayMs = waitMs;
+        if (waitMs != null) this.#nextDelayMs = waitMs + Math.random() * Math.max(waitMs, this.#opts.backoffBaseMs);
         Object.assign(detail, { reason: 'gateway busy', status: answer.status });
       } else if (answer?.status === 401 || answer?.status === 403) {
         Object.assign(detail, { reason: 'token refused', status: answer.status });

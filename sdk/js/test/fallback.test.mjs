@@ -79,25 +79,33 @@ test('a server that is down (a restart) does not count as WebSocket being blocke
   }
 });
 
-test('a gateway refusing upgrades as busy (503 + Retry-After) is waited out, not left', async () => {
+test('a gateway refusing upgrades as busy (503 + Retry-After) is waited out, not left, and not in lockstep', async () => {
   // Admission control answers every upgrade, and the probe after it, with 503: the
-  // gateway is there and works, it only has too many connections opening right now.
+  // gateway is there and works, it only has too many connections opening right now. The
+  // probe tells every client the same Retry-After; each must wait it plus its own share
+  // of jitter, or a crowd comes back in the same instant.
   const busy = (headers) => ({ 'retry-after': '1', ...headers });
   const gateway = await fakeGateway({
     onUpgrade: (upgrade) => upgrade.refuse(503, busy()),
     onRequest: (req, res) => res.writeHead(req.url.startsWith('/v1/ws') ? 503 : 200, busy()).end(),
   });
-  const rec = recorder();
-  const conn = connect({ url: gateway.url, token: 't', wsFailuresBeforeFallback: 1, backoffBaseMs: 10, backoffMaxMs: 20, ...rec.options });
+  const recs = Array.from({ length: 8 }, () => recorder());
+  const conns = recs.map((rec) => connect({ url: gateway.url, token: 't', wsFailuresBeforeFallback: 1, backoffBaseMs: 10, backoffMaxMs: 20, ...rec.options }));
   try {
-    await conn.until(() => failures(rec).length >= 2);
-    assert.ok(!fellBack(rec), 'still on WebSocket');
-    for (const f of failures(rec)) {
-      assert.equal(f.status, 503);
-      assert.equal(f.delayMs, 1000, "the gateway's Retry-After, not our 20 ms back-off");
+    await conns[0].until(() => failures(recs[0]).length >= 2);
+    await Promise.all(conns.map((conn, i) => conn.until(() => failures(recs[i]).length >= 1)));
+    assert.ok(!recs.some(fellBack), 'still on WebSocket');
+    const waits = [];
+    for (const rec of recs) {
+      for (const f of failures(rec)) {
+        assert.equal(f.status, 503);
+        assert.ok(f.delayMs >= 1000 && f.delayMs <= 2000, `${f.delayMs} ms: the gateway's Retry-After plus jitter up to as much again, not our 20 ms back-off`);
+      }
+      waits.push(failures(rec)[0].delayMs);
     }
+    assert.ok(new Set(waits).size > 1, `every client waits its own time, not all ${waits[0]} ms`);
   } finally {
-    conn.close();
+    for (const conn of conns) conn.close();
     gateway.close();
   }
 });
