@@ -451,44 +451,77 @@ async fn a_high_fan_out_does_not_wait_for_a_running_low_one() -> anyhow::Result<
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_fan_out_lanes_provisioned_a_high_fan_out_passes_queued_low_ones() -> anyhow::Result<()>
-{
+async fn provisioning_gives_an_earlier_fan_out_queue_its_lanes_and_high_passes_queued_low()
+-> anyhow::Result<()> {
+    use async_nats::jetstream::{consumer, stream};
     let nats = Nats::single().await?;
-    let herald = Herald::builder(&nats)
-        .topics(threshold(1_000_000))
-        .start()
-        .await?;
-    // What provisioning is to do: lane subjects on the FANOUT stream, and the first
-    // consumer kept to the subject of jobs queued before (a work queue's consumers must
-    // not overlap), so each lane can have a consumer of its own.
+    // The FANOUT queue as an earlier version left it: one subject, one unfiltered consumer.
     let js = async_nats::jetstream::new(nats.client().await?);
-    let mut stream = js
-        .get_stream(FANOUT)
+    let lane_less = "herald.fanout".to_owned();
+    let queue = js
+        .create_stream(stream::Config {
+            name: FANOUT.to_owned(),
+            subjects: vec![lane_less.clone()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            max_message_size: 128 * 1024,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            ..Default::default()
+        })
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut config = stream
-        .info()
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        .config
-        .clone();
-    let legacy = format!("{}.fanout", herald.subjects().prefix());
-    config.subjects = vec![legacy.clone(), format!("{legacy}.*")];
-    js.update_stream(config)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let consumer = herald_protocol::streams::FANOUT_CONSUMER;
-    stream
-        .update_consumer(async_nats::jetstream::consumer::pull::Config {
-            durable_name: Some(consumer.to_owned()),
-            filter_subject: legacy,
-            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+    let first = herald_protocol::streams::FANOUT_CONSUMER;
+    queue
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(first.to_owned()),
+            ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: Duration::from_secs(30),
             max_ack_pending: 64,
             ..Default::default()
         })
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    // Starting Herald provisions.
+    let herald = Herald::builder(&nats)
+        .topics(threshold(1_000_000))
+        .start()
+        .await?;
+    let mut queue = js
+        .get_stream(FANOUT)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let subjects = queue
+        .info()
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .config
+        .subjects
+        .clone();
+    ensure!(
+        subjects == [lane_less.clone(), format!("{lane_less}.*")],
+        "FANOUT subjects: {subjects:?}"
+    );
+    let narrowed = queue
+        .consumer_info(first)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    ensure!(
+        narrowed.config.filter_subject == lane_less,
+        "the first consumer keeps the lane-less jobs: {:?}",
+        narrowed.config.filter_subject
+    );
+    for lane in herald_protocol::Priority::ALL {
+        let name = herald_store::topics::fanout_lane_consumer(lane);
+        let info = queue
+            .consumer_info(&name)
+            .await
+            .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+        ensure!(
+            info.config.filter_subject == format!("{lane_less}.{}", lane.as_str()),
+            "{name} filter: {:?}",
+            info.config.filter_subject
+        );
+    }
     // Three blasts queued: the alert passes them all.
     blast_then_alert(&herald, 3).await
 }

@@ -3,14 +3,16 @@
 //!
 //! Two layers. Each process runs the jobs of each lane with a budget of its own
 //! ([`LANE_JOBS`]), so a running `low` fan-out never holds up a `high` one in the same
-//! process. And once provisioning gives the FANOUT stream one subject per lane
-//! ([`herald_store::topics::fanout_lane`]), each lane has a consumer of its own
+//! process. And provisioning gives the FANOUT stream one subject per lane
+//! ([`herald_store::topics::fanout_lane`]) and each lane a consumer of its own
 //! ([`herald_store::topics::fanout_lane_consumer`]), so a `high` job never waits in the
-//! queue behind `low` jobs either. Until then every job comes through the one consumer,
-//! in order: a job whose lane is busy is held (its ack deadline pushed out) and the
-//! consumer is not read past it, so a `high` job can still wait behind a *queued* `low`
-//! one, though never behind a running one that came before it. The worker looks for the
-//! lanes every [`LANE_CHECK`] and starts their consumers when they appear.
+//! queue behind `low` jobs either. The first consumer keeps the lane-less subject, where
+//! jobs queued by earlier versions wait. On a queue an earlier version provisioned (until
+//! `herald provision` runs again) every job comes through the one consumer, in order: a job
+//! whose lane is busy is held (its ack deadline pushed out) and the consumer is not read
+//! past it, so a `high` job can still wait behind a *queued* `low` one, though never behind
+//! a running one that came before it. The worker looks for the lanes every [`LANE_CHECK`]
+//! and starts their consumers when they appear.
 
 use crate::Worker;
 use async_nats::jetstream::AckKind;

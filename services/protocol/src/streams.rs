@@ -173,7 +173,10 @@ pub fn streams(subjects: &Subjects, settings: &StreamSettings) -> Vec<StreamSpec
         },
         StreamSpec {
             name: FANOUT,
-            subjects: vec![subjects.fanout()],
+            // The lane-less subject keeps jobs queued by earlier versions; each priority
+            // lane has a subject (and a consumer) of its own, so a `high` publish never
+            // waits behind queued `low` ones.
+            subjects: vec![subjects.fanout(), format!("{}.*", subjects.fanout())],
             retention: Retention::WorkQueue,
             max_age: Duration::from_secs(7 * 24 * 3600),
             max_msgs_per_subject: -1,

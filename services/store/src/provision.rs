@@ -257,7 +257,7 @@ pub async fn provision(
         }
         patiently(|| remove_legacy_router_consumer(js, partition)).await?;
     }
-    patiently(|| ensure_fanout_consumer(js)).await?;
+    patiently(|| ensure_fanout_consumers(js, subjects)).await?;
     for channel in streams::WORK_CHANNELS {
         for lane in Priority::ALL {
             patiently(|| ensure_worker_consumer(js, subjects, channel, lane)).await?;
@@ -599,28 +599,69 @@ async fn ensure_bucket_growing(
     Ok(Some(Change::Updated(bucket)))
 }
 
-/// The fan-out consumer: a publish is worked on by one process at a time; if it dies,
+/// The consumers of the FANOUT queue: one per priority lane
+/// ([`crate::topics::fanout_lane_consumer`], filtered to `<prefix>.fanout.<lane>`), so a
+/// `high` publish never waits behind queued `low` ones, and the first consumer
+/// ([`streams::FANOUT_CONSUMER`]) kept to the lane-less `<prefix>.fanout`, where jobs queued
+/// by earlier versions wait. A publish is worked on by one process at a time; if it dies,
 /// the job comes back after `ack_wait` (the worker signals progress well within it) and
 /// resumes from its recorded cursor.
-async fn ensure_fanout_consumer(js: &jetstream::Context) -> Result<(), ProvisionError> {
+///
+/// A work queue's consumers must not overlap, so an unfiltered first consumer (made by an
+/// earlier version) is narrowed before the lane consumers are created. Fan-out workers
+/// older than the lanes read the first consumer only: upgrade routers before provisioning.
+async fn ensure_fanout_consumers(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+) -> Result<(), ProvisionError> {
     let stream = js
         .get_stream_no_info(streams::FANOUT)
         .await
         .map_err(|e| nats_err("opening the fan-out stream")(Box::new(e)))?;
-    stream
-        .get_or_create_consumer::<consumer::pull::Config>(
-            streams::FANOUT_CONSUMER,
-            consumer::pull::Config {
-                durable_name: Some(streams::FANOUT_CONSUMER.to_string()),
-                ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(30),
-                max_ack_pending: 64,
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| nats_err("creating the fan-out consumer")(Box::new(e)))?;
+    let first = consumer::pull::Config {
+        durable_name: Some(streams::FANOUT_CONSUMER.to_string()),
+        filter_subject: subjects.fanout(),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(30),
+        max_ack_pending: 64,
+        ..Default::default()
+    };
+    ensure_consumer(&stream, first, |existing| {
+        existing.filter_subject == subjects.fanout() && existing.filter_subjects.is_empty()
+    })
+    .await?;
+    for lane in Priority::ALL {
+        let wanted = crate::topics::fanout_lane_consumer_config(subjects, lane);
+        ensure_consumer(&stream, wanted.clone(), |existing| {
+            existing.filter_subject == wanted.filter_subject
+        })
+        .await?;
+    }
     Ok(())
+}
+
+/// Creates the durable consumer `wanted` when missing, and updates it to `wanted` when
+/// `current` says the one on the server is not as wanted.
+async fn ensure_consumer(
+    stream: &stream::Stream<()>,
+    wanted: consumer::pull::Config,
+    current: impl Fn(&consumer::Config) -> bool,
+) -> Result<(), ProvisionError> {
+    let name = wanted.durable_name.clone().unwrap_or_default();
+    match stream.consumer_info(&name).await {
+        Ok(info) if current(&info.config) => Ok(()),
+        Ok(_) => stream
+            .update_consumer(wanted)
+            .await
+            .map(drop)
+            .map_err(|e| nats_err(format!("updating consumer {name}"))(Box::new(e))),
+        Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => stream
+            .create_consumer(wanted)
+            .await
+            .map(drop)
+            .map_err(|e| nats_err(format!("creating consumer {name}"))(Box::new(e))),
+        Err(e) => Err(nats_err(format!("reading consumer {name}"))(Box::new(e))),
+    }
 }
 
 /// The router consumer of one lane of one partition: one pinned client at a time, so one
