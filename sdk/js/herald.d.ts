@@ -45,7 +45,9 @@ export interface ConnectOptions {
   url?: string;
   /** A user JWT. Give this or `getToken`. */
   token?: string;
-  /** Called for the first token and whenever the server may have refused the current one. */
+  /** Called for the first token and whenever the server may have refused the current one.
+   *  Without it, a `token` the server refuses or expires (401/403, close 4001) ends the
+   *  connection: `onError`, then state `'closed'`. */
   getToken?: () => string | Promise<string>;
   /** Resume after this seq (replay what came after it). Omitted: live only from now. */
   after?: number;
@@ -99,6 +101,9 @@ export declare const CloseCode: Readonly<{
   TOO_BIG: 1009;
   INTERNAL: 1011;
   HEARTBEAT: 4000;
+  /** The token expired: reconnect with a fresh one. With a fixed `token` (no
+   *  `getToken`) the connection reports it through `onError` and closes. */
+  TOKEN_EXPIRED: 4001;
   SLOW_CONSUMER: 4008;
 }>;
 

@@ -35,6 +35,7 @@ export const CloseCode = Object.freeze({
   TOO_BIG: 1009,
   INTERNAL: 1011,
   HEARTBEAT: 4000,
+  TOKEN_EXPIRED: 4001,
   SLOW_CONSUMER: 4008,
 });
 
@@ -54,7 +55,7 @@ const DEFAULTS = Object.freeze({
 const MAX_RETRY_AFTER_MS = 10 * 60_000;
 
 /** Close codes after which the token may be the problem: fetch a fresh one first. */
-const AUTH_CLOSE_CODES = new Set([CloseCode.POLICY, 4001, 4003, 4401, 4403]);
+const AUTH_CLOSE_CODES = new Set([CloseCode.POLICY, CloseCode.TOKEN_EXPIRED, 4003, 4401, 4403]);
 
 /** An HTTP answer that was not a success. */
 class HttpError extends Error {
@@ -353,6 +354,13 @@ export class HeraldConnection {
       if (this.#current !== conn) return;
       this.#current = null;
       this.#transport = null;
+      if (event.code === CloseCode.TOKEN_EXPIRED && !this.#canRefreshToken()) {
+        // The one token we have expired, and nothing can give us another: every retry
+        // would be refused. Say so and stop, as the SSE path does on 401.
+        this.#emit('onError', new Error(`herald: the token expired (close ${event.code}) and there is no getToken to renew it; closing`));
+        this.close();
+        return;
+      }
       if (AUTH_CLOSE_CODES.has(event.code)) this.#refreshToken = true;
       if (event.code === CloseCode.SLOW_CONSUMER && this.#nextDelayMs == null) {
         // Resume right away (jittered a little): we were only slow, nothing is wrong.
@@ -386,6 +394,12 @@ export class HeraldConnection {
         if (waitMs != null) this.#nextDelayMs = waitMs + Math.random() * Math.max(waitMs, this.#opts.backoffBaseMs);
         Object.assign(detail, { reason: 'gateway busy', status: answer.status });
       } else if (answer?.status === 401 || answer?.status === 403) {
+        if (!this.#canRefreshToken()) {
+          // A fixed token the gateway refuses stays refused: stop, as the SSE path does.
+          this.#emit('onError', new HttpError(answer.status, 'the gateway refused the token for WebSocket, and there is no getToken to renew it; closing'));
+          this.close();
+          return;
+        }
         Object.assign(detail, { reason: 'token refused', status: answer.status });
       } else if (answer) {
         this.#wsFailures += 1;
@@ -527,7 +541,7 @@ export class HeraldConnection {
     this.#current = null;
     this.#transport = null;
     if (err instanceof HttpError && (err.status === 401 || err.status === 403)) {
-      if (typeof this.#opts.getToken !== 'function') {
+      if (!this.#canRefreshToken()) {
         this.#emit('onError', err);
         this.close();
         return;
@@ -565,6 +579,11 @@ export class HeraldConnection {
     this.#current = null;
     this.#transport = null;
     current?.close();
+  }
+
+  /** Whether a refused token can be replaced (the application gave `getToken`). */
+  #canRefreshToken() {
+    return typeof this.#opts.getToken === 'function';
   }
 
   async #currentToken() {

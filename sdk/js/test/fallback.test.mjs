@@ -4,7 +4,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { connect } from '../herald.js';
 import { url, uniqueUser, tokenFor, send, recorder, maxPerUser } from './env.mjs';
-import { fakeGateway } from './fake.mjs';
+import { fakeGateway, hello } from './fake.mjs';
 
 const failures = (rec) => rec.states.filter((s) => s.s === 'reconnecting');
 const fellBack = (rec) => rec.errors.some((e) => /falling back/.test(e.message));
@@ -130,5 +130,52 @@ test("a user at the gateway's connection cap (429) stays on WebSocket and gets i
   } finally {
     conn?.close();
     for (const h of holders) h.close();
+  }
+});
+
+test('a fixed token closed as expired (4001) reports it through onError and closes, rather than retrying for ever', async () => {
+  // After the first connection the token is expired: the gateway closes with 4001, and
+  // would refuse every later upgrade (and the probe after it) with 401.
+  let upgrades = 0;
+  const gateway = await fakeGateway({
+    onUpgrade: (upgrade) => {
+      upgrades += 1;
+      if (upgrades > 1) { upgrade.refuse(401); return; }
+      const ws = upgrade.accept();
+      ws.send(hello());
+      ws.close(4001);
+    },
+    onRequest: (req, res) => res.writeHead(req.url.startsWith('/v1/ws') ? 401 : 200).end(),
+  });
+  const rec = recorder();
+  const conn = connect({ url: gateway.url, token: 't', backoffBaseMs: 1, backoffMaxMs: 5, ...rec.options });
+  try {
+    await conn.until((c) => c.state === 'live');
+    await conn.until((c) => c.state === 'closed', 3_000).catch(() => {});
+    assert.equal(conn.state, 'closed', `still ${conn.state} after ${upgrades} upgrades`);
+    assert.ok(rec.errors.some((e) => /expired/.test(e.message)), 'onError says the token expired');
+  } finally {
+    conn.close();
+    gateway.close();
+  }
+});
+
+test('a fixed token the gateway refuses (upgrade and probe answer 401) reports it through onError and closes', async () => {
+  let upgrades = 0;
+  const gateway = await fakeGateway({
+    onUpgrade: (upgrade) => { upgrades += 1; upgrade.refuse(401); },
+    onRequest: (req, res) => res.writeHead(req.url.startsWith('/v1/ws') ? 401 : 200).end(),
+  });
+  const rec = recorder();
+  const conn = connect({ url: gateway.url, token: 't', wsFailuresBeforeFallback: 1, backoffBaseMs: 1, backoffMaxMs: 5, ...rec.options });
+  try {
+    await conn.until((c) => c.state === 'closed', 3_000).catch(() => {});
+    assert.equal(conn.state, 'closed', `still ${conn.state} after ${upgrades} upgrades`);
+    assert.equal(upgrades, 1, 'no retry with a token known to be refused');
+    assert.ok(rec.errors.some((e) => e.status === 401), 'onError carries the 401');
+    assert.ok(!fellBack(rec), 'a refused token is no reason to try SSE');
+  } finally {
+    conn.close();
+    gateway.close();
   }
 });
