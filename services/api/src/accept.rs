@@ -447,30 +447,6 @@ impl Acceptor {
         Ok(accepted(prepared, ack))
     }
 
-    /// Queues a topic publish for fan-out (deduplicated by its id) and waits until
-    /// JetStream has it.
-    ///
-    /// # Errors
-    /// [`InboxError`] unless JetStream confirmed the write.
-    pub async fn enqueue_fanout(&self, job: &herald_protocol::FanoutJob) -> Result<(), InboxError> {
-        let nats = self.inbox.nats();
-        if !nats.is_connected() {
-            return Err(InboxError::Unavailable("not connected to NATS".into()));
-        }
-        let payload = serde_json::to_vec(job).map_err(|e| InboxError::Unavailable(Box::new(e)))?;
-        let publish = async_nats::jetstream::message::PublishMessage::build()
-            .payload(payload.into())
-            .message_id(&job.id)
-            .expected_stream(herald_protocol::streams::FANOUT);
-        nats.js
-            .send_publish(self.inbox.subjects().fanout(), publish)
-            .await
-            .map_err(|e| InboxError::Unavailable(Box::new(e)))?
-            .await
-            .map_err(|e| InboxError::Unavailable(Box::new(e)))?;
-        Ok(())
-    }
-
     /// Cancels a scheduled notification of `producer` before it fires.
     ///
     /// # Errors
