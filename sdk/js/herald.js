@@ -457,11 +457,15 @@ export class HeraldConnection {
     const source = new ES(url.toString());
     const conn = { kind: 'sse', close: () => source.close() };
     this.#current = conn;
+    let greeted = false;
     const onEvent = (event) => {
       if (this.#current !== conn) return;
       let frame;
       try { frame = JSON.parse(event.data); } catch { return; }
-      if (frame.type === 'hello') this.#transport = 'sse';
+      if (frame.type === 'hello') {
+        greeted = true;
+        this.#transport = 'sse';
+      }
       this.#onFrame(frame);
     };
     for (const name of ['message', 'hello', 'notification', 'batch', 'read', 'reconnect']) {
@@ -475,8 +479,37 @@ export class HeraldConnection {
       this.#refreshToken = true;
       this.#current = null;
       this.#transport = null;
+      if (!greeted && !this.#canRefreshToken()) {
+        // It never opened, and EventSource does not say why. With a fixed token a 401
+        // (an expired token) would repeat for ever: ask, and stop on one.
+        this.#checkSseToken(url);
+        return;
+      }
       this.#schedule({ reason: 'event stream interrupted' });
     };
+  }
+
+  /** After an EventSource failed to open with a fixed token: a plain GET of the same URL
+   *  says whether the token is refused (then `onError` and close) or not (retry). */
+  #checkSseToken(url) {
+    const probe = { kind: 'probe', close() {} };
+    this.#current = probe;
+    const abort = new AbortController();
+    const timeout = setTimeout(() => abort.abort(), 5_000);
+    fetch(url, { cache: 'no-store', signal: abort.signal })
+      .then((r) => r.status, () => null) // down, or a cross-origin answer we may not read
+      .then((status) => {
+        clearTimeout(timeout);
+        abort.abort(); // a stream that did open is not read
+        if (this.#closed || this.#current !== probe) return;
+        this.#current = null;
+        if (status === 401 || status === 403) {
+          this.#emit('onError', new HttpError(status, 'the gateway refused the token for SSE, and there is no getToken to renew it; closing'));
+          this.close();
+          return;
+        }
+        this.#schedule({ reason: 'event stream interrupted', ...(status ? { status } : {}) });
+      });
   }
 
   #openFetchSse(token) {

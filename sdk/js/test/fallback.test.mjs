@@ -179,3 +179,36 @@ test('a fixed token the gateway refuses (upgrade and probe answer 401) reports i
     gateway.close();
   }
 });
+
+test("a fixed token refused on the browser's EventSource path reports it through onError and closes", async () => {
+  // A browser's EventSource: it cannot tell a 401 from a network error, so the SDK must
+  // ask. Here every stream is refused with 401 (the token expired).
+  let opened = 0;
+  class FakeEventSource {
+    constructor(u) {
+      opened += 1;
+      this.url = u;
+      setTimeout(() => this.onerror?.(new Event('error')), 0);
+    }
+    addEventListener() {}
+    close() {}
+  }
+  const gateway = await fakeGateway({
+    onUpgrade: (upgrade) => upgrade.refuse(500),
+    onRequest: (req, res) => res.writeHead(req.url.startsWith('/v1/sse') ? 401 : 200).end(),
+  });
+  const saved = globalThis.EventSource;
+  globalThis.EventSource = FakeEventSource;
+  const rec = recorder();
+  const conn = connect({ url: gateway.url, token: 't', transport: 'sse', sse: 'eventsource', backoffBaseMs: 1, backoffMaxMs: 5, ...rec.options });
+  try {
+    await conn.until((c) => c.state === 'closed', 3_000).catch(() => {});
+    assert.equal(conn.state, 'closed', `still ${conn.state} after ${opened} event streams`);
+    assert.equal(opened, 1, 'no retry with a token known to be refused');
+    assert.ok(rec.errors.some((e) => e.status === 401), 'onError carries the 401');
+  } finally {
+    conn.close();
+    gateway.close();
+    globalThis.EventSource = saved;
+  }
+});
