@@ -181,3 +181,62 @@ async fn a_notification_retried_in_place_is_counted_once_in_the_policy_metrics()
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_email_held_for_a_digest_is_counted_once_however_many_tries() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    let r = herald
+        .producer(Method::PUT, "/v1/users/dee/contact")
+        .json(&json!({"email": "dee@example.com"}))
+        .send()
+        .await?;
+    ensure!(r.status().is_success(), "contact: {}", r.status());
+    let r = herald
+        .producer(Method::PUT, "/v1/users/dee/preferences")
+        .json(&json!({"digest": "daily"}))
+        .send()
+        .await?;
+    ensure!(r.status().is_success(), "prefs: {}", r.status());
+    device(&herald, "dee").await?;
+    let digested = || async {
+        let text = herald.metrics().await?;
+        anyhow::Ok(crate::metrics::sample(&text, "herald_router_digested_total").unwrap_or(0.0))
+    };
+    let before = digested().await?;
+
+    // The push queue is gone: the email is held for the digest, then the push job cannot
+    // be queued, and the notification is retried in place until the queue is back.
+    let client = nats.client().await?;
+    let mut acks = client
+        .subscribe(format!("$JS.ACK.{}.>", herald_protocol::streams::INBOX))
+        .await?;
+    client.flush().await?;
+    let js = async_nats::jetstream::new(client);
+    let push = herald_protocol::streams::work_stream_name(herald_protocol::Channel::Push);
+    let config = js.get_stream(push).await?.info().await?.config.clone();
+    js.delete_stream(push).await?;
+    let held = herald
+        .accept(&json!({"user_id": "dee", "title": "weekly report",
+                        "channels": ["inbox", "email", "push"]}))
+        .await?;
+    let mut tries = 0;
+    while tries < 20 {
+        let ack = herald_tests::within(WAIT, "the next try", acks.next())
+            .await?
+            .context("ack subscription closed")?;
+        if ack.payload.starts_with(b"+WPI") {
+            tries += 1;
+        }
+    }
+    js.create_stream(config).await?;
+    state(&herald, &held.id, "push", "queued").await?;
+    state(&herald, &held.id, "email", "digest").await?;
+    // Other tests of this process hold a few emails for digests: far fewer than twenty.
+    let after = digested().await?;
+    ensure!(
+        after - before >= 1.0 && after - before < 5.0,
+        "one held email counted for twenty tries: {before} → {after}"
+    );
+    Ok(())
+}

@@ -49,7 +49,8 @@ impl Route {
     }
 
     /// Records `stored`'s email into the user's `frequency` digest, makes sure the
-    /// period's end is scheduled, and shows `digest` with `rule` in its status.
+    /// period's end is scheduled, and shows `digest` with `rule` in its status. Idempotent,
+    /// so a routing retry runs it again; the caller counts it once.
     ///
     /// # Errors
     /// When NATS fails (the caller retries in place).
@@ -82,7 +83,6 @@ impl Route {
         self.digests.record(&stored.user_id, &entry).await?;
         self.schedule_due(&stored.user_id, frequency, end, end)
             .await?;
-        metrics::counter!("herald_router_digested_total").increment(1);
         let when = match frequency {
             Digest::Daily => "daily",
             _ => "hourly",

@@ -333,6 +333,17 @@ struct Tries {
     counted_suppressed: bool,
     /// Whether going over a rate cap was counted in the metrics.
     counted_capped: bool,
+    /// Whether holding the email for a digest was counted in the metrics.
+    counted_digested: bool,
+}
+
+impl Tries {
+    /// Counts a notification's email held for a digest, once however many tries.
+    fn count_digested(&mut self) {
+        if !std::mem::replace(&mut self.counted_digested, true) {
+            metrics::counter!("herald_router_digested_total").increment(1);
+        }
+    }
 }
 
 enum Routed {
@@ -410,6 +421,9 @@ impl Route {
             {
                 tracing::warn!(seq, error = %e, "recording for the digest failed; will retry");
                 return Routed::Retry;
+            }
+            if fresh {
+                tries.count_digested();
             }
         }
         let now = jiff::Timestamp::now();
@@ -494,6 +508,7 @@ impl Route {
                             tracing::warn!(seq, error = %e, "folding into a digest failed; will retry");
                             return Err(());
                         }
+                        tries.count_digested();
                     }
                     suppressed.extend(channels.into_iter().map(|c| (c, rule.clone())));
                     Ok(Vec::new())
