@@ -57,6 +57,36 @@ async fn user_tokens_in_urls_are_taken_on_websocket_and_sse_only() -> anyhow::Re
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dev_page_s_notify_takes_the_token_in_the_header_only() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).dev_mode().start().await?;
+    let token = herald.token("pia");
+    let body = serde_json::json!({"title": "hi"});
+    let refused = herald
+        .request(Method::POST, &format!("/dev/notify?access_token={token}"))
+        .json(&body)
+        .send()
+        .await?;
+    ensure!(
+        refused.status() == StatusCode::UNAUTHORIZED,
+        "/dev/notify with a URL token: {}",
+        refused.status()
+    );
+    let accepted = herald
+        .request(Method::POST, "/dev/notify")
+        .bearer_auth(&token)
+        .json(&body)
+        .send()
+        .await?;
+    ensure!(
+        accepted.status() == StatusCode::ACCEPTED,
+        "/dev/notify by header: {}",
+        accepted.status()
+    );
+    Ok(())
+}
+
 /// Log lines written by the subscriber of this test's thread.
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);

@@ -74,13 +74,14 @@ async fn token(
     Ok(Json(serde_json::json!({ "token": token, "user_id": user })))
 }
 
-/// Sends the calling user a notification: `{"title","body"}`.
+/// Sends the calling user a notification: `{"title","body"}`. The token comes in the
+/// `Authorization` header, as on every user endpoint but WebSocket and SSE (SPEC §2).
 async fn notify_self(
     State(state): State<Arc<DevState>>,
     parts: Parts,
     body: Body,
 ) -> Result<(StatusCode, Json<serde_json::Value>), AppError> {
-    let user = state.auth.user_from_parts(&parts)?;
+    let user = state.auth.user_from_header(&parts)?;
     let bytes = axum::body::to_bytes(body, 64 * 1024)
         .await
         .map_err(|_| AppError::too_large(64 * 1024))?;
