@@ -55,6 +55,40 @@ fn window(window_s: u64) -> u64 {
     u64::try_from(jiff::Timestamp::now().as_second()).unwrap_or(0) / window_s
 }
 
+/// Tries of one notification counted by the tests below: the router retries it in place
+/// this many times (telling JetStream each time it is still in progress) before the stream
+/// it needs comes back.
+const TRIES: usize = 20;
+
+/// Runs `send` while `stream` is gone, and puts the stream back once the router has
+/// retried the notification in place [`TRIES`] times.
+async fn without_stream<T, F, Fut>(nats: &Nats, stream: &str, send: F) -> anyhow::Result<T>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let client = nats.client().await?;
+    let mut acks = client
+        .subscribe(format!("$JS.ACK.{}.>", herald_protocol::streams::INBOX))
+        .await?;
+    client.flush().await?;
+    let js = async_nats::jetstream::new(client);
+    let config = js.get_stream(stream).await?.info().await?.config.clone();
+    js.delete_stream(stream).await?;
+    let sent = send().await?;
+    let mut tries = 0;
+    while tries < TRIES {
+        let ack = herald_tests::within(WAIT, "the next try", acks.next())
+            .await?
+            .context("ack subscription closed")?;
+        if ack.payload.starts_with(b"+WPI") {
+            tries += 1;
+        }
+    }
+    js.create_stream(config).await?;
+    Ok(sent)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_notification_one_cap_suppresses_uses_up_no_other_cap() -> anyhow::Result<()> {
     const BURST_S: u64 = 5;
@@ -146,26 +180,11 @@ async fn a_notification_retried_in_place_is_counted_once_in_the_policy_metrics()
     // The digest stream is gone: the second promo, over the cap, is retried in place
     // (its email cannot be recorded for the digest) until it is back. Each try tells
     // JetStream the message is still in progress.
-    let client = nats.client().await?;
-    let mut acks = client
-        .subscribe(format!("$JS.ACK.{}.>", herald_protocol::streams::INBOX))
-        .await?;
-    client.flush().await?;
-    let js = async_nats::jetstream::new(client);
-    let digest = herald_protocol::streams::DIGEST;
-    let config = js.get_stream(digest).await?.info().await?.config.clone();
-    js.delete_stream(digest).await?;
-    let second = herald.accept(&promo("second")).await?;
-    let mut tries = 0;
-    while tries < 20 {
-        let ack = herald_tests::within(WAIT, "the next try", acks.next())
-            .await?
-            .context("ack subscription closed")?;
-        if ack.payload.starts_with(b"+WPI") {
-            tries += 1;
-        }
-    }
-    js.create_stream(config).await?;
+    let body = promo("second");
+    let second = without_stream(&nats, herald_protocol::streams::DIGEST, || {
+        herald.accept(&body)
+    })
+    .await?;
     state(&herald, &second.id, "email", "digest").await?;
 
     let suppressed_now = metric(suppressed).await?;
@@ -207,29 +226,10 @@ async fn an_email_held_for_a_digest_is_counted_once_however_many_tries() -> anyh
 
     // The push queue is gone: the email is held for the digest, then the push job cannot
     // be queued, and the notification is retried in place until the queue is back.
-    let client = nats.client().await?;
-    let mut acks = client
-        .subscribe(format!("$JS.ACK.{}.>", herald_protocol::streams::INBOX))
-        .await?;
-    client.flush().await?;
-    let js = async_nats::jetstream::new(client);
     let push = herald_protocol::streams::work_stream_name(herald_protocol::Channel::Push);
-    let config = js.get_stream(push).await?.info().await?.config.clone();
-    js.delete_stream(push).await?;
-    let held = herald
-        .accept(&json!({"user_id": "dee", "title": "weekly report",
-                        "channels": ["inbox", "email", "push"]}))
-        .await?;
-    let mut tries = 0;
-    while tries < 20 {
-        let ack = herald_tests::within(WAIT, "the next try", acks.next())
-            .await?
-            .context("ack subscription closed")?;
-        if ack.payload.starts_with(b"+WPI") {
-            tries += 1;
-        }
-    }
-    js.create_stream(config).await?;
+    let body = json!({"user_id": "dee", "title": "weekly report",
+                      "channels": ["inbox", "email", "push"]});
+    let held = without_stream(&nats, push, || herald.accept(&body)).await?;
     state(&herald, &held.id, "push", "queued").await?;
     state(&herald, &held.id, "email", "digest").await?;
     // Other tests of this process hold a few emails for digests: far fewer than twenty.

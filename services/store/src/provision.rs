@@ -154,70 +154,68 @@ fn unanswered(error: &(dyn std::error::Error + 'static)) -> bool {
 
 /// The KV buckets Herald keeps, as created on a fresh server.
 fn buckets(settings: &StreamSettings) -> Vec<kv::Config> {
-    let bucket = |bucket: &str, description: &str| kv::Config {
-        bucket: bucket.to_string(),
-        description: description.to_string(),
-        history: 1,
-        storage: stream::StorageType::File,
-        num_replicas: settings.replicas,
-        ..Default::default()
-    };
-    let mut buckets = vec![kv::Config {
-        max_value_size: crate::preferences::MAX_PREFERENCES_BYTES as i32,
-        ..bucket(
+    const DAY: u64 = 24 * 3600;
+    // (bucket, description, max age (0: none), value limit (0: the server's))
+    let table: [(&str, &str, u64, i32); 7] = [
+        (
             streams::PREFS_BUCKET,
             "Herald preferences: user token -> sparse preferences JSON",
-        )
-    }];
-    for (name, description, max_age) in [
+            0,
+            crate::preferences::MAX_PREFERENCES_BYTES as i32,
+        ),
         (
             streams::TARGETS_BUCKET,
             "Herald delivery targets: device tokens and encrypted contact data",
-            Duration::ZERO,
+            0,
+            0,
         ),
         (
             streams::SENT_BUCKET,
             "Herald sent markers: jobs a provider accepted",
-            Duration::from_secs(7 * 24 * 3600),
+            7 * DAY,
+            0,
         ),
         (
             streams::STATUS_BUCKET,
             "Herald delivery status per notification",
-            Duration::from_secs(30 * 24 * 3600),
+            30 * DAY,
+            0,
         ),
-    ] {
-        buckets.push(kv::Config {
-            max_age,
-            ..bucket(name, description)
-        });
-    }
-    buckets.push(kv::Config {
-        max_value_size: 4 * 1024,
-        max_age: Duration::from_secs(7 * 24 * 3600),
-        ..bucket(
+        (
             streams::FANOUT_BUCKET,
             "Herald fan-out progress: publish id -> progress JSON",
-        )
-    });
-    buckets.push(kv::Config {
-        max_value_size: 1024,
-        // Longer than any sensible window (a day), so old windows expire.
-        max_age: Duration::from_secs(2 * 24 * 3600),
-        ..bucket(
+            7 * DAY,
+            4 * 1024,
+        ),
+        // Caps and groups outlive the longest window (a day), so old ones expire.
+        (
             streams::CAPS_BUCKET,
             "Herald rate cap counters: one key per cap, window and tuple",
-        )
-    });
-    buckets.push(kv::Config {
-        max_value_size: 64 * 1024,
-        // Beyond the longest window (a day), so abandoned groups expire.
-        max_age: Duration::from_secs(2 * 24 * 3600),
-        ..bucket(
+            2 * DAY,
+            1024,
+        ),
+        (
             streams::GROUPS_BUCKET,
             "Herald aggregation groups: one key per (user, group key)",
+            2 * DAY,
+            64 * 1024,
+        ),
+    ];
+    table
+        .into_iter()
+        .map(
+            |(bucket, description, max_age_s, max_value_size)| kv::Config {
+                bucket: bucket.to_string(),
+                description: description.to_string(),
+                history: 1,
+                max_age: Duration::from_secs(max_age_s),
+                max_value_size,
+                storage: stream::StorageType::File,
+                num_replicas: settings.replicas,
+                ..Default::default()
+            },
         )
-    });
-    buckets
+        .collect()
 }
 
 /// Provisions everything Herald needs.
