@@ -728,36 +728,12 @@ async fn ensure_router_consumer(
         .await
         .map_err(|e| nats_err("opening the inbox stream")(Box::new(e)))?;
     let wanted = router_consumer_config(subjects, partition, lane);
-    let name = streams::router_consumer(partition, lane);
-    match stream.get_consumer::<consumer::pull::Config>(&name).await {
-        Ok(mut existing) => {
-            let info = existing.info().await.map_err(|e| {
-                nats_err(format!(
-                    "reading router consumer p{partition}-{}",
-                    lane.as_str()
-                ))(Box::new(e))
-            })?;
-            // Filters change between versions (quiet-hours deferral added one, lanes for
-            // deferred work another): updated in place, the consumer keeps its position.
-            if info.config.filter_subjects != wanted.filter_subjects {
-                stream.update_consumer(wanted).await.map_err(|e| {
-                    nats_err(format!(
-                        "updating router consumer p{partition}-{}",
-                        lane.as_str()
-                    ))(Box::new(e))
-                })?;
-            }
-        }
-        Err(_) => {
-            stream.create_consumer(wanted).await.map_err(|e| {
-                nats_err(format!(
-                    "creating router consumer p{partition}-{}",
-                    lane.as_str()
-                ))(Box::new(e))
-            })?;
-        }
-    }
-    Ok(())
+    // Filters change between versions (quiet-hours deferral added one, lanes for deferred
+    // work another): updated in place, the consumer keeps its position.
+    ensure_consumer(&stream, wanted.clone(), |existing| {
+        existing.filter_subjects == wanted.filter_subjects
+    })
+    .await
 }
 
 #[cfg(test)]
