@@ -1,6 +1,10 @@
 //! HTTP plumbing every provider shares: one pooled client per provider (connections are
 //! reused across sends), and the parts of answer classification that do not depend on the
 //! provider — transport failures, `Retry-After`, shortening answers for error details.
+//!
+//! An answer's body is only ever read through [`body_prefix`], at most [`MAX_BODY`]
+//! bytes: a webhook URL is a tenant's, and a receiver streaming an endless error body
+//! must cost the worker 64 KiB, not its memory.
 
 pub mod spread;
 
@@ -123,6 +127,37 @@ pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Durati
     )
 }
 
+/// The most of an answer's body that is ever read. Every provider's real answer (a JSON
+/// id or error) is far smaller; what lies beyond is never needed, since details keep
+/// 300 characters.
+pub(crate) const MAX_BODY: usize = 64 * 1024;
+
+/// At most [`MAX_BODY`] bytes of an answer's body; the rest is never read. Reading stops
+/// there and the response is dropped, which closes its connection (HTTP/1) or resets its
+/// stream (HTTP/2) instead of draining it. A success answer longer than this is cut, and
+/// so reads as unreadable — no provider sends one.
+///
+/// # Errors
+/// The transport error when the body fails before its end or the limit: reset, or the
+/// client's whole-request timeout.
+pub(crate) async fn body_prefix(
+    mut response: reqwest::Response,
+) -> Result<Vec<u8>, reqwest::Error> {
+    let expected = response
+        .content_length()
+        .and_then(|n| usize::try_from(n).ok())
+        .unwrap_or(0);
+    let mut body = Vec::with_capacity(expected.min(MAX_BODY));
+    while body.len() < MAX_BODY {
+        let Some(chunk) = response.chunk().await? else {
+            break;
+        };
+        let room = MAX_BODY - body.len();
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+    }
+    Ok(body)
+}
+
 /// At most 300 characters of a provider's answer, for error details and logs.
 pub(crate) fn shorten(text: &str) -> String {
     const MAX: usize = 300;
@@ -133,9 +168,10 @@ pub(crate) fn shorten(text: &str) -> String {
     }
 }
 
-/// An answer body as text for details (lossy: providers may send garbage).
+/// An answer body as text for details (lossy: providers may send garbage). Only the
+/// first 4 KiB are decoded: enough for the 300 characters kept.
 pub(crate) fn body_text(body: &[u8]) -> String {
-    shorten(&String::from_utf8_lossy(body))
+    shorten(&String::from_utf8_lossy(&body[..body.len().min(4096)]))
 }
 
 /// A 2xx whose body we cannot read. The provider probably accepted the message, so a retry

@@ -117,8 +117,7 @@ impl Provider for TwilioProvider {
             .map_err(|e| http::transport("twilio", &e))?;
         let status = response.status().as_u16();
         let headers = response.headers().clone();
-        let body = response
-            .bytes()
+        let body = http::body_prefix(response)
             .await
             .map_err(|e| http::transport("twilio", &e))?;
         if (200..300).contains(&status) {

@@ -140,8 +140,7 @@ impl Provider for VonageProvider {
             .map_err(|e| http::transport("vonage", &e))?;
         let status = response.status().as_u16();
         let headers = response.headers().clone();
-        let body = response
-            .bytes()
+        let body = http::body_prefix(response)
             .await
             .map_err(|e| http::transport("vonage", &e))?;
         if !(200..300).contains(&status) {

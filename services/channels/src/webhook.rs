@@ -5,6 +5,8 @@
 //! Answers: 2xx delivered; 410 Gone means the endpoint is retired (invalid target); 429
 //! throttled (honouring `Retry-After`); 408, 5xx and timeouts transient; redirects and other
 //! 4xx permanent (redirects are not followed: the signed request goes where it was told).
+//! A success's body is never read, an error's only its first 64 KiB ([`http::body_prefix`]):
+//! the URL is a tenant's, and so is whatever its server streams back.
 
 pub mod signature;
 
@@ -150,7 +152,8 @@ impl Provider for WebhookProvider {
             });
         }
         let headers = response.headers().clone();
-        let body = response.bytes().await.unwrap_or_default();
+        // The receiver is a tenant's: never more than a bounded prefix of its answer.
+        let body = http::body_prefix(response).await.unwrap_or_default();
         Err(match status {
             410 => SendError::InvalidTarget {
                 detail: format!("webhook: 410 Gone: {}", http::body_text(&body)),

@@ -1,6 +1,6 @@
 //! Twilio and Vonage against their fakes, and E.164 validation before either is called.
 
-use crate::common::{class, delivery, http};
+use crate::common::{ENDLESS_BODY_BUDGET, EndlessBody, class, delivery, http};
 use herald_channels::twilio::{TwilioConfig, TwilioProvider};
 use herald_channels::vonage::{VonageConfig, VonageProvider};
 use herald_channels::{Provider, SendError, Target};
@@ -242,4 +242,46 @@ async fn vonage_wrong_secret_is_retried_and_counts_against_the_provider() {
             if detail.contains("status 4") && detail.contains("credentials refused")),
         "{result:?}"
     );
+}
+
+/// An endless answer (an error page, or a "success" that never ends) is read only up to a
+/// bounded prefix by both SMS providers: a 5xx stays transient, a 2xx that cannot be read
+/// whole is not retried (it may have been accepted).
+#[tokio::test]
+async fn sms_providers_read_only_a_bounded_prefix_of_an_endless_answer() {
+    for (status, expected) in [(500, "transient"), (200, "permanent")] {
+        let server = EndlessBody::start(status).await;
+        let twilio = TwilioProvider::new(&TwilioConfig {
+            base_url: server.url(""),
+            account_sid: "AC0123".into(),
+            auth_token: "token".into(),
+            from: FROM.into(),
+            http: http(None),
+        })
+        .expect("provider builds");
+        let result = twilio.send(&delivery(Channel::Sms, phone(TO))).await;
+        assert_eq!(class(&result), expected, "twilio {status}: {result:?}");
+        let written = server.written_when_hung_up().await;
+        assert!(
+            written < ENDLESS_BODY_BUDGET,
+            "twilio {status}: read {written} bytes"
+        );
+
+        let server = EndlessBody::start(status).await;
+        let vonage = VonageProvider::new(&VonageConfig {
+            base_url: server.url(""),
+            api_key: "key".into(),
+            api_secret: "secret".into(),
+            from: "Herald".into(),
+            http: http(None),
+        })
+        .expect("provider builds");
+        let result = vonage.send(&delivery(Channel::Sms, phone(TO))).await;
+        assert_eq!(class(&result), expected, "vonage {status}: {result:?}");
+        let written = server.written_when_hung_up().await;
+        assert!(
+            written < ENDLESS_BODY_BUDGET,
+            "vonage {status}: read {written} bytes"
+        );
+    }
 }

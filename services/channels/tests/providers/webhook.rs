@@ -1,6 +1,6 @@
 //! Signed webhooks against a receiver that verifies the signature independently.
 
-use crate::common::{class, delivery, http};
+use crate::common::{ENDLESS_BODY_BUDGET, EndlessBody, class, delivery, http};
 use herald_channels::webhook::signature;
 use herald_channels::webhook::{WebhookConfig, WebhookProvider};
 use herald_channels::{Provider, SendError, Target};
@@ -97,6 +97,24 @@ async fn webhook_answers_are_classified() {
     assert!(
         matches!(result, Err(SendError::Throttled { retry_after: Some(d), .. }) if d == Duration::from_secs(3)),
         "{result:?}"
+    );
+}
+
+/// The receiver is a tenant's: one streaming an endless 500 body costs the worker a
+/// bounded prefix of it, not the body (which would run it out of memory).
+#[tokio::test]
+async fn webhook_reads_only_a_bounded_prefix_of_an_endless_error_body() {
+    let receiver = EndlessBody::start(500).await;
+    let started = std::time::Instant::now();
+    let result = provider(SECRET)
+        .send(&delivery(Channel::Webhook, hook(receiver.url("/hook"))))
+        .await;
+    assert_eq!(class(&result), "transient", "{result:?}");
+    let written = receiver.written_when_hung_up().await;
+    assert!(
+        written < ENDLESS_BODY_BUDGET,
+        "the client read {written} bytes of the error body in {:?}",
+        started.elapsed()
     );
 }
 
