@@ -3,7 +3,8 @@
 //! Starts a child nats-server (unless `--nats-url` is given) with its store under the
 //! data dir, generates the development API key and JWT secret on first run and keeps them
 //! in `<data-dir>/credentials.toml` so a second start reuses both the data and the keys,
-//! provisions, serves every service, and on Ctrl-C stops everything, the child included.
+//! provisions, serves every service, and on Ctrl-C stops everything, the child included
+//! (also while it is still starting, or being started again after a crash).
 
 use crate::config::Settings;
 use crate::mesh::{Mesh, MeshOptions, Roles};
@@ -85,7 +86,16 @@ pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> Result<
         }
         None => {
             let store = data_dir.join("nats");
-            let server = NatsServer::start(NatsServerOptions::dev(store)).await?;
+            // A start can take seconds (JetStream recovering a big store). Ctrl-C meanwhile
+            // drops it, and with it the child (a starting child is owned too: see
+            // `herald_natsd`), instead of starting the whole mesh only to stop it.
+            let server = tokio::select! {
+                server = NatsServer::start(NatsServerOptions::dev(store)) => server?,
+                () = shutdown.cancelled() => {
+                    eprintln!("herald stopped before nats-server was up.");
+                    return Ok(());
+                }
+            };
             tracing::info!(pid = server.pid(), url = %server.client_url(), "started nats-server");
             let url = server.client_url();
             child = Some(server);

@@ -17,7 +17,9 @@
 //! # Lifetime of the child
 //!
 //! [`NatsServer`] kills (SIGKILL) and reaps its child on drop, so a panicking test does
-//! not leak servers. The child runs in a process group of its own, so Ctrl-C in a
+//! not leak servers. The child is owned from its spawn, not from the end of its start: a
+//! start (or restart) whose future is dropped, or that fails, kills it too, and
+//! [`kill_all`] knows it while it starts. The child runs in a process group of its own, so Ctrl-C in a
 //! terminal reaches only this process, which stops the child after draining into it; a
 //! forced exit calls [`kill_all`]. If this process is itself SIGKILLed, nothing runs and
 //! the child survives:

@@ -11,7 +11,7 @@ use std::{
 use nix::{errno::Errno, sys::signal::Signal};
 
 use crate::{NatsdError, locate, monitor};
-use child::{Ports, SpawnPlan};
+use child::{OwnedChild, Ports, SpawnPlan};
 
 /// The text of `nats/dev.conf`, the single-node development config.
 pub const DEV_CONFIG: &str = include_str!("../../../nats/dev.conf");
@@ -74,7 +74,8 @@ pub struct NatsServer {
     /// The options with the binary resolved and every port pinned to the one first used,
     /// so that [`NatsServer::restart`] comes back on the same addresses.
     plan: SpawnPlan,
-    child: Option<Child>,
+    /// Killed and reaped when dropped; listed for [`kill_all`] from its spawn on.
+    child: Option<OwnedChild>,
     pid: u32,
     ports: Ports,
 }
@@ -98,7 +99,6 @@ impl NatsServer {
         let (child, ports) = plan.spawn_and_wait().await?;
         plan.pin_ports(&ports);
         tracing::debug!(pid = child.id(), client = ports.client, "nats-server ready");
-        live(child.id(), true);
         Ok(NatsServer {
             pid: child.id(),
             child: Some(child),
@@ -141,7 +141,10 @@ impl NatsServer {
 
     /// Whether the child is still running (false after stop/kill or if it died).
     pub fn is_running(&mut self) -> bool {
-        matches!(self.child.as_mut().map(Child::try_wait), Some(Ok(None)))
+        matches!(
+            self.child.as_deref_mut().map(Child::try_wait),
+            Some(Ok(None))
+        )
     }
 
     /// Fetches a monitoring endpoint such as `/varz`, `/jsz` or `/routez?subs=1` as JSON.
@@ -207,8 +210,8 @@ impl NatsServer {
                 tokio::time::sleep(POLL).await;
             }
         }
+        // Reaped: dropping it signals nothing, and takes it off the live list.
         self.child = None;
-        live(pid, false);
         self.plan.forget_ports_file(pid);
         Ok(())
     }
@@ -216,12 +219,9 @@ impl NatsServer {
     /// SIGKILL now and reap: a crash, as far as nats-server is concerned. JetStream data
     /// not yet synced to disk is left to the OS page cache, which survives a process kill.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // Errors mean it has already exited; wait() reaps it either way.
-            let _ = child.kill();
-            // SIGKILL cannot be caught, so this wait is short even on an async thread.
-            let _ = child.wait();
-            live(self.pid, false);
+        if let Some(child) = self.child.take() {
+            // Dropping it SIGKILLs and reaps it.
+            drop(child);
             self.plan.forget_ports_file(self.pid);
         }
     }
@@ -235,9 +235,9 @@ impl NatsServer {
     /// the meantime shows as [`NatsdError::ExitedEarly`].
     pub async fn restart(&mut self) -> Result<(), NatsdError> {
         self.stop().await?;
+        // Cancelled half-way, the new child dies with the future (see `OwnedChild`).
         let (child, ports) = self.plan.spawn_and_wait().await?;
         self.pid = child.id();
-        live(self.pid, true);
         self.child = Some(child);
         self.ports = ports;
         Ok(())
@@ -264,9 +264,9 @@ fn live(pid: u32, running: bool) {
     }
 }
 
-/// SIGKILLs every nats-server this process started and has not stopped: for a forced
-/// exit (a second Ctrl-C), which skips [`NatsServer`]'s drop. The children run in process
-/// groups of their own, so nothing else would stop them.
+/// SIGKILLs every nats-server this process started and has not stopped, including one
+/// still starting: for a forced exit (a second Ctrl-C), which skips [`NatsServer`]'s
+/// drop. The children run in process groups of their own, so nothing else would stop them.
 pub fn kill_all() {
     let pids = LIVE
         .lock()

@@ -1,4 +1,9 @@
 //! Spawning the nats-server process and waiting until it serves clients.
+//!
+//! The child is owned from the moment it exists ([`OwnedChild`]): it is listed for
+//! [`super::kill_all`] at once and killed when its owner drops, so a start that is
+//! cancelled (a dropped future: Ctrl-C during `herald bench`, a second Ctrl-C while
+//! `herald up` waits for a slow JetStream recovery) or fails leaves no nats-server behind.
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -77,9 +82,10 @@ impl SpawnPlan {
         self.opts.http_port = ports.monitoring.or(self.opts.http_port);
     }
 
-    /// Spawns the child and waits until it accepts clients; kills it on failure.
-    pub(crate) async fn spawn_and_wait(&self) -> Result<(Child, Ports), NatsdError> {
-        let mut child = self.spawn()?;
+    /// Spawns the child and waits until it accepts clients. On failure, and when this
+    /// future is dropped before it ends, the child is killed and reaped.
+    pub(crate) async fn spawn_and_wait(&self) -> Result<(OwnedChild, Ports), NatsdError> {
+        let mut child = OwnedChild::new(self.spawn()?);
         let pid = child.id();
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
@@ -93,8 +99,6 @@ impl SpawnPlan {
                 }
                 Ok(None) => {}
                 Err(source) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
                     return Err(NatsdError::Process {
                         action: "wait for",
                         pid,
@@ -108,8 +112,7 @@ impl SpawnPlan {
                 return Ok((child, ports));
             }
             if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
+                drop(child);
                 return Err(NatsdError::StartTimeout {
                     pid,
                     timeout: START_TIMEOUT,
@@ -204,6 +207,46 @@ impl SpawnPlan {
                 }
             }
         }
+    }
+}
+
+/// A nats-server child owned by this process: listed for [`super::kill_all`] (a forced
+/// exit runs no destructor) while it exists, SIGKILLed and reaped when dropped.
+#[derive(Debug)]
+pub(crate) struct OwnedChild {
+    child: Child,
+}
+
+impl OwnedChild {
+    /// Takes ownership of a child just spawned.
+    fn new(child: Child) -> Self {
+        super::live(child.id(), true);
+        Self { child }
+    }
+}
+
+impl std::ops::Deref for OwnedChild {
+    type Target = Child;
+
+    fn deref(&self) -> &Child {
+        &self.child
+    }
+}
+
+impl std::ops::DerefMut for OwnedChild {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.child
+    }
+}
+
+impl Drop for OwnedChild {
+    fn drop(&mut self) {
+        // Errors mean it has already exited (or was reaped: std then sends nothing, so a
+        // reused pid is never hit); wait() reaps it either way, and SIGKILL cannot be
+        // caught, so the wait is short even on an async thread.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        super::live(self.child.id(), false);
     }
 }
 

@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use herald_natsd::{ConfigSource, NatsServer, NatsServerOptions, NatsdError, PINNED_VERSION};
 
-use crate::support::{RawClient, eventually, js_ok, read_info};
+use crate::support::{
+    RawClient, eventually, js_ok, never_ready_pid, never_ready_server, read_info, running,
+};
 
 #[tokio::test]
 async fn dev_server_serves_clients_on_random_ports() {
@@ -134,6 +136,33 @@ async fn dropping_the_server_kills_the_child() {
         }
     })
     .await;
+}
+
+/// A start dropped before the server serves (Ctrl-C during `herald bench`, or during a
+/// slow `herald up` start) takes its child with it: nothing owned it before its start
+/// ended, so it used to live on, holding the store.
+#[tokio::test]
+async fn a_start_dropped_half_way_kills_the_child() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let opts = NatsServerOptions {
+        binary: Some(never_ready_server(dir.path())),
+        ..NatsServerOptions::dev(&store)
+    };
+    let pid = tokio::select! {
+        result = NatsServer::start(opts) => panic!("a server that never serves started: {result:?}"),
+        pid = eventually(Duration::from_secs(10), "the child runs", || {
+            let store = store.clone();
+            async move { never_ready_pid(&store).filter(|pid| running(*pid)) }
+        }) => pid,
+    };
+    // The start future is dropped with the `select!`.
+    eventually(Duration::from_secs(5), "the child is gone", || async move {
+        (!running(pid)).then_some(())
+    })
+    .await;
+    // Reaped too, not left a zombie.
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
 }
 
 /// The process group of `pid` (field 5 of `/proc/<pid>/stat`, after the command name).

@@ -165,3 +165,57 @@ pub async fn js_ok(url: &str, subject: &str, msg_id: Option<&str>, payload: &str
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Where [`never_ready_server`] writes its pid, in the store dir it is started on.
+const NEVER_READY_PID: &str = "never-ready.pid";
+
+/// A stand-in for nats-server that never serves (like a real one recovering a huge
+/// JetStream store): it answers `--version` like the pinned release, and otherwise writes
+/// its pid to `<store>/never-ready.pid` and sleeps. Returns its path, under `dir`.
+pub fn never_ready_server(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = dir.join("never-ready-nats-server");
+    let script = format!(
+        "#!/bin/sh\n\
+         if [ \"$1\" = --version ]; then echo 'nats-server: v{}'; exit 0; fi\n\
+         echo $$ > \"$HERALD_NATS_STORE/{NEVER_READY_PID}\"\n\
+         exec sleep 600\n",
+        herald_natsd::PINNED_VERSION
+    );
+    std::fs::write(&path, script).expect("write the script");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    // A file just written may still be open for writing in a child another test thread
+    // forked meanwhile (until that child execs): running it then fails with "Text file
+    // busy". Wait until it runs.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match std::process::Command::new(&path).arg("--version").output() {
+            Ok(out) if out.status.success() => return path,
+            result => assert!(
+                Instant::now() < deadline,
+                "{path:?} does not run: {result:?}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The pid [`never_ready_server`] wrote into `store`, once it runs.
+pub fn never_ready_pid(store: &std::path::Path) -> Option<u32> {
+    std::fs::read_to_string(store.join(NEVER_READY_PID))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Whether `pid` names a process that runs (a zombie, killed but not yet reaped, does not).
+pub fn running(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let state = stat
+        .rfind(')')
+        .and_then(|i| stat[i + 1..].split_whitespace().next());
+    state != Some("Z")
+}
