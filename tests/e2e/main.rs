@@ -27,6 +27,7 @@ mod notify;
 mod page;
 mod policy;
 mod preferences;
+mod providers_review;
 mod receipts;
 mod replay;
 mod router_digests;

@@ -233,6 +233,18 @@ pub(crate) fn credentials_refused(detail: String) -> SendError {
     ))
 }
 
+/// The provider refuses *our* setup rather than this message: a sender number that is not
+/// the account's, an account not enabled for the API, an endpoint that does not exist.
+/// Classed like [`credentials_refused`], for the same reason: every message through the
+/// provider fails alike until an operator fixes `setting`, so it counts against the
+/// provider's circuit (which opens, and the channel's next provider takes over) and the job
+/// is retried — never dead-lettered as if the message were bad.
+pub(crate) fn configuration_refused(detail: String, setting: &str) -> SendError {
+    SendError::transient(format!(
+        "{detail} (the provider refuses our configuration: check {setting})"
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,11 @@
 //!
 //! Twilio's errors carry a numeric `code` beside the HTTP status. The codes that say the
 //! number itself is unusable (invalid, not a mobile, opted out with STOP) make the target
-//! invalid; 20429 / HTTP 429 is throttling; 5xx is transient; other 4xx are permanent.
+//! invalid; 20429 / HTTP 429 and 21611 (our sender's queue is full) are throttling; 5xx is
+//! transient; 401/403 (our credentials) and the codes that refuse our sender or account
+//! (a `From` not on the account or not able to send, an account or endpoint that does not
+//! exist) are the provider's failure, retried and counted by its circuit so the channel
+//! fails over ([`http::configuration_refused`]); other 4xx are permanent.
 
 use crate::http::{self, HttpOptions, SetupError};
 use crate::{Delivery, Provider, SendError, Sent, Target, sms};
@@ -18,6 +22,19 @@ pub const PRODUCTION_URL: &str = "https://api.twilio.com";
 /// number does not appear valid, 21401 invalid phone number, 21407 not supported, 21610
 /// recipient unsubscribed (STOP), 21614 not a mobile number.
 const INVALID_TARGET_CODES: [u32; 6] = [21211, 21217, 21401, 21407, 21610, 21614];
+
+/// Error codes meaning "our sender is refused", whatever the message: 21212 invalid 'From'
+/// number, 21603 'From' missing, 21606 'From' is not a message-capable number of the
+/// account, 21659 'From' is not a Twilio number, 21660 'From' belongs to another account.
+/// Every message fails alike until `HERALD_TWILIO_FROM` is fixed.
+const SENDER_REFUSED_CODES: [u32; 5] = [21212, 21603, 21606, 21659, 21660];
+
+/// 21611: "This 'From' number has exceeded the maximum number of queued messages" — a
+/// throttle of our sender, not a fault of the message.
+const SENDER_QUEUE_FULL: u32 = 21611;
+
+/// 20404: the requested resource (our account's Messages endpoint) was not found.
+const NOT_FOUND: u32 = 20404;
 
 /// What the Twilio provider needs.
 #[derive(Debug, Clone)]
@@ -137,15 +154,28 @@ fn classify(status: u16, headers: &reqwest::header::HeaderMap, body: &[u8]) -> S
         message,
     }) = serde_json::from_slice::<TwilioError>(body)
     else {
+        // The Messages endpoint of our account always exists: a 404 is our URL or SID.
+        if status == 404 {
+            return http::configuration_refused(
+                format!("twilio: 404: {}", http::body_text(body)),
+                "HERALD_TWILIO_URL and HERALD_TWILIO_ACCOUNT_SID",
+            );
+        }
         return http::by_status("twilio", status, headers, body);
     };
     let detail = format!("twilio: {status} code {code}: {}", http::shorten(&message));
     match code {
         c if INVALID_TARGET_CODES.contains(&c) => SendError::InvalidTarget { detail },
-        20429 => SendError::Throttled {
+        20429 | SENDER_QUEUE_FULL => SendError::Throttled {
             retry_after: http::retry_after(headers),
             detail,
         },
+        c if SENDER_REFUSED_CODES.contains(&c) => {
+            http::configuration_refused(detail, "HERALD_TWILIO_FROM")
+        }
+        NOT_FOUND => {
+            http::configuration_refused(detail, "HERALD_TWILIO_URL and HERALD_TWILIO_ACCOUNT_SID")
+        }
         _ => http::class_for(status, headers, detail),
     }
 }

@@ -4,8 +4,12 @@
 //!
 //! Status codes (Vonage "SMS API errors"): 0 accepted; 1 throttled and 10 too many binds
 //! → throttled; 5 internal error and 9 out of credit → transient (so the circuit opens and
-//! traffic fails over); 6 unroutable prefix, 7 barred number, 33 deactivated number →
-//! invalid target; everything else (bad parameters, credentials, sender) → permanent.
+//! traffic fails over); 4 invalid credentials, 8 account barred, 14 invalid signature → our
+//! credentials refused; 11 account not enabled for this API, 15 invalid sender address,
+//! 32 signature required instead of the secret → our configuration refused (both transient:
+//! every message fails alike, so the circuit counts them and the channel fails over);
+//! 6 unroutable prefix, 7 barred number, 33 deactivated number → invalid target;
+//! everything else (bad parameters, a text too long) → permanent.
 
 use crate::http::{self, HttpOptions, SetupError};
 use crate::{Delivery, Provider, SendError, Sent, Target, sms};
@@ -143,6 +147,13 @@ impl Provider for VonageProvider {
         let body = http::body_prefix(response)
             .await
             .map_err(|e| http::transport("vonage", &e))?;
+        if status == 404 {
+            // The SMS endpoint always exists: a 404 is our URL.
+            return Err(http::configuration_refused(
+                format!("vonage: 404: {}", http::body_text(&body)),
+                "HERALD_VONAGE_URL",
+            ));
+        }
         if !(200..300).contains(&status) {
             return Err(http::by_status("vonage", status, &headers, &body));
         }
@@ -192,7 +203,10 @@ fn classify(part: &Part) -> SendError {
         5 | 9 => SendError::transient(detail),
         // Our key or account (invalid credentials, account barred), not the message: the
         // provider's circuit counts it and the job is retried, failing over meanwhile.
-        4 | 8 => http::credentials_refused(detail),
+        4 | 8 | 14 => http::credentials_refused(detail),
+        // Our sender id, or the account's setup for this API: every message alike.
+        15 => http::configuration_refused(detail, "HERALD_VONAGE_FROM"),
+        11 | 32 => http::configuration_refused(detail, "the Vonage account's API settings"),
         6 | 7 | 33 => SendError::InvalidTarget { detail },
         _ => SendError::Permanent { detail },
     }

@@ -197,10 +197,6 @@ async fn vonage_status_codes_garbage_and_silence_are_classified() {
             "invalid-target",
         ),
         (status_reply(7, "Number barred"), "invalid-target"),
-        (
-            status_reply(15, "Illegal Sender Address - rejected"),
-            "permanent",
-        ),
         (status_reply(12, "Message too long"), "permanent"),
         (
             Reply::json(
@@ -229,6 +225,89 @@ async fn vonage_status_codes_garbage_and_silence_are_classified() {
         fake.script().push(1, reply);
         let result = provider.send(&delivery(Channel::Sms, phone(TO))).await;
         assert_eq!(class(&result), expected, "{shown} gave {result:?}");
+    }
+}
+
+/// A sender or account the provider refuses (`HERALD_TWILIO_FROM` not on the account, a
+/// Vonage account not enabled for the API) fails every message alike: it counts against
+/// the provider (transient, so its circuit opens and the channel fails over) instead of
+/// dead-lettering each message as if the message were bad, and says what to check. A full
+/// sender queue (Twilio 21611) is a throttle.
+#[tokio::test]
+async fn a_refused_sender_or_account_counts_against_the_provider() {
+    let (fake, provider) = twilio().await;
+    let cases = [
+        (
+            error_reply(
+                400,
+                21212,
+                "The 'From' number +15005550006 is not a valid phone number",
+            ),
+            "HERALD_TWILIO_FROM",
+        ),
+        (
+            error_reply(
+                400,
+                21606,
+                "The 'From' phone number provided is not a valid message-capable Twilio phone number",
+            ),
+            "HERALD_TWILIO_FROM",
+        ),
+        (
+            error_reply(
+                400,
+                21659,
+                "'From' is not a Twilio phone number or Short Code country mismatch",
+            ),
+            "HERALD_TWILIO_FROM",
+        ),
+        (
+            error_reply(404, 20404, "The requested resource was not found"),
+            "HERALD_TWILIO_ACCOUNT_SID",
+        ),
+        (
+            Reply::raw(404, "<html>not here</html>"),
+            "HERALD_TWILIO_URL",
+        ),
+    ];
+    for (reply, setting) in cases {
+        let shown = format!("{reply:?}");
+        fake.script().push(1, reply);
+        let result = provider.send(&delivery(Channel::Sms, phone(TO))).await;
+        assert!(
+            matches!(&result, Err(SendError::Transient { detail, .. })
+                if detail.contains("configuration") && detail.contains(setting)),
+            "{shown} gave {result:?}"
+        );
+    }
+    fake.script().push(
+        1,
+        error_reply(
+            400,
+            21611,
+            "This 'From' number has exceeded the maximum number of queued messages",
+        ),
+    );
+    let result = provider.send(&delivery(Channel::Sms, phone(TO))).await;
+    assert_eq!(class(&result), "throttled", "{result:?}");
+
+    let (fake, provider) = vonage().await;
+    for (reply, setting) in [
+        (
+            status_reply(15, "Illegal Sender Address - rejected"),
+            "HERALD_VONAGE_FROM",
+        ),
+        (status_reply(11, "Account not enabled for REST"), "API"),
+        (Reply::raw(404, "not found"), "HERALD_VONAGE_URL"),
+    ] {
+        let shown = format!("{reply:?}");
+        fake.script().push(1, reply);
+        let result = provider.send(&delivery(Channel::Sms, phone(TO))).await;
+        assert!(
+            matches!(&result, Err(SendError::Transient { detail, .. })
+                if detail.contains("configuration") && detail.contains(setting)),
+            "{shown} gave {result:?}"
+        );
     }
 }
 
