@@ -24,6 +24,7 @@ mod native;
 mod nats_auth;
 mod newest_pages;
 mod notify;
+mod operator_review;
 mod page;
 mod policy;
 mod preferences;

@@ -5,6 +5,12 @@
 //! Providers are registered in [`providers`]: SMTP, then those `herald_channels::build`
 //! makes from configuration (APNs, FCM, Twilio, Vonage, webhook), then any given by an
 //! embedder or test, each an `Arc<dyn Provider>` with its [`Limits`], in failover order.
+//!
+//! A channel without a provider gets no worker. A worker would pull every job of its
+//! queue and dead-letter it ("no provider accepts this target") without calling anyone;
+//! left queued, the jobs go out once a provider is configured. `herald worker <channel>`
+//! for such a channel is a configuration error ([`no_provider`]), and a mesh that runs
+//! workers logs, once at start, which channels have none.
 
 use futures::future::BoxFuture;
 use herald_channels::Provider;
@@ -95,6 +101,34 @@ impl std::fmt::Debug for ChannelSettings {
     }
 }
 
+/// The settings that give `channel` a provider, for messages that tell what to set.
+pub fn provider_settings(channel: Channel) -> &'static str {
+    match channel {
+        Channel::Push => {
+            "APNs for iOS devices (HERALD_APNS_KEY_FILE, HERALD_APNS_KEY_ID, HERALD_APNS_TEAM_ID, \
+             HERALD_APNS_TOPIC) and/or FCM for Android and web devices (HERALD_FCM_CREDENTIALS)"
+        }
+        Channel::Email => "HERALD_SMTP_URL and HERALD_EMAIL_FROM",
+        Channel::Sms => {
+            "Twilio (HERALD_TWILIO_ACCOUNT_SID, HERALD_TWILIO_AUTH_TOKEN, HERALD_TWILIO_FROM) \
+             and/or Vonage (HERALD_VONAGE_API_KEY, HERALD_VONAGE_API_SECRET, HERALD_VONAGE_FROM)"
+        }
+        Channel::Webhook => "HERALD_WEBHOOK_SECRET",
+        // Written by the router itself; never a worker's.
+        Channel::Inbox => "nothing (the inbox needs no provider)",
+    }
+}
+
+/// The configuration error of `herald worker <channel>` when `channel` has no provider.
+pub fn no_provider(channel: Channel) -> String {
+    let name = channel.as_str();
+    format!(
+        "herald worker {name}: no {name} provider is configured, and a worker without one \
+         would dead-letter every job it pulls; set {} (see README.md, \"Providers\")",
+        provider_settings(channel)
+    )
+}
+
 /// The unsubscribe-link key derived from a contact key.
 fn link_key(contact_key: &[u8; 32]) -> Vec<u8> {
     use sha2::Digest as _;
@@ -112,6 +146,18 @@ impl ChannelSettings {
         self.contact_keys = ContactKeys::new(current, old);
         self.old_link_keys = old.iter().map(link_key).collect();
         self
+    }
+
+    /// Whether `channel` has a provider: SMTP for email, or one built from configuration
+    /// or given by an embedder. The inbox needs none.
+    pub fn serves(&self, channel: Channel) -> bool {
+        channel == Channel::Inbox
+            || (channel == Channel::Email && self.smtp.is_some())
+            || self.configured.iter().any(|p| p.channel() == channel)
+            || self
+                .extra_providers
+                .iter()
+                .any(|(p, _)| p.channel() == channel)
     }
 
     /// Defaults around one contact key (links are signed with a key derived from it).
@@ -283,11 +329,29 @@ impl Channels {
         if !self.settings.run_workers {
             return Vec::new();
         }
-        let channels = self
+        let wanted = self
             .settings
             .channels
             .clone()
-            .unwrap_or_else(|| self.providers.channels());
+            .unwrap_or_else(|| herald_protocol::streams::WORK_CHANNELS.to_vec());
+        let (channels, unserved): (Vec<Channel>, Vec<Channel>) = wanted
+            .into_iter()
+            .filter(|c| *c != Channel::Inbox)
+            .partition(|c| self.providers.serves(*c));
+        if !unserved.is_empty() {
+            let names: Vec<&str> = unserved.iter().map(|c| c.as_str()).collect();
+            let settings: Vec<String> = unserved
+                .iter()
+                .map(|c| format!("{}: {}", c.as_str(), provider_settings(*c)))
+                .collect();
+            tracing::warn!(
+                channels = %names.join(","),
+                "no provider is configured for {}: these channels get no worker, and their jobs \
+                 stay queued until one is; set {}",
+                names.join(", "),
+                settings.join("; ")
+            );
+        }
         let deps = WorkerDeps {
             nats: self.nats.clone(),
             subjects: self.subjects.clone(),
@@ -300,7 +364,6 @@ impl Channels {
         };
         channels
             .into_iter()
-            .filter(|c| *c != Channel::Inbox)
             .map(|channel| {
                 let config = WorkerConfig {
                     budget: LaneBudget::from_concurrency(self.settings.concurrency),

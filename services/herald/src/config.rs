@@ -450,6 +450,64 @@ impl Settings {
         }
     }
 
+    /// [`Settings::validate`] for `herald worker <channel>`: a channel with no provider
+    /// is one more error, since its worker would dead-letter every job it pulls.
+    ///
+    /// # Errors
+    /// [`ConfigError`] listing every problem, that one included.
+    pub fn validate_worker(
+        &self,
+        channel: herald_protocol::Channel,
+    ) -> Result<Validated, ConfigError> {
+        match self.validate() {
+            Ok(v) if v.channels.serves(channel) => Ok(v),
+            Ok(_) => Err(ConfigError(vec![crate::channels::no_provider(channel)])),
+            Err(mut e) => {
+                if !self.names_a_provider_of(channel) {
+                    e.0.push(crate::channels::no_provider(channel));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether any provider setting of `channel` is given (it may be invalid: that is
+    /// reported on its own).
+    fn names_a_provider_of(&self, channel: herald_protocol::Channel) -> bool {
+        use herald_protocol::Channel;
+        let p = &self.providers;
+        match channel {
+            Channel::Inbox => true,
+            Channel::Email => self.smtp_url.is_some() || self.email_from.is_some(),
+            Channel::Push => {
+                [
+                    &p.apns_url,
+                    &p.apns_key_id,
+                    &p.apns_team_id,
+                    &p.apns_topic,
+                    &p.fcm_url,
+                ]
+                .iter()
+                .any(|v| v.is_some())
+                    || p.apns_key_file.is_some()
+                    || p.fcm_credentials.is_some()
+            }
+            Channel::Sms => [
+                &p.twilio_url,
+                &p.twilio_account_sid,
+                &p.twilio_auth_token,
+                &p.twilio_from,
+                &p.vonage_url,
+                &p.vonage_api_key,
+                &p.vonage_api_secret,
+                &p.vonage_from,
+            ]
+            .iter()
+            .any(|v| v.is_some()),
+            Channel::Webhook => p.webhook_secret.is_some(),
+        }
+    }
+
     fn channels(&self, errors: &mut Vec<String>) -> crate::channels::ChannelSettings {
         use herald_store::targets::ContactKeys;
         let key = match (&self.contact_key, &self.jwt_secret) {
@@ -825,6 +883,59 @@ mod tests {
             ..jwks
         };
         assert!(dev.validate().is_ok(), "development derives one");
+    }
+
+    /// `herald worker <channel>` without a provider for it would dead-letter its whole
+    /// queue: it is refused at start, naming the settings to set, with the other problems.
+    #[test]
+    fn a_worker_without_a_provider_for_its_channel_is_a_configuration_error() {
+        use herald_protocol::Channel;
+        let base = Settings {
+            api_key: Some("hk_0123456789abcdef".into()),
+            jwt_secret: Some("x".repeat(32)),
+            ..Settings::default()
+        };
+        for (channel, names) in [
+            (
+                Channel::Push,
+                &["HERALD_APNS_KEY_FILE", "HERALD_FCM_CREDENTIALS"][..],
+            ),
+            (Channel::Email, &["HERALD_SMTP_URL", "HERALD_EMAIL_FROM"]),
+            (
+                Channel::Sms,
+                &["HERALD_TWILIO_ACCOUNT_SID", "HERALD_VONAGE_API_KEY"],
+            ),
+            (Channel::Webhook, &["HERALD_WEBHOOK_SECRET"]),
+        ] {
+            let err = base.validate_worker(channel).expect_err("no provider");
+            assert_eq!(err.0.len(), 1, "{err}");
+            for name in names {
+                assert!(err.0[0].contains(name), "{channel:?}: {err}");
+            }
+        }
+        // Reported whole: with the other problems, not after they are fixed.
+        let broken = Settings {
+            partitions: 0,
+            ..base.clone()
+        };
+        let err = broken.validate_worker(Channel::Sms).expect_err("invalid");
+        assert_eq!(err.0.len(), 2, "{err}");
+        // A configured provider is enough.
+        let webhooks = Settings {
+            providers: herald_channels::ProvidersConfig {
+                webhook_secret: Some("a-webhook-secret-of-some-length".into()),
+                ..Default::default()
+            },
+            ..base.clone()
+        };
+        assert!(webhooks.validate_worker(Channel::Webhook).is_ok());
+        assert!(webhooks.validate_worker(Channel::Sms).is_err());
+        let email = Settings {
+            smtp_url: Some("smtp://127.0.0.1:25".into()),
+            email_from: Some("Herald <herald@example.com>".into()),
+            ..base
+        };
+        assert!(email.validate_worker(Channel::Email).is_ok());
     }
 
     #[test]

@@ -160,7 +160,12 @@ async fn service(
     worker: Option<(herald_protocol::Channel, Option<usize>)>,
 ) -> Result<(), Failure> {
     let s = settings(common).map_err(Failure::Config)?;
-    let mut v = s.validate().map_err(Failure::Config)?;
+    // A worker for a channel with no provider would dead-letter its whole queue.
+    let mut v = match worker {
+        Some((channel, _)) => s.validate_worker(channel),
+        None => s.validate(),
+    }
+    .map_err(Failure::Config)?;
     // Only `herald worker <channel>` runs workers, for that channel alone.
     v.channels.run_workers = worker.is_some();
     if let Some((channel, concurrency)) = worker {
