@@ -278,6 +278,17 @@ impl Settings {
             .map_err(|e| ConfigError(e.into_iter().map(|e| e.to_string()).collect()))
     }
 
+    /// Every setting read from the environment, as its key (`HERALD_` + the key in upper
+    /// case): the documentation test checks each is in the README.
+    pub fn env_keys() -> Vec<&'static str> {
+        ENV_KEYS
+            .iter()
+            .chain(&herald_channels::ENV_KEYS)
+            .chain(&NATS_STRING_KEYS)
+            .copied()
+            .collect()
+    }
+
     /// Checks everything and builds the typed configuration.
     ///
     /// # Errors
