@@ -240,6 +240,10 @@ fn classify(
         (400, "BadDeviceToken") => SendError::Permanent { detail },
         // The topic (bundle id) configured is not the app's: our configuration.
         (400, "DeviceTokenNotForTopic") => http::credentials_refused(detail),
+        // "Too many requests were made consecutively to the same device token": that
+        // device's job waits, every other device is still pushed to.
+        (429, "TooManyRequests") => SendError::target_throttled(http::retry_after(headers), detail),
+        // `TooManyProviderTokenUpdates` and the like: about our account.
         (429, _) => SendError::Throttled {
             retry_after: http::retry_after(headers),
             detail,
@@ -323,10 +327,10 @@ mod tests {
             class(410, "Unregistered"),
             SendError::InvalidTarget { .. }
         ));
-        assert!(matches!(
-            class(429, "TooManyRequests"),
-            SendError::Throttled { .. }
-        ));
+        assert!(class(429, "TooManyRequests").throttles_one_target());
+        let account = class(429, "TooManyProviderTokenUpdates");
+        assert!(matches!(account, SendError::Throttled { .. }));
+        assert!(!account.throttles_one_target());
         assert!(matches!(
             class(403, "ExpiredProviderToken"),
             SendError::Transient { .. }

@@ -293,6 +293,11 @@ fn classify(status: u16, headers: &reqwest::header::HeaderMap, body: &[u8]) -> S
         {
             SendError::InvalidTarget { detail }
         }
+        // The rate of messages to one device: that device's job waits, every other
+        // device is still sent to. Any other quota is the project's.
+        "QUOTA_EXCEEDED" if error.message.to_lowercase().contains("device") => {
+            SendError::target_throttled(http::retry_after(headers), detail)
+        }
         "QUOTA_EXCEEDED" | "RESOURCE_EXHAUSTED" => SendError::Throttled {
             retry_after: http::retry_after(headers),
             detail,
@@ -354,6 +359,20 @@ mod tests {
             let body = m["message"]["notification"]["body"].as_str().expect("body");
             assert!(body.ends_with('…'), "{platform:?}");
         }
+    }
+
+    #[test]
+    fn a_device_message_rate_is_that_devices_throttle_a_quota_the_projects() {
+        let h = reqwest::header::HeaderMap::new();
+        let answer = |message: &str| {
+            let body = json!({"error": {"code": 429, "message": message, "status": "RESOURCE_EXHAUSTED",
+                "details": [{"@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError", "errorCode": "QUOTA_EXCEEDED"}]}});
+            classify(429, &h, body.to_string().as_bytes())
+        };
+        assert!(answer("Device message rate exceeded.").throttles_one_target());
+        let project = answer("Quota exceeded for quota metric 'Send requests'");
+        assert!(matches!(project, SendError::Throttled { .. }));
+        assert!(!project.throttles_one_target());
     }
 
     #[test]

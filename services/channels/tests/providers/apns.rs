@@ -148,6 +148,36 @@ async fn apns_errors_garbage_and_silence_are_classified() {
     }
 }
 
+/// APNs' 429 `TooManyRequests` is about one device token ("too many requests were made
+/// consecutively to the same device token"): classed as that target's throttle, so the
+/// worker holds back that job only, and the next device is pushed to at once.
+#[tokio::test]
+async fn apns_too_many_requests_throttles_that_device_only() {
+    let (fake, provider) = setup().await;
+    let other = "b4f1c2d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90";
+    fake.script().push(1, error_reply(429, "TooManyRequests"));
+    let hot = provider.send(&delivery(Channel::Push, ios(DEVICE))).await;
+    let error = hot.expect_err("throttled");
+    assert!(
+        error.throttles_one_target(),
+        "a device's throttle: {error:?}"
+    );
+    assert!(
+        provider
+            .send(&delivery(Channel::Push, ios(other)))
+            .await
+            .is_ok()
+    );
+    fake.script()
+        .push(1, error_reply(429, "TooManyProviderTokenUpdates"));
+    let account = provider.send(&delivery(Channel::Push, ios(other))).await;
+    let error = account.expect_err("throttled");
+    assert!(
+        matches!(error, SendError::Throttled { .. }) && !error.throttles_one_target(),
+        "the account's throttle: {error:?}"
+    );
+}
+
 #[tokio::test]
 async fn apns_503_with_retry_after_says_when_to_come_back() {
     let (fake, provider) = setup().await;

@@ -241,6 +241,31 @@ async fn fcm_errors_garbage_and_silence_are_classified() {
     );
 }
 
+/// FCM's device message rate (`QUOTA_EXCEEDED` about one device) holds back that
+/// device's job only; the project's quota stays a throttle of the whole provider.
+#[tokio::test]
+async fn fcm_device_message_rate_throttles_that_device_only() {
+    let (fake, provider) = setup().await;
+    fake.script().push(
+        1,
+        error_reply(
+            429,
+            "RESOURCE_EXHAUSTED",
+            Some("QUOTA_EXCEEDED"),
+            "Device message rate exceeded.",
+        ),
+    );
+    let result = provider
+        .send(&delivery(Channel::Push, device(Platform::Android, "hot")))
+        .await;
+    let error = result.expect_err("throttled");
+    assert!(error.throttles_one_target(), "{error:?}");
+    let result = provider
+        .send(&delivery(Channel::Push, device(Platform::Android, "calm")))
+        .await;
+    assert!(result.is_ok(), "{result:?}");
+}
+
 #[tokio::test]
 async fn fcm_503_with_retry_after_says_when_to_come_back() {
     let (fake, provider) = setup().await;
