@@ -1545,3 +1545,295 @@ async fn one_receiver_down_never_opens_the_circuit_for_every_webhook() -> anyhow
     reaches(&herald, &other.id, "webhook", "sent").await?;
     Ok(())
 }
+
+/// A letter retried from the DLQ whose job fails for good again is listed again: its
+/// identity is the work-queue message it came from, so JetStream does not drop the second
+/// letter as a duplicate of the first within its duplicate window (the job was then
+/// terminated, in no queue and in no dead letter).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_dead_lettered_again_after_a_retry_is_listed_again() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let apns = Arc::new(Scripted::new("apns", Channel::Push));
+    apns.script([Answer::Permanent, Answer::Permanent]);
+    let herald = Herald::builder(&nats)
+        .channels(with(settings(rand_key()), &apns, Limits::default()))
+        .start()
+        .await?;
+    device(&herald, "dora", "tok-d").await?;
+    let id = push(&herald, "dora", "still a bad payload").await?;
+    reaches(&herald, &id, "push", "dead_lettered").await?;
+    let first = dead_letter_of(&herald, &id).await?["dlq_id"]
+        .as_u64()
+        .context("dlq_id")?;
+    let retry = |dlq_id: u64| {
+        let herald = &herald;
+        async move {
+            let r = herald
+                .producer(Method::POST, &format!("/v1/dlq/{dlq_id}/retry"))
+                .send()
+                .await?;
+            ensure!(r.status() == 202, "retry {dlq_id}: {}", r.status());
+            anyhow::Ok(())
+        }
+    };
+    retry(first).await?;
+    let second = eventually(WAIT, "the job dead-lettered again, listed", || async {
+        let letter = dead_letter_of(&herald, &id).await?;
+        let dlq_id = letter["dlq_id"].as_u64().context("dlq_id")?;
+        ensure!(dlq_id != first, "only the first letter: {letter}");
+        ensure!(letter["reason"] == "permanent provider error", "{letter}");
+        Ok(dlq_id)
+    })
+    .await?;
+    assert_eq!(apns.calls_for(&id).len(), 2, "sent once per delivery");
+    // And it can be retried again, to be sent this time.
+    retry(second).await?;
+    reaches(&herald, &id, "push", "sent").await?;
+    assert_eq!(apns.calls_for(&id).len(), 3);
+    Ok(())
+}
+
+/// While the only provider of a channel is paused by its throttle (429 with
+/// `Retry-After`), the lanes pull nothing: no queued job is pulled only to be deferred
+/// (a status write and one of its spare deliveries, for nothing). When the pause ends
+/// every job is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttle_of_the_only_provider_pulls_nothing_until_it_ends() -> anyhow::Result<()> {
+    const PAUSE: Duration = Duration::from_secs(10);
+    let nats = Nats::single().await?;
+    let twilio = Arc::new(Scripted::new("twilio", Channel::Sms));
+    twilio.script([Answer::Throttled(PAUSE)]);
+    let herald = Herald::builder(&nats)
+        .channels(with(settings(rand_key()), &twilio, Limits::default()))
+        .start()
+        .await?;
+    let r = contact(&herald, "theo", json!({"phone": "+4915112345679"})).await?;
+    ensure!(r.status() == 200, "contact: {}", r.status());
+    let sms = |title: String| {
+        let herald = &herald;
+        async move {
+            anyhow::Ok(
+                herald
+                    .accept(&json!({"user_id": "theo", "title": title, "channels": ["sms"]}))
+                    .await?
+                    .id,
+            )
+        }
+    };
+    let told = sms("told".into()).await?;
+    eventually(WAIT, "the provider throttled the first", || async {
+        ensure!(!twilio.calls().is_empty());
+        Ok(())
+    })
+    .await?;
+    let throttled_at = twilio.calls()[0].at;
+    let mut queued = Vec::new();
+    for i in 0..60 {
+        queued.push(sms(format!("queued {i}")).await?);
+    }
+    ensure!(
+        throttled_at.elapsed() < PAUSE - Duration::from_secs(2),
+        "queueing took too long for the test to mean anything"
+    );
+    for id in queued.iter().chain([&told]) {
+        reaches(&herald, id, "sms", "sent").await?;
+    }
+    let mut deferred = Vec::new();
+    for id in &queued {
+        let s = status(&herald, id).await?;
+        let history = &s["channels"]["sms"][0]["history"];
+        let steps = history.as_array().context("history")?;
+        if steps.iter().any(|step| step["state"] == "deferred") {
+            deferred.push(id.clone());
+        }
+    }
+    ensure!(
+        deferred.is_empty(),
+        "{} of {} queued jobs were pulled and deferred during the pause: {deferred:?}",
+        deferred.len(),
+        queued.len()
+    );
+    let during: Vec<_> = twilio.calls()[1..]
+        .iter()
+        .filter(|c| c.at < throttled_at + PAUSE - Duration::from_millis(500))
+        .map(|c| c.delivery.id.clone())
+        .collect();
+    ensure!(during.is_empty(), "called during its pause: {during:?}");
+    Ok(())
+}
+
+/// APNs 429 `TooManyRequests` is about one device token: the job for it waits, but the
+/// provider is not paused, so a push to another device goes out at once, not deferred
+/// for as long as the hot device was told to wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_devices_throttle_never_holds_back_another_devices_push() -> anyhow::Result<()> {
+    use herald_channels::HttpOptions;
+    use herald_channels::apns::{ApnsConfig, ApnsProvider};
+    use herald_fakes::apns::{ApnsFake, error_reply};
+    const TOPIC: &str = "com.example.herald";
+    const HOT: &str = "a3f1c2d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90";
+    const CALM: &str = "b3f1c2d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90";
+    // Long enough that a paused provider could not have sent the calm push in time.
+    const HOT_WAIT: Duration = Duration::from_secs(30);
+    let fake = ApnsFake::start(TOPIC).await?;
+    fake.script().push(
+        1,
+        error_reply(429, "TooManyRequests").header("retry-after", "30"),
+    );
+    let provider: Arc<dyn Provider> = Arc::new(ApnsProvider::new(&ApnsConfig {
+        base_url: fake.url(),
+        key_pem: fake.p8_pem().as_bytes().to_vec(),
+        key_id: fake.key_id().into(),
+        team_id: fake.team_id().into(),
+        topic: TOPIC.into(),
+        http: HttpOptions {
+            timeout: Duration::from_secs(5),
+            extra_root_pem: Some(fake.ca_pem().as_bytes().to_vec()),
+        },
+    })?);
+    let nats = Nats::single().await?;
+    let mut s = settings(rand_key());
+    s.extra_providers.push((provider, Limits::default()));
+    let herald = Herald::builder(&nats).channels(s).start().await?;
+    device(&herald, "hana", HOT).await?;
+    device(&herald, "cole", CALM).await?;
+    let hot = push(&herald, "hana", "one push too many").await?;
+    let entry = reaches(&herald, &hot, "push", "retrying").await?;
+    ensure!(
+        entry["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("TooManyRequests"),
+        "{entry}"
+    );
+    let told_at = std::time::Instant::now();
+    let calm = push(&herald, "cole", "a push to another device").await?;
+    let entry = reaches(&herald, &calm, "push", "sent").await?;
+    ensure!(
+        told_at.elapsed() < HOT_WAIT / 2,
+        "the other device waited {:?}, as long as the hot device's throttle",
+        told_at.elapsed()
+    );
+    let steps = entry["history"].as_array().context("history")?;
+    ensure!(
+        !steps.iter().any(|step| step["state"] == "deferred"),
+        "the other device's push was deferred: {entry}"
+    );
+    ensure!(
+        fake.received()
+            .iter()
+            .filter(|r| r.device_token == HOT)
+            .count()
+            == 1,
+        "the hot device was pushed to again before its Retry-After"
+    );
+    Ok(())
+}
+
+/// A provider that records when each call began and whether it ended, answering after
+/// a delay (each call is under way for a while).
+struct Slow {
+    delay: Duration,
+    began: std::sync::Mutex<Vec<(String, std::time::Instant)>>,
+    ended: std::sync::Mutex<Vec<String>>,
+}
+
+#[async_trait::async_trait]
+impl Provider for Slow {
+    fn name(&self) -> &str {
+        "slow-sms"
+    }
+    fn channel(&self) -> Channel {
+        Channel::Sms
+    }
+    fn accepts(&self, target: &herald_channels::Target) -> bool {
+        matches!(target, herald_channels::Target::Phone { .. })
+    }
+    async fn send(
+        &self,
+        delivery: &herald_channels::Delivery,
+    ) -> Result<herald_channels::Sent, herald_channels::SendError> {
+        let now = std::time::Instant::now();
+        self.began
+            .lock()
+            .expect("began")
+            .push((delivery.id.clone(), now));
+        tokio::time::sleep(self.delay).await;
+        self.ended.lock().expect("ended").push(delivery.id.clone());
+        Ok(herald_channels::Sent {
+            provider_message_id: Some(delivery.id.clone()),
+        })
+    }
+}
+
+/// A graceful stop begins no provider call: jobs waiting for the provider's token
+/// bucket go back to the queue, the calls under way end and are marked, and after a
+/// restart every job is sent exactly once. (Calls begun during the drain could be cut off
+/// when it ends, after the provider accepted them, and be sent again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_begins_no_provider_call_and_sends_nothing_twice() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let slow = Arc::new(Slow {
+        delay: Duration::from_millis(400),
+        began: Default::default(),
+        ended: Default::default(),
+    });
+    let mut s = settings(rand_key());
+    s.concurrency = 8;
+    let limits = Limits {
+        rate_per_second: std::num::NonZeroU32::new(3),
+        ..Limits::default()
+    };
+    s.extra_providers.push((slow.clone(), limits));
+    let mut herald = Herald::builder(&nats).channels(s).start().await?;
+    let r = contact(&herald, "stan", json!({"phone": "+4915112345670"})).await?;
+    ensure!(r.status() == 200, "contact: {}", r.status());
+    let mut ids = Vec::new();
+    for i in 0..24 {
+        ids.push(
+            herald
+                .accept(
+                    &json!({"user_id": "stan", "title": format!("sms {i}"), "channels": ["sms"]}),
+                )
+                .await?
+                .id,
+        );
+    }
+    eventually(WAIT, "a few calls under way", || async {
+        let began = slow.began.lock().expect("began").len();
+        ensure!(began >= 3, "{began} calls");
+        Ok(())
+    })
+    .await?;
+    let stopping = std::time::Instant::now();
+    herald.stop().await?;
+    let began = slow.began.lock().expect("began").clone();
+    let late: Vec<_> = began
+        .iter()
+        .filter(|(_, at)| *at > stopping + Duration::from_millis(300))
+        .map(|(id, at)| (id.clone(), at.duration_since(stopping)))
+        .collect();
+    ensure!(
+        late.is_empty(),
+        "provider calls begun during the drain: {late:?}"
+    );
+    ensure!(
+        slow.ended.lock().expect("ended").len() == began.len(),
+        "a call under way was cut off by the stop"
+    );
+    ensure!(
+        began.len() < ids.len(),
+        "everything was sent before the stop"
+    );
+
+    herald.start_again().await?;
+    for id in &ids {
+        reaches(&herald, id, "sms", "sent").await?;
+    }
+    let began = slow.began.lock().expect("began").clone();
+    for id in &ids {
+        let calls = began.iter().filter(|(i, _)| i == id).count();
+        ensure!(calls == 1, "{id} was sent {calls} times");
+    }
+    Ok(())
+}

@@ -54,6 +54,22 @@ fn nats(e: impl std::fmt::Display) -> DlqError {
     DlqError::Nats(e.to_string())
 }
 
+/// What [`Dlq::put`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Put {
+    /// Stored as the letter with this id.
+    Stored(u64),
+    /// An earlier delivery of the same work-queue message stored its letter already
+    /// (JetStream answered `duplicate`): nothing new was stored. That letter is still
+    /// listed, or was retried, which queued a new message for the job.
+    Before,
+}
+
+/// The `Nats-Msg-Id` of the dead letter of the work-queue message at `work_seq`.
+fn letter_id(letter: &DeadLetter, work_seq: u64) -> String {
+    format!("dlq:{}:{work_seq}", letter.job.msg_id())
+}
+
 /// The dead-letter queue.
 #[derive(Debug, Clone)]
 pub struct Dlq {
@@ -67,17 +83,28 @@ impl Dlq {
         Self { nats, subjects }
     }
 
-    /// Stores a dead letter (idempotent per job and delivery count).
+    /// Stores the dead letter of the work-queue message at stream sequence `work_seq`
+    /// (`None` when the delivery did not say: then stored without deduplication).
+    ///
+    /// Its identity is that message's: a redelivery of the same message (its term was
+    /// lost) finds its letter already stored, and is answered [`Put::Before`]. A job put
+    /// back by `POST /v1/dlq/{id}/retry` is a new message, so when it is dead-lettered
+    /// again, within the stream's duplicate window too, its letter is stored again. (An
+    /// identity by job and delivery count made that second letter a duplicate JetStream
+    /// acked without storing it, and the job was terminated: lost.)
     ///
     /// # Errors
     /// [`DlqError`] when JetStream does not ack it.
-    pub async fn put(&self, letter: &DeadLetter) -> Result<(), DlqError> {
+    pub async fn put(&self, letter: &DeadLetter, work_seq: Option<u64>) -> Result<Put, DlqError> {
         let payload = serde_json::to_vec(letter).map_err(nats)?;
-        let publish = PublishMessage::build()
+        let mut publish = PublishMessage::build()
             .payload(payload.into())
-            .message_id(format!("dlq:{}:{}", letter.job.msg_id(), letter.attempts))
             .expected_stream(DLQ);
-        self.nats
+        if let Some(seq) = work_seq {
+            publish = publish.message_id(letter_id(letter, seq));
+        }
+        let ack = self
+            .nats
             .js
             .send_publish(
                 self.subjects.dlq(letter.job.channel, &letter.job.user_id),
@@ -87,9 +114,12 @@ impl Dlq {
             .map_err(nats)?
             .await
             .map_err(nats)?;
+        if ack.duplicate {
+            return Ok(Put::Before);
+        }
         metrics::counter!("herald_worker_dead_letters_total", "channel" => letter.job.channel.as_str())
             .increment(1);
-        Ok(())
+        Ok(Put::Stored(ack.sequence))
     }
 
     /// Up to `limit` dead letters, oldest first, after id `after`.

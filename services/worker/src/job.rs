@@ -13,8 +13,11 @@
 //!    a call, after a token of its bucket.
 //!    While it waits for that token and for the provider's answer, the job tells
 //!    JetStream every third of `AckWait` that it is in progress, so it is not
-//!    redelivered however long the wait.
-//! 5. Accepted: sent marker, then ack. Throttled: nak with the provider's `Retry-After`.
+//!    redelivered however long the wait. Once the worker stops, a job that has not begun
+//!    its call goes back to the queue instead: the drain finishes calls under way only.
+//! 5. Accepted: sent marker, then ack. Throttled: nak with the provider's `Retry-After`
+//!    (and the provider is left alone that long by every job, unless the throttle was
+//!    about this target only, as APNs `TooManyRequests` is about one device).
 //!    Transient: nak with exponential back-off and full jitter. Permanent: dead letter and
 //!    term. Invalid target: remove the target and term. The last allowed delivery of a
 //!    retryable failure goes to the dead-letter queue instead.
@@ -27,7 +30,7 @@
 //! send path writes once.
 
 use crate::batch::UserView;
-use crate::dlq::{DeadLetter, Dlq};
+use crate::dlq::{DeadLetter, Dlq, Put};
 use crate::providers::SendResult;
 use crate::runtime::{WorkerConfig, WorkerDeps};
 use async_nats::jetstream::AckKind;
@@ -56,6 +59,9 @@ pub struct Context {
     /// Keys of the jobs this worker is working on: a copy redelivered while the first is
     /// still here (its ack wait ran out) waits instead of being sent a second time.
     pub in_flight: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Cancelled when the worker stops (SIGTERM): a job that has not begun its provider
+    /// call by then goes back to the queue instead ([`Step::send`]).
+    pub stop: tokio_util::sync::CancellationToken,
 }
 
 /// How long a provider that throttled us without a `Retry-After` is left alone.
@@ -174,9 +180,22 @@ async fn dead_letter(
         attempts: delivered,
         failed_at: format_time(OffsetDateTime::now_utc()),
     };
-    if let Err(e) = ctx.dlq.put(&letter).await {
-        tracing::error!(id = %job.id, error = %e, "dead-lettering failed; retrying the job");
-        return settle(msg, AckKind::Nak(Some(ctx.config.store_retry))).await;
+    // The letter's identity is this work-queue message (its stream sequence), not the
+    // job: a job retried from the DLQ and dead-lettered again is stored again.
+    let work_seq = msg.info().ok().map(|info| info.stream_sequence);
+    match ctx.dlq.put(&letter, work_seq).await {
+        Ok(Put::Stored(_)) => {}
+        Ok(Put::Before) => {
+            // This very message was dead-lettered by an earlier delivery whose term was
+            // lost: its letter is stored (or was retried as a new message). Terminate it
+            // without counting or recording it a second time.
+            tracing::info!(id = %job.id, "already dead-lettered by an earlier delivery; terminating it");
+            return settle(msg, AckKind::Term).await;
+        }
+        Err(e) => {
+            tracing::error!(id = %job.id, error = %e, "dead-lettering failed; retrying the job");
+            return settle(msg, AckKind::Nak(Some(ctx.config.store_retry))).await;
+        }
     }
     let mut update = Update::state(State::DeadLettered).because(match &why.last_response {
         Some(r) => format!("{}: {r}", why.reason),
@@ -510,8 +529,11 @@ impl Step<'_> {
 
     async fn send(&self, delivery: &Delivery) {
         let ctx = self.ctx;
+        if ctx.stop.is_cancelled() {
+            return self.stopping().await;
+        }
         let pick = ctx.deps.providers.pick(self.job.channel, &delivery.target);
-        let (provider, _probe) = match pick {
+        let (provider, probe) = match pick {
             crate::providers::Pick::Use(p, probe) => (p, probe),
             crate::providers::Pick::AllOpen(wait) => {
                 let reason = "every provider's circuit is open, or it throttled us";
@@ -524,7 +546,7 @@ impl Step<'_> {
                 outcome(self.channel(), "deferred");
                 // Only a job pulled as the circuits opened, or one whose target only open
                 // providers accept, gets here: the lanes stop pulling while every circuit of
-                // the channel is open (`runtime`'s gate).
+                // the channel is open or paused by a throttle (`runtime`'s gate).
                 // Each deferral is a delivery of the job, from the consumer's spare ones
                 // (`SPARE_DELIVERIES`), not from its attempts: past the breaker's own wait,
                 // back off further with every one (with jitter, so a backlog does not
@@ -541,9 +563,21 @@ impl Step<'_> {
                     .await;
             }
         };
-        let (result, took) = self
+        // A stopping worker starts no provider call: its drain waits for calls under way
+        // (their answer, sent marker and ack), and a call begun during it, behind a slow
+        // bucket, could be cut off by the end of the drain after the provider accepted
+        // it, and be sent again on redelivery. So a job that has not begun its call by
+        // then — before its bucket's token, or after — goes back to the queue.
+        let called = self
             .in_progress(async {
-                provider.ready().await;
+                tokio::select! {
+                    biased;
+                    _ = ctx.stop.cancelled() => return None,
+                    _ = provider.ready() => {}
+                }
+                if ctx.stop.is_cancelled() {
+                    return None;
+                }
                 let started = Instant::now();
                 let result = match tokio::time::timeout(
                     ctx.config.send_timeout,
@@ -557,15 +591,25 @@ impl Step<'_> {
                         ctx.config.send_timeout
                     ))),
                 };
-                (result, started.elapsed())
+                Some((result, started.elapsed()))
             })
             .await;
+        let Some((result, took)) = called else {
+            if probe {
+                // Not sent, so no verdict: the next job may probe the circuit.
+                provider.breaker.release_probe();
+            }
+            return self.stopping().await;
+        };
         provider.metrics.send_seconds.record(took.as_secs_f64());
         // A provider standing for many endpoints (webhooks: every producer's receiver):
         // one receiver's 429 or 503 holds back that job (its `Retry-After`), and its
         // failures never open the circuit everyone else's go through.
         let shared = provider.provider.health_is_shared();
         match &result {
+            // A throttle about this target only (too many pushes to one device): that
+            // job waits, and the provider keeps serving every other target.
+            Err(e @ SendError::Throttled { .. }) if e.throttles_one_target() => {}
             Err(SendError::Throttled { retry_after, .. }) if shared => {
                 provider.pause(retry_after.unwrap_or(DEFAULT_THROTTLE_PAUSE));
             }
@@ -596,6 +640,23 @@ impl Step<'_> {
                 self.failed(provider.name(), e).await;
             }
         }
+    }
+
+    /// The worker stops before this job began its provider call: back to the queue at
+    /// once, for the next worker (no attempt was spent). On its last allowed delivery a
+    /// nak would leave it in the work queue, never delivered again: dead-lettered
+    /// instead, to be retried from the DLQ.
+    async fn stopping(&self) {
+        outcome(self.channel(), "returned");
+        if !self.last_delivery() {
+            return settle(self.msg, AckKind::Nak(None)).await;
+        }
+        self.dead_letter(
+            "the worker stopped before its last allowed delivery was sent",
+            None,
+            None,
+        )
+        .await;
     }
 
     /// Runs `work` (the wait for the provider's token bucket, then the send) while

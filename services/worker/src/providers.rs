@@ -145,13 +145,22 @@ impl Guarded {
     /// The provider throttled us: no call to it for `for_` (capped at
     /// [`MAX_THROTTLE_PAUSE`]; a later pause never shortens an earlier one).
     pub fn pause(&self, for_: Duration) {
-        let until = Instant::now() + for_.min(MAX_THROTTLE_PAUSE);
-        let mut paused = self
-            .paused_until
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if paused.is_none_or(|p| p < until) {
-            *paused = Some(until);
+        let now = Instant::now();
+        let until = now + for_.min(MAX_THROTTLE_PAUSE);
+        let began = {
+            let mut paused = self
+                .paused_until
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let began = paused.is_none_or(|p| p <= now);
+            if paused.is_none_or(|p| p < until) {
+                *paused = Some(until);
+            }
+            began
+        };
+        // The channel's gate may have shut: the lanes waiting on a pull look again.
+        if began {
+            self.changed.notify_waiters();
         }
     }
 
@@ -196,15 +205,18 @@ pub struct Providers {
 /// A job pulled while no circuit of its channel admits a call can only be deferred, and
 /// every deferral is a delivery that counts towards `MaxDeliver`: a backlog pulled again
 /// and again through an outage longer than its back-off would be dead-lettered without
-/// one attempt. So a channel whose circuits are all open pulls nothing, and then one job
-/// at a time, for the probe.
+/// one attempt. So a channel whose circuits are all open, or whose providers are paused
+/// by a throttle (a 429, or a 5xx with `Retry-After`), pulls nothing, and then one job at
+/// a time, for the probe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Gate {
     /// A provider of the channel takes calls: pull as usual.
     Open,
-    /// Every circuit is open, and one would let its probe through now: pull one job.
+    /// Every circuit is open or paused, and one that is not paused would let its probe
+    /// through now: pull one job.
     Probe,
-    /// Every circuit is open (or its probe is out): pull nothing for up to this long.
+    /// Every circuit is open (or its probe is out) or paused: pull nothing for up to
+    /// this long.
     Shut(Duration),
 }
 
@@ -261,13 +273,22 @@ impl Providers {
         self.all.iter().any(|g| g.provider.channel() == channel)
     }
 
-    /// Whether `channel`'s lanes should pull now, by its providers' circuits.
+    /// Whether `channel`'s lanes should pull now, by its providers' circuits and
+    /// throttle pauses: a paused provider admits no call, so it counts as a shut circuit
+    /// until its pause ends (its half-open probe included, which waits for the end too).
     pub fn gate(&self, channel: Channel) -> Gate {
-        let now = Instant::now();
+        self.gate_at(channel, Instant::now())
+    }
+
+    fn gate_at(&self, channel: Channel, now: Instant) -> Gate {
         let mut probe = false;
         let mut soonest: Option<Duration> = None;
         for g in self.all.iter().filter(|g| g.provider.channel() == channel) {
-            match g.breaker.peek(now) {
+            let admit = match g.paused(now) {
+                Some(wait) => Admit::No(wait),
+                None => g.breaker.peek(now),
+            };
+            match admit {
                 Admit::Yes => return Gate::Open,
                 Admit::Probe => probe = true,
                 Admit::No(wait) => soonest = Some(soonest.map_or(wait, |s| s.min(wait))),
@@ -313,5 +334,95 @@ impl Providers {
             Some(wait) => Pick::AllOpen(wait),
             None => Pick::NoneAccepts,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herald_channels::{Delivery, Sent};
+
+    struct Sms;
+
+    #[async_trait::async_trait]
+    impl Provider for Sms {
+        fn name(&self) -> &str {
+            "sms"
+        }
+        fn channel(&self) -> Channel {
+            Channel::Sms
+        }
+        fn accepts(&self, _: &Target) -> bool {
+            true
+        }
+        async fn send(&self, _: &Delivery) -> Result<Sent, SendError> {
+            Ok(Sent {
+                provider_message_id: None,
+            })
+        }
+    }
+
+    fn one(open_for: Duration) -> (Providers, Arc<Guarded>) {
+        let mut providers = Providers::new();
+        let limits = Limits {
+            rate_per_second: None,
+            breaker: BreakerConfig {
+                consecutive_failures: 1,
+                open_for,
+                ..BreakerConfig::default()
+            },
+        };
+        providers.register(Arc::new(Sms), limits);
+        let guarded = providers.all[0].clone();
+        (providers, guarded)
+    }
+
+    #[test]
+    fn a_paused_provider_shuts_the_gate_until_its_pause_ends() {
+        let (providers, sms) = one(Duration::from_secs(30));
+        let now = Instant::now();
+        assert_eq!(providers.gate_at(Channel::Sms, now), Gate::Open);
+        sms.pause(Duration::from_secs(10));
+        assert!(
+            matches!(providers.gate_at(Channel::Sms, now), Gate::Shut(wait) if wait > Duration::from_secs(9)),
+            "{:?}",
+            providers.gate_at(Channel::Sms, now)
+        );
+        let after = now + Duration::from_secs(11);
+        assert_eq!(providers.gate_at(Channel::Sms, after), Gate::Open);
+        // Another channel's pause shuts nothing here.
+        assert_eq!(providers.gate_at(Channel::Push, now), Gate::Open);
+    }
+
+    #[test]
+    fn no_probe_while_the_provider_is_still_paused() {
+        let (providers, sms) = one(Duration::from_secs(1));
+        let now = Instant::now();
+        sms.breaker.on_failure(now);
+        sms.pause(Duration::from_secs(10));
+        // The circuit would let its probe through after 1 s; the pause says 10 s.
+        let probe_due = now + Duration::from_secs(2);
+        assert_eq!(sms.breaker.peek(probe_due), Admit::Probe);
+        assert!(
+            matches!(providers.gate_at(Channel::Sms, probe_due), Gate::Shut(_)),
+            "{:?}",
+            providers.gate_at(Channel::Sms, probe_due)
+        );
+        assert_eq!(
+            providers.gate_at(Channel::Sms, now + Duration::from_secs(11)),
+            Gate::Probe
+        );
+    }
+
+    #[tokio::test]
+    async fn a_pause_that_begins_wakes_the_lanes_at_the_gate() {
+        let (providers, sms) = one(Duration::from_secs(30));
+        let changed = providers.changed();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        sms.pause(Duration::from_secs(5));
+        tokio::time::timeout(Duration::from_secs(5), changed)
+            .await
+            .expect("woken");
     }
 }

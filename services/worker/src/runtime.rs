@@ -1,11 +1,16 @@
 //! The worker runtime of one channel: one durable pull consumer per lane, each with its
 //! own concurrency budget, so a backlog of `low` jobs never holds up a `high` one; each
-//! job handled by [`crate::job`]. On shutdown no new job is pulled and in-flight ones are
-//! finished (acked or naked) within a grace period.
+//! job handled by [`crate::job`]. On shutdown no new job is pulled, and no new provider
+//! call is begun: a job that has not begun its call (still being prepared, or waiting for
+//! its provider's token bucket) goes back to the queue at once, and calls under way end
+//! (answer or send timeout), are marked and acked within a grace period longer than the
+//! send timeout. A call begun during the drain could be cut off when the grace ends, after
+//! the provider accepted it, and be sent again on redelivery.
 //!
-//! While every provider circuit of the channel is open, the lanes pull nothing, and then
-//! one job at a time for the half-open probe ([`Gate`]): a pulled job that nothing can
-//! send could only be deferred, at the cost of one of its `MaxDeliver` deliveries.
+//! While every provider of the channel has its circuit open or is paused by a throttle,
+//! the lanes pull nothing, and then one job at a time for the half-open probe ([`Gate`]):
+//! a pulled job that nothing can send could only be deferred, at the cost of one of its
+//! `MaxDeliver` deliveries.
 
 use crate::backoff::Backoff;
 use crate::batch;
@@ -194,6 +199,7 @@ pub async fn run(
     let seen = herald_store::ReadPositions::open_seen(js)
         .await
         .map_err(|e| open_err("the seen-position bucket")(Box::new(e)))?;
+    let stop = CancellationToken::new();
     let ctx = Arc::new(Context {
         config: config.clone(),
         inbox: herald_store::Inbox::new(deps.nats.clone(), deps.subjects.clone()),
@@ -201,8 +207,8 @@ pub async fn run(
         dlq: Dlq::new(deps.nats.clone(), deps.subjects.clone()),
         deps,
         in_flight: Default::default(),
+        stop: stop.clone(),
     });
-    let stop = CancellationToken::new();
     let mut lanes = JoinSet::new();
     // High first: its consumer is opened and pulling before the others.
     for lane in Priority::ALL {
@@ -444,7 +450,8 @@ async fn lane_loop(
         ));
         while in_flight.try_join_next().is_some() {}
     }
-    // Drain: finish what was started; unpulled jobs stay in the queue for the next worker.
+    // Drain: finish the provider calls under way (jobs that had not begun theirs went back
+    // to the queue, see `job`); unpulled jobs stay in the queue for the next worker.
     let drain = async { while in_flight.join_next().await.is_some() {} };
     if tokio::time::timeout(ctx.config.drain_grace, drain)
         .await
