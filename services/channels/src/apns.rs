@@ -201,8 +201,7 @@ impl Provider for ApnsProvider {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         let headers = response.headers().clone();
-        let body = response
-            .bytes()
+        let body = http::body_prefix(response)
             .await
             .map_err(|e| http::transport("apns", &e))?;
         if status == 200 {
@@ -238,8 +237,19 @@ fn classify(
         // sent to production, or the other way round): a setup error would otherwise
         // remove every user's token. Refused for this message, the token kept.
         (400, "BadDeviceToken") => SendError::Permanent { detail },
-        // The topic (bundle id) configured is not the app's: our configuration.
-        (400, "DeviceTokenNotForTopic") => http::credentials_refused(detail),
+        // The token is another app's (a user registered a wrong one). One user's data must
+        // not open the circuit for everyone, so like `BadDeviceToken`: this message fails,
+        // the token stays. Every push failing so means the topic is wrong.
+        (400, "DeviceTokenNotForTopic") => SendError::Permanent {
+            detail: format!(
+                "{detail} (this token is another app's; if every iOS push fails so, \
+                 HERALD_APNS_TOPIC is wrong)"
+            ),
+        },
+        // The topic itself (bundle id): our configuration, counted by the circuit.
+        (400, "TopicDisallowed" | "BadTopic" | "MissingTopic") => {
+            http::configuration_refused(detail, "HERALD_APNS_TOPIC")
+        }
         // "Too many requests were made consecutively to the same device token": that
         // device's job waits, every other device is still pushed to.
         (429, "TooManyRequests") => SendError::target_throttled(http::retry_after(headers), detail),

@@ -239,8 +239,7 @@ impl Provider for FcmProvider {
             .map_err(|e| http::transport("fcm", &e))?;
         let status = response.status().as_u16();
         let headers = response.headers().clone();
-        let body = response
-            .bytes()
+        let body = http::body_prefix(response)
             .await
             .map_err(|e| http::transport("fcm", &e))?;
         if (200..300).contains(&status) {
@@ -285,9 +284,15 @@ fn classify(status: u16, headers: &reqwest::header::HeaderMap, body: &[u8]) -> S
         .any(|v| v.field == "message.token");
     match code.as_str() {
         "UNREGISTERED" => SendError::InvalidTarget { detail },
-        // A service account of another Firebase project than the token's: our
-        // configuration, not the device; its token must not be removed.
-        "SENDER_ID_MISMATCH" => http::credentials_refused(detail),
+        // The token is another Firebase project's than our service account's: a user's
+        // wrong token, or our configuration if every push fails so. One user's data must
+        // not open the circuit for everyone: this message fails, the token stays.
+        "SENDER_ID_MISMATCH" => SendError::Permanent {
+            detail: format!(
+                "{detail} (this token is another Firebase project's; if every push fails \
+                 so, HERALD_FCM_CREDENTIALS names the wrong project)"
+            ),
+        },
         "INVALID_ARGUMENT"
             if token_field || error.message.to_lowercase().contains("registration token") =>
         {

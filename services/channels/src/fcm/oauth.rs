@@ -145,8 +145,7 @@ impl AccessTokens {
             .map_err(|e| http::transport("fcm oauth", &e))?;
         let status = response.status().as_u16();
         let headers = response.headers().clone();
-        let body = response
-            .bytes()
+        let body = http::body_prefix(response)
             .await
             .map_err(|e| http::transport("fcm oauth", &e))?;
         if (200..300).contains(&status) {

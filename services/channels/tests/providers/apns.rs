@@ -109,11 +109,21 @@ async fn apns_dead_tokens_are_invalid_targets() {
     let result = provider.send(&delivery(Channel::Push, ios(&other))).await;
     assert_eq!(class(&result), "permanent", "{result:?}");
 
-    // The configured topic is not the app's: our configuration, counted by the circuit.
+    // A token of another app: one user's data, so this message fails and the token
+    // stays; it must not open the circuit for everyone.
     fake.script()
         .push(1, error_reply(400, "DeviceTokenNotForTopic"));
     let result = provider.send(&delivery(Channel::Push, ios(&other))).await;
-    assert_eq!(class(&result), "transient", "{result:?}");
+    assert_eq!(class(&result), "permanent", "{result:?}");
+
+    // The topic we send is refused: our configuration, counted by the circuit.
+    for reason in ["TopicDisallowed", "BadTopic", "MissingTopic"] {
+        fake.script().push(1, error_reply(400, reason));
+        let result = provider.send(&delivery(Channel::Push, ios(&other))).await;
+        assert_eq!(class(&result), "transient", "{reason}: {result:?}");
+        let message = result.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(message.contains("HERALD_APNS_TOPIC"), "{reason}: {message}");
+    }
 
     // Not hex: never sent (it would land in the URL path).
     let before = fake.received().len();

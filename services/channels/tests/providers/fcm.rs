@@ -1,6 +1,6 @@
 //! FCM HTTP v1 with its OAuth2 token endpoint, against the fake.
 
-use crate::common::{class, delivery, http};
+use crate::common::{ENDLESS_BODY_BUDGET, EndlessBody, class, delivery, http};
 use herald_channels::fcm::oauth::ServiceAccount;
 use herald_channels::fcm::{FcmConfig, FcmProvider};
 use herald_channels::{Platform, Provider, SendError, Target};
@@ -155,11 +155,12 @@ async fn fcm_unregistered_and_invalid_tokens_are_invalid_targets() {
             "SenderId mismatch",
         ),
     );
-    // Another project's service account: configuration, never the user's token.
+    // A token of another project: this message fails, the token stays, and one user's
+    // data does not open the circuit for everyone.
     let result = provider
         .send(&delivery(Channel::Push, device(Platform::Web, "bad")))
         .await;
-    assert_eq!(class(&result), "transient", "{result:?}");
+    assert_eq!(class(&result), "permanent", "{result:?}");
 }
 
 #[tokio::test]
@@ -350,4 +351,41 @@ async fn fcm_assertion_from_the_wrong_account_is_refused() {
         matches!(&result, Err(SendError::Transient { detail, .. }) if detail.contains("invalid_grant")),
         "{result:?}"
     );
+}
+
+#[tokio::test]
+async fn fcm_reads_only_a_bounded_prefix_of_an_endless_answer() {
+    let fake = FcmFake::start().await.expect("fake fcm starts");
+    let account: ServiceAccount =
+        serde_json::from_str(&fake.service_account_json()).expect("service account");
+    let push = || delivery(Channel::Push, device(Platform::Android, "t"));
+
+    // The send endpoint answers 500 with a body that never ends.
+    let server = EndlessBody::start(500).await;
+    let sender = FcmProvider::new(&FcmConfig {
+        base_url: server.url(""),
+        service_account: account.clone(),
+        http: http(None),
+    })
+    .expect("provider builds");
+    let result = sender.send(&push()).await;
+    assert_eq!(class(&result), "transient", "{result:?}");
+    let written = server.written_when_hung_up().await;
+    assert!(written < ENDLESS_BODY_BUDGET, "send: read {written} bytes");
+
+    // So does the token endpoint.
+    let server = EndlessBody::start(500).await;
+    let tokens = FcmProvider::new(&FcmConfig {
+        base_url: fake.url(),
+        service_account: ServiceAccount {
+            token_uri: server.url("/token"),
+            ..account
+        },
+        http: http(None),
+    })
+    .expect("provider builds");
+    let result = tokens.send(&push()).await;
+    assert_eq!(class(&result), "transient", "{result:?}");
+    let written = server.written_when_hung_up().await;
+    assert!(written < ENDLESS_BODY_BUDGET, "token: read {written} bytes");
 }
