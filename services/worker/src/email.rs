@@ -222,27 +222,37 @@ pub fn classify(e: &lettre::transport::smtp::Error) -> SendError {
 /// (empty when there was no answer) and its text.
 fn classify_answer(permanent: bool, code: &str, detail: String) -> SendError {
     let enhanced = enhanced_code(&detail);
-    // Our login refused (530/535, 5.7.8, 4.7.8): every message fails alike until the
-    // configuration is fixed; retried and counted by the circuit, never dead-lettered at
-    // once.
-    if matches!(code, "530" | "535" | "454")
-        || matches!(enhanced, Some("5.7.8" | "4.7.8" | "5.7.0" | "4.7.0"))
-            && detail.to_ascii_lowercase().contains("auth")
+    let lower = detail.to_ascii_lowercase();
+    let says_rate = ["rate", "too many", "throttl", "quota"]
+        .iter()
+        .any(|m| lower.contains(m));
+    let says_auth = ["auth", "credential", "password"]
+        .iter()
+        .any(|m| lower.contains(m));
+    // Our login refused (530/535, 5.7.8, 4.7.8; a 454 or 4.7.0/5.7.0 that says so): every
+    // message fails alike until the configuration is fixed; retried and counted by the
+    // circuit, never dead-lettered at once. Amazon SES answers 454 for its throttling too
+    // ("Throttling failure: Maximum sending rate exceeded"), and Postfix for TLS trouble:
+    // a 454 is our credentials only when it says so.
+    if matches!(code, "530" | "535")
+        || (code == "454" || matches!(enhanced, Some("5.7.8" | "4.7.8" | "5.7.0" | "4.7.0")))
+            && says_auth
+            && !says_rate
     {
         return SendError::transient(format!(
             "{detail} (credentials refused: check the SMTP user and password)"
         ));
     }
     if !permanent {
-        // A rate limit (4.7.x, or 421/450/451 saying so) is throttling: retried later,
-        // not counted against the relay's health.
-        let lower = detail.to_ascii_lowercase();
-        if enhanced.is_some_and(|c| c.starts_with("4.7."))
-            || (matches!(code, "421" | "450" | "451")
-                && ["rate", "too many", "throttl"]
-                    .iter()
-                    .any(|m| lower.contains(m)))
-        {
+        // A rate limit (a 454 or 421/450/451 saying so, or 4.7.x other than a 454's) is
+        // throttling: retried later, not counted against the relay's health.
+        let throttled = if code == "454" {
+            says_rate
+        } else {
+            enhanced.is_some_and(|c| c.starts_with("4.7."))
+                || (matches!(code, "421" | "450" | "451") && says_rate)
+        };
+        if throttled {
             return SendError::Throttled {
                 retry_after: None,
                 detail,
@@ -561,6 +571,24 @@ mod tests {
             "transient"
         );
         assert_eq!(class(false, "", "connection refused"), "transient");
+        // 454: Amazon SES throttling, Postfix's TLS trouble, or really our login.
+        for (text, expected) in [
+            (
+                "454 Throttling failure: Maximum sending rate exceeded.",
+                "throttled",
+            ),
+            (
+                "454 Throttling failure: Daily message quota exceeded.",
+                "throttled",
+            ),
+            (
+                "454 4.7.0 TLS not available due to local problem",
+                "transient",
+            ),
+            ("454 4.7.0 Temporary authentication failure", "credentials"),
+        ] {
+            assert_eq!(class(false, "454", text), expected, "{text}");
+        }
         assert_eq!(
             class(true, "550", "550 5.1.1 <a@b>: User unknown"),
             "invalid-target"
