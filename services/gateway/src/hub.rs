@@ -27,6 +27,9 @@
 //! tap's queue is full the message is dropped and the tap is marked lagged; its feed then
 //! re-reads the inbox from its position (the inbox holds everything live delivers), so a
 //! busy user costs a catch-up read, never a lost notification or a stalled dispatcher.
+//! An announcement that the user's topics changed is stored nowhere, so it is not queued
+//! (where a full queue would drop it, and a catch-up would read past what it announces
+//! before the feed took it): the tap is marked, and its feed re-reads the topics first.
 
 use crate::queue::{PushError, Queue};
 use async_nats::Message;
@@ -168,6 +171,10 @@ struct TapQueue {
     /// The hub's NATS connection may have lost messages for every tap (a reconnect, a
     /// slow-consumer drop): re-read, but this connection is not slow.
     resync: AtomicBool,
+    /// The user's topic subscriptions changed (announced on their live subject). Kept
+    /// apart from the queue: an announcement carries no data, so it neither waits behind
+    /// the messages queued before it nor is dropped with them when the queue is full.
+    topics: AtomicBool,
 }
 
 /// A live message as the hub hands it to every tap registered under its subject. The
@@ -249,6 +256,13 @@ impl Tap {
     pub fn take_lagged(&self) -> bool {
         let dropped = self.shared.lagged.swap(false, Ordering::AcqRel);
         self.shared.resync.swap(false, Ordering::AcqRel) || dropped
+    }
+
+    /// Whether the user's topic subscriptions were announced as changed since the last
+    /// call (the hub marks it as the announcement arrives, ahead of any message queued).
+    pub fn take_topics_changed(&self) -> bool {
+        self.shared.topics.load(Ordering::Acquire)
+            && self.shared.topics.swap(false, Ordering::AcqRel)
     }
 
     /// Whether messages were dropped (without clearing it); registers the waker, which
@@ -436,6 +450,7 @@ impl Hub {
             queue: Queue::new(TAP_QUEUE),
             lagged: AtomicBool::new(false),
             resync: AtomicBool::new(false),
+            topics: AtomicBool::new(false),
         });
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         register(&self.inner, &subject, id, &shared);
@@ -532,8 +547,9 @@ async fn dispatch(
         }
     }
     // The client is gone for good: end every feed (they close with 1011 and clients
-    // reconnect elsewhere).
-    tracing::error!("live subscriptions ended; closing local feeds");
+    // reconnect elsewhere). It reconnects without limit, so only a close ends its
+    // subscriptions: the process stopping (a mesh drains its connections last).
+    tracing::info!("the NATS connection was closed; closing local feeds");
     inner.closed.store(true, Ordering::Release);
     for slots in inner.routes.iter() {
         for tap in slots.taps() {
@@ -568,6 +584,15 @@ fn deliver(inner: &Inner, msg: Message) {
     let Some(slots) = inner.routes.get(msg.subject.as_str()) else {
         return;
     };
+    if is_topics_announcement(&msg) {
+        // Marked, not queued: a feed learns of it before taking anything queued, even
+        // mid catch-up, and a full queue does not lose it.
+        for tap in slots.taps() {
+            tap.topics.store(true, Ordering::Release);
+            tap.queue.wake();
+        }
+        return;
+    }
     let msg = Arc::new(Live::new(msg));
     for tap in slots.taps() {
         if let Err(PushError::Full) = tap.queue.try_push(msg.clone()) {
@@ -579,6 +604,14 @@ fn deliver(inner: &Inner, msg: Message) {
     }
 }
 
+/// Whether a message on a user's live subject announces that their topic subscriptions
+/// changed (no sequence: it is not stored).
+fn is_topics_announcement(msg: &Message) -> bool {
+    msg.headers.as_ref().is_some_and(|h| {
+        h.get(herald_protocol::topic::TOPICS_HEADER).is_some() && h.get("Nats-Sequence").is_none()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -588,6 +621,7 @@ mod tests {
             queue: Queue::new(1),
             lagged: AtomicBool::new(false),
             resync: AtomicBool::new(false),
+            topics: AtomicBool::new(false),
         })
     }
 

@@ -168,6 +168,10 @@ pub struct Mesh {
     hub: Option<herald_gateway::Hub>,
     stop: CancellationToken,
     tasks: JoinSet<Result<(), MeshError>>,
+    /// Closed once the services have stopped: background tasks keep clones of the clients,
+    /// which would otherwise go on reconnecting (and logging it) while `herald up` stops
+    /// its nats-server.
+    nats: herald_store::Nats,
 }
 
 /// How long to wait for NATS at start.
@@ -176,6 +180,8 @@ const NATS_WAIT: Duration = Duration::from_secs(30);
 /// workers' jobs, which may be in a provider call of up to its send timeout (15 s) and
 /// must then write their sent marker (see `herald_worker::WorkerConfig::drain_grace`).
 const DRAIN_GRACE: Duration = Duration::from_secs(20);
+/// How long closing the NATS connections may take once the services have stopped.
+const NATS_CLOSE: Duration = Duration::from_secs(2);
 
 impl Mesh {
     /// Connects, provisions if asked, and starts serving on `listener`.
@@ -418,6 +424,7 @@ impl Mesh {
             hub: gateway_hub,
             stop,
             tasks,
+            nats,
         })
     }
 
@@ -460,6 +467,10 @@ impl Mesh {
         if tokio::time::timeout(DRAIN_GRACE, drain).await.is_err() {
             tracing::warn!("drain grace period over; stopping the rest");
             self.tasks.abort_all();
+        }
+        for client in [&self.nats.publish, &self.nats.consume] {
+            // Whatever is still buffered is flushed; nothing waits on it any more.
+            let _ = tokio::time::timeout(NATS_CLOSE, client.drain()).await;
         }
         result
     }
