@@ -1,7 +1,10 @@
-//! A WebSocket client that stops reading: once its bounded queue is full the gateway ends
+//! A client that stops reading: once its bounded queue is full the gateway ends
 //! it (4008, or a dropped socket when not even the close frame fits), without delaying
 //! anyone else, and it resumes from its last seq (over WebSocket or SSE) with nothing
-//! lost and nothing repeated, however much longer the replay is than the queue.
+//! lost and nothing repeated, however much longer the replay is than the queue. An SSE
+//! response the server cannot end while its socket takes nothing keeps the user's place
+//! until it closes; a client whose live messages overflow mid-replay still follows a
+//! topic it joins meanwhile.
 
 use anyhow::{Context as _, bail, ensure};
 use futures::{SinkExt as _, StreamExt as _};
@@ -239,4 +242,196 @@ async fn an_answer_during_a_slow_replay_does_not_close_the_client() -> anyhow::R
         "in order, no duplicate"
     );
     Ok(())
+}
+
+/// An SSE client that stops reading, over a socket with a 4 KiB receive buffer: it reads
+/// the response head and the `hello`, then nothing.
+async fn stalled_sse(herald: &Herald, user: &str) -> anyhow::Result<TcpStream> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let addr: std::net::SocketAddr = herald.base_url().trim_start_matches("http://").parse()?;
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(4096)?;
+    let mut stream = socket.connect(addr).await?;
+    let request = format!(
+        "GET /v1/sse HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\
+         Authorization: Bearer {}\r\n\r\n",
+        herald.token(user)
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut head = Vec::new();
+    while !String::from_utf8_lossy(&head).contains("event: hello") {
+        let mut buf = [0_u8; 512];
+        let n = within(FRAME_TIMEOUT, "the hello", stream.read(&mut buf)).await??;
+        ensure!(
+            n > 0,
+            "the stream ended: {}",
+            String::from_utf8_lossy(&head)
+        );
+        head.extend_from_slice(&buf[..n]);
+    }
+    ensure!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    Ok(stream)
+}
+
+/// An SSE client too slow for its queue has its session ended at once (its feed, queue
+/// and live registration), even though the server cannot end the response while the
+/// client's socket takes nothing: that response keeps the user's place under the
+/// per-user cap until the socket closes, so a client cannot open stream after stream by
+/// letting each one stall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_sse_response_keeps_its_place_until_its_socket_closes() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats)
+        .gateway(herald_gateway::GatewayConfig {
+            queue_frames: QUEUE_FRAMES,
+            limits: herald_gateway::admission::Limits {
+                max_per_user: 1,
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .start()
+        .await?;
+    let user = "zed";
+    let live = herald.subjects().live(&herald_protocol::UserId::new(user)?);
+    let zombie = stalled_sse(&herald, user).await?;
+    let closes_before = slow_closes(&herald).await?;
+    // More than the socket buffers and the queue hold (see the WebSocket test above).
+    let body = "x".repeat(16 * 1024);
+    let herald_ref = &herald;
+    futures::stream::iter(0..400)
+        .map(|i| {
+            let n = json!({"user_id": user, "title": format!("n{i}"), "body": body});
+            async move { herald_ref.accept(&n).await }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    eventually(
+        Duration::from_secs(20),
+        "the gateway ends the slow session",
+        || async {
+            let closes = slow_closes(&herald).await?;
+            ensure!(closes > closes_before, "slow-consumer closes: {closes}");
+            ensure!(
+                !herald.is_tapped(&live),
+                "the feed still holds the live subject"
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    // The response is still open (the client never reads it): it holds the one place.
+    let second = herald
+        .user(reqwest::Method::GET, "/v1/sse", user)
+        .send()
+        .await?;
+    ensure!(
+        second.status() == reqwest::StatusCode::TOO_MANY_REQUESTS,
+        "a second stream while the stalled one is open: {}",
+        second.status()
+    );
+    // Once the socket closes, the place is free again.
+    drop(zombie);
+    eventually(Duration::from_secs(10), "the place is freed", || async {
+        let mut sse = herald.sse(user, Resume::Live).await?;
+        ensure!(sse.next_event().await?.event == "hello");
+        Ok(())
+    })
+    .await?;
+    Ok(())
+}
+
+/// A client mid-replay on a slow link, whose live messages overflow the hub's tap (by
+/// design: the replay reads them from the inbox), joins a big topic. The announcement
+/// that its topics changed was dropped with the overflow, and is stored nowhere: the
+/// feed reads the topics again after any loss, so it follows the topic once the replay
+/// is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_joined_while_live_messages_overflow_is_still_followed() -> anyhow::Result<()> {
+    const STORED: usize = 2_000;
+    const LIVE: usize = 100;
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats)
+        .gateway(herald_gateway::GatewayConfig {
+            queue_frames: QUEUE_FRAMES,
+            ..Default::default()
+        })
+        .topics(herald_api::TopicSettings {
+            big_threshold: 0,
+            self_subscribe: vec!["public.*".into()],
+        })
+        .start()
+        .await?;
+    let user = "tia";
+    let batch = |from: usize, count: usize| {
+        let items: Vec<Value> = (from..from + count)
+            .map(|i| json!({"user_id": user, "title": format!("n{i}"), "body": "x".repeat(1000)}))
+            .collect();
+        herald
+            .producer(reqwest::Method::POST, "/v1/notify/batch")
+            .json(&json!({ "notifications": items }))
+            .send()
+    };
+    for chunk in 0..STORED / 100 {
+        let r = batch(chunk * 100, 100).await?;
+        ensure!(r.status() == 202, "batch: {}", r.status());
+    }
+    let mut ws = stalled_at(&herald, user, "/v1/ws?after=0").await?;
+    // Live messages while the replay waits on the client: the tap overflows. The hub
+    // offers each to both of the user's connections at once, so once a second one that
+    // reads has them all, the stalled one's tap has had them too.
+    let mut watcher = herald.ws(user, Resume::Live).await?;
+    watcher.hello().await?;
+    let r = batch(STORED, LIVE).await?;
+    ensure!(r.status() == 202, "batch: {}", r.status());
+    within(Duration::from_secs(20), "the live ones", watcher.take(LIVE)).await??;
+    let joined = herald
+        .user(reqwest::Method::POST, "/v1/me/subscriptions", user)
+        .json(&json!({"topic": "public.a"}))
+        .send()
+        .await?;
+    ensure!(joined.status().is_success(), "join: {}", joined.status());
+
+    // The replay and the live messages, then a publish to the topic: it comes live.
+    let mut seen = Vec::new();
+    let mut published = None;
+    loop {
+        let next = within(FRAME_TIMEOUT, "the replay, then the topic", ws.next()).await?;
+        let frame: Value = match next {
+            Some(Ok(Message::Text(text))) => serde_json::from_str(text.as_str())?,
+            Some(Ok(Message::Close(frame))) => bail!("closed: {frame:?}"),
+            Some(Ok(_)) => continue,
+            other => bail!("the socket ended: {other:?}"),
+        };
+        let items = match frame["type"].as_str() {
+            Some("notification") => vec![frame],
+            Some("batch") => frame["items"].as_array().cloned().unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        for item in items {
+            seen.push(item["seq"].as_u64().context("seq")?);
+            if item["topic"] == "public.a" {
+                ensure!(item["seq"].as_u64() == published, "{item}");
+                ensure!(seen.windows(2).all(|w| w[0] < w[1]), "in order");
+                return Ok(());
+            }
+        }
+        if seen.len() >= STORED + LIVE && published.is_none() {
+            let answer = herald
+                .producer(reqwest::Method::POST, "/v1/topics/public.a/publish")
+                .json(&json!({"title": "now", "channels": ["inbox"]}))
+                .send()
+                .await?;
+            ensure!(answer.status() == 202, "publish: {}", answer.status());
+            let answer: Value = answer.json().await?;
+            published = Some(answer["seq"].as_u64().context("seq")?);
+        }
+    }
 }

@@ -454,3 +454,151 @@ async fn channel_work_interrupted_mid_way_completes_once() -> anyhow::Result<()>
     ensure!(job.id == marker.id, "nothing more was enqueued: {job:?}");
     Ok(())
 }
+
+/// The seqs of a WebSocket frame's notifications (none for other frames).
+fn frame_seqs(frame: &Value) -> Vec<u64> {
+    match frame["type"].as_str() {
+        Some("notification") => frame["seq"].as_u64().into_iter().collect(),
+        Some("batch") => frame["items"]
+            .as_array()
+            .map(|items| seqs(items))
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    }
+}
+
+/// A user who joins a big topic while connected, with the topic busy and notifications
+/// of their own arriving meanwhile: the connection's seqs only ever grow (a client
+/// dedups by seq, and would drop anything below one it has), and from the first of the
+/// topic's publishes the connection hands out, it misses none of them. Publishes stored
+/// while the subscription was being written, below what the connection had sent by
+/// then, are in the inbox view only. Joined by a `subscribe` frame and by
+/// `POST /v1/me/subscriptions`, in turns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_joined_while_connected_never_goes_below_a_sent_seq() -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const ROUNDS: usize = 24;
+    let nats = Nats::single().await?;
+    let herald = Arc::new(
+        Herald::builder(&nats)
+            .topics(herald_api::TopicSettings {
+                big_threshold: 0,
+                self_subscribe: vec!["public.*".into()],
+            })
+            .start()
+            .await?,
+    );
+    let user = "joiner";
+    let mut ws = herald.ws(user, Resume::Live).await?;
+    let hello = ws.hello().await?;
+    let start = hello["last_seq"].as_u64().context("last_seq")?;
+    let mut received: Vec<u64> = Vec::new();
+    let mut own_sent: Vec<u64> = Vec::new();
+    for round in 0..ROUNDS {
+        let topic = format!("public.r{round}");
+        let stop = Arc::new(AtomicBool::new(false));
+        // The topic's publishes and the user's own notifications, back to back, until
+        // the join is over.
+        let topic_loop = tokio::spawn({
+            let (herald, stop, topic) = (herald.clone(), stop.clone(), topic.clone());
+            async move {
+                while !stop.load(Ordering::Relaxed) {
+                    publish(
+                        &herald,
+                        &topic,
+                        json!({"title": "t", "channels": ["inbox"]}),
+                    )
+                    .await?;
+                }
+                anyhow::Ok(())
+            }
+        });
+        let own_loop = tokio::spawn({
+            let (herald, stop) = (herald.clone(), stop.clone());
+            async move {
+                let mut sent = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    sent.push(herald.send(user, "own").await?.seq);
+                }
+                anyhow::Ok(sent)
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        if round % 2 == 0 {
+            let frame = json!({"type": "subscribe", "topic": topic}).to_string();
+            ws.send(tokio_tungstenite::tungstenite::Message::text(frame))
+                .await?;
+            loop {
+                let frame = ws.next_frame().await?;
+                if frame["type"] == "subscription" {
+                    ensure!(frame["subscribed"] == true, "{frame}");
+                    break;
+                }
+                received.extend(frame_seqs(&frame));
+            }
+        } else {
+            ok(herald
+                .user(Method::POST, "/v1/me/subscriptions", user)
+                .json(&json!({ "topic": topic }))
+                .send()
+                .await?)
+            .await?;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        stop.store(true, Ordering::Relaxed);
+        topic_loop.await??;
+        own_sent.extend(own_loop.await??);
+        // One more of each, after the join: both must come.
+        let last_topic = publish(
+            &herald,
+            &topic,
+            json!({"title": "t", "channels": ["inbox"]}),
+        )
+        .await?["seq"]
+            .as_u64()
+            .context("seq")?;
+        let marker = herald.send(user, "marker").await?.seq;
+        own_sent.push(marker);
+        while received.last().is_none_or(|&s| s < marker) {
+            let frame = within(WAIT, "the round's marker", ws.next_frame()).await??;
+            received.extend(frame_seqs(&frame));
+        }
+        ensure!(
+            received.contains(&last_topic),
+            "round {round}: the topic's publish after the join never came"
+        );
+    }
+    ensure!(
+        received.windows(2).all(|w| w[0] < w[1]),
+        "the connection's seqs went back: {received:?}"
+    );
+    let missing: Vec<&u64> = own_sent.iter().filter(|s| !received.contains(s)).collect();
+    ensure!(missing.is_empty(), "own notifications missing: {missing:?}");
+    // Per topic: nothing missing from the first publish the connection handed out on;
+    // what it did not hand out is in the inbox view, below that.
+    let view = herald.inbox(user).await?;
+    for round in 0..ROUNDS {
+        let topic = format!("public.r{round}");
+        let of_topic: Vec<u64> = view
+            .iter()
+            .filter(|n| n["topic"] == topic.as_str())
+            .filter_map(|n| n["seq"].as_u64())
+            .filter(|&s| s > start)
+            .collect();
+        let first = of_topic
+            .iter()
+            .copied()
+            .find(|s| received.contains(s))
+            .with_context(|| format!("nothing of {topic} on the connection"))?;
+        let skipped: Vec<&u64> = of_topic
+            .iter()
+            .filter(|&&s| s > first && !received.contains(&s))
+            .collect();
+        ensure!(
+            skipped.is_empty(),
+            "{topic}: missing after {first}: {skipped:?}"
+        );
+    }
+    Ok(())
+}

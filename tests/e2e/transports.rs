@@ -316,3 +316,109 @@ async fn a_plain_get_of_the_websocket_url_says_what_an_upgrade_would_get() -> an
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{code}");
     Ok(())
 }
+
+/// A plain `EventSource` sends `Last-Event-ID` on its own reconnect only if some event
+/// had an `id:`. The `hello` carries the position the stream starts from, so one that
+/// started live and loses its stream before any notification comes resumes from there —
+/// and gets what was stored while it was away — instead of starting live again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sse_hello_carries_the_position_a_browser_resumes_from() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    let first = herald.send("eve", "before").await?;
+    let mut sse = herald.sse("eve", Resume::Live).await?;
+    let hello = sse.next_event().await?;
+    ensure!(hello.event == "hello", "{hello:?}");
+    assert_eq!(hello.json()?["last_seq"], first.seq);
+    let id = hello.id.clone().context("the hello has no id")?;
+    assert_eq!(id, first.seq.to_string(), "live only: the head");
+    drop(sse);
+
+    let missed = herald.send("eve", "while away").await?;
+    // The browser's own reconnect: the same URL, Last-Event-ID = the last id it got.
+    let mut again = herald.sse("eve", Resume::LastEventId(id.parse()?)).await?;
+    let hello = again.next_event().await?;
+    assert_eq!(hello.id.as_deref(), Some(id.as_str()));
+    assert_eq!(again.next_notification().await?["seq"], missed.seq);
+
+    // Resuming: the hello's id is the position asked for.
+    let mut replay = herald.sse("eve", Resume::After(0)).await?;
+    let hello = replay.next_event().await?;
+    assert_eq!(hello.id.as_deref(), Some("0"));
+    assert_eq!(
+        seqs(&replay.take(2).await?),
+        [first.seq, missed.seq],
+        "after 0: everything"
+    );
+    Ok(())
+}
+
+/// At shutdown an SSE stream ends with a `reconnect` event, like a WebSocket's frame:
+/// `after_ms` jittered below 5 s, and the same wait as `retry:`, which a plain
+/// `EventSource` honours. It has no `id:` (the client's Last-Event-ID stays the last
+/// notification's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sse_stream_ends_at_shutdown_with_a_jittered_reconnect() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let mut herald = Herald::builder(&nats).start().await?;
+    let n = herald.send("sam", "n").await?;
+    let response = herald
+        .request(reqwest::Method::GET, "/v1/sse?after=0")
+        .bearer_auth(herald.token("sam"))
+        .timeout(Duration::from_secs(60))
+        .send()
+        .await?;
+    ensure!(response.status() == 200, "{}", response.status());
+    let mut response = response;
+    // Read until the notification is in, so the stream is live when the server stops.
+    let mut text = String::new();
+    while !text.contains(&format!("id: {}\n", n.seq)) {
+        let chunk = herald_tests::within(Duration::from_secs(10), "the replay", response.chunk())
+            .await??
+            .context("the stream ended early")?;
+        text.push_str(std::str::from_utf8(&chunk)?);
+    }
+    let rest = async {
+        while let Some(chunk) = response.chunk().await? {
+            text.push_str(std::str::from_utf8(&chunk)?);
+        }
+        anyhow::Ok(())
+    };
+    let (stopped, ended) = tokio::join!(
+        herald.stop(),
+        herald_tests::within(Duration::from_secs(20), "the stream's end", rest)
+    );
+    stopped?;
+    ended??;
+    // The events, keep-alive comments left out.
+    let events: Vec<Vec<&str>> = text
+        .split("\n\n")
+        .map(|block| {
+            block
+                .lines()
+                .filter(|l| !l.is_empty() && !l.starts_with(':'))
+                .collect::<Vec<_>>()
+        })
+        .filter(|lines| !lines.is_empty())
+        .collect();
+    let last = events.last().context("no events")?;
+    ensure!(last.contains(&"event: reconnect"), "last event: {last:?}");
+    ensure!(
+        !last.iter().any(|l| l.starts_with("id:")),
+        "no id: {last:?}"
+    );
+    let retry: u64 = last
+        .iter()
+        .find_map(|l| l.strip_prefix("retry: "))
+        .context("no retry:")?
+        .parse()?;
+    let data: serde_json::Value = serde_json::from_str(
+        last.iter()
+            .find_map(|l| l.strip_prefix("data: "))
+            .context("no data")?,
+    )?;
+    ensure!(data["type"] == "reconnect", "{data}");
+    assert_eq!(data["after_ms"], retry, "retry: is the same wait");
+    ensure!(retry < 5_000, "jittered below 5 s: {retry}");
+    Ok(())
+}

@@ -11,8 +11,8 @@
 //! - A browser's WebSocket never shows the status of a refused upgrade, so a client
 //!   cannot tell "busy" from "WebSocket is blocked on this network" by itself. It asks
 //!   with a plain GET of the WebSocket URL, answered by [`Admission::probe`]: busy (503,
-//!   the `Retry-After` still running) while this gateway has been refusing upgrades,
-//!   429 at the user's cap, otherwise nothing against it.
+//!   a jittered `Retry-After` within the one still running) while this gateway has been
+//!   refusing upgrades, 429 at the user's cap, otherwise nothing against it.
 
 pub mod adaptive;
 
@@ -155,15 +155,23 @@ impl Admission {
     /// upgrade may have been this client's, and a bucket that refills in milliseconds
     /// would otherwise answer "come in" to a probe made just after it.
     ///
+    /// Each busy answer is a wait of its own, drawn at random within what is left of
+    /// that `Retry-After` (whole seconds, at least one), like each refusal's. The time
+    /// left is the same for every probe, and clients waiting exactly that would all come
+    /// back in the same second: the storm the jittered refusals spread out, gathered up
+    /// again. A probe does not make the gateway busy for longer: a client whose
+    /// upgrades fail for another reason (a proxy that drops them) learns so once the
+    /// refusals stop.
+    ///
     /// # Errors
-    /// 503 with the `Retry-After` left while busy; 429 at the per-user cap.
+    /// 503 with a `Retry-After` within the time left while busy; 429 at the per-user cap.
     pub fn probe(&self, user: &UserId) -> Result<(), AppError> {
         let left_ms = self
             .busy_until_ms
             .load(Ordering::Relaxed)
             .saturating_sub(self.now_ms());
         if left_ms > 0 {
-            return Err(busy(left_ms.div_ceil(1000)));
+            return Err(busy(rand::random_range(1..=left_ms.div_ceil(1000))));
         }
         let map = self.per_user.lock().map_err(|_| internal())?;
         if map
@@ -292,5 +300,28 @@ mod tests {
         // Another user is told the same: the gateway as a whole is busy.
         let other = a.probe(&UserId::new("v").expect("id")).expect_err("busy");
         assert_eq!(other.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[test]
+    fn busy_probes_are_each_told_a_wait_of_their_own() {
+        let a = Arc::new(Admission::new(Limits::default()));
+        // Refusing until 5 s from now.
+        a.busy_until_ms.store(a.now_ms() + 5_000, Ordering::Relaxed);
+        let waits: Vec<u64> = (0..200)
+            .map(|i| {
+                let user = UserId::new(format!("u{i}")).expect("id");
+                let busy = a.probe(&user).expect_err("busy");
+                assert_eq!(busy.status(), StatusCode::SERVICE_UNAVAILABLE);
+                busy.retry_after_secs().expect("Retry-After")
+            })
+            .collect();
+        assert!(waits.iter().all(|s| (1..=5).contains(s)), "{waits:?}");
+        let (least, most) = (waits.iter().min(), waits.iter().max());
+        assert!(
+            most.zip(least).is_some_and(|(m, l)| m - l >= 2),
+            "spread over the busy window: {waits:?}"
+        );
+        // Probing did not make the gateway busy for longer.
+        assert!(a.busy_until_ms.load(Ordering::Relaxed) <= a.now_ms() + 5_000);
     }
 }

@@ -380,6 +380,9 @@ impl Feed {
         max: usize,
     ) -> Poll<Result<Vec<Notification>, FeedError>> {
         loop {
+            if self.live.take_topics_changed() {
+                self.topics_changed = true;
+            }
             if !self.cursor.ready.is_empty() {
                 let n = max.clamp(1, self.cursor.ready.len());
                 if n == self.cursor.ready.len() {
@@ -413,7 +416,7 @@ impl Feed {
                     }
                 }
                 self.stale_drops = false;
-                self.cursor.catch_up(self.cursor.lowest_high());
+                self.lost_live();
                 continue;
             }
             if self.live.take_lagged() {
@@ -422,16 +425,33 @@ impl Feed {
                 // least any source has handed out — `last_sent` may be past a lost
                 // message of another lane or source. What is queued meanwhile is in the
                 // inbox too, and is dropped as already handed out after the catch-up.
-                self.cursor.catch_up(self.cursor.lowest_high());
+                self.lost_live();
                 continue;
             }
             let live = ready!(self.live.poll_recv(cx)).ok_or(FeedError::Closed)?;
             if self.live.take_lagged() {
                 // Missing after this one: it is held until the catch-up ends.
-                self.cursor.catch_up(self.cursor.lowest_high());
+                self.lost_live();
             }
             self.on_live(&live);
         }
+    }
+
+    /// Live messages may have been lost (dropped by the hub's tap, or by its NATS
+    /// connection): what was stored meanwhile is read from the view. The hub's connection
+    /// may also have lost an announcement that the user's topics changed, which is stored
+    /// nowhere: the topics are read again too (one direct get, on a path that already
+    /// pays for an inbox read), or a topic joined meanwhile would never be followed live.
+    fn lost_live(&mut self) {
+        self.topics_changed = true;
+        self.cursor.catch_up(self.cursor.lowest_high());
+    }
+
+    /// The user's topic subscriptions may have changed (this connection changed them):
+    /// they are read again before the next live message is taken, whether or not the
+    /// announcement arrives.
+    pub fn topics_may_have_changed(&mut self) {
+        self.topics_changed = true;
     }
 
     /// Notifications already available without waiting on the network for live ones
@@ -461,15 +481,22 @@ impl Feed {
             let step = ready!(in_flight.0.as_mut().poll(cx));
             self.in_flight = None;
             match step? {
+                Step::Page(_) if self.live.take_topics_changed() => {
+                    // The user's topics changed while this page was read: it may lack a
+                    // topic joined meanwhile and hold later entries of the others, and
+                    // taking it would move the position past that topic's publishes. It
+                    // is read again once the topics are.
+                    self.topics_changed = true;
+                }
                 Step::Page(page) => self.take_page(page),
                 Step::Topics(now) => self.take_topics(now),
                 Step::Followed(locale) => {
                     if self.locale.is_none() {
                         self.locale = locale;
                     }
-                    // From the new topics' `since`, not `last_sent`: a publish stored
-                    // between the subscribe and this follow is below what this
-                    // connection has handed out of its own, and live never brought it.
+                    // A publish stored between the point this connection sees the new
+                    // topics from (see `take_topics`) and this follow never came live:
+                    // read it from the view.
                     self.cursor.catch_up(self.cursor.lowest_high());
                 }
                 Step::HeldStored(true) => {} // the catch-up reads again
@@ -586,20 +613,23 @@ impl Feed {
     /// Follows new topics and stops following those left. New ones are confirmed (and
     /// the locale read, the first time) before the view is read again, which holds
     /// anything published since they subscribed.
+    ///
+    /// A topic joined mid-connection is seen by this connection from the later of its
+    /// `since` and what the connection has handed out: its publishes stored while the
+    /// subscription was being written (after `since`, but before this connection heard of
+    /// it) may lie below a seq already sent, and sending them now would break the order
+    /// a client dedups by. They stay in the user's inbox view: pages (`GET
+    /// /v1/me/notifications`, newest first or `after` a position below them) show them.
     fn take_topics(&mut self, now: Vec<TopicSource>) {
         let subjects = self.hub.inbox().subjects().clone();
         let mut confirms = Vec::new();
-        let topics = &mut self.cursor.topics;
         for t in &now {
-            if topics.iter().all(|f| f.topic != t.topic) {
+            if self.cursor.topics.iter().all(|f| f.topic != t.topic) {
                 confirms.push(self.live.follow_start(subjects.topic_live(&t.topic)));
-                topics.push(Followed {
-                    topic: t.topic.clone(),
-                    since: t.since,
-                    high: t.since,
-                });
+                self.cursor.join(t);
             }
         }
+        let topics = &mut self.cursor.topics;
         let gone: Vec<TopicId> = topics
             .iter()
             .filter(|f| now.iter().all(|t| t.topic != f.topic))
@@ -651,6 +681,8 @@ impl Feed {
         };
         let Some(seq) = header_u64(headers, "Nats-Sequence") else {
             if headers.get(TOPICS_HEADER).is_some() {
+                // The hub marks announcements apart (`Tap::take_topics_changed`) rather
+                // than queue them; one that came this way means the same.
                 self.topics_changed = true;
             } else if let Some(up_to) = header_u64(headers, herald_protocol::streams::READ_HEADER)
                 && up_to > self.cursor.read_up_to
@@ -718,6 +750,20 @@ impl Cursor {
             return;
         }
         self.push(live.seq, live.source.as_ref(), live.stored);
+    }
+
+    /// Follows a topic joined while the connection is open, from the later of the
+    /// subscription's `since` and the connection's position (see [`Feed::take_topics`]).
+    fn join(&mut self, t: &TopicSource) {
+        let since = t.since.max(self.last_sent);
+        if since > t.since {
+            metrics::counter!("herald_gateway_topic_joins_past_since_total").increment(1);
+        }
+        self.topics.push(Followed {
+            topic: t.topic.clone(),
+            since,
+            high: since,
+        });
     }
 
     /// Keeps the newest live message while catching up; the older ones are let go (the
@@ -819,6 +865,10 @@ impl Cursor {
         }
     }
 
+    /// Hands out a notification of `source` that it has not handed out yet — unless a
+    /// greater seq has been handed out already: a connection's seqs only ever grow (a
+    /// client dedups by seq, and an SSE `id:` must never move back). Such a notification
+    /// is stored, and pages of the view show it; it is not sent on this connection.
     fn push(&mut self, seq: u64, source: Option<&TopicId>, stored: StoredNotification) {
         if seq <= self.high(source) {
             return;
@@ -831,7 +881,16 @@ impl Cursor {
                 }
             }
         }
-        self.last_sent = self.last_sent.max(seq);
+        if seq <= self.last_sent {
+            metrics::counter!("herald_gateway_below_position_drops_total").increment(1);
+            tracing::debug!(
+                seq,
+                position = self.last_sent,
+                "a notification below what this connection sent; left to inbox pages"
+            );
+            return;
+        }
+        self.last_sent = seq;
         if let Some(replayed) = &mut self.replayed {
             *replayed += 1;
         }
@@ -1065,6 +1124,59 @@ mod tests {
         c.held_gone();
         assert!(!c.catching_up && c.held.is_none());
         assert!(taken(&mut c).is_empty());
+    }
+
+    #[test]
+    fn a_topic_joined_mid_connection_is_seen_from_the_connections_position() {
+        // 103 (the user's own) went out live while the user subscribed to `news`: the
+        // subscription's `since` is 101, and `news` stored 102 before this connection
+        // heard of it (and followed the topic live).
+        let mut c = cursor(103, &[]);
+        c.join(&TopicSource {
+            topic: topic("news"),
+            since: 101,
+        });
+        c.catch_up(c.lowest_high());
+        // A view read from 101 (as a store reads it, the topic from its `since`).
+        assert_eq!(
+            c.page(page(&[103], &[(102, "news"), (104, "news")])),
+            Caught::More
+        );
+        assert_eq!(c.page(page(&[], &[])), Caught::Up);
+        assert_eq!(
+            taken(&mut c),
+            [104],
+            "102 is below what was sent: pages only"
+        );
+        // Live, the topic goes on from there.
+        live(&mut c, 105, Some("news"), 104);
+        live(&mut c, 106, None, 103);
+        assert_eq!(taken(&mut c), [105, 106]);
+    }
+
+    #[test]
+    fn nothing_below_what_was_handed_out_is_handed_out() {
+        // A source that has handed out less than the connection (a topic followed from
+        // its `since`) brings a seq below the position: it is not sent.
+        let mut c = cursor(103, &[]);
+        c.topics.push(Followed {
+            topic: topic("news"),
+            since: 101,
+            high: 101,
+        });
+        c.catch_up(c.lowest_high());
+        assert_eq!(c.replay_from, 101);
+        assert_eq!(c.page(page(&[103], &[(102, "news")])), Caught::More);
+        assert_eq!(c.page(page(&[], &[])), Caught::Up);
+        assert!(taken(&mut c).is_empty(), "102 after 103 breaks the order");
+        assert_eq!(c.last_sent, 103);
+        live(&mut c, 104, Some("news"), 102);
+        assert_eq!(
+            taken(&mut c),
+            [104],
+            "and the topic goes on, with no gap repair"
+        );
+        assert!(!c.catching_up);
     }
 
     #[test]

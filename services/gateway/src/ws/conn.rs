@@ -288,6 +288,12 @@ impl Conn {
                             Err(outcome) => return Poll::Ready(outcome),
                             // An answer waits in the same bounded queue as notifications.
                             Ok(Some(answer)) => {
+                                if let ServerFrame::Subscription { error: None, .. } = &answer {
+                                    // This connection changed the user's topics: its feed
+                                    // reads them again, announced or not.
+                                    self.session.feed.topics_may_have_changed();
+                                    progress.feed = true;
+                                }
                                 if self
                                     .session
                                     .queue_answer(Out::Msg(Box::new(text(&answer))))
