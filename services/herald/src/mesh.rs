@@ -180,8 +180,6 @@ const NATS_WAIT: Duration = Duration::from_secs(30);
 /// workers' jobs, which may be in a provider call of up to its send timeout (15 s) and
 /// must then write their sent marker (see `herald_worker::WorkerConfig::drain_grace`).
 const DRAIN_GRACE: Duration = Duration::from_secs(20);
-/// How long closing the NATS connections may take once the services have stopped.
-const NATS_CLOSE: Duration = Duration::from_secs(2);
 
 impl Mesh {
     /// Connects, provisions if asked, and starts serving on `listener`.
@@ -468,10 +466,7 @@ impl Mesh {
             tracing::warn!("drain grace period over; stopping the rest");
             self.tasks.abort_all();
         }
-        for client in [&self.nats.publish, &self.nats.consume] {
-            // Whatever is still buffered is flushed; nothing waits on it any more.
-            let _ = tokio::time::timeout(NATS_CLOSE, client.drain()).await;
-        }
+        self.nats.close().await;
         result
     }
 

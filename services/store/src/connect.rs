@@ -45,6 +45,25 @@ impl Nats {
     pub fn problem(&self) -> Option<String> {
         self.problems.borrow().clone()
     }
+
+    /// Closes both connections, flushing what they hold (2 s at most in all). Clones kept
+    /// by background tasks would otherwise go on reconnecting, and logging it, after their
+    /// server is stopped on purpose (`herald up` stopping its nats-server, a benchmark's).
+    pub async fn close(&self) {
+        let closing = async {
+            for client in [&self.publish, &self.consume] {
+                if client.drain().await.is_err() {
+                    continue; // closed already
+                }
+                // `drain` only asks: the connection closes once its handler has flushed,
+                // and from then on a command finds no one to take it.
+                while client.flush().await.is_ok() {
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), closing).await;
+    }
 }
 
 /// `url` (comma-separated for a cluster) with the credentials of every URL masked

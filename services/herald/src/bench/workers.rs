@@ -264,6 +264,7 @@ pub async fn run(args: WorkersArgs) -> Result<(), BenchError> {
         }
     }
     print_table(&args, raw, &rows);
+    nats.close().await;
     drop(own_server);
     Ok(())
 }
