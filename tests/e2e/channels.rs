@@ -71,15 +71,6 @@ async fn contact(herald: &Herald, user: &str, body: Value) -> anyhow::Result<req
         .await?)
 }
 
-async fn status(herald: &Herald, id: &str) -> anyhow::Result<Value> {
-    let r = herald
-        .producer(Method::GET, &format!("/v1/notifications/{id}"))
-        .send()
-        .await?;
-    ensure!(r.status() == 200, "status of {id}: {}", r.status());
-    Ok(r.json().await?)
-}
-
 /// `GET /v1/dlq`: the dead letters.
 async fn dlq(herald: &Herald) -> anyhow::Result<Value> {
     Ok(herald
@@ -105,7 +96,7 @@ async fn dead_letter_of(herald: &Herald, id: &str) -> anyhow::Result<Value> {
 /// Waits until the one target of `channel` reaches `state`; returns its entry.
 async fn reaches(herald: &Herald, id: &str, channel: &str, state: &str) -> anyhow::Result<Value> {
     eventually(WAIT, &format!("{id} {channel} {state}"), || async {
-        let s = status(herald, id).await?;
+        let s = herald.status(id).await?;
         let entry = s["channels"][channel][0].clone();
         ensure!(entry["state"] == state, "status now {s}");
         Ok(entry)
@@ -501,7 +492,7 @@ async fn an_outage_longer_than_the_back_off_spends_no_delivery_without_a_call() 
     sms.fallback(Answer::Ok);
     for id in &ids {
         let entry = eventually(WAIT, &format!("{id} ends"), || async {
-            let s = status(&herald, id).await?;
+            let s = herald.status(id).await?;
             let entry = s["channels"]["sms"][0].clone();
             ensure!(
                 entry["state"] == "sent" || entry["state"] == "dead_lettered",
@@ -572,7 +563,7 @@ async fn deferrals_while_one_platform_is_down_spend_no_attempts() -> anyhow::Res
     eventually(WAIT, "a job deferred max_deliver times", || async {
         let mut most = 0;
         for id in &ids {
-            let entry = status(&herald, id).await?["channels"]["push"][0].clone();
+            let entry = herald.status(id).await?["channels"]["push"][0].clone();
             most = most.max(deferrals(&entry));
         }
         ensure!(most >= attempts, "at most {most} deferrals so far");
@@ -582,7 +573,7 @@ async fn deferrals_while_one_platform_is_down_spend_no_attempts() -> anyhow::Res
     apns.fallback(Answer::Ok);
     for id in &ids {
         let entry = eventually(WAIT, &format!("{id} ends"), || async {
-            let entry = status(&herald, id).await?["channels"]["push"][0].clone();
+            let entry = herald.status(id).await?["channels"]["push"][0].clone();
             ensure!(
                 entry["state"] == "sent" || entry["state"] == "dead_lettered",
                 "{entry}"
@@ -833,7 +824,7 @@ async fn a_worker_dying_after_the_send_does_not_send_twice() -> anyhow::Result<(
         1,
         "sent again after the redelivery"
     );
-    let s = status(&second, &id).await?;
+    let s = second.status(&id).await?;
     assert_eq!(s["channels"]["push"][0]["state"], "sent", "{s}");
     Ok(())
 }
@@ -1186,7 +1177,7 @@ async fn a_batch_with_permanent_failures_dead_letters_exactly_those() -> anyhow:
         .collect();
     expected.sort();
     assert_eq!(dead, expected, "exactly the failing jobs are dead letters");
-    let sent = status(&herald, &ids[0].1).await?;
+    let sent = herald.status(&ids[0].1).await?;
     let entry = &sent["channels"]["push"][0];
     assert_eq!(entry["provider"], "apns", "{sent}");
     assert_eq!(
@@ -1386,7 +1377,7 @@ async fn delivery_status_takes_only_notification_ids() -> anyhow::Result<()> {
         ensure!(body["error"]["field"] == "id", "{body}");
     }
     // The connection is whole, and an upper-case spelling names the same notification.
-    let again = status(&herald, &id.to_uppercase()).await?;
+    let again = herald.status(&id.to_uppercase()).await?;
     ensure!(again["id"] == json!(id), "{again}");
     Ok(())
 }
@@ -1640,7 +1631,7 @@ async fn a_throttle_of_the_only_provider_pulls_nothing_until_it_ends() -> anyhow
     }
     let mut deferred = Vec::new();
     for id in &queued {
-        let s = status(&herald, id).await?;
+        let s = herald.status(id).await?;
         let history = &s["channels"]["sms"][0]["history"];
         let steps = history.as_array().context("history")?;
         if steps.iter().any(|step| step["state"] == "deferred") {

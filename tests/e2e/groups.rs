@@ -150,19 +150,10 @@ fn like(user: &str, actor: &str) -> Value {
            "group_key": "like:photo-9", "group_actor": actor, "channels": ["inbox", "push"]})
 }
 
-async fn status(herald: &Herald, id: &str) -> anyhow::Result<Value> {
-    let r = herald
-        .producer(Method::GET, &format!("/v1/notifications/{id}"))
-        .send()
-        .await?;
-    ensure!(r.status() == 200, "status of {id}: {}", r.status());
-    Ok(r.json().await?)
-}
-
 /// Waits until every push entry of `id` is in `state`; returns the first.
 async fn push_state(herald: &Herald, id: &str, state: &str) -> anyhow::Result<Value> {
     eventually(WAIT, &format!("{id} push {state}"), || async {
-        let s = status(herald, id).await?;
+        let s = herald.status(id).await?;
         let entries = s["channels"]["push"]
             .as_array()
             .cloned()
@@ -223,7 +214,7 @@ async fn likes_within_a_window_fold_into_one_push_with_the_group_text() -> anyho
     ensure!(inbox[2]["group"]["count"] == 3, "{}", inbox[2]);
 
     // Status: the first waits for the window, the others are folded into it.
-    let held = status(&herald, &ids[0]).await?;
+    let held = herald.status(&ids[0]).await?;
     let first = &held["channels"]["push"][0];
     ensure!(
         first["state"] == "deferred" || first["state"] == "queued" || first["state"] == "sent",

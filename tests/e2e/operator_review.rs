@@ -16,15 +16,6 @@ use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-async fn status(herald: &Herald, id: &str) -> anyhow::Result<Value> {
-    let r = herald
-        .producer(Method::GET, &format!("/v1/notifications/{id}"))
-        .send()
-        .await?;
-    ensure!(r.status() == 200, "status of {id}: {}", r.status());
-    Ok(r.json().await?)
-}
-
 /// A worker for SMS with no SMS provider used to pull every SMS job and dead-letter it
 /// ("no provider of the channel accepts this target") without calling anyone. A mesh asked
 /// to work SMS and push, with a push provider only, now runs the push worker alone: the
@@ -61,7 +52,7 @@ async fn a_channel_without_a_provider_gets_no_worker_and_keeps_its_jobs() -> any
     // The workers run and the notification was routed: its push went out, and its SMS job
     // was queued beside it.
     let routed = eventually(WAIT, "push sent", || async {
-        let s = status(&herald, &id).await?;
+        let s = herald.status(&id).await?;
         ensure!(
             s["channels"]["push"][0]["state"] == "sent",
             "status now {s}"
@@ -94,7 +85,7 @@ async fn a_channel_without_a_provider_gets_no_worker_and_keeps_its_jobs() -> any
     let letters = dlq["items"].as_array().context("items")?;
     assert!(letters.is_empty(), "{dlq}");
     assert_eq!(
-        status(&herald, &id).await?["channels"]["sms"][0]["state"],
+        herald.status(&id).await?["channels"]["sms"][0]["state"],
         "queued"
     );
     Ok(())

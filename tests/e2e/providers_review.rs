@@ -48,15 +48,6 @@ fn limits() -> Limits {
     }
 }
 
-async fn status(herald: &Herald, id: &str) -> anyhow::Result<Value> {
-    let r = herald
-        .producer(Method::GET, &format!("/v1/notifications/{id}"))
-        .send()
-        .await?;
-    ensure!(r.status() == 200, "status of {id}: {}", r.status());
-    Ok(r.json().await?)
-}
-
 /// Twilio refusing our `From` (code 21212, on every send) says nothing about the
 /// messages: each is retried and the failures open Twilio's circuit, so Vonage takes
 /// over and every message is sent — none is dead-lettered.
@@ -111,7 +102,7 @@ async fn a_refused_twilio_sender_fails_over_to_vonage_instead_of_dead_lettering(
     }
     for id in &ids {
         let entry = eventually(WAIT, &format!("{id} sent"), || async {
-            let s = status(&herald, id).await?;
+            let s = herald.status(id).await?;
             let entry = s["channels"]["sms"][0].clone();
             ensure!(
                 entry["state"] != "dead_lettered",

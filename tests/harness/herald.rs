@@ -221,6 +221,15 @@ impl Herald {
         self.accept(&json!({"user_id": user, "title": title})).await
     }
 
+    /// `GET /v1/notifications/{id}` (the delivery status) as the producer; must answer 200.
+    ///
+    /// # Errors
+    /// Any other answer.
+    pub async fn status(&self, id: &str) -> anyhow::Result<Value> {
+        let path = format!("/v1/notifications/{id}");
+        json_ok(self.producer(Method::GET, &path).send().await?).await
+    }
+
     /// `GET /v1/users/{user}/notifications?{query}` as the producer; must answer 200.
     ///
     /// # Errors
