@@ -77,22 +77,6 @@ async fn email(herald: &Herald, user: &str, title: &str) -> anyhow::Result<heral
         .await
 }
 
-/// Waits until the email status of `id` is `state`; returns the entry.
-async fn email_state(herald: &Herald, id: &str, state: &str) -> anyhow::Result<Value> {
-    eventually(WAIT, &format!("{id} email {state}"), || async {
-        let s: Value = herald
-            .producer(Method::GET, &format!("/v1/notifications/{id}"))
-            .send()
-            .await?
-            .json()
-            .await?;
-        let entry = s["channels"]["email"][0].clone();
-        ensure!(entry["state"] == state, "status now {s}");
-        Ok(entry)
-    })
-    .await
-}
-
 /// Waits for `n` emails in all.
 async fn emails(smtp: &SmtpServer, n: usize) -> anyhow::Result<Vec<Vec<u8>>> {
     eventually(WAIT, &format!("{n} email(s)"), || async {
@@ -156,7 +140,7 @@ async fn an_hourly_digest_is_one_email_listing_what_was_not_read() -> anyhow::Re
         sent.push(email(&herald, "dee", title).await?);
     }
     for n in &sent {
-        let entry = email_state(&herald, &n.id, "digest").await?;
+        let entry = herald.channel_state(&n.id, "email", "digest").await?;
         let reason = entry["reason"].as_str().unwrap_or_default();
         ensure!(
             reason.starts_with("preferences.digest: hourly email digest at "),
@@ -181,7 +165,7 @@ async fn an_hourly_digest_is_one_email_listing_what_was_not_read() -> anyhow::Re
                         "channels": ["inbox", "email"]}),
         )
         .await?;
-    email_state(&herald, &alert.id, "sent").await?;
+    herald.channel_state(&alert.id, "email", "sent").await?;
     ensure!(
         smtp.messages()?.len() == 1,
         "no email per digested notification"
@@ -222,7 +206,7 @@ async fn an_hourly_digest_is_one_email_listing_what_was_not_read() -> anyhow::Re
                         "channels": ["inbox", "email"]}),
         )
         .await?;
-    email_state(&herald, &probe.id, "sent").await?;
+    herald.channel_state(&probe.id, "email", "sent").await?;
     email_queue_drained(&herald).await?;
     assert_eq!(
         smtp.messages()?.len(),
@@ -250,7 +234,7 @@ async fn a_pending_digest_survives_a_restart() -> anyhow::Result<()> {
     let a = email(&herald, "ria", "Alpha").await?;
     let b = email(&herald, "ria", "Beta").await?;
     for n in [&a, &b] {
-        let entry = email_state(&herald, &n.id, "digest").await?;
+        let entry = herald.channel_state(&n.id, "email", "digest").await?;
         ensure!(
             entry["reason"]
                 .as_str()
@@ -285,7 +269,7 @@ async fn the_schedule_fires_at_the_period_end_by_itself() -> anyhow::Result<()> 
         .await?;
     setup_user(&herald, "kai", json!({"digest": "hourly"})).await?;
     let n = email(&herald, "kai", "Only one").await?;
-    email_state(&herald, &n.id, "digest").await?;
+    herald.channel_state(&n.id, "email", "digest").await?;
     let all = emails(&smtp, 1).await?;
     let digest = parse(&all[0])?;
     assert_eq!(digest.subject, "1 notification you missed");
@@ -311,9 +295,9 @@ async fn a_rate_cap_can_fold_email_into_a_digest() -> anyhow::Result<()> {
         .await?;
     setup_user(&herald, "cy", json!({})).await?;
     let first = email(&herald, "cy", "Within the cap").await?;
-    email_state(&herald, &first.id, "sent").await?;
+    herald.channel_state(&first.id, "email", "sent").await?;
     let over = email(&herald, "cy", "Over the cap").await?;
-    let entry = email_state(&herald, &over.id, "digest").await?;
+    let entry = herald.channel_state(&over.id, "email", "digest").await?;
     ensure!(
         entry["reason"]
             .as_str()
@@ -409,7 +393,7 @@ async fn a_digest_clears_only_the_entries_it_listed() -> anyhow::Result<()> {
         .await?;
     setup_user(&herald, "dax", json!({"digest": "daily"})).await?;
     let daily = email(&herald, "dax", "Daily one").await?;
-    email_state(&herald, &daily.id, "digest").await?;
+    herald.channel_state(&daily.id, "email", "digest").await?;
     let r = herald
         .producer(Method::PUT, "/v1/users/dax/preferences")
         .json(&json!({"digest": "hourly"}))
@@ -417,7 +401,7 @@ async fn a_digest_clears_only_the_entries_it_listed() -> anyhow::Result<()> {
         .await?;
     ensure!(r.status() == 200, "preferences: {}", r.status());
     let hourly = email(&herald, "dax", "Hourly one").await?;
-    email_state(&herald, &hourly.id, "digest").await?;
+    herald.channel_state(&hourly.id, "email", "digest").await?;
 
     // The newest schedule is the hourly period's end.
     fire_early(&herald, "dax", "d-").await?;
@@ -467,7 +451,7 @@ async fn a_digest_due_in_quiet_hours_waits_for_their_end() -> anyhow::Result<()>
     )
     .await?;
     let held = email(&herald, "qin", "Overnight news").await?;
-    email_state(&herald, &held.id, "digest").await?;
+    herald.channel_state(&held.id, "email", "digest").await?;
     let period = fire_early(&herald, "qin", "d-").await?;
     let (subject, headers) = eventually(WAIT, "the digest rescheduled", || async {
         let (subject, headers, _) = pending(&herald, "qin", "d-")

@@ -34,7 +34,6 @@ mod replay;
 mod router_digests;
 mod router_groups;
 mod router_lanes;
-mod router_policy;
 mod router_stalls;
 mod routers;
 mod scheduled;

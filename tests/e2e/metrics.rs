@@ -8,14 +8,7 @@ use serde_json::json;
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
 
-/// The value of the first sample line that starts with `prefix`.
-pub(crate) fn sample(text: &str, prefix: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
+pub(crate) use herald_tests::metric_sample as sample;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_metrics_are_exported() -> anyhow::Result<()> {

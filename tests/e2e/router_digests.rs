@@ -70,23 +70,8 @@ async fn email(herald: &Herald, user: &str, category: &str, title: &str) -> anyh
                         "channels": ["inbox", "email"]}),
         )
         .await?;
-    email_state(herald, &sent.id, "digest").await?;
+    herald.channel_state(&sent.id, "email", "digest").await?;
     Ok(sent.id)
-}
-
-async fn email_state(herald: &Herald, id: &str, state: &str) -> anyhow::Result<Value> {
-    eventually(WAIT, &format!("{id} email {state}"), || async {
-        let s: Value = herald
-            .producer(Method::GET, &format!("/v1/notifications/{id}"))
-            .send()
-            .await?
-            .json()
-            .await?;
-        let entry = s["channels"]["email"][0].clone();
-        ensure!(entry["state"] == state, "status now {s}");
-        Ok(entry)
-    })
-    .await
 }
 
 /// The one digest email sent so far: (subject, text).
@@ -130,26 +115,12 @@ async fn a_category_switched_off_during_the_period_is_left_out_of_the_digest() -
         !text.contains("Flash sale"),
         "the switched-off category: {text}"
     );
-    let entry = email_state(&herald, &promo, "skipped").await?;
+    let entry = herald.channel_state(&promo, "email", "skipped").await?;
     ensure!(
         entry["reason"] == "opted out: preferences.categories.promo.email",
         "{entry}"
     );
     Ok(())
-}
-
-/// Quiet hours from an hour ago to two hours from now, UTC.
-async fn quiet_now(herald: &Herald, user: &str) -> anyhow::Result<()> {
-    let now = jiff::Timestamp::now().to_zoned(jiff::tz::TimeZone::UTC);
-    let hhmm = |t: jiff::civil::Time| format!("{:02}:{:02}", t.hour(), t.minute());
-    let start = now.time().wrapping_sub(jiff::Span::new().hours(1));
-    let end = now.time().wrapping_add(jiff::Span::new().hours(2));
-    put(
-        herald,
-        &format!("/v1/users/{user}/preferences"),
-        json!({"quiet_hours": {"start": hhmm(start), "end": hhmm(end)}}),
-    )
-    .await
 }
 
 /// JetStream fires a schedule by the server's clock; a router whose clock is a little
@@ -163,7 +134,7 @@ async fn a_digest_held_for_quiet_hours_goes_out_when_its_schedule_brings_it_back
     let herald = mesh(&nats, &smtp).await?;
     digest_user(&herald, "dax").await?;
     email(&herald, "dax", "news", "Weekly news").await?;
-    quiet_now(&herald, "dax").await?;
+    herald.quiet_now("dax").await?;
 
     // The period ends during quiet hours: the digest is held until they end.
     let period_end = fire_early(&herald, "dax", "d-").await?;

@@ -44,22 +44,6 @@ async fn device(herald: &Herald, user: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The push entry of `id`'s status once it is `state`.
-async fn push_state(herald: &Herald, id: &str, state: &str) -> anyhow::Result<Value> {
-    eventually(WAIT, &format!("{id} push {state}"), || async {
-        let s: Value = herald
-            .producer(Method::GET, &format!("/v1/notifications/{id}"))
-            .send()
-            .await?
-            .json()
-            .await?;
-        let entry = s["channels"]["push"][0].clone();
-        ensure!(entry["state"] == state, "status now {s}");
-        Ok(entry)
-    })
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_routed_after_its_window_closed_is_folded_not_sent_again() -> anyhow::Result<()> {
     let nats = Nats::single().await?;
@@ -103,7 +87,7 @@ async fn a_member_routed_after_its_window_closed_is_folded_not_sent_again() -> a
     );
     // The second, late as well, scheduled a close of its own: it finds the window
     // closed by the first, and folds into it.
-    let entry = push_state(&api, &second.id, "folded").await?;
+    let entry = api.channel_state(&second.id, "push", "folded").await?;
     ensure!(
         entry["reason"]
             .as_str()
@@ -121,21 +105,6 @@ async fn a_member_routed_after_its_window_closed_is_folded_not_sent_again() -> a
     Ok(())
 }
 
-/// Quiet hours from an hour ago to two hours from now, UTC.
-async fn quiet_now(herald: &Herald, user: &str) -> anyhow::Result<()> {
-    let now = jiff::Timestamp::now().to_zoned(jiff::tz::TimeZone::UTC);
-    let hhmm = |t: jiff::civil::Time| format!("{:02}:{:02}", t.hour(), t.minute());
-    let start = now.time().wrapping_sub(jiff::Span::new().hours(1));
-    let end = now.time().wrapping_add(jiff::Span::new().hours(2));
-    let r = herald
-        .user(Method::PUT, "/v1/me/preferences", user)
-        .json(&json!({"quiet_hours": {"start": hhmm(start), "end": hhmm(end)}, "timezone": "UTC"}))
-        .send()
-        .await?;
-    ensure!(r.status().is_success(), "prefs: {}", r.status());
-    Ok(())
-}
-
 /// The scheduler fires by the server's clock; a router whose clock is a little behind
 /// still sees the quiet hours the close waited for. Firing the schedule early through
 /// the harness seam is that skew, larger.
@@ -145,13 +114,13 @@ async fn a_group_close_back_from_quiet_hours_is_sent_whatever_the_router_clock_s
     let nats = Nats::single().await?;
     let herald = Herald::builder(&nats).policy(policy(1)).start().await?;
     device(&herald, "qia").await?;
-    quiet_now(&herald, "qia").await?;
+    herald.quiet_now("qia").await?;
     let mut jobs = JobFeed::open(&herald).await?;
     let first = herald.accept(&like("qia", "Ann")).await?;
     herald.accept(&like("qia", "Bob")).await?;
     // The window ends within quiet hours: its close waits for them to end.
     let entry = eventually(WAIT, "the close held for quiet hours", || async {
-        let entry = push_state(&herald, &first.id, "deferred").await?;
+        let entry = herald.channel_state(&first.id, "push", "deferred").await?;
         ensure!(
             entry["reason"]
                 .as_str()

@@ -7,41 +7,10 @@ use anyhow::ensure;
 use herald_tests::schedules::fire_early;
 use herald_tests::{Herald, JobFeed, Nats, eventually};
 use reqwest::Method;
-use serde_json::{Value, json};
+use serde_json::json;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// Quiet hours from an hour ago to two hours from now, UTC.
-async fn quiet_now(herald: &Herald, user: &str) -> anyhow::Result<()> {
-    let now = jiff::Timestamp::now().to_zoned(jiff::tz::TimeZone::UTC);
-    let hhmm = |t: jiff::civil::Time| format!("{:02}:{:02}", t.hour(), t.minute());
-    let start = now.time().wrapping_sub(jiff::Span::new().hours(1));
-    let end = now.time().wrapping_add(jiff::Span::new().hours(2));
-    let r = herald
-        .user(Method::PUT, "/v1/me/preferences", user)
-        .json(&json!({"quiet_hours": {"start": hhmm(start), "end": hhmm(end)}, "timezone": "UTC"}))
-        .send()
-        .await?;
-    ensure!(r.status().is_success(), "prefs: {}", r.status());
-    Ok(())
-}
-
-/// The `channel` entry of `id`'s status once it is `state`.
-async fn state(herald: &Herald, id: &str, channel: &str, state: &str) -> anyhow::Result<Value> {
-    eventually(WAIT, &format!("{id} {channel} {state}"), || async {
-        let s: Value = herald
-            .producer(Method::GET, &format!("/v1/notifications/{id}"))
-            .send()
-            .await?
-            .json()
-            .await?;
-        let entry = s["channels"][channel][0].clone();
-        ensure!(entry["state"] == state, "status now {s}");
-        Ok(entry)
-    })
-    .await
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn low_work_back_from_quiet_hours_never_holds_up_normal_work() -> anyhow::Result<()> {
@@ -54,14 +23,14 @@ async fn low_work_back_from_quiet_hours_never_holds_up_normal_work() -> anyhow::
         .send()
         .await?;
     ensure!(r.status().is_success(), "contact: {}", r.status());
-    quiet_now(&herald, "lou").await?;
+    herald.quiet_now("lou").await?;
     let low = herald
         .accept(
             &json!({"user_id": "lou", "title": "weekend sale", "priority": "low",
                         "channels": ["inbox", "sms"]}),
         )
         .await?;
-    state(&herald, &low.id, "sms", "deferred").await?;
+    herald.channel_state(&low.id, "sms", "deferred").await?;
 
     // The SMS queue is gone: once back from quiet hours, lou's low work is retried in
     // place until it returns.
@@ -105,6 +74,6 @@ async fn low_work_back_from_quiet_hours_never_holds_up_normal_work() -> anyhow::
     {}
 
     js.create_stream(config).await?;
-    state(&herald, &low.id, "sms", "queued").await?;
+    herald.channel_state(&low.id, "sms", "queued").await?;
     Ok(())
 }

@@ -70,27 +70,6 @@ async fn contact(herald: &Herald, user: &str) -> anyhow::Result<()> {
     .await
 }
 
-/// The state of `id`'s first entry on `channel`, once it is `state`.
-async fn channel_state(
-    herald: &Herald,
-    id: &str,
-    channel: &str,
-    state: &str,
-) -> anyhow::Result<Value> {
-    eventually(WAIT, &format!("{id} {channel} {state}"), || async {
-        let s: Value = herald
-            .producer(Method::GET, &format!("/v1/notifications/{id}"))
-            .send()
-            .await?
-            .json()
-            .await?;
-        let entry = s["channels"][channel][0].clone();
-        ensure!(entry["state"] == state, "status now {s}");
-        Ok(entry)
-    })
-    .await
-}
-
 /// A digest user with `count` notifications of `body_bytes` each recorded for the
 /// period; returns their ids, oldest first.
 async fn digest_user(
@@ -118,7 +97,7 @@ async fn digest_user(
         ids.push(sent.id);
     }
     for id in &ids {
-        channel_state(herald, id, "email", "digest").await?;
+        herald.channel_state(id, "email", "digest").await?;
     }
     Ok(ids)
 }
@@ -129,7 +108,7 @@ async fn probe_is_sent(herald: &Herald, user: &str) -> anyhow::Result<()> {
         .accept(&json!({"user_id": user, "title": "behind the digest",
                         "channels": ["inbox", "email"]}))
         .await?;
-    channel_state(herald, &probe.id, "email", "sent").await?;
+    herald.channel_state(&probe.id, "email", "sent").await?;
     Ok(())
 }
 
@@ -209,7 +188,7 @@ async fn a_digest_the_email_queue_refuses_is_recorded_failed_not_retried() -> an
     fire_early(&herald, "dina", "d-").await?;
     probe_is_sent(&herald, "oleg").await?;
     for id in &ids {
-        let entry = channel_state(&herald, id, "email", "failed").await?;
+        let entry = herald.channel_state(id, "email", "failed").await?;
         let reason = entry["reason"].as_str().unwrap_or_default();
         ensure!(
             reason.contains("maximum message size") && reason.contains("max_msg_size"),
@@ -259,7 +238,7 @@ async fn a_contact_sealed_with_a_dropped_key_fails_its_channels_and_routes_the_r
         job.id == sent.id && job.channel == herald_protocol::Channel::Push,
         "push is routed: {job:?}"
     );
-    let entry = channel_state(&herald, &sent.id, "email", "failed").await?;
+    let entry = herald.channel_state(&sent.id, "email", "failed").await?;
     ensure!(
         entry["reason"]
             .as_str()

@@ -176,6 +176,15 @@ impl Herald {
             .await?)
     }
 
+    /// The value of the first `/metrics` sample line that starts with `prefix` (a name,
+    /// or a name and its labels); 0 when there is none yet.
+    ///
+    /// # Errors
+    /// When `/metrics` does not answer.
+    pub async fn metric(&self, prefix: &str) -> anyhow::Result<f64> {
+        Ok(crate::metric_sample(&self.metrics().await?, prefix).unwrap_or(0.0))
+    }
+
     /// A request to `path` with no credentials.
     pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
         self.http
@@ -228,6 +237,48 @@ impl Herald {
     pub async fn status(&self, id: &str) -> anyhow::Result<Value> {
         let path = format!("/v1/notifications/{id}");
         json_ok(self.producer(Method::GET, &path).send().await?).await
+    }
+
+    /// The first `channel` entry of `id`'s delivery status, once it is `state` (30 s at
+    /// most).
+    ///
+    /// # Errors
+    /// When it is not `state` in time; the error shows the last status.
+    pub async fn channel_state(
+        &self,
+        id: &str,
+        channel: &str,
+        state: &str,
+    ) -> anyhow::Result<Value> {
+        crate::eventually(
+            Duration::from_secs(30),
+            &format!("{id} {channel} {state}"),
+            || async {
+                let s = self.status(id).await?;
+                let entry = s["channels"][channel][0].clone();
+                ensure!(entry["state"] == state, "status now {s}");
+                Ok(entry)
+            },
+        )
+        .await
+    }
+
+    /// Sets `user`'s quiet hours from an hour ago to two hours from now, UTC.
+    ///
+    /// # Errors
+    /// Any answer but success.
+    pub async fn quiet_now(&self, user: &str) -> anyhow::Result<()> {
+        let now = jiff::Timestamp::now().to_zoned(jiff::tz::TimeZone::UTC);
+        let hhmm = |t: jiff::civil::Time| format!("{:02}:{:02}", t.hour(), t.minute());
+        let start = now.time().wrapping_sub(jiff::Span::new().hours(1));
+        let end = now.time().wrapping_add(jiff::Span::new().hours(2));
+        let r = self
+            .user(Method::PUT, "/v1/me/preferences", user)
+            .json(&json!({"quiet_hours": {"start": hhmm(start), "end": hhmm(end)}, "timezone": "UTC"}))
+            .send()
+            .await?;
+        ensure!(r.status().is_success(), "prefs: {}", r.status());
+        Ok(())
     }
 
     /// `GET /v1/users/{user}/notifications?{query}` as the producer; must answer 200.

@@ -30,6 +30,15 @@ pub use sse::{SseClient, SseEvent};
 pub use wait::{eventually, within};
 pub use ws::WsClient;
 
+/// The value of the first sample line of a Prometheus `text` that starts with `prefix`.
+pub fn metric_sample(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
 /// Percent-encodes `raw` as one URL path segment or query value: every byte outside the
 /// RFC 3986 unreserved set is escaped, so `/`, `*`, `>`, spaces and unicode survive.
 pub fn encode(raw: &str) -> String {

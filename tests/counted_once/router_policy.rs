@@ -10,7 +10,7 @@ use herald_protocol::Policy;
 use herald_protocol::preferences::{CapOver, RateCap};
 use herald_tests::{Herald, JobFeed, Nats, eventually};
 use reqwest::Method;
-use serde_json::{Value, json};
+use serde_json::json;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -23,21 +23,6 @@ async fn device(herald: &Herald, user: &str) -> anyhow::Result<()> {
         .await?;
     ensure!(r.status().is_success(), "device: {}", r.status());
     Ok(())
-}
-
-async fn state(herald: &Herald, id: &str, channel: &str, state: &str) -> anyhow::Result<Value> {
-    eventually(WAIT, &format!("{id} {channel} {state}"), || async {
-        let s: Value = herald
-            .producer(Method::GET, &format!("/v1/notifications/{id}"))
-            .send()
-            .await?
-            .json()
-            .await?;
-        let entry = s["channels"][channel][0].clone();
-        ensure!(entry["state"] == state, "status now {s}");
-        Ok(entry)
-    })
-    .await
 }
 
 fn cap(category: Option<&str>, limit: u32, window_s: u64, over: CapOver) -> RateCap {
@@ -112,7 +97,7 @@ async fn a_notification_one_cap_suppresses_uses_up_no_other_cap() -> anyhow::Res
     let first = herald.accept(&like("one")).await?;
     let burst = herald.accept(&like("two")).await?;
     ensure!(jobs.next(WAIT).await?.id == first.id, "the first");
-    let capped = state(&herald, &burst.id, "push", "skipped").await?;
+    let capped = herald.channel_state(&burst.id, "push", "skipped").await?;
     ensure!(
         capped["reason"] == "rate_cap: 1 per 5 s",
         "over the burst cap: {capped}"
@@ -132,7 +117,7 @@ async fn a_notification_one_cap_suppresses_uses_up_no_other_cap() -> anyhow::Res
     let later = herald.accept(&like("three")).await?;
     let job = jobs.next(WAIT).await?;
     ensure!(job.id == later.id, "the later one is sent: {job:?}");
-    state(&herald, &later.id, "push", "queued").await?;
+    herald.channel_state(&later.id, "push", "queued").await?;
     Ok(())
 }
 
@@ -150,28 +135,21 @@ async fn a_notification_retried_in_place_is_counted_once_in_the_policy_metrics()
         .await?;
     ensure!(r.status().is_success(), "contact: {}", r.status());
     // Webhooks off: every notification asking for one counts a suppression. No other
-    // test switches webhooks off, so that count is this test's alone (metrics are
-    // process-wide).
+    // test of this process switches webhooks off, so that count is this test's alone.
     let r = herald
         .producer(Method::PUT, "/v1/users/mac/preferences")
         .json(&json!({"channels": {"webhook": false}}))
         .send()
         .await?;
     ensure!(r.status().is_success(), "prefs: {}", r.status());
-    let metric = |name: &'static str| {
-        let herald = &herald;
-        async move {
-            let text = herald.metrics().await?;
-            anyhow::Ok(crate::metrics::sample(&text, name).unwrap_or(0.0))
-        }
-    };
+    let metric = |name: &'static str| herald.metric(name);
     let suppressed = r#"herald_policy_suppressed_total{channel="webhook"}"#;
     let promo = |title: &str| {
         json!({"user_id": "mac", "title": title, "category": "promo",
                "channels": ["inbox", "email", "webhook"]})
     };
     let first = herald.accept(&promo("first")).await?;
-    state(&herald, &first.id, "email", "queued").await?;
+    herald.channel_state(&first.id, "email", "queued").await?;
     let (suppressed_before, capped_before) = (
         metric(suppressed).await?,
         metric("herald_rate_capped_total").await?,
@@ -185,14 +163,14 @@ async fn a_notification_retried_in_place_is_counted_once_in_the_policy_metrics()
         herald.accept(&body)
     })
     .await?;
-    state(&herald, &second.id, "email", "digest").await?;
+    herald.channel_state(&second.id, "email", "digest").await?;
 
     let suppressed_now = metric(suppressed).await?;
     ensure!(
         suppressed_now - suppressed_before == 1.0,
         "one suppression counted for twenty tries: {suppressed_before} → {suppressed_now}"
     );
-    // Other tests cap notifications too, a few at most: far fewer than twenty.
+    // The other test of this process caps a few notifications: far fewer than twenty.
     let capped_now = metric("herald_rate_capped_total").await?;
     ensure!(
         capped_now - capped_before < 5.0,
@@ -218,10 +196,7 @@ async fn an_email_held_for_a_digest_is_counted_once_however_many_tries() -> anyh
         .await?;
     ensure!(r.status().is_success(), "prefs: {}", r.status());
     device(&herald, "dee").await?;
-    let digested = || async {
-        let text = herald.metrics().await?;
-        anyhow::Ok(crate::metrics::sample(&text, "herald_router_digested_total").unwrap_or(0.0))
-    };
+    let digested = || herald.metric("herald_router_digested_total");
     let before = digested().await?;
 
     // The push queue is gone: the email is held for the digest, then the push job cannot
@@ -230,9 +205,9 @@ async fn an_email_held_for_a_digest_is_counted_once_however_many_tries() -> anyh
     let body = json!({"user_id": "dee", "title": "weekly report",
                       "channels": ["inbox", "email", "push"]});
     let held = without_stream(&nats, push, || herald.accept(&body)).await?;
-    state(&herald, &held.id, "push", "queued").await?;
-    state(&herald, &held.id, "email", "digest").await?;
-    // Other tests of this process hold a few emails for digests: far fewer than twenty.
+    herald.channel_state(&held.id, "push", "queued").await?;
+    herald.channel_state(&held.id, "email", "digest").await?;
+    // Another test of this process folds an email into a digest: far fewer than twenty.
     let after = digested().await?;
     ensure!(
         after - before >= 1.0 && after - before < 5.0,
