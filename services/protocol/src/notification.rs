@@ -173,6 +173,11 @@ impl NotifyRequest {
         if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
             return Err(FieldError::new("body", "must be a JSON object"));
         }
+        // The plain parse first: tracking the path costs on every field of every body,
+        // and only a refusal needs it (parsed again, for its path).
+        if let Ok(parsed) = serde_json::from_slice(bytes) {
+            return Ok(parsed);
+        }
         let mut de = serde_json::Deserializer::from_slice(bytes);
         let parsed: Self = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let path = e.path().to_string();
