@@ -31,6 +31,15 @@ async fn publish(herald: &Herald, topic: &str, title: &str) -> anyhow::Result<Va
     Ok(response.json().await?)
 }
 
+async fn fanout_of(herald: &Herald, topic: &str, id: &str) -> anyhow::Result<Value> {
+    let p = ok(herald
+        .producer(Method::GET, &format!("/v1/topics/{topic}/publishes/{id}"))
+        .send()
+        .await?)
+    .await?;
+    Ok(p["fanout"].clone())
+}
+
 async fn progress_done(herald: &Herald, topic: &str, id: &str) -> anyhow::Result<Value> {
     eventually(Duration::from_secs(30), "the fan-out finished", || async {
         let p = ok(herald
@@ -283,6 +292,65 @@ async fn an_interrupted_fanout_resumes_from_its_cursor() -> anyhow::Result<()> {
         inbox.len() == 1 && inbox[0]["title"] == "resumed",
         "{inbox:?}"
     );
+    Ok(())
+}
+
+/// A router stopped mid fan-out finishes the page it is on and records it: every copy
+/// written is counted in the recorded progress (none beyond the cursor, which a resume
+/// after the dedup window would write again), and the next router completes the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_router_hands_its_fanout_back_at_a_page_boundary() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let api = Herald::builder(&nats)
+        .roles(Roles::API)
+        .topics(herald_api::TopicSettings {
+            big_threshold: u64::MAX,
+            ..Default::default()
+        })
+        .start()
+        .await?;
+    const USERS: u64 = 20_000;
+    for chunk in (0..USERS).collect::<Vec<_>>().chunks(10_000) {
+        let users: Vec<String> = chunk.iter().map(|i| format!("d{i}")).collect();
+        ok(api
+            .producer(Method::POST, "/v1/topics/drain/subscribers")
+            .json(&json!({"user_ids": users}))
+            .send()
+            .await?)
+        .await?;
+    }
+    let id = publish(&api, "drain", "drained").await?["id"]
+        .as_str()
+        .context("id")?
+        .to_owned();
+    let mut router = Herald::builder(&nats).roles(Roles::ROUTER).start().await?;
+    eventually(Duration::from_secs(30), "a few pages done", || async {
+        let p = fanout_of(&api, "drain", &id).await?;
+        ensure!(p["done"].as_u64().unwrap_or(0) >= 512, "{p}");
+        Ok(())
+    })
+    .await?;
+    router.stop().await?;
+
+    let stopped = fanout_of(&api, "drain", &id).await?;
+    let done = stopped["done"].as_u64().context("done")?;
+    ensure!(
+        stopped["state"] == "running" && done < USERS,
+        "the fan-out ended before the stop, nothing was shown: {stopped}"
+    );
+    let js = async_nats::jetstream::new(nats.client().await?);
+    let mut inbox = js.get_stream(herald_protocol::streams::INBOX).await?;
+    let written = inbox.info().await?.state.messages;
+    ensure!(
+        written == done,
+        "{written} copies written, {done} recorded: a page was dropped half done"
+    );
+
+    let _next = Herald::builder(&nats).roles(Roles::ROUTER).start().await?;
+    let finished = progress_done(&api, "drain", &id).await?;
+    ensure!(finished["done"] == USERS, "{finished}");
+    let written = inbox.info().await?.state.messages;
+    ensure!(written == USERS, "{written} copies for {USERS} subscribers");
     Ok(())
 }
 

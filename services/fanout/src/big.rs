@@ -23,7 +23,7 @@
 //! preferences (the same batched read), and the router puts the chosen locale on each
 //! channel job so the worker sends that subscriber's language.
 
-use crate::Worker;
+use crate::{Ended, Worker};
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::message::PublishMessage;
 use herald_protocol::notification::format_time;
@@ -47,7 +47,7 @@ impl Worker {
         seq: u64,
         mut run: FanoutRun,
         msg: &async_nats::jetstream::Message,
-    ) -> Result<(), TopicsError> {
+    ) -> Result<Ended, TopicsError> {
         let wants_channels = job
             .notification
             .channels
@@ -133,16 +133,19 @@ impl Worker {
             self.log.put_run(&job.id, &run).await?;
             metrics::counter!("herald_fanout_routed_total").increment(handed);
             let _ = msg.ack_with(AckKind::Progress).await;
+            if self.stop.is_cancelled() {
+                return Ok(Ended::Stopped);
+            }
         }
         self.finish(job, run).await
     }
 
-    async fn finish(&self, job: &FanoutJob, mut run: FanoutRun) -> Result<(), TopicsError> {
+    async fn finish(&self, job: &FanoutJob, mut run: FanoutRun) -> Result<Ended, TopicsError> {
         run.progress.state = "done".into();
         run.progress.finished_at = Some(format_time(OffsetDateTime::now_utc()));
         self.log.put_run(&job.id, &run).await?;
         tracing::info!(id = %job.id, topic = %job.topic, subscribers = run.progress.done, routed = run.progress.routed, "big-topic fan-out done");
-        Ok(())
+        Ok(Ended::Done)
     }
 
     /// The INBOX sequence of a big-topic job's publish. The API stores the publish right

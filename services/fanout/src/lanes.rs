@@ -28,6 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 /// Jobs of one lane a process runs at once: `high`, `normal`, `low`.
 pub(crate) const LANE_JOBS: [usize; 3] = [4, 1, 1];
@@ -65,7 +66,7 @@ impl Worker {
         let mut sources = JoinSet::new();
         sources.spawn(self.clone().source(legacy, lanes.clone()));
         let mut warned = false;
-        loop {
+        while !self.stop.is_cancelled() {
             match open_lanes(&nats, self.inbox.subjects()).await {
                 Ok(Some(consumers)) => {
                     for consumer in consumers {
@@ -81,7 +82,10 @@ impl Worker {
                 }
                 Err(e) => tracing::debug!(error = %e, "fan-out lane consumers still unavailable"),
             }
-            tokio::time::sleep(LANE_CHECK).await;
+            tokio::select! {
+                () = self.stop.cancelled() => {}
+                () = tokio::time::sleep(LANE_CHECK) => {}
+            }
         }
         while let Some(ended) = sources.join_next().await {
             if let Err(e) = ended {
@@ -92,10 +96,11 @@ impl Worker {
 
     /// Pulls jobs from `consumer` one at a time and runs each within its lane's budget,
     /// side by side with the jobs of other lanes. A job whose lane has no room is held
-    /// until it has; meanwhile nothing more is pulled from this consumer.
+    /// until it has; meanwhile nothing more is pulled from this consumer. Once the worker
+    /// stops, nothing more is pulled, and this returns when the running jobs have ended.
     async fn source(self: Arc<Self>, consumer: PullConsumer, lanes: Arc<Lanes>) {
         let mut running = JoinSet::new();
-        loop {
+        'pulling: while !self.stop.is_cancelled() {
             while let Some(ended) = running.try_join_next() {
                 if let Err(e) = ended {
                     tracing::error!(error = %e, "a fan-out job failed");
@@ -115,7 +120,12 @@ impl Worker {
                     continue;
                 }
             };
-            while let Some(msg) = batch.next().await {
+            loop {
+                let next = tokio::select! {
+                    () = self.stop.cancelled() => break 'pulling,
+                    next = batch.next() => next,
+                };
+                let Some(msg) = next else { break };
                 let msg = match msg {
                     Ok(msg) => msg,
                     Err(e) => {
@@ -132,8 +142,10 @@ impl Worker {
                     }
                 };
                 let budget = lanes.budget(job.notification.priority);
-                let Some(permit) = hold(&msg, budget).await else {
-                    return;
+                let Some(permit) = hold(&msg, budget, &self.stop).await else {
+                    // Stopping: the job goes back to the queue for the next owner.
+                    let _ = msg.ack_with(AckKind::Nak(None)).await;
+                    break 'pulling;
                 };
                 let worker = self.clone();
                 running.spawn(async move {
@@ -142,19 +154,27 @@ impl Worker {
                 });
             }
         }
+        while let Some(ended) = running.join_next().await {
+            if let Err(e) = ended {
+                tracing::error!(error = %e, "a fan-out job failed");
+            }
+        }
     }
 }
 
 /// Waits for room in a lane's `budget`, pushing `msg`'s ack deadline out meanwhile so it
-/// is not delivered again elsewhere. `None` only if the budget was closed (never).
+/// is not delivered again elsewhere. `None` when the worker stops first (or the budget
+/// was closed, which it never is).
 async fn hold(
     msg: &async_nats::jetstream::Message,
     budget: Arc<Semaphore>,
+    stop: &CancellationToken,
 ) -> Option<OwnedSemaphorePermit> {
     let acquire = budget.acquire_owned();
     tokio::pin!(acquire);
     loop {
         tokio::select! {
+            () = stop.cancelled() => return None,
             permit = &mut acquire => return permit.ok(),
             () = tokio::time::sleep(HOLD_PROGRESS) => {
                 let _ = msg.ack_with(AckKind::Progress).await;

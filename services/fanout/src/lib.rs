@@ -36,6 +36,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
 
 /// Why the fan-out worker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -45,8 +46,14 @@ pub enum FanoutError {
     Open(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
-/// Runs the fan-out worker until `shutdown`. A job in progress simply stops: its progress
-/// is recorded after every page and it is not acked, so the next owner resumes it.
+/// How long a stopping worker waits for its running jobs to finish their current page.
+const DRAIN: Duration = Duration::from_secs(10);
+
+/// Runs the fan-out worker until `shutdown`, then drains: nothing new is pulled, and each
+/// running job finishes the page it is on, records it and goes back to the queue (nak),
+/// so the next owner resumes at once from a page boundary. A job dropped mid-page would
+/// leave copies written beyond its recorded cursor, and a resume after the inbox's dedup
+/// window would write them again: the same notification twice in those users' inboxes.
 ///
 /// # Errors
 /// [`FanoutError`] when the queue cannot be opened.
@@ -73,16 +80,26 @@ pub async fn run(
         }
     };
     tracing::info!("fan-out running");
+    let stop = CancellationToken::new();
     let worker = Worker {
         inbox,
         subscriptions,
         log,
         preferences,
         policy,
+        stop: stop.clone(),
     };
+    let serve = Arc::new(worker).serve(nats, consumer);
+    tokio::pin!(serve);
     tokio::select! {
-        () = Arc::new(worker).serve(nats, consumer) => {}
+        () = &mut serve => return Ok(()),
         () = shutdown => {}
+    }
+    stop.cancel();
+    if tokio::time::timeout(DRAIN, serve).await.is_err() {
+        tracing::warn!(
+            "fan-out jobs did not finish their page within {DRAIN:?}; they resume from their last recorded page"
+        );
     }
     Ok(())
 }
@@ -113,16 +130,31 @@ pub(crate) struct Worker {
     log: FanoutLog,
     preferences: PreferenceStore,
     policy: Arc<Policy>,
+    /// Cancelled when the worker stops: jobs end at their next page boundary.
+    stop: CancellationToken,
+}
+
+/// How a job's run ended without error.
+pub(crate) enum Ended {
+    /// Every subscriber is done.
+    Done,
+    /// The worker is stopping: the pages done so far are recorded, the rest is left to
+    /// whoever takes the job next.
+    Stopped,
 }
 
 impl Worker {
     /// Runs one job to its end and acks it, or leaves it to be resumed.
     async fn run_job(&self, job: &FanoutJob, msg: &async_nats::jetstream::Message) {
         match self.fan_out(job, msg).await {
-            Ok(()) => {
+            Ok(Ended::Done) => {
                 if let Err(e) = msg.double_ack().await {
                     tracing::warn!(id = %job.id, error = %e, "fan-out ack failed; it will be resumed and find itself done");
                 }
+            }
+            Ok(Ended::Stopped) => {
+                tracing::info!(id = %job.id, "stopping: fan-out handed back at a page boundary");
+                let _ = msg.ack_with(AckKind::Nak(None)).await;
             }
             Err(e) => {
                 tracing::warn!(id = %job.id, error = %e, "fan-out interrupted; will resume");
@@ -138,7 +170,7 @@ impl Worker {
         &self,
         job: &FanoutJob,
         msg: &async_nats::jetstream::Message,
-    ) -> Result<(), TopicsError> {
+    ) -> Result<Ended, TopicsError> {
         let big = job.stored_seq.is_some()
             || msg
                 .headers
@@ -152,7 +184,7 @@ impl Worker {
             .await?
             .filter(|r| r.progress.state != QUEUED);
         let mut run = match recorded {
-            Some(r) if r.progress.state == "done" => return Ok(()),
+            Some(r) if r.progress.state == "done" => return Ok(Ended::Done),
             Some(r) => r,
             None => FanoutRun {
                 progress: FanoutProgress {
@@ -233,11 +265,14 @@ impl Worker {
             metrics::counter!("herald_fanout_copies_total").increment(page.len() as u64);
             // Still working: push the job's ack deadline out.
             let _ = msg.ack_with(AckKind::Progress).await;
+            if self.stop.is_cancelled() {
+                return Ok(Ended::Stopped);
+            }
         }
         run.progress.state = "done".into();
         run.progress.finished_at = Some(format_time(OffsetDateTime::now_utc()));
         self.log.put_run(&job.id, &run).await?;
         tracing::info!(id = %job.id, topic = %job.topic, copies = run.progress.done, "fan-out done");
-        Ok(())
+        Ok(Ended::Done)
     }
 }
