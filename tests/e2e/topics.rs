@@ -609,6 +609,44 @@ async fn a_users_topics_survive_concurrent_subscribes_and_are_capped() -> anyhow
         .await?)
     .await?;
     ensure!(described["subscribers"] == 0, "{described}");
+
+    // A bulk subscribe naming the capped user beside 200 who follow something already
+    // (their sets are read and changed after the records are written): refused for that
+    // user only, and every other one follows the topic both ways — a record on the topic
+    // (what the fan-out reads) and the topic in their set (what their view reads).
+    let others: Vec<String> = (0..200).map(|i| format!("had-{i:03}")).collect();
+    ok(herald
+        .producer(Method::POST, "/v1/topics/prior/subscribers")
+        .json(&json!({ "user_ids": others }))
+        .send()
+        .await?)
+    .await?;
+    let mut named = vec!["max".to_owned()];
+    named.extend(others.iter().cloned());
+    let bulk = herald
+        .producer(Method::POST, "/v1/topics/bulk.t/subscribers")
+        .json(&json!({ "user_ids": named }))
+        .send()
+        .await?;
+    ensure!(bulk.status() == StatusCode::CONFLICT, "{}", bulk.status());
+    let described = ok(herald
+        .producer(Method::GET, "/v1/topics/bulk.t")
+        .send()
+        .await?)
+    .await?;
+    ensure!(described["subscribers"] == 200, "{described}");
+    for user in &others {
+        let answer = ok(herald
+            .user(Method::GET, "/v1/me/subscriptions", user)
+            .send()
+            .await?)
+        .await?;
+        let theirs: Vec<String> = serde_json::from_value(answer["topics"].clone())?;
+        ensure!(
+            theirs.iter().any(|t| t == "bulk.t"),
+            "{user} has a record on bulk.t but not the topic in their set: {theirs:?}"
+        );
+    }
     Ok(())
 }
 

@@ -22,7 +22,7 @@ use crate::direct::{self, DirectGetError};
 use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::kv;
 use async_nats::jetstream::message::PublishMessage;
-use futures::{StreamExt as _, TryStreamExt as _};
+use futures::StreamExt as _;
 use herald_protocol::streams::{FANOUT, FANOUT_BUCKET, INBOX, SUBS};
 use herald_protocol::topic::{FanoutJob, FanoutProgress};
 use herald_protocol::{Priority, Subjects, TopicId, UserId};
@@ -132,8 +132,8 @@ impl Subscriptions {
     ///
     /// # Errors
     /// [`TopicsError::Unavailable`] unless JetStream confirmed every write;
-    /// [`TopicsError::TooMany`] for a user who follows the most topics allowed (the users
-    /// before them are subscribed: the request can be repeated as it is).
+    /// [`TopicsError::TooMany`] for a user who follows the most topics allowed (every
+    /// other user is subscribed: the request can be repeated without that user).
     pub async fn subscribe(
         &self,
         topic: &TopicId,
@@ -191,7 +191,7 @@ impl Subscriptions {
                 have_sets.extend(set_of);
             }
         }
-        futures::stream::iter(have_sets)
+        let results = futures::stream::iter(have_sets)
             .map(|i| {
                 let (user, followed) = (&users[i], &followed);
                 async move {
@@ -210,10 +210,27 @@ impl Subscriptions {
                 }
             })
             .buffer_unordered(SET_UPDATES_IN_FLIGHT)
-            .try_collect::<Vec<bool>>()
-            .await?;
+            .collect::<Vec<Result<bool, TopicsError>>>()
+            .await;
+        // Every user's set is updated (or their record purged) before an error is
+        // answered: stopping at the first refusal would drop the updates still in flight
+        // and leave those users with a record on the topic (the fan-out reads those) but
+        // not the topic in their set (their view and gateway read that).
         self.announce(users).await;
-        Ok(users.len())
+        let mut refused = None;
+        for result in results {
+            match result {
+                Ok(_) => {}
+                Err(e @ TopicsError::TooMany(_)) => {
+                    refused.get_or_insert(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        match refused {
+            Some(e) => Err(e),
+            None => Ok(users.len()),
+        }
     }
 
     /// The INBOX stream's last sequence (one stream info request).
@@ -234,7 +251,8 @@ impl Subscriptions {
                 .publish_with_headers(self.subjects.live(user), headers, bytes::Bytes::new())
                 .await
             {
-                tracing::debug!(error = %e, "announcing a topic change failed");
+                // Gateways holding these users follow the change at their next connect.
+                tracing::warn!(error = %e, "announcing a topic change to gateways failed");
                 return;
             }
         }
