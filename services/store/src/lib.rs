@@ -12,6 +12,7 @@
 //! - [`preferences`]: per-user preferences.
 //! - [`caps`]: rate caps counted across instances.
 //! - [`groups`]: aggregation groups, joined and closed with compare-and-set.
+//! - [`keys`]: idempotency-key records of HTTP notifies (id, body hash, first answer).
 //! - [`digests`]: notifications waiting for their user's email digest.
 //! - [`topics`]: topic subscriptions and fan-out progress.
 //! - [`view`]: a user's inbox merged with the big topics they follow.
@@ -23,6 +24,7 @@ pub mod digests;
 pub mod direct;
 pub mod groups;
 pub mod inbox;
+pub mod keys;
 pub mod nats_auth;
 pub mod preferences;
 pub mod provision;
@@ -40,6 +42,7 @@ pub use connect::{ConnectError, Nats, connect, connect_with, is_unavailable};
 pub use digests::{Digests, DigestsError};
 pub use groups::{Groups, GroupsError};
 pub use inbox::{Append, AppendAck, Entry as InboxEntry, Inbox, InboxError, InboxPage};
+pub use keys::{Claim, KeyRecord, KeyRecords, KeysError};
 pub use nats_auth::{ClientCert, NatsAuth, NatsOptions, NatsOptionsError, NatsTls, Secret};
 pub use preferences::{PreferenceStore, PreferencesError};
 pub use provision::{ProvisionError, ProvisionReport, provision};

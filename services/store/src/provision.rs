@@ -156,7 +156,7 @@ fn unanswered(error: &(dyn std::error::Error + 'static)) -> bool {
 fn buckets(settings: &StreamSettings) -> Vec<kv::Config> {
     const DAY: u64 = 24 * 3600;
     // (bucket, description, max age (0: none), value limit (0: the server's))
-    let table: [(&str, &str, u64, i32); 7] = [
+    let table: [(&str, &str, u64, i32); 8] = [
         (
             streams::PREFS_BUCKET,
             "Herald preferences: user token -> sparse preferences JSON",
@@ -199,6 +199,14 @@ fn buckets(settings: &StreamSettings) -> Vec<kv::Config> {
             "Herald aggregation groups: one key per (user, group key)",
             2 * DAY,
             64 * 1024,
+        ),
+        // A key names the same notification for INBOX's dedup window, no longer: the
+        // records expire with it (and are read as gone past the window INBOX has now).
+        (
+            crate::keys::KEYS_BUCKET,
+            "Herald idempotency keys of HTTP notifies: (producer, key) -> id, body hash, first answer",
+            settings.dedup_window.as_secs().max(1),
+            1024,
         ),
     ];
     table
