@@ -15,6 +15,7 @@ mod group_refusals;
 mod groups;
 mod heartbeats;
 mod hub;
+mod idempotency;
 mod isolation;
 mod jwks;
 mod jwks_refetch;

@@ -9,7 +9,11 @@ use herald_protocol::notification::{check_idempotency_key, idempotent_id};
 use herald_protocol::{
     FieldError, NotifyRequest, Policy, StoredNotification, UserId, ValidatedNotify,
 };
-use herald_store::{AppendAck, Cancelled, Groups, Inbox, InboxError, PreferenceStore};
+use herald_store::keys::body_hash;
+use herald_store::{
+    AppendAck, Cancelled, Claim, Groups, Inbox, InboxError, KeyRecord, KeyRecords, KeysError,
+    PreferenceStore,
+};
 use herald_templates::Templates;
 use std::sync::Arc;
 use time::OffsetDateTime;
@@ -42,6 +46,75 @@ pub enum AcceptError {
     Store(#[from] InboxError),
 }
 
+/// Why an HTTP request with an idempotency key was not prepared ([`Acceptor::prepare_keyed`]).
+#[derive(Debug, thiserror::Error)]
+pub enum KeyedError {
+    /// Invalid, or the store failed, as for any request.
+    #[error(transparent)]
+    Accept(#[from] AcceptError),
+    /// The key named a request with another body within the dedup window: 409.
+    #[error("the idempotency key was used for another request within the last {} s", .window.as_secs())]
+    Reused {
+        /// INBOX's dedup window.
+        window: std::time::Duration,
+    },
+    /// Concurrent requests with the key kept replacing its record: 409, retry.
+    #[error("concurrent requests with this idempotency key")]
+    Contended,
+    /// The key records could not be read or written: 503.
+    #[error(transparent)]
+    Keys(KeysError),
+}
+
+impl From<KeysError> for KeyedError {
+    fn from(e: KeysError) -> Self {
+        match e {
+            KeysError::Contended => Self::Contended,
+            e @ KeysError::Unavailable(_) => Self::Keys(e),
+        }
+    }
+}
+
+/// Where a request's idempotency key comes from, and what it does to the id.
+#[derive(Debug, Clone, Copy)]
+enum KeyMode<'a> {
+    /// The id is UUIDv5(producer, key) (`key` wins over the body's): the native path,
+    /// whose key is a `Nats-Msg-Id` a JetStream client reuses only within the window.
+    Derived(Option<&'a str>),
+    /// An HTTP notify (`key`, the header, wins over the body's): recorded, see
+    /// [`herald_store::keys`].
+    Recorded(Option<&'a str>),
+    /// Item `index` of an HTTP batch: recorded under the item's own `idempotency_key`
+    /// (as a single notify's), else under the batch's `header` key and the item's index,
+    /// in a namespace of their own.
+    BatchItem {
+        header: Option<&'a str>,
+        index: usize,
+    },
+}
+
+/// Namespace of the records of keys of `POST /v1/notify` (and of batch items' own keys).
+const NOTIFY_KEYS: Uuid = Uuid::from_u128(0x3b7e_91c4_0d2a_4f58_a6e1_c9f0_2d84_7b13);
+
+/// Namespace of the records of the keys a batch's `Idempotency-Key` gives its items.
+const BATCH_ITEM_KEYS: Uuid = Uuid::from_u128(0x71c0_5e2b_a94d_4c37_8f16_0b3d_e5a2_9c48);
+
+/// What `producer`'s idempotency key `key` (for a batch, with the item's `index`) is
+/// recorded under: UUIDv5 in `namespace`, so keys of different kinds (a notify, a
+/// batch's items, a topic publish) never meet, and every record key has the same length
+/// whatever the key's.
+pub(crate) fn key_id(namespace: Uuid, producer: &str, key: &str, index: Option<usize>) -> String {
+    let mut name = Vec::with_capacity(producer.len() + key.len() + 22);
+    name.extend_from_slice(producer.as_bytes());
+    name.push(0);
+    name.extend_from_slice(key.as_bytes());
+    if let Some(i) = index {
+        name.push(0);
+        name.extend_from_slice(i.to_string().as_bytes());
+    }
+    Uuid::new_v5(&namespace, &name).to_string()
+}
+
 /// Turns requests into durable inbox entries.
 #[derive(Clone, Debug)]
 pub struct Acceptor {
@@ -50,6 +123,9 @@ pub struct Acceptor {
     templates: Arc<Templates>,
     preferences: Option<PreferenceStore>,
     groups: Option<Groups>,
+    /// Records of HTTP idempotency keys, opened at the first keyed request (an unkeyed
+    /// one never touches them).
+    keys: Arc<tokio::sync::OnceCell<KeyRecords>>,
     /// Furthest `send_at` ahead: a schedule waits in the inbox stream, so it must fire
     /// well before the stream's `max_age` removes it.
     schedule_horizon: std::time::Duration,
@@ -72,6 +148,32 @@ fn horizon(inbox_max_age: std::time::Duration) -> std::time::Duration {
 #[derive(Debug, Clone, Default)]
 pub struct Locales(std::collections::HashMap<UserId, Option<String>>);
 
+/// A validated, rendered notification, before its group is joined and it is encoded.
+#[derive(Debug)]
+struct Rendered {
+    stored: StoredNotification,
+    send_at: Option<OffsetDateTime>,
+    group_key: Option<String>,
+    group_actor: Option<String>,
+    template: Option<String>,
+    locale: Option<String>,
+    vars: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Now, Unix milliseconds.
+fn unix_ms() -> i64 {
+    i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
+
+/// A [`KeyedError`] of a request whose key is not recorded: only [`KeyedError::Accept`]
+/// can happen; anything else would be the store's trouble.
+fn derived(e: KeyedError) -> AcceptError {
+    match e {
+        KeyedError::Accept(e) => e,
+        other => AcceptError::Store(InboxError::Unavailable(Box::new(other))),
+    }
+}
+
 /// A validated notification with its id, ready to append.
 #[derive(Debug, Clone)]
 pub struct Prepared {
@@ -79,6 +181,10 @@ pub struct Prepared {
     bytes: Bytes,
     send_at: Option<OffsetDateTime>,
     producer: String,
+    /// The answer's `send_at`: `Some` answers `scheduled`. The first answer's, for a
+    /// repeat of a recorded key (a schedule retried once its time has passed is sent as
+    /// an append now, deduplicated by id, and still answered as scheduled).
+    answer_send_at: Option<String>,
 }
 
 impl Prepared {
@@ -102,6 +208,7 @@ impl Acceptor {
             templates: Arc::new(Templates::none()),
             preferences: None,
             groups: None,
+            keys: Arc::default(),
             schedule_horizon: horizon(std::time::Duration::from_secs(30 * 24 * 3600)),
         }
     }
@@ -164,7 +271,29 @@ impl Acceptor {
         producer: &str,
         key: Option<&str>,
     ) -> Result<Prepared, AcceptError> {
-        self.prepare_for(body, producer, key, false, None).await
+        self.prepare_for(body, producer, KeyMode::Derived(key), false, None)
+            .await
+            .map_err(derived)
+    }
+
+    /// [`Acceptor::prepare`] for an HTTP request: with an idempotency key (`key`, the
+    /// header, wins over the body's `idempotency_key`), the id comes from the key's
+    /// record — a new random id for a new key (recorded with KV `create`, so concurrent
+    /// requests with one key agree), the recorded id for the same key and body again
+    /// within INBOX's dedup window, refused for the same key with another body — and the
+    /// answer is the first answer's shape. Without a key the records are not touched.
+    ///
+    /// # Errors
+    /// As [`Acceptor::prepare`]; [`KeyedError::Reused`] for a key used with another body;
+    /// [`KeyedError::Contended`]/[`KeyedError::Keys`] when its record cannot be settled.
+    pub async fn prepare_keyed(
+        &self,
+        body: &[u8],
+        producer: &str,
+        key: Option<&str>,
+    ) -> Result<Prepared, KeyedError> {
+        self.prepare_for(body, producer, KeyMode::Recorded(key), false, None)
+            .await
     }
 
     /// Reads ahead, in one batched direct get, the locale of every recipient of a
@@ -206,19 +335,27 @@ impl Acceptor {
         ))
     }
 
-    /// [`Acceptor::prepare`] with recipients' locales read ahead by
-    /// [`Acceptor::read_locales`] (a recipient missing from them is read as usual).
+    /// [`Acceptor::prepare_keyed`] for item `index` of a batch, with recipients' locales
+    /// read ahead by [`Acceptor::read_locales`] (a recipient missing from them is read as
+    /// usual). The item's own `idempotency_key` wins, recorded as a single notify's;
+    /// else the batch's `batch_key` (validated by the caller) names the item with its
+    /// index, in a namespace no single notify's key reaches.
     ///
     /// # Errors
-    /// As [`Acceptor::prepare`].
-    pub async fn prepare_read_ahead(
+    /// As [`Acceptor::prepare_keyed`].
+    pub async fn prepare_item(
         &self,
         body: &[u8],
         producer: &str,
-        key: Option<&str>,
+        batch_key: Option<&str>,
+        index: usize,
         locales: &Locales,
-    ) -> Result<Prepared, AcceptError> {
-        self.prepare_for(body, producer, key, false, Some(locales))
+    ) -> Result<Prepared, KeyedError> {
+        let mode = KeyMode::BatchItem {
+            header: batch_key,
+            index,
+        };
+        self.prepare_for(body, producer, mode, false, Some(locales))
             .await
     }
 
@@ -236,19 +373,84 @@ impl Acceptor {
         producer: &str,
         key: Option<&str>,
     ) -> Result<Prepared, AcceptError> {
-        self.prepare_for(body, producer, key, true, None).await
+        self.prepare_for(body, producer, KeyMode::Derived(key), true, None)
+            .await
+            .map_err(derived)
     }
 
     async fn prepare_for(
         &self,
         body: &[u8],
         producer: &str,
-        key: Option<&str>,
+        mode: KeyMode<'_>,
         topic: bool,
         locales: Option<&Locales>,
-    ) -> Result<Prepared, AcceptError> {
+    ) -> Result<Prepared, KeyedError> {
+        let (mut rendered, record_key) = self.render(body, producer, mode, topic, locales).await?;
+        let mut answer_send_at = rendered.stored.send_at.clone();
+        // Recorded last, once the request is known valid: a refused request leaves its key
+        // free for a corrected one.
+        let mut created = None;
+        if let Some(record_key) = &record_key {
+            let keys = self.keys().await?;
+            let candidate = KeyRecord {
+                id: rendered.stored.id.clone(),
+                hash: body_hash(body),
+                send_at: answer_send_at.clone(),
+                at_ms: unix_ms(),
+            };
+            match keys.claim(record_key, &candidate).await? {
+                Claim::New(revision) => created = Some((keys, revision)),
+                Claim::Held(held) if held.hash == candidate.hash => {
+                    rendered.stored.id = held.id;
+                    answer_send_at = held.send_at;
+                }
+                Claim::Held(_) => {
+                    return Err(KeyedError::Reused {
+                        window: keys.window().await?,
+                    });
+                }
+            }
+        }
+        match self.encode_joined(&mut rendered).await {
+            Ok(bytes) => Ok(Prepared {
+                stored: rendered.stored,
+                bytes,
+                send_at: rendered.send_at,
+                producer: producer.to_owned(),
+                answer_send_at,
+            }),
+            Err(e) => {
+                if let (Some((keys, revision)), Some(record_key), AcceptError::Invalid(_)) =
+                    (created, &record_key, &e)
+                    && let Err(release) = keys.release(record_key, revision).await
+                {
+                    tracing::warn!(error = %release, "an idempotency key of a refused request stays recorded");
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The key records, opened at the first keyed request.
+    async fn keys(&self) -> Result<&KeyRecords, KeysError> {
+        self.keys
+            .get_or_try_init(|| KeyRecords::open(&self.inbox.nats().js_consume))
+            .await
+    }
+
+    /// Validates and renders a request, with its id unless `mode` records its key (then
+    /// a new random id, and the key's record key returned beside it).
+    async fn render(
+        &self,
+        body: &[u8],
+        producer: &str,
+        mode: KeyMode<'_>,
+        topic: bool,
+        locales: Option<&Locales>,
+    ) -> Result<(Rendered, Option<String>), AcceptError> {
         let request = NotifyRequest::from_json(body)?;
-        if let Some(k) = key {
+        if let KeyMode::Derived(Some(k)) | KeyMode::Recorded(Some(k)) = mode {
             check_idempotency_key("Idempotency-Key", k)?;
         }
         let mut validated: ValidatedNotify = request.validate()?;
@@ -262,10 +464,27 @@ impl Acceptor {
         if let Some(category) = &validated.category {
             self.policy.check_category("category", category)?;
         }
-        let key = key.or(validated.idempotency_key.as_deref());
-        let id = match key {
-            Some(k) => idempotent_id(producer, k),
-            None => Uuid::now_v7(),
+        let own_key = validated.idempotency_key.as_deref();
+        let (id, record_key) = match mode {
+            KeyMode::Derived(key) => match key.or(own_key) {
+                Some(k) => (idempotent_id(producer, k), None),
+                None => (Uuid::now_v7(), None),
+            },
+            KeyMode::Recorded(key) => (
+                Uuid::now_v7(),
+                key.or(own_key)
+                    .map(|k| key_id(NOTIFY_KEYS, producer, k, None)),
+            ),
+            KeyMode::BatchItem { header, index } => (
+                Uuid::now_v7(),
+                match (own_key, header) {
+                    (Some(own), _) => Some(key_id(NOTIFY_KEYS, producer, own, None)),
+                    (None, Some(batch)) => {
+                        Some(key_id(BATCH_ITEM_KEYS, producer, batch, Some(index)))
+                    }
+                    (None, None) => None,
+                },
+            ),
         };
         let send_at = validated.send_at;
         if let Some(at) = send_at
@@ -331,34 +550,45 @@ impl Acceptor {
                 .into());
             }
         }
-        let bytes = match group_key {
-            None => encode(&stored)?,
+        Ok((
+            Rendered {
+                stored,
+                send_at,
+                group_key,
+                group_actor,
+                template,
+                locale,
+                vars,
+            },
+            record_key,
+        ))
+    }
+
+    /// `rendered` as it will be stored, joined to its aggregation group if it has one.
+    async fn encode_joined(&self, rendered: &mut Rendered) -> Result<Bytes, AcceptError> {
+        let stored = &mut rendered.stored;
+        Ok(match rendered.group_key.take() {
+            None => encode(stored)?,
             Some(key) => {
                 // A notification refused here must not count in its group: it is encoded,
                 // with the group's text as it will be stored, before the join is written.
-                stored.collapse_key = stored.collapse_key.or(Some(key.clone()));
+                stored.collapse_key = stored.collapse_key.take().or(Some(key.clone()));
                 let (group, bytes) = self
                     .join_group(
-                        &stored,
+                        stored,
                         &key,
-                        group_actor.as_deref(),
-                        template.as_deref(),
-                        locale.as_deref(),
-                        &vars,
+                        rendered.group_actor.as_deref(),
+                        rendered.template.as_deref(),
+                        rendered.locale.as_deref(),
+                        &rendered.vars,
                     )
                     .await?;
                 stored.group = Some(group);
                 match bytes {
                     Some(bytes) => bytes,
-                    None => encode(&stored)?,
+                    None => encode(stored)?,
                 }
             }
-        };
-        Ok(Prepared {
-            stored,
-            bytes,
-            send_at,
-            producer: producer.to_owned(),
         })
     }
 
@@ -520,13 +750,14 @@ fn encode(n: &StoredNotification) -> Result<Bytes, FieldError> {
 }
 
 fn accepted(prepared: Prepared, ack: AppendAck) -> Accepted {
-    let scheduled = prepared.send_at.is_some();
+    // Answered as scheduled when it was first scheduled: a schedule's stream sequence,
+    // or a retry's duplicate of it, is not an inbox position.
+    let scheduled = prepared.answer_send_at.is_some();
     Accepted {
         id: prepared.stored.id,
-        // A schedule's stream sequence is not an inbox position.
         seq: (!scheduled).then_some(ack.seq),
         duplicate: ack.duplicate,
-        send_at: prepared.stored.send_at,
+        send_at: prepared.answer_send_at,
         stream_seq: ack.seq,
     }
 }

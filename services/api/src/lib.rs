@@ -16,7 +16,7 @@ pub mod http;
 pub mod ingest;
 pub mod limits;
 
-pub use accept::{AcceptError, Accepted, Acceptor, Locales};
+pub use accept::{AcceptError, Accepted, Acceptor, KeyedError, Locales};
 pub use auth::{Authenticator, Producer, User};
 pub use error::AppError;
 pub use http::{ApiConfig, ApiState, TopicSettings, routes};

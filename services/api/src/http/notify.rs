@@ -2,7 +2,7 @@
 //! (cancelling a scheduled one).
 
 use super::ApiState;
-use crate::accept::Accepted;
+use crate::accept::{Accepted, KeyedError};
 use crate::auth::Producer;
 use crate::error::AppError;
 use axum::Json;
@@ -10,6 +10,7 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use herald_auth::Scope;
+use herald_protocol::notification::check_idempotency_key;
 use herald_protocol::pages;
 use herald_protocol::{ErrorBody, FieldError};
 use herald_store::Cancelled;
@@ -32,6 +33,37 @@ pub(super) fn idempotency_header(headers: &HeaderMap) -> Result<Option<&str>, Ap
                 "must be printable ASCII",
             ))
         }),
+    }
+}
+
+/// 409 `idempotency_key_reused`: the key already named another request (of
+/// `/v1/notify`, `/v1/notify/batch` or a topic publish) within the dedup window.
+pub(super) fn key_reused(message: impl Into<String>) -> AppError {
+    AppError::new(StatusCode::CONFLICT, "idempotency_key_reused", message)
+}
+
+/// 409 `conflict` with `Retry-After`: concurrent requests with one key are settling
+/// which of them it names.
+pub(super) fn key_contended() -> AppError {
+    AppError::new(
+        StatusCode::CONFLICT,
+        "conflict",
+        "concurrent requests with this Idempotency-Key; retry",
+    )
+    .retry_after(1)
+}
+
+/// A keyed request's refusal as an answer.
+fn keyed_error(e: KeyedError) -> AppError {
+    match e {
+        KeyedError::Accept(e) => e.into(),
+        KeyedError::Reused { window } => key_reused(format!(
+            "this Idempotency-Key was used with a different request body within the last {} s; \
+             use a new key for a new notification (a retry must resend the same body)",
+            window.as_secs()
+        )),
+        KeyedError::Contended => key_contended(),
+        KeyedError::Keys(e) => AppError::unavailable(&e),
     }
 }
 
@@ -80,9 +112,9 @@ async fn notify_one(
     let key = idempotency_header(&headers)?;
     let prepared = state
         .acceptor
-        .prepare(&bytes, &producer.0.producer, key)
+        .prepare_keyed(&bytes, &producer.0.producer, key)
         .await
-        .map_err(AppError::from)?;
+        .map_err(keyed_error)?;
     let accepted = state
         .acceptor
         .commit(prepared)
@@ -130,6 +162,10 @@ async fn batch_all(
     producer.require(Scope::Notify)?;
     let bytes = read_body(body, state.config.batch_body_limit).await?;
     let batch_key = idempotency_header(&headers)?;
+    // Checked once for the whole batch: the items' keys are derived from it.
+    if let Some(k) = batch_key {
+        check_idempotency_key("Idempotency-Key", k).map_err(AppError::field)?;
+    }
     #[derive(serde::Deserialize)]
     struct Batch {
         notifications: Vec<Box<serde_json::value::RawValue>>,
@@ -189,18 +225,18 @@ async fn batch_all(
             ))));
             continue;
         }
-        let key = batch_key.map(|k| format!("{k}:{i}"));
         match state
             .acceptor
-            .prepare_read_ahead(
+            .prepare_item(
                 raw.get().as_bytes(),
                 &producer.0.producer,
-                key.as_deref(),
+                batch_key,
+                i,
                 &locales,
             )
             .await
         {
-            Err(e) => results.push(Some(rejected(AppError::from(e)))),
+            Err(e) => results.push(Some(rejected(keyed_error(e)))),
             Ok(prepared) => match state.acceptor.send(&prepared).await {
                 Ok(ack) => {
                     results.push(None);

@@ -398,15 +398,11 @@ async fn keyed(
             let age = u64::try_from(now.saturating_sub(record.at)).unwrap_or(0);
             if age <= window.as_secs() {
                 if &record.topic != topic {
-                    return Err(AppError::new(
-                        StatusCode::CONFLICT,
-                        "idempotency_key_reused",
-                        format!(
-                            "this Idempotency-Key named a publish to another topic within the \
-                             last {} s; use a new key",
-                            window.as_secs()
-                        ),
-                    ));
+                    return Err(super::notify::key_reused(format!(
+                        "this Idempotency-Key named a publish to another topic within the \
+                         last {} s; use a new key",
+                        window.as_secs()
+                    )));
                 }
                 return Ok((record.clone(), true));
             }
@@ -423,12 +419,7 @@ async fn keyed(
         }
         // A concurrent request with the same key recorded first: take its record.
     }
-    Err(AppError::new(
-        StatusCode::CONFLICT,
-        "conflict",
-        "concurrent requests with this Idempotency-Key; retry",
-    )
-    .retry_after(1))
+    Err(super::notify::key_contended())
 }
 
 /// A new publish to `topic`: a new id, and its path chosen from the topic's size now.
@@ -505,11 +496,7 @@ const PUBLISH_KEYS: uuid::Uuid = uuid::Uuid::from_u128(0x9e4d_27b1_5c08_4f6a_b3e
 /// What `producer`'s idempotency key `key` is recorded under: in a namespace of its own,
 /// so a notify with the same key is never taken for this publish or the other way round.
 fn key_id(producer: &str, key: &str) -> String {
-    let mut name = Vec::with_capacity(producer.len() + key.len() + 1);
-    name.extend_from_slice(producer.as_bytes());
-    name.push(0);
-    name.extend_from_slice(key.as_bytes());
-    uuid::Uuid::new_v5(&PUBLISH_KEYS, &name).to_string()
+    crate::accept::key_id(PUBLISH_KEYS, producer, key, None)
 }
 
 /// Checks that what INBOX holds at `seq`, which it named as the first copy of `job`'s
@@ -525,9 +512,7 @@ async fn same_publish(state: &ApiState, job: &FanoutJob, seq: u64) -> Result<(),
         herald_store::InboxEntry::Stored(payload) => {
             match serde_json::from_slice::<Stored>(&payload) {
                 Ok(s) if s.id == job.id && s.topic.as_deref() == Some(job.topic.as_str()) => Ok(()),
-                _ => Err(AppError::new(
-                    StatusCode::CONFLICT,
-                    "idempotency_key_reused",
+                _ => Err(super::notify::key_reused(
                     "this Idempotency-Key already named another notification; use a new key",
                 )),
             }
