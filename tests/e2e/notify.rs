@@ -139,6 +139,25 @@ async fn inbox_pages_forward_with_after_and_backward_with_before() -> anyhow::Re
     assert_eq!(seqs(&page), [s(1)]);
     assert_eq!(page["has_more"], false, "{page}");
 
+    // A `before` past the stream's last sequence is the newest page too, as a sentinel
+    // such as u64::MAX is meant: not an empty inbox (NATS refuses an `up_to_seq` past
+    // the stream's end). frank's last notification is the stream's last message.
+    let last = herald.send("frank", "the stream's last").await?.seq;
+    for before in [last + 1, last + 2, 999_999, u64::MAX] {
+        for page in [
+            herald
+                .my_page("erin", &format!("before={before}&limit=2"))
+                .await?,
+            herald
+                .page("erin", &format!("before={before}&limit=2"))
+                .await?,
+        ] {
+            assert_eq!(seqs(&page), [s(4), s(5)], "before={before}: {page}");
+            assert_eq!(page["has_more"], true, "before={before}: {page}");
+            assert_eq!(page["prev_before"], s(4), "before={before}: {page}");
+        }
+    }
+
     // The producer's view of the same inbox is the same.
     let page = herald.page("erin", "after=0&limit=500").await?;
     assert_eq!(seqs(&page), sent);

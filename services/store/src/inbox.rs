@@ -369,17 +369,28 @@ impl Inbox {
         };
         let client = &self.nats.consume;
         let refs: Vec<&str> = lanes.iter().map(String::as_str).collect();
-        let tops = direct::last_of_many_up_to(client, INBOX, &refs, top).await?;
+        let mut tops = direct::last_of_many_up_to(client, INBOX, &refs, top).await?;
+        let mut at_head = top.is_none();
+        if let Some(top) = top
+            && tops.is_empty()
+        {
+            // nats-server answers "No Results" to an `up_to_seq` above the stream's last
+            // sequence, so a `before` past it (a sentinel such as u64::MAX, or a cursor
+            // from before the stream was recreated) read as an empty inbox. Ask again
+            // without the bound: a lane's newest at or below `top` is its newest of all.
+            // One above it means the stream has grown past `top` since (or the lane has
+            // nothing below it): then the bounded request is answered as asked.
+            tops = direct::last_of_many(client, INBOX, &refs).await?;
+            at_head = true;
+            if tops.iter().any(|m| m.seq > top) {
+                tops = direct::last_of_many_up_to(client, INBOX, &refs, Some(top)).await?;
+                at_head = false;
+            }
+        }
         let reads = tops.iter().filter(|m| m.seq > floor).filter_map(|m| {
             let lane = m.headers.get("Nats-Subject")?.as_str();
             Some(direct::newest(
-                client,
-                INBOX,
-                lane,
-                floor,
-                m.seq,
-                top.is_none(),
-                limit,
+                client, INBOX, lane, floor, m.seq, at_head, limit,
             ))
         });
         let mut has_more = false;
