@@ -32,6 +32,7 @@ mod preferences;
 mod providers_review;
 mod receipts;
 mod replay;
+mod request_bodies;
 mod router_digests;
 mod router_groups;
 mod router_lanes;

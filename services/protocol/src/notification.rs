@@ -93,7 +93,11 @@ impl Channel {
 ///
 /// Fields are loosely typed here on purpose: [`NotifyRequest::validate`] turns it into a
 /// [`ValidatedNotify`] and names the first field at fault.
+///
+/// Unknown fields are refused (400 naming the field): a typo such as `priorty` or
+/// `sendAt` must not quietly turn into an inbox-only notification at normal priority.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct NotifyRequest {
     /// Recipient.
     pub user_id: Option<String>,
@@ -163,34 +167,50 @@ pub struct ValidatedNotify {
     pub group_actor: Option<String>,
 }
 
+/// Parses a request body that must be a JSON object into `T`, naming the field at
+/// fault: its path when serde can tell (a wrong type, an unknown field), else `body`,
+/// with `whole` before serde's message (a syntax error, a missing field).
+///
+/// # Errors
+/// A [`FieldError`]: `body` for anything but a JSON object (serde would read a struct
+/// from a JSON array too), for malformed JSON or trailing data; the path of a bad field.
+pub fn object_from_json<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    whole: &str,
+) -> Result<T, FieldError> {
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(FieldError::new("body", "must be a JSON object"));
+    }
+    // The plain parse first: tracking the path costs on every field of every body,
+    // and only a refusal needs it (parsed again, for its path).
+    if let Ok(parsed) = serde_json::from_slice(bytes) {
+        return Ok(parsed);
+    }
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let parsed: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." || path.is_empty() {
+            FieldError::new(
+                "body",
+                format!("{whole}: {}", strip_position(&inner.to_string())),
+            )
+        } else {
+            FieldError::new(path, strip_position(&inner.to_string()))
+        }
+    })?;
+    de.end()
+        .map_err(|e| FieldError::new("body", format!("trailing data after JSON: {e}")))?;
+    Ok(parsed)
+}
+
 impl NotifyRequest {
     /// Parses a JSON body, naming the field whose type is wrong.
     ///
     /// # Errors
     /// A [`FieldError`] with field `body` for malformed JSON, or the path of the bad field.
     pub fn from_json(bytes: &[u8]) -> Result<Self, FieldError> {
-        // serde would read a struct from a JSON array too; the contract is an object.
-        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-            return Err(FieldError::new("body", "must be a JSON object"));
-        }
-        // The plain parse first: tracking the path costs on every field of every body,
-        // and only a refusal needs it (parsed again, for its path).
-        if let Ok(parsed) = serde_json::from_slice(bytes) {
-            return Ok(parsed);
-        }
-        let mut de = serde_json::Deserializer::from_slice(bytes);
-        let parsed: Self = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            if path == "." || path.is_empty() {
-                FieldError::new("body", format!("not a JSON object: {inner}"))
-            } else {
-                FieldError::new(path, strip_position(&inner.to_string()))
-            }
-        })?;
-        de.end()
-            .map_err(|e| FieldError::new("body", format!("trailing data after JSON: {e}")))?;
-        Ok(parsed)
+        object_from_json(bytes, "not a JSON object")
     }
 
     /// Checks every field against the contract.
@@ -660,6 +680,62 @@ mod tests {
 
     fn validate(json: &str) -> Result<ValidatedNotify, FieldError> {
         NotifyRequest::from_json(json.as_bytes())?.validate()
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_by_name() {
+        for (json, field) in [
+            (r#"{"user_id":"u","title":"t","priorty":"high"}"#, "priorty"),
+            (
+                r#"{"user_id":"u","title":"t","channel":["sms"]}"#,
+                "channel",
+            ),
+            (
+                r#"{"user_id":"u","title":"t","sendAt":"2030-01-01T00:00:00Z"}"#,
+                "sendAt",
+            ),
+        ] {
+            let e = NotifyRequest::from_json(json.as_bytes()).expect_err("refused");
+            assert!(
+                e.field == field || e.message.contains(&format!("`{field}`")),
+                "{json}: {e:?}"
+            );
+            assert!(e.to_string().contains(field), "{json}: {e}");
+        }
+        // Every field of the contract (SPEC §3, and the aggregation fields) is taken.
+        let all = r#"{"user_id":"u1","category":"like","priority":"high","title":"t",
+            "body":"b","data":{"k":1},"template":"name","vars":{"v":2},
+            "channels":["inbox","push","email","sms","webhook"],"ttl_seconds":86400,
+            "collapse_key":"photo-9","send_at":"2030-01-01T00:00:00Z",
+            "idempotency_key":"k1","group_key":"g","group_actor":"Jane"}"#;
+        NotifyRequest::from_json(all.as_bytes()).expect("every documented field");
+    }
+
+    #[test]
+    fn object_bodies_refuse_arrays_and_unknown_fields() {
+        #[derive(Debug, serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Read {
+            #[allow(dead_code)]
+            up_to: u64,
+        }
+        let whole = "expected {\"up_to\": <seq>}";
+        for raw in ["[7]", " [[1]]", "7", "\"x\""] {
+            let e = object_from_json::<Read>(raw.as_bytes(), whole).expect_err("refused");
+            assert_eq!(e.field, "body", "{raw}: {e:?}");
+        }
+        let e = object_from_json::<Read>(br#"{"up_to":1,"upto":2}"#, whole).expect_err("refused");
+        assert!(e.to_string().contains("upto"), "{e}");
+        let e = object_from_json::<Read>(br#"{"up_to":"x"}"#, whole).expect_err("refused");
+        assert_eq!(e.field, "up_to", "{e:?}");
+        let e = object_from_json::<Read>(b"{}", whole).expect_err("refused");
+        assert!(e.message.contains("up_to"), "{e:?}");
+        assert_eq!(
+            object_from_json::<Read>(br#" {"up_to":3}"#, whole)
+                .expect("parsed")
+                .up_to,
+            3
+        );
     }
 
     #[test]

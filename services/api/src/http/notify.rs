@@ -167,15 +167,16 @@ async fn batch_all(
         check_idempotency_key("Idempotency-Key", k).map_err(AppError::field)?;
     }
     #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
     struct Batch {
         notifications: Vec<Box<serde_json::value::RawValue>>,
     }
-    let parsed: Batch = serde_json::from_slice(&bytes).map_err(|e| {
-        AppError::field(FieldError::new(
-            "notifications",
-            format!("expected {{\"notifications\": [...]}}: {e}"),
-        ))
-    })?;
+    // An object only: serde would read `[[…]]` as `{"notifications":[…]}`.
+    let parsed: Batch = herald_protocol::notification::object_from_json(
+        &bytes,
+        "expected {\"notifications\": [...]}",
+    )
+    .map_err(AppError::field)?;
     let max = state.config.batch_max_items;
     if parsed.notifications.is_empty() || parsed.notifications.len() > max {
         return Err(AppError::field(FieldError::new(

@@ -12,12 +12,14 @@ use crate::http::notify::read_body;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::State;
+use herald_protocol::notification::object_from_json;
 use herald_protocol::pages::Unread;
-use herald_protocol::{FieldError, UserId};
+use herald_protocol::UserId;
 use herald_store::Mark;
 use std::sync::Arc;
 
 #[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ReadBody {
     up_to: u64,
 }
@@ -28,12 +30,9 @@ pub(super) async fn mark_read(
     body: Body,
 ) -> Result<Json<Unread>, AppError> {
     let bytes = read_body(body, 1024).await?;
-    let ReadBody { up_to } = serde_json::from_slice(&bytes).map_err(|e| {
-        AppError::field(FieldError::new(
-            "up_to",
-            format!("expected {{\"up_to\": <seq>}}: {e}"),
-        ))
-    })?;
+    // An object only: serde would read `[7]` as `{"up_to":7}`.
+    let ReadBody { up_to } =
+        object_from_json(&bytes, "expected {\"up_to\": <seq>}").map_err(AppError::field)?;
     // The batcher clamps to the newest notification (a read position ahead of the inbox
     // would hide later ones) and announces the new position to the user's other devices.
     let position = state
