@@ -1,10 +1,11 @@
 //! Request bodies: unknown fields and non-object bodies are refused with 400 naming the
-//! field.
+//! field, and a body that cannot be read is a 400, not "too large".
 
 use anyhow::{Context as _, ensure};
 use herald_tests::{Herald, Nats};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// The `error` object of a JSON error answer with `status`.
 async fn error_of(response: reqwest::Response, status: StatusCode) -> anyhow::Result<Value> {
@@ -90,5 +91,37 @@ async fn unknown_fields_and_non_objects_are_refused_naming_them() -> anyhow::Res
         herald.inbox("hal").await?.len() == 3,
         "nothing more was stored"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_cannot_be_read_is_a_400_not_a_413() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).start().await?;
+    let addr = herald.base_url().trim_start_matches("http://").to_owned();
+    // Broken chunked encoding: "zz" is no chunk size.
+    let mut stream = tokio::net::TcpStream::connect(&addr).await?;
+    let request = format!(
+        "POST /v1/notify HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {}\r\n\
+         content-type: application/json\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n{{}}\r\n0\r\n\r\n",
+        herald.api_key()
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut answer = Vec::new();
+    herald_tests::within(
+        std::time::Duration::from_secs(10),
+        "the answer",
+        stream.read_to_end(&mut answer),
+    )
+    .await??;
+    let answer = String::from_utf8_lossy(&answer);
+    ensure!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let body = &answer[answer.find("\r\n\r\n").context("no body")? + 4..];
+    ensure!(body.contains(r#""field":"body""#), "{answer}");
+
+    // Over the limit is still a 413.
+    let big = json!({"user_id": "u", "title": "t", "data": {"pad": "x".repeat(70 * 1024)}});
+    let error = error_of(herald.notify(&big).await?, StatusCode::PAYLOAD_TOO_LARGE).await?;
+    ensure!(error["code"] == "payload_too_large", "{error}");
     Ok(())
 }

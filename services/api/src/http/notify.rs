@@ -17,11 +17,25 @@ use herald_store::Cancelled;
 use serde_json::Value;
 use std::sync::Arc;
 
-/// Reads a body up to `limit` bytes, answering 413 past it.
+/// Reads a body up to `limit` bytes, answering 413 past it, and 400 when it cannot be
+/// read (the client hung up, broken chunked encoding): not "too large".
 pub(crate) async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, AppError> {
-    axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| AppError::too_large(limit))
+    use futures::StreamExt as _;
+    let mut chunks = body.into_data_stream();
+    let mut read = bytes::BytesMut::new();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(|e| {
+            AppError::field(FieldError::new(
+                "body",
+                format!("the request body could not be read: {e}"),
+            ))
+        })?;
+        if read.len() + chunk.len() > limit {
+            return Err(AppError::too_large(limit));
+        }
+        read.extend_from_slice(&chunk);
+    }
+    Ok(read.freeze())
 }
 
 pub(super) fn idempotency_header(headers: &HeaderMap) -> Result<Option<&str>, AppError> {
