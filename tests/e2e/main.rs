@@ -25,6 +25,7 @@ mod native;
 mod nats_auth;
 mod newest_pages;
 mod notify;
+mod openapi;
 mod operator_review;
 mod page;
 mod policy;
