@@ -12,9 +12,9 @@ use crate::http::notify::read_body;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::State;
+use herald_protocol::UserId;
 use herald_protocol::notification::object_from_json;
 use herald_protocol::pages::Unread;
-use herald_protocol::UserId;
 use herald_store::Mark;
 use std::sync::Arc;
 
