@@ -142,3 +142,84 @@ async fn a_group_close_back_from_quiet_hours_is_sent_whatever_the_router_clock_s
     );
     Ok(())
 }
+
+/// A window whose close quiet hours hold keeps folding until that close fires, however
+/// long after the window's end: a member that comes more than an hour past it (the limit
+/// for a window nobody closed) still joins, and the one push carries every member. The
+/// hour is made to pass by moving the stored window's end two hours back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_held_by_quiet_hours_keeps_folding_past_the_stale_limit() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).policy(policy(1)).start().await?;
+    device(&herald, "hal").await?;
+    herald.quiet_now("hal").await?;
+    let mut jobs = JobFeed::open(&herald).await?;
+    let first = herald.accept(&like("hal", "Ann")).await?;
+    herald.accept(&like("hal", "Bob")).await?;
+    eventually(WAIT, "the close held for quiet hours", || async {
+        let entry = herald.channel_state(&first.id, "push", "deferred").await?;
+        ensure!(
+            entry["reason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("quiet_hours")),
+            "{entry}"
+        );
+        Ok(())
+    })
+    .await?;
+
+    // Two hours pass: the stored window ended long ago.
+    let js = async_nats::jetstream::new(herald.nats_client().await?);
+    let groups = js
+        .get_key_value(herald_protocol::streams::GROUPS_BUCKET)
+        .await?;
+    let mut keys = Vec::new();
+    let mut listed = groups.keys().await?;
+    while let Some(key) = futures::StreamExt::next(&mut listed).await {
+        let key = key?;
+        if !key.contains(".closed.") {
+            keys.push(key);
+        }
+    }
+    ensure!(keys.len() == 1, "one group: {keys:?}");
+    let stored = groups.get(&keys[0]).await?.context("the group state")?;
+    let mut state: Value = serde_json::from_slice(&stored)?;
+    state["window_ends_at"] = json!(jiff::Timestamp::now().as_second() - 7200);
+    groups
+        .put(&keys[0], serde_json::to_vec(&state)?.into())
+        .await?;
+
+    let third = herald.accept(&like("hal", "Cy")).await?;
+    let inbox = herald.inbox("hal").await?;
+    let snapshot = inbox
+        .iter()
+        .find(|n| n["id"] == third.id)
+        .map(|n| n["group"].clone())
+        .context("the third in the inbox")?;
+    ensure!(
+        snapshot["first_id"] == first.id && snapshot["count"] == 3,
+        "the third joins the held window: {snapshot}"
+    );
+    // Routed: folded, or carrying a close of its own that quiet hours hold as well.
+    eventually(WAIT, "the third routed", || async {
+        let s = herald.status(&third.id).await?;
+        let entry = &s["channels"]["push"][0];
+        let quiet = entry["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("quiet_hours"));
+        ensure!(
+            entry["state"] == "folded" || (entry["state"] == "deferred" && quiet),
+            "status now {s}"
+        );
+        Ok(())
+    })
+    .await?;
+
+    fire_early(&herald, "hal", "gq-").await?;
+    let job = jobs.next(WAIT).await.context("the group's push")?;
+    ensure!(
+        job.folded.as_ref().is_some_and(|f| f.count == 3),
+        "one push carries all three: {job:?}"
+    );
+    Ok(())
+}

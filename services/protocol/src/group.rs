@@ -71,6 +71,11 @@ pub struct GroupState {
     /// Set when the window's push went out: the next member opens a new window.
     #[serde(default)]
     pub closed: bool,
+    /// When the window's close was deferred past its end (quiet hours), the instant it
+    /// was deferred to, unix seconds: the window stays open until that close fires,
+    /// however long after its end ([`GroupState::hold`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_until: Option<i64>,
 }
 
 /// What joining did.
@@ -93,8 +98,9 @@ impl Joined {
     }
 }
 
-/// How long after its end a window that was never closed (its routers were down for
-/// that long) is still joined, seconds; beyond it a new window opens.
+/// How long after its end — or after the instant its close was deferred to
+/// ([`GroupState::held_until`]) — a window that was never closed (its routers were down
+/// for that long) is still joined, seconds; beyond it a new window opens.
 const STALE_AFTER_S: i64 = 3600;
 
 impl GroupState {
@@ -115,7 +121,7 @@ impl GroupState {
             return Joined::Repeat(state.clone());
         }
         let open = current.filter(|s| {
-            !s.closed && s.key == key && now <= s.window_ends_at.saturating_add(STALE_AFTER_S)
+            !s.closed && s.key == key && now <= s.closes_by().saturating_add(STALE_AFTER_S)
         });
         match open {
             Some(mut state) => {
@@ -134,11 +140,27 @@ impl GroupState {
                     title: None,
                     body: None,
                     closed: false,
+                    held_until: None,
                 };
                 state.remember(id, actor);
                 Joined::Opened(state)
             }
         }
+    }
+
+    /// When the window's close is due: its end, or the later instant its close was
+    /// deferred to.
+    pub fn closes_by(&self) -> i64 {
+        self.held_until
+            .map_or(self.window_ends_at, |held| held.max(self.window_ends_at))
+    }
+
+    /// Records that the window's close was deferred to `until` (unix seconds): members
+    /// keep folding into it until then, instead of opening a new window once it is an
+    /// hour past its end — the held close would find its window replaced and send the
+    /// carrier without the group.
+    pub fn hold(&mut self, until: i64) {
+        self.held_until = Some(self.held_until.map_or(until, |held| held.max(until)));
     }
 
     fn remember(&mut self, id: &str, actor: Option<&str>) {
@@ -240,6 +262,49 @@ mod tests {
             matches!(next, Joined::Opened(ref s) if s.first_id == "c" && s.count == 1),
             "{next:?}"
         );
+    }
+
+    #[test]
+    fn a_window_whose_close_was_deferred_keeps_folding_until_it_fires() {
+        let Joined::Opened(mut state) = GroupState::join(None, "like:9", "a", None, 100, 60) else {
+            panic!("opens")
+        };
+        // The window ends at 160 during quiet hours; its close is held until 160 + 8 h.
+        state.hold(160 + 8 * 3600);
+        let late = GroupState::join(Some(state.clone()), "like:9", "b", None, 160 + 3601, 60);
+        assert!(
+            matches!(late, Joined::Folded(ref s) if s.first_id == "a" && s.count == 2),
+            "{late:?}"
+        );
+        let Joined::Folded(state) = late else {
+            unreachable!()
+        };
+        // Up to the held close and its grace, not beyond.
+        let at_close =
+            GroupState::join(Some(state.clone()), "like:9", "c", None, 160 + 8 * 3600, 60);
+        assert!(matches!(at_close, Joined::Folded(_)), "{at_close:?}");
+        let stale = GroupState::join(
+            Some(state.clone()),
+            "like:9",
+            "d",
+            None,
+            160 + 9 * 3600 + 1,
+            60,
+        );
+        assert!(
+            matches!(stale, Joined::Opened(ref s) if s.first_id == "d"),
+            "{stale:?}"
+        );
+        // An earlier hold never shortens a later one.
+        let mut state = state;
+        state.hold(200);
+        assert_eq!(state.held_until, Some(160 + 8 * 3600));
+        // Without a hold, an hour past its end is stale, as before.
+        let Joined::Opened(plain) = GroupState::join(None, "like:9", "e", None, 100, 60) else {
+            panic!("opens")
+        };
+        let next = GroupState::join(Some(plain), "like:9", "f", None, 160 + 3601, 60);
+        assert!(matches!(next, Joined::Opened(_)), "{next:?}");
     }
 
     #[test]

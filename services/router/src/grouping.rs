@@ -127,6 +127,21 @@ impl Route {
         if stored.priority != Priority::High
             && let Some(until) = deferral::still_quiet(prefs, now, back_from)
         {
+            // The group keeps folding until this close fires: without the hold, a member
+            // an hour past the window's end would open a new window, and this close would
+            // find its group gone and send the carrier alone.
+            let first_id = stored
+                .group
+                .as_ref()
+                .map_or(stored.id.as_str(), |g| g.first_id.as_str());
+            if let Err(e) = self
+                .groups
+                .hold(&stored.user_id, key, first_id, until.as_second())
+                .await
+            {
+                tracing::warn!(seq, error = %e, "holding a group open for quiet hours failed; will retry");
+                return Step::Retry;
+            }
             if let Err(e) = deferral::close_window_after_quiet(
                 &self.nats,
                 &self.subjects,

@@ -153,6 +153,40 @@ impl Groups {
         ))
     }
 
+    /// Records that the close of the window opened by `first_id` was deferred to `until`
+    /// (unix seconds; quiet hours at the window's end), so members keep folding into it
+    /// until that close fires ([`GroupState::hold`]) rather than opening a new window
+    /// once it is an hour past its end. Nothing to do when that window is no longer the
+    /// stored one, or is closed.
+    ///
+    /// # Errors
+    /// [`GroupsError`] when NATS fails or writers keep colliding.
+    pub async fn hold(
+        &self,
+        user: &UserId,
+        key: &str,
+        first_id: &str,
+        until: i64,
+    ) -> Result<(), GroupsError> {
+        let kv_key = kv_key(user, key);
+        for _ in 0..CAS_ATTEMPTS {
+            let (current, revision) = self.read(&kv_key).await?;
+            let Some(mut state) = current.filter(|s| s.first_id == first_id && !s.closed) else {
+                return Ok(());
+            };
+            if state.held_until.is_some_and(|held| held >= until) {
+                return Ok(());
+            }
+            state.hold(until);
+            if self.write(&kv_key, &state, revision).await? {
+                return Ok(());
+            }
+        }
+        Err(GroupsError(
+            "too many concurrent updates of one group".into(),
+        ))
+    }
+
     /// Removes every group of `user` (GDPR erase), and the record of who closed their
     /// windows. Returns how many groups were removed.
     ///
