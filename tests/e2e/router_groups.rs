@@ -223,3 +223,41 @@ async fn a_window_held_by_quiet_hours_keeps_folding_past_the_stale_limit() -> an
     );
     Ok(())
 }
+
+/// `high` is never held: a `high` notification whose group a `normal` one opened, during
+/// the user's quiet hours, is neither folded nor held for the window or the quiet hours;
+/// its push is queued at once, as itself, on the `high` lane.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_high_member_of_a_normal_group_goes_out_at_once_on_the_high_lane() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let herald = Herald::builder(&nats).policy(policy(600)).start().await?;
+    device(&herald, "hil").await?;
+    herald.quiet_now("hil").await?;
+    let client = herald.nats_client().await?;
+    let mut high_lane = client
+        .subscribe(herald.subjects().work(
+            herald_protocol::Channel::Push,
+            herald_protocol::Priority::High,
+        ))
+        .await?;
+    client.flush().await?;
+    let first = herald.accept(&like("hil", "Ann")).await?;
+    herald.channel_state(&first.id, "push", "deferred").await?;
+    let mut urgent = like("hil", "Bob");
+    urgent["priority"] = json!("high");
+    let high = herald.accept(&urgent).await?;
+    let msg = herald_tests::within(
+        WAIT,
+        "the high push on the high lane",
+        futures::StreamExt::next(&mut high_lane),
+    )
+    .await?
+    .context("subscription closed")?;
+    let job: herald_protocol::ChannelJob = serde_json::from_slice(&msg.payload)?;
+    ensure!(
+        job.id == high.id && job.folded.is_none(),
+        "the high one, as itself: {job:?}"
+    );
+    herald.channel_state(&high.id, "push", "queued").await?;
+    Ok(())
+}

@@ -52,6 +52,13 @@ impl Route {
         let Some(group) = &stored.group else {
             return Step::Route(None);
         };
+        // `high` is never held (SPEC §6; README, quiet hours): not by a window, not by the
+        // quiet hours its close would wait for, and never onto another member's lane. It
+        // goes out at once as itself; the group's text still counts it. A window it opened
+        // is carried by the next member that reaches the router.
+        if stored.priority == Priority::High {
+            return Step::Route(None);
+        }
         let waiting: Vec<(Channel, String)> =
             channels.iter().map(|c| (*c, "none".to_string())).collect();
         let first = group.first_id == stored.id;
