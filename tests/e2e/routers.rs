@@ -168,3 +168,38 @@ async fn routers_keep_per_user_order_and_a_standby_takes_over() -> anyhow::Resul
     third.shutdown().await?;
     Ok(())
 }
+
+/// A router consumer deleted under a running router (an operator, INBOX recreated, a lost
+/// replica) leaves its partition-lane unrouted. The router does not go on silently: it
+/// opens the consumer again, finds it gone, and ends with that error, so supervision
+/// (`herald up`) stops and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_whose_consumer_is_deleted_ends_with_an_error() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let mut router = router(&nats).await?;
+    let js = async_nats::jetstream::new(router.nats_client().await?);
+    let name = herald_protocol::streams::router_consumer(0, herald_protocol::Priority::Normal);
+    let inbox = js.get_stream(herald_protocol::streams::INBOX).await?;
+    // Deleted once the router pulls from it (not while it opens it at start).
+    eventually(TAKEOVER, "the router pulling from the consumer", || async {
+        let info = inbox.consumer_info(&name).await?;
+        ensure!(info.num_waiting > 0, "no pull waiting: {info:?}");
+        Ok(())
+    })
+    .await?;
+    inbox.delete_consumer(&name).await?;
+    let failure = router.failure(Duration::from_secs(60)).await?;
+    let text = format!("{failure}");
+    ensure!(
+        matches!(
+            failure,
+            herald::mesh::MeshError::Router(herald_router::RouterError::Consumer {
+                partition: 0,
+                lane: herald_protocol::Priority::Normal,
+                ..
+            })
+        ),
+        "the router names the partition-lane whose consumer is gone: {text}"
+    );
+    Ok(())
+}

@@ -385,6 +385,20 @@ impl Herald {
         Ok(())
     }
 
+    /// Runs the mesh until one of its services fails, within `wait`, and returns that
+    /// failure (the mesh is stopped then, as `herald up` would end).
+    ///
+    /// # Errors
+    /// When it is not running, or nothing failed within `wait`.
+    pub async fn failure(&mut self, wait: Duration) -> anyhow::Result<herald::mesh::MeshError> {
+        let mesh = self.mesh.take().context("the mesh is not running")?;
+        let run = mesh.run_until(tokio_util::sync::CancellationToken::new());
+        match crate::within(wait, "a service of the mesh to fail", run).await? {
+            Err(e) => Ok(e),
+            Ok(()) => bail!("the mesh ended without an error"),
+        }
+    }
+
     /// Starts a stopped mesh again on the same address, with the same keys and secret
     /// (provisioning is idempotent).
     ///

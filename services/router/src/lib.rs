@@ -155,16 +155,22 @@ pub async fn run(
             tasks.spawn(partition_loop(
                 route.clone(),
                 partition,
+                lane,
                 consumer,
                 stop.clone(),
             ));
         }
     }
     tracing::info!(partitions = subjects.partitions(), "router running");
-    shutdown.await;
+    // A partition-lane whose consumer is gone ends the router with its error, so that
+    // supervision (and `herald up`) notices instead of leaving that lane unrouted.
+    let failed = tokio::select! {
+        () = &mut shutdown => None,
+        Some(Ok(Err(e))) = tasks.join_next() => Some(e),
+    };
     stop.cancel();
     while tasks.join_next().await.is_some() {}
-    Ok(())
+    failed.map_or(Ok(()), Err)
 }
 
 /// Pause between attempts to open a partition consumer while NATS is away.
@@ -241,12 +247,96 @@ struct Route {
     routing: Routing,
 }
 
+/// Consecutive consumer errors after which the router opens its consumer again (as at
+/// start), to tell a consumer that is gone from trouble that passes.
+const REOPEN_AFTER: u32 = 2;
+/// At most one warning per partition-lane this often while its consumer keeps failing.
+const WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// Consecutive errors of one partition-lane's consumer, and when they were last logged.
+struct Trouble {
+    partition: u16,
+    lane: Priority,
+    errors: u32,
+    unlogged: u64,
+    warned: Option<tokio::time::Instant>,
+}
+
+impl Trouble {
+    fn new(partition: u16, lane: Priority) -> Self {
+        Self {
+            partition,
+            lane,
+            errors: 0,
+            unlogged: 0,
+            warned: None,
+        }
+    }
+
+    /// Counts an error and warns, at most once per [`WARN_EVERY`] (with how many were
+    /// not logged since); true once [`REOPEN_AFTER`] came in a row.
+    fn error(&mut self, error: &dyn std::fmt::Display) -> bool {
+        self.errors += 1;
+        self.unlogged += 1;
+        let now = tokio::time::Instant::now();
+        if self
+            .warned
+            .is_none_or(|at| now.duration_since(at) >= WARN_EVERY)
+        {
+            tracing::warn!(
+                partition = self.partition,
+                lane = self.lane.as_str(),
+                errors = self.unlogged,
+                error = %error,
+                "router consumer error: this partition-lane is not being routed"
+            );
+            self.warned = Some(now);
+            self.unlogged = 0;
+        }
+        self.errors >= REOPEN_AFTER
+    }
+
+    fn ok(&mut self) {
+        self.errors = 0;
+    }
+}
+
+/// Opens the consumer again, as [`run`] does: the same one back (the errors passed), or
+/// the error that ends the router when it is gone. NATS away is waited for.
+async fn reopen(
+    route: &Route,
+    partition: u16,
+    lane: Priority,
+    stop: &CancellationToken,
+) -> Result<Option<PullConsumer>, RouterError> {
+    loop {
+        match open(&route.nats, &route.subjects, partition, lane).await {
+            Ok(consumer) => return Ok(Some(consumer)),
+            Err(e) if route.nats.is_connected() && !herald_store::is_unavailable(&e) => {
+                tracing::error!(partition, lane = lane.as_str(), error = %e,
+                    "router consumer gone: stopping the router (run `herald provision`)");
+                return Err(e);
+            }
+            Err(e) => {
+                tracing::warn!(partition, lane = lane.as_str(), error = %e,
+                    "NATS unavailable while opening the router consumer again; retrying");
+                tokio::select! {
+                    () = stop.cancelled() => return Ok(None),
+                    () = tokio::time::sleep(OPEN_RETRY) => {}
+                }
+            }
+        }
+    }
+}
+
 async fn partition_loop(
     route: Route,
     partition: u16,
-    consumer: PullConsumer,
+    lane: Priority,
+    mut consumer: PullConsumer,
     stop: CancellationToken,
-) {
+) -> Result<(), RouterError> {
+    let mut trouble = Trouble::new(partition, lane);
     while !stop.is_cancelled() {
         let messages = consumer
             .stream()
@@ -258,9 +348,15 @@ async fn partition_loop(
         let mut messages = match messages {
             Ok(m) => m,
             Err(e) => {
-                tracing::warn!(partition, error = %e, "router pull failed; retrying");
+                if trouble.error(&e) {
+                    match reopen(&route, partition, lane, &stop).await? {
+                        Some(c) => consumer = c,
+                        None => return Ok(()),
+                    }
+                    trouble.ok();
+                }
                 tokio::select! {
-                    _ = stop.cancelled() => return,
+                    _ = stop.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
                 }
             }
@@ -280,12 +376,13 @@ async fn partition_loop(
                             let _ = msg.ack().await;
                         }
                     }
-                    return;
+                    return Ok(());
                 }
                 next = messages.next() => next,
             };
             match next {
                 Some(Ok(msg)) => {
+                    trouble.ok();
                     // Retry in place: moving on would break per-user order. The rate caps
                     // and the metrics count the notification once, however many tries it
                     // takes, and the message is kept in progress so it is not redelivered
@@ -295,7 +392,7 @@ async fn partition_loop(
                         let _ = msg.ack_with(AckKind::Progress).await;
                         tokio::select! {
                             // Unacked: redelivered to whichever router owns the partition next.
-                            _ = stop.cancelled() => return,
+                            _ = stop.cancelled() => return Ok(()),
                             _ = tokio::time::sleep(RETRY_BACKOFF) => {}
                         }
                     }
@@ -303,13 +400,24 @@ async fn partition_loop(
                         tracing::warn!(partition, error = %e, "router ack failed; message will be redelivered");
                     }
                 }
+                // A consumer deleted under the router (an operator, INBOX recreated, a
+                // lost replica) fails every pull from then on: open it again, and end
+                // the router if it is gone rather than leave the lane silently unrouted.
                 Some(Err(e)) => {
-                    tracing::debug!(partition, error = %e, "router stream error");
+                    if trouble.error(&e) {
+                        match reopen(&route, partition, lane, &stop).await? {
+                            Some(c) => consumer = c,
+                            None => return Ok(()),
+                        }
+                        trouble.ok();
+                        break;
+                    }
                 }
                 None => break,
             }
         }
     }
+    Ok(())
 }
 
 /// Whether JetStream refused a publish for its size: for good, whatever the retries.
