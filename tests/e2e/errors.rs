@@ -118,12 +118,34 @@ async fn producer_endpoints_need_a_known_key_with_the_scope() -> anyhow::Result<
     )
     .await?;
     let user_token = herald.token("u1");
-    error_of(
+    let error = error_of(
         post(Some(&user_token)).send().await?,
         StatusCode::UNAUTHORIZED,
     )
     .await
     .context("a user token is no API key")?;
+    ensure!(
+        error["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("this is a user token")),
+        "the mix-up is named: {error}"
+    );
+    // And the other way round: a producer's key on a user endpoint.
+    let error = error_of(
+        herald
+            .request(Method::GET, "/v1/me/unread")
+            .bearer_auth(&notify_only)
+            .send()
+            .await?,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await?;
+    ensure!(
+        error["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("this is an API key")),
+        "the mix-up is named: {error}"
+    );
     let read = herald.request(Method::GET, "/v1/users/u1/notifications");
     error_of(
         read.bearer_auth(&user_token).send().await?,

@@ -86,7 +86,19 @@ impl Authenticator {
         };
         self.users
             .verify(&token)
-            .map_err(|e| AppError::unauthorized(e.to_string()))
+            .map_err(|e| self.user_token_refused(&token, &e))
+    }
+
+    /// 401 for a refused user token, saying so when it is one of our API keys (sent to a
+    /// user endpoint by mistake) rather than calling it a malformed JWT.
+    fn user_token_refused(&self, token: &str, e: &herald_auth::JwtError) -> AppError {
+        if self.keys.verify(token).is_some() {
+            return AppError::unauthorized(
+                "this is an API key; user endpoints (/v1/me/*, /v1/ws, /v1/sse) take a user \
+                 token (a JWT: `herald token --user <id>`, or your backend's)",
+            );
+        }
+        AppError::unauthorized(e.to_string())
     }
 
     /// The user a WebSocket or SSE request's credentials name (the `Authorization`
@@ -105,7 +117,7 @@ impl Authenticator {
             })?;
         self.users
             .verify_session(&token)
-            .map_err(|e| AppError::unauthorized(e.to_string()))
+            .map_err(|e| self.user_token_refused(&token, &e))
     }
 
     /// The producer a request's API key names.
@@ -116,10 +128,16 @@ impl Authenticator {
         let key = header_token(parts).ok_or_else(|| {
             AppError::unauthorized("an API key is required: Authorization: Bearer <key>")
         })?;
-        self.keys
-            .verify(&key)
-            .cloned()
-            .ok_or_else(|| AppError::unauthorized("unknown API key"))
+        self.keys.verify(&key).cloned().ok_or_else(|| {
+            if self.users.verify(&key).is_ok() {
+                AppError::unauthorized(
+                    "this is a user token; producer endpoints take an API key \
+                     (Authorization: Bearer <key>)",
+                )
+            } else {
+                AppError::unauthorized("unknown API key")
+            }
+        })
     }
 }
 

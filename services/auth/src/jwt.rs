@@ -77,6 +77,35 @@ pub enum JwtError {
     Key(String),
 }
 
+/// Why `jsonwebtoken` refused a token, in words for whoever sent it (its own messages
+/// name its types: "InvalidToken", or serde's "unknown variant `none`, expected one of
+/// …" for an `alg` it does not know).
+fn why(e: &jsonwebtoken::errors::Error) -> String {
+    use jsonwebtoken::errors::ErrorKind;
+    match e.kind() {
+        ErrorKind::InvalidToken => {
+            "not a JWT: expected three base64url parts separated by dots".into()
+        }
+        ErrorKind::InvalidSignature => "the signature does not verify".into(),
+        ErrorKind::ExpiredSignature => "expired (exp is past)".into(),
+        ErrorKind::ImmatureSignature => "not valid yet (nbf is in the future)".into(),
+        ErrorKind::InvalidAudience => "issued for another audience (aud)".into(),
+        ErrorKind::InvalidIssuer => "issued by another issuer (iss)".into(),
+        ErrorKind::InvalidSubject => "invalid subject (sub)".into(),
+        ErrorKind::MissingRequiredClaim(claim) => format!("the {claim} claim is missing"),
+        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+            "signed with an algorithm not accepted here".into()
+        }
+        ErrorKind::Base64(_) | ErrorKind::Utf8(_) => {
+            "malformed: a part is not base64url-encoded UTF-8 JSON".into()
+        }
+        ErrorKind::Json(_) => "malformed header or claims: not the JSON a JWT carries \
+             (alg must be one of HS256, RS256, ES256, EdDSA and the like; `none` is never accepted)"
+            .into(),
+        _ => e.to_string(),
+    }
+}
+
 /// Verifies user tokens.
 #[derive(Clone)]
 pub struct UserAuth {
@@ -166,8 +195,7 @@ impl UserAuth {
     /// # Errors
     /// As [`UserAuth::verify`].
     pub fn verify_session(&self, token: &str) -> Result<Session, JwtError> {
-        let header =
-            jsonwebtoken::decode_header(token).map_err(|e| JwtError::Invalid(e.to_string()))?;
+        let header = jsonwebtoken::decode_header(token).map_err(|e| JwtError::Invalid(why(&e)))?;
         match (header.alg, &self.hs256, &self.public, &self.jwks) {
             (Algorithm::HS256, Some((_, key)), _, _) => self.verify_with(token, header.alg, key),
             (alg, _, Some((want, key)), _) if alg == *want => self.verify_with(token, alg, key),
@@ -250,7 +278,7 @@ impl UserAuth {
             exp: f64,
         }
         let data = jsonwebtoken::decode::<Subject>(token, key, &validation)
-            .map_err(|e| JwtError::Invalid(e.to_string()))?;
+            .map_err(|e| JwtError::Invalid(why(&e)))?;
         // Valid as long as the check just passed would pass: it refuses once the whole
         // seconds of now exceed `exp` plus the leeway.
         // In `std::time` with saturation: an issuer's `exp` may be far out (milliseconds
@@ -370,6 +398,24 @@ mod tests {
         // `alg: none` must never pass.
         let none = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJhbGljZSIsImV4cCI6OTk5OTk5OTk5OX0.";
         assert!(a.verify(none).is_err());
+
+        // Each refusal says why in words, not in the library's type names.
+        let message = |token: &str| a.verify(token).expect_err("refused").to_string();
+        assert_eq!(
+            message(&forged),
+            "invalid token: the signature does not verify"
+        );
+        assert_eq!(message(&expired), "invalid token: expired (exp is past)");
+        assert!(
+            message("hk_0123").contains("not a JWT"),
+            "{}",
+            message("hk_0123")
+        );
+        let none_said = message(none);
+        assert!(
+            none_said.contains("`none` is never accepted") && !none_said.contains("variant"),
+            "{none_said}"
+        );
     }
 
     #[test]
