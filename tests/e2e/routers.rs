@@ -13,8 +13,8 @@ use std::time::Duration;
 
 const PARTITIONS: u16 = 2;
 const USERS: [&str; 4] = ["ann", "ben", "cat.*", "dan >"];
-/// Router consumers unpin a silent owner after 10 s; allow for that and a pull cycle.
-const TAKEOVER: Duration = Duration::from_secs(30);
+/// Router consumers unpin a silent owner after 20 s; allow for that and a pull cycle.
+const TAKEOVER: Duration = Duration::from_secs(40);
 
 async fn router(nats: &Nats) -> anyhow::Result<Herald> {
     Herald::builder(nats)
@@ -200,6 +200,35 @@ async fn a_router_whose_consumer_is_deleted_ends_with_an_error() -> anyhow::Resu
             })
         ),
         "the router names the partition-lane whose consumer is gone: {text}"
+    );
+    Ok(())
+}
+
+/// The router consumers' pin outlasts their ack wait plus a pull expiry, and provisioning
+/// raises it on consumers an earlier version made with the ack wait's 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provisioning_raises_the_pin_timeout_of_existing_router_consumers() -> anyhow::Result<()> {
+    let nats = Nats::single().await?;
+    let mut first = router(&nats).await?;
+    first.stop().await?;
+    let js = async_nats::jetstream::new(nats.client().await?);
+    let inbox = js.get_stream(herald_protocol::streams::INBOX).await?;
+    let name = herald_protocol::streams::router_consumer(1, herald_protocol::Priority::Low);
+    let mut old = inbox.consumer_info(&name).await?.config.clone();
+    ensure!(
+        old.priority_timeout > old.ack_wait + Duration::from_secs(2),
+        "pin {:?}, ack wait {:?}",
+        old.priority_timeout,
+        old.ack_wait
+    );
+    old.priority_timeout = Duration::from_secs(10);
+    inbox.update_consumer(old).await?;
+    let _again = router(&nats).await?;
+    let now = inbox.consumer_info(&name).await?.config.clone();
+    ensure!(
+        now.priority_timeout == herald_store::provision::ROUTER_PIN_TIMEOUT,
+        "provisioned again: {:?}",
+        now.priority_timeout
     );
     Ok(())
 }

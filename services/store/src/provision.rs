@@ -695,10 +695,19 @@ pub fn router_consumer_config(
         deliver_policy: consumer::DeliverPolicy::New,
         priority_policy: consumer::PriorityPolicy::PinnedClient,
         priority_groups: vec![streams::ROUTER_GROUP.to_string()],
-        priority_timeout: Duration::from_secs(10),
+        // The pin outlasts the ack wait plus the router's pull expiry (2 s): when the
+        // owner dies, what its last pull delivered has passed its ack wait and is queued
+        // for redelivery — served before new messages — by the time a standby is pinned,
+        // so the standby routes a user's older messages before their newer ones. With
+        // both at 10 s a standby could be pinned first and route newer messages ahead.
+        priority_timeout: ROUTER_PIN_TIMEOUT,
         ..Default::default()
     }
 }
+
+/// How long a router consumer keeps its pin without pulls (see
+/// [`router_consumer_config`]): clearly above its 10 s ack wait plus the 2 s pull expiry.
+pub const ROUTER_PIN_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Removes the lane-less router consumer of earlier versions: its filter no longer
 /// matches the inbox subjects, and nobody pulls it.
@@ -737,9 +746,11 @@ async fn ensure_router_consumer(
         .map_err(|e| nats_err("opening the inbox stream")(Box::new(e)))?;
     let wanted = router_consumer_config(subjects, partition, lane);
     // Filters change between versions (quiet-hours deferral added one, lanes for deferred
-    // work another): updated in place, the consumer keeps its position.
+    // work another), and the pin timeout was raised above the ack wait: updated in place,
+    // the consumer keeps its position.
     ensure_consumer(&stream, wanted.clone(), |existing| {
         existing.filter_subjects == wanted.filter_subjects
+            && existing.priority_timeout == wanted.priority_timeout
     })
     .await
 }
