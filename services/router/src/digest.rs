@@ -222,8 +222,11 @@ impl Route {
             }
         }
         let unread = wanted;
+        // The run's id: the period, and the entries it found (a replay finds the same).
+        let first = owed.iter().map(|(s, _)| *s).min().unwrap_or(up_to);
+        let run = run_id(user, end.as_second(), first, up_to);
         if !unread.is_empty() {
-            match self.enqueue_digest(due, end, &prefs, &unread).await {
+            match self.enqueue_digest(due, end, &run, &prefs, &unread).await {
                 Ok(()) => {}
                 Err(DigestFailure::Nats(e)) => return Err(e),
                 Err(DigestFailure::Unsendable(why)) => {
@@ -275,6 +278,7 @@ impl Route {
         &self,
         due: &DigestDue,
         end: jiff::Timestamp,
+        run: &str,
         prefs: &Preferences,
         unread: &[&DigestEntry],
     ) -> Result<(), DigestFailure> {
@@ -288,7 +292,7 @@ impl Route {
         if targets.is_empty() {
             return Ok(());
         }
-        let id = digest::digest_id(user, end.as_second());
+        let id = run.to_owned();
         let seq = unread.iter().map(|e| e.seq).max().unwrap_or(0);
         let job = |target: String, mail: DigestMail| ChannelJob {
             id: id.clone(),
@@ -352,6 +356,16 @@ impl Route {
     }
 }
 
+/// The job id of one digest run: `digest-<period end>-<first listed DIGEST seq>-<up_to>-<user
+/// token>`. A replay of the run finds the same entries, so the same id (deduplicated, or
+/// acked by the worker's sent marker); a second run for the same period — entries that
+/// landed after the first run cleared its own — gets a new id, so its email is sent
+/// rather than taken for the first's and cleared unsent.
+fn run_id(user: &UserId, period_end: i64, first: u64, up_to: u64) -> String {
+    let token = user.token();
+    format!("digest-{period_end}-{first}-{up_to}-{token}")
+}
+
 /// Most bytes a digest job may take: the email work stream's maximum message size
 /// ([`streams::work_stream`]), less room for the publish's headers.
 fn job_limit() -> usize {
@@ -389,5 +403,22 @@ impl DigestFailure {
         } else {
             Self::Nats(Box::new(e))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_run_for_a_period_gets_its_own_id_a_replay_the_same() {
+        let ann = UserId::new("ann").expect("an id");
+        let first = run_id(&ann, 3600, 10, 14);
+        assert_eq!(first, run_id(&ann, 3600, 10, 14), "a replay");
+        assert_ne!(first, run_id(&ann, 3600, 15, 15), "a second run");
+        assert_ne!(first, run_id(&ann, 7200, 10, 14), "another period");
+        let bob = UserId::new("bob").expect("an id");
+        assert_ne!(first, run_id(&bob, 3600, 10, 14), "another user");
+        assert!(first.starts_with("digest-3600-"), "{first}");
     }
 }
